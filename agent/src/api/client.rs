@@ -1,0 +1,1 @@
+//! Client of the local API, used by the CLI verbs.

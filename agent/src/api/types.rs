@@ -1,0 +1,189 @@
+//! Messages of the local JSON API, shared by the daemon and the CLI.
+
+use serde::{Deserialize, Serialize};
+
+/// `POST /v1/deploy`: a deployment file to validate and apply.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeployRequest {
+    /// File name as the user gave it, used in error messages (`deploy.toml:12:5: ...`).
+    pub file_name: String,
+    /// The file's text (TOML, or JSON when the name ends in `.json`).
+    pub text: String,
+    /// Directory that relative module paths in the file are resolved against.
+    pub base_dir: String,
+}
+
+/// What `deploy` did, workload by workload.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct DeployReport {
+    /// Version number the state store gave the applied deployment.
+    pub version: u64,
+    /// Workloads that were not running before and were started.
+    pub started: Vec<String>,
+    /// Running workloads switched to a new version or configuration.
+    pub reloaded: Vec<String>,
+    /// Workloads that the new deployment no longer lists, stopped.
+    pub stopped: Vec<String>,
+    /// Workloads whose module and settings did not change.
+    pub unchanged: Vec<String>,
+    /// Workloads that failed to start or reload (the deployment itself was applied).
+    pub failures: Vec<WorkloadFailure>,
+}
+
+/// A workload that failed to start or reload during a deploy.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkloadFailure {
+    /// The workload's name.
+    pub workload: String,
+    /// Why it failed; for a reload, the previous version keeps running.
+    pub message: String,
+}
+
+/// One row of `ps`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WorkloadStatus {
+    /// The workload's name.
+    pub name: String,
+    /// Runtime kind: `wasm` (component) or `wasi-command` (preview-1 command module).
+    pub kind: String,
+    /// `starting`, `running`, `backoff`, `failed`, `stopped` or `completed`.
+    pub state: String,
+    /// sha256 digest of the module that runs, as `sha256:<hex>`.
+    pub module_digest: String,
+    /// Deployment version the running instance belongs to.
+    pub deployment_version: u64,
+    /// Restarts after traps since the workload was deployed.
+    pub restarts: u64,
+    /// Traps since the workload was deployed.
+    pub traps: u64,
+    /// Events handled successfully since the workload was deployed.
+    pub events_handled: u64,
+    /// Events waiting in the workload's queue.
+    pub queue_depth: u64,
+    /// Linear memory of the running instance, in bytes.
+    pub memory_bytes: u64,
+    /// Milliseconds since the running instance started, if one runs.
+    pub uptime_ms: Option<u64>,
+    /// The last failure (trap, init error, failed reload), if any.
+    pub last_error: Option<String>,
+}
+
+/// A line a guest logged (or that the agent logged about it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// The workload the line belongs to.
+    pub workload: String,
+    /// `trace`, `debug`, `info`, `warn`, `error` or `critical`.
+    pub level: String,
+    /// Context string the guest gave (`agent` for lines the agent adds).
+    pub context: String,
+    /// The message.
+    pub message: String,
+}
+
+/// One key-value entry of a workload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct KvEntry {
+    /// Bucket name (`default` for the default bucket).
+    pub bucket: String,
+    /// The key.
+    pub key: String,
+    /// The value as UTF-8 text (lossy for binary values).
+    pub value: String,
+    /// Size of the value in bytes.
+    pub size: u64,
+}
+
+/// One row of the lifecycle event log.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EventRecord {
+    /// Sequence number of the row; later rows have larger ids.
+    pub id: i64,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// The workload concerned, if any.
+    pub workload: Option<String>,
+    /// What happened: `deployed`, `started`, `reloaded`, `reload-failed`, `trapped`, ...
+    pub kind: String,
+    /// Details in words.
+    pub detail: String,
+}
+
+/// `POST /v1/workloads/{name}/send`: a command for a workload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendRequest {
+    /// Command name.
+    pub command: String,
+    /// Command payload (text; JSON by convention).
+    pub payload: String,
+}
+
+/// The workload's answer to a command.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SendReply {
+    /// Identifier the agent gave the command.
+    pub id: String,
+    /// The reply payload, if the function returned one.
+    pub reply: Option<String>,
+}
+
+/// What this host can run, as `doctor` prints it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DoctorReport {
+    /// Lichen's version.
+    pub version: String,
+    /// The board profile in use.
+    pub board: String,
+    /// Each check with its outcome.
+    pub checks: Vec<DoctorCheck>,
+}
+
+/// One line of `doctor`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DoctorCheck {
+    /// What was checked, for example `wasm runtime` or `kvm`.
+    pub name: String,
+    /// `ok`, `warn` (works with limits) or `missing`.
+    pub status: String,
+    /// Why, in words: what was found, what is missing and what follows.
+    pub detail: String,
+}
+
+/// Body of every error response.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiError {
+    /// What kind of failure: `invalid` (bad input, nothing changed), `not-found` (no such
+    /// workload), `unavailable` (the workload cannot take the request now) or `internal`.
+    pub code: String,
+    /// The error chain in words, outermost first.
+    pub error: String,
+}
+
+impl ApiError {
+    /// Bad input; nothing was changed.
+    pub fn invalid(error: impl Into<String>) -> Self {
+        Self { code: "invalid".into(), error: error.into() }
+    }
+    /// No workload (or other named thing) by that name.
+    pub fn not_found(error: impl Into<String>) -> Self {
+        Self { code: "not-found".into(), error: error.into() }
+    }
+    /// The target exists but cannot take the request now (stopped, backing off, busy).
+    pub fn unavailable(error: impl Into<String>) -> Self {
+        Self { code: "unavailable".into(), error: error.into() }
+    }
+    /// A failure inside the agent.
+    pub fn internal(error: impl Into<String>) -> Self {
+        Self { code: "internal".into(), error: error.into() }
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.error)
+    }
+}
+
+impl std::error::Error for ApiError {}

@@ -1,0 +1,1 @@
+//! The command line: verbs, their options, and human or JSON output.

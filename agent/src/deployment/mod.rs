@@ -1,0 +1,1 @@
+//! Deployment files: schema, parsing with located errors, static validation.

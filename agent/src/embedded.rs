@@ -1,0 +1,1 @@
+//! Device functions built into the binary for the default deployment.

@@ -1,0 +1,2 @@
+//! The `lichen` binary.
+fn main() {}

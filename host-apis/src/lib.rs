@@ -1,0 +1,1 @@
+//! Lichen's host APIs.
