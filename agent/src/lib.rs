@@ -5,7 +5,16 @@
 //! the other verbs talk to it over its local API.
 
 pub mod api;
+pub mod bench;
 pub mod cli;
+pub mod config;
+pub mod daemon;
 pub mod deployment;
+pub mod doctor;
 pub mod embedded;
+pub mod logs;
+pub mod metrics;
+pub mod runtime;
 pub mod store;
+pub mod supervisor;
+pub mod util;

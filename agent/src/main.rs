@@ -1,2 +1,45 @@
-//! The `lichen` binary.
-fn main() {}
+//! The `lichen` binary: `lichen run` is the daemon; the other verbs talk to it.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use lichen_agent::cli::{Cli, Command, print_doctor, report_error, run_client};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let filter = EnvFilter::try_from_env("LICHEN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            return report_error(
+                &anyhow::Error::from(err).context("cannot start the async runtime"),
+            );
+        }
+    };
+    runtime.block_on(async move {
+        match cli.command {
+            Command::Run(args) => match lichen_agent::daemon::run(args, &cli.socket).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => report_error(&err),
+            },
+            Command::Bench(args) => match lichen_agent::bench::run(args).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(err) => report_error(&err),
+            },
+            Command::Doctor => {
+                let report = lichen_agent::doctor::report("sim", None);
+                print_doctor(&report, cli.json);
+                ExitCode::SUCCESS
+            }
+            other => run_client(other, &cli.socket, cli.json).await,
+        }
+    })
+}

@@ -12,8 +12,10 @@ use super::types::{
 /// The daemon side of the API: the agent implements it, the HTTP server calls it.
 pub trait Control: Clone + Send + Sync + 'static {
     /// Validates a whole deployment and applies it atomically; an invalid one changes nothing.
-    fn deploy(&self, req: DeployRequest)
-    -> impl Future<Output = Result<DeployReport, ApiError>> + Send;
+    fn deploy(
+        &self,
+        req: DeployRequest,
+    ) -> impl Future<Output = Result<DeployReport, ApiError>> + Send;
     /// Status of every workload, sorted by name.
     fn ps(&self) -> impl Future<Output = Vec<WorkloadStatus>> + Send;
     /// The last `tail` log lines of a workload, oldest first.

@@ -164,19 +164,31 @@ pub struct ApiError {
 impl ApiError {
     /// Bad input; nothing was changed.
     pub fn invalid(error: impl Into<String>) -> Self {
-        Self { code: "invalid".into(), error: error.into() }
+        Self {
+            code: "invalid".into(),
+            error: error.into(),
+        }
     }
     /// No workload (or other named thing) by that name.
     pub fn not_found(error: impl Into<String>) -> Self {
-        Self { code: "not-found".into(), error: error.into() }
+        Self {
+            code: "not-found".into(),
+            error: error.into(),
+        }
     }
     /// The target exists but cannot take the request now (stopped, backing off, busy).
     pub fn unavailable(error: impl Into<String>) -> Self {
-        Self { code: "unavailable".into(), error: error.into() }
+        Self {
+            code: "unavailable".into(),
+            error: error.into(),
+        }
     }
     /// A failure inside the agent.
     pub fn internal(error: impl Into<String>) -> Self {
-        Self { code: "internal".into(), error: error.into() }
+        Self {
+            code: "internal".into(),
+            error: error.into(),
+        }
     }
 }
 

@@ -1,1 +1,740 @@
 //! The command line: verbs, their options, and human or JSON output.
+//!
+//! `lichen run` starts the daemon (the binary implements it with [`RunArgs`]); the other verbs
+//! are clients of the daemon's local API, run by [`run_client`]. Every verb prints a human view
+//! by default (aligned tables) and, with `--json`, exactly the API's JSON: one document, or one
+//! document per line (NDJSON) for the `--follow` modes.
+//!
+//! Exit codes: 0 success; 1 failure (daemon unreachable, unknown workload, a workload that
+//! failed during `deploy`, an internal error); 2 the input was refused as invalid and nothing
+//! changed (a usage error found by clap, or an `invalid` answer from the daemon, such as a
+//! deployment file that does not validate).
+
+pub mod render;
+
+use std::collections::VecDeque;
+use std::io::{self, Write};
+use std::net::SocketAddr;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, anyhow};
+use clap::{Args, Parser, Subcommand};
+use serde::Serialize;
+
+use crate::api::client::{Client, ClientError};
+use crate::api::types::{
+    DeployReport, DeployRequest, DoctorReport, EventRecord, KvEntry, LogLine, SendReply,
+    WorkloadStatus,
+};
+use render::Table;
+
+/// Exit code of a failure.
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit code when the input was refused as invalid and nothing changed (as clap uses for usage
+/// errors).
+pub const EXIT_INVALID: u8 = 2;
+/// How often `events --follow` asks the daemon for new events.
+pub const EVENTS_POLL: Duration = Duration::from_millis(500);
+/// Events asked for per request when paging through the event log.
+const EVENTS_PAGE: usize = 1000;
+
+/// `lichen`: runs WebAssembly device functions on an edge board.
+#[derive(Debug, Parser)]
+#[command(name = "lichen", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Socket of the daemon's local API [default: /run/lichen/lichen.sock as root, else
+    /// $XDG_RUNTIME_DIR/lichen.sock or /tmp/lichen-$UID.sock].
+    #[arg(
+        long,
+        global = true,
+        env = "LICHEN_SOCKET",
+        value_name = "PATH",
+        default_value_os_t = default_socket_path(),
+        hide_default_value = true
+    )]
+    pub socket: PathBuf,
+    /// Print the API's JSON (one document; NDJSON for --follow) instead of tables.
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The verbs.
+#[derive(Debug, Clone, Subcommand)]
+pub enum Command {
+    /// Run the daemon: host the deployed workloads and serve the local API.
+    Run(RunArgs),
+    /// Validate a deployment file and apply it atomically (an invalid one changes nothing).
+    Deploy {
+        /// The deployment file (TOML, or JSON when it ends in .json).
+        file: PathBuf,
+    },
+    /// List workloads with their state and counters.
+    Ps,
+    /// Print a workload's log lines.
+    Logs {
+        /// The workload.
+        name: String,
+        /// Keep printing new lines as they are written (until interrupted).
+        #[arg(long, short)]
+        follow: bool,
+        /// How many of the last lines to print first.
+        #[arg(long, short = 'n', value_name = "N", default_value_t = 100)]
+        tail: usize,
+    },
+    /// Print a workload's key-value state, or one key of its default bucket.
+    Kv {
+        /// The workload.
+        name: String,
+        /// Only this key (of the default bucket).
+        key: Option<String>,
+    },
+    /// Print the lifecycle event log (deploys, starts, reloads, traps, ...).
+    Events {
+        /// Only events with an id greater than this one [default: the last --limit events].
+        #[arg(long, value_name = "ID")]
+        after: Option<i64>,
+        /// At most this many events.
+        #[arg(long, value_name = "N", default_value_t = 100)]
+        limit: usize,
+        /// Keep printing new events as they happen (polls every 500 ms, until interrupted).
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Send a command to a workload and print its reply.
+    Send {
+        /// The workload.
+        name: String,
+        /// Command name.
+        command: String,
+        /// Command payload (text, JSON by convention).
+        #[arg(default_value = "")]
+        payload: String,
+    },
+    /// Stop a workload (it stays stopped until the next deploy).
+    Stop {
+        /// The workload.
+        name: String,
+    },
+    /// Check what this host can run (Wasm, containers, microVMs, devices) and why.
+    Doctor,
+    /// Measure the agent on this host: start-up, event throughput, reload, density.
+    Bench(BenchArgs),
+}
+
+/// Options of `lichen run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Configuration file (TOML) [default: built-in settings].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory of the state database and artifact store [default: from the config, else
+    /// /var/lib/lichen].
+    #[arg(long, env = "LICHEN_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (for example 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// Deploy this file at start when no deployment is stored yet, instead of the embedded
+    /// default.
+    #[arg(long = "deploy", value_name = "FILE", conflicts_with = "no_default")]
+    pub deployment: Option<PathBuf>,
+    /// Start with no deployment when none is stored yet (no embedded default).
+    #[arg(long = "empty")]
+    pub no_default: bool,
+}
+
+/// Options of `lichen bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// What to measure (for example `startup`, `events`, `reload`, `density`) [default: all].
+    pub what: Option<String>,
+    /// How many workload instances to run.
+    #[arg(long = "count", visible_alias = "instances", value_name = "N")]
+    pub instances: Option<usize>,
+    /// How many events to deliver.
+    #[arg(long, value_name = "N")]
+    pub events: Option<u64>,
+    /// Module to measure [default: the embedded demo module].
+    #[arg(long, value_name = "FILE")]
+    pub module: Option<PathBuf>,
+    /// Directory for the benchmark's state [default: a temporary directory].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+}
+
+/// The API socket used when neither `--socket` nor `LICHEN_SOCKET` names one.
+///
+/// As root (the systemd service), `/run/lichen/lichen.sock`, the runtime directory a service
+/// owns. As any other user, `$XDG_RUNTIME_DIR/lichen.sock` (a private per-user directory on
+/// systemd hosts), else `/tmp/lichen-$UID.sock` so that two users of one host do not collide.
+/// Daemon and client compute the same path, so a user's `lichen run` and `lichen ps` meet.
+pub fn default_socket_path() -> PathBuf {
+    let uid = std::fs::metadata("/proc/self").map(|m| m.uid()).ok();
+    if uid == Some(0) {
+        return PathBuf::from("/run/lichen/lichen.sock");
+    }
+    if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").map(PathBuf::from)
+        && dir.is_absolute()
+    {
+        return dir.join("lichen.sock");
+    }
+    match uid {
+        Some(uid) => PathBuf::from(format!("/tmp/lichen-{uid}.sock")),
+        None => PathBuf::from("/tmp/lichen.sock"),
+    }
+}
+
+/// Runs a client verb against the daemon on `socket`, printing its output (JSON if `json`) to
+/// stdout and any error as `error: ...` to stderr; returns the exit code (see the module docs).
+///
+/// `run` and `bench` are not client verbs: the binary handles them. `doctor` here asks the
+/// daemon; [`print_doctor`] prints a report the binary made locally.
+pub async fn run_client(command: Command, socket: &Path, json: bool) -> ExitCode {
+    match execute(command, socket, json).await {
+        Ok(code) => code,
+        Err(err) => report_error(&err),
+    }
+}
+
+/// Prints `error: ` and the error chain to stderr and returns the matching exit code: 2 for an
+/// `invalid` answer of the daemon, else 1. A closed stdout (`lichen logs -f | head`) is not an
+/// error: nothing is printed and the code is 0.
+pub fn report_error(err: &anyhow::Error) -> ExitCode {
+    let broken_pipe = err
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<io::Error>())
+        .any(|io| io.kind() == io::ErrorKind::BrokenPipe);
+    if broken_pipe {
+        return ExitCode::SUCCESS;
+    }
+    eprintln!("error: {err:#}");
+    let invalid = err
+        .chain()
+        .filter_map(|cause| cause.downcast_ref::<ClientError>())
+        .any(|client| client.api_error().is_some_and(|api| api.code == "invalid"));
+    ExitCode::from(if invalid { EXIT_INVALID } else { EXIT_FAILURE })
+}
+
+/// Prints a doctor report: a table of checks, or the report's JSON.
+pub fn print_doctor(report: &DoctorReport, json: bool) {
+    let mut out = Vec::new();
+    if json {
+        push_json(&mut out, report);
+    } else {
+        write_doctor(&mut out, report);
+    }
+    if let Err(err) = emit(&out)
+        && err.kind() != io::ErrorKind::BrokenPipe
+    {
+        eprintln!("error: writing to stdout: {err}");
+    }
+}
+
+async fn execute(command: Command, socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let client = Client::new(socket.to_path_buf());
+    match command {
+        Command::Run(_) | Command::Bench(_) => Err(anyhow!(
+            "`run` and `bench` are not client verbs; the binary runs them itself"
+        )),
+        Command::Deploy { file } => deploy(&client, &file, json).await,
+        Command::Ps => {
+            let workloads = client.ps().await.context("listing workloads")?;
+            let mut out = Vec::new();
+            if json {
+                push_json(&mut out, &workloads);
+            } else {
+                write_ps(&mut out, &workloads);
+            }
+            emit(&out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Logs { name, follow, tail } => {
+            if follow {
+                follow_logs(&client, &name, tail, json).await
+            } else {
+                let lines = client
+                    .logs(&name, tail)
+                    .await
+                    .with_context(|| format!("reading the logs of {name}"))?;
+                let mut out = Vec::new();
+                if json {
+                    push_json(&mut out, &lines);
+                } else {
+                    lines.iter().for_each(|line| write_log_line(&mut out, line));
+                }
+                emit(&out)?;
+                Ok(ExitCode::SUCCESS)
+            }
+        }
+        Command::Kv { name, key } => {
+            let entries = client
+                .kv(&name, key.as_deref())
+                .await
+                .with_context(|| format!("reading the key-value state of {name}"))?;
+            let mut out = Vec::new();
+            if json {
+                push_json(&mut out, &entries);
+            } else {
+                write_kv(&mut out, &entries);
+            }
+            emit(&out)?;
+            match key {
+                Some(key) if entries.is_empty() => Err(anyhow!(
+                    "workload {name} has no key {key:?} in its default bucket"
+                )),
+                _ => Ok(ExitCode::SUCCESS),
+            }
+        }
+        Command::Events {
+            after,
+            limit,
+            follow,
+        } => events(&client, after, limit, follow, json).await,
+        Command::Send {
+            name,
+            command,
+            payload,
+        } => {
+            let reply = client
+                .send(&name, &command, &payload)
+                .await
+                .with_context(|| format!("sending {command} to {name}"))?;
+            let mut out = Vec::new();
+            if json {
+                push_json(&mut out, &reply);
+            } else {
+                write_reply(&mut out, &reply);
+            }
+            emit(&out)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Stop { name } => {
+            client
+                .stop(&name)
+                .await
+                .with_context(|| format!("stopping {name}"))?;
+            if json {
+                emit(b"{}\n")?;
+            } else {
+                emit(format!("stopped {name}\n").as_bytes())?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Doctor => {
+            let report = client
+                .doctor()
+                .await
+                .context("asking the daemon for its checks")?;
+            print_doctor(&report, json);
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Reads the deployment file, sends it, prints the report; exit 1 if a workload failed.
+async fn deploy(client: &Client, file: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let text = std::fs::read_to_string(file)
+        .with_context(|| format!("cannot read deployment file {}", file.display()))?;
+    let absolute = std::fs::canonicalize(file)
+        .with_context(|| format!("resolving the path of {}", file.display()))?;
+    let base_dir = absolute.parent().unwrap_or(Path::new("/"));
+    let base_dir = base_dir
+        .to_str()
+        .with_context(|| format!("the directory of {} is not valid UTF-8", file.display()))?;
+    let req = DeployRequest {
+        file_name: file.display().to_string(),
+        text,
+        base_dir: base_dir.to_string(),
+    };
+    let report = client
+        .deploy(&req)
+        .await
+        .with_context(|| format!("deploying {}", file.display()))?;
+    let mut out = Vec::new();
+    if json {
+        push_json(&mut out, &report);
+    } else {
+        write_deploy(&mut out, &report);
+    }
+    emit(&out)?;
+    match report.failures.len() {
+        0 => Ok(ExitCode::SUCCESS),
+        n => Err(anyhow!(
+            "deployment version {} applied, but {n} workload{} failed to start or reload",
+            report.version,
+            if n == 1 { "" } else { "s" }
+        )),
+    }
+}
+
+async fn follow_logs(
+    client: &Client,
+    name: &str,
+    tail: usize,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let mut lines = client
+        .follow_logs(name, tail)
+        .await
+        .with_context(|| format!("following the logs of {name}"))?;
+    while let Some(line) = lines.recv().await {
+        let line = line.with_context(|| format!("following the logs of {name}"))?;
+        let mut out = Vec::new();
+        if json {
+            push_json_line(&mut out, &line);
+        } else {
+            write_log_line(&mut out, &line);
+        }
+        emit(&out)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn events(
+    client: &Client,
+    after: Option<i64>,
+    limit: usize,
+    follow: bool,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let context = "reading the event log";
+    let (first, mut last_id) = match after {
+        Some(after) => {
+            let batch = client.events(after, limit).await.context(context)?;
+            let last = batch.last().map_or(after, |e| e.id);
+            (batch, last)
+        }
+        None => {
+            // The API pages forward from an id; keep the last `limit` of all pages.
+            let mut kept = VecDeque::with_capacity(limit.min(EVENTS_PAGE));
+            let mut cursor = 0;
+            loop {
+                let page = client.events(cursor, EVENTS_PAGE).await.context(context)?;
+                let full = page.len() >= EVENTS_PAGE;
+                for event in page {
+                    cursor = event.id;
+                    kept.push_back(event);
+                    if kept.len() > limit {
+                        kept.pop_front();
+                    }
+                }
+                if !full {
+                    break;
+                }
+            }
+            (Vec::from(kept), cursor)
+        }
+    };
+    let mut out = Vec::new();
+    match (json, follow) {
+        (true, false) => push_json(&mut out, &first),
+        (true, true) => first
+            .iter()
+            .for_each(|event| push_json_line(&mut out, event)),
+        (false, false) => write_events(&mut out, &first),
+        (false, true) => {
+            write_event_row(&mut out, None);
+            first
+                .iter()
+                .for_each(|event| write_event_row(&mut out, Some(event)));
+        }
+    }
+    emit(&out)?;
+    if !follow {
+        return Ok(ExitCode::SUCCESS);
+    }
+    loop {
+        let batch = client.events(last_id, EVENTS_PAGE).await.context(context)?;
+        let mut out = Vec::new();
+        for event in &batch {
+            last_id = event.id;
+            if json {
+                push_json_line(&mut out, event);
+            } else {
+                write_event_row(&mut out, Some(event));
+            }
+        }
+        emit(&out)?;
+        if batch.len() < EVENTS_PAGE {
+            tokio::time::sleep(EVENTS_POLL).await;
+        }
+    }
+}
+
+/// Writes `bytes` to stdout and flushes.
+fn emit(bytes: &[u8]) -> io::Result<()> {
+    let mut stdout = io::stdout().lock();
+    stdout.write_all(bytes)?;
+    stdout.flush()
+}
+
+fn push_json<T: Serialize>(out: &mut Vec<u8>, value: &T) {
+    // The API types are plain data: serialising them cannot fail.
+    serde_json::to_writer_pretty(&mut *out, value).expect("API types always serialise to JSON");
+    out.push(b'\n');
+}
+
+fn push_json_line<T: Serialize>(out: &mut Vec<u8>, value: &T) {
+    serde_json::to_writer(&mut *out, value).expect("API types always serialise to JSON");
+    out.push(b'\n');
+}
+
+// Writing to a Vec<u8> cannot fail: the `let _ =` below drop an always-Ok result.
+
+fn write_ps(out: &mut Vec<u8>, workloads: &[WorkloadStatus]) {
+    if workloads.is_empty() {
+        out.extend_from_slice(b"no workloads (deploy some with `lichen deploy FILE`)\n");
+        return;
+    }
+    let mut table = Table::new(&[
+        "NAME",
+        "KIND",
+        "STATE",
+        "RESTARTS",
+        "TRAPS",
+        "EVENTS",
+        "QUEUE",
+        "MEMORY",
+        "UPTIME",
+        "LAST-ERROR",
+    ]);
+    for w in workloads {
+        let memory = match (w.memory_bytes, w.uptime_ms) {
+            (0, None) => "-".to_string(),
+            (bytes, _) => render::bytes(bytes),
+        };
+        table.row(vec![
+            w.name.clone(),
+            w.kind.clone(),
+            w.state.clone(),
+            w.restarts.to_string(),
+            w.traps.to_string(),
+            w.events_handled.to_string(),
+            w.queue_depth.to_string(),
+            memory,
+            w.uptime_ms.map_or_else(|| "-".into(), render::duration_ms),
+            render::cell(w.last_error.as_deref().unwrap_or(""), 60),
+        ]);
+    }
+    let _ = table.write(out);
+}
+
+fn write_deploy(out: &mut Vec<u8>, report: &DeployReport) {
+    let _ = writeln!(out, "deployment version {} applied", report.version);
+    let groups = [
+        ("started", &report.started),
+        ("reloaded", &report.reloaded),
+        ("stopped", &report.stopped),
+        ("unchanged", &report.unchanged),
+    ];
+    for (what, names) in groups {
+        if !names.is_empty() {
+            let _ = writeln!(out, "  {what:<10} {}", names.join(", "));
+        }
+    }
+    for failure in &report.failures {
+        let _ = writeln!(
+            out,
+            "  {:<10} {}: {}",
+            "failed", failure.workload, failure.message
+        );
+    }
+}
+
+fn write_log_line(out: &mut Vec<u8>, line: &LogLine) {
+    let time = render::time_ms(line.at_ms);
+    let level = line.level.to_uppercase();
+    let _ = if line.context.is_empty() {
+        writeln!(out, "{time} {level:<5} {}", line.message)
+    } else {
+        writeln!(out, "{time} {level:<5} [{}] {}", line.context, line.message)
+    };
+}
+
+fn write_kv(out: &mut Vec<u8>, entries: &[KvEntry]) {
+    let mut table = Table::new(&["BUCKET", "KEY", "VALUE"]);
+    for entry in entries {
+        table.row(vec![
+            entry.bucket.clone(),
+            render::cell(&entry.key, 40),
+            render::cell(&entry.value, 80),
+        ]);
+    }
+    let _ = table.write(out);
+}
+
+fn write_events(out: &mut Vec<u8>, events: &[EventRecord]) {
+    let mut table = Table::new(&["ID", "TIME", "WORKLOAD", "KIND", "DETAIL"]);
+    for event in events {
+        table.row(event_cells(event));
+    }
+    let _ = table.write(out);
+}
+
+fn event_cells(event: &EventRecord) -> Vec<String> {
+    vec![
+        event.id.to_string(),
+        render::time_s(event.at_ms),
+        event.workload.clone().unwrap_or_else(|| "-".into()),
+        event.kind.clone(),
+        render::cell(&event.detail, 100),
+    ]
+}
+
+/// One row of `events --follow`, in fixed widths since later rows are not known yet; the
+/// header when `event` is `None`.
+fn write_event_row(out: &mut Vec<u8>, event: Option<&EventRecord>) {
+    let cells = match event {
+        Some(event) => event_cells(event),
+        None => ["ID", "TIME", "WORKLOAD", "KIND", "DETAIL"]
+            .map(String::from)
+            .to_vec(),
+    };
+    let line = format!(
+        "{:<6}  {:<20}  {:<16}  {:<14}  {}",
+        cells[0], cells[1], cells[2], cells[3], cells[4]
+    );
+    let _ = writeln!(out, "{}", line.trim_end());
+}
+
+fn write_reply(out: &mut Vec<u8>, reply: &SendReply) {
+    let _ = match &reply.reply {
+        Some(text) => writeln!(out, "{text}"),
+        None => writeln!(out, "command {} delivered; no reply", reply.id),
+    };
+}
+
+fn write_doctor(out: &mut Vec<u8>, report: &DoctorReport) {
+    let _ = writeln!(out, "lichen {} on board {}", report.version, report.board);
+    let mut table = Table::new(&["CHECK", "STATUS", "DETAIL"]);
+    for check in &report.checks {
+        table.row(vec![
+            check.name.clone(),
+            check.status.clone(),
+            check.detail.clone(),
+        ]);
+    }
+    let _ = table.write(out);
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+    use crate::api::types::WorkloadFailure;
+
+    fn text(write: impl FnOnce(&mut Vec<u8>)) -> String {
+        let mut out = Vec::new();
+        write(&mut out);
+        String::from_utf8(out).expect("output is UTF-8")
+    }
+
+    #[test]
+    fn the_command_line_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn verbs_parse_with_their_defaults() {
+        let cli = Cli::try_parse_from(["lichen", "--json", "logs", "door", "-f"]).expect("parses");
+        assert!(cli.json);
+        assert!(matches!(
+            cli.command,
+            Command::Logs {
+                follow: true,
+                tail: 100,
+                ..
+            }
+        ));
+        let cli = Cli::try_parse_from(["lichen", "send", "door", "open", "--socket", "/x.sock"])
+            .expect("parses");
+        assert_eq!(cli.socket, PathBuf::from("/x.sock"));
+        assert!(matches!(cli.command, Command::Send { ref payload, .. } if payload.is_empty()));
+        let cli = Cli::try_parse_from(["lichen", "run", "--empty", "--metrics", "127.0.0.1:9464"])
+            .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Run(RunArgs {
+                no_default: true,
+                ..
+            })
+        ));
+        assert!(Cli::try_parse_from(["lichen", "run", "--empty", "--deploy", "d.toml"]).is_err());
+    }
+
+    #[test]
+    fn default_socket_is_absolute_and_ends_in_sock() {
+        let path = default_socket_path();
+        assert!(path.is_absolute());
+        assert_eq!(path.extension().and_then(|e| e.to_str()), Some("sock"));
+    }
+
+    #[test]
+    fn ps_prints_humanised_columns() {
+        let status = WorkloadStatus {
+            name: "door".into(),
+            kind: "wasm".into(),
+            state: "running".into(),
+            module_digest: "sha256:00".into(),
+            deployment_version: 3,
+            restarts: 1,
+            traps: 2,
+            events_handled: 40,
+            queue_depth: 0,
+            memory_bytes: 131_072,
+            uptime_ms: Some(312_000),
+            last_error: Some("wasm trap:\nunreachable".into()),
+        };
+        let out = text(|out| write_ps(out, &[status]));
+        let mut lines = out.lines();
+        let header = lines.next().expect("header");
+        assert!(
+            header.starts_with("NAME  KIND  STATE    RESTARTS  TRAPS  EVENTS"),
+            "{header}"
+        );
+        assert!(header.ends_with("MEMORY   UPTIME  LAST-ERROR"), "{header}");
+        let row = lines.next().expect("row");
+        assert!(row.contains("128 KiB"), "{row}");
+        assert!(row.contains("5m12s"), "{row}");
+        assert!(row.ends_with("wasm trap:\\nunreachable"), "{row}");
+    }
+
+    #[test]
+    fn deploy_report_names_each_outcome() {
+        let report = DeployReport {
+            version: 4,
+            started: vec!["a".into(), "b".into()],
+            failures: vec![WorkloadFailure {
+                workload: "c".into(),
+                message: "init trapped".into(),
+            }],
+            ..Default::default()
+        };
+        assert_eq!(
+            text(|out| write_deploy(out, &report)),
+            "deployment version 4 applied\n  started    a, b\n  failed     c: init trapped\n"
+        );
+    }
+
+    #[test]
+    fn log_lines_read_time_level_context_message() {
+        let line = LogLine {
+            at_ms: 1_500,
+            workload: "door".into(),
+            level: "info".into(),
+            context: "gpio".into(),
+            message: "opened".into(),
+        };
+        assert_eq!(
+            text(|out| write_log_line(out, &line)),
+            "1970-01-01T00:00:01.500Z INFO  [gpio] opened\n"
+        );
+    }
+}

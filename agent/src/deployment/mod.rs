@@ -1,1 +1,225 @@
 //! Deployment files: schema, parsing with located errors, static validation.
+//!
+//! A deployment file lists the workloads a node should run. It is TOML, or JSON with the same
+//! schema when its name ends in `.json`; field names are kebab-case:
+//!
+//! ```toml
+//! description = "demo on the simulated board"   # optional
+//!
+//! [[workloads]]
+//! name = "counter"               # [a-z0-9][a-z0-9-]{0,62}, unique in the file
+//! module = "counter.wasm"        # path relative to the file, or "sha256:<64 hex digits>"
+//! restart = "on-failure"         # always | on-failure (default) | never
+//! triggers = [{ interval = "500ms" }]
+//! [workloads.config]             # strings; numbers and booleans are kept as their text
+//! step = 1
+//! [workloads.limits]
+//! memory = "16MiB"               # B, KiB, MiB, GiB (1024-based), at least 64KiB
+//! time-slice = "100ms"           # at least 1ms
+//! queue = 64                     # at least 1
+//! ```
+//!
+//! The rules, where the issue left a choice:
+//! - `workloads` is required; `workloads = []` is a valid deployment that runs nothing (so an
+//!   empty or truncated file is an error rather than an order to stop everything).
+//! - Durations use `humantime` syntax: `"500ms"`, `"500 ms"`, `"1m 30s"`, `"1.5s"`; an interval
+//!   or time slice must be at least 1ms.
+//! - Sizes are a whole number and an optional binary unit (`B`, `KiB`, `MiB`, `GiB`, any case);
+//!   an integer means bytes. `KB`/`MB`/`GB` are refused as ambiguous instead of guessed.
+//! - Module digests may be written in either case and are stored lowercase.
+//!
+//! [`parse`] checks everything that can be checked without loading the modules; it reports the
+//! first problem in file order with its line, column and field path. Errors found later (when a
+//! module is loaded or compiled) are located with [`ParsedDeployment::error_at`].
+//!
+//! ```
+//! use std::path::Path;
+//! use lichen_agent::deployment::{self, ModuleRef};
+//!
+//! let text = "[[workloads]]\nname = \"counter\"\nmodule = \"counter.wasm\"\n";
+//! let parsed = deployment::parse("deploy.toml", text, Path::new("/srv")).unwrap();
+//! assert_eq!(parsed.spec.workloads[0].module, ModuleRef::Path("/srv/counter.wasm".into()));
+//!
+//! let error = deployment::parse("deploy.toml", "[[workloads]]\nname = \"Bad\"\n", Path::new("."))
+//!     .unwrap_err();
+//! assert_eq!(error.line, Some(2));
+//! assert!(error.to_string().starts_with("deploy.toml:2:8: workloads[0].name: invalid workload name"));
+//! ```
+
+mod json;
+mod locate;
+mod spec;
+mod tree;
+mod validate;
+
+use std::path::Path;
+
+pub use spec::{DeploymentSpec, Limits, ModuleRef, RestartPolicy, Trigger, WorkloadSpec};
+
+use locate::{LineIndex, SourceMap};
+use tree::Format;
+use validate::Checker;
+
+/// A problem in a deployment file, located as precisely as known.
+///
+/// Displays as `deploy.toml:12:5: workloads[1].module: <message>`, leaving out the parts that are
+/// `None`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{}{}", self.prefix(), self.message)]
+pub struct DeploymentError {
+    /// The file name, as given to [`parse`].
+    pub file: String,
+    /// 1-based line of the problem.
+    pub line: Option<usize>,
+    /// 1-based column (in characters) of the problem.
+    pub column: Option<usize>,
+    /// Path of the field at fault, such as `workloads[1].limits.memory`.
+    pub field: Option<String>,
+    /// What was wrong and what was expected, lowercase.
+    pub message: String,
+}
+
+impl DeploymentError {
+    fn prefix(&self) -> String {
+        let mut prefix = self.file.clone();
+        if let Some(line) = self.line {
+            prefix.push_str(&format!(":{line}"));
+            if let Some(column) = self.column {
+                prefix.push_str(&format!(":{column}"));
+            }
+        }
+        prefix.push_str(": ");
+        if let Some(field) = &self.field {
+            prefix.push_str(field);
+            prefix.push_str(": ");
+        }
+        prefix
+    }
+}
+
+/// A validated deployment with the locations of its workloads' fields, for later errors.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParsedDeployment {
+    /// The validated deployment.
+    pub spec: DeploymentSpec,
+    file_name: String,
+    source_map: SourceMap,
+}
+
+impl ParsedDeployment {
+    /// Builds an error located at `workloads[index].field` (line/column of that field, or of the
+    /// workload's table when the field is absent).
+    ///
+    /// `field` is a path relative to the workload: `module`, `limits.memory`, `triggers[0]`; an
+    /// empty `field` means the workload itself. A missing field falls back to its nearest present
+    /// parent. With an index past the last workload, the error has no line.
+    pub fn error_at(
+        &self,
+        workload_index: usize,
+        field: &str,
+        message: impl Into<String>,
+    ) -> DeploymentError {
+        let location = self.source_map.locate(workload_index, field);
+        let path = if field.is_empty() {
+            format!("workloads[{workload_index}]")
+        } else {
+            format!("workloads[{workload_index}].{field}")
+        };
+        DeploymentError {
+            file: self.file_name.clone(),
+            line: location.map(|location| location.line),
+            column: location.map(|location| location.column),
+            field: Some(path),
+            message: message.into(),
+        }
+    }
+
+    /// The file name given to [`parse`].
+    pub fn file_name(&self) -> &str {
+        &self.file_name
+    }
+}
+
+/// Parses and statically validates a deployment file.
+///
+/// `file_name` picks the format (JSON when it ends in `.json`, TOML otherwise) and names the file
+/// in errors; relative module paths are joined with `base_dir`.
+pub fn parse(
+    file_name: &str,
+    text: &str,
+    base_dir: &Path,
+) -> Result<ParsedDeployment, DeploymentError> {
+    let format = if Path::new(file_name)
+        .extension()
+        .is_some_and(|extension| extension.eq_ignore_ascii_case("json"))
+    {
+        Format::Json
+    } else {
+        Format::Toml
+    };
+    let lines = LineIndex::new(text);
+    let syntax_error = |offset: usize, message: String| {
+        let location = lines.locate(offset);
+        DeploymentError {
+            file: file_name.to_owned(),
+            line: Some(location.line),
+            column: Some(location.column),
+            field: None,
+            message,
+        }
+    };
+
+    let document = match format {
+        Format::Toml => match toml::de::DeTable::parse(text) {
+            Ok(table) => tree::from_toml(table),
+            Err(error) => {
+                let span = error.span().unwrap_or(0..0);
+                let mut message = format!("invalid TOML: {}", error.message().trim_end());
+                if message.ends_with("duplicate key")
+                    && let Some(key) = text.get(span.clone()).filter(|key| !key.is_empty())
+                {
+                    message.push_str(&format!(" `{key}`"));
+                }
+                return Err(syntax_error(span.start, message));
+            }
+        },
+        Format::Json => {
+            if let Err(error) = serde_json::from_str::<serde_json::Value>(text) {
+                return Err(json_syntax_error(file_name, &error));
+            }
+            json::read(text).map_err(|error| {
+                syntax_error(error.offset, format!("invalid JSON: {}", error.message))
+            })?
+        }
+    };
+
+    let checker = Checker {
+        file: file_name,
+        lines: &lines,
+        format,
+        base_dir,
+    };
+    let (spec, source_map) = checker.deployment(&document)?;
+    Ok(ParsedDeployment {
+        spec,
+        file_name: file_name.to_owned(),
+        source_map,
+    })
+}
+
+/// A `serde_json` syntax error, without the " at line L column C" that we report separately.
+fn json_syntax_error(file_name: &str, error: &serde_json::Error) -> DeploymentError {
+    let text = error.to_string();
+    let suffix = format!(" at line {} column {}", error.line(), error.column());
+    let message = text.strip_suffix(&suffix).unwrap_or(&text);
+    DeploymentError {
+        file: file_name.to_owned(),
+        line: (error.line() > 0).then_some(error.line()),
+        column: (error.line() > 0 && error.column() > 0).then_some(error.column()),
+        field: None,
+        message: format!("invalid JSON: {message}"),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,1 +1,354 @@
-//! The SQLite state store.
+//! The SQLite state store: deployments, workload status, per-workload key-value data, the
+//! telemetry outbox, the event log and guest logs, in one database file.
+//!
+//! The file runs in WAL mode with `synchronous=FULL`, so a write that was acknowledged survives
+//! power loss. All writes go through one writer thread that groups whatever is queued into one
+//! transaction (one fsync), with a savepoint per request so that a failing request changes
+//! nothing and does not disturb the others. Reads use a separate connection and run beside the
+//! writer.
+//!
+//! A write method returns once its transaction has committed. A write whose future is dropped
+//! after it was queued may still be committed.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), lichen_agent::store::StoreError> {
+//! use lichen_agent::store::{NewDeployment, NewWorkload, StateStore, StoreOptions};
+//!
+//! let store = StateStore::open("/var/lib/lichen/state.db".as_ref(), StoreOptions::default())?;
+//! let version = store
+//!     .apply_deployment(NewDeployment {
+//!         source_name: "site.toml".into(),
+//!         source_text: "...".into(),
+//!         digest: "...".into(),
+//!         description: None,
+//!         workloads: vec![NewWorkload {
+//!             name: "door".into(),
+//!             spec_json: "{}".into(),
+//!             module_digest: "...".into(),
+//!         }],
+//!     })
+//!     .await?;
+//! assert_eq!(store.current_deployment()?.map(|d| d.version), Some(version));
+//! # Ok(()) }
+//! ```
+
+mod migrations;
+mod reads;
+mod types;
+mod writer;
+
+#[cfg(test)]
+mod tests;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use rusqlite::{Connection, OpenFlags};
+use tokio::sync::{mpsc, oneshot};
+
+pub use types::{
+    DeploymentRecord, DeploymentSummary, EventCommit, EventRow, GuestLogLine, KvWrite,
+    NewDeployment, NewWorkload, OutboxRow, StatusUpdate, StoreOptions, StoreStats, TelemetryRecord,
+    WorkloadRow,
+};
+use writer::{Op, Output, Request};
+
+/// How many write requests may wait for the writer before senders wait too.
+const QUEUE_DEPTH: usize = 4096;
+
+/// What can go wrong in the state store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The directory that should hold the database could not be created.
+    #[error("cannot create state directory {}", path.display())]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database file could not be opened or configured.
+    #[error("cannot open state database {}", path.display())]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// Why it failed.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The database could not be switched to WAL mode.
+    #[error("state database {} cannot use WAL journal mode (it stays in {mode:?})", path.display())]
+    NotWal {
+        /// The database file.
+        path: PathBuf,
+        /// The journal mode SQLite reported.
+        mode: String,
+    },
+    /// The database was written by a newer agent.
+    #[error(
+        "state database {} has schema version {found}, newer than version {supported} that this agent supports",
+        path.display()
+    )]
+    TooNew {
+        /// The database file.
+        path: PathBuf,
+        /// The schema version found in the file.
+        found: i64,
+        /// The newest schema version this code knows.
+        supported: i64,
+    },
+    /// A schema migration failed; the database is left at its previous version.
+    #[error("migrating state database {} to schema version {version} failed", path.display())]
+    Migrate {
+        /// The database file.
+        path: PathBuf,
+        /// The version being migrated to.
+        version: i64,
+        /// Why it failed.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The writer thread could not be started.
+    #[error("cannot start the state store writer thread")]
+    SpawnWriter(#[source] std::io::Error),
+    /// The writer thread is gone, so no write can be made.
+    #[error("the state store writer thread has stopped")]
+    WriterStopped,
+    /// A write named a workload that the applied deployment does not have.
+    #[error("workload {0:?} does not exist")]
+    UnknownWorkload(String),
+    /// A deployment listed the same workload twice.
+    #[error("deployment lists workload {0:?} more than once")]
+    DuplicateWorkload(String),
+    /// A number does not fit the database's signed 64-bit integers.
+    #[error("{field} value {value} is too large to store")]
+    OutOfRange {
+        /// The field.
+        field: &'static str,
+        /// The value.
+        value: u64,
+    },
+    /// A statement failed.
+    #[error("{op} failed")]
+    Sql {
+        /// What was being done.
+        op: String,
+        /// Why it failed.
+        #[source]
+        source: rusqlite::Error,
+    },
+    /// The write transaction could not begin; the write was not made.
+    #[error("beginning the state store write transaction failed")]
+    Begin(#[source] Arc<rusqlite::Error>),
+    /// The write transaction holding this request could not commit; the write was not made.
+    #[error("committing the state store write transaction failed")]
+    Commit(#[source] Arc<rusqlite::Error>),
+}
+
+/// Adds what was being done to a `rusqlite` error.
+trait SqlContext<T> {
+    /// Turns the error into [`StoreError::Sql`] with `op` as its description.
+    fn context(self, op: impl FnOnce() -> String) -> Result<T, StoreError>;
+}
+
+impl<T> SqlContext<T> for rusqlite::Result<T> {
+    fn context(self, op: impl FnOnce() -> String) -> Result<T, StoreError> {
+        self.map_err(|source| StoreError::Sql { op: op(), source })
+    }
+}
+
+/// Milliseconds since the Unix epoch, as stored.
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// Converts a caller's `u64` to the database's `i64`.
+fn to_i64(field: &'static str, value: u64) -> Result<i64, StoreError> {
+    i64::try_from(value).map_err(|_| StoreError::OutOfRange { field, value })
+}
+
+/// State shared by the handles and the writer thread.
+#[derive(Debug)]
+struct StoreShared {
+    path: PathBuf,
+    options: StoreOptions,
+    stats_transactions: AtomicU64,
+    stats_requests: AtomicU64,
+}
+
+/// The part of a store that ends the writer thread when the last handle goes.
+#[derive(Debug)]
+struct Inner {
+    shared: Arc<StoreShared>,
+    /// `None` only while dropping.
+    requests: Option<mpsc::Sender<Request>>,
+    writer: Option<JoinHandle<()>>,
+    reader: Mutex<Connection>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        // Closing the channel ends the writer loop once it has answered what is queued.
+        self.requests = None;
+        if let Some(writer) = self.writer.take()
+            && writer.join().is_err()
+        {
+            tracing::error!(path = %self.shared.path.display(), "state store writer thread panicked");
+        }
+    }
+}
+
+/// The agent's state store. Cheap to clone; every clone uses the same database and writer.
+#[derive(Debug, Clone)]
+pub struct StateStore {
+    inner: Arc<Inner>,
+}
+
+impl StateStore {
+    /// Opens (creating if needed) the database at `path`, migrates it, and starts the writer.
+    pub fn open(path: &Path, options: StoreOptions) -> Result<Self, StoreError> {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        let open_err = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let mut conn = Connection::open(path).map_err(open_err)?;
+        migrations::configure(&conn, path)?;
+        migrations::migrate(&mut conn, path)?;
+
+        let reader = Connection::open_with_flags(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )
+        .map_err(open_err)?;
+        migrations::configure(&reader, path)?;
+        reader
+            .pragma_update(None, "query_only", true)
+            .map_err(open_err)?;
+
+        let shared = Arc::new(StoreShared {
+            path: path.to_path_buf(),
+            options,
+            stats_transactions: AtomicU64::new(0),
+            stats_requests: AtomicU64::new(0),
+        });
+        let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
+        let writer = std::thread::Builder::new()
+            .name("lichen-store-writer".to_owned())
+            .spawn({
+                let shared = Arc::clone(&shared);
+                move || writer::run(conn, rx, shared)
+            })
+            .map_err(StoreError::SpawnWriter)?;
+        Ok(Self {
+            inner: Arc::new(Inner {
+                shared,
+                requests: Some(tx),
+                writer: Some(writer),
+                reader: Mutex::new(reader),
+            }),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.inner.shared.path
+    }
+
+    /// How many transactions and requests the writer has processed since open.
+    pub fn stats(&self) -> StoreStats {
+        StoreStats {
+            transactions: self.inner.shared.stats_transactions.load(Ordering::Relaxed),
+            requests: self.inner.shared.stats_requests.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Applies a deployment atomically and returns its version (1, 2, 3, ...).
+    ///
+    /// In one transaction: records the deployment, upserts every listed workload (new ones
+    /// start `pending`, existing ones keep their status and counters), deletes the workloads it
+    /// does not list together with their key-value data and logs, and logs a `deployed` event.
+    pub async fn apply_deployment(&self, d: NewDeployment) -> Result<u64, StoreError> {
+        match self.submit(Op::Deploy(d)).await? {
+            Output::Version(version) => Ok(version),
+            other => {
+                unreachable!("the writer answers a deployment with its version, not {other:?}")
+            }
+        }
+    }
+
+    /// Commits the effects of one handled event: key-value writes, telemetry into the outbox,
+    /// and the workload's event counter, all or nothing. Returns once they are durable.
+    pub async fn commit_event(&self, c: EventCommit) -> Result<(), StoreError> {
+        self.submit(Op::Commit(c)).await.map(drop)
+    }
+
+    /// Records a workload's status, and the event it comes with, in one transaction.
+    pub async fn record_status(&self, s: StatusUpdate) -> Result<(), StoreError> {
+        self.submit(Op::Status(s)).await.map(drop)
+    }
+
+    /// Appends an entry to the event log and returns its id.
+    pub async fn log_event(
+        &self,
+        workload: Option<&str>,
+        kind: &str,
+        detail: &str,
+    ) -> Result<i64, StoreError> {
+        let op = Op::LogEvent {
+            workload: workload.map(str::to_owned),
+            kind: kind.to_owned(),
+            detail: detail.to_owned(),
+        };
+        match self.submit(op).await? {
+            Output::EventId(id) => Ok(id),
+            other => unreachable!("the writer answers an event with its id, not {other:?}"),
+        }
+    }
+
+    /// Appends guest log lines, keeping the newest
+    /// [`max_log_lines_per_workload`](StoreOptions::max_log_lines_per_workload) per workload.
+    ///
+    /// Lines of workloads that no longer exist are dropped (a removed workload's logs are
+    /// deleted with it), so a batch collected just before a redeploy still lands.
+    pub async fn append_logs(&self, lines: Vec<GuestLogLine>) -> Result<(), StoreError> {
+        if lines.is_empty() {
+            return Ok(());
+        }
+        self.submit(Op::AppendLogs(lines)).await.map(drop)
+    }
+
+    /// Queues `op` for the writer and waits for its committed result.
+    async fn submit(&self, op: Op) -> Result<Output, StoreError> {
+        let requests = self
+            .inner
+            .requests
+            .as_ref()
+            .expect("the request sender lives until the store is dropped");
+        let (reply, answer) = oneshot::channel();
+        requests
+            .send(Request { op, reply })
+            .await
+            .map_err(|_| StoreError::WriterStopped)?;
+        answer.await.map_err(|_| StoreError::WriterStopped)?
+    }
+
+    /// The read connection. A panic while it was held leaves it usable (reads change nothing).
+    fn reader(&self) -> MutexGuard<'_, Connection> {
+        self.inner
+            .reader
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}

@@ -1,0 +1,170 @@
+//! `lichen run`: the daemon. Opens the state, restores the last deployment (or deploys the
+//! embedded default on a fresh node), serves the local API and, optionally, metrics.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::sync::watch;
+
+use crate::api::control::Control;
+use crate::cli::RunArgs;
+use crate::config::AgentConfig;
+use crate::embedded;
+use crate::supervisor::{Agent, AgentOptions};
+
+/// The default state directory: `/var/lib/lichen` for root, else under the user's home.
+pub fn default_state_dir() -> PathBuf {
+    let is_root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    if is_root {
+        return PathBuf::from("/var/lib/lichen");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/state/lichen"),
+        None => PathBuf::from("lichen-state"),
+    }
+}
+
+/// The embedded default deployment: `counter` and `thermostat` on the simulated board, their
+/// modules named by the digests of the copies built into this binary.
+pub fn default_deployment(counter_digest: &str, thermostat_digest: &str) -> String {
+    format!(
+        r#"# Lichen's embedded default deployment: two device functions on the simulated board.
+description = "embedded default: counter and thermostat"
+
+[[workloads]]
+name = "counter"
+module = "sha256:{counter_digest}"
+triggers = [{{ interval = "1s" }}]
+[workloads.config]
+step = "1"
+
+[[workloads]]
+name = "thermostat"
+module = "sha256:{thermostat_digest}"
+triggers = [{{ interval = "2s" }}]
+[workloads.config]
+target = "21.5"
+hysteresis = "0.5"
+"#
+    )
+}
+
+/// Opens an agent from a config file and a state directory.
+pub async fn open_agent(config: &AgentConfig, state_dir: &Path) -> Result<Agent> {
+    Agent::open(AgentOptions {
+        state_dir: state_dir.to_path_buf(),
+        engine: config.engine_options()?,
+        logs: config.log_options(),
+        persisted_log_lines: config.logs.persisted_lines,
+        board: config.board.clone(),
+    })
+    .await
+}
+
+/// Imports the embedded examples and deploys the default deployment.
+pub async fn deploy_embedded_default(agent: &Agent) -> Result<()> {
+    let counter = agent.artifacts().add(embedded::COUNTER.to_vec()).await?;
+    let thermostat = agent.artifacts().add(embedded::THERMOSTAT.to_vec()).await?;
+    let text = default_deployment(counter.digest(), thermostat.digest());
+    let report = agent
+        .deploy_text("embedded-default.toml", &text, Path::new("/"))
+        .await
+        .map_err(|e| anyhow::anyhow!("{}", e.error))?;
+    tracing::info!(
+        version = report.version,
+        "deployed the embedded default: counter and thermostat on the simulated board"
+    );
+    Ok(())
+}
+
+/// Runs the daemon until SIGINT or SIGTERM.
+pub async fn run(args: RunArgs, socket: &Path) -> Result<()> {
+    let config = AgentConfig::load(args.config.as_deref())?;
+    let state_dir = args
+        .state_dir
+        .clone()
+        .or_else(|| config.state_dir.clone())
+        .unwrap_or_else(default_state_dir);
+    let agent = open_agent(&config, &state_dir).await?;
+    tracing::info!(state_dir = %state_dir.display(), board = %config.board, "lichen {} starting", env!("CARGO_PKG_VERSION"));
+
+    if !agent.restore().await? {
+        if let Some(file) = &args.deployment {
+            let text = std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read deployment file {}", file.display()))?;
+            let base = file
+                .canonicalize()
+                .ok()
+                .and_then(|p| p.parent().map(Path::to_path_buf))
+                .unwrap_or_else(|| PathBuf::from("."));
+            agent
+                .deploy_text(&file.display().to_string(), &text, &base)
+                .await
+                .map_err(|e| anyhow::anyhow!("{}", e.error))?;
+        } else if !args.no_default {
+            deploy_embedded_default(&agent).await?;
+        } else {
+            tracing::info!("no deployment stored; waiting for `lichen deploy`");
+        }
+    }
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let shutdown = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let api = tokio::spawn({
+        let agent = agent.clone();
+        let socket = socket.to_path_buf();
+        let done = shutdown(stop_rx.clone());
+        async move { crate::api::server::serve_unix(agent, &socket, done).await }
+    });
+    let metrics = args.metrics.map(|addr| {
+        let agent = agent.clone();
+        let done = shutdown(stop_rx.clone());
+        tracing::info!(%addr, "serving Prometheus metrics");
+        tokio::spawn(async move { crate::api::server::serve_metrics(agent, addr, done).await })
+    });
+    tracing::info!(socket = %socket.display(), "local API listening");
+    let summary = tokio::spawn(print_summaries(agent.clone()));
+
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+        _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
+    }
+    summary.abort();
+    let _ = stop_tx.send(true);
+    agent.shutdown().await;
+    if let Ok(Err(err)) = api.await {
+        tracing::warn!("local API ended with an error: {err:#}");
+    }
+    if let Some(metrics) = metrics {
+        let _ = metrics.await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Logs one line per workload every 10 seconds, so a terminal running the daemon shows the
+/// device functions at work.
+async fn print_summaries(agent: Agent) {
+    let mut interval = tokio::time::interval(Duration::from_secs(10));
+    interval.tick().await;
+    loop {
+        interval.tick().await;
+        for w in agent.ps().await {
+            tracing::info!(
+                workload = %w.name,
+                state = %w.state,
+                events = w.events_handled,
+                restarts = w.restarts,
+                memory_kib = w.memory_bytes / 1024,
+                "status"
+            );
+        }
+    }
+}

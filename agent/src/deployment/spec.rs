@@ -1,0 +1,143 @@
+//! The validated form of a deployment: what the agent stores, compares and runs.
+//!
+//! These types are produced by [`parse`](super::parse) and are already checked; their serde form
+//! is the canonical JSON the agent stores and compares to decide whether a workload changed. That
+//! form is close to the file form but is not a second file format: durations are written by
+//! `humantime` (`"1s 500ms"`), sizes in bytes, module paths already joined with the file's
+//! directory.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A whole deployment: the desired set of workloads. An empty list means "run nothing".
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct DeploymentSpec {
+    /// Free text for humans; not used by the agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// The workloads, in file order; names are unique.
+    pub workloads: Vec<WorkloadSpec>,
+}
+
+/// One workload: a Wasm module with its configuration, triggers, limits and restart policy.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct WorkloadSpec {
+    /// Unique name within the deployment: `[a-z0-9][a-z0-9-]{0,62}`.
+    pub name: String,
+    /// Where the module comes from.
+    pub module: ModuleRef,
+    /// Configuration values handed to the module (`wasi:config`); numbers and booleans of the
+    /// file are kept as their text.
+    #[serde(default)]
+    pub config: BTreeMap<String, String>,
+    /// What makes the module run besides its start; at most one interval trigger.
+    #[serde(default)]
+    pub triggers: Vec<Trigger>,
+    /// Resource limits; `None` means the agent's default.
+    #[serde(default)]
+    pub limits: Limits,
+    /// What to do when the workload fails or ends.
+    #[serde(default)]
+    pub restart: RestartPolicy,
+}
+
+/// A reference to a Wasm module: a file on disk or a digest in the artifact store.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModuleRef {
+    /// A file path, already joined with the deployment file's directory.
+    Path(PathBuf),
+    /// A sha256 digest of the module bytes: 64 lowercase hexadecimal digits, without `sha256:`.
+    Digest(String),
+}
+
+/// An event source that makes a workload run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Trigger {
+    /// A timer tick every period (at least 1ms); written `{ interval = "500ms" }`.
+    Interval(#[serde(with = "duration_text")] Duration),
+}
+
+/// Per-workload resource limits; each `None` falls back to the agent's default.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct Limits {
+    /// Maximum linear memory in bytes (at least one 64KiB Wasm page).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_bytes: Option<u64>,
+    /// Maximum wall time one `init` or event call may run before it is preempted (at least 1ms).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "optional_duration_text"
+    )]
+    pub time_slice: Option<Duration>,
+    /// Maximum number of queued events (at least 1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<usize>,
+}
+
+/// What the agent does when a workload's call fails or the workload ends.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RestartPolicy {
+    /// Restart whatever the reason it stopped.
+    Always,
+    /// Restart only after a failure (trap, error, exceeded limit).
+    #[default]
+    OnFailure,
+    /// Never restart.
+    Never,
+}
+
+/// Serde helpers writing a [`Duration`] as `humantime` text, which parses back to the same value.
+mod duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        value: &Duration,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(&humantime::format_duration(*value))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Duration, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        humantime::parse_duration(&text).map_err(serde::de::Error::custom)
+    }
+}
+
+/// [`duration_text`] for an optional duration.
+mod optional_duration_text {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(
+        value: &Option<Duration>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match value {
+            Some(duration) => serializer.collect_str(&humantime::format_duration(*duration)),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Duration>, D::Error> {
+        Option::<String>::deserialize(deserializer)?
+            .map(|text| humantime::parse_duration(&text).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}

@@ -1,0 +1,605 @@
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use super::*;
+
+const EXAMPLE_TOML: &str = include_str!("../../../examples/deploy.toml");
+const EXAMPLE_JSON: &str = include_str!("../../../examples/deploy.json");
+
+fn ok(file: &str, text: &str) -> ParsedDeployment {
+    match parse(file, text, Path::new("/srv/demo")) {
+        Ok(parsed) => parsed,
+        Err(error) => panic!("{file} must parse, got: {error}"),
+    }
+}
+
+fn err(file: &str, text: &str) -> DeploymentError {
+    match parse(file, text, Path::new("/srv/demo")) {
+        Ok(parsed) => panic!("{file} must be rejected, got: {:?}", parsed.spec),
+        Err(error) => error,
+    }
+}
+
+/// Asserts the line, the field path and that the message contains each of `words`.
+fn assert_error(error: &DeploymentError, line: usize, field: &str, words: &[&str]) {
+    assert_eq!(error.line, Some(line), "line of: {error}");
+    assert!(error.column.is_some(), "column of: {error}");
+    assert_eq!(error.field.as_deref(), Some(field), "field of: {error}");
+    for word in words {
+        assert!(
+            error.message.contains(word),
+            "{error} should mention {word:?}"
+        );
+    }
+}
+
+fn workload(body: &str) -> String {
+    format!("[[workloads]]\nname = \"counter\"\nmodule = \"counter.wasm\"\n{body}")
+}
+
+#[test]
+fn toml_and_json_examples_give_equal_specs() {
+    let from_toml = ok("deploy.toml", EXAMPLE_TOML).spec;
+    let from_json = ok("deploy.json", EXAMPLE_JSON).spec;
+    assert_eq!(from_toml, from_json);
+
+    assert_eq!(
+        from_toml.description.as_deref(),
+        Some("demo on the simulated board")
+    );
+    let counter = &from_toml.workloads[0];
+    assert_eq!(counter.name, "counter");
+    assert_eq!(counter.restart, RestartPolicy::OnFailure);
+    assert_eq!(
+        counter.triggers,
+        vec![Trigger::Interval(Duration::from_millis(500))]
+    );
+    assert_eq!(
+        counter.limits,
+        Limits {
+            memory_bytes: Some(16 * 1024 * 1024),
+            time_slice: Some(Duration::from_millis(100)),
+            queue: Some(64),
+        }
+    );
+    let thermostat = &from_toml.workloads[1];
+    assert_eq!(thermostat.restart, RestartPolicy::Always);
+    assert_eq!(thermostat.config["target-celsius"], "21.5");
+}
+
+#[test]
+fn defaults_apply_when_fields_are_absent() {
+    let spec = ok("deploy.toml", &workload("")).spec;
+    let counter = &spec.workloads[0];
+    assert_eq!(counter.restart, RestartPolicy::OnFailure);
+    assert!(counter.triggers.is_empty());
+    assert!(counter.config.is_empty());
+    assert_eq!(counter.limits, Limits::default());
+    assert_eq!(spec.description, None);
+}
+
+#[test]
+fn relative_module_path_is_joined_with_base_dir() {
+    let spec = ok("deploy.toml", EXAMPLE_TOML).spec;
+    assert_eq!(
+        spec.workloads[0].module,
+        ModuleRef::Path(PathBuf::from("/srv/demo/counter.wasm"))
+    );
+    let text = "[[workloads]]\nname = \"a\"\nmodule = \"/opt/a.wasm\"\n";
+    assert_eq!(
+        ok("deploy.toml", text).spec.workloads[0].module,
+        ModuleRef::Path(PathBuf::from("/opt/a.wasm"))
+    );
+}
+
+#[test]
+fn digest_reference_is_parsed_and_lowercased() {
+    let hex = "ab".repeat(32);
+    let text = format!(
+        "[[workloads]]\nname = \"a\"\nmodule = \"sha256:{}\"\n",
+        hex.to_uppercase()
+    );
+    assert_eq!(
+        ok("deploy.toml", &text).spec.workloads[0].module,
+        ModuleRef::Digest(hex)
+    );
+}
+
+#[test]
+fn malformed_digest_and_empty_module_are_rejected() {
+    let text = "[[workloads]]\nname = \"a\"\nmodule = \"sha256:abc\"\n";
+    let error = err("deploy.toml", text);
+    assert_error(
+        &error,
+        3,
+        "workloads[0].module",
+        &["sha256:abc", "64 hexadecimal digits"],
+    );
+
+    let text = "[[workloads]]\nname = \"a\"\nmodule = \"\"\n";
+    let error = err("deploy.toml", text);
+    assert_error(
+        &error,
+        3,
+        "workloads[0].module",
+        &["module is empty", "path"],
+    );
+}
+
+#[test]
+fn toml_syntax_error_has_line_and_column() {
+    let text = "description = \"x\"\n[[workloads]]\nname = \"a\"\nmodule = \n";
+    let error = err("deploy.toml", text);
+    assert_eq!((error.line, error.column), (Some(4), Some(10)));
+    assert!(error.message.starts_with("invalid TOML: "), "{error}");
+    assert!(
+        error
+            .to_string()
+            .starts_with("deploy.toml:4:10: invalid TOML"),
+        "{error}"
+    );
+}
+
+#[test]
+fn toml_duplicate_key_names_the_key() {
+    let error = err("deploy.toml", &workload("name = \"again\"\n"));
+    assert_eq!(error.line, Some(4));
+    assert!(error.message.contains("duplicate key `name`"), "{error}");
+}
+
+#[test]
+fn json_syntax_error_has_line_and_column() {
+    let text = "{\n  \"workloads\": [\n    { \"name\": \"a\" \"module\": \"a.wasm\" }\n  ]\n}\n";
+    let error = err("deploy.json", text);
+    assert_eq!(error.line, Some(3), "{error}");
+    assert!(error.column.is_some(), "{error}");
+    assert!(error.message.starts_with("invalid JSON: "), "{error}");
+    assert!(
+        !error.message.contains(" at line "),
+        "position is not repeated: {error}"
+    );
+}
+
+#[test]
+fn unknown_field_is_named_with_its_line() {
+    let text = "[[workloads]]\nname = \"a\"\nmodule = \"a.wasm\"\n\n[[workloads]]\nname = \"b\"\nmodul = \"b.wasm\"\n";
+    let error = err("deploy.toml", text);
+    assert_error(
+        &error,
+        7,
+        "workloads[1].modul",
+        &["unknown field `modul`", "did you mean `module`"],
+    );
+    assert_eq!(error.column, Some(1));
+    assert!(
+        error
+            .to_string()
+            .starts_with("deploy.toml:7:1: workloads[1].modul: unknown field"),
+        "{error}"
+    );
+}
+
+#[test]
+fn unknown_fields_are_rejected_at_every_level() {
+    let error = err(
+        "deploy.toml",
+        &format!("descripton = \"x\"\n{}", workload("")),
+    );
+    assert_error(&error, 1, "descripton", &["unknown field `descripton`"]);
+
+    let error = err(
+        "deploy.toml",
+        &workload("[workloads.limits]\nmemroy = \"1MiB\"\n"),
+    );
+    assert_error(
+        &error,
+        5,
+        "workloads[0].limits.memroy",
+        &["unknown limit `memroy`", "`memory`"],
+    );
+
+    let error = err("deploy.toml", &workload("triggers = [{ gpio = \"x\" }]\n"));
+    assert_error(
+        &error,
+        4,
+        "workloads[0].triggers[0].gpio",
+        &["unknown trigger kind `gpio`"],
+    );
+}
+
+#[test]
+fn missing_required_field_is_located_at_the_workload() {
+    let text =
+        "[[workloads]]\nname = \"a\"\nmodule = \"a.wasm\"\n\n[[workloads]]\nmodule = \"b.wasm\"\n";
+    let error = err("deploy.toml", text);
+    assert_error(&error, 5, "workloads[1].name", &["missing field `name`"]);
+
+    let error = err("deploy.toml", "[[workloads]]\nname = \"a\"\n");
+    assert_error(
+        &error,
+        1,
+        "workloads[0].module",
+        &["missing field `module`"],
+    );
+}
+
+#[test]
+fn missing_workloads_is_an_error_but_an_empty_list_runs_nothing() {
+    let error = err("deploy.toml", "description = \"nothing\"\n");
+    assert_eq!(error.field.as_deref(), Some("workloads"));
+    assert!(
+        error.message.contains("missing field `workloads`"),
+        "{error}"
+    );
+
+    assert!(
+        ok("deploy.toml", "workloads = []\n")
+            .spec
+            .workloads
+            .is_empty()
+    );
+    assert!(
+        ok("deploy.json", "{\"workloads\": []}")
+            .spec
+            .workloads
+            .is_empty()
+    );
+}
+
+#[test]
+fn duplicate_names_are_located_at_the_second_and_name_the_first_line() {
+    let text = "[[workloads]]\nname = \"counter\"\nmodule = \"a.wasm\"\n\n[[workloads]]\nname = \"other\"\nmodule = \"b.wasm\"\n\n[[workloads]]\nname = \"counter\"\nmodule = \"c.wasm\"\n";
+    let error = err("deploy.toml", text);
+    assert_error(
+        &error,
+        10,
+        "workloads[2].name",
+        &[
+            "duplicate workload name \"counter\"",
+            "workloads[0] on line 2",
+        ],
+    );
+}
+
+#[test]
+fn bad_restart_value_is_rejected() {
+    let error = err("deploy.toml", &workload("restart = \"sometimes\"\n"));
+    assert_error(
+        &error,
+        4,
+        "workloads[0].restart",
+        &["restart policy \"sometimes\"", "\"on-failure\""],
+    );
+}
+
+#[test]
+fn bad_intervals_are_rejected() {
+    for (value, words) in [
+        ("\"0ms\"", &["interval \"0ms\"", "at least 1ms"][..]),
+        ("\"500us\"", &["interval \"500us\"", "at least 1ms"]),
+        ("\"soon\"", &["invalid interval \"soon\"", "\"500ms\""]),
+        (
+            "500",
+            &["`interval` must be a duration string", "found an integer"],
+        ),
+    ] {
+        let error = err(
+            "deploy.toml",
+            &workload(&format!("triggers = [\n  {{ interval = {value} }},\n]\n")),
+        );
+        assert_error(&error, 5, "workloads[0].triggers[0].interval", words);
+    }
+    let spec = ok(
+        "deploy.toml",
+        &workload("triggers = [{ interval = \"1m 30s\" }]\n"),
+    )
+    .spec;
+    assert_eq!(
+        spec.workloads[0].triggers,
+        vec![Trigger::Interval(Duration::from_secs(90))]
+    );
+}
+
+#[test]
+fn zero_time_slice_is_rejected() {
+    let error = err(
+        "deploy.toml",
+        &workload("[workloads.limits]\ntime-slice = \"0s\"\n"),
+    );
+    assert_error(
+        &error,
+        5,
+        "workloads[0].limits.time-slice",
+        &["time-slice \"0s\"", "at least 1ms"],
+    );
+}
+
+#[test]
+fn only_one_interval_trigger_per_workload() {
+    let error = err(
+        "deploy.toml",
+        &workload("triggers = [\n  { interval = \"1s\" },\n  { interval = \"2s\" },\n]\n"),
+    );
+    assert_error(
+        &error,
+        6,
+        "workloads[0].triggers[1].interval",
+        &["only one interval trigger", "line 5"],
+    );
+}
+
+#[test]
+fn memory_below_one_page_is_rejected() {
+    let error = err(
+        "deploy.toml",
+        &workload("[workloads.limits]\nmemory = \"32KiB\"\n"),
+    );
+    assert_error(
+        &error,
+        5,
+        "workloads[0].limits.memory",
+        &["memory limit \"32KiB\"", "64KiB"],
+    );
+
+    let error = err(
+        "deploy.toml",
+        &workload("[workloads.limits]\nmemory = 1024\n"),
+    );
+    assert_error(
+        &error,
+        5,
+        "workloads[0].limits.memory",
+        &["1024 bytes", "64KiB"],
+    );
+
+    let spec = ok(
+        "deploy.toml",
+        &workload("[workloads.limits]\nmemory = \"64KiB\"\n"),
+    )
+    .spec;
+    assert_eq!(spec.workloads[0].limits.memory_bytes, Some(65536));
+}
+
+#[test]
+fn bad_sizes_and_queues_are_rejected() {
+    let error = err(
+        "deploy.toml",
+        &workload("[workloads.limits]\nmemory = \"16MB\"\n"),
+    );
+    assert_error(
+        &error,
+        5,
+        "workloads[0].limits.memory",
+        &["\"16MB\"", "MiB"],
+    );
+
+    let error = err(
+        "deploy.toml",
+        &workload("[workloads.limits]\nmemory = \"lots\"\n"),
+    );
+    assert_error(
+        &error,
+        5,
+        "workloads[0].limits.memory",
+        &["\"lots\"", "16MiB"],
+    );
+
+    let error = err("deploy.toml", &workload("[workloads.limits]\nqueue = 0\n"));
+    assert_error(
+        &error,
+        5,
+        "workloads[0].limits.queue",
+        &["queue", "at least 1"],
+    );
+}
+
+#[test]
+fn invalid_name_is_rejected() {
+    let error = err(
+        "deploy.toml",
+        "[[workloads]]\nname = \"My_Counter\"\nmodule = \"a.wasm\"\n",
+    );
+    assert_error(
+        &error,
+        2,
+        "workloads[0].name",
+        &["invalid workload name \"My_Counter\"", "a-z"],
+    );
+    assert_eq!(error.column, Some(8));
+}
+
+#[test]
+fn wrong_types_name_the_field_and_both_types() {
+    let error = err(
+        "deploy.toml",
+        "[[workloads]]\nname = 7\nmodule = \"a.wasm\"\n",
+    );
+    assert_error(
+        &error,
+        2,
+        "workloads[0].name",
+        &["`name` must be a string", "an integer"],
+    );
+
+    let error = err("deploy.json", "{\"workloads\": {}}");
+    assert_error(
+        &error,
+        1,
+        "workloads",
+        &["`workloads` must be", "an object"],
+    );
+}
+
+#[test]
+fn config_numbers_and_bools_become_strings() {
+    let spec = ok(
+        "deploy.toml",
+        &workload("[workloads.config]\nstep = 1\nbig = 1_000\nhex = 0x10\nratio = 0.5\non = true\nlabel = \"x\"\n"),
+    )
+    .spec;
+    let config = &spec.workloads[0].config;
+    let expected = [
+        ("step", "1"),
+        ("big", "1000"),
+        ("hex", "16"),
+        ("ratio", "0.5"),
+        ("on", "true"),
+        ("label", "x"),
+    ];
+    for (key, value) in expected {
+        assert_eq!(
+            config.get(key).map(String::as_str),
+            Some(value),
+            "config.{key}"
+        );
+    }
+
+    let error = err(
+        "deploy.toml",
+        &workload("[workloads.config]\nlist = [1, 2]\n"),
+    );
+    assert_error(
+        &error,
+        5,
+        "workloads[0].config.list",
+        &["config value `list`", "an array"],
+    );
+}
+
+#[test]
+fn json_unknown_field_is_located_in_the_right_workload() {
+    // Both workloads have "modul"-like keys on different lines; the error is about the second.
+    let text = r#"{
+  "workloads": [
+    { "name": "a", "module": "a.wasm",
+      "limits": { "queue": 4 } },
+    { "name": "b", "module": "b.wasm",
+      "limits": { "queue": 4, "qeue": 5 } }
+  ]
+}"#;
+    let error = err("deploy.json", text);
+    assert_error(
+        &error,
+        6,
+        "workloads[1].limits.qeue",
+        &["unknown limit `qeue`", "`queue`"],
+    );
+}
+
+#[test]
+fn json_duplicate_name_is_located_on_the_right_line() {
+    let text = r#"{
+  "workloads": [
+    {
+      "name": "counter",
+      "module": "a.wasm"
+    },
+    {
+      "module": "b.wasm",
+      "name": "counter"
+    }
+  ]
+}"#;
+    let error = err("deploy.json", text);
+    assert_error(
+        &error,
+        9,
+        "workloads[1].name",
+        &["duplicate workload name", "on line 4"],
+    );
+}
+
+#[test]
+fn json_duplicate_key_is_rejected() {
+    let text = "{\"workloads\": [\n{\"name\": \"a\",\n\"module\": \"a.wasm\",\n\"name\": \"b\"}]}";
+    let error = err("deploy.json", text);
+    assert_error(
+        &error,
+        4,
+        "workloads[0].name",
+        &["duplicate key `name`", "line 2"],
+    );
+}
+
+#[test]
+fn error_at_locates_fields_of_the_right_workload() {
+    let parsed = ok("deploy.toml", EXAMPLE_TOML);
+    assert_eq!(parsed.file_name(), "deploy.toml");
+    let line_of = |needle: &str, nth: usize| {
+        EXAMPLE_TOML
+            .lines()
+            .enumerate()
+            .filter(|(_, line)| line.starts_with(needle))
+            .nth(nth)
+            .map(|(index, _)| index + 1)
+    };
+
+    let error = parsed.error_at(1, "module", "cannot read thermostat.wasm");
+    assert_eq!(error.line, line_of("module = ", 1));
+    assert_eq!(error.column, Some(1));
+    assert_eq!(error.field.as_deref(), Some("workloads[1].module"));
+    assert!(
+        error
+            .to_string()
+            .ends_with(": workloads[1].module: cannot read thermostat.wasm")
+    );
+
+    let error = parsed.error_at(0, "limits.memory", "too big for this board");
+    assert_eq!(error.line, line_of("memory = ", 0));
+
+    // Absent field: the workload's table header.
+    let error = parsed.error_at(1, "description", "x");
+    assert_eq!(error.line, line_of("[[workloads]]", 1));
+
+    let error = parsed.error_at(7, "module", "x");
+    assert_eq!((error.line, error.column), (None, None));
+    assert_eq!(error.to_string(), "deploy.toml: workloads[7].module: x");
+
+    let parsed = ok("deploy.json", EXAMPLE_JSON);
+    let error = parsed.error_at(1, "triggers[0].interval", "x");
+    let json_line = EXAMPLE_JSON
+        .lines()
+        .position(|line| line.contains("\"2s\""))
+        .map(|index| index + 1);
+    assert_eq!(error.line, json_line);
+}
+
+#[test]
+fn spec_round_trips_through_serde_json() {
+    let mut spec = ok("deploy.toml", EXAMPLE_TOML).spec;
+    spec.workloads[1].module = ModuleRef::Digest("0f".repeat(32));
+    spec.workloads[1].limits.time_slice = Some(Duration::from_micros(1500));
+    let text = serde_json::to_string(&spec).expect("a spec serializes");
+    let back: DeploymentSpec = serde_json::from_str(&text).expect("a serialized spec reads back");
+    assert_eq!(back, spec);
+    // Canonical: serializing again gives the same bytes.
+    assert_eq!(serde_json::to_string(&back).expect("serializes"), text);
+
+    for workload in &spec.workloads {
+        let text = serde_json::to_string(workload).expect("a workload serializes");
+        let back: WorkloadSpec = serde_json::from_str(&text).expect("reads back");
+        assert_eq!(&back, workload);
+    }
+}
+#[test]
+fn zz_print_messages() {
+    for (f, t) in [
+        ("deploy.toml", workload("modul = 1\n")),
+        ("deploy.toml", workload("restart = \"sometimes\"\n")),
+        ("deploy.toml", workload("triggers = [{ interval = \"5 parsecs\" }]\n")),
+        ("deploy.toml", workload("triggers = [{ interval = \"0ms\" }]\n")),
+        ("deploy.toml", workload("[workloads.limits]\nmemory = \"16MB\"\n")),
+        ("deploy.toml", workload("[workloads.limits]\nmemory = \"16 parsecs\"\n")),
+        ("deploy.toml", workload("[workloads.limits]\nmemory = \"1KiB\"\n")),
+        ("deploy.toml", workload("triggers = [{ interval = \"1s\", foo = 1 }]\n")),
+        ("deploy.toml", workload("triggers = [{}]\n")),
+        ("deploy.toml", "[[workloads]]\nname = \"a\"\nmodule = \"sha256:xyz\"\n".to_owned()),
+        ("deploy.toml", "".to_owned()),
+        ("deploy.json", "[]".to_owned()),
+        ("deploy.json", "{\"workloads\": [1]}".to_owned()),
+        ("deploy.json", "{\"workloads\": [".to_owned()),
+        ("deploy.toml", "[[workloads]]\nname = \"a\"\nmodule = \"a\"\n[[workloads]]\nname = \"a\"\nmodule = \"a\"\n".to_owned()),
+    ] {
+        match parse(f, &t, Path::new(".")) { Ok(_) => println!("OK"), Err(e) => println!("{e}") }
+    }
+}

@@ -1,0 +1,337 @@
+//! The artifact store: Wasm binaries kept by sha256 digest, each precompiled once for this
+//! engine and cached on disk (`<digest>.<engine fingerprint>.cwasm`) and in memory.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result, bail};
+use lichen_host_apis::{DeviceFunctionPre, WORLD};
+use sha2::{Digest, Sha256};
+use wasmtime::component::Component;
+use wasmtime::{Module, Precompiled};
+
+use super::IntoAnyhow;
+use super::command::CommandData;
+use super::engine::WasmEngine;
+use super::instance::InstanceData;
+
+/// What kind of program an artifact is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ArtifactKind {
+    /// A component of Lichen's device-function world.
+    Component,
+    /// A core module that is a WASI preview-1 command (exports `_start`).
+    Command,
+}
+
+impl ArtifactKind {
+    /// The name `ps` shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Component => "wasm",
+            Self::Command => "wasi-command",
+        }
+    }
+}
+
+/// A compiled artifact, ready to instantiate.
+pub struct Artifact {
+    digest: String,
+    kind: ArtifactKind,
+    component: Option<DeviceFunctionPre<InstanceData>>,
+    command: Option<wasmtime::InstancePre<CommandData>>,
+}
+
+impl Artifact {
+    /// sha256 of the Wasm binary, 64 lowercase hex digits.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// Component or command module.
+    pub fn kind(&self) -> ArtifactKind {
+        self.kind
+    }
+
+    /// The pre-instantiated component, for device functions.
+    pub fn component(&self) -> Option<&DeviceFunctionPre<InstanceData>> {
+        self.component.as_ref()
+    }
+
+    /// The pre-instantiated module, for WASI commands.
+    pub fn command(&self) -> Option<&wasmtime::InstancePre<CommandData>> {
+        self.command.as_ref()
+    }
+}
+
+/// Content-addressed store of Wasm binaries and their precompiled forms.
+pub struct ArtifactStore {
+    dir: PathBuf,
+    engine: Arc<WasmEngine>,
+    loaded: Mutex<HashMap<String, Arc<Artifact>>>,
+}
+
+/// Hex sha256 of `bytes`.
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+impl ArtifactStore {
+    /// Opens (creating) the store under `dir`.
+    pub fn open(dir: &Path, engine: Arc<WasmEngine>) -> Result<Self> {
+        fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create artifact directory {}", dir.display()))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            engine,
+            loaded: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The engine artifacts are compiled for.
+    pub fn engine(&self) -> &Arc<WasmEngine> {
+        &self.engine
+    }
+
+    fn source_path(&self, digest: &str) -> PathBuf {
+        self.dir.join(format!("{digest}.wasm"))
+    }
+
+    fn compiled_path(&self, digest: &str) -> PathBuf {
+        self.dir
+            .join(format!("{digest}.{}.cwasm", self.engine.fingerprint()))
+    }
+
+    /// Tells whether the store holds the binary with this digest.
+    pub fn contains(&self, digest: &str) -> bool {
+        self.source_path(digest).is_file()
+    }
+
+    fn cached(&self, digest: &str) -> Option<Arc<Artifact>> {
+        self.loaded.lock().ok()?.get(digest).cloned()
+    }
+
+    /// Adds a Wasm binary: checks it, compiles it (or reuses the cached compilation) and
+    /// stores both. A binary that does not compile or is not a device function or WASI
+    /// command is refused and nothing is written.
+    pub async fn add(self: &Arc<Self>, bytes: Vec<u8>) -> Result<Arc<Artifact>> {
+        let digest = sha256_hex(&bytes);
+        if let Some(artifact) = self.cached(&digest) {
+            return Ok(artifact);
+        }
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.add_blocking(digest, bytes))
+            .await
+            .context("compilation task failed")?
+    }
+
+    /// Loads the artifact with this digest from the store.
+    pub async fn load(self: &Arc<Self>, digest: &str) -> Result<Arc<Artifact>> {
+        if let Some(artifact) = self.cached(digest) {
+            return Ok(artifact);
+        }
+        let path = self.source_path(digest);
+        let bytes = fs::read(&path).with_context(|| {
+            format!(
+                "no artifact sha256:{digest} in the artifact store ({})",
+                path.display()
+            )
+        })?;
+        if sha256_hex(&bytes) != digest {
+            bail!(
+                "artifact sha256:{digest} in the store is corrupt: its content has another digest"
+            );
+        }
+        self.add(bytes).await
+    }
+
+    fn add_blocking(&self, digest: String, bytes: Vec<u8>) -> Result<Arc<Artifact>> {
+        let artifact = match Self::precompiled_kind(&bytes)? {
+            Precompiled::Component => self.load_component(&digest, &bytes)?,
+            Precompiled::Module => self.load_command(&digest, &bytes)?,
+        };
+        if !self.contains(&digest) {
+            write_atomically(&self.source_path(&digest), &bytes)?;
+        }
+        let artifact = Arc::new(artifact);
+        if let Ok(mut loaded) = self.loaded.lock() {
+            loaded.insert(digest, artifact.clone());
+        }
+        Ok(artifact)
+    }
+
+    fn precompiled_kind(bytes: &[u8]) -> Result<Precompiled> {
+        if wasmparser::Parser::is_component(bytes) {
+            Ok(Precompiled::Component)
+        } else if wasmparser::Parser::is_core_wasm(bytes) {
+            Ok(Precompiled::Module)
+        } else if bytes.len() < 8 {
+            bail!("not a WebAssembly binary: only {} bytes long", bytes.len())
+        } else {
+            bail!(
+                "not a WebAssembly binary: it does not start with the `\\0asm` magic and a known version"
+            )
+        }
+    }
+
+    fn load_component(&self, digest: &str, bytes: &[u8]) -> Result<Artifact> {
+        let engine = self.engine.engine();
+        let component = match self.read_compiled(digest)? {
+            Some(compiled) => deserialize_component(engine, &compiled)?,
+            None => {
+                let component = Component::new(engine, bytes)
+                    .anyhow()
+                    .context("the component does not compile")?;
+                self.write_compiled(
+                    digest,
+                    &component
+                        .serialize()
+                        .anyhow()
+                        .context("cannot serialize the compiled component")?,
+                )?;
+                component
+            }
+        };
+        let pre = self
+            .engine
+            .linker()
+            .instantiate_pre(&component)
+            .anyhow()
+            .with_context(|| format!("the component's imports are not all in world {WORLD}"))?;
+        let pre = DeviceFunctionPre::new(pre).anyhow().with_context(|| {
+            format!(
+                "the component does not have the exports of world {WORLD} (`init` and `on-event`)"
+            )
+        })?;
+        Ok(Artifact {
+            digest: digest.to_string(),
+            kind: ArtifactKind::Component,
+            component: Some(pre),
+            command: None,
+        })
+    }
+
+    fn load_command(&self, digest: &str, bytes: &[u8]) -> Result<Artifact> {
+        let engine = self.engine.engine();
+        let module = match self.read_compiled(digest)? {
+            Some(compiled) => deserialize_module(engine, &compiled)?,
+            None => {
+                let module = Module::new(engine, bytes)
+                    .anyhow()
+                    .context("the core module does not compile")?;
+                self.write_compiled(
+                    digest,
+                    &module
+                        .serialize()
+                        .anyhow()
+                        .context("cannot serialize the compiled module")?,
+                )?;
+                module
+            }
+        };
+        let has_start = module
+            .exports()
+            .any(|e| e.name() == "_start" && e.ty().func().is_some());
+        if !has_start {
+            bail!(
+                "this is a core WebAssembly module, not a component: device functions must be components of world {WORLD} (build for wasm32-wasip2), and core modules run only as WASI preview-1 commands that export `_start`"
+            );
+        }
+        let pre = self
+            .engine
+            .command_linker()
+            .instantiate_pre(&module)
+            .anyhow()
+            .context("the WASI command imports something other than wasi_snapshot_preview1")?;
+        Ok(Artifact {
+            digest: digest.to_string(),
+            kind: ArtifactKind::Command,
+            component: None,
+            command: Some(pre),
+        })
+    }
+
+    /// Reads a cached compilation if it exists and its checksum matches.
+    fn read_compiled(&self, digest: &str) -> Result<Option<Vec<u8>>> {
+        let path = self.compiled_path(digest);
+        let Ok(bytes) = fs::read(&path) else {
+            return Ok(None);
+        };
+        let expected = fs::read_to_string(checksum_path(&path)).unwrap_or_default();
+        if expected.trim() != sha256_hex(&bytes) {
+            tracing::warn!(path = %path.display(), "cached compilation is damaged; compiling again");
+            return Ok(None);
+        }
+        Ok(Some(bytes))
+    }
+
+    fn write_compiled(&self, digest: &str, bytes: &[u8]) -> Result<()> {
+        let path = self.compiled_path(digest);
+        write_atomically(&checksum_path(&path), sha256_hex(bytes).as_bytes())?;
+        write_atomically(&path, bytes)
+    }
+}
+
+fn checksum_path(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".sha256");
+    PathBuf::from(name)
+}
+
+/// Loads a component compiled by this engine.
+#[allow(unsafe_code)]
+fn deserialize_component(engine: &wasmtime::Engine, bytes: &[u8]) -> Result<Component> {
+    // SAFETY: Wasmtime requires that the bytes come from `Component::serialize` of a
+    // compatible engine. They do: the agent wrote them itself into its private state
+    // directory, under this engine's fingerprint, and `read_compiled` checked them against
+    // the checksum written beside them, so neither truncation nor bit rot gets here.
+    unsafe { Component::deserialize(engine, bytes) }
+        .anyhow()
+        .context("cannot load the cached compiled component")
+}
+
+/// Loads a core module compiled by this engine.
+#[allow(unsafe_code)]
+fn deserialize_module(engine: &wasmtime::Engine, bytes: &[u8]) -> Result<Module> {
+    // SAFETY: as for `deserialize_component`: bytes written by this agent with
+    // `Module::serialize` for this engine's fingerprint and verified against their checksum.
+    unsafe { Module::deserialize(engine, bytes) }
+        .anyhow()
+        .context("cannot load the cached compiled module")
+}
+
+/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .context("artifact path has no parent directory")?;
+    let mut tmp = tempfile_in(dir, path)?;
+    tmp.1
+        .write_all(bytes)
+        .with_context(|| format!("cannot write {}", tmp.0.display()))?;
+    tmp.1
+        .sync_all()
+        .with_context(|| format!("cannot sync {}", tmp.0.display()))?;
+    fs::rename(&tmp.0, path)
+        .with_context(|| format!("cannot move {} into place", path.display()))?;
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+fn tempfile_in(dir: &Path, target: &Path) -> Result<(PathBuf, fs::File)> {
+    let name = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("artifact");
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
+    let file =
+        fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+    Ok((path, file))
+}

@@ -1,0 +1,29 @@
+//! The Wasm runtime: one Wasmtime engine for every `wasm` workload, components precompiled
+//! once and cached on disk, one instance per workload driven by its own task.
+
+mod artifacts;
+mod command;
+mod engine;
+mod instance;
+mod limiter;
+mod worker;
+
+pub use artifacts::{Artifact, ArtifactKind, ArtifactStore, sha256_hex};
+pub use engine::{EngineOptions, WasmEngine};
+pub use instance::{CallOutcome, Instance, InstanceSetup};
+pub use worker::{
+    Delivery, EventRequest, Reply, WorkerCommand, WorkerContext, WorkerHandle, WorkerStats,
+    spawn_worker,
+};
+
+/// Turns Wasmtime's own error type into an `anyhow` error so `.context` can wrap it.
+pub(crate) trait IntoAnyhow<T> {
+    /// The same result with an `anyhow` error.
+    fn anyhow(self) -> anyhow::Result<T>;
+}
+
+impl<T> IntoAnyhow<T> for wasmtime::Result<T> {
+    fn anyhow(self) -> anyhow::Result<T> {
+        self.map_err(anyhow::Error::from)
+    }
+}

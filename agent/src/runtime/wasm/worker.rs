@@ -1,0 +1,856 @@
+//! One task per workload: it owns the live instance, takes events one at a time from the
+//! workload's bounded queue and its interval trigger, commits what each event wrote, swaps in
+//! a new version between two events, and restarts a trapped instance with back-off.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lichen_host_apis::{Command, Event, KvMap, LogLevel, PendingWrites, Tick};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::MissedTickBehavior;
+
+use super::artifacts::{Artifact, ArtifactKind};
+use super::command::run_command;
+use super::engine::WasmEngine;
+use super::instance::{CallOutcome, Instance, InstanceSetup};
+use crate::deployment::{RestartPolicy, Trigger, WorkloadSpec};
+use crate::logs::LogHub;
+use crate::metrics::Metrics;
+use crate::store::{EventCommit, KvWrite, StateStore, StatusUpdate, TelemetryRecord};
+use crate::util::now_ms;
+
+/// Defaults for limits a workload does not set.
+pub const DEFAULT_MEMORY_LIMIT: u64 = 16 << 20;
+/// Default longest call into a guest.
+pub const DEFAULT_TIME_SLICE: Duration = Duration::from_millis(100);
+/// Default number of queued events per workload.
+pub const DEFAULT_QUEUE: usize = 64;
+/// First restart delay; it doubles after each failure in a row.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+/// Longest restart delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// What workers share: engine, state store, logs, metrics.
+#[derive(Clone)]
+pub struct WorkerContext {
+    /// The Wasm engine.
+    pub engine: Arc<WasmEngine>,
+    /// The state store.
+    pub store: StateStore,
+    /// Guest and agent log lines.
+    pub logs: Arc<LogHub>,
+    /// Agent metrics.
+    pub metrics: Arc<Metrics>,
+    /// Largest memory limit a workload may ask for (the engine's slot size).
+    pub max_memory_bytes: u64,
+}
+
+/// An event for a workload, from the CLI or a trigger.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    /// An interval tick (also injectable, for tests and benchmarks).
+    Tick,
+    /// A command with an id, a name and a payload.
+    Command {
+        /// Identifier of the command.
+        id: String,
+        /// Command name.
+        name: String,
+        /// Payload bytes.
+        payload: Vec<u8>,
+    },
+}
+
+/// The answer to a delivery: the guest's reply, or why there is none.
+pub type Reply = Result<Option<Vec<u8>>, String>;
+
+/// An event in a workload's queue, with where to send the reply.
+pub struct EventRequest {
+    /// The event.
+    pub delivery: Delivery,
+    /// Gets the reply once the event is handled (and committed).
+    pub reply: Option<oneshot::Sender<Reply>>,
+}
+
+/// Instructions for a worker, handled between two events.
+pub enum WorkerCommand {
+    /// Switch to an instance that is already instantiated and initialised.
+    Swap {
+        /// The new version, ready.
+        next: Box<Prepared>,
+        /// Told when the switch happened.
+        done: oneshot::Sender<()>,
+    },
+    /// Deliver `stop` to the instance and end.
+    Stop {
+        /// Told when the worker has stopped.
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// A version of a workload: artifact, spec and deployment version, with its instance if one
+/// is ready.
+pub struct Prepared {
+    artifact: Arc<Artifact>,
+    spec: WorkloadSpec,
+    version: u64,
+    instance: Option<Instance>,
+}
+
+/// Live counters of a worker, read by `ps` and metrics.
+#[derive(Default)]
+pub struct WorkerStats {
+    /// Events handled.
+    pub events_handled: AtomicU64,
+    /// Traps.
+    pub traps: AtomicU64,
+    /// Restarts.
+    pub restarts: AtomicU64,
+    /// Linear memory of the live instance.
+    pub memory_bytes: AtomicU64,
+    /// Mutable status.
+    pub status: Mutex<WorkerStatus>,
+}
+
+/// The parts of a worker's status that are not counters.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerStatus {
+    /// `starting`, `running`, `backoff`, `failed`, `stopped`, `completed`.
+    pub state: String,
+    /// Last failure in words.
+    pub last_error: Option<String>,
+    /// Digest of the module that runs.
+    pub digest: String,
+    /// Kind of the artifact that runs.
+    pub kind: String,
+    /// Deployment version of what runs.
+    pub version: u64,
+    /// When the live instance started.
+    pub started_at: Option<Instant>,
+}
+
+impl WorkerStats {
+    /// A copy of the status.
+    pub fn status(&self) -> WorkerStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set(&self, f: impl FnOnce(&mut WorkerStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+/// The supervisor's end of a worker.
+pub struct WorkerHandle {
+    /// The workload's name.
+    pub name: Arc<str>,
+    /// The spec the worker was last given.
+    pub spec: WorkloadSpec,
+    /// Digest of the module the worker was last given.
+    pub digest: String,
+    events: mpsc::Sender<EventRequest>,
+    control: mpsc::UnboundedSender<WorkerCommand>,
+    /// Counters and status.
+    pub stats: Arc<WorkerStats>,
+    task: JoinHandle<()>,
+    kv: Arc<Mutex<KvMap>>,
+}
+
+impl WorkerHandle {
+    /// Queues an event; fails at once when the queue is full or the worker has ended.
+    pub fn try_deliver(
+        &self,
+        delivery: Delivery,
+        reply: Option<oneshot::Sender<Reply>>,
+    ) -> Result<(), String> {
+        self.events
+            .try_send(EventRequest { delivery, reply })
+            .map_err(|err| match err {
+                mpsc::error::TrySendError::Full(_) => format!(
+                    "the event queue of workload {:?} is full ({} events)",
+                    &*self.name,
+                    self.events.max_capacity()
+                ),
+                mpsc::error::TrySendError::Closed(_) => {
+                    format!("workload {:?} is not running", &*self.name)
+                }
+            })
+    }
+
+    /// Queues an event, waiting for room in the queue.
+    pub async fn deliver(
+        &self,
+        delivery: Delivery,
+        reply: Option<oneshot::Sender<Reply>>,
+    ) -> Result<(), String> {
+        self.events
+            .send(EventRequest { delivery, reply })
+            .await
+            .map_err(|_| format!("workload {:?} is not running", &*self.name))
+    }
+
+    /// Events waiting in the queue.
+    pub fn queue_depth(&self) -> usize {
+        self.events.max_capacity() - self.events.capacity()
+    }
+
+    /// Tells whether the worker task has ended.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Prepares a new version beside the running one (compile is already done: instantiate
+    /// and `init`), then switches to it between two events. On failure the running version
+    /// stays and the error is returned.
+    pub async fn reload(
+        &mut self,
+        ctx: &WorkerContext,
+        artifact: Arc<Artifact>,
+        spec: WorkloadSpec,
+        version: u64,
+    ) -> Result<(), String> {
+        let instance = if artifact.kind() == ArtifactKind::Component {
+            let setup = setup_for(ctx, &spec, self.kv.clone());
+            Some(start_instance(ctx, &artifact, &setup).await?)
+        } else {
+            None
+        };
+        let digest = artifact.digest().to_string();
+        let next = Box::new(Prepared {
+            artifact,
+            spec: spec.clone(),
+            version,
+            instance,
+        });
+        let (done, switched) = oneshot::channel();
+        self.control
+            .send(WorkerCommand::Swap { next, done })
+            .map_err(|_| format!("workload {:?} is not running", &*self.name))?;
+        switched
+            .await
+            .map_err(|_| format!("workload {:?} ended during the reload", &*self.name))?;
+        self.spec = spec;
+        self.digest = digest;
+        Ok(())
+    }
+
+    /// Delivers `stop`, waits for the worker to end.
+    pub async fn stop(self) {
+        let (done, stopped) = oneshot::channel();
+        if self.control.send(WorkerCommand::Stop { done }).is_ok() {
+            let _ = stopped.await;
+        }
+        let _ = self.task.await;
+    }
+}
+
+fn setup_for(ctx: &WorkerContext, spec: &WorkloadSpec, kv: Arc<Mutex<KvMap>>) -> InstanceSetup {
+    let memory = spec
+        .limits
+        .memory_bytes
+        .unwrap_or(DEFAULT_MEMORY_LIMIT)
+        .min(ctx.max_memory_bytes);
+    InstanceSetup {
+        workload: Arc::from(spec.name.as_str()),
+        config: Arc::new(spec.config.clone()),
+        kv,
+        log: ctx.logs.clone(),
+        memory_limit: usize::try_from(memory).unwrap_or(usize::MAX),
+        time_slice: spec.limits.time_slice.unwrap_or(DEFAULT_TIME_SLICE),
+    }
+}
+
+/// Instantiates a component and runs `init`, committing init's writes. Errors are in words.
+async fn start_instance(
+    ctx: &WorkerContext,
+    artifact: &Artifact,
+    setup: &InstanceSetup,
+) -> Result<Instance, String> {
+    let pre = artifact
+        .component()
+        .ok_or_else(|| "artifact is not a component".to_string())?;
+    let started = Instant::now();
+    let mut instance = Instance::instantiate(ctx.engine.engine(), pre, setup)
+        .await
+        .map_err(|e| format!("instantiation failed: {e}"))?;
+    match instance.init().await {
+        CallOutcome::Ok(_) => {}
+        CallOutcome::GuestError(message) => return Err(format!("init failed: {message}")),
+        CallOutcome::Trap(message) => return Err(format!("init trapped: {message}")),
+    }
+    let writes = instance.take_pending();
+    commit(ctx, &setup.workload, &writes, 0).await?;
+    instance.apply_committed(&writes);
+    ctx.metrics.instantiate.observe(started.elapsed());
+    Ok(instance)
+}
+
+async fn commit(
+    ctx: &WorkerContext,
+    workload: &str,
+    writes: &PendingWrites,
+    events: u64,
+) -> Result<(), String> {
+    if writes.is_empty() && events == 0 {
+        return Ok(());
+    }
+    let commit = EventCommit {
+        workload: workload.to_string(),
+        kv: writes
+            .kv
+            .iter()
+            .map(|((bucket, key), value)| KvWrite {
+                bucket: bucket.clone(),
+                key: key.clone(),
+                value: value.clone(),
+            })
+            .collect(),
+        telemetry: writes
+            .telemetry
+            .iter()
+            .map(|t| TelemetryRecord {
+                stream: t.stream.clone(),
+                payload: t.payload.clone(),
+                created_at_ms: t.created_at_ms,
+            })
+            .collect(),
+        events_handled: events,
+    };
+    ctx.store
+        .commit_event(commit)
+        .await
+        .map_err(|e| format!("cannot commit to the state store: {e}"))
+}
+
+/// Starts a worker for a workload. The first instance is created by the worker itself, so a
+/// failing `init` shows as the workload's state (with restarts per its policy) rather than
+/// failing the deploy.
+pub fn spawn_worker(
+    ctx: WorkerContext,
+    artifact: Arc<Artifact>,
+    spec: WorkloadSpec,
+    version: u64,
+    kv: KvMap,
+    initial_events: u64,
+) -> WorkerHandle {
+    let name: Arc<str> = Arc::from(spec.name.as_str());
+    let queue = spec.limits.queue.unwrap_or(DEFAULT_QUEUE).max(1);
+    let (events_tx, events_rx) = mpsc::channel(queue);
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let stats = Arc::new(WorkerStats::default());
+    stats
+        .events_handled
+        .store(initial_events, Ordering::Relaxed);
+    let kv = Arc::new(Mutex::new(kv));
+    let digest = artifact.digest().to_string();
+    let worker = Worker {
+        ctx,
+        name: name.clone(),
+        current: Prepared {
+            artifact,
+            spec: spec.clone(),
+            version,
+            instance: None,
+        },
+        fallback: None,
+        kv: kv.clone(),
+        stats: stats.clone(),
+        events: events_rx,
+        control: control_rx,
+        tick_sequence: 0,
+        failures_in_a_row: 0,
+    };
+    let task = tokio::spawn(worker.run());
+    WorkerHandle {
+        name,
+        spec,
+        digest,
+        events: events_tx,
+        control: control_tx,
+        stats,
+        task,
+        kv,
+    }
+}
+
+struct Worker {
+    ctx: WorkerContext,
+    name: Arc<str>,
+    current: Prepared,
+    /// The previous version, kept until the new one has handled its first event.
+    fallback: Option<Prepared>,
+    kv: Arc<Mutex<KvMap>>,
+    stats: Arc<WorkerStats>,
+    events: mpsc::Receiver<EventRequest>,
+    control: mpsc::UnboundedReceiver<WorkerCommand>,
+    tick_sequence: u64,
+    failures_in_a_row: u32,
+}
+
+enum Next {
+    Continue,
+    Stop(oneshot::Sender<()>),
+}
+
+impl Worker {
+    async fn run(mut self) {
+        self.publish_version();
+        let mut ticker = self.make_ticker();
+        let mut restart_at: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
+        let mut command_ran = false;
+        loop {
+            let is_command = self.current.artifact.kind() == ArtifactKind::Command;
+            // (Re)start the instance when it is due.
+            if let Some(at) = restart_at {
+                if tokio::time::Instant::now() >= at {
+                    restart_at = None;
+                    if is_command {
+                        if ticker.is_none() && !command_ran {
+                            command_ran = true;
+                            if let Some(delay) = self.run_command_once().await {
+                                restart_at = Some(tokio::time::Instant::now() + delay);
+                                command_ran = false;
+                            }
+                        } else {
+                            self.set_state("running", None);
+                        }
+                    } else if let Some(delay) = self.start().await {
+                        restart_at = Some(tokio::time::Instant::now() + delay);
+                    }
+                }
+            }
+            let running = self.current.instance.is_some() || (is_command && restart_at.is_none());
+            let sleep_until = restart_at
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            let next = tokio::select! {
+                biased;
+                command = self.control.recv() => match command {
+                    Some(WorkerCommand::Swap { next, done }) => {
+                        self.swap(*next);
+                        ticker = self.make_ticker();
+                        if self.current.instance.is_none() && self.current.artifact.kind() == ArtifactKind::Component {
+                            restart_at = Some(tokio::time::Instant::now());
+                        }
+                        command_ran = false;
+                        if self.current.artifact.kind() == ArtifactKind::Command && ticker.is_none() {
+                            restart_at = Some(tokio::time::Instant::now());
+                        }
+                        let _ = done.send(());
+                        Next::Continue
+                    }
+                    Some(WorkerCommand::Stop { done }) => Next::Stop(done),
+                    None => return self.finish().await,
+                },
+                _ = tokio::time::sleep_until(sleep_until), if restart_at.is_some() => Next::Continue,
+                request = self.events.recv(), if running => match request {
+                    Some(request) => {
+                        if let Some(delay) = self.dispatch(request.delivery, request.reply).await {
+                            restart_at = Some(tokio::time::Instant::now() + delay);
+                        }
+                        Next::Continue
+                    }
+                    None => return self.finish().await,
+                },
+                _ = tick(&mut ticker), if running => {
+                    if let Some(delay) = self.dispatch(Delivery::Tick, None).await {
+                        restart_at = Some(tokio::time::Instant::now() + delay);
+                    }
+                    Next::Continue
+                }
+            };
+            if let Next::Stop(done) = next {
+                self.finish().await;
+                let _ = done.send(());
+                return;
+            }
+        }
+    }
+
+    fn make_ticker(&self) -> Option<tokio::time::Interval> {
+        let period = self
+            .current
+            .spec
+            .triggers
+            .iter()
+            .map(|t| match t {
+                Trigger::Interval(period) => *period,
+            })
+            .next()?;
+        let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        Some(interval)
+    }
+
+    fn publish_version(&self) {
+        let digest = self.current.artifact.digest().to_string();
+        let kind = self.current.artifact.kind().as_str().to_string();
+        let version = self.current.version;
+        self.stats.set(|s| {
+            s.digest = digest;
+            s.kind = kind;
+            s.version = version;
+        });
+    }
+
+    fn setup(&self) -> InstanceSetup {
+        setup_for(&self.ctx, &self.current.spec, self.kv.clone())
+    }
+
+    /// Creates the instance; returns a restart delay when it failed.
+    async fn start(&mut self) -> Option<Duration> {
+        self.set_state("starting", None);
+        let setup = self.setup();
+        match start_instance(&self.ctx, &self.current.artifact, &setup).await {
+            Ok(instance) => {
+                self.stats
+                    .memory_bytes
+                    .store(instance.memory_bytes() as u64, Ordering::Relaxed);
+                self.stats.set(|s| s.started_at = Some(Instant::now()));
+                self.current.instance = Some(instance);
+                self.set_state("running", None);
+                self.record(
+                    "started",
+                    format!("version {} running", self.current.version),
+                )
+                .await;
+                None
+            }
+            Err(message) => self.failed("start-failed", message).await,
+        }
+    }
+
+    /// Records a failure and decides on a restart per the policy.
+    async fn failed(&mut self, kind: &str, message: String) -> Option<Duration> {
+        self.ctx
+            .logs
+            .agent_line(&self.name, LogLevel::Error, &message);
+        self.current.instance = None;
+        self.stats.set(|s| s.started_at = None);
+        self.stats.memory_bytes.store(0, Ordering::Relaxed);
+        let restart = self.current.spec.restart != RestartPolicy::Never;
+        if !restart {
+            self.set_state("failed", Some(message.clone()));
+            self.record(kind, format!("{message}; restart policy is never"))
+                .await;
+            return None;
+        }
+        let delay = backoff(self.failures_in_a_row);
+        self.failures_in_a_row = self.failures_in_a_row.saturating_add(1);
+        self.stats.restarts.fetch_add(1, Ordering::Relaxed);
+        self.ctx.metrics.restarts.fetch_add(1, Ordering::Relaxed);
+        self.set_state("backoff", Some(message.clone()));
+        self.record(kind, format!("{message}; restarting in {delay:?}"))
+            .await;
+        Some(delay)
+    }
+
+    /// Handles one event; returns a restart delay when the instance was lost.
+    async fn dispatch(
+        &mut self,
+        delivery: Delivery,
+        reply: Option<oneshot::Sender<Reply>>,
+    ) -> Option<Duration> {
+        if self.current.artifact.kind() == ArtifactKind::Command {
+            return match delivery {
+                Delivery::Tick => self.run_command_once().await,
+                Delivery::Command { .. } => {
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(format!(
+                            "workload {:?} is a WASI command: it takes no commands",
+                            &*self.name
+                        )));
+                    }
+                    None
+                }
+            };
+        }
+        let event = match &delivery {
+            Delivery::Tick => {
+                self.tick_sequence += 1;
+                Event::Tick(Tick {
+                    sequence: self.tick_sequence,
+                    scheduled_at_ms: now_ms(),
+                })
+            }
+            Delivery::Command { id, name, payload } => Event::Command(Command {
+                id: id.clone(),
+                name: name.clone(),
+                payload: payload.clone(),
+            }),
+        };
+        loop {
+            let Some(instance) = self.current.instance.as_mut() else {
+                if let Some(reply) = reply {
+                    let _ = reply.send(Err(format!(
+                        "workload {:?} has no running instance",
+                        &*self.name
+                    )));
+                }
+                return None;
+            };
+            let started = Instant::now();
+            let outcome = instance.handle(&event).await;
+            match outcome {
+                CallOutcome::Ok(_) | CallOutcome::GuestError(_) => {
+                    let writes = instance.take_pending();
+                    let committed = commit(&self.ctx, &self.name, &writes, 1).await;
+                    let result = match (committed, outcome) {
+                        (Err(e), _) => Err(e),
+                        (Ok(()), CallOutcome::Ok(r)) => Ok(r),
+                        (Ok(()), CallOutcome::GuestError(m)) => Err(m),
+                        (Ok(()), CallOutcome::Trap(_)) => {
+                            unreachable!("handled in the outer match")
+                        }
+                    };
+                    if let Some(instance) = self.current.instance.as_ref() {
+                        if result.is_ok() || !writes.is_empty() {
+                            instance.apply_committed(&writes);
+                        }
+                        self.stats
+                            .memory_bytes
+                            .store(instance.memory_bytes() as u64, Ordering::Relaxed);
+                    }
+                    if let Err(message) = &result {
+                        self.ctx.logs.agent_line(
+                            &self.name,
+                            LogLevel::Warn,
+                            &format!("event failed: {message}"),
+                        );
+                    }
+                    self.stats.events_handled.fetch_add(1, Ordering::Relaxed);
+                    self.ctx
+                        .metrics
+                        .events_handled
+                        .fetch_add(1, Ordering::Relaxed);
+                    self.ctx.metrics.handle.observe(started.elapsed());
+                    self.failures_in_a_row = 0;
+                    if let Some(old) = self.fallback.take() {
+                        self.ctx.metrics.reloads.fetch_add(1, Ordering::Relaxed);
+                        let detail = format!(
+                            "version {} handled its first event; version {} retired",
+                            self.current.version, old.version
+                        );
+                        drop(old);
+                        self.record("reload-confirmed", detail).await;
+                    }
+                    if let Some(reply) = reply {
+                        let _ = reply.send(result);
+                    }
+                    return None;
+                }
+                CallOutcome::Trap(message) => {
+                    instance.discard_pending();
+                    self.stats.traps.fetch_add(1, Ordering::Relaxed);
+                    self.ctx.metrics.traps.fetch_add(1, Ordering::Relaxed);
+                    if let Some(old) = self.fallback.take() {
+                        // The new version trapped on its first event: go back to the old one
+                        // and give it the same event, so it is handled exactly once.
+                        let failed_version = self.current.version;
+                        let text = format!(
+                            "reload to version {failed_version} failed: it trapped on its first event ({message}); version {} keeps running",
+                            old.version
+                        );
+                        self.current = old;
+                        self.publish_version();
+                        self.ctx
+                            .metrics
+                            .reload_failures
+                            .fetch_add(1, Ordering::Relaxed);
+                        self.ctx.logs.agent_line(&self.name, LogLevel::Error, &text);
+                        self.set_state("running", Some(text.clone()));
+                        self.record("reload-failed", text).await;
+                        continue;
+                    }
+                    if let Some(reply) = reply {
+                        let _ = reply.send(Err(format!("the guest trapped: {message}")));
+                    }
+                    return self.failed("trapped", message).await;
+                }
+            }
+        }
+    }
+
+    /// Runs a WASI command once; returns a restart delay when it failed and may be retried.
+    async fn run_command_once(&mut self) -> Option<Duration> {
+        let pre = self.current.artifact.command()?.clone();
+        self.set_state("running", None);
+        self.stats.set(|s| s.started_at = Some(Instant::now()));
+        let setup = self.setup();
+        let started = Instant::now();
+        let outcome = run_command(
+            self.ctx.engine.engine(),
+            pre,
+            &self.name,
+            &self.current.spec.config,
+            self.ctx.logs.as_ref(),
+            setup.memory_limit,
+            setup.time_slice,
+        )
+        .await;
+        self.ctx.metrics.handle.observe(started.elapsed());
+        let has_ticker = !self.current.spec.triggers.is_empty();
+        match outcome {
+            Ok(0) => {
+                self.stats.events_handled.fetch_add(1, Ordering::Relaxed);
+                self.ctx
+                    .metrics
+                    .events_handled
+                    .fetch_add(1, Ordering::Relaxed);
+                let _ = commit(&self.ctx, &self.name, &PendingWrites::default(), 1).await;
+                self.failures_in_a_row = 0;
+                if !has_ticker {
+                    self.set_state("completed", None);
+                    self.record("completed", "exit code 0".to_string()).await;
+                }
+                None
+            }
+            Ok(code) => {
+                let message = format!("command exited with code {code}");
+                if has_ticker {
+                    self.ctx
+                        .logs
+                        .agent_line(&self.name, LogLevel::Warn, &message);
+                    None
+                } else {
+                    self.failed("exited", message).await
+                }
+            }
+            Err(message) => {
+                self.stats.traps.fetch_add(1, Ordering::Relaxed);
+                self.ctx.metrics.traps.fetch_add(1, Ordering::Relaxed);
+                if has_ticker {
+                    self.ctx
+                        .logs
+                        .agent_line(&self.name, LogLevel::Error, &message);
+                    self.set_state("running", Some(message));
+                    None
+                } else {
+                    self.failed("trapped", message).await
+                }
+            }
+        }
+    }
+
+    fn swap(&mut self, next: Prepared) {
+        let previous = std::mem::replace(&mut self.current, next);
+        let from = previous.version;
+        // Keep the old instance until the new one has handled an event; if the old one was
+        // not running there is nothing to fall back to.
+        self.fallback = previous.instance.is_some().then_some(previous);
+        if let Some(instance) = &self.current.instance {
+            self.stats
+                .memory_bytes
+                .store(instance.memory_bytes() as u64, Ordering::Relaxed);
+            self.stats.set(|s| s.started_at = Some(Instant::now()));
+            self.set_state("running", None);
+        }
+        self.failures_in_a_row = 0;
+        self.publish_version();
+        let detail = format!(
+            "switched from version {from} to version {}",
+            self.current.version
+        );
+        self.ctx
+            .logs
+            .agent_line(&self.name, LogLevel::Info, &detail);
+        let ctx = self.ctx.clone();
+        let name = self.name.to_string();
+        tokio::spawn(async move {
+            let _ = ctx.store.log_event(Some(&name), "reloaded", &detail).await;
+        });
+    }
+
+    async fn finish(&mut self) {
+        self.fallback = None;
+        if let Some(mut instance) = self.current.instance.take() {
+            match instance.handle(&Event::Stop).await {
+                CallOutcome::Trap(message) => {
+                    instance.discard_pending();
+                    self.ctx.logs.agent_line(
+                        &self.name,
+                        LogLevel::Warn,
+                        &format!("trapped on stop: {message}"),
+                    );
+                }
+                _ => {
+                    let writes = instance.take_pending();
+                    if let Err(e) = commit(&self.ctx, &self.name, &writes, 0).await {
+                        self.ctx.logs.agent_line(&self.name, LogLevel::Error, &e);
+                    }
+                }
+            }
+        }
+        self.stats.memory_bytes.store(0, Ordering::Relaxed);
+        self.stats.set(|s| s.started_at = None);
+        self.set_state("stopped", None);
+        self.record("stopped", "stopped".to_string()).await;
+    }
+
+    fn set_state(&self, state: &str, error: Option<String>) {
+        self.stats.set(|s| {
+            s.state = state.to_string();
+            if error.is_some() {
+                s.last_error = error;
+            }
+        });
+    }
+
+    /// Persists the status with an event-log row.
+    async fn record(&mut self, kind: &str, detail: String) {
+        let status = self.stats.status();
+        let update = StatusUpdate {
+            workload: self.name.to_string(),
+            state: status.state,
+            last_error: status.last_error,
+            restarts: self.stats.restarts.load(Ordering::Relaxed),
+            traps: self.stats.traps.load(Ordering::Relaxed),
+            event: Some((kind.to_string(), detail)),
+        };
+        if let Err(err) = self.ctx.store.record_status(update).await {
+            tracing::warn!(workload = %self.name, "cannot record status: {err}");
+        }
+    }
+}
+
+async fn tick(ticker: &mut Option<tokio::time::Interval>) {
+    match ticker {
+        Some(t) => {
+            t.tick().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+fn backoff(failures_in_a_row: u32) -> Duration {
+    BACKOFF_START
+        .saturating_mul(1u32 << failures_in_a_row.min(16))
+        .min(BACKOFF_MAX)
+}
+
+/// Builds a config map for tests.
+#[cfg(test)]
+pub(crate) fn config(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::backoff;
+    use std::time::Duration;
+
+    #[test]
+    fn backoff_doubles_and_is_capped() {
+        assert_eq!(backoff(0), Duration::from_millis(100));
+        assert_eq!(backoff(1), Duration::from_millis(200));
+        assert_eq!(backoff(3), Duration::from_millis(800));
+        assert_eq!(backoff(30), Duration::from_secs(30));
+    }
+}

@@ -1,0 +1,214 @@
+//! Reads, on the store's read connection. Each is one short query (or one read transaction),
+//! and WAL lets it run while the writer commits.
+
+use std::collections::BTreeMap;
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use super::{
+    DeploymentRecord, DeploymentSummary, EventRow, GuestLogLine, OutboxRow, SqlContext, StateStore,
+    StoreError, WorkloadRow,
+};
+
+/// A caller's row limit as SQLite's `LIMIT` operand.
+fn sql_limit(limit: usize) -> i64 {
+    i64::try_from(limit).unwrap_or(i64::MAX)
+}
+
+/// Reads a column that holds a non-negative integer as `u64`.
+fn get_u64(row: &Row<'_>, index: usize) -> rusqlite::Result<u64> {
+    let value: i64 = row.get(index)?;
+    u64::try_from(value).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(index, value))
+}
+
+/// Reads a column that holds a non-negative integer as `usize`.
+fn get_usize(row: &Row<'_>, index: usize) -> rusqlite::Result<usize> {
+    let value: i64 = row.get(index)?;
+    usize::try_from(value).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(index, value))
+}
+
+const WORKLOAD_COLUMNS: &str = "name, deployment_version, spec_json, module_digest, state, \
+                                last_error, restarts, traps, events_handled";
+
+fn workload_row(row: &Row<'_>) -> rusqlite::Result<WorkloadRow> {
+    Ok(WorkloadRow {
+        name: row.get(0)?,
+        deployment_version: get_u64(row, 1)?,
+        spec_json: row.get(2)?,
+        module_digest: row.get(3)?,
+        state: row.get(4)?,
+        last_error: row.get(5)?,
+        restarts: get_u64(row, 6)?,
+        traps: get_u64(row, 7)?,
+        events_handled: get_u64(row, 8)?,
+    })
+}
+
+fn workloads_of(conn: &Connection, version: u64) -> rusqlite::Result<Vec<WorkloadRow>> {
+    let version = i64::try_from(version).unwrap_or(i64::MAX);
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {WORKLOAD_COLUMNS} FROM workloads WHERE deployment_version = ?1 ORDER BY name"
+    ))?;
+    stmt.query_map([version], workload_row)?.collect()
+}
+
+impl StateStore {
+    /// The applied deployment (the newest one) with its workloads, or `None` before the first.
+    pub fn current_deployment(&self) -> Result<Option<DeploymentRecord>, StoreError> {
+        let ctx = || "reading the current deployment".to_owned();
+        let mut conn = self.reader();
+        // One read transaction, so the deployment and its workloads come from one snapshot.
+        let tx = conn.transaction().context(ctx)?;
+        let record = tx
+            .query_row(
+                "SELECT version, applied_at_ms, source_name, source_text, digest, description
+                 FROM deployments ORDER BY version DESC LIMIT 1",
+                [],
+                |row| {
+                    Ok(DeploymentRecord {
+                        version: get_u64(row, 0)?,
+                        applied_at_ms: get_u64(row, 1)?,
+                        source_name: row.get(2)?,
+                        source_text: row.get(3)?,
+                        digest: row.get(4)?,
+                        description: row.get(5)?,
+                        workloads: Vec::new(),
+                    })
+                },
+            )
+            .optional()
+            .context(ctx)?;
+        let Some(mut record) = record else {
+            return Ok(None);
+        };
+        record.workloads = workloads_of(&tx, record.version).context(ctx)?;
+        tx.commit().context(ctx)?;
+        Ok(Some(record))
+    }
+
+    /// The newest `limit` deployments, newest first.
+    pub fn deployment_history(&self, limit: usize) -> Result<Vec<DeploymentSummary>, StoreError> {
+        let conn = self.reader();
+        conn.prepare_cached(
+            "SELECT version, applied_at_ms, source_name, digest, workload_count
+             FROM deployments ORDER BY version DESC LIMIT ?1",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_map([sql_limit(limit)], |row| {
+                Ok(DeploymentSummary {
+                    version: get_u64(row, 0)?,
+                    applied_at_ms: get_u64(row, 1)?,
+                    source_name: row.get(2)?,
+                    digest: row.get(3)?,
+                    workload_count: get_usize(row, 4)?,
+                })
+            })?
+            .collect()
+        })
+        .context(|| "reading the deployment history".to_owned())
+    }
+
+    /// Every workload of the applied deployment with its status, by name.
+    pub fn workloads(&self) -> Result<Vec<WorkloadRow>, StoreError> {
+        let conn = self.reader();
+        conn.prepare_cached(&format!(
+            "SELECT {WORKLOAD_COLUMNS} FROM workloads ORDER BY name"
+        ))
+        .and_then(|mut stmt| stmt.query_map([], workload_row)?.collect())
+        .context(|| "reading the workloads".to_owned())
+    }
+
+    /// All key-value data of `workload`, keyed by `(bucket, key)`; empty for an unknown workload.
+    pub fn load_kv(
+        &self,
+        workload: &str,
+    ) -> Result<BTreeMap<(String, String), Vec<u8>>, StoreError> {
+        let conn = self.reader();
+        conn.prepare_cached("SELECT bucket, key, value FROM kv WHERE workload = ?1")
+            .and_then(|mut stmt| {
+                stmt.query_map([workload], |row| {
+                    Ok(((row.get(0)?, row.get(1)?), row.get(2)?))
+                })?
+                .collect()
+            })
+            .context(|| format!("reading the key-value data of workload {workload:?}"))
+    }
+
+    /// Up to `limit` event-log entries with an id above `after_id`, oldest first.
+    pub fn events(&self, after_id: i64, limit: usize) -> Result<Vec<EventRow>, StoreError> {
+        let conn = self.reader();
+        conn.prepare_cached(
+            "SELECT id, at_ms, workload, kind, detail FROM event_log
+             WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_map(params![after_id, sql_limit(limit)], |row| {
+                Ok(EventRow {
+                    id: row.get(0)?,
+                    at_ms: get_u64(row, 1)?,
+                    workload: row.get(2)?,
+                    kind: row.get(3)?,
+                    detail: row.get(4)?,
+                })
+            })?
+            .collect()
+        })
+        .context(|| "reading the event log".to_owned())
+    }
+
+    /// The newest `limit` log lines of `workload`, oldest first.
+    pub fn recent_logs(
+        &self,
+        workload: &str,
+        limit: usize,
+    ) -> Result<Vec<GuestLogLine>, StoreError> {
+        let conn = self.reader();
+        conn.prepare_cached(
+            "SELECT workload, at_ms, level, context, message FROM (
+                 SELECT id, workload, at_ms, level, context, message FROM guest_logs
+                 WHERE workload = ?1 ORDER BY id DESC LIMIT ?2)
+             ORDER BY id",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_map(params![workload, sql_limit(limit)], |row| {
+                Ok(GuestLogLine {
+                    workload: row.get(0)?,
+                    at_ms: get_u64(row, 1)?,
+                    level: row.get(2)?,
+                    context: row.get(3)?,
+                    message: row.get(4)?,
+                })
+            })?
+            .collect()
+        })
+        .context(|| format!("reading the log lines of workload {workload:?}"))
+    }
+
+    /// How many telemetry messages wait in the outbox.
+    pub fn outbox_len(&self) -> Result<u64, StoreError> {
+        let conn = self.reader();
+        conn.query_row("SELECT COUNT(*) FROM outbox", [], |row| get_u64(row, 0))
+            .context(|| "counting the outbox".to_owned())
+    }
+
+    /// The oldest `limit` messages of the outbox, in queue order, without removing them.
+    pub fn outbox_peek(&self, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        let conn = self.reader();
+        conn.prepare_cached(
+            "SELECT id, workload, stream, payload, created_at_ms FROM outbox ORDER BY id LIMIT ?1",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_map([sql_limit(limit)], |row| {
+                Ok(OutboxRow {
+                    id: row.get(0)?,
+                    workload: row.get(1)?,
+                    stream: row.get(2)?,
+                    payload: row.get(3)?,
+                    created_at_ms: get_u64(row, 4)?,
+                })
+            })?
+            .collect()
+        })
+        .context(|| "reading the outbox".to_owned())
+    }
+}

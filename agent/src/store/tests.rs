@@ -1,0 +1,717 @@
+//! Tests of the state store against real SQLite files.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use rusqlite::Connection;
+
+use super::migrations::LATEST_VERSION;
+use super::*;
+
+fn db_path(dir: &tempfile::TempDir) -> PathBuf {
+    dir.path().join("state").join("lichen.db")
+}
+
+fn open(path: &Path) -> StateStore {
+    StateStore::open(path, StoreOptions::default()).expect("test database opens")
+}
+
+fn deployment(names: &[&str]) -> NewDeployment {
+    let text = format!("workloads = {names:?}");
+    NewDeployment {
+        source_name: "site.toml".to_owned(),
+        digest: format!("digest-of-{text}"),
+        source_text: text,
+        description: Some("test".to_owned()),
+        workloads: names
+            .iter()
+            .map(|name| NewWorkload {
+                name: (*name).to_owned(),
+                spec_json: format!("{{\"name\":\"{name}\"}}"),
+                module_digest: format!("module-{name}"),
+            })
+            .collect(),
+    }
+}
+
+fn put(workload: &str, key: &str, value: &[u8]) -> EventCommit {
+    EventCommit {
+        workload: workload.to_owned(),
+        kv: vec![KvWrite {
+            bucket: "default".to_owned(),
+            key: key.to_owned(),
+            value: Some(value.to_vec()),
+        }],
+        telemetry: Vec::new(),
+        events_handled: 1,
+    }
+}
+
+fn log_line(workload: &str, message: &str) -> GuestLogLine {
+    GuestLogLine {
+        workload: workload.to_owned(),
+        at_ms: 1,
+        level: "info".to_owned(),
+        context: "test".to_owned(),
+        message: message.to_owned(),
+    }
+}
+
+fn names(rows: &[WorkloadRow]) -> Vec<&str> {
+    rows.iter().map(|w| w.name.as_str()).collect()
+}
+
+fn user_version(path: &Path) -> i64 {
+    let conn = Connection::open(path).expect("test database opens raw");
+    conn.pragma_query_value(None, "user_version", |row| row.get(0))
+        .expect("user_version reads")
+}
+
+#[test]
+fn handles_and_write_futures_can_cross_threads() {
+    fn assert_send_sync_clone<T: Send + Sync + Clone>() {}
+    fn assert_send<T: Send>(_: &T) {}
+    assert_send_sync_clone::<StateStore>();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&db_path(&dir));
+    // Built but never polled: only their types matter here.
+    assert_send(&store.apply_deployment(deployment(&[])));
+    assert_send(&store.commit_event(put("w", "k", b"v")));
+    assert_send(&store.log_event(Some("w"), "k", "d"));
+    assert_send(&store.append_logs(Vec::new()));
+}
+
+#[tokio::test]
+async fn migrations_run_once_and_reopening_keeps_data() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = db_path(&dir);
+    let store = open(&path);
+    assert_eq!(store.path(), path);
+    store
+        .log_event(None, "started", "first run")
+        .await
+        .expect("event is logged");
+    drop(store);
+    assert_eq!(user_version(&path), LATEST_VERSION);
+
+    // Re-running the CREATE TABLE steps would fail, so a clean reopen proves they ran once.
+    let store = open(&path);
+    store
+        .log_event(None, "started", "second run")
+        .await
+        .expect("event is logged");
+    let events = store.events(0, 10).expect("events read");
+    let details: Vec<&str> = events.iter().map(|e| e.detail.as_str()).collect();
+    assert_eq!(details, ["first run", "second run"]);
+    assert_eq!(user_version(&path), LATEST_VERSION);
+}
+
+#[test]
+fn database_from_newer_agent_is_refused_naming_both_versions() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("lichen.db");
+    let conn = Connection::open(&path).expect("raw open");
+    conn.pragma_update(None, "user_version", LATEST_VERSION + 5)
+        .expect("user_version set");
+    drop(conn);
+
+    let err = StateStore::open(&path, StoreOptions::default()).expect_err("newer schema refused");
+    assert!(matches!(err, StoreError::TooNew { .. }), "{err:?}");
+    let message = err.to_string();
+    assert!(
+        message.contains(&format!("schema version {}", LATEST_VERSION + 5))
+            && message.contains(&format!(
+                "version {LATEST_VERSION} that this agent supports"
+            ))
+            && message.contains("lichen.db"),
+        "{message}"
+    );
+    // Refusing changed nothing.
+    assert_eq!(user_version(&path), LATEST_VERSION + 5);
+}
+
+#[tokio::test]
+async fn applied_deployment_and_its_workloads_survive_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = db_path(&dir);
+    let store = open(&path);
+    assert_eq!(store.current_deployment().expect("reads"), None);
+    let version = store
+        .apply_deployment(deployment(&["door", "alarm"]))
+        .await
+        .expect("deployment applies");
+    assert_eq!(version, 1);
+    drop(store);
+
+    let store = open(&path);
+    let current = store
+        .current_deployment()
+        .expect("reads")
+        .expect("a deployment is applied");
+    assert_eq!(current.version, 1);
+    assert_eq!(current.source_name, "site.toml");
+    assert_eq!(
+        current.source_text,
+        deployment(&["door", "alarm"]).source_text
+    );
+    assert_eq!(current.description.as_deref(), Some("test"));
+    assert_eq!(names(&current.workloads), ["alarm", "door"]);
+    assert!(
+        current
+            .workloads
+            .iter()
+            .all(|w| w.state == "pending" && w.deployment_version == 1 && w.events_handled == 0)
+    );
+    assert_eq!(current.workloads[1].spec_json, "{\"name\":\"door\"}");
+    assert_eq!(store.workloads().expect("reads"), current.workloads);
+
+    let history = store.deployment_history(10).expect("reads");
+    assert_eq!(history.len(), 1);
+    assert_eq!(history[0].workload_count, 2);
+    let events = store.events(0, 10).expect("reads");
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].kind, "deployed");
+    assert_eq!(events[0].detail, "version 1: door, alarm");
+}
+
+#[tokio::test]
+async fn redeploy_keeps_listed_workloads_state_and_drops_unlisted_ones() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&db_path(&dir));
+    store
+        .apply_deployment(deployment(&["door", "alarm"]))
+        .await
+        .expect("v1 applies");
+    store
+        .commit_event(put("door", "opened", b"3"))
+        .await
+        .expect("door commit");
+    store
+        .commit_event(put("alarm", "armed", b"yes"))
+        .await
+        .expect("alarm commit");
+    store
+        .append_logs(vec![log_line("alarm", "armed"), log_line("door", "opened")])
+        .await
+        .expect("logs append");
+    store
+        .record_status(StatusUpdate {
+            workload: "door".to_owned(),
+            state: "running".to_owned(),
+            last_error: None,
+            restarts: 2,
+            traps: 1,
+            event: None,
+        })
+        .await
+        .expect("status records");
+
+    let mut v2 = deployment(&["door"]);
+    v2.workloads[0].module_digest = "module-door-v2".to_owned();
+    assert_eq!(store.apply_deployment(v2).await.expect("v2 applies"), 2);
+
+    let workloads = store.workloads().expect("reads");
+    assert_eq!(names(&workloads), ["door"]);
+    let door = &workloads[0];
+    assert_eq!(
+        (door.deployment_version, door.module_digest.as_str()),
+        (2, "module-door-v2")
+    );
+    assert_eq!(
+        (
+            door.state.as_str(),
+            door.restarts,
+            door.traps,
+            door.events_handled
+        ),
+        ("running", 2, 1, 1)
+    );
+    let door_kv = store.load_kv("door").expect("reads");
+    assert_eq!(
+        door_kv.get(&("default".to_owned(), "opened".to_owned())),
+        Some(&b"3".to_vec())
+    );
+    assert!(store.load_kv("alarm").expect("reads").is_empty());
+    assert!(store.recent_logs("alarm", 10).expect("reads").is_empty());
+    assert_eq!(store.recent_logs("door", 10).expect("reads").len(), 1);
+    let history = store.deployment_history(10).expect("reads");
+    let versions: Vec<(u64, usize)> = history
+        .iter()
+        .map(|h| (h.version, h.workload_count))
+        .collect();
+    assert_eq!(versions, [(2, 1), (1, 2)]);
+}
+
+#[tokio::test]
+async fn one_commit_event_is_wholly_visible_after_reopen() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = db_path(&dir);
+    let store = open(&path);
+    store
+        .apply_deployment(deployment(&["meter"]))
+        .await
+        .expect("applies");
+    store
+        .commit_event(put("meter", "gone", b"soon"))
+        .await
+        .expect("first commit");
+    store
+        .commit_event(EventCommit {
+            workload: "meter".to_owned(),
+            kv: vec![
+                KvWrite {
+                    bucket: "readings".to_owned(),
+                    key: "last".to_owned(),
+                    value: Some(b"42".to_vec()),
+                },
+                KvWrite {
+                    bucket: "default".to_owned(),
+                    key: "gone".to_owned(),
+                    value: None,
+                },
+            ],
+            telemetry: vec![
+                TelemetryRecord {
+                    stream: "power".to_owned(),
+                    payload: b"42W".to_vec(),
+                    created_at_ms: 1000,
+                },
+                TelemetryRecord {
+                    stream: "power".to_owned(),
+                    payload: b"43W".to_vec(),
+                    created_at_ms: 1001,
+                },
+            ],
+            events_handled: 5,
+        })
+        .await
+        .expect("second commit");
+    drop(store);
+
+    let store = open(&path);
+    let kv = store.load_kv("meter").expect("reads");
+    assert_eq!(kv.len(), 1, "{kv:?}");
+    assert_eq!(
+        kv.get(&("readings".to_owned(), "last".to_owned())),
+        Some(&b"42".to_vec())
+    );
+    assert_eq!(store.outbox_len().expect("reads"), 2);
+    let outbox = store.outbox_peek(10).expect("reads");
+    let payloads: Vec<&[u8]> = outbox.iter().map(|r| r.payload.as_slice()).collect();
+    assert_eq!(payloads, [b"42W".as_slice(), b"43W".as_slice()]);
+    assert!(
+        outbox
+            .iter()
+            .all(|r| r.workload == "meter" && r.stream == "power")
+    );
+    assert_eq!(outbox[0].created_at_ms, 1000);
+    assert_eq!(store.outbox_peek(1).expect("reads").len(), 1);
+    assert_eq!(store.workloads().expect("reads")[0].events_handled, 6);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_commits_all_land_in_fewer_transactions_than_requests() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&db_path(&dir));
+    store
+        .apply_deployment(deployment(&["counter"]))
+        .await
+        .expect("applies");
+    let before = store.stats();
+
+    let tasks: Vec<_> = (0..1000)
+        .map(|i| {
+            let store = store.clone();
+            tokio::spawn(async move {
+                store
+                    .commit_event(put(
+                        "counter",
+                        &format!("k{i}"),
+                        &i.to_string().into_bytes(),
+                    ))
+                    .await
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task ran").expect("commit lands");
+    }
+
+    let after = store.stats();
+    let requests = after.requests - before.requests;
+    let transactions = after.transactions - before.transactions;
+    assert_eq!(requests, 1000);
+    assert!(
+        transactions < requests,
+        "{transactions} transactions for {requests} requests"
+    );
+    let kv = store.load_kv("counter").expect("reads");
+    assert_eq!(kv.len(), 1000);
+    assert_eq!(
+        kv.get(&("default".to_owned(), "k999".to_owned())),
+        Some(&b"999".to_vec())
+    );
+    assert_eq!(store.workloads().expect("reads")[0].events_handled, 1000);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn commit_for_unknown_workload_fails_alone_within_its_batch() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = db_path(&dir);
+    let store = open(&path);
+    store
+        .apply_deployment(deployment(&["door"]))
+        .await
+        .expect("applies");
+
+    // Hold the write lock so the writer stalls on a first request while the next ones queue up
+    // behind it and form one batch.
+    let mut blocker = Connection::open(&path).expect("raw open");
+    let lock = blocker
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .expect("write lock taken");
+    let before = store.stats();
+    let first = tokio::spawn({
+        let store = store.clone();
+        async move { store.log_event(None, "test", "stall").await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let spawn_commit = |commit: EventCommit| {
+        let store = store.clone();
+        tokio::spawn(async move { store.commit_event(commit).await })
+    };
+    let ok1 = spawn_commit(put("door", "a", b"1"));
+    let bad = spawn_commit(EventCommit {
+        telemetry: vec![TelemetryRecord {
+            stream: "s".to_owned(),
+            payload: b"x".to_vec(),
+            created_at_ms: 1,
+        }],
+        ..put("ghost", "a", b"1")
+    });
+    let ok2 = spawn_commit(put("door", "b", b"2"));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    lock.commit().expect("write lock released");
+
+    first.await.expect("task ran").expect("event logged");
+    ok1.await.expect("task ran").expect("door commit lands");
+    let err = bad
+        .await
+        .expect("task ran")
+        .expect_err("ghost commit fails");
+    ok2.await.expect("task ran").expect("door commit lands");
+
+    assert!(
+        matches!(err, StoreError::UnknownWorkload(ref w) if w == "ghost"),
+        "{err:?}"
+    );
+    assert_eq!(err.to_string(), "workload \"ghost\" does not exist");
+    let after = store.stats();
+    assert_eq!(after.requests - before.requests, 4);
+    assert!(
+        after.transactions - before.transactions <= 2,
+        "the three commits shared a transaction: {before:?} -> {after:?}"
+    );
+    assert_eq!(store.load_kv("door").expect("reads").len(), 2);
+    assert!(store.load_kv("ghost").expect("reads").is_empty());
+    assert_eq!(store.outbox_len().expect("reads"), 0);
+}
+
+#[tokio::test]
+async fn failing_writes_change_nothing_and_say_why() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&db_path(&dir));
+    store
+        .apply_deployment(deployment(&["door"]))
+        .await
+        .expect("applies");
+
+    let err = store
+        .apply_deployment(deployment(&["alarm", "alarm"]))
+        .await
+        .expect_err("duplicate names refused");
+    assert_eq!(
+        err.to_string(),
+        "deployment lists workload \"alarm\" more than once"
+    );
+    assert_eq!(store.deployment_history(10).expect("reads").len(), 1);
+    assert_eq!(names(&store.workloads().expect("reads")), ["door"]);
+
+    let err = store
+        .record_status(StatusUpdate {
+            workload: "ghost".to_owned(),
+            state: "running".to_owned(),
+            last_error: None,
+            restarts: 0,
+            traps: 0,
+            event: Some(("started".to_owned(), "ghost started".to_owned())),
+        })
+        .await
+        .expect_err("unknown workload refused");
+    assert_eq!(err.to_string(), "workload \"ghost\" does not exist");
+
+    let err = store
+        .commit_event(EventCommit {
+            events_handled: u64::MAX,
+            ..put("door", "k", b"v")
+        })
+        .await
+        .expect_err("counter overflow refused");
+    assert!(err.to_string().contains("events_handled"), "{err}");
+    assert!(store.load_kv("door").expect("reads").is_empty());
+
+    // Only the first deployment's event was logged.
+    let events = store.events(0, 10).expect("reads");
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(store.workloads().expect("reads")[0].state, "pending");
+}
+
+#[tokio::test]
+async fn status_and_its_event_are_recorded_together() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&db_path(&dir));
+    store
+        .apply_deployment(deployment(&["door"]))
+        .await
+        .expect("applies");
+    store
+        .record_status(StatusUpdate {
+            workload: "door".to_owned(),
+            state: "failed".to_owned(),
+            last_error: Some("trap: unreachable".to_owned()),
+            restarts: 3,
+            traps: 4,
+            event: Some(("trapped".to_owned(), "unreachable".to_owned())),
+        })
+        .await
+        .expect("records");
+    let door = &store.workloads().expect("reads")[0];
+    assert_eq!(door.state, "failed");
+    assert_eq!(door.last_error.as_deref(), Some("trap: unreachable"));
+    assert_eq!((door.restarts, door.traps), (3, 4));
+
+    let events = store.events(0, 10).expect("reads");
+    assert_eq!(events.len(), 2);
+    assert_eq!(events[1].workload.as_deref(), Some("door"));
+    assert_eq!(
+        (events[1].kind.as_str(), events[1].detail.as_str()),
+        ("trapped", "unreachable")
+    );
+    // The cursor skips what was already seen.
+    let id = store
+        .log_event(Some("door"), "note", "later")
+        .await
+        .expect("logs");
+    let newer = store.events(events[1].id, 10).expect("reads");
+    assert_eq!(newer.len(), 1);
+    assert_eq!(newer[0].id, id);
+}
+
+#[tokio::test]
+async fn log_trimming_keeps_the_newest_lines() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = StateStore::open(
+        &db_path(&dir),
+        StoreOptions {
+            max_log_lines_per_workload: 5,
+        },
+    )
+    .expect("opens");
+    store
+        .apply_deployment(deployment(&["door", "alarm"]))
+        .await
+        .expect("applies");
+    store
+        .append_logs((0..3).map(|i| log_line("door", &format!("m{i}"))).collect())
+        .await
+        .expect("appends");
+    store
+        .append_logs(vec![log_line("alarm", "other")])
+        .await
+        .expect("appends");
+    store
+        .append_logs((3..7).map(|i| log_line("door", &format!("m{i}"))).collect())
+        .await
+        .expect("appends");
+
+    let lines = store.recent_logs("door", 100).expect("reads");
+    let messages: Vec<&str> = lines.iter().map(|l| l.message.as_str()).collect();
+    assert_eq!(messages, ["m2", "m3", "m4", "m5", "m6"]);
+    let last_two = store.recent_logs("door", 2).expect("reads");
+    let messages: Vec<&str> = last_two.iter().map(|l| l.message.as_str()).collect();
+    assert_eq!(messages, ["m5", "m6"]);
+    assert_eq!(store.recent_logs("alarm", 100).expect("reads").len(), 1);
+
+    // A batch collected before a redeploy keeps the lines of the workloads that remain.
+    store
+        .apply_deployment(deployment(&["door"]))
+        .await
+        .expect("applies");
+    store
+        .append_logs(vec![log_line("alarm", "late"), log_line("door", "m7")])
+        .await
+        .expect("appends");
+    assert!(store.recent_logs("alarm", 100).expect("reads").is_empty());
+    let lines = store.recent_logs("door", 1).expect("reads");
+    assert_eq!(lines[0].message, "m7");
+}
+
+// --- crash safety -------------------------------------------------------------------------
+
+/// Set in the child process to the database it should hammer.
+const CRASH_CHILD_ENV: &str = "LICHEN_STORE_CRASH_CHILD_DB";
+
+/// The workloads the crash child deploys as `version`: odd and even versions differ, so a
+/// half-applied deployment would show.
+fn crash_workloads(version: u64) -> Vec<&'static str> {
+    if version % 2 == 1 {
+        vec!["keeper", "odd-a", "odd-b"]
+    } else {
+        vec!["keeper", "even-c"]
+    }
+}
+
+/// Not a test on its own: when [`CRASH_CHILD_ENV`] is set, this is the child process of
+/// [`state_is_consistent_after_sigkill`], writing until it is killed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crash_child() {
+    let Some(path) = std::env::var_os(CRASH_CHILD_ENV) else {
+        return;
+    };
+    let store = open(Path::new(&path));
+    let first = store
+        .apply_deployment(deployment(&crash_workloads(1)))
+        .await
+        .expect("first deployment applies");
+    assert_eq!(first, 1, "the child starts from an empty database");
+
+    let deployer = tokio::spawn({
+        let store = store.clone();
+        async move {
+            for version in 2.. {
+                let applied = store
+                    .apply_deployment(deployment(&crash_workloads(version)))
+                    .await
+                    .expect("deployment applies");
+                assert_eq!(applied, version);
+            }
+        }
+    });
+    let mut writers = Vec::new();
+    for task in 0..4 {
+        let store = store.clone();
+        writers.push(tokio::spawn(async move {
+            for i in 0u64.. {
+                let key = format!("t{task}-{i}");
+                let mut commit = put("keeper", &key, &i.to_be_bytes());
+                commit.telemetry.push(TelemetryRecord {
+                    stream: "acks".to_owned(),
+                    payload: key.clone().into_bytes(),
+                    created_at_ms: i,
+                });
+                store.commit_event(commit).await.expect("keeper commit");
+                println!("ack {key} {i}");
+                // Workloads that come and go: their data must vanish with them, atomically.
+                let _ = store.commit_event(put("odd-a", &key, b"x")).await;
+            }
+        }));
+    }
+    // A safety net so a parent that never kills us does not hang forever.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    deployer.abort();
+    writers.iter().for_each(|w| w.abort());
+}
+
+#[test]
+fn state_is_consistent_after_sigkill() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = db_path(&dir);
+    let exe = std::env::current_exe().expect("test binary path");
+    let mut child = Command::new(exe)
+        .args(["store::tests::crash_child", "--exact", "--nocapture"])
+        .args(["--test-threads", "1"])
+        .env(CRASH_CHILD_ENV, &path)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("child test binary starts");
+    let stdout = child.stdout.take().expect("stdout is piped");
+
+    let mut acked: Vec<(String, u64)> = Vec::new();
+    let mut killed = false;
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("child output reads");
+        let Some(rest) = line.strip_prefix("ack ") else {
+            continue;
+        };
+        let (key, value) = rest.split_once(' ').expect("ack lines are `ack KEY VALUE`");
+        acked.push((
+            key.to_owned(),
+            value.parse().expect("ack values are numbers"),
+        ));
+        if acked.len() == 300 && !killed {
+            child.kill().expect("SIGKILL is delivered");
+            killed = true;
+        }
+    }
+    let status = child.wait().expect("child is reaped");
+    assert!(killed, "child stopped after {} acks: {status}", acked.len());
+
+    let store = open(&path);
+    let current = store
+        .current_deployment()
+        .expect("reads")
+        .expect("the child applied deployments");
+    let history = store.deployment_history(usize::MAX).expect("reads");
+    assert_eq!(history.len() as u64, current.version);
+    for summary in &history {
+        assert_eq!(
+            summary.workload_count,
+            crash_workloads(summary.version).len(),
+            "deployment {} is complete",
+            summary.version
+        );
+    }
+    let mut expected = crash_workloads(current.version);
+    expected.sort_unstable();
+    assert_eq!(names(&current.workloads), expected);
+    assert_eq!(names(&store.workloads().expect("reads")), expected);
+    let deployed = store
+        .events(0, usize::MAX)
+        .expect("reads")
+        .into_iter()
+        .filter(|e| e.kind == "deployed")
+        .count();
+    assert_eq!(deployed as u64, current.version, "one event per deployment");
+    if !expected.contains(&"odd-a") {
+        assert!(store.load_kv("odd-a").expect("reads").is_empty());
+    }
+
+    let kv = store.load_kv("keeper").expect("reads");
+    for (key, value) in &acked {
+        let stored = kv.get(&("default".to_owned(), key.clone()));
+        assert_eq!(
+            stored,
+            Some(&value.to_be_bytes().to_vec()),
+            "acknowledged {key} survived"
+        );
+    }
+    let keeper = current
+        .workloads
+        .iter()
+        .find(|w| w.name == "keeper")
+        .expect("keeper is in every deployment");
+    assert!(keeper.events_handled >= acked.len() as u64);
+    assert_eq!(
+        keeper.events_handled,
+        kv.len() as u64,
+        "counter and data agree"
+    );
+    let outbox = store.outbox_len().expect("reads");
+    assert_eq!(outbox, kv.len() as u64, "telemetry and data agree");
+    let unique: BTreeSet<&str> = acked.iter().map(|(k, _)| k.as_str()).collect();
+    assert_eq!(unique.len(), acked.len());
+}

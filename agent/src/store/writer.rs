@@ -1,0 +1,396 @@
+//! The writer thread: the only connection that writes, with group commit.
+//!
+//! The thread blocks for one request, drains whatever else is queued (up to [`MAX_BATCH`]), runs
+//! each request under its own SAVEPOINT inside one transaction, COMMITs once (one fsync for the
+//! whole batch) and only then answers every request. A request that fails rolls back its own
+//! savepoint and gets its own error; the others in the batch still commit.
+
+use std::collections::{BTreeSet, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{
+    EventCommit, GuestLogLine, NewDeployment, SqlContext, StatusUpdate, StoreError, StoreShared,
+    now_ms, to_i64,
+};
+
+/// The most requests one transaction carries.
+const MAX_BATCH: usize = 512;
+
+/// One write operation.
+#[derive(Debug)]
+pub(crate) enum Op {
+    Deploy(NewDeployment),
+    Commit(EventCommit),
+    Status(StatusUpdate),
+    LogEvent {
+        workload: Option<String>,
+        kind: String,
+        detail: String,
+    },
+    AppendLogs(Vec<GuestLogLine>),
+}
+
+/// What a successful write produced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Output {
+    /// The version of the new deployment.
+    Version(u64),
+    /// The id of a new event-log row.
+    EventId(i64),
+    /// Nothing beyond success.
+    Done,
+}
+
+/// A write with the channel its result goes back on.
+#[derive(Debug)]
+pub(crate) struct Request {
+    pub(crate) op: Op,
+    pub(crate) reply: oneshot::Sender<Result<Output, StoreError>>,
+}
+
+/// Runs the writer loop until every sender is gone.
+pub(crate) fn run(
+    mut conn: Connection,
+    mut requests: mpsc::Receiver<Request>,
+    shared: Arc<StoreShared>,
+) {
+    while let Some(first) = requests.blocking_recv() {
+        let mut batch = Vec::with_capacity(16);
+        batch.push(first);
+        while batch.len() < MAX_BATCH {
+            match requests.try_recv() {
+                Ok(request) => batch.push(request),
+                Err(_) => break,
+            }
+        }
+        while !batch.is_empty() {
+            batch = run_round(&mut conn, batch, &shared);
+        }
+    }
+    tracing::debug!(path = %shared.path.display(), "state store writer stopped");
+}
+
+/// Runs `batch` in one transaction and answers it; returns the requests to run again.
+///
+/// Requests come back only when SQLite rolled the whole transaction back on its own (disk full,
+/// I/O error): the request that caused it is answered with its error, the ones before it lost
+/// their work through no fault of theirs and are returned to run in a fresh transaction.
+fn run_round(conn: &mut Connection, batch: Vec<Request>, shared: &StoreShared) -> Vec<Request> {
+    let mut tx = match conn.transaction_with_behavior(TransactionBehavior::Immediate) {
+        Ok(tx) => tx,
+        Err(e) => {
+            let e = Arc::new(e);
+            tracing::warn!(error = %e, "cannot begin a state store write transaction");
+            for request in batch {
+                shared.stats_requests.fetch_add(1, Ordering::Relaxed);
+                let _ = request.reply.send(Err(StoreError::Begin(Arc::clone(&e))));
+            }
+            return Vec::new();
+        }
+    };
+    let mut done: Vec<(Request, Result<Output, StoreError>)> = Vec::with_capacity(batch.len());
+    let mut pending = batch.into_iter();
+    while let Some(request) = pending.next() {
+        let result = run_in_savepoint(&mut tx, &request.op, shared);
+        if result.is_err() && tx.is_autocommit() {
+            shared.stats_requests.fetch_add(1, Ordering::Relaxed);
+            let _ = request.reply.send(result);
+            let mut again: Vec<Request> = done.into_iter().map(|(r, _)| r).collect();
+            again.extend(pending);
+            return again;
+        }
+        done.push((request, result));
+    }
+    let committed = tx.commit().map_err(Arc::new);
+    match &committed {
+        Ok(()) => {
+            shared.stats_transactions.fetch_add(1, Ordering::Relaxed);
+        }
+        Err(e) => tracing::warn!(error = %e, "state store write transaction failed to commit"),
+    }
+    for (request, result) in done {
+        shared.stats_requests.fetch_add(1, Ordering::Relaxed);
+        let result = match &committed {
+            Ok(()) => result,
+            Err(e) => Err(StoreError::Commit(Arc::clone(e))),
+        };
+        // The caller may have stopped waiting; the write stands either way.
+        let _ = request.reply.send(result);
+    }
+    Vec::new()
+}
+
+/// Runs one operation under its own savepoint, rolling only it back if it fails.
+fn run_in_savepoint(
+    tx: &mut Transaction<'_>,
+    op: &Op,
+    shared: &StoreShared,
+) -> Result<Output, StoreError> {
+    let sp = tx
+        .savepoint()
+        .context(|| "opening a savepoint for a write".to_owned())?;
+    let output = match op {
+        Op::Deploy(d) => apply_deployment(&sp, d),
+        Op::Commit(c) => commit_event(&sp, c),
+        Op::Status(s) => record_status(&sp, s),
+        Op::LogEvent {
+            workload,
+            kind,
+            detail,
+        } => log_event(&sp, workload.as_deref(), kind, detail).map(Output::EventId),
+        Op::AppendLogs(lines) => append_logs(&sp, lines, shared.options.max_log_lines_per_workload),
+    }?;
+    // On an error above, dropping `sp` rolls the savepoint back.
+    sp.commit()
+        .context(|| "releasing the savepoint of a write".to_owned())?;
+    Ok(output)
+}
+
+/// Fails with [`StoreError::UnknownWorkload`] unless `workload` exists.
+fn require_workload(conn: &Connection, workload: &str) -> Result<(), StoreError> {
+    let found = conn
+        .prepare_cached("SELECT 1 FROM workloads WHERE name = ?1")
+        .and_then(|mut stmt| stmt.query_row([workload], |_| Ok(())).optional())
+        .context(|| format!("looking up workload {workload:?}"))?;
+    found.ok_or_else(|| StoreError::UnknownWorkload(workload.to_owned()))
+}
+
+fn apply_deployment(conn: &Connection, d: &NewDeployment) -> Result<Output, StoreError> {
+    let mut listed = HashSet::with_capacity(d.workloads.len());
+    for w in &d.workloads {
+        if !listed.insert(w.name.as_str()) {
+            return Err(StoreError::DuplicateWorkload(w.name.clone()));
+        }
+    }
+    let now = now_ms();
+    let version: i64 = conn
+        .query_row(
+            "SELECT COALESCE(MAX(version), 0) + 1 FROM deployments",
+            [],
+            |row| row.get(0),
+        )
+        .context(|| "choosing the next deployment version".to_owned())?;
+    let ctx = || format!("applying deployment version {version}");
+    let count = i64::try_from(d.workloads.len()).map_err(|_| StoreError::OutOfRange {
+        field: "workload count",
+        value: d.workloads.len() as u64,
+    })?;
+    conn.execute(
+        "INSERT INTO deployments
+             (version, applied_at_ms, source_name, source_text, digest, description, workload_count)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![
+            version,
+            now,
+            d.source_name,
+            d.source_text,
+            d.digest,
+            d.description,
+            count
+        ],
+    )
+    .context(ctx)?;
+
+    let mut upsert = conn
+        .prepare_cached(
+            "INSERT INTO workloads
+                 (name, deployment_version, spec_json, module_digest, state, updated_at_ms)
+             VALUES (?1, ?2, ?3, ?4, 'pending', ?5)
+             ON CONFLICT (name) DO UPDATE SET
+                 deployment_version = excluded.deployment_version,
+                 spec_json = excluded.spec_json,
+                 module_digest = excluded.module_digest,
+                 updated_at_ms = excluded.updated_at_ms",
+        )
+        .context(ctx)?;
+    for w in &d.workloads {
+        upsert
+            .execute(params![w.name, version, w.spec_json, w.module_digest, now])
+            .context(|| {
+                format!(
+                    "applying deployment version {version}: workload {:?}",
+                    w.name
+                )
+            })?;
+    }
+
+    // Removing a workload removes its key-value data and logs too (ON DELETE CASCADE).
+    let existing: BTreeSet<String> = conn
+        .prepare_cached("SELECT name FROM workloads")
+        .and_then(|mut stmt| {
+            stmt.query_map([], |row| row.get(0))?
+                .collect::<rusqlite::Result<_>>()
+        })
+        .context(ctx)?;
+    let mut delete = conn
+        .prepare_cached("DELETE FROM workloads WHERE name = ?1")
+        .context(ctx)?;
+    for name in existing.iter().filter(|n| !listed.contains(n.as_str())) {
+        delete
+            .execute([name])
+            .context(|| format!("applying deployment version {version}: removing {name:?}"))?;
+    }
+
+    let names: Vec<&str> = d.workloads.iter().map(|w| w.name.as_str()).collect();
+    let detail = if names.is_empty() {
+        format!("version {version}: no workloads")
+    } else {
+        format!("version {version}: {}", names.join(", "))
+    };
+    log_event(conn, None, "deployed", &detail)?;
+    let version = u64::try_from(version).expect("deployment versions start at 1");
+    Ok(Output::Version(version))
+}
+
+fn commit_event(conn: &Connection, c: &EventCommit) -> Result<Output, StoreError> {
+    require_workload(conn, &c.workload)?;
+    let ctx = || format!("committing an event of workload {:?}", c.workload);
+    let now = now_ms();
+    let events = to_i64("events_handled", c.events_handled)?;
+    if !c.kv.is_empty() {
+        let mut put = conn
+            .prepare_cached(
+                "INSERT INTO kv (workload, bucket, key, value, updated_at_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (workload, bucket, key) DO UPDATE SET
+                     value = excluded.value, updated_at_ms = excluded.updated_at_ms",
+            )
+            .context(ctx)?;
+        let mut delete = conn
+            .prepare_cached("DELETE FROM kv WHERE workload = ?1 AND bucket = ?2 AND key = ?3")
+            .context(ctx)?;
+        for write in &c.kv {
+            match &write.value {
+                Some(value) => {
+                    put.execute(params![c.workload, write.bucket, write.key, value, now])
+                }
+                None => delete.execute(params![c.workload, write.bucket, write.key]),
+            }
+            .context(ctx)?;
+        }
+    }
+    if !c.telemetry.is_empty() {
+        let mut insert = conn
+            .prepare_cached(
+                "INSERT INTO outbox (workload, stream, payload, created_at_ms)
+                 VALUES (?1, ?2, ?3, ?4)",
+            )
+            .context(ctx)?;
+        for t in &c.telemetry {
+            let created = to_i64("created_at_ms", t.created_at_ms)?;
+            insert
+                .execute(params![c.workload, t.stream, t.payload, created])
+                .context(ctx)?;
+        }
+    }
+    conn.prepare_cached(
+        "UPDATE workloads SET events_handled = events_handled + ?2, updated_at_ms = ?3
+         WHERE name = ?1",
+    )
+    .and_then(|mut stmt| stmt.execute(params![c.workload, events, now]))
+    .context(ctx)?;
+    Ok(Output::Done)
+}
+
+fn record_status(conn: &Connection, s: &StatusUpdate) -> Result<Output, StoreError> {
+    let restarts = to_i64("restarts", s.restarts)?;
+    let traps = to_i64("traps", s.traps)?;
+    let changed = conn
+        .prepare_cached(
+            "UPDATE workloads
+             SET state = ?2, last_error = ?3, restarts = ?4, traps = ?5, updated_at_ms = ?6
+             WHERE name = ?1",
+        )
+        .and_then(|mut stmt| {
+            stmt.execute(params![
+                s.workload,
+                s.state,
+                s.last_error,
+                restarts,
+                traps,
+                now_ms()
+            ])
+        })
+        .context(|| format!("recording the status of workload {:?}", s.workload))?;
+    if changed == 0 {
+        return Err(StoreError::UnknownWorkload(s.workload.clone()));
+    }
+    if let Some((kind, detail)) = &s.event {
+        log_event(conn, Some(&s.workload), kind, detail)?;
+    }
+    Ok(Output::Done)
+}
+
+fn log_event(
+    conn: &Connection,
+    workload: Option<&str>,
+    kind: &str,
+    detail: &str,
+) -> Result<i64, StoreError> {
+    conn.prepare_cached(
+        "INSERT INTO event_log (at_ms, workload, kind, detail) VALUES (?1, ?2, ?3, ?4)",
+    )
+    .and_then(|mut stmt| stmt.insert(params![now_ms(), workload, kind, detail]))
+    .context(|| format!("appending a {kind:?} event to the event log"))
+}
+
+fn append_logs(
+    conn: &Connection,
+    lines: &[GuestLogLine],
+    max_per_workload: usize,
+) -> Result<Output, StoreError> {
+    // Lines of a workload that is gone are dropped: its logs went with it.
+    let mut workloads = BTreeSet::new();
+    for workload in lines.iter().map(|l| l.workload.as_str()) {
+        if workloads.contains(workload) {
+            continue;
+        }
+        match require_workload(conn, workload) {
+            Ok(()) => {
+                workloads.insert(workload);
+            }
+            Err(StoreError::UnknownWorkload(_)) => {
+                tracing::debug!(workload, "dropping log lines of a removed workload");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let mut insert = conn
+        .prepare_cached(
+            "INSERT INTO guest_logs (workload, at_ms, level, context, message)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )
+        .context(|| "appending guest log lines".to_owned())?;
+    for line in lines
+        .iter()
+        .filter(|l| workloads.contains(l.workload.as_str()))
+    {
+        let at = to_i64("at_ms", line.at_ms)?;
+        insert
+            .execute(params![
+                line.workload,
+                at,
+                line.level,
+                line.context,
+                line.message
+            ])
+            .context(|| format!("appending a log line of workload {:?}", line.workload))?;
+    }
+    let keep = i64::try_from(max_per_workload).unwrap_or(i64::MAX);
+    let mut trim = conn
+        .prepare_cached(
+            "DELETE FROM guest_logs WHERE workload = ?1 AND id <= (
+                 SELECT id FROM guest_logs WHERE workload = ?1
+                 ORDER BY id DESC LIMIT 1 OFFSET ?2)",
+        )
+        .context(|| "trimming guest log lines".to_owned())?;
+    for workload in workloads {
+        trim.execute(params![workload, keep])
+            .context(|| format!("trimming the log lines of workload {workload:?}"))?;
+    }
+    Ok(Output::Done)
+}

@@ -1,0 +1,599 @@
+//! The supervisor: owns every workload's worker, applies deployments atomically (validate
+//! everything, commit, then start, reload or stop), restores the last deployment at start,
+//! and answers the local API.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::sync::{Mutex, broadcast, oneshot};
+
+use crate::api::control::Control;
+use crate::api::types::{
+    ApiError, DeployReport, DeployRequest, DoctorReport, EventRecord, KvEntry, LogLine, SendReply,
+    SendRequest, WorkloadFailure, WorkloadStatus,
+};
+use crate::deployment::{self, ModuleRef, ParsedDeployment, WorkloadSpec};
+use crate::logs::{LogHub, LogOptions};
+use crate::metrics::{Gauges, Metrics};
+use crate::runtime::wasm::{
+    Artifact, ArtifactStore, Delivery, EngineOptions, WasmEngine, WorkerContext, WorkerHandle,
+    spawn_worker,
+};
+use crate::store::{NewDeployment, NewWorkload, StateStore, StoreOptions};
+use crate::util::process_rss_bytes;
+
+/// How long `send` waits for a workload's reply.
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Settings the supervisor is built from.
+#[derive(Debug, Clone)]
+pub struct AgentOptions {
+    /// Directory of the state database and the artifact store.
+    pub state_dir: PathBuf,
+    /// Sizing of the Wasm engine.
+    pub engine: EngineOptions,
+    /// Guest log settings.
+    pub logs: LogOptions,
+    /// Guest log lines persisted per workload.
+    pub persisted_log_lines: usize,
+    /// Name of the board profile.
+    pub board: String,
+}
+
+/// A workload stopped by `lichen stop`, kept for `ps` until the next deploy.
+struct Stopped {
+    status: WorkloadStatus,
+}
+
+struct Workloads {
+    running: BTreeMap<String, WorkerHandle>,
+    stopped: BTreeMap<String, Stopped>,
+}
+
+struct Inner {
+    ctx: WorkerContext,
+    artifacts: Arc<ArtifactStore>,
+    workloads: Mutex<Workloads>,
+    board: String,
+    next_command: AtomicU64,
+}
+
+/// The running agent. Cheap to clone.
+#[derive(Clone)]
+pub struct Agent {
+    inner: Arc<Inner>,
+}
+
+impl Agent {
+    /// Opens the state store and artifact store under the state directory and builds the
+    /// engine. Starts nothing; call [`Agent::restore`].
+    pub async fn open(options: AgentOptions) -> Result<Self> {
+        std::fs::create_dir_all(&options.state_dir).with_context(|| {
+            format!(
+                "cannot create state directory {}",
+                options.state_dir.display()
+            )
+        })?;
+        let store = StateStore::open(
+            &options.state_dir.join("lichen.db"),
+            StoreOptions {
+                max_log_lines_per_workload: options.persisted_log_lines,
+            },
+        )
+        .context("cannot open the state store")?;
+        let engine = Arc::new(WasmEngine::new(options.engine)?);
+        let artifacts = Arc::new(ArtifactStore::open(
+            &options.state_dir.join("artifacts"),
+            engine.clone(),
+        )?);
+        let logs = Arc::new(LogHub::new(options.logs));
+        logs.spawn_persister(store.clone());
+        let ctx = WorkerContext {
+            engine,
+            store,
+            logs,
+            metrics: Arc::new(Metrics::default()),
+            max_memory_bytes: options.engine.max_memory_bytes,
+        };
+        Ok(Self {
+            inner: Arc::new(Inner {
+                ctx,
+                artifacts,
+                workloads: Mutex::new(Workloads {
+                    running: BTreeMap::new(),
+                    stopped: BTreeMap::new(),
+                }),
+                board: options.board,
+                next_command: AtomicU64::new(1),
+            }),
+        })
+    }
+
+    /// The artifact store.
+    pub fn artifacts(&self) -> &Arc<ArtifactStore> {
+        &self.inner.artifacts
+    }
+
+    /// The state store.
+    pub fn store(&self) -> &StateStore {
+        &self.inner.ctx.store
+    }
+
+    /// Agent metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.inner.ctx.metrics
+    }
+
+    /// Starts the workloads of the last applied deployment. Returns whether there was one.
+    pub async fn restore(&self) -> Result<bool> {
+        let Some(record) = self.store().current_deployment()? else {
+            return Ok(false);
+        };
+        let mut workloads = self.inner.workloads.lock().await;
+        for row in record.workloads {
+            let spec: WorkloadSpec = serde_json::from_str(&row.spec_json)
+                .with_context(|| format!("stored spec of workload {:?} is unreadable", row.name))?;
+            let artifact = match self.inner.artifacts.load(&row.module_digest).await {
+                Ok(a) => a,
+                Err(err) => {
+                    let message = format!("cannot load its module: {err:#}");
+                    tracing::error!(workload = %row.name, "{message}");
+                    let _ = self
+                        .store()
+                        .log_event(Some(&row.name), "start-failed", &message)
+                        .await;
+                    continue;
+                }
+            };
+            let kv = self.store().load_kv(&row.name)?;
+            let handle = spawn_worker(
+                self.inner.ctx.clone(),
+                artifact,
+                spec,
+                record.version,
+                kv,
+                row.events_handled,
+            );
+            workloads.running.insert(row.name.clone(), handle);
+        }
+        tracing::info!(
+            version = record.version,
+            "restored the last applied deployment"
+        );
+        Ok(true)
+    }
+
+    /// Validates a deployment file and applies it atomically.
+    pub async fn deploy_text(
+        &self,
+        file_name: &str,
+        text: &str,
+        base_dir: &Path,
+    ) -> Result<DeployReport, ApiError> {
+        let parsed = deployment::parse(file_name, text, base_dir)
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
+        // One deploy at a time; validation (compiling) happens before anything changes.
+        let mut workloads = self.inner.workloads.lock().await;
+        let artifacts = self.load_artifacts(&parsed).await?;
+
+        let mut new_workloads = Vec::with_capacity(parsed.spec.workloads.len());
+        for (spec, artifact) in parsed.spec.workloads.iter().zip(&artifacts) {
+            new_workloads.push(NewWorkload {
+                name: spec.name.clone(),
+                spec_json: serde_json::to_string(spec)
+                    .map_err(|e| ApiError::internal(format!("cannot encode spec: {e}")))?,
+                module_digest: artifact.digest().to_string(),
+            });
+        }
+        let version = self
+            .store()
+            .apply_deployment(NewDeployment {
+                source_name: file_name.to_string(),
+                source_text: text.to_string(),
+                digest: crate::runtime::wasm::sha256_hex(text.as_bytes()),
+                description: parsed.spec.description.clone(),
+                workloads: new_workloads,
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("cannot record the deployment: {e}")))?;
+
+        let mut report = DeployReport {
+            version,
+            ..DeployReport::default()
+        };
+        // Stop what the deployment no longer lists.
+        let listed: Vec<&str> = parsed
+            .spec
+            .workloads
+            .iter()
+            .map(|w| w.name.as_str())
+            .collect();
+        let gone: Vec<String> = workloads
+            .running
+            .keys()
+            .filter(|name| !listed.contains(&name.as_str()))
+            .cloned()
+            .collect();
+        for name in gone {
+            if let Some(handle) = workloads.running.remove(&name) {
+                handle.stop().await;
+            }
+            self.inner.ctx.logs.remove(&name);
+            report.stopped.push(name);
+        }
+        workloads
+            .stopped
+            .retain(|name, _| listed.contains(&name.as_str()));
+
+        for (spec, artifact) in parsed.spec.workloads.into_iter().zip(artifacts) {
+            let name = spec.name.clone();
+            workloads.stopped.remove(&name);
+            match workloads.running.get_mut(&name) {
+                Some(handle) if !handle.is_finished() => {
+                    if handle.spec == spec && handle.digest == artifact.digest() {
+                        report.unchanged.push(name);
+                        continue;
+                    }
+                    match handle
+                        .reload(&self.inner.ctx, artifact, spec, version)
+                        .await
+                    {
+                        Ok(()) => report.reloaded.push(name),
+                        Err(message) => {
+                            self.inner
+                                .ctx
+                                .metrics
+                                .reload_failures
+                                .fetch_add(1, Ordering::Relaxed);
+                            let text = format!(
+                                "reload to version {version} failed: {message}; the previous version keeps running"
+                            );
+                            handle
+                                .stats
+                                .status
+                                .lock()
+                                .unwrap_or_else(|p| p.into_inner())
+                                .last_error = Some(text.clone());
+                            self.inner.ctx.logs.agent_line(
+                                &name,
+                                lichen_host_apis::LogLevel::Error,
+                                &text,
+                            );
+                            let _ = self
+                                .store()
+                                .log_event(Some(&name), "reload-failed", &text)
+                                .await;
+                            report.failures.push(WorkloadFailure {
+                                workload: name,
+                                message: text,
+                            });
+                        }
+                    }
+                }
+                _ => {
+                    if let Some(old) = workloads.running.remove(&name) {
+                        old.stop().await;
+                    }
+                    let kv = self.store().load_kv(&name).map_err(|e| {
+                        ApiError::internal(format!("cannot read state of {name:?}: {e}"))
+                    })?;
+                    let handle =
+                        spawn_worker(self.inner.ctx.clone(), artifact, spec, version, kv, 0);
+                    workloads.running.insert(name.clone(), handle);
+                    report.started.push(name);
+                }
+            }
+        }
+        tracing::info!(
+            version,
+            started = ?report.started,
+            reloaded = ?report.reloaded,
+            stopped = ?report.stopped,
+            "deployment applied"
+        );
+        Ok(report)
+    }
+
+    /// Resolves and compiles every workload's module; the first failure rejects the whole
+    /// deployment with the file, line and field of the workload that failed.
+    async fn load_artifacts(
+        &self,
+        parsed: &ParsedDeployment,
+    ) -> Result<Vec<Arc<Artifact>>, ApiError> {
+        let max_memory = self.inner.ctx.max_memory_bytes;
+        let mut out = Vec::with_capacity(parsed.spec.workloads.len());
+        for (index, spec) in parsed.spec.workloads.iter().enumerate() {
+            if let Some(memory) = spec.limits.memory_bytes {
+                if memory > max_memory {
+                    return Err(ApiError::invalid(
+                        parsed
+                            .error_at(index, "limits.memory", format!(
+                                "{memory} bytes is more than this agent's per-instance maximum of {max_memory} bytes (wasm.max-memory in the agent config)"
+                            ))
+                            .to_string(),
+                    ));
+                }
+            }
+            let loaded = match &spec.module {
+                ModuleRef::Path(path) => match tokio::fs::read(path).await {
+                    Ok(bytes) => self
+                        .inner
+                        .artifacts
+                        .add(bytes)
+                        .await
+                        .map_err(|e| format!("{}: {e:#}", path.display())),
+                    Err(e) => Err(format!("cannot read module file {}: {e}", path.display())),
+                },
+                ModuleRef::Digest(digest) => self
+                    .inner
+                    .artifacts
+                    .load(digest)
+                    .await
+                    .map_err(|e| format!("{e:#}")),
+            };
+            match loaded {
+                Ok(artifact) => out.push(artifact),
+                Err(message) => {
+                    return Err(ApiError::invalid(
+                        parsed.error_at(index, "module", message).to_string(),
+                    ));
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Stops every workload (delivering `stop`).
+    pub async fn shutdown(&self) {
+        let mut workloads = self.inner.workloads.lock().await;
+        let running = std::mem::take(&mut workloads.running);
+        for (_, handle) in running {
+            handle.stop().await;
+        }
+        let lines = self.inner.ctx.logs.take_unpersisted();
+        if !lines.is_empty() {
+            let _ = self.store().append_logs(lines).await;
+        }
+    }
+
+    /// Queues an event for a workload without waiting for a reply (benchmarks, tests).
+    pub async fn inject(&self, workload: &str, delivery: Delivery) -> Result<(), ApiError> {
+        let workloads = self.inner.workloads.lock().await;
+        let handle = workloads
+            .running
+            .get(workload)
+            .ok_or_else(|| ApiError::not_found(format!("no workload named {workload:?}")))?;
+        handle
+            .deliver(delivery, None)
+            .await
+            .map_err(ApiError::unavailable)
+    }
+
+    fn status_of(handle: &WorkerHandle) -> WorkloadStatus {
+        let s = handle.stats.status();
+        WorkloadStatus {
+            name: handle.name.to_string(),
+            kind: if s.kind.is_empty() {
+                "wasm".into()
+            } else {
+                s.kind
+            },
+            state: if s.state.is_empty() {
+                "starting".into()
+            } else {
+                s.state
+            },
+            module_digest: format!("sha256:{}", s.digest),
+            deployment_version: s.version,
+            restarts: handle.stats.restarts.load(Ordering::Relaxed),
+            traps: handle.stats.traps.load(Ordering::Relaxed),
+            events_handled: handle.stats.events_handled.load(Ordering::Relaxed),
+            queue_depth: handle.queue_depth() as u64,
+            memory_bytes: handle.stats.memory_bytes.load(Ordering::Relaxed),
+            uptime_ms: s.started_at.map(|t| t.elapsed().as_millis() as u64),
+            last_error: s.last_error,
+        }
+    }
+
+    async fn knows(&self, workload: &str) -> bool {
+        let workloads = self.inner.workloads.lock().await;
+        workloads.running.contains_key(workload) || workloads.stopped.contains_key(workload)
+    }
+
+    fn gauges(&self, statuses: &[WorkloadStatus]) -> Gauges {
+        Gauges {
+            instances: statuses
+                .iter()
+                .filter(|s| s.kind == "wasm" && s.state == "running")
+                .count() as u64,
+            queue_depth: statuses.iter().map(|s| s.queue_depth).sum(),
+            rss_bytes: process_rss_bytes().unwrap_or(0),
+            outbox_rows: self.store().outbox_len().unwrap_or(0),
+        }
+    }
+}
+
+impl Control for Agent {
+    async fn deploy(&self, req: DeployRequest) -> Result<DeployReport, ApiError> {
+        self.deploy_text(&req.file_name, &req.text, Path::new(&req.base_dir))
+            .await
+    }
+
+    async fn ps(&self) -> Vec<WorkloadStatus> {
+        let workloads = self.inner.workloads.lock().await;
+        let mut rows: Vec<WorkloadStatus> =
+            workloads.running.values().map(Self::status_of).collect();
+        rows.extend(workloads.stopped.values().map(|s| s.status.clone()));
+        rows.sort_by(|a, b| a.name.cmp(&b.name));
+        rows
+    }
+
+    async fn logs(&self, workload: &str, tail: usize) -> Result<Vec<LogLine>, ApiError> {
+        if !self.knows(workload).await {
+            return Err(ApiError::not_found(format!(
+                "no workload named {workload:?}"
+            )));
+        }
+        let recent = self.inner.ctx.logs.recent(workload, tail);
+        if !recent.is_empty() {
+            return Ok(recent);
+        }
+        let stored = self
+            .store()
+            .recent_logs(workload, tail)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        Ok(stored
+            .into_iter()
+            .map(|l| LogLine {
+                at_ms: l.at_ms,
+                workload: l.workload,
+                level: l.level,
+                context: l.context,
+                message: l.message,
+            })
+            .collect())
+    }
+
+    fn follow_logs(&self, workload: &str) -> Result<broadcast::Receiver<LogLine>, ApiError> {
+        Ok(self.inner.ctx.logs.follow(workload))
+    }
+
+    async fn kv(&self, workload: &str, key: Option<&str>) -> Result<Vec<KvEntry>, ApiError> {
+        if !self.knows(workload).await {
+            return Err(ApiError::not_found(format!(
+                "no workload named {workload:?}"
+            )));
+        }
+        let data = self
+            .store()
+            .load_kv(workload)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        Ok(data
+            .into_iter()
+            .filter(|((bucket, k), _)| match key {
+                Some(key) => bucket == "default" && k == key,
+                None => true,
+            })
+            .map(|((bucket, key), value)| KvEntry {
+                bucket,
+                key,
+                size: value.len() as u64,
+                value: String::from_utf8_lossy(&value).into_owned(),
+            })
+            .collect())
+    }
+
+    async fn events(&self, after: i64, limit: usize) -> Result<Vec<EventRecord>, ApiError> {
+        let rows = self
+            .store()
+            .events(after, limit)
+            .map_err(|e| ApiError::internal(e.to_string()))?;
+        Ok(rows
+            .into_iter()
+            .map(|r| EventRecord {
+                id: r.id,
+                at_ms: r.at_ms,
+                workload: r.workload,
+                kind: r.kind,
+                detail: r.detail,
+            })
+            .collect())
+    }
+
+    async fn send(&self, workload: &str, req: SendRequest) -> Result<SendReply, ApiError> {
+        let id = format!(
+            "cmd-{}",
+            self.inner.next_command.fetch_add(1, Ordering::Relaxed)
+        );
+        let (reply_tx, reply_rx) = oneshot::channel();
+        {
+            let workloads = self.inner.workloads.lock().await;
+            let Some(handle) = workloads.running.get(workload) else {
+                return Err(if workloads.stopped.contains_key(workload) {
+                    ApiError::unavailable(format!("workload {workload:?} is stopped"))
+                } else {
+                    ApiError::not_found(format!("no workload named {workload:?}"))
+                });
+            };
+            handle
+                .try_deliver(
+                    Delivery::Command {
+                        id: id.clone(),
+                        name: req.command,
+                        payload: req.payload.into_bytes(),
+                    },
+                    Some(reply_tx),
+                )
+                .map_err(ApiError::unavailable)?;
+        }
+        match tokio::time::timeout(REPLY_TIMEOUT, reply_rx).await {
+            Ok(Ok(Ok(reply))) => Ok(SendReply {
+                id,
+                reply: reply.map(|r| String::from_utf8_lossy(&r).into_owned()),
+            }),
+            Ok(Ok(Err(message))) => Err(ApiError::unavailable(format!(
+                "workload {workload:?} did not handle command {id}: {message}"
+            ))),
+            Ok(Err(_)) => Err(ApiError::unavailable(format!(
+                "workload {workload:?} dropped command {id} (it stopped or restarted)"
+            ))),
+            Err(_) => Err(ApiError::unavailable(format!(
+                "workload {workload:?} did not answer command {id} within {REPLY_TIMEOUT:?}"
+            ))),
+        }
+    }
+
+    async fn stop(&self, workload: &str) -> Result<(), ApiError> {
+        let mut workloads = self.inner.workloads.lock().await;
+        let Some(handle) = workloads.running.remove(workload) else {
+            return if workloads.stopped.contains_key(workload) {
+                Ok(())
+            } else {
+                Err(ApiError::not_found(format!(
+                    "no workload named {workload:?}"
+                )))
+            };
+        };
+        let stats = handle.stats.clone();
+        let name = handle.name.clone();
+        let digest = handle.digest.clone();
+        let queue = handle.queue_depth();
+        handle.stop().await;
+        let s = stats.status();
+        let status = WorkloadStatus {
+            name: name.to_string(),
+            kind: s.kind,
+            state: "stopped".into(),
+            module_digest: format!("sha256:{digest}"),
+            deployment_version: s.version,
+            restarts: stats.restarts.load(Ordering::Relaxed),
+            traps: stats.traps.load(Ordering::Relaxed),
+            events_handled: stats.events_handled.load(Ordering::Relaxed),
+            queue_depth: queue as u64,
+            memory_bytes: 0,
+            uptime_ms: None,
+            last_error: s.last_error,
+        };
+        workloads
+            .stopped
+            .insert(workload.to_string(), Stopped { status });
+        Ok(())
+    }
+
+    async fn doctor(&self) -> DoctorReport {
+        crate::doctor::report(&self.inner.board, Some(self.inner.ctx.engine.options()))
+    }
+
+    fn metrics_text(&self) -> String {
+        // Scrapes must not wait on a deploy: read what is available without blocking.
+        let statuses: Vec<WorkloadStatus> = match self.inner.workloads.try_lock() {
+            Ok(w) => w.running.values().map(Self::status_of).collect(),
+            Err(_) => Vec::new(),
+        };
+        self.inner.ctx.metrics.render(&self.gauges(&statuses))
+    }
+}
