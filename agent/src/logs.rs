@@ -155,10 +155,10 @@ impl LogHub {
                 let Some(hub) = hub.upgrade() else { return };
                 let lines = hub.take_unpersisted();
                 drop(hub);
-                if !lines.is_empty() {
-                    if let Err(err) = store.append_logs(lines).await {
-                        tracing::warn!("cannot persist guest logs: {err}");
-                    }
+                if !lines.is_empty()
+                    && let Err(err) = store.append_logs(lines).await
+                {
+                    tracing::warn!("cannot persist guest logs: {err}");
                 }
             }
         })

@@ -307,16 +307,16 @@ impl Agent {
         let max_memory = self.inner.ctx.max_memory_bytes;
         let mut out = Vec::with_capacity(parsed.spec.workloads.len());
         for (index, spec) in parsed.spec.workloads.iter().enumerate() {
-            if let Some(memory) = spec.limits.memory_bytes {
-                if memory > max_memory {
-                    return Err(ApiError::invalid(
-                        parsed
-                            .error_at(index, "limits.memory", format!(
-                                "{memory} bytes is more than this agent's per-instance maximum of {max_memory} bytes (wasm.max-memory in the agent config)"
-                            ))
-                            .to_string(),
-                    ));
-                }
+            if let Some(memory) = spec.limits.memory_bytes
+                && memory > max_memory
+            {
+                return Err(ApiError::invalid(
+                    parsed
+                        .error_at(index, "limits.memory", format!(
+                            "{memory} bytes is more than this agent's per-instance maximum of {max_memory} bytes (wasm.max-memory in the agent config)"
+                        ))
+                        .to_string(),
+                ));
             }
             let loaded = match &spec.module {
                 ModuleRef::Path(path) => match tokio::fs::read(path).await {

@@ -152,7 +152,8 @@ pub struct RunArgs {
 /// Options of `lichen bench`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// What to measure (for example `startup`, `events`, `reload`, `density`) [default: all].
+    /// What to measure: `startup`, `density`, `dispatch`, `reload`, `size`, or several joined
+    /// by commas [default: all, each group in its own process].
     pub what: Option<String>,
     /// How many workload instances to run.
     #[arg(long = "count", visible_alias = "instances", value_name = "N")]
@@ -166,6 +167,9 @@ pub struct BenchArgs {
     /// Directory for the benchmark's state [default: a temporary directory].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
+    /// Cold starts measured by `startup` [default: 200]; reloads done by `reload` [default: 50].
+    #[arg(long, value_name = "N")]
+    pub iterations: Option<usize>,
 }
 
 /// The API socket used when neither `--socket` nor `LICHEN_SOCKET` names one.

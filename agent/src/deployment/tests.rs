@@ -64,7 +64,7 @@ fn toml_and_json_examples_give_equal_specs() {
     );
     let thermostat = &from_toml.workloads[1];
     assert_eq!(thermostat.restart, RestartPolicy::Always);
-    assert_eq!(thermostat.config["target-celsius"], "21.5");
+    assert_eq!(thermostat.config["target"], "21.5");
 }
 
 #[test]
@@ -579,27 +579,5 @@ fn spec_round_trips_through_serde_json() {
         let text = serde_json::to_string(workload).expect("a workload serializes");
         let back: WorkloadSpec = serde_json::from_str(&text).expect("reads back");
         assert_eq!(&back, workload);
-    }
-}
-#[test]
-fn zz_print_messages() {
-    for (f, t) in [
-        ("deploy.toml", workload("modul = 1\n")),
-        ("deploy.toml", workload("restart = \"sometimes\"\n")),
-        ("deploy.toml", workload("triggers = [{ interval = \"5 parsecs\" }]\n")),
-        ("deploy.toml", workload("triggers = [{ interval = \"0ms\" }]\n")),
-        ("deploy.toml", workload("[workloads.limits]\nmemory = \"16MB\"\n")),
-        ("deploy.toml", workload("[workloads.limits]\nmemory = \"16 parsecs\"\n")),
-        ("deploy.toml", workload("[workloads.limits]\nmemory = \"1KiB\"\n")),
-        ("deploy.toml", workload("triggers = [{ interval = \"1s\", foo = 1 }]\n")),
-        ("deploy.toml", workload("triggers = [{}]\n")),
-        ("deploy.toml", "[[workloads]]\nname = \"a\"\nmodule = \"sha256:xyz\"\n".to_owned()),
-        ("deploy.toml", "".to_owned()),
-        ("deploy.json", "[]".to_owned()),
-        ("deploy.json", "{\"workloads\": [1]}".to_owned()),
-        ("deploy.json", "{\"workloads\": [".to_owned()),
-        ("deploy.toml", "[[workloads]]\nname = \"a\"\nmodule = \"a\"\n[[workloads]]\nname = \"a\"\nmodule = \"a\"\n".to_owned()),
-    ] {
-        match parse(f, &t, Path::new(".")) { Ok(_) => println!("OK"), Err(e) => println!("{e}") }
     }
 }

@@ -211,7 +211,15 @@ fn describe_failure(store: &mut Store<InstanceData>, err: &wasmtime::Error) -> S
         return slice.to_string();
     }
     let limiter = &mut store.data_mut().limiter;
-    let text = first_lines(&format!("{err:#}"));
+    let trap = err
+        .chain()
+        .find_map(|cause| cause.downcast_ref::<wasmtime::Trap>());
+    let text = match trap {
+        Some(trap) => trap
+            .to_string()
+            .replace("wasm trap: wasm trap: ", "wasm trap: "),
+        None => first_lines(&format!("{}", err.root_cause())),
+    };
     match limiter.take_refused() {
         Some(wanted) => format!(
             "memory limit of {} bytes reached (the guest asked for {} bytes), then: {text}",

@@ -406,22 +406,22 @@ impl Worker {
         loop {
             let is_command = self.current.artifact.kind() == ArtifactKind::Command;
             // (Re)start the instance when it is due.
-            if let Some(at) = restart_at {
-                if tokio::time::Instant::now() >= at {
-                    restart_at = None;
-                    if is_command {
-                        if ticker.is_none() && !command_ran {
-                            command_ran = true;
-                            if let Some(delay) = self.run_command_once().await {
-                                restart_at = Some(tokio::time::Instant::now() + delay);
-                                command_ran = false;
-                            }
-                        } else {
-                            self.set_state("running", None);
+            if let Some(at) = restart_at
+                && tokio::time::Instant::now() >= at
+            {
+                restart_at = None;
+                if is_command {
+                    if ticker.is_none() && !command_ran {
+                        command_ran = true;
+                        if let Some(delay) = self.run_command_once().await {
+                            restart_at = Some(tokio::time::Instant::now() + delay);
+                            command_ran = false;
                         }
-                    } else if let Some(delay) = self.start().await {
-                        restart_at = Some(tokio::time::Instant::now() + delay);
+                    } else {
+                        self.set_state("running", None);
                     }
+                } else if let Some(delay) = self.start().await {
+                    restart_at = Some(tokio::time::Instant::now() + delay);
                 }
             }
             let running = self.current.instance.is_some() || (is_command && restart_at.is_none());
@@ -830,15 +830,6 @@ fn backoff(failures_in_a_row: u32) -> Duration {
     BACKOFF_START
         .saturating_mul(1u32 << failures_in_a_row.min(16))
         .min(BACKOFF_MAX)
-}
-
-/// Builds a config map for tests.
-#[cfg(test)]
-pub(crate) fn config(pairs: &[(&str, &str)]) -> std::collections::BTreeMap<String, String> {
-    pairs
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
 }
 
 #[cfg(test)]

@@ -1,0 +1,544 @@
+//! `lichen bench`: figures for the claims in the README, measured in-process against the real
+//! agent library (real SQLite, real Wasmtime) with a temporary state directory.
+//!
+//! | what | measures |
+//! | --- | --- |
+//! | `startup` | deploy of a precompiled component to its first handled event; the engine alone |
+//! | `density` | process RSS with N live `counter` instances |
+//! | `dispatch` | ticks per second across N instances, through the store's group commit |
+//! | `reload` | hot reloads under a stream of commands: duration, events lost, handled twice |
+//! | `size` | the binary's size, and the static release binaries' if built |
+//!
+//! `lichen bench` alone runs every group in its own child process (`startup`,
+//! `density,dispatch`, `reload`, `size`), so each RSS figure starts from a fresh process, and
+//! ends with one summary line per figure. Benchmarks print figures; they assert nothing.
+
+mod density;
+mod reload;
+mod size;
+mod startup;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use crate::api::types::ApiError;
+use crate::cli::BenchArgs;
+use crate::config::AgentConfig;
+use crate::metrics::Gauges;
+use crate::supervisor::Agent;
+
+/// Every benchmark, in the order `lichen bench` runs them.
+pub const BENCHMARKS: [&str; 5] = ["startup", "density", "dispatch", "reload", "size"];
+
+/// How `lichen bench` without WHAT splits the benchmarks into child processes.
+const GROUPS: [&str; 4] = ["startup", "density,dispatch", "reload", "size"];
+
+/// The line after which a run prints its summary lines.
+const SUMMARY_HEADER: &str = "## Summary (one line per figure)";
+
+/// Runs the benchmarks named in `args`.
+///
+/// The benchmarks run on a runtime of their own so that, unless `LICHEN_LOG` says otherwise,
+/// the agent's per-deploy info lines stay off the terminal (and out of the timings).
+pub async fn run(args: BenchArgs) -> Result<()> {
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("lichen-bench".into())
+        .spawn(move || {
+            let result = bench_runtime().and_then(|runtime| {
+                quiet_logs_on_this_thread();
+                runtime.block_on(run_in_runtime(args))
+            });
+            let _ = tx.send(result);
+        })
+        .context("cannot start the benchmark thread")?;
+    rx.await
+        .context("the benchmark thread ended without a result")?
+}
+
+fn bench_runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .on_thread_start(quiet_logs_on_this_thread)
+        .build()
+        .context("cannot start the benchmark's async runtime")
+}
+
+/// Shows only warnings and errors on this thread, unless `LICHEN_LOG` is set.
+fn quiet_logs_on_this_thread() {
+    if std::env::var_os("LICHEN_LOG").is_some() {
+        return;
+    }
+    let subscriber = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_writer(std::io::stderr)
+        .finish();
+    let guard = tracing::dispatcher::set_default(&tracing::Dispatch::new(subscriber));
+    // The thread keeps this default for its whole life.
+    std::mem::forget(guard);
+}
+
+async fn run_in_runtime(args: BenchArgs) -> Result<()> {
+    match &args.what {
+        None => match child_executable() {
+            Some(exe) => tokio::task::spawn_blocking(move || run_children(&exe, &args))
+                .await
+                .context("the benchmark driver task failed")?,
+            None => run_selected(&BENCHMARKS, &args).await,
+        },
+        Some(what) => {
+            let selected = parse_what(what)?;
+            run_selected(&selected, &args).await
+        }
+    }
+}
+
+/// Parses `startup` or `density,dispatch` into benchmark names.
+fn parse_what(what: &str) -> Result<Vec<&'static str>> {
+    let mut selected = Vec::new();
+    for word in what.split(',').map(str::trim).filter(|w| !w.is_empty()) {
+        let word = if word == "all" { None } else { Some(word) };
+        match word {
+            None => selected.extend(BENCHMARKS),
+            Some(word) => {
+                let name = BENCHMARKS.iter().find(|b| **b == word).with_context(|| {
+                    format!(
+                        "unknown benchmark {word:?}: use {} or all",
+                        BENCHMARKS.join(", ")
+                    )
+                })?;
+                selected.push(*name);
+            }
+        }
+    }
+    anyhow::ensure!(
+        !selected.is_empty(),
+        "no benchmark named: use {} or all",
+        BENCHMARKS.join(", ")
+    );
+    Ok(selected)
+}
+
+/// The `lichen` binary, when this process is one, to run each group in a fresh process.
+fn child_executable() -> Option<PathBuf> {
+    let exe = std::env::current_exe().ok()?;
+    let stem = exe.file_stem()?.to_str()?;
+    (stem == "lichen").then_some(exe)
+}
+
+/// Runs every group in its own process, passes its tables through and prints all summary
+/// lines at the end.
+fn run_children(exe: &Path, args: &BenchArgs) -> Result<()> {
+    let mut summary = Vec::new();
+    let mut failed = Vec::new();
+    for group in GROUPS {
+        let mut command = Command::new(exe);
+        command.arg("bench").arg(group);
+        if let Some(n) = args.instances {
+            command.arg("--count").arg(n.to_string());
+        }
+        if let Some(n) = args.events {
+            command.arg("--events").arg(n.to_string());
+        }
+        if let Some(n) = args.iterations {
+            command.arg("--iterations").arg(n.to_string());
+        }
+        if let Some(module) = &args.module {
+            command.arg("--module").arg(module);
+        }
+        if let Some(dir) = &args.state_dir {
+            command.arg("--state-dir").arg(dir);
+        }
+        let mut child = command
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("cannot run {} bench {group}", exe.display()))?;
+        let stdout = child.stdout.take().context("the child's stdout is piped")?;
+        let mut in_summary = false;
+        for line in BufReader::new(stdout).lines() {
+            let line = line.context("cannot read a benchmark's output")?;
+            if line == SUMMARY_HEADER {
+                in_summary = true;
+            } else if in_summary {
+                if !line.trim().is_empty() {
+                    summary.push(line);
+                }
+            } else {
+                println!("{line}");
+            }
+        }
+        let status = child.wait().context("cannot wait for a benchmark")?;
+        if !status.success() {
+            summary.push(format!("- {group}: the benchmark failed ({status})"));
+            failed.push(group);
+        }
+    }
+    print_summary(&summary);
+    anyhow::ensure!(
+        failed.is_empty(),
+        "benchmarks failed: {} (see above)",
+        failed.join(", ")
+    );
+    Ok(())
+}
+
+async fn run_selected(selected: &[&str], args: &BenchArgs) -> Result<()> {
+    let dirs = BenchDirs::new(args.state_dir.as_deref())?;
+    let has = |name: &str| selected.contains(&name);
+    let mut summary = Vec::new();
+    let mut failed = Vec::new();
+    let mut outcome = |name: &'static str, result: Result<Vec<String>>| match result {
+        Ok(lines) => summary.extend(lines),
+        Err(err) => {
+            println!("\n{name}: failed: {err:#}\n");
+            summary.push(format!("- {name}: not measured: {err:#}"));
+            failed.push(name);
+        }
+    };
+    if has("startup") {
+        let result = async { startup::run(&dirs.fresh("startup")?, args).await }.await;
+        outcome("startup", result);
+    }
+    if has("density") || has("dispatch") {
+        let result = async {
+            density::run(
+                &dirs.fresh("density")?,
+                args,
+                has("density"),
+                has("dispatch"),
+            )
+            .await
+        }
+        .await;
+        let name = if has("density") {
+            "density"
+        } else {
+            "dispatch"
+        };
+        outcome(name, result);
+    }
+    if has("reload") {
+        let result = async { reload::run(&dirs.fresh("reload")?, args).await }.await;
+        outcome("reload", result);
+    }
+    if has("size") {
+        outcome("size", size::run());
+    }
+    println!("{SUMMARY_HEADER}");
+    for line in &summary {
+        println!("{line}");
+    }
+    println!();
+    anyhow::ensure!(
+        failed.is_empty(),
+        "benchmarks failed: {}",
+        failed.join(", ")
+    );
+    Ok(())
+}
+
+fn print_summary(lines: &[String]) {
+    println!("{SUMMARY_HEADER}");
+    for line in lines {
+        println!("{line}");
+    }
+    println!();
+}
+
+/// The benchmarks' state directories: under `--state-dir`, or under a temporary directory
+/// named after the process that is removed at the end.
+struct BenchDirs {
+    root: PathBuf,
+    remove: bool,
+}
+
+impl BenchDirs {
+    fn new(state_dir: Option<&Path>) -> Result<Self> {
+        let (root, remove) = match state_dir {
+            Some(dir) => (dir.to_path_buf(), false),
+            None => (
+                std::env::temp_dir().join(format!("lichen-bench-{}", std::process::id())),
+                true,
+            ),
+        };
+        std::fs::create_dir_all(&root)
+            .with_context(|| format!("cannot create benchmark directory {}", root.display()))?;
+        Ok(Self { root, remove })
+    }
+
+    /// An empty directory `bench-<name>` (a previous run's is removed: its state would skew
+    /// the figures).
+    fn fresh(&self, name: &str) -> Result<PathBuf> {
+        let dir = self.root.join(format!("bench-{name}"));
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)
+                .with_context(|| format!("cannot clear {}", dir.display()))?;
+        }
+        std::fs::create_dir_all(&dir)
+            .with_context(|| format!("cannot create {}", dir.display()))?;
+        Ok(dir)
+    }
+}
+
+impl Drop for BenchDirs {
+    fn drop(&mut self) {
+        if self.remove {
+            let _ = std::fs::remove_dir_all(&self.root);
+        }
+    }
+}
+
+/// Opens an agent on `dir` with the built-in config, its engine sized for `max_instances`
+/// when given.
+async fn open_agent(dir: &Path, max_instances: Option<u32>) -> Result<Agent> {
+    let mut config = AgentConfig::load(None)?;
+    if let Some(n) = max_instances {
+        config.wasm.max_instances = n;
+    }
+    crate::daemon::open_agent(&config, dir)
+        .await
+        .context("cannot open the agent")
+}
+
+/// The module to measure: `--module`, else the embedded `counter` component.
+fn module_bytes(args: &BenchArgs) -> Result<(Vec<u8>, String)> {
+    match &args.module {
+        Some(path) => Ok((
+            std::fs::read(path)
+                .with_context(|| format!("cannot read module {}", path.display()))?,
+            path.display().to_string(),
+        )),
+        None => Ok((
+            crate::embedded::COUNTER.to_vec(),
+            "embedded counter component".to_string(),
+        )),
+    }
+}
+
+/// One workload of a generated deployment.
+struct WorkloadText<'a> {
+    name: &'a str,
+    digest: &'a str,
+    config: &'a [(&'a str, &'a str)],
+}
+
+/// Deployment TOML for `workloads`, none of them with a trigger.
+fn deployment_text(description: &str, workloads: &[WorkloadText<'_>]) -> String {
+    use std::fmt::Write;
+    let mut text = format!("description = {description:?}\n");
+    for w in workloads {
+        let _ = write!(
+            text,
+            "\n[[workloads]]\nname = \"{}\"\nmodule = \"sha256:{}\"\n",
+            w.name, w.digest
+        );
+        if !w.config.is_empty() {
+            text.push_str("[workloads.config]\n");
+            for (key, value) in w.config {
+                let _ = writeln!(text, "{key} = {value:?}");
+            }
+        }
+    }
+    text
+}
+
+fn api(err: ApiError) -> anyhow::Error {
+    anyhow::anyhow!("{} ({})", err.error, err.code)
+}
+
+/// A histogram's sum (seconds) and count from the agent's metrics.
+fn histogram(agent: &Agent, name: &str) -> (f64, u64) {
+    let text = agent.metrics().render(&Gauges {
+        instances: 0,
+        queue_depth: 0,
+        rss_bytes: 0,
+        outbox_rows: 0,
+    });
+    let value = |suffix: &str| {
+        let key = format!("{name}_{suffix} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(&key))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (value("sum"), value("count") as u64)
+}
+
+/// Sorted samples with percentiles.
+struct Samples(Vec<Duration>);
+
+impl Samples {
+    fn new(mut samples: Vec<Duration>) -> Self {
+        samples.sort();
+        Self(samples)
+    }
+
+    /// Nearest-rank percentile.
+    fn percentile(&self, p: f64) -> Duration {
+        if self.0.is_empty() {
+            return Duration::ZERO;
+        }
+        let rank = ((p / 100.0) * self.0.len() as f64).ceil() as usize;
+        self.0[rank.clamp(1, self.0.len()) - 1]
+    }
+
+    fn mean(&self) -> Duration {
+        if self.0.is_empty() {
+            return Duration::ZERO;
+        }
+        self.0.iter().sum::<Duration>() / self.0.len() as u32
+    }
+
+    fn max(&self) -> Duration {
+        self.0.last().copied().unwrap_or_default()
+    }
+}
+
+/// A duration in the unit that reads best: `7.9 us`, `0.812 ms`, `1.20 s`.
+fn fmt_duration(d: Duration) -> String {
+    let secs = d.as_secs_f64();
+    if secs < 1e-3 {
+        format!("{:.1} us", secs * 1e6)
+    } else if secs < 1.0 {
+        format!("{:.3} ms", secs * 1e3)
+    } else {
+        format!("{secs:.2} s")
+    }
+}
+
+/// A count with thousands separators: `200,000`.
+fn fmt_count(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// A benchmark's table: figure, measured, target, reference.
+struct Table {
+    title: String,
+    rows: Vec<[String; 4]>,
+    notes: Vec<String>,
+}
+
+impl Table {
+    fn new(title: impl Into<String>) -> Self {
+        Self {
+            title: title.into(),
+            rows: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
+    fn row(
+        &mut self,
+        figure: impl Into<String>,
+        measured: impl Into<String>,
+        target: impl Into<String>,
+        reference: impl Into<String>,
+    ) {
+        self.rows.push([
+            figure.into(),
+            measured.into(),
+            target.into(),
+            reference.into(),
+        ]);
+    }
+
+    fn note(&mut self, note: impl Into<String>) {
+        self.notes.push(note.into());
+    }
+
+    /// Prints the table in Markdown, columns aligned.
+    fn print(&self) {
+        let header = ["figure", "measured", "target", "reference"].map(String::from);
+        let mut widths = [0usize; 4];
+        for row in std::iter::once(&header).chain(&self.rows) {
+            for (width, cell) in widths.iter_mut().zip(row) {
+                *width = (*width).max(cell.chars().count());
+            }
+        }
+        let line = |row: &[String; 4]| {
+            let cells: Vec<String> = row
+                .iter()
+                .zip(widths)
+                .map(|(cell, width)| format!("{cell:<width$}"))
+                .collect();
+            format!("| {} |", cells.join(" | "))
+        };
+        println!("\n### {}\n", self.title);
+        println!("{}", line(&header));
+        let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+        println!("| {} |", rule.join(" | "));
+        for row in &self.rows {
+            println!("{}", line(row));
+        }
+        if !self.notes.is_empty() {
+            println!();
+            for note in &self.notes {
+                println!("- {note}");
+            }
+        }
+        println!();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn benchmark_names_parse_and_unknown_ones_are_named() {
+        assert_eq!(
+            parse_what("density,dispatch").unwrap(),
+            vec!["density", "dispatch"]
+        );
+        assert_eq!(parse_what("all").unwrap().len(), BENCHMARKS.len());
+        let err = parse_what("events").unwrap_err().to_string();
+        assert!(err.contains("\"events\""), "{err}");
+    }
+
+    #[test]
+    fn percentiles_use_the_nearest_rank() {
+        let samples = Samples::new((1..=100).rev().map(Duration::from_millis).collect());
+        assert_eq!(samples.percentile(50.0), Duration::from_millis(50));
+        assert_eq!(samples.percentile(99.0), Duration::from_millis(99));
+        assert_eq!(samples.max(), Duration::from_millis(100));
+        assert_eq!(fmt_count(200_000), "200,000");
+        assert_eq!(fmt_duration(Duration::from_micros(812)), "812.0 us");
+    }
+
+    #[test]
+    fn generated_deployments_parse() {
+        let digest = "ab".repeat(32);
+        let text = deployment_text(
+            "bench",
+            &[
+                WorkloadText {
+                    name: "w-0001",
+                    digest: &digest,
+                    config: &[("mode", "echo")],
+                },
+                WorkloadText {
+                    name: "w-0002",
+                    digest: &digest,
+                    config: &[],
+                },
+            ],
+        );
+        let parsed = crate::deployment::parse("bench.toml", &text, Path::new("/"))
+            .expect("generated text is a valid deployment");
+        assert_eq!(parsed.spec.workloads.len(), 2);
+        assert_eq!(parsed.spec.workloads[0].config["mode"], "echo");
+    }
+}

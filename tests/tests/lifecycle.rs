@@ -1,0 +1,214 @@
+//! Deploying, running, commanding and stopping device functions through the real daemon.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::PermissionsExt;
+
+use lichen_tests::{Daemon, guest, one_workload, output_text};
+
+#[test]
+fn deploy_runs_counter_and_its_state_survives_a_restart() {
+    let mut daemon = Daemon::start().expect("daemon starts");
+    let out = daemon.deploy(
+        "deploy.toml",
+        &one_workload(
+            "counter",
+            &guest("counter"),
+            "triggers = [{ interval = \"20ms\" }]",
+        ),
+    );
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("counter"),
+        "deploy names what it started"
+    );
+
+    daemon.wait_for("counter", "3 events", |s| s.events_handled >= 3);
+    let before: u64 = daemon
+        .kv("counter", "count")
+        .expect("count is set")
+        .parse()
+        .unwrap();
+    assert!(before >= 3);
+
+    daemon.stop().expect("SIGTERM stops the daemon");
+    daemon.restart().expect("daemon restarts on the same state");
+    let status = daemon.wait_for("counter", "running again", |s| s.state == "running");
+    assert_eq!(status.kind, "wasm");
+    daemon.wait_for("counter", "more events", |s| s.events_handled > before + 2);
+    let after: u64 = daemon.kv("counter", "count").unwrap().parse().unwrap();
+    assert!(
+        after > before,
+        "the count went on from {before} (now {after})"
+    );
+}
+
+#[test]
+fn commands_reach_the_function_and_its_reply_comes_back() {
+    let daemon = Daemon::start().unwrap();
+    let text = one_workload(
+        "thermostat",
+        &guest("thermostat"),
+        "[workloads.config]\ntarget = \"20\"",
+    );
+    let out = daemon.deploy("deploy.toml", &text);
+    assert!(out.status.success(), "{}", output_text(&out));
+    daemon.wait_for("thermostat", "running", |s| s.state == "running");
+
+    let out = daemon.cli(&["send", "thermostat", "set-target", "23.5"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(output_text(&out).contains("23.5"), "{}", output_text(&out));
+    let status = daemon.cli_json(&["send", "thermostat", "status"]).unwrap();
+    let reply: serde_json::Value =
+        serde_json::from_str(status["reply"].as_str().expect("status replies")).unwrap();
+    assert_eq!(reply["target"], 23.5);
+    assert_eq!(daemon.kv("thermostat", "target").as_deref(), Some("23.5"));
+
+    let out = daemon.cli(&["send", "thermostat", "no-such-command"]);
+    assert!(!out.status.success());
+    assert!(
+        output_text(&out).contains("unknown command"),
+        "{}",
+        output_text(&out)
+    );
+    let out = daemon.cli(&["send", "nobody", "status"]);
+    assert!(!out.status.success());
+    assert!(
+        output_text(&out).contains("no workload named \"nobody\""),
+        "{}",
+        output_text(&out)
+    );
+}
+
+#[test]
+fn stop_ends_a_workload_and_the_next_deploy_starts_it_again() {
+    let daemon = Daemon::start().unwrap();
+    let text = one_workload(
+        "counter",
+        &guest("counter"),
+        "triggers = [{ interval = \"20ms\" }]",
+    );
+    assert!(daemon.deploy("deploy.toml", &text).status.success());
+    daemon.wait_for("counter", "an event", |s| s.events_handled >= 1);
+    let out = daemon.cli(&["stop", "counter"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let stopped = daemon.status("counter").unwrap();
+    assert_eq!(stopped.state, "stopped");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(
+        daemon.status("counter").unwrap().events_handled,
+        stopped.events_handled,
+        "a stopped workload handles nothing"
+    );
+    let log = output_text(&daemon.cli(&["logs", "counter"]));
+    assert!(
+        log.contains("stop"),
+        "the function logged its stop event: {log}"
+    );
+
+    assert!(daemon.deploy("deploy.toml", &text).status.success());
+    daemon.wait_for("counter", "running again", |s| s.state == "running");
+}
+
+#[test]
+fn a_wasi_preview1_command_runs_and_its_output_reaches_the_logs() {
+    let daemon = Daemon::start().unwrap();
+    let text = one_workload(
+        "hello",
+        &guest("hello-wasi"),
+        "[workloads.config]\ngreeting = \"hi there\"",
+    );
+    let out = daemon.deploy("deploy.toml", &text);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let status = daemon.wait_for("hello", "completed", |s| s.state == "completed");
+    assert_eq!(status.kind, "wasi-command");
+    let logs = output_text(&daemon.cli(&["logs", "hello"]));
+    assert!(logs.contains("hello from wasi"), "{logs}");
+    assert!(logs.contains("LICHEN_GREETING=hi there"), "{logs}");
+}
+
+#[test]
+fn the_socket_is_private_and_metrics_are_served() {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let daemon = Daemon::start_with(&["--metrics", &addr.to_string()], None).unwrap();
+    let mode = std::fs::metadata(daemon.socket())
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600, "socket mode is {:o}", mode & 0o777);
+
+    let text = one_workload(
+        "counter",
+        &guest("counter"),
+        "triggers = [{ interval = \"20ms\" }]",
+    );
+    assert!(daemon.deploy("deploy.toml", &text).status.success());
+    daemon.wait_for("counter", "events", |s| s.events_handled >= 2);
+
+    let mut stream = std::net::TcpStream::connect(addr).expect("metrics listener is up");
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut body = String::new();
+    stream.read_to_string(&mut body).unwrap();
+    assert!(body.starts_with("HTTP/1.1 200"), "{body}");
+    for metric in [
+        "lichen_instances 1",
+        "lichen_events_handled_total",
+        "lichen_traps_total 0",
+        "lichen_handle_seconds_bucket",
+        "lichen_instantiate_seconds_count 1",
+        "lichen_process_resident_memory_bytes",
+        "lichen_queue_depth",
+    ] {
+        assert!(body.contains(metric), "missing {metric} in:\n{body}");
+    }
+}
+
+#[test]
+fn telemetry_goes_to_the_outbox_with_the_state_it_came_from() {
+    let mut daemon = Daemon::start().unwrap();
+    let text = one_workload(
+        "counter",
+        &guest("counter"),
+        "triggers = [{ interval = \"20ms\" }]",
+    );
+    assert!(daemon.deploy("deploy.toml", &text).status.success());
+    daemon.wait_for("counter", "events", |s| s.events_handled >= 5);
+    daemon.stop().unwrap();
+
+    let db = rusqlite::Connection::open(daemon.state_dir().join("lichen.db")).unwrap();
+    let count: String = db
+        .query_row(
+            "SELECT CAST(value AS TEXT) FROM kv WHERE workload = 'counter' AND key = 'count'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let last: String = db
+        .query_row(
+            "SELECT CAST(payload AS TEXT) FROM outbox WHERE workload = 'counter' AND stream = 'count' ORDER BY id DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let rows: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM outbox WHERE workload = 'counter'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let last: serde_json::Value = serde_json::from_str(&last).unwrap();
+    assert_eq!(
+        last["count"].as_u64().unwrap().to_string(),
+        count,
+        "the last telemetry record carries the committed count"
+    );
+    assert_eq!(
+        rows.to_string(),
+        count,
+        "one record per committed increment"
+    );
+}
