@@ -43,7 +43,7 @@ count=0
 for _ in $(seq 1 300); do
   if [ -S "$work/lichen.sock" ]; then
     count=$("$qemu" "$bin" --socket "$work/lichen.sock" --json kv counter count 2>/dev/null \
-      | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d[0]["value"] if d else 0)' 2>/dev/null || echo 0)
+      | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d[0]["value"] if d else 0)' 2>/dev/null) || count=0
     [ "${count:-0}" -ge 3 ] && break
   fi
   if ! kill -0 "$daemon" 2>/dev/null; then

@@ -35,7 +35,8 @@ impl Default for LogOptions {
 
 struct WorkloadLog {
     ring: VecDeque<LogLine>,
-    followers: broadcast::Sender<LogLine>,
+    /// Created on the first `follow`: an idle workload costs no channel buffer.
+    followers: Option<broadcast::Sender<LogLine>>,
     tokens: f64,
     refilled_at: Instant,
     dropped: u64,
@@ -72,7 +73,7 @@ impl LogHub {
         map.entry(workload.to_string())
             .or_insert_with(|| WorkloadLog {
                 ring: VecDeque::with_capacity(options.ring_lines.min(64)),
-                followers: broadcast::channel(1024).0,
+                followers: None,
                 tokens: options.burst,
                 refilled_at: Instant::now(),
                 dropped: 0,
@@ -92,7 +93,12 @@ impl LogHub {
             entry.ring.pop_front();
         }
         entry.ring.push_back(line.clone());
-        let _ = entry.followers.send(line.clone());
+        if let Some(followers) = &entry.followers
+            && followers.send(line.clone()).is_err()
+        {
+            // Nobody follows any more: free the channel's buffer.
+            entry.followers = None;
+        }
         self.unpersisted
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -124,6 +130,7 @@ impl LogHub {
         let mut map = self.workloads();
         Self::entry(&mut map, workload, &self.options)
             .followers
+            .get_or_insert_with(|| broadcast::channel(1024).0)
             .subscribe()
     }
 

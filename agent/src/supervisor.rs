@@ -20,8 +20,8 @@ use crate::deployment::{self, ModuleRef, ParsedDeployment, WorkloadSpec};
 use crate::logs::{LogHub, LogOptions};
 use crate::metrics::{Gauges, Metrics};
 use crate::runtime::wasm::{
-    Artifact, ArtifactStore, Delivery, EngineOptions, WasmEngine, WorkerContext, WorkerHandle,
-    spawn_worker,
+    Artifact, ArtifactStore, Delivery, EngineOptions, EventSender, WasmEngine, WorkerContext,
+    WorkerHandle, spawn_worker,
 };
 use crate::store::{NewDeployment, NewWorkload, StateStore, StoreOptions};
 use crate::util::process_rss_bytes;
@@ -371,6 +371,21 @@ impl Agent {
             .deliver(delivery, None)
             .await
             .map_err(ApiError::unavailable)
+    }
+
+    /// Direct event queues of running workloads, in the order of `names` (benchmarks).
+    pub async fn event_senders(&self, names: &[String]) -> Result<Vec<EventSender>, ApiError> {
+        let workloads = self.inner.workloads.lock().await;
+        names
+            .iter()
+            .map(|name| {
+                workloads
+                    .running
+                    .get(name)
+                    .map(WorkerHandle::sender)
+                    .ok_or_else(|| ApiError::not_found(format!("no workload named {name:?}")))
+            })
+            .collect()
     }
 
     fn status_of(handle: &WorkerHandle) -> WorkloadStatus {

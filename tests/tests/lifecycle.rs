@@ -212,3 +212,48 @@ fn telemetry_goes_to_the_outbox_with_the_state_it_came_from() {
         "one record per committed increment"
     );
 }
+
+#[test]
+fn logs_follow_streams_new_lines_as_they_are_written() {
+    use std::io::BufRead;
+    let daemon = Daemon::start().unwrap();
+    let text = one_workload(
+        "thermostat",
+        &guest("thermostat"),
+        "triggers = [{ interval = \"20ms\" }]\n[workloads.config]\ntarget = \"40\"",
+    );
+    assert!(daemon.deploy("deploy.toml", &text).status.success());
+    daemon.wait_for("thermostat", "running", |s| s.state == "running");
+    let mut follower = std::process::Command::new(lichen_tests::lichen_bin())
+        .arg("--socket")
+        .arg(daemon.socket())
+        .args(["--json", "logs", "thermostat", "--follow", "--tail", "0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Give the follower time to subscribe; lines before that are not part of the stream.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // The command changes the target, so the heater switches and the function logs it.
+    assert!(
+        daemon
+            .cli(&["send", "thermostat", "set-target", "5"])
+            .status
+            .success()
+    );
+    let stdout = follower.stdout.take().unwrap();
+    let mut lines = std::io::BufReader::new(stdout).lines();
+    let mut seen = Vec::new();
+    let switched = lines.by_ref().take(20).any(|line| {
+        let line = line.unwrap();
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(value["workload"], "thermostat");
+        seen.push(line);
+        value["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("heater off")
+    });
+    assert!(switched, "the heater switch was streamed: {seen:?}");
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+}

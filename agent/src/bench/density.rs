@@ -208,12 +208,13 @@ async fn run_dispatch(
     let (handle_sum_before, handle_count_before) = histogram(agent, "lichen_handle_seconds");
     let target = handled_before + events;
 
+    let senders = agent.event_senders(names).await.map_err(api)?;
     let started = Instant::now();
-    for (i, name) in names.iter().cycle().take(events as usize).enumerate() {
-        agent
-            .inject(name, Delivery::Tick)
+    for (i, sender) in senders.iter().cycle().take(events as usize).enumerate() {
+        sender
+            .deliver(Delivery::Tick)
             .await
-            .map_err(api)
+            .map_err(anyhow::Error::msg)
             .with_context(|| format!("cannot inject tick {i}"))?;
     }
     let injected = started.elapsed();
@@ -307,7 +308,7 @@ async fn run_dispatch(
         );
     }
     table.note(
-        "one task injects with Agent::inject (it waits for queue room); the clock stops when the agents' handled-events counter has grown by the number injected; each counter tick increments kv `count` and publishes one telemetry row, committed before the next event of that instance",
+        "one task injects through each workload's event queue (it waits for queue room); the clock stops when the agents' handled-events counter has grown by the number injected; each counter tick increments kv `count` and publishes one telemetry row, committed before the next event of that instance",
     );
     table.note(format!(
         "{per_transaction:.1} write requests per transaction (requests include status and log writes)"

@@ -12,8 +12,8 @@ pub use artifacts::{Artifact, ArtifactKind, ArtifactStore, sha256_hex};
 pub use engine::{EngineOptions, WasmEngine};
 pub use instance::{CallOutcome, Instance, InstanceSetup};
 pub use worker::{
-    Delivery, EventRequest, Reply, WorkerCommand, WorkerContext, WorkerHandle, WorkerStats,
-    spawn_worker,
+    Delivery, EventRequest, EventSender, Reply, WorkerCommand, WorkerContext, WorkerHandle,
+    WorkerStats, spawn_worker,
 };
 
 /// Turns Wasmtime's own error type into an `anyhow` error so `.context` can wrap it.

@@ -145,6 +145,23 @@ impl WorkerStats {
     }
 }
 
+/// Queues events for one worker (cheap to clone).
+#[derive(Clone)]
+pub struct EventSender(mpsc::Sender<EventRequest>);
+
+impl EventSender {
+    /// Queues an event without a reply, waiting for room in the queue.
+    pub async fn deliver(&self, delivery: Delivery) -> Result<(), String> {
+        self.0
+            .send(EventRequest {
+                delivery,
+                reply: None,
+            })
+            .await
+            .map_err(|_| "the workload is not running".to_string())
+    }
+}
+
 /// The supervisor's end of a worker.
 pub struct WorkerHandle {
     /// The workload's name.
@@ -192,6 +209,11 @@ impl WorkerHandle {
             .send(EventRequest { delivery, reply })
             .await
             .map_err(|_| format!("workload {:?} is not running", &*self.name))
+    }
+
+    /// A handle that queues events for this worker without going through the supervisor.
+    pub fn sender(&self) -> EventSender {
+        EventSender(self.events.clone())
     }
 
     /// Events waiting in the queue.
