@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use serde::Deserialize;
 
+use lichen_host_apis::LogLevel;
+
 use crate::logs::LogOptions;
 use crate::runtime::wasm::EngineOptions;
 
@@ -22,6 +24,7 @@ ring-lines = 500         # lines kept in memory per workload
 lines-per-second = 50    # average rate a workload may log
 burst = 200              # lines above the average in a burst
 persisted-lines = 1000   # lines kept in the state store per workload
+level = "info"           # guest lines below this level are dropped: trace, debug, info, warn, error
 "#;
 
 /// Agent configuration.
@@ -80,6 +83,8 @@ pub struct LogSection {
     pub burst: f64,
     /// Lines persisted per workload.
     pub persisted_lines: usize,
+    /// Lowest level of guest lines kept (`trace`, `debug`, `info`, `warn`, `error`).
+    pub level: String,
 }
 
 impl Default for LogSection {
@@ -89,6 +94,7 @@ impl Default for LogSection {
             lines_per_second: 50.0,
             burst: 200.0,
             persisted_lines: 1000,
+            level: "info".into(),
         }
     }
 }
@@ -119,12 +125,23 @@ impl AgentConfig {
     }
 
     /// Log settings from `[logs]`.
-    pub fn log_options(&self) -> LogOptions {
-        LogOptions {
+    pub fn log_options(&self) -> Result<LogOptions> {
+        let min_level = match self.logs.level.as_str() {
+            "trace" => LogLevel::Trace,
+            "debug" => LogLevel::Debug,
+            "info" => LogLevel::Info,
+            "warn" => LogLevel::Warn,
+            "error" => LogLevel::Error,
+            other => anyhow::bail!(
+                "invalid logs.level {other:?} in the agent config: use trace, debug, info, warn or error"
+            ),
+        };
+        Ok(LogOptions {
             ring_lines: self.logs.ring_lines.max(1),
             lines_per_second: self.logs.lines_per_second,
             burst: self.logs.burst.max(1.0),
-        }
+            min_level,
+        })
     }
 }
 

@@ -57,7 +57,7 @@ pub async fn open_agent(config: &AgentConfig, state_dir: &Path) -> Result<Agent>
     Agent::open(AgentOptions {
         state_dir: state_dir.to_path_buf(),
         engine: config.engine_options()?,
-        logs: config.log_options(),
+        logs: config.log_options()?,
         persisted_log_lines: config.logs.persisted_lines,
         board: config.board.clone(),
     })

@@ -21,6 +21,9 @@ pub struct LogOptions {
     pub lines_per_second: f64,
     /// Lines a workload may log in a burst above the average.
     pub burst: f64,
+    /// Guest lines below this level are dropped before anything else (`debug` and `trace`
+    /// lines would otherwise cost a log write per event on a busy node).
+    pub min_level: LogLevel,
 }
 
 impl Default for LogOptions {
@@ -29,6 +32,7 @@ impl Default for LogOptions {
             ring_lines: 500,
             lines_per_second: 50.0,
             burst: 200.0,
+            min_level: LogLevel::Info,
         }
     }
 }
@@ -174,6 +178,9 @@ impl LogHub {
 
 impl LogSink for LogHub {
     fn log(&self, workload: &str, level: LogLevel, context: &str, message: &str) {
+        if level < self.options.min_level {
+            return;
+        }
         let mut map = self.workloads();
         let options = self.options;
         let entry = Self::entry(&mut map, workload, &options);
@@ -219,6 +226,7 @@ mod tests {
             ring_lines: 1000,
             lines_per_second: 10.0,
             burst: 20.0,
+            min_level: LogLevel::Info,
         });
         for i in 0..5000 {
             hub.log("noisy", LogLevel::Info, "loop", &format!("line {i}"));
@@ -241,11 +249,21 @@ mod tests {
             ring_lines: 3,
             lines_per_second: 1e9,
             burst: 1e9,
+            min_level: LogLevel::Trace,
         });
         for i in 0..10 {
             hub.log("w", LogLevel::Info, "c", &format!("{i}"));
         }
         let msgs: Vec<String> = hub.recent("w", 10).into_iter().map(|l| l.message).collect();
         assert_eq!(msgs, ["7", "8", "9"]);
+    }
+
+    #[test]
+    fn lines_below_the_level_are_dropped() {
+        let hub = LogHub::new(LogOptions::default());
+        hub.log("w", LogLevel::Debug, "c", "noise");
+        hub.log("w", LogLevel::Warn, "c", "signal");
+        let msgs: Vec<String> = hub.recent("w", 10).into_iter().map(|l| l.message).collect();
+        assert_eq!(msgs, ["signal"]);
     }
 }

@@ -335,3 +335,92 @@ fn tempfile_in(dir: &Path, target: &Path) -> Result<(PathBuf, fs::File)> {
         fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
     Ok((path, file))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::wasm::EngineOptions;
+
+    fn store(dir: &Path) -> Arc<ArtifactStore> {
+        let engine = Arc::new(
+            WasmEngine::new(EngineOptions {
+                max_instances: 4,
+                ..EngineOptions::default()
+            })
+            .expect("engine builds"),
+        );
+        Arc::new(ArtifactStore::open(dir, engine).expect("store opens"))
+    }
+
+    #[tokio::test]
+    async fn a_component_is_compiled_once_and_reloaded_from_its_cached_compilation() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = crate::embedded::COUNTER.to_vec();
+        let digest = sha256_hex(&bytes);
+        let first = store(dir.path());
+        let artifact = first
+            .add(bytes.clone())
+            .await
+            .expect("counter is a device function");
+        assert_eq!(artifact.kind(), ArtifactKind::Component);
+        let compiled = first.compiled_path(&digest);
+        assert!(compiled.is_file(), "the compilation is cached on disk");
+        assert!(first.contains(&digest), "the source is kept by digest");
+        let stamp = fs::metadata(&compiled).unwrap().modified().unwrap();
+
+        // A new agent on the same directory loads the cached compilation by digest.
+        let second = store(dir.path());
+        let loaded = second.load(&digest).await.expect("loads by digest");
+        assert_eq!(loaded.digest(), digest);
+        assert_eq!(
+            fs::metadata(&compiled).unwrap().modified().unwrap(),
+            stamp,
+            "not recompiled"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_damaged_cached_compilation_is_never_loaded() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = crate::embedded::COUNTER.to_vec();
+        let digest = sha256_hex(&bytes);
+        let first = store(dir.path());
+        first.add(bytes.clone()).await.unwrap();
+        let compiled = first.compiled_path(&digest);
+        let mut damaged = fs::read(&compiled).unwrap();
+        let middle = damaged.len() / 2;
+        damaged[middle] ^= 0xff;
+        fs::write(&compiled, &damaged).unwrap();
+
+        let second = store(dir.path());
+        let artifact = second
+            .load(&digest)
+            .await
+            .expect("recompiled from the source");
+        assert_eq!(artifact.kind(), ArtifactKind::Component);
+        assert_ne!(
+            fs::read(&compiled).unwrap(),
+            damaged,
+            "the damaged file was replaced"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_damaged_source_is_refused_by_digest() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = crate::embedded::COUNTER.to_vec();
+        let digest = sha256_hex(&bytes);
+        store(dir.path()).add(bytes).await.unwrap();
+        fs::write(
+            dir.path().join(format!("{digest}.wasm")),
+            b"\0asm\x0d\0\x01\0junk",
+        )
+        .unwrap();
+        let err = store(dir.path())
+            .load(&digest)
+            .await
+            .err()
+            .expect("refused");
+        assert!(format!("{err:#}").contains("corrupt"), "{err:#}");
+    }
+}

@@ -810,7 +810,27 @@ impl Worker {
         self.stats.memory_bytes.store(0, Ordering::Relaxed);
         self.stats.set(|s| s.started_at = None);
         self.set_state("stopped", None);
-        self.record("stopped", "stopped".to_string()).await;
+        self.record_and_wait("stopped", "stopped".to_string()).await;
+    }
+
+    fn status_update(&self, kind: &str, detail: String) -> StatusUpdate {
+        let status = self.stats.status();
+        StatusUpdate {
+            workload: self.name.to_string(),
+            state: status.state,
+            last_error: status.last_error,
+            restarts: self.stats.restarts.load(Ordering::Relaxed),
+            traps: self.stats.traps.load(Ordering::Relaxed),
+            event: Some((kind.to_string(), detail)),
+        }
+    }
+
+    /// Persists the final status and waits for it (the agent may be shutting down).
+    async fn record_and_wait(&mut self, kind: &str, detail: String) {
+        let update = self.status_update(kind, detail);
+        if let Err(err) = self.ctx.store.record_status(update).await {
+            tracing::warn!(workload = %self.name, "cannot record status: {err}");
+        }
     }
 
     fn set_state(&self, state: &str, error: Option<String>) {
@@ -822,20 +842,18 @@ impl Worker {
         });
     }
 
-    /// Persists the status with an event-log row.
+    /// Persists the status with an event-log row. The write goes to the store's queue in the
+    /// background: the status of the next event does not wait for this fsync, and the store's
+    /// single writer keeps the rows in order.
     async fn record(&mut self, kind: &str, detail: String) {
-        let status = self.stats.status();
-        let update = StatusUpdate {
-            workload: self.name.to_string(),
-            state: status.state,
-            last_error: status.last_error,
-            restarts: self.stats.restarts.load(Ordering::Relaxed),
-            traps: self.stats.traps.load(Ordering::Relaxed),
-            event: Some((kind.to_string(), detail)),
-        };
-        if let Err(err) = self.ctx.store.record_status(update).await {
-            tracing::warn!(workload = %self.name, "cannot record status: {err}");
-        }
+        let update = self.status_update(kind, detail);
+        let store = self.ctx.store.clone();
+        let name = self.name.clone();
+        tokio::spawn(async move {
+            if let Err(err) = store.record_status(update).await {
+                tracing::warn!(workload = %name, "cannot record status: {err}");
+            }
+        });
     }
 }
 
