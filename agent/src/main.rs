@@ -4,13 +4,18 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use lichen_agent::cli::{Cli, Command, print_doctor, report_error, run_client};
-use tracing_subscriber::EnvFilter;
+use tracing::Level;
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_env("LICHEN_LOG").unwrap_or_else(|_| EnvFilter::new("info"));
+    // LICHEN_LOG is one level (trace, debug, info, warn, error); a plain level filter keeps
+    // the regex engine of an env-filter out of the binary.
+    let level = std::env::var("LICHEN_LOG")
+        .ok()
+        .and_then(|v| v.parse::<Level>().ok())
+        .unwrap_or(Level::INFO);
     tracing_subscriber::fmt()
-        .with_env_filter(filter)
+        .with_max_level(level)
         .with_writer(std::io::stderr)
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()

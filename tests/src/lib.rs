@@ -149,7 +149,7 @@ impl Daemon {
             }
         };
         let child = command
-            .env("LICHEN_LOG", "info,lichen_agent=debug")
+            .env("LICHEN_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

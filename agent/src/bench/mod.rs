@@ -74,7 +74,7 @@ fn quiet_logs_on_this_thread() {
         return;
     }
     let subscriber = tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new("warn"))
+        .with_max_level(tracing::Level::WARN)
         .with_writer(std::io::stderr)
         .finish();
     let guard = tracing::dispatcher::set_default(&tracing::Dispatch::new(subscriber));

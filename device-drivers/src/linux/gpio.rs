@@ -1,0 +1,471 @@
+//! GPIO lines over the Linux GPIO character device, uAPI v2 (`gpiocdev`).
+//!
+//! Lines are found by label across every gpiochip, never by chip number: numbering moves
+//! between kernels (the Pi 5's header chip went from gpiochip4 to gpiochip0 in 6.6.47), labels
+//! come from the device tree and stay.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use embedded_hal::digital::{ErrorType, InputPin, OutputPin, StatefulOutputPin};
+use gpiocdev::line::{self, Value};
+
+use crate::{
+    Bias, Drive, Edge, EdgeDetection, EdgeEvent, Error, InputConfig, Level, LineSpec, OutputConfig,
+    Result,
+};
+
+/// A line located on a chip.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LineLocation {
+    /// The gpiochip's device node (`/dev/gpiochip0`).
+    pub chip: PathBuf,
+    /// The line's offset on that chip.
+    pub offset: u32,
+    /// The line's label (may be empty for lines found by offset).
+    pub label: String,
+}
+
+/// The gpiochip device nodes on this host, in name order (empty when there are none).
+pub fn chip_paths() -> Result<Vec<PathBuf>> {
+    gpiocdev::chip::chips().map_err(|e| gpio_error("/dev", "", e))
+}
+
+/// Find the line labelled `label`, looking through every gpiochip. Fails if no chip has it,
+/// or if two chips do (picking one would be a guess).
+pub fn find_line(label: &str) -> Result<LineLocation> {
+    let chips = chip_paths()?;
+    let mut found = Vec::new();
+    let mut denied = None;
+    for path in &chips {
+        let chip = match gpiocdev::Chip::from_path(path) {
+            Ok(c) => c,
+            Err(e) => {
+                // One chip we cannot open must not hide a line on another; remember it in
+                // case the line is found nowhere.
+                denied.get_or_insert_with(|| gpio_error(path, label, e));
+                continue;
+            }
+        };
+        if let Some(info) = chip.find_line_info(label) {
+            found.push(LineLocation {
+                chip: path.clone(),
+                offset: info.offset,
+                label: label.to_owned(),
+            });
+        }
+    }
+    match found.len() {
+        1 => Ok(found.remove(0)),
+        0 => Err(match denied {
+            Some(e @ Error::PermissionDenied { .. }) => e,
+            _ => Error::LineNotFound {
+                label: label.to_owned(),
+                chips_searched: chips.len(),
+            },
+        }),
+        _ => Err(Error::LineAmbiguous {
+            label: label.to_owned(),
+            chips: found.iter().map(|l| l.chip.display().to_string()).collect(),
+        }),
+    }
+}
+
+/// Resolve a [`LineSpec`]: by label, or by chip label and offset.
+pub fn locate(spec: &LineSpec) -> Result<LineLocation> {
+    match spec {
+        LineSpec::Label(label) => find_line(label),
+        LineSpec::ChipOffset { chip, offset } => {
+            for path in chip_paths()? {
+                let Ok(c) = gpiocdev::Chip::from_path(&path) else {
+                    continue;
+                };
+                let Ok(info) = c.info() else { continue };
+                if info.label == *chip {
+                    if *offset >= info.num_lines {
+                        return Err(Error::Line {
+                            label: spec.to_string(),
+                            message: format!(
+                                "{} has only {} lines",
+                                path.display(),
+                                info.num_lines
+                            ),
+                        });
+                    }
+                    let label = c.line_info(*offset).map(|i| i.name).unwrap_or_default();
+                    return Ok(LineLocation {
+                        chip: path,
+                        offset: *offset,
+                        label,
+                    });
+                }
+            }
+            Err(Error::ChipNotFound {
+                label: chip.clone(),
+            })
+        }
+    }
+}
+
+/// Turn a gpiocdev error on `chip` / line `label` into ours, naming the resource.
+fn gpio_error(chip: impl AsRef<Path>, label: &str, e: gpiocdev::Error) -> Error {
+    let errno = match &e {
+        gpiocdev::Error::Os(errno) => Some(errno.0),
+        gpiocdev::Error::Uapi(_, gpiocdev_uapi::Error::Os(errno)) => Some(errno.0),
+        _ => None,
+    };
+    let chip = chip.as_ref().to_path_buf();
+    match errno {
+        Some(libc_errno::EBUSY) => Error::LineBusy {
+            label: label.to_owned(),
+            consumer: None,
+        },
+        Some(libc_errno::EACCES | libc_errno::EPERM) => Error::PermissionDenied { path: chip },
+        Some(libc_errno::ENOENT) => Error::NodeMissing { path: chip },
+        Some(libc_errno::ENODEV) => Error::Line {
+            label: label.to_owned(),
+            message: format!("{} was removed", chip.display()),
+        },
+        _ if label.is_empty() => Error::Io {
+            path: chip,
+            source: std::io::Error::other(e.to_string()),
+        },
+        _ => Error::Line {
+            label: label.to_owned(),
+            message: format!("{}: {e}", chip.display()),
+        },
+    }
+}
+
+/// The errno values we tell apart (Linux, every architecture we build for).
+mod libc_errno {
+    pub const EPERM: i32 = 1;
+    pub const ENOENT: i32 = 2;
+    pub const EACCES: i32 = 13;
+    pub const EBUSY: i32 = 16;
+    pub const ENODEV: i32 = 19;
+}
+
+/// Who holds the line, for a busy error (best effort).
+fn busy_consumer(loc: &LineLocation, err: Error) -> Error {
+    match err {
+        Error::LineBusy { label, .. } => {
+            let consumer = gpiocdev::Chip::from_path(&loc.chip)
+                .and_then(|c| c.line_info(loc.offset))
+                .ok()
+                .map(|i| i.consumer)
+                .filter(|c| !c.is_empty());
+            Error::LineBusy { label, consumer }
+        }
+        other => other,
+    }
+}
+
+fn to_value(level: Level, active_low: bool) -> Value {
+    if level.is_high() != active_low {
+        Value::Active
+    } else {
+        Value::Inactive
+    }
+}
+
+fn to_level(value: Value, active_low: bool) -> Level {
+    Level::from((value == Value::Active) != active_low)
+}
+
+fn to_bias(b: Bias) -> line::Bias {
+    match b {
+        Bias::Disabled => line::Bias::Disabled,
+        Bias::PullUp => line::Bias::PullUp,
+        Bias::PullDown => line::Bias::PullDown,
+    }
+}
+
+fn to_drive(d: Drive) -> line::Drive {
+    match d {
+        Drive::PushPull => line::Drive::PushPull,
+        Drive::OpenDrain => line::Drive::OpenDrain,
+        Drive::OpenSource => line::Drive::OpenSource,
+    }
+}
+
+/// The kernel reports edges in logical terms (rising = to active); with active-low the
+/// physical edge is the other one, both ways.
+fn to_kernel_edge(e: EdgeDetection, active_low: bool) -> line::EdgeDetection {
+    match (e, active_low) {
+        (EdgeDetection::Both, _) => line::EdgeDetection::BothEdges,
+        (EdgeDetection::Rising, false) | (EdgeDetection::Falling, true) => {
+            line::EdgeDetection::RisingEdge
+        }
+        (EdgeDetection::Falling, false) | (EdgeDetection::Rising, true) => {
+            line::EdgeDetection::FallingEdge
+        }
+    }
+}
+
+fn from_kernel_edge(kind: line::EdgeKind, active_low: bool) -> Edge {
+    match (kind, active_low) {
+        (line::EdgeKind::Rising, false) | (line::EdgeKind::Falling, true) => Edge::Rising,
+        (line::EdgeKind::Falling, false) | (line::EdgeKind::Rising, true) => Edge::Falling,
+    }
+}
+
+/// A line requested as an output. The kernel releases it when this is dropped.
+#[derive(Debug)]
+pub struct LinuxOutputPin {
+    req: gpiocdev::Request,
+    loc: LineLocation,
+    name: String,
+    active_low: bool,
+}
+
+impl LinuxOutputPin {
+    /// Request the line `spec` as an output for `consumer`, driving `config.initial` at once.
+    pub fn request(spec: &LineSpec, consumer: &str, config: &OutputConfig) -> Result<Self> {
+        let loc = locate(spec)?;
+        let name = spec.to_string();
+        let mut b = gpiocdev::Request::builder();
+        b.on_chip(&loc.chip)
+            .with_consumer(consumer)
+            .with_line(loc.offset)
+            .as_output(to_value(config.initial, config.active_low))
+            .with_drive(to_drive(config.drive));
+        if config.active_low {
+            b.as_active_low();
+        }
+        let req = b
+            .request()
+            .map_err(|e| busy_consumer(&loc, gpio_error(&loc.chip, &name, e)))?;
+        Ok(LinuxOutputPin {
+            req,
+            loc,
+            name,
+            active_low: config.active_low,
+        })
+    }
+
+    /// Where the line is.
+    pub fn location(&self) -> &LineLocation {
+        &self.loc
+    }
+
+    /// Drive the physical level `level`.
+    pub fn set_level(&mut self, level: Level) -> Result<()> {
+        self.req
+            .set_value(self.loc.offset, to_value(level, self.active_low))
+            .map_err(|e| gpio_error(&self.loc.chip, &self.name, e))
+    }
+
+    /// The physical level the kernel says the line drives.
+    pub fn driven_level(&self) -> Result<Level> {
+        self.req
+            .value(self.loc.offset)
+            .map(|v| to_level(v, self.active_low))
+            .map_err(|e| gpio_error(&self.loc.chip, &self.name, e))
+    }
+
+    /// Drive the logical state: active is low when the line is active-low.
+    pub fn set_active(&mut self, active: bool) -> Result<()> {
+        self.set_level(Level::from(active != self.active_low))
+    }
+}
+
+impl ErrorType for LinuxOutputPin {
+    type Error = Error;
+}
+
+impl OutputPin for LinuxOutputPin {
+    fn set_low(&mut self) -> Result<()> {
+        self.set_level(Level::Low)
+    }
+
+    fn set_high(&mut self) -> Result<()> {
+        self.set_level(Level::High)
+    }
+}
+
+impl StatefulOutputPin for LinuxOutputPin {
+    fn is_set_high(&mut self) -> Result<bool> {
+        Ok(self.driven_level()?.is_high())
+    }
+
+    fn is_set_low(&mut self) -> Result<bool> {
+        Ok(!self.driven_level()?.is_high())
+    }
+}
+
+/// A line requested as an input, optionally with edge events. Released when dropped.
+#[derive(Debug)]
+pub struct LinuxInputPin {
+    req: gpiocdev::Request,
+    loc: LineLocation,
+    name: String,
+    active_low: bool,
+}
+
+impl LinuxInputPin {
+    /// Request the line `spec` as an input for `consumer`, with bias, edge detection and
+    /// debounce (done by the kernel, or by the chip where it can).
+    pub fn request(spec: &LineSpec, consumer: &str, config: &InputConfig) -> Result<Self> {
+        let loc = locate(spec)?;
+        let name = spec.to_string();
+        let mut b = gpiocdev::Request::builder();
+        b.on_chip(&loc.chip)
+            .with_consumer(consumer)
+            .with_line(loc.offset)
+            .as_input();
+        if config.active_low {
+            b.as_active_low();
+        }
+        if let Some(bias) = config.bias {
+            b.with_bias(to_bias(bias));
+        }
+        if let Some(edge) = config.edge {
+            b.with_edge_detection(to_kernel_edge(edge, config.active_low));
+            b.with_event_clock(line::EventClock::Monotonic);
+        }
+        if let Some(period) = config.debounce {
+            b.with_debounce_period(period);
+        }
+        let req = b
+            .request()
+            .map_err(|e| busy_consumer(&loc, gpio_error(&loc.chip, &name, e)))?;
+        Ok(LinuxInputPin {
+            req,
+            loc,
+            name,
+            active_low: config.active_low,
+        })
+    }
+
+    /// Where the line is.
+    pub fn location(&self) -> &LineLocation {
+        &self.loc
+    }
+
+    /// The physical level.
+    pub fn level(&self) -> Result<Level> {
+        self.req
+            .value(self.loc.offset)
+            .map(|v| to_level(v, self.active_low))
+            .map_err(|e| gpio_error(&self.loc.chip, &self.name, e))
+    }
+
+    /// Wait up to `timeout` for the next edge event, stamped by the kernel
+    /// (`CLOCK_MONOTONIC`). `Ok(None)` means the time ran out.
+    pub fn read_event(&mut self, timeout: Duration) -> Result<Option<EdgeEvent>> {
+        let err = |e| gpio_error(&self.loc.chip, &self.name, e);
+        if !self.req.wait_edge_event(timeout).map_err(err)? {
+            return Ok(None);
+        }
+        let ev = self.req.read_edge_event().map_err(err)?;
+        Ok(Some(EdgeEvent {
+            edge: from_kernel_edge(ev.kind, self.active_low),
+            timestamp_ns: ev.timestamp_ns,
+            seqno: ev.line_seqno,
+        }))
+    }
+}
+
+impl ErrorType for LinuxInputPin {
+    type Error = Error;
+}
+
+impl InputPin for LinuxInputPin {
+    fn is_high(&mut self) -> Result<bool> {
+        Ok(self.level()?.is_high())
+    }
+
+    fn is_low(&mut self) -> Result<bool> {
+        Ok(!self.level()?.is_high())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn active_low_maps_levels_and_edges_both_ways() {
+        assert_eq!(to_value(Level::High, false), Value::Active);
+        assert_eq!(to_value(Level::High, true), Value::Inactive);
+        assert_eq!(to_level(Value::Active, true), Level::Low);
+        assert_eq!(
+            to_kernel_edge(EdgeDetection::Rising, true),
+            line::EdgeDetection::FallingEdge
+        );
+        assert_eq!(
+            from_kernel_edge(line::EdgeKind::Rising, true),
+            Edge::Falling
+        );
+        assert_eq!(
+            from_kernel_edge(line::EdgeKind::Rising, false),
+            Edge::Rising
+        );
+    }
+
+    #[test]
+    fn errno_maps_to_named_errors() {
+        let e = gpio_error(
+            "/dev/gpiochip0",
+            "GPIO17",
+            gpiocdev::Error::Os(gpiocdev_uapi::Errno(libc_errno::EACCES)),
+        );
+        assert_eq!(e.to_string(), "/dev/gpiochip0: permission denied");
+        let e = gpio_error(
+            "/dev/gpiochip0",
+            "GPIO17",
+            gpiocdev::Error::Os(gpiocdev_uapi::Errno(libc_errno::EBUSY)),
+        );
+        assert_eq!(e.to_string(), "line \"GPIO17\" is already in use");
+    }
+
+    /// Against a real kernel: needs a gpiochip with a free line named like the
+    /// `LICHEN_TEST_GPIO_LINE` variable (default `GPIO17`), such as a gpio-sim or gpio-mockup
+    /// chip in the QEMU test guest. Skips, saying why, when the host has no gpiochip.
+    #[test]
+    fn real_kernel_output_then_input_round_trip() {
+        let chips = chip_paths().unwrap_or_default();
+        if chips.is_empty() {
+            eprintln!(
+                "skipped: no gpiochip on this host (load gpio-sim or gpio-mockup, or run in the \
+                 QEMU test guest)"
+            );
+            return;
+        }
+        let label = std::env::var("LICHEN_TEST_GPIO_LINE").unwrap_or_else(|_| "GPIO17".into());
+        let spec = LineSpec::Label(label.clone());
+        let mut out = match LinuxOutputPin::request(&spec, "lichen-test", &OutputConfig::default())
+        {
+            Ok(p) => p,
+            Err(Error::LineNotFound { .. }) => {
+                eprintln!(
+                    "skipped: no line labelled {label} on {} gpiochip(s)",
+                    chips.len()
+                );
+                return;
+            }
+            Err(e) => panic!("requesting {label}: {e}"),
+        };
+        out.set_high().expect("set high");
+        assert!(out.is_set_high().expect("read back"));
+        out.set_low().expect("set low");
+        assert!(out.is_set_low().expect("read back"));
+        drop(out);
+        let mut inp = LinuxInputPin::request(
+            &spec,
+            "lichen-test",
+            &InputConfig {
+                edge: Some(EdgeDetection::Both),
+                ..Default::default()
+            },
+        )
+        .expect("request input");
+        inp.is_high().expect("read");
+        assert_eq!(
+            inp.read_event(Duration::from_millis(10)).expect("wait"),
+            None,
+            "nobody drives the line"
+        );
+    }
+}

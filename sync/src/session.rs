@@ -1,0 +1,663 @@
+//! The socket loop: one MQTT session to the hub, driven by [`Drain`], [`Backoff`] and
+//! [`InboundDedup`].
+//!
+//! [`SyncSession::run`] connects (client id = node id, persistent session, keep-alive), subscribes
+//! to `desired` and `cmd/+`, publishes at QoS 1 what [`Drain`] says, deletes outbox rows once
+//! their PUBACK came, and reconnects with [`Backoff`] when the connection drops. What happens is
+//! told to the caller as [`SessionEvent`]s on a channel: inbound deployments and commands,
+//! malformed inbound messages (logged and reported, the connection stays up), connections and
+//! their failures.
+//!
+//! Each connection gets a fresh rumqttc client and event loop, polled in its own task; when the
+//! connection drops both are thrown away and [`Drain`] resends what was not acknowledged, so
+//! rumqttc's own retransmission never duplicates ours.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS,
+    SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
+};
+use thiserror::Error;
+use tokio::sync::{Notify, mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::backoff::Backoff;
+use crate::dedup::InboundDedup;
+use crate::drain::{Drain, UnpublishableRow};
+use crate::message::Envelope;
+use crate::outbox::{Outbox, OutboxError, RowId};
+use crate::topics::{NameError, TopicKind, Topics};
+
+/// TLS settings: the CA that signs the broker's certificate, and optionally the node's own
+/// certificate and key for mutual TLS (all PEM files).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    /// CA certificate(s) trusted for the broker.
+    pub ca: PathBuf,
+    /// The node's certificate chain and private key (PKCS#8, PKCS#1 or SEC1), for mutual TLS.
+    pub client: Option<(PathBuf, PathBuf)>,
+}
+
+/// How to reach and talk to the hub.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Node id: MQTT client id and the `<node>` of every topic.
+    pub node: String,
+    /// Broker host name (checked against its certificate with TLS).
+    pub host: String,
+    /// Broker port.
+    pub port: u16,
+    /// TLS, or plain TCP when `None`.
+    pub tls: Option<TlsFiles>,
+    /// User name and password, if the broker wants them.
+    pub credentials: Option<(String, String)>,
+    /// MQTT keep-alive (at least 5 s).
+    pub keep_alive: Duration,
+    /// Time allowed for TCP + TLS + CONNACK.
+    pub connect_timeout: Duration,
+    /// Most QoS 1 publishes waiting for their PUBACK.
+    pub max_inflight: u16,
+    /// Largest MQTT packet accepted or sent, in bytes.
+    pub max_packet_bytes: usize,
+    /// First reconnect delay.
+    pub backoff_initial: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+    /// Inbound command ids remembered for de-duplication.
+    pub dedup_capacity: usize,
+    /// How often the outbox is read even without [`SyncHandle::outbox_changed`].
+    pub outbox_poll: Duration,
+}
+
+impl SessionConfig {
+    /// Plain TCP to `host:port` as `node`, with the defaults: keep-alive 30 s, connect timeout
+    /// 10 s, 100 in flight, packets up to 1 MiB, back-off 1 s to 5 min, 4096 command ids.
+    pub fn new(node: impl Into<String>, host: impl Into<String>, port: u16) -> Self {
+        SessionConfig {
+            node: node.into(),
+            host: host.into(),
+            port,
+            tls: None,
+            credentials: None,
+            keep_alive: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            max_inflight: 100,
+            max_packet_bytes: 1 << 20,
+            backoff_initial: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(300),
+            dedup_capacity: 4096,
+            outbox_poll: Duration::from_secs(1),
+        }
+    }
+
+    fn broker(&self) -> String {
+        let scheme = if self.tls.is_some() { "mqtts" } else { "mqtt" };
+        format!("{scheme}://{}:{}", self.host, self.port)
+    }
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    /// The node id cannot be one topic level.
+    #[error("invalid node id: {0}")]
+    Node(#[from] NameError),
+    /// A TLS file could not be read.
+    #[error("cannot read {what} {}: {source}", path.display())]
+    Read {
+        /// Which file: `CA file`, `client certificate`, `client key`.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A PEM file holds no usable certificate or key.
+    #[error("{what} {} holds no {expected}", path.display())]
+    Pem {
+        /// Which file.
+        what: &'static str,
+        /// Its path.
+        path: PathBuf,
+        /// What was looked for.
+        expected: &'static str,
+    },
+    /// rustls refused the certificates or key.
+    #[error("TLS setup failed: {0}")]
+    Tls(#[from] rustls::Error),
+    /// Keep-alive below what MQTT clients accept.
+    #[error("keep-alive {0:?} is shorter than 5 s")]
+    KeepAlive(Duration),
+    /// No publish could ever be in flight.
+    #[error("max_inflight must be at least 1")]
+    MaxInflight,
+}
+
+/// An inbound message from the hub that was accepted.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Inbound {
+    /// A deployment on `desired` (retained: it comes again on every connection; the agent
+    /// applies it only if its version is newer).
+    Desired(Envelope),
+    /// A command for `workload`, seen for the first time.
+    Command {
+        /// The workload it is for.
+        workload: String,
+        /// The command.
+        envelope: Envelope,
+    },
+}
+
+/// An inbound message that was refused; the session carries on.
+#[derive(Debug, Error)]
+pub enum InboundError {
+    /// A message on a topic this node does not handle.
+    #[error("message on unexpected topic {topic:?}")]
+    UnexpectedTopic {
+        /// The topic.
+        topic: String,
+    },
+    /// The payload is not a Lichen envelope.
+    #[error("malformed message on {topic:?}: {source}")]
+    Malformed {
+        /// The topic it came on.
+        topic: String,
+        /// What is wrong with it.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+/// What happened in the session, for the agent to act on and report.
+#[derive(Debug)]
+pub enum SessionEvent {
+    /// Connected to the broker (CONNACK accepted).
+    Connected {
+        /// Whether the broker still had this node's session (subscriptions, queued commands).
+        session_present: bool,
+    },
+    /// A connection attempt failed.
+    ConnectFailed {
+        /// What failed, naming the broker.
+        error: String,
+        /// Delay before the next attempt.
+        retry_in: Duration,
+    },
+    /// An established connection dropped.
+    Disconnected {
+        /// Why, naming the broker.
+        error: String,
+        /// Records sent but not acknowledged, to be sent again.
+        resend: usize,
+        /// Delay before the next attempt.
+        retry_in: Duration,
+    },
+    /// A deployment or a new command arrived.
+    Inbound(Inbound),
+    /// An inbound message was refused.
+    Rejected(InboundError),
+    /// An outbox row could never be published and was deleted.
+    Unpublishable(UnpublishableRow),
+    /// The broker accepted the subscriptions to `desired` and `cmd/+`: inbound messages flow.
+    Subscribed,
+    /// The broker refused a subscription (an ACL, most likely).
+    SubscribeRefused {
+        /// The topic filter.
+        filter: String,
+    },
+    /// Reading or deleting outbox rows failed; retried later.
+    Outbox(OutboxError),
+}
+
+/// Controls a running [`SyncSession`]. Dropping every handle stops the session too.
+#[derive(Debug, Clone)]
+pub struct SyncHandle {
+    notify: Arc<Notify>,
+    stop: Arc<watch::Sender<bool>>,
+}
+
+impl SyncHandle {
+    /// New rows are in the outbox: read them now rather than at the next poll.
+    pub fn outbox_changed(&self) {
+        self.notify.notify_one();
+    }
+
+    /// Disconnect cleanly and make [`SyncSession::run`] return.
+    pub fn shutdown(&self) {
+        self.stop.send_replace(true);
+    }
+}
+
+/// Builds the rustls client configuration with the ring provider, from PEM files.
+pub fn rustls_config(tls: &TlsFiles) -> Result<rustls::ClientConfig, ConfigError> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+    fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
+        std::fs::read(path).map_err(|source| ConfigError::Read {
+            what,
+            path: path.to_owned(),
+            source,
+        })
+    }
+    fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
+        let pem = read(what, path)?;
+        let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
+            .filter_map(Result::ok)
+            .collect();
+        if certs.is_empty() {
+            return Err(ConfigError::Pem {
+                what,
+                path: path.to_owned(),
+                expected: "PEM certificate",
+            });
+        }
+        Ok(certs)
+    }
+
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in certs("CA file", &tls.ca)? {
+        roots.add(cert)?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    Ok(match &tls.client {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => {
+            let chain = certs("client certificate", cert)?;
+            let pem = read("client key", key)?;
+            let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| ConfigError::Pem {
+                what: "client key",
+                path: key.to_owned(),
+                expected: "PEM private key",
+            })?;
+            builder.with_client_auth_cert(chain, key)?
+        }
+    })
+}
+
+/// Acknowledged rows are deleted in batches of this many, or at the next tick.
+const DELETE_BATCH: usize = 256;
+/// How often acknowledged rows are deleted when the batch is not full.
+const TICK: Duration = Duration::from_millis(20);
+
+/// How a connection ended.
+enum End {
+    Shutdown,
+    Lost { error: String, was_connected: bool },
+}
+
+/// One node's MQTT session (see the module docs).
+pub struct SyncSession {
+    topics: Topics,
+    options: MqttOptions,
+    broker: String,
+    ca: Option<PathBuf>,
+    connect_timeout: Duration,
+    max_inflight: usize,
+    outbox_poll: Duration,
+    outbox: Arc<dyn Outbox>,
+    drain: Drain,
+    backoff: Backoff,
+    dedup: InboundDedup,
+    acked: Vec<RowId>,
+    events: mpsc::Sender<SessionEvent>,
+    notify: Arc<Notify>,
+    stop: watch::Receiver<bool>,
+}
+
+impl SyncSession {
+    /// A session for `config` draining `outbox`. Returns the session (run it with
+    /// [`SyncSession::run`]), its handle, and the channel its events arrive on; keep reading
+    /// it, the session waits when it is full.
+    pub fn new(
+        config: SessionConfig,
+        outbox: Arc<dyn Outbox>,
+    ) -> Result<(SyncSession, SyncHandle, mpsc::Receiver<SessionEvent>), ConfigError> {
+        let topics = Topics::new(&config.node)?;
+        if config.keep_alive < Duration::from_secs(5) {
+            return Err(ConfigError::KeepAlive(config.keep_alive));
+        }
+        if config.max_inflight == 0 {
+            return Err(ConfigError::MaxInflight);
+        }
+        let mut options = MqttOptions::new(config.node.clone(), config.host.clone(), config.port);
+        options
+            .set_clean_session(false)
+            .set_keep_alive(config.keep_alive)
+            .set_inflight(config.max_inflight)
+            .set_max_packet_size(config.max_packet_bytes, config.max_packet_bytes);
+        if let Some(tls) = &config.tls {
+            let tls = rustls_config(tls)?;
+            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                Arc::new(tls),
+            )));
+        }
+        if let Some((user, password)) = &config.credentials {
+            options.set_credentials(user.clone(), password.clone());
+        }
+        let (events, events_rx) = mpsc::channel(256);
+        let (stop_tx, stop) = watch::channel(false);
+        let notify = Arc::new(Notify::new());
+        let max_inflight = usize::from(config.max_inflight);
+        let session = SyncSession {
+            drain: Drain::new(topics.clone(), max_inflight),
+            topics,
+            options,
+            broker: config.broker(),
+            ca: config.tls.as_ref().map(|t| t.ca.clone()),
+            connect_timeout: config.connect_timeout,
+            max_inflight,
+            outbox_poll: config.outbox_poll,
+            outbox,
+            backoff: Backoff::new(config.backoff_initial, config.backoff_max),
+            dedup: InboundDedup::new(config.dedup_capacity),
+            acked: Vec::new(),
+            events,
+            notify: notify.clone(),
+            stop,
+        };
+        let handle = SyncHandle {
+            notify,
+            stop: Arc::new(stop_tx),
+        };
+        Ok((session, handle, events_rx))
+    }
+
+    /// Runs until [`SyncHandle::shutdown`] (or until every handle is dropped): connects,
+    /// drains the outbox, hands inbound messages over, reconnects after failures.
+    pub async fn run(mut self) {
+        loop {
+            if *self.stop.borrow() {
+                return;
+            }
+            let end = self.connection().await;
+            let resend = self.drain.on_disconnect();
+            let (error, was_connected) = match end {
+                End::Shutdown => return,
+                End::Lost {
+                    error,
+                    was_connected,
+                } => (error, was_connected),
+            };
+            let retry_in = self.backoff.next_delay();
+            warn!(%error, ?retry_in, resend, "mqtt connection lost");
+            self.emit(if was_connected {
+                SessionEvent::Disconnected {
+                    error,
+                    resend,
+                    retry_in,
+                }
+            } else {
+                SessionEvent::ConnectFailed { error, retry_in }
+            })
+            .await;
+            tokio::select! {
+                _ = tokio::time::sleep(retry_in) => {}
+                _ = stopped(&mut self.stop) => return,
+            }
+        }
+    }
+
+    /// One connection, from CONNECT until it drops or the session stops.
+    async fn connection(&mut self) -> End {
+        let (client, mut eventloop) =
+            AsyncClient::new(self.options.clone(), self.max_inflight + 16);
+        eventloop
+            .network_options
+            .set_connection_timeout(self.connect_timeout.as_secs().max(1));
+        let (tx, mut rx) = mpsc::channel(1024);
+        let poller = tokio::spawn(poll_loop(eventloop, tx));
+        let end = self.connected(&client, &mut rx).await;
+        if matches!(end, End::Shutdown) {
+            // Say goodbye so the broker does not publish a will or wait for keep-alive.
+            if client.try_disconnect().is_ok() {
+                let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                    while let Some(Ok(ev)) = rx.recv().await {
+                        if ev == Event::Outgoing(Outgoing::Disconnect) {
+                            break;
+                        }
+                    }
+                })
+                .await;
+            }
+        }
+        poller.abort();
+        self.flush_acked().await;
+        end
+    }
+
+    async fn connected(
+        &mut self,
+        client: &AsyncClient,
+        rx: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
+    ) -> End {
+        let mut connected = false;
+        let mut more = true;
+        let mut last_read = Instant::now();
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let read_threshold = (self.max_inflight / 2).max(1);
+        loop {
+            if connected {
+                if more && self.drain.wanted() >= read_threshold {
+                    last_read = Instant::now();
+                    more = self.read_outbox().await;
+                }
+                if let Err(error) = self.publish_ready(client).await {
+                    return End::Lost {
+                        error,
+                        was_connected: true,
+                    };
+                }
+            }
+            tokio::select! {
+                biased;
+                _ = stopped(&mut self.stop) => return End::Shutdown,
+                ev = rx.recv() => match ev {
+                    None => return End::Lost {
+                        error: format!("{}: event loop stopped", self.broker),
+                        was_connected: connected,
+                    },
+                    Some(Err(e)) => return End::Lost {
+                        error: self.describe(&e),
+                        was_connected: connected,
+                    },
+                    Some(Ok(ev)) => self.handle(ev, client, &mut connected).await,
+                },
+                _ = self.notify.notified() => more = true,
+                _ = tick.tick() => {
+                    self.flush_acked().await;
+                    if last_read.elapsed() >= self.outbox_poll {
+                        more = true;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn handle(&mut self, ev: Event, client: &AsyncClient, connected: &mut bool) {
+        match ev {
+            Event::Incoming(Packet::ConnAck(ack)) => {
+                *connected = true;
+                self.backoff.reset();
+                info!(broker = %self.broker, session_present = ack.session_present, "mqtt connected");
+                let filters = [self.topics.desired(), self.topics.cmd_filter()]
+                    .map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce));
+                if let Err(e) = client.try_subscribe_many(filters) {
+                    warn!(error = %e, "cannot queue the subscription");
+                }
+                self.emit(SessionEvent::Connected {
+                    session_present: ack.session_present,
+                })
+                .await;
+            }
+            Event::Incoming(Packet::SubAck(ack)) => {
+                let filters = [self.topics.desired(), self.topics.cmd_filter()];
+                let mut all = true;
+                for (code, filter) in ack.return_codes.iter().zip(filters) {
+                    if matches!(code, SubscribeReasonCode::Failure) {
+                        all = false;
+                        warn!(%filter, "broker refused the subscription");
+                        self.emit(SessionEvent::SubscribeRefused { filter }).await;
+                    }
+                }
+                if all {
+                    self.emit(SessionEvent::Subscribed).await;
+                }
+            }
+            Event::Outgoing(Outgoing::Publish(pkid)) => {
+                let row = self.drain.on_sent(pkid);
+                if row.is_none() {
+                    debug!(pkid, "publish sent that no outbox row was waiting for");
+                }
+            }
+            Event::Incoming(Packet::PubAck(ack)) => {
+                if let Some(id) = self.drain.on_puback(ack.pkid) {
+                    self.acked.push(id);
+                    if self.acked.len() >= DELETE_BATCH {
+                        self.flush_acked().await;
+                    }
+                }
+            }
+            Event::Incoming(Packet::Publish(p)) => match self.inbound(&p.topic, &p.payload) {
+                Ok(Some(msg)) => self.emit(SessionEvent::Inbound(msg)).await,
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(error = %e, "inbound message refused");
+                    self.emit(SessionEvent::Rejected(e)).await;
+                }
+            },
+            _ => {}
+        }
+    }
+
+    /// Decodes one inbound message; `Ok(None)` for a command seen before.
+    fn inbound(&mut self, topic: &str, payload: &[u8]) -> Result<Option<Inbound>, InboundError> {
+        let kind = self.topics.parse(topic);
+        let envelope = || {
+            Envelope::from_bytes(payload).map_err(|source| InboundError::Malformed {
+                topic: topic.to_owned(),
+                source,
+            })
+        };
+        match kind {
+            Some(TopicKind::Desired) => Ok(Some(Inbound::Desired(envelope()?))),
+            Some(TopicKind::Cmd { workload }) => {
+                let envelope = envelope()?;
+                if !self.dedup.is_new(&envelope.id) {
+                    debug!(id = %envelope.id, %workload, "duplicate command ignored");
+                    return Ok(None);
+                }
+                Ok(Some(Inbound::Command { workload, envelope }))
+            }
+            _ => Err(InboundError::UnexpectedTopic {
+                topic: topic.to_owned(),
+            }),
+        }
+    }
+
+    /// Hands the client every publish the drain allows now.
+    async fn publish_ready(&mut self, client: &AsyncClient) -> Result<(), String> {
+        while let Some(next) = self.drain.next_publish() {
+            match next {
+                Ok(p) => client
+                    .try_publish(p.topic, QoS::AtLeastOnce, p.retain, p.payload)
+                    .map_err(|e| format!("{}: cannot hand over a publish: {e}", self.broker))?,
+                Err(bad) => {
+                    warn!(error = %bad, "outbox row dropped");
+                    self.acked.push(bad.row);
+                    self.emit(SessionEvent::Unpublishable(bad)).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what the drain wants from the outbox; returns whether more may be there.
+    async fn read_outbox(&mut self) -> bool {
+        let limit = self.drain.wanted();
+        let after = self.drain.cursor();
+        let outbox = self.outbox.clone();
+        let read = tokio::task::spawn_blocking(move || outbox.next_rows(after, limit))
+            .await
+            .unwrap_or_else(|e| {
+                Err(OutboxError {
+                    op: "read",
+                    reason: e.to_string(),
+                })
+            });
+        match read {
+            Ok(rows) => {
+                let full = rows.len() >= limit;
+                self.drain.add_rows(rows);
+                full
+            }
+            Err(e) => {
+                warn!(error = %e, "outbox read failed");
+                self.emit(SessionEvent::Outbox(e)).await;
+                false
+            }
+        }
+    }
+
+    /// Deletes the acknowledged rows; on failure they are kept and tried again.
+    async fn flush_acked(&mut self) {
+        if self.acked.is_empty() {
+            return;
+        }
+        let ids = std::mem::take(&mut self.acked);
+        let outbox = self.outbox.clone();
+        let (ids, result) = tokio::task::spawn_blocking(move || {
+            let r = outbox.delete(&ids);
+            (ids, r)
+        })
+        .await
+        .expect("outbox delete task does not panic: Outbox::delete returns its errors");
+        if let Err(e) = result {
+            warn!(error = %e, rows = ids.len(), "outbox delete failed");
+            self.acked.extend(ids);
+            self.emit(SessionEvent::Outbox(e)).await;
+        }
+    }
+
+    fn describe(&self, e: &ConnectionError) -> String {
+        let mut text = format!("{}: {e}", self.broker);
+        if text.contains("invalid peer certificate")
+            && let Some(ca) = &self.ca
+        {
+            text.push_str(&format!(
+                " (the broker's certificate is not trusted by the CA file {})",
+                ca.display()
+            ));
+        }
+        text
+    }
+
+    async fn emit(&self, ev: SessionEvent) {
+        // Nobody listening is not an error: the session still drains the outbox.
+        let _ = self.events.send(ev).await;
+    }
+}
+
+/// Polls one connection's event loop and forwards what it yields, until the first error.
+async fn poll_loop(mut eventloop: EventLoop, tx: mpsc::Sender<Result<Event, ConnectionError>>) {
+    loop {
+        let ev = eventloop.poll().await;
+        let failed = ev.is_err();
+        if tx.send(ev).await.is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Resolves when the session must stop: shutdown asked, or every handle dropped.
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}

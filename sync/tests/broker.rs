@@ -1,0 +1,410 @@
+//! `lichen-sync` against a real Mosquitto on loopback.
+
+mod support;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use lichen_sync::testing::FakeOutbox;
+use lichen_sync::{
+    Envelope, Inbound, InboundError, MessageId, RowKind, SessionConfig, SessionEvent, SyncSession,
+    TlsFiles, TopicKind, Topics,
+};
+use rumqttc::{AsyncClient, MqttOptions, QoS};
+use serde_json::json;
+use support::{Mosquitto, Watcher, make_ca, make_leaf, stop, wait_event};
+
+fn config(port: u16) -> SessionConfig {
+    let mut c = SessionConfig::new("n1", "127.0.0.1", port);
+    c.keep_alive = Duration::from_secs(5);
+    c.connect_timeout = Duration::from_secs(2);
+    c.backoff_initial = Duration::from_millis(100);
+    c.backoff_max = Duration::from_millis(500);
+    c.outbox_poll = Duration::from_millis(100);
+    c
+}
+
+/// One message as the watcher saw it.
+#[derive(Debug)]
+struct Seen {
+    stream: String,
+    id: MessageId,
+    bytes: Vec<u8>,
+}
+
+/// Receives telemetry until `unique` distinct ids arrived; returns everything seen.
+async fn collect(watcher: &mut Watcher, unique: usize, within: Duration) -> Vec<Seen> {
+    let topics = Topics::new("n1").unwrap();
+    let mut seen = Vec::new();
+    let mut ids = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + within;
+    while ids.len() < unique {
+        let Ok(Some((topic, bytes))) =
+            tokio::time::timeout_at(deadline, watcher.messages.recv()).await
+        else {
+            panic!(
+                "only {} of {unique} records arrived within {within:?}",
+                ids.len()
+            );
+        };
+        let Some(TopicKind::Telemetry { stream, .. }) = topics.parse(&topic) else {
+            continue;
+        };
+        let env = Envelope::from_bytes(&bytes).expect("every record is an envelope");
+        ids.insert(env.id.clone());
+        seen.push(Seen {
+            stream,
+            id: env.id,
+            bytes,
+        });
+    }
+    seen
+}
+
+/// Asserts per-stream order (by first arrival) and that a repeated id repeats the same bytes.
+/// Returns the number of duplicates.
+fn assert_ordered_without_conflicting_duplicates(seen: &[Seen]) -> usize {
+    let mut first: HashMap<&MessageId, &[u8]> = HashMap::new();
+    let mut last_seq: BTreeMap<&str, u64> = BTreeMap::new();
+    let mut duplicates = 0;
+    for s in seen {
+        assert_eq!(s.id.node, "n1");
+        if let Some(bytes) = first.get(&s.id) {
+            assert_eq!(*bytes, s.bytes.as_slice(), "duplicate {} differs", s.id);
+            duplicates += 1;
+            continue;
+        }
+        first.insert(&s.id, &s.bytes);
+        let last = last_seq.entry(&s.stream).or_default();
+        assert!(
+            s.id.seq > *last,
+            "stream {} out of order: {} after seq {last}",
+            s.stream,
+            s.id
+        );
+        *last = s.id.seq;
+    }
+    duplicates
+}
+
+async fn wait_empty(outbox: &FakeOutbox, within: Duration) {
+    let deadline = Instant::now() + within;
+    while !outbox.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "outbox still holds {} rows after {within:?}",
+            outbox.len()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// Drains session events in the background so the session never waits on the channel.
+fn keep_events(
+    mut events: tokio::sync::mpsc::Receiver<SessionEvent>,
+) -> tokio::task::JoinHandle<Vec<String>> {
+    tokio::spawn(async move {
+        let mut all = Vec::new();
+        while let Some(e) = events.recv().await {
+            all.push(format!("{e:?}"));
+        }
+        all
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn published_records_reach_a_subscriber_in_order_with_their_message_ids() {
+    let broker = Mosquitto::start();
+    let mut watcher = Watcher::connect(broker.port, "watcher", "lichen/v1/n1/#").await;
+    let outbox = Arc::new(FakeOutbox::new());
+    const N: usize = 10_000;
+    for i in 0..N {
+        let stream = ["a", "b", "c"][i % 3];
+        outbox.push(
+            RowKind::Telemetry,
+            "w",
+            stream,
+            json!({ "i": i, "pad": "x".repeat(150) }),
+        );
+    }
+
+    let (session, handle, events) = SyncSession::new(config(broker.port), outbox.clone()).unwrap();
+    let events = keep_events(events);
+    let started = Instant::now();
+    let task = tokio::spawn(session.run());
+    let seen = collect(&mut watcher, N, Duration::from_secs(60)).await;
+    wait_empty(&outbox, Duration::from_secs(10)).await;
+    let elapsed = started.elapsed();
+    println!(
+        "{N} records of ~200 B published, acknowledged and deleted in {elapsed:?}: {:.0} msgs/s \
+         (connect included, debug build)",
+        N as f64 / elapsed.as_secs_f64()
+    );
+
+    assert_eq!(assert_ordered_without_conflicting_duplicates(&seen), 0);
+    let mut seqs: Vec<u64> = seen.iter().map(|s| s.id.seq).collect();
+    seqs.sort_unstable();
+    assert_eq!(
+        seqs,
+        (1..=N as u64).collect::<Vec<_>>(),
+        "ids are the row ids"
+    );
+    assert_eq!(outbox.deleted(), N as u64);
+    stop(handle, task).await;
+    let events = events.await.unwrap();
+    assert!(
+        events.iter().any(|e| e.starts_with("Connected")),
+        "{events:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_restart_while_records_are_queued_loses_nothing() {
+    // Persistence so the watcher's queued messages survive the restart like a real hub's.
+    let mut broker = Mosquitto::start_with(
+        "persistence true\npersistence_location {dir}/\nautosave_interval 0\n",
+    );
+    let mut watcher = Watcher::connect(broker.port, "watcher", "lichen/v1/n1/telemetry/#").await;
+    let outbox = Arc::new(FakeOutbox::new());
+    let mut cfg = config(broker.port);
+    cfg.max_inflight = 20;
+    let (session, handle, events) = SyncSession::new(cfg, outbox.clone()).unwrap();
+    let events = keep_events(events);
+    let task = tokio::spawn(session.run());
+
+    // A producer writes 2 records per millisecond-ish tick for ~3 s, across two streams.
+    const TICKS: usize = 1500;
+    let producer = {
+        let (outbox, handle) = (outbox.clone(), handle.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(2));
+            for i in 0..TICKS {
+                tick.tick().await;
+                for stream in ["temp", "door"] {
+                    outbox.push(RowKind::Telemetry, "w", stream, json!({ "i": i }));
+                }
+                handle.outbox_changed();
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    tokio::task::block_in_place(|| broker.stop());
+    let queued_at_stop = outbox.len();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let queued_offline = outbox.len();
+    tokio::task::block_in_place(|| broker.restart());
+    producer.await.unwrap();
+
+    let seen = collect(&mut watcher, 2 * TICKS, Duration::from_secs(60)).await;
+    wait_empty(&outbox, Duration::from_secs(20)).await;
+    let duplicates = assert_ordered_without_conflicting_duplicates(&seen);
+    println!(
+        "broker restart: {} records, {queued_at_stop} queued when the broker stopped, \
+         {queued_offline} after 1 s offline, {duplicates} duplicates (same id)",
+        2 * TICKS
+    );
+    assert!(
+        queued_offline > queued_at_stop,
+        "records were queued while offline"
+    );
+    stop(handle, task).await;
+    let events = events.await.unwrap();
+    assert!(
+        events.iter().any(|e| e.starts_with("Disconnected")),
+        "the session saw the broker go: {events:#?}"
+    );
+    assert!(
+        events.iter().filter(|e| e.starts_with("Connected")).count() >= 2,
+        "and reconnected: {events:#?}"
+    );
+}
+
+/// A hub-side client publishing raw payloads.
+async fn hub_client(port: u16) -> (AsyncClient, tokio::task::JoinHandle<()>) {
+    let mut options = MqttOptions::new("hub", "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop) = AsyncClient::new(options, 100);
+    let task = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    (client, task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_desired_state_is_reported_and_the_session_keeps_working() {
+    let broker = Mosquitto::start();
+    let outbox = Arc::new(FakeOutbox::new());
+    let (session, handle, mut events) =
+        SyncSession::new(config(broker.port), outbox.clone()).unwrap();
+    let task = tokio::spawn(session.run());
+    let mut seen = Vec::new();
+    let t = Duration::from_secs(10);
+    wait_event(&mut events, &mut seen, t, |e| {
+        matches!(e, SessionEvent::Subscribed)
+    })
+    .await;
+
+    let (hub, hub_task) = hub_client(broker.port).await;
+    let desired = "lichen/v1/n1/desired";
+    let good = json!({"id": "hub:2", "ts": 5, "payload": {"version": 2}}).to_string();
+    hub.publish(desired, QoS::AtLeastOnce, false, "{not json")
+        .await
+        .unwrap();
+    hub.publish(desired, QoS::AtLeastOnce, false, good)
+        .await
+        .unwrap();
+
+    let rejected = wait_event(&mut events, &mut seen, t, |e| {
+        matches!(e, SessionEvent::Rejected(_))
+    })
+    .await;
+    let SessionEvent::Rejected(err @ InboundError::Malformed { .. }) = rejected else {
+        panic!("expected a malformed-message report, got {rejected:?}");
+    };
+    assert!(
+        err.to_string()
+            .starts_with("malformed message on \"lichen/v1/n1/desired\": "),
+        "{err}"
+    );
+    let ev = wait_event(&mut events, &mut seen, t, |e| {
+        matches!(e, SessionEvent::Inbound(_))
+    })
+    .await;
+    let SessionEvent::Inbound(Inbound::Desired(env)) = ev else {
+        panic!("expected the good deployment, got {ev:?}");
+    };
+    assert_eq!(env.id, MessageId::new("hub", 2));
+    assert_eq!(env.payload, json!({"version": 2}));
+
+    // Commands: a QoS 1 duplicate is delivered once; the connection is the same throughout.
+    let cmd = |seq: u64| json!({"id": format!("hub:{seq}"), "ts": 6, "payload": {"open": true}});
+    for seq in [7, 7, 8] {
+        hub.publish(
+            "lichen/v1/n1/cmd/door",
+            QoS::AtLeastOnce,
+            false,
+            cmd(seq).to_string(),
+        )
+        .await
+        .unwrap();
+    }
+    for want in [7, 8] {
+        let ev = wait_event(&mut events, &mut seen, t, |e| {
+            matches!(e, SessionEvent::Inbound(_))
+        })
+        .await;
+        let SessionEvent::Inbound(Inbound::Command { workload, envelope }) = ev else {
+            panic!("expected a command, got {ev:?}");
+        };
+        assert_eq!((workload.as_str(), envelope.id.seq), ("door", want));
+    }
+    assert!(
+        !seen.iter().any(|e| e.starts_with("Disconnected")),
+        "the connection never dropped: {seen:#?}"
+    );
+    stop(handle, task).await;
+    hub_task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_tls_works_and_a_wrong_ca_is_refused_with_a_clear_error() {
+    let certs = tempfile::tempdir().unwrap();
+    let d = certs.path();
+    make_ca(d, "good");
+    make_ca(d, "other");
+    make_leaf(d, "good", "server", "localhost", "serverAuth");
+    make_leaf(d, "good", "client", "n1", "clientAuth");
+    let broker = Mosquitto::start_with(&format!(
+        "cafile {d}/good-ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n\
+         require_certificate true\npersistence false\n",
+        d = d.display()
+    ));
+    let tls = |ca: &str, client: bool| TlsFiles {
+        ca: d.join(format!("{ca}-ca.pem")),
+        client: client.then(|| (d.join("client.pem"), d.join("client.key"))),
+    };
+    let t = Duration::from_secs(10);
+
+    // The right CA and a client certificate: connected, and a record gets its PUBACK.
+    let outbox = Arc::new(FakeOutbox::new());
+    outbox.push(RowKind::Telemetry, "w", "s", json!(1));
+    let mut cfg = config(broker.port);
+    cfg.host = "localhost".into();
+    cfg.tls = Some(tls("good", true));
+    let (session, handle, mut events) = SyncSession::new(cfg.clone(), outbox.clone()).unwrap();
+    let task = tokio::spawn(session.run());
+    let mut seen = Vec::new();
+    wait_event(&mut events, &mut seen, t, |e| {
+        matches!(e, SessionEvent::Connected { .. })
+    })
+    .await;
+    wait_empty(&outbox, t).await;
+    stop(handle, task).await;
+
+    // A CA that did not sign the broker's certificate: refused, saying so.
+    cfg.tls = Some(tls("other", true));
+    let (session, handle, mut events) = SyncSession::new(cfg.clone(), outbox.clone()).unwrap();
+    let task = tokio::spawn(session.run());
+    let ev = wait_event(&mut events, &mut seen, t, |e| {
+        matches!(
+            e,
+            SessionEvent::ConnectFailed { .. } | SessionEvent::Connected { .. }
+        )
+    })
+    .await;
+    let SessionEvent::ConnectFailed { error, .. } = ev else {
+        panic!("connected although the CA is wrong: {ev:?}");
+    };
+    println!("wrong CA: {error}");
+    assert!(
+        error.starts_with(&format!("mqtts://localhost:{}: ", broker.port)),
+        "{error}"
+    );
+    assert!(error.contains("invalid peer certificate"), "{error}");
+    assert!(
+        error.contains("not trusted by the CA file") && error.contains("other-ca.pem"),
+        "{error}"
+    );
+    stop(handle, task).await;
+
+    // No client certificate where the broker requires one: refused too.
+    cfg.tls = Some(tls("good", false));
+    let (session, handle, mut events) = SyncSession::new(cfg, outbox.clone()).unwrap();
+    let task = tokio::spawn(session.run());
+    let ev = wait_event(&mut events, &mut seen, t, |e| {
+        matches!(
+            e,
+            SessionEvent::ConnectFailed { .. } | SessionEvent::Connected { .. }
+        )
+    })
+    .await;
+    assert!(matches!(ev, SessionEvent::ConnectFailed { .. }), "{ev:?}");
+    stop(handle, task).await;
+}
+
+#[test]
+fn unreadable_or_empty_tls_files_are_config_errors_naming_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "").unwrap();
+    let mut cfg = config(1);
+    cfg.tls = Some(TlsFiles {
+        ca: dir.path().join("missing.pem"),
+        client: None,
+    });
+    let err = SyncSession::new(cfg.clone(), Arc::new(FakeOutbox::new()))
+        .err()
+        .expect("missing CA file");
+    assert!(err.to_string().starts_with("cannot read CA file "), "{err}");
+    assert!(err.to_string().contains("missing.pem"), "{err}");
+    cfg.tls = Some(TlsFiles {
+        ca: empty.clone(),
+        client: None,
+    });
+    let err = SyncSession::new(cfg, Arc::new(FakeOutbox::new()))
+        .err()
+        .expect("empty CA file");
+    assert_eq!(
+        err.to_string(),
+        format!("CA file {} holds no PEM certificate", empty.display())
+    );
+}

@@ -1,0 +1,336 @@
+//! Test helpers: a real Mosquitto on a free loopback port, certificates made with openssl, and a
+//! watcher client that records what reaches the broker.
+
+#![allow(dead_code)]
+
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use lichen_sync::{SessionEvent, SyncHandle};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use tokio::sync::mpsc;
+
+/// A `mosquitto` child process, killed by its PID when dropped.
+pub struct Mosquitto {
+    child: Option<Child>,
+    pub port: u16,
+    dir: tempfile::TempDir,
+    conf: PathBuf,
+}
+
+fn mosquitto_binary() -> PathBuf {
+    let candidates = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")]);
+    for dir in candidates {
+        let bin = dir.join("mosquitto");
+        if bin.is_file() {
+            return bin;
+        }
+    }
+    panic!(
+        "mosquitto is not installed: these tests need a real MQTT broker; \
+         run scripts/install-deps (it installs the Debian package `mosquitto`; CI installs it too)"
+    );
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
+    l.local_addr()
+        .expect("local address of a bound socket")
+        .port()
+}
+
+impl Mosquitto {
+    /// Anonymous plain-TCP broker, no persistence.
+    pub fn start() -> Self {
+        Self::start_with("persistence false\n")
+    }
+
+    /// A broker whose config is the listener plus `extra` (relative file names resolve in
+    /// [`Mosquitto::dir`] if `extra` uses `{dir}`).
+    pub fn start_with(extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = free_port();
+        let conf = dir.path().join("mosquitto.conf");
+        let user = if is_root() { "user root\n" } else { "" };
+        let text = format!(
+            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n\
+             log_dest file {log}\n{user}{extra}",
+            log = dir.path().join("mosquitto.log").display(),
+            extra = extra.replace("{dir}", &dir.path().display().to_string()),
+        );
+        std::fs::write(&conf, text).expect("write mosquitto.conf");
+        let mut m = Mosquitto {
+            child: None,
+            port,
+            dir,
+            conf,
+        };
+        m.launch();
+        m
+    }
+
+    /// The broker's scratch directory (config, log, persistence, certificates).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    fn launch(&mut self) {
+        let child = Command::new(mosquitto_binary())
+            .arg("-c")
+            .arg(&self.conf)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn mosquitto");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("mosquitto exited with {status}; log:\n{}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mosquitto did not listen; log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The broker's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
+    }
+
+    /// Stops the broker with SIGTERM (it saves its persistence file) and waits for it.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .arg("-TERM")
+                .arg(child.id().to_string())
+                .status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the broker again on the same port with the same config.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.launch();
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            // Child::kill sends SIGKILL to this child's PID only.
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn is_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+/// A test MQTT client: forwards every message it receives on its subscriptions.
+pub struct Watcher {
+    pub client: AsyncClient,
+    pub messages: mpsc::UnboundedReceiver<(String, Vec<u8>)>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Watcher {
+    /// Connects as `id` (persistent session), subscribes to `filter` at QoS 1 and waits for the
+    /// SUBACK. Keeps reconnecting after errors.
+    pub async fn connect(port: u16, id: &str, filter: &str) -> Self {
+        let mut options = MqttOptions::new(id, "127.0.0.1", port);
+        options
+            .set_clean_session(false)
+            .set_keep_alive(Duration::from_secs(5))
+            .set_inflight(100);
+        let (client, mut eventloop) = AsyncClient::new(options, 1000);
+        client
+            .subscribe(filter, QoS::AtLeastOnce)
+            .await
+            .expect("queue subscribe");
+        let (tx, messages) = mpsc::unbounded_channel();
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(async move {
+            let mut ready = Some(ready_tx);
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Incoming(Packet::SubAck(_))) => {
+                        if let Some(r) = ready.take() {
+                            let _ = r.send(());
+                        }
+                    }
+                    Ok(Event::Incoming(Packet::Publish(p))) => {
+                        let _ = tx.send((p.topic.clone(), p.payload.to_vec()));
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), ready_rx)
+            .await
+            .expect("watcher subscribed within 10 s")
+            .expect("watcher task alive");
+        Watcher {
+            client,
+            messages,
+            task,
+        }
+    }
+}
+
+impl Drop for Watcher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Waits up to `within` for an event matching `want`, returning it; other events are kept in
+/// `seen` for later assertions.
+pub async fn wait_event(
+    events: &mut mpsc::Receiver<SessionEvent>,
+    seen: &mut Vec<String>,
+    within: Duration,
+    want: impl Fn(&SessionEvent) -> bool,
+) -> SessionEvent {
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        let ev = tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .unwrap_or_else(|_| {
+                panic!("no matching session event within {within:?}; saw {seen:#?}")
+            })
+            .expect("session event channel open");
+        if want(&ev) {
+            return ev;
+        }
+        seen.push(format!("{ev:?}"));
+    }
+}
+
+/// Stops the session and waits for its task.
+pub async fn stop(handle: SyncHandle, task: tokio::task::JoinHandle<()>) {
+    handle.shutdown();
+    tokio::time::timeout(Duration::from_secs(5), task)
+        .await
+        .expect("session stops within 5 s")
+        .expect("session task does not panic");
+}
+
+/// Runs openssl with `args` in `dir`, panicking with its output on failure.
+pub fn openssl(dir: &Path, args: &[&str]) {
+    let out = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("openssl is installed (Debian package openssl)");
+    assert!(
+        out.status.success(),
+        "openssl {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Makes a CA `<name>-ca.pem`/`.key` in `dir`.
+pub fn make_ca(dir: &Path, name: &str) {
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            &format!("/CN={name} test CA"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+            "-keyout",
+            &format!("{name}-ca.key"),
+            "-out",
+            &format!("{name}-ca.pem"),
+        ],
+    );
+}
+
+/// Makes `<leaf>.pem`/`.key` signed by CA `<ca>`, for `usage` (`serverAuth` or `clientAuth`).
+pub fn make_leaf(dir: &Path, ca: &str, leaf: &str, cn: &str, usage: &str) {
+    let ext = format!("{leaf}.ext");
+    std::fs::write(
+        dir.join(&ext),
+        format!(
+            "basicConstraints=CA:FALSE\nkeyUsage=critical,digitalSignature\n\
+             extendedKeyUsage={usage}\nsubjectAltName=DNS:localhost,IP:127.0.0.1\n"
+        ),
+    )
+    .expect("write extension file");
+    openssl(
+        dir,
+        &[
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-subj",
+            &format!("/CN={cn}"),
+            "-keyout",
+            &format!("{leaf}.key"),
+            "-out",
+            &format!("{leaf}.csr"),
+        ],
+    );
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &format!("{leaf}.csr"),
+            "-CA",
+            &format!("{ca}-ca.pem"),
+            "-CAkey",
+            &format!("{ca}-ca.key"),
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+            "-out",
+            &format!("{leaf}.pem"),
+        ],
+    );
+}
