@@ -534,6 +534,12 @@ impl Control for Agent {
                     ApiError::not_found(format!("no workload named {workload:?}"))
                 });
             };
+            let state = handle.stats.status().state;
+            if state == "failed" || state == "completed" {
+                return Err(ApiError::unavailable(format!(
+                    "workload {workload:?} is {state} and takes no commands until it is deployed again"
+                )));
+            }
             handle
                 .try_deliver(
                     Delivery::Command {

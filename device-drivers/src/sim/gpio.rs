@@ -266,30 +266,19 @@ impl SimChip {
     /// Drive a line from outside, as a button or a wire would. On an input this may produce
     /// an edge event; on an output it is recorded and only shows once the output is released.
     pub fn drive(&self, label: &str, level: Level) -> Result<()> {
-        let mut st = self.lock();
-        let now = st.clock.now_ns();
-        let line = Self::line_mut(&mut st, &self.shared.name, label)?;
-        line.external = Some(level);
-        if !matches!(
-            line.request,
-            Some(Request {
-                kind: RequestKind::Output { .. },
-                ..
-            })
-        ) {
-            line.input_changed(now);
-        }
-        drop(st);
-        self.shared.changed.notify_all();
-        Ok(())
+        self.set_external(label, Some(level))
     }
 
     /// Stop driving a line from outside: it falls back to its bias (pull-up high, else low).
     pub fn release_drive(&self, label: &str) -> Result<()> {
+        self.set_external(label, None)
+    }
+
+    fn set_external(&self, label: &str, level: Option<Level>) -> Result<()> {
         let mut st = self.lock();
         let now = st.clock.now_ns();
         let line = Self::line_mut(&mut st, &self.shared.name, label)?;
-        line.external = None;
+        line.external = level;
         if !matches!(
             line.request,
             Some(Request {
