@@ -17,6 +17,10 @@ const COMPONENTS: &[(&str, &str)] = &[
     ("counter", "LICHEN_GUEST_COUNTER"),
     ("thermostat", "LICHEN_GUEST_THERMOSTAT"),
     ("misbehave", "LICHEN_GUEST_MISBEHAVE"),
+    ("blinky", "LICHEN_GUEST_BLINKY"),
+    ("adc-sampler", "LICHEN_GUEST_ADC_SAMPLER"),
+    ("env-sensor", "LICHEN_GUEST_ENV_SENSOR"),
+    ("button-led", "LICHEN_GUEST_BUTTON_LED"),
 ];
 
 /// Plain WASI preview-1 command guests, built for `wasm32-wasip1`.
@@ -59,10 +63,16 @@ fn main() {
 
     for (target, guests) in [("wasm32-wasip2", COMPONENTS), ("wasm32-wasip1", COMMANDS)] {
         for (package, var) in guests {
+            // A library's file name has `_` for `-`; a binary's keeps the package name.
+            let file = if target == "wasm32-wasip2" {
+                package.replace('-', "_")
+            } else {
+                package.to_string()
+            };
             let wasm = target_dir
                 .join(target)
                 .join("release")
-                .join(format!("{package}.wasm"));
+                .join(format!("{file}.wasm"));
             assert!(
                 wasm.is_file(),
                 "guest {package} was built but {} is missing",

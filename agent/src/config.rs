@@ -25,6 +25,14 @@ lines-per-second = 50    # average rate a workload may log
 burst = 200              # lines above the average in a burst
 persisted-lines = 1000   # lines kept in the state store per workload
 level = "info"           # guest lines below this level are dropped: trace, debug, info, warn, error
+
+# No [hub] section: the node runs offline. To sync with an MQTT hub (docs/topics.md):
+# [hub]
+# url = "mqtts://hub.example:8883"
+# node-id = "pi-7"
+# ca-file = "/etc/lichen/hub-ca.pem"
+# trusted-keys = ["<ed25519 public key from `lichen hub keygen`, hex or base64>"]
+# outbox-quota = "64MiB"
 "#;
 
 /// Agent configuration.
@@ -43,6 +51,61 @@ pub struct AgentConfig {
     /// Guest log settings.
     #[serde(default)]
     pub logs: LogSection,
+    /// The MQTT hub; without it the agent runs offline (no sync).
+    #[serde(default)]
+    pub hub: Option<HubSection>,
+}
+
+/// `[hub]`: where the hub is and whom to trust.
+///
+/// ```toml
+/// [hub]
+/// url = "mqtts://hub.example:8883"     # or mqtt://host:port (plain TCP, default port 1883)
+/// node-id = "pi-7"                      # MQTT client id and <node> of every topic
+/// ca-file = "/etc/lichen/hub-ca.pem"    # required for mqtts://
+/// client-cert = "/etc/lichen/node.pem"  # mutual TLS (with client-key)
+/// client-key = "/etc/lichen/node.key"
+/// username = "pi-7"                     # optional, with password
+/// password = "..."
+/// trusted-keys = ["<ed25519 public key, 64 hex digits or base64>"]
+/// outbox-quota = "64MiB"                # past it the oldest telemetry is dropped
+/// insecure-dev = false                  # true: accept unsigned deployments (development only)
+/// ```
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct HubSection {
+    /// `mqtt://host[:port]` or `mqtts://host[:port]`.
+    pub url: String,
+    /// The node id.
+    pub node_id: String,
+    /// CA certificate(s) of the broker (PEM), for `mqtts://`.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// The node's certificate chain (PEM), for mutual TLS.
+    #[serde(default)]
+    pub client_cert: Option<PathBuf>,
+    /// The node's private key (PEM), for mutual TLS.
+    #[serde(default)]
+    pub client_key: Option<PathBuf>,
+    /// MQTT user name.
+    #[serde(default)]
+    pub username: Option<String>,
+    /// MQTT password.
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Publisher public keys whose deployment signatures are trusted (ed25519, hex or base64).
+    #[serde(default)]
+    pub trusted_keys: Vec<String>,
+    /// Outbox disk quota (`64MiB`).
+    #[serde(default = "default_outbox_quota")]
+    pub outbox_quota: String,
+    /// Accept unsigned or wrongly signed deployments (development only; reported loudly).
+    #[serde(default)]
+    pub insecure_dev: bool,
+}
+
+fn default_outbox_quota() -> String {
+    "64MiB".into()
 }
 
 fn default_board() -> String {
@@ -177,6 +240,21 @@ mod tests {
         let engine = config.engine_options().expect("sizes are valid");
         assert_eq!(engine.max_memory_bytes, 32 << 20);
         assert_eq!(engine.max_instances, 1024);
+    }
+
+    #[test]
+    fn hub_section_parses_with_defaults_and_refuses_unknown_keys() {
+        let config: AgentConfig =
+            toml::from_str("[hub]\nurl = \"mqtt://127.0.0.1:1883\"\nnode-id = \"n1\"\n")
+                .expect("minimal hub section");
+        let hub = config.hub.expect("hub section present");
+        assert_eq!(hub.outbox_quota, "64MiB");
+        assert!(!hub.insecure_dev);
+        assert!(hub.trusted_keys.is_empty());
+        let err = toml::from_str::<AgentConfig>("[hub]\nurl = \"x\"\nnode-id = \"n\"\nnode = 1\n")
+            .expect_err("unknown key");
+        assert!(err.to_string().contains("node"), "{err}");
+        assert!(AgentConfig::load(None).expect("built-in").hub.is_none());
     }
 
     #[test]

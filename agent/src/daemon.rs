@@ -129,6 +129,14 @@ pub async fn run(args: RunArgs, socket: &Path) -> Result<()> {
     });
     tracing::info!(socket = %socket.display(), "local API listening");
     let summary = tokio::spawn(print_summaries(agent.clone()));
+    let hub = match &config.hub {
+        Some(section) => Some(
+            crate::hub::HubLink::start(agent.clone(), section)
+                .await
+                .context("cannot start the hub link")?,
+        ),
+        None => None,
+    };
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot listen for SIGTERM")?;
@@ -137,6 +145,9 @@ pub async fn run(args: RunArgs, socket: &Path) -> Result<()> {
         _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
     }
     summary.abort();
+    if let Some(hub) = hub {
+        hub.shutdown().await;
+    }
     let _ = stop_tx.send(true);
     agent.shutdown().await;
     if let Ok(Err(err)) = api.await {

@@ -16,10 +16,20 @@ pub const COUNTER: &[u8] = include_bytes!(env!("LICHEN_GUEST_COUNTER"));
 pub const THERMOSTAT: &[u8] = include_bytes!(env!("LICHEN_GUEST_THERMOSTAT"));
 
 /// Names of the guests [`guest_path`] knows.
-pub const GUEST_NAMES: &[&str] = &["counter", "thermostat", "misbehave", "hello-wasi"];
+pub const GUEST_NAMES: &[&str] = &[
+    "counter",
+    "thermostat",
+    "misbehave",
+    "hello-wasi",
+    "blinky",
+    "adc-sampler",
+    "env-sensor",
+    "button-led",
+];
 
 /// Returns the absolute path of the `.wasm` file that `build.rs` built for the guest `name`
-/// (`counter`, `thermostat`, `misbehave` or `hello-wasi`), or `None` for any other name.
+/// (`counter`, `thermostat`, `misbehave`, `hello-wasi`, `blinky`, `adc-sampler`,
+/// `env-sensor` or `button-led`), or `None` for any other name.
 ///
 /// The paths point into the build directory, so they are for tests and benchmarks run from
 /// the build tree, not for an installed binary.
@@ -29,6 +39,10 @@ pub fn guest_path(name: &str) -> Option<&'static str> {
         "thermostat" => Some(env!("LICHEN_GUEST_THERMOSTAT")),
         "misbehave" => Some(env!("LICHEN_GUEST_MISBEHAVE")),
         "hello-wasi" => Some(env!("LICHEN_GUEST_HELLO_WASI")),
+        "blinky" => Some(env!("LICHEN_GUEST_BLINKY")),
+        "adc-sampler" => Some(env!("LICHEN_GUEST_ADC_SAMPLER")),
+        "env-sensor" => Some(env!("LICHEN_GUEST_ENV_SENSOR")),
+        "button-led" => Some(env!("LICHEN_GUEST_BUTTON_LED")),
         _ => None,
     }
 }

@@ -12,6 +12,8 @@ pub mod daemon;
 pub mod deployment;
 pub mod doctor;
 pub mod embedded;
+pub mod grants;
+pub mod hub;
 pub mod logs;
 pub mod metrics;
 pub mod runtime;

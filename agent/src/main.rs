@@ -39,10 +39,24 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => report_error(&err),
             },
-            Command::Doctor => {
-                let report = lichen_agent::doctor::report("sim", None);
+            Command::Doctor(args) => {
+                let mut report = lichen_agent::doctor::report("sim", None);
+                if let Some(path) = &args.config {
+                    match lichen_agent::config::AgentConfig::load(Some(path)) {
+                        Ok(config) => report
+                            .checks
+                            .push(lichen_agent::doctor::hub_check(config.hub.as_ref())),
+                        Err(err) => return report_error(&err),
+                    }
+                }
                 print_doctor(&report, cli.json);
                 ExitCode::SUCCESS
+            }
+            Command::Hub { command } => {
+                match lichen_agent::cli::hub::run(command, cli.json).await {
+                    Ok(code) => code,
+                    Err(err) => report_error(&err),
+                }
             }
             other => run_client(other, &cli.socket, cli.json).await,
         }

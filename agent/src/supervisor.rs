@@ -90,6 +90,7 @@ impl Agent {
             &options.state_dir.join("artifacts"),
             engine.clone(),
         )?);
+        let devices = Arc::new(crate::grants::DeviceHub::open(&options.board)?);
         let logs = Arc::new(LogHub::new(options.logs));
         logs.spawn_persister(store.clone());
         let ctx = WorkerContext {
@@ -98,6 +99,7 @@ impl Agent {
             logs,
             metrics: Arc::new(Metrics::default()),
             max_memory_bytes: options.engine.max_memory_bytes,
+            devices,
         };
         Ok(Self {
             inner: Arc::new(Inner {
@@ -121,6 +123,11 @@ impl Agent {
     /// The state store.
     pub fn store(&self) -> &StateStore {
         &self.inner.ctx.store
+    }
+
+    /// The board's devices (on a `sim` board, tests drive and observe them here).
+    pub fn devices(&self) -> &Arc<crate::grants::DeviceHub> {
+        &self.inner.ctx.devices
     }
 
     /// Agent metrics.
@@ -175,6 +182,8 @@ impl Agent {
         base_dir: &Path,
     ) -> Result<DeployReport, ApiError> {
         let parsed = deployment::parse(file_name, text, base_dir)
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
+        crate::grants::check(&parsed, self.inner.ctx.devices.profile())
             .map_err(|e| ApiError::invalid(e.to_string()))?;
         // One deploy at a time; validation (compiling) happens before anything changes.
         let mut workloads = self.inner.workloads.lock().await;

@@ -7,6 +7,12 @@
 //! `lichen:device/telemetry`. Each import is served from a [`DeviceState`] bound to one
 //! workload: its configuration, its key-value data, its log and its telemetry streams.
 //!
+//! Device access (`lichen:device/gpio`, `spi`, `i2c`, in `wit/devices.wit`) goes through the
+//! [`DeviceGrants`] the embedder opened for the workload from its deployment's grants
+//! ([`DeviceState::with_devices`]): guests ask by logical name, every call is checked against
+//! the grants, and a name that is not granted gets `pin-not-allowed` (or the SPI/I2C
+//! equivalent) rather than a trap. Without grants nothing is allowed.
+//!
 //! Writes are transactional per call into the guest: key-value writes and telemetry records
 //! accumulate in [`DeviceState`] while the guest runs, and the embedder either takes them with
 //! [`DeviceState::take_pending`] (to commit them durably, then publish them with
@@ -26,10 +32,22 @@
 //! ```
 
 mod config;
+mod devices;
+mod gpio;
+mod i2c;
 mod keyvalue;
 mod logging;
+mod spi;
 mod state;
 mod telemetry;
+
+pub use devices::{
+    DeviceGrants, EdgeInput, GpioGrant, GrantedI2c, GrantedInput, GrantedOutput, GrantedSpi,
+    I2cBusBox, InputPinBox, OutputPinBox, SpiDeviceBox,
+};
+pub use gpio::{DigitalInPin, DigitalOutPin};
+pub use i2c::I2cBus;
+pub use spi::SpiDevice;
 
 pub use keyvalue::{Bucket, KvKey, KvMap};
 pub use logging::{LogLevel, LogSink};
@@ -48,17 +66,36 @@ mod bindings {
             "wasi:io": wasmtime_wasi::p2::bindings::io,
             "wasi:clocks": wasmtime_wasi::p2::bindings::clocks,
             "wasi:keyvalue/store.bucket": crate::keyvalue::Bucket,
+            "lichen:device/gpio.digital-out-pin": crate::gpio::DigitalOutPin,
+            "lichen:device/gpio.digital-in-pin": crate::gpio::DigitalInPin,
+            "lichen:device/spi.spi-device": crate::spi::SpiDevice,
+            "lichen:device/i2c.i2c-bus": crate::i2c::I2cBus,
         },
     });
 }
 
-pub use bindings::lichen::device::types::{Command, Event, Tick};
+pub use bindings::lichen::device::types::{Command, Edge, Event, GpioEdge, Tick};
+
+/// The WIT types of `lichen:device/gpio`, `spi` and `i2c`, for embedders and tests that call
+/// the host implementations directly.
+pub mod device_types {
+    pub use crate::bindings::lichen::device::gpio::{
+        Error as GpioError, Host as GpioHost, HostDigitalInPin, HostDigitalOutPin, Level,
+    };
+    pub use crate::bindings::lichen::device::i2c::{
+        Error as I2cError, Host as I2cHost, HostI2cBus, Operation as I2cOperation,
+    };
+    pub use crate::bindings::lichen::device::spi::{
+        Error as SpiError, Host as SpiHost, HostSpiDevice, Operation as SpiOperation,
+    };
+}
 pub use bindings::{DeviceFunction, DeviceFunctionPre};
 
 /// Fully qualified name of the world device functions must target.
 pub const WORLD: &str = "lichen:device/device-function@0.1.0";
 
-/// Adds Lichen's own imports (logging, config, key-value, telemetry) to `linker`.
+/// Adds Lichen's own imports (logging, config, key-value, telemetry, gpio, spi, i2c) to
+/// `linker`.
 ///
 /// The clocks and the rest of WASI 0.2 come from `wasmtime_wasi::p2::add_to_linker_async`,
 /// which the embedder adds beside these.
@@ -73,5 +110,8 @@ pub fn add_to_linker<T: Send + 'static>(
     wasi::keyvalue::atomics::add_to_linker::<T, HasSelf<DeviceState>>(linker, get)?;
     lichen::device::types::add_to_linker::<T, HasSelf<DeviceState>>(linker, get)?;
     lichen::device::telemetry::add_to_linker::<T, HasSelf<DeviceState>>(linker, get)?;
+    lichen::device::gpio::add_to_linker::<T, HasSelf<DeviceState>>(linker, get)?;
+    lichen::device::spi::add_to_linker::<T, HasSelf<DeviceState>>(linker, get)?;
+    lichen::device::i2c::add_to_linker::<T, HasSelf<DeviceState>>(linker, get)?;
     Ok(())
 }

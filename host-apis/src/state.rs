@@ -1,11 +1,12 @@
 //! The per-instance host state behind every import.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use wasmtime::component::ResourceTable;
 
+use crate::devices::DeviceGrants;
 use crate::keyvalue::{KvKey, KvMap};
 use crate::logging::LogSink;
 
@@ -72,6 +73,9 @@ pub struct DeviceState {
     pub(crate) log: Arc<dyn LogSink>,
     pub(crate) table: ResourceTable,
     pub(crate) limits: HostLimits,
+    pub(crate) devices: Arc<DeviceGrants>,
+    /// Devices the guest holds open, as `gpio:<name>`, `spi:<name>`, `i2c:<name>`.
+    pub(crate) open_devices: BTreeSet<String>,
 }
 
 impl DeviceState {
@@ -93,7 +97,21 @@ impl DeviceState {
             log,
             table: ResourceTable::new(),
             limits,
+            devices: Arc::new(DeviceGrants::new()),
+            open_devices: BTreeSet::new(),
         }
+    }
+
+    /// Gives the instance the device handles its workload was granted; without this call the
+    /// instance may use no device.
+    pub fn with_devices(mut self, devices: Arc<DeviceGrants>) -> Self {
+        self.devices = devices;
+        self
+    }
+
+    /// The device handles this instance may use.
+    pub fn devices(&self) -> &Arc<DeviceGrants> {
+        &self.devices
     }
 
     /// The workload this instance belongs to.

@@ -2,6 +2,8 @@
 //! private state directory and socket, talks to it through the CLI and the socket API, and
 //! kills it (gracefully or with SIGKILL) to check what survives.
 
+pub mod broker;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -329,4 +331,12 @@ pub fn output_text(out: &Output) -> String {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     )
+}
+
+/// Runs the `lichen` binary with `args` (verbs that need no daemon, such as `hub`).
+pub fn lichen(args: &[&str]) -> Output {
+    Command::new(lichen_bin())
+        .args(args)
+        .output()
+        .expect("the lichen binary runs")
 }

@@ -61,7 +61,11 @@ fn a_guest_whose_init_fails_with_restart_never_stays_failed() {
     );
     let out = daemon.cli(&["send", "bad", "ping"]);
     assert!(!out.status.success(), "a failed workload takes no commands");
-    assert!(output_text(&out).contains("is failed"), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains("is failed"),
+        "{}",
+        output_text(&out)
+    );
     healthy_keeps_running(&daemon);
 }
 

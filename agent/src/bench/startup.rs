@@ -104,6 +104,7 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
         log: Arc::new(LogHub::new(LogOptions::default())),
         memory_limit: 16 << 20,
         time_slice: Duration::from_millis(100),
+        devices: Arc::default(),
     };
     let mut instantiate = Vec::with_capacity(ENGINE_ITERATIONS);
     let mut with_init = Vec::with_capacity(ENGINE_ITERATIONS);

@@ -1,7 +1,8 @@
 //! The command line: verbs, their options, and human or JSON output.
 //!
-//! `lichen run` starts the daemon (the binary implements it with [`RunArgs`]); the other verbs
-//! are clients of the daemon's local API, run by [`run_client`]. Every verb prints a human view
+//! `lichen run` starts the daemon (the binary implements it with [`RunArgs`]); `lichen hub ...`
+//! talks to an MQTT broker, not to the daemon ([`hub`]); the other verbs are clients of the
+//! daemon's local API, run by [`run_client`]. Every verb prints a human view
 //! by default (aligned tables) and, with `--json`, exactly the API's JSON: one document, or one
 //! document per line (NDJSON) for the `--follow` modes.
 //!
@@ -10,6 +11,7 @@
 //! changed (a usage error found by clap, or an `invalid` answer from the daemon, such as a
 //! deployment file that does not validate).
 
+pub mod hub;
 pub mod render;
 
 use std::collections::VecDeque;
@@ -122,9 +124,23 @@ pub enum Command {
         name: String,
     },
     /// Check what this host can run (Wasm, containers, microVMs, devices) and why.
-    Doctor,
+    Doctor(DoctorArgs),
     /// Measure the agent on this host: start-up, event throughput, reload, density.
     Bench(BenchArgs),
+    /// Operate nodes through an MQTT hub: sign and publish deployments, read reported state.
+    Hub {
+        /// The hub verb.
+        #[command(subcommand)]
+        command: hub::HubCommand,
+    },
+}
+
+/// Options of `lichen doctor`.
+#[derive(Debug, Clone, Args)]
+pub struct DoctorArgs {
+    /// Also check this agent configuration (its `[hub]` section: trusted keys, insecure-dev).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
 }
 
 /// Options of `lichen run`.
@@ -243,8 +259,8 @@ pub fn print_doctor(report: &DoctorReport, json: bool) {
 async fn execute(command: Command, socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let client = Client::new(socket.to_path_buf());
     match command {
-        Command::Run(_) | Command::Bench(_) => Err(anyhow!(
-            "`run` and `bench` are not client verbs; the binary runs them itself"
+        Command::Run(_) | Command::Bench(_) | Command::Hub { .. } => Err(anyhow!(
+            "`run`, `bench` and `hub` are not client verbs; the binary runs them itself"
         )),
         Command::Deploy { file } => deploy(&client, &file, json).await,
         Command::Ps => {
@@ -330,7 +346,7 @@ async fn execute(command: Command, socket: &Path, json: bool) -> anyhow::Result<
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Doctor => {
+        Command::Doctor(_) => {
             let report = client
                 .doctor()
                 .await
@@ -472,13 +488,13 @@ async fn events(
 }
 
 /// Writes `bytes` to stdout and flushes.
-fn emit(bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn emit(bytes: &[u8]) -> io::Result<()> {
     let mut stdout = io::stdout().lock();
     stdout.write_all(bytes)?;
     stdout.flush()
 }
 
-fn push_json<T: Serialize>(out: &mut Vec<u8>, value: &T) {
+pub(crate) fn push_json<T: Serialize>(out: &mut Vec<u8>, value: &T) {
     // The API types are plain data: serialising them cannot fail.
     serde_json::to_writer_pretty(&mut *out, value).expect("API types always serialise to JSON");
     out.push(b'\n');

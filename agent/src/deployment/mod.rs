@@ -19,6 +19,24 @@
 //! queue = 64                     # at least 1
 //! ```
 //!
+//! Device grants (each list optional; empty or absent means the workload may use no device):
+//!
+//! ```toml
+//! [[workloads]]
+//! name = "blinky"
+//! module = "blinky.wasm"
+//! gpio = [
+//!   { name = "led", pin = "GPIO17", mode = "output", initial = "low" },   # initial: low | high
+//!   { name = "button", pin = "GPIO27", mode = "input", bias = "pull-up",  # disabled | pull-up | pull-down
+//!     edge = "falling", debounce = "5ms" },                               # rising | falling | both
+//! ]
+//! spi = [{ name = "adc", bus = "spi0.0", max-hz = 1000000 }]   # max-hz defaults to 1 MHz
+//! i2c = [{ name = "env", bus = "i2c-1", addresses = [0x48] }]  # 7-bit addresses
+//! ```
+//!
+//! Logical names follow the workload-name pattern and are unique within a workload. Pins and
+//! buses are checked against the agent's board profile at deploy (`crate::grants`).
+//!
 //! The rules, where the issue left a choice:
 //! - `workloads` is required; `workloads = []` is a valid deployment that runs nothing (so an
 //!   empty or truncated file is an error rather than an order to stop everything).
@@ -54,7 +72,10 @@ mod validate;
 
 use std::path::Path;
 
-pub use spec::{DeploymentSpec, Limits, ModuleRef, RestartPolicy, Trigger, WorkloadSpec};
+pub use spec::{
+    DeploymentSpec, GpioEdgeTrigger, GpioGrantSpec, GpioMode, I2cGrantSpec, Limits, ModuleRef,
+    RestartPolicy, SpiGrantSpec, Trigger, WorkloadSpec,
+};
 
 use locate::{LineIndex, SourceMap};
 use tree::Format;

@@ -44,6 +44,78 @@ pub struct WorkloadSpec {
     /// What to do when the workload fails or ends.
     #[serde(default)]
     pub restart: RestartPolicy,
+    /// GPIO pins the workload may use, by logical name; empty means none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub gpio: Vec<GpioGrantSpec>,
+    /// SPI devices the workload may use, by logical name; empty means none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spi: Vec<SpiGrantSpec>,
+    /// I2C buses (and addresses on them) the workload may use, by logical name; empty means
+    /// none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub i2c: Vec<I2cGrantSpec>,
+}
+
+/// Direction of a granted GPIO pin.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GpioMode {
+    /// The workload drives the pin.
+    Output,
+    /// The workload reads the pin.
+    Input,
+}
+
+/// A GPIO grant: `{ name = "led", pin = "GPIO17", mode = "output", initial = "low" }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct GpioGrantSpec {
+    /// Logical name the guest asks for.
+    pub name: String,
+    /// The board profile's pin name.
+    pub pin: String,
+    /// Output or input.
+    pub mode: GpioMode,
+    /// Outputs: level driven at start and restored on stop, reload and crash (the safe state).
+    #[serde(default)]
+    pub initial: lichen_devices::Level,
+    /// Inputs: pull resistor; `None` leaves it as it is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bias: Option<lichen_devices::Bias>,
+    /// Inputs: which edges are reported.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub edge: Option<lichen_devices::EdgeDetection>,
+    /// Inputs: how long a change must hold before it counts.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "optional_duration_text"
+    )]
+    pub debounce: Option<Duration>,
+}
+
+/// An SPI grant: `{ name = "adc", bus = "spi0.0", max-hz = 1000000 }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct SpiGrantSpec {
+    /// Logical name the guest asks for.
+    pub name: String,
+    /// The board profile's SPI device name (`spi<bus>.<chip-select>`).
+    pub bus: String,
+    /// Highest clock in Hz (1 MHz when the file does not say).
+    pub max_hz: u32,
+}
+
+/// An I2C grant: `{ name = "env", bus = "i2c-1", addresses = [0x48] }`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct I2cGrantSpec {
+    /// Logical name the guest asks for.
+    pub name: String,
+    /// The board profile's I2C bus name (`i2c-<n>`).
+    pub bus: String,
+    /// 7-bit target addresses the workload may talk to; empty means none.
+    pub addresses: Vec<u16>,
 }
 
 /// A reference to a Wasm module: a file on disk or a digest in the artifact store.
@@ -62,6 +134,37 @@ pub enum ModuleRef {
 pub enum Trigger {
     /// A timer tick every period (at least 1ms); written `{ interval = "500ms" }`.
     Interval(#[serde(with = "duration_text")] Duration),
+    /// An edge on a granted input pin; written
+    /// `{ gpio-edge = "button", edge = "falling", debounce = "5ms" }`.
+    GpioEdge(GpioEdgeTrigger),
+}
+
+/// A `gpio-edge` trigger: which input, which edges, and the debounce period.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct GpioEdgeTrigger {
+    /// Logical name of an input pin of the workload's `gpio` grants.
+    pub input: String,
+    /// Which edges fire the trigger (`both` when the file does not say).
+    pub edge: lichen_devices::EdgeDetection,
+    /// A level change must hold this long before it counts (the grant's `debounce` when the
+    /// trigger does not say).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "optional_duration_text"
+    )]
+    pub debounce: Option<Duration>,
+}
+
+impl WorkloadSpec {
+    /// The `gpio-edge` trigger watching the input named `input`, if any.
+    pub fn edge_trigger(&self, input: &str) -> Option<&GpioEdgeTrigger> {
+        self.triggers.iter().find_map(|trigger| match trigger {
+            Trigger::GpioEdge(edge) if edge.input == input => Some(edge),
+            _ => None,
+        })
+    }
 }
 
 /// Per-workload resource limits; each `None` falls back to the agent's default.

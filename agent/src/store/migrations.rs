@@ -78,6 +78,25 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX guest_logs_by_workload ON guest_logs (workload, id);
     ",
+    // 2: hub sync. Outbox rows get a kind (telemetry, state, cmd-result, event: what
+    // lichen-sync's RowKind names), so reported state and command results travel in the same
+    // queue as telemetry; existing rows are telemetry. The inbox keeps the ids of inbound
+    // commands already handled, so de-duplication survives a restart. hub_state keeps small
+    // facts about the hub link (the applied hub deployment version).
+    "
+    ALTER TABLE outbox ADD COLUMN kind TEXT NOT NULL DEFAULT 'telemetry';
+
+    CREATE TABLE inbox (
+        id             TEXT    PRIMARY KEY,
+        received_at_ms INTEGER NOT NULL
+    );
+    CREATE INDEX inbox_by_time ON inbox (received_at_ms);
+
+    CREATE TABLE hub_state (
+        key   TEXT PRIMARY KEY,
+        value TEXT NOT NULL
+    ) WITHOUT ROWID;
+    ",
 ];
 
 /// The schema version this code writes and understands.

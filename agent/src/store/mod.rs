@@ -33,6 +33,7 @@
 //! ```
 
 mod migrations;
+mod outbox;
 mod reads;
 mod types;
 mod writer;
@@ -48,10 +49,12 @@ use std::thread::JoinHandle;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot};
 
+pub use outbox::SqliteOutbox;
+pub use reads::OUTBOX_ROW_OVERHEAD;
 pub use types::{
     DeploymentRecord, DeploymentSummary, EventCommit, EventRow, GuestLogLine, KvWrite,
-    NewDeployment, NewWorkload, OutboxRow, StatusUpdate, StoreOptions, StoreStats, TelemetryRecord,
-    WorkloadRow,
+    NewDeployment, NewWorkload, OutboxRecord, OutboxRow, OutboxRowSize, StatusUpdate, StoreOptions,
+    StoreStats, TelemetryRecord, WorkloadRow,
 };
 use writer::{Op, Output, Request};
 
@@ -190,6 +193,17 @@ struct Inner {
     requests: Option<mpsc::Sender<Request>>,
     writer: Option<JoinHandle<()>>,
     reader: Mutex<Connection>,
+    /// Told after each commit that added outbox rows (the hub link, when there is one).
+    outbox_listener: std::sync::OnceLock<OutboxListener>,
+}
+
+/// A callback run after outbox rows were committed.
+struct OutboxListener(Box<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for OutboxListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("OutboxListener")
+    }
 }
 
 impl Drop for Inner {
@@ -257,6 +271,7 @@ impl StateStore {
                 requests: Some(tx),
                 writer: Some(writer),
                 reader: Mutex::new(reader),
+                outbox_listener: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -291,7 +306,87 @@ impl StateStore {
     /// Commits the effects of one handled event: key-value writes, telemetry into the outbox,
     /// and the workload's event counter, all or nothing. Returns once they are durable.
     pub async fn commit_event(&self, c: EventCommit) -> Result<(), StoreError> {
-        self.submit(Op::Commit(c)).await.map(drop)
+        let telemetry = !c.telemetry.is_empty();
+        self.submit(Op::Commit(c)).await?;
+        if telemetry {
+            self.outbox_changed();
+        }
+        Ok(())
+    }
+
+    /// Runs `listener` after every commit that adds outbox rows (cheap: it should only wake
+    /// someone up). Only the first listener set is kept; returns whether this one was.
+    pub fn set_outbox_listener(&self, listener: impl Fn() + Send + Sync + 'static) -> bool {
+        self.inner
+            .outbox_listener
+            .set(OutboxListener(Box::new(listener)))
+            .is_ok()
+    }
+
+    fn outbox_changed(&self) {
+        if let Some(listener) = self.inner.outbox_listener.get() {
+            (listener.0)();
+        }
+    }
+
+    /// Queues a record the agent itself makes (reported state, an event) in the outbox;
+    /// returns its row id.
+    pub async fn push_outbox(&self, record: OutboxRecord) -> Result<i64, StoreError> {
+        match self.submit(Op::OutboxPush(record)).await? {
+            Output::RowId(id) => {
+                self.outbox_changed();
+                Ok(id)
+            }
+            other => unreachable!("the writer answers an outbox push with its id, not {other:?}"),
+        }
+    }
+
+    /// Deletes outbox rows (acknowledged by the broker, or dropped by the quota); returns how
+    /// many were still there.
+    pub async fn delete_outbox(&self, ids: Vec<i64>) -> Result<u64, StoreError> {
+        match self.submit(Op::OutboxDelete(ids)).await? {
+            Output::Count(n) => Ok(n),
+            other => unreachable!("the writer answers a delete with a count, not {other:?}"),
+        }
+    }
+
+    /// [`StateStore::delete_outbox`] for a thread that is not async (tokio's blocking pool).
+    pub fn delete_outbox_blocking(&self, ids: Vec<i64>) -> Result<u64, StoreError> {
+        match self.submit_blocking(Op::OutboxDelete(ids))? {
+            Output::Count(n) => Ok(n),
+            other => unreachable!("the writer answers a delete with a count, not {other:?}"),
+        }
+    }
+
+    /// Records that hub command `inbox_id` was handled and queues its result, in one
+    /// transaction. Returns `false` (and queues nothing) if the id was handled before.
+    pub async fn command_done(
+        &self,
+        inbox_id: &str,
+        result: OutboxRecord,
+    ) -> Result<bool, StoreError> {
+        let op = Op::CommandDone {
+            inbox_id: inbox_id.to_owned(),
+            result,
+        };
+        match self.submit(op).await? {
+            Output::Count(n) => {
+                if n > 0 {
+                    self.outbox_changed();
+                }
+                Ok(n > 0)
+            }
+            other => unreachable!("the writer answers a command with a count, not {other:?}"),
+        }
+    }
+
+    /// Records a fact about the hub link (read back with [`StateStore::hub_state`]).
+    pub async fn set_hub_state(&self, key: &str, value: &str) -> Result<(), StoreError> {
+        let op = Op::HubState {
+            key: key.to_owned(),
+            value: value.to_owned(),
+        };
+        self.submit(op).await.map(drop)
     }
 
     /// Records a workload's status, and the event it comes with, in one transaction.
@@ -342,6 +437,22 @@ impl StateStore {
             .await
             .map_err(|_| StoreError::WriterStopped)?;
         answer.await.map_err(|_| StoreError::WriterStopped)?
+    }
+
+    /// [`StateStore::submit`] from a thread that may block (not an async task).
+    fn submit_blocking(&self, op: Op) -> Result<Output, StoreError> {
+        let requests = self
+            .inner
+            .requests
+            .as_ref()
+            .expect("the request sender lives until the store is dropped");
+        let (reply, answer) = oneshot::channel();
+        requests
+            .blocking_send(Request { op, reply })
+            .map_err(|_| StoreError::WriterStopped)?;
+        answer
+            .blocking_recv()
+            .map_err(|_| StoreError::WriterStopped)?
     }
 
     /// The read connection. A panic while it was held leaves it usable (reads change nothing).

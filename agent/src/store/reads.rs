@@ -6,8 +6,8 @@ use std::collections::BTreeMap;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
-    DeploymentRecord, DeploymentSummary, EventRow, GuestLogLine, OutboxRow, SqlContext, StateStore,
-    StoreError, WorkloadRow,
+    DeploymentRecord, DeploymentSummary, EventRow, GuestLogLine, OutboxRow, OutboxRowSize,
+    SqlContext, StateStore, StoreError, WorkloadRow,
 };
 
 /// A caller's row limit as SQLite's `LIMIT` operand.
@@ -195,20 +195,97 @@ impl StateStore {
     pub fn outbox_peek(&self, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
         let conn = self.reader();
         conn.prepare_cached(
-            "SELECT id, workload, stream, payload, created_at_ms FROM outbox ORDER BY id LIMIT ?1",
+            "SELECT id, workload, stream, payload, created_at_ms, kind FROM outbox
+             ORDER BY id LIMIT ?1",
         )
-        .and_then(|mut stmt| {
-            stmt.query_map([sql_limit(limit)], |row| {
-                Ok(OutboxRow {
-                    id: row.get(0)?,
-                    workload: row.get(1)?,
-                    stream: row.get(2)?,
-                    payload: row.get(3)?,
-                    created_at_ms: get_u64(row, 4)?,
-                })
-            })?
-            .collect()
-        })
+        .and_then(|mut stmt| stmt.query_map([sql_limit(limit)], outbox_row)?.collect())
         .context(|| "reading the outbox".to_owned())
     }
+
+    /// Up to `limit` outbox rows with an id above `after`, in id order.
+    pub fn outbox_after(&self, after: i64, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        let conn = self.reader();
+        conn.prepare_cached(
+            "SELECT id, workload, stream, payload, created_at_ms, kind FROM outbox
+             WHERE id > ?1 ORDER BY id LIMIT ?2",
+        )
+        .and_then(|mut stmt| {
+            stmt.query_map(params![after, sql_limit(limit)], outbox_row)?
+                .collect()
+        })
+        .context(|| format!("reading the outbox after row {after}"))
+    }
+
+    /// Bytes the outbox takes by the quota's measure: payloads plus
+    /// [`OUTBOX_ROW_OVERHEAD`] per row.
+    pub fn outbox_bytes(&self) -> Result<u64, StoreError> {
+        let conn = self.reader();
+        conn.query_row(
+            "SELECT COALESCE(SUM(length(payload)), 0) + ?1 * COUNT(*) FROM outbox",
+            [OUTBOX_ROW_OVERHEAD as i64],
+            |row| get_u64(row, 0),
+        )
+        .context(|| "measuring the outbox".to_owned())
+    }
+
+    /// The oldest telemetry rows, oldest first, until they add up to at least `bytes`.
+    pub fn oldest_telemetry(&self, bytes: u64) -> Result<Vec<OutboxRowSize>, StoreError> {
+        let conn = self.reader();
+        let mut stmt = conn
+            .prepare_cached(
+                "SELECT id, workload, length(payload) + ?1 FROM outbox
+                 WHERE kind = 'telemetry' ORDER BY id",
+            )
+            .context(|| "reading outbox sizes".to_owned())?;
+        let mut rows = stmt
+            .query([OUTBOX_ROW_OVERHEAD as i64])
+            .context(|| "reading outbox sizes".to_owned())?;
+        let mut out = Vec::new();
+        let mut total = 0;
+        while total < bytes
+            && let Some(row) = rows.next().context(|| "reading outbox sizes".to_owned())?
+        {
+            let size = OutboxRowSize {
+                id: row.get(0).context(|| "reading outbox sizes".to_owned())?,
+                workload: row.get(1).context(|| "reading outbox sizes".to_owned())?,
+                kind: "telemetry".to_owned(),
+                bytes: get_u64(row, 2).context(|| "reading outbox sizes".to_owned())?,
+            };
+            total += size.bytes;
+            out.push(size);
+        }
+        Ok(out)
+    }
+
+    /// Whether an inbound command id is in the inbox (handled before, maybe before a restart).
+    pub fn inbox_contains(&self, id: &str) -> Result<bool, StoreError> {
+        let conn = self.reader();
+        conn.prepare_cached("SELECT 1 FROM inbox WHERE id = ?1")
+            .and_then(|mut stmt| stmt.query_row([id], |_| Ok(())).optional())
+            .map(|found| found.is_some())
+            .context(|| format!("looking up hub command {id:?} in the inbox"))
+    }
+
+    /// A fact about the hub link recorded with [`StateStore::set_hub_state`].
+    pub fn hub_state(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let conn = self.reader();
+        conn.prepare_cached("SELECT value FROM hub_state WHERE key = ?1")
+            .and_then(|mut stmt| stmt.query_row([key], |row| row.get(0)).optional())
+            .context(|| format!("reading hub state {key:?}"))
+    }
+}
+
+/// Bytes counted per outbox row on top of its payload (ids, names, index entries), so that many
+/// tiny records still fill the quota.
+pub const OUTBOX_ROW_OVERHEAD: u64 = 64;
+
+fn outbox_row(row: &Row<'_>) -> rusqlite::Result<OutboxRow> {
+    Ok(OutboxRow {
+        id: row.get(0)?,
+        workload: row.get(1)?,
+        stream: row.get(2)?,
+        payload: row.get(3)?,
+        created_at_ms: get_u64(row, 4)?,
+        kind: row.get(5)?,
+    })
 }

@@ -4,6 +4,8 @@ use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use rusqlite::Connection;
@@ -714,4 +716,178 @@ fn state_is_consistent_after_sigkill() {
     assert_eq!(outbox, kv.len() as u64, "telemetry and data agree");
     let unique: BTreeSet<&str> = acked.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(unique.len(), acked.len());
+}
+
+fn telemetry(workload: &str, payload: &[u8]) -> EventCommit {
+    EventCommit {
+        workload: workload.to_owned(),
+        kv: Vec::new(),
+        telemetry: vec![TelemetryRecord {
+            stream: "s".to_owned(),
+            payload: payload.to_vec(),
+            created_at_ms: 7,
+        }],
+        events_handled: 1,
+    }
+}
+
+fn record(kind: &str, workload: &str, payload: &str) -> OutboxRecord {
+    OutboxRecord {
+        kind: kind.to_owned(),
+        workload: workload.to_owned(),
+        stream: String::new(),
+        payload: payload.as_bytes().to_vec(),
+        created_at_ms: 9,
+    }
+}
+
+#[tokio::test]
+async fn outbox_serves_lichen_sync_in_id_order_and_deletes_through_the_writer() {
+    use lichen_sync::{Outbox, RowId, RowKind};
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open(&db_path(&dir));
+    store
+        .apply_deployment(deployment(&["a"]))
+        .await
+        .expect("deploys");
+    let woken = Arc::new(AtomicU64::new(0));
+    {
+        let woken = woken.clone();
+        assert!(store.set_outbox_listener(move || {
+            woken.fetch_add(1, Ordering::Relaxed);
+        }));
+    }
+    store
+        .commit_event(telemetry("a", br#"{"c":1}"#))
+        .await
+        .expect("commits");
+    store
+        .commit_event(telemetry("a", b"not json \xff"))
+        .await
+        .expect("commits");
+    store
+        .push_outbox(record("state", "", r#"{"applied":1}"#))
+        .await
+        .expect("pushes");
+    assert_eq!(
+        woken.load(Ordering::Relaxed),
+        3,
+        "each commit with rows wakes the listener"
+    );
+
+    let outbox = SqliteOutbox::new(store.clone());
+    let rows = tokio::task::spawn_blocking(move || {
+        let rows = outbox.next_rows(RowId(0), 10).expect("reads");
+        outbox.delete(&[rows[0].id, RowId(999)]).expect("deletes");
+        (rows, outbox.next_rows(RowId(0), 10).expect("reads again"))
+    })
+    .await
+    .expect("blocking task");
+    let (rows, after) = rows;
+    assert_eq!(rows.len(), 3);
+    assert!(rows.windows(2).all(|w| w[0].id < w[1].id));
+    assert_eq!(rows[0].kind, RowKind::Telemetry);
+    assert_eq!(rows[0].payload, serde_json::json!({"c": 1}));
+    assert_eq!(rows[0].created_ms, 7);
+    assert_eq!(
+        rows[1].payload,
+        serde_json::json!("not json \u{fffd}"),
+        "non-JSON telemetry travels as a JSON string"
+    );
+    assert_eq!(rows[2].kind, RowKind::State);
+    assert_eq!(after.len(), 2, "the acknowledged row is gone");
+    store
+        .push_outbox(record("state", "", r#"{"applied":2}"#))
+        .await
+        .expect("pushes");
+    let queued = store.outbox_peek(10).expect("reads");
+    let states: Vec<_> = queued.iter().filter(|r| r.kind == "state").collect();
+    assert_eq!(
+        states.len(),
+        1,
+        "a newer reported state replaces the queued one"
+    );
+    assert_eq!(states[0].payload, br#"{"applied":2}"#);
+
+    // Ids keep growing after deletes (AUTOINCREMENT): they are message sequence numbers.
+    let id = store
+        .push_outbox(record("event", "", "{}"))
+        .await
+        .expect("pushes");
+    assert!(id > after.last().expect("rows left").id.0 as i64);
+}
+
+#[tokio::test]
+async fn handled_command_ids_survive_reopen_and_record_one_result() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let path = db_path(&dir);
+    {
+        let store = open(&path);
+        assert!(!store.inbox_contains("hub:1").expect("reads"));
+        let first = store
+            .command_done("hub:1", record("cmd-result", "a", r#"{"ok":true}"#))
+            .await
+            .expect("records");
+        assert!(first);
+        store
+            .set_hub_state("applied-version", "4")
+            .await
+            .expect("records");
+    }
+    let store = open(&path);
+    assert!(store.inbox_contains("hub:1").expect("reads"));
+    let again = store
+        .command_done("hub:1", record("cmd-result", "a", r#"{"ok":true}"#))
+        .await
+        .expect("records");
+    assert!(!again, "a handled id queues no second result");
+    assert_eq!(store.outbox_len().expect("counts"), 1);
+    assert_eq!(
+        store
+            .hub_state("applied-version")
+            .expect("reads")
+            .as_deref(),
+        Some("4")
+    );
+}
+
+#[tokio::test]
+async fn quota_reads_measure_and_list_the_oldest_telemetry() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open(&db_path(&dir));
+    store
+        .apply_deployment(deployment(&["a"]))
+        .await
+        .expect("deploys");
+    store
+        .push_outbox(record("state", "", "0123456789"))
+        .await
+        .expect("pushes");
+    for _ in 0..3 {
+        store
+            .commit_event(telemetry("a", b"0123456789"))
+            .await
+            .expect("commits");
+    }
+    assert_eq!(
+        store.outbox_bytes().expect("measures"),
+        4 * (10 + OUTBOX_ROW_OVERHEAD)
+    );
+    let oldest = store.oldest_telemetry(80).expect("reads");
+    assert_eq!(
+        oldest.len(),
+        2,
+        "two telemetry rows cover 80 bytes: {oldest:?}"
+    );
+    assert!(
+        oldest
+            .iter()
+            .all(|r| r.kind == "telemetry" && r.workload == "a")
+    );
+    let dropped = store
+        .delete_outbox(oldest.iter().map(|r| r.id).collect())
+        .await
+        .expect("deletes");
+    assert_eq!(dropped, 2);
+    assert_eq!(store.outbox_len().expect("counts"), 2);
 }

@@ -182,11 +182,13 @@ pub struct GuestLogLine {
     pub message: String,
 }
 
-/// One queued telemetry message.
+/// One queued outbox message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct OutboxRow {
     /// Increasing id, in queue order.
     pub id: i64,
+    /// What it is: `telemetry`, `state`, `cmd-result` or `event` (lichen-sync's `RowKind`).
+    pub kind: String,
     /// The workload that produced it.
     pub workload: String,
     /// The stream it belongs to.
@@ -204,4 +206,32 @@ pub struct StoreStats {
     pub transactions: u64,
     /// Write requests processed (committed or failed).
     pub requests: u64,
+}
+
+/// A record for the hub queued by the agent itself rather than by a guest event.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxRecord {
+    /// What it is: `state`, `cmd-result`, `event` or `telemetry`.
+    pub kind: String,
+    /// The workload it is about (empty for node-level records).
+    pub workload: String,
+    /// The telemetry stream (empty for other kinds).
+    pub stream: String,
+    /// The payload, JSON text.
+    pub payload: Vec<u8>,
+    /// When it was made, in milliseconds since the Unix epoch.
+    pub created_at_ms: u64,
+}
+
+/// What the quota needs to know of one outbox row.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OutboxRowSize {
+    /// The row id.
+    pub id: i64,
+    /// Its workload.
+    pub workload: String,
+    /// Its kind.
+    pub kind: String,
+    /// Bytes it takes: payload plus a fixed per-row overhead.
+    pub bytes: u64,
 }

@@ -13,8 +13,8 @@ use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, 
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    EventCommit, GuestLogLine, NewDeployment, SqlContext, StatusUpdate, StoreError, StoreShared,
-    now_ms, to_i64,
+    EventCommit, GuestLogLine, NewDeployment, OutboxRecord, SqlContext, StatusUpdate, StoreError,
+    StoreShared, now_ms, to_i64,
 };
 
 /// The most requests one transaction carries.
@@ -32,7 +32,25 @@ pub(crate) enum Op {
         detail: String,
     },
     AppendLogs(Vec<GuestLogLine>),
+    /// A record for the hub that no guest event made (reported state, an event).
+    OutboxPush(OutboxRecord),
+    /// Rows the broker acknowledged, or the quota dropped.
+    OutboxDelete(Vec<i64>),
+    /// A hub command handled: its id into the inbox and its result into the outbox, together.
+    CommandDone {
+        inbox_id: String,
+        result: OutboxRecord,
+    },
+    /// A fact about the hub link.
+    HubState {
+        key: String,
+        value: String,
+    },
 }
+
+/// Inbound command ids kept in the inbox table; older ones are forgotten (the hub resends only
+/// recent messages).
+pub(crate) const INBOX_KEEP: i64 = 10_000;
 
 /// What a successful write produced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +59,10 @@ pub(crate) enum Output {
     Version(u64),
     /// The id of a new event-log row.
     EventId(i64),
+    /// The id of a new outbox row.
+    RowId(i64),
+    /// How many rows a statement touched.
+    Count(u64),
     /// Nothing beyond success.
     Done,
 }
@@ -191,6 +213,17 @@ fn run_op(conn: &Connection, op: &Op, shared: &StoreShared) -> Result<Output, St
         Op::AppendLogs(lines) => {
             append_logs(conn, lines, shared.options.max_log_lines_per_workload)
         }
+        Op::OutboxPush(record) => outbox_push(conn, record).map(Output::RowId),
+        Op::OutboxDelete(ids) => outbox_delete(conn, ids),
+        Op::CommandDone { inbox_id, result } => command_done(conn, inbox_id, result),
+        Op::HubState { key, value } => conn
+            .prepare_cached(
+                "INSERT INTO hub_state (key, value) VALUES (?1, ?2)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+            )
+            .and_then(|mut stmt| stmt.execute(params![key, value]))
+            .map(|_| Output::Done)
+            .context(|| format!("recording hub state {key:?}")),
     }
 }
 
@@ -331,8 +364,8 @@ fn commit_event(conn: &Connection, c: &EventCommit) -> Result<Output, StoreError
     if !c.telemetry.is_empty() {
         let mut insert = conn
             .prepare_cached(
-                "INSERT INTO outbox (workload, stream, payload, created_at_ms)
-                 VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO outbox (workload, stream, payload, created_at_ms, kind)
+                 VALUES (?1, ?2, ?3, ?4, 'telemetry')",
             )
             .context(ctx)?;
         for t in &c.telemetry {
@@ -442,4 +475,56 @@ fn append_logs(
             .context(|| format!("trimming the log lines of workload {workload:?}"))?;
     }
     Ok(Output::Done)
+}
+
+/// Queues one record. A reported-state record replaces any older one still queued: only the
+/// newest reported state matters (it is retained), and offline the queue must not fill with
+/// superseded copies.
+fn outbox_push(conn: &Connection, r: &OutboxRecord) -> Result<i64, StoreError> {
+    let created = to_i64("created_at_ms", r.created_at_ms)?;
+    if r.kind == "state" {
+        conn.prepare_cached("DELETE FROM outbox WHERE kind = 'state'")
+            .and_then(|mut stmt| stmt.execute([]))
+            .context(|| "replacing queued reported state".to_owned())?;
+    }
+    conn.prepare_cached(
+        "INSERT INTO outbox (workload, stream, payload, created_at_ms, kind)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )
+    .and_then(|mut stmt| stmt.insert(params![r.workload, r.stream, r.payload, created, r.kind]))
+    .context(|| format!("queueing a {} record in the outbox", r.kind))
+}
+
+fn outbox_delete(conn: &Connection, ids: &[i64]) -> Result<Output, StoreError> {
+    let mut delete = conn
+        .prepare_cached("DELETE FROM outbox WHERE id = ?1")
+        .context(|| "deleting outbox rows".to_owned())?;
+    let mut count = 0;
+    for id in ids {
+        count += delete
+            .execute([id])
+            .context(|| format!("deleting outbox row {id}"))? as u64;
+    }
+    Ok(Output::Count(count))
+}
+
+/// Records a handled command; `Count(0)` (and no result row) if its id was already there.
+fn command_done(
+    conn: &Connection,
+    inbox_id: &str,
+    result: &OutboxRecord,
+) -> Result<Output, StoreError> {
+    let ctx = || format!("recording the result of hub command {inbox_id:?}");
+    let inserted = conn
+        .prepare_cached("INSERT OR IGNORE INTO inbox (id, received_at_ms) VALUES (?1, ?2)")
+        .and_then(|mut stmt| stmt.execute(params![inbox_id, now_ms()]))
+        .context(ctx)?;
+    if inserted == 0 {
+        return Ok(Output::Count(0));
+    }
+    outbox_push(conn, result)?;
+    conn.prepare_cached("DELETE FROM inbox WHERE rowid <= (SELECT MAX(rowid) FROM inbox) - ?1")
+        .and_then(|mut stmt| stmt.execute([INBOX_KEEP]))
+        .context(ctx)?;
+    Ok(Output::Count(1))
 }

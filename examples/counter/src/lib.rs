@@ -50,6 +50,7 @@ impl Guest for Counter {
         match event {
             Event::Tick(tick) => on_tick(&tick).map(|()| None),
             Event::Command(command) => on_command(&command).map(Some),
+            Event::GpioEdge(_) => Ok(None),
             Event::Stop => {
                 log(Level::Info, CONTEXT, "stopping");
                 Ok(None)

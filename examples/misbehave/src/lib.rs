@@ -167,7 +167,7 @@ fn echo(event: Event) -> Result<Option<Vec<u8>>, String> {
         .map_err(|e| format!("cannot increment \"events\": {e:?}"))?;
     match event {
         Event::Command(command) => Ok(Some(command.payload)),
-        Event::Tick(_) | Event::Stop => Ok(None),
+        Event::Tick(_) | Event::GpioEdge(_) | Event::Stop => Ok(None),
     }
 }
 

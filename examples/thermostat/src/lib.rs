@@ -71,7 +71,7 @@ impl Guest for Thermostat {
         match event {
             Event::Tick(tick) => on_tick(&tick).map(|()| None),
             Event::Command(command) => on_command(&command).map(Some),
-            Event::Stop => Ok(None),
+            Event::GpioEdge(_) | Event::Stop => Ok(None),
         }
     }
 }

@@ -49,6 +49,8 @@ pub struct InstanceSetup {
     pub memory_limit: usize,
     /// Longest wall time one call into the guest may take.
     pub time_slice: Duration,
+    /// The devices the workload was granted (empty: none).
+    pub devices: Arc<lichen_host_apis::DeviceGrants>,
 }
 
 /// How a call into the guest ended.
@@ -105,7 +107,8 @@ impl Instance {
             setup.kv.clone(),
             setup.log.clone(),
             HostLimits::default(),
-        );
+        )
+        .with_devices(setup.devices.clone());
         let slice_ticks = (setup.time_slice.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
         let data = InstanceData {
             device,
@@ -182,6 +185,17 @@ impl Instance {
     /// Publishes committed writes to every instance of the workload.
     pub fn apply_committed(&self, writes: &PendingWrites) {
         self.store.data().device.apply_committed(writes);
+    }
+
+    /// The device handles the instance was granted.
+    pub fn devices(&self) -> Arc<lichen_host_apis::DeviceGrants> {
+        self.store.data().device.devices().clone()
+    }
+
+    /// Drives the instance's granted outputs to their safe state; returns the pins that
+    /// failed, with why.
+    pub fn set_safe_state(&self) -> Vec<(String, lichen_devices::Error)> {
+        self.store.data().device.devices().set_safe_state()
     }
 
     /// Linear memory in use, in bytes.

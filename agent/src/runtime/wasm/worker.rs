@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lichen_host_apis::{Command, Event, KvMap, LogLevel, PendingWrites, Tick};
+use lichen_host_apis::{Command, Event, GpioEdge, KvMap, LogLevel, PendingWrites, Tick};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
@@ -27,6 +27,9 @@ pub const DEFAULT_MEMORY_LIMIT: u64 = 16 << 20;
 pub const DEFAULT_TIME_SLICE: Duration = Duration::from_millis(100);
 /// Default number of queued events per workload.
 pub const DEFAULT_QUEUE: usize = 64;
+/// How often edge watchers look for new edge events (the events carry their own timestamps).
+const EDGE_POLL: Duration = Duration::from_millis(1);
+
 /// First restart delay; it doubles after each failure in a row.
 const BACKOFF_START: Duration = Duration::from_millis(100);
 /// Longest restart delay.
@@ -45,6 +48,8 @@ pub struct WorkerContext {
     pub metrics: Arc<Metrics>,
     /// Largest memory limit a workload may ask for (the engine's slot size).
     pub max_memory_bytes: u64,
+    /// The board's devices, opened for workloads' grants.
+    pub devices: Arc<crate::grants::DeviceHub>,
 }
 
 /// An event for a workload, from the CLI or a trigger.
@@ -60,6 +65,13 @@ pub enum Delivery {
         name: String,
         /// Payload bytes.
         payload: Vec<u8>,
+    },
+    /// An edge on an input watched by a `gpio-edge` trigger.
+    GpioEdge {
+        /// Logical name of the input.
+        input: String,
+        /// The edge and its timestamp.
+        event: lichen_devices::EdgeEvent,
     },
 }
 
@@ -237,7 +249,8 @@ impl WorkerHandle {
         version: u64,
     ) -> Result<(), String> {
         let instance = if artifact.kind() == ArtifactKind::Component {
-            let setup = setup_for(ctx, &spec, self.kv.clone());
+            let mut setup = setup_for(ctx, &spec, self.kv.clone());
+            setup.devices = open_devices(ctx, &spec)?;
             Some(start_instance(ctx, &artifact, &setup).await?)
         } else {
             None
@@ -284,7 +297,16 @@ fn setup_for(ctx: &WorkerContext, spec: &WorkloadSpec, kv: Arc<Mutex<KvMap>>) ->
         log: ctx.logs.clone(),
         memory_limit: usize::try_from(memory).unwrap_or(usize::MAX),
         time_slice: spec.limits.time_slice.unwrap_or(DEFAULT_TIME_SLICE),
+        devices: Arc::default(),
     }
+}
+
+/// Opens the devices `spec` grants (shared with the workload's live instance, if any).
+fn open_devices(
+    ctx: &WorkerContext,
+    spec: &WorkloadSpec,
+) -> Result<Arc<lichen_host_apis::DeviceGrants>, String> {
+    ctx.devices.open_grants(spec).map(Arc::new)
 }
 
 /// Instantiates a component and runs `init`, committing init's writes. Errors are in words.
@@ -383,9 +405,11 @@ pub fn spawn_worker(
         kv: kv.clone(),
         stats: stats.clone(),
         events: events_rx,
+        edge_queue: events_tx.downgrade(),
         control: control_rx,
         tick_sequence: 0,
         failures_in_a_row: 0,
+        uncounted_events: 0,
     };
     let task = tokio::spawn(worker.run());
     WorkerHandle {
@@ -409,9 +433,14 @@ struct Worker {
     kv: Arc<Mutex<KvMap>>,
     stats: Arc<WorkerStats>,
     events: mpsc::Receiver<EventRequest>,
+    /// Where edge watchers queue their events (weak: the queue closes with the handle).
+    edge_queue: mpsc::WeakSender<EventRequest>,
     control: mpsc::UnboundedReceiver<WorkerCommand>,
     tick_sequence: u64,
     failures_in_a_row: u32,
+    /// Events handled that wrote nothing, not yet added to the stored counter: they ride on
+    /// the next commit, so a read-only event costs no SQLite write.
+    uncounted_events: u64,
 }
 
 enum Next {
@@ -494,15 +523,10 @@ impl Worker {
     }
 
     fn make_ticker(&self) -> Option<tokio::time::Interval> {
-        let period = self
-            .current
-            .spec
-            .triggers
-            .iter()
-            .map(|t| match t {
-                Trigger::Interval(period) => *period,
-            })
-            .next()?;
+        let period = self.current.spec.triggers.iter().find_map(|t| match t {
+            Trigger::Interval(period) => Some(*period),
+            Trigger::GpioEdge(_) => None,
+        })?;
         let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
         interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Some(interval)
@@ -519,6 +543,68 @@ impl Worker {
         });
     }
 
+    /// Starts one watcher per `gpio-edge` trigger of the current spec, feeding the event queue
+    /// with the edges of `instance`'s input. A watcher ends when the instance's device grants
+    /// are gone (the instance was dropped) or the queue closed.
+    fn watch_edges(&self, instance: &Instance) {
+        let devices = Arc::downgrade(&instance.devices());
+        for trigger in &self.current.spec.triggers {
+            let Trigger::GpioEdge(trigger) = trigger else {
+                continue;
+            };
+            let devices = devices.clone();
+            let queue = self.edge_queue.clone();
+            let input = trigger.input.clone();
+            let wanted = trigger.edge;
+            let logs = self.ctx.logs.clone();
+            let name = self.name.clone();
+            tokio::spawn(async move {
+                let mut poll = tokio::time::interval(EDGE_POLL);
+                poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
+                loop {
+                    poll.tick().await;
+                    let Some(grants) = devices.upgrade() else {
+                        return;
+                    };
+                    let Some(lichen_host_apis::GpioGrant::Input(pin)) =
+                        grants.gpio(&input).cloned()
+                    else {
+                        return;
+                    };
+                    drop(grants);
+                    loop {
+                        let event = match pin.try_edge() {
+                            Ok(Some(event)) => event,
+                            Ok(None) => break,
+                            Err(error) => {
+                                logs.agent_line(
+                                    &name,
+                                    LogLevel::Error,
+                                    &format!("gpio-edge trigger on \"{input}\" stopped: {error}"),
+                                );
+                                return;
+                            }
+                        };
+                        if !wanted.matches(event.edge) {
+                            continue;
+                        }
+                        let Some(queue) = queue.upgrade() else { return };
+                        let request = EventRequest {
+                            delivery: Delivery::GpioEdge {
+                                input: input.clone(),
+                                event,
+                            },
+                            reply: None,
+                        };
+                        if queue.send(request).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    }
+
     fn setup(&self) -> InstanceSetup {
         setup_for(&self.ctx, &self.current.spec, self.kv.clone())
     }
@@ -526,13 +612,18 @@ impl Worker {
     /// Creates the instance; returns a restart delay when it failed.
     async fn start(&mut self) -> Option<Duration> {
         self.set_state("starting", None);
-        let setup = self.setup();
+        let mut setup = self.setup();
+        setup.devices = match open_devices(&self.ctx, &self.current.spec) {
+            Ok(devices) => devices,
+            Err(message) => return self.failed("start-failed", message).await,
+        };
         match start_instance(&self.ctx, &self.current.artifact, &setup).await {
             Ok(instance) => {
                 self.stats
                     .memory_bytes
                     .store(instance.memory_bytes() as u64, Ordering::Relaxed);
                 self.stats.set(|s| s.started_at = Some(Instant::now()));
+                self.watch_edges(&instance);
                 self.current.instance = Some(instance);
                 self.set_state("running", None);
                 self.record(
@@ -580,6 +671,8 @@ impl Worker {
         if self.current.artifact.kind() == ArtifactKind::Command {
             return match delivery {
                 Delivery::Tick => self.run_command_once().await,
+                // A WASI command has no device access, so no edge to react to.
+                Delivery::GpioEdge { .. } => None,
                 Delivery::Command { .. } => {
                     if let Some(reply) = reply {
                         let _ = reply.send(Err(format!(
@@ -599,6 +692,15 @@ impl Worker {
                     scheduled_at_ms: now_ms(),
                 })
             }
+            Delivery::GpioEdge { input, event } => Event::GpioEdge(GpioEdge {
+                name: input.clone(),
+                edge: match event.edge {
+                    lichen_devices::Edge::Rising => lichen_host_apis::Edge::Rising,
+                    lichen_devices::Edge::Falling => lichen_host_apis::Edge::Falling,
+                },
+                timestamp_ns: event.timestamp_ns,
+                seqno: event.seqno,
+            }),
             Delivery::Command { id, name, payload } => Event::Command(Command {
                 id: id.clone(),
                 name: name.clone(),
@@ -620,7 +722,13 @@ impl Worker {
             match outcome {
                 CallOutcome::Ok(_) | CallOutcome::GuestError(_) => {
                     let writes = instance.take_pending();
-                    let committed = commit(&self.ctx, &self.name, &writes, 1).await;
+                    let committed = if writes.is_empty() {
+                        self.uncounted_events += 1;
+                        Ok(())
+                    } else {
+                        let events = 1 + std::mem::take(&mut self.uncounted_events);
+                        commit(&self.ctx, &self.name, &writes, events).await
+                    };
                     let result = match (committed, outcome) {
                         (Err(e), _) => Err(e),
                         (Ok(()), CallOutcome::Ok(r)) => Ok(r),
@@ -765,6 +873,16 @@ impl Worker {
         // not running there is nothing to fall back to.
         self.fallback = previous.instance.is_some().then_some(previous);
         if let Some(instance) = &self.current.instance {
+            self.watch_edges(instance);
+            // Outputs go to their safe state at the switch; the new version drives them from
+            // its first event.
+            for (pin, error) in instance.set_safe_state() {
+                self.ctx.logs.agent_line(
+                    &self.name,
+                    LogLevel::Warn,
+                    &format!("cannot put pin {pin} in its safe state: {error}"),
+                );
+            }
             self.stats
                 .memory_bytes
                 .store(instance.memory_bytes() as u64, Ordering::Relaxed);
@@ -801,7 +919,8 @@ impl Worker {
                 }
                 _ => {
                     let writes = instance.take_pending();
-                    if let Err(e) = commit(&self.ctx, &self.name, &writes, 0).await {
+                    let events = std::mem::take(&mut self.uncounted_events);
+                    if let Err(e) = commit(&self.ctx, &self.name, &writes, events).await {
                         self.ctx.logs.agent_line(&self.name, LogLevel::Error, &e);
                     }
                 }

@@ -1,0 +1,349 @@
+//! `lichen hub`: the operator's side of the hub, against any MQTT broker. These verbs do not
+//! talk to a local daemon: they connect to the broker themselves.
+//!
+//! - `lichen hub keygen OUT`: a new ed25519 publisher key pair (`OUT`: PKCS#8 PEM, mode 0600;
+//!   `OUT.pub`: the public key in hex, for the nodes' `hub.trusted-keys`).
+//! - `lichen hub deploy --url U --node N FILE --key KEY [--version V]`: signs the deployment for
+//!   node N and publishes it, retained, on `lichen/v1/N/desired`.
+//! - `lichen hub status --url U`: every node's retained reported state, as a table.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::{Args, Subcommand};
+use lichen_sync::{Envelope, MessageId, TlsFiles, Topics};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+
+use super::render::{self, Table};
+use super::{emit, push_json};
+use crate::hub::{DesiredState, generate_key, parse_url, sign};
+
+/// The `hub` verbs.
+#[derive(Debug, Clone, Subcommand)]
+pub enum HubCommand {
+    /// Write a new ed25519 publisher key pair: OUT (PKCS#8 PEM) and OUT.pub (hex).
+    Keygen {
+        /// Where to write the private key; the public key goes to OUT.pub.
+        out: PathBuf,
+    },
+    /// Sign a deployment and publish it (retained) as a node's desired state.
+    // `--version` here is the desired-state version, not the program's.
+    #[command(disable_version_flag = true)]
+    Deploy(HubDeployArgs),
+    /// Print every node's reported state as a table.
+    Status(HubStatusArgs),
+}
+
+/// How to reach the broker.
+#[derive(Debug, Clone, Args)]
+pub struct BrokerArgs {
+    /// Broker URL: mqtt://HOST:PORT or mqtts://HOST:PORT (port 1883 / 8883 if left out).
+    #[arg(long, value_name = "URL", env = "LICHEN_HUB_URL")]
+    pub url: String,
+    /// CA certificate(s) of the broker (PEM), for mqtts://.
+    #[arg(long, value_name = "FILE")]
+    pub ca_file: Option<PathBuf>,
+    /// Client certificate (PEM), for mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// Client private key (PEM), for mutual TLS.
+    #[arg(long, value_name = "FILE", requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+    /// MQTT user name.
+    #[arg(long)]
+    pub username: Option<String>,
+    /// MQTT password.
+    #[arg(long, env = "LICHEN_HUB_PASSWORD", requires = "username")]
+    pub password: Option<String>,
+}
+
+/// Options of `lichen hub deploy`.
+#[derive(Debug, Clone, Args)]
+pub struct HubDeployArgs {
+    /// The broker.
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// The node to deploy to.
+    #[arg(long, value_name = "NODE")]
+    pub node: String,
+    /// The deployment file (TOML). Modules must already be on the node (absolute path or
+    /// sha256 digest): artifacts do not travel over MQTT yet.
+    pub file: PathBuf,
+    /// Publisher private key (PKCS#8, PEM or DER), from `lichen hub keygen`.
+    #[arg(long, value_name = "KEYFILE")]
+    pub key: PathBuf,
+    /// Desired-state version; must be above the node's applied one [default: now, in seconds
+    /// since the Unix epoch].
+    #[arg(long, value_name = "V")]
+    pub version: Option<u64>,
+}
+
+/// Options of `lichen hub status`.
+#[derive(Debug, Clone, Args)]
+pub struct HubStatusArgs {
+    /// The broker.
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// How long to collect reported states after subscribing.
+    #[arg(long, value_name = "DURATION", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub wait: Duration,
+}
+
+/// Runs a `hub` verb; prints JSON if `json`.
+pub async fn run(command: HubCommand, json: bool) -> Result<ExitCode> {
+    match command {
+        HubCommand::Keygen { out } => keygen(&out, json),
+        HubCommand::Deploy(args) => deploy(args, json).await,
+        HubCommand::Status(args) => status(args, json).await,
+    }
+}
+
+fn keygen(out: &Path, json: bool) -> Result<ExitCode> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let (pem, public) = generate_key()?;
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(out)
+        .with_context(|| {
+            format!(
+                "cannot create key file {} (it must not exist)",
+                out.display()
+            )
+        })?;
+    file.write_all(pem.as_bytes())
+        .with_context(|| format!("cannot write key file {}", out.display()))?;
+    let mut pub_path = out.as_os_str().to_owned();
+    pub_path.push(".pub");
+    let pub_path = PathBuf::from(pub_path);
+    std::fs::write(&pub_path, format!("{public}\n"))
+        .with_context(|| format!("cannot write public key file {}", pub_path.display()))?;
+    let id = crate::hub::key_id(&hex::decode(&public).context("generated public key is hex")?);
+    let mut text = Vec::new();
+    if json {
+        push_json(
+            &mut text,
+            &serde_json::json!({"private": out, "public": pub_path, "public-key": public, "key-id": id}),
+        );
+    } else {
+        let _ = writeln!(
+            text,
+            "private key {} (keep it secret)\npublic key  {} (key id {id})\nadd to each node's config:\n  [hub]\n  trusted-keys = [\"{public}\"]",
+            out.display(),
+            pub_path.display()
+        );
+    }
+    emit(&text)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Client options for the operator's connection: a fresh clean session with a unique id.
+fn options(broker: &BrokerArgs, role: &str) -> Result<MqttOptions> {
+    let url = parse_url(&broker.url)?;
+    let id = format!(
+        "lichen-{role}-{}-{}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos())
+    );
+    let mut options = MqttOptions::new(id, url.host.clone(), url.port);
+    options
+        .set_clean_session(true)
+        .set_keep_alive(Duration::from_secs(10))
+        .set_max_packet_size(1 << 20, 1 << 20);
+    if url.tls {
+        let ca = broker
+            .ca_file
+            .clone()
+            .context("an mqtts:// url needs --ca-file")?;
+        let tls = lichen_sync::rustls_config(&TlsFiles {
+            ca,
+            client: broker.client_cert.clone().zip(broker.client_key.clone()),
+        })?;
+        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+            Arc::new(tls),
+        )));
+    } else if broker.client_cert.is_some() {
+        bail!("--client-cert needs an mqtts:// url");
+    }
+    if let Some(user) = &broker.username {
+        options.set_credentials(user.clone(), broker.password.clone().unwrap_or_default());
+    }
+    Ok(options)
+}
+
+async fn deploy(args: HubDeployArgs, json: bool) -> Result<ExitCode> {
+    let topics = Topics::new(&args.node).map_err(|e| anyhow!("--node: {e}"))?;
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read deployment file {}", args.file.display()))?;
+    let key = std::fs::read(&args.key)
+        .with_context(|| format!("cannot read key file {}", args.key.display()))?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let version = args.version.unwrap_or(now.as_secs());
+    let (signature, key_id) = sign(&key, &args.node, version, &text)
+        .with_context(|| format!("signing with key file {}", args.key.display()))?;
+    let desired = DesiredState {
+        version,
+        deployment: text,
+        signature: Some(signature),
+        key_id: Some(key_id.clone()),
+    };
+    let envelope = Envelope {
+        id: MessageId::new("operator", version),
+        ts: u64::try_from(now.as_millis()).unwrap_or(u64::MAX),
+        payload: serde_json::to_value(&desired).context("encoding the desired state")?,
+    };
+    let url = args.broker.url.clone();
+    let (client, mut eventloop) = AsyncClient::new(options(&args.broker, "deploy")?, 10);
+    client
+        .publish(
+            topics.desired(),
+            QoS::AtLeastOnce,
+            true,
+            envelope.to_bytes(),
+        )
+        .await
+        .context("queueing the publish")?;
+    let acked = tokio::time::timeout(Duration::from_secs(15), async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(e) => return Err(anyhow!("{url}: {e}")),
+            }
+        }
+    })
+    .await
+    .map_err(|_| anyhow!("{url}: no PUBACK within 15 s"))?;
+    acked.with_context(|| format!("publishing the desired state of node {}", args.node))?;
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
+    let mut out = Vec::new();
+    if json {
+        push_json(
+            &mut out,
+            &serde_json::json!({"node": args.node, "version": version, "key-id": key_id, "topic": topics.desired()}),
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "published desired state version {version} for node {} (signed by key {key_id}, retained on {})",
+            args.node,
+            topics.desired()
+        );
+    }
+    emit(&out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn status(args: HubStatusArgs, json: bool) -> Result<ExitCode> {
+    let url = args.broker.url.clone();
+    let (client, mut eventloop) = AsyncClient::new(options(&args.broker, "status")?, 10);
+    let filter = format!("{}/+/reported", lichen_sync::topics::PREFIX);
+    client
+        .subscribe(&filter, QoS::AtLeastOnce)
+        .await
+        .context("queueing the subscription")?;
+    let mut nodes: BTreeMap<String, serde_json::Value> = BTreeMap::new();
+    let mut subscribed = false;
+    let deadline = tokio::time::Instant::now() + args.wait + Duration::from_secs(10);
+    let mut collect_until = None;
+    loop {
+        let until = collect_until.unwrap_or(deadline);
+        match tokio::time::timeout_at(until, eventloop.poll()).await {
+            Err(_) if subscribed => break,
+            Err(_) => bail!("{url}: not subscribed within 10 s"),
+            Ok(Err(e)) => bail!("{url}: {e}"),
+            Ok(Ok(Event::Incoming(Packet::SubAck(_)))) => {
+                subscribed = true;
+                collect_until = Some(tokio::time::Instant::now() + args.wait);
+            }
+            Ok(Ok(Event::Incoming(Packet::Publish(p)))) => {
+                let node = p.topic.split('/').nth(2).unwrap_or_default().to_owned();
+                let value = match Envelope::from_bytes(&p.payload) {
+                    Ok(env) => env.payload,
+                    Err(e) => {
+                        serde_json::json!({"error": format!("malformed reported state: {e}")})
+                    }
+                };
+                nodes.insert(node, value);
+            }
+            Ok(Ok(_)) => {}
+        }
+    }
+    let _ = client.disconnect().await;
+    let mut out = Vec::new();
+    if json {
+        push_json(&mut out, &nodes);
+    } else {
+        write_status(&mut out, &nodes);
+    }
+    emit(&out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_status(out: &mut Vec<u8>, nodes: &BTreeMap<String, serde_json::Value>) {
+    if nodes.is_empty() {
+        out.extend_from_slice(b"no node has reported state on this broker\n");
+        return;
+    }
+    let mut table = Table::new(&[
+        "NODE",
+        "APPLIED",
+        "CONNECTED",
+        "WORKLOADS",
+        "OUTBOX",
+        "DROPPED",
+        "INSECURE",
+        "LAST-REJECTION",
+    ]);
+    for (node, r) in nodes {
+        let workloads = r["workloads"].as_array().map_or_else(
+            || "-".to_owned(),
+            |w| {
+                let running = w.iter().filter(|w| w["state"] == "running").count();
+                format!("{running}/{} running", w.len())
+            },
+        );
+        let dropped: u64 = r["counters"]["dropped-telemetry"]
+            .as_object()
+            .map_or(0, |m| m.values().filter_map(|v| v.as_u64()).sum());
+        table.row(vec![
+            node.clone(),
+            r["applied-version"]
+                .as_u64()
+                .map_or_else(|| "-".into(), |v| v.to_string()),
+            r["connection"]["connected"]
+                .as_bool()
+                .map_or_else(|| "-".into(), |c| if c { "yes" } else { "no" }.into()),
+            workloads,
+            r["counters"]["outbox-rows"]
+                .as_u64()
+                .map_or_else(|| "-".into(), |v| v.to_string()),
+            dropped.to_string(),
+            if r["insecure-dev"] == true {
+                "YES"
+            } else {
+                "no"
+            }
+            .into(),
+            render::cell(
+                r["last-rejection"]["reason"]
+                    .as_str()
+                    .or(r["error"].as_str())
+                    .unwrap_or(""),
+                80,
+            ),
+        ]);
+    }
+    let _ = table.write(out);
+}

@@ -1,0 +1,327 @@
+//! Device grants: the whole deployment checked against the board profile at deploy, and the
+//! granted pins and buses opened for each workload's instances.
+//!
+//! [`check`] runs before anything of a deployment is applied: a pin or bus the board does not
+//! have, a pin granted to two workloads (or twice to one), or an SPI clock above the bus's
+//! limit rejects the whole deployment with the file, line and field at fault.
+//!
+//! [`DeviceHub`] owns the board's devices (the simulated board for a `sim` profile) and opens
+//! a workload's grants as [`DeviceGrants`]. Handles are shared by the instances of one workload
+//! (old and new version during a hot reload), and released when the last of them goes; an
+//! output is driven to its safe state (its `initial` level) when released.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, Weak};
+
+use anyhow::{Context, Result};
+use lichen_devices::board::{Backend, BoardProfile};
+use lichen_devices::sim::SimBoard;
+use lichen_devices::{InputConfig, OutputConfig, SpiConfig};
+use lichen_host_apis::{DeviceGrants, GrantedI2c, GrantedInput, GrantedOutput, GrantedSpi};
+
+use crate::deployment::{DeploymentError, GpioMode, ParsedDeployment, WorkloadSpec};
+
+/// Code the simulated MCP3008's channel 0 reads at start (about 1.65 V of 3.3 V).
+pub const SIM_ADC_CHANNEL0: u16 = 512;
+/// Temperature the simulated TMP102 reads at start, in °C.
+pub const SIM_TEMPERATURE_C: f32 = 21.5;
+
+/// Checks every grant of `parsed` against `board`; the first problem, in file order, rejects
+/// the deployment.
+pub fn check(parsed: &ParsedDeployment, board: &BoardProfile) -> Result<(), DeploymentError> {
+    // Board pin -> (workload index, grant index, mode) of its first grant.
+    let mut pins: HashMap<&str, (usize, usize, GpioMode)> = HashMap::new();
+    let workloads = &parsed.spec.workloads;
+    for (index, workload) in workloads.iter().enumerate() {
+        for (at, grant) in workload.gpio.iter().enumerate() {
+            let field = format!("gpio[{at}].pin");
+            if board.pin(&grant.pin).is_none() {
+                return Err(parsed.error_at(
+                    index,
+                    &field,
+                    format!(
+                        "pin \"{}\" is not on board \"{}\"{}",
+                        grant.pin,
+                        board.name,
+                        offered(board.pins.iter().map(|p| p.name.as_str()))
+                    ),
+                ));
+            }
+            if let Some(&(first, first_at, first_mode)) = pins.get(grant.pin.as_str()) {
+                let first_line = parsed
+                    .error_at(first, &format!("gpio[{first_at}].pin"), "")
+                    .line
+                    .map(|line| format!(" on line {line}"))
+                    .unwrap_or_default();
+                let owner = if first == index {
+                    "this workload".to_owned()
+                } else {
+                    format!("workload \"{}\"", workloads[first].name)
+                };
+                let message = if first_mode == GpioMode::Output && grant.mode == GpioMode::Output {
+                    format!(
+                        "pin \"{}\" is already granted as an output to {owner} (workloads[{first}].gpio[{first_at}]{first_line}); an output has one owner",
+                        grant.pin
+                    )
+                } else {
+                    format!(
+                        "pin \"{}\" is already granted to {owner} (workloads[{first}].gpio[{first_at}]{first_line}); a GPIO line has one user",
+                        grant.pin
+                    )
+                };
+                return Err(parsed.error_at(index, &field, message));
+            }
+            pins.insert(&grant.pin, (index, at, grant.mode));
+        }
+        for (at, grant) in workload.spi.iter().enumerate() {
+            let Some(bus) = board.spi_bus(&grant.bus) else {
+                return Err(parsed.error_at(
+                    index,
+                    &format!("spi[{at}].bus"),
+                    format!(
+                        "SPI device \"{}\" is not on board \"{}\"{}",
+                        grant.bus,
+                        board.name,
+                        offered(board.spi.iter().map(|b| b.name.as_str()))
+                    ),
+                ));
+            };
+            if let Some(limit) = bus.max_hz
+                && grant.max_hz > limit
+            {
+                return Err(parsed.error_at(
+                    index,
+                    &format!("spi[{at}].max-hz"),
+                    format!(
+                        "{} Hz is above the {limit} Hz that SPI device \"{}\" of board \"{}\" allows",
+                        grant.max_hz, grant.bus, board.name
+                    ),
+                ));
+            }
+        }
+        for (at, grant) in workload.i2c.iter().enumerate() {
+            if board.i2c_bus(&grant.bus).is_none() {
+                return Err(parsed.error_at(
+                    index,
+                    &format!("i2c[{at}].bus"),
+                    format!(
+                        "I2C bus \"{}\" is not on board \"{}\"{}",
+                        grant.bus,
+                        board.name,
+                        offered(board.i2c.iter().map(|b| b.name.as_str()))
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `" (it has a, b, c)"`: what the board offers, so the fix is obvious; empty if nothing.
+fn offered<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let names: Vec<&str> = names.collect();
+    match names.len() {
+        0 => " (it has none)".to_owned(),
+        1..=8 => format!(" (it has {})", names.join(", ")),
+        _ => format!(
+            " (it has {}, ... {} in all; `lichen doctor` lists them)",
+            names[..6].join(", "),
+            names.len()
+        ),
+    }
+}
+
+/// What an output handle was opened with; a reload that keeps it reuses the open line.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct BindingKey {
+    workload: String,
+    pin: String,
+    binding: String,
+}
+
+/// The board's devices, opened on demand for workloads' grants.
+pub struct DeviceHub {
+    profile: BoardProfile,
+    sim: Option<SimBoard>,
+    outputs: Mutex<HashMap<BindingKey, Weak<GrantedOutput>>>,
+    inputs: Mutex<HashMap<BindingKey, Weak<GrantedInput>>>,
+}
+
+impl DeviceHub {
+    /// The devices of the built-in board profile `board`. A `sim` board starts with its ADC's
+    /// channel 0 at [`SIM_ADC_CHANNEL0`] and its TMP102 at [`SIM_TEMPERATURE_C`].
+    pub fn open(board: &str) -> Result<Self> {
+        let profile = BoardProfile::builtin(board)
+            .with_context(|| format!("cannot load board profile {board:?}"))?;
+        Self::from_profile(profile)
+    }
+
+    /// The devices of `profile`.
+    pub fn from_profile(profile: BoardProfile) -> Result<Self> {
+        let sim = if profile.backend == Backend::Sim {
+            let sim = SimBoard::new(&profile)
+                .with_context(|| format!("cannot simulate board {:?}", profile.name))?;
+            for bus in &profile.spi {
+                if let Some(adc) = sim.mcp3008(&bus.name) {
+                    adc.set_channel(0, SIM_ADC_CHANNEL0)
+                        .context("cannot set the simulated ADC")?;
+                }
+            }
+            for bus in &profile.i2c {
+                for target in &bus.sim {
+                    if let Some(sensor) = sim.tmp102(&bus.name, target.address) {
+                        sensor.set_celsius(SIM_TEMPERATURE_C);
+                    }
+                }
+            }
+            Some(sim)
+        } else {
+            None
+        };
+        Ok(Self {
+            profile,
+            sim,
+            outputs: Mutex::new(HashMap::new()),
+            inputs: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The board profile.
+    pub fn profile(&self) -> &BoardProfile {
+        &self.profile
+    }
+
+    /// The simulated board, when the profile is simulated (tests drive and observe it).
+    pub fn sim(&self) -> Option<&SimBoard> {
+        self.sim.as_ref()
+    }
+
+    /// Opens every device `spec` grants. Pins the workload's running instance already holds
+    /// with the same settings are shared, not opened again. Errors name the workload, the
+    /// grant and the device.
+    pub fn open_grants(&self, spec: &WorkloadSpec) -> Result<DeviceGrants, String> {
+        let mut grants = DeviceGrants::new();
+        if spec.gpio.is_empty() && spec.spi.is_empty() && spec.i2c.is_empty() {
+            return Ok(grants);
+        }
+        let Some(sim) = &self.sim else {
+            return Err(format!(
+                "board \"{}\" uses the Linux backend, which device grants cannot open yet",
+                self.profile.name
+            ));
+        };
+        let consumer = format!("lichen:{}", spec.name);
+        for grant in &spec.gpio {
+            let trigger = spec.edge_trigger(&grant.name);
+            let key = BindingKey {
+                workload: spec.name.clone(),
+                pin: grant.pin.clone(),
+                binding: format!("{grant:?} {trigger:?}"),
+            };
+            let failed = |e: lichen_devices::Error| {
+                format!(
+                    "cannot open pin {} for grant \"{}\": {e}",
+                    grant.pin, grant.name
+                )
+            };
+            match grant.mode {
+                GpioMode::Output => {
+                    let mut cache = lock(&self.outputs);
+                    let pin = match cache.get(&key).and_then(Weak::upgrade) {
+                        Some(pin) => pin,
+                        None => {
+                            let config = OutputConfig {
+                                initial: grant.initial,
+                                ..OutputConfig::default()
+                            };
+                            let line =
+                                sim.output(&grant.pin, &consumer, &config).map_err(failed)?;
+                            let pin = Arc::new(GrantedOutput::new(
+                                grant.pin.clone(),
+                                grant.initial,
+                                Box::new(line),
+                            ));
+                            cache.retain(|_, weak| weak.strong_count() > 0);
+                            cache.insert(key, Arc::downgrade(&pin));
+                            pin
+                        }
+                    };
+                    grants.add_output(grant.name.clone(), pin);
+                }
+                GpioMode::Input => {
+                    let mut cache = lock(&self.inputs);
+                    let pin = match cache.get(&key).and_then(Weak::upgrade) {
+                        Some(pin) => pin,
+                        None => {
+                            // A gpio-edge trigger sets the edges and debounce it needs.
+                            let config = InputConfig {
+                                bias: grant.bias,
+                                edge: trigger.map(|t| t.edge).or(grant.edge),
+                                debounce: trigger.and_then(|t| t.debounce).or(grant.debounce),
+                                ..InputConfig::default()
+                            };
+                            let line = sim.input(&grant.pin, &consumer, &config).map_err(failed)?;
+                            let pin =
+                                Arc::new(GrantedInput::new(grant.pin.clone(), Box::new(line)));
+                            cache.retain(|_, weak| weak.strong_count() > 0);
+                            cache.insert(key, Arc::downgrade(&pin));
+                            pin
+                        }
+                    };
+                    grants.add_input(grant.name.clone(), pin);
+                }
+            }
+        }
+        for grant in &spec.spi {
+            let config = SpiConfig {
+                max_hz: grant.max_hz,
+                ..SpiConfig::default()
+            };
+            let device = sim.spi(&grant.bus, config).map_err(|e| {
+                format!(
+                    "cannot open SPI device {} for grant \"{}\": {e}",
+                    grant.bus, grant.name
+                )
+            })?;
+            grants.add_spi(
+                grant.name.clone(),
+                Arc::new(GrantedSpi::new(grant.bus.clone(), Box::new(device))),
+            );
+        }
+        for grant in &spec.i2c {
+            let bus = sim.i2c(&grant.bus).map_err(|e| {
+                format!(
+                    "cannot open I2C bus {} for grant \"{}\": {e}",
+                    grant.bus, grant.name
+                )
+            })?;
+            grants.add_i2c(
+                grant.name.clone(),
+                Arc::new(GrantedI2c::new(
+                    grant.bus.clone(),
+                    grant.addresses.clone(),
+                    Box::new(bus),
+                )),
+            );
+        }
+        Ok(grants)
+    }
+}
+
+impl std::fmt::Debug for DeviceHub {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceHub")
+            .field("board", &self.profile.name)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Locks a handle cache; a poisoned lock leaves a map of weak references, still valid.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[cfg(test)]
+mod tests;

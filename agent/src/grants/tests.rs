@@ -1,0 +1,433 @@
+use std::path::Path;
+
+use lichen_devices::Level;
+
+use super::*;
+use crate::deployment;
+
+fn parsed(text: &str) -> ParsedDeployment {
+    match deployment::parse("deploy.toml", text, Path::new("/srv")) {
+        Ok(parsed) => parsed,
+        Err(error) => panic!("must parse, got: {error}"),
+    }
+}
+
+fn parse_error(text: &str) -> DeploymentError {
+    match deployment::parse("deploy.toml", text, Path::new("/srv")) {
+        Ok(parsed) => panic!("must be rejected, got {:?}", parsed.spec),
+        Err(error) => error,
+    }
+}
+
+fn sim() -> BoardProfile {
+    BoardProfile::builtin("sim").expect("the sim profile is built in")
+}
+
+fn board_error(text: &str) -> DeploymentError {
+    match check(&parsed(text), &sim()) {
+        Ok(()) => panic!("must be rejected by the board check:\n{text}"),
+        Err(error) => error,
+    }
+}
+
+fn workload(name: &str, body: &str) -> String {
+    format!("[[workloads]]\nname = \"{name}\"\nmodule = \"{name}.wasm\"\n{body}\n")
+}
+
+#[test]
+fn a_deployment_using_the_sim_boards_devices_passes() {
+    let text = workload(
+        "all",
+        "gpio = [{ name = \"led\", pin = \"GPIO17\", mode = \"output\", initial = \"high\" },\n\
+         { name = \"button\", pin = \"GPIO27\", mode = \"input\", bias = \"pull-up\", edge = \"falling\", debounce = \"5ms\" }]\n\
+         spi = [{ name = \"adc\", bus = \"spi0.0\", max-hz = 1000000 }]\n\
+         i2c = [{ name = \"env\", bus = \"i2c-1\", addresses = [0x48] }]",
+    );
+    let parsed = parsed(&text);
+    check(&parsed, &sim()).expect("valid on the sim board");
+    let spec = &parsed.spec.workloads[0];
+    assert_eq!(spec.gpio[0].initial, Level::High);
+    assert_eq!(
+        spec.gpio[1].debounce,
+        Some(std::time::Duration::from_millis(5))
+    );
+    assert_eq!(spec.spi[0].max_hz, 1_000_000);
+    assert_eq!(spec.i2c[0].addresses, vec![0x48]);
+}
+
+#[test]
+fn a_pin_not_on_the_board_is_rejected_naming_file_line_and_field() {
+    let error = board_error(&workload(
+        "blinky",
+        "gpio = [{ name = \"led\", pin = \"GPIO99\", mode = \"output\" }]",
+    ));
+    let text = error.to_string();
+    assert!(
+        text.starts_with("deploy.toml:4:"),
+        "located at line 4: {text}"
+    );
+    assert_eq!(error.field.as_deref(), Some("workloads[0].gpio[0].pin"));
+    assert!(
+        text.contains("pin \"GPIO99\" is not on board \"sim\""),
+        "{text}"
+    );
+}
+
+#[test]
+fn a_pin_granted_as_output_to_two_workloads_is_rejected() {
+    let text = format!(
+        "{}{}",
+        workload(
+            "a",
+            "gpio = [{ name = \"led\", pin = \"GPIO17\", mode = \"output\" }]"
+        ),
+        workload(
+            "b",
+            "gpio = [{ name = \"lamp\", pin = \"GPIO17\", mode = \"output\" }]"
+        ),
+    );
+    let error = board_error(&text);
+    assert_eq!(error.line, Some(8), "{error}");
+    assert_eq!(error.field.as_deref(), Some("workloads[1].gpio[0].pin"));
+    assert!(
+        error
+            .message
+            .contains("already granted as an output to workload \"a\""),
+        "{error}"
+    );
+    assert!(error.message.contains("on line 4"), "{error}");
+}
+
+#[test]
+fn an_spi_clock_above_the_bus_limit_is_rejected() {
+    let error = board_error(&workload(
+        "adc",
+        "spi = [{ name = \"adc\", bus = \"spi0.0\", max-hz = 10000000 }]",
+    ));
+    assert_eq!(error.field.as_deref(), Some("workloads[0].spi[0].max-hz"));
+    assert!(
+        error
+            .message
+            .contains("10000000 Hz is above the 3600000 Hz that SPI device \"spi0.0\""),
+        "{error}"
+    );
+}
+
+#[test]
+fn unknown_buses_are_rejected_with_what_the_board_has() {
+    let error = board_error(&workload(
+        "adc",
+        "spi = [{ name = \"adc\", bus = \"spi1.0\" }]",
+    ));
+    assert_eq!(error.field.as_deref(), Some("workloads[0].spi[0].bus"));
+    assert!(error.message.contains("(it has spi0.0)"), "{error}");
+    let error = board_error(&workload(
+        "env",
+        "i2c = [{ name = \"env\", bus = \"i2c-7\", addresses = [0x48] }]",
+    ));
+    assert_eq!(error.field.as_deref(), Some("workloads[0].i2c[0].bus"));
+    assert!(
+        error.message.contains("I2C bus \"i2c-7\" is not on board"),
+        "{error}"
+    );
+}
+
+#[test]
+fn malformed_grants_are_rejected_by_the_parser() {
+    let cases = [
+        (
+            "gpio = [{ name = \"led\", pin = \"GPIO17\", mode = \"out\" }]",
+            "workloads[0].gpio[0].mode",
+            "unknown GPIO mode \"out\"",
+        ),
+        (
+            "gpio = [{ name = \"b\", pin = \"GPIO27\", mode = \"input\", initial = \"low\" }]",
+            "workloads[0].gpio[0].initial",
+            "applies to outputs only",
+        ),
+        (
+            "gpio = [{ name = \"led\", pin = \"GPIO17\", mode = \"output\", edge = \"both\" }]",
+            "workloads[0].gpio[0].edge",
+            "applies to inputs only",
+        ),
+        (
+            "i2c = [{ name = \"env\", bus = \"i2c-1\", addresses = [0x80] }]",
+            "workloads[0].i2c[0].addresses[0]",
+            "0x80 is not a 7-bit address",
+        ),
+        (
+            "gpio = [{ name = \"x\", pin = \"GPIO17\", mode = \"output\" }]\n\
+             spi = [{ name = \"x\", bus = \"spi0.0\" }]",
+            "workloads[0].spi[0].name",
+            "duplicate device name \"x\"",
+        ),
+        (
+            "triggers = [{ gpio-edge = \"button\", edge = \"falling\" }]\n\
+             gpio = [{ name = \"button\", pin = \"GPIO27\", mode = \"output\" }]",
+            "workloads[0].triggers[0].gpio-edge",
+            "no input pin named \"button\"",
+        ),
+        (
+            "triggers = [{ gpio-edge = \"button\", edge = \"down\" }]",
+            "workloads[0].triggers[0].edge",
+            "unknown edge \"down\"",
+        ),
+        (
+            "triggers = [{ interval = \"1s\", debounce = \"5ms\" }]",
+            "workloads[0].triggers[0].debounce",
+            "applies to gpio-edge triggers only",
+        ),
+        (
+            "spi = [{ name = \"adc\", bus = \"spi0.0\", speed = 5 }]",
+            "workloads[0].spi[0].speed",
+            "unknown field `speed`",
+        ),
+    ];
+    for (body, field, words) in cases {
+        let error = parse_error(&workload("w", body));
+        assert_eq!(error.field.as_deref(), Some(field), "{error}");
+        assert!(error.line.is_some(), "{error}");
+        assert!(
+            error.message.contains(words),
+            "{error} should say {words:?}"
+        );
+    }
+}
+
+#[test]
+fn opened_outputs_are_shared_by_instances_and_return_to_their_safe_state() {
+    let hub = DeviceHub::open("sim").expect("sim board");
+    let spec = &parsed(&workload(
+        "blinky",
+        "gpio = [{ name = \"led\", pin = \"GPIO17\", mode = \"output\", initial = \"low\" }]",
+    ))
+    .spec
+    .workloads[0];
+    let chip = hub.sim().expect("simulated").chip().clone();
+    let first = hub.open_grants(spec).expect("pin opens");
+    // A second instance of the same workload (a hot reload) shares the open line.
+    let second = hub.open_grants(spec).expect("the same line is shared");
+    match first.gpio("led") {
+        Some(lichen_host_apis::GpioGrant::Output(pin)) => {
+            assert_eq!(pin.safe_level(), Level::Low);
+        }
+        other => panic!("led is an output: {other:?}"),
+    }
+    assert!(first.set_safe_state().is_empty());
+    assert_eq!(chip.level("GPIO17").expect("line"), Level::Low);
+    assert_eq!(
+        chip.consumer("GPIO17").expect("line").as_deref(),
+        Some("lichen:blinky")
+    );
+    drop(first);
+    drop(second);
+    assert_eq!(
+        chip.consumer("GPIO17").expect("line"),
+        None,
+        "released with the last instance"
+    );
+    // Another workload cannot take a line a workload holds.
+    let _held = hub.open_grants(spec).expect("free again");
+    let other = &parsed(&workload(
+        "thief",
+        "gpio = [{ name = \"led\", pin = \"GPIO17\", mode = \"output\" }]",
+    ))
+    .spec
+    .workloads[0];
+    let error = hub.open_grants(other).expect_err("busy");
+    assert!(
+        error.contains("cannot open pin GPIO17 for grant \"led\"") && error.contains("in use"),
+        "{error}"
+    );
+}
+
+#[test]
+fn the_sim_board_starts_with_plausible_readings() {
+    let hub = DeviceHub::open("sim").expect("sim board");
+    let sim = hub.sim().expect("simulated");
+    assert_eq!(
+        sim.mcp3008("spi0.0").and_then(|adc| adc.channel(0)),
+        Some(SIM_ADC_CHANNEL0)
+    );
+    assert!(
+        hub.open_grants(&parsed(&workload("none", "")).spec.workloads[0])
+            .is_ok_and(|g| g.is_empty())
+    );
+}
+
+/// Waits until `check` holds, polling every few milliseconds, for at most 30 s.
+async fn eventually(what: &str, check: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !check() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "waited 30 s for {what}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outputs_return_to_their_safe_state_on_reload_crash_and_stop() {
+    use crate::api::control::Control;
+    use crate::api::types::SendRequest;
+    use crate::supervisor::{Agent, AgentOptions};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let agent = Agent::open(AgentOptions {
+        state_dir: dir.path().to_path_buf(),
+        engine: crate::runtime::wasm::EngineOptions {
+            max_instances: 8,
+            ..Default::default()
+        },
+        logs: crate::logs::LogOptions::default(),
+        persisted_log_lines: 100,
+        board: "sim".into(),
+    })
+    .await
+    .expect("agent opens");
+    let chip = agent.devices().sim().expect("sim board").chip().clone();
+    let level = || chip.level("GPIO17").expect("line");
+    let blinky = crate::embedded::guest_path("blinky").expect("built");
+    // No interval trigger: the pin moves only when a command says so.
+    let text = |mark: u32| {
+        format!(
+            "[[workloads]]\nname = \"blinky\"\nmodule = \"{blinky}\"\nconfig = {{ mark = {mark} }}\n\
+             gpio = [{{ name = \"led\", pin = \"GPIO17\", mode = \"output\", initial = \"high\" }}]\n"
+        )
+    };
+    let send = |command: &str| {
+        let agent = agent.clone();
+        let request = SendRequest {
+            command: command.into(),
+            payload: String::new(),
+        };
+        async move { agent.send("blinky", request).await }
+    };
+    agent
+        .deploy_text("blinky.toml", &text(1), Path::new("/"))
+        .await
+        .expect("deploys");
+    let toggled = send("toggle").await.expect("toggles");
+    assert_eq!(toggled.reply.as_deref(), Some("low"));
+    assert_eq!(level(), Level::Low);
+
+    // Reload: the new version shares the open line, which goes to its safe state at the switch.
+    let report = agent
+        .deploy_text("blinky.toml", &text(2), Path::new("/"))
+        .await
+        .expect("reloads");
+    assert_eq!(report.reloaded, vec!["blinky".to_string()]);
+    assert_eq!(level(), Level::High, "safe state after the reload");
+
+    // Crash: the instance is dropped with its handles, then restarted.
+    assert_eq!(
+        send("toggle").await.expect("toggles").reply.as_deref(),
+        Some("low")
+    );
+    assert!(send("crash").await.is_err(), "the guest traps");
+    // The reply goes out before the worker drops the trapped instance.
+    eventually("the safe state after the crash", || level() == Level::High).await;
+    eventually("the restart", || {
+        chip.consumer("GPIO17").ok().flatten().is_some()
+    })
+    .await;
+
+    // Stop: safe state, and the line is released.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        if let Ok(reply) = send("toggle").await {
+            assert_eq!(reply.reply.as_deref(), Some("low"));
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "blinky restarted");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    agent.stop("blinky").await.expect("stops");
+    // A released line floats (the simulator reads it low): the last level driven is the proof.
+    let history = chip.history("GPIO17").expect("line");
+    assert_eq!(
+        history.last().map(|(_, level)| *level),
+        Some(Level::High),
+        "safe state driven at the stop: {history:?}"
+    );
+    assert_eq!(chip.consumer("GPIO17").expect("line"), None);
+    agent.shutdown().await;
+}
+
+#[test]
+fn the_example_device_deployment_fits_the_sim_board() {
+    let text = include_str!("../../../examples/devices.toml");
+    let parsed = parsed(text);
+    check(&parsed, &sim()).expect("examples/devices.toml is valid on the sim board");
+    let names: Vec<&str> = parsed
+        .spec
+        .workloads
+        .iter()
+        .map(|w| w.name.as_str())
+        .collect();
+    assert_eq!(names, ["blinky", "adc-sampler", "env-sensor", "button-led"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpio_edge_trigger_delivers_debounced_edges_with_their_timestamps() {
+    use crate::supervisor::{Agent, AgentOptions};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let agent = Agent::open(AgentOptions {
+        state_dir: dir.path().to_path_buf(),
+        engine: crate::runtime::wasm::EngineOptions {
+            max_instances: 8,
+            ..Default::default()
+        },
+        logs: crate::logs::LogOptions::default(),
+        persisted_log_lines: 100,
+        board: "sim".into(),
+    })
+    .await
+    .expect("agent opens");
+    let chip = agent.devices().sim().expect("sim board").chip().clone();
+    let module = crate::embedded::guest_path("button-led").expect("built");
+    let text = format!(
+        "[[workloads]]\nname = \"button-led\"\nmodule = \"{module}\"\n\
+         triggers = [{{ gpio-edge = \"button\", edge = \"both\", debounce = \"5ms\" }}]\n\
+         gpio = [{{ name = \"button\", pin = \"GPIO27\", mode = \"input\", bias = \"pull-up\" }},\n\
+         {{ name = \"led\", pin = \"GPIO17\", mode = \"output\", initial = \"low\" }}]\n"
+    );
+    agent
+        .deploy_text("button.toml", &text, Path::new("/"))
+        .await
+        .expect("deploys");
+    let led = || chip.level("GPIO17").expect("line");
+    eventually("button-led to start", || {
+        chip.consumer("GPIO27").ok().flatten().is_some()
+    })
+    .await;
+    assert_eq!(led(), Level::Low, "released button: led off");
+
+    // A glitch shorter than the debounce period is no edge.
+    chip.drive("GPIO27", Level::Low).expect("press");
+    chip.drive("GPIO27", Level::High).expect("release");
+    tokio::time::sleep(std::time::Duration::from_millis(30)).await;
+    assert_eq!(led(), Level::Low, "a glitch is filtered out");
+
+    let pressed_at = chip.now_ns();
+    chip.drive("GPIO27", Level::Low).expect("press");
+    eventually("the led to follow the press", || led() == Level::High).await;
+    let stamp = || -> Option<u64> {
+        let kv = agent.store().load_kv("button-led").ok()?;
+        let value = kv.get(&("default".to_string(), "last-edge-ns".to_string()))?;
+        std::str::from_utf8(value).ok()?.parse().ok()
+    };
+    // The event's writes are committed just after the call that drove the led.
+    eventually("the edge's timestamp to be stored", || stamp().is_some()).await;
+    let stamp = stamp().expect("stored");
+    assert!(
+        stamp >= pressed_at + 5_000_000,
+        "the edge is stamped when the debounce period ended: {stamp} vs pressed at {pressed_at}"
+    );
+
+    chip.drive("GPIO27", Level::High).expect("release");
+    eventually("the led to follow the release", || led() == Level::Low).await;
+    agent.shutdown().await;
+}

@@ -1,0 +1,947 @@
+//! The link to the MQTT hub: runs a [`lichen_sync::SyncSession`] over the state store's outbox
+//! and acts on what the hub sends.
+//!
+//! Started by `lichen run` when the agent config has a `[hub]` section. [`HubLink::start`]:
+//! - drains the outbox (telemetry, reported state, command results) through the session, woken
+//!   by the store after every commit that adds rows;
+//! - applies deployments from `desired` ([`DesiredState`]): only a version newer than the one
+//!   applied, only with a valid ed25519 signature from a trusted key (unless `insecure-dev`),
+//!   validated exactly as `lichen deploy` does ([`Agent::deploy_text`]); a rejection leaves the
+//!   running deployment alone and is reported;
+//! - delivers commands from `cmd/<workload>` as `command` events, once per message id (the
+//!   inbox table remembers ids across restarts), and queues each result for `cmd-result`;
+//! - keeps the outbox under its quota, dropping the oldest telemetry and counting the drops;
+//! - publishes reported state (retained) at start, on every connection, deployment, rejection,
+//!   quota drop, and workload status change.
+//!
+//! The wire format of `desired` and the signature's canonical bytes are documented in
+//! `docs/topics.md`.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use lichen_sync::{
+    Envelope, Inbound, InboundError, Quota, RowId, RowKind, RowSize, SessionConfig, SessionEvent,
+    SyncHandle, SyncSession, TlsFiles,
+};
+use ring::signature::{ED25519, KeyPair, UnparsedPublicKey};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::api::control::Control;
+use crate::api::types::SendRequest;
+use crate::config::{HubSection, parse_size};
+use crate::store::{OutboxRecord, SqliteOutbox, StateStore};
+use crate::supervisor::Agent;
+
+/// Domain separation prefix of the signed bytes (see [`canonical_bytes`]).
+pub const SIGNATURE_CONTEXT: &str = "lichen-desired-v1";
+/// `hub_state` key of the applied hub deployment version.
+const APPLIED_VERSION: &str = "applied-version";
+/// `hub_state` key of the dropped-telemetry counts (JSON object, workload -> count).
+const DROPPED: &str = "dropped-telemetry";
+/// How often the outbox size and the workload statuses are checked.
+const CHECK_EVERY: Duration = Duration::from_secs(1);
+/// Errors kept for reported state.
+const KEEP_ERRORS: usize = 10;
+
+/// The payload of a `desired` message: one deployment for one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DesiredState {
+    /// The hub's version of the desired state; applied only if newer than the applied one.
+    pub version: u64,
+    /// The deployment document (TOML, the same text `lichen deploy` takes).
+    pub deployment: String,
+    /// ed25519 signature of [`canonical_bytes`], base64.
+    #[serde(default)]
+    pub signature: Option<String>,
+    /// Id of the key that signed ([`key_id`]).
+    #[serde(default)]
+    pub key_id: Option<String>,
+}
+
+/// The bytes a publisher signs: `lichen-desired-v1\n<node>\n<version>\n<deployment>`. The node
+/// and version are inside so that a signed deployment cannot be replayed to another node or
+/// under a higher version.
+pub fn canonical_bytes(node: &str, version: u64, deployment: &str) -> Vec<u8> {
+    format!("{SIGNATURE_CONTEXT}\n{node}\n{version}\n{deployment}").into_bytes()
+}
+
+/// A key's id: the first 16 hex digits of the SHA-256 of its 32 public-key bytes.
+pub fn key_id(public_key: &[u8]) -> String {
+    hex::encode(&Sha256::digest(public_key)[..8])
+}
+
+/// A publisher key the node trusts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustedKey {
+    /// [`key_id`] of the key.
+    pub id: String,
+    /// The raw ed25519 public key.
+    pub public: Vec<u8>,
+}
+
+/// Parses an ed25519 public key written as 64 hex digits or as base64 of its 32 bytes.
+pub fn parse_public_key(text: &str) -> Result<TrustedKey> {
+    let text = text.trim();
+    let bytes = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        hex::decode(text).context("hex public key")?
+    } else {
+        base64_decode(text)
+            .with_context(|| format!("public key {text:?} is neither 64 hex digits nor base64"))?
+    };
+    if bytes.len() != 32 {
+        bail!(
+            "public key {text:?} has {} bytes; an ed25519 public key has 32",
+            bytes.len()
+        );
+    }
+    Ok(TrustedKey {
+        id: key_id(&bytes),
+        public: bytes,
+    })
+}
+
+/// Signs a desired state with a PKCS#8 ed25519 key (DER, or PEM `PRIVATE KEY`); returns the
+/// base64 signature and the key id.
+pub fn sign(pkcs8: &[u8], node: &str, version: u64, deployment: &str) -> Result<(String, String)> {
+    let der = pem_or_der(pkcs8)?;
+    let pair = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
+        .map_err(|e| anyhow::anyhow!("not an ed25519 PKCS#8 private key: {e}"))?;
+    let signature = pair.sign(&canonical_bytes(node, version, deployment));
+    Ok((
+        base64_encode(signature.as_ref()),
+        key_id(pair.public_key().as_ref()),
+    ))
+}
+
+/// Checks the signature of `desired` for `node` against `keys`; returns the signing key's id.
+pub fn verify(desired: &DesiredState, node: &str, keys: &[TrustedKey]) -> Result<String, String> {
+    let Some(signature) = &desired.signature else {
+        return Err(format!(
+            "deployment version {} is unsigned; this node accepts only deployments signed by a trusted key",
+            desired.version
+        ));
+    };
+    let signature = base64_decode(signature).map_err(|e| {
+        format!(
+            "deployment version {}: signature is not base64: {e}",
+            desired.version
+        )
+    })?;
+    if keys.is_empty() {
+        return Err(format!(
+            "deployment version {} is signed, but this node trusts no key (hub.trusted-keys is empty)",
+            desired.version
+        ));
+    }
+    let candidates: Vec<&TrustedKey> = match &desired.key_id {
+        Some(id) => {
+            let found: Vec<_> = keys.iter().filter(|k| &k.id == id).collect();
+            if found.is_empty() {
+                return Err(format!(
+                    "deployment version {} is signed by key {id}, which is not in hub.trusted-keys",
+                    desired.version
+                ));
+            }
+            found
+        }
+        None => keys.iter().collect(),
+    };
+    let message = canonical_bytes(node, desired.version, &desired.deployment);
+    for key in candidates {
+        if UnparsedPublicKey::new(&ED25519, &key.public)
+            .verify(&message, &signature)
+            .is_ok()
+        {
+            return Ok(key.id.clone());
+        }
+    }
+    Err(format!(
+        "deployment version {} has a bad signature (tampered, signed for another node or version, or by another key)",
+        desired.version
+    ))
+}
+
+/// A parsed hub URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HubUrl {
+    /// Whether it is `mqtts://`.
+    pub tls: bool,
+    /// Host name or address.
+    pub host: String,
+    /// Port (1883 for `mqtt://`, 8883 for `mqtts://` unless given).
+    pub port: u16,
+}
+
+/// Parses `mqtt://host[:port]` or `mqtts://host[:port]`.
+pub fn parse_url(url: &str) -> Result<HubUrl> {
+    let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
+        (true, rest)
+    } else if let Some(rest) = url.strip_prefix("mqtt://") {
+        (false, rest)
+    } else {
+        bail!("hub url {url:?} must start with mqtt:// or mqtts://");
+    };
+    let rest = rest.trim_end_matches('/');
+    let (host, port) = match rest.rsplit_once(':') {
+        Some((host, port)) => (
+            host,
+            port.parse::<u16>()
+                .with_context(|| format!("hub url {url:?} has an invalid port {port:?}"))?,
+        ),
+        None => (rest, if tls { 8883 } else { 1883 }),
+    };
+    if host.is_empty() || host.contains('/') {
+        bail!("hub url {url:?} has no valid host");
+    }
+    Ok(HubUrl {
+        tls,
+        host: host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .to_owned(),
+        port,
+    })
+}
+
+/// The session settings for `url` and `node`, with TLS and credentials as given.
+pub fn session_config(
+    url: &str,
+    node: &str,
+    ca_file: Option<&Path>,
+    client: Option<(&Path, &Path)>,
+    credentials: Option<(&str, &str)>,
+) -> Result<SessionConfig> {
+    let url = parse_url(url)?;
+    let mut config = SessionConfig::new(node, url.host, url.port);
+    if url.tls {
+        let ca = ca_file.context("an mqtts:// hub url needs a CA file (hub.ca-file)")?;
+        config.tls = Some(TlsFiles {
+            ca: ca.to_path_buf(),
+            client: client.map(|(c, k)| (c.to_path_buf(), k.to_path_buf())),
+        });
+    } else if client.is_some() {
+        bail!("a client certificate needs an mqtts:// hub url");
+    }
+    config.credentials = credentials.map(|(u, p)| (u.to_owned(), p.to_owned()));
+    // Reconnect quickly at first: a board on a flaky link should not wait long after a blip.
+    config.backoff_initial = Duration::from_millis(500);
+    config.backoff_max = Duration::from_secs(60);
+    Ok(config)
+}
+
+/// The session settings of a `[hub]` section.
+pub fn section_session_config(hub: &HubSection) -> Result<SessionConfig> {
+    let client = match (&hub.client_cert, &hub.client_key) {
+        (Some(c), Some(k)) => Some((c.as_path(), k.as_path())),
+        (None, None) => None,
+        _ => bail!("hub.client-cert and hub.client-key go together"),
+    };
+    let credentials = match (&hub.username, &hub.password) {
+        (Some(u), p) => Some((u.as_str(), p.as_deref().unwrap_or(""))),
+        (None, None) => None,
+        (None, Some(_)) => bail!("hub.password needs hub.username"),
+    };
+    session_config(
+        &hub.url,
+        &hub.node_id,
+        hub.ca_file.as_deref(),
+        client,
+        credentials,
+    )
+}
+
+/// A running hub link; [`HubLink::shutdown`] stops it.
+pub struct HubLink {
+    handle: SyncHandle,
+    session: JoinHandle<()>,
+    bridge: JoinHandle<()>,
+}
+
+impl HubLink {
+    /// Starts the session and the bridge for `agent` as `[hub]` says.
+    pub async fn start(agent: Agent, hub: &HubSection) -> Result<Self> {
+        let config = section_session_config(hub).context("invalid [hub] section")?;
+        let keys = hub
+            .trusted_keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| parse_public_key(k).with_context(|| format!("hub.trusted-keys[{i}]")))
+            .collect::<Result<Vec<_>>>()?;
+        let quota = parse_size(&hub.outbox_quota).context("invalid hub.outbox-quota")?;
+        let store = agent.store().clone();
+        let (session, handle, events) =
+            SyncSession::new(config, Arc::new(SqliteOutbox::new(store.clone())))
+                .context("cannot set up the hub session")?;
+        {
+            let handle = handle.clone();
+            store.set_outbox_listener(move || handle.outbox_changed());
+        }
+        if hub.insecure_dev {
+            tracing::warn!(
+                "hub.insecure-dev is set: deployments from the hub are applied WITHOUT a valid signature"
+            );
+        }
+        let dropped: BTreeMap<String, u64> = store
+            .hub_state(DROPPED)?
+            .and_then(|text| serde_json::from_str(&text).ok())
+            .unwrap_or_default();
+        let mut bridge = Bridge {
+            agent,
+            store,
+            node: hub.node_id.clone(),
+            url: hub.url.clone(),
+            keys,
+            insecure_dev: hub.insecure_dev,
+            quota: Quota::new(quota),
+            dropped,
+            connected: false,
+            reconnects: 0,
+            last_connection_error: None,
+            last_rejection: None,
+            rejected_version: None,
+            errors: Vec::new(),
+            rejected_messages: 0,
+            commands: Arc::new(AtomicU64::new(0)),
+            last_seen: String::new(),
+        };
+        tracing::info!(url = %hub.url, node = %hub.node_id, "connecting to the hub");
+        let session = tokio::spawn(session.run());
+        bridge.publish_reported().await;
+        let bridge = tokio::spawn(bridge.run(events));
+        Ok(Self {
+            handle,
+            session,
+            bridge,
+        })
+    }
+
+    /// Disconnects and stops the bridge.
+    pub async fn shutdown(self) {
+        self.handle.shutdown();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.session).await;
+        self.bridge.abort();
+    }
+}
+
+struct Rejection {
+    version: Option<u64>,
+    reason: String,
+    at_ms: u64,
+}
+
+/// The agent side of the session: acts on its events and keeps what reported state says.
+struct Bridge {
+    agent: Agent,
+    store: StateStore,
+    node: String,
+    url: String,
+    keys: Vec<TrustedKey>,
+    insecure_dev: bool,
+    quota: Quota,
+    dropped: BTreeMap<String, u64>,
+    connected: bool,
+    reconnects: u64,
+    last_connection_error: Option<String>,
+    last_rejection: Option<Rejection>,
+    /// The newest desired version already rejected (not validated again on every reconnect).
+    rejected_version: Option<u64>,
+    errors: Vec<String>,
+    rejected_messages: u64,
+    commands: Arc<AtomicU64>,
+    /// What the last reported state said of the deployment and workloads, to notice changes.
+    last_seen: String,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Bridge {
+    async fn run(mut self, mut events: mpsc::Receiver<SessionEvent>) {
+        let mut check = tokio::time::interval(CHECK_EVERY);
+        loop {
+            tokio::select! {
+                ev = events.recv() => match ev {
+                    Some(ev) => self.on_event(ev).await,
+                    None => return,
+                },
+                _ = check.tick() => {
+                    self.enforce_quota().await;
+                    if self.seen_now().await != self.last_seen {
+                        self.publish_reported().await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn error(&mut self, text: String) {
+        tracing::warn!("hub: {text}");
+        self.errors.push(format!("{} {text}", now_ms()));
+        if self.errors.len() > KEEP_ERRORS {
+            self.errors.remove(0);
+        }
+    }
+
+    async fn on_event(&mut self, ev: SessionEvent) {
+        match ev {
+            SessionEvent::Connected { .. } => {
+                self.connected = true;
+                self.publish_reported().await;
+            }
+            SessionEvent::ConnectFailed { error, .. } => {
+                self.connected = false;
+                self.reconnects += 1;
+                self.last_connection_error = Some(error);
+            }
+            SessionEvent::Disconnected { error, .. } => {
+                self.connected = false;
+                self.reconnects += 1;
+                self.last_connection_error = Some(error);
+            }
+            SessionEvent::Subscribed => {}
+            SessionEvent::SubscribeRefused { filter } => {
+                self.error(format!("the broker refused the subscription to {filter}"));
+                self.publish_reported().await;
+            }
+            SessionEvent::Inbound(Inbound::Desired(envelope)) => self.on_desired(envelope).await,
+            SessionEvent::Inbound(Inbound::Command { workload, envelope }) => {
+                self.on_command(workload, envelope)
+            }
+            SessionEvent::Rejected(e) => {
+                self.rejected_messages += 1;
+                let text = e.to_string();
+                if let InboundError::Malformed { topic, .. } = &e
+                    && topic.ends_with("/desired")
+                {
+                    self.last_rejection = Some(Rejection {
+                        version: None,
+                        reason: text.clone(),
+                        at_ms: now_ms(),
+                    });
+                }
+                self.error(text);
+                self.publish_reported().await;
+            }
+            SessionEvent::Unpublishable(bad) => {
+                self.error(bad.to_string());
+            }
+            SessionEvent::Outbox(e) => self.error(e.to_string()),
+        }
+    }
+
+    fn applied_version(&self) -> u64 {
+        self.store
+            .hub_state(APPLIED_VERSION)
+            .ok()
+            .flatten()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    async fn reject(&mut self, version: Option<u64>, reason: String) {
+        self.rejected_version = version.or(self.rejected_version);
+        self.error(format!("desired state rejected: {reason}"));
+        let _ = self
+            .store
+            .log_event(None, "hub-rejected", &reason)
+            .await
+            .map_err(|e| tracing::warn!("cannot log the rejection: {e}"));
+        self.last_rejection = Some(Rejection {
+            version,
+            reason,
+            at_ms: now_ms(),
+        });
+        self.publish_reported().await;
+    }
+
+    async fn on_desired(&mut self, envelope: Envelope) {
+        let desired: DesiredState = match serde_json::from_value(envelope.payload) {
+            Ok(d) => d,
+            Err(e) => {
+                self.rejected_messages += 1;
+                return self
+                    .reject(
+                        None,
+                        format!(
+                            "malformed desired state in message {}: {e} (expected version, deployment, signature, key-id)",
+                            envelope.id
+                        ),
+                    )
+                    .await;
+            }
+        };
+        let applied = self.applied_version();
+        if desired.version <= applied {
+            tracing::debug!(
+                version = desired.version,
+                applied,
+                "desired state is not newer than the applied one"
+            );
+            return;
+        }
+        if self.rejected_version == Some(desired.version) {
+            return;
+        }
+        let signer = match verify(&desired, &self.node, &self.keys) {
+            Ok(key) => key,
+            Err(reason) if self.insecure_dev => {
+                tracing::warn!(
+                    "INSECURE: applying deployment version {} despite: {reason} (hub.insecure-dev)",
+                    desired.version
+                );
+                "none (insecure-dev)".to_owned()
+            }
+            Err(reason) => return self.reject(Some(desired.version), reason).await,
+        };
+        let name = format!("hub desired version {}", desired.version);
+        match self
+            .agent
+            .deploy_text(&name, &desired.deployment, Path::new("/"))
+            .await
+        {
+            Ok(report) => {
+                if let Err(e) = self
+                    .store
+                    .set_hub_state(APPLIED_VERSION, &desired.version.to_string())
+                    .await
+                {
+                    self.error(format!("cannot record the applied hub version: {e}"));
+                }
+                for failure in &report.failures {
+                    self.error(format!(
+                        "workload {} failed after deployment version {}: {}",
+                        failure.workload, desired.version, failure.message
+                    ));
+                }
+                tracing::info!(
+                    version = desired.version,
+                    local_version = report.version,
+                    signer,
+                    "applied desired state from the hub"
+                );
+                self.last_rejection = None;
+                self.publish_reported().await;
+            }
+            Err(e) => {
+                self.reject(
+                    Some(desired.version),
+                    format!(
+                        "deployment version {} is invalid: {}",
+                        desired.version, e.error
+                    ),
+                )
+                .await
+            }
+        }
+    }
+
+    fn on_command(&mut self, workload: String, envelope: Envelope) {
+        let agent = self.agent.clone();
+        let store = self.store.clone();
+        let commands = self.commands.clone();
+        tokio::spawn(async move {
+            let id = envelope.id.to_string();
+            match store.inbox_contains(&id) {
+                Ok(true) => {
+                    tracing::debug!(%id, "hub command already handled before a restart");
+                    return;
+                }
+                Ok(false) => {}
+                Err(e) => tracing::warn!("cannot read the inbox: {e}"),
+            }
+            let result = match parse_command(&envelope.payload) {
+                Err(error) => json!({"cmd": id, "ok": false, "error": error}),
+                Ok(req) => match agent.send(&workload, req).await {
+                    Ok(reply) => json!({"cmd": id, "ok": true, "reply": reply.reply}),
+                    Err(e) => json!({"cmd": id, "ok": false, "error": e.error}),
+                },
+            };
+            commands.fetch_add(1, Ordering::Relaxed);
+            let record = OutboxRecord {
+                kind: RowKind::CmdResult.as_str().to_owned(),
+                workload: workload.clone(),
+                stream: String::new(),
+                payload: result.to_string().into_bytes(),
+                created_at_ms: now_ms(),
+            };
+            if let Err(e) = store.command_done(&id, record).await {
+                tracing::warn!(%id, %workload, "cannot queue the command result: {e}");
+            }
+        });
+    }
+
+    async fn enforce_quota(&mut self) {
+        let bytes = match self.store.outbox_bytes() {
+            Ok(b) => b,
+            Err(e) => return self.error(format!("cannot measure the outbox: {e}")),
+        };
+        if bytes <= self.quota.limit_bytes() {
+            return;
+        }
+        let over = bytes - self.quota.limit_bytes();
+        let rows = match self.store.oldest_telemetry(over) {
+            Ok(rows) => rows,
+            Err(e) => return self.error(format!("cannot read the outbox: {e}")),
+        };
+        let plan = self.quota.plan(
+            bytes,
+            rows.into_iter().map(|r| RowSize {
+                id: RowId(u64::try_from(r.id).unwrap_or(0)),
+                workload: r.workload,
+                kind: RowKind::Telemetry,
+                bytes: r.bytes,
+            }),
+        );
+        if plan.ids.is_empty() {
+            return;
+        }
+        let ids = plan
+            .ids
+            .iter()
+            .filter_map(|id| i64::try_from(id.0).ok())
+            .collect();
+        if let Err(e) = self.store.delete_outbox(ids).await {
+            return self.error(format!("cannot drop telemetry over the quota: {e}"));
+        }
+        for (workload, n) in &plan.per_workload {
+            *self.dropped.entry(workload.clone()).or_default() += n;
+        }
+        tracing::warn!(
+            rows = plan.ids.len(),
+            bytes = plan.bytes,
+            "outbox over its quota: dropped the oldest telemetry"
+        );
+        if let Ok(text) = serde_json::to_string(&self.dropped) {
+            let _ = self.store.set_hub_state(DROPPED, &text).await;
+        }
+        self.publish_reported().await;
+    }
+
+    /// What reported state says of the deployment and workloads now, to notice changes.
+    async fn seen_now(&self) -> String {
+        let version = self
+            .store
+            .current_deployment()
+            .ok()
+            .flatten()
+            .map_or(0, |d| d.version);
+        let mut seen = format!("{version}");
+        for w in self.agent.ps().await {
+            seen.push_str(&format!(
+                "|{}:{}:{}",
+                w.name,
+                w.state,
+                w.last_error.unwrap_or_default()
+            ));
+        }
+        seen
+    }
+
+    async fn reported(&self) -> serde_json::Value {
+        let deployment = self.store.current_deployment().ok().flatten();
+        let applied = self.applied_version();
+        let workloads: Vec<serde_json::Value> = self
+            .agent
+            .ps()
+            .await
+            .into_iter()
+            .map(|w| {
+                json!({
+                    "name": w.name,
+                    "state": w.state,
+                    "module": w.module_digest,
+                    "restarts": w.restarts,
+                    "traps": w.traps,
+                    "events": w.events_handled,
+                    "last-error": w.last_error,
+                })
+            })
+            .collect();
+        json!({
+            "node": self.node,
+            "agent": env!("CARGO_PKG_VERSION"),
+            "insecure-dev": self.insecure_dev,
+            "warning": self.insecure_dev.then_some(
+                "INSECURE: hub.insecure-dev is set, deployments are applied without a valid signature"
+            ),
+            "applied-version": (applied > 0).then_some(applied),
+            "deployment": deployment.map(|d| json!({
+                "local-version": d.version,
+                "source": d.source_name,
+                "digest": d.digest,
+            })),
+            "last-rejection": self.last_rejection.as_ref().map(|r| json!({
+                "version": r.version,
+                "reason": r.reason,
+                "at-ms": r.at_ms,
+            })),
+            "connection": {
+                "url": self.url,
+                "connected": self.connected,
+                "reconnects": self.reconnects,
+                "last-error": self.last_connection_error,
+            },
+            "workloads": workloads,
+            "counters": {
+                "dropped-telemetry": self.dropped,
+                "commands": self.commands.load(Ordering::Relaxed),
+                "rejected-messages": self.rejected_messages,
+                "outbox-rows": self.store.outbox_len().unwrap_or(0),
+            },
+            "errors": self.errors,
+        })
+    }
+
+    async fn publish_reported(&mut self) {
+        self.last_seen = self.seen_now().await;
+        let record = OutboxRecord {
+            kind: RowKind::State.as_str().to_owned(),
+            workload: String::new(),
+            stream: String::new(),
+            payload: self.reported().await.to_string().into_bytes(),
+            created_at_ms: now_ms(),
+        };
+        if let Err(e) = self.store.push_outbox(record).await {
+            tracing::warn!("cannot queue reported state: {e}");
+        }
+    }
+}
+
+/// A hub command's payload: `{"command": NAME, "payload": TEXT or any JSON}`.
+fn parse_command(payload: &serde_json::Value) -> Result<SendRequest, String> {
+    let command = payload
+        .get("command")
+        .and_then(|c| c.as_str())
+        .ok_or_else(|| {
+            "command message has no \"command\" string (expected {\"command\": NAME, \"payload\": ...})"
+                .to_owned()
+        })?;
+    let payload = match payload.get("payload") {
+        None | Some(serde_json::Value::Null) => String::new(),
+        Some(serde_json::Value::String(s)) => s.clone(),
+        Some(other) => other.to_string(),
+    };
+    Ok(SendRequest {
+        command: command.to_owned(),
+        payload,
+    })
+}
+
+/// `doctor`'s view of a `[hub]` section: status and detail.
+pub fn doctor_check(hub: Option<&HubSection>) -> (&'static str, String) {
+    match hub {
+        None => ("ok", "no [hub] section: the node runs offline".to_owned()),
+        Some(hub) if hub.insecure_dev => (
+            "warn",
+            format!(
+                "INSECURE: hub.insecure-dev is set, deployments from {} are applied WITHOUT a valid signature",
+                hub.url
+            ),
+        ),
+        Some(hub) if hub.trusted_keys.is_empty() => (
+            "warn",
+            format!(
+                "node {} syncs with {}, but hub.trusted-keys is empty: every hub deployment will be rejected",
+                hub.node_id, hub.url
+            ),
+        ),
+        Some(hub) => (
+            "ok",
+            format!(
+                "node {} syncs with {}; deployments must be signed by one of {} trusted key(s)",
+                hub.node_id,
+                hub.url,
+                hub.trusted_keys.len()
+            ),
+        ),
+    }
+}
+
+const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+
+/// Standard base64 with padding.
+pub fn base64_encode(bytes: &[u8]) -> String {
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for chunk in bytes.chunks(3) {
+        let b = [
+            chunk[0],
+            chunk.get(1).copied().unwrap_or(0),
+            chunk.get(2).copied().unwrap_or(0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for i in 0..4 {
+            if i <= chunk.len() {
+                out.push(char::from(B64[((n >> (18 - 6 * i)) & 63) as usize]));
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+/// Decodes standard base64 (padding optional, whitespace ignored).
+pub fn base64_decode(text: &str) -> Result<Vec<u8>> {
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let mut acc = 0u32;
+    let mut bits = 0;
+    for c in text.bytes().filter(|c| !c.is_ascii_whitespace()) {
+        if c == b'=' {
+            break;
+        }
+        let v = B64
+            .iter()
+            .position(|&b| b == c)
+            .with_context(|| format!("{:?} is not a base64 character", char::from(c)))?;
+        acc = (acc << 6) | v as u32;
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Ok(out)
+}
+
+/// The DER of a PEM `PRIVATE KEY`, or the bytes as they are if they are not PEM.
+fn pem_or_der(bytes: &[u8]) -> Result<Vec<u8>> {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return Ok(bytes.to_vec());
+    };
+    let Some(start) = text.find("-----BEGIN PRIVATE KEY-----") else {
+        bail!("key file is text but holds no -----BEGIN PRIVATE KEY----- block");
+    };
+    let body = &text[start + "-----BEGIN PRIVATE KEY-----".len()..];
+    let end = body
+        .find("-----END PRIVATE KEY-----")
+        .context("key file has no -----END PRIVATE KEY----- line")?;
+    base64_decode(&body[..end]).context("key file's PEM body is not base64")
+}
+
+/// A new ed25519 key pair: the private key as PKCS#8 PEM, and the public key as hex.
+pub fn generate_key() -> Result<(String, String)> {
+    let rng = ring::rand::SystemRandom::new();
+    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+        .map_err(|_| anyhow::anyhow!("cannot generate an ed25519 key: no system randomness"))?;
+    let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
+        .map_err(|e| anyhow::anyhow!("generated key does not parse: {e}"))?;
+    let body = base64_encode(pkcs8.as_ref());
+    let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
+    for line in body.as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END PRIVATE KEY-----\n");
+    Ok((pem, hex::encode(pair.public_key().as_ref())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desired(version: u64, text: &str) -> DesiredState {
+        DesiredState {
+            version,
+            deployment: text.into(),
+            signature: None,
+            key_id: None,
+        }
+    }
+
+    #[test]
+    fn base64_round_trips() {
+        for data in [&b""[..], b"f", b"fo", b"foo", b"foob", b"fooba", b"foobar"] {
+            assert_eq!(base64_decode(&base64_encode(data)).unwrap(), data);
+        }
+        assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
+        assert_eq!(base64_encode(b"fo"), "Zm8=");
+        assert!(base64_decode("a*b").is_err());
+    }
+
+    #[test]
+    fn signatures_verify_only_for_the_signed_node_version_and_text() {
+        let (pem, public) = generate_key().unwrap();
+        let key = parse_public_key(&public).unwrap();
+        let mut d = desired(3, "[[workloads]]\n");
+        let (sig, id) = sign(pem.as_bytes(), "n1", 3, &d.deployment).unwrap();
+        assert_eq!(id, key.id);
+        d.signature = Some(sig);
+        d.key_id = Some(id);
+        assert_eq!(
+            verify(&d, "n1", std::slice::from_ref(&key)).unwrap(),
+            key.id
+        );
+        let err = verify(&d, "n2", std::slice::from_ref(&key)).unwrap_err();
+        assert!(err.contains("bad signature"), "{err}");
+        let mut tampered = d.clone();
+        tampered.deployment.push('#');
+        assert!(verify(&tampered, "n1", std::slice::from_ref(&key)).is_err());
+        let mut bumped = d.clone();
+        bumped.version = 4;
+        assert!(verify(&bumped, "n1", std::slice::from_ref(&key)).is_err());
+        let (_, other) = generate_key().unwrap();
+        let other = parse_public_key(&other).unwrap();
+        let err = verify(&d, "n1", &[other]).unwrap_err();
+        assert!(err.contains("not in hub.trusted-keys"), "{err}");
+        let err = verify(&desired(5, "x"), "n1", &[key]).unwrap_err();
+        assert!(err.contains("unsigned"), "{err}");
+    }
+
+    #[test]
+    fn public_keys_parse_from_hex_or_base64_and_bad_ones_are_named() {
+        let hex_key = "11".repeat(32);
+        let a = parse_public_key(&hex_key).unwrap();
+        let b = parse_public_key(&base64_encode(&[0x11; 32])).unwrap();
+        assert_eq!(a, b);
+        let err = format!("{:#}", parse_public_key("abcd").unwrap_err());
+        assert!(err.contains("\"abcd\""), "{err}");
+    }
+
+    #[test]
+    fn urls_parse_with_default_ports() {
+        assert_eq!(
+            parse_url("mqtt://127.0.0.1:1999").unwrap(),
+            HubUrl {
+                tls: false,
+                host: "127.0.0.1".into(),
+                port: 1999
+            }
+        );
+        assert_eq!(parse_url("mqtts://hub.example").unwrap().port, 8883);
+        assert_eq!(parse_url("mqtt://hub").unwrap().port, 1883);
+        assert!(parse_url("http://hub").is_err());
+        assert!(parse_url("mqtt://hub:x").is_err());
+        let err = format!(
+            "{:#}",
+            session_config("mqtts://h", "n", None, None, None).unwrap_err()
+        );
+        assert!(err.contains("CA file"), "{err}");
+    }
+
+    #[test]
+    fn desired_state_refuses_unknown_fields() {
+        let ok: DesiredState =
+            serde_json::from_value(json!({"version": 1, "deployment": "x"})).unwrap();
+        assert_eq!(ok.version, 1);
+        assert!(serde_json::from_value::<DesiredState>(json!({"version": 1})).is_err());
+        assert!(
+            serde_json::from_value::<DesiredState>(
+                json!({"version": 1, "deployment": "x", "extra": 1})
+            )
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,520 @@
+//! The agent against a real Mosquitto: telemetry up with message ids, nothing lost across a
+//! broker restart, desired state down (signed, versioned, applied after an outage), commands
+//! and their results, malformed input refused without dropping the connection.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use lichen_tests::broker::{Mosquitto, Seen, Watcher};
+use lichen_tests::{Daemon, guest, lichen, one_workload, output_text};
+use serde_json::{Value, json};
+
+const NODE: &str = "n1";
+
+/// A node's side of the setup: a publisher key pair the node trusts, an untrusted one, the
+/// agent config, and a counter deployment.
+struct Setup {
+    dir: tempfile::TempDir,
+    config: PathBuf,
+    deployment: PathBuf,
+}
+
+impl Setup {
+    fn new(broker: &Mosquitto) -> Self {
+        Self::with_config(broker, "")
+    }
+
+    /// Like [`Setup::new`], with `extra` lines in the `[hub]` section.
+    fn with_config(broker: &Mosquitto, extra: &str) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        for name in ["trusted", "untrusted"] {
+            let out = lichen(&[
+                "hub",
+                "keygen",
+                dir.path().join(name).to_str().expect("utf-8 path"),
+            ]);
+            assert!(out.status.success(), "keygen: {}", output_text(&out));
+        }
+        let public = std::fs::read_to_string(dir.path().join("trusted.pub")).expect("public key");
+        let config = dir.path().join("agent.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "[hub]\nurl = \"{}\"\nnode-id = \"{NODE}\"\ntrusted-keys = [\"{}\"]\n{extra}\n",
+                broker.url(),
+                public.trim()
+            ),
+        )
+        .expect("write config");
+        let deployment = dir.path().join("counter.toml");
+        std::fs::write(&deployment, counter_deployment("1")).expect("write deployment");
+        Setup {
+            dir,
+            config,
+            deployment,
+        }
+    }
+
+    fn key(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A daemon with this config, running the counter deployment.
+    fn daemon(&self) -> Daemon {
+        Daemon::start_with(
+            &[
+                "--config",
+                self.config.to_str().expect("utf-8 path"),
+                "--deploy",
+                self.deployment.to_str().expect("utf-8 path"),
+            ],
+            None,
+        )
+        .expect("daemon starts")
+    }
+
+    /// `lichen hub deploy` of `text` as `version`, signed with key `key`.
+    fn hub_deploy(&self, broker: &Mosquitto, text: &str, version: u64, key: &str) {
+        let file = self.dir.path().join(format!("desired-{version}.toml"));
+        std::fs::write(&file, text).expect("write deployment");
+        let out = lichen(&[
+            "hub",
+            "deploy",
+            "--url",
+            &broker.url(),
+            "--node",
+            NODE,
+            file.to_str().expect("utf-8 path"),
+            "--key",
+            self.key(key).to_str().expect("utf-8 path"),
+            "--version",
+            &version.to_string(),
+        ]);
+        assert!(out.status.success(), "hub deploy: {}", output_text(&out));
+    }
+}
+
+fn counter_deployment(step: &str) -> String {
+    one_workload(
+        "counter",
+        &guest("counter"),
+        &format!("triggers = [{{ interval = \"100ms\" }}]\n[workloads.config]\nstep = \"{step}\""),
+    )
+}
+
+fn thermostat_deployment() -> String {
+    one_workload(
+        "thermostat",
+        &guest("thermostat"),
+        "triggers = [{ interval = \"200ms\" }]",
+    )
+}
+
+fn topic(suffix: &str) -> String {
+    format!("lichen/v1/{NODE}/{suffix}")
+}
+
+/// Waits for a reported state that `want` accepts; returns its payload.
+fn reported(watcher: &Watcher, what: &str, want: impl Fn(&Value) -> bool) -> Value {
+    let seen = watcher.wait_for(what, Duration::from_secs(30), |m: &Seen| {
+        m.topic == topic("reported") && want(&m.json()["payload"])
+    });
+    seen.json()["payload"].clone()
+}
+
+fn running(r: &Value, name: &str) -> bool {
+    r["workloads"].as_array().is_some_and(|w| {
+        w.iter()
+            .any(|w| w["name"] == name && w["state"] == "running")
+    })
+}
+
+/// `(sequence of the message id, count)` of a counter telemetry message.
+fn id_and_count(m: &Seen) -> (u64, u64) {
+    let v = m.json();
+    let id = v["id"].as_str().expect("message id");
+    let (node, seq) = id.rsplit_once(':').expect("id is node:seq");
+    assert_eq!(node, NODE, "{id}");
+    (
+        seq.parse().expect("numeric sequence"),
+        v["payload"]["count"].as_u64().expect("count in payload"),
+    )
+}
+
+#[test]
+fn telemetry_reaches_the_hub_in_order_with_message_ids() {
+    let broker = Mosquitto::start();
+    let setup = Setup::new(&broker);
+    let watcher = Watcher::connect(
+        broker.port,
+        "t-telemetry",
+        &topic("telemetry/counter/count"),
+    );
+    let _daemon = setup.daemon();
+
+    let mut last = (0, 0);
+    for i in 0..15 {
+        let m = watcher
+            .next(Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("telemetry message {i} did not arrive"));
+        assert!(!m.retain, "telemetry is not retained");
+        let (seq, count) = id_and_count(&m);
+        assert!(seq > last.0, "ids increase: {seq} after {}", last.0);
+        if i > 0 {
+            assert_eq!(count, last.1 + 1, "counts arrive in order, none missing");
+        }
+        assert!(m.json()["ts"].as_u64().is_some_and(|ts| ts > 0));
+        last = (seq, count);
+    }
+}
+
+#[test]
+fn broker_restart_while_publishing_loses_no_record() {
+    let mut broker = Mosquitto::start();
+    let setup = Setup::new(&broker);
+    let watcher = Watcher::connect(broker.port, "t-restart", &topic("telemetry/counter/count"));
+    let daemon = setup.daemon();
+    watcher
+        .next(Duration::from_secs(20))
+        .expect("telemetry flows before the outage");
+
+    broker.stop();
+    std::thread::sleep(Duration::from_secs(3));
+    broker.start_again();
+    std::thread::sleep(Duration::from_secs(2));
+    let target: u64 = daemon
+        .kv("counter", "count")
+        .and_then(|v| v.parse().ok())
+        .expect("counter has a count");
+
+    assert_every_count_arrives(&watcher, target, Vec::new());
+}
+
+/// Reads counter telemetry until count `target` arrived; fails if a count between the first
+/// seen and `target` is missing, or if a duplicate differs from its first copy.
+fn assert_every_count_arrives(watcher: &Watcher, target: u64, already: Vec<Seen>) {
+    // count -> message ids it came with; every count up to the target must arrive.
+    let mut by_count: BTreeMap<u64, Vec<u64>> = BTreeMap::new();
+    let mut by_id: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut already = already.into_iter();
+    while by_count.keys().next_back().copied().unwrap_or(0) < target {
+        let m = already
+            .next()
+            .or_else(|| watcher.next(Duration::from_secs(30)));
+        let m = m.unwrap_or_else(|| panic!("stalled below count {target}: have {by_count:?}"));
+        let (seq, count) = id_and_count(&m);
+        if let Some(earlier) = by_id.insert(seq, count) {
+            assert_eq!(
+                earlier, count,
+                "a duplicate carries the same id and content"
+            );
+        }
+        by_count.entry(count).or_default().push(seq);
+    }
+    let first = *by_count.keys().next().expect("some records");
+    for count in first..=target {
+        let ids = by_count
+            .get(&count)
+            .unwrap_or_else(|| panic!("count {count} was lost across the broker restart"));
+        assert!(
+            ids.iter().all(|id| *id == ids[0]),
+            "count {count} came with different ids {ids:?}"
+        );
+    }
+    let seqs: Vec<u64> = by_count.values().map(|ids| ids[0]).collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] < w[1]),
+        "ids increase with the count: {seqs:?}"
+    );
+}
+
+#[test]
+fn agent_killed_during_a_drain_loses_no_record() {
+    let mut broker = Mosquitto::start();
+    let setup = Setup::new(&broker);
+    let watcher = Watcher::connect(broker.port, "t-kill", &topic("telemetry/counter/count"));
+    let mut daemon = setup.daemon();
+    watcher
+        .next(Duration::from_secs(20))
+        .expect("telemetry flows before the outage");
+    // Let a backlog build up offline, then kill -9 the agent as soon as the first record of
+    // its catch-up reaches the hub.
+    broker.stop();
+    std::thread::sleep(Duration::from_secs(3));
+    let mut seen = Vec::new();
+    while let Some(m) = watcher.next(Duration::ZERO) {
+        seen.push(m);
+    }
+    broker.start_again();
+    seen.push(
+        watcher
+            .next(Duration::from_secs(30))
+            .expect("the catch-up starts"),
+    );
+    daemon.kill9().expect("kill -9");
+    daemon.restart().expect("daemon restarts");
+    std::thread::sleep(Duration::from_secs(1));
+    let target: u64 = daemon
+        .kv("counter", "count")
+        .and_then(|v| v.parse().ok())
+        .expect("counter has a count");
+    assert_every_count_arrives(&watcher, target, seen);
+}
+
+#[test]
+fn desired_state_published_while_the_agent_is_down_is_applied_when_it_comes_up() {
+    let broker = Mosquitto::start();
+    let setup = Setup::new(&broker);
+    let watcher = Watcher::connect(broker.port, "t-offline", &topic("reported"));
+    let mut daemon = setup.daemon();
+    reported(&watcher, "the first reported state", |r| {
+        running(r, "counter")
+    });
+    daemon.stop().expect("daemon stops");
+
+    setup.hub_deploy(&broker, &thermostat_deployment(), 5, "trusted");
+    daemon.restart().expect("daemon restarts");
+    daemon.wait_for("thermostat", "running", |w| w.state == "running");
+    let r = reported(&watcher, "applied version 5", |r| {
+        r["applied-version"] == 5 && running(r, "thermostat")
+    });
+    assert!(r["last-rejection"].is_null(), "{r}");
+    assert!(daemon.status("counter").is_none(), "counter was replaced");
+
+    // The hub's status table shows the node with its applied version.
+    let out = lichen(&["hub", "status", "--url", &broker.url(), "--wait", "500ms"]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    let row = text
+        .lines()
+        .find(|l| l.starts_with(NODE))
+        .unwrap_or_else(|| panic!("no row for {NODE}: {text}"));
+    assert!(row.contains(" 5 "), "{row}");
+}
+
+#[test]
+fn a_deployment_with_a_bad_signature_is_rejected_and_the_running_one_stays() {
+    let broker = Mosquitto::start();
+    let setup = Setup::new(&broker);
+    let watcher = Watcher::connect(broker.port, "t-signature", &topic("reported"));
+    let daemon = setup.daemon();
+    reported(&watcher, "counter running", |r| running(r, "counter"));
+
+    // Signed by a key the node does not trust.
+    setup.hub_deploy(&broker, &thermostat_deployment(), 2, "untrusted");
+    let r = reported(&watcher, "the rejection of version 2", |r| {
+        r["last-rejection"]["version"] == 2
+    });
+    let reason = r["last-rejection"]["reason"].as_str().expect("a reason");
+    assert!(reason.contains("not in hub.trusted-keys"), "{reason}");
+    assert!(r["applied-version"].is_null(), "{r}");
+    assert!(running(&r, "counter"), "{r}");
+
+    // Signed by the trusted key, then tampered with: the text no longer matches.
+    let (signature, key_id) = lichen_agent::hub::sign(
+        &std::fs::read(setup.key("trusted")).expect("key file"),
+        NODE,
+        3,
+        &thermostat_deployment(),
+    )
+    .expect("signs");
+    let tampered = json!({
+        "id": "operator:3", "ts": 1,
+        "payload": {
+            "version": 3,
+            "deployment": counter_deployment("1000"),
+            "signature": signature,
+            "key-id": key_id,
+        }
+    });
+    watcher.publish(&topic("desired"), true, tampered.to_string());
+    let r = reported(&watcher, "the rejection of version 3", |r| {
+        r["last-rejection"]["version"] == 3
+    });
+    let reason = r["last-rejection"]["reason"].as_str().expect("a reason");
+    assert!(reason.contains("bad signature"), "{reason}");
+    assert_eq!(
+        daemon.status("counter").expect("counter still there").state,
+        "running"
+    );
+    assert!(daemon.status("thermostat").is_none());
+
+    // The link still works: a correctly signed version 4 is applied.
+    setup.hub_deploy(&broker, &thermostat_deployment(), 4, "trusted");
+    reported(&watcher, "version 4 applied", |r| {
+        r["applied-version"] == 4 && running(r, "thermostat")
+    });
+}
+
+#[test]
+fn a_command_on_cmd_gets_its_result_on_cmd_result_once() {
+    let broker = Mosquitto::start();
+    let setup = Setup::new(&broker);
+    let watcher = Watcher::connect(broker.port, "t-command", &topic("cmd-result/+"));
+    let mut daemon = setup.daemon();
+    daemon.wait_for("counter", "running", |w| w.state == "running");
+    // The agent subscribes right after connecting; give it a moment on a slow machine.
+    std::thread::sleep(Duration::from_millis(500));
+
+    let command = json!({"id": "hub:7", "ts": 1, "payload": {"command": "get"}}).to_string();
+    watcher.publish(&topic("cmd/counter"), false, command.clone());
+    let m = watcher.wait_for("the result of hub:7", Duration::from_secs(20), |m| {
+        m.topic == topic("cmd-result/counter")
+    });
+    let v = m.json();
+    assert_eq!(v["payload"]["cmd"], "hub:7", "{v}");
+    assert_eq!(v["payload"]["ok"], true, "{v}");
+    let reply = v["payload"]["reply"].as_str().expect("reply text");
+    assert!(reply.parse::<u64>().is_ok(), "the count as text: {reply}");
+    assert!(
+        v["id"].as_str().is_some_and(|id| id.starts_with("n1:")),
+        "{v}"
+    );
+
+    // The same message again (a QoS 1 redelivery) runs nothing and answers nothing.
+    watcher.publish(&topic("cmd/counter"), false, command.clone());
+    // An unknown workload gets an error result, not silence.
+    watcher.publish(
+        &topic("cmd/nobody"),
+        false,
+        json!({"id": "hub:8", "ts": 1, "payload": {"command": "get"}}).to_string(),
+    );
+    let m = watcher.wait_for("the result of hub:8", Duration::from_secs(20), |m| {
+        assert_ne!(
+            m.topic,
+            topic("cmd-result/counter"),
+            "a duplicate command produced a second result"
+        );
+        m.topic == topic("cmd-result/nobody")
+    });
+    assert_eq!(m.json()["payload"]["ok"], false);
+    assert!(
+        m.json()["payload"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("nobody")),
+        "{}",
+        m.json()
+    );
+    if let Some(extra) = watcher.next(Duration::from_secs(1)) {
+        panic!(
+            "a duplicate command produced a second result: {}",
+            String::from_utf8_lossy(&extra.payload)
+        );
+    }
+
+    // After a restart the in-memory de-duplication is gone; the inbox table still knows hub:7.
+    daemon.stop().expect("daemon stops");
+    daemon.restart().expect("daemon restarts");
+    daemon.wait_for("counter", "running", |w| w.state == "running");
+    std::thread::sleep(Duration::from_millis(500));
+    watcher.publish(&topic("cmd/counter"), false, command);
+    watcher.publish(
+        &topic("cmd/counter"),
+        false,
+        json!({"id": "hub:9", "ts": 1, "payload": {"command": "get"}}).to_string(),
+    );
+    let m = watcher.wait_for("the result of hub:9", Duration::from_secs(20), |m| {
+        let v = m.json();
+        assert_ne!(
+            v["payload"]["cmd"], "hub:7",
+            "hub:7 ran again after a restart"
+        );
+        v["payload"]["cmd"] == "hub:9"
+    });
+    assert_eq!(m.json()["payload"]["ok"], true);
+}
+
+#[test]
+fn a_malformed_desired_payload_is_reported_and_the_connection_stays_up() {
+    let broker = Mosquitto::start();
+    let setup = Setup::new(&broker);
+    let watcher = Watcher::connect(broker.port, "t-malformed", &topic("reported"));
+    let _daemon = setup.daemon();
+    let first = reported(&watcher, "the first reported state", |r| {
+        running(r, "counter")
+    });
+    let reconnects = first["connection"]["reconnects"].as_u64().unwrap_or(0);
+
+    watcher.publish(&topic("desired"), true, "this is not json");
+    let r = reported(&watcher, "the malformed payload reported", |r| {
+        r["last-rejection"]["reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("malformed"))
+    });
+    assert_eq!(r["connection"]["connected"], true, "{r}");
+
+    // A well-formed envelope whose payload is not a desired state.
+    watcher.publish(
+        &topic("desired"),
+        true,
+        json!({"id": "operator:1", "ts": 1, "payload": {"version": "two"}}).to_string(),
+    );
+    reported(&watcher, "the bad desired state reported", |r| {
+        r["last-rejection"]["reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("malformed desired state"))
+    });
+
+    // Still connected: a signed deployment goes through on the same session.
+    setup.hub_deploy(&broker, &thermostat_deployment(), 9, "trusted");
+    let r = reported(&watcher, "version 9 applied", |r| r["applied-version"] == 9);
+    assert_eq!(
+        r["connection"]["reconnects"].as_u64().unwrap_or(0),
+        reconnects,
+        "the connection never dropped: {r}"
+    );
+}
+
+#[test]
+fn offline_past_the_quota_the_oldest_telemetry_is_dropped_and_counted() {
+    let mut broker = Mosquitto::start();
+    let setup = Setup::with_config(&broker, "outbox-quota = \"2KiB\"");
+    broker.stop();
+    let daemon = setup.daemon();
+    // ~100 bytes per counter record at 10 records/s: the quota fills in about two seconds.
+    std::thread::sleep(Duration::from_secs(4));
+    let dir = daemon.state_dir();
+    let rows = || {
+        rusqlite::Connection::open(dir.join("lichen.db"))
+            .and_then(|c| {
+                c.query_row(
+                    "SELECT COUNT(*), COALESCE(SUM(length(payload)), 0) + 64 * COUNT(*) FROM outbox",
+                    [],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
+                )
+            })
+            .expect("outbox readable")
+    };
+    let (count, bytes) = rows();
+    // Telemetry is held to the quota; one reported state (never dropped, replaced by the
+    // newest) may come on top.
+    assert!(
+        bytes <= 2048 + 2048,
+        "outbox held to its quota: {count} rows, {bytes} bytes"
+    );
+
+    broker.start_again();
+    let watcher = Watcher::connect(broker.port, "t-quota", &topic("reported"));
+    let r = reported(&watcher, "dropped telemetry counted", |r| {
+        r["counters"]["dropped-telemetry"]["counter"]
+            .as_u64()
+            .is_some_and(|n| n > 0)
+    });
+    assert_eq!(r["node"], NODE, "{r}");
+}
+
+#[test]
+fn doctor_shows_insecure_dev_loudly() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = dir.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        "[hub]\nurl = \"mqtt://127.0.0.1:1\"\nnode-id = \"n1\"\ninsecure-dev = true\n",
+    )
+    .expect("write config");
+    let out = lichen(&["doctor", "--config", config.to_str().expect("utf-8")]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("INSECURE"), "{text}");
+}
