@@ -1,4 +1,5 @@
-//! Runtimes that run workloads. Only `wasm` exists so far; container and microVM runtimes
-//! come later behind the same shape.
+//! Runtimes that run workloads: `wasm` (one Wasmtime engine in-process) and `container`
+//! (OCI bundles through crun/runc); the microVM runtime comes later behind the same shape.
 
+pub mod container;
 pub mod wasm;

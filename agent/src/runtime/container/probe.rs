@@ -1,0 +1,376 @@
+//! Finds the OCI runtimes on this host (crun first, runc next), checks that each really runs
+//! a trivial container, and reads the cgroup layout. Probed by what works, not by what exists.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use super::cgroup::CgroupProbe;
+use super::{Bundle, ContainerSpec};
+
+/// How long the trial container may take before the runtime is called broken.
+const TRIAL_TIMEOUT: Duration = Duration::from_secs(10);
+/// What crun 1.8 prints when the unified hierarchy of a hybrid host has controllers.
+const CRUN_HYBRID: &str = "cgroups in hybrid mode not supported";
+
+/// Which OCI runtime.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RuntimeKind {
+    /// crun (C, small and fast; preferred).
+    Crun,
+    /// runc (Go, the reference runtime).
+    Runc,
+}
+
+impl RuntimeKind {
+    /// The binary's name.
+    pub fn binary(self) -> &'static str {
+        match self {
+            RuntimeKind::Crun => "crun",
+            RuntimeKind::Runc => "runc",
+        }
+    }
+}
+
+impl fmt::Display for RuntimeKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.binary())
+    }
+}
+
+/// An OCI runtime binary found on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OciRuntime {
+    /// crun or runc.
+    pub kind: RuntimeKind,
+    /// Absolute path of the binary.
+    pub path: PathBuf,
+    /// The first line of `--version`, for example `runc version 1.1.5+ds1`.
+    pub version: String,
+}
+
+/// The outcome of trying one runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeCheck {
+    /// Which runtime was looked for.
+    pub kind: RuntimeKind,
+    /// The binary, if it is in `PATH`.
+    pub runtime: Option<OciRuntime>,
+    /// Why it cannot be used, in words; `None` when the trial container ran.
+    pub problem: Option<String>,
+    /// Start-to-exit time of the trial container (`true`), when it ran.
+    pub trial: Option<Duration>,
+}
+
+impl RuntimeCheck {
+    /// Whether this runtime ran the trial container.
+    pub fn works(&self) -> bool {
+        self.runtime.is_some() && self.problem.is_none()
+    }
+}
+
+/// What the host offers for containers.
+#[derive(Debug, Clone)]
+pub struct HostProbe {
+    /// The cgroup layout and its controllers.
+    pub cgroup: CgroupProbe,
+    /// crun then runc, each with its outcome.
+    pub runtimes: Vec<RuntimeCheck>,
+}
+
+impl HostProbe {
+    /// The runtime to use: the first that works, crun before runc.
+    pub fn usable_runtime(&self) -> Option<&OciRuntime> {
+        self.runtimes
+            .iter()
+            .find(|c| c.works())
+            .and_then(|c| c.runtime.as_ref())
+    }
+
+    /// One sentence for `doctor` about the runtimes: which one is used and why others are not.
+    pub fn runtime_summary(&self) -> String {
+        let mut parts = Vec::new();
+        let chosen = self.usable_runtime().map(|r| r.kind);
+        for check in &self.runtimes {
+            match (&check.runtime, &check.problem) {
+                (None, _) => parts.push(format!("{} is not installed", check.kind)),
+                (Some(rt), None) => parts.push(format!(
+                    "{} works ({}, `true` ran in {} ms){}",
+                    check.kind,
+                    rt.version,
+                    check.trial.map_or(0, |d| d.as_millis()),
+                    if chosen == Some(check.kind) {
+                        ", used"
+                    } else {
+                        ""
+                    }
+                )),
+                (Some(_), Some(problem)) => parts.push(match chosen {
+                    Some(used) => format!("{problem}; using {used}"),
+                    None => problem.clone(),
+                }),
+            }
+        }
+        parts.join("; ")
+    }
+}
+
+/// Probes once per process and keeps the answer (the agent probes at start; `doctor` reuses it).
+pub fn probe_cached() -> &'static HostProbe {
+    static PROBE: OnceLock<HostProbe> = OnceLock::new();
+    PROBE.get_or_init(probe)
+}
+
+/// Probes the host now: the cgroup layout, then crun and runc, each running `/bin/true` in a
+/// throwaway bundle whose rootfs binds the host's `/usr`, `/bin` and `/lib*` read-only.
+/// Blocks for the trial runs (tens of milliseconds each).
+pub fn probe() -> HostProbe {
+    let cgroup = CgroupProbe::detect();
+    let runtimes = [RuntimeKind::Crun, RuntimeKind::Runc]
+        .into_iter()
+        .map(|kind| check_runtime(kind, &cgroup))
+        .collect();
+    HostProbe { cgroup, runtimes }
+}
+
+fn check_runtime(kind: RuntimeKind, cgroup: &CgroupProbe) -> RuntimeCheck {
+    let Some(path) = find_in_path(kind.binary()) else {
+        return RuntimeCheck {
+            kind,
+            runtime: None,
+            problem: Some(format!("{kind} is not installed")),
+            trial: None,
+        };
+    };
+    let version = Command::new(&path)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .ok()
+        .and_then(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .next()
+                .map(str::to_string)
+        })
+        .unwrap_or_else(|| format!("{kind} (version unknown)"));
+    let runtime = OciRuntime {
+        kind,
+        path,
+        version,
+    };
+    let (problem, trial) = match trial_run(&runtime, cgroup) {
+        Ok(elapsed) => (None, Some(elapsed)),
+        Err(message) => (Some(explain(kind, &message, cgroup)), None),
+    };
+    RuntimeCheck {
+        kind,
+        runtime: Some(runtime),
+        problem,
+        trial,
+    }
+}
+
+/// Turns a runtime's own error into a sentence that says what it means on this host.
+fn explain(kind: RuntimeKind, message: &str, cgroup: &CgroupProbe) -> String {
+    if message.contains(CRUN_HYBRID) {
+        let controllers = if cgroup.unified_controllers.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " (the unified hierarchy holds {})",
+                cgroup.unified_controllers.join(", ")
+            )
+        };
+        format!("{kind} refuses this host's hybrid cgroup layout{controllers}: {message:?}")
+    } else {
+        format!("{kind} cannot run a trivial container: {message}")
+    }
+}
+
+fn trial_run(runtime: &OciRuntime, cgroup: &CgroupProbe) -> Result<Duration, String> {
+    let dir = std::env::temp_dir().join(format!(
+        "lichen-probe-{}-{}",
+        std::process::id(),
+        runtime.kind
+    ));
+    let result = trial_run_in(&dir, runtime, cgroup);
+    // The runtime deleted the container (no --keep); the directory is ours.
+    let _ = std::fs::remove_dir_all(&dir);
+    result
+}
+
+fn trial_run_in(
+    dir: &Path,
+    runtime: &OciRuntime,
+    cgroup: &CgroupProbe,
+) -> Result<Duration, String> {
+    let rootfs = dir.join("rootfs");
+    std::fs::create_dir_all(&rootfs).map_err(|e| format!("cannot create {rootfs:?}: {e}"))?;
+    let mut binds = Vec::new();
+    for name in ["usr", "bin", "sbin", "lib", "lib64", "lib32"] {
+        let host = Path::new("/").join(name);
+        match std::fs::symlink_metadata(&host) {
+            Ok(meta) if meta.file_type().is_symlink() => {
+                let target =
+                    std::fs::read_link(&host).map_err(|e| format!("cannot read {host:?}: {e}"))?;
+                std::os::unix::fs::symlink(&target, rootfs.join(name))
+                    .map_err(|e| format!("cannot link {name} in {rootfs:?}: {e}"))?;
+            }
+            Ok(meta) if meta.is_dir() => binds.push(host),
+            _ => {}
+        }
+    }
+    let name = format!("probe-{}", std::process::id());
+    let spec = ContainerSpec::new(&name, &rootfs, ["/bin/true"]);
+    let id = format!("lichen-{name}-{}", runtime.kind);
+    let cgroups_path = format!("/lichen/{id}");
+    let bundle_dir = dir.join("bundle");
+    let bundle =
+        Bundle::write(&bundle_dir, &spec, &cgroups_path, cgroup).map_err(|e| e.to_string())?;
+    add_read_only_binds(&bundle, &binds)?;
+
+    let started = Instant::now();
+    let mut child = Command::new(&runtime.path)
+        .arg("--root")
+        .arg(dir.join("state"))
+        .args(["run", "--bundle"])
+        .arg(&bundle.dir)
+        .arg(&id)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run {:?}: {e}", runtime.path))?;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) => break,
+            Ok(None) if started.elapsed() > TRIAL_TIMEOUT => {
+                let _ = child.kill();
+                let _ = Command::new(&runtime.path)
+                    .arg("--root")
+                    .arg(dir.join("state"))
+                    .args(["delete", "--force", &id])
+                    .output();
+                return Err(format!("`true` did not exit within {TRIAL_TIMEOUT:?}"));
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(2)),
+            Err(e) => return Err(format!("cannot wait for {}: {e}", runtime.kind)),
+        }
+    }
+    let elapsed = started.elapsed();
+    let output = child
+        .wait_with_output()
+        .map_err(|e| format!("cannot read {}'s output: {e}", runtime.kind))?;
+    if output.status.success() {
+        Ok(elapsed)
+    } else {
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        let message = stderr
+            .lines()
+            .rev()
+            .find(|l| !l.trim().is_empty())
+            .unwrap_or("")
+            .trim()
+            .to_string();
+        Err(if message.is_empty() {
+            format!("exited with {}", output.status)
+        } else {
+            message
+        })
+    }
+}
+
+/// Adds read-only bind mounts of host directories (same path inside) to a written bundle.
+fn add_read_only_binds(bundle: &Bundle, dirs: &[PathBuf]) -> Result<(), String> {
+    let config = bundle.dir.join("config.json");
+    let mut spec = oci_spec::runtime::Spec::load(&config).map_err(|e| e.to_string())?;
+    let mut mounts = spec.mounts().clone().unwrap_or_default();
+    for dir in dirs {
+        let mount = oci_spec::runtime::MountBuilder::default()
+            .destination(dir.clone())
+            .typ("bind")
+            .source(dir.clone())
+            .options(vec![
+                "rbind".to_string(),
+                "ro".to_string(),
+                "nosuid".to_string(),
+                "nodev".to_string(),
+            ])
+            .build()
+            .map_err(|e| e.to_string())?;
+        mounts.push(mount);
+    }
+    spec.set_mounts(Some(mounts));
+    spec.save(&config).map_err(|e| e.to_string())
+}
+
+/// The absolute path of `name` in `PATH`, if it is there.
+pub(crate) fn find_in_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|dir| dir.join(name))
+        .find(|candidate| candidate.is_file())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::runtime::container::CgroupLayout;
+
+    #[test]
+    fn crun_hybrid_refusal_is_explained() {
+        let cgroup = CgroupProbe {
+            layout: CgroupLayout::Hybrid,
+            controllers: vec!["memory".into()],
+            unified_controllers: vec!["hugetlb".into()],
+            swap_limit: true,
+        };
+        let text = explain(
+            RuntimeKind::Crun,
+            "cgroups in hybrid mode not supported, drop all controllers from cgroupv2",
+            &cgroup,
+        );
+        assert!(
+            text.starts_with("crun refuses this host's hybrid cgroup layout (the unified hierarchy holds hugetlb)"),
+            "{text}"
+        );
+        let probe = HostProbe {
+            cgroup,
+            runtimes: vec![
+                RuntimeCheck {
+                    kind: RuntimeKind::Crun,
+                    runtime: Some(OciRuntime {
+                        kind: RuntimeKind::Crun,
+                        path: "/usr/bin/crun".into(),
+                        version: "crun version 1.8.1".into(),
+                    }),
+                    problem: Some(text),
+                    trial: None,
+                },
+                RuntimeCheck {
+                    kind: RuntimeKind::Runc,
+                    runtime: Some(OciRuntime {
+                        kind: RuntimeKind::Runc,
+                        path: "/usr/sbin/runc".into(),
+                        version: "runc version 1.1.5".into(),
+                    }),
+                    problem: None,
+                    trial: Some(Duration::from_millis(22)),
+                },
+            ],
+        };
+        assert_eq!(
+            probe.usable_runtime().map(|r| r.kind),
+            Some(RuntimeKind::Runc)
+        );
+        let summary = probe.runtime_summary();
+        assert!(summary.contains("; using runc;"), "{summary}");
+        assert!(
+            summary.ends_with("runc works (runc version 1.1.5, `true` ran in 22 ms), used"),
+            "{summary}"
+        );
+    }
+}
