@@ -27,14 +27,7 @@ pub fn report(board: &str, engine: Option<&EngineOptions>) -> DoctorReport {
             read_trimmed("/proc/sys/kernel/osrelease").unwrap_or_else(|| "unknown".into())
         ),
     ));
-    match read_trimmed("/proc/device-tree/model") {
-        Some(model) => checks.push(check("board model", "ok", format!("device tree says {model:?}"))),
-        None => checks.push(check(
-            "board model",
-            "warn",
-            format!("no /proc/device-tree/model (not a device-tree board); using board profile {board:?}"),
-        )),
-    }
+    checks.extend(board_checks(board));
     checks.push(wasm_check(engine));
     checks.push(address_space_check(engine));
     checks.push(cgroup_check());
@@ -44,6 +37,185 @@ pub fn report(board: &str, engine: Option<&EngineOptions>) -> DoctorReport {
         version: env!("CARGO_PKG_VERSION").into(),
         board: board.into(),
         checks,
+    }
+}
+
+/// The board and device checks: the board detected from the device tree (or `sim`) beside
+/// the configured one, every gpiochip with its lines, the spidev and i2c-dev nodes, and
+/// whether the configured profile's pins and buses are all there.
+pub fn board_checks(board: &str) -> Vec<DoctorCheck> {
+    let detected = lichen_devices::board::detect();
+    let inventory = lichen_devices::inventory();
+    device_checks(board, detected, &inventory)
+}
+
+/// [`board_checks`] on given facts (tests pass their own).
+fn device_checks(
+    board: &str,
+    detected: lichen_devices::Result<lichen_devices::board::Detection>,
+    inventory: &lichen_devices::Inventory,
+) -> Vec<DoctorCheck> {
+    use lichen_devices::board::{Backend, BoardProfile};
+
+    let mut checks = Vec::new();
+    let configured = BoardProfile::builtin(board);
+    checks.push(match (&detected, &configured) {
+        (Err(err), _) => check("board", "warn", format!("cannot detect the board: {err}")),
+        (Ok(d), _) => {
+            let seen = match (&d.model, d.matched) {
+                (Some(model), true) => {
+                    format!("device tree says {model:?}: profile {}", d.profile.name)
+                }
+                (Some(model), false) => format!(
+                    "device tree says {model:?}, which no profile claims: profile {}",
+                    d.profile.name
+                ),
+                (None, _) => format!(
+                    "no {} (not a device-tree board): profile {}",
+                    lichen_devices::board::DEVICE_TREE_MODEL,
+                    d.profile.name
+                ),
+            };
+            let status = if d.matched && d.profile.name != board {
+                "warn"
+            } else {
+                "ok"
+            };
+            check(
+                "board",
+                status,
+                format!("{seen}; configured board {board:?}"),
+            )
+        }
+    });
+    let profile = match configured {
+        Ok(profile) => profile,
+        Err(err) => {
+            checks.push(check("board profile", "missing", err.to_string()));
+            return checks;
+        }
+    };
+    let linux = profile.backend == Backend::Linux;
+    // What the host has, whatever the profile: the simulated board needs none of it.
+    let absent = if linux { "missing" } else { "ok" };
+    if inventory.gpiochips.is_empty() {
+        checks.push(check("gpiochips", absent, "none found"));
+    }
+    for chip in &inventory.gpiochips {
+        let lines: Vec<String> = chip
+            .lines
+            .iter()
+            .map(|line| {
+                let name = if line.name.is_empty() {
+                    "unnamed"
+                } else {
+                    &line.name
+                };
+                match &line.consumer {
+                    Some(c) if !c.is_empty() => format!("{} {name} (used by {c:?})", line.offset),
+                    Some(_) => format!("{} {name} (used)", line.offset),
+                    None => format!("{} {name}", line.offset),
+                }
+            })
+            .collect();
+        checks.push(check(
+            &format!("gpiochip {}", chip.name),
+            "ok",
+            format!(
+                "{} [{}], {} lines: {}",
+                chip.path.display(),
+                chip.label,
+                chip.line_count,
+                lines.join(", ")
+            ),
+        ));
+    }
+    let nodes = |list: &[std::path::PathBuf]| {
+        if list.is_empty() {
+            "none found".to_owned()
+        } else {
+            list.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        }
+    };
+    let status = |list: &[std::path::PathBuf]| if list.is_empty() { absent } else { "ok" };
+    checks.push(check(
+        "spidev",
+        status(&inventory.spidev),
+        nodes(&inventory.spidev),
+    ));
+    checks.push(check(
+        "i2c-dev",
+        status(&inventory.i2c),
+        nodes(&inventory.i2c),
+    ));
+    for problem in &inventory.problems {
+        checks.push(check("device access", "warn", problem.clone()));
+    }
+    checks.push(profile_devices_check(&profile, inventory));
+    checks
+}
+
+/// Whether every pin and bus of `profile` is on this host (a simulated profile always is).
+fn profile_devices_check(
+    profile: &lichen_devices::board::BoardProfile,
+    inventory: &lichen_devices::Inventory,
+) -> DoctorCheck {
+    use lichen_devices::LineSpec;
+    use lichen_devices::board::Backend;
+
+    let counts = format!(
+        "{} pins, {} SPI devices, {} I2C buses",
+        profile.pins.len(),
+        profile.spi.len(),
+        profile.i2c.len()
+    );
+    let name = format!("board {} devices", profile.name);
+    if profile.backend == Backend::Sim {
+        return check(&name, "ok", format!("{counts}, all simulated in the agent"));
+    }
+    let mut missing = Vec::new();
+    for pin in &profile.pins {
+        let found = match &pin.line {
+            LineSpec::Label(label) => inventory
+                .gpiochips
+                .iter()
+                .any(|chip| chip.lines.iter().any(|l| &l.name == label)),
+            LineSpec::ChipOffset { chip, offset } => inventory
+                .gpiochips
+                .iter()
+                .any(|c| &c.label == chip && *offset < c.line_count),
+        };
+        if !found {
+            missing.push(format!("pin {} (line {})", pin.name, pin.line));
+        }
+    }
+    let has = |list: &[std::path::PathBuf], device: &str| {
+        list.iter().any(|p| p == std::path::Path::new(device))
+    };
+    for bus in &profile.spi {
+        if !has(&inventory.spidev, &bus.device) {
+            missing.push(format!("{} ({})", bus.device, bus.name));
+        }
+    }
+    for bus in &profile.i2c {
+        if !has(&inventory.i2c, &bus.device) {
+            missing.push(format!("{} ({})", bus.device, bus.name));
+        }
+    }
+    if missing.is_empty() {
+        check(&name, "ok", format!("{counts}, all found"))
+    } else {
+        check(
+            &name,
+            "missing",
+            format!(
+                "{counts}; not found: {} (workloads granted them will not start)",
+                missing.join(", ")
+            ),
+        )
     }
 }
 
@@ -116,23 +288,45 @@ fn address_space_check(engine: Option<&EngineOptions>) -> DoctorCheck {
 }
 
 fn cgroup_check() -> DoctorCheck {
-    match read_trimmed("/sys/fs/cgroup/cgroup.controllers") {
-        Some(controllers) => check(
+    use crate::runtime::container::CgroupLayout;
+    let cgroup = &crate::runtime::container::probe_cached().cgroup;
+    let missing: Vec<&str> = ["memory", "pids", "cpu"]
+        .into_iter()
+        .filter(|c| !cgroup.has(c))
+        .collect();
+    let controllers = cgroup.controllers.join(" ");
+    match cgroup.layout {
+        CgroupLayout::Missing => check(
+            "cgroups",
+            "missing",
+            "no cgroup filesystem at /sys/fs/cgroup: containers cannot be limited",
+        ),
+        _ if !missing.is_empty() => check(
+            "cgroups",
+            "warn",
+            format!(
+                "{} with controllers: {controllers}; missing {}: containers cannot be limited there",
+                cgroup.layout,
+                missing.join(", ")
+            ),
+        ),
+        CgroupLayout::Hybrid => check(
             "cgroups",
             "ok",
             format!(
-                "cgroup v2 with controllers: {controllers} (used by the container runtime, not built yet)"
+                "{} (v1 controllers: {controllers}; unified hierarchy holds: {}); memory, pids and cpu limits work through the v1 controllers",
+                cgroup.layout,
+                if cgroup.unified_controllers.is_empty() {
+                    "none".to_string()
+                } else {
+                    cgroup.unified_controllers.join(" ")
+                }
             ),
         ),
-        None if Path::new("/sys/fs/cgroup/memory").exists() => check(
+        _ => check(
             "cgroups",
-            "warn",
-            "cgroup v1 or hybrid hierarchy (used by the container runtime, not built yet)",
-        ),
-        None => check(
-            "cgroups",
-            "missing",
-            "no cgroup filesystem at /sys/fs/cgroup",
+            "ok",
+            format!("{} with controllers: {controllers}", cgroup.layout),
         ),
     }
 }
@@ -154,32 +348,16 @@ fn kvm_check() -> DoctorCheck {
 }
 
 fn oci_check() -> DoctorCheck {
-    let found: Vec<&str> = ["crun", "runc"]
-        .into_iter()
-        .filter(|name| find_in_path(name))
-        .collect();
-    if found.is_empty() {
-        check(
+    let probe = crate::runtime::container::probe_cached();
+    let summary = probe.runtime_summary();
+    match probe.usable_runtime() {
+        Some(_) => check("oci runtime", "ok", summary),
+        None => check(
             "oci runtime",
             "missing",
-            "neither crun nor runc is in PATH: container workloads cannot run",
-        )
-    } else {
-        check(
-            "oci runtime",
-            "warn",
-            format!(
-                "found {} in PATH; the container runtime that uses it is not built yet",
-                found.join(", ")
-            ),
-        )
+            format!("{summary}: container workloads cannot run"),
+        ),
     }
-}
-
-fn find_in_path(name: &str) -> bool {
-    std::env::var_os("PATH")
-        .map(|path| std::env::split_paths(&path).any(|dir| dir.join(name).is_file()))
-        .unwrap_or(false)
 }
 
 fn read_trimmed(path: &str) -> Option<String> {
@@ -190,4 +368,112 @@ fn read_trimmed(path: &str) -> Option<String> {
                 .to_string()
         })
         .filter(|s| !s.is_empty())
+}
+
+#[cfg(test)]
+mod device_tests {
+    use std::path::PathBuf;
+
+    use lichen_devices::Inventory;
+    use lichen_devices::board::detect_from_model;
+    use lichen_devices::inventory::{ChipInfo, LineInfo};
+
+    use super::*;
+
+    fn find<'a>(checks: &'a [DoctorCheck], name: &str) -> &'a DoctorCheck {
+        checks
+            .iter()
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("no {name:?} check in {checks:?}"))
+    }
+
+    #[test]
+    fn a_host_without_device_tree_or_devices_runs_the_sim_board() {
+        let checks = device_checks("sim", detect_from_model(None), &Inventory::default());
+        let board = find(&checks, "board");
+        assert_eq!(board.status, "ok");
+        assert!(
+            board
+                .detail
+                .contains("not a device-tree board): profile sim; configured board \"sim\""),
+            "{}",
+            board.detail
+        );
+        assert_eq!(find(&checks, "gpiochips").detail, "none found");
+        assert_eq!(find(&checks, "gpiochips").status, "ok");
+        assert_eq!(find(&checks, "spidev").status, "ok");
+        let devices = find(&checks, "board sim devices");
+        assert_eq!(devices.status, "ok");
+        assert!(devices.detail.ends_with("all simulated in the agent"));
+    }
+
+    #[test]
+    fn a_linux_board_lists_every_chip_and_line_and_names_what_is_missing() {
+        let inventory = Inventory {
+            model: None,
+            gpiochips: vec![ChipInfo {
+                path: PathBuf::from("/dev/gpiochip0"),
+                name: "gpiochip0".into(),
+                label: "gpio-sim.0-node0".into(),
+                line_count: 2,
+                lines: vec![
+                    LineInfo {
+                        offset: 0,
+                        name: "GPIO17".into(),
+                        consumer: Some("lichen:blinky".into()),
+                    },
+                    LineInfo {
+                        offset: 1,
+                        name: String::new(),
+                        consumer: None,
+                    },
+                ],
+            }],
+            spidev: vec![PathBuf::from("/dev/spidev0.0")],
+            i2c: Vec::new(),
+            problems: vec!["/dev/gpiochip1: permission denied".into()],
+        };
+        let checks = device_checks("qemu-x86-test", detect_from_model(None), &inventory);
+        let chip = find(&checks, "gpiochip gpiochip0");
+        assert_eq!(
+            chip.detail,
+            "/dev/gpiochip0 [gpio-sim.0-node0], 2 lines: 0 GPIO17 (used by \"lichen:blinky\"), 1 unnamed"
+        );
+        assert_eq!(find(&checks, "spidev").detail, "/dev/spidev0.0");
+        assert_eq!(find(&checks, "i2c-dev").status, "missing");
+        assert_eq!(
+            find(&checks, "device access").detail,
+            "/dev/gpiochip1: permission denied"
+        );
+        let devices = find(&checks, "board qemu-x86-test devices");
+        assert_eq!(devices.status, "missing");
+        assert!(
+            devices
+                .detail
+                .contains("not found: pin GPIO4 (line GPIO4), ")
+                && !devices.detail.contains("pin GPIO17")
+                && !devices.detail.contains("/dev/spidev0.0")
+                && devices.detail.contains("/dev/i2c-0 (i2c-0)"),
+            "{}",
+            devices.detail
+        );
+    }
+
+    #[test]
+    fn a_detected_board_other_than_the_configured_one_is_a_warning() {
+        let checks = device_checks(
+            "sim",
+            detect_from_model(Some("Raspberry Pi 4 Model B Rev 1.4")),
+            &Inventory::default(),
+        );
+        let board = find(&checks, "board");
+        assert_eq!(board.status, "warn");
+        assert!(
+            board
+                .detail
+                .starts_with("device tree says \"Raspberry Pi 4 Model B Rev 1.4\": profile rpi4b"),
+            "{}",
+            board.detail
+        );
+    }
 }

@@ -5,8 +5,10 @@
 //! have, a pin granted to two workloads (or twice to one), or an SPI clock above the bus's
 //! limit rejects the whole deployment with the file, line and field at fault.
 //!
-//! [`DeviceHub`] owns the board's devices (the simulated board for a `sim` profile) and opens
-//! a workload's grants as [`DeviceGrants`]. Handles are shared by the instances of one workload
+//! [`DeviceHub`] owns the board's devices and opens a workload's grants as [`DeviceGrants`]:
+//! on the simulated board for a `sim` profile, through the Linux character devices (gpiochip,
+//! spidev, i2c-dev; see the `linux` submodule) for every other profile. A device that cannot
+//! be opened fails the start of the workload that asked for it, naming the node or line. Handles are shared by the instances of one workload
 //! (old and new version during a hot reload), and released when the last of them goes; an
 //! output is driven to its safe state (its `initial` level) when released.
 
@@ -17,7 +19,10 @@ use anyhow::{Context, Result};
 use lichen_devices::board::{Backend, BoardProfile};
 use lichen_devices::sim::SimBoard;
 use lichen_devices::{InputConfig, OutputConfig, SpiConfig};
-use lichen_host_apis::{DeviceGrants, GrantedI2c, GrantedInput, GrantedOutput, GrantedSpi};
+use lichen_host_apis::{
+    DeviceGrants, GrantedI2c, GrantedInput, GrantedOutput, GrantedSpi, I2cBusBox, InputPinBox,
+    OutputPinBox, SpiDeviceBox,
+};
 
 use crate::deployment::{DeploymentError, GpioMode, ParsedDeployment, WorkloadSpec};
 
@@ -139,9 +144,27 @@ struct BindingKey {
     binding: String,
 }
 
+#[cfg(target_os = "linux")]
+mod linux;
+
+/// `$open` on Linux; elsewhere an error saying the Linux backend is Linux only (the `sim`
+/// board runs everywhere).
+macro_rules! linux_backend {
+    ($open:expr) => {{
+        #[cfg(target_os = "linux")]
+        let opened = $open;
+        #[cfg(not(target_os = "linux"))]
+        let opened = Err(lichen_devices::Error::Unsupported {
+            what: "the Linux device backend".into(),
+        });
+        opened
+    }};
+}
+
 /// The board's devices, opened on demand for workloads' grants.
 pub struct DeviceHub {
     profile: BoardProfile,
+    /// The simulated board of a `sim` profile; `None` when the Linux backend serves the board.
     sim: Option<SimBoard>,
     outputs: Mutex<HashMap<BindingKey, Weak<GrantedOutput>>>,
     inputs: Mutex<HashMap<BindingKey, Weak<GrantedInput>>>,
@@ -204,12 +227,6 @@ impl DeviceHub {
         if spec.gpio.is_empty() && spec.spi.is_empty() && spec.i2c.is_empty() {
             return Ok(grants);
         }
-        let Some(sim) = &self.sim else {
-            return Err(format!(
-                "board \"{}\" uses the Linux backend, which device grants cannot open yet",
-                self.profile.name
-            ));
-        };
         let consumer = format!("lichen:{}", spec.name);
         for grant in &spec.gpio {
             let trigger = spec.edge_trigger(&grant.name);
@@ -234,12 +251,13 @@ impl DeviceHub {
                                 initial: grant.initial,
                                 ..OutputConfig::default()
                             };
-                            let line =
-                                sim.output(&grant.pin, &consumer, &config).map_err(failed)?;
+                            let line = self
+                                .output(&grant.pin, &consumer, &config)
+                                .map_err(failed)?;
                             let pin = Arc::new(GrantedOutput::new(
                                 grant.pin.clone(),
                                 grant.initial,
-                                Box::new(line),
+                                line,
                             ));
                             cache.retain(|_, weak| weak.strong_count() > 0);
                             cache.insert(key, Arc::downgrade(&pin));
@@ -260,9 +278,9 @@ impl DeviceHub {
                                 debounce: trigger.and_then(|t| t.debounce).or(grant.debounce),
                                 ..InputConfig::default()
                             };
-                            let line = sim.input(&grant.pin, &consumer, &config).map_err(failed)?;
-                            let pin =
-                                Arc::new(GrantedInput::new(grant.pin.clone(), Box::new(line)));
+                            let line =
+                                self.input(&grant.pin, &consumer, &config).map_err(failed)?;
+                            let pin = Arc::new(GrantedInput::new(grant.pin.clone(), line));
                             cache.retain(|_, weak| weak.strong_count() > 0);
                             cache.insert(key, Arc::downgrade(&pin));
                             pin
@@ -277,7 +295,7 @@ impl DeviceHub {
                 max_hz: grant.max_hz,
                 ..SpiConfig::default()
             };
-            let device = sim.spi(&grant.bus, config).map_err(|e| {
+            let device = self.spi(&grant.bus, config).map_err(|e| {
                 format!(
                     "cannot open SPI device {} for grant \"{}\": {e}",
                     grant.bus, grant.name
@@ -285,11 +303,11 @@ impl DeviceHub {
             })?;
             grants.add_spi(
                 grant.name.clone(),
-                Arc::new(GrantedSpi::new(grant.bus.clone(), Box::new(device))),
+                Arc::new(GrantedSpi::new(grant.bus.clone(), device)),
             );
         }
         for grant in &spec.i2c {
-            let bus = sim.i2c(&grant.bus).map_err(|e| {
+            let bus = self.i2c(&grant.bus).map_err(|e| {
                 format!(
                     "cannot open I2C bus {} for grant \"{}\": {e}",
                     grant.bus, grant.name
@@ -300,11 +318,53 @@ impl DeviceHub {
                 Arc::new(GrantedI2c::new(
                     grant.bus.clone(),
                     grant.addresses.clone(),
-                    Box::new(bus),
+                    bus,
                 )),
             );
         }
         Ok(grants)
+    }
+
+    /// Requests the board pin `pin` as an output, on the board's backend.
+    fn output(
+        &self,
+        pin: &str,
+        consumer: &str,
+        config: &OutputConfig,
+    ) -> lichen_devices::Result<OutputPinBox> {
+        match &self.sim {
+            Some(sim) => Ok(Box::new(sim.output(pin, consumer, config)?)),
+            None => linux_backend!(linux::output(&self.profile, pin, consumer, config)),
+        }
+    }
+
+    /// Requests the board pin `pin` as an input, on the board's backend.
+    fn input(
+        &self,
+        pin: &str,
+        consumer: &str,
+        config: &InputConfig,
+    ) -> lichen_devices::Result<InputPinBox> {
+        match &self.sim {
+            Some(sim) => Ok(Box::new(sim.input(pin, consumer, config)?)),
+            None => linux_backend!(linux::input(&self.profile, pin, consumer, config)),
+        }
+    }
+
+    /// Opens the SPI device `bus` with `config`, on the board's backend.
+    fn spi(&self, bus: &str, config: SpiConfig) -> lichen_devices::Result<SpiDeviceBox> {
+        match &self.sim {
+            Some(sim) => Ok(Box::new(sim.spi(bus, config)?)),
+            None => linux_backend!(linux::spi(&self.profile, bus, config)),
+        }
+    }
+
+    /// Opens the I2C bus `bus`, on the board's backend.
+    fn i2c(&self, bus: &str) -> lichen_devices::Result<I2cBusBox> {
+        match &self.sim {
+            Some(sim) => Ok(Box::new(sim.i2c(bus)?)),
+            None => linux_backend!(linux::i2c(&self.profile, bus)),
+        }
     }
 }
 

@@ -44,6 +44,9 @@ pub mod sim;
 
 use std::time::Duration;
 
+/// The embedded-hal 1.0 traits this crate implements, re-exported so that users wrap or
+/// implement them at the same version without a dependency of their own.
+pub use embedded_hal;
 pub use error::{Error, Result};
 pub use inventory::{Inventory, inventory};
 

@@ -302,3 +302,89 @@ fn granted_devices_are_opened_again_when_the_agent_restarts() {
     let status = daemon.status("blinky").unwrap();
     assert_eq!(status.traps, 0, "{status:?}");
 }
+
+/// Whether this host has any GPIO, SPI or I2C device node (then the Linux-board test below
+/// would open real hardware, and its "not found" errors would not hold).
+fn host_has_device_nodes() -> bool {
+    std::fs::read_dir("/dev")
+        .map(|entries| {
+            entries.filter_map(Result::ok).any(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.starts_with("gpiochip")
+                    || name.starts_with("spidev")
+                    || name.starts_with("i2c-")
+            })
+        })
+        .unwrap_or(false)
+}
+
+#[test]
+fn on_a_linux_board_a_missing_device_fails_only_its_workload_naming_the_node() {
+    if host_has_device_nodes() {
+        eprintln!("skipped: this host has gpiochip/spidev/i2c-dev nodes; the test needs none");
+        return;
+    }
+    let config_dir = tempfile::tempdir().unwrap();
+    let config = config_dir.path().join("lichen.toml");
+    std::fs::write(&config, "board = \"qemu-x86-test\"\n").unwrap();
+    let daemon = Daemon::start_with(&["--config", config.to_str().unwrap()], None).unwrap();
+    let text = format!(
+        "{}{}{}{}",
+        workload(
+            "blinky",
+            "blinky",
+            "restart = \"never\"\n\
+             gpio = [{ name = \"led\", pin = \"GPIO17\", mode = \"output\", initial = \"low\" }]"
+        ),
+        workload(
+            "adc-sampler",
+            "adc-sampler",
+            "spi = [{ name = \"adc\", bus = \"spi0.0\", max-hz = 1000000 }]"
+        ),
+        workload(
+            "env-sensor",
+            "env-sensor",
+            "restart = \"never\"\n\
+             i2c = [{ name = \"env\", bus = \"i2c-0\", addresses = [0x48] }]"
+        ),
+        workload("counter", "counter", "triggers = [{ interval = \"20ms\" }]"),
+    );
+    // The board check passes (every pin and bus is on the profile); the devices are missing
+    // only when the workloads start.
+    let out = daemon.deploy("devices.toml", &text);
+    assert_ne!(out.status.code(), Some(2), "{}", output_text(&out));
+
+    let blinky = daemon.wait_for("blinky", "failed", |s| s.state == "failed");
+    let error = blinky.last_error.unwrap_or_default();
+    assert!(
+        error.contains(
+            "cannot open pin GPIO17 for grant \"led\": line \"GPIO17\" not found on any gpiochip (this host has no gpiochip)"
+        ),
+        "{error}"
+    );
+    let sampler = daemon.wait_for("adc-sampler", "backoff", |s| {
+        s.state == "backoff" && s.last_error.is_some()
+    });
+    let error = sampler.last_error.unwrap_or_default();
+    assert!(
+        error.contains(
+            "cannot open SPI device spi0.0 for grant \"adc\": /dev/spidev0.0: no such device node"
+        ),
+        "{error}"
+    );
+    let sensor = daemon.wait_for("env-sensor", "failed", |s| s.state == "failed");
+    let error = sensor.last_error.unwrap_or_default();
+    assert!(
+        error.contains(
+            "cannot open I2C bus i2c-0 for grant \"env\": /dev/i2c-0: no such device node"
+        ),
+        "{error}"
+    );
+    // The workload without devices runs on, and so does the agent.
+    let counter = daemon.wait_for("counter", "ticks", |s| {
+        s.state == "running" && s.events_handled >= 3
+    });
+    assert_eq!(counter.traps, 0);
+    let ps = daemon.cli(&["ps"]);
+    assert!(ps.status.success(), "{}", output_text(&ps));
+}

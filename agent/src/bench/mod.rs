@@ -7,13 +7,15 @@
 //! | `density` | process RSS with N live `counter` instances |
 //! | `dispatch` | ticks per second across N instances, through the store's group commit |
 //! | `reload` | hot reloads under a stream of commands: duration, events lost, handled twice |
+//! | `devices` | GPIO toggles and SPI transactions from Wasm vs native, edge to `on-event` latency (sim board) |
 //! | `size` | the binary's size, and the static release binaries' if built |
 //!
 //! `lichen bench` alone runs every group in its own child process (`startup`,
-//! `density,dispatch`, `reload`, `size`), so each RSS figure starts from a fresh process, and
-//! ends with one summary line per figure. Benchmarks print figures; they assert nothing.
+//! `density,dispatch`, `reload`, `devices`, `size`), so each RSS figure starts from a fresh
+//! process, and ends with one summary line per figure. Benchmarks print figures; they assert nothing.
 
 mod density;
+mod devices;
 mod reload;
 mod size;
 mod startup;
@@ -32,10 +34,12 @@ use crate::metrics::Gauges;
 use crate::supervisor::Agent;
 
 /// Every benchmark, in the order `lichen bench` runs them.
-pub const BENCHMARKS: [&str; 5] = ["startup", "density", "dispatch", "reload", "size"];
+pub const BENCHMARKS: [&str; 6] = [
+    "startup", "density", "dispatch", "reload", "devices", "size",
+];
 
 /// How `lichen bench` without WHAT splits the benchmarks into child processes.
-const GROUPS: [&str; 4] = ["startup", "density,dispatch", "reload", "size"];
+const GROUPS: [&str; 5] = ["startup", "density,dispatch", "reload", "devices", "size"];
 
 /// The line after which a run prints its summary lines.
 const SUMMARY_HEADER: &str = "## Summary (one line per figure)";
@@ -225,6 +229,10 @@ async fn run_selected(selected: &[&str], args: &BenchArgs) -> Result<()> {
     if has("reload") {
         let result = async { reload::run(&dirs.fresh("reload")?, args).await }.await;
         outcome("reload", result);
+    }
+    if has("devices") {
+        let result = async { devices::run(&dirs.fresh("devices")?, args).await }.await;
+        outcome("devices", result);
     }
     if has("size") {
         outcome("size", size::run());

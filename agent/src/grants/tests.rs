@@ -431,3 +431,146 @@ async fn a_gpio_edge_trigger_delivers_debounced_edges_with_their_timestamps() {
     eventually("the led to follow the release", || led() == Level::Low).await;
     agent.shutdown().await;
 }
+
+/// A Linux-backend profile whose line, spidev and i2c-dev node exist on no host.
+fn absent_linux_board() -> BoardProfile {
+    BoardProfile::from_toml(
+        "absent",
+        "name = \"absent\"\ndescription = \"devices that exist nowhere\"\nbackend = \"linux\"\n\
+         arch = \"x86_64\"\nisolation = [\"wasm\"]\n\
+         pins = [{ name = \"LED\", line = \"LICHEN-NO-SUCH-LINE\" },\n\
+         { name = \"BUTTON\", line = { chip = \"lichen-no-such-chip\", offset = 3 } }]\n\
+         [[spi]]\nname = \"spi9.7\"\ndevice = \"/dev/spidev9.7\"\n\
+         [[i2c]]\nname = \"i2c-97\"\ndevice = \"/dev/i2c-97\"\n",
+    )
+    .expect("a valid profile")
+}
+
+fn open_error(hub: &DeviceHub, body: &str) -> String {
+    let parsed = parsed(&workload("probe", body));
+    check(&parsed, hub.profile()).expect("the grant fits the profile");
+    match hub.open_grants(&parsed.spec.workloads[0]) {
+        Ok(grants) => panic!("must fail to open, got {grants:?}"),
+        Err(error) => error,
+    }
+}
+
+#[cfg(target_os = "linux")]
+#[test]
+fn on_a_linux_board_a_missing_line_or_node_fails_the_grant_naming_it() {
+    let hub = DeviceHub::from_profile(absent_linux_board()).expect("no device is opened yet");
+    assert!(hub.sim().is_none(), "the Linux backend serves the board");
+    let error = open_error(
+        &hub,
+        "gpio = [{ name = \"led\", pin = \"LED\", mode = \"output\" }]",
+    );
+    assert!(
+        error.starts_with(
+            "cannot open pin LED for grant \"led\": line \"LICHEN-NO-SUCH-LINE\" not found on any gpiochip"
+        ),
+        "{error}"
+    );
+    let error = open_error(
+        &hub,
+        "gpio = [{ name = \"button\", pin = \"BUTTON\", mode = \"input\", edge = \"falling\" }]",
+    );
+    assert_eq!(
+        error,
+        "cannot open pin BUTTON for grant \"button\": gpiochip labelled \"lichen-no-such-chip\" not found"
+    );
+    let error = open_error(
+        &hub,
+        "spi = [{ name = \"adc\", bus = \"spi9.7\", max-hz = 1000000 }]",
+    );
+    assert_eq!(
+        error,
+        "cannot open SPI device spi9.7 for grant \"adc\": /dev/spidev9.7: no such device node"
+    );
+    let error = open_error(
+        &hub,
+        "i2c = [{ name = \"env\", bus = \"i2c-97\", addresses = [0x48] }]",
+    );
+    assert_eq!(
+        error,
+        "cannot open I2C bus i2c-97 for grant \"env\": /dev/i2c-97: no such device node"
+    );
+    // Nothing granted, nothing opened: a workload without devices starts on any board.
+    assert!(
+        hub.open_grants(&parsed(&workload("none", "")).spec.workloads[0])
+            .is_ok_and(|g| g.is_empty())
+    );
+}
+
+#[test]
+fn the_test_guest_profile_uses_the_linux_backend() {
+    let hub = DeviceHub::open("qemu-x86-test").expect("built-in profile");
+    assert!(hub.sim().is_none());
+    assert_eq!(hub.profile().name, "qemu-x86-test");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_chip_unplugged_while_running_gives_the_guest_an_error_and_the_agent_stays_up() {
+    use crate::api::control::Control;
+    use crate::api::types::SendRequest;
+    use crate::supervisor::{Agent, AgentOptions};
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let agent = Agent::open(AgentOptions {
+        state_dir: dir.path().to_path_buf(),
+        engine: crate::runtime::wasm::EngineOptions {
+            max_instances: 8,
+            ..Default::default()
+        },
+        logs: crate::logs::LogOptions::default(),
+        persisted_log_lines: 100,
+        board: "sim".into(),
+    })
+    .await
+    .expect("agent opens");
+    let chip = agent.devices().sim().expect("sim board").chip().clone();
+    let blinky = crate::embedded::guest_path("blinky").expect("built");
+    let sampler = crate::embedded::guest_path("adc-sampler").expect("built");
+    let text = format!(
+        "[[workloads]]\nname = \"blinky\"\nmodule = \"{blinky}\"\n\
+         gpio = [{{ name = \"led\", pin = \"GPIO17\", mode = \"output\", initial = \"low\" }}]\n\n\
+         [[workloads]]\nname = \"adc-sampler\"\nmodule = \"{sampler}\"\n\
+         spi = [{{ name = \"adc\", bus = \"spi0.0\", max-hz = 1000000 }}]\n"
+    );
+    agent
+        .deploy_text("devices.toml", &text, Path::new("/"))
+        .await
+        .expect("deploys");
+    let send = |workload: &'static str, command: &str| {
+        let agent = agent.clone();
+        let request = SendRequest {
+            command: command.into(),
+            payload: String::new(),
+        };
+        async move { agent.send(workload, request).await }
+    };
+    let reply = send("blinky", "toggle").await.expect("toggles");
+    assert_eq!(reply.reply.as_deref(), Some("high"));
+
+    chip.remove();
+    let error = send("blinky", "toggle").await.expect_err("the pin is gone");
+    assert!(
+        error.error.contains("hardware: pin GPIO17:") && error.error.contains("was removed"),
+        "{}",
+        error.error
+    );
+    let status = agent
+        .ps()
+        .await
+        .into_iter()
+        .find(|w| w.name == "blinky")
+        .expect("blinky is known");
+    assert_eq!(
+        (status.state.as_str(), status.traps),
+        ("running", 0),
+        "a hardware error is the guest's to handle, not a trap"
+    );
+    // The other workload, on another bus, is not affected.
+    let reply = send("adc-sampler", "read").await.expect("reads");
+    assert_eq!(reply.reply.as_deref(), Some("512"));
+    agent.shutdown().await;
+}

@@ -351,6 +351,12 @@ impl LinuxInputPin {
             .map_err(|e| gpio_error(&self.loc.chip, &self.name, e))
     }
 
+    /// Take the next queued edge event without waiting (`Ok(None)`: none queued), as
+    /// [`crate::sim::SimInputPin::try_event`] does.
+    pub fn try_event(&mut self) -> Result<Option<EdgeEvent>> {
+        self.read_event(Duration::ZERO)
+    }
+
     /// Wait up to `timeout` for the next edge event, stamped by the kernel
     /// (`CLOCK_MONOTONIC`). `Ok(None)` means the time ran out.
     pub fn read_event(&mut self, timeout: Duration) -> Result<Option<EdgeEvent>> {

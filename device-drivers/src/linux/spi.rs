@@ -117,4 +117,11 @@ mod tests {
             "/dev/spidev-lichen-none.0: no such device node"
         );
     }
+
+    #[test]
+    fn a_node_that_is_not_an_spidev_names_the_node() {
+        // /dev/null opens, but the spidev ioctls fail on it (ENOTTY).
+        let e = LinuxSpiDevice::open("/dev/null", SpiConfig::default()).expect_err("not spidev");
+        assert!(e.to_string().starts_with("/dev/null: "), "{e}");
+    }
 }

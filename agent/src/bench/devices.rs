@@ -1,0 +1,273 @@
+//! `devices`: device access from Wasm on the simulated board, against native loops on the
+//! same simulated devices.
+//!
+//! - GPIO toggles per second: `toggle` commands to `blinky`, each awaited (one Wasm event
+//!   that toggles the pin through the host API, reads it back and counts in its key-value
+//!   bucket), and `level` commands (the same round trip, one pin read, nothing written),
+//!   against a native loop toggling another line of the same simulated chip through
+//!   embedded-hal. The ratio is what a Wasm device call costs here, event dispatch included.
+//! - GPIO edge to `on-event`: the bench drives `button-led`'s input in-process; the latency is
+//!   read from the simulated chip's own clock, from the edge to the moment the guest's
+//!   `on-event` drove the LED (the chip stamps both).
+//! - SPI transactions per second: `read` commands to `adc-sampler` (one MCP3008 conversion
+//!   through the host API each), against a native loop of the same transaction.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use lichen_devices::embedded_hal::digital::StatefulOutputPin;
+use lichen_devices::embedded_hal::spi::{Operation, SpiDevice};
+use lichen_devices::{Level, OutputConfig, SpiConfig};
+
+use super::{Samples, Table, api, fmt_count, fmt_duration, open_agent};
+use crate::api::control::Control;
+use crate::api::types::SendRequest;
+use crate::cli::BenchArgs;
+use crate::embedded::guest_path;
+use crate::supervisor::Agent;
+
+/// The pin `blinky` toggles.
+const LED: &str = "GPIO17";
+/// The input `button-led` watches, and the LED it drives.
+const BUTTON: &str = "GPIO27";
+const BUTTON_LED: &str = "GPIO22";
+/// The line the native loop toggles.
+const NATIVE_PIN: &str = "GPIO23";
+/// How long each native loop runs.
+const NATIVE_TIME: Duration = Duration::from_millis(500);
+/// Pause between two edges, so that each is handled before the next (the edge watcher polls
+/// every millisecond).
+const EDGE_GAP: Duration = Duration::from_millis(3);
+
+/// Reads the guest `name` from the build tree and stores it; returns its digest.
+async fn add_guest(agent: &Agent, name: &str) -> Result<String> {
+    let path = guest_path(name).with_context(|| format!("this build has no {name} guest"))?;
+    let bytes = std::fs::read(path).with_context(|| {
+        format!("cannot read the {name} guest {path} (it is in the build tree, so run this from the build machine)")
+    })?;
+    let artifact = agent
+        .artifacts()
+        .add(bytes)
+        .await
+        .with_context(|| format!("cannot add the {name} guest"))?;
+    Ok(artifact.digest().to_string())
+}
+
+/// Sends `count` commands `command` to `workload`, each awaited; returns commands per second.
+async fn command_rate(agent: &Agent, workload: &str, command: &str, count: u64) -> Result<f64> {
+    let started = Instant::now();
+    for _ in 0..count {
+        agent
+            .send(
+                workload,
+                SendRequest {
+                    command: command.into(),
+                    payload: String::new(),
+                },
+            )
+            .await
+            .map_err(|e| anyhow::anyhow!("{workload} {command}: {}", e.error))?;
+    }
+    Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Runs `step` in a loop for [`NATIVE_TIME`]; returns steps per second.
+fn native_rate(mut step: impl FnMut() -> Result<()>) -> Result<f64> {
+    let started = Instant::now();
+    let mut n = 0u64;
+    while started.elapsed() < NATIVE_TIME {
+        for _ in 0..1000 {
+            step()?;
+        }
+        n += 1000;
+    }
+    Ok(n as f64 / started.elapsed().as_secs_f64())
+}
+
+pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
+    let commands = args.events.unwrap_or(5_000).max(1);
+    let edges = args.iterations.unwrap_or(300).max(1);
+    let agent = open_agent(dir, Some(16)).await?;
+    let blinky = add_guest(&agent, "blinky").await?;
+    let button_led = add_guest(&agent, "button-led").await?;
+    let sampler = add_guest(&agent, "adc-sampler").await?;
+    // No interval triggers: everything moves only when the bench says so.
+    let text = format!(
+        "description = \"bench devices\"\n\n\
+         [[workloads]]\nname = \"blinky\"\nmodule = \"sha256:{blinky}\"\n\
+         gpio = [{{ name = \"led\", pin = \"{LED}\", mode = \"output\", initial = \"low\" }}]\n\n\
+         [[workloads]]\nname = \"button-led\"\nmodule = \"sha256:{button_led}\"\n\
+         triggers = [{{ gpio-edge = \"button\", edge = \"both\" }}]\n\
+         gpio = [{{ name = \"button\", pin = \"{BUTTON}\", mode = \"input\", bias = \"pull-up\" }},\n\
+         {{ name = \"led\", pin = \"{BUTTON_LED}\", mode = \"output\", initial = \"low\" }}]\n\n\
+         [[workloads]]\nname = \"adc-sampler\"\nmodule = \"sha256:{sampler}\"\n\
+         spi = [{{ name = \"adc\", bus = \"spi0.0\", max-hz = 1000000 }}]\n"
+    );
+    agent
+        .deploy_text("bench-devices.toml", &text, Path::new("/"))
+        .await
+        .map_err(api)?;
+    let sim = agent
+        .devices()
+        .sim()
+        .context("the bench needs the simulated board")?
+        .clone();
+    let chip = sim.chip().clone();
+
+    // GPIO toggles.
+    command_rate(&agent, "blinky", "toggle", commands.min(200)).await?; // warm-up
+    let wasm_toggles = command_rate(&agent, "blinky", "toggle", commands).await?;
+    let wasm_reads = command_rate(&agent, "blinky", "level", commands).await?;
+    let mut native_pin = sim
+        .output(NATIVE_PIN, "bench", &OutputConfig::default())
+        .context("cannot open the native loop's pin")?;
+    let native_toggles = native_rate(|| Ok(native_pin.toggle()?))?;
+    drop(native_pin);
+
+    // SPI transactions.
+    command_rate(&agent, "adc-sampler", "read", commands.min(200)).await?; // warm-up
+    let wasm_spi = command_rate(&agent, "adc-sampler", "read", commands).await?;
+    let mut adc = sim
+        .spi(
+            "spi0.0",
+            SpiConfig {
+                max_hz: 1_000_000,
+                ..SpiConfig::default()
+            },
+        )
+        .context("cannot open the native loop's SPI device")?;
+    let native_spi = native_rate(|| {
+        let mut frame = [0x01, 0x80, 0x00];
+        adc.transaction(&mut [Operation::TransferInPlace(&mut frame)])?;
+        Ok(())
+    })?;
+
+    // Edge to on-event: press (falling: LED on), release (rising: LED off), alternately.
+    let mut latencies = Vec::with_capacity(edges);
+    let mut missed = 0u64;
+    for i in 0..edges {
+        let press = i % 2 == 0;
+        let at = chip.now_ns();
+        chip.drive(BUTTON, if press { Level::Low } else { Level::High })?;
+        let want = if press { Level::High } else { Level::Low };
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let seen = loop {
+            // The chip stamps every level the LED is driven to; the first one at `want` since
+            // the edge is the guest's answer.
+            let new = chip
+                .history(BUTTON_LED)?
+                .into_iter()
+                .find(|(t, level)| *t >= at && *level == want)
+                .map(|(t, _)| t);
+            if let Some(t) = new {
+                break Some(t);
+            }
+            if Instant::now() > deadline {
+                break None;
+            }
+            tokio::time::sleep(Duration::from_micros(200)).await;
+        };
+        match seen {
+            Some(t) => latencies.push(Duration::from_nanos(t - at)),
+            None => missed += 1,
+        }
+        tokio::time::sleep(EDGE_GAP).await;
+    }
+    if latencies.is_empty() {
+        bail!("button-led never followed an edge ({missed} edges driven)");
+    }
+    agent.shutdown().await;
+
+    let latencies = Samples::new(latencies);
+    let per_sec = |rate: f64| format!("{}/s", fmt_count(rate as u64));
+    let mut table = Table::new(format!(
+        "devices: GPIO, edges and SPI from Wasm on the simulated board ({commands} commands per figure, {edges} edges)"
+    ));
+    table.row(
+        "GPIO toggles from Wasm (`toggle` command to blinky, awaited)",
+        per_sec(wasm_toggles),
+        "-",
+        "-",
+    );
+    table.row(
+        "GPIO reads from Wasm (`level` command to blinky, awaited)",
+        per_sec(wasm_reads),
+        "-",
+        "-",
+    );
+    table.row(
+        "GPIO toggles, native loop (embedded-hal on the sim chip)",
+        per_sec(native_toggles),
+        "-",
+        "-",
+    );
+    table.row(
+        "native / Wasm toggle ratio (cost of a device call from Wasm)",
+        format!(
+            "{:.0}x ({} per Wasm toggle)",
+            native_toggles / wasm_toggles,
+            fmt_duration(Duration::from_secs_f64(1.0 / wasm_toggles))
+        ),
+        "-",
+        "-",
+    );
+    table.row(
+        "GPIO edge to on-event (LED driven), p50",
+        fmt_duration(latencies.percentile(50.0)),
+        "-",
+        "-",
+    );
+    table.row(
+        "GPIO edge to on-event, p99",
+        fmt_duration(latencies.percentile(99.0)),
+        "-",
+        "-",
+    );
+    table.row(
+        "GPIO edge to on-event, max",
+        fmt_duration(latencies.max()),
+        "-",
+        "-",
+    );
+    table.row(
+        "SPI transactions from Wasm (`read` command to adc-sampler, awaited)",
+        per_sec(wasm_spi),
+        "-",
+        "-",
+    );
+    table.row(
+        "SPI transactions, native loop (MCP3008 model)",
+        per_sec(native_spi),
+        "-",
+        "-",
+    );
+    table.note(
+        "a Wasm figure is a whole command round trip: queue to the workload's worker, one `on-event` call, the reply; blinky's `toggle` also opens the pin, reads it back and writes two key-value entries (committed to SQLite), `level` writes nothing",
+    );
+    table.note(format!(
+        "edge latency is measured on the simulated chip's clock, from the bench driving {BUTTON} to button-led driving {BUTTON_LED} in `on-event`; the edge watcher polls the line every millisecond, which bounds the p50 from below; edges {} apart{}",
+        fmt_duration(EDGE_GAP),
+        if missed > 0 {
+            format!(", {missed} edges not followed within 2 s")
+        } else {
+            String::new()
+        }
+    ));
+    table.print();
+    Ok(vec![
+        format!(
+            "- GPIO from Wasm (sim): {} toggles/s by command vs {} native, {:.0}x; edge to on-event p50 {}, p99 {}.",
+            fmt_count(wasm_toggles as u64),
+            fmt_count(native_toggles as u64),
+            native_toggles / wasm_toggles,
+            fmt_duration(latencies.percentile(50.0)),
+            fmt_duration(latencies.percentile(99.0)),
+        ),
+        format!(
+            "- SPI from Wasm (sim MCP3008): {} transactions/s by command vs {} native.",
+            fmt_count(wasm_spi as u64),
+            fmt_count(native_spi as u64),
+        ),
+    ])
+}
