@@ -40,14 +40,19 @@ fn main() -> ExitCode {
                 Err(err) => report_error(&err),
             },
             Command::Doctor(args) => {
-                let mut report = lichen_agent::doctor::report("sim", None);
-                if let Some(path) = &args.config {
-                    match lichen_agent::config::AgentConfig::load(Some(path)) {
-                        Ok(config) => report
-                            .checks
-                            .push(lichen_agent::doctor::hub_check(config.hub.as_ref())),
-                        Err(err) => return report_error(&err),
-                    }
+                let config = match lichen_agent::config::AgentConfig::load(args.config.as_deref()) {
+                    Ok(config) => config,
+                    Err(err) => return report_error(&err),
+                };
+                let engine = match config.engine_options() {
+                    Ok(engine) => engine,
+                    Err(err) => return report_error(&err),
+                };
+                let mut report = lichen_agent::doctor::report(&config.board, Some(&engine));
+                if args.config.is_some() {
+                    report
+                        .checks
+                        .push(lichen_agent::doctor::hub_check(config.hub.as_ref()));
                 }
                 print_doctor(&report, cli.json);
                 ExitCode::SUCCESS
