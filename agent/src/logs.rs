@@ -76,7 +76,7 @@ impl LogHub {
     ) -> &'a mut WorkloadLog {
         map.entry(workload.to_string())
             .or_insert_with(|| WorkloadLog {
-                ring: VecDeque::with_capacity(options.ring_lines.min(64)),
+                ring: VecDeque::new(),
                 followers: None,
                 tokens: options.burst,
                 refilled_at: Instant::now(),
