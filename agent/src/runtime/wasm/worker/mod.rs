@@ -1,0 +1,426 @@
+//! One task per workload: it owns the live instance, takes events one at a time from the
+//! workload's bounded queue and its interval trigger, commits what each event wrote, swaps in
+//! a new version between two events, and restarts a trapped instance with back-off.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lichen_host_apis::{KvMap, PendingWrites};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use super::artifacts::{Artifact, ArtifactKind};
+use super::engine::WasmEngine;
+use super::instance::{CallOutcome, Instance, InstanceSetup};
+use crate::deployment::WorkloadSpec;
+use crate::logs::LogHub;
+use crate::metrics::Metrics;
+use crate::store::{EventCommit, KvWrite, StateStore, TelemetryRecord};
+
+/// Defaults for limits a workload does not set.
+pub const DEFAULT_MEMORY_LIMIT: u64 = 16 << 20;
+/// Default longest call into a guest.
+pub const DEFAULT_TIME_SLICE: Duration = Duration::from_millis(100);
+/// Default number of queued events per workload.
+pub const DEFAULT_QUEUE: usize = 64;
+/// How often edge watchers look for new edge events (the events carry their own timestamps).
+const EDGE_POLL: Duration = Duration::from_millis(1);
+
+/// First restart delay; it doubles after each failure in a row.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+/// Longest restart delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// What workers share: engine, state store, logs, metrics.
+#[derive(Clone)]
+pub struct WorkerContext {
+    /// The Wasm engine.
+    pub engine: Arc<WasmEngine>,
+    /// The state store.
+    pub store: StateStore,
+    /// Guest and agent log lines.
+    pub logs: Arc<LogHub>,
+    /// Agent metrics.
+    pub metrics: Arc<Metrics>,
+    /// Largest memory limit a workload may ask for (the engine's slot size).
+    pub max_memory_bytes: u64,
+    /// The board's devices, opened for workloads' grants.
+    pub devices: Arc<crate::grants::DeviceHub>,
+}
+
+/// An event for a workload, from the CLI or a trigger.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    /// An interval tick (also injectable, for tests and benchmarks).
+    Tick,
+    /// A command with an id, a name and a payload.
+    Command {
+        /// Identifier of the command.
+        id: String,
+        /// Command name.
+        name: String,
+        /// Payload bytes.
+        payload: Vec<u8>,
+    },
+    /// An edge on an input watched by a `gpio-edge` trigger.
+    GpioEdge {
+        /// Logical name of the input.
+        input: String,
+        /// The edge and its timestamp.
+        event: lichen_devices::EdgeEvent,
+    },
+}
+
+/// The answer to a delivery: the guest's reply, or why there is none.
+pub type Reply = Result<Option<Vec<u8>>, String>;
+
+/// An event in a workload's queue, with where to send the reply.
+pub struct EventRequest {
+    /// The event.
+    pub delivery: Delivery,
+    /// Gets the reply once the event is handled (and committed).
+    pub reply: Option<oneshot::Sender<Reply>>,
+}
+
+/// Instructions for a worker, handled between two events.
+pub enum WorkerCommand {
+    /// Switch to an instance that is already instantiated and initialised.
+    Swap {
+        /// The new version, ready.
+        next: Box<Prepared>,
+        /// Told when the switch happened.
+        done: oneshot::Sender<()>,
+    },
+    /// Deliver `stop` to the instance and end.
+    Stop {
+        /// Told when the worker has stopped.
+        done: oneshot::Sender<()>,
+    },
+}
+
+/// A version of a workload: artifact, spec and deployment version, with its instance if one
+/// is ready.
+pub struct Prepared {
+    artifact: Arc<Artifact>,
+    spec: WorkloadSpec,
+    version: u64,
+    instance: Option<Instance>,
+}
+
+/// Live counters of a worker, read by `ps` and metrics.
+#[derive(Default)]
+pub struct WorkerStats {
+    /// Events handled.
+    pub events_handled: AtomicU64,
+    /// Traps.
+    pub traps: AtomicU64,
+    /// Restarts.
+    pub restarts: AtomicU64,
+    /// Linear memory of the live instance.
+    pub memory_bytes: AtomicU64,
+    /// Mutable status.
+    pub status: Mutex<WorkerStatus>,
+}
+
+/// The parts of a worker's status that are not counters.
+#[derive(Debug, Clone, Default)]
+pub struct WorkerStatus {
+    /// `starting`, `running`, `backoff`, `failed`, `stopped`, `completed`.
+    pub state: String,
+    /// Last failure in words.
+    pub last_error: Option<String>,
+    /// Digest of the module that runs.
+    pub digest: String,
+    /// Kind of the artifact that runs.
+    pub kind: String,
+    /// Deployment version of what runs.
+    pub version: u64,
+    /// When the live instance started.
+    pub started_at: Option<Instant>,
+}
+
+impl WorkerStats {
+    /// A copy of the status.
+    pub fn status(&self) -> WorkerStatus {
+        self.status
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set(&self, f: impl FnOnce(&mut WorkerStatus)) {
+        f(&mut self.status.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+}
+
+/// Queues events for one worker (cheap to clone).
+#[derive(Clone)]
+pub struct EventSender(mpsc::Sender<EventRequest>);
+
+impl EventSender {
+    /// Queues an event without a reply, waiting for room in the queue.
+    pub async fn deliver(&self, delivery: Delivery) -> Result<(), String> {
+        self.0
+            .send(EventRequest {
+                delivery,
+                reply: None,
+            })
+            .await
+            .map_err(|_| "the workload is not running".to_string())
+    }
+}
+
+/// The supervisor's end of a worker.
+pub struct WorkerHandle {
+    /// The workload's name.
+    pub name: Arc<str>,
+    /// The spec the worker was last given.
+    pub spec: WorkloadSpec,
+    /// Digest of the module the worker was last given.
+    pub digest: String,
+    events: mpsc::Sender<EventRequest>,
+    control: mpsc::UnboundedSender<WorkerCommand>,
+    /// Counters and status.
+    pub stats: Arc<WorkerStats>,
+    task: JoinHandle<()>,
+    kv: Arc<Mutex<KvMap>>,
+}
+
+impl WorkerHandle {
+    /// Queues an event; fails at once when the queue is full or the worker has ended.
+    pub fn try_deliver(
+        &self,
+        delivery: Delivery,
+        reply: Option<oneshot::Sender<Reply>>,
+    ) -> Result<(), String> {
+        self.events
+            .try_send(EventRequest { delivery, reply })
+            .map_err(|err| match err {
+                mpsc::error::TrySendError::Full(_) => format!(
+                    "the event queue of workload {:?} is full ({} events)",
+                    &*self.name,
+                    self.events.max_capacity()
+                ),
+                mpsc::error::TrySendError::Closed(_) => {
+                    format!("workload {:?} is not running", &*self.name)
+                }
+            })
+    }
+
+    /// Queues an event, waiting for room in the queue.
+    pub async fn deliver(
+        &self,
+        delivery: Delivery,
+        reply: Option<oneshot::Sender<Reply>>,
+    ) -> Result<(), String> {
+        self.events
+            .send(EventRequest { delivery, reply })
+            .await
+            .map_err(|_| format!("workload {:?} is not running", &*self.name))
+    }
+
+    /// A handle that queues events for this worker without going through the supervisor.
+    pub fn sender(&self) -> EventSender {
+        EventSender(self.events.clone())
+    }
+
+    /// Events waiting in the queue.
+    pub fn queue_depth(&self) -> usize {
+        self.events.max_capacity() - self.events.capacity()
+    }
+
+    /// Tells whether the worker task has ended.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+
+    /// Prepares a new version beside the running one (compile is already done: instantiate
+    /// and `init`), then switches to it between two events. On failure the running version
+    /// stays and the error is returned.
+    pub async fn reload(
+        &mut self,
+        ctx: &WorkerContext,
+        artifact: Arc<Artifact>,
+        spec: WorkloadSpec,
+        version: u64,
+    ) -> Result<(), String> {
+        let instance = if artifact.kind() == ArtifactKind::Component {
+            let mut setup = setup_for(ctx, &spec, self.kv.clone());
+            setup.devices = open_devices(ctx, &spec)?;
+            Some(start_instance(ctx, &artifact, &setup).await?)
+        } else {
+            None
+        };
+        let digest = artifact.digest().to_string();
+        let next = Box::new(Prepared {
+            artifact,
+            spec: spec.clone(),
+            version,
+            instance,
+        });
+        let (done, switched) = oneshot::channel();
+        self.control
+            .send(WorkerCommand::Swap { next, done })
+            .map_err(|_| format!("workload {:?} is not running", &*self.name))?;
+        switched
+            .await
+            .map_err(|_| format!("workload {:?} ended during the reload", &*self.name))?;
+        self.spec = spec;
+        self.digest = digest;
+        Ok(())
+    }
+
+    /// Delivers `stop`, waits for the worker to end.
+    pub async fn stop(self) {
+        let (done, stopped) = oneshot::channel();
+        if self.control.send(WorkerCommand::Stop { done }).is_ok() {
+            let _ = stopped.await;
+        }
+        let _ = self.task.await;
+    }
+}
+
+fn setup_for(ctx: &WorkerContext, spec: &WorkloadSpec, kv: Arc<Mutex<KvMap>>) -> InstanceSetup {
+    let memory = spec
+        .limits
+        .memory_bytes
+        .unwrap_or(DEFAULT_MEMORY_LIMIT)
+        .min(ctx.max_memory_bytes);
+    InstanceSetup {
+        workload: Arc::from(spec.name.as_str()),
+        config: Arc::new(spec.config.clone()),
+        kv,
+        log: ctx.logs.clone(),
+        memory_limit: usize::try_from(memory).unwrap_or(usize::MAX),
+        time_slice: spec.limits.time_slice.unwrap_or(DEFAULT_TIME_SLICE),
+        devices: Arc::default(),
+    }
+}
+
+/// Opens the devices `spec` grants (shared with the workload's live instance, if any).
+fn open_devices(
+    ctx: &WorkerContext,
+    spec: &WorkloadSpec,
+) -> Result<Arc<lichen_host_apis::DeviceGrants>, String> {
+    ctx.devices.open_grants(spec).map(Arc::new)
+}
+
+/// Instantiates a component and runs `init`, committing init's writes. Errors are in words.
+async fn start_instance(
+    ctx: &WorkerContext,
+    artifact: &Artifact,
+    setup: &InstanceSetup,
+) -> Result<Instance, String> {
+    let pre = artifact
+        .component()
+        .ok_or_else(|| "artifact is not a component".to_string())?;
+    let started = Instant::now();
+    let mut instance = Instance::instantiate(ctx.engine.engine(), pre, setup)
+        .await
+        .map_err(|e| format!("instantiation failed: {e}"))?;
+    match instance.init().await {
+        CallOutcome::Ok(_) => {}
+        CallOutcome::GuestError(message) => return Err(format!("init failed: {message}")),
+        CallOutcome::Trap(message) => return Err(format!("init trapped: {message}")),
+    }
+    let writes = instance.take_pending();
+    commit(ctx, &setup.workload, &writes, 0).await?;
+    instance.apply_committed(&writes);
+    ctx.metrics.instantiate.observe(started.elapsed());
+    Ok(instance)
+}
+
+async fn commit(
+    ctx: &WorkerContext,
+    workload: &str,
+    writes: &PendingWrites,
+    events: u64,
+) -> Result<(), String> {
+    if writes.is_empty() && events == 0 {
+        return Ok(());
+    }
+    let commit = EventCommit {
+        workload: workload.to_string(),
+        kv: writes
+            .kv
+            .iter()
+            .map(|((bucket, key), value)| KvWrite {
+                bucket: bucket.clone(),
+                key: key.clone(),
+                value: value.clone(),
+            })
+            .collect(),
+        telemetry: writes
+            .telemetry
+            .iter()
+            .map(|t| TelemetryRecord {
+                stream: t.stream.clone(),
+                payload: t.payload.clone(),
+                created_at_ms: t.created_at_ms,
+            })
+            .collect(),
+        events_handled: events,
+    };
+    ctx.store
+        .commit_event(commit)
+        .await
+        .map_err(|e| format!("cannot commit to the state store: {e}"))
+}
+
+/// Starts a worker for a workload. The first instance is created by the worker itself, so a
+/// failing `init` shows as the workload's state (with restarts per its policy) rather than
+/// failing the deploy.
+pub fn spawn_worker(
+    ctx: WorkerContext,
+    artifact: Arc<Artifact>,
+    spec: WorkloadSpec,
+    version: u64,
+    kv: KvMap,
+    initial_events: u64,
+) -> WorkerHandle {
+    let name: Arc<str> = Arc::from(spec.name.as_str());
+    let queue = spec.limits.queue.unwrap_or(DEFAULT_QUEUE).max(1);
+    let (events_tx, events_rx) = mpsc::channel(queue);
+    let (control_tx, control_rx) = mpsc::unbounded_channel();
+    let stats = Arc::new(WorkerStats::default());
+    stats
+        .events_handled
+        .store(initial_events, Ordering::Relaxed);
+    let kv = Arc::new(Mutex::new(kv));
+    let digest = artifact.digest().to_string();
+    let worker = Worker {
+        ctx,
+        name: name.clone(),
+        current: Prepared {
+            artifact,
+            spec: spec.clone(),
+            version,
+            instance: None,
+        },
+        fallback: None,
+        kv: kv.clone(),
+        stats: stats.clone(),
+        events: events_rx,
+        edge_queue: events_tx.downgrade(),
+        control: control_rx,
+        tick_sequence: 0,
+        failures_in_a_row: 0,
+        uncounted_events: 0,
+    };
+    let task = tokio::spawn(worker.run());
+    WorkerHandle {
+        name,
+        spec,
+        digest,
+        events: events_tx,
+        control: control_tx,
+        stats,
+        task,
+        kv,
+    }
+}
+
+mod run;
+
+use run::Worker;
