@@ -2,139 +2,14 @@
 //! watcher client that records what reaches the broker (the same approach as
 //! `sync/tests/support/`).
 
-use std::net::{TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
-/// A `mosquitto` child process, killed by its PID when dropped.
-pub struct Mosquitto {
-    child: Option<Child>,
-    /// The loopback port it listens on.
-    pub port: u16,
-    dir: tempfile::TempDir,
-    conf: PathBuf,
-}
-
-fn mosquitto_binary() -> PathBuf {
-    let dirs = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default();
-    dirs.into_iter()
-        .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/usr/local/sbin")])
-        .map(|d| d.join("mosquitto"))
-        .find(|b| b.is_file())
-        .expect("mosquitto is not installed: scripts/install-deps installs the Debian package")
-}
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind("127.0.0.1:0").expect("bind a loopback port");
-    l.local_addr().expect("local address").port()
-}
-
-fn is_root() -> bool {
-    Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false)
-}
-
-impl Mosquitto {
-    /// An anonymous plain-TCP broker that keeps sessions and retained messages across a
-    /// restart (persistence on, saved on SIGTERM), like a production hub.
-    pub fn start() -> Self {
-        let dir = tempfile::tempdir().expect("temp dir");
-        let port = free_port();
-        let conf = dir.path().join("mosquitto.conf");
-        let user = if is_root() { "user root\n" } else { "" };
-        let text = format!(
-            "listener {port} 127.0.0.1\nallow_anonymous true\nmax_queued_messages 0\n\
-             persistence true\npersistence_location {dir}/\nautosave_interval 1\n\
-             log_dest file {dir}/mosquitto.log\n{user}",
-            dir = dir.path().display(),
-        );
-        std::fs::write(&conf, text).expect("write mosquitto.conf");
-        let mut m = Mosquitto {
-            child: None,
-            port,
-            dir,
-            conf,
-        };
-        m.launch();
-        m
-    }
-
-    /// `mqtt://127.0.0.1:PORT`
-    pub fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
-    }
-
-    /// The broker's scratch directory.
-    pub fn dir(&self) -> &Path {
-        self.dir.path()
-    }
-
-    fn launch(&mut self) {
-        let child = Command::new(mosquitto_binary())
-            .arg("-c")
-            .arg(&self.conf)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn mosquitto");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "mosquitto did not listen; log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// The broker's log so far.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("mosquitto.log")).unwrap_or_default()
-    }
-
-    /// Stops the broker with SIGTERM (it saves its persistence file) and waits for it.
-    pub fn stop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = Command::new("kill")
-                .arg("-TERM")
-                .arg(child.id().to_string())
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while child.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    /// Starts the broker again on the same port with the same config and persistence.
-    pub fn start_again(&mut self) {
-        self.stop();
-        self.launch();
-    }
-}
-
-impl Drop for Mosquitto {
-    fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            // Child::kill sends SIGKILL to this child's PID only.
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
+#[path = "../../sync/tests/support/mosquitto.rs"]
+mod mosquitto;
+pub use mosquitto::{Mosquitto, PERSISTENT};
 
 /// One message seen by a [`Watcher`]: topic, whether it came as retained, payload.
 #[derive(Debug, Clone)]

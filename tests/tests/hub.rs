@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use lichen_tests::broker::{Mosquitto, Seen, Watcher};
+use lichen_tests::broker::{Mosquitto, PERSISTENT, Seen, Watcher};
 use lichen_tests::{Daemon, guest, lichen, one_workload, output_text};
 use serde_json::{Value, json};
 
@@ -144,7 +144,7 @@ fn id_and_count(m: &Seen) -> (u64, u64) {
 
 #[test]
 fn telemetry_reaches_the_hub_in_order_with_message_ids() {
-    let broker = Mosquitto::start();
+    let broker = Mosquitto::start_with(PERSISTENT);
     let setup = Setup::new(&broker);
     let watcher = Watcher::connect(
         broker.port,
@@ -171,7 +171,7 @@ fn telemetry_reaches_the_hub_in_order_with_message_ids() {
 
 #[test]
 fn broker_restart_while_publishing_loses_no_record() {
-    let mut broker = Mosquitto::start();
+    let mut broker = Mosquitto::start_with(PERSISTENT);
     let setup = Setup::new(&broker);
     let watcher = Watcher::connect(broker.port, "t-restart", &topic("telemetry/counter/count"));
     let daemon = setup.daemon();
@@ -181,7 +181,7 @@ fn broker_restart_while_publishing_loses_no_record() {
 
     broker.stop();
     std::thread::sleep(Duration::from_secs(3));
-    broker.start_again();
+    broker.restart();
     std::thread::sleep(Duration::from_secs(2));
     let target: u64 = daemon
         .kv("counter", "count")
@@ -231,7 +231,7 @@ fn assert_every_count_arrives(watcher: &Watcher, target: u64, already: Vec<Seen>
 
 #[test]
 fn agent_killed_during_a_drain_loses_no_record() {
-    let mut broker = Mosquitto::start();
+    let mut broker = Mosquitto::start_with(PERSISTENT);
     let setup = Setup::new(&broker);
     let watcher = Watcher::connect(broker.port, "t-kill", &topic("telemetry/counter/count"));
     let mut daemon = setup.daemon();
@@ -246,7 +246,7 @@ fn agent_killed_during_a_drain_loses_no_record() {
     while let Some(m) = watcher.next(Duration::ZERO) {
         seen.push(m);
     }
-    broker.start_again();
+    broker.restart();
     seen.push(
         watcher
             .next(Duration::from_secs(30))
@@ -264,7 +264,7 @@ fn agent_killed_during_a_drain_loses_no_record() {
 
 #[test]
 fn desired_state_published_while_the_agent_is_down_is_applied_when_it_comes_up() {
-    let broker = Mosquitto::start();
+    let broker = Mosquitto::start_with(PERSISTENT);
     let setup = Setup::new(&broker);
     let watcher = Watcher::connect(broker.port, "t-offline", &topic("reported"));
     let mut daemon = setup.daemon();
@@ -295,7 +295,7 @@ fn desired_state_published_while_the_agent_is_down_is_applied_when_it_comes_up()
 
 #[test]
 fn a_deployment_with_a_bad_signature_is_rejected_and_the_running_one_stays() {
-    let broker = Mosquitto::start();
+    let broker = Mosquitto::start_with(PERSISTENT);
     let setup = Setup::new(&broker);
     let watcher = Watcher::connect(broker.port, "t-signature", &topic("reported"));
     let daemon = setup.daemon();
@@ -349,7 +349,7 @@ fn a_deployment_with_a_bad_signature_is_rejected_and_the_running_one_stays() {
 
 #[test]
 fn a_command_on_cmd_gets_its_result_on_cmd_result_once() {
-    let broker = Mosquitto::start();
+    let broker = Mosquitto::start_with(PERSISTENT);
     let setup = Setup::new(&broker);
     let watcher = Watcher::connect(broker.port, "t-command", &topic("cmd-result/+"));
     let mut daemon = setup.daemon();
@@ -427,7 +427,7 @@ fn a_command_on_cmd_gets_its_result_on_cmd_result_once() {
 
 #[test]
 fn a_malformed_desired_payload_is_reported_and_the_connection_stays_up() {
-    let broker = Mosquitto::start();
+    let broker = Mosquitto::start_with(PERSISTENT);
     let setup = Setup::new(&broker);
     let watcher = Watcher::connect(broker.port, "t-malformed", &topic("reported"));
     let _daemon = setup.daemon();
@@ -468,7 +468,7 @@ fn a_malformed_desired_payload_is_reported_and_the_connection_stays_up() {
 
 #[test]
 fn offline_past_the_quota_the_oldest_telemetry_is_dropped_and_counted() {
-    let mut broker = Mosquitto::start();
+    let mut broker = Mosquitto::start_with(PERSISTENT);
     let setup = Setup::with_config(&broker, "outbox-quota = \"2KiB\"");
     broker.stop();
     let daemon = setup.daemon();
@@ -494,7 +494,7 @@ fn offline_past_the_quota_the_oldest_telemetry_is_dropped_and_counted() {
         "outbox held to its quota: {count} rows, {bytes} bytes"
     );
 
-    broker.start_again();
+    broker.restart();
     let watcher = Watcher::connect(broker.port, "t-quota", &topic("reported"));
     let r = reported(&watcher, "dropped telemetry counted", |r| {
         r["counters"]["dropped-telemetry"]["counter"]
