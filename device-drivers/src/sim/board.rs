@@ -138,6 +138,23 @@ impl SimBoard {
             .ok_or_else(|| Error::profile(&self.profile.name, format!("has no I2C bus \"{bus}\"")))
     }
 
+    /// Simulate the SPI device `bus` going away while in use: every handle opened on it
+    /// fails from now on (see [`SimSpiDevice::remove`]).
+    pub fn remove_spi(&self, bus: &str) -> Result<()> {
+        let (dev, _) = self.spi.get(bus).ok_or_else(|| {
+            Error::profile(&self.profile.name, format!("has no SPI bus \"{bus}\""))
+        })?;
+        dev.remove();
+        Ok(())
+    }
+
+    /// Simulate the I2C bus `bus` going away while in use: every handle opened on it fails
+    /// from now on (see [`SimI2cBus::remove`]).
+    pub fn remove_i2c(&self, bus: &str) -> Result<()> {
+        self.i2c(bus)?.remove();
+        Ok(())
+    }
+
     /// The MCP3008 on SPI device `bus`, to set its inputs.
     pub fn mcp3008(&self, bus: &str) -> Option<Mcp3008> {
         self.spi.get(bus).map(|(_, adc)| adc.clone())
@@ -239,6 +256,25 @@ mod tests {
             e.to_string(),
             "spi0.0: 10000000 Hz asked, the bus allows at most 3600000 Hz"
         );
+    }
+
+    #[test]
+    fn removing_a_bus_fails_the_handles_already_open_and_leaves_the_others() {
+        let board = SimBoard::default_board().expect("sim profile");
+        let mut spi = board.spi("spi0.0", SpiConfig::default()).expect("bus");
+        let mut i2c = board.i2c("i2c-1").expect("bus");
+        board.remove_spi("spi0.0").expect("on the board");
+        assert_eq!(
+            read_adc(&mut spi, 0).expect_err("gone").to_string(),
+            "spi0.0: the SPI device was removed"
+        );
+        assert!(read_temp(&mut i2c, 0x48).is_ok(), "I2C is another bus");
+        board.remove_i2c("i2c-1").expect("on the board");
+        assert_eq!(
+            read_temp(&mut i2c, 0x48).expect_err("gone").to_string(),
+            "i2c-1: the I2C bus was removed"
+        );
+        assert!(board.remove_spi("spi1.0").is_err());
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! A simulated I2C bus and a TMP102 temperature sensor model on it.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use embedded_hal::i2c::{ErrorType, I2c, Operation, SevenBitAddress, TenBitAddress};
@@ -29,6 +30,8 @@ pub trait I2cPeer: Send {
 pub struct SimI2cBus {
     name: Arc<str>,
     targets: Arc<Mutex<Targets>>,
+    /// Set by [`SimI2cBus::remove`], shared by every clone.
+    removed: Arc<AtomicBool>,
 }
 
 /// Targets by (10-bit?, address).
@@ -40,6 +43,7 @@ impl SimI2cBus {
         SimI2cBus {
             name: Arc::from(name.into()),
             targets: Arc::default(),
+            removed: Arc::default(),
         }
     }
 
@@ -67,6 +71,18 @@ impl SimI2cBus {
         Ok(())
     }
 
+    /// Simulate the bus going away (a USB-I2C adapter unplugged, an unbound driver): every
+    /// clone fails its transactions from now on, naming the bus, as i2c-dev fails with
+    /// `ENODEV` once its adapter is gone.
+    pub fn remove(&self) {
+        self.removed.store(true, Ordering::Release);
+    }
+
+    /// Whether [`SimI2cBus::remove`] was called on this bus.
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
+    }
+
     /// The 7-bit addresses that answer, as `i2cdetect` would list them.
     pub fn addresses(&self) -> Vec<u16> {
         self.lock()
@@ -90,6 +106,9 @@ impl SimI2cBus {
     }
 
     fn run(&mut self, ten_bit: bool, address: u16, ops: &mut [Operation<'_>]) -> Result<()> {
+        if self.is_removed() {
+            return Err(self.bus_error("the I2C bus was removed".into()));
+        }
         let mut targets = self.lock();
         let peer = targets
             .get_mut(&(ten_bit, address))
@@ -398,6 +417,19 @@ mod tests {
             ErrorKind::NoAcknowledge(NoAcknowledgeSource::Address)
         );
         assert!(bus.attach(0x80, Tmp102::new()).is_err());
+    }
+
+    #[test]
+    fn a_removed_bus_fails_every_clone_naming_it() {
+        let bus = SimI2cBus::new("i2c-1");
+        bus.attach(0x48, Tmp102::new()).expect("address");
+        let mut dev = bus.clone();
+        read_celsius(&mut dev, 0x48);
+        bus.remove();
+        assert!(dev.is_removed());
+        let mut buf = [0u8; 2];
+        let err = dev.write_read(0x48u8, &[0x00], &mut buf).expect_err("gone");
+        assert_eq!(err.to_string(), "i2c-1: the I2C bus was removed");
     }
 
     #[test]

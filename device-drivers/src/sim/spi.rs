@@ -1,5 +1,6 @@
 //! A simulated SPI device and an MCP3008 ADC model behind it.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use embedded_hal::spi::{ErrorType, Operation, SpiDevice};
@@ -24,6 +25,8 @@ pub struct SimSpiDevice {
     name: String,
     config: SpiConfig,
     peer: Arc<Mutex<dyn SpiPeer>>,
+    /// Set by [`SimSpiDevice::remove`], shared by every handle on the chip-select.
+    removed: Arc<AtomicBool>,
     transactions: u64,
 }
 
@@ -34,6 +37,7 @@ impl SimSpiDevice {
             name: name.into(),
             config,
             peer: Arc::new(Mutex::new(peer)),
+            removed: Arc::default(),
             transactions: 0,
         }
     }
@@ -45,6 +49,7 @@ impl SimSpiDevice {
             name: self.name.clone(),
             config,
             peer: Arc::clone(&self.peer),
+            removed: Arc::clone(&self.removed),
             transactions: 0,
         }
     }
@@ -62,6 +67,18 @@ impl SimSpiDevice {
     /// How many transactions have run.
     pub fn transactions(&self) -> u64 {
         self.transactions
+    }
+
+    /// Simulate the device going away (an unbound controller driver, a hat pulled off):
+    /// every handle on this chip-select fails its transactions from now on, naming the
+    /// device, as spidev fails with `ENODEV` once its device is gone.
+    pub fn remove(&self) {
+        self.removed.store(true, Ordering::Release);
+    }
+
+    /// Whether [`SimSpiDevice::remove`] was called on this chip-select.
+    pub fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
     }
 }
 
@@ -86,6 +103,12 @@ impl ErrorType for SimSpiDevice {
 
 impl SpiDevice<u8> for SimSpiDevice {
     fn transaction(&mut self, operations: &mut [Operation<'_, u8>]) -> Result<()> {
+        if self.is_removed() {
+            return Err(Error::Bus {
+                bus: self.name.clone(),
+                message: "the SPI device was removed".into(),
+            });
+        }
         if self.config.bits_per_word != 8 {
             return Err(Error::Bus {
                 bus: self.name.clone(),
@@ -371,6 +394,26 @@ mod tests {
         spi.transfer(&mut rx, &[0x01, 0x10, 0x00])
             .expect("transfer");
         assert_eq!(u16::from(rx[1] & 0x03) << 8 | u16::from(rx[2]), 0);
+    }
+
+    #[test]
+    fn a_removed_device_fails_every_handle_naming_it() {
+        let adc = Mcp3008::new();
+        let spi = SimSpiDevice::new("spi0.0", SpiConfig::default(), adc.clone());
+        let mut a = spi.with_config(SpiConfig::default());
+        let mut b = spi.clone();
+        assert_eq!(read_single(&mut a, 0), 0);
+        spi.remove();
+        assert!(b.is_removed());
+        let mut rx = [0u8; 3];
+        let err = b.transfer(&mut rx, &[0x01, 0x80, 0x00]).expect_err("gone");
+        assert_eq!(err.to_string(), "spi0.0: the SPI device was removed");
+        assert!(a.transfer(&mut rx, &[0x01, 0x80, 0x00]).is_err());
+        assert_eq!(
+            adc.conversions(),
+            1,
+            "nothing reached the ADC after the removal"
+        );
     }
 
     #[test]
