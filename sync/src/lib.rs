@@ -30,6 +30,7 @@
 //! ```
 #![warn(missing_docs)]
 
+mod artifact;
 mod backoff;
 mod dedup;
 mod drain;
@@ -40,6 +41,10 @@ mod session;
 pub mod testing;
 pub mod topics;
 
+pub use artifact::{
+    ArtifactError, Assembly, DEFAULT_CHUNK_SIZE, MAX_ARTIFACT_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
+    Manifest, sha256_hex,
+};
 pub use backoff::Backoff;
 pub use dedup::InboundDedup;
 pub use drain::{Drain, PublishRequest, UnpublishableRow};
@@ -50,4 +55,4 @@ pub use session::{
     ConfigError, Inbound, InboundError, SessionConfig, SessionEvent, SyncHandle, SyncSession,
     TlsFiles, rustls_config,
 };
-pub use topics::{NameError, TopicKind, Topics};
+pub use topics::{NameError, TopicKind, Topics, is_digest};

@@ -12,6 +12,7 @@
 //! connection drops both are thrown away and [`Drain`] resends what was not acknowledged, so
 //! rumqttc's own retransmission never duplicates ours.
 
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -150,6 +151,22 @@ pub enum Inbound {
         /// The command.
         envelope: Envelope,
     },
+    /// An artifact's chunk manifest (comes only after [`SyncHandle::subscribe`] to it).
+    ArtifactManifest {
+        /// The artifact's sha256, from the topic.
+        digest: String,
+        /// The manifest, in its envelope (not yet checked).
+        envelope: Envelope,
+    },
+    /// One chunk of an artifact (comes only after [`SyncHandle::subscribe`] to it).
+    ArtifactChunk {
+        /// The artifact's sha256, from the topic.
+        digest: String,
+        /// The chunk's index, from the topic.
+        index: u32,
+        /// The raw bytes (not yet checked).
+        bytes: Vec<u8>,
+    },
 }
 
 /// An inbound message that was refused; the session carries on.
@@ -213,14 +230,37 @@ pub enum SessionEvent {
     Outbox(OutboxError),
 }
 
+/// A change of the session's extra subscriptions.
+#[derive(Debug)]
+enum SubscriptionChange {
+    Add(Vec<String>),
+    Remove(Vec<String>),
+}
+
 /// Controls a running [`SyncSession`]. Dropping every handle stops the session too.
 #[derive(Debug, Clone)]
 pub struct SyncHandle {
     notify: Arc<Notify>,
     stop: Arc<watch::Sender<bool>>,
+    subscriptions: mpsc::UnboundedSender<SubscriptionChange>,
 }
 
 impl SyncHandle {
+    /// Subscribes (QoS 1) to these topic filters as well as `desired` and `cmd/+`, now and
+    /// after every reconnect, until [`SyncHandle::unsubscribe`]. Used for artifact transfers.
+    pub fn subscribe(&self, filters: Vec<String>) {
+        if !filters.is_empty() {
+            let _ = self.subscriptions.send(SubscriptionChange::Add(filters));
+        }
+    }
+
+    /// Drops filters added by [`SyncHandle::subscribe`].
+    pub fn unsubscribe(&self, filters: Vec<String>) {
+        if !filters.is_empty() {
+            let _ = self.subscriptions.send(SubscriptionChange::Remove(filters));
+        }
+    }
+
     /// New rows are in the outbox: read them now rather than at the next poll.
     pub fn outbox_changed(&self) {
         self.notify.notify_one();
@@ -310,6 +350,16 @@ pub struct SyncSession {
     events: mpsc::Sender<SessionEvent>,
     notify: Arc<Notify>,
     stop: watch::Receiver<bool>,
+    /// Filters subscribed besides `desired` and `cmd/+`.
+    extra: BTreeSet<String>,
+    /// Filters dropped while disconnected: the broker's persistent session may still hold
+    /// them, so they are unsubscribed on the next connection.
+    stale: BTreeSet<String>,
+    changes: mpsc::UnboundedReceiver<SubscriptionChange>,
+    /// Subscriptions handed to the client, oldest first, waiting for their packet id.
+    unsent_subscribes: VecDeque<Vec<String>>,
+    /// Subscriptions sent, by packet id, waiting for their SUBACK.
+    sent_subscribes: HashMap<u16, Vec<String>>,
 }
 
 impl SyncSession {
@@ -345,6 +395,7 @@ impl SyncSession {
         let (events, events_rx) = mpsc::channel(256);
         let (stop_tx, stop) = watch::channel(false);
         let notify = Arc::new(Notify::new());
+        let (subscriptions, changes) = mpsc::unbounded_channel();
         let max_inflight = usize::from(config.max_inflight);
         let session = SyncSession {
             drain: Drain::new(topics.clone(), max_inflight),
@@ -362,10 +413,16 @@ impl SyncSession {
             events,
             notify: notify.clone(),
             stop,
+            extra: BTreeSet::new(),
+            stale: BTreeSet::new(),
+            changes,
+            unsent_subscribes: VecDeque::new(),
+            sent_subscribes: HashMap::new(),
         };
         let handle = SyncHandle {
             notify,
             stop: Arc::new(stop_tx),
+            subscriptions,
         };
         Ok((session, handle, events_rx))
     }
@@ -398,9 +455,14 @@ impl SyncSession {
                 SessionEvent::ConnectFailed { error, retry_in }
             })
             .await;
-            tokio::select! {
-                _ = tokio::time::sleep(retry_in) => {}
-                _ = stopped(&mut self.stop) => return,
+            let sleep = tokio::time::sleep(retry_in);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    _ = stopped(&mut self.stop) => return,
+                    Some(change) = self.changes.recv() => self.change_subscriptions(change, None),
+                }
             }
         }
     }
@@ -413,6 +475,8 @@ impl SyncSession {
             .network_options
             .set_connection_timeout(self.connect_timeout.as_secs().max(1));
         let (tx, mut rx) = mpsc::channel(1024);
+        self.unsent_subscribes.clear();
+        self.sent_subscribes.clear();
         let poller = tokio::spawn(poll_loop(eventloop, tx));
         let end = self.connected(&client, &mut rx).await;
         if matches!(end, End::Shutdown) {
@@ -472,6 +536,9 @@ impl SyncSession {
                     Some(Ok(ev)) => self.handle(ev, client, &mut connected).await,
                 },
                 _ = self.notify.notified() => more = true,
+                Some(change) = self.changes.recv() => {
+                    self.change_subscriptions(change, connected.then_some(client));
+                }
                 _ = tick.tick() => {
                     self.flush_acked().await;
                     if last_read.elapsed() >= self.outbox_poll {
@@ -488,18 +555,32 @@ impl SyncSession {
                 *connected = true;
                 self.backoff.reset();
                 info!(broker = %self.broker, session_present = ack.session_present, "mqtt connected");
-                let filters = [self.topics.desired(), self.topics.cmd_filter()]
-                    .map(|f| SubscribeFilter::new(f, QoS::AtLeastOnce));
-                if let Err(e) = client.try_subscribe_many(filters) {
-                    warn!(error = %e, "cannot queue the subscription");
+                self.send_subscribe(
+                    client,
+                    vec![self.topics.desired(), self.topics.cmd_filter()],
+                );
+                if !self.extra.is_empty() {
+                    let extra = self.extra.iter().cloned().collect();
+                    self.send_subscribe(client, extra);
+                }
+                for filter in std::mem::take(&mut self.stale) {
+                    if let Err(e) = client.try_unsubscribe(filter) {
+                        warn!(error = %e, "cannot queue an unsubscribe");
+                    }
                 }
                 self.emit(SessionEvent::Connected {
                     session_present: ack.session_present,
                 })
                 .await;
             }
+            Event::Outgoing(Outgoing::Subscribe(pkid)) => {
+                if let Some(filters) = self.unsent_subscribes.pop_front() {
+                    self.sent_subscribes.insert(pkid, filters);
+                }
+            }
             Event::Incoming(Packet::SubAck(ack)) => {
-                let filters = [self.topics.desired(), self.topics.cmd_filter()];
+                let filters = self.sent_subscribes.remove(&ack.pkid).unwrap_or_default();
+                let base = filters.first() == Some(&self.topics.desired());
                 let mut all = true;
                 for (code, filter) in ack.return_codes.iter().zip(filters) {
                     if matches!(code, SubscribeReasonCode::Failure) {
@@ -508,7 +589,7 @@ impl SyncSession {
                         self.emit(SessionEvent::SubscribeRefused { filter }).await;
                     }
                 }
-                if all {
+                if all && base {
                     self.emit(SessionEvent::Subscribed).await;
                 }
             }
@@ -549,6 +630,15 @@ impl SyncSession {
         };
         match kind {
             Some(TopicKind::Desired) => Ok(Some(Inbound::Desired(envelope()?))),
+            Some(TopicKind::ArtifactManifest { digest }) => Ok(Some(Inbound::ArtifactManifest {
+                digest,
+                envelope: envelope()?,
+            })),
+            Some(TopicKind::ArtifactChunk { digest, index }) => Ok(Some(Inbound::ArtifactChunk {
+                digest,
+                index,
+                bytes: payload.to_vec(),
+            })),
             Some(TopicKind::Cmd { workload }) => {
                 let envelope = envelope()?;
                 if !self.dedup.is_new(&envelope.id) {
@@ -560,6 +650,54 @@ impl SyncSession {
             _ => Err(InboundError::UnexpectedTopic {
                 topic: topic.to_owned(),
             }),
+        }
+    }
+
+    /// Hands a SUBSCRIBE for `filters` to the client, remembering them for its SUBACK.
+    fn send_subscribe(&mut self, client: &AsyncClient, filters: Vec<String>) {
+        let packet = filters
+            .iter()
+            .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
+        match client.try_subscribe_many(packet) {
+            Ok(()) => self.unsent_subscribes.push_back(filters),
+            Err(e) => warn!(error = %e, "cannot queue the subscription"),
+        }
+    }
+
+    /// Applies a change of the extra subscriptions; tells the broker when connected.
+    fn change_subscriptions(&mut self, change: SubscriptionChange, client: Option<&AsyncClient>) {
+        match change {
+            SubscriptionChange::Add(filters) => {
+                let new: Vec<String> = filters
+                    .into_iter()
+                    .filter(|f| {
+                        self.stale.remove(f);
+                        self.extra.insert(f.clone())
+                    })
+                    .collect();
+                if let Some(client) = client
+                    && !new.is_empty()
+                {
+                    self.send_subscribe(client, new);
+                }
+            }
+            SubscriptionChange::Remove(filters) => {
+                for filter in filters {
+                    if !self.extra.remove(&filter) {
+                        continue;
+                    }
+                    match client {
+                        Some(client) => {
+                            if let Err(e) = client.try_unsubscribe(filter) {
+                                warn!(error = %e, "cannot queue an unsubscribe");
+                            }
+                        }
+                        None => {
+                            self.stale.insert(filter);
+                        }
+                    }
+                }
+            }
         }
     }
 

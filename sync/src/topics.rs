@@ -10,6 +10,8 @@
 //! | `lichen/v1/N/cmd/<workload>` | hub -> node | no | commands for a workload |
 //! | `lichen/v1/N/cmd-result/<workload>` | node -> hub | no | results of those commands |
 //! | `lichen/v1/N/events` | node -> hub | no | the node's event log |
+//! | `lichen/v1/N/artifact/<sha256>` | hub -> node | yes | an artifact's chunk manifest |
+//! | `lichen/v1/N/artifact/<sha256>/<index>` | hub -> node | yes | one chunk (raw bytes) |
 //!
 //! Node, workload and stream names are one topic level each: they must be non-empty and may not
 //! contain `/`, `+`, `#` or NUL, so that a name can never add a level or act as a wildcard.
@@ -101,6 +103,26 @@ pub enum TopicKind {
     },
     /// `.../events`
     Events,
+    /// `.../artifact/<sha256>`: the chunk manifest of an artifact.
+    ArtifactManifest {
+        /// The artifact's sha256, 64 lowercase hex digits.
+        digest: String,
+    },
+    /// `.../artifact/<sha256>/<index>`: one chunk of an artifact.
+    ArtifactChunk {
+        /// The artifact's sha256, 64 lowercase hex digits.
+        digest: String,
+        /// The chunk's index, from 0.
+        index: u32,
+    },
+}
+
+/// Whether `digest` is a sha256 written as 64 lowercase hex digits.
+pub fn is_digest(digest: &str) -> bool {
+    digest.len() == 64
+        && digest
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// The topics of one node. Built once from a validated node id.
@@ -164,6 +186,17 @@ impl Topics {
         Ok(format!("{}/cmd-result/{workload}", self.base))
     }
 
+    /// `lichen/v1/N/artifact/<digest>`: the manifest of an artifact (`digest` as 64 lowercase
+    /// hex digits; the caller checks it with [`is_digest`]).
+    pub fn artifact_manifest(&self, digest: &str) -> String {
+        format!("{}/artifact/{digest}", self.base)
+    }
+
+    /// `lichen/v1/N/artifact/<digest>/<index>`: one chunk of an artifact.
+    pub fn artifact_chunk(&self, digest: &str, index: u32) -> String {
+        format!("{}/artifact/{digest}/{index}", self.base)
+    }
+
     /// What `topic` is, if it belongs to this node's scheme; `None` for anything else
     /// (another node, another prefix, an unknown suffix, a bad name).
     pub fn parse(&self, topic: &str) -> Option<TopicKind> {
@@ -186,6 +219,17 @@ impl Topics {
             ["cmd-result", w] if name_ok("workload", w) => Some(TopicKind::CmdResult {
                 workload: (*w).to_owned(),
             }),
+            ["artifact", d] if is_digest(d) => Some(TopicKind::ArtifactManifest {
+                digest: (*d).to_owned(),
+            }),
+            ["artifact", d, i]
+                if is_digest(d) && !i.is_empty() && i.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                Some(TopicKind::ArtifactChunk {
+                    digest: (*d).to_owned(),
+                    index: i.parse().ok()?,
+                })
+            }
             _ => None,
         }
     }
@@ -243,6 +287,18 @@ mod tests {
         for (topic, kind) in cases {
             assert_eq!(t.parse(&topic), Some(kind), "{topic}");
         }
+        let d = "0123456789abcdef".repeat(4);
+        assert_eq!(
+            t.parse(&t.artifact_manifest(&d)),
+            Some(TopicKind::ArtifactManifest { digest: d.clone() })
+        );
+        assert_eq!(
+            t.parse(&t.artifact_chunk(&d, 7)),
+            Some(TopicKind::ArtifactChunk {
+                digest: d.clone(),
+                index: 7
+            })
+        );
     }
 
     #[test]
@@ -260,6 +316,10 @@ mod tests {
             "lichen/v1/n1/cmd/a/b",
             "lichen/v1/n1/telemetry/w",
             "lichen/v1/n1/unknown",
+            "lichen/v1/n1/artifact/abc",
+            "lichen/v1/n1/artifact/ABCDEF0123456789ABCDEF0123456789ABCDEF0123456789ABCDEF0123456789",
+            "lichen/v1/n1/artifact/0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef/x",
+            "lichen/v1/n1/artifact/0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef/99999999999",
         ] {
             assert_eq!(t.parse(topic), None, "{topic}");
         }

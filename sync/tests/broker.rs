@@ -408,3 +408,76 @@ fn unreadable_or_empty_tls_files_are_config_errors_naming_the_file() {
         format!("CA file {} holds no PEM certificate", empty.display())
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn extra_subscriptions_bring_retained_chunks_and_survive_a_broker_restart() {
+    let mut broker = Mosquitto::start_with(support::PERSISTENT);
+    let outbox = Arc::new(FakeOutbox::new());
+    let (session, handle, mut events) =
+        SyncSession::new(config(broker.port), outbox.clone()).unwrap();
+    let task = tokio::spawn(session.run());
+    let mut seen = Vec::new();
+    let t = Duration::from_secs(10);
+    wait_event(&mut events, &mut seen, t, |e| {
+        matches!(e, SessionEvent::Subscribed)
+    })
+    .await;
+
+    let topics = Topics::new("n1").unwrap();
+    let digest = "ab".repeat(32);
+    let (hub, hub_task) = hub_client(broker.port).await;
+    for i in 0..3u32 {
+        hub.publish(
+            topics.artifact_chunk(&digest, i),
+            QoS::AtLeastOnce,
+            true,
+            vec![i as u8; 4],
+        )
+        .await
+        .unwrap();
+    }
+    // Only chunk 1 is asked for: only chunk 1 comes (retained).
+    handle.subscribe(vec![topics.artifact_chunk(&digest, 1)]);
+    let ev = wait_event(&mut events, &mut seen, t, |e| {
+        matches!(e, SessionEvent::Inbound(_))
+    })
+    .await;
+    let SessionEvent::Inbound(Inbound::ArtifactChunk {
+        digest: d,
+        index,
+        bytes,
+    }) = ev
+    else {
+        panic!("expected a chunk, got {ev:?}");
+    };
+    assert_eq!((d.as_str(), index, bytes), (digest.as_str(), 1, vec![1; 4]));
+
+    // A subscription added while the broker is down is made on the next connection, together
+    // with the earlier one, which the restart did not lose.
+    broker.stop();
+    wait_event(&mut events, &mut seen, t, |e| {
+        matches!(e, SessionEvent::Disconnected { .. })
+    })
+    .await;
+    handle.unsubscribe(vec![topics.artifact_chunk(&digest, 1)]);
+    handle.subscribe(vec![topics.artifact_chunk(&digest, 2)]);
+    broker.restart();
+    let ev = wait_event(&mut events, &mut seen, Duration::from_secs(20), |e| {
+        matches!(e, SessionEvent::Inbound(_))
+    })
+    .await;
+    let SessionEvent::Inbound(Inbound::ArtifactChunk { index, .. }) = ev else {
+        panic!("expected a chunk, got {ev:?}");
+    };
+    assert_eq!(
+        index, 2,
+        "chunk 1 was unsubscribed, chunk 0 never asked for"
+    );
+    if let Ok(Some(SessionEvent::Inbound(extra))) =
+        tokio::time::timeout(Duration::from_secs(1), events.recv()).await
+    {
+        panic!("a chunk that was not asked for came: {extra:?}");
+    }
+    stop(handle, task).await;
+    hub_task.abort();
+}

@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 #[path = "mosquitto.rs"]
 mod mosquitto;
-pub use mosquitto::Mosquitto;
+pub use mosquitto::{Mosquitto, PERSISTENT};
 
 /// A test MQTT client: forwards every message it receives on its subscriptions.
 pub struct Watcher {
