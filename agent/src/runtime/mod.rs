@@ -2,4 +2,5 @@
 //! (OCI bundles through crun/runc); the microVM runtime comes later behind the same shape.
 
 pub mod container;
+pub mod microvm;
 pub mod wasm;
