@@ -1,7 +1,8 @@
 //! The Linux backend: GPIO over the character device (uAPI v2), SPI over spidev, I2C over
 //! i2c-dev, each behind the embedded-hal 1.0 traits. Linux only.
 //!
-//! No `unsafe` here: `gpiocdev`, `spidev` and `i2cdev` wrap the ioctls.
+//! `gpiocdev`, `spidev` and `i2cdev` wrap the ioctls; the one `unsafe` block asks an I2C
+//! adapter what it can do (`I2C_FUNCS`, which i2cdev lacks).
 
 mod gpio;
 mod i2c;
