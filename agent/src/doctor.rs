@@ -1,7 +1,5 @@
 //! `lichen doctor`: what this host can run, probed honestly, with reasons.
 
-use std::path::Path;
-
 use crate::api::types::{DoctorCheck, DoctorReport};
 use crate::runtime::wasm::EngineOptions;
 use crate::util::human_bytes;
@@ -31,7 +29,7 @@ pub fn report(board: &str, engine: Option<&EngineOptions>) -> DoctorReport {
     checks.push(wasm_check(engine));
     checks.push(address_space_check(engine));
     checks.push(cgroup_check());
-    checks.push(kvm_check());
+    checks.extend(microvm_checks());
     checks.push(oci_check());
     DoctorReport {
         version: env!("CARGO_PKG_VERSION").into(),
@@ -331,20 +329,29 @@ fn cgroup_check() -> DoctorCheck {
     }
 }
 
-fn kvm_check() -> DoctorCheck {
-    if Path::new("/dev/kvm").exists() {
-        check(
-            "kvm",
-            "warn",
-            "/dev/kvm is present; whether it really boots guests is probed by the microVM runtime, which is not built yet",
-        )
-    } else {
-        check(
+/// KVM as the microVM probe found it (absent, present but unusable because a trial boot of a
+/// real kernel hung or failed, or usable), then QEMU and the accelerator microVMs get, and why.
+fn microvm_checks() -> Vec<DoctorCheck> {
+    use crate::runtime::microvm::KvmState;
+    let probe = crate::runtime::microvm::probe_cached();
+    let kvm = match &probe.kvm {
+        KvmState::Usable { .. } => check("kvm", "ok", probe.kvm.to_string()),
+        KvmState::Absent => check(
             "kvm",
             "missing",
-            "no /dev/kvm: microVM workloads would run under TCG emulation only",
-        )
-    }
+            "/dev/kvm is absent: microVMs run under TCG emulation only",
+        ),
+        other => check(
+            "kvm",
+            "warn",
+            format!("{other}; microVMs run under TCG emulation"),
+        ),
+    };
+    let microvm = match probe.accelerator() {
+        Some(_) => check("microvm", "ok", probe.summary()),
+        None => check("microvm", "missing", probe.summary()),
+    };
+    vec![kvm, microvm]
 }
 
 fn oci_check() -> DoctorCheck {
