@@ -518,3 +518,277 @@ fn doctor_shows_insecure_dev_loudly() {
     assert!(out.status.success(), "{text}");
     assert!(text.contains("INSECURE"), "{text}");
 }
+
+/// Publishes, as the hub would, desired state `version` running `name` from the artifact
+/// `digest`, signed with the trusted key.
+fn publish_desired_with_digest(
+    setup: &Setup,
+    watcher: &Watcher,
+    version: u64,
+    name: &str,
+    digest: &str,
+) {
+    let text = one_workload(
+        name,
+        std::path::Path::new(&format!("sha256:{digest}")),
+        "triggers = [{ interval = \"200ms\" }]",
+    );
+    let (signature, key_id) = lichen_agent::hub::sign(
+        &std::fs::read(setup.key("trusted")).expect("key file"),
+        NODE,
+        version,
+        &text,
+    )
+    .expect("signs");
+    let desired = json!({
+        "id": format!("operator:{version}"), "ts": 1,
+        "payload": {"version": version, "deployment": text, "signature": signature, "key-id": key_id},
+    });
+    watcher.publish(&topic("desired"), true, desired.to_string());
+}
+
+/// The artifact transfer of reported state `r`, if one is under way.
+fn fetching(r: &Value) -> Option<&Value> {
+    r["artifacts"]["fetching"].as_array()?.first()
+}
+
+#[test]
+fn an_artifact_travels_in_chunks_and_resumes_after_a_broker_restart_and_agent_kill() {
+    let mut broker = Mosquitto::start_with(PERSISTENT);
+    let setup = Setup::new(&broker);
+    let watcher = Watcher::connect(broker.port, "t-artifact", &topic("reported"));
+    let mut daemon = setup.daemon();
+    reported(&watcher, "counter running", |r| running(r, "counter"));
+
+    let bytes = std::fs::read(guest("thermostat")).expect("thermostat guest");
+    let digest = lichen_sync::sha256_hex(&bytes);
+    let topics = lichen_sync::Topics::new(NODE).expect("node id");
+    let messages = lichen_agent::hub::artifacts::artifact_messages(&topics, &bytes, 8192, 1);
+    let chunks = messages.len() - 1;
+    assert!(chunks >= 4, "thermostat is {} bytes", bytes.len());
+    let half = chunks / 2;
+
+    // The desired state, the manifest and the first half of the chunks.
+    publish_desired_with_digest(&setup, &watcher, 2, "thermostat", &digest);
+    for (t, retain, payload) in &messages[..=half] {
+        watcher.publish(t, *retain, payload.clone());
+    }
+    reported(&watcher, "half of the chunks stored", |r| {
+        fetching(r).is_some_and(|f| f["digest"] == digest.as_str() && f["held"] == half)
+    });
+    assert!(daemon.status("thermostat").is_none(), "not applied yet");
+
+    // Mid-transfer: the agent dies and the broker restarts.
+    daemon.kill9().expect("kill -9");
+    broker.stop();
+    broker.restart();
+    daemon.restart().expect("daemon restarts");
+    let r = reported(&watcher, "the transfer resumed from disk", |r| {
+        fetching(r).is_some_and(|f| f["resumed"] == half)
+    });
+    assert_eq!(fetching(&r).expect("fetching")["chunks"], chunks, "{r}");
+
+    for (t, retain, payload) in &messages[half + 1..] {
+        watcher.publish(t, *retain, payload.clone());
+    }
+    let r = reported(&watcher, "version 2 applied", |r| {
+        r["applied-version"] == 2 && running(r, "thermostat")
+    });
+    assert!(r["artifacts"].is_null(), "transfer finished: {r}");
+    assert_eq!(
+        r["counters"]["artifact-chunks"],
+        chunks - half,
+        "after the restart only the missing chunks were fetched: {r}"
+    );
+    let status = daemon.status("thermostat").expect("thermostat runs");
+    assert_eq!(status.module_digest, format!("sha256:{digest}"));
+    assert!(
+        !daemon
+            .state_dir()
+            .join("artifacts/partial")
+            .join(&digest)
+            .exists(),
+        "chunks are removed once the artifact is in the store"
+    );
+}
+
+#[test]
+fn hub_deploy_publishes_artifacts_and_tampered_ones_are_rejected_and_reported() {
+    let broker = Mosquitto::start_with(PERSISTENT);
+    let setup = Setup::new(&broker);
+    let watcher = Watcher::connect(broker.port, "t-tamper", &topic("reported"));
+    let daemon = setup.daemon();
+    reported(&watcher, "counter running", |r| running(r, "counter"));
+
+    // `hub deploy` of a file naming its module by a relative path: the module travels too.
+    std::fs::copy(
+        guest("thermostat"),
+        setup.dir.path().join("thermostat.wasm"),
+    )
+    .expect("copy the module");
+    setup.hub_deploy(
+        &broker,
+        "[[workloads]]\nname = \"thermostat\"\nmodule = \"thermostat.wasm\"\ntriggers = [{ interval = \"200ms\" }]\n",
+        2,
+        "trusted",
+    );
+    reported(&watcher, "version 2 applied", |r| {
+        r["applied-version"] == 2 && running(r, "thermostat")
+    });
+
+    // A chunk changed on its way: refused by the manifest's chunk digest.
+    let bytes = std::fs::read(guest("blinky")).expect("blinky guest");
+    let digest = lichen_sync::sha256_hex(&bytes);
+    let topics = lichen_sync::Topics::new(NODE).expect("node id");
+    let mut messages = lichen_agent::hub::artifacts::artifact_messages(&topics, &bytes, 4096, 1);
+    messages[2].2[10] ^= 0xff;
+    for (t, retain, payload) in &messages {
+        watcher.publish(t, *retain, payload.clone());
+    }
+    publish_desired_with_digest(&setup, &watcher, 3, "blinky", &digest);
+    let r = reported(&watcher, "the rejection of version 3", |r| {
+        r["last-rejection"]["version"] == 3
+    });
+    let reason = r["last-rejection"]["reason"].as_str().expect("a reason");
+    assert!(
+        reason.contains("chunk 1 of artifact") && reason.contains("tampered"),
+        "{reason}"
+    );
+    assert!(running(&r, "thermostat"), "{r}");
+
+    // A forged manifest that matches forged chunks: the whole-artifact digest refuses it.
+    let mut forged = bytes.clone();
+    forged[100] ^= 0xff;
+    let (mut manifest, chunks) = lichen_sync::Manifest::split(&forged, 4096);
+    manifest.digest = digest.clone();
+    let envelope = json!({"id": "operator:4", "ts": 1, "payload": manifest});
+    watcher.publish(
+        &topics.artifact_manifest(&digest),
+        true,
+        envelope.to_string(),
+    );
+    for (i, c) in chunks.iter().enumerate() {
+        watcher.publish(&topics.artifact_chunk(&digest, i as u32), true, c.to_vec());
+    }
+    // After the artifact, as `hub deploy` does: the node never sees the old retained copies.
+    publish_desired_with_digest(&setup, &watcher, 4, "blinky", &digest);
+    let r = reported(&watcher, "the rejection of version 4", |r| {
+        r["last-rejection"]["version"] == 4
+    });
+    let reason = r["last-rejection"]["reason"].as_str().expect("a reason");
+    assert!(
+        reason.contains(&format!("artifact sha256:{digest} was tampered with")),
+        "{reason}"
+    );
+    assert!(running(&r, "thermostat"), "{r}");
+    assert_eq!(r["applied-version"], 2, "{r}");
+    assert!(daemon.status("blinky").is_none());
+    let store = daemon.state_dir().join("artifacts");
+    assert!(!store.join(format!("{digest}.wasm")).exists());
+    assert!(!store.join("partial").join(&digest).exists());
+}
+
+#[test]
+fn import_of_a_good_bundle_applies_offline_and_a_tampered_one_changes_nothing() {
+    let mut broker = Mosquitto::start_with(PERSISTENT);
+    let setup = Setup::new(&broker);
+    // The field: no network at all.
+    broker.stop();
+    let daemon = setup.daemon();
+    daemon.wait_for("counter", "running", |w| w.state == "running");
+    let dir = setup.dir.path();
+    let bundle = |name: &str, module: &str, version: u64| -> PathBuf {
+        let file = dir.join(format!("{name}-{version}.toml"));
+        std::fs::write(
+            &file,
+            format!("[[workloads]]\nname = \"{name}\"\nmodule = \"{module}\"\ntriggers = [{{ interval = \"200ms\" }}]\n"),
+        )
+        .expect("write deployment");
+        let out = dir.join(format!(
+            "bundle-{version}{}",
+            if version.is_multiple_of(2) {
+                ".tar"
+            } else {
+                ""
+            }
+        ));
+        let run = lichen(&[
+            "hub",
+            "bundle",
+            "--node",
+            NODE,
+            file.to_str().expect("utf-8"),
+            "--key",
+            setup.key("trusted").to_str().expect("utf-8"),
+            "--version",
+            &version.to_string(),
+            "--out",
+            out.to_str().expect("utf-8"),
+        ]);
+        assert!(run.status.success(), "hub bundle: {}", output_text(&run));
+        out
+    };
+    let import = |path: &PathBuf| daemon.cli(&["import", path.to_str().expect("utf-8")]);
+    std::fs::copy(guest("thermostat"), dir.join("thermostat.wasm")).expect("copy");
+    std::fs::copy(guest("hello-wasi"), dir.join("hello.wasm")).expect("copy");
+
+    // A tampered artifact: refused with exit code 2, nothing changes.
+    let tampered = bundle("thermostat", "thermostat.wasm", 3);
+    let digest = lichen_sync::sha256_hex(&std::fs::read(guest("thermostat")).expect("guest"));
+    let art = tampered.join("artifacts").join(&digest);
+    let mut bytes = std::fs::read(&art).expect("artifact in the bundle");
+    bytes[200] ^= 0xff;
+    std::fs::write(&art, bytes).expect("tamper");
+    let out = import(&tampered);
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("tampered") && text.contains(&digest),
+        "{text}"
+    );
+    let ps = daemon.ps();
+    assert_eq!(ps.len(), 1, "{ps:?}");
+    assert_eq!(ps[0].name, "counter");
+    assert!(
+        !daemon
+            .state_dir()
+            .join(format!("artifacts/{digest}.wasm"))
+            .exists()
+    );
+
+    // A tampered deployment text: the signature no longer verifies.
+    let forged = bundle("thermostat", "thermostat.wasm", 5);
+    let index = forged.join("bundle.json");
+    let json = std::fs::read_to_string(&index).expect("bundle.json");
+    std::fs::write(&index, json.replace("200ms", "1ms")).expect("tamper");
+    let out = import(&forged);
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(2), "{text}");
+    assert!(text.contains("bad signature"), "{text}");
+    assert!(daemon.status("thermostat").is_none());
+
+    // A good bundle (a directory) applies, with no broker.
+    let good = bundle("thermostat", "thermostat.wasm", 7);
+    let out = import(&good);
+    assert!(out.status.success(), "{}", output_text(&out));
+    daemon.wait_for("thermostat", "running", |w| w.state == "running");
+    assert!(daemon.status("counter").is_none(), "counter was replaced");
+    // The same version again is not newer: refused.
+    let out = import(&good);
+    assert_eq!(out.status.code(), Some(2), "{}", output_text(&out));
+    // A tar bundle works the same way.
+    let tar = bundle("hello", "hello.wasm", 8);
+    assert!(tar.extension().is_some_and(|e| e == "tar"));
+    let out = import(&tar);
+    assert!(out.status.success(), "{}", output_text(&out));
+    daemon.wait_for("hello", "in the deployment", |_| true);
+    assert!(daemon.status("thermostat").is_none());
+
+    // When the hub is back, reported state says what was applied.
+    broker.restart();
+    let watcher = Watcher::connect(broker.port, "t-import", &topic("reported"));
+    let r = reported(&watcher, "the imported version", |r| {
+        r["applied-version"] == 8
+    });
+    assert!(r["last-rejection"].is_null(), "{r}");
+}

@@ -97,6 +97,15 @@ impl Client {
             .await
     }
 
+    /// `POST /v1/import`: verifies and applies a deployment bundle on the node's disk.
+    pub async fn import(
+        &self,
+        req: &crate::hub::ImportRequest,
+    ) -> Result<crate::hub::ImportReport, ClientError> {
+        self.call(Method::POST, "/v1/import".into(), Some(req))
+            .await
+    }
+
     /// `GET /v1/workloads`: the status of every workload.
     pub async fn ps(&self) -> Result<Vec<WorkloadStatus>, ClientError> {
         self.call(Method::GET, "/v1/workloads".into(), None::<&()>)

@@ -7,6 +7,7 @@
 //! | route | body | answer |
 //! | --- | --- | --- |
 //! | `POST /v1/deploy` | [`DeployRequest`] | [`DeployReport`] |
+//! | `POST /v1/import` | [`ImportRequest`](crate::hub::ImportRequest) | [`ImportReport`](crate::hub::ImportReport) |
 //! | `GET /v1/workloads` | | `[WorkloadStatus]` |
 //! | `GET /v1/workloads/{name}/logs?tail=N` | | `[LogLine]` |
 //! | `GET /v1/workloads/{name}/logs?tail=N&follow=true` | | NDJSON stream of [`LogLine`] |
@@ -193,6 +194,7 @@ struct AppState<C> {
 fn router<C: Control>(state: AppState<C>) -> Router {
     Router::new()
         .route("/v1/deploy", post(deploy::<C>))
+        .route("/v1/import", post(import::<C>))
         .route("/v1/workloads", get(ps::<C>))
         .route("/v1/workloads/{name}/logs", get(logs::<C>))
         .route("/v1/workloads/{name}/kv", get(kv::<C>))
@@ -231,6 +233,14 @@ async fn deploy<C: Control>(
 ) -> Result<Json<DeployReport>, ApiError> {
     let Json(req) = body.map_err(body_error)?;
     Ok(Json(state.control.deploy(req).await?))
+}
+
+async fn import<C: Control>(
+    State(state): State<AppState<C>>,
+    body: Result<Json<crate::hub::ImportRequest>, JsonRejection>,
+) -> Result<Json<crate::hub::ImportReport>, ApiError> {
+    let Json(req) = body.map_err(body_error)?;
+    Ok(Json(state.control.import(req).await?))
 }
 
 async fn ps<C: Control>(State(state): State<AppState<C>>) -> Json<Vec<WorkloadStatus>> {

@@ -3,9 +3,13 @@
 //!
 //! - `lichen hub keygen OUT`: a new ed25519 publisher key pair (`OUT`: PKCS#8 PEM, mode 0600;
 //!   `OUT.pub`: the public key in hex, for the nodes' `hub.trusted-keys`).
-//! - `lichen hub deploy --url U --node N FILE --key KEY [--version V]`: signs the deployment for
-//!   node N and publishes it, retained, on `lichen/v1/N/desired`.
+//! - `lichen hub deploy --url U --node N FILE --key KEY [--version V]`: publishes, retained,
+//!   the module files the deployment names by path (chunked, on `lichen/v1/N/artifact/...`),
+//!   then the deployment with those modules named by digest, signed for node N, on
+//!   `lichen/v1/N/desired`.
 //! - `lichen hub status --url U`: every node's retained reported state, as a table.
+//! - `lichen hub bundle --node N FILE --key KEY --out OUT`: the same signed desired state and
+//!   artifacts as a bundle (directory or `.tar`) for `lichen import` on a node with no network.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -21,6 +25,8 @@ use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Tr
 
 use super::render::{self, Table};
 use super::{emit, push_json};
+use crate::hub::artifacts::{LocalArtifact, Message, artifact_messages, resolve_modules};
+use crate::hub::bundle::BundleIndex;
 use crate::hub::{DesiredState, generate_key, parse_url, sign};
 
 /// The `hub` verbs.
@@ -37,6 +43,29 @@ pub enum HubCommand {
     Deploy(HubDeployArgs),
     /// Print every node's reported state as a table.
     Status(HubStatusArgs),
+    /// Write a signed deployment and its artifacts as a bundle for `lichen import` (offline).
+    #[command(disable_version_flag = true)]
+    Bundle(HubBundleArgs),
+}
+
+/// Options of `lichen hub bundle`.
+#[derive(Debug, Clone, Args)]
+pub struct HubBundleArgs {
+    /// The node the bundle is for.
+    #[arg(long, value_name = "NODE")]
+    pub node: String,
+    /// The deployment file (TOML); modules named by path go into the bundle.
+    pub file: PathBuf,
+    /// Publisher private key (PKCS#8, PEM or DER), from `lichen hub keygen`.
+    #[arg(long, value_name = "KEYFILE")]
+    pub key: PathBuf,
+    /// Desired-state version; must be above the node's applied one [default: now, in seconds
+    /// since the Unix epoch].
+    #[arg(long, value_name = "V")]
+    pub version: Option<u64>,
+    /// Where to write the bundle: a tar file if the name ends in .tar, else a new directory.
+    #[arg(long, value_name = "PATH")]
+    pub out: PathBuf,
 }
 
 /// How to reach the broker.
@@ -71,8 +100,9 @@ pub struct HubDeployArgs {
     /// The node to deploy to.
     #[arg(long, value_name = "NODE")]
     pub node: String,
-    /// The deployment file (TOML). Modules must already be on the node (absolute path or
-    /// sha256 digest): artifacts do not travel over MQTT yet.
+    /// The deployment file (TOML). Modules named by path (relative to the file) are published
+    /// as artifacts and named by digest in what is signed; modules named `sha256:...` must
+    /// already be on the node or published before.
     pub file: PathBuf,
     /// Publisher private key (PKCS#8, PEM or DER), from `lichen hub keygen`.
     #[arg(long, value_name = "KEYFILE")]
@@ -81,6 +111,9 @@ pub struct HubDeployArgs {
     /// since the Unix epoch].
     #[arg(long, value_name = "V")]
     pub version: Option<u64>,
+    /// Size of the artifact chunks (1KiB to 512KiB).
+    #[arg(long, value_name = "SIZE", default_value = "64KiB")]
+    pub chunk_size: String,
 }
 
 /// Options of `lichen hub status`.
@@ -100,6 +133,7 @@ pub async fn run(command: HubCommand, json: bool) -> Result<ExitCode> {
         HubCommand::Keygen { out } => keygen(&out, json),
         HubCommand::Deploy(args) => deploy(args, json).await,
         HubCommand::Status(args) => status(args, json).await,
+        HubCommand::Bundle(args) => bundle(args, json),
     }
 }
 
@@ -183,57 +217,59 @@ async fn deploy(args: HubDeployArgs, json: bool) -> Result<ExitCode> {
     let topics = Topics::new(&args.node).map_err(|e| anyhow!("--node: {e}"))?;
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("cannot read deployment file {}", args.file.display()))?;
-    let key = std::fs::read(&args.key)
-        .with_context(|| format!("cannot read key file {}", args.key.display()))?;
+    let chunk_size = crate::config::parse_size(&args.chunk_size)
+        .ok()
+        .and_then(|s| u32::try_from(s).ok())
+        .filter(|s| (lichen_sync::MIN_CHUNK_SIZE..=lichen_sync::MAX_CHUNK_SIZE).contains(s))
+        .with_context(|| {
+            format!(
+                "--chunk-size {:?} is not a size from 1KiB to 512KiB",
+                args.chunk_size
+            )
+        })?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    let version = args.version.unwrap_or(now.as_secs());
-    let (signature, key_id) = sign(&key, &args.node, version, &text)
-        .with_context(|| format!("signing with key file {}", args.key.display()))?;
-    let desired = DesiredState {
-        version,
-        deployment: text,
-        signature: Some(signature),
-        key_id: Some(key_id.clone()),
-    };
+    let (desired, artifacts) =
+        signed_desired(&args.node, &args.file, &text, &args.key, args.version)?;
+    let version = desired.version;
+    let key_id = desired.key_id.clone().unwrap_or_default();
     let envelope = Envelope {
         id: MessageId::new("operator", version),
         ts: u64::try_from(now.as_millis()).unwrap_or(u64::MAX),
         payload: serde_json::to_value(&desired).context("encoding the desired state")?,
     };
-    let url = args.broker.url.clone();
-    let (client, mut eventloop) = AsyncClient::new(options(&args.broker, "deploy")?, 10);
-    client
-        .publish(
-            topics.desired(),
-            QoS::AtLeastOnce,
-            true,
-            envelope.to_bytes(),
-        )
+    // Artifacts first: a node that sees the desired state can fetch them at once.
+    let ts = u64::try_from(now.as_millis()).unwrap_or(u64::MAX);
+    let mut messages = Vec::new();
+    for artifact in &artifacts {
+        messages.extend(artifact_messages(&topics, &artifact.bytes, chunk_size, ts));
+    }
+    messages.push((topics.desired(), true, envelope.to_bytes()));
+    publish_all(&args.broker, "deploy", messages)
         .await
-        .context("queueing the publish")?;
-    let acked = tokio::time::timeout(Duration::from_secs(15), async {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::PubAck(_))) => return Ok(()),
-                Ok(_) => {}
-                Err(e) => return Err(anyhow!("{url}: {e}")),
-            }
-        }
-    })
-    .await
-    .map_err(|_| anyhow!("{url}: no PUBACK within 15 s"))?;
-    acked.with_context(|| format!("publishing the desired state of node {}", args.node))?;
-    let _ = client.disconnect().await;
-    let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
+        .with_context(|| format!("publishing the desired state of node {}", args.node))?;
     let mut out = Vec::new();
     if json {
+        let published: Vec<_> = artifacts
+            .iter()
+            .map(|a| serde_json::json!({"digest": a.digest, "file": a.path, "size": a.bytes.len()}))
+            .collect();
         push_json(
             &mut out,
-            &serde_json::json!({"node": args.node, "version": version, "key-id": key_id, "topic": topics.desired()}),
+            &serde_json::json!({"node": args.node, "version": version, "key-id": key_id, "topic": topics.desired(), "artifacts": published}),
         );
     } else {
+        for a in &artifacts {
+            let _ = writeln!(
+                out,
+                "published artifact sha256:{} ({}, {} bytes) for node {}",
+                a.digest,
+                a.path.display(),
+                a.bytes.len(),
+                args.node
+            );
+        }
         let _ = writeln!(
             out,
             "published desired state version {version} for node {} (signed by key {key_id}, retained on {})",
@@ -243,6 +279,120 @@ async fn deploy(args: HubDeployArgs, json: bool) -> Result<ExitCode> {
     }
     emit(&out)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The desired state of `file` (text `text`) for `node`: modules named by path are read and
+/// named by digest, then the text is signed with the key in `key_file`.
+fn signed_desired(
+    node: &str,
+    file: &Path,
+    text: &str,
+    key_file: &Path,
+    version: Option<u64>,
+) -> Result<(DesiredState, Vec<LocalArtifact>)> {
+    let base_dir = std::fs::canonicalize(file)
+        .ok()
+        .and_then(|p| p.parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("."));
+    let (text, artifacts) = resolve_modules(text, &base_dir)
+        .with_context(|| format!("resolving the modules of {}", file.display()))?;
+    let key = std::fs::read(key_file)
+        .with_context(|| format!("cannot read key file {}", key_file.display()))?;
+    let version = version.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs()
+    });
+    let (signature, key_id) = sign(&key, node, version, &text)
+        .with_context(|| format!("signing with key file {}", key_file.display()))?;
+    Ok((
+        DesiredState {
+            version,
+            deployment: text,
+            signature: Some(signature),
+            key_id: Some(key_id),
+        },
+        artifacts,
+    ))
+}
+
+fn bundle(args: HubBundleArgs, json: bool) -> Result<ExitCode> {
+    Topics::new(&args.node).map_err(|e| anyhow!("--node: {e}"))?;
+    let text = std::fs::read_to_string(&args.file)
+        .with_context(|| format!("cannot read deployment file {}", args.file.display()))?;
+    let (desired, artifacts) =
+        signed_desired(&args.node, &args.file, &text, &args.key, args.version)?;
+    let index = BundleIndex {
+        format: crate::hub::bundle::FORMAT.to_owned(),
+        node: args.node.clone(),
+        desired,
+    };
+    let files: Vec<(String, &[u8])> = artifacts
+        .iter()
+        .map(|a| (a.digest.clone(), a.bytes.as_slice()))
+        .collect();
+    crate::hub::bundle::write(&args.out, &index, &files)?;
+    let mut out = Vec::new();
+    if json {
+        push_json(
+            &mut out,
+            &serde_json::json!({"bundle": args.out, "node": args.node, "version": index.desired.version,
+                "key-id": index.desired.key_id, "artifacts": artifacts.iter().map(|a| &a.digest).collect::<Vec<_>>()}),
+        );
+    } else {
+        let _ = writeln!(
+            out,
+            "wrote bundle {} for node {}: desired state version {} signed by key {}, {} artifact(s)\napply it on the node with: lichen import {}",
+            args.out.display(),
+            args.node,
+            index.desired.version,
+            index.desired.key_id.as_deref().unwrap_or("-"),
+            artifacts.len(),
+            args.out.display()
+        );
+    }
+    emit(&out)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Publishes `messages` at QoS 1 in order and waits for every PUBACK.
+async fn publish_all(broker: &BrokerArgs, role: &str, messages: Vec<Message>) -> Result<()> {
+    let url = broker.url.clone();
+    let (client, mut eventloop) = AsyncClient::new(options(broker, role)?, 64);
+    let total = messages.len();
+    let publisher = tokio::spawn(async move {
+        for (topic, retain, payload) in messages {
+            client
+                .publish(topic, QoS::AtLeastOnce, retain, payload)
+                .await?;
+        }
+        Ok::<_, rumqttc::ClientError>(client)
+    });
+    let acked = tokio::time::timeout(Duration::from_secs(60), async {
+        let mut acked = 0;
+        while acked < total {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+                Ok(_) => {}
+                Err(e) => return Err(anyhow!("{url}: {e}")),
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|_| anyhow!("{url}: not every PUBACK came within 60 s"));
+    if let Err(e) | Ok(Err(e)) = acked {
+        publisher.abort();
+        return Err(e);
+    }
+    let client = publisher
+        .await
+        .context("publisher task")?
+        .context("queueing a publish")?;
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
+    Ok(())
 }
 
 async fn status(args: HubStatusArgs, json: bool) -> Result<ExitCode> {
@@ -346,4 +496,46 @@ fn write_status(out: &mut Vec<u8>, nodes: &BTreeMap<String, serde_json::Value>) 
         ]);
     }
     let _ = table.write(out);
+}
+
+/// `lichen import BUNDLE`: asks the daemon to verify and apply a bundle on this host's disk.
+pub async fn import(
+    client: &crate::api::client::Client,
+    bundle: &Path,
+    json: bool,
+) -> Result<ExitCode> {
+    let path = std::fs::canonicalize(bundle)
+        .with_context(|| format!("cannot find bundle {}", bundle.display()))?;
+    let path_text = path
+        .to_str()
+        .with_context(|| format!("bundle path {} is not valid UTF-8", path.display()))?;
+    let report = client
+        .import(&crate::hub::ImportRequest {
+            path: path_text.to_owned(),
+        })
+        .await
+        .with_context(|| format!("importing {}", bundle.display()))?;
+    let mut out = Vec::new();
+    if json {
+        push_json(&mut out, &report);
+    } else {
+        let _ = writeln!(
+            out,
+            "imported desired state version {} for node {} (signed by key {}); {} artifact(s) added; local deployment version {}",
+            report.version,
+            report.node,
+            report.signer,
+            report.artifacts.len(),
+            report.deployment.version
+        );
+    }
+    emit(&out)?;
+    if report.deployment.failures.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(anyhow!(
+            "bundle applied, but {} workload(s) failed to start or reload",
+            report.deployment.failures.len()
+        ))
+    }
 }

@@ -127,6 +127,11 @@ pub enum Command {
     Doctor(DoctorArgs),
     /// Measure the agent on this host: start-up, event throughput, reload, density.
     Bench(BenchArgs),
+    /// Verify a deployment bundle (from `lichen hub bundle`) and apply it, with no network.
+    Import {
+        /// The bundle: a directory or a .tar file.
+        bundle: PathBuf,
+    },
     /// Operate nodes through an MQTT hub: sign and publish deployments, read reported state.
     Hub {
         /// The hub verb.
@@ -263,6 +268,7 @@ async fn execute(command: Command, socket: &Path, json: bool) -> anyhow::Result<
             "`run`, `bench` and `hub` are not client verbs; the binary runs them itself"
         )),
         Command::Deploy { file } => deploy(&client, &file, json).await,
+        Command::Import { bundle } => hub::import(&client, &bundle, json).await,
         Command::Ps => {
             let workloads = client.ps().await.context("listing workloads")?;
             let mut out = Vec::new();

@@ -14,10 +14,19 @@
 //! - publishes reported state (retained) at start, on every connection, deployment, rejection,
 //!   quota drop, and workload status change.
 //!
+//! - applies bundles given to `lichen import` ([`import_bundle`], [`bundle`]), verified exactly
+//!   as a desired state from the hub, with no network;
+//! - fetches the artifacts a verified deployment names by digest and the node lacks, in chunks
+//!   over MQTT ([`artifacts`]): resumable across reconnects and restarts, each chunk and the
+//!   whole artifact checked before use; a tampered one rejects the deployment.
+//!
 //! The wire format of `desired` and the signature's canonical bytes are documented in
 //! `docs/topics.md`.
 
-use std::collections::BTreeMap;
+pub mod artifacts;
+pub mod bundle;
+
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,8 +34,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use lichen_sync::{
-    Envelope, Inbound, InboundError, Quota, RowId, RowKind, RowSize, SessionConfig, SessionEvent,
-    SyncHandle, SyncSession, TlsFiles,
+    Assembly, Envelope, Inbound, InboundError, Manifest, Quota, RowId, RowKind, RowSize,
+    SessionConfig, SessionEvent, SyncHandle, SyncSession, TlsFiles, Topics,
 };
 use ring::signature::{ED25519, KeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
@@ -36,7 +45,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::api::control::Control;
-use crate::api::types::SendRequest;
+use crate::api::types::{ApiError, DeployReport, SendRequest};
 use crate::config::{HubSection, parse_size};
 use crate::store::{OutboxRecord, SqliteOutbox, StateStore};
 use crate::supervisor::Agent;
@@ -171,6 +180,60 @@ pub fn verify(desired: &DesiredState, node: &str, keys: &[TrustedKey]) -> Result
     ))
 }
 
+/// Body of `POST /v1/import`: a bundle on the node's disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportRequest {
+    /// Absolute path of the bundle (directory or `.tar`).
+    pub path: String,
+}
+
+/// Answer of `POST /v1/import`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ImportReport {
+    /// The node.
+    pub node: String,
+    /// The hub version of the desired state applied.
+    pub version: u64,
+    /// Id of the key that signed it.
+    pub signer: String,
+    /// Artifacts added to the store from the bundle.
+    pub artifacts: Vec<String>,
+    /// What the deployment did.
+    pub deployment: DeployReport,
+}
+
+/// An import handed to the hub link.
+struct ImportJob {
+    path: std::path::PathBuf,
+    reply: tokio::sync::oneshot::Sender<Result<ImportReport, ApiError>>,
+}
+
+/// Where imports go: the hub link of this process, set when it starts (one per daemon).
+static IMPORTS: std::sync::OnceLock<mpsc::Sender<ImportJob>> = std::sync::OnceLock::new();
+
+/// Verifies a bundle exactly as a desired state from the hub (node, version, signature by a
+/// trusted key, every artifact's digest) and applies it; anything wrong changes nothing and is
+/// an `invalid` error (and reported by the hub link). Needs the `[hub]` section, whose node id
+/// and trusted keys the verification uses; works with the hub unreachable.
+pub async fn import_bundle(req: ImportRequest) -> Result<ImportReport, ApiError> {
+    let Some(imports) = IMPORTS.get() else {
+        return Err(ApiError::unavailable(
+            "this agent has no [hub] section: importing a bundle needs hub.node-id and hub.trusted-keys to verify it",
+        ));
+    };
+    let (reply, answer) = tokio::sync::oneshot::channel();
+    imports
+        .send(ImportJob {
+            path: req.path.into(),
+            reply,
+        })
+        .await
+        .map_err(|_| ApiError::unavailable("the hub link has stopped"))?;
+    answer
+        .await
+        .map_err(|_| ApiError::internal("the hub link dropped the import"))?
+}
+
 /// A parsed hub URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HubUrl {
@@ -295,7 +358,20 @@ impl HubLink {
             .hub_state(DROPPED)?
             .and_then(|text| serde_json::from_str(&text).ok())
             .unwrap_or_default();
+        let topics = Topics::new(&hub.node_id).context("invalid hub.node-id")?;
+        // The state directory holds the database and the artifact store.
+        let state_dir = store
+            .path()
+            .parent()
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let chunks = artifacts::ChunkStore::new(state_dir.join("artifacts").join("partial"));
         let mut bridge = Bridge {
+            topics,
+            handle: handle.clone(),
+            chunks,
+            pending: None,
+            chunks_fetched: 0,
             agent,
             store,
             node: hub.node_id.clone(),
@@ -317,7 +393,11 @@ impl HubLink {
         tracing::info!(url = %hub.url, node = %hub.node_id, "connecting to the hub");
         let session = tokio::spawn(session.run());
         bridge.publish_reported().await;
-        let bridge = tokio::spawn(bridge.run(events));
+        let (imports_tx, imports) = mpsc::channel(4);
+        if IMPORTS.set(imports_tx).is_err() {
+            tracing::warn!("a second hub link in this process: `lichen import` goes to the first");
+        }
+        let bridge = tokio::spawn(bridge.run(events, imports));
         Ok(Self {
             handle,
             session,
@@ -339,8 +419,34 @@ struct Rejection {
     at_ms: u64,
 }
 
+/// A verified deployment waiting for its artifacts.
+struct Pending {
+    desired: DesiredState,
+    signer: String,
+    /// Artifacts still being fetched, by digest.
+    fetches: BTreeMap<String, Fetch>,
+}
+
+/// The transfer of one artifact.
+#[derive(Default)]
+struct Fetch {
+    /// `None` until the manifest came.
+    assembly: Option<Assembly>,
+    /// Chunks found already stored when the manifest came (from before a restart).
+    resumed: usize,
+    /// Chunks received and stored in this run.
+    fetched: usize,
+    /// Chunks received that were already stored.
+    redundant: usize,
+}
+
 /// The agent side of the session: acts on its events and keeps what reported state says.
 struct Bridge {
+    topics: Topics,
+    handle: SyncHandle,
+    chunks: artifacts::ChunkStore,
+    pending: Option<Pending>,
+    chunks_fetched: u64,
     agent: Agent,
     store: StateStore,
     node: String,
@@ -369,13 +475,21 @@ fn now_ms() -> u64 {
 }
 
 impl Bridge {
-    async fn run(mut self, mut events: mpsc::Receiver<SessionEvent>) {
+    async fn run(
+        mut self,
+        mut events: mpsc::Receiver<SessionEvent>,
+        mut imports: mpsc::Receiver<ImportJob>,
+    ) {
         let mut check = tokio::time::interval(CHECK_EVERY);
         loop {
             tokio::select! {
                 ev = events.recv() => match ev {
                     Some(ev) => self.on_event(ev).await,
                     None => return,
+                },
+                Some(job) = imports.recv() => {
+                    let result = self.on_import(job.path).await;
+                    let _ = job.reply.send(result);
                 },
                 _ = check.tick() => {
                     self.enforce_quota().await;
@@ -420,6 +534,14 @@ impl Bridge {
             SessionEvent::Inbound(Inbound::Command { workload, envelope }) => {
                 self.on_command(workload, envelope)
             }
+            SessionEvent::Inbound(Inbound::ArtifactManifest { digest, envelope }) => {
+                self.on_manifest(digest, envelope).await
+            }
+            SessionEvent::Inbound(Inbound::ArtifactChunk {
+                digest,
+                index,
+                bytes,
+            }) => self.on_chunk(digest, index, bytes).await,
             SessionEvent::Rejected(e) => {
                 self.rejected_messages += 1;
                 let text = e.to_string();
@@ -495,6 +617,13 @@ impl Bridge {
         if self.rejected_version == Some(desired.version) {
             return;
         }
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.desired.version == desired.version)
+        {
+            return;
+        }
         let signer = match verify(&desired, &self.node, &self.keys) {
             Ok(key) => key,
             Err(reason) if self.insecure_dev => {
@@ -506,6 +635,382 @@ impl Bridge {
             }
             Err(reason) => return self.reject(Some(desired.version), reason).await,
         };
+        self.fetch_or_apply(desired, signer).await;
+    }
+
+    /// Applies a verified deployment, or first fetches the artifacts it names that the node
+    /// lacks.
+    async fn fetch_or_apply(&mut self, desired: DesiredState, signer: String) {
+        self.cancel_pending();
+        let missing: Vec<String> = artifacts::referenced_digests(&desired.deployment)
+            .into_iter()
+            .filter(|d| !self.agent.artifacts().contains(d))
+            .collect();
+        if missing.is_empty() {
+            return self.apply(desired, signer).await;
+        }
+        tracing::info!(
+            version = desired.version,
+            artifacts = ?missing,
+            "fetching the artifacts of the desired state from the hub"
+        );
+        self.handle.subscribe(
+            missing
+                .iter()
+                .map(|d| self.topics.artifact_manifest(d))
+                .collect(),
+        );
+        self.pending = Some(Pending {
+            desired,
+            signer,
+            fetches: missing.into_iter().map(|d| (d, Fetch::default())).collect(),
+        });
+        self.publish_reported().await;
+    }
+
+    /// Unsubscribes from every topic of the pending transfer and forgets it (its chunks stay
+    /// stored for a later try).
+    fn cancel_pending(&mut self) {
+        let Some(pending) = self.pending.take() else {
+            return;
+        };
+        let mut filters = Vec::new();
+        for (digest, fetch) in &pending.fetches {
+            filters.push(self.topics.artifact_manifest(digest));
+            if let Some(a) = &fetch.assembly {
+                filters.extend(
+                    a.missing()
+                        .into_iter()
+                        .map(|i| self.topics.artifact_chunk(digest, i)),
+                );
+            }
+        }
+        self.handle.unsubscribe(filters);
+    }
+
+    /// Rejects the pending deployment because of artifact `digest`, dropping its chunks.
+    async fn reject_pending(&mut self, digest: &str, reason: String) {
+        let version = self.pending.as_ref().map(|p| p.desired.version);
+        self.cancel_pending();
+        let chunks = self.chunks.clone();
+        let digest = digest.to_owned();
+        let _ = tokio::task::spawn_blocking(move || chunks.remove(&digest)).await;
+        self.reject(
+            version,
+            format!(
+                "deployment version {} rejected: {reason}",
+                version.unwrap_or(0)
+            ),
+        )
+        .await;
+    }
+
+    async fn on_manifest(&mut self, digest: String, envelope: Envelope) {
+        let Some(fetch) = self
+            .pending
+            .as_mut()
+            .and_then(|p| p.fetches.get_mut(&digest))
+        else {
+            return;
+        };
+        if fetch.assembly.is_some() {
+            return;
+        }
+        let manifest = match serde_json::from_value::<Manifest>(envelope.payload)
+            .map_err(|e| format!("manifest of artifact sha256:{digest} is malformed: {e}"))
+            .and_then(|m| m.validate(&digest).map(|()| m).map_err(|e| e.to_string()))
+        {
+            Ok(m) => m,
+            Err(reason) => return self.reject_pending(&digest, reason).await,
+        };
+        let chunks = self.chunks.clone();
+        let loaded = {
+            let manifest = manifest.clone();
+            tokio::task::spawn_blocking(move || -> Result<BTreeSet<u32>> {
+                match chunks.load(&manifest.digest)? {
+                    Some((stored, present)) if stored == manifest => Ok(present),
+                    _ => {
+                        chunks.reset(&manifest)?;
+                        Ok(BTreeSet::new())
+                    }
+                }
+            })
+            .await
+        };
+        let present = match loaded {
+            Ok(Ok(p)) => p,
+            Ok(Err(e)) => {
+                return self
+                    .reject_pending(&digest, format!("cannot store artifact chunks: {e:#}"))
+                    .await;
+            }
+            Err(e) => {
+                return self
+                    .reject_pending(&digest, format!("chunk store task failed: {e}"))
+                    .await;
+            }
+        };
+        let assembly = Assembly::new(manifest, present);
+        let missing = assembly.missing();
+        tracing::info!(
+            %digest,
+            chunks = assembly.manifest().chunks.len(),
+            already_stored = assembly.held(),
+            "artifact manifest received; asking for the missing chunks"
+        );
+        let Some(fetch) = self
+            .pending
+            .as_mut()
+            .and_then(|p| p.fetches.get_mut(&digest))
+        else {
+            return;
+        };
+        fetch.resumed = assembly.held();
+        let complete = assembly.complete();
+        fetch.assembly = Some(assembly);
+        self.handle
+            .unsubscribe(vec![self.topics.artifact_manifest(&digest)]);
+        self.handle.subscribe(
+            missing
+                .into_iter()
+                .map(|i| self.topics.artifact_chunk(&digest, i))
+                .collect(),
+        );
+        self.publish_reported().await;
+        if complete {
+            self.finish_artifact(&digest).await;
+        }
+    }
+
+    async fn on_chunk(&mut self, digest: String, index: u32, bytes: Vec<u8>) {
+        let Some(fetch) = self
+            .pending
+            .as_mut()
+            .and_then(|p| p.fetches.get_mut(&digest))
+        else {
+            return;
+        };
+        let Some(assembly) = &fetch.assembly else {
+            return;
+        };
+        if assembly.has(index) {
+            fetch.redundant += 1;
+            return;
+        }
+        if let Err(e) = assembly.manifest().check_chunk(index, &bytes) {
+            return self.reject_pending(&digest, e.to_string()).await;
+        }
+        let chunks = self.chunks.clone();
+        let d = digest.clone();
+        let stored = tokio::task::spawn_blocking(move || chunks.put(&d, index, &bytes)).await;
+        if let Ok(Err(e)) | Err(e) = stored.map_err(anyhow::Error::from) {
+            return self
+                .reject_pending(&digest, format!("cannot store chunk {index}: {e:#}"))
+                .await;
+        }
+        let Some(fetch) = self
+            .pending
+            .as_mut()
+            .and_then(|p| p.fetches.get_mut(&digest))
+        else {
+            return;
+        };
+        let Some(assembly) = fetch.assembly.as_mut() else {
+            return;
+        };
+        assembly.stored(index);
+        fetch.fetched += 1;
+        self.chunks_fetched += 1;
+        let complete = assembly.complete();
+        self.handle
+            .unsubscribe(vec![self.topics.artifact_chunk(&digest, index)]);
+        if complete {
+            self.finish_artifact(&digest).await;
+        }
+    }
+
+    /// Assembles a complete artifact, checks its digest, adds it to the artifact store; applies
+    /// the pending deployment when it was the last one.
+    async fn finish_artifact(&mut self, digest: &str) {
+        let Some(manifest) = self
+            .pending
+            .as_ref()
+            .and_then(|p| p.fetches.get(digest))
+            .and_then(|f| f.assembly.as_ref())
+            .map(|a| a.manifest().clone())
+        else {
+            return;
+        };
+        let chunks = self.chunks.clone();
+        let assembled = {
+            let manifest = manifest.clone();
+            tokio::task::spawn_blocking(move || chunks.assemble(&manifest)).await
+        };
+        let bytes = match assembled {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => {
+                return self
+                    .reject_pending(digest, format!("cannot assemble: {e:#}"))
+                    .await;
+            }
+            Err(e) => {
+                return self
+                    .reject_pending(digest, format!("assembly task failed: {e}"))
+                    .await;
+            }
+        };
+        if let Err(e) = manifest.check_whole(&bytes) {
+            return self.reject_pending(digest, e.to_string()).await;
+        }
+        if let Err(e) = self.agent.artifacts().add(bytes).await {
+            return self
+                .reject_pending(
+                    digest,
+                    format!("artifact sha256:{digest} does not load: {e:#}"),
+                )
+                .await;
+        }
+        self.chunks.remove(digest);
+        tracing::info!(%digest, "artifact received and verified");
+        let done = {
+            let Some(pending) = self.pending.as_mut() else {
+                return;
+            };
+            pending.fetches.remove(digest);
+            pending.fetches.is_empty()
+        };
+        if done && let Some(pending) = self.pending.take() {
+            self.apply(pending.desired, pending.signer).await;
+        }
+    }
+
+    /// Refuses an import: reported like a hub rejection (but the version stays open to the
+    /// hub: a damaged bundle says nothing of the hub's copy); returns the error for the caller.
+    async fn reject_import(&mut self, version: Option<u64>, reason: String) -> ApiError {
+        let reason = format!("import refused: {reason}");
+        self.error(reason.clone());
+        let _ = self
+            .store
+            .log_event(None, "import-rejected", &reason)
+            .await
+            .map_err(|e| tracing::warn!("cannot log the rejection: {e}"));
+        self.last_rejection = Some(Rejection {
+            version,
+            reason: reason.clone(),
+            at_ms: now_ms(),
+        });
+        self.publish_reported().await;
+        ApiError::invalid(reason)
+    }
+
+    /// `lichen import`: the same checks as a desired state from the hub, then the artifacts
+    /// into the store and the deployment applied.
+    async fn on_import(&mut self, path: std::path::PathBuf) -> Result<ImportReport, ApiError> {
+        let read = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || bundle::read(&path)).await
+        };
+        let b = match read {
+            Ok(Ok(b)) => b,
+            Ok(Err(e)) => return Err(self.reject_import(None, format!("{e:#}")).await),
+            Err(e) => return Err(ApiError::internal(format!("bundle reader failed: {e}"))),
+        };
+        let desired = b.index.desired;
+        let version = Some(desired.version);
+        if b.index.node != self.node {
+            let reason = format!(
+                "bundle {} is for node {:?}; this node is {:?}",
+                path.display(),
+                b.index.node,
+                self.node
+            );
+            return Err(self.reject_import(version, reason).await);
+        }
+        let applied = self.applied_version();
+        if desired.version <= applied {
+            let reason = format!(
+                "bundle {} holds version {}, not newer than the applied version {applied}",
+                path.display(),
+                desired.version
+            );
+            return Err(self.reject_import(version, reason).await);
+        }
+        let signer = match verify(&desired, &self.node, &self.keys) {
+            Ok(key) => key,
+            Err(reason) if self.insecure_dev => {
+                tracing::warn!(
+                    "INSECURE: importing deployment version {} despite: {reason} (hub.insecure-dev)",
+                    desired.version
+                );
+                "none (insecure-dev)".to_owned()
+            }
+            Err(reason) => return Err(self.reject_import(version, reason).await),
+        };
+        for (name, bytes) in &b.artifacts {
+            let found = lichen_sync::sha256_hex(bytes);
+            if &found != name {
+                let reason = format!(
+                    "artifact file artifacts/{name} of bundle {} was tampered with or corrupted: its content has sha256 {found}",
+                    path.display()
+                );
+                return Err(self.reject_import(version, reason).await);
+            }
+        }
+        for digest in artifacts::referenced_digests(&desired.deployment) {
+            if !b.artifacts.contains_key(&digest) && !self.agent.artifacts().contains(&digest) {
+                let reason = format!(
+                    "the deployment names artifact sha256:{digest}, which is neither in bundle {} nor on this node",
+                    path.display()
+                );
+                return Err(self.reject_import(version, reason).await);
+            }
+        }
+        let mut added = Vec::new();
+        for (digest, bytes) in b.artifacts {
+            if self.agent.artifacts().contains(&digest) {
+                continue;
+            }
+            if let Err(e) = self.agent.artifacts().add(bytes).await {
+                let reason = format!("artifact sha256:{digest} does not load: {e:#}");
+                return Err(self.reject_import(version, reason).await);
+            }
+            added.push(digest);
+        }
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.desired.version <= desired.version)
+        {
+            self.cancel_pending();
+        }
+        let v = desired.version;
+        match self.apply_checked(desired, signer.clone()).await {
+            Ok(deployment) => Ok(ImportReport {
+                node: self.node.clone(),
+                version: v,
+                signer,
+                artifacts: added,
+                deployment,
+            }),
+            Err(reason) => Err(self.reject_import(version, reason).await),
+        }
+    }
+
+    /// Applies a verified deployment whose artifacts are all in the store; a rejection is
+    /// recorded for the hub.
+    async fn apply(&mut self, desired: DesiredState, signer: String) {
+        let version = desired.version;
+        if let Err(reason) = self.apply_checked(desired, signer).await {
+            self.reject(Some(version), reason).await;
+        }
+    }
+
+    /// Applies a verified deployment; returns the reason if it is invalid.
+    async fn apply_checked(
+        &mut self,
+        desired: DesiredState,
+        signer: String,
+    ) -> Result<DeployReport, String> {
         let name = format!("hub desired version {}", desired.version);
         match self
             .agent
@@ -534,17 +1039,12 @@ impl Bridge {
                 );
                 self.last_rejection = None;
                 self.publish_reported().await;
+                Ok(report)
             }
-            Err(e) => {
-                self.reject(
-                    Some(desired.version),
-                    format!(
-                        "deployment version {} is invalid: {}",
-                        desired.version, e.error
-                    ),
-                )
-                .await
-            }
+            Err(e) => Err(format!(
+                "deployment version {} is invalid: {}",
+                desired.version, e.error
+            )),
         }
     }
 
@@ -639,6 +1139,12 @@ impl Bridge {
             .flatten()
             .map_or(0, |d| d.version);
         let mut seen = format!("{version}");
+        if let Some(p) = &self.pending {
+            for (digest, f) in &p.fetches {
+                let held = f.assembly.as_ref().map_or(0, Assembly::held);
+                seen.push_str(&format!("|{digest}:{held}"));
+            }
+        }
         for w in self.agent.ps().await {
             seen.push_str(&format!(
                 "|{}:{}:{}",
@@ -688,6 +1194,17 @@ impl Bridge {
                 "reason": r.reason,
                 "at-ms": r.at_ms,
             })),
+            "artifacts": self.pending.as_ref().map(|p| json!({
+                "version": p.desired.version,
+                "fetching": p.fetches.iter().map(|(digest, f)| json!({
+                    "digest": digest,
+                    "chunks": f.assembly.as_ref().map(|a| a.manifest().chunks.len()),
+                    "held": f.assembly.as_ref().map_or(0, Assembly::held),
+                    "resumed": f.resumed,
+                    "fetched": f.fetched,
+                    "redundant": f.redundant,
+                })).collect::<Vec<_>>(),
+            })),
             "connection": {
                 "url": self.url,
                 "connected": self.connected,
@@ -699,6 +1216,7 @@ impl Bridge {
                 "dropped-telemetry": self.dropped,
                 "commands": self.commands.load(Ordering::Relaxed),
                 "rejected-messages": self.rejected_messages,
+                "artifact-chunks": self.chunks_fetched,
                 "outbox-rows": self.store.outbox_len().unwrap_or(0),
             },
             "errors": self.errors,
