@@ -792,3 +792,109 @@ fn import_of_a_good_bundle_applies_offline_and_a_tampered_one_changes_nothing() 
     });
     assert!(r["last-rejection"].is_null(), "{r}");
 }
+
+#[test]
+fn hub_watch_prints_live_telemetry_and_hub_send_prints_the_result() {
+    let broker = Mosquitto::start_with(PERSISTENT);
+    let setup = Setup::new(&broker);
+    let daemon = setup.daemon();
+    daemon.wait_for("counter", "running", |w| w.state == "running");
+
+    let out = lichen(&[
+        "--json",
+        "hub",
+        "watch",
+        "--url",
+        &broker.url(),
+        "--node",
+        NODE,
+        "--count",
+        "5",
+        "--for",
+        "60s",
+    ]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    let lines: Vec<Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    assert_eq!(lines.len(), 5, "{text}");
+    let mut last: Option<(u64, u64)> = None;
+    for l in &lines {
+        assert_eq!(l["node"], NODE, "{l}");
+        assert_eq!(l["kind"], "telemetry", "{l}");
+        assert_eq!(l["workload"], "counter", "{l}");
+        assert_eq!(l["stream"], "count", "{l}");
+        let seq: u64 = l["id"]
+            .as_str()
+            .and_then(|id| id.strip_prefix("n1:"))
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("id n1:<seq>: {l}"));
+        let count = l["payload"]["count"].as_u64().expect("count");
+        if let Some((s, c)) = last {
+            assert!(
+                seq > s && count == c + 1,
+                "in order, none missing: {lines:?}"
+            );
+        }
+        last = Some((seq, count));
+    }
+    // The human form: one line per message with node, kind and workload/stream.
+    let out = lichen(&["hub", "watch", "--url", &broker.url(), "--count", "1"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(text.contains(" n1 telemetry  counter/count n1:"), "{text}");
+
+    // A command through the hub: the reply is the count, as `lichen send` prints it.
+    let out = lichen(&[
+        "hub",
+        "send",
+        "--url",
+        &broker.url(),
+        "--node",
+        NODE,
+        "counter",
+        "get",
+    ]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    let count: u64 = text
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("a count: {text}"));
+    assert!(count >= last.expect("telemetry seen").1, "{count}");
+    // A workload that does not exist: the node's error, exit code 1.
+    let out = lichen(&[
+        "hub",
+        "send",
+        "--url",
+        &broker.url(),
+        "--node",
+        NODE,
+        "nobody",
+        "get",
+    ]);
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("nobody") && text.contains("refused"),
+        "{text}"
+    );
+    // A node that is not there: a clear timeout, exit code 1.
+    let out = lichen(&[
+        "hub",
+        "send",
+        "--url",
+        &broker.url(),
+        "--node",
+        "ghost",
+        "counter",
+        "get",
+        "--timeout",
+        "2s",
+    ]);
+    let text = output_text(&out);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(text.contains("is the node connected?"), "{text}");
+}

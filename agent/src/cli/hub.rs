@@ -8,6 +8,9 @@
 //!   then the deployment with those modules named by digest, signed for node N, on
 //!   `lichen/v1/N/desired`.
 //! - `lichen hub status --url U`: every node's retained reported state, as a table.
+//! - `lichen hub watch --url U [--node N]`: telemetry, events and command results as they come.
+//! - `lichen hub send --url U --node N WORKLOAD COMMAND [PAYLOAD]`: a command on `cmd/<workload>`;
+//!   prints its result from `cmd-result/<workload>`.
 //! - `lichen hub bundle --node N FILE --key KEY --out OUT`: the same signed desired state and
 //!   artifacts as a bundle (directory or `.tar`) for `lichen import` on a node with no network.
 
@@ -46,6 +49,48 @@ pub enum HubCommand {
     /// Write a signed deployment and its artifacts as a bundle for `lichen import` (offline).
     #[command(disable_version_flag = true)]
     Bundle(HubBundleArgs),
+    /// Print nodes' telemetry, events and command results as they arrive.
+    Watch(HubWatchArgs),
+    /// Send a command to a workload on a node and print its result.
+    Send(HubSendArgs),
+}
+
+/// Options of `lichen hub watch`.
+#[derive(Debug, Clone, Args)]
+pub struct HubWatchArgs {
+    /// The broker.
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// Only this node [default: every node].
+    #[arg(long, value_name = "NODE")]
+    pub node: Option<String>,
+    /// Stop after this many messages [default: run until interrupted].
+    #[arg(long, value_name = "N")]
+    pub count: Option<u64>,
+    /// Stop after this long [default: run until interrupted].
+    #[arg(long = "for", value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub duration: Option<Duration>,
+}
+
+/// Options of `lichen hub send`.
+#[derive(Debug, Clone, Args)]
+pub struct HubSendArgs {
+    /// The broker.
+    #[command(flatten)]
+    pub broker: BrokerArgs,
+    /// The node.
+    #[arg(long, value_name = "NODE")]
+    pub node: String,
+    /// The workload.
+    pub workload: String,
+    /// Command name (as `lichen send` takes it).
+    pub command: String,
+    /// Command payload (text, JSON by convention).
+    #[arg(default_value = "")]
+    pub payload: String,
+    /// How long to wait for the result.
+    #[arg(long, value_name = "DURATION", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub timeout: Duration,
 }
 
 /// Options of `lichen hub bundle`.
@@ -134,6 +179,8 @@ pub async fn run(command: HubCommand, json: bool) -> Result<ExitCode> {
         HubCommand::Deploy(args) => deploy(args, json).await,
         HubCommand::Status(args) => status(args, json).await,
         HubCommand::Bundle(args) => bundle(args, json),
+        HubCommand::Watch(args) => watch(args, json).await,
+        HubCommand::Send(args) => send(args, json).await,
     }
 }
 
@@ -536,6 +583,222 @@ pub async fn import(
         Err(anyhow!(
             "bundle applied, but {} workload(s) failed to start or reload",
             report.deployment.failures.len()
+        ))
+    }
+}
+
+/// One message `hub watch` prints.
+#[derive(Debug, serde::Serialize)]
+struct Watched {
+    topic: String,
+    node: String,
+    kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    workload: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    stream: Option<String>,
+    id: Option<String>,
+    ts: Option<u64>,
+    payload: serde_json::Value,
+}
+
+/// What a watched topic is, or `None` for topics `hub watch` does not print.
+fn watched(topic: &str, payload: &[u8]) -> Option<Watched> {
+    let node = topic
+        .strip_prefix(lichen_sync::topics::PREFIX)?
+        .strip_prefix('/')?
+        .split('/')
+        .next()?;
+    let topics = Topics::new(node).ok()?;
+    let (kind, workload, stream) = match topics.parse(topic)? {
+        lichen_sync::TopicKind::Telemetry { workload, stream } => {
+            ("telemetry", Some(workload), Some(stream))
+        }
+        lichen_sync::TopicKind::Events => ("event", None, None),
+        lichen_sync::TopicKind::CmdResult { workload } => ("cmd-result", Some(workload), None),
+        _ => return None,
+    };
+    let (id, ts, payload) = match Envelope::from_bytes(payload) {
+        Ok(env) => (Some(env.id.to_string()), Some(env.ts), env.payload),
+        Err(e) => (
+            None,
+            None,
+            serde_json::json!({"malformed": e.to_string(), "bytes": String::from_utf8_lossy(payload)}),
+        ),
+    };
+    Some(Watched {
+        topic: topic.to_owned(),
+        node: node.to_owned(),
+        kind,
+        workload,
+        stream,
+        id,
+        ts,
+        payload,
+    })
+}
+
+fn write_watched(out: &mut Vec<u8>, w: &Watched) {
+    let time = w.ts.map_or_else(|| "-".to_owned(), render::time_ms);
+    let what = match (&w.workload, &w.stream) {
+        (Some(wl), Some(s)) => format!("{wl}/{s}"),
+        (Some(wl), None) => wl.clone(),
+        _ => "-".to_owned(),
+    };
+    let _ = writeln!(
+        out,
+        "{time} {} {:<10} {what} {} {}",
+        w.node,
+        w.kind,
+        w.id.as_deref().unwrap_or("-"),
+        w.payload
+    );
+}
+
+async fn watch(args: HubWatchArgs, json: bool) -> Result<ExitCode> {
+    let node = match &args.node {
+        Some(n) => {
+            Topics::new(n).map_err(|e| anyhow!("--node: {e}"))?;
+            n.as_str()
+        }
+        None => "+",
+    };
+    let base = format!("{}/{node}", lichen_sync::topics::PREFIX);
+    let filters = [
+        format!("{base}/telemetry/#"),
+        format!("{base}/events"),
+        format!("{base}/cmd-result/+"),
+    ];
+    let url = args.broker.url.clone();
+    let (client, mut eventloop) = AsyncClient::new(options(&args.broker, "watch")?, 10);
+    let until = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut printed = 0u64;
+    loop {
+        if args.count.is_some_and(|c| printed >= c) {
+            break;
+        }
+        let ev = match until {
+            Some(t) => match tokio::time::timeout_at(t, eventloop.poll()).await {
+                Ok(ev) => ev,
+                Err(_) => break,
+            },
+            None => eventloop.poll().await,
+        };
+        match ev {
+            Ok(Event::Incoming(Packet::ConnAck(_))) => {
+                // A clean session: subscribe on every connection.
+                for f in &filters {
+                    client
+                        .subscribe(f.clone(), QoS::AtLeastOnce)
+                        .await
+                        .context("queueing the subscription")?;
+                }
+            }
+            Ok(Event::Incoming(Packet::Publish(p))) => {
+                if let Some(w) = watched(&p.topic, &p.payload) {
+                    let mut out = Vec::new();
+                    if json {
+                        serde_json::to_writer(&mut out, &w).context("encoding a message")?;
+                        out.push(b'\n');
+                    } else {
+                        write_watched(&mut out, &w);
+                    }
+                    emit(&out)?;
+                    printed += 1;
+                }
+            }
+            Ok(_) => {}
+            Err(e) => {
+                eprintln!("{url}: {e}; reconnecting");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        }
+    }
+    let _ = client.disconnect().await;
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn send(args: HubSendArgs, json: bool) -> Result<ExitCode> {
+    let topics = Topics::new(&args.node).map_err(|e| anyhow!("--node: {e}"))?;
+    let cmd_topic = topics
+        .cmd(&args.workload)
+        .map_err(|e| anyhow!("workload: {e}"))?;
+    let result_topic = topics
+        .cmd_result(&args.workload)
+        .map_err(|e| anyhow!("workload: {e}"))?;
+    let options = options(&args.broker, "send")?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let ts = u64::try_from(now.as_millis()).unwrap_or(u64::MAX);
+    let id = MessageId::new(options.client_id(), ts);
+    let envelope = Envelope {
+        id: id.clone(),
+        ts,
+        payload: serde_json::json!({"command": args.command, "payload": args.payload}),
+    };
+    let url = args.broker.url.clone();
+    let (client, mut eventloop) = AsyncClient::new(options, 10);
+    // Subscribe to the results first, publish once the broker confirmed it.
+    client
+        .subscribe(&result_topic, QoS::AtLeastOnce)
+        .await
+        .context("queueing the subscription")?;
+    let id_text = id.to_string();
+    let found = tokio::time::timeout(args.timeout, async {
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    client
+                        .publish(&cmd_topic, QoS::AtLeastOnce, false, envelope.to_bytes())
+                        .await
+                        .context("queueing the command")?;
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) if p.topic == result_topic => {
+                    if let Ok(env) = Envelope::from_bytes(&p.payload)
+                        && env.payload["cmd"] == id_text.as_str()
+                    {
+                        return Ok(env.payload);
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => return Err(anyhow!("{url}: {e}")),
+            }
+        }
+    })
+    .await
+    .map_err(|_| {
+        anyhow!(
+            "no result for command {id_text} from workload {} on node {} within {:?} (is the node connected?)",
+            args.workload,
+            args.node,
+            args.timeout
+        )
+    })??;
+    let _ = client.disconnect().await;
+    let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
+    let mut out = Vec::new();
+    if json {
+        push_json(&mut out, &found);
+    } else if found["ok"] == true {
+        match found["reply"].as_str() {
+            Some(reply) => {
+                let _ = writeln!(out, "{reply}");
+            }
+            None => {
+                let _ = writeln!(out, "command {id_text} delivered; no reply");
+            }
+        }
+    }
+    emit(&out)?;
+    if found["ok"] == true {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(anyhow!(
+            "workload {} on node {} refused command {id_text}: {}",
+            args.workload,
+            args.node,
+            found["error"].as_str().unwrap_or("no reason given")
         ))
     }
 }
