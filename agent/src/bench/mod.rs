@@ -9,6 +9,7 @@
 //! | `reload` | hot reloads under a stream of commands: duration, events lost, handled twice |
 //! | `devices` | GPIO toggles and SPI transactions from Wasm vs native, edge to `on-event` latency (sim board) |
 //! | `size` | the binary's size, and the static release binaries' if built |
+//! | `isolation` | one trivial workload as Wasm, crun, runc and a QEMU microVM: start-to-ready p50/p99, PSS per instance, instances per 512 MiB |
 //!
 //! `lichen bench` alone runs every group in its own child process (`startup`,
 //! `density,dispatch`, `reload`, `devices`, `size`), so each RSS figure starts from a fresh
@@ -16,6 +17,7 @@
 
 mod density;
 mod devices;
+mod isolation;
 mod reload;
 mod size;
 mod startup;
@@ -34,12 +36,25 @@ use crate::metrics::Gauges;
 use crate::supervisor::Agent;
 
 /// Every benchmark, in the order `lichen bench` runs them.
-pub const BENCHMARKS: [&str; 6] = [
-    "startup", "density", "dispatch", "reload", "devices", "size",
+pub const BENCHMARKS: [&str; 7] = [
+    "startup",
+    "density",
+    "dispatch",
+    "reload",
+    "devices",
+    "size",
+    "isolation",
 ];
 
 /// How `lichen bench` without WHAT splits the benchmarks into child processes.
-const GROUPS: [&str; 5] = ["startup", "density,dispatch", "reload", "devices", "size"];
+const GROUPS: [&str; 6] = [
+    "startup",
+    "density,dispatch",
+    "reload",
+    "devices",
+    "size",
+    "isolation",
+];
 
 /// The line after which a run prints its summary lines.
 const SUMMARY_HEADER: &str = "## Summary (one line per figure)";
@@ -151,6 +166,9 @@ fn run_children(exe: &Path, args: &BenchArgs) -> Result<()> {
         if let Some(n) = args.iterations {
             command.arg("--iterations").arg(n.to_string());
         }
+        if let Some(n) = args.microvms {
+            command.arg("--microvms").arg(n.to_string());
+        }
         if let Some(module) = &args.module {
             command.arg("--module").arg(module);
         }
@@ -236,6 +254,10 @@ async fn run_selected(selected: &[&str], args: &BenchArgs) -> Result<()> {
     }
     if has("size") {
         outcome("size", size::run());
+    }
+    if has("isolation") {
+        let result = async { isolation::run(&dirs.fresh("isolation")?, args).await }.await;
+        outcome("isolation", result);
     }
     println!("{SUMMARY_HEADER}");
     for line in &summary {

@@ -191,6 +191,9 @@ pub struct BenchArgs {
     /// Cold starts measured by `startup` [default: 200]; reloads done by `reload` [default: 50].
     #[arg(long, value_name = "N")]
     pub iterations: Option<usize>,
+    /// MicroVM boots measured by `isolation` [default: 3; each takes ~5 s under TCG].
+    #[arg(long, value_name = "N")]
+    pub microvms: Option<usize>,
 }
 
 /// The API socket used when neither `--socket` nor `LICHEN_SOCKET` names one.
