@@ -4,8 +4,9 @@
 # images/fetch-kernel.sh unpacks, and an init that
 #   - prints the ready marker `LICHEN-READY` on the serial console,
 #   - logs `lichen-example tick N` every LICHEN_TICK seconds (kernel cmdline, default 1),
-#   - powers off cleanly when the ACPI power button is pressed (QMP `system_powerdown`) or
-#     when the line `poweroff` arrives on the console.
+#   - powers off cleanly when the ACPI power button is pressed (QMP `system_powerdown`: on
+#     `-M microvm` QEMU's generic event device raises it, the `button` module turns it into a
+#     key event on /dev/input/event*, which the init waits on).
 # `never-ready` as the first argument builds a variant whose init never prints the marker (for
 # the boot-timeout test).
 #
@@ -65,8 +66,6 @@ for ev in /dev/input/event*; do
   [ -e "\$ev" ] || continue
   ( head -c 1 "\$ev" >/dev/null && down "power button" ) &
 done
-# A console request.
-( while read -r line; do [ "\$line" = poweroff ] && down "console request"; done </dev/console ) &
 $marker
 n=0
 while true; do

@@ -316,9 +316,14 @@ pub(crate) fn trial_boot(
     match outcome {
         Ok(elapsed) => Ok(elapsed),
         Err(mpsc::RecvTimeoutError::Timeout) => Err(format!(
-            "a kernel booted under {accel} printed no banner within {} s (it hangs: KVM-PVM and \
-             other limited KVMs cannot run stock kernels)",
-            timeout.as_secs()
+            "a kernel booted under {accel} printed no banner within {} s{}",
+            timeout.as_secs(),
+            if accel == Accelerator::Kvm && Path::new("/sys/module/kvm_pvm").exists() {
+                " (this host's KVM is KVM-PVM, module kvm_pvm, which boots only PVM-enabled \
+                 guest kernels)"
+            } else {
+                ""
+            }
         )),
         Err(mpsc::RecvTimeoutError::Disconnected) => Err(match said {
             Some(said) => format!("QEMU under {accel} failed: {said}"),
