@@ -31,6 +31,7 @@ pub fn report(board: &str, engine: Option<&EngineOptions>) -> DoctorReport {
     checks.push(cgroup_check());
     checks.extend(microvm_checks());
     checks.push(oci_check());
+    checks.extend(isolation_checks(board));
     DoctorReport {
         version: env!("CARGO_PKG_VERSION").into(),
         board: board.into(),
@@ -365,6 +366,30 @@ fn oci_check() -> DoctorCheck {
             format!("{summary}: container workloads cannot run"),
         ),
     }
+}
+
+/// One line per isolation tier: whether `deploy` accepts workloads in it on this board and
+/// host, or the missing piece (the probe the agent runs once at start).
+fn isolation_checks(board: &str) -> Vec<DoctorCheck> {
+    let Ok(profile) = lichen_devices::board::BoardProfile::builtin(board) else {
+        return Vec::new();
+    };
+    let probe = crate::runtime::isolation::IsolationProbe::detect(
+        &profile,
+        crate::runtime::container::probe_cached(),
+        crate::runtime::isolation::probe_microvm(),
+    );
+    probe
+        .summary()
+        .into_iter()
+        .map(|(tier, ok, detail)| {
+            check(
+                &format!("isolation {tier}"),
+                if ok { "ok" } else { "missing" },
+                detail,
+            )
+        })
+        .collect()
 }
 
 fn read_trimmed(path: &str) -> Option<String> {

@@ -16,13 +16,15 @@ use crate::api::types::{
     ApiError, DeployReport, DeployRequest, DoctorReport, EventRecord, KvEntry, LogLine, SendReply,
     SendRequest, WorkloadFailure, WorkloadStatus,
 };
-use crate::deployment::{self, ModuleRef, ParsedDeployment, WorkloadSpec};
+use crate::deployment::{self, ParsedDeployment, WorkloadSpec};
 use crate::logs::{LogHub, LogOptions};
 use crate::metrics::{Gauges, Metrics};
+use crate::runtime::container::{ContainerRuntime, ContainerTier, ImageStore};
+use crate::runtime::isolation::IsolationProbe;
 use crate::runtime::wasm::{
-    Artifact, ArtifactStore, Delivery, EngineOptions, EventSender, WasmEngine, WorkerContext,
-    WorkerHandle, spawn_worker,
+    ArtifactStore, Delivery, EngineOptions, EventSender, WasmEngine, WasmRuntime, WorkerContext,
 };
+use crate::runtime::{Prepared, Runtime, RuntimeStatus, StartInfo, Tier, Workload};
 use crate::store::{NewDeployment, NewWorkload, StateStore, StoreOptions};
 use crate::util::process_rss_bytes;
 
@@ -49,14 +51,24 @@ struct Stopped {
     status: WorkloadStatus,
 }
 
+/// A running workload and the tier (runtime) that runs it.
+struct Running {
+    tier: Tier,
+    workload: Box<dyn Workload>,
+}
+
 struct Workloads {
-    running: BTreeMap<String, WorkerHandle>,
+    running: BTreeMap<String, Running>,
     stopped: BTreeMap<String, Stopped>,
 }
 
 struct Inner {
     ctx: WorkerContext,
     artifacts: Arc<ArtifactStore>,
+    /// One runtime per tier this agent has.
+    runtimes: BTreeMap<Tier, Arc<dyn Runtime>>,
+    /// What this board and host can run, probed once at start.
+    isolation: IsolationProbe,
     workloads: Mutex<Workloads>,
     board: String,
     next_command: AtomicU64,
@@ -96,15 +108,51 @@ impl Agent {
         let ctx = WorkerContext {
             engine,
             store,
-            logs,
+            logs: logs.clone(),
             metrics: Arc::new(Metrics::default()),
             max_memory_bytes: options.engine.max_memory_bytes,
-            devices,
+            devices: devices.clone(),
         };
+        // The probe runs trial containers: off the async workers, once per process.
+        let host = tokio::task::spawn_blocking(crate::runtime::container::probe_cached)
+            .await
+            .context("the isolation probe failed")?;
+        let isolation = IsolationProbe::detect(
+            devices.profile(),
+            host,
+            crate::runtime::isolation::probe_microvm(),
+        );
+        let state_hash =
+            crate::runtime::wasm::sha256_hex(options.state_dir.display().to_string().as_bytes());
+        let oci = host.usable_runtime().map(|oci| {
+            // One cgroup parent per state directory, so two agents never share a cgroup.
+            ContainerRuntime::new(
+                oci.clone(),
+                host.cgroup.clone(),
+                crate::runtime::container::work_dir(&options.state_dir),
+            )
+            .with_cgroup_parent(&format!("lichen/{}", &state_hash[..12]))
+        });
+        let mut runtimes: BTreeMap<Tier, Arc<dyn Runtime>> = BTreeMap::new();
+        runtimes.insert(
+            Tier::Wasm,
+            Arc::new(WasmRuntime::new(ctx.clone(), artifacts.clone())),
+        );
+        runtimes.insert(
+            Tier::Container,
+            Arc::new(ContainerTier::new(
+                oci,
+                ImageStore::new(options.state_dir.join("images")),
+                logs,
+                devices.profile().clone(),
+            )),
+        );
         Ok(Self {
             inner: Arc::new(Inner {
                 ctx,
                 artifacts,
+                runtimes,
+                isolation,
                 workloads: Mutex::new(Workloads {
                     running: BTreeMap::new(),
                     stopped: BTreeMap::new(),
@@ -144,10 +192,20 @@ impl Agent {
         for row in record.workloads {
             let spec: WorkloadSpec = serde_json::from_str(&row.spec_json)
                 .with_context(|| format!("stored spec of workload {:?} is unreadable", row.name))?;
-            let artifact = match self.inner.artifacts.load(&row.module_digest).await {
-                Ok(a) => a,
-                Err(err) => {
-                    let message = format!("cannot load its module: {err:#}");
+            let prepared = match self.inner.isolation.select(&spec) {
+                Err(message) => Err((Tier::Wasm, message)),
+                Ok(tier) => match self.runtime(tier) {
+                    Ok(runtime) => runtime
+                        .prepare(&spec, Some(&row.module_digest))
+                        .await
+                        .map(|p| (tier, p))
+                        .map_err(|e| (tier, format!("cannot load its {}: {}", e.field, e.message))),
+                    Err(message) => Err((tier, message)),
+                },
+            };
+            let (tier, prepared) = match prepared {
+                Ok(ready) => ready,
+                Err((_, message)) => {
                     tracing::error!(workload = %row.name, "{message}");
                     let _ = self
                         .store()
@@ -157,21 +215,32 @@ impl Agent {
                 }
             };
             let kv = self.store().load_kv(&row.name)?;
-            let handle = spawn_worker(
-                self.inner.ctx.clone(),
-                artifact,
+            let workload = self.runtime(tier).map_err(anyhow::Error::msg)?.start(
+                prepared,
                 spec,
-                record.version,
-                kv,
-                row.events_handled,
+                StartInfo {
+                    version: record.version,
+                    kv,
+                    events_handled: row.events_handled,
+                },
             );
-            workloads.running.insert(row.name.clone(), handle);
+            workloads
+                .running
+                .insert(row.name.clone(), Running { tier, workload });
         }
         tracing::info!(
             version = record.version,
             "restored the last applied deployment"
         );
         Ok(true)
+    }
+
+    /// The runtime of a tier, or why this agent has none.
+    fn runtime(&self, tier: Tier) -> Result<&Arc<dyn Runtime>, String> {
+        self.inner
+            .runtimes
+            .get(&tier)
+            .ok_or_else(|| format!("this agent has no {tier} runtime"))
     }
 
     /// Validates a deployment file and applies it atomically.
@@ -187,10 +256,10 @@ impl Agent {
             .map_err(|e| ApiError::invalid(e.to_string()))?;
         // One deploy at a time; validation (compiling) happens before anything changes.
         let mut workloads = self.inner.workloads.lock().await;
-        let artifacts = self.load_artifacts(&parsed).await?;
+        let artifacts = self.prepare_all(&parsed).await?;
 
         let mut new_workloads = Vec::with_capacity(parsed.spec.workloads.len());
-        for (spec, artifact) in parsed.spec.workloads.iter().zip(&artifacts) {
+        for (spec, (_, artifact)) in parsed.spec.workloads.iter().zip(&artifacts) {
             new_workloads.push(NewWorkload {
                 name: spec.name.clone(),
                 spec_json: serde_json::to_string(spec)
@@ -228,8 +297,8 @@ impl Agent {
             .cloned()
             .collect();
         for name in gone {
-            if let Some(handle) = workloads.running.remove(&name) {
-                handle.stop().await;
+            if let Some(old) = workloads.running.remove(&name) {
+                old.workload.stop().await;
             }
             self.inner.ctx.logs.remove(&name);
             report.stopped.push(name);
@@ -238,19 +307,17 @@ impl Agent {
             .stopped
             .retain(|name, _| listed.contains(&name.as_str()));
 
-        for (spec, artifact) in parsed.spec.workloads.into_iter().zip(artifacts) {
+        for (spec, (tier, artifact)) in parsed.spec.workloads.into_iter().zip(artifacts) {
             let name = spec.name.clone();
             workloads.stopped.remove(&name);
             match workloads.running.get_mut(&name) {
-                Some(handle) if !handle.is_finished() => {
-                    if handle.spec == spec && handle.digest == artifact.digest() {
+                Some(current) if current.tier == tier && !current.workload.is_finished() => {
+                    let handle = &mut current.workload;
+                    if *handle.spec() == spec && handle.digest() == artifact.digest() {
                         report.unchanged.push(name);
                         continue;
                     }
-                    match handle
-                        .reload(&self.inner.ctx, artifact, spec, version)
-                        .await
-                    {
+                    match handle.update(artifact, spec, version).await {
                         Ok(()) => report.reloaded.push(name),
                         Err(message) => {
                             self.inner
@@ -261,12 +328,7 @@ impl Agent {
                             let text = format!(
                                 "reload to version {version} failed: {message}; the previous version keeps running"
                             );
-                            handle
-                                .stats
-                                .status
-                                .lock()
-                                .unwrap_or_else(|p| p.into_inner())
-                                .last_error = Some(text.clone());
+                            handle.note_error(text.clone());
                             self.inner.ctx.logs.agent_line(
                                 &name,
                                 lichen_host_apis::LogLevel::Error,
@@ -285,14 +347,24 @@ impl Agent {
                 }
                 _ => {
                     if let Some(old) = workloads.running.remove(&name) {
-                        old.stop().await;
+                        old.workload.stop().await;
                     }
                     let kv = self.store().load_kv(&name).map_err(|e| {
                         ApiError::internal(format!("cannot read state of {name:?}: {e}"))
                     })?;
-                    let handle =
-                        spawn_worker(self.inner.ctx.clone(), artifact, spec, version, kv, 0);
-                    workloads.running.insert(name.clone(), handle);
+                    let runtime = self.runtime(tier).map_err(ApiError::internal)?;
+                    let workload = runtime.start(
+                        artifact,
+                        spec,
+                        StartInfo {
+                            version,
+                            kv,
+                            events_handled: 0,
+                        },
+                    );
+                    workloads
+                        .running
+                        .insert(name.clone(), Running { tier, workload });
                     report.started.push(name);
                 }
             }
@@ -307,61 +379,46 @@ impl Agent {
         Ok(report)
     }
 
-    /// Resolves and compiles every workload's module; the first failure rejects the whole
-    /// deployment with the file, line and field of the workload that failed.
-    async fn load_artifacts(
+    /// Picks every workload's tier and prepares its artifact (compiles a module, imports an
+    /// image); the first failure rejects the whole deployment with the file, line and field of
+    /// the workload that failed, before anything changes.
+    async fn prepare_all(
         &self,
         parsed: &ParsedDeployment,
-    ) -> Result<Vec<Arc<Artifact>>, ApiError> {
-        let max_memory = self.inner.ctx.max_memory_bytes;
+    ) -> Result<Vec<(Tier, Prepared)>, ApiError> {
         let mut out = Vec::with_capacity(parsed.spec.workloads.len());
         for (index, spec) in parsed.spec.workloads.iter().enumerate() {
-            if let Some(memory) = spec.limits.memory_bytes
-                && memory > max_memory
-            {
-                return Err(ApiError::invalid(
-                    parsed
-                        .error_at(index, "limits.memory", format!(
-                            "{memory} bytes is more than this agent's per-instance maximum of {max_memory} bytes (wasm.max-memory in the agent config)"
-                        ))
-                        .to_string(),
-                ));
-            }
-            let loaded = match &spec.module {
-                ModuleRef::Path(path) => match tokio::fs::read(path).await {
-                    Ok(bytes) => self
-                        .inner
-                        .artifacts
-                        .add(bytes)
-                        .await
-                        .map_err(|e| format!("{}: {e:#}", path.display())),
-                    Err(e) => Err(format!("cannot read module file {}: {e}", path.display())),
-                },
-                ModuleRef::Digest(digest) => self
-                    .inner
-                    .artifacts
-                    .load(digest)
-                    .await
-                    .map_err(|e| format!("{e:#}")),
+            let invalid = |field: &str, message: String| {
+                ApiError::invalid(parsed.error_at(index, field, message).to_string())
             };
-            match loaded {
-                Ok(artifact) => out.push(artifact),
-                Err(message) => {
-                    return Err(ApiError::invalid(
-                        parsed.error_at(index, "module", message).to_string(),
-                    ));
-                }
-            }
+            let tier = self
+                .inner
+                .isolation
+                .select(spec)
+                .map_err(|message| invalid("isolation", message))?;
+            let runtime = self
+                .runtime(tier)
+                .map_err(|message| invalid("isolation", message))?;
+            let prepared = runtime
+                .prepare(spec, None)
+                .await
+                .map_err(|e| invalid(&e.field, e.message))?;
+            out.push((tier, prepared));
         }
         Ok(out)
+    }
+
+    /// What this agent's board and host can run (probed at start).
+    pub fn isolation(&self) -> &IsolationProbe {
+        &self.inner.isolation
     }
 
     /// Stops every workload (delivering `stop`).
     pub async fn shutdown(&self) {
         let mut workloads = self.inner.workloads.lock().await;
         let running = std::mem::take(&mut workloads.running);
-        for (_, handle) in running {
-            handle.stop().await;
+        for (_, old) in running {
+            old.workload.stop().await;
         }
         let lines = self.inner.ctx.logs.take_unpersisted();
         if !lines.is_empty() {
@@ -372,11 +429,12 @@ impl Agent {
     /// Queues an event for a workload without waiting for a reply (benchmarks, tests).
     pub async fn inject(&self, workload: &str, delivery: Delivery) -> Result<(), ApiError> {
         let workloads = self.inner.workloads.lock().await;
-        let handle = workloads
+        let running = workloads
             .running
             .get(workload)
             .ok_or_else(|| ApiError::not_found(format!("no workload named {workload:?}")))?;
-        handle
+        running
+            .workload
             .deliver(delivery, None)
             .await
             .map_err(ApiError::unavailable)
@@ -391,36 +449,15 @@ impl Agent {
                 workloads
                     .running
                     .get(name)
-                    .map(WorkerHandle::sender)
-                    .ok_or_else(|| ApiError::not_found(format!("no workload named {name:?}")))
+                    .and_then(|r| r.workload.event_sender())
+                    .ok_or_else(|| ApiError::not_found(format!("no wasm workload named {name:?}")))
             })
             .collect()
     }
 
-    fn status_of(handle: &WorkerHandle) -> WorkloadStatus {
-        let s = handle.stats.status();
-        WorkloadStatus {
-            name: handle.name.to_string(),
-            kind: if s.kind.is_empty() {
-                "wasm".into()
-            } else {
-                s.kind
-            },
-            state: if s.state.is_empty() {
-                "starting".into()
-            } else {
-                s.state
-            },
-            module_digest: format!("sha256:{}", s.digest),
-            deployment_version: s.version,
-            restarts: handle.stats.restarts.load(Ordering::Relaxed),
-            traps: handle.stats.traps.load(Ordering::Relaxed),
-            events_handled: handle.stats.events_handled.load(Ordering::Relaxed),
-            queue_depth: handle.queue_depth() as u64,
-            memory_bytes: handle.stats.memory_bytes.load(Ordering::Relaxed),
-            uptime_ms: s.started_at.map(|t| t.elapsed().as_millis() as u64),
-            last_error: s.last_error,
-        }
+    fn status_of(running: &Running) -> WorkloadStatus {
+        let tier = running.tier;
+        to_api_status(running.workload.name(), tier, running.workload.status())
     }
 
     async fn knows(&self, workload: &str) -> bool {
@@ -536,20 +573,21 @@ impl Control for Agent {
         let (reply_tx, reply_rx) = oneshot::channel();
         {
             let workloads = self.inner.workloads.lock().await;
-            let Some(handle) = workloads.running.get(workload) else {
+            let Some(running) = workloads.running.get(workload) else {
                 return Err(if workloads.stopped.contains_key(workload) {
                     ApiError::unavailable(format!("workload {workload:?} is stopped"))
                 } else {
                     ApiError::not_found(format!("no workload named {workload:?}"))
                 });
             };
-            let state = handle.stats.status().state;
+            let state = running.workload.status().state;
             if state == "failed" || state == "completed" {
                 return Err(ApiError::unavailable(format!(
                     "workload {workload:?} is {state} and takes no commands until it is deployed again"
                 )));
             }
-            handle
+            running
+                .workload
                 .try_deliver(
                     Delivery::Command {
                         id: id.clone(),
@@ -579,7 +617,7 @@ impl Control for Agent {
 
     async fn stop(&self, workload: &str) -> Result<(), ApiError> {
         let mut workloads = self.inner.workloads.lock().await;
-        let Some(handle) = workloads.running.remove(workload) else {
+        let Some(running) = workloads.running.remove(workload) else {
             return if workloads.stopped.contains_key(workload) {
                 Ok(())
             } else {
@@ -588,26 +626,14 @@ impl Control for Agent {
                 )))
             };
         };
-        let stats = handle.stats.clone();
-        let name = handle.name.clone();
-        let digest = handle.digest.clone();
-        let queue = handle.queue_depth();
-        handle.stop().await;
-        let s = stats.status();
-        let status = WorkloadStatus {
-            name: name.to_string(),
-            kind: s.kind,
-            state: "stopped".into(),
-            module_digest: format!("sha256:{digest}"),
-            deployment_version: s.version,
-            restarts: stats.restarts.load(Ordering::Relaxed),
-            traps: stats.traps.load(Ordering::Relaxed),
-            events_handled: stats.events_handled.load(Ordering::Relaxed),
-            queue_depth: queue as u64,
-            memory_bytes: 0,
-            uptime_ms: None,
-            last_error: s.last_error,
-        };
+        let tier = running.tier;
+        let before = running.workload.status();
+        running.workload.stop().await;
+        let mut status = to_api_status(workload, tier, before);
+        status.state = "stopped".into();
+        status.memory_bytes = 0;
+        status.pids = None;
+        status.uptime_ms = None;
         workloads
             .stopped
             .insert(workload.to_string(), Stopped { status });
@@ -625,5 +651,30 @@ impl Control for Agent {
             Err(_) => Vec::new(),
         };
         self.inner.ctx.metrics.render(&self.gauges(&statuses))
+    }
+}
+
+/// A runtime's status as a `ps` row.
+fn to_api_status(name: &str, tier: Tier, s: RuntimeStatus) -> WorkloadStatus {
+    WorkloadStatus {
+        name: name.to_string(),
+        kind: s.kind,
+        state: s.state,
+        module_digest: format!("sha256:{}", s.digest),
+        deployment_version: s.version,
+        restarts: s.restarts,
+        traps: s.traps,
+        events_handled: s.events_handled,
+        queue_depth: s.queue_depth,
+        memory_bytes: s.usage.memory_bytes.unwrap_or(0),
+        uptime_ms: s.uptime.map(|t| t.as_millis() as u64),
+        last_error: s.last_error,
+        isolation: tier.as_str().to_string(),
+        pids: s.usage.pids,
+        exit_code: s.exit.as_ref().and_then(|e| e.code),
+        oom_killed: s.exit.as_ref().is_some_and(|e| e.oom_killed),
+        exit_reason: s.exit.map(|e| e.reason),
+        runner: s.runner,
+        accelerator: s.accelerator,
     }
 }

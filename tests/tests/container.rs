@@ -418,3 +418,396 @@ async fn latency_of_true_per_runtime() {
         );
     }
 }
+
+// ---- container workloads deployed by file, through the real daemon ----
+
+use lichen_tests::{Daemon, guest, output_text};
+
+/// Whether an OCI runtime works here; prints why not when it is not even installed (and
+/// fails, like [`runtime`], when one is installed but broken).
+fn containers_work() -> bool {
+    let dir = tempfile::tempdir().expect("temp dir");
+    runtime(dir.path()).is_some()
+}
+
+/// `lichen logs NAME` as text.
+fn logs(daemon: &Daemon, name: &str) -> String {
+    output_text(&daemon.cli(&["logs", name]))
+}
+
+/// Stops the daemon with SIGTERM so its containers are stopped and deleted.
+fn finish(mut daemon: Daemon) {
+    daemon.stop().expect("the daemon stops on SIGTERM");
+}
+
+#[test]
+fn a_container_deployed_by_file_runs_and_its_output_reaches_lichen_logs() {
+    if !containers_work() {
+        return;
+    }
+    let daemon = Daemon::start().expect("daemon starts");
+    busybox_rootfs(daemon.dir.path());
+    let text = r#"
+[[workloads]]
+name = "hello"
+kind = "container"
+rootfs = "rootfs"
+command = ["/bin/sh", "-c", "echo hello from $WHERE; echo to stderr >&2; exit 0"]
+env = { WHERE = "a-container" }
+restart = "never"
+[workloads.limits]
+memory = "32MiB"
+cpus = 0.5
+pids = 32
+"#;
+    let out = daemon.deploy("deploy.toml", text);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let status = daemon.wait_for("hello", "completed", |s| s.state == "completed");
+    assert_eq!(status.kind, "container");
+    assert_eq!(status.isolation, "container");
+    assert_eq!(status.exit_code, Some(0));
+    assert!(!status.oom_killed);
+    assert!(
+        status.runner.as_deref() == Some("runc") || status.runner.as_deref() == Some("crun"),
+        "{status:?}"
+    );
+    let text = logs(&daemon, "hello");
+    assert!(text.contains("[stdout] hello from a-container"), "{text}");
+    assert!(text.contains("[stderr] to stderr"), "{text}");
+    assert!(text.contains("container exited with code 0"), "{text}");
+    // The table shows the kind too.
+    let table = output_text(&daemon.cli(&["ps"]));
+    assert!(
+        table.contains("hello") && table.contains("container"),
+        "{table}"
+    );
+    finish(daemon);
+}
+
+#[test]
+fn a_container_over_its_memory_limit_is_oom_killed_and_ps_says_so() {
+    if !containers_work() {
+        return;
+    }
+    let daemon = Daemon::start().expect("daemon starts");
+    busybox_rootfs(daemon.dir.path());
+    let text = r#"
+[[workloads]]
+name = "hog"
+kind = "container"
+rootfs = "rootfs"
+command = ["/bin/sh", "-c", "echo hogging; x=0123456789abcdef; while true; do x=\"$x$x\"; done"]
+restart = "never"
+[workloads.limits]
+memory = "16MiB"
+"#;
+    let out = daemon.deploy("deploy.toml", text);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let status = daemon.wait_for("hog", "failed", |s| s.state == "failed");
+    assert!(status.oom_killed, "{status:?}");
+    assert_eq!(status.exit_code, Some(137));
+    assert_eq!(
+        status.exit_reason.as_deref(),
+        Some("killed by the OOM killer at its memory limit (exit code 137)")
+    );
+    assert!(
+        status
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("OOM killer")),
+        "{status:?}"
+    );
+    assert!(logs(&daemon, "hog").contains("hogging"));
+    finish(daemon);
+}
+
+#[test]
+fn a_failing_container_is_restarted_with_back_off_and_stopped_when_removed() {
+    if !containers_work() {
+        return;
+    }
+    let daemon = Daemon::start().expect("daemon starts");
+    busybox_rootfs(daemon.dir.path());
+    let crashy = r#"
+[[workloads]]
+name = "crashy"
+kind = "container"
+rootfs = "rootfs"
+command = ["/bin/sh", "-c", "echo attempt; exit 3"]
+restart = "on-failure"
+
+[[workloads]]
+name = "sleeper"
+kind = "container"
+rootfs = "rootfs"
+command = ["/bin/sh", "-c", "echo sleeping; exec sleep 300"]
+"#;
+    let out = daemon.deploy("deploy.toml", crashy);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let status = daemon.wait_for("crashy", "3 restarts", |s| s.restarts >= 3);
+    assert_eq!(status.exit_code, Some(3));
+    assert!(logs(&daemon, "crashy").matches("[stdout] attempt").count() >= 3);
+    let sleeper = daemon.wait_for("sleeper", "running", |s| {
+        s.state == "running" && s.pids.unwrap_or(0) >= 1
+    });
+    assert!(sleeper.memory_bytes > 0, "{sleeper:?}");
+
+    // A deployment without them stops both; the sleeper's container is gone from runc.
+    let out = daemon.deploy("deploy.toml", "workloads = []\n");
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(daemon.ps().is_empty());
+    let state_root = daemon.state_dir().join("containers/state");
+    let left: Vec<_> = std::fs::read_dir(&state_root)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        left.is_empty(),
+        "containers left in {state_root:?}: {left:?}"
+    );
+    finish(daemon);
+}
+
+#[test]
+fn an_isolation_this_host_lacks_is_refused_naming_the_missing_piece() {
+    // The daemon's PATH has no crun or runc: the probe honestly finds no OCI runtime.
+    let daemon = Daemon::start_with(&[], Some("export PATH=/nonexistent")).expect("daemon starts");
+    let good = format!(
+        "[[workloads]]\nname = \"counter\"\nmodule = \"{}\"\n",
+        guest("counter").display()
+    );
+    let out = daemon.deploy("deploy.toml", &good);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let before = daemon.status("counter").expect("counter runs");
+
+    let text = format!(
+        "{good}\n[[workloads]]\nname = \"box\"\nkind = \"container\"\nrootfs = \"rootfs\"\ncommand = [\"/bin/true\"]\n"
+    );
+    let out = daemon.deploy("mixed.toml", &text);
+    assert!(!out.status.success());
+    let message = output_text(&out);
+    assert!(
+        message.contains("mixed.toml:5:1: workloads[1].isolation: \"container\" isolation needs a working OCI runtime: crun is not installed; runc is not installed"),
+        "{message}"
+    );
+    // A microVM is refused too, with its own missing piece.
+    let out = daemon.deploy(
+        "vm.toml",
+        &format!("{good}isolation = \"strongest\"\n\n[[workloads]]\nname = \"box\"\nkind = \"container\"\nisolation = \"strongest\"\nrootfs = \"rootfs\"\ncommand = [\"/bin/true\"]\n"),
+    );
+    assert!(!out.status.success());
+    assert!(
+        output_text(&out).contains("workloads[1].isolation: \"container\" isolation needs"),
+        "{}",
+        output_text(&out)
+    );
+    // Nothing changed.
+    let rows = daemon.ps();
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0].deployment_version, before.deployment_version);
+    let doctor = output_text(&daemon.cli(&["doctor"]));
+    assert!(doctor.contains("isolation container"), "{doctor}");
+    finish(daemon);
+}
+
+#[test]
+fn a_mixed_deployment_applies_atomically() {
+    if !containers_work() {
+        return;
+    }
+    let daemon = Daemon::start().expect("daemon starts");
+    busybox_rootfs(daemon.dir.path());
+    let counter = guest("counter");
+    let v1 = format!(
+        r#"
+[[workloads]]
+name = "counter"
+module = "{}"
+triggers = [{{ interval = "50ms" }}]
+
+[[workloads]]
+name = "box"
+kind = "container"
+rootfs = "rootfs"
+command = ["/bin/sh", "-c", "echo box v1; exec sleep 300"]
+"#,
+        counter.display()
+    );
+    let out = daemon.deploy("deploy.toml", &v1);
+    assert!(out.status.success(), "{}", output_text(&out));
+    daemon.wait_for("box", "running", |s| s.state == "running");
+    daemon.wait_for("counter", "running", |s| s.state == "running");
+    let version = daemon.status("box").expect("box").deployment_version;
+
+    // A bad container image rejects the whole: the wasm change beside it is not applied.
+    let bad_image = format!(
+        "[[workloads]]\nname = \"counter2\"\nmodule = \"{}\"\n\n[[workloads]]\nname = \"box\"\nkind = \"container\"\nimage = \"no-such-image\"\n",
+        counter.display()
+    );
+    let out = daemon.deploy("bad.toml", &bad_image);
+    assert!(!out.status.success());
+    let message = output_text(&out);
+    assert!(
+        message.contains("bad.toml:8:1: workloads[1].image: cannot read image"),
+        "{message}"
+    );
+    // A bad wasm module rejects the whole: the new container is not started.
+    let bad_module = "[[workloads]]\nname = \"box2\"\nkind = \"container\"\nrootfs = \"rootfs\"\ncommand = [\"/bin/true\"]\n\n[[workloads]]\nname = \"counter\"\nmodule = \"missing.wasm\"\n";
+    let out = daemon.deploy("bad2.toml", bad_module);
+    assert!(!out.status.success());
+    assert!(
+        output_text(&out).contains("workloads[1].module: cannot read module file"),
+        "{}",
+        output_text(&out)
+    );
+    let names: Vec<String> = daemon.ps().into_iter().map(|s| s.name).collect();
+    assert_eq!(names, vec!["box", "counter"]);
+    assert!(daemon.ps().iter().all(|s| s.deployment_version == version));
+    assert!(!logs(&daemon, "box").contains("box v2"));
+
+    // A good change restarts the container with its new command; the counter is unchanged.
+    let v2 = v1.replace("box v1", "box v2");
+    let out = daemon.deploy("deploy.toml", &v2);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let report = output_text(&out);
+    assert!(report.contains("reloaded   box"), "{report}");
+    assert!(report.contains("unchanged  counter"), "{report}");
+    daemon.wait_for("box", "v2 running", |s| {
+        s.state == "running" && s.deployment_version > version
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !logs(&daemon, "box").contains("box v2") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(logs(&daemon, "box").contains("[stdout] box v2"));
+    finish(daemon);
+}
+
+/// Writes an OCI image layout of `rootfs` (one gzip-less layer) with an entrypoint, default
+/// arguments and an environment variable, as a registry-free `docker save`-like tool would.
+fn oci_layout(dir: &Path, rootfs: &Path) -> PathBuf {
+    use sha2::Digest as _;
+    let layout = dir.join("hello-oci");
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).expect("blobs dir");
+    let put = |bytes: &[u8], media: &str| -> serde_json::Value {
+        let hex = hex::encode(sha2::Sha256::digest(bytes));
+        std::fs::write(blobs.join(&hex), bytes).expect("write blob");
+        serde_json::json!({"mediaType": media, "digest": format!("sha256:{hex}"), "size": bytes.len()})
+    };
+    let mut builder = tar::Builder::new(Vec::new());
+    builder.follow_symlinks(false);
+    builder.append_dir_all(".", rootfs).expect("tar the rootfs");
+    let layer = builder.into_inner().expect("layer tar");
+    let layer_desc = put(&layer, "application/vnd.oci.image.layer.v1.tar");
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux",
+        "config": {
+            "Entrypoint": ["/bin/sh", "-c"],
+            "Cmd": ["echo image says $GREETING"],
+            "Env": ["PATH=/bin", "GREETING=hello-from-the-image"]
+        },
+        "rootfs": {"type": "layers", "diff_ids": [layer_desc["digest"].clone()]}
+    });
+    let config_desc = put(
+        &serde_json::to_vec(&config).expect("json"),
+        "application/vnd.oci.image.config.v1+json",
+    );
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": config_desc,
+        "layers": [layer_desc]
+    });
+    let manifest_desc = put(
+        &serde_json::to_vec(&manifest).expect("json"),
+        "application/vnd.oci.image.manifest.v1+json",
+    );
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [manifest_desc]}))
+            .expect("json"),
+    )
+    .expect("index.json");
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .expect("oci-layout");
+    layout
+}
+
+#[test]
+fn an_oci_layout_image_is_imported_by_digest_and_runs() {
+    if !containers_work() {
+        return;
+    }
+    let daemon = Daemon::start().expect("daemon starts");
+    let scratch = tempfile::tempdir().expect("temp dir");
+    let rootfs = busybox_rootfs(scratch.path());
+    let layout = oci_layout(daemon.dir.path(), &rootfs);
+    let manifest_digest = {
+        let index: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(layout.join("index.json")).expect("index"))
+                .expect("json");
+        index["manifests"][0]["digest"]
+            .as_str()
+            .expect("digest")
+            .to_string()
+    };
+    // The layout as a tarball too.
+    let tarball = daemon.dir.path().join("hello-oci.tar");
+    let status = Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(&tarball)
+        .arg(".")
+        .status()
+        .expect("tar runs");
+    assert!(status.success());
+
+    let text = r#"
+[[workloads]]
+name = "from-dir"
+kind = "container"
+image = "hello-oci"
+restart = "never"
+
+[[workloads]]
+name = "from-tar"
+kind = "container"
+image = "hello-oci.tar"
+args = ["echo args replaced; echo $GREETING"]
+restart = "never"
+"#;
+    let out = daemon.deploy("deploy.toml", text);
+    assert!(out.status.success(), "{}", output_text(&out));
+    for name in ["from-dir", "from-tar"] {
+        let status = daemon.wait_for(name, "completed", |s| s.state == "completed");
+        assert_eq!(
+            status.module_digest, manifest_digest,
+            "content-addressed by manifest"
+        );
+    }
+    let dir_logs = logs(&daemon, "from-dir");
+    assert!(
+        dir_logs.contains("[stdout] image says hello-from-the-image"),
+        "{dir_logs}"
+    );
+    let tar_logs = logs(&daemon, "from-tar");
+    assert!(tar_logs.contains("[stdout] args replaced"), "{tar_logs}");
+    assert!(
+        tar_logs.contains("[stdout] hello-from-the-image"),
+        "{tar_logs}"
+    );
+    let hex = manifest_digest.trim_start_matches("sha256:");
+    assert!(
+        daemon
+            .state_dir()
+            .join("images")
+            .join(hex)
+            .join("rootfs/bin/busybox")
+            .is_file()
+    );
+    finish(daemon);
+}

@@ -500,6 +500,7 @@ mod tests {
                 memory_bytes: 65536,
                 uptime_ms: Some(1500),
                 last_error: None,
+                ..Default::default()
             }]
         }
         async fn logs(&self, workload: &str, tail: usize) -> Result<Vec<LogLine>, ApiError> {

@@ -40,11 +40,12 @@ pub struct WorkloadFailure {
 }
 
 /// One row of `ps`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct WorkloadStatus {
     /// The workload's name.
     pub name: String,
-    /// Runtime kind: `wasm` (component) or `wasi-command` (preview-1 command module).
+    /// What runs: `wasm` (component), `wasi-command` (preview-1 command module), `container`
+    /// or `microvm`.
     pub kind: String,
     /// `starting`, `running`, `backoff`, `failed`, `stopped` or `completed`.
     pub state: String,
@@ -64,8 +65,29 @@ pub struct WorkloadStatus {
     pub memory_bytes: u64,
     /// Milliseconds since the running instance started, if one runs.
     pub uptime_ms: Option<u64>,
-    /// The last failure (trap, init error, failed reload), if any.
+    /// The last failure (trap, init error, failed reload, container exit), if any.
     pub last_error: Option<String>,
+    /// The isolation tier it runs in: `wasm`, `container` or `microvm`.
+    #[serde(default)]
+    pub isolation: String,
+    /// Processes and threads in it now (containers).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u64>,
+    /// Exit code of its last run, when it ended with one (containers, microVMs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Whether its last run was killed by the OOM killer at its memory limit.
+    #[serde(default)]
+    pub oom_killed: bool,
+    /// Why its last run ended, in words.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_reason: Option<String>,
+    /// The program that runs it (`runc`, `crun`, `qemu-system-x86_64`), for non-Wasm kinds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runner: Option<String>,
+    /// MicroVMs: the accelerator in use (`kvm` or `tcg`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub accelerator: Option<String>,
 }
 
 /// A line a guest logged (or that the agent logged about it).

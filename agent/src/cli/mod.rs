@@ -538,9 +538,14 @@ fn write_ps(out: &mut Vec<u8>, workloads: &[WorkloadStatus]) {
             (0, None) => "-".to_string(),
             (bytes, _) => render::bytes(bytes),
         };
+        // A microVM shows its accelerator: `microvm (tcg)`.
+        let kind = match &w.accelerator {
+            Some(accel) => format!("{} ({accel})", w.kind),
+            None => w.kind.clone(),
+        };
         table.row(vec![
             w.name.clone(),
-            w.kind.clone(),
+            kind,
             w.state.clone(),
             w.restarts.to_string(),
             w.traps.to_string(),
@@ -720,6 +725,7 @@ mod tests {
             memory_bytes: 131_072,
             uptime_ms: Some(312_000),
             last_error: Some("wasm trap:\nunreachable".into()),
+            ..Default::default()
         };
         let out = text(|out| write_ps(out, &[status]));
         let mut lines = out.lines();

@@ -34,6 +34,30 @@
 //! i2c = [{ name = "env", bus = "i2c-1", addresses = [0x48] }]  # 7-bit addresses
 //! ```
 //!
+//! Container workloads (`kind = "container"`) run an OCI image or a plain root filesystem
+//! through crun or runc, read-only, without network, under cgroup limits:
+//!
+//! ```toml
+//! [[workloads]]
+//! name = "hello"
+//! kind = "container"             # wasm (default) | container
+//! image = "hello-oci"            # OCI layout directory or tarball (.tar, .tar.gz, .tgz),
+//! # rootfs = "rootfs"            #   or a plain root filesystem directory (one of the two)
+//! command = ["/bin/sh", "-c"]    # replaces the image's entrypoint
+//! args = ["echo hello"]          # replaces the image's default arguments
+//! env = { MODE = "test" }        # added to the image's environment
+//! isolation = "container"        # wasm | container | microvm | strongest (default: the kind's)
+//! restart = "on-failure"         # restarts with back-off 100ms doubling to 30s
+//! gpio = [{ name = "led", pin = "GPIO17", mode = "output" }]  # the pin's /dev/gpiochipN
+//! [workloads.limits]
+//! memory = "32MiB"
+//! cpus = 0.5                     # CPU quota in cores, at least 0.01
+//! pids = 64
+//! ```
+//!
+//! `triggers`, `config`, `time-slice` and `queue` apply to Wasm workloads only; `command`,
+//! `args`, `env`, `cpus` and `pids` to containers only.
+//!
 //! Logical names follow the workload-name pattern and are unique within a workload. Pins and
 //! buses are checked against the agent's board profile at deploy (`crate::grants`).
 //!
@@ -56,7 +80,7 @@
 //!
 //! let text = "[[workloads]]\nname = \"counter\"\nmodule = \"counter.wasm\"\n";
 //! let parsed = deployment::parse("deploy.toml", text, Path::new("/srv")).unwrap();
-//! assert_eq!(parsed.spec.workloads[0].module, ModuleRef::Path("/srv/counter.wasm".into()));
+//! assert_eq!(parsed.spec.workloads[0].module, Some(ModuleRef::Path("/srv/counter.wasm".into())));
 //!
 //! let error = deployment::parse("deploy.toml", "[[workloads]]\nname = \"Bad\"\n", Path::new("."))
 //!     .unwrap_err();
@@ -73,8 +97,9 @@ mod validate;
 use std::path::Path;
 
 pub use spec::{
-    DeploymentSpec, GpioEdgeTrigger, GpioGrantSpec, GpioMode, I2cGrantSpec, Limits, ModuleRef,
-    RestartPolicy, SpiGrantSpec, Trigger, WorkloadSpec,
+    ContainerWorkload, DeploymentSpec, GpioEdgeTrigger, GpioGrantSpec, GpioMode, I2cGrantSpec,
+    ImageRef, IsolationChoice, Limits, ModuleRef, RestartPolicy, SpiGrantSpec, Trigger,
+    WorkloadKind, WorkloadSpec,
 };
 
 use locate::{LineIndex, SourceMap};

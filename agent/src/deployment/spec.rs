@@ -23,14 +23,25 @@ pub struct DeploymentSpec {
     pub workloads: Vec<WorkloadSpec>,
 }
 
-/// One workload: a Wasm module with its configuration, triggers, limits and restart policy.
+/// One workload: a Wasm module (or, for `kind = "container"`, an OCI image or rootfs) with its
+/// configuration, triggers, limits and restart policy.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct WorkloadSpec {
     /// Unique name within the deployment: `[a-z0-9][a-z0-9-]{0,62}`.
     pub name: String,
-    /// Where the module comes from.
-    pub module: ModuleRef,
+    /// What the artifact is: a Wasm module (the default) or a container image.
+    #[serde(default, skip_serializing_if = "WorkloadKind::is_wasm")]
+    pub kind: WorkloadKind,
+    /// The isolation tier the file asks for; `None` means the kind's own tier.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<IsolationChoice>,
+    /// Where the Wasm module comes from (`wasm` workloads; `None` for the other kinds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub module: Option<ModuleRef>,
+    /// The image, command and environment of a `container` workload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub container: Option<ContainerWorkload>,
     /// Configuration values handed to the module (`wasi:config`); numbers and booleans of the
     /// file are kept as their text.
     #[serde(default)]
@@ -118,6 +129,87 @@ pub struct I2cGrantSpec {
     pub addresses: Vec<u16>,
 }
 
+/// What a workload's artifact is; it decides which isolation tiers can run it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WorkloadKind {
+    /// A Wasm component or WASI command module (`module = ...`).
+    #[default]
+    Wasm,
+    /// An OCI image or a plain root filesystem with a command (`image = ...` or `rootfs = ...`).
+    Container,
+}
+
+impl WorkloadKind {
+    /// The kind's name in files and `ps`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkloadKind::Wasm => "wasm",
+            WorkloadKind::Container => "container",
+        }
+    }
+
+    fn is_wasm(&self) -> bool {
+        *self == WorkloadKind::Wasm
+    }
+}
+
+/// The isolation a workload asks for (`isolation = "..."`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IsolationChoice {
+    /// In the agent's Wasmtime engine.
+    Wasm,
+    /// In an OCI container through crun or runc.
+    Container,
+    /// In a QEMU microVM.
+    Microvm,
+    /// The strongest tier that the board offers, the host can run and the artifact can run
+    /// in (see `crate::runtime::isolation`).
+    Strongest,
+}
+
+impl IsolationChoice {
+    /// The name used in files.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            IsolationChoice::Wasm => "wasm",
+            IsolationChoice::Container => "container",
+            IsolationChoice::Microvm => "microvm",
+            IsolationChoice::Strongest => "strongest",
+        }
+    }
+}
+
+/// A `container` workload's image, command and environment.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct ContainerWorkload {
+    /// Where the root filesystem comes from.
+    pub image: ImageRef,
+    /// Replaces the image's entrypoint (`None`: the image's, which a plain rootfs lacks).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// Replaces the image's default arguments (`None`: the image's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
+    /// Environment variables added to the image's.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+}
+
+/// Where a container's root filesystem comes from; paths are already joined with the file's
+/// directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ImageRef {
+    /// An OCI image layout: a directory holding `oci-layout` and `index.json`, or a tarball of
+    /// one (`.tar`, `.tar.gz`, `.tgz`); imported into the agent's store by digest.
+    Oci(PathBuf),
+    /// A plain root filesystem directory, used in place (never written to).
+    Rootfs(PathBuf),
+}
+
 /// A reference to a Wasm module: a file on disk or a digest in the artifact store.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -184,6 +276,12 @@ pub struct Limits {
     /// Maximum number of queued events (at least 1).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<usize>,
+    /// Containers: CPU quota in thousandths of a core (`cpus = 0.5` is 500).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_millis: Option<u32>,
+    /// Containers: most processes and threads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pids: Option<u32>,
 }
 
 /// What the agent does when a workload's call fails or the workload ends.

@@ -60,6 +60,7 @@ fn toml_and_json_examples_give_equal_specs() {
             memory_bytes: Some(16 * 1024 * 1024),
             time_slice: Some(Duration::from_millis(100)),
             queue: Some(64),
+            ..Limits::default()
         }
     );
     let thermostat = &from_toml.workloads[1];
@@ -83,12 +84,12 @@ fn relative_module_path_is_joined_with_base_dir() {
     let spec = ok("deploy.toml", EXAMPLE_TOML).spec;
     assert_eq!(
         spec.workloads[0].module,
-        ModuleRef::Path(PathBuf::from("/srv/demo/counter.wasm"))
+        Some(ModuleRef::Path(PathBuf::from("/srv/demo/counter.wasm")))
     );
     let text = "[[workloads]]\nname = \"a\"\nmodule = \"/opt/a.wasm\"\n";
     assert_eq!(
         ok("deploy.toml", text).spec.workloads[0].module,
-        ModuleRef::Path(PathBuf::from("/opt/a.wasm"))
+        Some(ModuleRef::Path(PathBuf::from("/opt/a.wasm")))
     );
 }
 
@@ -101,7 +102,7 @@ fn digest_reference_is_parsed_and_lowercased() {
     );
     assert_eq!(
         ok("deploy.toml", &text).spec.workloads[0].module,
-        ModuleRef::Digest(hex)
+        Some(ModuleRef::Digest(hex))
     );
 }
 
@@ -567,7 +568,7 @@ fn error_at_locates_fields_of_the_right_workload() {
 #[test]
 fn spec_round_trips_through_serde_json() {
     let mut spec = ok("deploy.toml", EXAMPLE_TOML).spec;
-    spec.workloads[1].module = ModuleRef::Digest("0f".repeat(32));
+    spec.workloads[1].module = Some(ModuleRef::Digest("0f".repeat(32)));
     spec.workloads[1].limits.time_slice = Some(Duration::from_micros(1500));
     let text = serde_json::to_string(&spec).expect("a spec serializes");
     let back: DeploymentSpec = serde_json::from_str(&text).expect("a serialized spec reads back");
@@ -580,4 +581,135 @@ fn spec_round_trips_through_serde_json() {
         let back: WorkloadSpec = serde_json::from_str(&text).expect("reads back");
         assert_eq!(&back, workload);
     }
+}
+
+// ---- container workloads ----
+
+fn container(body: &str) -> String {
+    format!("[[workloads]]\nname = \"box\"\nkind = \"container\"\n{body}")
+}
+
+#[test]
+fn a_container_workload_parses_with_image_command_env_and_limits() {
+    let text = container(
+        "image = \"images/hello\"\ncommand = [\"/bin/sh\", \"-c\"]\nargs = [\"echo hi\"]\n\
+         env = { MODE = \"test\" }\nisolation = \"strongest\"\n\
+         [workloads.limits]\nmemory = \"32MiB\"\ncpus = 0.5\npids = 64\n",
+    );
+    let spec = ok("deploy.toml", &text).spec;
+    let w = &spec.workloads[0];
+    assert_eq!(w.kind, WorkloadKind::Container);
+    assert_eq!(w.module, None);
+    assert_eq!(w.isolation, Some(IsolationChoice::Strongest));
+    let c = w.container.as_ref().expect("container part");
+    assert_eq!(
+        c.image,
+        ImageRef::Oci(PathBuf::from("/srv/demo/images/hello"))
+    );
+    assert_eq!(
+        c.command.as_deref(),
+        Some(&["/bin/sh".to_string(), "-c".to_string()][..])
+    );
+    assert_eq!(c.args.as_deref(), Some(&["echo hi".to_string()][..]));
+    assert_eq!(c.env["MODE"], "test");
+    assert_eq!(w.limits.memory_bytes, Some(32 << 20));
+    assert_eq!(w.limits.cpu_millis, Some(500));
+    assert_eq!(w.limits.pids, Some(64));
+    // The stored form reads back equal, and a wasm spec's stored form has no new keys.
+    let json = serde_json::to_string(w).expect("serializes");
+    assert_eq!(
+        &serde_json::from_str::<WorkloadSpec>(&json).expect("reads back"),
+        w
+    );
+    let wasm = serde_json::to_string(&ok("deploy.toml", &workload("")).spec.workloads[0])
+        .expect("serializes");
+    assert!(
+        !wasm.contains("kind") && !wasm.contains("container"),
+        "{wasm}"
+    );
+}
+
+#[test]
+fn container_mistakes_are_located() {
+    // A rootfs has no entrypoint: a command is required.
+    let e = err("deploy.toml", &container("rootfs = \"rootfs\"\n"));
+    assert_error(
+        &e,
+        1,
+        "workloads[0].command",
+        &["plain rootfs has no entrypoint"],
+    );
+    // Neither image nor rootfs.
+    let e = err("deploy.toml", &container("command = [\"/bin/true\"]\n"));
+    assert_error(&e, 1, "workloads[0].image", &["`image`", "`rootfs`"]);
+    // Both.
+    let e = err(
+        "deploy.toml",
+        &container("image = \"a\"\nrootfs = \"b\"\ncommand = [\"/bin/true\"]\n"),
+    );
+    assert_error(&e, 5, "workloads[0].rootfs", &["not both", "line 4"]);
+    // Wasm-only fields on a container, container-only fields on wasm.
+    let e = err(
+        "deploy.toml",
+        &container(
+            "rootfs = \"r\"\ncommand = [\"/bin/true\"]\ntriggers = [{ interval = \"1s\" }]\n",
+        ),
+    );
+    assert_error(
+        &e,
+        6,
+        "workloads[0].triggers",
+        &["applies to wasm workloads only"],
+    );
+    let e = err("deploy.toml", &workload("command = [\"/bin/true\"]\n"));
+    assert_error(
+        &e,
+        4,
+        "workloads[0].command",
+        &["applies to container workloads only"],
+    );
+    let e = err("deploy.toml", &workload("[workloads.limits]\npids = 3\n"));
+    assert_error(
+        &e,
+        5,
+        "workloads[0].limits.pids",
+        &["container workloads only"],
+    );
+    let e = err(
+        "deploy.toml",
+        &container("rootfs = \"r\"\ncommand = [\"/bin/true\"]\n[workloads.limits]\nqueue = 3\n"),
+    );
+    assert_error(&e, 7, "workloads[0].limits.queue", &["wasm workloads only"]);
+    // Empty command, bad quota, bad kind, isolation the artifact cannot run in.
+    let e = err("deploy.toml", &container("rootfs = \"r\"\ncommand = []\n"));
+    assert_error(&e, 5, "workloads[0].command", &["the command is empty"]);
+    let e = err(
+        "deploy.toml",
+        &container("rootfs = \"r\"\ncommand = [\"/bin/true\"]\n[workloads.limits]\ncpus = 0.001\n"),
+    );
+    assert_error(&e, 7, "workloads[0].limits.cpus", &["at least 0.01 cores"]);
+    let e = err(
+        "deploy.toml",
+        "[[workloads]]\nname = \"a\"\nkind = \"vm\"\n",
+    );
+    assert_error(
+        &e,
+        3,
+        "workloads[0].kind",
+        &["unknown kind \"vm\"", "\"container\""],
+    );
+    let e = err("deploy.toml", &workload("isolation = \"container\"\n"));
+    assert_error(
+        &e,
+        4,
+        "workloads[0].isolation",
+        &["a wasm module cannot run in \"container\" isolation"],
+    );
+    let e = err("deploy.toml", &workload("isolation = \"vm\"\n"));
+    assert_error(
+        &e,
+        4,
+        "workloads[0].isolation",
+        &["unknown isolation \"vm\""],
+    );
 }

@@ -8,15 +8,51 @@ use std::time::Duration;
 use super::DeploymentError;
 use super::locate::{LineIndex, Location, SourceMap};
 use super::spec::{
-    DeploymentSpec, GpioEdgeTrigger, GpioGrantSpec, GpioMode, I2cGrantSpec, Limits, ModuleRef,
-    RestartPolicy, SpiGrantSpec, Trigger, WorkloadSpec,
+    ContainerWorkload, DeploymentSpec, GpioEdgeTrigger, GpioGrantSpec, GpioMode, I2cGrantSpec,
+    ImageRef, IsolationChoice, Limits, ModuleRef, RestartPolicy, SpiGrantSpec, Trigger,
+    WorkloadKind, WorkloadSpec,
 };
 use super::tree::{Entry, Format, Node, Value};
 
 const TOP_FIELDS: &[&str] = &["description", "workloads"];
 const WORKLOAD_FIELDS: &[&str] = &[
-    "name", "module", "restart", "triggers", "config", "limits", "gpio", "spi", "i2c",
+    "name",
+    "kind",
+    "isolation",
+    "module",
+    "image",
+    "rootfs",
+    "command",
+    "args",
+    "env",
+    "restart",
+    "triggers",
+    "config",
+    "limits",
+    "gpio",
+    "spi",
+    "i2c",
 ];
+/// Workload fields that only Wasm workloads take.
+const WASM_ONLY_FIELDS: &[&str] = &["module", "triggers", "config"];
+/// Workload fields that only container workloads take.
+const CONTAINER_ONLY_FIELDS: &[&str] = &["image", "rootfs", "command", "args", "env"];
+/// Limits that only Wasm workloads take.
+const WASM_ONLY_LIMITS: &[&str] = &["time-slice", "queue"];
+/// Limits that only container workloads take.
+const CONTAINER_ONLY_LIMITS: &[&str] = &["cpus", "pids"];
+const KINDS: &[(&str, WorkloadKind)] = &[
+    ("wasm", WorkloadKind::Wasm),
+    ("container", WorkloadKind::Container),
+];
+const ISOLATIONS: &[(&str, IsolationChoice)] = &[
+    ("wasm", IsolationChoice::Wasm),
+    ("container", IsolationChoice::Container),
+    ("microvm", IsolationChoice::Microvm),
+    ("strongest", IsolationChoice::Strongest),
+];
+/// Smallest CPU quota, in thousandths of a core.
+const MIN_CPU_MILLIS: f64 = 10.0;
 const GPIO_FIELDS: &[&str] = &["name", "pin", "mode", "initial", "bias", "edge", "debounce"];
 const GPIO_INPUT_ONLY: &[&str] = &["bias", "edge", "debounce"];
 const SPI_FIELDS: &[&str] = &["name", "bus", "max-hz"];
@@ -25,7 +61,7 @@ const I2C_FIELDS: &[&str] = &["name", "bus", "addresses"];
 const DEFAULT_SPI_HZ: u32 = 1_000_000;
 /// Highest 7-bit I2C address.
 const MAX_I2C_ADDRESS: i128 = 0x7f;
-const LIMIT_FIELDS: &[&str] = &["memory", "time-slice", "queue"];
+const LIMIT_FIELDS: &[&str] = &["memory", "time-slice", "queue", "cpus", "pids"];
 const TRIGGER_KINDS: &[&str] = &["interval", "gpio-edge"];
 /// Options a `gpio-edge` trigger takes beside its kind.
 const EDGE_TRIGGER_OPTIONS: &[&str] = &["edge", "debounce"];
@@ -147,16 +183,40 @@ impl Checker<'_> {
         check_name(name)
             .map_err(|message| self.error(name_node.span.start, &path("name"), message))?;
 
-        let module_node = &self
-            .required(
-                node,
-                entries,
-                &prefix,
-                "module",
-                "every workload needs a module: a path to a .wasm file or \"sha256:<64 hex digits>\"",
-            )?
-            .value;
-        let module = self.module(module_node, &path("module"))?;
+        let kind = match find(entries, "kind") {
+            Some(entry) => self.choice(&entry.value, &path("kind"), "kind", KINDS)?,
+            None => WorkloadKind::Wasm,
+        };
+        let isolation = match find(entries, "isolation") {
+            Some(entry) => {
+                let choice =
+                    self.choice(&entry.value, &path("isolation"), "isolation", ISOLATIONS)?;
+                if let Some(why) = isolation_mismatch(kind, choice) {
+                    return Err(self.error(entry.value.span.start, &path("isolation"), why));
+                }
+                Some(choice)
+            }
+            None => None,
+        };
+        let (module, container) = match kind {
+            WorkloadKind::Wasm => {
+                self.kind_only(entries, &prefix, CONTAINER_ONLY_FIELDS, "container")?;
+                let module_node = &self
+                    .required(
+                        node,
+                        entries,
+                        &prefix,
+                        "module",
+                        "every workload needs a module: a path to a .wasm file or \"sha256:<64 hex digits>\"",
+                    )?
+                    .value;
+                (Some(self.module(module_node, &path("module"))?), None)
+            }
+            WorkloadKind::Container => {
+                self.kind_only(entries, &prefix, WASM_ONLY_FIELDS, "wasm")?;
+                (None, Some(self.container(node, entries, &prefix)?))
+            }
+        };
 
         let restart = match find(entries, "restart") {
             Some(entry) => self.restart(&entry.value, &path("restart"))?,
@@ -171,7 +231,17 @@ impl Checker<'_> {
             None => BTreeMap::new(),
         };
         let limits = match find(entries, "limits") {
-            Some(entry) => self.limits(&entry.value, &path("limits"))?,
+            Some(entry) => {
+                let limits = self.limits(&entry.value, &path("limits"))?;
+                if let Value::Table(limit_entries) = &entry.value.value {
+                    let (others, other_kind) = match kind {
+                        WorkloadKind::Wasm => (CONTAINER_ONLY_LIMITS, "container"),
+                        WorkloadKind::Container => (WASM_ONLY_LIMITS, "wasm"),
+                    };
+                    self.kind_only(limit_entries, &path("limits"), others, other_kind)?;
+                }
+                limits
+            }
             None => Limits::default(),
         };
 
@@ -192,7 +262,10 @@ impl Checker<'_> {
 
         let spec = WorkloadSpec {
             name: name.to_owned(),
+            kind,
+            isolation,
             module,
+            container,
             config,
             triggers,
             limits,
@@ -735,7 +808,202 @@ impl Checker<'_> {
         if let Some(entry) = find(entries, "queue") {
             limits.queue = Some(self.queue(&entry.value, &format!("{path}.queue"))?);
         }
+        if let Some(entry) = find(entries, "cpus") {
+            limits.cpu_millis = Some(self.cpus(&entry.value, &format!("{path}.cpus"))?);
+        }
+        if let Some(entry) = find(entries, "pids") {
+            let field = format!("{path}.pids");
+            let Value::Integer(pids) = entry.value.value else {
+                return Err(self.expected(&entry.value, &field, "a whole number of processes"));
+            };
+            limits.pids = Some(match u32::try_from(pids) {
+                Ok(pids) if pids >= 1 => pids,
+                _ => {
+                    return Err(self.error(
+                        entry.value.span.start,
+                        &field,
+                        format!("invalid pids limit {pids}: it must be at least 1"),
+                    ));
+                }
+            });
+        }
         Ok(limits)
+    }
+
+    fn cpus(&self, node: &Node, path: &str) -> Result<u32> {
+        let cores = match &node.value {
+            Value::Integer(integer) => *integer as f64,
+            Value::Float(text) => text.parse::<f64>().unwrap_or(f64::NAN),
+            _ => return Err(self.expected(node, path, "a number of cores such as 0.5")),
+        };
+        let millis = cores * 1000.0;
+        if !(millis.is_finite() && (MIN_CPU_MILLIS..=f64::from(u32::MAX)).contains(&millis)) {
+            return Err(self.error(
+                node.span.start,
+                path,
+                format!("invalid CPU quota {cores}: it must be at least 0.01 cores"),
+            ));
+        }
+        Ok(millis.round() as u32)
+    }
+
+    /// A string that must be one of `choices`.
+    fn choice<T: Copy>(
+        &self,
+        node: &Node,
+        path: &str,
+        noun: &str,
+        choices: &[(&str, T)],
+    ) -> Result<T> {
+        let text = self.string(node, path, "a string")?;
+        choices
+            .iter()
+            .find(|(name, _)| *name == text)
+            .map(|(_, value)| *value)
+            .ok_or_else(|| {
+                let expected = choices
+                    .iter()
+                    .map(|(name, _)| format!("\"{name}\""))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                self.error(
+                    node.span.start,
+                    path,
+                    format!("unknown {noun} \"{text}\": expected one of {expected}"),
+                )
+            })
+    }
+
+    /// Refuses the first of `fields` present in `entries`: they belong to `other` workloads.
+    fn kind_only(
+        &self,
+        entries: &[Entry],
+        prefix: &str,
+        fields: &[&str],
+        other: &str,
+    ) -> Result<()> {
+        match entries.iter().find(|e| fields.contains(&e.key.as_str())) {
+            Some(entry) => Err(self.error(
+                entry.key_span.start,
+                &join(prefix, &entry.key),
+                format!(
+                    "`{}` applies to {other} workloads only; this workload is {}",
+                    entry.key,
+                    if other == "wasm" {
+                        "a container (kind = \"container\")"
+                    } else {
+                        "a wasm module"
+                    }
+                ),
+            )),
+            None => Ok(()),
+        }
+    }
+
+    /// The image (or rootfs), command, args and env of a container workload.
+    fn container(&self, node: &Node, entries: &[Entry], prefix: &str) -> Result<ContainerWorkload> {
+        let path = |key: &str| format!("{prefix}.{key}");
+        let image = match (find(entries, "image"), find(entries, "rootfs")) {
+            (Some(image), Some(rootfs)) => {
+                return Err(self.error(
+                    rootfs.key_span.start,
+                    &path("rootfs"),
+                    format!(
+                        "give `image` or `rootfs`, not both (`image` is on line {})",
+                        self.line_of(image.key_span.start)
+                    ),
+                ));
+            }
+            (Some(entry), None) => ImageRef::Oci(self.base_dir.join(self.non_empty_path(
+                &entry.value,
+                &path("image"),
+                "an OCI image layout directory or tarball",
+            )?)),
+            (None, Some(entry)) => ImageRef::Rootfs(self.base_dir.join(self.non_empty_path(
+                &entry.value,
+                &path("rootfs"),
+                "a root filesystem directory",
+            )?)),
+            (None, None) => {
+                return Err(self.error(
+                    node.span.start,
+                    &path("image"),
+                    "missing field `image`: a container needs `image` (an OCI image layout \
+                     directory or tarball) or `rootfs` (a root filesystem directory)",
+                ));
+            }
+        };
+        let command = find(entries, "command")
+            .map(|e| self.strings(&e.value, &path("command"), true))
+            .transpose()?;
+        let args = find(entries, "args")
+            .map(|e| self.strings(&e.value, &path("args"), false))
+            .transpose()?;
+        if matches!(image, ImageRef::Rootfs(_)) && command.is_none() {
+            return Err(self.error(
+                node.span.start,
+                &path("command"),
+                "missing field `command`: a plain rootfs has no entrypoint, so say what to run, \
+                 such as [\"/bin/sh\", \"-c\", \"echo hello\"]",
+            ));
+        }
+        let mut env = BTreeMap::new();
+        if let Some(entry) = find(entries, "env") {
+            let env_path = path("env");
+            let vars = self.table(&entry.value, &env_path, " of environment variables")?;
+            self.deny_duplicates(vars, &env_path)?;
+            for var in vars {
+                let var_path = format!("{env_path}.{}", var.key);
+                if var.key.is_empty() || var.key.contains(['=', '\0']) {
+                    return Err(self.error(
+                        var.key_span.start,
+                        &var_path,
+                        format!("invalid environment variable name {:?}", var.key),
+                    ));
+                }
+                let value = self.string(&var.value, &var_path, "a string")?;
+                env.insert(var.key.clone(), value.to_owned());
+            }
+        }
+        Ok(ContainerWorkload {
+            image,
+            command,
+            args,
+            env,
+        })
+    }
+
+    fn non_empty_path<'n>(&self, node: &'n Node, path: &str, what: &str) -> Result<&'n str> {
+        let text = self.string(node, path, "a string")?;
+        if text.trim().is_empty() {
+            return Err(self.error(
+                node.span.start,
+                path,
+                format!("the path is empty: expected {what} (relative to the deployment file)"),
+            ));
+        }
+        Ok(text)
+    }
+
+    /// A list of strings; `non_empty` requires at least one, with a non-empty first.
+    fn strings(&self, node: &Node, path: &str, non_empty: bool) -> Result<Vec<String>> {
+        let items = self.array(node, path, "a list of strings")?;
+        let mut out = Vec::with_capacity(items.len());
+        for (index, item) in items.iter().enumerate() {
+            out.push(
+                self.string(item, &format!("{path}[{index}]"), "a string")?
+                    .to_owned(),
+            );
+        }
+        if non_empty && out.first().is_none_or(|first| first.is_empty()) {
+            return Err(self.error(
+                node.span.start,
+                path,
+                "the command is empty: expected the program and its arguments, such as \
+                 [\"/bin/sh\", \"-c\", \"echo hello\"]",
+            ));
+        }
+        Ok(out)
     }
 
     fn memory(&self, node: &Node, path: &str) -> Result<u64> {
@@ -947,6 +1215,27 @@ fn join(prefix: &str, key: &str) -> String {
     } else {
         format!("{prefix}.{key}")
     }
+}
+
+/// Why a kind cannot run in the asked isolation tier, if it cannot. A Wasm module runs in the
+/// agent's engine only; a container image runs in a container (a microVM that boots an OCI
+/// rootfs is not built). `strongest` fits every kind.
+fn isolation_mismatch(kind: WorkloadKind, choice: IsolationChoice) -> Option<String> {
+    let fits = match (kind, choice) {
+        (_, IsolationChoice::Strongest) => true,
+        (WorkloadKind::Wasm, tier) => tier == IsolationChoice::Wasm,
+        (WorkloadKind::Container, tier) => tier == IsolationChoice::Container,
+    };
+    (!fits).then(|| {
+        let (what, only) = match kind {
+            WorkloadKind::Wasm => ("a wasm module", "wasm"),
+            WorkloadKind::Container => ("a container image", "container"),
+        };
+        format!(
+            "{what} cannot run in \"{}\" isolation: it runs in \"{only}\" isolation (or say \"strongest\")",
+            choice.as_str()
+        )
+    })
 }
 
 /// Checks a workload name against `[a-z0-9][a-z0-9-]{0,62}`.

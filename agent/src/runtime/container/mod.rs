@@ -22,22 +22,28 @@
 //!
 //! Layout, one concern per file as in youki: [`probe`] finds and tests the runtimes and the
 //! cgroup layout, `cgroup` reads a container's counters, `spec` is what a workload asks for,
-//! `bundle` turns that into an OCI bundle, `runtime` starts, watches and stops containers.
+//! `bundle` turns that into an OCI bundle, `runtime` starts, watches and stops containers,
+//! `image` imports OCI image layouts offline, `workload` runs `container` workloads of a
+//! deployment behind the common runtime traits (restart policy, logs, status).
 
 mod bundle;
 mod cgroup;
+mod image;
 mod probe;
 mod runtime;
 mod spec;
+mod workload;
 
 pub use bundle::{Bundle, build_oci_spec};
 pub use cgroup::{CgroupLayout, CgroupProbe};
+pub use image::{ImageConfig, ImageStore, ImportedImage};
 pub use probe::{HostProbe, OciRuntime, RuntimeCheck, RuntimeKind, probe, probe_cached};
 pub use runtime::{
     Container, ContainerRuntime, ContainerStatus, ExitReason, LogLine, LogSink, LogStream,
     ResourceUsage,
 };
 pub use spec::{ContainerSpec, IdMapping, Limits};
+pub use workload::{ContainerTier, ContainerWorkload, PreparedContainer, device_nodes, work_dir};
 
 use std::path::PathBuf;
 

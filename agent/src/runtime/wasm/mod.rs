@@ -7,6 +7,7 @@ mod engine;
 mod instance;
 mod limiter;
 mod worker;
+mod workload;
 
 pub use artifacts::{Artifact, ArtifactKind, ArtifactStore, sha256_hex};
 pub use engine::{EngineOptions, WasmEngine};
@@ -15,6 +16,7 @@ pub use worker::{
     Delivery, EventRequest, EventSender, Reply, WorkerCommand, WorkerContext, WorkerHandle,
     WorkerStats, spawn_worker,
 };
+pub use workload::{WasmRuntime, WasmWorkload};
 
 /// Turns Wasmtime's own error type into an `anyhow` error so `.context` can wrap it.
 pub(crate) trait IntoAnyhow<T> {
