@@ -9,6 +9,7 @@
 //! | `reload` | hot reloads under a stream of commands: duration, events lost, handled twice |
 //! | `devices` | GPIO toggles and SPI transactions from Wasm vs native, edge to `on-event` latency (sim board) |
 //! | `size` | the binary's size, and the static release binaries' if built |
+//! | `sync` | hub link: durable outbox ingest, drain and catch-up against Mosquitto, bytes written per record, records lost across broker restarts + `kill -9` |
 //! | `isolation` | one trivial workload as Wasm, crun, runc and a QEMU microVM: start-to-ready p50/p99, PSS per instance, instances per 512 MiB |
 //!
 //! `lichen bench` alone runs every group in its own child process (`startup`,
@@ -21,6 +22,7 @@ mod isolation;
 mod reload;
 mod size;
 mod startup;
+mod sync;
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -36,7 +38,7 @@ use crate::metrics::Gauges;
 use crate::supervisor::Agent;
 
 /// Every benchmark, in the order `lichen bench` runs them.
-pub const BENCHMARKS: [&str; 7] = [
+pub const BENCHMARKS: [&str; 8] = [
     "startup",
     "density",
     "dispatch",
@@ -44,16 +46,18 @@ pub const BENCHMARKS: [&str; 7] = [
     "devices",
     "size",
     "isolation",
+    "sync",
 ];
 
 /// How `lichen bench` without WHAT splits the benchmarks into child processes.
-const GROUPS: [&str; 6] = [
+const GROUPS: [&str; 7] = [
     "startup",
     "density,dispatch",
     "reload",
     "devices",
     "size",
     "isolation",
+    "sync",
 ];
 
 /// The line after which a run prints its summary lines.
@@ -258,6 +262,10 @@ async fn run_selected(selected: &[&str], args: &BenchArgs) -> Result<()> {
     if has("isolation") {
         let result = async { isolation::run(&dirs.fresh("isolation")?, args).await }.await;
         outcome("isolation", result);
+    }
+    if has("sync") {
+        let result = async { sync::run(&dirs.fresh("sync")?, args).await }.await;
+        outcome("sync", result);
     }
     println!("{SUMMARY_HEADER}");
     for line in &summary {

@@ -173,13 +173,14 @@ pub struct RunArgs {
 /// Options of `lichen bench`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// What to measure: `startup`, `density`, `dispatch`, `reload`, `size`, or several joined
+    /// What to measure: `startup`, `density`, `dispatch`, `reload`, `size`, `sync`, or several joined
     /// by commas [default: all, each group in its own process].
     pub what: Option<String>,
     /// How many workload instances to run.
     #[arg(long = "count", visible_alias = "instances", value_name = "N")]
     pub instances: Option<usize>,
-    /// How many events to deliver.
+    /// How many events to deliver; for `sync`, records ingested and caught up [default:
+    /// 100000].
     #[arg(long, value_name = "N")]
     pub events: Option<u64>,
     /// Module to measure [default: the embedded demo module].
@@ -188,7 +189,8 @@ pub struct BenchArgs {
     /// Directory for the benchmark's state [default: a temporary directory].
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// Cold starts measured by `startup` [default: 200]; reloads done by `reload` [default: 50].
+    /// Cold starts measured by `startup` [default: 200]; reloads done by `reload` [default: 50];
+    /// rounds of broker restart + `kill -9` done by `sync` [default: 20].
     #[arg(long, value_name = "N")]
     pub iterations: Option<usize>,
     /// MicroVM boots measured by `isolation` [default: 3; each takes ~5 s under TCG].
