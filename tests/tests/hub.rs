@@ -898,3 +898,72 @@ fn hub_watch_prints_live_telemetry_and_hub_send_prints_the_result() {
     assert_eq!(out.status.code(), Some(1), "{text}");
     assert!(text.contains("is the node connected?"), "{text}");
 }
+
+/// Rounds of [`rounds_of_broker_restarts_and_kill_9_lose_no_record`]: 6 keep the test under two
+/// minutes here even with a release build beside it (8 rounds took 126 s then; each round is
+/// ~1.2 s of running and an outage plus a debug daemon's start); `lichen bench sync` does the
+/// full 20.
+const ROUNDS: usize = 6;
+
+#[test]
+fn rounds_of_broker_restarts_and_kill_9_lose_no_record() {
+    let mut broker = Mosquitto::start_with(PERSISTENT);
+    let setup = Setup::new(&broker);
+    let watcher = Watcher::connect(broker.port, "t-rounds", &topic("telemetry/counter/count"));
+    let fast = setup.dir.path().join("fast-counter.toml");
+    std::fs::write(
+        &fast,
+        one_workload(
+            "counter",
+            &guest("counter"),
+            "triggers = [{ interval = \"10ms\" }]",
+        ),
+    )
+    .expect("write deployment");
+    let mut daemon = Daemon::start_with(
+        &[
+            "--config",
+            setup.config.to_str().expect("utf-8 path"),
+            "--deploy",
+            fast.to_str().expect("utf-8 path"),
+        ],
+        None,
+    )
+    .expect("daemon starts");
+    let first = watcher
+        .next(Duration::from_secs(20))
+        .expect("telemetry flows");
+    assert_eq!(
+        id_and_count(&first).1,
+        1,
+        "the subscriber sees the first count"
+    );
+
+    for _ in 0..ROUNDS {
+        std::thread::sleep(Duration::from_millis(700));
+        // The hub goes away while the counter publishes; a backlog builds.
+        broker.stop();
+        std::thread::sleep(Duration::from_millis(300));
+        broker.restart();
+        // The agent dies during its catch-up and comes back on the same state.
+        std::thread::sleep(Duration::from_millis(200));
+        daemon.kill9().expect("kill -9");
+        daemon.restart().expect("daemon restarts");
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    daemon.stop().expect("daemon stops");
+    let db = rusqlite::Connection::open(daemon.state_dir().join("lichen.db")).expect("state db");
+    let target: u64 = db
+        .query_row(
+            "SELECT value FROM kv WHERE workload = 'counter' AND key = 'count'",
+            [],
+            |r| r.get::<_, Vec<u8>>(0),
+        )
+        .ok()
+        .and_then(|v| String::from_utf8_lossy(&v).parse().ok())
+        .expect("the counter's durable count");
+    drop(db);
+    assert!(target > 100, "the counter ran through the rounds: {target}");
+    daemon.restart().expect("daemon restarts to drain");
+    assert_every_count_arrives(&watcher, target, vec![first]);
+}
