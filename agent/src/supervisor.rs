@@ -21,6 +21,7 @@ use crate::logs::{LogHub, LogOptions};
 use crate::metrics::{Gauges, Metrics};
 use crate::runtime::container::{ContainerRuntime, ContainerTier, ImageStore};
 use crate::runtime::isolation::IsolationProbe;
+use crate::runtime::microvm::MicrovmTier;
 use crate::runtime::wasm::{
     ArtifactStore, Delivery, EngineOptions, EventSender, WasmEngine, WasmRuntime, WorkerContext,
 };
@@ -67,8 +68,9 @@ struct Inner {
     artifacts: Arc<ArtifactStore>,
     /// One runtime per tier this agent has.
     runtimes: BTreeMap<Tier, Arc<dyn Runtime>>,
-    /// What this board and host can run, probed once at start.
-    isolation: IsolationProbe,
+    /// What this board and host can run: Wasm and containers probed at start, microVMs when a
+    /// deployment first needs them (their probe may boot a trial guest).
+    isolation: std::sync::Mutex<IsolationProbe>,
     workloads: Mutex<Workloads>,
     board: String,
     next_command: AtomicU64,
@@ -117,10 +119,10 @@ impl Agent {
         let host = tokio::task::spawn_blocking(crate::runtime::container::probe_cached)
             .await
             .context("the isolation probe failed")?;
-        let isolation = IsolationProbe::detect(
-            devices.profile(),
-            host,
-            crate::runtime::isolation::probe_microvm(),
+        let mut isolation = IsolationProbe::new(devices.profile(), host.cgroup.controllers.clone());
+        isolation.record(
+            Tier::Container,
+            crate::runtime::isolation::container_outcome(host),
         );
         let state_hash =
             crate::runtime::wasm::sha256_hex(options.state_dir.display().to_string().as_bytes());
@@ -143,16 +145,20 @@ impl Agent {
             Arc::new(ContainerTier::new(
                 oci,
                 ImageStore::new(options.state_dir.join("images")),
-                logs,
+                logs.clone(),
                 devices.profile().clone(),
             )),
+        );
+        runtimes.insert(
+            Tier::Microvm,
+            Arc::new(MicrovmTier::new(options.state_dir.join("microvm"), logs)),
         );
         Ok(Self {
             inner: Arc::new(Inner {
                 ctx,
                 artifacts,
                 runtimes,
-                isolation,
+                isolation: std::sync::Mutex::new(isolation),
                 workloads: Mutex::new(Workloads {
                     running: BTreeMap::new(),
                     stopped: BTreeMap::new(),
@@ -192,7 +198,8 @@ impl Agent {
         for row in record.workloads {
             let spec: WorkloadSpec = serde_json::from_str(&row.spec_json)
                 .with_context(|| format!("stored spec of workload {:?} is unreadable", row.name))?;
-            let prepared = match self.inner.isolation.select(&spec) {
+            let isolation = self.isolation_for(std::slice::from_ref(&spec)).await;
+            let prepared = match isolation.select(&spec) {
                 Err(message) => Err((Tier::Wasm, message)),
                 Ok(tier) => match self.runtime(tier) {
                     Ok(runtime) => runtime
@@ -387,13 +394,12 @@ impl Agent {
         parsed: &ParsedDeployment,
     ) -> Result<Vec<(Tier, Prepared)>, ApiError> {
         let mut out = Vec::with_capacity(parsed.spec.workloads.len());
+        let isolation = self.isolation_for(&parsed.spec.workloads).await;
         for (index, spec) in parsed.spec.workloads.iter().enumerate() {
             let invalid = |field: &str, message: String| {
                 ApiError::invalid(parsed.error_at(index, field, message).to_string())
             };
-            let tier = self
-                .inner
-                .isolation
+            let tier = isolation
                 .select(spec)
                 .map_err(|message| invalid("isolation", message))?;
             let runtime = self
@@ -408,9 +414,39 @@ impl Agent {
         Ok(out)
     }
 
-    /// What this agent's board and host can run (probed at start).
-    pub fn isolation(&self) -> &IsolationProbe {
-        &self.inner.isolation
+    /// What this agent's board and host can run, with every tier that `specs` may run in
+    /// probed (each tier once per agent).
+    async fn isolation_for(&self, specs: &[WorkloadSpec]) -> IsolationProbe {
+        let mut wanted: Vec<Tier> = specs
+            .iter()
+            .flat_map(crate::runtime::isolation::wanted)
+            .collect();
+        wanted.sort();
+        wanted.dedup();
+        for tier in wanted {
+            if self.isolation().probed(tier) {
+                continue;
+            }
+            let outcome = match self.runtime(tier) {
+                Ok(runtime) => runtime.probe().await,
+                Err(message) => Err(message),
+            };
+            self.inner
+                .isolation
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .record(tier, outcome);
+        }
+        self.isolation()
+    }
+
+    /// What this agent's board and host can run, as probed so far.
+    pub fn isolation(&self) -> IsolationProbe {
+        self.inner
+            .isolation
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Stops every workload (delivering `stop`).

@@ -600,6 +600,20 @@ fn an_isolation_this_host_lacks_is_refused_naming_the_missing_piece() {
         "{}",
         output_text(&out)
     );
+    // A microVM is refused naming its own missing piece: no QEMU in this PATH.
+    let out = daemon.deploy(
+        "vm.toml",
+        &format!("{good}\n[[workloads]]\nname = \"vm\"\nkind = \"microvm\"\nkernel = \"vmlinuz\"\ninitramfs = \"initrd\"\n"),
+    );
+    assert!(!out.status.success());
+    let message = output_text(&out);
+    assert!(
+        message.contains(
+            "workloads[1].isolation: \"microvm\" isolation needs a usable KVM or QEMU: qemu-system-"
+        ),
+        "{message}"
+    );
+    assert!(message.contains("is not installed"), "{message}");
     // Nothing changed.
     let rows = daemon.ps();
     assert_eq!(rows.len(), 1, "{rows:?}");
@@ -809,5 +823,120 @@ restart = "never"
             .join("rootfs/bin/busybox")
             .is_file()
     );
+    finish(daemon);
+}
+
+// ---- microVMs in deployments (real QEMU; TCG here, where KVM-PVM cannot boot stock kernels) ----
+
+/// Runs an image script of the repository and returns the path it prints.
+fn image_script(script: &str, args: &[&str]) -> PathBuf {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join(script);
+    let out = Command::new(&script)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {script:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{script:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+#[test]
+fn a_deployment_mixing_wasm_container_and_microvm_applies_atomically() {
+    if !containers_work() {
+        return;
+    }
+    let kernel = image_script("images/fetch-kernel.sh", &[]).join("vmlinuz");
+    let initramfs = image_script("images/microvm-example/build-initramfs.sh", &["ready"]);
+    let never = image_script(
+        "images/microvm-example/build-initramfs.sh",
+        &["never-ready"],
+    );
+    let daemon = Daemon::start().expect("daemon starts");
+    busybox_rootfs(daemon.dir.path());
+    let v1 = format!(
+        r#"
+[[workloads]]
+name = "counter"
+module = "{counter}"
+triggers = [{{ interval = "50ms" }}]
+
+[[workloads]]
+name = "box"
+kind = "container"
+rootfs = "rootfs"
+command = ["/bin/sh", "-c", "echo box up; exec sleep 300"]
+
+[[workloads]]
+name = "vm"
+kind = "microvm"
+isolation = "strongest"
+kernel = "{kernel}"
+initramfs = "{initramfs}"
+boot-timeout = "120s"
+[workloads.limits]
+memory = "128MiB"
+"#,
+        counter = guest("counter").display(),
+        kernel = kernel.display(),
+        initramfs = initramfs.display(),
+    );
+    let out = daemon.deploy("deploy.toml", &v1);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let vm = daemon.wait_for("vm", "booted", |s| s.state == "running");
+    assert_eq!(vm.kind, "microvm");
+    assert_eq!(vm.isolation, "microvm");
+    let accel = vm.accelerator.clone().expect("the accelerator is shown");
+    assert!(accel == "tcg" || accel == "kvm", "{vm:?}");
+    println!("microVM booted under {accel} (KVM only where a trial boot proved it)");
+    assert!(logs(&daemon, "vm").contains("LICHEN-READY"));
+    let table = output_text(&daemon.cli(&["ps"]));
+    assert!(table.contains(&format!("microvm ({accel})")), "{table}");
+    daemon.wait_for("box", "running", |s| s.state == "running");
+    let version = daemon.status("vm").expect("vm").deployment_version;
+
+    // A microVM whose kernel file is missing rejects the whole: the container change beside
+    // it is not applied.
+    let bad = v1
+        .replace("echo box up", "echo box changed")
+        .replace(&kernel.display().to_string(), "/nonexistent/vmlinuz");
+    let out = daemon.deploy("deploy.toml", &bad);
+    assert!(!out.status.success());
+    let message = output_text(&out);
+    assert!(
+        message.contains("workloads[2].kernel: cannot read /nonexistent/vmlinuz"),
+        "{message}"
+    );
+    assert!(daemon.ps().iter().all(|s| s.deployment_version == version));
+    assert!(!logs(&daemon, "box").contains("box changed"));
+
+    // A microVM that never prints its marker fails after its boot timeout; the others run on.
+    let failing = format!(
+        "{}\n[[workloads]]\nname = \"silent\"\nkind = \"microvm\"\nkernel = \"{}\"\ninitramfs = \"{}\"\nboot-timeout = \"15s\"\nrestart = \"never\"\n",
+        v1,
+        kernel.display(),
+        never.display()
+    );
+    let out = daemon.deploy("deploy.toml", &failing);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let silent = daemon.wait_for("silent", "failed", |s| s.state == "failed");
+    assert!(
+        silent
+            .last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("boot failed: the ready marker")),
+        "{silent:?}"
+    );
+    assert_eq!(daemon.status("vm").expect("vm").state, "running");
+    assert_eq!(daemon.status("box").expect("box").state, "running");
+
+    // Removing them all stops the VM (ACPI power button) and the container.
+    let out = daemon.deploy("deploy.toml", "workloads = []\n");
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(daemon.ps().is_empty());
     finish(daemon);
 }

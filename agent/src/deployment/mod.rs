@@ -40,7 +40,7 @@
 //! ```toml
 //! [[workloads]]
 //! name = "hello"
-//! kind = "container"             # wasm (default) | container
+//! kind = "container"             # wasm (default) | container | microvm
 //! image = "hello-oci"            # OCI layout directory or tarball (.tar, .tar.gz, .tgz),
 //! # rootfs = "rootfs"            #   or a plain root filesystem directory (one of the two)
 //! command = ["/bin/sh", "-c"]    # replaces the image's entrypoint
@@ -55,8 +55,26 @@
 //! pids = 64
 //! ```
 //!
+//! MicroVM workloads (`kind = "microvm"`) boot a kernel under QEMU (KVM when a trial boot
+//! proves it works, TCG otherwise); the serial console is their log:
+//!
+//! ```toml
+//! [[workloads]]
+//! name = "vm"
+//! kind = "microvm"
+//! kernel = "vmlinuz"             # the guest kernel
+//! initramfs = "initrd.cpio.gz"   # or disk = "root.img" (attached read-only as the root)
+//! vcpus = 1                      # 1 to 64 (default 1)
+//! cmdline = "quiet"              # appended to Lichen's console settings
+//! ready-marker = "LICHEN-READY"  # console text that means ready (the default)
+//! boot-timeout = "60s"           # a boot that does not print it in time is failed
+//! [workloads.limits]
+//! memory = "128MiB"              # guest memory, at least 32MiB (default 128MiB)
+//! ```
+//!
 //! `triggers`, `config`, `time-slice` and `queue` apply to Wasm workloads only; `command`,
-//! `args`, `env`, `cpus` and `pids` to containers only.
+//! `args`, `env`, `cpus` and `pids` to containers only; `kernel`, `initramfs`, `disk`, `vcpus`,
+//! `cmdline`, `ready-marker` and `boot-timeout` to microVMs only.
 //!
 //! Logical names follow the workload-name pattern and are unique within a workload. Pins and
 //! buses are checked against the agent's board profile at deploy (`crate::grants`).
@@ -97,9 +115,9 @@ mod validate;
 use std::path::Path;
 
 pub use spec::{
-    ContainerWorkload, DeploymentSpec, GpioEdgeTrigger, GpioGrantSpec, GpioMode, I2cGrantSpec,
-    ImageRef, IsolationChoice, Limits, ModuleRef, RestartPolicy, SpiGrantSpec, Trigger,
-    WorkloadKind, WorkloadSpec,
+    ContainerWorkload, DeploymentSpec, GpioEdgeTrigger, GpioGrantSpec, GpioMode, GuestRootRef,
+    I2cGrantSpec, ImageRef, IsolationChoice, Limits, MicrovmWorkload, ModuleRef, RestartPolicy,
+    SpiGrantSpec, Trigger, WorkloadKind, WorkloadSpec,
 };
 
 use locate::{LineIndex, SourceMap};

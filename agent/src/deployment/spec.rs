@@ -42,6 +42,9 @@ pub struct WorkloadSpec {
     /// The image, command and environment of a `container` workload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub container: Option<ContainerWorkload>,
+    /// The kernel, root and sizes of a `microvm` workload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub microvm: Option<MicrovmWorkload>,
     /// Configuration values handed to the module (`wasi:config`); numbers and booleans of the
     /// file are kept as their text.
     #[serde(default)]
@@ -138,6 +141,8 @@ pub enum WorkloadKind {
     Wasm,
     /// An OCI image or a plain root filesystem with a command (`image = ...` or `rootfs = ...`).
     Container,
+    /// A kernel with an initramfs or a root disk image, booted under QEMU (`kernel = ...`).
+    Microvm,
 }
 
 impl WorkloadKind {
@@ -146,6 +151,7 @@ impl WorkloadKind {
         match self {
             WorkloadKind::Wasm => "wasm",
             WorkloadKind::Container => "container",
+            WorkloadKind::Microvm => "microvm",
         }
     }
 
@@ -196,6 +202,41 @@ pub struct ContainerWorkload {
     /// Environment variables added to the image's.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+}
+
+/// A `microvm` workload's kernel, root, vCPUs, command line and readiness.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct MicrovmWorkload {
+    /// The guest kernel, already joined with the file's directory.
+    pub kernel: PathBuf,
+    /// What the kernel boots from besides itself.
+    pub root: GuestRootRef,
+    /// Virtual CPUs (1 when the file does not say).
+    pub vcpus: u32,
+    /// Extra kernel command line.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub cmdline: String,
+    /// The console text that means the guest is ready (`LICHEN-READY` when not given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_marker: Option<String>,
+    /// How long the boot may take to print the marker (60 s when not given).
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "optional_duration_text"
+    )]
+    pub boot_timeout: Option<Duration>,
+}
+
+/// What a microVM's kernel boots from; paths already joined with the file's directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum GuestRootRef {
+    /// An initramfs (cpio, possibly compressed).
+    Initramfs(PathBuf),
+    /// A raw disk image, attached read-only as the root filesystem.
+    Disk(PathBuf),
 }
 
 /// Where a container's root filesystem comes from; paths are already joined with the file's

@@ -713,3 +713,74 @@ fn container_mistakes_are_located() {
         &["unknown isolation \"vm\""],
     );
 }
+
+#[test]
+fn a_microvm_workload_parses_and_its_mistakes_are_located() {
+    let text = "[[workloads]]\nname = \"vm\"\nkind = \"microvm\"\nkernel = \"vmlinuz\"\n\
+                initramfs = \"initrd.gz\"\nvcpus = 2\ncmdline = \"quiet\"\n\
+                boot-timeout = \"30s\"\n[workloads.limits]\nmemory = \"96MiB\"\n";
+    let spec = ok("deploy.toml", text).spec;
+    let w = &spec.workloads[0];
+    assert_eq!(w.kind, WorkloadKind::Microvm);
+    let vm = w.microvm.as_ref().expect("microvm part");
+    assert_eq!(vm.kernel, PathBuf::from("/srv/demo/vmlinuz"));
+    assert_eq!(
+        vm.root,
+        GuestRootRef::Initramfs(PathBuf::from("/srv/demo/initrd.gz"))
+    );
+    assert_eq!((vm.vcpus, vm.cmdline.as_str()), (2, "quiet"));
+    assert_eq!(vm.boot_timeout, Some(Duration::from_secs(30)));
+    let json = serde_json::to_string(w).expect("serializes");
+    assert_eq!(
+        &serde_json::from_str::<WorkloadSpec>(&json).expect("reads back"),
+        w
+    );
+
+    let vm = |body: &str| format!("[[workloads]]\nname = \"vm\"\nkind = \"microvm\"\n{body}");
+    let e = err("deploy.toml", &vm("initramfs = \"i\"\n"));
+    assert_error(&e, 1, "workloads[0].kernel", &["needs a kernel"]);
+    let e = err("deploy.toml", &vm("kernel = \"k\"\n"));
+    assert_error(&e, 1, "workloads[0].initramfs", &["`initramfs`", "`disk`"]);
+    let e = err(
+        "deploy.toml",
+        &vm("kernel = \"k\"\ninitramfs = \"i\"\ndisk = \"d\"\n"),
+    );
+    assert_error(&e, 6, "workloads[0].disk", &["not both"]);
+    let e = err(
+        "deploy.toml",
+        &vm("kernel = \"k\"\ninitramfs = \"i\"\nvcpus = 0\n"),
+    );
+    assert_error(&e, 6, "workloads[0].vcpus", &["expected 1 to 64"]);
+    let e = err(
+        "deploy.toml",
+        &vm("kernel = \"k\"\ninitramfs = \"i\"\ncommand = [\"/bin/true\"]\n"),
+    );
+    assert_error(
+        &e,
+        6,
+        "workloads[0].command",
+        &["applies to container workloads only", "a microVM"],
+    );
+    let e = err(
+        "deploy.toml",
+        &vm("kernel = \"k\"\ninitramfs = \"i\"\n[workloads.limits]\nmemory = \"16MiB\"\n"),
+    );
+    assert_error(&e, 7, "workloads[0].limits.memory", &["at least 32MiB"]);
+    let e = err("deploy.toml", &workload("kernel = \"k\"\n"));
+    assert_error(
+        &e,
+        4,
+        "workloads[0].kernel",
+        &["applies to microvm workloads only"],
+    );
+    let e = err(
+        "deploy.toml",
+        &vm("kernel = \"k\"\ninitramfs = \"i\"\nisolation = \"container\"\n"),
+    );
+    assert_error(
+        &e,
+        6,
+        "workloads[0].isolation",
+        &["a microVM kernel cannot run in \"container\""],
+    );
+}

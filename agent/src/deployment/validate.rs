@@ -8,9 +8,9 @@ use std::time::Duration;
 use super::DeploymentError;
 use super::locate::{LineIndex, Location, SourceMap};
 use super::spec::{
-    ContainerWorkload, DeploymentSpec, GpioEdgeTrigger, GpioGrantSpec, GpioMode, I2cGrantSpec,
-    ImageRef, IsolationChoice, Limits, ModuleRef, RestartPolicy, SpiGrantSpec, Trigger,
-    WorkloadKind, WorkloadSpec,
+    ContainerWorkload, DeploymentSpec, GpioEdgeTrigger, GpioGrantSpec, GpioMode, GuestRootRef,
+    I2cGrantSpec, ImageRef, IsolationChoice, Limits, MicrovmWorkload, ModuleRef, RestartPolicy,
+    SpiGrantSpec, Trigger, WorkloadKind, WorkloadSpec,
 };
 use super::tree::{Entry, Format, Node, Value};
 
@@ -25,6 +25,13 @@ const WORKLOAD_FIELDS: &[&str] = &[
     "command",
     "args",
     "env",
+    "kernel",
+    "initramfs",
+    "disk",
+    "vcpus",
+    "cmdline",
+    "ready-marker",
+    "boot-timeout",
     "restart",
     "triggers",
     "config",
@@ -33,18 +40,40 @@ const WORKLOAD_FIELDS: &[&str] = &[
     "spi",
     "i2c",
 ];
-/// Workload fields that only Wasm workloads take.
-const WASM_ONLY_FIELDS: &[&str] = &["module", "triggers", "config"];
-/// Workload fields that only container workloads take.
-const CONTAINER_ONLY_FIELDS: &[&str] = &["image", "rootfs", "command", "args", "env"];
-/// Limits that only Wasm workloads take.
-const WASM_ONLY_LIMITS: &[&str] = &["time-slice", "queue"];
-/// Limits that only container workloads take.
-const CONTAINER_ONLY_LIMITS: &[&str] = &["cpus", "pids"];
+/// Workload fields that belong to one kind only.
+const KIND_FIELDS: &[(&str, WorkloadKind)] = &[
+    ("module", WorkloadKind::Wasm),
+    ("triggers", WorkloadKind::Wasm),
+    ("config", WorkloadKind::Wasm),
+    ("image", WorkloadKind::Container),
+    ("rootfs", WorkloadKind::Container),
+    ("command", WorkloadKind::Container),
+    ("args", WorkloadKind::Container),
+    ("env", WorkloadKind::Container),
+    ("kernel", WorkloadKind::Microvm),
+    ("initramfs", WorkloadKind::Microvm),
+    ("disk", WorkloadKind::Microvm),
+    ("vcpus", WorkloadKind::Microvm),
+    ("cmdline", WorkloadKind::Microvm),
+    ("ready-marker", WorkloadKind::Microvm),
+    ("boot-timeout", WorkloadKind::Microvm),
+];
+/// Limits that belong to one kind only (`memory` applies to all).
+const KIND_LIMITS: &[(&str, WorkloadKind)] = &[
+    ("time-slice", WorkloadKind::Wasm),
+    ("queue", WorkloadKind::Wasm),
+    ("cpus", WorkloadKind::Container),
+    ("pids", WorkloadKind::Container),
+];
 const KINDS: &[(&str, WorkloadKind)] = &[
     ("wasm", WorkloadKind::Wasm),
     ("container", WorkloadKind::Container),
+    ("microvm", WorkloadKind::Microvm),
 ];
+/// Smallest microVM memory (QEMU's firmware and a Linux kernel need it).
+const MIN_MICROVM_MEMORY: u64 = 32 << 20;
+/// Most vCPUs a microVM may have.
+const MAX_VCPUS: i128 = 64;
 const ISOLATIONS: &[(&str, IsolationChoice)] = &[
     ("wasm", IsolationChoice::Wasm),
     ("container", IsolationChoice::Container),
@@ -198,9 +227,9 @@ impl Checker<'_> {
             }
             None => None,
         };
-        let (module, container) = match kind {
+        self.kind_only(entries, &prefix, KIND_FIELDS, kind)?;
+        let (module, container, microvm) = match kind {
             WorkloadKind::Wasm => {
-                self.kind_only(entries, &prefix, CONTAINER_ONLY_FIELDS, "container")?;
                 let module_node = &self
                     .required(
                         node,
@@ -210,12 +239,10 @@ impl Checker<'_> {
                         "every workload needs a module: a path to a .wasm file or \"sha256:<64 hex digits>\"",
                     )?
                     .value;
-                (Some(self.module(module_node, &path("module"))?), None)
+                (Some(self.module(module_node, &path("module"))?), None, None)
             }
-            WorkloadKind::Container => {
-                self.kind_only(entries, &prefix, WASM_ONLY_FIELDS, "wasm")?;
-                (None, Some(self.container(node, entries, &prefix)?))
-            }
+            WorkloadKind::Container => (None, Some(self.container(node, entries, &prefix)?), None),
+            WorkloadKind::Microvm => (None, None, Some(self.microvm(node, entries, &prefix)?)),
         };
 
         let restart = match find(entries, "restart") {
@@ -234,11 +261,18 @@ impl Checker<'_> {
             Some(entry) => {
                 let limits = self.limits(&entry.value, &path("limits"))?;
                 if let Value::Table(limit_entries) = &entry.value.value {
-                    let (others, other_kind) = match kind {
-                        WorkloadKind::Wasm => (CONTAINER_ONLY_LIMITS, "container"),
-                        WorkloadKind::Container => (WASM_ONLY_LIMITS, "wasm"),
-                    };
-                    self.kind_only(limit_entries, &path("limits"), others, other_kind)?;
+                    self.kind_only(limit_entries, &path("limits"), KIND_LIMITS, kind)?;
+                    if kind == WorkloadKind::Microvm
+                        && let Some(memory) = limits.memory_bytes
+                        && memory < MIN_MICROVM_MEMORY
+                    {
+                        let at = find(limit_entries, "memory").map_or(0, |e| e.value.span.start);
+                        return Err(self.error(
+                            at,
+                            &path("limits.memory"),
+                            format!("a microVM needs at least 32MiB of memory, not {memory} bytes"),
+                        ));
+                    }
                 }
                 limits
             }
@@ -266,6 +300,7 @@ impl Checker<'_> {
             isolation,
             module,
             container,
+            microvm,
             config,
             triggers,
             limits,
@@ -874,30 +909,138 @@ impl Checker<'_> {
             })
     }
 
-    /// Refuses the first of `fields` present in `entries`: they belong to `other` workloads.
+    /// Refuses the first entry that `owners` gives to another kind than `kind`.
     fn kind_only(
         &self,
         entries: &[Entry],
         prefix: &str,
-        fields: &[&str],
-        other: &str,
+        owners: &[(&str, WorkloadKind)],
+        kind: WorkloadKind,
     ) -> Result<()> {
-        match entries.iter().find(|e| fields.contains(&e.key.as_str())) {
-            Some(entry) => Err(self.error(
+        for entry in entries {
+            let Some((_, owner)) = owners.iter().find(|(key, _)| *key == entry.key) else {
+                continue;
+            };
+            if *owner == kind {
+                continue;
+            }
+            let this = match kind {
+                WorkloadKind::Wasm => "a wasm module",
+                WorkloadKind::Container => "a container (kind = \"container\")",
+                WorkloadKind::Microvm => "a microVM (kind = \"microvm\")",
+            };
+            return Err(self.error(
                 entry.key_span.start,
                 &join(prefix, &entry.key),
                 format!(
-                    "`{}` applies to {other} workloads only; this workload is {}",
+                    "`{}` applies to {} workloads only; this workload is {this}",
                     entry.key,
-                    if other == "wasm" {
-                        "a container (kind = \"container\")"
-                    } else {
-                        "a wasm module"
-                    }
+                    owner.as_str()
                 ),
-            )),
-            None => Ok(()),
+            ));
         }
+        Ok(())
+    }
+
+    /// The kernel, root, vCPUs, command line, marker and boot timeout of a microVM workload.
+    fn microvm(&self, node: &Node, entries: &[Entry], prefix: &str) -> Result<MicrovmWorkload> {
+        let path = |key: &str| format!("{prefix}.{key}");
+        let kernel_node = &self
+            .required(
+                node,
+                entries,
+                prefix,
+                "kernel",
+                "a microVM needs a kernel: a path to a bzImage/vmlinuz (arm64: Image)",
+            )?
+            .value;
+        let kernel = self.base_dir.join(self.non_empty_path(
+            kernel_node,
+            &path("kernel"),
+            "the guest kernel",
+        )?);
+        let root =
+            match (find(entries, "initramfs"), find(entries, "disk")) {
+                (Some(initramfs), Some(disk)) => {
+                    return Err(self.error(
+                        disk.key_span.start,
+                        &path("disk"),
+                        format!(
+                            "give `initramfs` or `disk`, not both (`initramfs` is on line {})",
+                            self.line_of(initramfs.key_span.start)
+                        ),
+                    ));
+                }
+                (Some(entry), None) => GuestRootRef::Initramfs(self.base_dir.join(
+                    self.non_empty_path(&entry.value, &path("initramfs"), "an initramfs")?,
+                )),
+                (None, Some(entry)) => GuestRootRef::Disk(self.base_dir.join(
+                    self.non_empty_path(&entry.value, &path("disk"), "a root disk image")?,
+                )),
+                (None, None) => {
+                    return Err(self.error(
+                        node.span.start,
+                        &path("initramfs"),
+                        "missing field `initramfs`: a microVM boots from `initramfs` (a cpio \
+                     archive) or `disk` (a raw root filesystem image)",
+                    ));
+                }
+            };
+        let vcpus = match find(entries, "vcpus") {
+            None => 1,
+            Some(entry) => {
+                let Value::Integer(n) = entry.value.value else {
+                    return Err(self.expected(&entry.value, &path("vcpus"), "a whole number"));
+                };
+                if !(1..=MAX_VCPUS).contains(&n) {
+                    return Err(self.error(
+                        entry.value.span.start,
+                        &path("vcpus"),
+                        format!("invalid vcpus {n}: expected 1 to {MAX_VCPUS}"),
+                    ));
+                }
+                u32::try_from(n).expect("checked to be within 1..=64")
+            }
+        };
+        let cmdline = match find(entries, "cmdline") {
+            None => String::new(),
+            Some(entry) => {
+                let text = self.string(&entry.value, &path("cmdline"), "a string")?;
+                if text.contains(['\n', '\0']) {
+                    return Err(self.error(
+                        entry.value.span.start,
+                        &path("cmdline"),
+                        "the kernel command line must be one line",
+                    ));
+                }
+                text.to_owned()
+            }
+        };
+        let ready_marker = match find(entries, "ready-marker") {
+            None => None,
+            Some(entry) => {
+                let text = self.string(&entry.value, &path("ready-marker"), "a string")?;
+                if text.trim().is_empty() || text.contains('\n') {
+                    return Err(self.error(
+                        entry.value.span.start,
+                        &path("ready-marker"),
+                        "the ready marker must be non-empty text on one line",
+                    ));
+                }
+                Some(text.to_owned())
+            }
+        };
+        let boot_timeout = find(entries, "boot-timeout")
+            .map(|entry| self.duration(&entry.value, &path("boot-timeout"), "boot-timeout"))
+            .transpose()?;
+        Ok(MicrovmWorkload {
+            kernel,
+            root,
+            vcpus,
+            cmdline,
+            ready_marker,
+            boot_timeout,
+        })
     }
 
     /// The image (or rootfs), command, args and env of a container workload.
@@ -1225,11 +1368,13 @@ fn isolation_mismatch(kind: WorkloadKind, choice: IsolationChoice) -> Option<Str
         (_, IsolationChoice::Strongest) => true,
         (WorkloadKind::Wasm, tier) => tier == IsolationChoice::Wasm,
         (WorkloadKind::Container, tier) => tier == IsolationChoice::Container,
+        (WorkloadKind::Microvm, tier) => tier == IsolationChoice::Microvm,
     };
     (!fits).then(|| {
         let (what, only) = match kind {
             WorkloadKind::Wasm => ("a wasm module", "wasm"),
             WorkloadKind::Container => ("a container image", "container"),
+            WorkloadKind::Microvm => ("a microVM kernel", "microvm"),
         };
         format!(
             "{what} cannot run in \"{}\" isolation: it runs in \"{only}\" isolation (or say \"strongest\")",

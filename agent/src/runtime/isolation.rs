@@ -68,13 +68,46 @@ pub fn tiers_for(kind: WorkloadKind) -> &'static [Tier] {
     match kind {
         WorkloadKind::Wasm => &[Tier::Wasm],
         WorkloadKind::Container => &[Tier::Container],
+        WorkloadKind::Microvm => &[Tier::Microvm],
     }
 }
 
-/// Whether microVM workloads can run here, or the missing piece. The microVM runtime is
-/// not part of this agent yet, so the answer is honest about that.
+/// Whether containers can run here: the OCI runtime in use, or the missing piece.
+pub fn container_outcome(containers: &HostProbe) -> Result<String, String> {
+    match (containers.usable_runtime(), containers.cgroup.layout) {
+        (_, super::container::CgroupLayout::Missing) => {
+            Err("a cgroup filesystem: none is mounted at /sys/fs/cgroup".to_string())
+        }
+        (Some(oci), layout) => Ok(format!("{} ({}) on {layout}", oci.kind, oci.version)),
+        (None, _) => Err(format!(
+            "a working OCI runtime: {}",
+            containers.runtime_summary()
+        )),
+    }
+}
+
+/// Whether microVMs can run here (blocks: the microVM probe may boot a trial guest): QEMU and
+/// the accelerator, or the missing piece.
 pub fn probe_microvm() -> Result<String, String> {
-    Err("the microVM runtime, which this agent does not have yet".to_string())
+    microvm_outcome(super::microvm::probe_cached())
+}
+
+/// [`probe_microvm`] on a given probe.
+pub fn microvm_outcome(probe: &super::microvm::MicrovmProbe) -> Result<String, String> {
+    match probe.problem() {
+        Some(problem) => Err(format!("a usable KVM or QEMU: {problem}")),
+        None => Ok(probe.summary()),
+    }
+}
+
+/// The tiers `spec` may run in, by its `isolation` and its kind: the ones to probe first.
+pub fn wanted(spec: &WorkloadSpec) -> Vec<Tier> {
+    match spec.isolation {
+        None | Some(IsolationChoice::Strongest) => tiers_for(spec.kind).to_vec(),
+        Some(IsolationChoice::Wasm) => vec![Tier::Wasm],
+        Some(IsolationChoice::Container) => vec![Tier::Container],
+        Some(IsolationChoice::Microvm) => vec![Tier::Microvm],
+    }
 }
 
 /// What the host offers for one tier.
@@ -100,6 +133,19 @@ pub struct IsolationProbe {
 }
 
 impl IsolationProbe {
+    /// Nothing probed yet on `board`, whose cgroup controllers are `cgroup_controllers`.
+    pub fn new(board: &BoardProfile, cgroup_controllers: Vec<String>) -> Self {
+        IsolationProbe {
+            board: board.name.clone(),
+            board_tiers: Tier::ALL
+                .into_iter()
+                .filter(|t| board.supports(t.board()))
+                .collect(),
+            tiers: Vec::new(),
+            cgroup_controllers,
+        }
+    }
+
     /// Probes the host for `board`, from the container probe `containers` and the microVM
     /// outcome `microvm` (`Err` with the missing piece when it cannot run).
     pub fn detect(
@@ -107,38 +153,23 @@ impl IsolationProbe {
         containers: &HostProbe,
         microvm: Result<String, String>,
     ) -> Self {
-        let container = match (containers.usable_runtime(), containers.cgroup.layout) {
-            (_, super::container::CgroupLayout::Missing) => {
-                Err("a cgroup filesystem: none is mounted at /sys/fs/cgroup".to_string())
-            }
-            (Some(oci), layout) => Ok(format!("{} ({}) on {layout}", oci.kind, oci.version)),
-            (None, _) => Err(format!(
-                "a working OCI runtime: {}",
-                containers.runtime_summary()
-            )),
-        };
-        IsolationProbe {
-            board: board.name.clone(),
-            board_tiers: Tier::ALL
-                .into_iter()
-                .filter(|t| board.supports(t.board()))
-                .collect(),
-            tiers: vec![
-                TierProbe {
-                    tier: Tier::Wasm,
-                    outcome: Ok("Wasmtime, built in".to_string()),
-                },
-                TierProbe {
-                    tier: Tier::Container,
-                    outcome: container,
-                },
-                TierProbe {
-                    tier: Tier::Microvm,
-                    outcome: microvm,
-                },
-            ],
-            cgroup_controllers: containers.cgroup.controllers.clone(),
-        }
+        let mut probe = Self::new(board, containers.cgroup.controllers.clone());
+        probe.record(Tier::Wasm, Ok("Wasmtime, built in".to_string()));
+        probe.record(Tier::Container, container_outcome(containers));
+        probe.record(Tier::Microvm, microvm);
+        probe
+    }
+
+    /// Records what the host offers for `tier`.
+    pub fn record(&mut self, tier: Tier, outcome: Result<String, String>) {
+        self.tiers.retain(|p| p.tier != tier);
+        self.tiers.push(TierProbe { tier, outcome });
+        self.tiers.sort_by_key(|p| p.tier);
+    }
+
+    /// Whether `tier` has been probed.
+    pub fn probed(&self, tier: Tier) -> bool {
+        self.tiers.iter().any(|p| p.tier == tier)
     }
 
     /// Why `tier` cannot run here (the board does not offer it, or the host lacks a piece),
@@ -266,6 +297,9 @@ mod tests {
             WorkloadKind::Wasm => "[[workloads]]\nname = \"a\"\nmodule = \"a.wasm\"\n",
             WorkloadKind::Container => {
                 "[[workloads]]\nname = \"a\"\nkind = \"container\"\nrootfs = \"r\"\ncommand = [\"/bin/true\"]\n"
+            }
+            WorkloadKind::Microvm => {
+                "[[workloads]]\nname = \"a\"\nkind = \"microvm\"\nkernel = \"k\"\ninitramfs = \"i\"\n"
             }
         };
         let mut spec = crate::deployment::parse("d.toml", text, std::path::Path::new("/"))

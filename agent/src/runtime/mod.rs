@@ -1,7 +1,7 @@
 //! Runtimes that run workloads, one module per kind with the same shape behind one trait (as
 //! Kuasar's `vm.rs` has one module per hypervisor): `wasm` (one Wasmtime engine in-process),
-//! `container` (OCI bundles through crun/runc); the microVM runtime comes behind the same
-//! trait.
+//! `container` (OCI bundles through crun/runc), `microvm` (QEMU). Containers and microVMs share
+//! the restart loop of `supervise`.
 //!
 //! The supervisor knows only these traits:
 //! - [`Runtime`]: one per kind. [`Runtime::prepare`] loads and checks a workload's artifact
@@ -20,6 +20,7 @@
 pub mod container;
 pub mod isolation;
 pub mod microvm;
+mod supervise;
 pub mod wasm;
 
 use std::future::Future;
@@ -45,6 +46,8 @@ pub enum Prepared {
     Wasm(Arc<wasm::Artifact>),
     /// An imported container image (or a plain rootfs) with its resolved devices.
     Container(Arc<container::PreparedContainer>),
+    /// A checked kernel and root, with the QEMU spec to boot them.
+    Microvm(Arc<microvm::PreparedMicrovm>),
 }
 
 impl Prepared {
@@ -53,6 +56,7 @@ impl Prepared {
         match self {
             Prepared::Wasm(artifact) => artifact.digest(),
             Prepared::Container(container) => &container.digest,
+            Prepared::Microvm(vm) => &vm.digest,
         }
     }
 }
@@ -209,6 +213,11 @@ pub trait Workload: Send + Sync {
 pub trait Runtime: Send + Sync {
     /// The isolation tier it provides.
     fn tier(&self) -> Tier;
+
+    /// Whether it can run workloads on this host: `Ok(what runs them)`, or `Err(the missing
+    /// piece)`. Asked once, when a deployment first needs the tier (a microVM probe may boot a
+    /// trial guest, so it is not done at start unless needed).
+    fn probe<'a>(&'a self) -> BoxFuture<'a, Result<String, String>>;
 
     /// Loads and checks a workload's artifact; `stored_digest` is the digest recorded when it
     /// was deployed (a restore loads that one).

@@ -4,32 +4,26 @@
 //! it per the restart policy with back-off.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use lichen_devices::board::{Backend, BoardProfile};
 use lichen_host_apis::{LogLevel, LogSink as _};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 use super::image::ImageStore;
 use super::{
     Container, ContainerRuntime, ContainerSpec, ContainerStatus, ExitReason, Limits, LogStream,
 };
-use crate::deployment::{ImageRef, RestartPolicy, WorkloadSpec};
+use crate::deployment::{ImageRef, WorkloadSpec};
 use crate::logs::LogHub;
+use crate::runtime::supervise::{LiveUsage, RunEnd, RunOnce, Shared, Supervised, stop_asked};
 use crate::runtime::{
     BoxFuture, ExitInfo, PrepareError, Prepared, Runtime, RuntimeStatus, StartInfo, Tier, Usage,
     Workload,
 };
 
-/// First restart delay; it doubles after each failed run in a row.
-const BACKOFF_START: Duration = Duration::from_millis(100);
-/// Longest restart delay.
-const BACKOFF_MAX: Duration = Duration::from_secs(30);
-/// A run that lasted this long resets the back-off.
-const HEALTHY_RUN: Duration = Duration::from_secs(10);
 /// SIGTERM grace period on stop.
 const STOP_GRACE: Duration = Duration::from_secs(5);
 
@@ -245,6 +239,15 @@ impl Runtime for ContainerTier {
         Tier::Container
     }
 
+    fn probe<'a>(&'a self) -> BoxFuture<'a, Result<String, String>> {
+        Box::pin(async move {
+            self.runtime
+                .as_ref()
+                .map(|r| format!("{} ({})", r.oci().kind, r.oci().version))
+                .ok_or_else(|| "a working OCI runtime (crun or runc)".to_string())
+        })
+    }
+
     fn prepare<'a>(
         &'a self,
         spec: &'a WorkloadSpec,
@@ -257,230 +260,156 @@ impl Runtime for ContainerTier {
         let Prepared::Container(prepared) = prepared else {
             unreachable!("the supervisor starts a workload with the runtime that prepared it")
         };
-        let shared = Arc::new(Shared {
-            state: Mutex::new(State {
-                state: "starting".into(),
-                digest: prepared.digest.clone(),
-                version: info.version,
-                ..State::default()
-            }),
+        let shared = Arc::new(Shared::default());
+        shared.with(|s| {
+            s.state = "starting".into();
+            s.digest = prepared.digest.clone();
+            s.version = info.version;
         });
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let task = tokio::spawn(
-            Runner {
-                runtime: self.runtime.clone(),
-                logs: self.logs.clone(),
-                shared: shared.clone(),
-                prepared: prepared.clone(),
-                spec: spec.clone(),
-                stop: stop_rx,
-            }
-            .run(),
-        );
+        let tier = TierHandle {
+            runtime: self.runtime.clone(),
+            logs: self.logs.clone(),
+        };
+        let supervised = tier.supervise(&shared, prepared.clone(), &spec);
         Box::new(ContainerWorkload {
             name: spec.name.clone(),
             digest: prepared.digest.clone(),
             spec,
             shared,
-            stop: stop_tx,
-            task: Some(task),
+            supervised,
             runner: self.runtime.as_ref().map(|r| r.oci().kind.to_string()),
-            tier: self.clone_handle(),
+            tier,
         })
     }
 }
 
-impl ContainerTier {
-    fn clone_handle(&self) -> TierHandle {
-        TierHandle {
-            runtime: self.runtime.clone(),
-            logs: self.logs.clone(),
-        }
-    }
-}
-
-/// What a workload needs of its tier to start again after an update.
+/// What a workload needs of its tier to start (again, after an update).
 #[derive(Clone)]
 struct TierHandle {
     runtime: Option<ContainerRuntime>,
     logs: Arc<LogHub>,
 }
 
-#[derive(Default)]
-struct State {
-    state: String,
-    digest: String,
-    version: u64,
-    restarts: u64,
-    started_at: Option<Instant>,
-    last_error: Option<String>,
-    exit: Option<ExitInfo>,
-    current: Option<Arc<Container>>,
-}
-
-struct Shared {
-    state: Mutex<State>,
-}
-
-impl Shared {
-    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
-        f(&mut self.state.lock().unwrap_or_else(|p| p.into_inner()))
+impl TierHandle {
+    /// Starts the run loop of a container workload.
+    fn supervise(
+        &self,
+        shared: &Arc<Shared>,
+        prepared: Arc<PreparedContainer>,
+        spec: &WorkloadSpec,
+    ) -> Supervised {
+        let container_spec = container_spec(&prepared, spec);
+        let (runtime, logs, state) = (self.runtime.clone(), self.logs.clone(), shared.clone());
+        let run_once: RunOnce = Box::new(move |stop| {
+            Box::pin(run_once(
+                runtime.clone(),
+                logs.clone(),
+                state.clone(),
+                container_spec.clone(),
+                stop,
+            ))
+        });
+        Supervised::spawn(
+            "container",
+            spec.name.clone(),
+            self.logs.clone(),
+            shared.clone(),
+            spec.restart,
+            run_once,
+        )
     }
 }
 
-/// The task that runs one container workload, run after run.
-struct Runner {
+fn container_spec(prepared: &PreparedContainer, spec: &WorkloadSpec) -> ContainerSpec {
+    let mut c = ContainerSpec::new(
+        &spec.name,
+        prepared.rootfs.clone(),
+        prepared.command.clone(),
+    );
+    c.env = prepared.env.clone();
+    c.devices = prepared.devices.clone();
+    c.limits = Limits {
+        memory_bytes: spec.limits.memory_bytes,
+        cpus: spec.limits.cpu_millis.map(|m| f64::from(m) / 1000.0),
+        pids: spec.limits.pids,
+    };
+    c
+}
+
+impl LiveUsage for Container {
+    fn usage(&self) -> Usage {
+        if self.status() != ContainerStatus::Running {
+            return Usage::default();
+        }
+        let usage = Container::usage(self);
+        Usage {
+            memory_bytes: usage.memory_bytes,
+            pids: usage.pids,
+        }
+    }
+}
+
+/// One run of a container: start it, wait for its exit or a stop.
+async fn run_once(
     runtime: Option<ContainerRuntime>,
     logs: Arc<LogHub>,
     shared: Arc<Shared>,
-    prepared: Arc<PreparedContainer>,
-    spec: WorkloadSpec,
-    stop: watch::Receiver<bool>,
-}
-
-impl Runner {
-    fn container_spec(&self) -> ContainerSpec {
-        let mut spec = ContainerSpec::new(
-            &self.spec.name,
-            self.prepared.rootfs.clone(),
-            self.prepared.command.clone(),
-        );
-        spec.env = self.prepared.env.clone();
-        spec.devices = self.prepared.devices.clone();
-        spec.limits = Limits {
-            memory_bytes: self.spec.limits.memory_bytes,
-            cpus: self.spec.limits.cpu_millis.map(|m| f64::from(m) / 1000.0),
-            pids: self.spec.limits.pids,
+    spec: ContainerSpec,
+    mut stop: watch::Receiver<bool>,
+) -> RunEnd {
+    let Some(runtime) = runtime else {
+        let reason = ExitReason::StartFailed {
+            message: "no OCI runtime works on this host".into(),
         };
-        spec
-    }
-
-    fn note(&self, level: LogLevel, message: &str) {
-        self.logs.agent_line(&self.spec.name, level, message);
-    }
-
-    async fn run(mut self) {
-        let name = self.spec.name.clone();
-        let mut failures_in_a_row: u32 = 0;
-        loop {
-            if *self.stop.borrow() {
-                break;
-            }
-            self.shared.with(|s| s.state = "starting".into());
-            let Some(runtime) = self.runtime.clone() else {
-                self.finish_failed("no OCI runtime works on this host".into());
-                return;
+        return RunEnd::Ended {
+            info: exit_info(&reason),
+            success: false,
+        };
+    };
+    let sink: super::LogSink = {
+        let logs = logs.clone();
+        Arc::new(move |line| {
+            let (level, context) = match line.stream {
+                LogStream::Stdout => (LogLevel::Info, "stdout"),
+                LogStream::Stderr => (LogLevel::Warn, "stderr"),
             };
-            let logs = self.logs.clone();
-            let sink: super::LogSink = Arc::new(move |line| {
-                let (level, context) = match line.stream {
-                    LogStream::Stdout => (LogLevel::Info, "stdout"),
-                    LogStream::Stderr => (LogLevel::Warn, "stderr"),
-                };
-                logs.log(&line.container, level, context, &line.text);
-            });
-            let started = Instant::now();
-            let reason = match runtime.start(&self.container_spec(), sink).await {
-                Err(err) => ExitReason::StartFailed {
-                    message: err.to_string(),
-                },
-                Ok(container) => {
-                    let container = Arc::new(container);
-                    self.shared.with(|s| {
-                        s.state = "running".into();
-                        s.started_at = Some(Instant::now());
-                        s.current = Some(container.clone());
-                    });
-                    self.note(
-                        LogLevel::Info,
-                        &format!("container started with {}", runtime.oci().kind),
-                    );
-                    let reason = tokio::select! {
-                        reason = container.wait() => reason,
-                        _ = stop_asked(&mut self.stop) => {
-                            let reason = container.stop(STOP_GRACE).await.unwrap_or_else(|e| {
-                                ExitReason::StartFailed { message: e.to_string() }
-                            });
-                            self.shared.with(|s| {
-                                s.state = "stopped".into();
-                                s.started_at = None;
-                                s.current = None;
-                                s.exit = Some(exit_info(&reason));
-                            });
-                            return;
-                        }
-                    };
-                    self.shared.with(|s| {
-                        s.started_at = None;
-                        s.current = None;
-                    });
-                    reason
-                }
+            logs.log(&line.container, level, context, &line.text);
+        })
+    };
+    let container = match runtime.start(&spec, sink).await {
+        Ok(container) => Arc::new(container),
+        Err(err) => {
+            let reason = ExitReason::StartFailed {
+                message: err.to_string(),
             };
-            let info = exit_info(&reason);
-            let success = matches!(reason, ExitReason::Exited { code: 0 });
-            let text = format!("container {}", info.reason);
-            self.note(
-                if success {
-                    LogLevel::Info
-                } else {
-                    LogLevel::Error
-                },
-                &text,
-            );
-            tracing::info!(workload = %name, "{text}");
-            self.shared.with(|s| {
-                s.exit = Some(info);
-                if !success {
-                    s.last_error = Some(text.clone());
-                }
-            });
-            let restart = match self.spec.restart {
-                RestartPolicy::Always => true,
-                RestartPolicy::OnFailure => !success,
-                RestartPolicy::Never => false,
+            return RunEnd::Ended {
+                info: exit_info(&reason),
+                success: false,
             };
-            if !restart {
-                self.shared.with(|s| {
-                    s.state = if success { "completed" } else { "failed" }.into();
-                });
-                return;
-            }
-            if started.elapsed() >= HEALTHY_RUN {
-                failures_in_a_row = 0;
-            }
-            let delay = BACKOFF_START
-                .saturating_mul(1u32 << failures_in_a_row.min(16))
-                .min(BACKOFF_MAX);
-            failures_in_a_row = failures_in_a_row.saturating_add(1);
-            self.shared.with(|s| {
-                s.state = "backoff".into();
-                s.restarts += 1;
-            });
-            self.note(LogLevel::Info, &format!("restarting in {delay:?}"));
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = stop_asked(&mut self.stop) => break,
-            }
         }
-        self.shared.with(|s| {
-            s.state = "stopped".into();
-            s.started_at = None;
-        });
+    };
+    shared.with(|s| {
+        s.state = "running".into();
+        s.started_at = Some(Instant::now());
+        s.live = Some(container.clone());
+    });
+    logs.agent_line(
+        &spec.name,
+        LogLevel::Info,
+        &format!("container started with {}", runtime.oci().kind),
+    );
+    tokio::select! {
+        reason = container.wait() => RunEnd::Ended {
+            success: matches!(reason, ExitReason::Exited { code: 0 }),
+            info: exit_info(&reason),
+        },
+        _ = stop_asked(&mut stop) => {
+            let reason = container.stop(STOP_GRACE).await.unwrap_or_else(|e| {
+                ExitReason::StartFailed { message: e.to_string() }
+            });
+            RunEnd::Stopped(exit_info(&reason))
+        }
     }
-
-    fn finish_failed(&self, message: String) {
-        self.note(LogLevel::Error, &message);
-        self.shared.with(|s| {
-            s.state = "failed".into();
-            s.last_error = Some(message);
-        });
-    }
-}
-
-/// Resolves once a stop is asked (or the workload handle is gone).
-async fn stop_asked(stop: &mut watch::Receiver<bool>) {
-    let _ = stop.wait_for(|stop| *stop).await.map(|_| ());
 }
 
 fn exit_info(reason: &ExitReason) -> ExitInfo {
@@ -497,25 +426,15 @@ fn exit_info(reason: &ExitReason) -> ExitInfo {
     }
 }
 
-/// A running `container` workload: its task and shared status.
+/// A running `container` workload: its run loop and shared status.
 pub struct ContainerWorkload {
     name: String,
     spec: WorkloadSpec,
     digest: String,
     shared: Arc<Shared>,
-    stop: watch::Sender<bool>,
-    task: Option<JoinHandle<()>>,
+    supervised: Supervised,
     runner: Option<String>,
     tier: TierHandle,
-}
-
-impl ContainerWorkload {
-    async fn stop_task(&mut self) {
-        let _ = self.stop.send(true);
-        if let Some(task) = self.task.take() {
-            let _ = task.await;
-        }
-    }
 }
 
 impl Workload for ContainerWorkload {
@@ -532,38 +451,11 @@ impl Workload for ContainerWorkload {
     }
 
     fn status(&self) -> RuntimeStatus {
-        self.shared.with(|s| {
-            let usage = s
-                .current
-                .as_ref()
-                .filter(|c| c.status() == ContainerStatus::Running)
-                .map(|c| c.usage())
-                .unwrap_or_default();
-            RuntimeStatus {
-                kind: "container".into(),
-                state: s.state.clone(),
-                digest: s.digest.clone(),
-                version: s.version,
-                restarts: s.restarts,
-                traps: 0,
-                events_handled: 0,
-                queue_depth: 0,
-                uptime: s.started_at.map(|t| t.elapsed()),
-                last_error: s.last_error.clone(),
-                exit: s.exit.clone(),
-                usage: Usage {
-                    memory_bytes: usage.memory_bytes,
-                    pids: usage.pids,
-                },
-                runner: self.runner.clone(),
-                accelerator: None,
-            }
-        })
+        self.shared.status("container", self.runner.clone())
     }
 
     fn is_finished(&self) -> bool {
-        self.task.as_ref().is_none_or(|t| t.is_finished())
-            && self.shared.with(|s| s.state == "stopped")
+        self.supervised.is_finished() && self.shared.with(|s| s.state == "stopped")
     }
 
     fn note_error(&self, message: String) {
@@ -581,26 +473,14 @@ impl Workload for ContainerWorkload {
                 return Err("a container workload can only be updated to a container".into());
             };
             // A container has no hot reload: the old run stops, the new one starts.
-            self.stop_task().await;
-            let (stop_tx, stop_rx) = watch::channel(false);
+            self.supervised.stop().await;
             self.shared.with(|s| {
                 s.digest = prepared.digest.clone();
                 s.version = version;
                 s.exit = None;
                 s.last_error = None;
             });
-            self.task = Some(tokio::spawn(
-                Runner {
-                    runtime: self.tier.runtime.clone(),
-                    logs: self.tier.logs.clone(),
-                    shared: self.shared.clone(),
-                    prepared: prepared.clone(),
-                    spec: spec.clone(),
-                    stop: stop_rx,
-                }
-                .run(),
-            ));
-            self.stop = stop_tx;
+            self.supervised = self.tier.supervise(&self.shared, prepared.clone(), &spec);
             self.digest = prepared.digest.clone();
             self.spec = spec;
             Ok(())
@@ -609,7 +489,7 @@ impl Workload for ContainerWorkload {
 
     fn stop(mut self: Box<Self>) -> BoxFuture<'static, ()> {
         Box::pin(async move {
-            self.stop_task().await;
+            self.supervised.stop().await;
         })
     }
 }

@@ -39,6 +39,7 @@ mod qmp;
 mod runtime;
 mod spec;
 mod usage;
+mod workload;
 
 pub use probe::{KVM_TRIAL_TIMEOUT, KvmState, MicrovmProbe, QemuBinary, probe, probe_cached};
 pub use qemu::{Accelerator, Machine, TCG_TSC_KHZ};
@@ -47,6 +48,7 @@ pub use runtime::{
 };
 pub use spec::{GuestRoot, MAX_VCPUS, MIN_MEMORY_MIB, MicrovmSpec};
 pub use usage::ResourceUsage;
+pub use workload::{MicrovmTier, MicrovmWorkload, PreparedMicrovm};
 
 use std::path::PathBuf;
 

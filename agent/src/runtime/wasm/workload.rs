@@ -72,6 +72,10 @@ impl Runtime for WasmRuntime {
         Tier::Wasm
     }
 
+    fn probe<'a>(&'a self) -> BoxFuture<'a, Result<String, String>> {
+        Box::pin(async { Ok("Wasmtime, built in".to_string()) })
+    }
+
     fn prepare<'a>(
         &'a self,
         spec: &'a WorkloadSpec,

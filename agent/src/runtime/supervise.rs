@@ -1,0 +1,217 @@
+//! The run loop shared by the runtimes whose workloads are processes (containers, microVMs):
+//! run once, record why the run ended, and start again per the restart policy with back-off,
+//! until a stop is asked. Each runtime supplies only "run once".
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use lichen_host_apis::LogLevel;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::{BoxFuture, ExitInfo, RuntimeStatus, Usage};
+use crate::deployment::RestartPolicy;
+use crate::logs::LogHub;
+
+/// First restart delay; it doubles after each failed run in a row.
+const BACKOFF_START: Duration = Duration::from_millis(100);
+/// Longest restart delay.
+const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// A run that lasted this long resets the back-off.
+const HEALTHY_RUN: Duration = Duration::from_secs(10);
+
+/// Something running whose resources can be read now (a container, a QEMU process).
+pub(crate) trait LiveUsage: Send + Sync {
+    /// Resources used now.
+    fn usage(&self) -> Usage;
+}
+
+/// The status of a supervised workload, shared by its task and its handle.
+#[derive(Default)]
+pub(crate) struct ProcState {
+    /// `starting`, `running`, `backoff`, `failed`, `completed`, `stopped`.
+    pub(crate) state: String,
+    pub(crate) digest: String,
+    pub(crate) version: u64,
+    pub(crate) restarts: u64,
+    pub(crate) started_at: Option<Instant>,
+    pub(crate) last_error: Option<String>,
+    pub(crate) exit: Option<ExitInfo>,
+    /// What runs now, for its usage.
+    pub(crate) live: Option<Arc<dyn LiveUsage>>,
+    /// MicroVMs: the accelerator of the current run.
+    pub(crate) accelerator: Option<String>,
+}
+
+/// [`ProcState`] behind a lock.
+#[derive(Default)]
+pub(crate) struct Shared(Mutex<ProcState>);
+
+impl Shared {
+    /// Runs `f` on the state.
+    pub(crate) fn with<T>(&self, f: impl FnOnce(&mut ProcState) -> T) -> T {
+        f(&mut self.0.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The status for `ps`.
+    pub(crate) fn status(&self, kind: &str, runner: Option<String>) -> RuntimeStatus {
+        self.with(|s| RuntimeStatus {
+            kind: kind.to_string(),
+            state: s.state.clone(),
+            digest: s.digest.clone(),
+            version: s.version,
+            restarts: s.restarts,
+            traps: 0,
+            events_handled: 0,
+            queue_depth: 0,
+            uptime: s.started_at.map(|t| t.elapsed()),
+            last_error: s.last_error.clone(),
+            exit: s.exit.clone(),
+            usage: s.live.as_ref().map(|l| l.usage()).unwrap_or_default(),
+            runner,
+            accelerator: s.accelerator.clone(),
+        })
+    }
+}
+
+/// How one run ended.
+pub(crate) enum RunEnd {
+    /// It ended by itself (or failed to start); `success` decides `on-failure` restarts.
+    Ended {
+        /// Why, for `ps`.
+        info: ExitInfo,
+        /// Whether it counts as a success.
+        success: bool,
+    },
+    /// A stop was asked and it is gone.
+    Stopped(ExitInfo),
+}
+
+/// Runs one run: given the stop signal, returns how the run ended. It sets `running` (and
+/// `live`, `started_at`) in the shared state itself once its process is up.
+pub(crate) type RunOnce =
+    Box<dyn FnMut(watch::Receiver<bool>) -> BoxFuture<'static, RunEnd> + Send>;
+
+/// A supervised workload's task and its stop switch.
+pub(crate) struct Supervised {
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl Supervised {
+    /// Starts the loop for workload `name`; `what` names the kind in log lines (`container`).
+    pub(crate) fn spawn(
+        what: &'static str,
+        name: String,
+        logs: Arc<LogHub>,
+        shared: Arc<Shared>,
+        restart: RestartPolicy,
+        run_once: RunOnce,
+    ) -> Self {
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(run_loop(
+            what, name, logs, shared, restart, stop_rx, run_once,
+        ));
+        Supervised {
+            stop,
+            task: Some(task),
+        }
+    }
+
+    /// Asks the loop to stop (the current run is stopped) and waits for it.
+    pub(crate) async fn stop(&mut self) {
+        let _ = self.stop.send(true);
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+
+    /// Whether the loop has ended.
+    pub(crate) fn is_finished(&self) -> bool {
+        self.task.as_ref().is_none_or(JoinHandle::is_finished)
+    }
+}
+
+/// Resolves once a stop is asked (or the handle is gone).
+pub(crate) async fn stop_asked(stop: &mut watch::Receiver<bool>) {
+    let _ = stop.wait_for(|stop| *stop).await.map(|_| ());
+}
+
+async fn run_loop(
+    what: &'static str,
+    name: String,
+    logs: Arc<LogHub>,
+    shared: Arc<Shared>,
+    restart: RestartPolicy,
+    mut stop: watch::Receiver<bool>,
+    mut run_once: RunOnce,
+) {
+    let mut failures_in_a_row: u32 = 0;
+    loop {
+        if *stop.borrow() {
+            break;
+        }
+        shared.with(|s| s.state = "starting".into());
+        let started = Instant::now();
+        let (info, success) = match run_once(stop.clone()).await {
+            RunEnd::Stopped(info) => {
+                shared.with(|s| {
+                    s.exit = Some(info);
+                    s.started_at = None;
+                    s.live = None;
+                });
+                break;
+            }
+            RunEnd::Ended { info, success } => (info, success),
+        };
+        let text = format!("{what} {}", info.reason);
+        logs.agent_line(
+            &name,
+            if success {
+                LogLevel::Info
+            } else {
+                LogLevel::Error
+            },
+            &text,
+        );
+        tracing::info!(workload = %name, "{text}");
+        shared.with(|s| {
+            s.exit = Some(info);
+            s.started_at = None;
+            s.live = None;
+            if !success {
+                s.last_error = Some(text.clone());
+            }
+        });
+        let again = match restart {
+            RestartPolicy::Always => true,
+            RestartPolicy::OnFailure => !success,
+            RestartPolicy::Never => false,
+        };
+        if !again {
+            shared.with(|s| s.state = if success { "completed" } else { "failed" }.into());
+            return;
+        }
+        if started.elapsed() >= HEALTHY_RUN {
+            failures_in_a_row = 0;
+        }
+        let delay = BACKOFF_START
+            .saturating_mul(1u32 << failures_in_a_row.min(16))
+            .min(BACKOFF_MAX);
+        failures_in_a_row = failures_in_a_row.saturating_add(1);
+        shared.with(|s| {
+            s.state = "backoff".into();
+            s.restarts += 1;
+        });
+        logs.agent_line(&name, LogLevel::Info, &format!("restarting in {delay:?}"));
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = stop_asked(&mut stop) => break,
+        }
+    }
+    shared.with(|s| {
+        s.state = "stopped".into();
+        s.started_at = None;
+        s.live = None;
+    });
+}
