@@ -189,8 +189,12 @@ impl Agent {
         &self.inner.ctx.metrics
     }
 
-    /// Starts the workloads of the last applied deployment. Returns whether there was one.
+    /// Starts the workloads of the last applied deployment (after each runtime has cleaned up
+    /// what a killed agent left behind). Returns whether there was one.
     pub async fn restore(&self) -> Result<bool> {
+        for runtime in self.inner.runtimes.values() {
+            runtime.recover().await;
+        }
         let Some(record) = self.store().current_deployment()? else {
             return Ok(false);
         };

@@ -940,3 +940,87 @@ memory = "128MiB"
     assert!(daemon.ps().is_empty());
     finish(daemon);
 }
+
+/// The `lichen-*` containers runc (or crun) still knows in a daemon's state directory.
+fn live_containers(daemon: &Daemon) -> Vec<String> {
+    let probe = probe_cached();
+    let Some(oci) = probe.usable_runtime() else {
+        return Vec::new();
+    };
+    let out = Command::new(&oci.path)
+        .arg("--root")
+        .arg(daemon.state_dir().join("containers/state"))
+        .args(["list", "-q"])
+        .output()
+        .expect("the OCI runtime runs");
+    let mut ids: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("lichen-"))
+        .map(str::to_string)
+        .collect();
+    ids.sort();
+    ids
+}
+
+#[test]
+fn kill_9_during_a_mixed_deploy_leaves_the_old_or_the_new_never_a_mix() {
+    if !containers_work() {
+        return;
+    }
+    let mut daemon = Daemon::start().expect("daemon starts");
+    busybox_rootfs(daemon.dir.path());
+    let deployment = |version: u32| {
+        format!(
+            "[[workloads]]\nname = \"counter\"\nmodule = \"{}\"\n[workloads.config]\nv = \"{version}\"\n\n\
+             [[workloads]]\nname = \"box-{version}\"\nkind = \"container\"\nrootfs = \"rootfs\"\n\
+             command = [\"/bin/sh\", \"-c\", \"exec sleep 300\"]\n",
+            guest("counter").display()
+        )
+    };
+    let out = daemon.deploy("deploy.toml", &deployment(0));
+    assert!(out.status.success(), "{}", output_text(&out));
+    daemon.wait_for("box-0", "running", |s| s.state == "running");
+    let mut seen_new = 0;
+    for round in 1..=4u32 {
+        let path = daemon.write_file("next.toml", &deployment(round));
+        let mut deploy = Command::new(lichen_tests::lichen_bin())
+            .arg("--socket")
+            .arg(daemon.socket())
+            .arg("deploy")
+            .arg(&path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("deploy runs");
+        // Kill at a different point of the deploy each round.
+        std::thread::sleep(Duration::from_millis(5 + 40 * u64::from(round)));
+        daemon.kill9().expect("kill -9");
+        let _ = deploy.wait();
+        daemon.restart().expect("daemon restarts on the same state");
+        let rows = daemon.ps();
+        let names: Vec<&str> = rows.iter().map(|s| s.name.as_str()).collect();
+        let versions: Vec<u64> = rows.iter().map(|s| s.deployment_version).collect();
+        assert_eq!(rows.len(), 2, "round {round}: {names:?}");
+        assert!(
+            versions.iter().all(|v| *v == versions[0]),
+            "round {round}: one deployment, not a mix: {rows:?}"
+        );
+        let boxed = names
+            .iter()
+            .find(|n| n.starts_with("box-"))
+            .expect("a container workload")
+            .to_string();
+        if boxed == format!("box-{round}") {
+            seen_new += 1;
+        }
+        // Only the restored container runs: what the killed agent left is deleted.
+        daemon.wait_for(&boxed, "running", |s| s.state == "running");
+        assert_eq!(
+            live_containers(&daemon),
+            vec![format!("lichen-{boxed}")],
+            "round {round}"
+        );
+    }
+    println!("kill -9 during deploy: the new deployment survived {seen_new} of 4 rounds");
+    finish(daemon);
+}

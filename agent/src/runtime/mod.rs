@@ -219,6 +219,13 @@ pub trait Runtime: Send + Sync {
     /// trial guest, so it is not done at start unless needed).
     fn probe<'a>(&'a self) -> BoxFuture<'a, Result<String, String>>;
 
+    /// Cleans up what an agent killed before it could stop its workloads left behind
+    /// (containers still running). Called once at start, before the last deployment is
+    /// restored.
+    fn recover<'a>(&'a self) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+
     /// Loads and checks a workload's artifact; `stored_digest` is the digest recorded when it
     /// was deployed (a restore loads that one).
     fn prepare<'a>(

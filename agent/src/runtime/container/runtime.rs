@@ -284,6 +284,37 @@ impl ContainerRuntime {
         Ok(container)
     }
 
+    /// Deletes every container this runtime's state directory still holds and their bundles:
+    /// what an agent killed with SIGKILL left running. Returns the ids deleted.
+    pub async fn remove_leftovers(&self) -> Vec<String> {
+        let state_root = self.work_dir.join("state");
+        if !state_root.is_dir() {
+            return Vec::new();
+        }
+        let listed = self
+            .oci_command(&state_root, &["list", "-q"])
+            .stdout(Stdio::piped())
+            .output()
+            .await;
+        let ids: Vec<String> = match listed {
+            Ok(out) if out.status.success() => String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .map(str::trim)
+                .filter(|id| id.starts_with("lichen-"))
+                .map(str::to_string)
+                .collect(),
+            _ => Vec::new(),
+        };
+        for id in &ids {
+            let _ = self
+                .oci_command(&state_root, &["delete", "--force", id])
+                .output()
+                .await;
+        }
+        let _ = std::fs::remove_dir_all(self.work_dir.join("bundles"));
+        ids
+    }
+
     fn oci_command(&self, state_root: &Path, args: &[&str]) -> Command {
         oci_command(&self.oci, state_root, args)
     }

@@ -256,6 +256,21 @@ impl Runtime for ContainerTier {
         Box::pin(self.load(spec, stored_digest))
     }
 
+    fn recover<'a>(&'a self) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let Some(runtime) = &self.runtime else {
+                return;
+            };
+            let left = runtime.remove_leftovers().await;
+            if !left.is_empty() {
+                tracing::warn!(
+                    containers = ?left,
+                    "deleted containers left running by an agent that did not stop them"
+                );
+            }
+        })
+    }
+
     fn start(&self, prepared: Prepared, spec: WorkloadSpec, info: StartInfo) -> Box<dyn Workload> {
         let Prepared::Container(prepared) = prepared else {
             unreachable!("the supervisor starts a workload with the runtime that prepared it")
