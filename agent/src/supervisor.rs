@@ -460,6 +460,9 @@ impl Agent {
         for (_, old) in running {
             old.workload.stop().await;
         }
+        for runtime in self.inner.runtimes.values() {
+            runtime.release().await;
+        }
         let lines = self.inner.ctx.logs.take_unpersisted();
         if !lines.is_empty() {
             let _ = self.store().append_logs(lines).await;

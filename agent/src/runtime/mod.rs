@@ -226,6 +226,12 @@ pub trait Runtime: Send + Sync {
         Box::pin(async {})
     }
 
+    /// Releases what the runtime holds on the host once every workload is stopped (the agent
+    /// is shutting down).
+    fn release<'a>(&'a self) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+
     /// Loads and checks a workload's artifact; `stored_digest` is the digest recorded when it
     /// was deployed (a restore loads that one).
     fn prepare<'a>(

@@ -284,6 +284,32 @@ impl ContainerRuntime {
         Ok(container)
     }
 
+    /// Removes this runtime's cgroup parent directory (in every v1 hierarchy, or the unified
+    /// one) once its containers are gone; a parent that still holds a container stays. Blocking
+    /// (a few `rmdir`s).
+    pub fn remove_cgroup_parent(&self) {
+        let parent = self.cgroup_parent.trim_start_matches('/');
+        if parent.is_empty() {
+            return;
+        }
+        let root = Path::new("/sys/fs/cgroup");
+        let hierarchies: Vec<PathBuf> = match self.cgroup.layout {
+            super::CgroupLayout::V2 => vec![root.to_path_buf()],
+            super::CgroupLayout::V1 | super::CgroupLayout::Hybrid => std::fs::read_dir(root)
+                .map(|dirs| {
+                    dirs.flatten()
+                        .filter(|d| d.file_type().is_ok_and(|t| t.is_dir()))
+                        .map(|d| d.path())
+                        .collect()
+                })
+                .unwrap_or_default(),
+            super::CgroupLayout::Missing => Vec::new(),
+        };
+        for hierarchy in hierarchies {
+            let _ = std::fs::remove_dir(hierarchy.join(parent));
+        }
+    }
+
     /// Deletes every container this runtime's state directory still holds and their bundles:
     /// what an agent killed with SIGKILL left running. Returns the ids deleted.
     pub async fn remove_leftovers(&self) -> Vec<String> {

@@ -256,6 +256,14 @@ impl Runtime for ContainerTier {
         Box::pin(self.load(spec, stored_digest))
     }
 
+    fn release<'a>(&'a self) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            if let Some(runtime) = self.runtime.clone() {
+                let _ = tokio::task::spawn_blocking(move || runtime.remove_cgroup_parent()).await;
+            }
+        })
+    }
+
     fn recover<'a>(&'a self) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             let Some(runtime) = &self.runtime else {
