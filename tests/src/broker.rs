@@ -9,6 +9,9 @@ use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
 #[path = "../../sync/tests/support/mosquitto.rs"]
 mod mosquitto;
+#[path = "../../sync/tests/support/certs.rs"]
+mod certs;
+pub use certs::{make_ca, make_leaf};
 pub use mosquitto::{Mosquitto, PERSISTENT};
 
 /// One message seen by a [`Watcher`]: topic, whether it came as retained, payload.

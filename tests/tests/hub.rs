@@ -967,3 +967,144 @@ fn rounds_of_broker_restarts_and_kill_9_lose_no_record() {
     daemon.restart().expect("daemon restarts to drain");
     assert_every_count_arrives(&watcher, target, vec![first]);
 }
+
+#[test]
+fn hub_over_mutual_tls_works_and_a_wrong_ca_is_refused_with_a_clear_error() {
+    let certs = tempfile::tempdir().expect("temp dir");
+    let d = certs.path();
+    lichen_tests::broker::make_ca(d, "good");
+    lichen_tests::broker::make_ca(d, "other");
+    lichen_tests::broker::make_leaf(d, "good", "server", "localhost", "serverAuth");
+    lichen_tests::broker::make_leaf(d, "good", "client", NODE, "clientAuth");
+    let broker = Mosquitto::start_with(&format!(
+        "cafile {d}/good-ca.pem\ncertfile {d}/server.pem\nkeyfile {d}/server.key\n\
+         require_certificate true\npersistence false\n",
+        d = d.display()
+    ));
+    let url = format!("mqtts://localhost:{}", broker.port);
+    let tls = |ca: &str| {
+        format!(
+            "url = \"{url}\"\nca-file = \"{d}/{ca}-ca.pem\"\nclient-cert = \"{d}/client.pem\"\nclient-key = \"{d}/client.key\"",
+            d = d.display()
+        )
+    };
+    let write_config = |name: &str, ca: &str| {
+        let path = d.join(name);
+        std::fs::write(
+            &path,
+            format!(
+                "[hub]\nnode-id = \"{NODE}\"\ninsecure-dev = false\n{}\n",
+                tls(ca)
+            ),
+        )
+        .expect("write config");
+        path
+    };
+    let good = write_config("good.toml", "good");
+    let wrong = write_config("wrong.toml", "other");
+    let deployment = d.join("counter.toml");
+    std::fs::write(&deployment, counter_deployment("1")).expect("write deployment");
+    let start = |config: &PathBuf| {
+        Daemon::start_with(
+            &[
+                "--config",
+                config.to_str().expect("utf-8"),
+                "--deploy",
+                deployment.to_str().expect("utf-8"),
+            ],
+            None,
+        )
+        .expect("daemon starts")
+    };
+    let operator = |args: &[&str]| {
+        let mut all = args.to_vec();
+        let (ca, cert, key) = (
+            format!("{}/good-ca.pem", d.display()),
+            format!("{}/client.pem", d.display()),
+            format!("{}/client.key", d.display()),
+        );
+        all.extend([
+            "--url",
+            &url,
+            "--ca-file",
+            &ca,
+            "--client-cert",
+            &cert,
+            "--client-key",
+            &key,
+        ]);
+        lichen(&all)
+    };
+
+    // The right CA and a client certificate: the node connects, its telemetry arrives and its
+    // reported state is readable by an operator over TLS too.
+    let mut daemon = start(&good);
+    let out = operator(&[
+        "--json", "hub", "watch", "--node", NODE, "--count", "2", "--for", "60s",
+    ]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(String::from_utf8_lossy(&out.stdout).lines().count(), 2);
+    let out = operator(&["--json", "hub", "status", "--wait", "1s"]);
+    let text = output_text(&out);
+    assert!(out.status.success(), "{text}");
+    let status: Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(status[NODE]["connection"]["connected"], true, "{text}");
+    let doctor = lichen(&["doctor", "--config", good.to_str().expect("utf-8")]);
+    let text = output_text(&doctor);
+    assert!(
+        text.contains("the broker accepted a test connection"),
+        "{text}"
+    );
+    daemon.stop().expect("daemon stops");
+
+    // A CA that did not sign the broker's certificate: refused, saying which file, in the
+    // log, in the reported state queued for the hub, and in doctor.
+    let daemon = start(&wrong);
+    let other = format!("{}/other-ca.pem", d.display());
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !daemon.log().contains("not trusted by the CA file") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no TLS error in the log:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let log = daemon.log();
+    assert!(
+        log.contains("invalid peer certificate") && log.contains(&other),
+        "{log}"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let queued = loop {
+        let db = rusqlite::Connection::open(daemon.state_dir().join("lichen.db")).expect("db");
+        let state: Option<Vec<u8>> = db
+            .query_row(
+                "SELECT payload FROM outbox WHERE kind = 'state' ORDER BY id DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .ok();
+        let state: Value = state
+            .and_then(|s| serde_json::from_slice(&s).ok())
+            .unwrap_or(Value::Null);
+        if state["connection"]["last-error"]
+            .as_str()
+            .is_some_and(|e| e.contains("not trusted by the CA file"))
+        {
+            break state;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reported state: {state}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(queued["connection"]["connected"], false, "{queued}");
+    let doctor = lichen(&["doctor", "--config", wrong.to_str().expect("utf-8")]);
+    let text = output_text(&doctor);
+    assert!(
+        text.contains("cannot connect") && text.contains("not trusted by the CA file"),
+        "{text}"
+    );
+}

@@ -31,7 +31,8 @@ use crate::store::{
     TelemetryRecord,
 };
 
-/// Concurrent producers (workloads) in the ingest and live-drain phases.
+/// Concurrent producers (workloads) in the ingest and live-drain phases, unless `--count`
+/// says otherwise.
 const PRODUCERS: usize = 64;
 /// Size of each telemetry record's payload.
 const RECORD_BYTES: usize = 200;
@@ -161,12 +162,12 @@ fn record(seq: u64) -> Vec<u8> {
     out
 }
 
-/// `records` records from [`PRODUCERS`] concurrent producers, each awaiting its commit.
-async fn produce(store: &StateStore, records: u64) -> Result<Duration> {
-    let per = records.div_ceil(PRODUCERS as u64);
+/// `records` records from `producers` concurrent producers, each awaiting its commit.
+async fn produce(store: &StateStore, records: u64, producers: usize) -> Result<Duration> {
+    let per = records.div_ceil(producers as u64);
     let start = Instant::now();
     let mut tasks = Vec::new();
-    for p in 0..PRODUCERS {
+    for p in 0..producers {
         let store = store.clone();
         tasks.push(tokio::spawn(async move {
             for i in 0..per {
@@ -217,7 +218,8 @@ async fn wait_empty(store: &StateStore, within: Duration) -> Result<Duration> {
 
 /// Runs the benchmark; returns its summary lines.
 pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
-    let records = args.events.unwrap_or(DEFAULT_RECORDS).max(PRODUCERS as u64);
+    let producers = args.instances.unwrap_or(PRODUCERS).max(1);
+    let records = args.events.unwrap_or(DEFAULT_RECORDS).max(producers as u64);
     let rounds = args.iterations.unwrap_or(DEFAULT_ROUNDS);
     let db = dir.join("lichen.db");
     let store = StateStore::open(&db, StoreOptions::default())?;
@@ -227,7 +229,7 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
             source_text: String::new(),
             digest: String::new(),
             description: None,
-            workloads: (0..PRODUCERS)
+            workloads: (0..producers)
                 .map(|p| NewWorkload {
                     name: format!("w{p}"),
                     spec_json: "{}".into(),
@@ -241,7 +243,7 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
     // 1. Ingest, offline.
     let io_before = write_bytes();
     let files_before = file_len(&db) + file_len(&wal);
-    let ingest = produce(&store, records).await?;
+    let ingest = produce(&store, records, producers).await?;
     let ingested = store.outbox_len()?;
     let io_per_record = write_bytes()
         .zip(io_before)
@@ -268,8 +270,8 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
 
     // 3. Live drain: producing and draining at once.
     let start = Instant::now();
-    produce(&store, records).await?;
-    let produced = records.div_ceil(PRODUCERS as u64) * PRODUCERS as u64;
+    produce(&store, records, producers).await?;
+    let produced = records.div_ceil(producers as u64) * producers as u64;
     wait_empty(&store, Duration::from_secs(600)).await?;
     let live = start.elapsed();
     let live_rate = produced as f64 / live.as_secs_f64();
@@ -341,7 +343,7 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
         "-",
     );
     table.note(format!(
-        "ingest: {PRODUCERS} producers, each awaiting its commit before the next record (as a guest's event is acknowledged only once durable); synchronous=FULL in WAL mode, the store's setting: a record acknowledged to its producer survives power loss, not only a crash. NORMAL would be faster but can lose the last commits on power loss. Group commit puts the concurrent producers' records in one transaction, one fsync."
+        "ingest: {producers} producers (workloads; --count), each awaiting its commit before the next record (as a guest's event is acknowledged only once durable); synchronous=FULL in WAL mode, the store's setting: a record acknowledged to its producer survives power loss, not only a crash. NORMAL would be faster but can lose the last commits on power loss. Group commit puts the concurrent producers' records in one transaction, one fsync."
     ));
     table.note(
         "bytes written: the growth of /proc/self/io write_bytes (what reached the block layer, WAL frames and checkpoints) over the ingest phase divided by the records; db+WAL file growth for comparison (the WAL is reused after checkpoints, so it undercounts rewrites).",
@@ -357,7 +359,7 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
     table.print();
     Ok(vec![
         format!(
-            "- sync: durable ingest {} records/s (synchronous=FULL, {PRODUCERS} producers)",
+            "- sync: durable ingest {} records/s (synchronous=FULL, {producers} producers)",
             fmt_count(ingest_rate as u64)
         ),
         format!(
