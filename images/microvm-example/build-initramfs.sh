@@ -8,18 +8,18 @@
 #     `-M microvm` QEMU's generic event device raises it, the `button` module turns it into a
 #     key event on /dev/input/event*, which the init waits on).
 # `never-ready` as the first argument builds a variant whose init never prints the marker (for
-# the boot-timeout test).
+# the boot-timeout test); `deaf` one that ignores the power button (for the grace-period test).
 #
 # Prints the image's path. Cached under $LICHEN_GUEST_CACHE (default
 # /var/tmp/lichen-target/guest)/microvm-example/<key>, where the key hashes this script, the
 # busybox binary and the kernel release, so a changed input builds a new image.
 #
-# Usage: images/microvm-example/build-initramfs.sh [ready|never-ready]
+# Usage: images/microvm-example/build-initramfs.sh [ready|never-ready|deaf]
 set -euo pipefail
 
 variant=${1:-ready}
-case "$variant" in ready | never-ready) ;; *)
-  echo "build-initramfs: unknown variant $variant (ready or never-ready)" >&2
+case "$variant" in ready | never-ready | deaf) ;; *)
+  echo "build-initramfs: unknown variant $variant (ready, never-ready or deaf)" >&2
   exit 2
   ;;
 esac
@@ -47,7 +47,10 @@ if [ ! -f "$image" ]; then
   for m in drivers/acpi/button.ko drivers/input/evdev.ko; do
     cp "$kernel_dir/modules/kernel/$m" "$root/lib/modules/"
   done
-  if [ "$variant" = ready ]; then marker='echo LICHEN-READY'; else marker=': marker never printed'; fi
+  marker='echo LICHEN-READY'
+  [ "$variant" != never-ready ] || marker=': marker never printed'
+  button=1
+  [ "$variant" != deaf ] || button=0
   cat >"$root/init" <<INIT
 #!/bin/busybox sh
 /bin/busybox --install -s /bin
@@ -63,7 +66,7 @@ done
 down() { echo "lichen-example: \$1, powering off"; sync; poweroff -f; }
 # The power button (QMP system_powerdown) arrives as an input event.
 for ev in /dev/input/event*; do
-  [ -e "\$ev" ] || continue
+  [ -e "\$ev" ] && [ $button = 1 ] || continue
   ( head -c 1 "\$ev" >/dev/null && down "power button" ) &
 done
 $marker

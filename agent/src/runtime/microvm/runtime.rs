@@ -255,8 +255,16 @@ impl MicrovmRuntime {
                 (status_tx.clone(), boot_time.clone(), console.clone());
             readers.push(tokio::spawn(read_lines(out, move |text| {
                 console.note(&text);
-                if boot_time.get().is_none() && text.contains(&marker) {
-                    let _ = boot_time.set(started_at.elapsed());
+                let ready = boot_time.get().is_none() && text.contains(&marker);
+                let seen_at = started_at.elapsed();
+                // The marker line is in the log before the status says running.
+                logs(LogLine {
+                    vm: name.clone(),
+                    stream: LogStream::Console,
+                    text,
+                });
+                if ready {
+                    let _ = boot_time.set(seen_at);
                     status_tx.send_if_modified(|s| {
                         let booting = *s == MicrovmStatus::Booting;
                         if booting {
@@ -265,11 +273,6 @@ impl MicrovmRuntime {
                         booting
                     });
                 }
-                logs(LogLine {
-                    vm: name.clone(),
-                    stream: LogStream::Console,
-                    text,
-                });
             })));
         }
         if let Some(err) = child.stderr.take() {

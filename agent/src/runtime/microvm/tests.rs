@@ -88,17 +88,17 @@ async fn microvm_boots_logs_its_marker_and_powers_off_on_request() {
     let (sink, lines) = collecting_sink();
     let vm = runtime.start(&spec, sink).await.expect("QEMU starts");
     let _guard = KillOnDrop(vm.pid());
-    let cmdline = std::fs::read(format!("/proc/{}/cmdline", vm.pid())).expect("QEMU runs");
-    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-    assert!(
-        cmdline.contains(" -accel tcg "),
-        "the accelerator shows in QEMU's arguments: {cmdline}"
-    );
-
     let boot = vm
         .wait_ready()
         .await
         .expect("the example reaches its marker");
+    // Read once QEMU is surely past exec (right after spawn its arguments may not be set yet).
+    let cmdline = std::fs::read(format!("/proc/{}/cmdline", vm.pid())).expect("QEMU runs");
+    let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+    assert!(
+        cmdline.contains(" -accel tcg "),
+        "the accelerator shows in QEMU's arguments (and so in ps): {cmdline}"
+    );
     println!(
         "booted to LICHEN-READY in {} ms under TCG",
         boot.as_millis()
@@ -223,4 +223,25 @@ async fn a_bad_spec_is_refused_before_qemu_starts() {
     );
     assert!(lines.lock().expect("test lock").is_empty());
     assert!(!dir.path().join("missing.qmp").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_that_ignores_the_power_button_is_ended_after_the_grace_period() {
+    let (kernel, initramfs) = example("deaf");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runtime = tcg_runtime(dir.path());
+    let spec = MicrovmSpec::new("deaf", kernel, GuestRoot::Initramfs(initramfs));
+    let (sink, lines) = collecting_sink();
+    let vm = runtime.start(&spec, sink).await.expect("QEMU starts");
+    let _guard = KillOnDrop(vm.pid());
+    vm.wait_ready()
+        .await
+        .expect("the deaf example reaches its marker");
+    let reason = vm.stop(Duration::from_secs(2)).await.expect("the VM stops");
+    assert_eq!(reason, ExitReason::Stopped { forced: false }, "{reason}");
+    assert!(
+        !console_has(&lines, "powering off"),
+        "the guest never powered off"
+    );
+    assert!(process_gone(vm.pid()), "QEMU is gone");
 }
