@@ -521,3 +521,80 @@ impl Workload for ContainerWorkload {
 pub fn work_dir(state_dir: &Path) -> PathBuf {
     state_dir.join("containers")
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_grants(grants: &str) -> WorkloadSpec {
+        let text = format!(
+            "[[workloads]]\nname = \"box\"\nkind = \"container\"\nrootfs = \"r\"\ncommand = [\"/bin/true\"]\n{grants}"
+        );
+        crate::deployment::parse("d.toml", &text, Path::new("/"))
+            .expect("parses")
+            .spec
+            .workloads
+            .remove(0)
+    }
+
+    fn board(name: &str) -> BoardProfile {
+        BoardProfile::builtin(name).expect("built-in profile")
+    }
+
+    #[test]
+    fn bus_grants_become_their_device_nodes_once_each() {
+        let spec = with_grants(
+            "spi = [{ name = \"adc\", bus = \"spi0.0\" }, { name = \"adc2\", bus = \"spi0.1\" }]\n\
+             i2c = [{ name = \"env\", bus = \"i2c-1\", addresses = [0x48] }, { name = \"env2\", bus = \"i2c-1\", addresses = [0x49] }]\n",
+        );
+        assert_eq!(
+            device_nodes(&spec, &board("rpi4b")).expect("resolves"),
+            vec![
+                PathBuf::from("/dev/spidev0.0"),
+                PathBuf::from("/dev/spidev0.1"),
+                PathBuf::from("/dev/i2c-1"),
+            ]
+        );
+        assert_eq!(
+            device_nodes(&with_grants(""), &board("sim")),
+            Ok(Vec::new())
+        );
+    }
+
+    #[test]
+    fn a_simulated_board_has_no_node_to_give_and_says_so() {
+        let spec =
+            with_grants("gpio = [{ name = \"led\", pin = \"GPIO17\", mode = \"output\" }]\n");
+        let err = device_nodes(&spec, &board("sim")).expect_err("sim has no nodes");
+        assert_eq!(err.field, "gpio[0].pin");
+        assert!(
+            err.message
+                .starts_with("board \"sim\" simulates its devices inside the agent"),
+            "{}",
+            err.message
+        );
+    }
+
+    #[test]
+    fn a_gpio_grant_resolves_to_the_chip_holding_the_pins_line() {
+        let spec =
+            with_grants("gpio = [{ name = \"led\", pin = \"GPIO17\", mode = \"output\" }]\n");
+        match device_nodes(&spec, &board("rpi4b")) {
+            // A host with the Pi's header chip: that chip's node, and only it.
+            Ok(nodes) => {
+                assert_eq!(nodes.len(), 1, "{nodes:?}");
+                assert!(nodes[0].starts_with("/dev/gpiochip"), "{nodes:?}");
+            }
+            // Anywhere else the line is not found, and the error names the pin.
+            Err(err) => {
+                assert_eq!(err.field, "gpio[0].pin");
+                assert!(
+                    err.message
+                        .starts_with("cannot find the gpiochip of pin \"GPIO17\""),
+                    "{}",
+                    err.message
+                );
+            }
+        }
+    }
+}
