@@ -52,7 +52,7 @@ pub use message::{BadMessageId, Envelope, MessageId};
 pub use outbox::{Outbox, OutboxError, Row, RowId, RowKind};
 pub use quota::{DropPlan, Quota, RowSize};
 pub use session::{
-    ConfigError, Inbound, InboundError, SessionConfig, SessionEvent, SyncHandle, SyncSession,
-    TlsFiles, rustls_config,
+    ConfigError, Inbound, InboundAck, InboundError, SessionConfig, SessionEvent, SyncHandle,
+    SyncSession, TlsFiles, rustls_config,
 };
 pub use topics::{NameError, TopicKind, Topics, is_digest};

@@ -144,12 +144,16 @@ pub enum Inbound {
     /// A deployment on `desired` (retained: it comes again on every connection; the agent
     /// applies it only if its version is newer).
     Desired(Envelope),
-    /// A command for `workload`, seen for the first time.
+    /// A command for `workload`, seen for the first time. The broker gets its PUBACK only
+    /// when the receiver calls [`InboundAck::ack`], once the command is durably handled; until
+    /// then the broker keeps it and redelivers it after a reconnect.
     Command {
         /// The workload it is for.
         workload: String,
         /// The command.
         envelope: Envelope,
+        /// Acknowledges the command's PUBLISH.
+        ack: InboundAck,
     },
     /// An artifact's chunk manifest (comes only after [`SyncHandle::subscribe`] to it).
     ArtifactManifest {
@@ -167,6 +171,38 @@ pub enum Inbound {
         /// The raw bytes (not yet checked).
         bytes: Vec<u8>,
     },
+}
+
+/// The PUBACK of an inbound command, sent when the agent has made the command durable
+/// (manual acknowledgement: a crash before that makes the broker deliver it again).
+#[derive(Clone)]
+pub struct InboundAck {
+    client: AsyncClient,
+    publish: rumqttc::Publish,
+}
+
+impl InboundAck {
+    /// Sends the PUBACK. If the connection the command came on is gone, nothing is sent and
+    /// the broker redelivers the command on the next connection (the inbox de-duplicates it).
+    pub fn ack(self) {
+        if let Err(e) = self.client.try_ack(&self.publish) {
+            debug!(error = %e, topic = %self.publish.topic, "command PUBACK not sent: its connection is gone");
+        }
+    }
+}
+
+impl std::fmt::Debug for InboundAck {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InboundAck")
+            .field("pkid", &self.publish.pkid)
+            .finish()
+    }
+}
+
+impl PartialEq for InboundAck {
+    fn eq(&self, other: &Self) -> bool {
+        self.publish == other.publish
+    }
 }
 
 /// An inbound message that was refused; the session carries on.
@@ -380,6 +416,9 @@ impl SyncSession {
         let mut options = MqttOptions::new(config.node.clone(), config.host.clone(), config.port);
         options
             .set_clean_session(false)
+            // Commands are acknowledged once the agent has them durably (InboundAck); every
+            // other inbound message right after it is handed over.
+            .set_manual_acks(true)
             .set_keep_alive(config.keep_alive)
             .set_inflight(config.max_inflight)
             .set_max_packet_size(config.max_packet_bytes, config.max_packet_bytes);
@@ -607,12 +646,20 @@ impl SyncSession {
                     }
                 }
             }
-            Event::Incoming(Packet::Publish(p)) => match self.inbound(&p.topic, &p.payload) {
-                Ok(Some(msg)) => self.emit(SessionEvent::Inbound(msg)).await,
-                Ok(None) => {}
+            Event::Incoming(Packet::Publish(p)) => match self.inbound(&p, client) {
+                // Acknowledged by the agent once durable.
+                Ok(Some(msg @ Inbound::Command { .. })) => {
+                    self.emit(SessionEvent::Inbound(msg)).await
+                }
+                Ok(Some(msg)) => {
+                    self.emit(SessionEvent::Inbound(msg)).await;
+                    ack_now(client, &p);
+                }
+                Ok(None) => ack_now(client, &p),
                 Err(e) => {
                     warn!(error = %e, "inbound message refused");
                     self.emit(SessionEvent::Rejected(e)).await;
+                    ack_now(client, &p);
                 }
             },
             _ => {}
@@ -620,7 +667,13 @@ impl SyncSession {
     }
 
     /// Decodes one inbound message; `Ok(None)` for a command seen before.
-    fn inbound(&mut self, topic: &str, payload: &[u8]) -> Result<Option<Inbound>, InboundError> {
+    fn inbound(
+        &mut self,
+        publish: &rumqttc::Publish,
+        client: &AsyncClient,
+    ) -> Result<Option<Inbound>, InboundError> {
+        let topic = publish.topic.as_str();
+        let payload = &publish.payload[..];
         let kind = self.topics.parse(topic);
         let envelope = || {
             Envelope::from_bytes(payload).map_err(|source| InboundError::Malformed {
@@ -645,7 +698,14 @@ impl SyncSession {
                     debug!(id = %envelope.id, %workload, "duplicate command ignored");
                     return Ok(None);
                 }
-                Ok(Some(Inbound::Command { workload, envelope }))
+                Ok(Some(Inbound::Command {
+                    workload,
+                    envelope,
+                    ack: InboundAck {
+                        client: client.clone(),
+                        publish: publish.clone(),
+                    },
+                }))
             }
             _ => Err(InboundError::UnexpectedTopic {
                 topic: topic.to_owned(),
@@ -781,6 +841,14 @@ impl SyncSession {
     async fn emit(&self, ev: SessionEvent) {
         // Nobody listening is not an error: the session still drains the outbox.
         let _ = self.events.send(ev).await;
+    }
+}
+
+/// Acknowledges an inbound message that needs no durable handling first (a duplicate, a
+/// retained desired state or artifact chunk handed over, a refused message).
+fn ack_now(client: &AsyncClient, publish: &rumqttc::Publish) {
+    if let Err(e) = client.try_ack(publish) {
+        debug!(error = %e, "PUBACK not sent: the connection is gone");
     }
 }
 

@@ -292,10 +292,16 @@ async fn malformed_desired_state_is_reported_and_the_session_keeps_working() {
             matches!(e, SessionEvent::Inbound(_))
         })
         .await;
-        let SessionEvent::Inbound(Inbound::Command { workload, envelope }) = ev else {
+        let SessionEvent::Inbound(Inbound::Command {
+            workload,
+            envelope,
+            ack,
+        }) = ev
+        else {
             panic!("expected a command, got {ev:?}");
         };
         assert_eq!((workload.as_str(), envelope.id.seq), ("door", want));
+        ack.ack();
     }
     assert!(
         !seen.iter().any(|e| e.starts_with("Disconnected")),
@@ -479,5 +485,81 @@ async fn extra_subscriptions_bring_retained_chunks_and_survive_a_broker_restart(
         panic!("a chunk that was not asked for came: {extra:?}");
     }
     stop(handle, task).await;
+    hub_task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_is_acknowledged_only_when_the_agent_says_so() {
+    let broker = Mosquitto::start_with(support::PERSISTENT);
+    let outbox = Arc::new(FakeOutbox::new());
+    let t = Duration::from_secs(10);
+    let (hub, hub_task) = hub_client(broker.port).await;
+    let command = |seq: u64| json!({"id": format!("hub:{seq}"), "ts": 1, "payload": {}});
+
+    // First session: the command arrives, the agent "crashes" before making it durable.
+    let next_command = async |seq: u64, ack: bool| {
+        let (session, handle, mut events) =
+            SyncSession::new(config(broker.port), outbox.clone()).unwrap();
+        let task = tokio::spawn(session.run());
+        // A redelivered command may come before the SUBACK: look at every event.
+        let got = tokio::time::timeout(t, async {
+            loop {
+                match events.recv().await {
+                    Some(SessionEvent::Subscribed) if seq > 0 => {
+                        hub.publish(
+                            "lichen/v1/n1/cmd/door",
+                            QoS::AtLeastOnce,
+                            false,
+                            command(seq).to_string(),
+                        )
+                        .await
+                        .unwrap();
+                    }
+                    Some(SessionEvent::Subscribed) => {
+                        // Nothing published: give a redelivery a moment, then give up.
+                        return tokio::time::timeout(Duration::from_secs(2), async {
+                            loop {
+                                match events.recv().await {
+                                    Some(SessionEvent::Inbound(Inbound::Command {
+                                        envelope,
+                                        ack,
+                                        ..
+                                    })) => return Some((envelope.id.seq, ack)),
+                                    Some(_) => {}
+                                    None => return None,
+                                }
+                            }
+                        })
+                        .await
+                        .ok()
+                        .flatten();
+                    }
+                    Some(SessionEvent::Inbound(Inbound::Command { envelope, ack, .. })) => {
+                        return Some((envelope.id.seq, ack));
+                    }
+                    Some(_) => {}
+                    None => return None,
+                }
+            }
+        })
+        .await
+        .ok()
+        .flatten();
+        let seq_got = got.map(|(seq, ack_handle)| {
+            if ack {
+                ack_handle.ack();
+            }
+            seq
+        });
+        // Give the PUBACK (if any) time to leave before the session goes.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stop(handle, task).await;
+        seq_got
+    };
+    assert_eq!(next_command(5, false).await, Some(5));
+    // Second session: the broker redelivers the unacknowledged command; now it is acked.
+    assert_eq!(next_command(0, true).await, Some(5), "redelivered");
+    // Third session: nothing is pending any more.
+    assert_eq!(next_command(0, true).await, None, "acknowledged for good");
     hub_task.abort();
 }

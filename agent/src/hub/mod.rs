@@ -533,9 +533,11 @@ impl Bridge {
                 self.publish_reported().await;
             }
             SessionEvent::Inbound(Inbound::Desired(envelope)) => self.on_desired(envelope).await,
-            SessionEvent::Inbound(Inbound::Command { workload, envelope }) => {
-                self.on_command(workload, envelope)
-            }
+            SessionEvent::Inbound(Inbound::Command {
+                workload,
+                envelope,
+                ack,
+            }) => self.on_command(workload, envelope, ack),
             SessionEvent::Inbound(Inbound::ArtifactManifest { digest, envelope }) => {
                 self.on_manifest(digest, envelope).await
             }
@@ -1050,7 +1052,10 @@ impl Bridge {
         }
     }
 
-    fn on_command(&mut self, workload: String, envelope: Envelope) {
+    /// Runs a hub command and queues its result; the broker gets the command's PUBACK only once
+    /// the id is in the inbox and the result in the outbox (one transaction), so a crash before
+    /// that makes the broker deliver it again.
+    fn on_command(&mut self, workload: String, envelope: Envelope, ack: lichen_sync::InboundAck) {
         let agent = self.agent.clone();
         let store = self.store.clone();
         let commands = self.commands.clone();
@@ -1059,6 +1064,7 @@ impl Bridge {
             match store.inbox_contains(&id) {
                 Ok(true) => {
                     tracing::debug!(%id, "hub command already handled before a restart");
+                    ack.ack();
                     return;
                 }
                 Ok(false) => {}
@@ -1079,45 +1085,20 @@ impl Bridge {
                 payload: result.to_string().into_bytes(),
                 created_at_ms: now_ms(),
             };
-            if let Err(e) = store.command_done(&id, record).await {
-                tracing::warn!(%id, %workload, "cannot queue the command result: {e}");
+            match store.command_done(&id, record).await {
+                Ok(_) => ack.ack(),
+                // Not acknowledged: the broker delivers it again after a reconnect.
+                Err(e) => tracing::warn!(%id, %workload, "cannot queue the command result: {e}"),
             }
         });
     }
 
     async fn enforce_quota(&mut self) {
-        let bytes = match self.store.outbox_bytes() {
-            Ok(b) => b,
-            Err(e) => return self.error(format!("cannot measure the outbox: {e}")),
+        let plan = match drop_over_quota(&self.store, &mut self.quota).await {
+            Ok(Some(plan)) => plan,
+            Ok(None) => return,
+            Err(e) => return self.error(e),
         };
-        if bytes <= self.quota.limit_bytes() {
-            return;
-        }
-        let over = bytes - self.quota.limit_bytes();
-        let rows = match self.store.oldest_telemetry(over) {
-            Ok(rows) => rows,
-            Err(e) => return self.error(format!("cannot read the outbox: {e}")),
-        };
-        let plan = self.quota.plan(
-            bytes,
-            rows.into_iter().map(|r| RowSize {
-                id: RowId(u64::try_from(r.id).unwrap_or(0)),
-                workload: r.workload,
-                kind: RowKind::Telemetry,
-                bytes: r.bytes,
-            }),
-        );
-        if plan.ids.is_empty() {
-            return;
-        }
-        let ids = plan
-            .ids
-            .iter()
-            .filter_map(|id| i64::try_from(id.0).ok())
-            .collect();
-        if let Err(e) = self.store.delete_outbox(ids).await {
-            return self.error(format!("cannot drop telemetry over the quota: {e}"));
-        }
         for (workload, n) in &plan.per_workload {
             *self.dropped.entry(workload.clone()).or_default() += n;
         }
@@ -1238,6 +1219,46 @@ impl Bridge {
             tracing::warn!("cannot queue reported state: {e}");
         }
     }
+}
+
+/// Deletes the oldest telemetry rows until the outbox is within `quota` (reported state,
+/// command results and events are never dropped); returns what was dropped, `None` when the
+/// outbox was within its quota.
+async fn drop_over_quota(
+    store: &StateStore,
+    quota: &mut Quota,
+) -> std::result::Result<Option<lichen_sync::DropPlan>, String> {
+    let bytes = store
+        .outbox_bytes()
+        .map_err(|e| format!("cannot measure the outbox: {e}"))?;
+    if bytes <= quota.limit_bytes() {
+        return Ok(None);
+    }
+    let rows = store
+        .oldest_telemetry(bytes - quota.limit_bytes())
+        .map_err(|e| format!("cannot read the outbox: {e}"))?;
+    let plan = quota.plan(
+        bytes,
+        rows.into_iter().map(|r| RowSize {
+            id: RowId(u64::try_from(r.id).unwrap_or(0)),
+            workload: r.workload,
+            kind: RowKind::Telemetry,
+            bytes: r.bytes,
+        }),
+    );
+    if plan.ids.is_empty() {
+        return Ok(None);
+    }
+    let ids = plan
+        .ids
+        .iter()
+        .filter_map(|id| i64::try_from(id.0).ok())
+        .collect();
+    store
+        .delete_outbox(ids)
+        .await
+        .map_err(|e| format!("cannot drop telemetry over the quota: {e}"))?;
+    Ok(Some(plan))
 }
 
 /// A hub command's payload: `{"command": NAME, "payload": TEXT or any JSON}`.
