@@ -551,6 +551,23 @@ command = ["/bin/sh", "-c", "echo sleeping; exec sleep 300"]
         s.state == "running" && s.pids.unwrap_or(0) >= 1
     });
     assert!(sleeper.memory_bytes > 0, "{sleeper:?}");
+    // A container takes no commands; `lichen stop` stops it (and runc forgets it).
+    let out = daemon.cli(&["send", "sleeper", "ping"]);
+    assert!(!out.status.success());
+    assert!(
+        output_text(&out).contains("is a container: it takes no commands"),
+        "{}",
+        output_text(&out)
+    );
+    let out = daemon.cli(&["stop", "sleeper"]);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let stopped = daemon.status("sleeper").expect("kept in ps");
+    assert_eq!(stopped.state, "stopped");
+    assert!(
+        !live_containers(&daemon).contains(&"lichen-sleeper".to_string()),
+        "{:?}",
+        live_containers(&daemon)
+    );
 
     // A deployment without them stops both; the sleeper's container is gone from runc.
     let out = daemon.deploy("deploy.toml", "workloads = []\n");
