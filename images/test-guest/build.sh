@@ -75,6 +75,7 @@ if [ ! -f "$out/.complete" ]; then
   say "packing the initramfs ($key)"
   root=$(mktemp -d)
   trap 'rm -rf "$root"' EXIT
+  chmod 755 "$root" # mktemp's 0700 would become the guest's /, closed to non-root users
   mkdir -p "$root"/{bin,sbin,dev,proc,sys,tmp,run,etc,guest,lib/modules/lichen,var/lib/lichen}
   cp "$busybox" "$root/bin/busybox"
   cp "$lichen" "$root/bin/lichen"

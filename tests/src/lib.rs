@@ -3,6 +3,7 @@
 //! kills it (gracefully or with SIGKILL) to check what survives.
 
 pub mod broker;
+pub mod guest;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
