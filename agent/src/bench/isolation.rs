@@ -284,6 +284,7 @@ async fn microvm_tier(
         }
     }
     let per = pss.iter().sum::<u64>() / pss.len().max(1) as u64;
+    let each: Vec<String> = starts.iter().map(|d| fmt_duration(*d)).collect();
     Ok(Measured {
         tier,
         starts: Samples::new(starts),
@@ -292,8 +293,9 @@ async fn microvm_tier(
         start_claim: "50-60 s full VM; 125 ms Firecracker",
         memory_claim: "~640 MB (512 MB guest OS + 128 MB app)",
         note: Some(format!(
-            "{}: Debian kernel + busybox initramfs, 1 vCPU, 128 MiB, booted one at a time to the console marker; {}",
+            "{}: Debian kernel + busybox initramfs, 1 vCPU, 128 MiB, booted one at a time to the console marker (boots: {}); {}",
             probe.summary(),
+            each.join(", "),
             if runtime.accelerator() == microvm::Accelerator::Tcg {
                 "TCG emulates the CPU in software: a working KVM boots in a fraction of this"
             } else {
@@ -377,7 +379,11 @@ fn pss_of_matching(ids: &[String]) -> u64 {
 }
 
 fn mib(bytes: u64) -> String {
-    format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+    if bytes < 1 << 20 {
+        format!("{} KiB", bytes / 1024)
+    } else {
+        format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+    }
 }
 
 fn print_table(rows: &[std::result::Result<Measured, (String, String)>]) {
