@@ -110,6 +110,8 @@ pub enum SimSpiModel {
 pub enum SimI2cModel {
     /// [`crate::sim::Tmp102`].
     Tmp102,
+    /// [`crate::sim::Bme280`].
+    Bme280,
 }
 
 /// A simulated I2C target.

@@ -1,12 +1,12 @@
 //! GPIO, SPI and I2C access for Lichen device functions, behind the embedded-hal 1.0 traits.
 //!
 //! Two backends implement the same traits (`OutputPin`, `StatefulOutputPin`, `InputPin`,
-//! `SpiDevice`, `I2c`), so driver code is written once:
+//! embedded-hal-async's `Wait`, `SpiDevice`, `I2c`), so driver code is written once:
 //! - [`linux`] (Linux only): GPIO lines over the v2 character-device uAPI (`gpiocdev`), found by
 //!   line *label* across every gpiochip; SPI over spidev; I2C over i2c-dev.
 //! - [`sim`] (everywhere): a simulated gpiochip whose inputs a test drives and whose outputs it
 //!   observes, with edge events and debounce; an SPI bus with an MCP3008 ADC model and an I2C
-//!   bus with a TMP102 temperature sensor model, both following their datasheets.
+//!   bus with TMP102 and BME280 sensor models, all following their datasheets.
 //!
 //! [`board`] loads board profiles (`boards/*.toml`, embedded in the binary): header pin names
 //! mapped to line labels, SPI and I2C buses, and facts such as arch and isolation tiers.
@@ -47,6 +47,9 @@ use std::time::Duration;
 /// The embedded-hal 1.0 traits this crate implements, re-exported so that users wrap or
 /// implement them at the same version without a dependency of their own.
 pub use embedded_hal;
+/// The embedded-hal-async 1.0 traits this crate implements (`digital::Wait`), re-exported
+/// for the same reason.
+pub use embedded_hal_async;
 pub use error::{Error, Result};
 pub use inventory::{Inventory, inventory};
 

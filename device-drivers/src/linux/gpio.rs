@@ -4,10 +4,12 @@
 //! between kernels (the Pi 5's header chip went from gpiochip4 to gpiochip0 in 6.6.47), labels
 //! come from the device tree and stay.
 
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use embedded_hal::digital::{ErrorType, InputPin, OutputPin, StatefulOutputPin};
+use embedded_hal_async::digital::Wait;
 use gpiocdev::line::{self, Value};
 
 use crate::{
@@ -297,10 +299,15 @@ impl StatefulOutputPin for LinuxOutputPin {
 /// A line requested as an input, optionally with edge events. Released when dropped.
 #[derive(Debug)]
 pub struct LinuxInputPin {
+    /// A duplicate of the request's fd, registered with tokio's reactor by the first
+    /// [`Wait`] call (the duplicate shares the request's open file, so it is readable when an
+    /// edge event is queued).
+    readiness: Option<tokio::io::unix::AsyncFd<OwnedFd>>,
     req: gpiocdev::Request,
     loc: LineLocation,
     name: String,
     active_low: bool,
+    edge: Option<EdgeDetection>,
 }
 
 impl LinuxInputPin {
@@ -331,10 +338,12 @@ impl LinuxInputPin {
             .request()
             .map_err(|e| busy_consumer(&loc, gpio_error(&loc.chip, &name, e)))?;
         Ok(LinuxInputPin {
+            readiness: None,
             req,
             loc,
             name,
             active_low: config.active_low,
+            edge: config.edge,
         })
     }
 
@@ -370,6 +379,145 @@ impl LinuxInputPin {
             timestamp_ns: ev.timestamp_ns,
             seqno: ev.line_seqno,
         }))
+    }
+}
+
+impl LinuxInputPin {
+    fn line_error(&self, message: impl Into<String>) -> Error {
+        Error::Line {
+            label: self.name.clone(),
+            message: message.into(),
+        }
+    }
+
+    /// Waits, without blocking a thread, for the next edge event: the request's fd is
+    /// registered with tokio's reactor (so this needs a tokio runtime) and read only once
+    /// the kernel says an event is queued.
+    pub async fn next_event(&mut self) -> Result<EdgeEvent> {
+        if self.edge.is_none() {
+            return Err(
+                self.line_error("waiting for an edge needs the line requested with edge detection")
+            );
+        }
+        loop {
+            if let Some(event) = self.try_event()? {
+                return Ok(event);
+            }
+            if self.readiness.is_none() {
+                self.readiness = Some(self.register()?);
+            }
+            let Some(readiness) = &self.readiness else {
+                continue;
+            };
+            let mut ready = readiness
+                .readable()
+                .await
+                .map_err(|e| Error::from_io(&self.loc.chip, e))?;
+            ready.clear_ready();
+        }
+    }
+
+    /// Registers a duplicate of the request's fd with the current tokio runtime's reactor.
+    /// tokio 1.54 made every `AsyncFd` constructor `unsafe` (I/O safety), hence the one
+    /// `unsafe` block, whose contract an owned duplicate meets by construction.
+    #[allow(unsafe_code)]
+    fn register(&self) -> Result<tokio::io::unix::AsyncFd<OwnedFd>> {
+        if tokio::runtime::Handle::try_current().is_err() {
+            return Err(self.line_error("waiting for edges needs a tokio runtime"));
+        }
+        let fd = self
+            .req
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| Error::from_io(&self.loc.chip, e))?;
+        // SAFETY: the `AsyncFd` owns `fd` (a duplicate made just above, used for nothing
+        // else), so the fd stays open and the same for the whole life of the registration.
+        unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| self.line_error(format!("cannot wait for edges: {e}")))
+    }
+
+    /// Drops the edge events queued before now, so an edge wait sees only later ones.
+    fn drain_events(&mut self) -> Result<()> {
+        while self.try_event()?.is_some() {}
+        Ok(())
+    }
+
+    /// Whether the request reports `edge`; an error naming the line if not, since waiting
+    /// for it would never end.
+    fn needs_edge(&self, edge: Edge) -> Result<()> {
+        if self.edge.is_some_and(|e| e.matches(edge)) {
+            Ok(())
+        } else {
+            Err(self.line_error(format!(
+                "waiting for a {} edge needs the line requested with that edge detection (it has {:?})",
+                match edge {
+                    Edge::Rising => "rising",
+                    Edge::Falling => "falling",
+                },
+                self.edge
+            )))
+        }
+    }
+
+    async fn wait_level(&mut self, level: Level) -> Result<()> {
+        let edge = if level.is_high() {
+            Edge::Rising
+        } else {
+            Edge::Falling
+        };
+        self.needs_edge(edge)?;
+        // Old events first, then the level: an edge after the read stays queued.
+        self.drain_events()?;
+        if self.level()? == level {
+            return Ok(());
+        }
+        while self.next_event().await?.edge != edge {}
+        Ok(())
+    }
+
+    async fn wait_edge(&mut self, wanted: EdgeDetection) -> Result<()> {
+        match wanted {
+            EdgeDetection::Rising => self.needs_edge(Edge::Rising)?,
+            EdgeDetection::Falling => self.needs_edge(Edge::Falling)?,
+            EdgeDetection::Both => {
+                if self.edge.is_none() {
+                    return Err(self.line_error(
+                        "waiting for an edge needs the line requested with edge detection",
+                    ));
+                }
+            }
+        }
+        self.drain_events()?;
+        while !wanted.matches(self.next_event().await?.edge) {}
+        Ok(())
+    }
+}
+
+/// embedded-hal-async's `Wait`, on the line request's edge events: the kernel queues them
+/// (debounced, when asked), tokio's reactor says when one is there, no thread blocks. The
+/// line must have been requested with edge detection for the edges waited on; edge waits
+/// count only edges after the call.
+impl Wait for LinuxInputPin {
+    async fn wait_for_high(&mut self) -> Result<()> {
+        self.wait_level(Level::High).await
+    }
+
+    async fn wait_for_low(&mut self) -> Result<()> {
+        self.wait_level(Level::Low).await
+    }
+
+    async fn wait_for_rising_edge(&mut self) -> Result<()> {
+        self.wait_edge(EdgeDetection::Rising).await
+    }
+
+    async fn wait_for_falling_edge(&mut self) -> Result<()> {
+        self.wait_edge(EdgeDetection::Falling).await
+    }
+
+    async fn wait_for_any_edge(&mut self) -> Result<()> {
+        self.wait_edge(EdgeDetection::Both).await
     }
 }
 
@@ -473,5 +621,22 @@ mod tests {
             None,
             "nobody drives the line"
         );
+        // The async Wait: on the request's fd in tokio's reactor; nobody drives the line, so
+        // the edge wait is still pending when the timeout ends it, and a level wait for the
+        // level the line has returns at once.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        runtime.block_on(async {
+            let waited =
+                tokio::time::timeout(Duration::from_millis(20), inp.wait_for_any_edge()).await;
+            assert!(waited.is_err(), "no edge, no wake-up: {waited:?}");
+            if inp.is_high().expect("read") {
+                inp.wait_for_high().await.expect("already high");
+            } else {
+                inp.wait_for_low().await.expect("already low");
+            }
+        });
     }
 }

@@ -3,7 +3,9 @@
 use std::collections::BTreeMap;
 
 use crate::board::{Backend, BoardProfile, SimI2cModel, SimSpiModel};
-use crate::sim::{Mcp3008, SimChip, SimI2cBus, SimInputPin, SimOutputPin, SimSpiDevice, Tmp102};
+use crate::sim::{
+    Bme280, Mcp3008, SimChip, SimI2cBus, SimInputPin, SimOutputPin, SimSpiDevice, Tmp102,
+};
 use crate::{Error, InputConfig, LineSpec, OutputConfig, Result, SpiConfig};
 
 /// The simulated devices of a board profile whose backend is `sim`: one gpiochip carrying every
@@ -17,6 +19,7 @@ pub struct SimBoard {
     spi: BTreeMap<String, (SimSpiDevice, Mcp3008)>,
     i2c: BTreeMap<String, SimI2cBus>,
     tmp102: BTreeMap<(String, u16), Tmp102>,
+    bme280: BTreeMap<(String, u16), Bme280>,
 }
 
 impl SimBoard {
@@ -45,6 +48,7 @@ impl SimBoard {
         }
         let mut i2c = BTreeMap::new();
         let mut tmp102 = BTreeMap::new();
+        let mut bme280 = BTreeMap::new();
         for bus in &profile.i2c {
             let sim_bus = SimI2cBus::new(bus.name.clone());
             for target in &bus.sim {
@@ -57,6 +61,11 @@ impl SimBoard {
                         sim_bus.attach(address, sensor.clone())?;
                         tmp102.insert((bus.name.clone(), target.address), sensor);
                     }
+                    SimI2cModel::Bme280 => {
+                        let sensor = Bme280::new();
+                        sim_bus.attach(address, sensor.clone())?;
+                        bme280.insert((bus.name.clone(), target.address), sensor);
+                    }
                 }
             }
             i2c.insert(bus.name.clone(), sim_bus);
@@ -67,6 +76,7 @@ impl SimBoard {
             spi,
             i2c,
             tmp102,
+            bme280,
         })
     }
 
@@ -164,6 +174,11 @@ impl SimBoard {
     pub fn tmp102(&self, bus: &str, address: u16) -> Option<Tmp102> {
         self.tmp102.get(&(bus.to_owned(), address)).cloned()
     }
+
+    /// The BME280 at `address` on I2C bus `bus`, to set its environment.
+    pub fn bme280(&self, bus: &str, address: u16) -> Option<Bme280> {
+        self.bme280.get(&(bus.to_owned(), address)).cloned()
+    }
 }
 
 #[cfg(test)]
@@ -226,6 +241,12 @@ mod tests {
             .set_celsius(22.5);
         let mut i2c = board.i2c("i2c-1").expect("bus");
         assert_eq!(read_temp(&mut i2c, 0x48).expect("read"), 22.5);
+
+        // The BME280 beside it at 0x76: chip id, then a forced measurement.
+        assert!(board.bme280("i2c-1", 0x76).is_some());
+        let mut id = [0u8];
+        i2c.write_read(0x76u8, &[0xD0], &mut id).expect("read");
+        assert_eq!(id, [0x60]);
     }
 
     #[test]

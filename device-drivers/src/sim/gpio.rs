@@ -7,9 +7,11 @@
 
 use std::collections::VecDeque;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::task::{Poll, Waker};
 use std::time::{Duration, Instant};
 
 use embedded_hal::digital::{ErrorType, InputPin, OutputPin, StatefulOutputPin};
+use embedded_hal_async::digital::Wait;
 
 use crate::{
     Bias, Drive, Edge, EdgeDetection, EdgeEvent, Error, InputConfig, Level, OutputConfig, Result,
@@ -37,6 +39,9 @@ struct ChipState {
     removed: bool,
     next_request: u64,
     lines: Vec<LineState>,
+    /// Tasks waiting in [`Wait`] for something to change on the chip; woken (and forgotten)
+    /// at every change, as the condition variable's blocked threads are.
+    wakers: Vec<Waker>,
 }
 
 enum Clock {
@@ -68,6 +73,9 @@ struct LineState {
     seqno: u32,
     dropped_events: u64,
     history: VecDeque<(u64, Level)>,
+    /// Rising and falling changes of the (debounced) level since the line was made, whether
+    /// or not the request reports them as events: what [`Wait`]'s edge waits look at.
+    changes: [u64; 2],
 }
 
 struct Request {
@@ -156,6 +164,7 @@ impl LineState {
         } else {
             Edge::Falling
         };
+        self.changes[usize::from(!level.is_high())] += 1;
         if edge.is_some_and(|e| e.matches(kind)) {
             self.seqno = self.seqno.wrapping_add(1);
             if self.events.len() >= EVENT_LIMIT {
@@ -217,6 +226,7 @@ impl SimChip {
                 seqno: 0,
                 dropped_events: 0,
                 history: VecDeque::new(),
+                changes: [0, 0],
             })
             .collect();
         SimChip {
@@ -227,6 +237,7 @@ impl SimChip {
                     removed: false,
                     next_request: 1,
                     lines,
+                    wakers: Vec::new(),
                 }),
                 changed: Condvar::new(),
             }),
@@ -259,8 +270,7 @@ impl SimChip {
         for line in &mut st.lines {
             line.settle(now);
         }
-        drop(st);
-        self.shared.changed.notify_all();
+        self.notify(st);
     }
 
     /// Drive a line from outside, as a button or a wire would. On an input this may produce
@@ -288,8 +298,7 @@ impl SimChip {
         ) {
             line.input_changed(now);
         }
-        drop(st);
-        self.shared.changed.notify_all();
+        self.notify(st);
         Ok(())
     }
 
@@ -328,8 +337,9 @@ impl SimChip {
     /// Simulate the chip going away (unplugged USB expander, unbound driver): every pin
     /// requested from it fails from now on.
     pub fn remove(&self) {
-        self.lock().removed = true;
-        self.shared.changed.notify_all();
+        let mut st = self.lock();
+        st.removed = true;
+        self.notify(st);
     }
 
     /// Request a line as an output, driving `config.initial` at once.
@@ -466,8 +476,7 @@ impl SimChip {
             });
         }
         let out = f(line, now);
-        drop(st);
-        self.shared.changed.notify_all();
+        self.notify(st);
         out
     }
 
@@ -479,6 +488,18 @@ impl SimChip {
             line.request = None;
             line.pending = None;
             line.events.clear();
+        }
+        self.notify(st);
+    }
+
+    /// Something changed: wake the threads blocked in `read_event` and the tasks waiting in
+    /// [`Wait`], after letting go of the lock.
+    fn notify(&self, mut st: MutexGuard<'_, ChipState>) {
+        let wakers = std::mem::take(&mut st.wakers);
+        drop(st);
+        self.shared.changed.notify_all();
+        for waker in wakers {
+            waker.wake();
         }
     }
 }
@@ -708,6 +729,109 @@ impl InputPin for SimInputPin {
     }
 }
 
+/// What a [`Wait`] call waits for.
+#[derive(Debug, Clone, Copy)]
+enum WaitFor {
+    Level(Level),
+    /// More changes of these kinds (rising, falling) than seen when the wait began.
+    Change {
+        rising: bool,
+        falling: bool,
+    },
+}
+
+impl SimInputPin {
+    /// Waits, without blocking a thread, until `what` holds on this line. Debounce applies:
+    /// a change counts once it has held for the debounce period.
+    async fn wait_for(&mut self, what: WaitFor) -> Result<()> {
+        let mut start: Option<[u64; 2]> = None;
+        std::future::poll_fn(|cx| {
+            let mut st = self.chip.lock();
+            if st.removed {
+                return Poll::Ready(Err(Error::Line {
+                    label: self.label.clone(),
+                    message: format!("gpiochip {} was removed", self.chip.shared.name),
+                }));
+            }
+            let now = st.clock.now_ns();
+            let real_clock = matches!(st.clock, Clock::Real(_));
+            let line = &mut st.lines[self.offset];
+            if line.request.as_ref().map(|r| r.id) != Some(self.id) {
+                return Poll::Ready(Err(Error::Line {
+                    label: self.label.clone(),
+                    message: "request was released".into(),
+                }));
+            }
+            line.settle(now);
+            let done = match what {
+                WaitFor::Level(level) => line.level == level,
+                WaitFor::Change { rising, falling } => {
+                    let seen = *start.get_or_insert(line.changes);
+                    (rising && line.changes[0] > seen[0]) || (falling && line.changes[1] > seen[1])
+                }
+            };
+            if done {
+                return Poll::Ready(Ok(()));
+            }
+            // On the real clock a pending debounce period ends by itself, with nobody to
+            // notify: wake this task when it is due.
+            if let (true, Some((_, since)), Some(RequestKind::Input { debounce_ns, .. })) = (
+                real_clock,
+                line.pending,
+                line.request.as_ref().map(|r| &r.kind),
+            ) {
+                let due =
+                    Duration::from_nanos(since.saturating_add(*debounce_ns).saturating_sub(now));
+                let waker = cx.waker().clone();
+                std::thread::spawn(move || {
+                    std::thread::sleep(due);
+                    waker.wake();
+                });
+            }
+            st.wakers.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// embedded-hal-async's `Wait`: the task is woken by the change (a drive from outside, the
+/// end of a debounce period), no thread is blocked. Edge waits count changes of the
+/// debounced level from the moment of the call, whether or not the line reports events.
+impl Wait for SimInputPin {
+    async fn wait_for_high(&mut self) -> Result<()> {
+        self.wait_for(WaitFor::Level(Level::High)).await
+    }
+
+    async fn wait_for_low(&mut self) -> Result<()> {
+        self.wait_for(WaitFor::Level(Level::Low)).await
+    }
+
+    async fn wait_for_rising_edge(&mut self) -> Result<()> {
+        self.wait_for(WaitFor::Change {
+            rising: true,
+            falling: false,
+        })
+        .await
+    }
+
+    async fn wait_for_falling_edge(&mut self) -> Result<()> {
+        self.wait_for(WaitFor::Change {
+            rising: false,
+            falling: true,
+        })
+        .await
+    }
+
+    async fn wait_for_any_edge(&mut self) -> Result<()> {
+        self.wait_for(WaitFor::Change {
+            rising: true,
+            falling: true,
+        })
+        .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -920,6 +1044,112 @@ mod tests {
         let ev = btn.read_event(Duration::from_secs(5)).expect("read");
         t.join().expect("thread").expect("drive");
         assert_eq!(ev.map(|e| e.edge), Some(Edge::Rising));
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .expect("a current-thread runtime")
+    }
+
+    #[test]
+    fn wait_for_level_returns_at_once_when_it_holds_and_else_on_the_drive() {
+        let chip = SimChip::new("sim", ["BTN"]);
+        let mut btn = chip
+            .request_input("BTN", "t", &InputConfig::default())
+            .expect("free");
+        runtime().block_on(async {
+            btn.wait_for_low().await.expect("already low");
+            let driver = chip.clone();
+            let drive = tokio::spawn(async move {
+                tokio::time::sleep(ms(10)).await;
+                driver.drive("BTN", Level::High)
+            });
+            btn.wait_for_high().await.expect("driven high");
+            drive.await.expect("task").expect("drive");
+            assert!(btn.is_high().expect("read"));
+        });
+    }
+
+    #[test]
+    fn wait_for_edges_counts_changes_after_the_call_only() {
+        use std::future::Future;
+        use std::task::Context;
+
+        let chip = SimChip::with_manual_clock("sim", ["BTN"]);
+        // No edge detection requested: Wait does not need the event queue.
+        let mut btn = chip
+            .request_input("BTN", "t", &InputConfig::default())
+            .expect("free");
+        chip.drive("BTN", Level::High).expect("drive");
+        chip.drive("BTN", Level::Low).expect("drive");
+        // Polled by hand, so each step happens exactly between two polls.
+        let mut cx = Context::from_waker(Waker::noop());
+        {
+            let mut falling = std::pin::pin!(btn.wait_for_falling_edge());
+            assert!(
+                falling.as_mut().poll(&mut cx).is_pending(),
+                "the changes before the call do not count"
+            );
+            chip.drive("BTN", Level::High).expect("drive");
+            assert!(
+                falling.as_mut().poll(&mut cx).is_pending(),
+                "a rising edge is not a falling one"
+            );
+            chip.drive("BTN", Level::Low).expect("drive");
+            assert!(matches!(
+                falling.as_mut().poll(&mut cx),
+                Poll::Ready(Ok(()))
+            ));
+        }
+        {
+            let mut any = std::pin::pin!(btn.wait_for_any_edge());
+            assert!(any.as_mut().poll(&mut cx).is_pending());
+            chip.drive("BTN", Level::High).expect("drive");
+            assert!(matches!(any.as_mut().poll(&mut cx), Poll::Ready(Ok(()))));
+        }
+        assert!(btn.is_high().expect("read"));
+    }
+
+    #[test]
+    fn wait_respects_debounce_on_the_real_clock() {
+        let chip = SimChip::new("sim", ["BTN"]);
+        let mut btn = chip
+            .request_input(
+                "BTN",
+                "t",
+                &InputConfig {
+                    debounce: Some(ms(20)),
+                    ..Default::default()
+                },
+            )
+            .expect("free");
+        let pressed = Instant::now();
+        chip.drive("BTN", Level::High).expect("drive");
+        runtime()
+            .block_on(btn.wait_for_rising_edge())
+            .expect("after the debounce period");
+        assert!(pressed.elapsed() >= ms(20), "not before the period ended");
+        assert!(btn.is_high().expect("read"));
+    }
+
+    #[test]
+    fn wait_fails_when_the_chip_is_removed() {
+        let chip = SimChip::new("sim", ["BTN"]);
+        let mut btn = chip
+            .request_input("BTN", "t", &InputConfig::default())
+            .expect("free");
+        let remover = chip.clone();
+        let err = runtime().block_on(async {
+            let remove = async {
+                tokio::task::yield_now().await;
+                remover.remove();
+            };
+            let (waited, ()) = tokio::join!(btn.wait_for_high(), remove);
+            waited.expect_err("gone")
+        });
+        assert_eq!(err.to_string(), "line \"BTN\": gpiochip sim was removed");
     }
 
     #[test]
