@@ -28,7 +28,7 @@ use crate::deployment::{DeploymentError, GpioMode, ParsedDeployment, WorkloadSpe
 
 /// Code the simulated MCP3008's channel 0 reads at start (about 1.65 V of 3.3 V).
 pub const SIM_ADC_CHANNEL0: u16 = 512;
-/// Temperature the simulated TMP102 reads at start, in °C.
+/// Temperature the simulated TMP102 and BME280 read at start, in °C.
 pub const SIM_TEMPERATURE_C: f32 = 21.5;
 
 /// Checks every grant of `parsed` against `board`; the first problem, in file order, rejects
@@ -172,7 +172,7 @@ pub struct DeviceHub {
 
 impl DeviceHub {
     /// The devices of the built-in board profile `board`. A `sim` board starts with its ADC's
-    /// channel 0 at [`SIM_ADC_CHANNEL0`] and its TMP102 at [`SIM_TEMPERATURE_C`].
+    /// channel 0 at [`SIM_ADC_CHANNEL0`] and its TMP102 and BME280 at [`SIM_TEMPERATURE_C`].
     pub fn open(board: &str) -> Result<Self> {
         let profile = BoardProfile::builtin(board)
             .with_context(|| format!("cannot load board profile {board:?}"))?;
@@ -194,6 +194,9 @@ impl DeviceHub {
                 for target in &bus.sim {
                     if let Some(sensor) = sim.tmp102(&bus.name, target.address) {
                         sensor.set_celsius(SIM_TEMPERATURE_C);
+                    }
+                    if let Some(sensor) = sim.bme280(&bus.name, target.address) {
+                        sensor.set_celsius(f64::from(SIM_TEMPERATURE_C));
                     }
                 }
             }

@@ -35,6 +35,18 @@ pub type SpiDeviceBox = Box<dyn SpiDevice<u8, Error = lichen_devices::Error> + S
 /// An I2C bus with 7-bit addresses, behind embedded-hal's `I2c`.
 pub type I2cBusBox = Box<dyn I2c<SevenBitAddress, Error = lichen_devices::Error> + Send>;
 
+/// The error text for the guest, naming the board's bus `bus` unless the driver's message
+/// already starts with it (the simulated buses carry the board's names, spidev and i2c-dev
+/// errors carry the device node).
+pub(crate) fn naming(bus: &str, error: &lichen_devices::Error) -> String {
+    let text = error.to_string();
+    if text.starts_with(&format!("{bus}: ")) {
+        text
+    } else {
+        format!("{bus}: {text}")
+    }
+}
+
 /// Locks a device handle; a poisoned lock only means a thread panicked mid-call, and the
 /// handle is still usable (the hardware state is whatever the last call left).
 fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {

@@ -101,7 +101,7 @@ impl HostI2cBus for DeviceState {
                     lichen_devices::Error::NoAcknowledge { address, .. } => {
                         Error::NoAcknowledge(address)
                     }
-                    other => Error::Bus(format!("{}: {other}", grant.bus())),
+                    other => Error::Bus(crate::devices::naming(grant.bus(), &other)),
                 })?;
         }
         Ok(reads)

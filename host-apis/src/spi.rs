@@ -101,7 +101,7 @@ impl HostSpiDevice for DeviceState {
             }
             grant
                 .with(|spi| spi.transaction(&mut hal))
-                .map_err(|e| Error::Bus(format!("{}: {e}", grant.bus())))?;
+                .map_err(|e| Error::Bus(crate::devices::naming(grant.bus(), &e)))?;
         }
         Ok(reads)
     }

@@ -574,3 +574,199 @@ async fn a_chip_unplugged_while_running_gives_the_guest_an_error_and_the_agent_s
     assert_eq!(reply.reply.as_deref(), Some("512"));
     agent.shutdown().await;
 }
+
+/// An agent on the simulated board in `dir`.
+async fn sim_agent(dir: &Path) -> crate::supervisor::Agent {
+    use crate::supervisor::{Agent, AgentOptions};
+    Agent::open(AgentOptions {
+        state_dir: dir.to_path_buf(),
+        engine: crate::runtime::wasm::EngineOptions {
+            max_instances: 8,
+            ..Default::default()
+        },
+        logs: crate::logs::LogOptions::default(),
+        persisted_log_lines: 100,
+        board: "sim".into(),
+    })
+    .await
+    .expect("agent opens")
+}
+
+/// Sends `command` with `payload` to `workload`; the reply text or the error text.
+async fn send_to(
+    agent: &crate::supervisor::Agent,
+    workload: &str,
+    command: &str,
+    payload: &str,
+) -> Result<String, String> {
+    use crate::api::control::Control;
+    let request = crate::api::types::SendRequest {
+        command: command.into(),
+        payload: payload.into(),
+    };
+    agent
+        .send(workload, request)
+        .await
+        .map(|r| r.reply.unwrap_or_default())
+        .map_err(|e| e.error)
+}
+
+/// An I2C target that records which thread ran each segment of a transaction on it (and
+/// reads as zeros): a probe, not a device model.
+#[derive(Clone, Default)]
+struct ThreadProbe(Arc<Mutex<Vec<std::thread::ThreadId>>>);
+
+impl lichen_devices::sim::I2cPeer for ThreadProbe {
+    fn write(&mut self, _: &[u8]) {
+        lock(&self.0).push(std::thread::current().id());
+    }
+
+    fn read(&mut self, buf: &mut [u8]) {
+        lock(&self.0).push(std::thread::current().id());
+        buf.fill(0);
+    }
+}
+
+/// The test runs on a current-thread runtime, so the test's own thread is the one async
+/// worker: a device host call made anywhere else ran off the async workers.
+#[tokio::test(flavor = "current_thread")]
+async fn device_host_calls_run_off_the_async_workers() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let agent = sim_agent(dir.path()).await;
+    let probe = ThreadProbe::default();
+    agent
+        .devices()
+        .sim()
+        .expect("sim board")
+        .i2c("i2c-1")
+        .expect("bus")
+        .attach(0x50, probe.clone())
+        .expect("address");
+    let sensor = crate::embedded::guest_path("env-sensor").expect("built");
+    let text = format!(
+        "[[workloads]]\nname = \"env-sensor\"\nmodule = \"{sensor}\"\n\
+         i2c = [{{ name = \"env\", bus = \"i2c-1\", addresses = [0x48, 0x50] }}]\n"
+    );
+    agent
+        .deploy_text("devices.toml", &text, Path::new("/"))
+        .await
+        .expect("deploys");
+    let reply = send_to(&agent, "env-sensor", "read-at", "0x50").await;
+    assert_eq!(reply.as_deref(), Ok("0"), "the probe reads as zeros");
+    let worker = std::thread::current().id();
+    let seen = lock(&probe.0).clone();
+    assert_eq!(seen.len(), 2, "one write and one read segment: {seen:?}");
+    assert!(
+        seen.iter().all(|thread| *thread != worker),
+        "the I2C transaction ran on the async worker {worker:?}"
+    );
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_spi_device_unplugged_while_running_gives_the_guest_an_error_and_the_agent_stays_up() {
+    use crate::api::control::Control;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let agent = sim_agent(dir.path()).await;
+    let sim = agent.devices().sim().expect("sim board").clone();
+    let sampler = crate::embedded::guest_path("adc-sampler").expect("built");
+    let blinky = crate::embedded::guest_path("blinky").expect("built");
+    let text = format!(
+        "[[workloads]]\nname = \"adc-sampler\"\nmodule = \"{sampler}\"\n\
+         spi = [{{ name = \"adc\", bus = \"spi0.0\", max-hz = 1000000 }}]\n\n\
+         [[workloads]]\nname = \"blinky\"\nmodule = \"{blinky}\"\n\
+         gpio = [{{ name = \"led\", pin = \"GPIO17\", mode = \"output\", initial = \"low\" }}]\n"
+    );
+    agent
+        .deploy_text("devices.toml", &text, Path::new("/"))
+        .await
+        .expect("deploys");
+    assert_eq!(
+        send_to(&agent, "adc-sampler", "read", "").await.as_deref(),
+        Ok("512")
+    );
+
+    sim.remove_spi("spi0.0").expect("on the board");
+    let error = send_to(&agent, "adc-sampler", "read", "")
+        .await
+        .expect_err("the device is gone");
+    assert!(
+        error.contains("spi0.0: the SPI device was removed"),
+        "{error}"
+    );
+    // Again: the workload keeps running and keeps getting the error, it is not restarted.
+    assert!(send_to(&agent, "adc-sampler", "read", "").await.is_err());
+    let status = agent
+        .ps()
+        .await
+        .into_iter()
+        .find(|w| w.name == "adc-sampler")
+        .expect("adc-sampler is known");
+    assert_eq!(
+        (status.state.as_str(), status.traps, status.restarts),
+        ("running", 0, 0),
+        "a bus error is the guest's to handle, not a trap"
+    );
+    // Another workload on another device goes on.
+    assert_eq!(
+        send_to(&agent, "blinky", "toggle", "").await.as_deref(),
+        Ok("high")
+    );
+    agent.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_i2c_bus_unplugged_while_running_gives_the_guest_an_error_and_the_agent_stays_up() {
+    use crate::api::control::Control;
+
+    let dir = tempfile::tempdir().expect("temp dir");
+    let agent = sim_agent(dir.path()).await;
+    let sim = agent.devices().sim().expect("sim board").clone();
+    let sensor = crate::embedded::guest_path("env-sensor").expect("built");
+    let sampler = crate::embedded::guest_path("adc-sampler").expect("built");
+    let text = format!(
+        "[[workloads]]\nname = \"env-sensor\"\nmodule = \"{sensor}\"\n\
+         i2c = [{{ name = \"env\", bus = \"i2c-1\", addresses = [0x48] }}]\n\n\
+         [[workloads]]\nname = \"adc-sampler\"\nmodule = \"{sampler}\"\n\
+         spi = [{{ name = \"adc\", bus = \"spi0.0\", max-hz = 1000000 }}]\n"
+    );
+    agent
+        .deploy_text("devices.toml", &text, Path::new("/"))
+        .await
+        .expect("deploys");
+    assert_eq!(
+        send_to(&agent, "env-sensor", "read-at", "0x48")
+            .await
+            .as_deref(),
+        Ok("21.5")
+    );
+
+    sim.remove_i2c("i2c-1").expect("on the board");
+    // `read-at` replies with the host's error as the guest saw it.
+    let reply = send_to(&agent, "env-sensor", "read-at", "0x48")
+        .await
+        .expect("the guest handles the error");
+    assert_eq!(reply, "bus: i2c-1: the I2C bus was removed");
+    let error = send_to(&agent, "env-sensor", "read", "")
+        .await
+        .expect_err("the bus is gone");
+    assert!(error.contains("the I2C bus was removed"), "{error}");
+    let status = agent
+        .ps()
+        .await
+        .into_iter()
+        .find(|w| w.name == "env-sensor")
+        .expect("env-sensor is known");
+    assert_eq!(
+        (status.state.as_str(), status.traps, status.restarts),
+        ("running", 0, 0),
+        "a bus error is the guest's to handle, not a trap"
+    );
+    assert_eq!(
+        send_to(&agent, "adc-sampler", "read", "").await.as_deref(),
+        Ok("512"),
+        "another workload on another bus goes on"
+    );
+    agent.shutdown().await;
+}

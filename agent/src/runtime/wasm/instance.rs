@@ -172,6 +172,67 @@ impl Instance {
         }
     }
 
+    /// Whether the instance holds device grants, so that its host calls reach drivers that
+    /// block (gpiochip, spidev and i2c-dev ioctls).
+    pub fn has_devices(&self) -> bool {
+        !self.store.data().device.devices().is_empty()
+    }
+
+    /// Calls `init` where its host calls may block: see [`Instance::run_guest`].
+    pub async fn init_off_workers(self) -> (Option<Self>, CallOutcome) {
+        self.run_guest(|instance| Box::pin(instance.init())).await
+    }
+
+    /// Calls `on-event` where its host calls may block: see [`Instance::run_guest`].
+    pub async fn handle_off_workers(self, event: Event) -> (Option<Self>, CallOutcome) {
+        self.run_guest(move |instance| Box::pin(async move { instance.handle(&event).await }))
+            .await
+    }
+
+    /// Runs a call into the guest. The guest's host calls run on the thread that polls the
+    /// call, and a device host call blocks in an ioctl (a GPIO line request, an SPI transfer
+    /// clocked at the granted speed, an I2C transaction a target may stretch), so an
+    /// instance holding device grants is called from tokio's blocking pool, never on an
+    /// async worker; an instance without grants has no blocking host call and is polled in
+    /// place. The instance comes back with the outcome, or `None` if the blocking thread
+    /// panicked (then the instance is lost and the outcome is a trap saying so).
+    async fn run_guest<F>(mut self, call: F) -> (Option<Self>, CallOutcome)
+    where
+        F: for<'a> FnOnce(
+                &'a mut Instance,
+            ) -> std::pin::Pin<
+                Box<dyn std::future::Future<Output = CallOutcome> + Send + 'a>,
+            > + Send
+            + 'static,
+    {
+        if !self.has_devices() {
+            let outcome = call(&mut self).await;
+            return (Some(self), outcome);
+        }
+        let runtime = tokio::runtime::Handle::current();
+        let joined = tokio::task::spawn_blocking(move || {
+            let outcome = runtime.block_on(call(&mut self));
+            (self, outcome)
+        })
+        .await;
+        match joined {
+            Ok((instance, outcome)) => (Some(instance), outcome),
+            Err(error) => (
+                None,
+                CallOutcome::Trap(format!("the device call thread failed: {error}")),
+            ),
+        }
+    }
+
+    /// Drops the instance; one holding device grants is dropped on tokio's blocking pool,
+    /// since releasing its last handles drives outputs to their safe state (an ioctl).
+    /// Returns once the handles are released, so the pins can be requested again.
+    pub async fn release(self) {
+        if self.has_devices() {
+            let _ = tokio::task::spawn_blocking(move || drop(self)).await;
+        }
+    }
+
     /// Takes the key-value writes and telemetry of the last call, to commit them.
     pub fn take_pending(&mut self) -> PendingWrites {
         self.store.data_mut().device.take_pending()

@@ -247,8 +247,10 @@ impl WorkerHandle {
     ) -> Result<(), String> {
         let instance = if artifact.kind() == ArtifactKind::Component {
             let mut setup = setup_for(ctx, &spec, self.kv.clone());
-            setup.devices = open_devices(ctx, &spec)?;
-            Some(start_instance(ctx, &artifact, &setup).await?)
+            setup.devices = open_devices(ctx, &spec).await?;
+            let started = start_instance(ctx, &artifact, &setup).await;
+            release_devices(std::mem::take(&mut setup.devices)).await;
+            Some(started?)
         } else {
             None
         };
@@ -299,11 +301,29 @@ fn setup_for(ctx: &WorkerContext, spec: &WorkloadSpec, kv: Arc<Mutex<KvMap>>) ->
 }
 
 /// Opens the devices `spec` grants (shared with the workload's live instance, if any).
-fn open_devices(
+/// Opening requests lines and opens device nodes (ioctls), so it runs on tokio's blocking
+/// pool, never on an async worker.
+async fn open_devices(
     ctx: &WorkerContext,
     spec: &WorkloadSpec,
 ) -> Result<Arc<lichen_host_apis::DeviceGrants>, String> {
-    ctx.devices.open_grants(spec).map(Arc::new)
+    if spec.gpio.is_empty() && spec.spi.is_empty() && spec.i2c.is_empty() {
+        return Ok(Arc::default());
+    }
+    let hub = ctx.devices.clone();
+    let spec = spec.clone();
+    tokio::task::spawn_blocking(move || hub.open_grants(&spec).map(Arc::new))
+        .await
+        .map_err(|e| format!("the device opening thread failed: {e}"))?
+}
+
+/// Lets go of a reference to a workload's device handles. When it is the last one, the
+/// handles close and outputs go to their safe state (ioctls), so that happens on tokio's
+/// blocking pool.
+async fn release_devices(devices: Arc<lichen_host_apis::DeviceGrants>) {
+    if !devices.is_empty() {
+        let _ = tokio::task::spawn_blocking(move || drop(devices)).await;
+    }
 }
 
 /// Instantiates a component and runs `init`, committing init's writes. Errors are in words.
@@ -316,16 +336,29 @@ async fn start_instance(
         .component()
         .ok_or_else(|| "artifact is not a component".to_string())?;
     let started = Instant::now();
-    let mut instance = Instance::instantiate(ctx.engine.engine(), pre, setup)
+    let instance = Instance::instantiate(ctx.engine.engine(), pre, setup)
         .await
         .map_err(|e| format!("instantiation failed: {e}"))?;
-    match instance.init().await {
-        CallOutcome::Ok(_) => {}
-        CallOutcome::GuestError(message) => return Err(format!("init failed: {message}")),
-        CallOutcome::Trap(message) => return Err(format!("init trapped: {message}")),
-    }
+    let (instance, outcome) = instance.init_off_workers().await;
+    let failure = match outcome {
+        CallOutcome::Ok(_) => None,
+        CallOutcome::GuestError(message) => Some(format!("init failed: {message}")),
+        CallOutcome::Trap(message) => Some(format!("init trapped: {message}")),
+    };
+    let mut instance = match (instance, failure) {
+        (Some(instance), None) => instance,
+        (instance, failure) => {
+            if let Some(instance) = instance {
+                instance.release().await;
+            }
+            return Err(failure.unwrap_or_else(|| "init lost its instance".into()));
+        }
+    };
     let writes = instance.take_pending();
-    commit(ctx, &setup.workload, &writes, 0).await?;
+    if let Err(error) = commit(ctx, &setup.workload, &writes, 0).await {
+        instance.release().await;
+        return Err(error);
+    }
     instance.apply_committed(&writes);
     ctx.metrics.instantiate.observe(started.elapsed());
     Ok(instance)

@@ -14,7 +14,7 @@ use super::super::command::run_command;
 use super::super::instance::{CallOutcome, Instance, InstanceSetup};
 use super::{
     BACKOFF_MAX, BACKOFF_START, Delivery, EDGE_POLL, EventRequest, Prepared, Reply, WorkerCommand,
-    WorkerContext, WorkerStats, commit, open_devices, setup_for, start_instance,
+    WorkerContext, WorkerStats, commit, open_devices, release_devices, setup_for, start_instance,
 };
 use crate::deployment::{RestartPolicy, Trigger};
 use crate::store::StatusUpdate;
@@ -78,7 +78,7 @@ impl Worker {
                 biased;
                 command = self.control.recv() => match command {
                     Some(WorkerCommand::Swap { next, done }) => {
-                        self.swap(*next);
+                        self.swap(*next).await;
                         ticker = self.make_ticker();
                         if self.current.instance.is_none() && self.current.artifact.kind() == ArtifactKind::Component {
                             restart_at = Some(tokio::time::Instant::now());
@@ -209,11 +209,13 @@ impl Worker {
     async fn start(&mut self) -> Option<Duration> {
         self.set_state("starting", None);
         let mut setup = self.setup();
-        setup.devices = match open_devices(&self.ctx, &self.current.spec) {
+        setup.devices = match open_devices(&self.ctx, &self.current.spec).await {
             Ok(devices) => devices,
             Err(message) => return self.failed("start-failed", message).await,
         };
-        match start_instance(&self.ctx, &self.current.artifact, &setup).await {
+        let started = start_instance(&self.ctx, &self.current.artifact, &setup).await;
+        release_devices(std::mem::take(&mut setup.devices)).await;
+        match started {
             Ok(instance) => {
                 self.stats
                     .memory_bytes
@@ -238,7 +240,9 @@ impl Worker {
         self.ctx
             .logs
             .agent_line(&self.name, LogLevel::Error, &message);
-        self.current.instance = None;
+        if let Some(instance) = self.current.instance.take() {
+            instance.release().await;
+        }
         self.stats.set(|s| s.started_at = None);
         self.stats.memory_bytes.store(0, Ordering::Relaxed);
         let restart = self.current.spec.restart != RestartPolicy::Never;
@@ -304,7 +308,7 @@ impl Worker {
             }),
         };
         loop {
-            let Some(instance) = self.current.instance.as_mut() else {
+            let Some(instance) = self.current.instance.take() else {
                 if let Some(reply) = reply {
                     let _ = reply.send(Err(format!(
                         "workload {:?} has no running instance",
@@ -314,10 +318,16 @@ impl Worker {
                 return None;
             };
             let started = Instant::now();
-            let outcome = instance.handle(&event).await;
+            let (instance, outcome) = instance.handle_off_workers(event.clone()).await;
+            self.current.instance = instance;
             match outcome {
                 CallOutcome::Ok(_) | CallOutcome::GuestError(_) => {
-                    let writes = instance.take_pending();
+                    let writes = self
+                        .current
+                        .instance
+                        .as_mut()
+                        .map(Instance::take_pending)
+                        .unwrap_or_default();
                     let committed = if writes.is_empty() {
                         self.uncounted_events += 1;
                         Ok(())
@@ -361,7 +371,7 @@ impl Worker {
                             "version {} handled its first event; version {} retired",
                             self.current.version, old.version
                         );
-                        drop(old);
+                        release(old).await;
                         self.record("reload-confirmed", detail).await;
                     }
                     if let Some(reply) = reply {
@@ -370,7 +380,9 @@ impl Worker {
                     return None;
                 }
                 CallOutcome::Trap(message) => {
-                    instance.discard_pending();
+                    if let Some(instance) = self.current.instance.as_mut() {
+                        instance.discard_pending();
+                    }
                     self.stats.traps.fetch_add(1, Ordering::Relaxed);
                     self.ctx.metrics.traps.fetch_add(1, Ordering::Relaxed);
                     if let Some(old) = self.fallback.take() {
@@ -381,7 +393,8 @@ impl Worker {
                             "reload to version {failed_version} failed: it trapped on its first event ({message}); version {} keeps running",
                             old.version
                         );
-                        self.current = old;
+                        let failed = std::mem::replace(&mut self.current, old);
+                        release(failed).await;
                         self.publish_version();
                         self.ctx
                             .metrics
@@ -462,26 +475,42 @@ impl Worker {
         }
     }
 
-    fn swap(&mut self, next: Prepared) {
+    async fn swap(&mut self, next: Prepared) {
         let previous = std::mem::replace(&mut self.current, next);
         let from = previous.version;
         // Keep the old instance until the new one has handled an event; if the old one was
         // not running there is nothing to fall back to.
-        self.fallback = previous.instance.is_some().then_some(previous);
-        if let Some(instance) = &self.current.instance {
+        let replaced = std::mem::replace(
+            &mut self.fallback,
+            previous.instance.is_some().then_some(previous),
+        );
+        if let Some(replaced) = replaced {
+            release(replaced).await;
+        }
+        let devices = self.current.instance.as_ref().map(|instance| {
             self.watch_edges(instance);
+            self.stats
+                .memory_bytes
+                .store(instance.memory_bytes() as u64, Ordering::Relaxed);
+            instance.devices()
+        });
+        if let Some(devices) = devices {
             // Outputs go to their safe state at the switch; the new version drives them from
-            // its first event.
-            for (pin, error) in instance.set_safe_state() {
+            // its first event. Driving them is an ioctl: off the async workers.
+            let failures = if devices.is_empty() {
+                Vec::new()
+            } else {
+                tokio::task::spawn_blocking(move || devices.set_safe_state())
+                    .await
+                    .unwrap_or_default()
+            };
+            for (pin, error) in failures {
                 self.ctx.logs.agent_line(
                     &self.name,
                     LogLevel::Warn,
                     &format!("cannot put pin {pin} in its safe state: {error}"),
                 );
             }
-            self.stats
-                .memory_bytes
-                .store(instance.memory_bytes() as u64, Ordering::Relaxed);
             self.stats.set(|s| s.started_at = Some(Instant::now()));
             self.set_state("running", None);
         }
@@ -502,9 +531,20 @@ impl Worker {
     }
 
     async fn finish(&mut self) {
-        self.fallback = None;
-        if let Some(mut instance) = self.current.instance.take() {
-            match instance.handle(&Event::Stop).await {
+        if let Some(old) = self.fallback.take() {
+            release(old).await;
+        }
+        if let Some(instance) = self.current.instance.take() {
+            let (instance, outcome) = instance.handle_off_workers(Event::Stop).await;
+            let Some(mut instance) = instance else {
+                self.ctx.logs.agent_line(
+                    &self.name,
+                    LogLevel::Warn,
+                    &format!("lost on stop: {outcome:?}"),
+                );
+                return self.finish_status().await;
+            };
+            match outcome {
                 CallOutcome::Trap(message) => {
                     instance.discard_pending();
                     self.ctx.logs.agent_line(
@@ -521,7 +561,13 @@ impl Worker {
                     }
                 }
             }
+            instance.release().await;
         }
+        self.finish_status().await;
+    }
+
+    /// The status of a stopped worker, persisted.
+    async fn finish_status(&mut self) {
         self.stats.memory_bytes.store(0, Ordering::Relaxed);
         self.stats.set(|s| s.started_at = None);
         self.set_state("stopped", None);
@@ -569,6 +615,13 @@ impl Worker {
                 tracing::warn!(workload = %name, "cannot record status: {err}");
             }
         });
+    }
+}
+
+/// Drops a version, releasing its instance's devices off the async workers.
+async fn release(version: Prepared) {
+    if let Some(instance) = version.instance {
+        instance.release().await;
     }
 }
 
