@@ -684,7 +684,24 @@ impl Control for Agent {
     }
 
     async fn doctor(&self) -> DoctorReport {
-        crate::doctor::report(&self.inner.board, Some(self.inner.ctx.engine.options()))
+        // The first report runs the probes (trial containers, a trial KVM boot of up to 5 s):
+        // off the async workers.
+        let board = self.inner.board.clone();
+        let engine = *self.inner.ctx.engine.options();
+        match tokio::task::spawn_blocking(move || crate::doctor::report(&board, Some(&engine)))
+            .await
+        {
+            Ok(report) => report,
+            Err(err) => DoctorReport {
+                version: env!("CARGO_PKG_VERSION").into(),
+                board: self.inner.board.clone(),
+                checks: vec![crate::api::types::DoctorCheck {
+                    name: "doctor".into(),
+                    status: "warn".into(),
+                    detail: format!("the probe task failed: {err}"),
+                }],
+            },
+        }
     }
 
     fn metrics_text(&self) -> String {

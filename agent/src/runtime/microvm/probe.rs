@@ -142,6 +142,8 @@ impl MicrovmProbe {
 }
 
 /// Probes once per process and keeps the answer (the agent probes at start; `doctor` reuses it).
+/// The first call blocks for the trial boot (up to [`KVM_TRIAL_TIMEOUT`]): call it from a
+/// blocking thread (`spawn_blocking`), not from an async worker.
 pub fn probe_cached() -> &'static MicrovmProbe {
     static PROBE: OnceLock<MicrovmProbe> = OnceLock::new();
     PROBE.get_or_init(|| probe(None))

@@ -33,8 +33,12 @@ fn example(variant: &str) -> (PathBuf, PathBuf) {
     (kernel, initramfs)
 }
 
-fn tcg_runtime(dir: &Path) -> MicrovmRuntime {
-    let runtime = MicrovmRuntime::new(probe_cached(), dir)
+async fn tcg_runtime(dir: &Path) -> MicrovmRuntime {
+    // The first probe boots a trial kernel under KVM: off the async worker.
+    let probe = tokio::task::spawn_blocking(probe_cached)
+        .await
+        .expect("the probe task runs");
+    let runtime = MicrovmRuntime::new(probe, dir)
         .expect("QEMU is installed by scripts/install-deps")
         .with_accelerator(Accelerator::Tcg);
     println!(
@@ -83,7 +87,7 @@ fn process_gone(pid: u32) -> bool {
 async fn microvm_boots_logs_its_marker_and_powers_off_on_request() {
     let (kernel, initramfs) = example("ready");
     let dir = tempfile::tempdir().expect("temp dir");
-    let runtime = tcg_runtime(dir.path());
+    let runtime = tcg_runtime(dir.path()).await;
     let spec = MicrovmSpec::new("example", kernel, GuestRoot::Initramfs(initramfs));
     let (sink, lines) = collecting_sink();
     let vm = runtime.start(&spec, sink).await.expect("QEMU starts");
@@ -148,7 +152,7 @@ async fn microvm_boots_logs_its_marker_and_powers_off_on_request() {
 async fn a_boot_that_never_prints_its_marker_fails_after_the_timeout_and_qemu_is_gone() {
     let (kernel, initramfs) = example("never-ready");
     let dir = tempfile::tempdir().expect("temp dir");
-    let runtime = tcg_runtime(dir.path());
+    let runtime = tcg_runtime(dir.path()).await;
     let mut spec = MicrovmSpec::new("silent", kernel, GuestRoot::Initramfs(initramfs));
     spec.boot_timeout = Duration::from_secs(4);
     let (sink, lines) = collecting_sink();
@@ -181,7 +185,7 @@ async fn a_kernel_qemu_cannot_load_is_a_failed_start_with_qemus_words() {
     let dir = tempfile::tempdir().expect("temp dir");
     let garbage = dir.path().join("garbage-vmlinuz");
     std::fs::write(&garbage, vec![0x5a_u8; 64 * 1024]).expect("write garbage kernel");
-    let runtime = tcg_runtime(&dir.path().join("run"));
+    let runtime = tcg_runtime(&dir.path().join("run")).await;
     let mut spec = MicrovmSpec::new("garbage", &garbage, GuestRoot::Initramfs(initramfs));
     spec.boot_timeout = Duration::from_secs(30);
     let (sink, lines) = collecting_sink();
@@ -205,7 +209,7 @@ async fn a_kernel_qemu_cannot_load_is_a_failed_start_with_qemus_words() {
 #[tokio::test]
 async fn a_bad_spec_is_refused_before_qemu_starts() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let runtime = tcg_runtime(dir.path());
+    let runtime = tcg_runtime(dir.path()).await;
     let spec = MicrovmSpec::new(
         "missing",
         dir.path().join("no-kernel"),
@@ -229,7 +233,7 @@ async fn a_bad_spec_is_refused_before_qemu_starts() {
 async fn a_guest_that_ignores_the_power_button_is_ended_after_the_grace_period() {
     let (kernel, initramfs) = example("deaf");
     let dir = tempfile::tempdir().expect("temp dir");
-    let runtime = tcg_runtime(dir.path());
+    let runtime = tcg_runtime(dir.path()).await;
     let spec = MicrovmSpec::new("deaf", kernel, GuestRoot::Initramfs(initramfs));
     let (sink, lines) = collecting_sink();
     let vm = runtime.start(&spec, sink).await.expect("QEMU starts");
