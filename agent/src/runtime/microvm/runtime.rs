@@ -34,6 +34,8 @@ const MAX_LINE: usize = 8 * 1024;
 const STDERR_TAIL: usize = 8;
 /// How long QEMU may take to open its QMP socket.
 const QMP_CONNECT: Duration = Duration::from_secs(10);
+/// How long a stop waits for a QMP session that is not connected yet.
+const QMP_WAIT: Duration = Duration::from_secs(2);
 /// How long QEMU may take to exit after QMP `quit`, and then after SIGKILL.
 const QUIT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Unix socket paths are limited to 107 bytes.
@@ -526,8 +528,14 @@ impl Microvm {
         if let MicrovmStatus::Exited(reason) = self.status() {
             return Ok(reason);
         }
-        let qmp = self.qmp.get();
-        if let Some(qmp) = qmp {
+        // Right after start QEMU may not have opened QMP yet: give it a moment.
+        let connect_by = Instant::now() + QMP_WAIT;
+        while self.qmp.get().is_none() && Instant::now() < connect_by {
+            if let Ok(reason) = tokio::time::timeout(Duration::from_millis(20), self.wait()).await {
+                return Ok(reason);
+            }
+        }
+        if let Some(qmp) = self.qmp.get() {
             self.stop.store(STOP_POWERDOWN, Ordering::SeqCst);
             if let Err(e) = qmp.execute("system_powerdown").await {
                 tracing::warn!(vm = %self.name, "QMP system_powerdown failed: {e}");

@@ -249,3 +249,19 @@ async fn a_guest_that_ignores_the_power_button_is_ended_after_the_grace_period()
     );
     assert!(process_gone(vm.pid()), "QEMU is gone");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_right_after_start_ends_qemu_through_qmp_not_sigkill() {
+    let (kernel, initramfs) = example("ready");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let runtime = tcg_runtime(dir.path()).await;
+    let spec = MicrovmSpec::new("early", kernel, GuestRoot::Initramfs(initramfs));
+    let (sink, _lines) = collecting_sink();
+    let vm = runtime.start(&spec, sink).await.expect("QEMU starts");
+    let _guard = KillOnDrop(vm.pid());
+    // The kernel cannot handle the power button this early, so the grace period runs out.
+    let reason = vm.stop(Duration::from_secs(1)).await.expect("the VM stops");
+    assert_eq!(reason, ExitReason::Stopped { forced: false }, "{reason}");
+    assert_eq!(vm.boot_time(), None);
+    assert!(process_gone(vm.pid()), "QEMU is gone");
+}
