@@ -13,7 +13,9 @@
 //! ```
 //!
 //! - Config: `channel` (0 to 7, default 0) and `vref` in volts (default 3.3).
-//! - Commands: `read` replies with a fresh code.
+//! - Commands: `read` replies with a fresh code; `read-n` with a count N as payload makes N
+//!   conversions within the one event and replies the last code (what `lichen bench devices`
+//!   uses to measure SPI transactions from Wasm).
 //!
 //! Build with `cargo build --release --target wasm32-wasip2 -p adc-sampler` in `examples/`.
 
@@ -66,7 +68,21 @@ impl Guest for AdcSampler {
             Event::Tick(_) => sample().map(|_| None),
             Event::Command(command) => match command.name.as_str() {
                 "read" => read_code().map(|code| Some(code.to_string().into_bytes())),
-                other => Err(format!("unknown command {other:?}: expected read")),
+                "read-n" => {
+                    let text = String::from_utf8_lossy(&command.payload);
+                    let count: u32 = text
+                        .trim()
+                        .parse()
+                        .map_err(|_| format!("read-n wants a count as payload, got {text:?}"))?;
+                    let mut code = 0;
+                    for _ in 0..count {
+                        code = read_code()?;
+                    }
+                    Ok(Some(code.to_string().into_bytes()))
+                }
+                other => Err(format!(
+                    "unknown command {other:?}: expected read or read-n"
+                )),
             },
             Event::GpioEdge(_) | Event::Stop => Ok(None),
         }

@@ -12,10 +12,12 @@
 //! ```
 //!
 //! - Commands: `level` replies `high` or `low`, as the pin reports it; `toggle` toggles once
-//!   and replies the new level; `open` with a logical name as payload tries to open that
-//!   output pin and replies `ok` or the error the host gave (`pin-not-allowed: ...` for a pin
-//!   the deployment does not grant), without failing; `crash` traps on purpose (to see the
-//!   output return to its safe state).
+//!   and replies the new level; `toggle-n` with a count N as payload toggles N times within
+//!   the one event, through the host API and nothing else (no key-value writes), and replies
+//!   the final level (what `lichen bench devices` uses to measure a host call); `open` with a
+//!   logical name as payload tries to open that output pin and replies `ok` or the error the
+//!   host gave (`pin-not-allowed: ...` for a pin the deployment does not grant), without
+//!   failing; `crash` traps on purpose (to see the output return to its safe state).
 //!
 //! Build with `cargo build --release --target wasm32-wasip2 -p blinky` in `examples/`.
 
@@ -95,6 +97,19 @@ fn on_command(command: &Command) -> Result<Vec<u8>, String> {
             let high = led()?.is_set_high().map_err(|e| describe(&e))?;
             Ok(level_text(high).as_bytes().to_vec())
         }
+        "toggle-n" => {
+            let text = String::from_utf8_lossy(&command.payload);
+            let count: u32 = text
+                .trim()
+                .parse()
+                .map_err(|_| format!("toggle-n wants a count as payload, got {text:?}"))?;
+            let pin = led()?;
+            for _ in 0..count {
+                pin.toggle().map_err(|e| describe(&e))?;
+            }
+            let high = pin.is_set_high().map_err(|e| describe(&e))?;
+            Ok(level_text(high).as_bytes().to_vec())
+        }
         "crash" => panic!("crash requested by command {}", command.id),
         "open" => {
             let name = String::from_utf8_lossy(&command.payload).trim().to_string();
@@ -104,7 +119,7 @@ fn on_command(command: &Command) -> Result<Vec<u8>, String> {
             })
         }
         other => Err(format!(
-            "unknown command {other:?}: expected level, toggle, open or crash"
+            "unknown command {other:?}: expected level, toggle, toggle-n, open or crash"
         )),
     }
 }
