@@ -770,3 +770,34 @@ async fn an_i2c_bus_unplugged_while_running_gives_the_guest_an_error_and_the_age
     );
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn env_sensor_reads_the_sim_bme280_through_the_datasheet_compensation() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let agent = sim_agent(dir.path()).await;
+    let bme280 = agent
+        .devices()
+        .sim()
+        .expect("sim board")
+        .bme280("i2c-1", 0x76)
+        .expect("the sim board has a BME280 at 0x76");
+    let sensor = crate::embedded::guest_path("env-sensor").expect("built");
+    let text = format!(
+        "[[workloads]]\nname = \"env-sensor\"\nmodule = \"{sensor}\"\nconfig = {{ sensor = \"bme280\" }}\n\
+         i2c = [{{ name = \"env\", bus = \"i2c-1\", addresses = [0x76] }}]\n"
+    );
+    agent
+        .deploy_text("devices.toml", &text, Path::new("/"))
+        .await
+        .expect("deploys");
+    let read = || send_to(&agent, "env-sensor", "read", "");
+    assert_eq!(
+        read().await.as_deref(),
+        Ok("21.5"),
+        "the agent's sim temperature, to the BME280's 0.01 °C"
+    );
+    bme280.set_celsius(-7.25);
+    assert_eq!(read().await.as_deref(), Ok("-7.25"));
+    assert_eq!(bme280.measurements(), 2, "one forced measurement per read");
+    agent.shutdown().await;
+}

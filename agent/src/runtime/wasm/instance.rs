@@ -192,10 +192,13 @@ impl Instance {
     /// Runs a call into the guest. The guest's host calls run on the thread that polls the
     /// call, and a device host call blocks in an ioctl (a GPIO line request, an SPI transfer
     /// clocked at the granted speed, an I2C transaction a target may stretch), so an
-    /// instance holding device grants is called from tokio's blocking pool, never on an
-    /// async worker; an instance without grants has no blocking host call and is polled in
-    /// place. The instance comes back with the outcome, or `None` if the blocking thread
-    /// panicked (then the instance is lost and the outcome is a trap saying so).
+    /// instance holding device grants is never called on an async worker: on the
+    /// multi-thread runtime the worker thread turns into a blocking thread for the call
+    /// (`block_in_place`, its scheduler core goes on elsewhere), on a current-thread runtime
+    /// the call goes to the blocking pool. An instance without grants has no blocking host
+    /// call and is polled in place. The instance comes back with the outcome, or `None` if
+    /// the blocking thread panicked (then the instance is lost and the outcome is a trap
+    /// saying so).
     async fn run_guest<F>(mut self, call: F) -> (Option<Self>, CallOutcome)
     where
         F: for<'a> FnOnce(
@@ -210,6 +213,12 @@ impl Instance {
             return (Some(self), outcome);
         }
         let runtime = tokio::runtime::Handle::current();
+        if runtime.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread {
+            // The worker thread hands its scheduler core to another thread and becomes a
+            // blocking thread for the call: no wait for a pool thread to wake up.
+            let outcome = tokio::task::block_in_place(|| runtime.block_on(call(&mut self)));
+            return (Some(self), outcome);
+        }
         let joined = tokio::task::spawn_blocking(move || {
             let outcome = runtime.block_on(call(&mut self));
             (self, outcome)
