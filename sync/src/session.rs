@@ -28,7 +28,7 @@ use tracing::{debug, info, warn};
 use crate::backoff::Backoff;
 use crate::dedup::InboundDedup;
 use crate::drain::{Drain, UnpublishableRow};
-use crate::message::Envelope;
+use crate::message::{Envelope, MessageId};
 use crate::outbox::{Outbox, OutboxError, RowId};
 use crate::topics::{NameError, TopicKind, Topics};
 
@@ -175,33 +175,27 @@ pub enum Inbound {
 
 /// The PUBACK of an inbound command, sent when the agent has made the command durable
 /// (manual acknowledgement: a crash before that makes the broker deliver it again).
-#[derive(Clone)]
+///
+/// The session sends it on the connection it has then, for the copy that came on that
+/// connection: a command redelivered after a reconnect while the agent still handled the first
+/// copy is held until this ack, not acknowledged as a duplicate at once.
+#[derive(Debug, Clone)]
 pub struct InboundAck {
-    client: AsyncClient,
-    publish: rumqttc::Publish,
+    id: MessageId,
+    session: mpsc::UnboundedSender<MessageId>,
 }
 
 impl InboundAck {
-    /// Sends the PUBACK. If the connection the command came on is gone, nothing is sent and
-    /// the broker redelivers the command on the next connection (the inbox de-duplicates it).
+    /// Tells the session to send the PUBACK. With no connection, nothing is sent and the broker
+    /// redelivers the command on the next one (the agent's inbox de-duplicates it).
     pub fn ack(self) {
-        if let Err(e) = self.client.try_ack(&self.publish) {
-            debug!(error = %e, topic = %self.publish.topic, "command PUBACK not sent: its connection is gone");
-        }
-    }
-}
-
-impl std::fmt::Debug for InboundAck {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("InboundAck")
-            .field("pkid", &self.publish.pkid)
-            .finish()
+        let _ = self.session.send(self.id);
     }
 }
 
 impl PartialEq for InboundAck {
     fn eq(&self, other: &Self) -> bool {
-        self.publish == other.publish
+        self.id == other.id
     }
 }
 
@@ -392,6 +386,11 @@ pub struct SyncSession {
     /// them, so they are unsubscribed on the next connection.
     stale: BTreeSet<String>,
     changes: mpsc::UnboundedReceiver<SubscriptionChange>,
+    /// Commands handed to the agent and not yet acknowledged by it, with the copy to PUBACK on
+    /// the current connection (`None`: it came on an earlier connection).
+    pending_acks: HashMap<MessageId, Option<rumqttc::Publish>>,
+    acks_tx: mpsc::UnboundedSender<MessageId>,
+    acks: mpsc::UnboundedReceiver<MessageId>,
     /// Subscriptions handed to the client, oldest first, waiting for their packet id.
     unsent_subscribes: VecDeque<Vec<String>>,
     /// Subscriptions sent, by packet id, waiting for their SUBACK.
@@ -435,6 +434,7 @@ impl SyncSession {
         let (stop_tx, stop) = watch::channel(false);
         let notify = Arc::new(Notify::new());
         let (subscriptions, changes) = mpsc::unbounded_channel();
+        let (acks_tx, acks) = mpsc::unbounded_channel();
         let max_inflight = usize::from(config.max_inflight);
         let session = SyncSession {
             drain: Drain::new(topics.clone(), max_inflight),
@@ -455,6 +455,9 @@ impl SyncSession {
             extra: BTreeSet::new(),
             stale: BTreeSet::new(),
             changes,
+            pending_acks: HashMap::new(),
+            acks_tx,
+            acks,
             unsent_subscribes: VecDeque::new(),
             sent_subscribes: HashMap::new(),
         };
@@ -501,6 +504,9 @@ impl SyncSession {
                     _ = &mut sleep => break,
                     _ = stopped(&mut self.stop) => return,
                     Some(change) = self.changes.recv() => self.change_subscriptions(change, None),
+                    Some(id) = self.acks.recv() => {
+                        self.pending_acks.remove(&id);
+                    }
                 }
             }
         }
@@ -515,6 +521,8 @@ impl SyncSession {
             .set_connection_timeout(self.connect_timeout.as_secs().max(1));
         let (tx, mut rx) = mpsc::channel(1024);
         self.unsent_subscribes.clear();
+        // Copies received on the old connection cannot be acknowledged on this one.
+        self.pending_acks.values_mut().for_each(|p| *p = None);
         self.sent_subscribes.clear();
         let poller = tokio::spawn(poll_loop(eventloop, tx));
         let end = self.connected(&client, &mut rx).await;
@@ -575,6 +583,11 @@ impl SyncSession {
                     Some(Ok(ev)) => self.handle(ev, client, &mut connected).await,
                 },
                 _ = self.notify.notified() => more = true,
+                Some(id) = self.acks.recv() => {
+                    if let Some(Some(publish)) = self.pending_acks.remove(&id) {
+                        ack_now(client, &publish);
+                    }
+                }
                 Some(change) = self.changes.recv() => {
                     self.change_subscriptions(change, connected.then_some(client));
                 }
@@ -646,7 +659,7 @@ impl SyncSession {
                     }
                 }
             }
-            Event::Incoming(Packet::Publish(p)) => match self.inbound(&p, client) {
+            Event::Incoming(Packet::Publish(p)) => match self.inbound(&p) {
                 // Acknowledged by the agent once durable.
                 Ok(Some(msg @ Inbound::Command { .. })) => {
                     self.emit(SessionEvent::Inbound(msg)).await
@@ -655,7 +668,15 @@ impl SyncSession {
                     self.emit(SessionEvent::Inbound(msg)).await;
                     ack_now(client, &p);
                 }
-                Ok(None) => ack_now(client, &p),
+                Ok(None) => {
+                    let held = self.pending_acks.values().any(|h| {
+                        h.as_ref()
+                            .is_some_and(|h| h.pkid == p.pkid && h.topic == p.topic)
+                    });
+                    if !held {
+                        ack_now(client, &p);
+                    }
+                }
                 Err(e) => {
                     warn!(error = %e, "inbound message refused");
                     self.emit(SessionEvent::Rejected(e)).await;
@@ -667,11 +688,7 @@ impl SyncSession {
     }
 
     /// Decodes one inbound message; `Ok(None)` for a command seen before.
-    fn inbound(
-        &mut self,
-        publish: &rumqttc::Publish,
-        client: &AsyncClient,
-    ) -> Result<Option<Inbound>, InboundError> {
+    fn inbound(&mut self, publish: &rumqttc::Publish) -> Result<Option<Inbound>, InboundError> {
         let topic = publish.topic.as_str();
         let payload = &publish.payload[..];
         let kind = self.topics.parse(topic);
@@ -695,16 +712,25 @@ impl SyncSession {
             Some(TopicKind::Cmd { workload }) => {
                 let envelope = envelope()?;
                 if !self.dedup.is_new(&envelope.id) {
-                    debug!(id = %envelope.id, %workload, "duplicate command ignored");
+                    if let Some(copy) = self.pending_acks.get_mut(&envelope.id) {
+                        // The agent still handles the first copy: this one is acknowledged
+                        // with it.
+                        debug!(id = %envelope.id, %workload, "redelivered command held for its ack");
+                        *copy = Some(publish.clone());
+                    } else {
+                        debug!(id = %envelope.id, %workload, "duplicate command ignored");
+                    }
                     return Ok(None);
                 }
+                self.pending_acks
+                    .insert(envelope.id.clone(), Some(publish.clone()));
                 Ok(Some(Inbound::Command {
+                    ack: InboundAck {
+                        id: envelope.id.clone(),
+                        session: self.acks_tx.clone(),
+                    },
                     workload,
                     envelope,
-                    ack: InboundAck {
-                        client: client.clone(),
-                        publish: publish.clone(),
-                    },
                 }))
             }
             _ => Err(InboundError::UnexpectedTopic {

@@ -563,3 +563,74 @@ async fn a_command_is_acknowledged_only_when_the_agent_says_so() {
     assert_eq!(next_command(0, true).await, None, "acknowledged for good");
     hub_task.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_command_redelivered_while_handled_is_held_until_the_agent_acknowledges_it() {
+    let mut broker = Mosquitto::start_with(support::PERSISTENT);
+    let outbox = Arc::new(FakeOutbox::new());
+    let t = Duration::from_secs(10);
+    let (session, handle, mut events) =
+        SyncSession::new(config(broker.port), outbox.clone()).unwrap();
+    let task = tokio::spawn(session.run());
+    let mut seen = Vec::new();
+    wait_event(&mut events, &mut seen, t, |e| {
+        matches!(e, SessionEvent::Subscribed)
+    })
+    .await;
+    let (hub, hub_task) = hub_client(broker.port).await;
+    let command = json!({"id": "hub:9", "ts": 1, "payload": {}}).to_string();
+    hub.publish("lichen/v1/n1/cmd/door", QoS::AtLeastOnce, false, command)
+        .await
+        .unwrap();
+    let ev = wait_event(&mut events, &mut seen, t, |e| {
+        matches!(e, SessionEvent::Inbound(_))
+    })
+    .await;
+    let SessionEvent::Inbound(Inbound::Command { ack, .. }) = ev else {
+        panic!("expected the command, got {ev:?}");
+    };
+    hub_task.abort();
+
+    // The link drops while the agent still handles it: the broker redelivers it on the next
+    // connection; the session does not hand it over twice and holds its PUBACK.
+    broker.stop();
+    broker.restart();
+    wait_event(&mut events, &mut seen, Duration::from_secs(20), |e| {
+        matches!(e, SessionEvent::Subscribed)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The agent dies before it made the command durable (it never acknowledges).
+    stop(handle, task).await;
+    drop(ack);
+    assert!(
+        !seen
+            .iter()
+            .any(|e| e.starts_with("Inbound(Command") && e.contains("hub:9")),
+        "handed over twice: {seen:#?}"
+    );
+
+    // The next run of the agent gets it again: it was not lost.
+    let (session, handle, mut events) = SyncSession::new(config(broker.port), outbox).unwrap();
+    let task = tokio::spawn(session.run());
+    let redelivered = tokio::time::timeout(Duration::from_secs(3), async {
+        loop {
+            match events.recv().await {
+                Some(SessionEvent::Inbound(Inbound::Command { envelope, .. })) => {
+                    return Some(envelope.id);
+                }
+                Some(_) => {}
+                None => return None,
+            }
+        }
+    })
+    .await
+    .ok()
+    .flatten();
+    assert_eq!(
+        redelivered,
+        Some(MessageId::new("hub", 9)),
+        "the command was not acknowledged behind the agent's back"
+    );
+    stop(handle, task).await;
+}
