@@ -1010,8 +1010,10 @@ fn kill_9_during_a_mixed_deploy_leaves_the_old_or_the_new_never_a_mix() {
             .spawn()
             .expect("deploy runs");
         // Kill at a different point of the deploy each round.
-        std::thread::sleep(Duration::from_millis(5 + 40 * u64::from(round)));
+        std::thread::sleep(Duration::from_millis([2, 5, 9, 14][round as usize - 1]));
         daemon.kill9().expect("kill -9");
+        // The CLI must not carry its request over to the restarted daemon.
+        let _ = deploy.kill();
         let _ = deploy.wait();
         daemon.restart().expect("daemon restarts on the same state");
         let rows = daemon.ps();
@@ -1030,13 +1032,15 @@ fn kill_9_during_a_mixed_deploy_leaves_the_old_or_the_new_never_a_mix() {
         if boxed == format!("box-{round}") {
             seen_new += 1;
         }
-        // Only the restored container runs: what the killed agent left is deleted.
+        // Only the restored container runs: what the killed agent left is deleted. (`running`
+        // shows once runc is started; runc lists the container once it has created it.)
         daemon.wait_for(&boxed, "running", |s| s.state == "running");
-        assert_eq!(
-            live_containers(&daemon),
-            vec![format!("lichen-{boxed}")],
-            "round {round}"
-        );
+        let want = vec![format!("lichen-{boxed}")];
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while live_containers(&daemon) != want && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(live_containers(&daemon), want, "round {round}");
     }
     println!("kill -9 during deploy: the new deployment survived {seen_new} of 4 rounds");
     finish(daemon);
