@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 
 use rumqttc::{Client, Event, MqttOptions, Packet, QoS};
 
-#[path = "../../sync/tests/support/mosquitto.rs"]
-mod mosquitto;
 #[path = "../../sync/tests/support/certs.rs"]
 mod certs;
+#[path = "../../sync/tests/support/mosquitto.rs"]
+mod mosquitto;
 pub use certs::{make_ca, make_leaf};
 pub use mosquitto::{Mosquitto, PERSISTENT};
 
