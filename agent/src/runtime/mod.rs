@@ -19,6 +19,7 @@
 
 pub mod container;
 pub mod isolation;
+mod lines;
 pub mod microvm;
 mod supervise;
 pub mod wasm;

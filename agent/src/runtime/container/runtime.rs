@@ -13,7 +13,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::AsyncRead;
 use tokio::process::Command;
 use tokio::sync::watch;
 
@@ -21,8 +21,6 @@ use super::cgroup::{CgroupPaths, CgroupProbe};
 use super::probe::OciRuntime;
 use super::{Bundle, ContainerError, ContainerSpec};
 
-/// Longest log line kept; the rest of a longer line is dropped.
-const MAX_LINE: usize = 8 * 1024;
 /// stderr lines kept to explain a failed start.
 const STDERR_TAIL: usize = 8;
 /// How long to wait for the container to go after SIGKILL.
@@ -570,30 +568,7 @@ async fn read_lines<R: AsyncRead + Unpin>(
     sink: LogSink,
     tail: Option<Arc<Mutex<VecDeque<String>>>>,
 ) {
-    let mut reader = BufReader::new(stream);
-    let mut line: Vec<u8> = Vec::new();
-    loop {
-        let (done, used) = match reader.fill_buf().await {
-            Ok([]) | Err(_) => (true, 0),
-            Ok(buf) => match buf.iter().position(|&b| b == b'\n') {
-                Some(i) => {
-                    keep(&mut line, &buf[..i]);
-                    (false, i + 1)
-                }
-                None => {
-                    keep(&mut line, buf);
-                    let len = buf.len();
-                    reader.consume(len);
-                    continue;
-                }
-            },
-        };
-        if done && line.is_empty() {
-            return;
-        }
-        reader.consume(used);
-        let text = String::from_utf8_lossy(&line).into_owned();
-        line.clear();
+    crate::runtime::lines::read_lines(stream, |text| {
         if let Some(tail) = &tail
             && let Ok(mut tail) = tail.lock()
         {
@@ -607,36 +582,6 @@ async fn read_lines<R: AsyncRead + Unpin>(
             stream: which,
             text,
         });
-        if done {
-            return;
-        }
-    }
-}
-
-fn keep(line: &mut Vec<u8>, bytes: &[u8]) {
-    let room = MAX_LINE.saturating_sub(line.len());
-    line.extend_from_slice(&bytes[..bytes.len().min(room)]);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[tokio::test]
-    async fn lines_are_split_capped_and_the_last_one_kept() {
-        let got = Arc::new(Mutex::new(Vec::new()));
-        let sink: LogSink = {
-            let got = got.clone();
-            Arc::new(move |l: LogLine| got.lock().expect("test lock").push(l.text))
-        };
-        let long = "x".repeat(MAX_LINE + 100);
-        let input = format!("one\n\n{long}\nlast without newline");
-        read_lines(input.as_bytes(), "t".into(), LogStream::Stdout, sink, None).await;
-        let got = got.lock().expect("test lock");
-        assert_eq!(got.len(), 4);
-        assert_eq!(got[0], "one");
-        assert_eq!(got[1], "");
-        assert_eq!(got[2].len(), MAX_LINE);
-        assert_eq!(got[3], "last without newline");
-    }
+    })
+    .await;
 }

@@ -18,7 +18,6 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::Command;
 use tokio::sync::{Notify, watch};
 
@@ -27,9 +26,8 @@ use super::qemu::{Accelerator, Machine, vm_args};
 use super::qmp::Qmp;
 use super::usage::ResourceUsage;
 use super::{MicrovmError, MicrovmSpec};
+use crate::runtime::lines::read_lines;
 
-/// Longest log line kept; the rest of a longer line is dropped.
-const MAX_LINE: usize = 8 * 1024;
 /// QEMU stderr lines kept to explain a failed start.
 const STDERR_TAIL: usize = 8;
 /// How long QEMU may take to open its QMP socket.
@@ -569,50 +567,6 @@ fn gone(rx: &watch::Receiver<MicrovmStatus>) -> ExitReason {
             message: "the agent's runtime shut down before the microVM exited".into(),
         },
     }
-}
-
-/// Reads `stream` line by line (`\n`, with a trailing `\r` dropped) into `each`.
-async fn read_lines<R, F>(stream: R, mut each: F)
-where
-    R: AsyncRead + Unpin,
-    F: FnMut(String),
-{
-    let mut reader = BufReader::new(stream);
-    let mut line: Vec<u8> = Vec::new();
-    loop {
-        let (done, used) = match reader.fill_buf().await {
-            Ok([]) | Err(_) => (true, 0),
-            Ok(buf) => match buf.iter().position(|&b| b == b'\n') {
-                Some(i) => {
-                    keep(&mut line, &buf[..i]);
-                    (false, i + 1)
-                }
-                None => {
-                    keep(&mut line, buf);
-                    let len = buf.len();
-                    reader.consume(len);
-                    continue;
-                }
-            },
-        };
-        if done && line.is_empty() {
-            return;
-        }
-        reader.consume(used);
-        if line.last() == Some(&b'\r') {
-            line.pop();
-        }
-        each(String::from_utf8_lossy(&line).into_owned());
-        line.clear();
-        if done {
-            return;
-        }
-    }
-}
-
-fn keep(line: &mut Vec<u8>, bytes: &[u8]) {
-    let room = MAX_LINE.saturating_sub(line.len());
-    line.extend_from_slice(&bytes[..bytes.len().min(room)]);
 }
 
 #[cfg(test)]
