@@ -46,18 +46,8 @@ pub fn build(wasm: &[(&str, PathBuf)]) -> Result<GuestImage> {
     }
     let started = Instant::now();
     let mut command = Command::new(&script);
-    // `cargo test` gives the test its package's CARGO_MANIFEST_DIR, CARGO_PKG_* ...; build
-    // scripts that watch them (ring's does) would make the nested cargo build of the static
-    // lichen rebuild on every run, and the next build outside the test rebuild again.
-    for (key, _) in std::env::vars_os() {
-        let key_text = key.to_string_lossy();
-        if key_text.starts_with("CARGO_")
-            && !["CARGO_HOME", "CARGO_TARGET_DIR"].contains(&key_text.as_ref())
-            && !key_text.starts_with("CARGO_TERM_")
-        {
-            command.env_remove(&key);
-        }
-    }
+    // The static lichen is built by a nested cargo: see without_test_cargo_env.
+    crate::without_test_cargo_env(&mut command);
     let out = command
         .args(&args)
         .stderr(Stdio::inherit())

@@ -45,7 +45,9 @@ fn rebuild_once(profile_dir: &Path) {
             None => return,
         };
         let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-        let status = Command::new(cargo)
+        let mut command = Command::new(cargo);
+        without_test_cargo_env(&mut command);
+        let status = command
             .args([
                 "build",
                 "--quiet",
@@ -65,6 +67,23 @@ fn rebuild_once(profile_dir: &Path) {
             "cannot build the lichen binary for the tests"
         );
     });
+}
+
+/// Removes from `command` the variables `cargo test` gives a test (CARGO_MANIFEST_DIR,
+/// CARGO_PKG_*, ...), keeping CARGO_HOME, CARGO_TARGET_DIR and CARGO_TERM_*. A nested cargo
+/// build must not see them: build scripts that read them (ring's names its symbols after
+/// CARGO_PKG_NAME) would rebuild their crate in place, and what the outer `cargo test` built
+/// against the old copy (the doc tests run last) would then fail to link.
+pub fn without_test_cargo_env(command: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        let key_text = key.to_string_lossy();
+        if key_text.starts_with("CARGO_")
+            && !["CARGO_HOME", "CARGO_TARGET_DIR"].contains(&key_text.as_ref())
+            && !key_text.starts_with("CARGO_TERM_")
+        {
+            command.env_remove(&key);
+        }
+    }
 }
 
 /// Path of a guest built by the agent's build script: `counter`, `thermostat`, `misbehave`,
