@@ -1045,3 +1045,82 @@ fn kill_9_during_a_mixed_deploy_leaves_the_old_or_the_new_never_a_mix() {
     println!("kill -9 during deploy: the new deployment survived {seen_new} of 4 rounds");
     finish(daemon);
 }
+
+/// PIDs of the QEMU processes whose command line names `dir` (their QMP socket lives there).
+fn qemu_pids_under(dir: &Path) -> Vec<u32> {
+    let needle = dir.to_string_lossy().into_owned();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|&pid| {
+            running(pid)
+                && std::fs::read(format!("/proc/{pid}/cmdline")).is_ok_and(|raw| {
+                    let cmdline = String::from_utf8_lossy(&raw);
+                    cmdline.contains("qemu-system") && cmdline.contains(&needle)
+                })
+        })
+        .collect()
+}
+
+/// Whether process `pid` still runs (an exited one whose parent is gone may linger as a zombie
+/// where PID 1 does not reap).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        let state = stat.rsplit_once(')').map(|(_, rest)| rest.trim_start());
+        !state.is_some_and(|s| s.starts_with('Z') || s.starts_with('X'))
+    })
+}
+
+#[test]
+fn a_microvm_left_running_by_a_killed_agent_is_ended_when_the_agent_comes_back() {
+    let kernel = image_script("images/fetch-kernel.sh", &[]).join("vmlinuz");
+    let initramfs = image_script("images/microvm-example/build-initramfs.sh", &["ready"]);
+    let mut daemon = Daemon::start().expect("daemon starts");
+    let text = format!(
+        r#"
+[[workloads]]
+name = "vm"
+kind = "microvm"
+kernel = "{kernel}"
+initramfs = "{initramfs}"
+boot-timeout = "120s"
+[workloads.limits]
+memory = "128MiB"
+"#,
+        kernel = kernel.display(),
+        initramfs = initramfs.display(),
+    );
+    let out = daemon.deploy("deploy.toml", &text);
+    assert!(out.status.success(), "{}", output_text(&out));
+    daemon.wait_for("vm", "booted", |s| s.state == "running");
+    let state_dir = daemon.state_dir();
+    let before = qemu_pids_under(&state_dir);
+    assert_eq!(before.len(), 1, "one QEMU for the VM: {before:?}");
+
+    // kill -9 gives the agent no chance to stop its VM: QEMU lives on as an orphan.
+    daemon.kill9().expect("kill -9");
+    assert!(running(before[0]), "QEMU outlives the killed agent");
+
+    daemon.restart().expect("the agent restarts");
+    daemon.wait_for("vm", "booted again", |s| s.state == "running");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while running(before[0]) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        !running(before[0]),
+        "the orphaned QEMU (pid {}) was ended",
+        before[0]
+    );
+    let after = qemu_pids_under(&state_dir);
+    assert_eq!(after.len(), 1, "only the restored VM runs: {after:?}");
+    assert_ne!(after, before);
+    assert!(
+        daemon.log().contains("ended QEMU processes left running"),
+        "{}",
+        daemon.log()
+    );
+    finish(daemon);
+}

@@ -153,6 +153,33 @@ fn fingerprint(files: &[&Path]) -> Result<String, String> {
     Ok(hex::encode(hasher.finalize()))
 }
 
+/// Ends the QEMU processes that an agent killed without stopping its microVMs left behind:
+/// each still listens on its QMP socket in `work_dir`, so it is asked to `quit` there (the
+/// restored deployment boots a fresh VM). Stale sockets nobody listens on are removed. Returns
+/// the names of the VMs that were ended.
+async fn end_leftover_vms(work_dir: &Path) -> Vec<String> {
+    let mut ended = Vec::new();
+    let Ok(mut entries) = tokio::fs::read_dir(work_dir).await else {
+        return ended;
+    };
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        let path = entry.path();
+        if path.extension().is_none_or(|e| e != "qmp") {
+            continue;
+        }
+        let deadline = Instant::now() + Duration::from_secs(2);
+        if let Ok(qmp) = super::qmp::Qmp::connect(&path, deadline).await {
+            // `quit` may close the socket before it replies; the exit is what counts.
+            let _ = qmp.execute("quit").await;
+            if let Some(name) = path.file_stem() {
+                ended.push(name.to_string_lossy().into_owned());
+            }
+        }
+        let _ = tokio::fs::remove_file(&path).await;
+    }
+    ended
+}
+
 impl Runtime for MicrovmTier {
     fn tier(&self) -> Tier {
         Tier::Microvm
@@ -160,6 +187,18 @@ impl Runtime for MicrovmTier {
 
     fn probe<'a>(&'a self) -> BoxFuture<'a, Result<String, String>> {
         Box::pin(async move { self.probed().await.0.clone() })
+    }
+
+    fn recover<'a>(&'a self) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let ended = end_leftover_vms(&self.work_dir).await;
+            if !ended.is_empty() {
+                tracing::warn!(
+                    microvms = ?ended,
+                    "ended QEMU processes left running by an agent that did not stop them"
+                );
+            }
+        })
     }
 
     fn prepare<'a>(
