@@ -328,8 +328,19 @@ impl Daemon {
 }
 
 impl Drop for Daemon {
+    /// A test that ends (or panics) with the daemon still up stops it with SIGTERM, so its
+    /// containers and microVMs are stopped too; SIGKILL after 10 s.
     fn drop(&mut self) {
         if let Some(mut child) = self.child.take() {
+            let pid = child.id().to_string();
+            let _ = Command::new("kill").args(["-TERM", &pid]).status();
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if !matches!(child.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
             let _ = child.kill();
             let _ = child.wait();
         }
