@@ -1,6 +1,7 @@
 //! The run loop shared by the runtimes whose workloads are processes (containers, microVMs):
 //! run once, record why the run ended, and start again per the restart policy with back-off,
-//! until a stop is asked. Each runtime supplies only "run once".
+//! until a stop is asked. Each runtime supplies only "run once" (and, through [`ProcessKind`],
+//! how to start its loop); [`ProcessWorkload`] is the workload handle they share.
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -9,8 +10,8 @@ use lichen_host_apis::LogLevel;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::{BoxFuture, ExitInfo, RuntimeStatus, Usage};
-use crate::deployment::RestartPolicy;
+use super::{BoxFuture, ExitInfo, Prepared, RuntimeStatus, Usage, Workload};
+use crate::deployment::{RestartPolicy, WorkloadSpec};
 use crate::logs::LogHub;
 
 /// First restart delay; it doubles after each failed run in a row.
@@ -214,4 +215,111 @@ async fn run_loop(
         s.started_at = None;
         s.live = None;
     });
+}
+
+/// A kind whose workloads are supervised processes (containers, microVMs): what
+/// [`ProcessWorkload`] needs to know of it.
+pub(crate) trait ProcessKind: Send + Sync + 'static {
+    /// This kind's prepared artifact.
+    type Artifact: Send + Sync + 'static;
+    /// The kind's name in `ps`: `container`, `microvm`.
+    const KIND: &'static str;
+    /// The program that runs the workloads (`runc`, `qemu-system-x86_64`), for `ps`.
+    fn runner(&self) -> Option<String>;
+    /// This kind's artifact in `prepared` with its digest, or why `prepared` is of another
+    /// kind.
+    fn unpack(prepared: Prepared) -> Result<(Arc<Self::Artifact>, String), String>;
+    /// Starts the run loop of the workload `spec` on `artifact`.
+    fn supervise(
+        &self,
+        shared: &Arc<Shared>,
+        artifact: Arc<Self::Artifact>,
+        spec: &WorkloadSpec,
+    ) -> Supervised;
+}
+
+/// A running container or microVM workload: its run loop and shared status. These kinds
+/// have no hot reload and take no events: an update stops the old run and starts the new one.
+pub(crate) struct ProcessWorkload<K: ProcessKind> {
+    name: String,
+    spec: WorkloadSpec,
+    digest: String,
+    shared: Arc<Shared>,
+    supervised: Supervised,
+    kind: K,
+}
+
+impl<K: ProcessKind> ProcessWorkload<K> {
+    /// Starts the run loop of `spec` on `artifact` (whose digest is `digest`) with `kind`.
+    pub(crate) fn start(
+        kind: K,
+        shared: Arc<Shared>,
+        artifact: Arc<K::Artifact>,
+        digest: String,
+        spec: WorkloadSpec,
+    ) -> Self {
+        let supervised = kind.supervise(&shared, artifact, &spec);
+        ProcessWorkload {
+            name: spec.name.clone(),
+            spec,
+            digest,
+            shared,
+            supervised,
+            kind,
+        }
+    }
+}
+
+impl<K: ProcessKind> Workload for ProcessWorkload<K> {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn spec(&self) -> &WorkloadSpec {
+        &self.spec
+    }
+
+    fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    fn status(&self) -> RuntimeStatus {
+        self.shared.status(K::KIND, self.kind.runner())
+    }
+
+    fn is_finished(&self) -> bool {
+        self.supervised.is_finished() && self.shared.with(|s| s.state == "stopped")
+    }
+
+    fn note_error(&self, message: String) {
+        self.shared.with(|s| s.last_error = Some(message));
+    }
+
+    fn update<'a>(
+        &'a mut self,
+        prepared: Prepared,
+        spec: WorkloadSpec,
+        version: u64,
+    ) -> BoxFuture<'a, Result<(), String>> {
+        Box::pin(async move {
+            let (artifact, digest) = K::unpack(prepared)?;
+            self.supervised.stop().await;
+            self.shared.with(|s| {
+                s.digest = digest.clone();
+                s.version = version;
+                s.exit = None;
+                s.last_error = None;
+            });
+            self.supervised = self.kind.supervise(&self.shared, artifact, &spec);
+            self.digest = digest;
+            self.spec = spec;
+            Ok(())
+        })
+    }
+
+    fn stop(mut self: Box<Self>) -> BoxFuture<'static, ()> {
+        Box::pin(async move {
+            self.supervised.stop().await;
+        })
+    }
 }

@@ -43,7 +43,7 @@ pub use runtime::{
     ResourceUsage,
 };
 pub use spec::{ContainerSpec, IdMapping, Limits};
-pub use workload::{ContainerTier, ContainerWorkload, PreparedContainer, device_nodes, work_dir};
+pub use workload::{ContainerTier, PreparedContainer, device_nodes, work_dir};
 
 use std::path::PathBuf;
 

@@ -18,10 +18,11 @@ use super::{
 };
 use crate::deployment::{ImageRef, WorkloadSpec};
 use crate::logs::LogHub;
-use crate::runtime::supervise::{LiveUsage, RunEnd, RunOnce, Shared, Supervised, stop_asked};
+use crate::runtime::supervise::{
+    LiveUsage, ProcessKind, ProcessWorkload, RunEnd, RunOnce, Shared, Supervised, stop_asked,
+};
 use crate::runtime::{
-    BoxFuture, ExitInfo, PrepareError, Prepared, Runtime, RuntimeStatus, StartInfo, Tier, Usage,
-    Workload,
+    BoxFuture, ExitInfo, PrepareError, Prepared, Runtime, StartInfo, Tier, Usage, Workload,
 };
 
 /// SIGTERM grace period on stop.
@@ -293,16 +294,8 @@ impl Runtime for ContainerTier {
             runtime: self.runtime.clone(),
             logs: self.logs.clone(),
         };
-        let supervised = tier.supervise(&shared, prepared.clone(), &spec);
-        Box::new(ContainerWorkload {
-            name: spec.name.clone(),
-            digest: prepared.digest.clone(),
-            spec,
-            shared,
-            supervised,
-            runner: self.runtime.as_ref().map(|r| r.oci().kind.to_string()),
-            tier,
-        })
+        let digest = prepared.digest.clone();
+        Box::new(ProcessWorkload::start(tier, shared, prepared, digest, spec))
     }
 }
 
@@ -313,7 +306,24 @@ struct TierHandle {
     logs: Arc<LogHub>,
 }
 
-impl TierHandle {
+impl ProcessKind for TierHandle {
+    type Artifact = PreparedContainer;
+    const KIND: &'static str = "container";
+
+    fn runner(&self) -> Option<String> {
+        self.runtime.as_ref().map(|r| r.oci().kind.to_string())
+    }
+
+    fn unpack(prepared: Prepared) -> Result<(Arc<PreparedContainer>, String), String> {
+        match prepared {
+            Prepared::Container(prepared) => {
+                let digest = prepared.digest.clone();
+                Ok((prepared, digest))
+            }
+            _ => Err("a container workload can only be updated to a container".into()),
+        }
+    }
+
     /// Starts the run loop of a container workload.
     fn supervise(
         &self,
@@ -446,74 +456,6 @@ fn exit_info(reason: &ExitReason) -> ExitInfo {
         reason: reason.to_string(),
         code,
         oom_killed,
-    }
-}
-
-/// A running `container` workload: its run loop and shared status.
-pub struct ContainerWorkload {
-    name: String,
-    spec: WorkloadSpec,
-    digest: String,
-    shared: Arc<Shared>,
-    supervised: Supervised,
-    runner: Option<String>,
-    tier: TierHandle,
-}
-
-impl Workload for ContainerWorkload {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn spec(&self) -> &WorkloadSpec {
-        &self.spec
-    }
-
-    fn digest(&self) -> &str {
-        &self.digest
-    }
-
-    fn status(&self) -> RuntimeStatus {
-        self.shared.status("container", self.runner.clone())
-    }
-
-    fn is_finished(&self) -> bool {
-        self.supervised.is_finished() && self.shared.with(|s| s.state == "stopped")
-    }
-
-    fn note_error(&self, message: String) {
-        self.shared.with(|s| s.last_error = Some(message));
-    }
-
-    fn update<'a>(
-        &'a mut self,
-        prepared: Prepared,
-        spec: WorkloadSpec,
-        version: u64,
-    ) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async move {
-            let Prepared::Container(prepared) = prepared else {
-                return Err("a container workload can only be updated to a container".into());
-            };
-            // A container has no hot reload: the old run stops, the new one starts.
-            self.supervised.stop().await;
-            self.shared.with(|s| {
-                s.digest = prepared.digest.clone();
-                s.version = version;
-                s.exit = None;
-                s.last_error = None;
-            });
-            self.supervised = self.tier.supervise(&self.shared, prepared.clone(), &spec);
-            self.digest = prepared.digest.clone();
-            self.spec = spec;
-            Ok(())
-        })
-    }
-
-    fn stop(mut self: Box<Self>) -> BoxFuture<'static, ()> {
-        Box::pin(async move {
-            self.supervised.stop().await;
-        })
     }
 }
 

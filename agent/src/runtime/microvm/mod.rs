@@ -48,7 +48,7 @@ pub use runtime::{
 };
 pub use spec::{GuestRoot, MAX_VCPUS, MIN_MEMORY_MIB, MicrovmSpec};
 pub use usage::ResourceUsage;
-pub use workload::{MicrovmTier, MicrovmWorkload, PreparedMicrovm};
+pub use workload::{MicrovmTier, PreparedMicrovm};
 
 use std::path::PathBuf;
 

@@ -17,10 +17,11 @@ use tokio::sync::{OnceCell, watch};
 use super::{ExitReason, GuestRoot, LogStream, Microvm, MicrovmRuntime, MicrovmSpec};
 use crate::deployment::{GuestRootRef, WorkloadSpec};
 use crate::logs::LogHub;
-use crate::runtime::supervise::{LiveUsage, RunEnd, RunOnce, Shared, Supervised, stop_asked};
+use crate::runtime::supervise::{
+    LiveUsage, ProcessKind, ProcessWorkload, RunEnd, RunOnce, Shared, Supervised, stop_asked,
+};
 use crate::runtime::{
-    BoxFuture, ExitInfo, PrepareError, Prepared, Runtime, RuntimeStatus, StartInfo, Tier, Usage,
-    Workload,
+    BoxFuture, ExitInfo, PrepareError, Prepared, Runtime, StartInfo, Tier, Usage, Workload,
 };
 
 /// Guest memory of a microVM whose deployment sets no memory limit.
@@ -225,15 +226,10 @@ impl Runtime for MicrovmTier {
             runtime,
             logs: self.logs.clone(),
         };
-        let supervised = handle.supervise(&shared, prepared.clone(), &spec);
-        Box::new(MicrovmWorkload {
-            name: spec.name.clone(),
-            digest: prepared.digest.clone(),
-            spec,
-            shared,
-            supervised,
-            tier: handle,
-        })
+        let digest = prepared.digest.clone();
+        Box::new(ProcessWorkload::start(
+            handle, shared, prepared, digest, spec,
+        ))
     }
 }
 
@@ -244,11 +240,24 @@ struct TierHandle {
     logs: Arc<LogHub>,
 }
 
-impl TierHandle {
+impl ProcessKind for TierHandle {
+    type Artifact = PreparedMicrovm;
+    const KIND: &'static str = "microvm";
+
     fn runner(&self) -> Option<String> {
         self.runtime
             .as_ref()
             .map(|r| r.machine().binary.to_string())
+    }
+
+    fn unpack(prepared: Prepared) -> Result<(Arc<PreparedMicrovm>, String), String> {
+        match prepared {
+            Prepared::Microvm(prepared) => {
+                let digest = prepared.digest.clone();
+                Ok((prepared, digest))
+            }
+            _ => Err("a microVM workload can only be updated to a microVM".into()),
+        }
     }
 
     fn supervise(
@@ -371,72 +380,5 @@ async fn run_once(
     tokio::select! {
         reason = vm.wait() => ended(&reason),
         _ = stop_asked(&mut stop) => stopped(vm.stop(STOP_GRACE).await),
-    }
-}
-
-/// A running `microvm` workload: its run loop and shared status.
-pub struct MicrovmWorkload {
-    name: String,
-    spec: WorkloadSpec,
-    digest: String,
-    shared: Arc<Shared>,
-    supervised: Supervised,
-    tier: TierHandle,
-}
-
-impl Workload for MicrovmWorkload {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn spec(&self) -> &WorkloadSpec {
-        &self.spec
-    }
-
-    fn digest(&self) -> &str {
-        &self.digest
-    }
-
-    fn status(&self) -> RuntimeStatus {
-        self.shared.status("microvm", self.tier.runner())
-    }
-
-    fn is_finished(&self) -> bool {
-        self.supervised.is_finished() && self.shared.with(|s| s.state == "stopped")
-    }
-
-    fn note_error(&self, message: String) {
-        self.shared.with(|s| s.last_error = Some(message));
-    }
-
-    fn update<'a>(
-        &'a mut self,
-        prepared: Prepared,
-        spec: WorkloadSpec,
-        version: u64,
-    ) -> BoxFuture<'a, Result<(), String>> {
-        Box::pin(async move {
-            let Prepared::Microvm(prepared) = prepared else {
-                return Err("a microVM workload can only be updated to a microVM".into());
-            };
-            // No hot reload: the old VM powers off, the new one boots.
-            self.supervised.stop().await;
-            self.shared.with(|s| {
-                s.digest = prepared.digest.clone();
-                s.version = version;
-                s.exit = None;
-                s.last_error = None;
-            });
-            self.supervised = self.tier.supervise(&self.shared, prepared.clone(), &spec);
-            self.digest = prepared.digest.clone();
-            self.spec = spec;
-            Ok(())
-        })
-    }
-
-    fn stop(mut self: Box<Self>) -> BoxFuture<'static, ()> {
-        Box::pin(async move {
-            self.supervised.stop().await;
-        })
     }
 }
