@@ -580,9 +580,14 @@ impl Bridge {
     async fn reject(&mut self, version: Option<u64>, reason: String) {
         self.rejected_version = version.or(self.rejected_version);
         self.error(format!("desired state rejected: {reason}"));
+        self.record_rejection(version, reason, "hub-rejected").await;
+    }
+
+    /// Logs a rejection as event `event`, keeps it as the last one and reports it.
+    async fn record_rejection(&mut self, version: Option<u64>, reason: String, event: &str) {
         let _ = self
             .store
-            .log_event(None, "hub-rejected", &reason)
+            .log_event(None, event, &reason)
             .await
             .map_err(|e| tracing::warn!("cannot log the rejection: {e}"));
         self.last_rejection = Some(Rejection {
@@ -893,17 +898,8 @@ impl Bridge {
     async fn reject_import(&mut self, version: Option<u64>, reason: String) -> ApiError {
         let reason = format!("import refused: {reason}");
         self.error(reason.clone());
-        let _ = self
-            .store
-            .log_event(None, "import-rejected", &reason)
-            .await
-            .map_err(|e| tracing::warn!("cannot log the rejection: {e}"));
-        self.last_rejection = Some(Rejection {
-            version,
-            reason: reason.clone(),
-            at_ms: now_ms(),
-        });
-        self.publish_reported().await;
+        self.record_rejection(version, reason.clone(), "import-rejected")
+            .await;
         ApiError::invalid(reason)
     }
 

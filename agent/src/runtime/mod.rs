@@ -36,6 +36,22 @@ use crate::deployment::WorkloadSpec;
 
 pub use isolation::Tier;
 
+/// Checks the name of a container or microVM (it names files, sockets and cgroups on the
+/// host): 1-64 of `a-z`, `0-9`, `-`, `_`, `.`, not starting with `.`.
+pub(crate) fn check_process_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
+        && !name.starts_with('.');
+    if ok {
+        Ok(())
+    } else {
+        Err("the name must be 1-64 of a-z, 0-9, '-', '_', '.', not starting with '.'".into())
+    }
+}
+
 /// A boxed future, for the trait methods that run asynchronously (the traits are used as
 /// `dyn`, which `async fn` in traits does not allow).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;

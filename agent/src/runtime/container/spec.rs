@@ -73,18 +73,7 @@ impl ContainerSpec {
             name: self.name.clone(),
             reason,
         };
-        let name_ok = !self.name.is_empty()
-            && self.name.len() <= 64
-            && self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
-            && !self.name.starts_with('.');
-        if !name_ok {
-            return Err(invalid(
-                "the name must be 1-64 of a-z, 0-9, '-', '_', '.', not starting with '.'".into(),
-            ));
-        }
+        crate::runtime::check_process_name(&self.name).map_err(invalid)?;
         if self.command.is_empty() || self.command[0].is_empty() {
             return Err(invalid("the command is empty".into()));
         }

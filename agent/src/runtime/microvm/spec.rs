@@ -67,18 +67,7 @@ impl MicrovmSpec {
             name: self.name.clone(),
             reason,
         };
-        let name_ok = !self.name.is_empty()
-            && self.name.len() <= 64
-            && self
-                .name
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
-            && !self.name.starts_with('.');
-        if !name_ok {
-            return Err(invalid(
-                "the name must be 1-64 of a-z, 0-9, '-', '_', '.', not starting with '.'".into(),
-            ));
-        }
+        crate::runtime::check_process_name(&self.name).map_err(invalid)?;
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(invalid(format!(
                 "vcpus must be 1 to {MAX_VCPUS}, not {}",
