@@ -1120,18 +1120,27 @@ mod tests {
                 "BTN",
                 "t",
                 &InputConfig {
+                    edge: Some(EdgeDetection::Rising),
                     debounce: Some(ms(20)),
                     ..Default::default()
                 },
             )
             .expect("free");
-        let pressed = Instant::now();
+        // Nobody advances the real clock: the wait must wake by itself when the period ends.
+        let pressed_ns = chip.now_ns();
         chip.drive("BTN", Level::High).expect("drive");
         runtime()
             .block_on(btn.wait_for_rising_edge())
             .expect("after the debounce period");
-        assert!(pressed.elapsed() >= ms(20), "not before the period ended");
         assert!(btn.is_high().expect("read"));
+        // The change counted exactly when its period ended, by the chip's own clock.
+        let ev = btn.try_event().expect("read").expect("rising");
+        assert_eq!(ev.edge, Edge::Rising);
+        assert!(
+            ev.timestamp_ns >= pressed_ns + 20_000_000,
+            "the edge is stamped at the end of the debounce period: {} vs press at {pressed_ns}",
+            ev.timestamp_ns
+        );
     }
 
     #[test]
