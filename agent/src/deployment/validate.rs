@@ -346,16 +346,13 @@ impl Checker<'_> {
             let item_path = format!("{path}[{index}]");
             let (entries, name) = self.grant_entries(item, &item_path, GPIO_FIELDS, EXAMPLE)?;
             let field = |key: &str| format!("{item_path}.{key}");
-            let pin_node = &self
-                .required(
-                    item,
-                    entries,
-                    &item_path,
-                    "pin",
-                    "the board's pin name, such as \"GPIO17\"",
-                )?
-                .value;
-            let pin = self.string(pin_node, &field("pin"), "a string")?.to_owned();
+            let pin = self.required_string(
+                item,
+                entries,
+                &item_path,
+                "pin",
+                "the board's pin name, such as \"GPIO17\"",
+            )?;
             let mode_node = &self
                 .required(item, entries, &item_path, "mode", "\"output\" or \"input\"")?
                 .value;
@@ -469,18 +466,13 @@ impl Checker<'_> {
         for (index, item) in items.iter().enumerate() {
             let item_path = format!("{path}[{index}]");
             let (entries, name) = self.grant_entries(item, &item_path, SPI_FIELDS, EXAMPLE)?;
-            let bus_node = &self
-                .required(
-                    item,
-                    entries,
-                    &item_path,
-                    "bus",
-                    "the board's SPI device, such as \"spi0.0\"",
-                )?
-                .value;
-            let bus = self
-                .string(bus_node, &format!("{item_path}.bus"), "a string")?
-                .to_owned();
+            let bus = self.required_string(
+                item,
+                entries,
+                &item_path,
+                "bus",
+                "the board's SPI device, such as \"spi0.0\"",
+            )?;
             let max_hz = match find(entries, "max-hz") {
                 None => DEFAULT_SPI_HZ,
                 Some(entry) => {
@@ -512,18 +504,13 @@ impl Checker<'_> {
         for (index, item) in items.iter().enumerate() {
             let item_path = format!("{path}[{index}]");
             let (entries, name) = self.grant_entries(item, &item_path, I2C_FIELDS, EXAMPLE)?;
-            let bus_node = &self
-                .required(
-                    item,
-                    entries,
-                    &item_path,
-                    "bus",
-                    "the board's I2C bus, such as \"i2c-1\"",
-                )?
-                .value;
-            let bus = self
-                .string(bus_node, &format!("{item_path}.bus"), "a string")?
-                .to_owned();
+            let bus = self.required_string(
+                item,
+                entries,
+                &item_path,
+                "bus",
+                "the board's I2C bus, such as \"i2c-1\"",
+            )?;
             let list_node = &self
                 .required(
                     item,
@@ -1292,6 +1279,21 @@ impl Checker<'_> {
                 format!("missing field `{key}`: {why}"),
             )
         })
+    }
+
+    /// The string value of the required field `key` of `table` (`why` says what it holds).
+    fn required_string(
+        &self,
+        table: &Node,
+        entries: &[Entry],
+        prefix: &str,
+        key: &str,
+        why: &str,
+    ) -> Result<String> {
+        let node = &self.required(table, entries, prefix, key, why)?.value;
+        Ok(self
+            .string(node, &format!("{prefix}.{key}"), "a string")?
+            .to_owned())
     }
 
     /// Rejects a key given twice (JSON allows it syntactically; TOML does not).
