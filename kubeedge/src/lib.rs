@@ -1,0 +1,7 @@
+//! Lichen as a KubeEdge device mapper.
+#![warn(missing_docs)]
+
+pub mod error;
+pub mod plan;
+pub mod proto;
+pub mod workload;
