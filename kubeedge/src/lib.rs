@@ -2,6 +2,8 @@
 #![warn(missing_docs)]
 
 pub mod error;
+pub mod host;
 pub mod plan;
 pub mod proto;
+pub mod queue;
 pub mod workload;
