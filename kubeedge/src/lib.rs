@@ -6,4 +6,5 @@ pub mod host;
 pub mod plan;
 pub mod proto;
 pub mod queue;
+pub mod twin;
 pub mod workload;

@@ -87,7 +87,9 @@ impl Report {
             "state" => Ok(Report::State(
                 pb::ReportDeviceStatesRequest::decode(body).map_err(bad)?,
             )),
-            other => Err(QueueError(format!("stored report of unknown kind {other:?}"))),
+            other => Err(QueueError(format!(
+                "stored report of unknown kind {other:?}"
+            ))),
         }
     }
 }
@@ -184,7 +186,10 @@ fn info(q: &Queued) -> RowInfo {
 
 impl ReportQueue for MemoryQueue {
     fn push(&self, report: &Report) -> Result<u64, QueueError> {
-        let mut g = self.inner.lock().expect("report queue lock is never poisoned");
+        let mut g = self
+            .inner
+            .lock()
+            .expect("report queue lock is never poisoned");
         let (rows, next, dropped) = &mut *g;
         if rows.len() as u64 >= self.max {
             let infos: Vec<RowInfo> = rows.iter().take(DROP_WINDOW).map(info).collect();
@@ -202,22 +207,37 @@ impl ReportQueue for MemoryQueue {
     }
 
     fn oldest(&self, limit: usize) -> Result<Vec<Queued>, QueueError> {
-        let g = self.inner.lock().expect("report queue lock is never poisoned");
+        let g = self
+            .inner
+            .lock()
+            .expect("report queue lock is never poisoned");
         Ok(g.0.iter().take(limit).cloned().collect())
     }
 
     fn ack(&self, id: u64) -> Result<(), QueueError> {
-        let mut g = self.inner.lock().expect("report queue lock is never poisoned");
+        let mut g = self
+            .inner
+            .lock()
+            .expect("report queue lock is never poisoned");
         g.0.retain(|r| r.id != id);
         Ok(())
     }
 
     fn len(&self) -> Result<u64, QueueError> {
-        Ok(self.inner.lock().expect("report queue lock is never poisoned").0.len() as u64)
+        Ok(self
+            .inner
+            .lock()
+            .expect("report queue lock is never poisoned")
+            .0
+            .len() as u64)
     }
 
     fn dropped(&self) -> Result<u64, QueueError> {
-        Ok(self.inner.lock().expect("report queue lock is never poisoned").2)
+        Ok(self
+            .inner
+            .lock()
+            .expect("report queue lock is never poisoned")
+            .2)
     }
 }
 
@@ -267,7 +287,8 @@ impl SqliteQueue {
         }
         conn.pragma_update(None, "synchronous", "FULL")
             .map_err(sql("synchronous=FULL"))?;
-        conn.execute_batch(SCHEMA).map_err(sql("creating the schema"))?;
+        conn.execute_batch(SCHEMA)
+            .map_err(sql("creating the schema"))?;
         Ok(Self {
             max: max_reports.max(1),
             conn: Mutex::new(conn),
@@ -275,7 +296,9 @@ impl SqliteQueue {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Connection> {
-        self.conn.lock().expect("report queue lock is never poisoned")
+        self.conn
+            .lock()
+            .expect("report queue lock is never poisoned")
     }
 }
 
@@ -294,7 +317,9 @@ impl ReportQueue for SqliteQueue {
             .map_err(sql("counting reports"))?;
         if u64::try_from(len).unwrap_or(0) >= self.max {
             let mut stmt = tx
-                .prepare("SELECT id, device, kind, properties FROM dmi_reports ORDER BY id LIMIT ?1")
+                .prepare(
+                    "SELECT id, device, kind, properties FROM dmi_reports ORDER BY id LIMIT ?1",
+                )
                 .map_err(sql("reading the oldest reports"))?;
             let rows = stmt
                 .query_map([DROP_WINDOW as i64], |r| {
@@ -348,7 +373,11 @@ impl ReportQueue for SqliteQueue {
             .map_err(sql("reading reports"))?;
         let rows = stmt
             .query_map([i64::try_from(limit).unwrap_or(i64::MAX)], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?, r.get::<_, Vec<u8>>(2)?))
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                ))
             })
             .and_then(|rows| rows.collect::<Result<Vec<_>, _>>())
             .map_err(sql("reading reports"))?;
@@ -371,7 +400,9 @@ impl ReportQueue for SqliteQueue {
 
     fn len(&self) -> Result<u64, QueueError> {
         self.lock()
-            .query_row("SELECT COUNT(*) FROM dmi_reports", [], |r| r.get::<_, i64>(0))
+            .query_row("SELECT COUNT(*) FROM dmi_reports", [], |r| {
+                r.get::<_, i64>(0)
+            })
             .map(|n| n as u64)
             .map_err(sql("counting reports"))
     }
@@ -459,8 +490,14 @@ mod tests {
             q.push(&twins("a", &[("led", "on")])).unwrap();
             q.push(&twins("b", &[("temp", "20")])).unwrap();
             // Full: a's first twin report is not covered yet by anything newer.
-            q.push(&twins("a", &[("led", "off"), ("level", "3")])).unwrap();
-            let kept: Vec<Report> = q.oldest(10).unwrap().into_iter().map(|r| r.report).collect();
+            q.push(&twins("a", &[("led", "off"), ("level", "3")]))
+                .unwrap();
+            let kept: Vec<Report> = q
+                .oldest(10)
+                .unwrap()
+                .into_iter()
+                .map(|r| r.report)
+                .collect();
             assert_eq!(
                 kept,
                 vec![
@@ -478,7 +515,10 @@ mod tests {
                 .into_iter()
                 .map(|r| format!("{}:{}", r.report.kind(), r.report.device()))
                 .collect();
-            assert_eq!(kinds, vec!["state:default/a", "twins:default/a", "state:default/b"]);
+            assert_eq!(
+                kinds,
+                vec!["state:default/a", "twins:default/a", "state:default/b"]
+            );
             assert_eq!(q.dropped().unwrap(), 2);
             assert_eq!(q.len().unwrap(), 3);
         }
