@@ -94,6 +94,7 @@ impl<H: DeviceHost, Q: ReportQueue> Running<H, Q> {
         }
         let _ = self.stop.send(());
         let _ = self.server.await;
+        self.mapper.stop_devices().await;
         let socket = &self.mapper.config().mapper_socket;
         if let Err(e) = std::fs::remove_file(socket)
             && e.kind() != std::io::ErrorKind::NotFound

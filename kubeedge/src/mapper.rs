@@ -180,6 +180,16 @@ impl<H: DeviceHost, Q: ReportQueue> Mapper<H, Q> {
             .collect()
     }
 
+    /// Stops every device's task and forgets the devices, leaving their workloads to the
+    /// agent (the mapper is shutting down; the next start learns the devices from EdgeCore).
+    pub async fn stop_devices(&self) {
+        let mut reg = self.inner.registry.lock().await;
+        for (id, entry) in std::mem::take(&mut reg.devices) {
+            entry.task.abort();
+            self.route(&id, entry.plan.function.workload(), None);
+        }
+    }
+
     /// `CreateDeviceModel` (and `UpdateDeviceModel` of a known model).
     pub async fn create_model(&self, model: pb::DeviceModel) -> Result<ResourceId, DmiError> {
         let checked = plan_model(&model)?;

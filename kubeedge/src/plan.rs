@@ -121,7 +121,7 @@ impl ValueType {
             "float" | "double" => ValueType::Float,
             "boolean" | "bool" => ValueType::Boolean,
             "string" | "" => ValueType::String,
-            "bytes" => ValueType::Bytes,
+            "bytes" | "stream" => ValueType::Bytes,
             _ => return None,
         })
     }
@@ -219,7 +219,7 @@ pub fn plan_model(model: &pb::DeviceModel) -> Result<Model, DmiError> {
             DmiError::invalid(
                 format!("{at}.type"),
                 format!(
-                    "type {:?} is not one of int, float, double, boolean, string, bytes",
+                    "type {:?} is not one of int, float, double, boolean, string, bytes, stream",
                     p.r#type
                 ),
             )
