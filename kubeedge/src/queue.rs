@@ -3,10 +3,10 @@
 //! The mapper pushes a report when a twin's reported value or a device's state changes, and
 //! the uplink sends the queue in order, acknowledging (deleting) each report only after
 //! EdgeCore answered its `ReportDeviceStatus` or `ReportDeviceStates` call. While EdgeCore is
-//! unreachable the queue grows; nothing is lost, and nothing is sent twice by one process. A
-//! report whose call succeeded at EdgeCore but whose acknowledgement did not reach the queue
-//! (a crash in between) is sent again after a restart: twin updates carry values, not deltas,
-//! so the repetition is harmless.
+//! unreachable the queue grows; nothing is lost, and nothing is sent twice by one process.
+//! Reports whose calls succeeded at EdgeCore but whose acknowledgement did not reach the queue
+//! (a crash in between; the uplink acknowledges a batch of up to 64 at once) are sent again
+//! after a restart: twin updates carry values, not deltas, so the repetition is harmless.
 //!
 //! The queue is bounded ([`ReportQueue`] implementations take `max_reports`): when full, a
 //! push first drops the oldest twin report that a newer report of the same device covers (same
@@ -117,6 +117,10 @@ pub trait ReportQueue: Send + Sync + 'static {
     fn oldest(&self, limit: usize) -> Result<Vec<Queued>, QueueError>;
     /// Removes a report that EdgeCore has taken.
     fn ack(&self, id: u64) -> Result<(), QueueError>;
+    /// Removes reports that EdgeCore has taken, in one write where the store allows.
+    fn ack_many(&self, ids: &[u64]) -> Result<(), QueueError> {
+        ids.iter().try_for_each(|id| self.ack(*id))
+    }
     /// Reports waiting.
     fn len(&self) -> Result<u64, QueueError>;
     /// Reports dropped because the queue was full, since it was created.
@@ -398,6 +402,21 @@ impl ReportQueue for SqliteQueue {
             .map_err(sql("acknowledging a report"))
     }
 
+    fn ack_many(&self, ids: &[u64]) -> Result<(), QueueError> {
+        let mut conn = self.lock();
+        let tx = conn.transaction().map_err(sql("begin"))?;
+        {
+            let mut stmt = tx
+                .prepare_cached("DELETE FROM dmi_reports WHERE id = ?1")
+                .map_err(sql("acknowledging reports"))?;
+            for id in ids {
+                stmt.execute([*id as i64])
+                    .map_err(sql("acknowledging reports"))?;
+            }
+        }
+        tx.commit().map_err(sql("commit"))
+    }
+
     fn len(&self) -> Result<u64, QueueError> {
         self.lock()
             .query_row("SELECT COUNT(*) FROM dmi_reports", [], |r| {
@@ -464,6 +483,9 @@ mod tests {
         let c = q.push(&twins("a", &[("led", "off")])).unwrap();
         assert!(a < b && b < c);
         q.ack(a).unwrap();
+        let d = q.push(&state("a", "unknown")).unwrap();
+        let e = q.push(&state("a", "online")).unwrap();
+        q.ack_many(&[d, e]).unwrap();
         drop(q);
         let q = SqliteQueue::open(&path, 100).unwrap();
         let left = q.oldest(10).unwrap();

@@ -144,22 +144,29 @@ impl<H: DeviceHost, Q: ReportQueue> Uplink<H, Q> {
         }
     }
 
-    async fn ack(&self, id: u64) {
+    async fn ack(&self, ids: Vec<u64>) {
+        if ids.is_empty() {
+            return;
+        }
         let queue = self.mapper.inner.queue.clone();
-        match tokio::task::spawn_blocking(move || queue.ack(id)).await {
+        match tokio::task::spawn_blocking(move || queue.ack_many(&ids)).await {
             Ok(Ok(())) => {}
             Ok(Err(e)) => tracing::warn!("{e} (the report may be sent again)"),
             Err(e) => tracing::warn!("report queue task failed: {e}"),
         }
     }
 
-    /// Sends queued reports until the queue is empty (`Ok`) or EdgeCore fails (`Err`).
+    /// Sends queued reports until the queue is empty (`Ok`) or EdgeCore fails (`Err`). The
+    /// reports of one batch that EdgeCore took are acknowledged together (one write), before
+    /// the next batch is read or the error is returned.
     async fn drain(&mut self) -> Result<(), tonic::Status> {
         loop {
             let batch = self.oldest().await;
             if batch.is_empty() {
                 return Ok(());
             }
+            let mut taken = Vec::with_capacity(batch.len());
+            let mut failure = None;
             for queued in batch {
                 match self.send(&queued.report).await {
                     Ok(()) => {
@@ -167,7 +174,7 @@ impl<H: DeviceHost, Q: ReportQueue> Uplink<H, Q> {
                             .stats()
                             .reports_sent
                             .fetch_add(1, Ordering::Relaxed);
-                        self.ack(queued.id).await;
+                        taken.push(queued.id);
                     }
                     Err(status) if !transient(status.code()) => {
                         let count = if self.refusals.0 == queued.id {
@@ -177,7 +184,8 @@ impl<H: DeviceHost, Q: ReportQueue> Uplink<H, Q> {
                         };
                         self.refusals = (queued.id, count);
                         if count < MAX_REFUSALS {
-                            return Err(status);
+                            failure = Some(status);
+                            break;
                         }
                         tracing::warn!(
                             device = %queued.report.device(),
@@ -187,10 +195,17 @@ impl<H: DeviceHost, Q: ReportQueue> Uplink<H, Q> {
                             .stats()
                             .reports_refused
                             .fetch_add(1, Ordering::Relaxed);
-                        self.ack(queued.id).await;
+                        taken.push(queued.id);
                     }
-                    Err(status) => return Err(status),
+                    Err(status) => {
+                        failure = Some(status);
+                        break;
+                    }
                 }
+            }
+            self.ack(taken).await;
+            if let Some(status) = failure {
+                return Err(status);
             }
             if self.must_register() {
                 return Ok(());
