@@ -533,3 +533,81 @@ async fn a_registration_list_read_before_a_device_arrived_does_not_remove_it() {
         .collect();
     assert_eq!(names, vec!["old"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_device_attached_to_a_deployed_workload_talks_to_it_and_leaves_it_running() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = FakeAgent::new(&[DIGEST]);
+    agent.operator_workload("thermostat", &[]);
+    let state = EdgeCoreState::default();
+    let edgecore = StandInEdgeCore::start(&dir.path().join("dmi.sock"), state.clone()).await;
+    let (running, _) = start(dir.path(), &agent).await;
+    state
+        .wait_for("registration", DEADLINE, |r| !r.registrations.is_empty())
+        .await;
+    let mut dmi = edgecore.mapper().await;
+    dmi.create_device_model(pb::CreateDeviceModelRequest {
+        model: Some(led_model()),
+    })
+    .await
+    .unwrap();
+    let attached = |workload: &str| {
+        support::device_with(
+            "thermo-1",
+            vec![("workload", ConfigValue::Text(workload.into()))],
+            "on",
+            100,
+        )
+    };
+    // A workload that is not deployed is refused, naming the key.
+    let err = dmi
+        .register_device(pb::RegisterDeviceRequest {
+            device: Some(attached("heater")),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound);
+    assert!(
+        err.message()
+            .starts_with("spec.protocol.configData.workload: "),
+        "{}",
+        err.message()
+    );
+    dmi.register_device(pb::RegisterDeviceRequest {
+        device: Some(attached("thermostat")),
+    })
+    .await
+    .expect("the device attaches to the operator's workload");
+    wait_until("set-led delivered to thermostat", || {
+        agent
+            .state
+            .lock()
+            .unwrap()
+            .commands
+            .iter()
+            .any(|(w, c, p)| w == "thermostat" && c == "set-led" && p == "on")
+    })
+    .await;
+    agent.publish("thermostat", "presses", "7");
+    wait_until("presses reported", || {
+        state.reported("thermo-1", "presses") == ["7"]
+    })
+    .await;
+    dmi.remove_device(pb::RemoveDeviceRequest {
+        device_name: "thermo-1".into(),
+        device_namespace: "default".into(),
+    })
+    .await
+    .unwrap();
+    assert!(
+        agent.workloads().contains(&"thermostat".to_owned()),
+        "the operator's workload keeps running"
+    );
+    assert_eq!(
+        agent.state.lock().unwrap().applies,
+        0,
+        "the mapper never deployed anything"
+    );
+    running.shutdown().await;
+    edgecore.stop().await;
+}
