@@ -3,7 +3,11 @@
 //! PKCS#8 private keys in PEM or DER) that `lichen hub keygen` writes and nodes read.
 
 use anyhow::{Context, Result, bail};
-use ring::signature::{ED25519, KeyPair, UnparsedPublicKey};
+use base64::Engine;
+use ring::rand::SecureRandom;
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use rustls_pki_types::PrivatePkcs8KeyDer;
+use rustls_pki_types::pem::{self, PemObject};
 use sha2::{Digest, Sha256};
 
 use super::DesiredState;
@@ -57,7 +61,7 @@ pub fn parse_public_key(text: &str) -> Result<TrustedKey> {
 /// base64 signature and the key id.
 pub fn sign(pkcs8: &[u8], node: &str, version: u64, deployment: &str) -> Result<(String, String)> {
     let der = pem_or_der(pkcs8)?;
-    let pair = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
+    let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
         .map_err(|e| anyhow::anyhow!("not an ed25519 PKCS#8 private key: {e}"))?;
     let signature = pair.sign(&canonical_bytes(node, version, deployment));
     Ok((
@@ -113,81 +117,68 @@ pub fn verify(desired: &DesiredState, node: &str, keys: &[TrustedKey]) -> Result
         desired.version
     ))
 }
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+/// Base64 as Lichen reads it: the standard alphabet (RFC 4648 section 4: `A-Z a-z 0-9 + /`),
+/// `=` padding optional, no whitespace or line breaks.
+const BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
 
 /// Standard base64 with padding.
 pub fn base64_encode(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(B64[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
+    BASE64.encode(bytes)
 }
 
-/// Decodes standard base64 (padding optional, whitespace ignored).
+/// Decodes standard base64 (padding optional; no whitespace).
 pub fn base64_decode(text: &str) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in text.bytes().filter(|c| !c.is_ascii_whitespace()) {
-        if c == b'=' {
-            break;
-        }
-        let v = B64
-            .iter()
-            .position(|&b| b == c)
-            .with_context(|| format!("{:?} is not a base64 character", char::from(c)))?;
-        acc = (acc << 6) | v as u32;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Ok(out)
+    BASE64
+        .decode(text)
+        .map_err(|e| anyhow::anyhow!("not standard base64: {e}"))
 }
 
-/// The DER of a PEM `PRIVATE KEY`, or the bytes as they are if they are not PEM.
+/// The DER of a PKCS#8 private key given as PEM (`PRIVATE KEY`) or as DER (which starts with a
+/// SEQUENCE tag, 0x30).
 fn pem_or_der(bytes: &[u8]) -> Result<Vec<u8>> {
-    let Ok(text) = std::str::from_utf8(bytes) else {
+    if bytes.first() == Some(&0x30) {
         return Ok(bytes.to_vec());
-    };
-    let Some(start) = text.find("-----BEGIN PRIVATE KEY-----") else {
-        bail!("key file is text but holds no -----BEGIN PRIVATE KEY----- block");
-    };
-    let body = &text[start + "-----BEGIN PRIVATE KEY-----".len()..];
-    let end = body
-        .find("-----END PRIVATE KEY-----")
-        .context("key file has no -----END PRIVATE KEY----- line")?;
-    base64_decode(&body[..end]).context("key file's PEM body is not base64")
+    }
+    match PrivatePkcs8KeyDer::from_pem_slice(bytes) {
+        Ok(der) => Ok(der.secret_pkcs8_der().to_vec()),
+        Err(pem::Error::NoItemsFound) => {
+            bail!("key file holds no -----BEGIN PRIVATE KEY----- block (PKCS#8 PEM) and is not DER")
+        }
+        Err(e) => bail!("key file's PEM is malformed: {e}"),
+    }
 }
 
-/// A new ed25519 key pair: the private key as PKCS#8 PEM, and the public key as hex.
+/// PKCS#8 v1 (RFC 5208 `PrivateKeyInfo`) of an Ed25519 key up to its 32-byte seed, as RFC 8410
+/// section 7 gives it: SEQUENCE { INTEGER 0, SEQUENCE { OID 1.3.101.112 }, OCTET STRING {
+/// OCTET STRING (32 bytes) } }. The form OpenSSL, Python's `cryptography` and ring all read
+/// (ring's own `generate_pkcs8` writes v2, with the public key, which OpenSSL 3 refuses).
+const PKCS8_V1_ED25519_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+/// A new ed25519 key pair: the private key as PKCS#8 v1 PEM (`PRIVATE KEY`), and the public
+/// key as hex.
 pub fn generate_key() -> Result<(String, String)> {
-    let rng = ring::rand::SystemRandom::new();
-    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
+    let mut seed = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut seed)
         .map_err(|_| anyhow::anyhow!("cannot generate an ed25519 key: no system randomness"))?;
-    let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
+    let mut der = PKCS8_V1_ED25519_PREFIX.to_vec();
+    der.extend_from_slice(&seed);
+    seed.fill(0);
+    let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
         .map_err(|e| anyhow::anyhow!("generated key does not parse: {e}"))?;
-    let body = base64_encode(pkcs8.as_ref());
     let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
-    for line in body.as_bytes().chunks(64) {
+    for line in base64_encode(&der).as_bytes().chunks(64) {
         pem.push_str(&String::from_utf8_lossy(line));
         pem.push('\n');
     }
     pem.push_str("-----END PRIVATE KEY-----\n");
+    der.fill(0);
     Ok((pem, hex::encode(pair.public_key().as_ref())))
 }
 
@@ -212,6 +203,76 @@ mod tests {
         assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
         assert_eq!(base64_encode(b"fo"), "Zm8=");
         assert!(base64_decode("a*b").is_err());
+    }
+
+    #[test]
+    fn base64_is_the_standard_alphabet_with_optional_padding_and_nothing_else() {
+        assert_eq!(base64_decode("Zm8=").unwrap(), b"fo");
+        assert_eq!(base64_decode("Zm8").unwrap(), b"fo");
+        assert_eq!(base64_decode("+/8=").unwrap(), [0xfb, 0xff]);
+        for bad in ["-_8=", "Zm8=Zm8=", "Zm 8=", "Zm8=\n", "Zm9=", "Z"] {
+            assert!(base64_decode(bad).is_err(), "{bad:?} decoded");
+        }
+    }
+
+    #[test]
+    fn new_keys_are_pkcs8_v1_pem_of_the_seed() {
+        let (pem, public) = generate_key().unwrap();
+        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----\n"), "{pem}");
+        let der = pem_or_der(pem.as_bytes()).unwrap();
+        assert_eq!(der.len(), 48, "version 1, no public key inside");
+        assert_eq!(der[..16], PKCS8_V1_ED25519_PREFIX);
+        let seed: [u8; 32] = der[16..].try_into().unwrap();
+        let pair = Ed25519KeyPair::from_seed_unchecked(&seed).unwrap();
+        assert_eq!(hex::encode(pair.public_key().as_ref()), public);
+        // DER works as well as PEM.
+        let (sig, id) = sign(&der, "n", 1, "d").unwrap();
+        assert_eq!(sign(pem.as_bytes(), "n", 1, "d").unwrap(), (sig, id));
+    }
+
+    #[test]
+    fn keys_of_the_old_pkcs8_v2_form_still_sign() {
+        let rng = ring::rand::SystemRandom::new();
+        let v2 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let public = Ed25519KeyPair::from_pkcs8(v2.as_ref())
+            .unwrap()
+            .public_key()
+            .as_ref()
+            .to_vec();
+        let pem = format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            base64_encode(v2.as_ref())
+        );
+        let key = TrustedKey {
+            id: key_id(&public),
+            public,
+        };
+        for form in [pem.as_bytes(), v2.as_ref()] {
+            let (signature, id) = sign(form, "n1", 2, "text").unwrap();
+            let d = DesiredState {
+                signature: Some(signature),
+                key_id: Some(id),
+                ..desired(2, "text")
+            };
+            assert_eq!(
+                verify(&d, "n1", std::slice::from_ref(&key)).unwrap(),
+                key.id
+            );
+        }
+    }
+
+    #[test]
+    fn key_files_that_are_not_pkcs8_ed25519_are_named() {
+        let err = format!("{:#}", sign(b"hello", "n", 1, "d").unwrap_err());
+        assert!(err.contains("BEGIN PRIVATE KEY"), "{err}");
+        let rsa_like = "-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----\n";
+        let err = format!("{:#}", sign(rsa_like.as_bytes(), "n", 1, "d").unwrap_err());
+        assert!(err.contains("BEGIN PRIVATE KEY"), "{err}");
+        let err = format!(
+            "{:#}",
+            sign(&[0x30, 0x03, 0x02, 0x01, 0x00], "n", 1, "d").unwrap_err()
+        );
+        assert!(err.contains("not an ed25519 PKCS#8 private key"), "{err}");
     }
 
     #[test]
