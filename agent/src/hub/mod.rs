@@ -15,7 +15,8 @@
 //!   quota drop, and workload status change.
 //!
 //! - applies bundles given to `lichen import` ([`import_bundle`], [`bundle`]), verified exactly
-//!   as a desired state from the hub, with no network;
+//!   as a desired state from the hub, with no network; the bundle is read and its artifacts
+//!   checked and stored by an importer task of its own, so the link keeps serving meanwhile;
 //! - fetches the artifacts a verified deployment names by digest and the node lacks, in chunks
 //!   over MQTT ([`artifacts`]): resumable across reconnects and restarts, each chunk and the
 //!   whole artifact checked before use; a tampered one rejects the deployment.
@@ -25,6 +26,7 @@
 
 pub mod artifacts;
 pub mod bundle;
+mod import;
 pub mod signing;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -49,6 +51,7 @@ use crate::config::{HubSection, parse_size};
 use crate::store::{OutboxRecord, SqliteOutbox, StateStore};
 use crate::supervisor::Agent;
 
+pub use import::{ImportReport, ImportRequest, import_bundle};
 pub use signing::{
     SIGNATURE_CONTEXT, TrustedKey, base64_decode, base64_encode, canonical_bytes, generate_key,
     key_id, parse_public_key, sign, verify,
@@ -77,60 +80,6 @@ pub struct DesiredState {
     /// Id of the key that signed ([`key_id`]).
     #[serde(default)]
     pub key_id: Option<String>,
-}
-
-/// Body of `POST /v1/import`: a bundle on the node's disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImportRequest {
-    /// Absolute path of the bundle (directory or `.tar`).
-    pub path: String,
-}
-
-/// Answer of `POST /v1/import`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ImportReport {
-    /// The node.
-    pub node: String,
-    /// The hub version of the desired state applied.
-    pub version: u64,
-    /// Id of the key that signed it.
-    pub signer: String,
-    /// Artifacts added to the store from the bundle.
-    pub artifacts: Vec<String>,
-    /// What the deployment did.
-    pub deployment: DeployReport,
-}
-
-/// An import handed to the hub link.
-struct ImportJob {
-    path: std::path::PathBuf,
-    reply: tokio::sync::oneshot::Sender<Result<ImportReport, ApiError>>,
-}
-
-/// Where imports go: the hub link of this process, set when it starts (one per daemon).
-static IMPORTS: std::sync::OnceLock<mpsc::Sender<ImportJob>> = std::sync::OnceLock::new();
-
-/// Verifies a bundle exactly as a desired state from the hub (node, version, signature by a
-/// trusted key, every artifact's digest) and applies it; anything wrong changes nothing and is
-/// an `invalid` error (and reported by the hub link). Needs the `[hub]` section, whose node id
-/// and trusted keys the verification uses; works with the hub unreachable.
-pub async fn import_bundle(req: ImportRequest) -> Result<ImportReport, ApiError> {
-    let Some(imports) = IMPORTS.get() else {
-        return Err(ApiError::unavailable(
-            "this agent has no [hub] section: importing a bundle needs hub.node-id and hub.trusted-keys to verify it",
-        ));
-    };
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    imports
-        .send(ImportJob {
-            path: req.path.into(),
-            reply,
-        })
-        .await
-        .map_err(|_| ApiError::unavailable("the hub link has stopped"))?;
-    answer
-        .await
-        .map_err(|_| ApiError::internal("the hub link dropped the import"))?
 }
 
 /// A parsed hub URL.
@@ -227,6 +176,7 @@ pub struct HubLink {
     handle: SyncHandle,
     session: JoinHandle<()>,
     bridge: JoinHandle<()>,
+    importer: JoinHandle<()>,
 }
 
 impl HubLink {
@@ -265,6 +215,14 @@ impl HubLink {
             .unwrap_or(Path::new("."))
             .to_path_buf();
         let chunks = artifacts::ChunkStore::new(state_dir.join("artifacts").join("partial"));
+        let importer = import::Importer {
+            node: hub.node_id.clone(),
+            keys: keys.clone(),
+            insecure_dev: hub.insecure_dev,
+            store: store.clone(),
+            agent: agent.clone(),
+            limits: bundle::Limits::default(),
+        };
         let mut bridge = Bridge {
             topics,
             handle: handle.clone(),
@@ -293,14 +251,17 @@ impl HubLink {
         let session = tokio::spawn(session.run());
         bridge.publish_reported().await;
         let (imports_tx, imports) = mpsc::channel(4);
-        if IMPORTS.set(imports_tx).is_err() {
+        if !import::route_imports(imports_tx) {
             tracing::warn!("a second hub link in this process: `lichen import` goes to the first");
         }
-        let bridge = tokio::spawn(bridge.run(events, imports));
+        let (checked_tx, checked) = mpsc::channel(1);
+        let importer = tokio::spawn(importer.run(imports, checked_tx));
+        let bridge = tokio::spawn(bridge.run(events, checked));
         Ok(Self {
             handle,
             session,
             bridge,
+            importer,
         })
     }
 
@@ -309,6 +270,7 @@ impl HubLink {
         self.handle.shutdown();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.session).await;
         self.bridge.abort();
+        self.importer.abort();
     }
 }
 
@@ -367,6 +329,16 @@ struct Bridge {
     last_seen: String,
 }
 
+/// The hub version of the desired state applied last (0 before the first).
+fn applied_version(store: &StateStore) -> u64 {
+    store
+        .hub_state(APPLIED_VERSION)
+        .ok()
+        .flatten()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -377,7 +349,7 @@ impl Bridge {
     async fn run(
         mut self,
         mut events: mpsc::Receiver<SessionEvent>,
-        mut imports: mpsc::Receiver<ImportJob>,
+        mut imports: mpsc::Receiver<import::Checked>,
     ) {
         let mut check = tokio::time::interval(CHECK_EVERY);
         loop {
@@ -386,9 +358,9 @@ impl Bridge {
                     Some(ev) => self.on_event(ev).await,
                     None => return,
                 },
-                Some(job) = imports.recv() => {
-                    let result = self.on_import(job.path).await;
-                    let _ = job.reply.send(result);
+                Some(checked) = imports.recv() => {
+                    let result = self.finish_import(checked.path, checked.outcome).await;
+                    let _ = checked.reply.send(result);
                 },
                 _ = check.tick() => {
                     self.enforce_quota().await;
@@ -468,12 +440,7 @@ impl Bridge {
     }
 
     fn applied_version(&self) -> u64 {
-        self.store
-            .hub_state(APPLIED_VERSION)
-            .ok()
-            .flatten()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        applied_version(&self.store)
     }
 
     async fn reject(&mut self, version: Option<u64>, reason: String) {
@@ -802,29 +769,20 @@ impl Bridge {
         ApiError::invalid(reason)
     }
 
-    /// `lichen import`: the same checks as a desired state from the hub, then the artifacts
-    /// into the store and the deployment applied.
-    async fn on_import(&mut self, path: std::path::PathBuf) -> Result<ImportReport, ApiError> {
-        let read = {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || bundle::read(&path)).await
+    /// `lichen import`, once the importer has checked the bundle and put its artifacts in the
+    /// store: applies it as a desired state from the hub, or records why it was refused.
+    async fn finish_import(
+        &mut self,
+        path: std::path::PathBuf,
+        outcome: Result<import::Verified, import::Refusal>,
+    ) -> Result<ImportReport, ApiError> {
+        let verified = match outcome {
+            Ok(v) => v,
+            Err(refusal) => return Err(self.reject_import(refusal.version, refusal.reason).await),
         };
-        let b = match read {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => return Err(self.reject_import(None, format!("{e:#}")).await),
-            Err(e) => return Err(ApiError::internal(format!("bundle reader failed: {e}"))),
-        };
-        let desired = b.index.desired;
+        let desired = verified.desired;
         let version = Some(desired.version);
-        if b.index.node != self.node {
-            let reason = format!(
-                "bundle {} is for node {:?}; this node is {:?}",
-                path.display(),
-                b.index.node,
-                self.node
-            );
-            return Err(self.reject_import(version, reason).await);
-        }
+        // A hub version may have been applied while the importer worked.
         let applied = self.applied_version();
         if desired.version <= applied {
             let reason = format!(
@@ -834,47 +792,6 @@ impl Bridge {
             );
             return Err(self.reject_import(version, reason).await);
         }
-        let signer = match verify(&desired, &self.node, &self.keys) {
-            Ok(key) => key,
-            Err(reason) if self.insecure_dev => {
-                tracing::warn!(
-                    "INSECURE: importing deployment version {} despite: {reason} (hub.insecure-dev)",
-                    desired.version
-                );
-                "none (insecure-dev)".to_owned()
-            }
-            Err(reason) => return Err(self.reject_import(version, reason).await),
-        };
-        for (name, bytes) in &b.artifacts {
-            let found = lichen_sync::sha256_hex(bytes);
-            if &found != name {
-                let reason = format!(
-                    "artifact file artifacts/{name} of bundle {} was tampered with or corrupted: its content has sha256 {found}",
-                    path.display()
-                );
-                return Err(self.reject_import(version, reason).await);
-            }
-        }
-        for digest in artifacts::referenced_digests(&desired.deployment) {
-            if !b.artifacts.contains_key(&digest) && !self.agent.artifacts().contains(&digest) {
-                let reason = format!(
-                    "the deployment names artifact sha256:{digest}, which is neither in bundle {} nor on this node",
-                    path.display()
-                );
-                return Err(self.reject_import(version, reason).await);
-            }
-        }
-        let mut added = Vec::new();
-        for (digest, bytes) in b.artifacts {
-            if self.agent.artifacts().contains(&digest) {
-                continue;
-            }
-            if let Err(e) = self.agent.artifacts().add(bytes).await {
-                let reason = format!("artifact sha256:{digest} does not load: {e:#}");
-                return Err(self.reject_import(version, reason).await);
-            }
-            added.push(digest);
-        }
         if self
             .pending
             .as_ref()
@@ -883,12 +800,12 @@ impl Bridge {
             self.cancel_pending();
         }
         let v = desired.version;
-        match self.apply_checked(desired, signer.clone()).await {
+        match self.apply_checked(desired, verified.signer.clone()).await {
             Ok(deployment) => Ok(ImportReport {
                 node: self.node.clone(),
                 version: v,
-                signer,
-                artifacts: added,
+                signer: verified.signer,
+                artifacts: verified.added,
                 deployment,
             }),
             Err(reason) => Err(self.reject_import(version, reason).await),
