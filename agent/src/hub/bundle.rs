@@ -22,7 +22,7 @@
 //! plain ustar/GNU headers (no extension headers, which the tar reader would read whole), with
 //! `bundle.json` before the artifacts.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::{Read, Seek};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
@@ -45,6 +45,10 @@ pub const MAX_ARTIFACT: u64 = lichen_sync::MAX_ARTIFACT_SIZE;
 const INDEX: &str = "bundle.json";
 /// The artifacts' directory.
 const ARTIFACTS: &str = "artifacts";
+
+/// The artifacts a bundle may hold: each digest the signed deployment names, with the size the
+/// signed desired state gives it, if it gives one (else up to [`Limits::artifact`]).
+pub type Expected = BTreeMap<String, Option<u64>>;
 
 /// The size bounds a bundle is read with.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,11 +149,12 @@ impl Bundle {
 
     /// Streams every artifact member to `visit` (its digest name, a reader of exactly its
     /// bytes, its size), one at a time. Each must be named `artifacts/<sha256>` with a digest in
-    /// `expected`, at most once, and be a regular file within [`Limits::artifact`]; the first
-    /// that is not stops the walk with an error naming it. Returns the digests visited.
+    /// `expected`, at most once, and be a regular file of the size `expected` gives it (within
+    /// [`Limits::artifact`] where it gives none); the first that is not stops the walk with an
+    /// error naming it, before its content is read. Returns the digests visited.
     pub fn artifacts(
         &self,
-        expected: &BTreeSet<String>,
+        expected: &Expected,
         mut visit: impl FnMut(&str, &mut dyn Read, u64) -> Result<()>,
     ) -> Result<BTreeSet<String>> {
         let mut seen = BTreeSet::new();
@@ -162,7 +167,7 @@ impl Bundle {
                     let member = format!("{ARTIFACTS}/{name}");
                     let (fd, size) = open_member(dir.as_fd(), &name, &member)
                         .with_context(|| format!("bundle {}", self.path.display()))?;
-                    self.check_size(&member, size, self.limits.artifact)?;
+                    self.check_artifact_size(&member, size, expected.get(&name))?;
                     let mut reader = File::from(fd).take(size);
                     visit(&name, &mut reader, size).with_context(|| self.named(&member))?;
                     seen.insert(name);
@@ -174,14 +179,14 @@ impl Bundle {
                         return Ok(Walk::Next);
                     };
                     let label = format!("{ARTIFACTS}/{name}");
-                    if !expected.contains(&name) {
+                    if !expected.contains_key(&name) {
                         bail!("{}", self.not_named(&label));
                     }
                     if !seen.insert(name.clone()) {
                         bail!("{}: member {label} appears twice", self.path.display());
                     }
                     let size = entry.size();
-                    self.check_size(&label, size, self.limits.artifact)?;
+                    self.check_artifact_size(&label, size, expected.get(&name))?;
                     visit(&name, &mut entry.take(size), size)
                         .with_context(|| self.named(&label))?;
                     Ok(Walk::Next)
@@ -202,6 +207,23 @@ impl Bundle {
         )
     }
 
+    /// An artifact member's size against the size the signed desired state gives it, or
+    /// against [`Limits::artifact`].
+    fn check_artifact_size(
+        &self,
+        member: &str,
+        size: u64,
+        signed: Option<&Option<u64>>,
+    ) -> Result<()> {
+        match signed.copied().flatten() {
+            Some(signed) if size != signed => bail!(
+                "bundle {}: member {member} is {size} bytes; the signed desired state says {signed}",
+                self.path.display()
+            ),
+            _ => self.check_size(member, size, self.limits.artifact),
+        }
+    }
+
     fn check_size(&self, member: &str, size: u64, bound: u64) -> Result<()> {
         if size > bound {
             bail!(
@@ -218,7 +240,7 @@ impl Bundle {
     fn dir_artifacts(
         &self,
         root: BorrowedFd<'_>,
-        expected: &BTreeSet<String>,
+        expected: &Expected,
     ) -> Result<Option<(OwnedFd, Vec<String>)>> {
         let dir = match open_checked(root, ARTIFACTS, false, ARTIFACTS) {
             Ok((fd, Kind::Dir)) => fd,
@@ -245,7 +267,7 @@ impl Bundle {
                 continue;
             }
             let name = String::from_utf8_lossy(raw).into_owned();
-            if !expected.contains(&name) {
+            if !expected.contains_key(&name) {
                 bail!("{}", self.not_named(&format!("{ARTIFACTS}/{name:?}")));
             }
             names.push(name);

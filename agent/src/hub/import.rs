@@ -12,7 +12,6 @@
 //! desired state goes to the hub link's bridge, which applies it as it applies one from the
 //! hub (or records the refusal), and answers the caller.
 
-use std::collections::BTreeSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
@@ -20,7 +19,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
-use super::bundle::{Bundle, Limits};
+use super::bundle::{Bundle, Expected, Limits};
 use super::{DesiredState, TrustedKey, artifacts, verify};
 use crate::api::types::{ApiError, DeployReport};
 use crate::store::StateStore;
@@ -213,8 +212,11 @@ impl Importer {
             }
             Err(reason) => return Err(Refusal::new(version, reason)),
         };
-        let expected: BTreeSet<String> = artifacts::referenced_digests(&desired.deployment)
+        // Each digest the signed text names; no size yet (a desired state that signs the sizes
+        // of its artifacts would give them here), so each is bounded by Limits::artifact.
+        let expected: Expected = artifacts::referenced_digests(&desired.deployment)
             .into_iter()
+            .map(|d| (d, None))
             .collect();
         // First pass: every member hashed as it streams by; nothing kept, nothing written.
         let in_bundle = bundle
@@ -230,7 +232,7 @@ impl Importer {
             .map_err(|e| Refusal::new(version, format!("{e:#}")))?;
         let store = self.agent.artifacts();
         if let Some(digest) = expected
-            .iter()
+            .keys()
             .find(|d| !in_bundle.contains(*d) && !store.contains(d))
         {
             return Err(Refusal::new(

@@ -28,12 +28,12 @@ fn digest(c: char) -> String {
     c.to_string().repeat(64)
 }
 
-fn expected(digests: &[&str]) -> BTreeSet<String> {
-    digests.iter().map(|d| (*d).to_owned()).collect()
+fn expected(digests: &[&str]) -> Expected {
+    digests.iter().map(|d| ((*d).to_owned(), None)).collect()
 }
 
 /// Reads every artifact of `bundle` that `expected` allows into a map.
-fn collect(bundle: &Bundle, expected: &BTreeSet<String>) -> Result<BTreeMap<String, Vec<u8>>> {
+fn collect(bundle: &Bundle, expected: &Expected) -> Result<BTreeMap<String, Vec<u8>>> {
     let mut out = BTreeMap::new();
     bundle.artifacts(expected, |name, reader, size| {
         let mut bytes = Vec::new();
@@ -195,6 +195,21 @@ fn oversized_members_are_refused_by_their_size_before_they_are_read() {
             && err.contains(&format!("bound of {MAX_ARTIFACT} bytes")),
         "{err}"
     );
+    // A size the signed desired state gives is the size the member must have.
+    let signed: Expected = [(d.clone(), Some(1))].into();
+    let err = err_text(collect(
+        &Bundle::open(&b, Limits::default()).unwrap(),
+        &signed,
+    ));
+    assert!(
+        err.contains(&format!(
+            "member artifacts/{d} is 1099511627776 bytes; the signed desired state says 1"
+        )),
+        "{err}"
+    );
+    std::fs::write(b.join("artifacts").join(&d), b"x").unwrap();
+    let back = collect(&Bundle::open(&b, Limits::default()).unwrap(), &signed).unwrap();
+    assert_eq!(back[&d], b"x");
     // An index of many MB, in both forms.
     let big = vec![b' '; 5 << 20];
     std::fs::write(b.join("bundle.json"), &big).unwrap();
