@@ -256,4 +256,27 @@ fn the_images_config_reaches_the_store_and_a_stripped_image_runs() {
         .join("rootfs/bin/su");
     let mode = std::fs::metadata(&su).expect("bin/su imported").mode() & 0o7777;
     assert_eq!(mode, 0o755, "set-uid bit stripped");
+
+    // An agent killed mid-import leaves a scratch directory (here holding a symlink to a
+    // directory outside): the next start removes it without following the symlink, and keeps
+    // the stored image.
+    let mut daemon = daemon;
+    daemon.kill9().expect("kill -9");
+    let outside = tempfile::tempdir().expect("temp dir");
+    std::fs::write(outside.path().join("keep"), "outside").expect("write");
+    let scratch = daemon.state_dir().join("images/.import-killed");
+    std::fs::create_dir_all(scratch.join("rootfs/etc")).expect("mkdir");
+    std::os::unix::fs::symlink(outside.path(), scratch.join("rootfs/etc/out")).expect("symlink");
+    daemon.restart().expect("daemon restarts");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while scratch.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the scratch directory is still there 60 s after the restart:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(outside.path().join("keep").is_file());
+    assert!(su.is_file(), "the stored image is kept");
 }
