@@ -65,10 +65,11 @@ pub(super) fn make_dir(parent: &Dir, name: &OsStr) -> io::Result<()> {
     parent.create_dir(name)
 }
 
-/// Opens `rel` under `root` one component at a time, following no symlink at all.
+/// Opens `rel` under `root` one component at a time, following no symlink at all, for
+/// reading (cap-std's own handles are `O_PATH`, which cannot change a mode or owner).
 pub(super) fn open_dir_nofollow(root: &Dir, rel: &Path) -> io::Result<Dir> {
     let mut dir = root.try_clone()?;
-    for part in rel.components() {
+    for part in std::iter::once(std::path::Component::CurDir).chain(rel.components()) {
         let fd = rustix::fs::openat(
             &dir,
             part.as_os_str(),

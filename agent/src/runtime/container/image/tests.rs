@@ -310,6 +310,7 @@ fn layers_unpack_in_order_with_whiteouts_and_the_config_is_kept() {
 fn links_owners_modes_times_and_type_changes_inside_the_root_apply() {
     let mut f = Fixture::new();
     let lower = tar_of(&[
+        E::DirMode("./", 0o750),
         E::DirMode("usr", 0o755),
         E::DirMode("usr/lib", 0o755),
         E::Sym("lib", "usr/lib"),
@@ -359,6 +360,7 @@ fn links_owners_modes_times_and_type_changes_inside_the_root_apply() {
     assert_eq!(std::fs::read(root.join("ro/late")).expect("late"), b"late");
     let mode = |p: &str| std::fs::symlink_metadata(root.join(p)).expect(p).mode() & 0o7777;
     assert_eq!(mode("ro"), 0o555);
+    assert_eq!(mode("."), 0o750, "the root's own entry applies to the root");
     assert_eq!(mode("shared"), 0o2775, "set-gid directories are kept");
     assert_eq!(mode("tool"), 0o750);
     assert_eq!(mode("owned"), 0o640);
