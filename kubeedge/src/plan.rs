@@ -4,6 +4,10 @@
 //! property travels between twin and function). Every refusal is a [`DmiError`] naming the
 //! field, and nothing is planned.
 //!
+//! This file is longer than most (about 740 lines) on purpose: every rule a Device or model
+//! must satisfy, with the field path its refusal names, is here in one place to read and
+//! review; its tests are in `plan_tests.rs`.
+//!
 //! Bounds (refused above them, naming the field): [`MAX_PROPERTIES`] properties per Device or
 //! model, [`MAX_GRANTS`] grants of each kind, [`MAX_TRIGGERS`] triggers, [`MAX_CONFIG`]
 //! configuration values, [`MAX_NAME`] bytes per name, [`MAX_VALUE`] bytes per twin value, report
