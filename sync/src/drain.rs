@@ -152,6 +152,18 @@ impl Drain {
         }))
     }
 
+    /// Takes back the publish [`Drain::next_publish`] just returned, which the client had no
+    /// room for: it goes first next time. Returns whether there was one.
+    pub fn unsubmit(&mut self) -> bool {
+        match self.submitted.pop_back() {
+            Some(id) => {
+                self.queued.push_front(id);
+                true
+            }
+            None => false,
+        }
+    }
+
     /// The client sent the oldest handed-over publish with packet id `pkid`
     /// (`Outgoing::Publish(pkid)`). Returns the row, or `None` if nothing was waiting for an id.
     pub fn on_sent(&mut self, pkid: u16) -> Option<RowId> {

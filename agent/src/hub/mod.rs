@@ -25,6 +25,7 @@
 
 pub mod artifacts;
 pub mod bundle;
+mod commands;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -45,7 +46,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::api::control::Control;
-use crate::api::types::{ApiError, DeployReport, SendRequest};
+use crate::api::types::{ApiError, DeployReport};
 use crate::config::{HubSection, parse_size};
 use crate::store::{OutboxRecord, SqliteOutbox, StateStore};
 use crate::supervisor::Agent;
@@ -366,6 +367,8 @@ impl HubLink {
             .unwrap_or(Path::new("."))
             .to_path_buf();
         let chunks = artifacts::ChunkStore::new(state_dir.join("artifacts").join("partial"));
+        let answered = Arc::new(AtomicU64::new(0));
+        let commands = commands::Commands::new(agent.clone(), store.clone(), answered.clone());
         let mut bridge = Bridge {
             topics,
             handle: handle.clone(),
@@ -387,7 +390,8 @@ impl HubLink {
             rejected_version: None,
             errors: Vec::new(),
             rejected_messages: 0,
-            commands: Arc::new(AtomicU64::new(0)),
+            answered,
+            commands,
             last_seen: String::new(),
         };
         tracing::info!(url = %hub.url, node = %hub.node_id, "connecting to the hub");
@@ -463,7 +467,9 @@ struct Bridge {
     rejected_version: Option<u64>,
     errors: Vec<String>,
     rejected_messages: u64,
-    commands: Arc<AtomicU64>,
+    /// Commands answered since the agent started.
+    answered: Arc<AtomicU64>,
+    commands: commands::Commands,
     /// What the last reported state said of the deployment and workloads, to notice changes.
     last_seen: String,
 }
@@ -537,7 +543,17 @@ impl Bridge {
                 workload,
                 envelope,
                 ack,
-            }) => self.on_command(workload, envelope, ack),
+            }) => self.commands.command(workload, envelope, ack),
+            SessionEvent::Inbound(Inbound::RefusedCommand {
+                workload,
+                id,
+                error,
+                ack,
+            }) => {
+                self.rejected_messages += 1;
+                self.error(error.clone());
+                self.commands.refused(workload, id, error, ack);
+            }
             SessionEvent::Inbound(Inbound::ArtifactManifest { digest, envelope }) => {
                 self.on_manifest(digest, envelope).await
             }
@@ -1048,47 +1064,6 @@ impl Bridge {
         }
     }
 
-    /// Runs a hub command and queues its result; the broker gets the command's PUBACK only once
-    /// the id is in the inbox and the result in the outbox (one transaction), so a crash before
-    /// that makes the broker deliver it again.
-    fn on_command(&mut self, workload: String, envelope: Envelope, ack: lichen_sync::InboundAck) {
-        let agent = self.agent.clone();
-        let store = self.store.clone();
-        let commands = self.commands.clone();
-        tokio::spawn(async move {
-            let id = envelope.id.to_string();
-            match store.inbox_contains(&id) {
-                Ok(true) => {
-                    tracing::debug!(%id, "hub command already handled before a restart");
-                    ack.ack();
-                    return;
-                }
-                Ok(false) => {}
-                Err(e) => tracing::warn!("cannot read the inbox: {e}"),
-            }
-            let result = match parse_command(&envelope.payload) {
-                Err(error) => json!({"cmd": id, "ok": false, "error": error}),
-                Ok(req) => match agent.send(&workload, req).await {
-                    Ok(reply) => json!({"cmd": id, "ok": true, "reply": reply.reply}),
-                    Err(e) => json!({"cmd": id, "ok": false, "error": e.error}),
-                },
-            };
-            commands.fetch_add(1, Ordering::Relaxed);
-            let record = OutboxRecord {
-                kind: RowKind::CmdResult.as_str().to_owned(),
-                workload: workload.clone(),
-                stream: String::new(),
-                payload: result.to_string().into_bytes(),
-                created_at_ms: now_ms(),
-            };
-            match store.command_done(&id, record).await {
-                Ok(_) => ack.ack(),
-                // Not acknowledged: the broker delivers it again after a reconnect.
-                Err(e) => tracing::warn!(%id, %workload, "cannot queue the command result: {e}"),
-            }
-        });
-    }
-
     async fn enforce_quota(&mut self) {
         let plan = match drop_over_quota(&self.store, &mut self.quota).await {
             Ok(Some(plan)) => plan,
@@ -1193,7 +1168,7 @@ impl Bridge {
             "workloads": workloads,
             "counters": {
                 "dropped-telemetry": self.dropped,
-                "commands": self.commands.load(Ordering::Relaxed),
+                "commands": self.answered.load(Ordering::Relaxed),
                 "rejected-messages": self.rejected_messages,
                 "artifact-chunks": self.chunks_fetched,
                 "outbox-rows": self.store.outbox_len().unwrap_or(0),
@@ -1255,26 +1230,6 @@ async fn drop_over_quota(
         .await
         .map_err(|e| format!("cannot drop telemetry over the quota: {e}"))?;
     Ok(Some(plan))
-}
-
-/// A hub command's payload: `{"command": NAME, "payload": TEXT or any JSON}`.
-fn parse_command(payload: &serde_json::Value) -> Result<SendRequest, String> {
-    let command = payload
-        .get("command")
-        .and_then(|c| c.as_str())
-        .ok_or_else(|| {
-            "command message has no \"command\" string (expected {\"command\": NAME, \"payload\": ...})"
-                .to_owned()
-        })?;
-    let payload = match payload.get("payload") {
-        None | Some(serde_json::Value::Null) => String::new(),
-        Some(serde_json::Value::String(s)) => s.clone(),
-        Some(other) => other.to_string(),
-    };
-    Ok(SendRequest {
-        command: command.to_owned(),
-        payload,
-    })
 }
 
 /// `doctor`'s view of a `[hub]` section: status and detail, including whether the broker

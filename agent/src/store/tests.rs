@@ -49,6 +49,7 @@ fn put(workload: &str, key: &str, value: &[u8]) -> EventCommit {
         }],
         telemetry: Vec::new(),
         events_handled: 1,
+        command: None,
     }
 }
 
@@ -288,6 +289,7 @@ async fn one_commit_event_is_wholly_visible_after_reopen() {
                 },
             ],
             events_handled: 5,
+            command: None,
         })
         .await
         .expect("second commit");
@@ -458,6 +460,7 @@ async fn failing_writes_change_nothing_and_say_why() {
     let err = store
         .commit_event(EventCommit {
             events_handled: u64::MAX,
+            command: None,
             ..put("door", "k", b"v")
         })
         .await
@@ -728,6 +731,7 @@ fn telemetry(workload: &str, payload: &[u8]) -> EventCommit {
             created_at_ms: 7,
         }],
         events_handled: 1,
+        command: None,
     }
 }
 
