@@ -185,6 +185,7 @@ mod tests {
             desired: DesiredState {
                 version: 3,
                 deployment: "[[workloads]]\n".into(),
+                artifacts: Default::default(),
                 signature: Some("c2ln".into()),
                 key_id: Some("00".into()),
             },

@@ -26,8 +26,9 @@
 pub mod artifacts;
 pub mod bundle;
 mod commands;
+mod fetch;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -35,8 +36,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use lichen_sync::{
-    Assembly, Envelope, Inbound, InboundError, Manifest, Quota, RowId, RowKind, RowSize,
-    SessionConfig, SessionEvent, SyncHandle, SyncSession, TlsFiles, Topics,
+    Assembly, Envelope, Inbound, InboundError, Quota, RowId, RowKind, RowSize, SessionConfig,
+    SessionEvent, SyncHandle, SyncSession, TlsFiles, Topics,
 };
 use ring::signature::{ED25519, KeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
@@ -50,9 +51,18 @@ use crate::api::types::{ApiError, DeployReport};
 use crate::config::{HubSection, parse_size};
 use crate::store::{OutboxRecord, SqliteOutbox, StateStore};
 use crate::supervisor::Agent;
+use fetch::Pending;
 
 /// Domain separation prefix of the signed bytes (see [`canonical_bytes`]).
 pub const SIGNATURE_CONTEXT: &str = "lichen-desired-v1";
+/// Domain separation prefix of the signed bytes of a desired state that lists artifacts
+/// (see [`signed_bytes`]).
+pub const SIGNATURE_CONTEXT_V2: &str = "lichen-desired-v2";
+/// `hub_state` key of the fingerprint of the applied desired state ([`fingerprint`]).
+const APPLIED_DESIRED: &str = "applied-desired";
+/// Desired states (and manifests) remembered as refused or ignored, so the retained copy that
+/// comes back on every connection is not handled again.
+const KEEP_SETTLED: usize = 16;
 /// `hub_state` key of the applied hub deployment version.
 const APPLIED_VERSION: &str = "applied-version";
 /// `hub_state` key of the dropped-telemetry counts (JSON object, workload -> count).
@@ -70,7 +80,12 @@ pub struct DesiredState {
     pub version: u64,
     /// The deployment document (TOML, the same text `lichen deploy` takes).
     pub deployment: String,
-    /// ed25519 signature of [`canonical_bytes`], base64.
+    /// Size in bytes of each artifact the deployment names by digest (`sha256` hex ->
+    /// bytes). The node fetches only artifacts listed here, and only that many bytes of each;
+    /// signed with the rest ([`signed_bytes`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub artifacts: BTreeMap<String, u64>,
+    /// ed25519 signature of [`signed_bytes`], base64.
     #[serde(default)]
     pub signature: Option<String>,
     /// Id of the key that signed ([`key_id`]).
@@ -83,6 +98,34 @@ pub struct DesiredState {
 /// under a higher version.
 pub fn canonical_bytes(node: &str, version: u64, deployment: &str) -> Vec<u8> {
     format!("{SIGNATURE_CONTEXT}\n{node}\n{version}\n{deployment}").into_bytes()
+}
+
+/// The bytes a publisher signs for `desired`: [`canonical_bytes`] when it lists no artifacts,
+/// else `lichen-desired-v2\n<node>\n<version>\n<count>\n` then one `<sha256> <size>\n` line
+/// per artifact (in digest order) and the deployment text, so the sizes the node fetches are
+/// the publisher's too.
+pub fn signed_bytes(node: &str, desired: &DesiredState) -> Vec<u8> {
+    if desired.artifacts.is_empty() {
+        return canonical_bytes(node, desired.version, &desired.deployment);
+    }
+    let mut text = format!(
+        "{SIGNATURE_CONTEXT_V2}\n{node}\n{}\n{}\n",
+        desired.version,
+        desired.artifacts.len()
+    );
+    for (digest, size) in &desired.artifacts {
+        text.push_str(&format!("{digest} {size}\n"));
+    }
+    text.push_str(&desired.deployment);
+    text.into_bytes()
+}
+
+/// What identifies a desired-state message: the SHA-256 of its payload as the node reads it
+/// (version, deployment, artifacts, signature and key id). Two messages with the same version
+/// but another text or signature differ, so refusing one never refuses the other.
+pub fn fingerprint(desired: &DesiredState) -> String {
+    let bytes = serde_json::to_vec(desired).expect("a desired state always serialises");
+    hex::encode(Sha256::digest(&bytes))
 }
 
 /// A key's id: the first 16 hex digits of the SHA-256 of its 32 public-key bytes.
@@ -133,6 +176,19 @@ pub fn sign(pkcs8: &[u8], node: &str, version: u64, deployment: &str) -> Result<
     ))
 }
 
+/// Signs `desired` for `node` ([`signed_bytes`]: with its artifact sizes, if it lists any)
+/// with a PKCS#8 ed25519 key; returns the base64 signature and the key id.
+pub fn sign_desired(pkcs8: &[u8], node: &str, desired: &DesiredState) -> Result<(String, String)> {
+    let der = pem_or_der(pkcs8)?;
+    let pair = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
+        .map_err(|e| anyhow::anyhow!("not an ed25519 PKCS#8 private key: {e}"))?;
+    let signature = pair.sign(&signed_bytes(node, desired));
+    Ok((
+        base64_encode(signature.as_ref()),
+        key_id(pair.public_key().as_ref()),
+    ))
+}
+
 /// Checks the signature of `desired` for `node` against `keys`; returns the signing key's id.
 pub fn verify(desired: &DesiredState, node: &str, keys: &[TrustedKey]) -> Result<String, String> {
     let Some(signature) = &desired.signature else {
@@ -166,7 +222,7 @@ pub fn verify(desired: &DesiredState, node: &str, keys: &[TrustedKey]) -> Result
         }
         None => keys.iter().collect(),
     };
-    let message = canonical_bytes(node, desired.version, &desired.deployment);
+    let message = signed_bytes(node, desired);
     for key in candidates {
         if UnparsedPublicKey::new(&ED25519, &key.public)
             .verify(&message, &signature)
@@ -384,10 +440,12 @@ impl HubLink {
             quota: Quota::new(quota),
             dropped,
             connected: false,
+            subscribed: false,
             reconnects: 0,
             last_connection_error: None,
             last_rejection: None,
-            rejected_version: None,
+            ignored: None,
+            settled: Settled::default(),
             errors: Vec::new(),
             rejected_messages: 0,
             answered,
@@ -423,25 +481,32 @@ struct Rejection {
     at_ms: u64,
 }
 
-/// A verified deployment waiting for its artifacts.
-struct Pending {
-    desired: DesiredState,
-    signer: String,
-    /// Artifacts still being fetched, by digest.
-    fetches: BTreeMap<String, Fetch>,
+/// A desired state the node ignored: not newer than what it applies or fetches.
+struct Ignored {
+    version: u64,
+    lost_to: u64,
+    reason: String,
+    at_ms: u64,
 }
 
-/// The transfer of one artifact.
+/// Fingerprints of desired states already refused or ignored, newest last (bounded).
 #[derive(Default)]
-struct Fetch {
-    /// `None` until the manifest came.
-    assembly: Option<Assembly>,
-    /// Chunks found already stored when the manifest came (from before a restart).
-    resumed: usize,
-    /// Chunks received and stored in this run.
-    fetched: usize,
-    /// Chunks received that were already stored.
-    redundant: usize,
+struct Settled(VecDeque<String>);
+
+impl Settled {
+    fn contains(&self, fingerprint: &str) -> bool {
+        self.0.iter().any(|f| f == fingerprint)
+    }
+
+    fn insert(&mut self, fingerprint: String) {
+        if self.contains(&fingerprint) {
+            return;
+        }
+        if self.0.len() == KEEP_SETTLED {
+            self.0.pop_front();
+        }
+        self.0.push_back(fingerprint);
+    }
 }
 
 /// The agent side of the session: acts on its events and keeps what reported state says.
@@ -460,11 +525,16 @@ struct Bridge {
     quota: Quota,
     dropped: BTreeMap<String, u64>,
     connected: bool,
+    /// The broker accepted the subscriptions to `desired` and `cmd/+` on this connection.
+    subscribed: bool,
     reconnects: u64,
     last_connection_error: Option<String>,
     last_rejection: Option<Rejection>,
-    /// The newest desired version already rejected (not validated again on every reconnect).
-    rejected_version: Option<u64>,
+    /// The last desired state ignored as stale.
+    ignored: Option<Ignored>,
+    /// Desired states refused or ignored (by fingerprint): not handled again when the
+    /// retained copy comes back. A refused message never blocks another with its version.
+    settled: Settled,
     errors: Vec<String>,
     rejected_messages: u64,
     /// Commands answered since the agent started.
@@ -524,6 +594,7 @@ impl Bridge {
             SessionEvent::ConnectFailed { error, .. }
             | SessionEvent::Disconnected { error, .. } => {
                 self.connected = false;
+                self.subscribed = false;
                 self.reconnects += 1;
                 // A new reason is worth a reported state (queued: the hub reads it when the
                 // link is back); the same reason on every retry is not worth a write each.
@@ -533,7 +604,11 @@ impl Bridge {
                     self.publish_reported().await;
                 }
             }
-            SessionEvent::Subscribed => {}
+            SessionEvent::Subscribed => {
+                // Commands reach the node from now on: worth saying.
+                self.subscribed = true;
+                self.publish_reported().await;
+            }
             SessionEvent::SubscribeRefused { filter } => {
                 self.error(format!("the broker refused the subscription to {filter}"));
                 self.publish_reported().await;
@@ -565,7 +640,8 @@ impl Bridge {
             SessionEvent::Rejected(e) => {
                 self.rejected_messages += 1;
                 let text = e.to_string();
-                if let InboundError::Malformed { topic, .. } = &e
+                if let InboundError::Malformed { topic, .. } | InboundError::TooLarge { topic, .. } =
+                    &e
                     && topic.ends_with("/desired")
                 {
                     self.last_rejection = Some(Rejection {
@@ -593,10 +669,38 @@ impl Bridge {
             .unwrap_or(0)
     }
 
-    async fn reject(&mut self, version: Option<u64>, reason: String) {
-        self.rejected_version = version.or(self.rejected_version);
+    /// Rejects desired state `desired` (`None`: a payload that is not one): reported, and that
+    /// exact message is not handled again. Its version stays open to any other message.
+    async fn reject(&mut self, desired: Option<&DesiredState>, reason: String) {
+        if let Some(d) = desired {
+            self.settled.insert(fingerprint(d));
+        }
         self.error(format!("desired state rejected: {reason}"));
-        self.record_rejection(version, reason, "hub-rejected").await;
+        self.record_rejection(desired.map(|d| d.version), reason, "hub-rejected")
+            .await;
+    }
+
+    /// Ignores `desired` as stale: it lost to version `lost_to` (applied, or being fetched).
+    /// Reported once per message, not on every reconnect.
+    async fn ignore_stale(&mut self, desired: &DesiredState, lost_to: u64, what: &str) {
+        self.settled.insert(fingerprint(desired));
+        let reason = format!(
+            "desired state version {} ignored as stale: version {lost_to} is {what}",
+            desired.version
+        );
+        tracing::info!("hub: {reason}");
+        let _ = self
+            .store
+            .log_event(None, "hub-ignored", &reason)
+            .await
+            .map_err(|e| tracing::warn!("cannot log the ignored desired state: {e}"));
+        self.ignored = Some(Ignored {
+            version: desired.version,
+            lost_to,
+            reason,
+            at_ms: now_ms(),
+        });
+        self.publish_reported().await;
     }
 
     /// Logs a rejection as event `event`, keeps it as the last one and reports it.
@@ -630,24 +734,36 @@ impl Bridge {
                     .await;
             }
         };
+        let fingerprint = fingerprint(&desired);
+        if self.settled.contains(&fingerprint) {
+            // Refused or ignored already: the retained copy, back on a new connection.
+            return;
+        }
         let applied = self.applied_version();
         if desired.version <= applied {
-            tracing::debug!(
-                version = desired.version,
-                applied,
-                "desired state is not newer than the applied one"
-            );
+            let running = desired.version == applied
+                && self
+                    .store
+                    .hub_state(APPLIED_DESIRED)
+                    .ok()
+                    .flatten()
+                    // Applied before fingerprints were kept: the retained copy of it.
+                    .is_none_or(|f| f == fingerprint);
+            if !running {
+                self.ignore_stale(&desired, applied, "applied").await;
+            }
             return;
         }
-        if self.rejected_version == Some(desired.version) {
-            return;
-        }
-        if self
-            .pending
-            .as_ref()
-            .is_some_and(|p| p.desired.version == desired.version)
-        {
-            return;
+        if let Some(p) = &self.pending {
+            if p.fingerprint == fingerprint {
+                return;
+            }
+            if p.desired.version >= desired.version {
+                let lost_to = p.desired.version;
+                return self
+                    .ignore_stale(&desired, lost_to, "verified and fetching its artifacts")
+                    .await;
+            }
         }
         let signer = match verify(&desired, &self.node, &self.keys) {
             Ok(key) => key,
@@ -658,255 +774,12 @@ impl Bridge {
                 );
                 "none (insecure-dev)".to_owned()
             }
-            Err(reason) => return self.reject(Some(desired.version), reason).await,
+            Err(reason) => {
+                self.rejected_messages += 1;
+                return self.reject(Some(&desired), reason).await;
+            }
         };
         self.fetch_or_apply(desired, signer).await;
-    }
-
-    /// Applies a verified deployment, or first fetches the artifacts it names that the node
-    /// lacks.
-    async fn fetch_or_apply(&mut self, desired: DesiredState, signer: String) {
-        self.cancel_pending();
-        let missing: Vec<String> = artifacts::referenced_digests(&desired.deployment)
-            .into_iter()
-            .filter(|d| !self.agent.artifacts().contains(d))
-            .collect();
-        if missing.is_empty() {
-            return self.apply(desired, signer).await;
-        }
-        tracing::info!(
-            version = desired.version,
-            artifacts = ?missing,
-            "fetching the artifacts of the desired state from the hub"
-        );
-        self.handle.subscribe(
-            missing
-                .iter()
-                .map(|d| self.topics.artifact_manifest(d))
-                .collect(),
-        );
-        self.pending = Some(Pending {
-            desired,
-            signer,
-            fetches: missing.into_iter().map(|d| (d, Fetch::default())).collect(),
-        });
-        self.publish_reported().await;
-    }
-
-    /// Unsubscribes from every topic of the pending transfer and forgets it (its chunks stay
-    /// stored for a later try).
-    fn cancel_pending(&mut self) {
-        let Some(pending) = self.pending.take() else {
-            return;
-        };
-        let mut filters = Vec::new();
-        for (digest, fetch) in &pending.fetches {
-            filters.push(self.topics.artifact_manifest(digest));
-            if let Some(a) = &fetch.assembly {
-                filters.extend(
-                    a.missing()
-                        .into_iter()
-                        .map(|i| self.topics.artifact_chunk(digest, i)),
-                );
-            }
-        }
-        self.handle.unsubscribe(filters);
-    }
-
-    /// Rejects the pending deployment because of artifact `digest`, dropping its chunks.
-    async fn reject_pending(&mut self, digest: &str, reason: String) {
-        let version = self.pending.as_ref().map(|p| p.desired.version);
-        self.cancel_pending();
-        let chunks = self.chunks.clone();
-        let digest = digest.to_owned();
-        let _ = tokio::task::spawn_blocking(move || chunks.remove(&digest)).await;
-        self.reject(
-            version,
-            format!(
-                "deployment version {} rejected: {reason}",
-                version.unwrap_or(0)
-            ),
-        )
-        .await;
-    }
-
-    async fn on_manifest(&mut self, digest: String, envelope: Envelope) {
-        let Some(fetch) = self
-            .pending
-            .as_mut()
-            .and_then(|p| p.fetches.get_mut(&digest))
-        else {
-            return;
-        };
-        if fetch.assembly.is_some() {
-            return;
-        }
-        let manifest = match serde_json::from_value::<Manifest>(envelope.payload)
-            .map_err(|e| format!("manifest of artifact sha256:{digest} is malformed: {e}"))
-            .and_then(|m| m.validate(&digest).map(|()| m).map_err(|e| e.to_string()))
-        {
-            Ok(m) => m,
-            Err(reason) => return self.reject_pending(&digest, reason).await,
-        };
-        let chunks = self.chunks.clone();
-        let loaded = {
-            let manifest = manifest.clone();
-            tokio::task::spawn_blocking(move || -> Result<BTreeSet<u32>> {
-                match chunks.load(&manifest.digest)? {
-                    Some((stored, present)) if stored == manifest => Ok(present),
-                    _ => {
-                        chunks.reset(&manifest)?;
-                        Ok(BTreeSet::new())
-                    }
-                }
-            })
-            .await
-        };
-        let present = match loaded {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => {
-                return self
-                    .reject_pending(&digest, format!("cannot store artifact chunks: {e:#}"))
-                    .await;
-            }
-            Err(e) => {
-                return self
-                    .reject_pending(&digest, format!("chunk store task failed: {e}"))
-                    .await;
-            }
-        };
-        let assembly = Assembly::new(manifest, present);
-        let missing = assembly.missing();
-        tracing::info!(
-            %digest,
-            chunks = assembly.manifest().chunks.len(),
-            already_stored = assembly.held(),
-            "artifact manifest received; asking for the missing chunks"
-        );
-        let Some(fetch) = self
-            .pending
-            .as_mut()
-            .and_then(|p| p.fetches.get_mut(&digest))
-        else {
-            return;
-        };
-        fetch.resumed = assembly.held();
-        let complete = assembly.complete();
-        fetch.assembly = Some(assembly);
-        self.handle
-            .unsubscribe(vec![self.topics.artifact_manifest(&digest)]);
-        self.handle.subscribe(
-            missing
-                .into_iter()
-                .map(|i| self.topics.artifact_chunk(&digest, i))
-                .collect(),
-        );
-        self.publish_reported().await;
-        if complete {
-            self.finish_artifact(&digest).await;
-        }
-    }
-
-    async fn on_chunk(&mut self, digest: String, index: u32, bytes: Vec<u8>) {
-        let Some(fetch) = self
-            .pending
-            .as_mut()
-            .and_then(|p| p.fetches.get_mut(&digest))
-        else {
-            return;
-        };
-        let Some(assembly) = &fetch.assembly else {
-            return;
-        };
-        if assembly.has(index) {
-            fetch.redundant += 1;
-            return;
-        }
-        if let Err(e) = assembly.manifest().check_chunk(index, &bytes) {
-            return self.reject_pending(&digest, e.to_string()).await;
-        }
-        let chunks = self.chunks.clone();
-        let d = digest.clone();
-        let stored = tokio::task::spawn_blocking(move || chunks.put(&d, index, &bytes)).await;
-        if let Ok(Err(e)) | Err(e) = stored.map_err(anyhow::Error::from) {
-            return self
-                .reject_pending(&digest, format!("cannot store chunk {index}: {e:#}"))
-                .await;
-        }
-        let Some(fetch) = self
-            .pending
-            .as_mut()
-            .and_then(|p| p.fetches.get_mut(&digest))
-        else {
-            return;
-        };
-        let Some(assembly) = fetch.assembly.as_mut() else {
-            return;
-        };
-        assembly.stored(index);
-        fetch.fetched += 1;
-        self.chunks_fetched += 1;
-        let complete = assembly.complete();
-        self.handle
-            .unsubscribe(vec![self.topics.artifact_chunk(&digest, index)]);
-        if complete {
-            self.finish_artifact(&digest).await;
-        }
-    }
-
-    /// Assembles a complete artifact, checks its digest, adds it to the artifact store; applies
-    /// the pending deployment when it was the last one.
-    async fn finish_artifact(&mut self, digest: &str) {
-        let Some(manifest) = self
-            .pending
-            .as_ref()
-            .and_then(|p| p.fetches.get(digest))
-            .and_then(|f| f.assembly.as_ref())
-            .map(|a| a.manifest().clone())
-        else {
-            return;
-        };
-        let chunks = self.chunks.clone();
-        let assembled = {
-            let manifest = manifest.clone();
-            tokio::task::spawn_blocking(move || chunks.assemble(&manifest)).await
-        };
-        let bytes = match assembled {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => {
-                return self
-                    .reject_pending(digest, format!("cannot assemble: {e:#}"))
-                    .await;
-            }
-            Err(e) => {
-                return self
-                    .reject_pending(digest, format!("assembly task failed: {e}"))
-                    .await;
-            }
-        };
-        if let Err(e) = manifest.check_whole(&bytes) {
-            return self.reject_pending(digest, e.to_string()).await;
-        }
-        if let Err(e) = self.agent.artifacts().add(bytes).await {
-            return self
-                .reject_pending(
-                    digest,
-                    format!("artifact sha256:{digest} does not load: {e:#}"),
-                )
-                .await;
-        }
-        self.chunks.remove(digest);
-        tracing::info!(%digest, "artifact received and verified");
-        let done = {
-            let Some(pending) = self.pending.as_mut() else {
-                return;
-            };
-            pending.fetches.remove(digest);
-            pending.fetches.is_empty()
-        };
-        if done && let Some(pending) = self.pending.take() {
-            self.apply(pending.desired, pending.signer).await;
-        }
     }
 
     /// Refuses an import: reported like a hub rejection (but the version stays open to the
@@ -1015,9 +888,9 @@ impl Bridge {
     /// Applies a verified deployment whose artifacts are all in the store; a rejection is
     /// recorded for the hub.
     async fn apply(&mut self, desired: DesiredState, signer: String) {
-        let version = desired.version;
+        let kept = desired.clone();
         if let Err(reason) = self.apply_checked(desired, signer).await {
-            self.reject(Some(version), reason).await;
+            self.reject(Some(&kept), reason).await;
         }
     }
 
@@ -1041,6 +914,13 @@ impl Bridge {
                 {
                     self.error(format!("cannot record the applied hub version: {e}"));
                 }
+                if let Err(e) = self
+                    .store
+                    .set_hub_state(APPLIED_DESIRED, &fingerprint(&desired))
+                    .await
+                {
+                    self.error(format!("cannot record the applied desired state: {e}"));
+                }
                 for failure in &report.failures {
                     self.error(format!(
                         "workload {} failed after deployment version {}: {}",
@@ -1054,6 +934,7 @@ impl Bridge {
                     "applied desired state from the hub"
                 );
                 self.last_rejection = None;
+                self.ignored = None;
                 self.publish_reported().await;
                 Ok(report)
             }
@@ -1148,20 +1029,30 @@ impl Bridge {
                 "reason": r.reason,
                 "at-ms": r.at_ms,
             })),
+            "ignored-desired": self.ignored.as_ref().map(|i| json!({
+                "version": i.version,
+                "lost-to": i.lost_to,
+                "reason": i.reason,
+                "at-ms": i.at_ms,
+            })),
             "artifacts": self.pending.as_ref().map(|p| json!({
                 "version": p.desired.version,
                 "fetching": p.fetches.iter().map(|(digest, f)| json!({
                     "digest": digest,
+                    "size": f.size,
                     "chunks": f.assembly.as_ref().map(|a| a.manifest().chunks.len()),
                     "held": f.assembly.as_ref().map_or(0, Assembly::held),
                     "resumed": f.resumed,
                     "fetched": f.fetched,
                     "redundant": f.redundant,
+                    "refused": f.refused,
+                    "last-error": f.last_error,
                 })).collect::<Vec<_>>(),
             })),
             "connection": {
                 "url": self.url,
                 "connected": self.connected,
+                "subscribed": self.subscribed,
                 "reconnects": self.reconnects,
                 "last-error": self.last_connection_error,
             },
@@ -1438,6 +1329,7 @@ mod tests {
         DesiredState {
             version,
             deployment: text.into(),
+            artifacts: BTreeMap::new(),
             signature: None,
             key_id: None,
         }
@@ -1560,6 +1452,41 @@ mod tests {
         assert!(err.contains("not in hub.trusted-keys"), "{err}");
         let err = verify(&desired(5, "x"), "n1", &[key]).unwrap_err();
         assert!(err.contains("unsigned"), "{err}");
+    }
+
+    #[test]
+    fn artifact_sizes_are_signed_with_the_text_and_fingerprints_tell_copies_apart() {
+        let (pem, public) = generate_key().unwrap();
+        let key = parse_public_key(&public).unwrap();
+        let mut d = desired(3, "[[workloads]]\n");
+        d.artifacts.insert("ab".repeat(32), 4096);
+        let (sig, id) = sign_desired(pem.as_bytes(), "n1", &d).unwrap();
+        d.signature = Some(sig);
+        d.key_id = Some(id);
+        verify(&d, "n1", std::slice::from_ref(&key)).unwrap();
+        let text = String::from_utf8(signed_bytes("n1", &d)).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "lichen-desired-v2\nn1\n3\n1\n{} 4096\n[[workloads]]\n",
+                "ab".repeat(32)
+            )
+        );
+        // A bigger size (a forger's way to make the node fetch more) breaks the signature.
+        let mut bigger = d.clone();
+        bigger.artifacts.insert("ab".repeat(32), 512 << 20);
+        let err = verify(&bigger, "n1", std::slice::from_ref(&key)).unwrap_err();
+        assert!(err.contains("bad signature"), "{err}");
+        // Without artifacts the v1 bytes are signed, as before.
+        assert_eq!(
+            signed_bytes("n1", &desired(3, "x")),
+            canonical_bytes("n1", 3, "x")
+        );
+        // Same version, other signature: another message, refused or not on its own.
+        let mut forged = d.clone();
+        forged.signature = Some(base64_encode(&[0; 64]));
+        assert_ne!(fingerprint(&forged), fingerprint(&d));
+        assert_eq!(fingerprint(&d.clone()), fingerprint(&d));
     }
 
     #[test]

@@ -856,6 +856,47 @@ async fn handled_command_ids_survive_reopen_and_record_one_result() {
 }
 
 #[tokio::test]
+async fn a_hub_command_commits_with_its_writes_once_and_a_second_copy_writes_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open(&db_path(&dir));
+    store
+        .apply_deployment(deployment(&["a"]))
+        .await
+        .expect("deploys");
+    let handled = |value: &[u8]| EventCommit {
+        command: Some(CommandRecord {
+            inbox_id: "hub:7".to_owned(),
+            result: record("cmd-result", "a", r#"{"cmd":"hub:7","ok":true}"#),
+        }),
+        ..put("a", "k", value)
+    };
+    store
+        .commit_event(handled(b"first"))
+        .await
+        .expect("commits");
+    assert!(store.inbox_contains("hub:7").expect("reads"));
+    assert_eq!(store.outbox_len().expect("counts"), 1, "the result");
+    // A second copy (a redelivery that raced the first): nothing of it is written.
+    let err = store
+        .commit_event(handled(b"second"))
+        .await
+        .expect_err("already handled");
+    assert!(
+        matches!(err, StoreError::CommandHandled(ref id) if id == "hub:7"),
+        "{err}"
+    );
+    let kv = store.load_kv("a").expect("reads");
+    assert_eq!(
+        kv.get(&("default".to_owned(), "k".to_owned()))
+            .map(Vec::as_slice),
+        Some(&b"first"[..]),
+        "the second copy's write was rolled back"
+    );
+    assert_eq!(store.outbox_len().expect("counts"), 1, "one result");
+    assert_eq!(store.workloads().expect("reads")[0].events_handled, 1);
+}
+
+#[tokio::test]
 async fn quota_reads_measure_and_list_the_oldest_telemetry() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = open(&db_path(&dir));
