@@ -56,7 +56,7 @@ pub use config::{
     rustls_config,
 };
 pub use dedup::InboundDedup;
-pub use drain::{Drain, PublishRequest, UnpublishableRow};
+pub use drain::{Drain, PublishRequest, Unpublishable, UnpublishableRow};
 pub use handle::{SessionEvent, SyncHandle};
 pub use inbound::{Inbound, InboundAck, InboundError};
 pub use message::{BadMessageId, Envelope, MessageId};

@@ -156,7 +156,7 @@ impl SyncSession {
         let (acks_tx, acks) = mpsc::unbounded_channel();
         let max_inflight = usize::from(config.max_inflight);
         let session = SyncSession {
-            drain: Drain::new(topics.clone(), max_inflight),
+            drain: Drain::new(topics.clone(), max_inflight, config.max_packet_bytes),
             inbound: InboundState::new(
                 topics.clone(),
                 config.max_command_bytes,

@@ -34,6 +34,9 @@ use crate::supervisor::Agent;
 /// Longest wait for room in a workload's event queue (a workload in back-off takes no events
 /// until it restarts); past it the command is answered with an error, not run.
 pub const ROOM_WAIT: Duration = Duration::from_secs(30);
+/// Largest reply of a guest sent in a result; a longer one is answered with an error (a result
+/// must fit in an MQTT message of the session's 1 MiB limit, with room to spare).
+pub const MAX_REPLY_BYTES: usize = 64 << 10;
 /// Workloads whose command order is tracked before finished entries are swept.
 const LANES: usize = 256;
 
@@ -192,12 +195,24 @@ async fn record_failure(
 /// The `cmd-result` record of command `id` answered with `reply`.
 fn result_record(id: Option<&str>, workload: &str, reply: &Reply) -> OutboxRecord {
     let payload = match reply {
+        Ok(Some(r)) if r.len() > MAX_REPLY_BYTES => json!({
+            "cmd": id,
+            "ok": false,
+            "error": format!(
+                "the reply of workload {workload:?} is {} bytes, over the {MAX_REPLY_BYTES}-byte limit for command replies (the command ran)",
+                r.len()
+            ),
+        }),
         Ok(r) => json!({
             "cmd": id,
             "ok": true,
             "reply": r.as_ref().map(|r| String::from_utf8_lossy(r).into_owned()),
         }),
-        Err(e) => json!({"cmd": id, "ok": false, "error": e}),
+        Err(e) => json!({
+            "cmd": id,
+            "ok": false,
+            "error": truncate(e, MAX_REPLY_BYTES),
+        }),
     };
     OutboxRecord {
         kind: RowKind::CmdResult.as_str().to_owned(),
@@ -224,4 +239,70 @@ pub(super) fn parse_command(payload: &serde_json::Value) -> Result<(String, Stri
         Some(other) => other.to_string(),
     };
     Ok((command.to_owned(), payload))
+}
+
+/// `text` cut to at most `max` bytes (on a character boundary), marked when cut.
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_owned();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}... ({} bytes cut)", &text[..end], text.len() - end)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(record: &OutboxRecord) -> serde_json::Value {
+        serde_json::from_slice(&record.payload).unwrap()
+    }
+
+    #[test]
+    fn results_carry_the_id_and_stay_within_the_limits() {
+        let ok = result_record(Some("hub:1"), "door", &Ok(Some(b"42".to_vec())));
+        assert_eq!(ok.kind, "cmd-result");
+        assert_eq!(
+            payload(&ok),
+            json!({"cmd": "hub:1", "ok": true, "reply": "42"})
+        );
+        let none = result_record(None, "door", &Err("bad".into()));
+        assert_eq!(
+            payload(&none),
+            json!({"cmd": null, "ok": false, "error": "bad"})
+        );
+        let big = result_record(
+            Some("hub:2"),
+            "door",
+            &Ok(Some(vec![b'x'; MAX_REPLY_BYTES + 1])),
+        );
+        let v = payload(&big);
+        assert_eq!(v["ok"], false);
+        assert!(
+            v["error"]
+                .as_str()
+                .unwrap()
+                .contains("65537 bytes, over the 65536-byte limit")
+        );
+        let long = result_record(Some("hub:3"), "door", &Err("é".repeat(MAX_REPLY_BYTES)));
+        assert!(long.payload.len() < MAX_REPLY_BYTES + 100);
+    }
+
+    #[test]
+    fn command_payloads_parse_into_name_and_text() {
+        let p = |v| parse_command(&v);
+        assert_eq!(
+            p(json!({"command": "get"})).unwrap(),
+            ("get".to_owned(), String::new())
+        );
+        assert_eq!(
+            p(json!({"command": "set", "payload": {"t": 5}})).unwrap(),
+            ("set".to_owned(), "{\"t\":5}".to_owned())
+        );
+        let err = p(json!({"name": "get"})).unwrap_err();
+        assert!(err.contains("no \"command\" string"), "{err}");
+    }
 }
