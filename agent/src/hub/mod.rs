@@ -26,31 +26,37 @@
 pub mod artifacts;
 pub mod bundle;
 mod commands;
+mod desired;
+mod doctor;
 mod fetch;
+mod reported;
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use lichen_sync::{
-    Assembly, Envelope, Inbound, InboundError, Quota, RowId, RowKind, RowSize, SessionConfig,
-    SessionEvent, SyncHandle, SyncSession, TlsFiles, Topics,
+    Inbound, InboundError, Quota, RowId, RowKind, RowSize, SessionConfig, SessionEvent, SyncHandle,
+    SyncSession, TlsFiles, Topics,
 };
-use ring::signature::{ED25519, KeyPair, UnparsedPublicKey};
+use ring::signature::KeyPair;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::api::control::Control;
 use crate::api::types::{ApiError, DeployReport};
 use crate::config::{HubSection, parse_size};
-use crate::store::{OutboxRecord, SqliteOutbox, StateStore};
+use crate::store::{SqliteOutbox, StateStore};
 use crate::supervisor::Agent;
+pub use desired::{
+    DesiredState, TrustedKey, canonical_bytes, fingerprint, key_id, parse_public_key, sign_desired,
+    signed_bytes, verify,
+};
+use desired::{Ignored, Settled};
+pub use doctor::{doctor_check, probe};
 use fetch::Pending;
 
 /// Domain separation prefix of the signed bytes (see [`canonical_bytes`]).
@@ -72,97 +78,6 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Errors kept for reported state.
 const KEEP_ERRORS: usize = 10;
 
-/// The payload of a `desired` message: one deployment for one node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct DesiredState {
-    /// The hub's version of the desired state; applied only if newer than the applied one.
-    pub version: u64,
-    /// The deployment document (TOML, the same text `lichen deploy` takes).
-    pub deployment: String,
-    /// Size in bytes of each artifact the deployment names by digest (`sha256` hex ->
-    /// bytes). The node fetches only artifacts listed here, and only that many bytes of each;
-    /// signed with the rest ([`signed_bytes`]).
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub artifacts: BTreeMap<String, u64>,
-    /// ed25519 signature of [`signed_bytes`], base64.
-    #[serde(default)]
-    pub signature: Option<String>,
-    /// Id of the key that signed ([`key_id`]).
-    #[serde(default)]
-    pub key_id: Option<String>,
-}
-
-/// The bytes a publisher signs: `lichen-desired-v1\n<node>\n<version>\n<deployment>`. The node
-/// and version are inside so that a signed deployment cannot be replayed to another node or
-/// under a higher version.
-pub fn canonical_bytes(node: &str, version: u64, deployment: &str) -> Vec<u8> {
-    format!("{SIGNATURE_CONTEXT}\n{node}\n{version}\n{deployment}").into_bytes()
-}
-
-/// The bytes a publisher signs for `desired`: [`canonical_bytes`] when it lists no artifacts,
-/// else `lichen-desired-v2\n<node>\n<version>\n<count>\n` then one `<sha256> <size>\n` line
-/// per artifact (in digest order) and the deployment text, so the sizes the node fetches are
-/// the publisher's too.
-pub fn signed_bytes(node: &str, desired: &DesiredState) -> Vec<u8> {
-    if desired.artifacts.is_empty() {
-        return canonical_bytes(node, desired.version, &desired.deployment);
-    }
-    let mut text = format!(
-        "{SIGNATURE_CONTEXT_V2}\n{node}\n{}\n{}\n",
-        desired.version,
-        desired.artifacts.len()
-    );
-    for (digest, size) in &desired.artifacts {
-        text.push_str(&format!("{digest} {size}\n"));
-    }
-    text.push_str(&desired.deployment);
-    text.into_bytes()
-}
-
-/// What identifies a desired-state message: the SHA-256 of its payload as the node reads it
-/// (version, deployment, artifacts, signature and key id). Two messages with the same version
-/// but another text or signature differ, so refusing one never refuses the other.
-pub fn fingerprint(desired: &DesiredState) -> String {
-    let bytes = serde_json::to_vec(desired).expect("a desired state always serialises");
-    hex::encode(Sha256::digest(&bytes))
-}
-
-/// A key's id: the first 16 hex digits of the SHA-256 of its 32 public-key bytes.
-pub fn key_id(public_key: &[u8]) -> String {
-    hex::encode(&Sha256::digest(public_key)[..8])
-}
-
-/// A publisher key the node trusts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TrustedKey {
-    /// [`key_id`] of the key.
-    pub id: String,
-    /// The raw ed25519 public key.
-    pub public: Vec<u8>,
-}
-
-/// Parses an ed25519 public key written as 64 hex digits or as base64 of its 32 bytes.
-pub fn parse_public_key(text: &str) -> Result<TrustedKey> {
-    let text = text.trim();
-    let bytes = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        hex::decode(text).context("hex public key")?
-    } else {
-        base64_decode(text)
-            .with_context(|| format!("public key {text:?} is neither 64 hex digits nor base64"))?
-    };
-    if bytes.len() != 32 {
-        bail!(
-            "public key {text:?} has {} bytes; an ed25519 public key has 32",
-            bytes.len()
-        );
-    }
-    Ok(TrustedKey {
-        id: key_id(&bytes),
-        public: bytes,
-    })
-}
-
 /// Signs a desired state with a PKCS#8 ed25519 key (DER, or PEM `PRIVATE KEY`); returns the
 /// base64 signature and the key id.
 pub fn sign(pkcs8: &[u8], node: &str, version: u64, deployment: &str) -> Result<(String, String)> {
@@ -173,67 +88,6 @@ pub fn sign(pkcs8: &[u8], node: &str, version: u64, deployment: &str) -> Result<
     Ok((
         base64_encode(signature.as_ref()),
         key_id(pair.public_key().as_ref()),
-    ))
-}
-
-/// Signs `desired` for `node` ([`signed_bytes`]: with its artifact sizes, if it lists any)
-/// with a PKCS#8 ed25519 key; returns the base64 signature and the key id.
-pub fn sign_desired(pkcs8: &[u8], node: &str, desired: &DesiredState) -> Result<(String, String)> {
-    let der = pem_or_der(pkcs8)?;
-    let pair = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
-        .map_err(|e| anyhow::anyhow!("not an ed25519 PKCS#8 private key: {e}"))?;
-    let signature = pair.sign(&signed_bytes(node, desired));
-    Ok((
-        base64_encode(signature.as_ref()),
-        key_id(pair.public_key().as_ref()),
-    ))
-}
-
-/// Checks the signature of `desired` for `node` against `keys`; returns the signing key's id.
-pub fn verify(desired: &DesiredState, node: &str, keys: &[TrustedKey]) -> Result<String, String> {
-    let Some(signature) = &desired.signature else {
-        return Err(format!(
-            "deployment version {} is unsigned; this node accepts only deployments signed by a trusted key",
-            desired.version
-        ));
-    };
-    let signature = base64_decode(signature).map_err(|e| {
-        format!(
-            "deployment version {}: signature is not base64: {e}",
-            desired.version
-        )
-    })?;
-    if keys.is_empty() {
-        return Err(format!(
-            "deployment version {} is signed, but this node trusts no key (hub.trusted-keys is empty)",
-            desired.version
-        ));
-    }
-    let candidates: Vec<&TrustedKey> = match &desired.key_id {
-        Some(id) => {
-            let found: Vec<_> = keys.iter().filter(|k| &k.id == id).collect();
-            if found.is_empty() {
-                return Err(format!(
-                    "deployment version {} is signed by key {id}, which is not in hub.trusted-keys",
-                    desired.version
-                ));
-            }
-            found
-        }
-        None => keys.iter().collect(),
-    };
-    let message = signed_bytes(node, desired);
-    for key in candidates {
-        if UnparsedPublicKey::new(&ED25519, &key.public)
-            .verify(&message, &signature)
-            .is_ok()
-        {
-            return Ok(key.id.clone());
-        }
-    }
-    Err(format!(
-        "deployment version {} has a bad signature (tampered, signed for another node or version, or by another key)",
-        desired.version
     ))
 }
 
@@ -481,34 +335,6 @@ struct Rejection {
     at_ms: u64,
 }
 
-/// A desired state the node ignored: not newer than what it applies or fetches.
-struct Ignored {
-    version: u64,
-    lost_to: u64,
-    reason: String,
-    at_ms: u64,
-}
-
-/// Fingerprints of desired states already refused or ignored, newest last (bounded).
-#[derive(Default)]
-struct Settled(VecDeque<String>);
-
-impl Settled {
-    fn contains(&self, fingerprint: &str) -> bool {
-        self.0.iter().any(|f| f == fingerprint)
-    }
-
-    fn insert(&mut self, fingerprint: String) {
-        if self.contains(&fingerprint) {
-            return;
-        }
-        if self.0.len() == KEEP_SETTLED {
-            self.0.pop_front();
-        }
-        self.0.push_back(fingerprint);
-    }
-}
-
 /// The agent side of the session: acts on its events and keeps what reported state says.
 struct Bridge {
     topics: Topics,
@@ -669,40 +495,6 @@ impl Bridge {
             .unwrap_or(0)
     }
 
-    /// Rejects desired state `desired` (`None`: a payload that is not one): reported, and that
-    /// exact message is not handled again. Its version stays open to any other message.
-    async fn reject(&mut self, desired: Option<&DesiredState>, reason: String) {
-        if let Some(d) = desired {
-            self.settled.insert(fingerprint(d));
-        }
-        self.error(format!("desired state rejected: {reason}"));
-        self.record_rejection(desired.map(|d| d.version), reason, "hub-rejected")
-            .await;
-    }
-
-    /// Ignores `desired` as stale: it lost to version `lost_to` (applied, or being fetched).
-    /// Reported once per message, not on every reconnect.
-    async fn ignore_stale(&mut self, desired: &DesiredState, lost_to: u64, what: &str) {
-        self.settled.insert(fingerprint(desired));
-        let reason = format!(
-            "desired state version {} ignored as stale: version {lost_to} is {what}",
-            desired.version
-        );
-        tracing::info!("hub: {reason}");
-        let _ = self
-            .store
-            .log_event(None, "hub-ignored", &reason)
-            .await
-            .map_err(|e| tracing::warn!("cannot log the ignored desired state: {e}"));
-        self.ignored = Some(Ignored {
-            version: desired.version,
-            lost_to,
-            reason,
-            at_ms: now_ms(),
-        });
-        self.publish_reported().await;
-    }
-
     /// Logs a rejection as event `event`, keeps it as the last one and reports it.
     async fn record_rejection(&mut self, version: Option<u64>, reason: String, event: &str) {
         let _ = self
@@ -716,70 +508,6 @@ impl Bridge {
             at_ms: now_ms(),
         });
         self.publish_reported().await;
-    }
-
-    async fn on_desired(&mut self, envelope: Envelope) {
-        let desired: DesiredState = match serde_json::from_value(envelope.payload) {
-            Ok(d) => d,
-            Err(e) => {
-                self.rejected_messages += 1;
-                return self
-                    .reject(
-                        None,
-                        format!(
-                            "malformed desired state in message {}: {e} (expected version, deployment, signature, key-id)",
-                            envelope.id
-                        ),
-                    )
-                    .await;
-            }
-        };
-        let fingerprint = fingerprint(&desired);
-        if self.settled.contains(&fingerprint) {
-            // Refused or ignored already: the retained copy, back on a new connection.
-            return;
-        }
-        let applied = self.applied_version();
-        if desired.version <= applied {
-            let running = desired.version == applied
-                && self
-                    .store
-                    .hub_state(APPLIED_DESIRED)
-                    .ok()
-                    .flatten()
-                    // Applied before fingerprints were kept: the retained copy of it.
-                    .is_none_or(|f| f == fingerprint);
-            if !running {
-                self.ignore_stale(&desired, applied, "applied").await;
-            }
-            return;
-        }
-        if let Some(p) = &self.pending {
-            if p.fingerprint == fingerprint {
-                return;
-            }
-            if p.desired.version >= desired.version {
-                let lost_to = p.desired.version;
-                return self
-                    .ignore_stale(&desired, lost_to, "verified and fetching its artifacts")
-                    .await;
-            }
-        }
-        let signer = match verify(&desired, &self.node, &self.keys) {
-            Ok(key) => key,
-            Err(reason) if self.insecure_dev => {
-                tracing::warn!(
-                    "INSECURE: applying deployment version {} despite: {reason} (hub.insecure-dev)",
-                    desired.version
-                );
-                "none (insecure-dev)".to_owned()
-            }
-            Err(reason) => {
-                self.rejected_messages += 1;
-                return self.reject(Some(&desired), reason).await;
-            }
-        };
-        self.fetch_or_apply(desired, signer).await;
     }
 
     /// Refuses an import: reported like a hub rejection (but the version stays open to the
@@ -885,66 +613,6 @@ impl Bridge {
         }
     }
 
-    /// Applies a verified deployment whose artifacts are all in the store; a rejection is
-    /// recorded for the hub.
-    async fn apply(&mut self, desired: DesiredState, signer: String) {
-        let kept = desired.clone();
-        if let Err(reason) = self.apply_checked(desired, signer).await {
-            self.reject(Some(&kept), reason).await;
-        }
-    }
-
-    /// Applies a verified deployment; returns the reason if it is invalid.
-    async fn apply_checked(
-        &mut self,
-        desired: DesiredState,
-        signer: String,
-    ) -> Result<DeployReport, String> {
-        let name = format!("hub desired version {}", desired.version);
-        match self
-            .agent
-            .deploy_text(&name, &desired.deployment, Path::new("/"))
-            .await
-        {
-            Ok(report) => {
-                if let Err(e) = self
-                    .store
-                    .set_hub_state(APPLIED_VERSION, &desired.version.to_string())
-                    .await
-                {
-                    self.error(format!("cannot record the applied hub version: {e}"));
-                }
-                if let Err(e) = self
-                    .store
-                    .set_hub_state(APPLIED_DESIRED, &fingerprint(&desired))
-                    .await
-                {
-                    self.error(format!("cannot record the applied desired state: {e}"));
-                }
-                for failure in &report.failures {
-                    self.error(format!(
-                        "workload {} failed after deployment version {}: {}",
-                        failure.workload, desired.version, failure.message
-                    ));
-                }
-                tracing::info!(
-                    version = desired.version,
-                    local_version = report.version,
-                    signer,
-                    "applied desired state from the hub"
-                );
-                self.last_rejection = None;
-                self.ignored = None;
-                self.publish_reported().await;
-                Ok(report)
-            }
-            Err(e) => Err(format!(
-                "deployment version {} is invalid: {}",
-                desired.version, e.error
-            )),
-        }
-    }
-
     async fn enforce_quota(&mut self) {
         let plan = match drop_over_quota(&self.store, &mut self.quota).await {
             Ok(Some(plan)) => plan,
@@ -963,123 +631,6 @@ impl Bridge {
             let _ = self.store.set_hub_state(DROPPED, &text).await;
         }
         self.publish_reported().await;
-    }
-
-    /// What reported state says of the deployment and workloads now, to notice changes.
-    async fn seen_now(&self) -> String {
-        let version = self
-            .store
-            .current_deployment()
-            .ok()
-            .flatten()
-            .map_or(0, |d| d.version);
-        let mut seen = format!("{version}");
-        if let Some(p) = &self.pending {
-            for (digest, f) in &p.fetches {
-                let held = f.assembly.as_ref().map_or(0, Assembly::held);
-                seen.push_str(&format!("|{digest}:{held}"));
-            }
-        }
-        for w in self.agent.ps().await {
-            seen.push_str(&format!(
-                "|{}:{}:{}",
-                w.name,
-                w.state,
-                w.last_error.unwrap_or_default()
-            ));
-        }
-        seen
-    }
-
-    async fn reported(&self) -> serde_json::Value {
-        let deployment = self.store.current_deployment().ok().flatten();
-        let applied = self.applied_version();
-        let workloads: Vec<serde_json::Value> = self
-            .agent
-            .ps()
-            .await
-            .into_iter()
-            .map(|w| {
-                json!({
-                    "name": w.name,
-                    "state": w.state,
-                    "module": w.module_digest,
-                    "restarts": w.restarts,
-                    "traps": w.traps,
-                    "events": w.events_handled,
-                    "last-error": w.last_error,
-                })
-            })
-            .collect();
-        json!({
-            "node": self.node,
-            "agent": env!("CARGO_PKG_VERSION"),
-            "insecure-dev": self.insecure_dev,
-            "warning": self.insecure_dev.then_some(
-                "INSECURE: hub.insecure-dev is set, deployments are applied without a valid signature"
-            ),
-            "applied-version": (applied > 0).then_some(applied),
-            "deployment": deployment.map(|d| json!({
-                "local-version": d.version,
-                "source": d.source_name,
-                "digest": d.digest,
-            })),
-            "last-rejection": self.last_rejection.as_ref().map(|r| json!({
-                "version": r.version,
-                "reason": r.reason,
-                "at-ms": r.at_ms,
-            })),
-            "ignored-desired": self.ignored.as_ref().map(|i| json!({
-                "version": i.version,
-                "lost-to": i.lost_to,
-                "reason": i.reason,
-                "at-ms": i.at_ms,
-            })),
-            "artifacts": self.pending.as_ref().map(|p| json!({
-                "version": p.desired.version,
-                "fetching": p.fetches.iter().map(|(digest, f)| json!({
-                    "digest": digest,
-                    "size": f.size,
-                    "chunks": f.assembly.as_ref().map(|a| a.manifest().chunks.len()),
-                    "held": f.assembly.as_ref().map_or(0, Assembly::held),
-                    "resumed": f.resumed,
-                    "fetched": f.fetched,
-                    "redundant": f.redundant,
-                    "refused": f.refused,
-                    "last-error": f.last_error,
-                })).collect::<Vec<_>>(),
-            })),
-            "connection": {
-                "url": self.url,
-                "connected": self.connected,
-                "subscribed": self.subscribed,
-                "reconnects": self.reconnects,
-                "last-error": self.last_connection_error,
-            },
-            "workloads": workloads,
-            "counters": {
-                "dropped-telemetry": self.dropped,
-                "commands": self.answered.load(Ordering::Relaxed),
-                "rejected-messages": self.rejected_messages,
-                "artifact-chunks": self.chunks_fetched,
-                "outbox-rows": self.store.outbox_len().unwrap_or(0),
-            },
-            "errors": self.errors,
-        })
-    }
-
-    async fn publish_reported(&mut self) {
-        self.last_seen = self.seen_now().await;
-        let record = OutboxRecord {
-            kind: RowKind::State.as_str().to_owned(),
-            workload: String::new(),
-            stream: String::new(),
-            payload: self.reported().await.to_string().into_bytes(),
-            created_at_ms: now_ms(),
-        };
-        if let Err(e) = self.store.push_outbox(record).await {
-            tracing::warn!("cannot queue reported state: {e}");
-        }
     }
 }
 
@@ -1121,126 +672,6 @@ async fn drop_over_quota(
         .await
         .map_err(|e| format!("cannot drop telemetry over the quota: {e}"))?;
     Ok(Some(plan))
-}
-
-/// `doctor`'s view of a `[hub]` section: status and detail, including whether the broker
-/// accepts a connection with the section's TLS files and credentials right now.
-pub fn doctor_check(hub: Option<&HubSection>) -> (&'static str, String) {
-    let (status, detail) = static_check(hub);
-    let Some(hub) = hub else {
-        return (status, detail);
-    };
-    match probe(hub) {
-        Ok(()) => (
-            status,
-            format!("{detail}; the broker accepted a test connection"),
-        ),
-        Err(e) => ("fail", format!("{detail}; cannot connect: {e}")),
-    }
-}
-
-/// Connects once to the hub as `[hub]` says (TLS, client certificate, credentials) under a
-/// client id of its own (the node's would push the running agent off the broker); returns
-/// why it failed. Runs on a thread of its own: it may be called from async code.
-pub fn probe(hub: &HubSection) -> std::result::Result<(), String> {
-    let hub = hub.clone();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start a runtime: {e}"))?;
-        runtime.block_on(probe_async(&hub))
-    })
-    .join()
-    .unwrap_or_else(|_| Err("the connection probe panicked".to_owned()))
-}
-
-async fn probe_async(hub: &HubSection) -> std::result::Result<(), String> {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, TlsConfiguration, Transport};
-    let config = section_session_config(hub).map_err(|e| format!("{e:#}"))?;
-    let broker = format!(
-        "{}://{}:{}",
-        if config.tls.is_some() {
-            "mqtts"
-        } else {
-            "mqtt"
-        },
-        config.host,
-        config.port
-    );
-    let mut options = MqttOptions::new(
-        format!("{}-doctor-{}", config.node, std::process::id()),
-        config.host.clone(),
-        config.port,
-    );
-    options.set_keep_alive(Duration::from_secs(5));
-    if let Some(tls) = &config.tls {
-        let tls = lichen_sync::rustls_config(tls).map_err(|e| e.to_string())?;
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(tls),
-        )));
-    }
-    if let Some((user, password)) = &config.credentials {
-        options.set_credentials(user.clone(), password.clone());
-    }
-    let (client, mut eventloop) = AsyncClient::new(options, 4);
-    eventloop.network_options.set_connection_timeout(5);
-    let result = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
-                Ok(_) => {}
-                Err(e) => {
-                    let mut text = format!("{broker}: {e}");
-                    if text.contains("invalid peer certificate")
-                        && let Some(tls) = &config.tls
-                    {
-                        text.push_str(&format!(
-                            " (the broker's certificate is not trusted by the CA file {})",
-                            tls.ca.display()
-                        ));
-                    }
-                    return Err(text);
-                }
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| Err(format!("{broker}: no CONNACK within 10 s")));
-    if result.is_ok() {
-        let _ = client.disconnect().await;
-        let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
-    }
-    result
-}
-
-fn static_check(hub: Option<&HubSection>) -> (&'static str, String) {
-    match hub {
-        None => ("ok", "no [hub] section: the node runs offline".to_owned()),
-        Some(hub) if hub.insecure_dev => (
-            "warn",
-            format!(
-                "INSECURE: hub.insecure-dev is set, deployments from {} are applied WITHOUT a valid signature",
-                hub.url
-            ),
-        ),
-        Some(hub) if hub.trusted_keys.is_empty() => (
-            "warn",
-            format!(
-                "node {} syncs with {}, but hub.trusted-keys is empty: every hub deployment will be rejected",
-                hub.node_id, hub.url
-            ),
-        ),
-        Some(hub) => (
-            "ok",
-            format!(
-                "node {} syncs with {}; deployments must be signed by one of {} trusted key(s)",
-                hub.node_id,
-                hub.url,
-                hub.trusted_keys.len()
-            ),
-        ),
-    }
 }
 
 const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
@@ -1324,6 +755,8 @@ pub fn generate_key() -> Result<(String, String)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::OutboxRecord;
+    use serde_json::json;
 
     fn desired(version: u64, text: &str) -> DesiredState {
         DesiredState {
