@@ -10,8 +10,9 @@
 //!   broker get the PUBACK. A crash before that commit leaves nothing of the command behind,
 //!   and the broker delivers it again.
 //! - A command that cannot run (unknown or stopped workload, a kind that takes no commands, a
-//!   payload without `command`, a guest that traps) gets `ok: false` and the reason, recorded
-//!   with the inbox id in one transaction too. So do commands the session refused (malformed,
+//!   payload without `command`, a guest that traps, no answer within [`REPLY_WAIT`]) gets
+//!   `ok: false` and the reason, recorded with the inbox id in one transaction too. Whichever
+//!   commits first, that answer or the worker's, wins: the other finds the id in the inbox. So do commands the session refused (malformed,
 //!   over the size limit): with their id when it could be read, else `"cmd": null`.
 //!
 //! The guest sees the command's message id (`command.id`), stable across redeliveries, so a
@@ -34,6 +35,11 @@ use crate::supervisor::Agent;
 /// Longest wait for room in a workload's event queue (a workload in back-off takes no events
 /// until it restarts); past it the command is answered with an error, not run.
 pub const ROOM_WAIT: Duration = Duration::from_secs(30);
+/// Longest wait for a queued command to be handled (a workload that failed for good never
+/// takes its queue). Past it the command is answered with an error; if the workload handles it
+/// later all the same, its commit finds the command's id in the inbox and writes nothing, so
+/// the answer stays true.
+pub const REPLY_WAIT: Duration = Duration::from_secs(120);
 /// Largest reply of a guest sent in a result; a longer one is answered with an error (a result
 /// must fit in an MQTT message of the session's 1 MiB limit, with room to spare).
 pub const MAX_REPLY_BYTES: usize = 64 << 10;
@@ -159,15 +165,22 @@ async fn run(
     // The next command for this workload may be queued now, behind this one.
     let _ = queued.send(());
     delivered?;
-    let answer = answer.await;
+    let answer = tokio::time::timeout(REPLY_WAIT, answer).await;
     if hub.done.get().is_some() {
         return Ok(());
     }
     // Nothing was committed: answer with why.
     Err(match answer {
-        Ok(Err(e)) => e,
-        Ok(Ok(_)) => format!("workload {workload:?} handled command {id} but did not record it"),
-        Err(_) => format!("workload {workload:?} dropped command {id} (it stopped or restarted)"),
+        Ok(Ok(Err(e))) => e,
+        Ok(Ok(Ok(_))) => {
+            format!("workload {workload:?} handled command {id} but did not record it")
+        }
+        Ok(Err(_)) => {
+            format!("workload {workload:?} dropped command {id} (it stopped or restarted)")
+        }
+        Err(_) => format!(
+            "workload {workload:?} did not handle command {id} within {REPLY_WAIT:?}; it was not run"
+        ),
     })
 }
 
