@@ -60,8 +60,12 @@ pub struct SessionConfig {
     pub backoff_max: Duration,
     /// Inbound command ids remembered for de-duplication.
     pub dedup_capacity: usize,
-    /// How often the outbox is read even without [`SyncHandle::outbox_changed`].
+    /// How often the outbox is read even without [`crate::SyncHandle::outbox_changed`].
     pub outbox_poll: Duration,
+    /// Where the session makes the private directory (0700) of the Unix socket between rumqttc
+    /// and its connection (see [`crate::guard`]); the system's temporary directory when `None`.
+    /// The agent puts it in its state directory.
+    pub socket_dir: Option<PathBuf>,
 }
 
 impl SessionConfig {
@@ -85,6 +89,7 @@ impl SessionConfig {
             backoff_max: Duration::from_secs(300),
             dedup_capacity: 4096,
             outbox_poll: Duration::from_secs(1),
+            socket_dir: None,
         }
     }
 

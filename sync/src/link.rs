@@ -33,12 +33,21 @@ pub(crate) struct SocketDir {
     socket: PathBuf,
 }
 
+/// Longest base directory used for the socket: a Unix socket path holds at most 107 bytes.
+const MAX_BASE_LEN: usize = 64;
+
 impl SocketDir {
-    /// Makes a new directory of mode 0700 under the system's temporary directory.
-    pub(crate) fn create() -> io::Result<Self> {
+    /// Makes a new directory of mode 0700 under `base` (the system's temporary directory when
+    /// `None`, or when `base` is too long for a socket path), after removing the directories
+    /// that sessions of processes no longer running left there (a `kill -9` skips the cleanup).
+    pub(crate) fn create(base: Option<&Path>) -> io::Result<Self> {
         use std::os::unix::fs::DirBuilderExt;
         static NEXT: AtomicU64 = AtomicU64::new(0);
-        let base = std::env::temp_dir();
+        let base = match base {
+            Some(b) if b.as_os_str().len() <= MAX_BASE_LEN => b.to_path_buf(),
+            _ => std::env::temp_dir(),
+        };
+        sweep_stale(&base);
         let mut last = None;
         for _ in 0..100 {
             let n = NEXT.fetch_add(1, Ordering::Relaxed);
@@ -59,6 +68,28 @@ impl SocketDir {
     /// The socket's path.
     pub(crate) fn socket(&self) -> &Path {
         &self.socket
+    }
+}
+
+/// Removes `lichen-mqtt-<pid>-<n>` directories in `base` whose process is gone.
+fn sweep_stale(base: &Path) {
+    let Ok(entries) = std::fs::read_dir(base) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("lichen-mqtt-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !Path::new("/proc").join(pid.to_string()).exists() {
+            // Another user's directory cannot be removed; that is fine.
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 
@@ -227,5 +258,41 @@ async fn relay(
     tokio::select! {
         r = outbound => r,
         r = inbound => r,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn the_socket_directory_is_private_and_stale_ones_are_swept() {
+        let base = tempfile::tempdir().unwrap();
+        // pid_max is at most 4194304: this process cannot exist.
+        let stale = base.path().join("lichen-mqtt-4294967-0");
+        let other = base.path().join("unrelated");
+        std::fs::create_dir(&stale).unwrap();
+        std::fs::create_dir(&other).unwrap();
+        let dir = SocketDir::create(Some(base.path())).unwrap();
+        assert!(!stale.exists(), "the directory of a dead process is gone");
+        assert!(other.exists(), "nothing else is touched");
+        let made = dir.socket().parent().unwrap().to_path_buf();
+        assert_eq!(made.parent(), Some(base.path()));
+        let mode = std::fs::metadata(&made).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        // A second session of this process gets its own; each goes when dropped.
+        let second = SocketDir::create(Some(base.path())).unwrap();
+        assert_ne!(second.socket(), dir.socket());
+        drop(dir);
+        assert!(!made.exists());
+        assert!(second.socket().parent().unwrap().exists());
+    }
+
+    #[test]
+    fn a_base_too_long_for_a_socket_path_falls_back_to_the_temporary_directory() {
+        let long = std::path::PathBuf::from(format!("/{}", "x".repeat(100)));
+        let dir = SocketDir::create(Some(&long)).unwrap();
+        assert!(dir.socket().starts_with(std::env::temp_dir()));
     }
 }

@@ -128,7 +128,8 @@ impl SyncSession {
             Some(files) => Some(Arc::new(rustls_config(files)?)),
             None => None,
         };
-        let socket_dir = SocketDir::create().map_err(ConfigError::SocketDir)?;
+        let socket_dir =
+            SocketDir::create(config.socket_dir.as_deref()).map_err(ConfigError::SocketDir)?;
         // rumqttc reaches the broker through the guard on the session's Unix socket: nothing
         // over the limit gets to it, but a stand-in may have a topic of up to 64 KiB.
         let incoming = config.max_packet_bytes.max(MAX_STAND_IN);

@@ -1563,4 +1563,12 @@ fn commands_interrupted_by_kill_9_run_exactly_once() {
     wait_answers(N, &mut answered);
     let _publisher = hub.join().expect("hub thread");
     assert_exactly_once(&daemon, N);
+    // The killed runs' socket directories were swept: only the live one is left.
+    let sockets: Vec<_> = std::fs::read_dir(daemon.state_dir())
+        .expect("state dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("lichen-mqtt-"))
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(sockets.len(), 1, "{sockets:?}");
 }

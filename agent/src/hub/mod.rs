@@ -244,7 +244,7 @@ pub struct HubLink {
 impl HubLink {
     /// Starts the session and the bridge for `agent` as `[hub]` says.
     pub async fn start(agent: Agent, hub: &HubSection) -> Result<Self> {
-        let config = section_session_config(hub).context("invalid [hub] section")?;
+        let mut config = section_session_config(hub).context("invalid [hub] section")?;
         let keys = hub
             .trusted_keys
             .iter()
@@ -253,6 +253,13 @@ impl HubLink {
             .collect::<Result<Vec<_>>>()?;
         let quota = parse_size(&hub.outbox_quota).context("invalid hub.outbox-quota")?;
         let store = agent.store().clone();
+        // The state directory holds the database, the artifact store and the session's socket.
+        let state_dir = store
+            .path()
+            .parent()
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        config.socket_dir = Some(state_dir.clone());
         let (session, handle, events) =
             SyncSession::new(config, Arc::new(SqliteOutbox::new(store.clone())))
                 .context("cannot set up the hub session")?;
@@ -270,12 +277,6 @@ impl HubLink {
             .and_then(|text| serde_json::from_str(&text).ok())
             .unwrap_or_default();
         let topics = Topics::new(&hub.node_id).context("invalid hub.node-id")?;
-        // The state directory holds the database and the artifact store.
-        let state_dir = store
-            .path()
-            .parent()
-            .unwrap_or(Path::new("."))
-            .to_path_buf();
         let chunks = artifacts::ChunkStore::new(state_dir.join("artifacts").join("partial"));
         let answered = Arc::new(AtomicU64::new(0));
         let commands = commands::Commands::new(agent.clone(), store.clone(), answered.clone());
