@@ -296,7 +296,7 @@ impl InboundState {
                 AckKey::Local(self.next_local)
             }
         };
-        self.pending.insert(key.clone(), Some(publish.clone()));
+        self.pending.insert(key.clone(), Some(ack_copy(publish)));
         Decoded::DeliverCommand(Inbound::RefusedCommand {
             workload,
             id,
@@ -318,7 +318,7 @@ impl InboundState {
         if !self.dedup.is_new(&envelope.id) {
             return self.duplicate(key, &workload, publish);
         }
-        self.pending.insert(key.clone(), Some(publish.clone()));
+        self.pending.insert(key.clone(), Some(ack_copy(publish)));
         Decoded::DeliverCommand(Inbound::Command {
             workload,
             envelope,
@@ -333,12 +333,21 @@ impl InboundState {
         if let Some(copy) = self.pending.get_mut(&key) {
             // The agent still handles the first copy: this one is acknowledged with it.
             debug!(?key, %workload, "redelivered command held for its ack");
-            *copy = Some(publish.clone());
+            *copy = Some(ack_copy(publish));
         } else {
             debug!(?key, %workload, "duplicate command ignored");
         }
         Decoded::Duplicate
     }
+}
+
+/// What a PUBACK needs of `publish` (topic, QoS, packet id), without its payload: a pending
+/// command must not keep up to a packet's worth of memory.
+fn ack_copy(publish: &rumqttc::Publish) -> rumqttc::Publish {
+    let mut copy = rumqttc::Publish::new(publish.topic.clone(), publish.qos, Vec::new());
+    copy.pkid = publish.pkid;
+    copy.dup = publish.dup;
+    copy
 }
 
 /// The envelope id a payload starts with, read from as much of it as there is: the `id` member
