@@ -45,6 +45,8 @@ pub struct AgentOptions {
     pub persisted_log_lines: usize,
     /// Name of the board profile.
     pub board: String,
+    /// Bounds on OCI images of container workloads.
+    pub images: crate::runtime::container::ImageLimits,
 }
 
 /// A workload stopped by `lichen stop`, kept for `ps` until the next deploy.
@@ -144,7 +146,8 @@ impl Agent {
             Tier::Container,
             Arc::new(ContainerTier::new(
                 oci,
-                ImageStore::new(options.state_dir.join("images")),
+                ImageStore::new(options.state_dir.join("images"))
+                    .with_limits(options.images.clone()),
                 logs.clone(),
                 devices.profile().clone(),
             )),

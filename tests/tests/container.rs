@@ -678,7 +678,8 @@ command = ["/bin/sh", "-c", "echo box v1; exec sleep 300"]
     assert!(!out.status.success());
     let message = output_text(&out);
     assert!(
-        message.contains("bad.toml:8:1: workloads[1].image: cannot read image"),
+        message.contains("bad.toml:8:1: workloads[1].image: image ")
+            && message.contains("no-such-image\": cannot read it"),
         "{message}"
     );
     // A bad wasm module rejects the whole: the new container is not started.

@@ -8,17 +8,20 @@
 //!   applied, only with a valid ed25519 signature from a trusted key (unless `insecure-dev`),
 //!   validated exactly as `lichen deploy` does ([`Agent::deploy_text`]); a rejection leaves the
 //!   running deployment alone and is reported;
-//! - delivers commands from `cmd/<workload>` as `command` events, once per message id (the
-//!   inbox table remembers ids across restarts), and queues each result for `cmd-result`;
+//! - delivers commands from `cmd/<workload>` as `command` events ([`commands`]): each runs once
+//!   in effect (its writes, inbox id and result commit together) and gets a result, whatever it
+//!   was;
 //! - keeps the outbox under its quota, dropping the oldest telemetry and counting the drops;
 //! - publishes reported state (retained) at start, on every connection, deployment, rejection,
 //!   quota drop, and workload status change.
 //!
 //! - applies bundles given to `lichen import` ([`import_bundle`], [`bundle`]), verified exactly
-//!   as a desired state from the hub, with no network;
+//!   as a desired state from the hub, with no network; the bundle is read and its artifacts
+//!   checked and stored by an importer task of its own, so the link keeps serving meanwhile;
 //! - fetches the artifacts a verified deployment names by digest and the node lacks, in chunks
-//!   over MQTT ([`artifacts`]): resumable across reconnects and restarts, each chunk and the
-//!   whole artifact checked before use; a tampered one rejects the deployment.
+//!   over MQTT ([`artifacts`], [`fetch`]): only as many bytes as the signed desired state says,
+//!   resumable across reconnects and restarts, each chunk and the whole artifact checked before
+//!   use; forged manifests and chunks are refused without rejecting the deployment.
 //!
 //! The wire format of `desired` and the signature's canonical bytes are documented in
 //! `docs/topics.md`.
@@ -29,7 +32,9 @@ mod commands;
 mod desired;
 mod doctor;
 mod fetch;
+mod import;
 mod reported;
+pub mod signing;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -42,108 +47,38 @@ use lichen_sync::{
     Inbound, InboundError, Quota, RowId, RowKind, RowSize, SessionConfig, SessionEvent, SyncHandle,
     SyncSession, TlsFiles, Topics,
 };
-use ring::signature::KeyPair;
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::api::types::{ApiError, DeployReport};
+use crate::api::types::ApiError;
 use crate::config::{HubSection, parse_size};
 use crate::store::{SqliteOutbox, StateStore};
 use crate::supervisor::Agent;
-pub use desired::{
-    DesiredState, TrustedKey, canonical_bytes, fingerprint, key_id, parse_public_key, sign_desired,
-    signed_bytes, verify,
-};
+
+pub use desired::{DesiredState, fingerprint};
 use desired::{Ignored, Settled};
 pub use doctor::{doctor_check, probe};
 use fetch::Pending;
+pub use import::{ImportReport, ImportRequest, import_bundle};
+pub use signing::{
+    SIGNATURE_CONTEXT, SIGNATURE_CONTEXT_V2, TrustedKey, base64_decode, base64_encode,
+    canonical_bytes, generate_key, key_id, parse_public_key, sign, sign_desired, signed_bytes,
+    verify,
+};
 
-/// Domain separation prefix of the signed bytes (see [`canonical_bytes`]).
-pub const SIGNATURE_CONTEXT: &str = "lichen-desired-v1";
-/// Domain separation prefix of the signed bytes of a desired state that lists artifacts
-/// (see [`signed_bytes`]).
-pub const SIGNATURE_CONTEXT_V2: &str = "lichen-desired-v2";
+/// `hub_state` key of the applied hub deployment version.
+const APPLIED_VERSION: &str = "applied-version";
 /// `hub_state` key of the fingerprint of the applied desired state ([`fingerprint`]).
 const APPLIED_DESIRED: &str = "applied-desired";
 /// Desired states (and manifests) remembered as refused or ignored, so the retained copy that
 /// comes back on every connection is not handled again.
 const KEEP_SETTLED: usize = 16;
-/// `hub_state` key of the applied hub deployment version.
-const APPLIED_VERSION: &str = "applied-version";
 /// `hub_state` key of the dropped-telemetry counts (JSON object, workload -> count).
 const DROPPED: &str = "dropped-telemetry";
 /// How often the outbox size and the workload statuses are checked.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Errors kept for reported state.
 const KEEP_ERRORS: usize = 10;
-
-/// Signs a desired state with a PKCS#8 ed25519 key (DER, or PEM `PRIVATE KEY`); returns the
-/// base64 signature and the key id.
-pub fn sign(pkcs8: &[u8], node: &str, version: u64, deployment: &str) -> Result<(String, String)> {
-    let der = pem_or_der(pkcs8)?;
-    let pair = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
-        .map_err(|e| anyhow::anyhow!("not an ed25519 PKCS#8 private key: {e}"))?;
-    let signature = pair.sign(&canonical_bytes(node, version, deployment));
-    Ok((
-        base64_encode(signature.as_ref()),
-        key_id(pair.public_key().as_ref()),
-    ))
-}
-
-/// Body of `POST /v1/import`: a bundle on the node's disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImportRequest {
-    /// Absolute path of the bundle (directory or `.tar`).
-    pub path: String,
-}
-
-/// Answer of `POST /v1/import`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ImportReport {
-    /// The node.
-    pub node: String,
-    /// The hub version of the desired state applied.
-    pub version: u64,
-    /// Id of the key that signed it.
-    pub signer: String,
-    /// Artifacts added to the store from the bundle.
-    pub artifacts: Vec<String>,
-    /// What the deployment did.
-    pub deployment: DeployReport,
-}
-
-/// An import handed to the hub link.
-struct ImportJob {
-    path: std::path::PathBuf,
-    reply: tokio::sync::oneshot::Sender<Result<ImportReport, ApiError>>,
-}
-
-/// Where imports go: the hub link of this process, set when it starts (one per daemon).
-static IMPORTS: std::sync::OnceLock<mpsc::Sender<ImportJob>> = std::sync::OnceLock::new();
-
-/// Verifies a bundle exactly as a desired state from the hub (node, version, signature by a
-/// trusted key, every artifact's digest) and applies it; anything wrong changes nothing and is
-/// an `invalid` error (and reported by the hub link). Needs the `[hub]` section, whose node id
-/// and trusted keys the verification uses; works with the hub unreachable.
-pub async fn import_bundle(req: ImportRequest) -> Result<ImportReport, ApiError> {
-    let Some(imports) = IMPORTS.get() else {
-        return Err(ApiError::unavailable(
-            "this agent has no [hub] section: importing a bundle needs hub.node-id and hub.trusted-keys to verify it",
-        ));
-    };
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    imports
-        .send(ImportJob {
-            path: req.path.into(),
-            reply,
-        })
-        .await
-        .map_err(|_| ApiError::unavailable("the hub link has stopped"))?;
-    answer
-        .await
-        .map_err(|_| ApiError::internal("the hub link dropped the import"))?
-}
 
 /// A parsed hub URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -239,6 +174,7 @@ pub struct HubLink {
     handle: SyncHandle,
     session: JoinHandle<()>,
     bridge: JoinHandle<()>,
+    importer: JoinHandle<()>,
 }
 
 impl HubLink {
@@ -278,6 +214,14 @@ impl HubLink {
             .unwrap_or_default();
         let topics = Topics::new(&hub.node_id).context("invalid hub.node-id")?;
         let chunks = artifacts::ChunkStore::new(state_dir.join("artifacts").join("partial"));
+        let importer = import::Importer {
+            node: hub.node_id.clone(),
+            keys: keys.clone(),
+            insecure_dev: hub.insecure_dev,
+            store: store.clone(),
+            agent: agent.clone(),
+            limits: bundle::Limits::default(),
+        };
         let answered = Arc::new(AtomicU64::new(0));
         let commands = commands::Commands::new(agent.clone(), store.clone(), answered.clone());
         let mut bridge = Bridge {
@@ -311,14 +255,17 @@ impl HubLink {
         let session = tokio::spawn(session.run());
         bridge.publish_reported().await;
         let (imports_tx, imports) = mpsc::channel(4);
-        if IMPORTS.set(imports_tx).is_err() {
+        if !import::route_imports(imports_tx) {
             tracing::warn!("a second hub link in this process: `lichen import` goes to the first");
         }
-        let bridge = tokio::spawn(bridge.run(events, imports));
+        let (checked_tx, checked) = mpsc::channel(1);
+        let importer = tokio::spawn(importer.run(imports, checked_tx));
+        let bridge = tokio::spawn(bridge.run(events, checked));
         Ok(Self {
             handle,
             session,
             bridge,
+            importer,
         })
     }
 
@@ -327,6 +274,7 @@ impl HubLink {
         self.handle.shutdown();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.session).await;
         self.bridge.abort();
+        self.importer.abort();
     }
 }
 
@@ -371,6 +319,16 @@ struct Bridge {
     last_seen: String,
 }
 
+/// The hub version of the desired state applied last (0 before the first).
+fn applied_version(store: &StateStore) -> u64 {
+    store
+        .hub_state(APPLIED_VERSION)
+        .ok()
+        .flatten()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -381,7 +339,7 @@ impl Bridge {
     async fn run(
         mut self,
         mut events: mpsc::Receiver<SessionEvent>,
-        mut imports: mpsc::Receiver<ImportJob>,
+        mut imports: mpsc::Receiver<import::Checked>,
     ) {
         let mut check = tokio::time::interval(CHECK_EVERY);
         loop {
@@ -390,9 +348,9 @@ impl Bridge {
                     Some(ev) => self.on_event(ev).await,
                     None => return,
                 },
-                Some(job) = imports.recv() => {
-                    let result = self.on_import(job.path).await;
-                    let _ = job.reply.send(result);
+                Some(checked) = imports.recv() => {
+                    let result = self.finish_import(checked.path, checked.outcome).await;
+                    let _ = checked.reply.send(result);
                 },
                 _ = check.tick() => {
                     self.enforce_quota().await;
@@ -488,12 +446,7 @@ impl Bridge {
     }
 
     fn applied_version(&self) -> u64 {
-        self.store
-            .hub_state(APPLIED_VERSION)
-            .ok()
-            .flatten()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        applied_version(&self.store)
     }
 
     /// Logs a rejection as event `event`, keeps it as the last one and reports it.
@@ -521,29 +474,20 @@ impl Bridge {
         ApiError::invalid(reason)
     }
 
-    /// `lichen import`: the same checks as a desired state from the hub, then the artifacts
-    /// into the store and the deployment applied.
-    async fn on_import(&mut self, path: std::path::PathBuf) -> Result<ImportReport, ApiError> {
-        let read = {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || bundle::read(&path)).await
+    /// `lichen import`, once the importer has checked the bundle and put its artifacts in the
+    /// store: applies it as a desired state from the hub, or records why it was refused.
+    async fn finish_import(
+        &mut self,
+        path: std::path::PathBuf,
+        outcome: Result<import::Verified, import::Refusal>,
+    ) -> Result<ImportReport, ApiError> {
+        let verified = match outcome {
+            Ok(v) => v,
+            Err(refusal) => return Err(self.reject_import(refusal.version, refusal.reason).await),
         };
-        let b = match read {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => return Err(self.reject_import(None, format!("{e:#}")).await),
-            Err(e) => return Err(ApiError::internal(format!("bundle reader failed: {e}"))),
-        };
-        let desired = b.index.desired;
+        let desired = verified.desired;
         let version = Some(desired.version);
-        if b.index.node != self.node {
-            let reason = format!(
-                "bundle {} is for node {:?}; this node is {:?}",
-                path.display(),
-                b.index.node,
-                self.node
-            );
-            return Err(self.reject_import(version, reason).await);
-        }
+        // A hub version may have been applied while the importer worked.
         let applied = self.applied_version();
         if desired.version <= applied {
             let reason = format!(
@@ -553,47 +497,6 @@ impl Bridge {
             );
             return Err(self.reject_import(version, reason).await);
         }
-        let signer = match verify(&desired, &self.node, &self.keys) {
-            Ok(key) => key,
-            Err(reason) if self.insecure_dev => {
-                tracing::warn!(
-                    "INSECURE: importing deployment version {} despite: {reason} (hub.insecure-dev)",
-                    desired.version
-                );
-                "none (insecure-dev)".to_owned()
-            }
-            Err(reason) => return Err(self.reject_import(version, reason).await),
-        };
-        for (name, bytes) in &b.artifacts {
-            let found = lichen_sync::sha256_hex(bytes);
-            if &found != name {
-                let reason = format!(
-                    "artifact file artifacts/{name} of bundle {} was tampered with or corrupted: its content has sha256 {found}",
-                    path.display()
-                );
-                return Err(self.reject_import(version, reason).await);
-            }
-        }
-        for digest in artifacts::referenced_digests(&desired.deployment) {
-            if !b.artifacts.contains_key(&digest) && !self.agent.artifacts().contains(&digest) {
-                let reason = format!(
-                    "the deployment names artifact sha256:{digest}, which is neither in bundle {} nor on this node",
-                    path.display()
-                );
-                return Err(self.reject_import(version, reason).await);
-            }
-        }
-        let mut added = Vec::new();
-        for (digest, bytes) in b.artifacts {
-            if self.agent.artifacts().contains(&digest) {
-                continue;
-            }
-            if let Err(e) = self.agent.artifacts().add(bytes).await {
-                let reason = format!("artifact sha256:{digest} does not load: {e:#}");
-                return Err(self.reject_import(version, reason).await);
-            }
-            added.push(digest);
-        }
         if self
             .pending
             .as_ref()
@@ -602,12 +505,12 @@ impl Bridge {
             self.cancel_pending();
         }
         let v = desired.version;
-        match self.apply_checked(desired, signer.clone()).await {
+        match self.apply_checked(desired, verified.signer.clone()).await {
             Ok(deployment) => Ok(ImportReport {
                 node: self.node.clone(),
                 version: v,
-                signer,
-                artifacts: added,
+                signer: verified.signer,
+                artifacts: verified.added,
                 deployment,
             }),
             Err(reason) => Err(self.reject_import(version, reason).await),
@@ -675,84 +578,6 @@ async fn drop_over_quota(
     Ok(Some(plan))
 }
 
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// Standard base64 with padding.
-pub fn base64_encode(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(B64[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// Decodes standard base64 (padding optional, whitespace ignored).
-pub fn base64_decode(text: &str) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in text.bytes().filter(|c| !c.is_ascii_whitespace()) {
-        if c == b'=' {
-            break;
-        }
-        let v = B64
-            .iter()
-            .position(|&b| b == c)
-            .with_context(|| format!("{:?} is not a base64 character", char::from(c)))?;
-        acc = (acc << 6) | v as u32;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Ok(out)
-}
-
-/// The DER of a PEM `PRIVATE KEY`, or the bytes as they are if they are not PEM.
-fn pem_or_der(bytes: &[u8]) -> Result<Vec<u8>> {
-    let Ok(text) = std::str::from_utf8(bytes) else {
-        return Ok(bytes.to_vec());
-    };
-    let Some(start) = text.find("-----BEGIN PRIVATE KEY-----") else {
-        bail!("key file is text but holds no -----BEGIN PRIVATE KEY----- block");
-    };
-    let body = &text[start + "-----BEGIN PRIVATE KEY-----".len()..];
-    let end = body
-        .find("-----END PRIVATE KEY-----")
-        .context("key file has no -----END PRIVATE KEY----- line")?;
-    base64_decode(&body[..end]).context("key file's PEM body is not base64")
-}
-
-/// A new ed25519 key pair: the private key as PKCS#8 PEM, and the public key as hex.
-pub fn generate_key() -> Result<(String, String)> {
-    let rng = ring::rand::SystemRandom::new();
-    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
-        .map_err(|_| anyhow::anyhow!("cannot generate an ed25519 key: no system randomness"))?;
-    let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
-        .map_err(|e| anyhow::anyhow!("generated key does not parse: {e}"))?;
-    let body = base64_encode(pkcs8.as_ref());
-    let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
-    for line in body.as_bytes().chunks(64) {
-        pem.push_str(&String::from_utf8_lossy(line));
-        pem.push('\n');
-    }
-    pem.push_str("-----END PRIVATE KEY-----\n");
-    Ok((pem, hex::encode(pair.public_key().as_ref())))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -767,6 +592,41 @@ mod tests {
             signature: None,
             key_id: None,
         }
+    }
+
+    #[test]
+    fn artifact_sizes_are_signed_with_the_text_and_fingerprints_tell_copies_apart() {
+        let (pem, public) = generate_key().unwrap();
+        let key = parse_public_key(&public).unwrap();
+        let mut d = desired(3, "[[workloads]]\n");
+        d.artifacts.insert("ab".repeat(32), 4096);
+        let (sig, id) = sign_desired(pem.as_bytes(), "n1", &d).unwrap();
+        d.signature = Some(sig);
+        d.key_id = Some(id);
+        verify(&d, "n1", std::slice::from_ref(&key)).unwrap();
+        let text = String::from_utf8(signed_bytes("n1", &d)).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "lichen-desired-v2\nn1\n3\n1\n{} 4096\n[[workloads]]\n",
+                "ab".repeat(32)
+            )
+        );
+        // A bigger size (a forger's way to make the node fetch more) breaks the signature.
+        let mut bigger = d.clone();
+        bigger.artifacts.insert("ab".repeat(32), 512 << 20);
+        let err = verify(&bigger, "n1", std::slice::from_ref(&key)).unwrap_err();
+        assert!(err.contains("bad signature"), "{err}");
+        // Without artifacts the v1 bytes are signed, as before.
+        assert_eq!(
+            signed_bytes("n1", &desired(3, "x")),
+            canonical_bytes("n1", 3, "x")
+        );
+        // Same version, other signature: another message, refused or not on its own.
+        let mut forged = d.clone();
+        forged.signature = Some(base64_encode(&[0; 64]));
+        assert_ne!(fingerprint(&forged), fingerprint(&d));
+        assert_eq!(fingerprint(&d.clone()), fingerprint(&d));
     }
 
     #[tokio::test]
@@ -847,90 +707,6 @@ mod tests {
             .map(|r| r.kind)
             .collect();
         assert_eq!(kinds, vec!["cmd-result", "state"]);
-    }
-
-    #[test]
-    fn base64_round_trips() {
-        for data in [&b""[..], b"f", b"fo", b"foo", b"foob", b"fooba", b"foobar"] {
-            assert_eq!(base64_decode(&base64_encode(data)).unwrap(), data);
-        }
-        assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
-        assert_eq!(base64_encode(b"fo"), "Zm8=");
-        assert!(base64_decode("a*b").is_err());
-    }
-
-    #[test]
-    fn signatures_verify_only_for_the_signed_node_version_and_text() {
-        let (pem, public) = generate_key().unwrap();
-        let key = parse_public_key(&public).unwrap();
-        let mut d = desired(3, "[[workloads]]\n");
-        let (sig, id) = sign(pem.as_bytes(), "n1", 3, &d.deployment).unwrap();
-        assert_eq!(id, key.id);
-        d.signature = Some(sig);
-        d.key_id = Some(id);
-        assert_eq!(
-            verify(&d, "n1", std::slice::from_ref(&key)).unwrap(),
-            key.id
-        );
-        let err = verify(&d, "n2", std::slice::from_ref(&key)).unwrap_err();
-        assert!(err.contains("bad signature"), "{err}");
-        let mut tampered = d.clone();
-        tampered.deployment.push('#');
-        assert!(verify(&tampered, "n1", std::slice::from_ref(&key)).is_err());
-        let mut bumped = d.clone();
-        bumped.version = 4;
-        assert!(verify(&bumped, "n1", std::slice::from_ref(&key)).is_err());
-        let (_, other) = generate_key().unwrap();
-        let other = parse_public_key(&other).unwrap();
-        let err = verify(&d, "n1", &[other]).unwrap_err();
-        assert!(err.contains("not in hub.trusted-keys"), "{err}");
-        let err = verify(&desired(5, "x"), "n1", &[key]).unwrap_err();
-        assert!(err.contains("unsigned"), "{err}");
-    }
-
-    #[test]
-    fn artifact_sizes_are_signed_with_the_text_and_fingerprints_tell_copies_apart() {
-        let (pem, public) = generate_key().unwrap();
-        let key = parse_public_key(&public).unwrap();
-        let mut d = desired(3, "[[workloads]]\n");
-        d.artifacts.insert("ab".repeat(32), 4096);
-        let (sig, id) = sign_desired(pem.as_bytes(), "n1", &d).unwrap();
-        d.signature = Some(sig);
-        d.key_id = Some(id);
-        verify(&d, "n1", std::slice::from_ref(&key)).unwrap();
-        let text = String::from_utf8(signed_bytes("n1", &d)).unwrap();
-        assert_eq!(
-            text,
-            format!(
-                "lichen-desired-v2\nn1\n3\n1\n{} 4096\n[[workloads]]\n",
-                "ab".repeat(32)
-            )
-        );
-        // A bigger size (a forger's way to make the node fetch more) breaks the signature.
-        let mut bigger = d.clone();
-        bigger.artifacts.insert("ab".repeat(32), 512 << 20);
-        let err = verify(&bigger, "n1", std::slice::from_ref(&key)).unwrap_err();
-        assert!(err.contains("bad signature"), "{err}");
-        // Without artifacts the v1 bytes are signed, as before.
-        assert_eq!(
-            signed_bytes("n1", &desired(3, "x")),
-            canonical_bytes("n1", 3, "x")
-        );
-        // Same version, other signature: another message, refused or not on its own.
-        let mut forged = d.clone();
-        forged.signature = Some(base64_encode(&[0; 64]));
-        assert_ne!(fingerprint(&forged), fingerprint(&d));
-        assert_eq!(fingerprint(&d.clone()), fingerprint(&d));
-    }
-
-    #[test]
-    fn public_keys_parse_from_hex_or_base64_and_bad_ones_are_named() {
-        let hex_key = "11".repeat(32);
-        let a = parse_public_key(&hex_key).unwrap();
-        let b = parse_public_key(&base64_encode(&[0x11; 32])).unwrap();
-        assert_eq!(a, b);
-        let err = format!("{:#}", parse_public_key("abcd").unwrap_err());
-        assert!(err.contains("\"abcd\""), "{err}");
     }
 
     #[test]
