@@ -308,9 +308,13 @@ impl<A: PodAgent> TaskService<A> {
 
     /// Records how `task` ended (once) and publishes its exit.
     async fn finish(&self, task: &Task, status: u32) {
-        let Some(record) = task.record_exit(status) else {
+        // The exit event is queued before waiters (Wait, and so containerd's Delete) learn of
+        // the exit: a TaskDelete can then never be queued ahead of its TaskExit.
+        let _finishing = task.finishing.lock().await;
+        if task.exit().is_some() {
             return;
-        };
+        }
+        let record = task::ExitRecord::now(status);
         let event = containerd_shim_protos::events::task::TaskExit {
             container_id: task.id.clone(),
             id: task.id.clone(),
@@ -321,6 +325,7 @@ impl<A: PodAgent> TaskService<A> {
         };
         self.publish(task, topics::TASK_EXIT_EVENT_TOPIC, &event)
             .await;
+        task.record(record);
     }
 }
 

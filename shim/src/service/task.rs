@@ -93,6 +93,8 @@ pub struct Task {
     pub rootfs: Option<PathBuf>,
     /// Wakes a sandbox's waiter when it is killed.
     pub killed: Notify,
+    /// Held while the exit is published and recorded, so that happens once and in order.
+    pub finishing: tokio::sync::Mutex<()>,
     phase: Mutex<Phase>,
     signal: AtomicU32,
     exit: watch::Sender<Option<ExitRecord>>,
@@ -116,6 +118,7 @@ impl Task {
             target,
             rootfs,
             killed: Notify::new(),
+            finishing: tokio::sync::Mutex::new(()),
             phase: Mutex::new(Phase::Created),
             signal: AtomicU32::new(0),
             exit: watch::Sender::new(None),
@@ -174,14 +177,19 @@ impl Task {
 
     /// Records the end the first time; `None` if it had already ended.
     pub fn record_exit(&self, status: u32) -> Option<ExitRecord> {
+        let record = ExitRecord::now(status);
+        self.record(record).then_some(record)
+    }
+
+    /// Records `record` as the end, wakes the waiters; `false` if it had already ended.
+    pub fn record(&self, record: ExitRecord) -> bool {
         let mut phase = self.lock();
         if self.exit.borrow().is_some() {
-            return None;
+            return false;
         }
         *phase = Phase::Stopped;
-        let record = ExitRecord::now(status);
         self.exit.send_replace(Some(record));
-        Some(record)
+        true
     }
 
     /// How it ended, if it has.
