@@ -140,6 +140,38 @@ fn a_wasi_preview1_command_runs_and_its_output_reaches_the_logs() {
 }
 
 #[test]
+fn a_wasi_cli_component_runs_and_its_output_and_exit_code_reach_the_agent() {
+    let daemon = Daemon::start().unwrap();
+    let text = one_workload(
+        "hello",
+        &guest("hello-wasi-cli"),
+        "[workloads.config]\ngreeting = \"hi there\"",
+    );
+    let out = daemon.deploy("deploy.toml", &text);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let status = daemon.wait_for("hello", "completed", |s| s.state == "completed");
+    assert_eq!(status.kind, "wasi-command");
+    let logs = output_text(&daemon.cli(&["logs", "hello"]));
+    assert!(logs.contains("hello from wasi"), "{logs}");
+    assert!(logs.contains("LICHEN_GREETING=hi there"), "{logs}");
+
+    let text = one_workload(
+        "hello",
+        &guest("hello-wasi-cli"),
+        "[workloads.config]\nexit = \"3\"",
+    );
+    let out = daemon.deploy("deploy.toml", &text);
+    assert!(out.status.success(), "{}", output_text(&out));
+    // WASI 0.2's exit carries ok or err only: exit(3) reaches the agent as code 1.
+    let status = daemon.wait_for("hello", "failed", |s| {
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("exited with code 1"))
+    });
+    assert_ne!(status.state, "completed");
+}
+
+#[test]
 fn the_socket_is_private_and_metrics_are_served() {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
