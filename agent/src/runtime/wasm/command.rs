@@ -62,7 +62,8 @@ pub async fn run_command(
     };
     let mut store = Store::new(engine, data);
     store.limiter(|d| &mut d.limiter);
-    let slice_ticks = (time_slice.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
+    let slice_ticks =
+        u64::try_from((time_slice.as_millis() / EPOCH_TICK.as_millis()).max(1)).unwrap_or(u64::MAX);
     store.epoch_deadline_callback(move |mut ctx| {
         let data = ctx.data_mut();
         data.ticks += 1;
