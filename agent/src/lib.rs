@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod deployment;
 pub mod doctor;
 pub mod embedded;
+pub mod files;
 pub mod grants;
 pub mod hub;
 pub mod logs;

@@ -350,12 +350,12 @@ impl MicrovmWorkload {
 }
 
 /// A duration, as the files write it (`1year`, `1h`, `500ms`).
-pub(crate) fn show_duration(duration: Duration) -> String {
+pub fn show_duration(duration: Duration) -> String {
     humantime::format_duration(duration).to_string()
 }
 
 /// A byte count in the largest binary unit that divides it (`4MiB`, `1TiB`, `1000 bytes`).
-pub(crate) fn show_bytes(bytes: u64) -> String {
+pub fn show_bytes(bytes: u64) -> String {
     for (shift, unit) in [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")] {
         if bytes >= 1 << shift && bytes.is_multiple_of(1 << shift) {
             return format!("{}{unit}", bytes >> shift);

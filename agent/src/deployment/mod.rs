@@ -123,7 +123,7 @@ mod validate;
 
 use std::path::Path;
 
-pub use bounds::BoundError;
+pub use bounds::{BoundError, show_bytes, show_duration};
 pub use spec::{
     ContainerWorkload, DeploymentSpec, GpioEdgeTrigger, GpioGrantSpec, GpioMode, GuestRootRef,
     I2cGrantSpec, ImageRef, IsolationChoice, Limits, MicrovmWorkload, ModuleRef, RestartPolicy,

@@ -2,7 +2,7 @@
 //! everything, commit, then start, reload or stop), restores the last deployment at start,
 //! and answers the local API.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -29,6 +29,8 @@ use crate::runtime::{Prepared, Runtime, RuntimeStatus, StartInfo, Tier, Workload
 use crate::store::{NewDeployment, NewWorkload, StateStore, StoreOptions};
 use crate::util::process_rss_bytes;
 
+mod restore;
+
 /// How long `send` waits for a workload's reply.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -47,8 +49,9 @@ pub struct AgentOptions {
     pub board: String,
 }
 
-/// A workload stopped by `lichen stop`, kept for `ps` until the next deploy.
-struct Stopped {
+/// A workload that does not run, kept for `ps` until the next deploy: stopped by `lichen stop`,
+/// or failed before it could start when the stored deployment was restored.
+struct Parked {
     status: WorkloadStatus,
 }
 
@@ -60,7 +63,7 @@ struct Running {
 
 struct Workloads {
     running: BTreeMap<String, Running>,
-    stopped: BTreeMap<String, Stopped>,
+    stopped: BTreeMap<String, Parked>,
 }
 
 struct Inner {
@@ -71,6 +74,10 @@ struct Inner {
     /// What this board and host can run: Wasm and containers probed at start, microVMs when a
     /// deployment first needs them (their probe may boot a trial guest).
     isolation: std::sync::Mutex<IsolationProbe>,
+    /// Held for a whole deploy or restore, so they happen one at a time; `workloads` is held
+    /// only while workloads are switched, so `ps` and the other verbs never wait for a deploy
+    /// that is still reading and compiling its artifacts.
+    deploying: Mutex<()>,
     workloads: Mutex<Workloads>,
     board: String,
     next_command: AtomicU64,
@@ -159,6 +166,7 @@ impl Agent {
                 artifacts,
                 runtimes,
                 isolation: std::sync::Mutex::new(isolation),
+                deploying: Mutex::new(()),
                 workloads: Mutex::new(Workloads {
                     running: BTreeMap::new(),
                     stopped: BTreeMap::new(),
@@ -189,63 +197,6 @@ impl Agent {
         &self.inner.ctx.metrics
     }
 
-    /// Starts the workloads of the last applied deployment (after each runtime has cleaned up
-    /// what a killed agent left behind). Returns whether there was one.
-    pub async fn restore(&self) -> Result<bool> {
-        for runtime in self.inner.runtimes.values() {
-            runtime.recover().await;
-        }
-        let Some(record) = self.store().current_deployment()? else {
-            return Ok(false);
-        };
-        let mut workloads = self.inner.workloads.lock().await;
-        for row in record.workloads {
-            let spec: WorkloadSpec = serde_json::from_str(&row.spec_json)
-                .with_context(|| format!("stored spec of workload {:?} is unreadable", row.name))?;
-            let isolation = self.isolation_for(std::slice::from_ref(&spec)).await;
-            let prepared = match isolation.select(&spec) {
-                Err(message) => Err((Tier::Wasm, message)),
-                Ok(tier) => match self.runtime(tier) {
-                    Ok(runtime) => runtime
-                        .prepare(&spec, Some(&row.module_digest))
-                        .await
-                        .map(|p| (tier, p))
-                        .map_err(|e| (tier, format!("cannot load its {}: {}", e.field, e.message))),
-                    Err(message) => Err((tier, message)),
-                },
-            };
-            let (tier, prepared) = match prepared {
-                Ok(ready) => ready,
-                Err((_, message)) => {
-                    tracing::error!(workload = %row.name, "{message}");
-                    let _ = self
-                        .store()
-                        .log_event(Some(&row.name), "start-failed", &message)
-                        .await;
-                    continue;
-                }
-            };
-            let kv = self.store().load_kv(&row.name)?;
-            let workload = self.runtime(tier).map_err(anyhow::Error::msg)?.start(
-                prepared,
-                spec,
-                StartInfo {
-                    version: record.version,
-                    kv,
-                    events_handled: row.events_handled,
-                },
-            );
-            workloads
-                .running
-                .insert(row.name.clone(), Running { tier, workload });
-        }
-        tracing::info!(
-            version = record.version,
-            "restored the last applied deployment"
-        );
-        Ok(true)
-    }
-
     /// The runtime of a tier, or why this agent has none.
     fn runtime(&self, tier: Tier) -> Result<&Arc<dyn Runtime>, String> {
         self.inner
@@ -254,8 +205,24 @@ impl Agent {
             .ok_or_else(|| format!("this agent has no {tier} runtime"))
     }
 
-    /// Validates a deployment file and applies it atomically.
+    /// Validates a deployment file and applies it atomically. Whether it is applied or
+    /// refused, the artifacts no workload of the applied deployment uses are removed afterwards,
+    /// so refused deploys leave nothing behind.
     pub async fn deploy_text(
+        &self,
+        file_name: &str,
+        text: &str,
+        base_dir: &Path,
+    ) -> Result<DeployReport, ApiError> {
+        // One deploy at a time; validation (reading and compiling artifacts) happens before
+        // anything changes, without holding the workloads (`ps` keeps answering).
+        let _deploying = self.inner.deploying.lock().await;
+        let result = self.deploy_locked(file_name, text, base_dir).await;
+        self.collect_garbage().await;
+        result
+    }
+
+    async fn deploy_locked(
         &self,
         file_name: &str,
         text: &str,
@@ -265,9 +232,25 @@ impl Agent {
             .map_err(|e| ApiError::invalid(e.to_string()))?;
         crate::grants::check(&parsed, self.inner.ctx.devices.profile())
             .map_err(|e| ApiError::invalid(e.to_string()))?;
-        // One deploy at a time; validation (compiling) happens before anything changes.
-        let mut workloads = self.inner.workloads.lock().await;
+        self.check_pool(&parsed, 0)?;
         let artifacts = self.prepare_all(&parsed).await?;
+        let mut workloads = self.inner.workloads.lock().await;
+        let reloads = parsed
+            .spec
+            .workloads
+            .iter()
+            .zip(&artifacts)
+            .filter(|(spec, (tier, artifact))| {
+                *tier == Tier::Wasm
+                    && workloads.running.get(&spec.name).is_some_and(|current| {
+                        current.tier == Tier::Wasm
+                            && !current.workload.is_finished()
+                            && (current.workload.spec() != *spec
+                                || current.workload.digest() != artifact.digest())
+                    })
+            })
+            .count();
+        self.check_pool(&parsed, reloads)?;
 
         let mut new_workloads = Vec::with_capacity(parsed.spec.workloads.len());
         for (spec, (_, artifact)) in parsed.spec.workloads.iter().zip(&artifacts) {
@@ -388,6 +371,61 @@ impl Agent {
             "deployment applied"
         );
         Ok(report)
+    }
+
+    /// Refuses a deployment whose Wasm workloads, with `reloads` of them holding a second
+    /// instance during their hot reload, do not fit the engine's instance slots
+    /// (`wasm.max-instances`): beyond them, workloads would sit in back-off forever.
+    fn check_pool(&self, parsed: &ParsedDeployment, reloads: usize) -> Result<(), ApiError> {
+        let wasm = parsed
+            .spec
+            .workloads
+            .iter()
+            .filter(|w| w.kind == deployment::WorkloadKind::Wasm)
+            .count();
+        let slots = self.inner.ctx.engine.options().max_instances;
+        let needed = wasm.saturating_add(reloads);
+        if u32::try_from(needed).is_ok_and(|needed| needed <= slots) {
+            return Ok(());
+        }
+        let what = if reloads == 0 {
+            format!("{wasm} Wasm workloads need {wasm} instance slots")
+        } else {
+            format!(
+                "{wasm} Wasm workloads and {reloads} hot reloads (a reloaded workload holds a \
+                 second slot until its new version has handled an event) need {needed} \
+                 instance slots"
+            )
+        };
+        Err(ApiError::invalid(format!(
+            "{}: workloads: {what}, but this agent's engine has {slots} \
+             (`wasm.max-instances` in the agent config): raise wasm.max-instances or deploy \
+             fewer Wasm workloads",
+            parsed.file_name()
+        )))
+    }
+
+    /// Removes the stored artifacts (compiled modules, imported images) that no workload of
+    /// the applied deployment uses; each runtime sweeps its own. Called after every deploy
+    /// and at start, with the deploy lock held.
+    async fn collect_garbage(&self) {
+        let in_use: BTreeSet<String> = match self.store().current_deployment() {
+            Ok(Some(record)) => record
+                .workloads
+                .into_iter()
+                .map(|w| w.module_digest)
+                .collect(),
+            Ok(None) => BTreeSet::new(),
+            Err(err) => {
+                tracing::warn!(
+                    "not collecting unused artifacts: cannot read the deployment: {err}"
+                );
+                return;
+            }
+        };
+        for runtime in self.inner.runtimes.values() {
+            runtime.collect_garbage(&in_use).await;
+        }
     }
 
     /// Picks every workload's tier and prepares its artifact (compiles a module, imports an
@@ -617,8 +655,11 @@ impl Control for Agent {
         {
             let workloads = self.inner.workloads.lock().await;
             let Some(running) = workloads.running.get(workload) else {
-                return Err(if workloads.stopped.contains_key(workload) {
-                    ApiError::unavailable(format!("workload {workload:?} is stopped"))
+                return Err(if let Some(parked) = workloads.stopped.get(workload) {
+                    ApiError::unavailable(format!(
+                        "workload {workload:?} is {}",
+                        parked.status.state
+                    ))
                 } else {
                     ApiError::not_found(format!("no workload named {workload:?}"))
                 });
@@ -679,7 +720,7 @@ impl Control for Agent {
         status.uptime_ms = None;
         workloads
             .stopped
-            .insert(workload.to_string(), Stopped { status });
+            .insert(workload.to_string(), Parked { status });
         Ok(())
     }
 
@@ -727,7 +768,7 @@ fn to_api_status(name: &str, tier: Tier, s: RuntimeStatus) -> WorkloadStatus {
         events_handled: s.events_handled,
         queue_depth: s.queue_depth,
         memory_bytes: s.usage.memory_bytes.unwrap_or(0),
-        uptime_ms: s.uptime.map(|t| t.as_millis() as u64),
+        uptime_ms: s.uptime.map(crate::util::millis),
         last_error: s.last_error,
         isolation: tier.as_str().to_string(),
         pids: s.usage.pids,
@@ -738,3 +779,6 @@ fn to_api_status(name: &str, tier: Tier, s: RuntimeStatus) -> WorkloadStatus {
         accelerator: s.accelerator,
     }
 }
+
+#[cfg(test)]
+mod tests;
