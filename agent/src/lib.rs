@@ -18,6 +18,7 @@ pub mod hub;
 pub mod logs;
 pub mod metrics;
 pub mod runtime;
+pub mod state_dir;
 pub mod store;
 pub mod supervisor;
 pub mod util;

@@ -93,12 +93,7 @@ impl Agent {
     /// Opens the state store and artifact store under the state directory and builds the
     /// engine. Starts nothing; call [`Agent::restore`].
     pub async fn open(options: AgentOptions) -> Result<Self> {
-        std::fs::create_dir_all(&options.state_dir).with_context(|| {
-            format!(
-                "cannot create state directory {}",
-                options.state_dir.display()
-            )
-        })?;
+        crate::state_dir::create_private(&options.state_dir)?;
         let store = StateStore::open(
             &options.state_dir.join("lichen.db"),
             StoreOptions {
