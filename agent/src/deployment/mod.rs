@@ -138,8 +138,15 @@ use validate::Checker;
 ///
 /// Displays as `deploy.toml:12:5: workloads[1].module: <message>`, leaving out the parts that are
 /// `None`.
+///
+/// Whatever the file put in the field path or the message (a name with a newline or a
+/// right-to-left override) is escaped when it is displayed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}{}", self.prefix(), self.message)]
+#[error(
+    "{}{}",
+    crate::util::escape_unprintable(&self.prefix()),
+    crate::util::escape_unprintable(&self.message)
+)]
 pub struct DeploymentError {
     /// The file name, as given to [`parse`].
     pub file: String,

@@ -1479,7 +1479,7 @@ fn check_name(name: &str) -> std::result::Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "invalid workload name \"{name}\": use 1 to {MAX_NAME_LEN} characters from a-z, 0-9 \
+            "invalid workload name {name:?}: use 1 to {MAX_NAME_LEN} characters from a-z, 0-9 \
              and '-', starting with a letter or a digit"
         ))
     }
@@ -1489,7 +1489,7 @@ fn check_name(name: &str) -> std::result::Result<(), String> {
 fn check_device_name(name: &str) -> std::result::Result<(), String> {
     check_name(name).map_err(|_| {
         format!(
-            "invalid device name \"{name}\": use 1 to {MAX_NAME_LEN} characters from a-z, 0-9 \
+            "invalid device name {name:?}: use 1 to {MAX_NAME_LEN} characters from a-z, 0-9 \
              and '-', starting with a letter or a digit"
         )
     })
