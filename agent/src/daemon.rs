@@ -92,6 +92,13 @@ pub async fn run(args: RunArgs, socket: &Path) -> Result<()> {
         .clone()
         .or_else(|| config.state_dir.clone())
         .unwrap_or_else(default_state_dir);
+    if args.print_config {
+        let text = config
+            .effective_toml(&state_dir)
+            .context("cannot print the configuration")?;
+        print!("{text}");
+        return Ok(());
+    }
     let _state_lock =
         crate::state_dir::LockedStateDir::lock(&state_dir).context("cannot start the agent")?;
     let bound = crate::api::server::bind(socket)

@@ -174,6 +174,10 @@ pub struct RunArgs {
     /// Start with no deployment when none is stored yet (no embedded default).
     #[arg(long = "empty")]
     pub no_default: bool,
+    /// Print the effective configuration (TOML, every key with the defaults filled in) and
+    /// exit without starting.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 /// Options of `lichen bench`.
