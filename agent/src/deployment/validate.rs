@@ -1,5 +1,9 @@
 //! Static validation: from a located document tree to a [`DeploymentSpec`], or the first problem
 //! found in file order, located at the key or value that caused it.
+//!
+//! This file is long on purpose: it is one checker over one schema, each field's rule beside
+//! its neighbours and sharing the location plumbing; the bounds themselves are constants in
+//! `spec` and are checked again on the typed value in `bounds`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
