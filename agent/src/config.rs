@@ -130,7 +130,7 @@ impl HubSection {
     /// Longest trusted key text (a 32-byte key is 64 hex digits or 44 base64 characters).
     pub const MAX_KEY_TEXT_BYTES: usize = 256;
     /// Smallest `outbox-quota`.
-    pub const MIN_OUTBOX_QUOTA: u64 = 64 << 10;
+    pub const MIN_OUTBOX_QUOTA: u64 = 1 << 10;
     /// Largest `outbox-quota`.
     pub const MAX_OUTBOX_QUOTA: u64 = 64 << 30;
 }
@@ -410,14 +410,14 @@ mod tests {
             (hub.replace("mqtt://h", ""), "hub.url", "expected 1 to 2048"),
             (hub.replace("\"n\"", "\"a/b\""), "hub.node-id", "'/'"),
             (
-                format!("{hub}outbox-quota = \"1KiB\""),
+                format!("{hub}outbox-quota = \"1023\""),
                 "hub.outbox-quota",
-                "64KiB to 64GiB",
+                "1KiB to 64GiB",
             ),
             (
                 format!("{hub}outbox-quota = \"65GiB\""),
                 "hub.outbox-quota",
-                "64KiB to 64GiB",
+                "1KiB to 64GiB",
             ),
             (
                 format!("{hub}trusted-keys = [{}]", vec!["\"k\""; 65].join(", ")),
@@ -536,7 +536,7 @@ mod tests {
                     memory-guard = \"0\"\n[logs]\nring-lines = 1\nlines-per-second = 0.0\nburst = 1.0\n\
                     persisted-lines = 0\nlevel = \"info\"\n[hub]\nurl = \"mqtt://h\"\nnode-id = \"n\"\n\
                     ca-file = \"/c\"\nclient-cert = \"/c\"\nclient-key = \"/k\"\nusername = \"u\"\n\
-                    password = \"p\"\ntrusted-keys = []\noutbox-quota = \"64KiB\"\ninsecure-dev = false\n";
+                    password = \"p\"\ntrusted-keys = []\noutbox-quota = \"1KiB\"\ninsecure-dev = false\n";
         load_text(full).expect("every documented key at its lower bound is accepted");
     }
 

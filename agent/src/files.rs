@@ -18,12 +18,12 @@ use std::path::{Path, PathBuf};
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
     /// The file could not be found, opened or read.
-    #[error("cannot read {}: {source}", path.display())]
+    #[error("{}: {error}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
-        /// The system's reason.
-        source: std::io::Error,
+        /// The system's reason (shown in the message, so not a separate source).
+        error: std::io::Error,
     },
     /// The path names a directory, a device, a FIFO or a socket.
     #[error("{} is {what}, not a regular file", path.display())]
@@ -82,9 +82,9 @@ fn kind_of(meta: &Metadata) -> Option<&'static str> {
 /// Opens a regular file for reading (following symlinks) without ever blocking or opening a
 /// device, and returns it with its metadata.
 pub fn open_regular(path: &Path) -> Result<(File, Metadata), ReadError> {
-    let io = |source| ReadError::Io {
+    let io = |error| ReadError::Io {
         path: path.to_path_buf(),
-        source,
+        error,
     };
     let not_regular = |what| ReadError::NotRegular {
         path: path.to_path_buf(),
@@ -120,9 +120,9 @@ pub fn read_bounded(path: &Path, max: u64) -> Result<Vec<u8>, ReadError> {
     let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
     file.take(max.saturating_add(1))
         .read_to_end(&mut bytes)
-        .map_err(|source| ReadError::Io {
+        .map_err(|error| ReadError::Io {
             path: path.to_path_buf(),
-            source,
+            error,
         })?;
     let read = u64::try_from(bytes.len()).unwrap_or(u64::MAX);
     if read > max {

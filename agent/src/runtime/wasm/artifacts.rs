@@ -165,7 +165,8 @@ impl ArtifactStore {
             crate::files::read_bounded(&file, Self::MAX_MODULE_BYTES)
         })
         .await
-        .context("the module reading task failed")??;
+        .context("the module reading task failed")?
+        .context("cannot read module file")?;
         self.add_for_deployment(bytes)
             .await
             .with_context(|| path.display().to_string())
