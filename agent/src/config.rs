@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use lichen_host_apis::LogLevel;
 
 use crate::logs::LogOptions;
+use crate::runtime::container::{ImageLimits, SetuidPolicy};
 use crate::runtime::wasm::EngineOptions;
 
 /// The built-in configuration, used when `--config` is not given.
@@ -32,6 +33,14 @@ lines-per-second = 50    # average rate a workload may log
 burst = 200              # lines above the average in a burst
 persisted-lines = 1000   # lines kept in the state store per workload
 level = "info"           # guest lines below this level are dropped: trace, debug, info, warn, error
+
+[images]                 # OCI images of container workloads (every key optional)
+max-unpacked = "2GiB"    # bytes all layers of one image may write (1B..1TiB)
+max-file = "1GiB"        # largest file in an image (1B..1TiB)
+max-entries = 200000     # tar entries of all layers of one image (1..10000000)
+max-path = 4096          # bytes of an entry's path or link target (1..65536)
+max-depth = 128          # directories an entry's path may go down (1..1024)
+setuid = "refuse"        # set-uid/set-gid files: "refuse" the image, "strip" the bits, "keep" them
 
 # No [hub] section: the node runs offline. To sync with an MQTT hub (docs/topics.md):
 # [hub]
@@ -61,6 +70,9 @@ pub struct AgentConfig {
     /// The MQTT hub; without it the agent runs offline (no sync).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hub: Option<HubSection>,
+    /// Bounds on OCI images.
+    #[serde(default)]
+    pub images: ImageSection,
 }
 
 impl AgentConfig {
@@ -216,6 +228,49 @@ impl Default for LogSection {
     }
 }
 
+/// `[images]`: bounds on what one OCI image may unpack, and what to do with set-uid files;
+/// each key is optional.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ImageSection {
+    /// Bytes all layers of one image may write (`2GiB`; 1 B to [`ImageSection::MAX_BYTES`]).
+    pub max_unpacked: String,
+    /// Largest file in an image (`1GiB`; 1 B to [`ImageSection::MAX_BYTES`]).
+    pub max_file: String,
+    /// Tar entries of all layers of one image (1 to [`ImageSection::MAX_ENTRIES`]).
+    pub max_entries: u64,
+    /// Bytes of an entry's path or link target (1 to [`ImageSection::MAX_PATH`]).
+    pub max_path: usize,
+    /// Directories an entry's path may go down (1 to [`ImageSection::MAX_DEPTH`]).
+    pub max_depth: usize,
+    /// `refuse`, `strip` or `keep` set-uid and set-gid files.
+    pub setuid: String,
+}
+
+impl ImageSection {
+    /// Largest `max-unpacked` and `max-file`: 1 TiB.
+    pub const MAX_BYTES: u64 = 1 << 40;
+    /// Largest `max-entries`.
+    pub const MAX_ENTRIES: u64 = 10_000_000;
+    /// Largest `max-path`, in bytes.
+    pub const MAX_PATH: usize = 65_536;
+    /// Largest `max-depth`.
+    pub const MAX_DEPTH: usize = 1024;
+}
+
+impl Default for ImageSection {
+    fn default() -> Self {
+        Self {
+            max_unpacked: "2GiB".into(),
+            max_file: "1GiB".into(),
+            max_entries: 200_000,
+            max_path: 4096,
+            max_depth: 128,
+            setuid: "refuse".into(),
+        }
+    }
+}
+
 impl AgentConfig {
     /// Reads a configuration file (a regular file of at most
     /// [`MAX_FILE_BYTES`](Self::MAX_FILE_BYTES)), or the built-in one when `path` is `None`,
@@ -248,6 +303,36 @@ impl AgentConfig {
         })
     }
 
+    /// Image bounds from `[images]`, each checked against its own range.
+    pub fn image_limits(&self) -> Result<ImageLimits> {
+        let images = &self.images;
+        let size = |key: &str, text: &str| -> Result<u64> {
+            let bytes = parse_size(text)
+                .with_context(|| format!("invalid images.{key} in the agent config"))?;
+            in_range(key, bytes, 1, ImageSection::MAX_BYTES)
+        };
+        Ok(ImageLimits {
+            max_unpacked_bytes: size("max-unpacked", &images.max_unpacked)?,
+            max_file_bytes: size("max-file", &images.max_file)?,
+            max_entries: in_range(
+                "max-entries",
+                images.max_entries,
+                1,
+                ImageSection::MAX_ENTRIES,
+            )?,
+            max_path_bytes: in_range("max-path", images.max_path, 1, ImageSection::MAX_PATH)?,
+            max_depth: in_range("max-depth", images.max_depth, 1, ImageSection::MAX_DEPTH)?,
+            setuid: match images.setuid.as_str() {
+                "refuse" => SetuidPolicy::Refuse,
+                "strip" => SetuidPolicy::Strip,
+                "keep" => SetuidPolicy::Keep,
+                other => anyhow::bail!(
+                    "invalid images.setuid {other:?} in the agent config: use refuse, strip or keep"
+                ),
+            },
+        })
+    }
+
     /// Log settings from `[logs]`.
     pub fn log_options(&self) -> Result<LogOptions> {
         let min_level = match self.logs.level.as_str() {
@@ -267,6 +352,14 @@ impl AgentConfig {
             min_level,
         })
     }
+}
+
+/// `value` if it lies in `min..=max`, else an error naming `images.KEY` and the range.
+fn in_range<T: PartialOrd + std::fmt::Display>(key: &str, value: T, min: T, max: T) -> Result<T> {
+    if value < min || value > max {
+        anyhow::bail!("images.{key} = {value} in the agent config is out of range {min}..={max}");
+    }
+    Ok(value)
 }
 
 /// Parses `64KiB`, `32MiB`, `1GiB` or a plain number of bytes.
@@ -407,6 +500,21 @@ mod tests {
                 "logs.level",
                 "unknown level",
             ),
+            (
+                "[images]\nmax-entries = 0".into(),
+                "images.max-entries",
+                "1 to 10000000",
+            ),
+            (
+                "[images]\nmax-unpacked = \"2048GiB\"".into(),
+                "images.max-unpacked",
+                "1 bytes to 1TiB",
+            ),
+            (
+                "[images]\nsetuid = \"allow\"".into(),
+                "images.setuid",
+                "unknown policy",
+            ),
             (hub.replace("mqtt://h", ""), "hub.url", "expected 1 to 2048"),
             (hub.replace("\"n\"", "\"a/b\""), "hub.node-id", "'/'"),
             (
@@ -495,6 +603,13 @@ mod tests {
             "trusted-keys",
             "outbox-quota",
             "insecure-dev",
+            "[images]",
+            "max-unpacked",
+            "max-file",
+            "max-entries",
+            "max-path",
+            "max-depth",
+            "setuid",
         ] {
             assert!(text.contains(key), "{key} missing from:\n{text}");
         }
@@ -524,6 +639,12 @@ mod tests {
             "trusted-keys",
             "outbox-quota",
             "insecure-dev",
+            "max-unpacked",
+            "max-file",
+            "max-entries",
+            "max-path",
+            "max-depth",
+            "setuid",
         ];
         for key in every {
             assert!(
@@ -538,6 +659,32 @@ mod tests {
                     ca-file = \"/c\"\nclient-cert = \"/c\"\nclient-key = \"/k\"\nusername = \"u\"\n\
                     password = \"p\"\ntrusted-keys = []\noutbox-quota = \"1KiB\"\ninsecure-dev = false\n";
         load_text(full).expect("every documented key at its lower bound is accepted");
+    }
+
+    #[test]
+    fn image_bounds_default_and_out_of_range_values_are_named() {
+        let config = AgentConfig::load(None).expect("built-in");
+        assert_eq!(
+            config.image_limits().expect("defaults are valid"),
+            ImageLimits::default()
+        );
+        let config: AgentConfig =
+            toml::from_str("[images]\nmax-file = \"1MiB\"\nsetuid = \"strip\"\n").expect("parses");
+        let limits = config.image_limits().expect("valid");
+        assert_eq!(limits.max_file_bytes, 1 << 20);
+        assert_eq!(limits.setuid, SetuidPolicy::Strip);
+        assert_eq!(limits.max_entries, 200_000, "unset keys keep their default");
+        for (text, named) in [
+            ("max-entries = 0", "images.max-entries = 0"),
+            ("max-depth = 5000", "images.max-depth = 5000"),
+            ("max-unpacked = \"0\"", "images.max-unpacked"),
+            ("setuid = \"allow\"", "images.setuid \"allow\""),
+        ] {
+            let config: AgentConfig =
+                toml::from_str(&format!("[images]\n{text}\n")).expect("parses");
+            let err = format!("{:#}", config.image_limits().expect_err(text));
+            assert!(err.contains(named), "{err}");
+        }
     }
 
     #[test]

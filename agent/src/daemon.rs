@@ -64,6 +64,7 @@ pub async fn open_agent(config: &AgentConfig, state_dir: &Path) -> Result<Agent>
         logs: config.log_options()?,
         persisted_log_lines: config.logs.persisted_lines,
         board: config.board.clone(),
+        images: config.image_limits()?,
     })
     .await
 }

@@ -1,8 +1,9 @@
 //! `lichen hub`: the operator's side of the hub, against any MQTT broker. These verbs do not
 //! talk to a local daemon: they connect to the broker themselves.
 //!
-//! - `lichen hub keygen OUT`: a new ed25519 publisher key pair (`OUT`: PKCS#8 PEM, mode 0600;
-//!   `OUT.pub`: the public key in hex, for the nodes' `hub.trusted-keys`).
+//! - `lichen hub keygen OUT`: a new ed25519 publisher key pair (`OUT`: PKCS#8 v1 PEM, the form
+//!   OpenSSL and Python's `cryptography` read, mode 0600; `OUT.pub`: the public key in hex, for
+//!   the nodes' `hub.trusted-keys`).
 //! - `lichen hub deploy --url U --node N FILE --key KEY [--version V]`: publishes, retained,
 //!   the module files the deployment names by path (chunked, on `lichen/v1/N/artifact/...`),
 //!   then the deployment with those modules named by digest, signed for node N, on
@@ -35,7 +36,7 @@ use crate::hub::{DesiredState, generate_key, parse_url, sign};
 /// The `hub` verbs.
 #[derive(Debug, Clone, Subcommand)]
 pub enum HubCommand {
-    /// Write a new ed25519 publisher key pair: OUT (PKCS#8 PEM) and OUT.pub (hex).
+    /// Write a new ed25519 publisher key pair: OUT (PKCS#8 v1 PEM) and OUT.pub (hex).
     Keygen {
         /// Where to write the private key; the public key goes to OUT.pub.
         out: PathBuf,

@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use super::{AgentConfig, HubSection, LogSection, WasmSection, parse_size};
+use super::{AgentConfig, HubSection, ImageSection, LogSection, WasmSection, parse_size};
 use crate::deployment::show_bytes;
 
 /// A configuration key out of its bound: the key (`wasm.max-instances`) and what is wrong.
@@ -45,6 +45,7 @@ impl AgentConfig {
         }
         self.wasm.check()?;
         self.logs.check()?;
+        self.images.check()?;
         if let Some(hub) = &self.hub {
             hub.check()?;
         }
@@ -128,6 +129,34 @@ impl LogSection {
                 format!(
                     "unknown level {:?}: use trace, debug, info, warn or error",
                     self.level
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl ImageSection {
+    fn check(&self) -> Result<(), ConfigError> {
+        size("images.max-unpacked", &self.max_unpacked, 1, Self::MAX_BYTES)?;
+        size("images.max-file", &self.max_file, 1, Self::MAX_BYTES)?;
+        count("images.max-entries", self.max_entries, Self::MAX_ENTRIES)?;
+        count(
+            "images.max-path",
+            u64::try_from(self.max_path).unwrap_or(u64::MAX),
+            u64::try_from(Self::MAX_PATH).unwrap_or(u64::MAX),
+        )?;
+        count(
+            "images.max-depth",
+            u64::try_from(self.max_depth).unwrap_or(u64::MAX),
+            u64::try_from(Self::MAX_DEPTH).unwrap_or(u64::MAX),
+        )?;
+        if !["refuse", "strip", "keep"].contains(&self.setuid.as_str()) {
+            return Err(error(
+                "images.setuid",
+                format!(
+                    "unknown policy {:?}: use refuse, strip or keep",
+                    self.setuid
                 ),
             ));
         }
@@ -223,6 +252,17 @@ fn size(key: &str, text: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
         ));
     }
     Ok(bytes)
+}
+
+/// A count key within `1..=max`.
+fn count(key: &str, value: u64, max: u64) -> Result<(), ConfigError> {
+    if !(1..=max).contains(&value) {
+        return Err(error(
+            key,
+            format!("{value} is out of bounds: expected 1 to {max}"),
+        ));
+    }
+    Ok(())
 }
 
 /// A rate key: finite, within `min..=max`.

@@ -15,7 +15,8 @@
 //!   quota drop, and workload status change.
 //!
 //! - applies bundles given to `lichen import` ([`import_bundle`], [`bundle`]), verified exactly
-//!   as a desired state from the hub, with no network;
+//!   as a desired state from the hub, with no network; the bundle is read and its artifacts
+//!   checked and stored by an importer task of its own, so the link keeps serving meanwhile;
 //! - fetches the artifacts a verified deployment names by digest and the node lacks, in chunks
 //!   over MQTT ([`artifacts`]): resumable across reconnects and restarts, each chunk and the
 //!   whole artifact checked before use; a tampered one rejects the deployment.
@@ -25,6 +26,8 @@
 
 pub mod artifacts;
 pub mod bundle;
+mod import;
+pub mod signing;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -37,10 +40,8 @@ use lichen_sync::{
     Assembly, Envelope, Inbound, InboundError, Manifest, Quota, RowId, RowKind, RowSize,
     SessionConfig, SessionEvent, SyncHandle, SyncSession, TlsFiles, Topics,
 };
-use ring::signature::{ED25519, KeyPair, UnparsedPublicKey};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
@@ -50,8 +51,12 @@ use crate::config::{HubSection, parse_size};
 use crate::store::{OutboxRecord, SqliteOutbox, StateStore};
 use crate::supervisor::Agent;
 
-/// Domain separation prefix of the signed bytes (see [`canonical_bytes`]).
-pub const SIGNATURE_CONTEXT: &str = "lichen-desired-v1";
+pub use import::{ImportReport, ImportRequest, import_bundle};
+pub use signing::{
+    SIGNATURE_CONTEXT, TrustedKey, base64_decode, base64_encode, canonical_bytes, generate_key,
+    key_id, parse_public_key, sign, verify,
+};
+
 /// `hub_state` key of the applied hub deployment version.
 const APPLIED_VERSION: &str = "applied-version";
 /// `hub_state` key of the dropped-telemetry counts (JSON object, workload -> count).
@@ -75,163 +80,6 @@ pub struct DesiredState {
     /// Id of the key that signed ([`key_id`]).
     #[serde(default)]
     pub key_id: Option<String>,
-}
-
-/// The bytes a publisher signs: `lichen-desired-v1\n<node>\n<version>\n<deployment>`. The node
-/// and version are inside so that a signed deployment cannot be replayed to another node or
-/// under a higher version.
-pub fn canonical_bytes(node: &str, version: u64, deployment: &str) -> Vec<u8> {
-    format!("{SIGNATURE_CONTEXT}\n{node}\n{version}\n{deployment}").into_bytes()
-}
-
-/// A key's id: the first 16 hex digits of the SHA-256 of its 32 public-key bytes.
-pub fn key_id(public_key: &[u8]) -> String {
-    hex::encode(&Sha256::digest(public_key)[..8])
-}
-
-/// A publisher key the node trusts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TrustedKey {
-    /// [`key_id`] of the key.
-    pub id: String,
-    /// The raw ed25519 public key.
-    pub public: Vec<u8>,
-}
-
-/// Parses an ed25519 public key written as 64 hex digits or as base64 of its 32 bytes.
-pub fn parse_public_key(text: &str) -> Result<TrustedKey> {
-    let text = text.trim();
-    let bytes = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        hex::decode(text).context("hex public key")?
-    } else {
-        base64_decode(text)
-            .with_context(|| format!("public key {text:?} is neither 64 hex digits nor base64"))?
-    };
-    if bytes.len() != 32 {
-        bail!(
-            "public key {text:?} has {} bytes; an ed25519 public key has 32",
-            bytes.len()
-        );
-    }
-    Ok(TrustedKey {
-        id: key_id(&bytes),
-        public: bytes,
-    })
-}
-
-/// Signs a desired state with a PKCS#8 ed25519 key (DER, or PEM `PRIVATE KEY`); returns the
-/// base64 signature and the key id.
-pub fn sign(pkcs8: &[u8], node: &str, version: u64, deployment: &str) -> Result<(String, String)> {
-    let der = pem_or_der(pkcs8)?;
-    let pair = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
-        .map_err(|e| anyhow::anyhow!("not an ed25519 PKCS#8 private key: {e}"))?;
-    let signature = pair.sign(&canonical_bytes(node, version, deployment));
-    Ok((
-        base64_encode(signature.as_ref()),
-        key_id(pair.public_key().as_ref()),
-    ))
-}
-
-/// Checks the signature of `desired` for `node` against `keys`; returns the signing key's id.
-pub fn verify(desired: &DesiredState, node: &str, keys: &[TrustedKey]) -> Result<String, String> {
-    let Some(signature) = &desired.signature else {
-        return Err(format!(
-            "deployment version {} is unsigned; this node accepts only deployments signed by a trusted key",
-            desired.version
-        ));
-    };
-    let signature = base64_decode(signature).map_err(|e| {
-        format!(
-            "deployment version {}: signature is not base64: {e}",
-            desired.version
-        )
-    })?;
-    if keys.is_empty() {
-        return Err(format!(
-            "deployment version {} is signed, but this node trusts no key (hub.trusted-keys is empty)",
-            desired.version
-        ));
-    }
-    let candidates: Vec<&TrustedKey> = match &desired.key_id {
-        Some(id) => {
-            let found: Vec<_> = keys.iter().filter(|k| &k.id == id).collect();
-            if found.is_empty() {
-                return Err(format!(
-                    "deployment version {} is signed by key {id}, which is not in hub.trusted-keys",
-                    desired.version
-                ));
-            }
-            found
-        }
-        None => keys.iter().collect(),
-    };
-    let message = canonical_bytes(node, desired.version, &desired.deployment);
-    for key in candidates {
-        if UnparsedPublicKey::new(&ED25519, &key.public)
-            .verify(&message, &signature)
-            .is_ok()
-        {
-            return Ok(key.id.clone());
-        }
-    }
-    Err(format!(
-        "deployment version {} has a bad signature (tampered, signed for another node or version, or by another key)",
-        desired.version
-    ))
-}
-
-/// Body of `POST /v1/import`: a bundle on the node's disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImportRequest {
-    /// Absolute path of the bundle (directory or `.tar`).
-    pub path: String,
-}
-
-/// Answer of `POST /v1/import`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ImportReport {
-    /// The node.
-    pub node: String,
-    /// The hub version of the desired state applied.
-    pub version: u64,
-    /// Id of the key that signed it.
-    pub signer: String,
-    /// Artifacts added to the store from the bundle.
-    pub artifacts: Vec<String>,
-    /// What the deployment did.
-    pub deployment: DeployReport,
-}
-
-/// An import handed to the hub link.
-struct ImportJob {
-    path: std::path::PathBuf,
-    reply: tokio::sync::oneshot::Sender<Result<ImportReport, ApiError>>,
-}
-
-/// Where imports go: the hub link of this process, set when it starts (one per daemon).
-static IMPORTS: std::sync::OnceLock<mpsc::Sender<ImportJob>> = std::sync::OnceLock::new();
-
-/// Verifies a bundle exactly as a desired state from the hub (node, version, signature by a
-/// trusted key, every artifact's digest) and applies it; anything wrong changes nothing and is
-/// an `invalid` error (and reported by the hub link). Needs the `[hub]` section, whose node id
-/// and trusted keys the verification uses; works with the hub unreachable.
-pub async fn import_bundle(req: ImportRequest) -> Result<ImportReport, ApiError> {
-    let Some(imports) = IMPORTS.get() else {
-        return Err(ApiError::unavailable(
-            "this agent has no [hub] section: importing a bundle needs hub.node-id and hub.trusted-keys to verify it",
-        ));
-    };
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    imports
-        .send(ImportJob {
-            path: req.path.into(),
-            reply,
-        })
-        .await
-        .map_err(|_| ApiError::unavailable("the hub link has stopped"))?;
-    answer
-        .await
-        .map_err(|_| ApiError::internal("the hub link dropped the import"))?
 }
 
 /// A parsed hub URL.
@@ -328,6 +176,7 @@ pub struct HubLink {
     handle: SyncHandle,
     session: JoinHandle<()>,
     bridge: JoinHandle<()>,
+    importer: JoinHandle<()>,
 }
 
 impl HubLink {
@@ -366,6 +215,14 @@ impl HubLink {
             .unwrap_or(Path::new("."))
             .to_path_buf();
         let chunks = artifacts::ChunkStore::new(state_dir.join("artifacts").join("partial"));
+        let importer = import::Importer {
+            node: hub.node_id.clone(),
+            keys: keys.clone(),
+            insecure_dev: hub.insecure_dev,
+            store: store.clone(),
+            agent: agent.clone(),
+            limits: bundle::Limits::default(),
+        };
         let mut bridge = Bridge {
             topics,
             handle: handle.clone(),
@@ -394,14 +251,17 @@ impl HubLink {
         let session = tokio::spawn(session.run());
         bridge.publish_reported().await;
         let (imports_tx, imports) = mpsc::channel(4);
-        if IMPORTS.set(imports_tx).is_err() {
+        if !import::route_imports(imports_tx) {
             tracing::warn!("a second hub link in this process: `lichen import` goes to the first");
         }
-        let bridge = tokio::spawn(bridge.run(events, imports));
+        let (checked_tx, checked) = mpsc::channel(1);
+        let importer = tokio::spawn(importer.run(imports, checked_tx));
+        let bridge = tokio::spawn(bridge.run(events, checked));
         Ok(Self {
             handle,
             session,
             bridge,
+            importer,
         })
     }
 
@@ -410,6 +270,7 @@ impl HubLink {
         self.handle.shutdown();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.session).await;
         self.bridge.abort();
+        self.importer.abort();
     }
 }
 
@@ -468,6 +329,16 @@ struct Bridge {
     last_seen: String,
 }
 
+/// The hub version of the desired state applied last (0 before the first).
+fn applied_version(store: &StateStore) -> u64 {
+    store
+        .hub_state(APPLIED_VERSION)
+        .ok()
+        .flatten()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
 fn now_ms() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -478,7 +349,7 @@ impl Bridge {
     async fn run(
         mut self,
         mut events: mpsc::Receiver<SessionEvent>,
-        mut imports: mpsc::Receiver<ImportJob>,
+        mut imports: mpsc::Receiver<import::Checked>,
     ) {
         let mut check = tokio::time::interval(CHECK_EVERY);
         loop {
@@ -487,9 +358,9 @@ impl Bridge {
                     Some(ev) => self.on_event(ev).await,
                     None => return,
                 },
-                Some(job) = imports.recv() => {
-                    let result = self.on_import(job.path).await;
-                    let _ = job.reply.send(result);
+                Some(checked) = imports.recv() => {
+                    let result = self.finish_import(checked.path, checked.outcome).await;
+                    let _ = checked.reply.send(result);
                 },
                 _ = check.tick() => {
                     self.enforce_quota().await;
@@ -569,12 +440,7 @@ impl Bridge {
     }
 
     fn applied_version(&self) -> u64 {
-        self.store
-            .hub_state(APPLIED_VERSION)
-            .ok()
-            .flatten()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        applied_version(&self.store)
     }
 
     async fn reject(&mut self, version: Option<u64>, reason: String) {
@@ -903,29 +769,20 @@ impl Bridge {
         ApiError::invalid(reason)
     }
 
-    /// `lichen import`: the same checks as a desired state from the hub, then the artifacts
-    /// into the store and the deployment applied.
-    async fn on_import(&mut self, path: std::path::PathBuf) -> Result<ImportReport, ApiError> {
-        let read = {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || bundle::read(&path)).await
+    /// `lichen import`, once the importer has checked the bundle and put its artifacts in the
+    /// store: applies it as a desired state from the hub, or records why it was refused.
+    async fn finish_import(
+        &mut self,
+        path: std::path::PathBuf,
+        outcome: Result<import::Verified, import::Refusal>,
+    ) -> Result<ImportReport, ApiError> {
+        let verified = match outcome {
+            Ok(v) => v,
+            Err(refusal) => return Err(self.reject_import(refusal.version, refusal.reason).await),
         };
-        let b = match read {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => return Err(self.reject_import(None, format!("{e:#}")).await),
-            Err(e) => return Err(ApiError::internal(format!("bundle reader failed: {e}"))),
-        };
-        let desired = b.index.desired;
+        let desired = verified.desired;
         let version = Some(desired.version);
-        if b.index.node != self.node {
-            let reason = format!(
-                "bundle {} is for node {:?}; this node is {:?}",
-                path.display(),
-                b.index.node,
-                self.node
-            );
-            return Err(self.reject_import(version, reason).await);
-        }
+        // A hub version may have been applied while the importer worked.
         let applied = self.applied_version();
         if desired.version <= applied {
             let reason = format!(
@@ -935,47 +792,6 @@ impl Bridge {
             );
             return Err(self.reject_import(version, reason).await);
         }
-        let signer = match verify(&desired, &self.node, &self.keys) {
-            Ok(key) => key,
-            Err(reason) if self.insecure_dev => {
-                tracing::warn!(
-                    "INSECURE: importing deployment version {} despite: {reason} (hub.insecure-dev)",
-                    desired.version
-                );
-                "none (insecure-dev)".to_owned()
-            }
-            Err(reason) => return Err(self.reject_import(version, reason).await),
-        };
-        for (name, bytes) in &b.artifacts {
-            let found = lichen_sync::sha256_hex(bytes);
-            if &found != name {
-                let reason = format!(
-                    "artifact file artifacts/{name} of bundle {} was tampered with or corrupted: its content has sha256 {found}",
-                    path.display()
-                );
-                return Err(self.reject_import(version, reason).await);
-            }
-        }
-        for digest in artifacts::referenced_digests(&desired.deployment) {
-            if !b.artifacts.contains_key(&digest) && !self.agent.artifacts().contains(&digest) {
-                let reason = format!(
-                    "the deployment names artifact sha256:{digest}, which is neither in bundle {} nor on this node",
-                    path.display()
-                );
-                return Err(self.reject_import(version, reason).await);
-            }
-        }
-        let mut added = Vec::new();
-        for (digest, bytes) in b.artifacts {
-            if self.agent.artifacts().contains(&digest) {
-                continue;
-            }
-            if let Err(e) = self.agent.artifacts().add(bytes).await {
-                let reason = format!("artifact sha256:{digest} does not load: {e:#}");
-                return Err(self.reject_import(version, reason).await);
-            }
-            added.push(digest);
-        }
         if self
             .pending
             .as_ref()
@@ -984,12 +800,12 @@ impl Bridge {
             self.cancel_pending();
         }
         let v = desired.version;
-        match self.apply_checked(desired, signer.clone()).await {
+        match self.apply_checked(desired, verified.signer.clone()).await {
             Ok(deployment) => Ok(ImportReport {
                 node: self.node.clone(),
                 version: v,
-                signer,
-                artifacts: added,
+                signer: verified.signer,
+                artifacts: verified.added,
                 deployment,
             }),
             Err(reason) => Err(self.reject_import(version, reason).await),
@@ -1397,96 +1213,9 @@ fn static_check(hub: Option<&HubSection>) -> (&'static str, String) {
     }
 }
 
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// Standard base64 with padding.
-pub fn base64_encode(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(B64[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// Decodes standard base64 (padding optional, whitespace ignored).
-pub fn base64_decode(text: &str) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in text.bytes().filter(|c| !c.is_ascii_whitespace()) {
-        if c == b'=' {
-            break;
-        }
-        let v = B64
-            .iter()
-            .position(|&b| b == c)
-            .with_context(|| format!("{:?} is not a base64 character", char::from(c)))?;
-        acc = (acc << 6) | v as u32;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Ok(out)
-}
-
-/// The DER of a PEM `PRIVATE KEY`, or the bytes as they are if they are not PEM.
-fn pem_or_der(bytes: &[u8]) -> Result<Vec<u8>> {
-    let Ok(text) = std::str::from_utf8(bytes) else {
-        return Ok(bytes.to_vec());
-    };
-    let Some(start) = text.find("-----BEGIN PRIVATE KEY-----") else {
-        bail!("key file is text but holds no -----BEGIN PRIVATE KEY----- block");
-    };
-    let body = &text[start + "-----BEGIN PRIVATE KEY-----".len()..];
-    let end = body
-        .find("-----END PRIVATE KEY-----")
-        .context("key file has no -----END PRIVATE KEY----- line")?;
-    base64_decode(&body[..end]).context("key file's PEM body is not base64")
-}
-
-/// A new ed25519 key pair: the private key as PKCS#8 PEM, and the public key as hex.
-pub fn generate_key() -> Result<(String, String)> {
-    let rng = ring::rand::SystemRandom::new();
-    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
-        .map_err(|_| anyhow::anyhow!("cannot generate an ed25519 key: no system randomness"))?;
-    let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
-        .map_err(|e| anyhow::anyhow!("generated key does not parse: {e}"))?;
-    let body = base64_encode(pkcs8.as_ref());
-    let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
-    for line in body.as_bytes().chunks(64) {
-        pem.push_str(&String::from_utf8_lossy(line));
-        pem.push('\n');
-    }
-    pem.push_str("-----END PRIVATE KEY-----\n");
-    Ok((pem, hex::encode(pair.public_key().as_ref())))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn desired(version: u64, text: &str) -> DesiredState {
-        DesiredState {
-            version,
-            deployment: text.into(),
-            signature: None,
-            key_id: None,
-        }
-    }
 
     #[tokio::test]
     async fn the_quota_drops_the_oldest_telemetry_first_and_never_state_or_results() {
@@ -1566,55 +1295,6 @@ mod tests {
             .map(|r| r.kind)
             .collect();
         assert_eq!(kinds, vec!["cmd-result", "state"]);
-    }
-
-    #[test]
-    fn base64_round_trips() {
-        for data in [&b""[..], b"f", b"fo", b"foo", b"foob", b"fooba", b"foobar"] {
-            assert_eq!(base64_decode(&base64_encode(data)).unwrap(), data);
-        }
-        assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
-        assert_eq!(base64_encode(b"fo"), "Zm8=");
-        assert!(base64_decode("a*b").is_err());
-    }
-
-    #[test]
-    fn signatures_verify_only_for_the_signed_node_version_and_text() {
-        let (pem, public) = generate_key().unwrap();
-        let key = parse_public_key(&public).unwrap();
-        let mut d = desired(3, "[[workloads]]\n");
-        let (sig, id) = sign(pem.as_bytes(), "n1", 3, &d.deployment).unwrap();
-        assert_eq!(id, key.id);
-        d.signature = Some(sig);
-        d.key_id = Some(id);
-        assert_eq!(
-            verify(&d, "n1", std::slice::from_ref(&key)).unwrap(),
-            key.id
-        );
-        let err = verify(&d, "n2", std::slice::from_ref(&key)).unwrap_err();
-        assert!(err.contains("bad signature"), "{err}");
-        let mut tampered = d.clone();
-        tampered.deployment.push('#');
-        assert!(verify(&tampered, "n1", std::slice::from_ref(&key)).is_err());
-        let mut bumped = d.clone();
-        bumped.version = 4;
-        assert!(verify(&bumped, "n1", std::slice::from_ref(&key)).is_err());
-        let (_, other) = generate_key().unwrap();
-        let other = parse_public_key(&other).unwrap();
-        let err = verify(&d, "n1", &[other]).unwrap_err();
-        assert!(err.contains("not in hub.trusted-keys"), "{err}");
-        let err = verify(&desired(5, "x"), "n1", &[key]).unwrap_err();
-        assert!(err.contains("unsigned"), "{err}");
-    }
-
-    #[test]
-    fn public_keys_parse_from_hex_or_base64_and_bad_ones_are_named() {
-        let hex_key = "11".repeat(32);
-        let a = parse_public_key(&hex_key).unwrap();
-        let b = parse_public_key(&base64_encode(&[0x11; 32])).unwrap();
-        assert_eq!(a, b);
-        let err = format!("{:#}", parse_public_key("abcd").unwrap_err());
-        assert!(err.contains("\"abcd\""), "{err}");
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub struct AgentOptions {
     pub persisted_log_lines: usize,
     /// Name of the board profile.
     pub board: String,
+    /// Bounds on OCI images of container workloads.
+    pub images: crate::runtime::container::ImageLimits,
 }
 
 /// A workload that does not run, kept for `ps` until the next deploy: stopped by `lichen stop`,
@@ -143,7 +145,8 @@ impl Agent {
             Tier::Container,
             Arc::new(ContainerTier::new(
                 oci,
-                ImageStore::new(options.state_dir.join("images")),
+                ImageStore::new(options.state_dir.join("images"))
+                    .with_limits(options.images.clone()),
                 logs.clone(),
                 devices.profile().clone(),
             )),

@@ -18,6 +18,7 @@ async fn open(dir: &Path, max_instances: u32) -> Agent {
         logs: crate::logs::LogOptions::default(),
         persisted_log_lines: 100,
         board: "sim".into(),
+        images: Default::default(),
     })
     .await
     .expect("agent opens")
