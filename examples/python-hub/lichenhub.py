@@ -35,8 +35,11 @@ import paho.mqtt.client as mqtt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-# docs/topics.md, "The signed bytes": "lichen-desired-v1" LF node LF version LF deployment.
+# docs/topics.md, "The signed bytes": "lichen-desired-v1" LF node LF version LF deployment, or,
+# when the desired state lists artifact sizes, "lichen-desired-v2" LF node LF version LF count LF,
+# one "<sha256> <size>" LF per artifact in digest order, then the deployment.
 SIGNATURE_CONTEXT = b"lichen-desired-v1"
+SIGNATURE_CONTEXT_V2 = b"lichen-desired-v2"
 # docs/topics.md, "Artifacts": chunks of 1 KiB to 512 KiB, 64 KiB by default.
 MIN_CHUNK = 1024
 MAX_CHUNK = 512 * 1024
@@ -59,11 +62,15 @@ def envelope(origin, sequence, payload):
     return json.dumps(message, separators=(",", ":")).encode()
 
 
-def canonical_bytes(node, version, deployment):
-    """The exact bytes a desired state's signature covers."""
-    return b"\n".join(
-        [SIGNATURE_CONTEXT, node.encode(), str(int(version)).encode(), deployment.encode()]
-    )
+def canonical_bytes(node, version, deployment, artifacts=None):
+    """The exact bytes a desired state's signature covers; `artifacts` maps digest -> size."""
+    if not artifacts:
+        return b"\n".join(
+            [SIGNATURE_CONTEXT, node.encode(), str(int(version)).encode(), deployment.encode()]
+        )
+    head = [SIGNATURE_CONTEXT_V2, node.encode(), str(int(version)).encode(), str(len(artifacts)).encode()]
+    lines = b"".join(f"{digest} {int(artifacts[digest])}\n".encode() for digest in sorted(artifacts))
+    return b"\n".join(head) + b"\n" + lines + deployment.encode()
 
 
 def raw_public_key(private_key):
@@ -107,15 +114,19 @@ def load_key(path):
     return key
 
 
-def sign_desired(key, node, version, deployment):
-    """The payload of a `desired` message, signed for `node` and `version`."""
-    signature = key.sign(canonical_bytes(node, version, deployment))
-    return {
+def sign_desired(key, node, version, deployment, artifacts=None):
+    """The payload of a `desired` message, signed for `node` and `version`, with the size of
+    each artifact it names (digest -> bytes): a node fetches only those, only that big."""
+    signature = key.sign(canonical_bytes(node, version, deployment, artifacts))
+    desired = {
         "version": int(version),
         "deployment": deployment,
         "signature": base64.b64encode(signature).decode("ascii"),
         "key-id": key_id(raw_public_key(key)),
     }
+    if artifacts:
+        desired["artifacts"] = {digest: int(size) for digest, size in sorted(artifacts.items())}
+    return desired
 
 
 def sha256_hex(data):
@@ -241,7 +252,8 @@ class Hub:
     def deploy(self, node, key, version, deployment, artifacts=(), chunk_size=DEFAULT_CHUNK):
         """Publishes the artifacts, then the desired state signed for `node` (retained)."""
         manifests = [self.publish_artifact(node, data, chunk_size) for data in artifacts]
-        desired = sign_desired(key, node, version, deployment)
+        sizes = {m["digest"]: m["size"] for m in manifests}
+        desired = sign_desired(key, node, version, deployment, sizes)
         self.publish(topic(node, "desired"), envelope(ORIGIN, version, desired), retain=True)
         return desired, manifests
 

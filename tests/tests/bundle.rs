@@ -224,8 +224,10 @@ fn hostile_bundles_are_refused_naming_the_member_and_the_node_keeps_answering() 
         dir
     };
 
-    // A member larger than the bound (a sparse file: no disk used), refused by its size.
+    // A member larger than the bound (a sparse file: no disk used), refused by its size before
+    // it is read: `hub bundle` signs each artifact's size, and the member is not that size.
     let oversized = variant("oversized");
+    let signed_size = std::fs::metadata(good.join(&member)).expect("member").len();
     std::fs::File::options()
         .write(true)
         .open(oversized.join(&member))
@@ -236,7 +238,7 @@ fn hostile_bundles_are_refused_naming_the_member_and_the_node_keeps_answering() 
         &oversized,
         &[
             &format!("member {member} is 1073741825 bytes"),
-            "bound of 1073741824 bytes",
+            &format!("the signed desired state says {signed_size}"),
         ],
         &store_before,
     );

@@ -31,7 +31,7 @@ use super::render::{self, Table};
 use super::{emit, push_json};
 use crate::hub::artifacts::{LocalArtifact, Message, artifact_messages, resolve_modules};
 use crate::hub::bundle::BundleIndex;
-use crate::hub::{DesiredState, generate_key, parse_url, sign};
+use crate::hub::{DesiredState, generate_key, parse_url, sign_desired};
 
 /// The `hub` verbs.
 #[derive(Debug, Clone, Subcommand)]
@@ -352,17 +352,22 @@ fn signed_desired(
             .unwrap_or_default()
             .as_secs()
     });
-    let (signature, key_id) = sign(&key, node, version, &text)
+    // The sizes are signed with the text: a node fetches exactly these artifacts, this big.
+    let mut desired = DesiredState {
+        version,
+        deployment: text,
+        artifacts: artifacts
+            .iter()
+            .map(|a| (a.digest.clone(), a.bytes.len() as u64))
+            .collect(),
+        signature: None,
+        key_id: None,
+    };
+    let (signature, key_id) = sign_desired(&key, node, &desired)
         .with_context(|| format!("signing with key file {}", key_file.display()))?;
-    Ok((
-        DesiredState {
-            version,
-            deployment: text,
-            signature: Some(signature),
-            key_id: Some(key_id),
-        },
-        artifacts,
-    ))
+    desired.signature = Some(signature);
+    desired.key_id = Some(key_id);
+    Ok((desired, artifacts))
 }
 
 fn bundle(args: HubBundleArgs, json: bool) -> Result<ExitCode> {

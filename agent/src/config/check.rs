@@ -138,7 +138,12 @@ impl LogSection {
 
 impl ImageSection {
     fn check(&self) -> Result<(), ConfigError> {
-        size("images.max-unpacked", &self.max_unpacked, 1, Self::MAX_BYTES)?;
+        size(
+            "images.max-unpacked",
+            &self.max_unpacked,
+            1,
+            Self::MAX_BYTES,
+        )?;
         size("images.max-file", &self.max_file, 1, Self::MAX_BYTES)?;
         count("images.max-entries", self.max_entries, Self::MAX_ENTRIES)?;
         count(

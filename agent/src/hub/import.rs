@@ -212,11 +212,14 @@ impl Importer {
             }
             Err(reason) => return Err(Refusal::new(version, reason)),
         };
-        // Each digest the signed text names; no size yet (a desired state that signs the sizes
-        // of its artifacts would give them here), so each is bounded by Limits::artifact.
+        // Each digest the signed text names, with the size the desired state signs for it
+        // (a member must be exactly that size); one without is bounded by Limits::artifact.
         let expected: Expected = artifacts::referenced_digests(&desired.deployment)
             .into_iter()
-            .map(|d| (d, None))
+            .map(|d| {
+                let size = desired.artifacts.get(&d).copied();
+                (d, size)
+            })
             .collect();
         // First pass: every member hashed as it streams by; nothing kept, nothing written.
         let in_bundle = bundle

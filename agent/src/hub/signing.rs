@@ -14,12 +14,35 @@ use super::DesiredState;
 
 /// Domain separation prefix of the signed bytes (see [`canonical_bytes`]).
 pub const SIGNATURE_CONTEXT: &str = "lichen-desired-v1";
+/// Domain separation prefix of the signed bytes of a desired state that lists artifacts
+/// (see [`signed_bytes`]).
+pub const SIGNATURE_CONTEXT_V2: &str = "lichen-desired-v2";
 
 /// The bytes a publisher signs: `lichen-desired-v1\n<node>\n<version>\n<deployment>`. The node
 /// and version are inside so that a signed deployment cannot be replayed to another node or
 /// under a higher version.
 pub fn canonical_bytes(node: &str, version: u64, deployment: &str) -> Vec<u8> {
     format!("{SIGNATURE_CONTEXT}\n{node}\n{version}\n{deployment}").into_bytes()
+}
+
+/// The bytes a publisher signs for `desired`: [`canonical_bytes`] when it lists no artifacts,
+/// else `lichen-desired-v2\n<node>\n<version>\n<count>\n` then one `<sha256> <size>\n` line
+/// per artifact (in digest order) and the deployment text, so the sizes the node fetches are
+/// the publisher's too.
+pub fn signed_bytes(node: &str, desired: &DesiredState) -> Vec<u8> {
+    if desired.artifacts.is_empty() {
+        return canonical_bytes(node, desired.version, &desired.deployment);
+    }
+    let mut text = format!(
+        "{SIGNATURE_CONTEXT_V2}\n{node}\n{}\n{}\n",
+        desired.version,
+        desired.artifacts.len()
+    );
+    for (digest, size) in &desired.artifacts {
+        text.push_str(&format!("{digest} {size}\n"));
+    }
+    text.push_str(&desired.deployment);
+    text.into_bytes()
 }
 
 /// A key's id: the first 16 hex digits of the SHA-256 of its 32 public-key bytes.
@@ -70,6 +93,19 @@ pub fn sign(pkcs8: &[u8], node: &str, version: u64, deployment: &str) -> Result<
     ))
 }
 
+/// Signs `desired` for `node` ([`signed_bytes`]: with its artifact sizes, if it lists any)
+/// with a PKCS#8 ed25519 key; returns the base64 signature and the key id.
+pub fn sign_desired(pkcs8: &[u8], node: &str, desired: &DesiredState) -> Result<(String, String)> {
+    let der = pem_or_der(pkcs8)?;
+    let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
+        .map_err(|e| anyhow::anyhow!("not an ed25519 PKCS#8 private key: {e}"))?;
+    let signature = pair.sign(&signed_bytes(node, desired));
+    Ok((
+        base64_encode(signature.as_ref()),
+        key_id(pair.public_key().as_ref()),
+    ))
+}
+
 /// Checks the signature of `desired` for `node` against `keys`; returns the signing key's id.
 pub fn verify(desired: &DesiredState, node: &str, keys: &[TrustedKey]) -> Result<String, String> {
     let Some(signature) = &desired.signature else {
@@ -103,7 +139,7 @@ pub fn verify(desired: &DesiredState, node: &str, keys: &[TrustedKey]) -> Result
         }
         None => keys.iter().collect(),
     };
-    let message = canonical_bytes(node, desired.version, &desired.deployment);
+    let message = signed_bytes(node, desired);
     for key in candidates {
         if UnparsedPublicKey::new(&ED25519, &key.public)
             .verify(&message, &signature)
@@ -190,6 +226,7 @@ mod tests {
         DesiredState {
             version,
             deployment: text.into(),
+            artifacts: Default::default(),
             signature: None,
             key_id: None,
         }

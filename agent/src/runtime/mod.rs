@@ -163,7 +163,7 @@ pub struct RuntimeStatus {
 }
 
 /// An event for a workload (Wasm workloads take them; other kinds refuse).
-pub use wasm::{Delivery, EventSender, Reply};
+pub use wasm::{CommandCommitted, Delivery, EventSender, HubCommand, Reply};
 
 /// One running workload, whatever runs it.
 pub trait Workload: Send + Sync {

@@ -52,9 +52,9 @@ use tokio::sync::{mpsc, oneshot};
 pub use outbox::SqliteOutbox;
 pub use reads::OUTBOX_ROW_OVERHEAD;
 pub use types::{
-    DeploymentRecord, DeploymentSummary, EventCommit, EventRow, GuestLogLine, KvWrite,
-    NewDeployment, NewWorkload, OutboxRecord, OutboxRow, OutboxRowSize, StatusUpdate, StoreOptions,
-    StoreStats, TelemetryRecord, WorkloadRow,
+    CommandRecord, DeploymentRecord, DeploymentSummary, EventCommit, EventRow, GuestLogLine,
+    KvWrite, NewDeployment, NewWorkload, OutboxRecord, OutboxRow, OutboxRowSize, StatusUpdate,
+    StoreOptions, StoreStats, TelemetryRecord, WorkloadRow,
 };
 use writer::{Op, Output, Request};
 
@@ -133,6 +133,10 @@ pub enum StoreError {
     /// A write named a workload that the applied deployment does not have.
     #[error("workload {0:?} does not exist")]
     UnknownWorkload(String),
+    /// An event meant to record a hub command that the inbox already holds: nothing of the
+    /// event was written (the first copy's writes stand).
+    #[error("hub command {0:?} was handled already")]
+    CommandHandled(String),
     /// A deployment listed the same workload twice.
     #[error("deployment lists workload {0:?} more than once")]
     DuplicateWorkload(String),
@@ -343,9 +347,11 @@ impl StateStore {
     }
 
     /// Commits the effects of one handled event: key-value writes, telemetry into the outbox,
-    /// and the workload's event counter, all or nothing. Returns once they are durable.
+    /// the workload's event counter and, for a hub command, its inbox id and result, all or
+    /// nothing. Returns once they are durable. A hub command the inbox already holds fails
+    /// with [`StoreError::CommandHandled`] and writes nothing.
     pub async fn commit_event(&self, c: EventCommit) -> Result<(), StoreError> {
-        let telemetry = !c.telemetry.is_empty();
+        let telemetry = !c.telemetry.is_empty() || c.command.is_some();
         self.submit(Op::Commit(c)).await?;
         if telemetry {
             self.outbox_changed();

@@ -132,6 +132,7 @@ impl Control for Agent {
                         id: id.clone(),
                         name: req.command,
                         payload: req.payload.into_bytes(),
+                        hub: None,
                     },
                     Some(reply_tx),
                 )

@@ -192,6 +192,33 @@ impl Agent {
         &self.inner.ctx.metrics
     }
 
+    /// The event queue of `workload`, if it takes commands now: an unknown, stopped, failed or
+    /// completed workload, or one of a kind that takes no events, is an error naming it. The
+    /// hub link queues its commands here, waiting for room rather than failing when full.
+    pub async fn command_queue(&self, workload: &str) -> Result<EventSender, ApiError> {
+        let workloads = self.inner.workloads.lock().await;
+        let Some(running) = workloads.running.get(workload) else {
+            return Err(if workloads.stopped.contains_key(workload) {
+                ApiError::unavailable(format!("workload {workload:?} is stopped"))
+            } else {
+                ApiError::not_found(format!("no workload named {workload:?}"))
+            });
+        };
+        let status = running.workload.status();
+        if status.state == "failed" || status.state == "completed" {
+            return Err(ApiError::unavailable(format!(
+                "workload {workload:?} is {} and takes no commands until it is deployed again",
+                status.state
+            )));
+        }
+        running.workload.event_sender().ok_or_else(|| {
+            ApiError::unavailable(format!(
+                "workload {workload:?} is a {}: it takes no commands",
+                status.kind
+            ))
+        })
+    }
+
     /// The runtime of a tier, or why this agent has none.
     fn runtime(&self, tier: Tier) -> Result<&Arc<dyn Runtime>, String> {
         self.inner

@@ -211,6 +211,7 @@ async fn a_worker_given_an_unchecked_spec_clamps_it_instead_of_panicking() {
                 id: "c1".into(),
                 name: "get".into(),
                 payload: Vec::new(),
+                hub: None,
             },
             Some(reply_tx),
         )

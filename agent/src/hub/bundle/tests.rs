@@ -14,6 +14,7 @@ fn index() -> BundleIndex {
         desired: DesiredState {
             version: 3,
             deployment: "[[workloads]]\n".into(),
+            artifacts: Default::default(),
             signature: Some("c2ln".into()),
             key_id: Some("00".into()),
         },

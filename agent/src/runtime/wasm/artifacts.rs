@@ -19,9 +19,10 @@ use lichen_host_apis::{DeviceFunctionPre, WORLD};
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 use wasmtime::{Module, Precompiled};
+use wasmtime_wasi::p2::bindings::CommandPre;
 
 use super::IntoAnyhow;
-use super::command::CommandData;
+use super::command::CommandProgram;
 use super::engine::WasmEngine;
 use super::instance::InstanceData;
 
@@ -30,7 +31,8 @@ use super::instance::InstanceData;
 pub enum ArtifactKind {
     /// A component of Lichen's device-function world.
     Component,
-    /// A core module that is a WASI preview-1 command (exports `_start`).
+    /// A WASI command program: a preview-1 core module exporting `_start`, or a component
+    /// exporting `wasi:cli/run`.
     Command,
 }
 
@@ -49,7 +51,7 @@ pub struct Artifact {
     digest: String,
     kind: ArtifactKind,
     component: Option<DeviceFunctionPre<InstanceData>>,
-    command: Option<wasmtime::InstancePre<CommandData>>,
+    command: Option<CommandProgram>,
 }
 
 impl Artifact {
@@ -68,8 +70,8 @@ impl Artifact {
         self.component.as_ref()
     }
 
-    /// The pre-instantiated module, for WASI commands.
-    pub fn command(&self) -> Option<&wasmtime::InstancePre<CommandData>> {
+    /// The pre-instantiated program, for WASI commands.
+    pub fn command(&self) -> Option<&CommandProgram> {
         self.command.as_ref()
     }
 }
@@ -266,9 +268,23 @@ impl ArtifactStore {
     }
 
     fn add_blocking(&self, digest: String, bytes: Vec<u8>) -> Result<Arc<Artifact>> {
-        let artifact = match Self::precompiled_kind(&bytes)? {
-            Precompiled::Component => self.load_component(&digest, &bytes)?,
-            Precompiled::Module => self.load_command(&digest, &bytes)?,
+        let compiled = self.compiled_path(&digest);
+        let had_compiled = compiled.exists();
+        let loaded = match Self::precompiled_kind(&bytes)? {
+            Precompiled::Component => self.load_component(&digest, &bytes),
+            Precompiled::Module => self.load_command(&digest, &bytes),
+        };
+        let artifact = match loaded {
+            Ok(artifact) => artifact,
+            Err(e) => {
+                // Compiling writes the cache before the kind is checked: a refused binary
+                // leaves nothing behind.
+                if !had_compiled {
+                    let _ = fs::remove_file(checksum_path(&compiled));
+                    let _ = fs::remove_file(&compiled);
+                }
+                return Err(e);
+            }
         };
         if !self.contains(&digest) {
             write_atomically(&self.source_path(&digest), &bytes)?;
@@ -305,17 +321,49 @@ impl ArtifactStore {
                 true,
             ),
         };
-        let pre = self
+        let device = self
             .engine
             .linker()
             .instantiate_pre(&component)
             .anyhow()
-            .with_context(|| format!("the component's imports are not all in world {WORLD}"))?;
-        let pre = DeviceFunctionPre::new(pre).anyhow().with_context(|| {
-            format!(
-                "the component does not have the exports of world {WORLD} (`init` and `on-event`)"
-            )
-        })?;
+            .with_context(|| format!("the component's imports are not all in world {WORLD}"))
+            .and_then(|pre| {
+                DeviceFunctionPre::new(pre).anyhow().with_context(|| {
+                    format!(
+                        "the component does not have the exports of world {WORLD} (`init` and `on-event`)"
+                    )
+                })
+            });
+        let artifact = match device {
+            Ok(pre) => Artifact {
+                digest: digest.to_string(),
+                kind: ArtifactKind::Component,
+                component: Some(pre),
+                command: None,
+            },
+            Err(device_err) => {
+                // Not a device function: a WASI program exporting `wasi:cli/run` runs as a
+                // command.
+                let cli = self
+                    .engine
+                    .cli_linker()
+                    .instantiate_pre(&component)
+                    .and_then(CommandPre::new);
+                match cli {
+                    Ok(pre) => Artifact {
+                        digest: digest.to_string(),
+                        kind: ArtifactKind::Command,
+                        component: None,
+                        command: Some(CommandProgram::Component(pre)),
+                    },
+                    Err(_) => {
+                        return Err(device_err.context(format!(
+                            "the component is neither a device function of world {WORLD} nor a WASI command exporting wasi:cli/run with WASI 0.2 imports only"
+                        )));
+                    }
+                }
+            }
+        };
         // Cached only once accepted: a refused component leaves no compilation behind.
         if fresh {
             self.write_compiled(
@@ -326,12 +374,7 @@ impl ArtifactStore {
                     .context("cannot serialize the compiled component")?,
             )?;
         }
-        Ok(Artifact {
-            digest: digest.to_string(),
-            kind: ArtifactKind::Component,
-            component: Some(pre),
-            command: None,
-        })
+        Ok(artifact)
     }
 
     fn load_command(&self, digest: &str, bytes: &[u8]) -> Result<Artifact> {
@@ -372,7 +415,7 @@ impl ArtifactStore {
             digest: digest.to_string(),
             kind: ArtifactKind::Command,
             component: None,
-            command: Some(pre),
+            command: Some(CommandProgram::Module(pre)),
         })
     }
 
@@ -550,5 +593,71 @@ mod tests {
             .err()
             .expect("refused");
         assert!(format!("{err:#}").contains("corrupt"), "{err:#}");
+    }
+
+    #[tokio::test]
+    async fn a_wasi_cli_component_is_a_command_that_prints_and_exits_with_its_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = fs::read(crate::embedded::guest_path("hello-wasi-cli").unwrap()).unwrap();
+        let store = store(dir.path());
+        let artifact = store
+            .add(bytes)
+            .await
+            .expect("a wasi:cli/run component loads");
+        assert_eq!(artifact.kind(), ArtifactKind::Command);
+        let program = artifact.command().expect("a command program").clone();
+        assert_eq!(program.kind_name(), "wasi-cli");
+
+        let log = crate::logs::LogHub::new(crate::logs::LogOptions::default());
+        let mut config = std::collections::BTreeMap::new();
+        config.insert("greeting".to_string(), "hi".to_string());
+        let run = |config: std::collections::BTreeMap<String, String>| {
+            let program = program.clone();
+            let engine = store.engine().engine().clone();
+            let log = &log;
+            async move {
+                super::super::command::run_command(
+                    &engine,
+                    program,
+                    "hello",
+                    &config,
+                    log,
+                    16 << 20,
+                    std::time::Duration::from_secs(10),
+                )
+                .await
+            }
+        };
+        assert_eq!(run(config.clone()).await, Ok(0));
+        let lines: Vec<String> = log
+            .recent("hello", 64)
+            .into_iter()
+            .map(|l| l.message)
+            .collect();
+        assert!(lines.iter().any(|l| l == "hello from wasi"), "{lines:?}");
+        assert!(lines.iter().any(|l| l == "LICHEN_GREETING=hi"), "{lines:?}");
+        // WASI 0.2's `wasi:cli/exit` carries ok or err only: `exit(3)` reaches the host as 1.
+        config.insert("exit".to_string(), "3".to_string());
+        assert_eq!(
+            run(config).await,
+            Ok(1),
+            "a failing exit comes through wasi:cli/exit"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_component_that_is_neither_kind_is_refused_naming_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = wat::parse_str("(component)").unwrap();
+        let err = store(dir.path()).add(bytes).await.err().expect("refused");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("neither a device function") && text.contains("wasi:cli/run"),
+            "{text}"
+        );
+        assert!(
+            fs::read_dir(dir.path()).unwrap().next().is_none(),
+            "nothing stored"
+        );
     }
 }
