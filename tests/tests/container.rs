@@ -841,6 +841,13 @@ restart = "never"
             .join("rootfs/bin/busybox")
             .is_file()
     );
+    // Once the applied deployment no longer uses the image, the agent removes it.
+    let out = daemon.deploy("empty.toml", "workloads = []\n");
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        !daemon.state_dir().join("images").join(hex).exists(),
+        "the unused image was collected"
+    );
     finish(daemon);
 }
 

@@ -249,6 +249,18 @@ pub trait Runtime: Send + Sync {
         Box::pin(async {})
     }
 
+    /// Removes the artifacts this runtime keeps on disk (compiled modules, imported images)
+    /// that no workload of the applied deployment uses; `in_use` holds the digests the applied
+    /// deployment records for its workloads ([`Prepared::digest`]). The agent calls it after
+    /// every deploy, applied or refused, and at start, one call at a time and never during a
+    /// deploy, so repeated refused deploys do not grow the store.
+    fn collect_garbage<'a>(
+        &'a self,
+        _in_use: &'a std::collections::BTreeSet<String>,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+
     /// Loads and checks a workload's artifact; `stored_digest` is the digest recorded when it
     /// was deployed (a restore loads that one).
     fn prepare<'a>(

@@ -73,6 +73,16 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
+    /// The database file (or its WAL or shared-memory file) could not be made private to
+    /// the agent's user (mode 0600).
+    #[error("cannot make {} private (mode 0600)", path.display())]
+    Private {
+        /// The file.
+        path: PathBuf,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
     /// The database file could not be opened or configured.
     #[error("cannot open state database {}", path.display())]
     Open {
@@ -222,6 +232,34 @@ impl Drop for Inner {
     }
 }
 
+/// Creates the database file with mode 0600 before SQLite opens it (SQLite gives its `-wal` and
+/// `-shm` files the database's mode), and brings an existing database and its companions (left
+/// 0644 by older agents) to 0600: they hold the key-value state, hub state and guest logs.
+fn make_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let private = |path: &Path, source| StoreError::Private {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| private(path, e))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        let file = PathBuf::from(name);
+        match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(private(&file, e)),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// The agent's state store. Cheap to clone; every clone uses the same database and writer.
 #[derive(Debug, Clone)]
 pub struct StateStore {
@@ -237,6 +275,7 @@ impl StateStore {
                 source,
             })?;
         }
+        make_private(path)?;
         let open_err = |source| StoreError::Open {
             path: path.to_path_buf(),
             source,

@@ -936,3 +936,32 @@ async fn quota_reads_measure_and_list_the_oldest_telemetry() {
     assert_eq!(dropped, 2);
     assert_eq!(store.outbox_len().expect("counts"), 2);
 }
+
+#[tokio::test]
+async fn the_database_and_its_wal_and_shm_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    // As an older agent left it: readable by every local user.
+    std::fs::write(&path, b"").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let store = open(&path);
+    store
+        .log_event(None, "started", "a write, so the WAL exists")
+        .await
+        .unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let file = PathBuf::from(format!("{}{suffix}", path.display()));
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", file.display());
+    }
+    let fresh = dir.path().join("fresh").join("lichen.db");
+    let store = open(&fresh);
+    store.log_event(None, "started", "x").await.unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let file = PathBuf::from(format!("{}{suffix}", fresh.display()));
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", file.display());
+    }
+}

@@ -271,6 +271,23 @@ impl Runtime for ContainerTier {
         })
     }
 
+    fn collect_garbage<'a>(
+        &'a self,
+        in_use: &'a std::collections::BTreeSet<String>,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let (images, in_use) = (self.images.clone(), in_use.clone());
+            match tokio::task::spawn_blocking(move || images.remove_unused(&in_use)).await {
+                Ok(Ok(removed)) if !removed.is_empty() => {
+                    tracing::info!(images = ?removed, "removed images that no deployment uses");
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => tracing::warn!(%err, "cannot remove unused images"),
+                Err(err) => tracing::warn!(%err, "removing unused images failed"),
+            }
+        })
+    }
+
     fn recover<'a>(&'a self) -> BoxFuture<'a, ()> {
         Box::pin(async move {
             // Scratch directories of imports cut short by a killed agent.

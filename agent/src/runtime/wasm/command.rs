@@ -98,7 +98,8 @@ fn store_for<T: RunData + Send>(
 ) -> Store<T> {
     let mut store = Store::new(engine, data);
     store.limiter(|d| d.limiter());
-    let slice_ticks = (time_slice.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
+    let slice_ticks =
+        u64::try_from((time_slice.as_millis() / EPOCH_TICK.as_millis()).max(1)).unwrap_or(u64::MAX);
     store.epoch_deadline_callback(move |mut ctx: StoreContextMut<'_, T>| {
         let ticks = ctx.data_mut().ticks();
         *ticks += 1;

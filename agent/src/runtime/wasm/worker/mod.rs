@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use super::artifacts::{Artifact, ArtifactKind};
 use super::engine::WasmEngine;
 use super::instance::{CallOutcome, Instance, InstanceSetup};
-use crate::deployment::WorkloadSpec;
+use crate::deployment::{Limits, WorkloadSpec};
 use crate::logs::LogHub;
 use crate::metrics::Metrics;
 use crate::store::{
@@ -351,7 +351,13 @@ fn setup_for(ctx: &WorkerContext, spec: &WorkloadSpec, kv: Arc<Mutex<KvMap>>) ->
         kv,
         log: ctx.logs.clone(),
         memory_limit: usize::try_from(memory).unwrap_or(usize::MAX),
-        time_slice: spec.limits.time_slice.unwrap_or(DEFAULT_TIME_SLICE),
+        // Specs are checked against their bounds before they get here; clamping keeps the
+        // tick arithmetic sound whatever the spec says.
+        time_slice: spec
+            .limits
+            .time_slice
+            .unwrap_or(DEFAULT_TIME_SLICE)
+            .clamp(Limits::MIN_TIME_SLICE, Limits::MAX_TIME_SLICE),
         devices: Arc::default(),
     }
 }
@@ -473,7 +479,13 @@ pub fn spawn_worker(
     initial_events: u64,
 ) -> WorkerHandle {
     let name: Arc<str> = Arc::from(spec.name.as_str());
-    let queue = spec.limits.queue.unwrap_or(DEFAULT_QUEUE).max(1);
+    // Bounded at validation; clamped again because tokio panics on a capacity of 0 or past
+    // its semaphore's limit.
+    let queue = spec
+        .limits
+        .queue
+        .unwrap_or(DEFAULT_QUEUE)
+        .clamp(1, Limits::MAX_QUEUE);
     let (events_tx, events_rx) = mpsc::channel(queue);
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let stats = Arc::new(WorkerStats::default());

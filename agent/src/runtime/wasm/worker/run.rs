@@ -19,7 +19,7 @@ use super::{
 };
 use crate::deployment::{RestartPolicy, Trigger};
 use crate::store::{CommandRecord, StatusUpdate, StoreError};
-use crate::util::now_ms;
+use crate::util::{deadline_after, now_ms};
 
 pub(super) struct Worker {
     pub(super) ctx: WorkerContext,
@@ -62,19 +62,19 @@ impl Worker {
                     if ticker.is_none() && !command_ran {
                         command_ran = true;
                         if let Some(delay) = self.run_command_once().await {
-                            restart_at = Some(tokio::time::Instant::now() + delay);
+                            restart_at = Some(deadline_after(delay));
                             command_ran = false;
                         }
                     } else {
                         self.set_state("running", None);
                     }
                 } else if let Some(delay) = self.start().await {
-                    restart_at = Some(tokio::time::Instant::now() + delay);
+                    restart_at = Some(deadline_after(delay));
                 }
             }
             let running = self.current.instance.is_some() || (is_command && restart_at.is_none());
-            let sleep_until = restart_at
-                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            let sleep_until =
+                restart_at.unwrap_or_else(|| deadline_after(Duration::from_secs(3600)));
             let next = tokio::select! {
                 biased;
                 command = self.control.recv() => match command {
@@ -98,7 +98,7 @@ impl Worker {
                 request = self.events.recv(), if running => match request {
                     Some(request) => {
                         if let Some(delay) = self.dispatch(request.delivery, request.reply).await {
-                            restart_at = Some(tokio::time::Instant::now() + delay);
+                            restart_at = Some(deadline_after(delay));
                         }
                         Next::Continue
                     }
@@ -106,7 +106,7 @@ impl Worker {
                 },
                 _ = tick(&mut ticker), if running => {
                     if let Some(delay) = self.dispatch(Delivery::Tick, None).await {
-                        restart_at = Some(tokio::time::Instant::now() + delay);
+                        restart_at = Some(deadline_after(delay));
                     }
                     Next::Continue
                 }
@@ -124,7 +124,10 @@ impl Worker {
             Trigger::Interval(period) => Some(*period),
             Trigger::GpioEdge(_) => None,
         })?;
-        let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        // Checked at validation; clamped again since tokio panics on a zero period and the
+        // interval adds the period to an instant at every tick.
+        let period = period.clamp(Trigger::MIN_INTERVAL, Trigger::MAX_INTERVAL);
+        let mut interval = tokio::time::interval_at(deadline_after(period), period);
         interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Some(interval)
     }
