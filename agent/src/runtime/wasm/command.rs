@@ -140,11 +140,28 @@ pub async fn run_command(
         .stdout(stdout.clone())
         .stderr(stderr.clone())
         .envs(&env)
-        .args(&[workload])
+        .args(&[workload]);
+    let outcome = run_program(engine, program, builder, memory_limit, time_slice).await;
+    forward_lines(workload, log, LogLevel::Info, "stdout", &stdout.contents());
+    forward_lines(workload, log, LogLevel::Warn, "stderr", &stderr.contents());
+    outcome
+}
+
+/// Runs a command once with the WASI context `builder` describes (arguments, environment,
+/// stdout and stderr; no network is added here whatever it says). Returns `Ok(exit code)` or
+/// `Err(trap description)`. The store, and so every output stream the program held, is
+/// dropped before this returns.
+pub async fn run_program(
+    engine: &wasmtime::Engine,
+    program: CommandProgram,
+    mut builder: WasiCtxBuilder,
+    memory_limit: usize,
+    time_slice: Duration,
+) -> Result<i32, String> {
+    builder
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false);
-
     let outcome: wasmtime::Result<i32> = match program {
         CommandProgram::Module(pre) => {
             let data = CommandData {
@@ -181,9 +198,6 @@ pub async fn run_command(
             .await
         }
     };
-
-    forward_lines(workload, log, LogLevel::Info, "stdout", &stdout.contents());
-    forward_lines(workload, log, LogLevel::Warn, "stderr", &stderr.contents());
     match outcome {
         Ok(code) => Ok(code),
         Err(err) => match err.downcast_ref::<I32Exit>() {
