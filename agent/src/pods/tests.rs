@@ -40,7 +40,7 @@ pub const SLEEPER: &str = r#"(module
     (i32.store (i32.const 16) (i32.const 1))
     (i64.store (i32.const 24) (i64.const 1000000000))
     (loop $forever
-      (drop (call $poll (i32.const 0) (i32.const 300) (i32.const 1) (i32.const 400)))
+      (drop (call $poll (i32.const 0) (i32.const 304) (i32.const 1) (i32.const 400)))
       (br $forever))))"#;
 
 fn runtime(dir: &std::path::Path) -> PodRuntime {
