@@ -423,12 +423,9 @@ fn real_agent_runs_a_wasm_pod_shows_it_in_ps_and_returns_its_exit_code() {
         .unwrap();
     let row = wait_ps(&daemon, "p3", "running", |w| w.state == "running");
     assert_eq!(row.kind, "wasi-command");
-    assert!(
-        row.runner
-            .as_deref()
-            .is_some_and(|r| r.contains("namespace=lichen-test")),
-        "{row:?}"
-    );
+    assert_eq!(row.source, "pods", "{row:?}");
+    assert_eq!(row.labels["containerd-namespace"], "lichen-test", "{row:?}");
+    assert_eq!(row.labels["container"], "p3", "{row:?}");
     let deadline = std::time::Instant::now() + lichen_tests::containerd::DEADLINE;
     loop {
         let logs = String::from_utf8_lossy(&daemon.cli(&["logs", "p3"]).stdout).into_owned();

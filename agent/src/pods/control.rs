@@ -1,7 +1,7 @@
 //! The local API over the agent and its pods: every verb goes to the agent, and `ps`, `logs`,
-//! `stop`, `doctor` and metrics also answer for the pods, so `lichen ps` lists them (with
-//! their containerd namespace, pod and container names in the `runner` column), `lichen logs
-//! <name>` shows what they printed, and `/metrics` counts them.
+//! `stop`, `doctor` and metrics also answer for the pods, so `lichen ps` lists them (source
+//! `pods`, labels `namespace`, `pod`, `container`), `lichen logs <name>` shows what they
+//! printed, and `/metrics` counts them (`lichen_pods`, `lichen_pod_up{pod=..,container=..}`).
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -143,10 +143,13 @@ impl Control for NodeControl {
             "# HELP lichen_pod_up Pods by name and labels: 1 while running.\n# TYPE lichen_pod_up gauge"
         );
         for row in &rows {
+            let mut labels = format!("workload=\"{}\"", escape(&row.name));
+            for (key, value) in &row.labels {
+                let _ = write!(labels, ",{}=\"{}\"", key.replace('-', "_"), escape(value));
+            }
             let _ = writeln!(
                 text,
-                "lichen_pod_up{{workload=\"{}\"}} {}",
-                escape(&row.name),
+                "lichen_pod_up{{{labels}}} {}",
                 u8::from(row.state == "running")
             );
         }

@@ -7,8 +7,8 @@
 //! any module), `process.args` and `process.env` become its argv and environment, the OCI
 //! memory limit (checked against the engine's instance slot) its linear memory limit, and
 //! its stdout and stderr stream to containerd's FIFOs and to the pod's log as it writes
-//! ([`output`]). `ps`, logs and metrics show pods beside the deployment's workloads
-//! ([`control`]). A pod runs until its program returns, traps or is stopped (containerd's
+//! ([`output`]). `ps` (source `pods`, labels `namespace`, `pod`, `container`), logs and
+//! metrics show pods beside the deployment's workloads ([`control`]). A pod runs until its program returns, traps or is stopped (containerd's
 //! `Kill`), with no time slice: Kubernetes programs are long-running.
 //!
 //! Nothing of a pod outlives the agent: its Wasm runs inside the agent's process, so when the
@@ -19,7 +19,7 @@ pub mod control;
 pub mod output;
 pub mod server;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -89,16 +89,38 @@ impl Pod {
         });
     }
 
-    /// `namespace=… pod=…/… container=…` as containerd and Kubernetes name it.
-    fn labels(&self) -> String {
-        let mut labels = format!("namespace={}", self.namespace);
-        if let (Some(ns), Some(pod)) = (&self.identity.pod_namespace, &self.identity.pod_name) {
-            labels.push_str(&format!(" pod={ns}/{pod}"));
+    /// The labels `ps` and metrics show: `namespace` (Kubernetes', else containerd's), `pod`
+    /// and `container` (Kubernetes' names, else the task id), `containerd-namespace`.
+    fn labels(&self) -> BTreeMap<String, String> {
+        let mut labels = BTreeMap::new();
+        labels.insert(
+            "namespace".to_string(),
+            self.identity
+                .pod_namespace
+                .clone()
+                .unwrap_or_else(|| self.namespace.clone()),
+        );
+        if let Some(pod) = &self.identity.pod_name {
+            labels.insert("pod".to_string(), pod.clone());
         }
-        if let Some(container) = &self.identity.container_name {
-            labels.push_str(&format!(" container={container}"));
-        }
+        labels.insert(
+            "container".to_string(),
+            self.identity
+                .container_name
+                .clone()
+                .unwrap_or_else(|| self.id.clone()),
+        );
+        labels.insert("containerd-namespace".to_string(), self.namespace.clone());
         labels
+    }
+
+    /// The labels as `key=value ...`, for log lines.
+    fn labels_text(&self) -> String {
+        self.labels()
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 }
 
@@ -254,8 +276,10 @@ fn status_row(pod: &Pod) -> WorkloadStatus {
         exit_code,
         oom_killed: false,
         exit_reason,
-        runner: Some(format!("containerd pod ({})", pod.labels())),
+        runner: None,
         accelerator: None,
+        source: "pods".to_string(),
+        labels: pod.labels(),
     }
 }
 
@@ -325,7 +349,7 @@ impl PodAgent for PodRuntime {
             &format!(
                 "pod created: task {} ({}), {} from {entry}",
                 pod.id,
-                pod.labels(),
+                pod.labels_text(),
                 pod.program.kind_name()
             ),
         );

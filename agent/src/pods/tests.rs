@@ -103,11 +103,12 @@ async fn a_pod_runs_its_output_reaches_its_log_and_its_exit_code_is_reported() {
     );
     assert_eq!(rows[0].state, "failed");
     assert_eq!(rows[0].exit_code, Some(7));
-    let runner = rows[0].runner.clone().unwrap();
-    assert!(
-        runner.contains("pod=default/blink") && runner.contains("container=hello"),
-        "{runner}"
-    );
+    assert_eq!(rows[0].source, "pods");
+    let labels = &rows[0].labels;
+    assert_eq!(labels["namespace"], "default");
+    assert_eq!(labels["pod"], "blink");
+    assert_eq!(labels["container"], "hello");
+    assert_eq!(labels["containerd-namespace"], "k8s.io");
     let lines: Vec<String> = pods
         .logs()
         .recent("blink.hello", 50)
