@@ -97,3 +97,46 @@ pub async fn start(
         }
     }
 }
+
+/// `lichen doctor`'s check, run outside the daemon: whether an agent answers on the task
+/// socket `config` (or `LICHEN_TASK_SOCKET`) names.
+pub fn probe(config: &ContainerdSection) -> crate::api::types::DoctorCheck {
+    probe_socket(config.task_server, config.effective_socket())
+}
+
+fn probe_socket(enabled: bool, socket: PathBuf) -> crate::api::types::DoctorCheck {
+    let state = if !enabled {
+        TaskServerState::Disabled
+    } else {
+        match std::os::unix::net::UnixStream::connect(&socket) {
+            Ok(_) => TaskServerState::Serving(socket),
+            Err(e) => TaskServerState::Failed {
+                error: format!("nothing answers ({e}): is `lichen run` running?"),
+                socket,
+            },
+        }
+    };
+    state.doctor_check()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn doctor_says_whether_the_task_server_serves() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("task.sock");
+        let check = probe_socket(true, socket.clone());
+        assert_eq!(check.status, "fail", "{}", check.detail);
+        assert!(check.detail.contains("nothing answers"), "{}", check.detail);
+        let listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let check = probe_socket(true, socket.clone());
+        assert_eq!(check.status, "ok", "{}", check.detail);
+        assert!(check.detail.contains(&socket.display().to_string()));
+        drop(listener);
+        let off = probe_socket(false, socket);
+        assert_eq!(off.status, "missing");
+        assert!(off.detail.contains("task-server = false"), "{}", off.detail);
+    }
+}
