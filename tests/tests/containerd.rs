@@ -568,14 +568,35 @@ fn real_agent_restart_while_pods_run_reports_their_exits_and_leaves_nothing_runn
     let ctrd = Containerd::start(&socket, false).unwrap();
     ctrd.import(&hello_image()).unwrap();
     ctrd.import(&sleeper_image()).unwrap();
-    for id in ["r1", "r2"] {
+    // A figure, not a threshold: the agent's resident memory per extra running pod.
+    let rss_kib = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    };
+    let pid = daemon.pid();
+    // One pod first, so the engine's first-use costs are not counted per pod.
+    ctrd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, SLEEPER, "r0"])
+        .unwrap();
+    wait_ps(&daemon, "r0", "running", |w| w.state == "running");
+    let before = rss_kib(pid);
+    let ids = ["r1", "r2", "r3", "r4", "r5", "r6", "r7", "r8"];
+    for id in ids {
         ctrd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, SLEEPER, id])
             .unwrap();
         wait_ps(&daemon, id, "running", |w| w.state == "running");
         ctrd.wait_task(id, "RUNNING", |s| s == Some("RUNNING"))
             .unwrap();
     }
-    let pid = daemon.pid();
+    let after = rss_kib(pid);
+    eprintln!(
+        "figure: agent RSS {before} KiB with 1 pod, {after} KiB with {}: {} KiB per extra pod",
+        ids.len() + 1,
+        after.saturating_sub(before) / ids.len() as u64
+    );
 
     // The agent dies (SIGKILL: no chance to say goodbye). Its pods ran in its process: the
     // process is gone, containerd sees the task connection close and reports the exits.
@@ -584,7 +605,7 @@ fn real_agent_restart_while_pods_run_reports_their_exits_and_leaves_nothing_runn
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "the agent process is gone, and with it every pod's Wasm"
     );
-    for id in ["r1", "r2"] {
+    for id in ["r0"].iter().chain(&ids) {
         ctrd.wait_task(id, "stopped or gone", |s| s != Some("RUNNING"))
             .unwrap();
     }
@@ -599,7 +620,7 @@ fn real_agent_restart_while_pods_run_reports_their_exits_and_leaves_nothing_runn
         daemon.ps()
     );
     let out = ctrd
-        .ctr(&["run", "--rm", "--runtime", RUNTIME, HELLO, "r3"])
+        .ctr(&["run", "--rm", "--runtime", RUNTIME, HELLO, "again"])
         .unwrap();
     assert_eq!(
         out.status.code(),
@@ -609,7 +630,7 @@ fn real_agent_restart_while_pods_run_reports_their_exits_and_leaves_nothing_runn
         ctrd.log_tail()
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("hello from a wasm pod"));
-    for id in ["r1", "r2"] {
+    for id in ["r0"].iter().chain(&ids) {
         let _ = ctrd.ctr(&["task", "delete", id]);
         ctrd.ctr_ok(&["containers", "delete", id]).unwrap();
     }
