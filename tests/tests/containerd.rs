@@ -382,6 +382,42 @@ fn real_agent_runs_a_wasm_pod_shows_it_in_ps_and_returns_its_exit_code() {
         "{}",
         String::from_utf8_lossy(&out.stdout)
     );
+    // Again, the module's compilation now cached (a figure).
+    let started = std::time::Instant::now();
+    let out = ctrd
+        .ctr(&["run", "--rm", "--runtime", RUNTIME, HELLO, "p1w"])
+        .unwrap();
+    eprintln!(
+        "figure: the same Wasm pod again (compiled module cached), start to exit: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(0));
+    // The same through runc's shim with a static busybox, side by side (a figure).
+    if let Ok(busybox) = std::fs::read("/bin/busybox") {
+        ctrd.import(&ImageSpec {
+            name: "lichen.test/busybox:1".into(),
+            files: vec![ImageFile::new("bin/busybox", busybox)],
+            entrypoint: vec!["/bin/busybox".into()],
+            cmd: vec!["echo".into(), "hello from runc".into()],
+        })
+        .unwrap();
+        let started = std::time::Instant::now();
+        let out = ctrd
+            .ctr(&[
+                "run",
+                "--rm",
+                "--runtime",
+                "io.containerd.runc.v2",
+                "lichen.test/busybox:1",
+                "runc1",
+            ])
+            .unwrap();
+        eprintln!(
+            "figure: `ctr run --rm` of busybox echo on containerd-shim-runc-v2, start to exit: {:?} (exit {:?})",
+            started.elapsed(),
+            out.status.code()
+        );
+    }
     let out = ctrd
         .ctr(&[
             "run",
