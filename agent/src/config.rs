@@ -42,6 +42,10 @@ max-path = 4096          # bytes of an entry's path or link target (1..65536)
 max-depth = 128          # directories an entry's path may go down (1..1024)
 setuid = "refuse"        # set-uid/set-gid files: "refuse" the image, "strip" the bits, "keep" them
 
+[containerd]             # containerd's Task API for Wasm pods (runtime io.containerd.lichen.v1)
+task-server = true       # serve it; false: pods cannot run on this node
+task-socket = "/run/lichen/containerd-task.sock"  # LICHEN_TASK_SOCKET overrides it
+
 # No [hub] section: the node runs offline. To sync with an MQTT hub (docs/topics.md):
 # [hub]
 # url = "mqtts://hub.example:8883"
@@ -73,6 +77,9 @@ pub struct AgentConfig {
     /// Bounds on OCI images.
     #[serde(default)]
     pub images: ImageSection,
+    /// containerd's Task API server for Wasm pods.
+    #[serde(default)]
+    pub containerd: ContainerdSection,
 }
 
 impl AgentConfig {
@@ -267,6 +274,45 @@ impl Default for ImageSection {
             max_path: 4096,
             max_depth: 128,
             setuid: "refuse".into(),
+        }
+    }
+}
+
+/// `[containerd]`: the task server containerd's shim (`containerd-shim-lichen-v1`) sends
+/// Wasm pods to; each key is optional.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default, deny_unknown_fields, rename_all = "kebab-case")]
+pub struct ContainerdSection {
+    /// Serve containerd's Task API (a bind failure is reported, not fatal).
+    pub task_server: bool,
+    /// The Unix socket (absolute, at most [`ContainerdSection::MAX_SOCKET_PATH_BYTES`]); the
+    /// `LICHEN_TASK_SOCKET` environment variable overrides it.
+    pub task_socket: PathBuf,
+}
+
+impl ContainerdSection {
+    /// Longest `task-socket`, in bytes: a Unix socket address holds 107 bytes and a NUL.
+    pub const MAX_SOCKET_PATH_BYTES: usize = 107;
+
+    /// The socket to serve on: `LICHEN_TASK_SOCKET` if set and not empty, else `task-socket`.
+    pub fn effective_socket(&self) -> PathBuf {
+        std::env::var_os(lichen_shim::SOCKET_ENV)
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .unwrap_or_else(|| self.task_socket.clone())
+    }
+}
+
+/// Checks a task socket given by `LICHEN_TASK_SOCKET` as `containerd.task-socket` is checked.
+pub fn socket_path_ok(path: &Path) -> Result<(), String> {
+    check::socket_path(lichen_shim::SOCKET_ENV, path).map_err(|e| e.to_string())
+}
+
+impl Default for ContainerdSection {
+    fn default() -> Self {
+        Self {
+            task_server: true,
+            task_socket: PathBuf::from(lichen_shim::DEFAULT_SOCKET),
         }
     }
 }
@@ -514,6 +560,16 @@ mod tests {
                 "[images]\nsetuid = \"allow\"".into(),
                 "images.setuid",
                 "unknown policy",
+            ),
+            (
+                format!("[containerd]\ntask-socket = \"/{}\"", "s".repeat(107)),
+                "containerd.task-socket",
+                "at most 107",
+            ),
+            (
+                "[containerd]\ntask-socket = \"run/task.sock\"".into(),
+                "containerd.task-socket",
+                "not an absolute path",
             ),
             (hub.replace("mqtt://h", ""), "hub.url", "expected 1 to 2048"),
             (hub.replace("\"n\"", "\"a/b\""), "hub.node-id", "'/'"),

@@ -1,11 +1,13 @@
 //! `lichen run`: the daemon. Locks the state directory, binds the API socket, opens the state,
-//! restores the last deployment (or deploys the embedded default on a fresh node), serves the
-//! local API and, optionally, metrics.
+//! serves containerd's Task API for Wasm pods (`[containerd]`, see `crate::pods`), restores the
+//! last deployment (or deploys the embedded default on a fresh node), serves the local API
+//! and, optionally, metrics.
 //!
 //! The order matters: a second daemon on the same state directory (the lock) or the same socket
 //! (the bind) exits with a clear message before it opens the store or starts any workload.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -15,6 +17,9 @@ use crate::api::control::Control;
 use crate::cli::RunArgs;
 use crate::config::AgentConfig;
 use crate::embedded;
+use crate::logs::LogHub;
+use crate::pods::PodRuntime;
+use crate::pods::control::NodeControl;
 use crate::supervisor::{Agent, AgentOptions};
 
 /// The default state directory: `/var/lib/lichen` for root, else under the user's home.
@@ -107,6 +112,13 @@ pub async fn run(args: RunArgs, socket: &Path) -> Result<()> {
         .context("cannot start the agent")?;
     let agent = open_agent(&config, &state_dir).await?;
     tracing::info!(state_dir = %state_dir.display(), board = %config.board, "lichen {} starting", env!("CARGO_PKG_VERSION"));
+    let pods = Arc::new(PodRuntime::new(
+        agent.artifacts().clone(),
+        Arc::new(LogHub::new(config.log_options()?)),
+    ));
+    let (task_server, task_server_state) =
+        crate::pods::server::start(&config.containerd, pods.clone()).await;
+    let control = NodeControl::new(agent.clone(), pods, task_server_state);
 
     if !agent.restore().await? {
         if let Some(file) = &args.deployment {
@@ -138,15 +150,15 @@ pub async fn run(args: RunArgs, socket: &Path) -> Result<()> {
         let _ = rx.wait_for(|stop| *stop).await;
     };
     let api = tokio::spawn({
-        let agent = agent.clone();
+        let control = control.clone();
         let done = shutdown(stop_rx.clone());
-        async move { crate::api::server::serve_bound(agent, bound, done).await }
+        async move { crate::api::server::serve_bound(control, bound, done).await }
     });
     let metrics = args.metrics.map(|addr| {
-        let agent = agent.clone();
+        let control = control.clone();
         let done = shutdown(stop_rx.clone());
         tracing::info!(%addr, "serving Prometheus metrics");
-        tokio::spawn(async move { crate::api::server::serve_metrics(agent, addr, done).await })
+        tokio::spawn(async move { crate::api::server::serve_metrics(control, addr, done).await })
     });
     let summary = tokio::spawn(print_summaries(agent.clone()));
     let hub = match &config.hub {
@@ -169,6 +181,11 @@ pub async fn run(args: RunArgs, socket: &Path) -> Result<()> {
         hub.shutdown().await;
     }
     let _ = stop_tx.send(true);
+    // containerd sees the task connections close and reports the pods' exits; their Wasm
+    // ends with this process.
+    if let Some(server) = task_server {
+        server.shutdown().await;
+    }
     agent.shutdown().await;
     if let Ok(Err(err)) = api.await {
         tracing::warn!("local API ended with an error: {err:#}");

@@ -122,6 +122,38 @@ pub fn check(parsed: &ParsedDeployment, board: &BoardProfile) -> Result<(), Depl
     Ok(())
 }
 
+/// Whether `workload` asks for a pin that one of `others` (workloads of the other sources,
+/// already applied) owns, under the same rules as [`check`]: an output has one owner, a GPIO
+/// line one user. Returns the field of `workload` at fault (`gpio[1].pin`) and why.
+pub fn owned_elsewhere<'a>(
+    workload: &WorkloadSpec,
+    others: impl IntoIterator<Item = (&'a str, &'a WorkloadSpec)>,
+) -> Option<(String, String)> {
+    let others: Vec<(&str, &WorkloadSpec)> = others.into_iter().collect();
+    for (at, grant) in workload.gpio.iter().enumerate() {
+        for (source, other) in &others {
+            if other.name == workload.name {
+                continue;
+            }
+            if let Some(theirs) = other.gpio.iter().find(|g| g.pin == grant.pin) {
+                let what = if theirs.mode == GpioMode::Output && grant.mode == GpioMode::Output {
+                    "an output has one owner"
+                } else {
+                    "a GPIO line has one user"
+                };
+                return Some((
+                    format!("gpio[{at}].pin"),
+                    format!(
+                        "pin \"{}\" is already granted to workload \"{}\" of source {source}; {what}",
+                        grant.pin, other.name
+                    ),
+                ));
+            }
+        }
+    }
+    None
+}
+
 /// `" (it has a, b, c)"`: what the board offers, so the fix is obvious; empty if nothing.
 fn offered<'a>(names: impl Iterator<Item = &'a str>) -> String {
     let names: Vec<&str> = names.collect();

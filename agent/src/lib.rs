@@ -17,6 +17,7 @@ pub mod grants;
 pub mod hub;
 pub mod logs;
 pub mod metrics;
+pub mod pods;
 pub mod runtime;
 pub mod state_dir;
 pub mod store;

@@ -49,6 +49,9 @@ fn main() -> ExitCode {
                     Err(err) => return report_error(&err),
                 };
                 let mut report = lichen_agent::doctor::report(&config.board, Some(&engine));
+                report
+                    .checks
+                    .push(lichen_agent::pods::server::probe(&config.containerd));
                 if args.config.is_some() {
                     report
                         .checks

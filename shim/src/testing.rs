@@ -1,8 +1,9 @@
-//! A stand-in agent for tests of the task service and of the containerd harness, until the
-//! task server is wired to the real agent: it runs no Wasm. It checks what the real agent
-//! would refuse before running anything (a memory limit over its slot), "runs" a workload by
-//! writing one line to its stdout naming the entrypoint and arguments, and ends it with the
-//! code an `--exit=N` argument asks for, or when stopped. Enabled by the `testing` feature.
+//! A stand-in agent for tests of the task service and of the containerd side alone (the real
+//! agent, `lichen_agent::pods::PodRuntime`, is tested under containerd too): it runs no Wasm.
+//! It checks what the real agent would refuse before running anything (a memory limit over
+//! its slot), "runs" a workload by writing one line to its stdout naming the entrypoint and
+//! arguments, and ends it with the code an `--exit=N` argument asks for, or when stopped.
+//! Enabled by the `testing` feature.
 
 use std::collections::HashMap;
 use std::sync::Mutex;

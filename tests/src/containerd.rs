@@ -2,8 +2,10 @@
 //! root, state, socket and config (no systemd), offline OCI images built by the test, `ctr`
 //! to drive it, and the Lichen shim binary on containerd's `PATH`.
 //!
-//! Until the agent serves containerd's Task API itself, [`FakeAgentServer`] serves it from the
-//! test process with `lichen_shim::testing::FakeAgent` (a named stand-in that runs no Wasm).
+//! The real agent (`lichen run`, [`crate::Daemon`]) serves containerd's Task API in the tests
+//! of pods; [`FakeAgentServer`] serves it from the test process with
+//! `lichen_shim::testing::FakeAgent` (a named stand-in that runs no Wasm) for the tests of the
+//! containerd side alone (the agent going away and coming back on cue, the shim's refusals).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -199,6 +201,46 @@ pub fn hello_wasm() -> Vec<u8> {
               (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#,
     )
     .expect("the hello module is valid WAT")
+}
+
+/// A WASI preview-1 command module that prints `sleeping` and then sleeps a second at a time
+/// until it is stopped: a long-running pod.
+pub fn sleeper_wasm() -> Vec<u8> {
+    wat::parse_str(
+        r#"(module
+            (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+            (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+            (memory (export "memory") 1)
+            (data (i32.const 200) "sleeping\n")
+            (func (export "_start")
+              (i32.store (i32.const 100) (i32.const 200))
+              (i32.store (i32.const 104) (i32.const 9))
+              (drop (call $fd_write (i32.const 1) (i32.const 100) (i32.const 1) (i32.const 108)))
+              (i32.store8 (i32.const 8) (i32.const 0))
+              (i32.store (i32.const 16) (i32.const 1))
+              (i64.store (i32.const 24) (i64.const 1000000000))
+              (loop $forever
+                (drop (call $poll (i32.const 0) (i32.const 304) (i32.const 1) (i32.const 400)))
+                (br $forever))))"#,
+    )
+    .expect("the sleeper module is valid WAT")
+}
+
+/// A WASI preview-1 command module that prints `hello from a wasm pod` and exits with `code`.
+pub fn exit_wasm(code: u8) -> Vec<u8> {
+    wat::parse_str(format!(
+        r#"(module
+            (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+            (import "wasi_snapshot_preview1" "proc_exit" (func $exit (param i32)))
+            (memory (export "memory") 1)
+            (data (i32.const 16) "hello from a wasm pod\n")
+            (func (export "_start")
+              (i32.store (i32.const 0) (i32.const 16))
+              (i32.store (i32.const 4) (i32.const 22))
+              (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))
+              (call $exit (i32.const {code}))))"#
+    ))
+    .expect("the exit module is valid WAT")
 }
 
 /// A containerd daemon of the test's own.

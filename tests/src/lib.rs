@@ -211,8 +211,11 @@ impl Daemon {
                 c
             }
         };
+        // Each daemon serves containerd's Task API on a socket of its own (tests run many
+        // daemons at once); a test that exports another one in its shell prefix wins.
         let child = command
             .env("LICHEN_LOG", "info")
+            .env(lichen_shim::SOCKET_ENV, self.dir.path().join("task.sock"))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)

@@ -2,16 +2,15 @@
 //! state and socket): images built offline and imported with `ctr`, pods run with
 //! `ctr run --runtime io.containerd.lichen.v1` and by the shim's absolute path.
 //!
-//! The task server here is served by the test process with the stand-in agent
+//! The first tests serve the task API from the test process with the stand-in agent
 //! (`lichen_shim::testing::FakeAgent`, which runs no Wasm but writes one line naming the
-//! entrypoint and ends with an `--exit=N` argument's code): these tests prove the containerd
-//! side (shim start/delete, ttrpc, rootfs mounts, FIFOs, events, exit codes, the agent going
-//! away). The tests at the end need the agent itself to serve the task API and are ignored
-//! until it does.
+//! entrypoint and ends with an `--exit=N` argument's code): they prove the containerd side
+//! (shim start/delete, ttrpc, rootfs mounts, FIFOs, events, exit codes, the agent going away).
+//! The tests at the end run pods on the real agent (`lichen run`).
 
 use lichen_tests::containerd::{
-    Containerd, FAKE_SLOT_BYTES, FakeAgentServer, ImageFile, ImageSpec, RUNTIME, hello_wasm,
-    shim_bin, tools_present,
+    Containerd, FAKE_SLOT_BYTES, FakeAgentServer, ImageFile, ImageSpec, RUNTIME, exit_wasm,
+    hello_wasm, shim_bin, sleeper_wasm, tools_present,
 };
 
 const HELLO: &str = "lichen.test/hello:1";
@@ -287,30 +286,53 @@ fn shim_start_without_an_agent_fails_with_a_clear_error() {
 }
 
 // ---------------------------------------------------------------------------------------
-// With the real agent. These need `lichen run` to serve containerd's Task API on the socket
-// named by LICHEN_TASK_SOCKET (lichen_shim::SOCKET_ENV), with pods as agent workloads: the
-// wiring of lichen_shim::TaskService to the agent's supervisor. Ignored until it lands; run
-// them with `cargo test -p lichen-tests --test containerd -- --ignored`.
+// With the real agent: `lichen run` serves containerd's Task API on the socket named by
+// LICHEN_TASK_SOCKET (lichen_shim::SOCKET_ENV), pods run as its workloads.
 // ---------------------------------------------------------------------------------------
+
+const SLEEPER: &str = "lichen.test/sleeper:1";
+
+fn sleeper_image() -> ImageSpec {
+    ImageSpec {
+        name: SLEEPER.into(),
+        files: vec![ImageFile::new("sleeper.wasm", sleeper_wasm())],
+        entrypoint: vec!["/sleeper.wasm".into()],
+        cmd: vec![],
+    }
+}
 
 /// The real agent serving the task API on `socket`.
 fn agent_serving(socket: &std::path::Path) -> lichen_tests::Daemon {
     let export = format!("export {}='{}'", lichen_shim::SOCKET_ENV, socket.display());
     let daemon = lichen_tests::Daemon::start_with(&[], Some(&export)).unwrap();
+    wait_serving(&daemon, socket);
+    daemon
+}
+
+fn wait_serving(daemon: &lichen_tests::Daemon, socket: &std::path::Path) {
     let start = std::time::Instant::now();
     while std::os::unix::net::UnixStream::connect(socket).is_err() {
         assert!(
             start.elapsed() < lichen_tests::containerd::DEADLINE,
-            "the agent serves no task API on {}",
-            socket.display()
+            "the agent serves no task API on {}\n{}",
+            socket.display(),
+            daemon.log()
         );
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    daemon
+}
+
+/// Waits until `lichen ps` shows `name` in a state `check` accepts; returns the row.
+fn wait_ps(
+    daemon: &lichen_tests::Daemon,
+    name: &str,
+    what: &str,
+    check: impl Fn(&lichen_agent::api::types::WorkloadStatus) -> bool,
+) -> lichen_agent::api::types::WorkloadStatus {
+    daemon.wait_for(name, what, check)
 }
 
 #[test]
-#[ignore = "needs the agent to serve the containerd Task API (lichen_shim wiring)"]
 fn real_agent_runs_a_wasm_pod_shows_it_in_ps_and_returns_its_exit_code() {
     if !tools_present() {
         return;
@@ -320,6 +342,14 @@ fn real_agent_runs_a_wasm_pod_shows_it_in_ps_and_returns_its_exit_code() {
     let daemon = agent_serving(&socket);
     let ctrd = Containerd::start(&socket, false).unwrap();
     ctrd.import(&hello_image()).unwrap();
+    ctrd.import(&sleeper_image()).unwrap();
+    ctrd.import(&ImageSpec {
+        name: "lichen.test/exit3:1".into(),
+        files: vec![ImageFile::new("exit3.wasm", exit_wasm(3))],
+        entrypoint: vec!["/exit3.wasm".into()],
+        cmd: vec![],
+    })
+    .unwrap();
     ctrd.import(&ImageSpec {
         name: "lichen.test/hello-cli:1".into(),
         files: vec![ImageFile::new(
@@ -331,15 +361,74 @@ fn real_agent_runs_a_wasm_pod_shows_it_in_ps_and_returns_its_exit_code() {
     })
     .unwrap();
 
+    // Pod start to its first output, through `ctr run` (a figure, not a threshold).
+    let started = std::time::Instant::now();
     let out = ctrd
         .ctr(&["run", "--rm", "--runtime", RUNTIME, HELLO, "p1"])
         .unwrap();
+    eprintln!(
+        "figure: `ctr run --rm` of a Wasm pod on the lichen runtime, start to exit: {:?}",
+        started.elapsed()
+    );
     assert_eq!(
         out.status.code(),
         Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        daemon.log()
     );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("hello from a wasm pod"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Again, the module's compilation now cached (a figure).
+    let started = std::time::Instant::now();
+    let out = ctrd
+        .ctr(&["run", "--rm", "--runtime", RUNTIME, HELLO, "p1w"])
+        .unwrap();
+    eprintln!(
+        "figure: the same Wasm pod again (compiled module cached), start to exit: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(out.status.code(), Some(0));
+    // The same through runc's shim with a static busybox, side by side (a figure).
+    if let Ok(busybox) = std::fs::read("/bin/busybox") {
+        ctrd.import(&ImageSpec {
+            name: "lichen.test/busybox:1".into(),
+            files: vec![ImageFile::new("bin/busybox", busybox)],
+            entrypoint: vec!["/bin/busybox".into()],
+            cmd: vec!["echo".into(), "hello from runc".into()],
+        })
+        .unwrap();
+        let started = std::time::Instant::now();
+        let out = ctrd
+            .ctr(&[
+                "run",
+                "--rm",
+                "--runtime",
+                "io.containerd.runc.v2",
+                "lichen.test/busybox:1",
+                "runc1",
+            ])
+            .unwrap();
+        eprintln!(
+            "figure: `ctr run --rm` of busybox echo on containerd-shim-runc-v2, start to exit: {:?} (exit {:?})",
+            started.elapsed(),
+            out.status.code()
+        );
+    }
+    let out = ctrd
+        .ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "lichen.test/exit3:1",
+            "p1b",
+        ])
+        .unwrap();
+    assert_eq!(out.status.code(), Some(3), "the program's exit code");
     assert!(String::from_utf8_lossy(&out.stdout).contains("hello from a wasm pod"));
     let out = ctrd
         .ctr(&[
@@ -353,29 +442,65 @@ fn real_agent_runs_a_wasm_pod_shows_it_in_ps_and_returns_its_exit_code() {
             "p2",
         ])
         .unwrap();
-    assert!(String::from_utf8_lossy(&out.stdout).contains("hello from wasi"));
-    assert_eq!(out.status.code(), Some(1), "WASI 0.2 exit carries ok/err");
-
-    ctrd.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        HELLO,
-        "p3",
-        "/app/hello.wasm",
-    ])
-    .unwrap();
-    let ps = String::from_utf8_lossy(&daemon.cli(&["ps"]).stdout).into_owned();
     assert!(
-        ps.contains("p3"),
-        "lichen ps shows the pod's workload: {ps}"
+        String::from_utf8_lossy(&out.stdout).contains("hello from wasi"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
     );
+    assert_eq!(out.status.code(), Some(1), "WASI 0.2 exit carries ok/err");
+    assert!(
+        daemon.status("p1").is_none(),
+        "--rm removed the pod from the agent"
+    );
+
+    // A long-running pod: running in ps, its output in `lichen logs` while it runs, killed by
+    // containerd with the exit status of a process killed by the signal.
+    ctrd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, SLEEPER, "p3"])
+        .unwrap();
+    let row = wait_ps(&daemon, "p3", "running", |w| w.state == "running");
+    assert_eq!(row.kind, "wasi-command");
+    assert_eq!(row.source, "pods", "{row:?}");
+    assert_eq!(row.labels["containerd-namespace"], "lichen-test", "{row:?}");
+    assert_eq!(row.labels["container"], "p3", "{row:?}");
+    let deadline = std::time::Instant::now() + lichen_tests::containerd::DEADLINE;
+    loop {
+        let logs = String::from_utf8_lossy(&daemon.cli(&["logs", "p3"]).stdout).into_owned();
+        if logs.contains("sleeping") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no streamed output: {logs}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    ctrd.wait_task("p3", "RUNNING", |s| s == Some("RUNNING"))
+        .unwrap();
+    ctrd.ctr_ok(&["task", "kill", "-s", "SIGTERM", "p3"])
+        .unwrap();
+    ctrd.wait_task("p3", "STOPPED", |s| s == Some("STOPPED"))
+        .unwrap();
+    let tasks = ctrd.ctr_ok(&["task", "ls"]).unwrap();
+    assert!(
+        tasks
+            .lines()
+            .any(|l| l.starts_with("p3") && l.contains("STOPPED")),
+        "{tasks}"
+    );
+    wait_ps(&daemon, "p3", "stopped", |w| w.state == "stopped");
+    let out = ctrd.ctr(&["task", "delete", "p3"]).unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(daemon.status("p3").is_none(), "task delete removed the pod");
+    ctrd.ctr_ok(&["containers", "delete", "p3"]).unwrap();
+    assert!(ctrd.mounts_left().is_empty(), "{:?}", ctrd.mounts_left());
 }
 
 #[test]
-#[ignore = "needs the agent to serve the containerd Task API (lichen_shim wiring)"]
-fn real_agent_refuses_corrupt_wasm_unknown_imports_and_memory_over_its_slot() {
+fn real_agent_refuses_bad_pods_naming_the_cause_and_stays_unharmed() {
     if !tools_present() {
         return;
     }
@@ -383,6 +508,13 @@ fn real_agent_refuses_corrupt_wasm_unknown_imports_and_memory_over_its_slot() {
     let socket = dir.path().join("task.sock");
     let daemon = agent_serving(&socket);
     let ctrd = Containerd::start(&socket, false).unwrap();
+    ctrd.import(&hello_image()).unwrap();
+    ctrd.import(&sleeper_image()).unwrap();
+    // Another pod runs through all of it.
+    ctrd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, SLEEPER, "bystander"])
+        .unwrap();
+    wait_ps(&daemon, "bystander", "running", |w| w.state == "running");
+
     let unknown_import =
         wat::parse_str(r#"(module (import "nowhere" "thing" (func)) (func (export "_start")))"#)
             .unwrap();
@@ -390,9 +522,13 @@ fn real_agent_refuses_corrupt_wasm_unknown_imports_and_memory_over_its_slot() {
         (
             "lichen.test/corrupt:1",
             b"\0asm\x01\0\0\0\x01\xff\xff".to_vec(),
-            "does not compile",
+            vec!["entrypoint \"/app.wasm\"", "does not compile"],
         ),
-        ("lichen.test/import:1", unknown_import, "nowhere"),
+        (
+            "lichen.test/import:1",
+            unknown_import,
+            vec!["entrypoint \"/app.wasm\"", "nowhere"],
+        ),
     ];
     for (name, wasm, expected) in images {
         ctrd.import(&ImageSpec {
@@ -406,35 +542,58 @@ fn real_agent_refuses_corrupt_wasm_unknown_imports_and_memory_over_its_slot() {
             .ctr(&["run", "--rm", "--runtime", RUNTIME, name, "bad"])
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(
-            !out.status.success() && stderr.contains(expected),
-            "{name}: {stderr}"
-        );
+        assert!(!out.status.success(), "{name} was accepted");
+        for e in expected {
+            assert!(stderr.contains(e), "{name}: {stderr}");
+        }
+        let _ = ctrd.ctr(&["containers", "delete", "bad"]);
     }
-    ctrd.import(&hello_image()).unwrap();
-    let out = ctrd
-        .ctr(&[
-            "run",
-            "--rm",
-            "--runtime",
-            RUNTIME,
-            "--memory-limit",
-            "17179869184",
-            HELLO,
-            "big",
-        ])
-        .unwrap();
-    assert!(String::from_utf8_lossy(&out.stderr).contains("linux.resources.memory.limit"));
-    // The agent and other pods are unharmed.
+    ctrd.import(&ImageSpec {
+        name: "lichen.test/noentry:1".into(),
+        files: vec![ImageFile::new("app/hello.wasm", hello_wasm())],
+        entrypoint: vec![],
+        cmd: vec![],
+    })
+    .unwrap();
+    let cases: Vec<(Vec<&str>, &str)> = vec![
+        (vec!["lichen.test/noentry:1", "bad1"], "process.args"),
+        (
+            vec![HELLO, "bad2", "/app/missing.wasm"],
+            "\"/app/missing.wasm\" not found",
+        ),
+        (
+            vec!["--memory-limit", "17179869184", HELLO, "bad3"],
+            "linux.resources.memory.limit",
+        ),
+    ];
+    for (args, expected) in cases {
+        let mut full = vec!["run", "--rm", "--runtime", RUNTIME];
+        full.extend(args.iter().copied());
+        let out = ctrd.ctr(&full).unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} was accepted");
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+    // Nothing of the refused pods is held; the agent, containerd and the other pod are unharmed.
+    let names: Vec<String> = daemon.ps().into_iter().map(|w| w.name).collect();
+    assert_eq!(names, ["bystander"], "only the running pod is held");
+    assert_eq!(
+        ctrd.task_status("bystander").unwrap().as_deref(),
+        Some("RUNNING"),
+        "{:?}",
+        daemon.status("bystander"),
+    );
     let out = ctrd
         .ctr(&["run", "--rm", "--runtime", RUNTIME, HELLO, "good"])
         .unwrap();
     assert_eq!(out.status.code(), Some(0));
-    assert!(daemon.cli(&["ps"]).status.success());
+    ctrd.ctr_ok(&["task", "kill", "-s", "SIGKILL", "bystander"])
+        .unwrap();
+    ctrd.wait_task("bystander", "STOPPED", |s| s == Some("STOPPED"))
+        .unwrap();
 }
 
 #[test]
-#[ignore = "needs the agent to serve the containerd Task API (lichen_shim wiring)"]
 fn real_agent_restart_while_pods_run_reports_their_exits_and_leaves_nothing_running() {
     if !tools_present() {
         return;
@@ -444,23 +603,71 @@ fn real_agent_restart_while_pods_run_reports_their_exits_and_leaves_nothing_runn
     let mut daemon = agent_serving(&socket);
     let ctrd = Containerd::start(&socket, false).unwrap();
     ctrd.import(&hello_image()).unwrap();
-    ctrd.ctr_ok(&[
-        "run",
-        "-d",
-        "--runtime",
-        RUNTIME,
-        HELLO,
-        "r1",
-        "/app/hello.wasm",
-    ])
-    .unwrap();
+    ctrd.import(&sleeper_image()).unwrap();
+    // A figure, not a threshold: the agent's resident memory per extra running pod.
+    let rss_kib = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    };
+    let pid = daemon.pid();
+    // One pod first, so the engine's first-use costs are not counted per pod.
+    ctrd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, SLEEPER, "r0"])
+        .unwrap();
+    wait_ps(&daemon, "r0", "running", |w| w.state == "running");
+    let before = rss_kib(pid);
+    let ids = ["r1", "r2", "r3", "r4", "r5", "r6", "r7", "r8"];
+    for id in ids {
+        ctrd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, SLEEPER, id])
+            .unwrap();
+        wait_ps(&daemon, id, "running", |w| w.state == "running");
+        ctrd.wait_task(id, "RUNNING", |s| s == Some("RUNNING"))
+            .unwrap();
+    }
+    let after = rss_kib(pid);
+    eprintln!(
+        "figure: agent RSS {before} KiB with 1 pod, {after} KiB with {}: {} KiB per extra pod",
+        ids.len() + 1,
+        after.saturating_sub(before) / ids.len() as u64
+    );
+
+    // The agent dies (SIGKILL: no chance to say goodbye). Its pods ran in its process: the
+    // process is gone, containerd sees the task connection close and reports the exits.
     daemon.kill9().unwrap();
-    ctrd.wait_task("r1", "stopped or gone", |s| s != Some("RUNNING"))
-        .unwrap();
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists(),
+        "the agent process is gone, and with it every pod's Wasm"
+    );
+    for id in ["r0"].iter().chain(&ids) {
+        ctrd.wait_task(id, "stopped or gone", |s| s != Some("RUNNING"))
+            .unwrap();
+    }
     assert!(ctrd.mounts_left().is_empty(), "{:?}", ctrd.mounts_left());
+
+    // Back: it holds no half-run pod and new pods run.
     daemon.restart().unwrap();
+    wait_serving(&daemon, &socket);
+    assert!(
+        daemon.ps().is_empty(),
+        "a restarted agent holds no pod: {:?}",
+        daemon.ps()
+    );
     let out = ctrd
-        .ctr(&["run", "--rm", "--runtime", RUNTIME, HELLO, "r2"])
+        .ctr(&["run", "--rm", "--runtime", RUNTIME, HELLO, "again"])
         .unwrap();
-    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        ctrd.log_tail()
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("hello from a wasm pod"));
+    for id in ["r0"].iter().chain(&ids) {
+        let _ = ctrd.ctr(&["task", "delete", id]);
+        ctrd.ctr_ok(&["containers", "delete", id]).unwrap();
+    }
 }

@@ -3,9 +3,8 @@
 //! `lichen`: RunPodSandbox, CreateContainer, StartContainer, ContainerStatus, the container's
 //! log file, StopPodSandbox, RemovePodSandbox. The pause image is built and imported locally.
 //!
-//! The task server is the stand-in agent served by the test (see `tests/tests/containerd.rs`):
-//! this proves containerd's CRI plugin, the shim, the events it relies on for exits, and the
-//! log FIFOs; the Wasm itself runs once the agent serves the task API.
+//! The task server is the real agent (`lichen run`): the container's Wasm runs in it, shows in
+//! `lichen ps` by pod and container name, and its output reaches the pod's log file.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -14,8 +13,7 @@ use hyper_util::rt::TokioIo;
 use k8s_cri::v1::runtime_service_client::RuntimeServiceClient;
 use k8s_cri::v1::*;
 use lichen_tests::containerd::{
-    Containerd, DEADLINE, FakeAgentServer, ImageFile, ImageSpec, PAUSE_IMAGE, hello_wasm,
-    tools_present,
+    Containerd, DEADLINE, ImageFile, ImageSpec, PAUSE_IMAGE, sleeper_wasm, tools_present,
 };
 use tonic::transport::{Channel, Endpoint, Uri};
 
@@ -73,8 +71,19 @@ fn kubelets_calls_run_a_pod_on_the_lichen_runtime_handler() {
         .prefix("lcri")
         .tempdir_in("/tmp")
         .unwrap();
-    let server = FakeAgentServer::start(&dir.path().join("task.sock")).unwrap();
-    let mut ctrd = Containerd::start(server.socket(), true).unwrap();
+    let socket = dir.path().join("task.sock");
+    let export = format!("export {}='{}'", lichen_shim::SOCKET_ENV, socket.display());
+    let daemon = lichen_tests::Daemon::start_with(&[], Some(&export)).unwrap();
+    let started = Instant::now();
+    while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+        assert!(
+            started.elapsed() < DEADLINE,
+            "the agent serves no task API\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let mut ctrd = Containerd::start(&socket, true).unwrap();
     ctrd.set_namespace("k8s.io");
     ctrd.import(&ImageSpec {
         name: PAUSE_IMAGE.into(),
@@ -88,7 +97,7 @@ fn kubelets_calls_run_a_pod_on_the_lichen_runtime_handler() {
     .unwrap();
     ctrd.import(&ImageSpec {
         name: HELLO.into(),
-        files: vec![ImageFile::new("app/hello.wasm", hello_wasm())],
+        files: vec![ImageFile::new("app/hello.wasm", sleeper_wasm())],
         entrypoint: vec!["/app/hello.wasm".into()],
         cmd: vec![],
     })
@@ -111,9 +120,8 @@ fn kubelets_calls_run_a_pod_on_the_lichen_runtime_handler() {
             .map_err(|e| format!("RunPodSandbox: {e}"))?
             .into_inner()
             .pod_sandbox_id;
-        assert_eq!(
-            server.agent.ids(),
-            Vec::<String>::new(),
+        assert!(
+            daemon.ps().is_empty(),
             "the sandbox never reaches the agent"
         );
 
@@ -129,7 +137,6 @@ fn kubelets_calls_run_a_pod_on_the_lichen_runtime_handler() {
                         image: HELLO.into(),
                         ..Default::default()
                     }),
-                    args: vec!["--exit=3".into()],
                     log_path: "hello.log".into(),
                     ..Default::default()
                 }),
@@ -145,22 +152,43 @@ fn kubelets_calls_run_a_pod_on_the_lichen_runtime_handler() {
         .await
         .map_err(|e| format!("StartContainer: {e}"))?;
 
-        // CRI creates the task (and so the agent's workload) at StartContainer.
-        let (pod, name) = server
-            .agent
-            .inspect(&container, |w| {
-                (
-                    w.identity.pod_name.clone(),
-                    w.identity.container_name.clone(),
-                )
-            })
-            .expect("the agent holds the container's workload");
+        // CRI creates the task (and so the agent's workload) at StartContainer; `ps` names it
+        // by pod and container.
+        let row = daemon
+            .status("blink.hello")
+            .ok_or_else(|| format!("lichen ps shows no blink.hello: {:?}", daemon.ps()))?;
+        assert_eq!(row.source, "pods");
         assert_eq!(
-            (pod.as_deref(), name.as_deref()),
-            (Some("blink"), Some("hello"))
+            (
+                row.labels.get("namespace").map(String::as_str),
+                row.labels.get("pod").map(String::as_str),
+                row.labels.get("container").map(String::as_str)
+            ),
+            (Some("default"), Some("blink"), Some("hello")),
+            "{row:?}"
         );
 
-        // The exit reaches CRI through the shim's TaskExit event.
+        // What it printed reaches the pod's log file while it runs.
+        let log_file = dir.path().join("pod-logs/hello.log");
+        let started = Instant::now();
+        loop {
+            let log = std::fs::read_to_string(&log_file).unwrap_or_default();
+            if log.contains(" stdout F sleeping") {
+                break;
+            }
+            if started.elapsed() > DEADLINE {
+                return Err(format!("no output in the container's log file: {log}"));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        // kubelet stops it (SIGTERM); the exit reaches CRI through the shim's TaskExit event.
+        cri.stop_container(StopContainerRequest {
+            container_id: container.clone(),
+            timeout: 10,
+        })
+        .await
+        .map_err(|e| format!("StopContainer: {e}"))?;
         let started = Instant::now();
         let status = loop {
             let status = cri
@@ -181,13 +209,10 @@ fn kubelets_calls_run_a_pod_on_the_lichen_runtime_handler() {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         };
-        assert_eq!(status.exit_code, 3, "{status:?}");
+        assert_eq!(status.exit_code, 128 + 15, "killed by SIGTERM: {status:?}");
         let log = std::fs::read_to_string(dir.path().join("pod-logs/hello.log"))
             .map_err(|e| format!("the container's log file: {e}"))?;
-        assert!(
-            log.contains(" stdout F fake agent ran /app/hello.wasm"),
-            "{log}"
-        );
+        assert!(log.contains(" stdout F sleeping"), "{log}");
 
         cri.stop_pod_sandbox(StopPodSandboxRequest {
             pod_sandbox_id: sandbox.clone(),
@@ -225,10 +250,7 @@ fn kubelets_calls_run_a_pod_on_the_lichen_runtime_handler() {
     if let Err(e) = result {
         panic!("{e}\ncontainerd log:\n{}", ctrd.log_tail());
     }
-    assert!(
-        server.agent.ids().is_empty(),
-        "the agent forgot the workload"
-    );
+    assert!(daemon.ps().is_empty(), "the agent forgot the workload");
     assert!(
         ctrd.mounts_left()
             .iter()

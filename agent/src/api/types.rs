@@ -88,6 +88,18 @@ pub struct WorkloadStatus {
     /// MicroVMs: the accelerator in use (`kvm` or `tcg`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub accelerator: Option<String>,
+    /// Which source of the node's desired state it belongs to: `operator` (deployment files,
+    /// the hub, bundles), `pods` (containerd) or `devices` (KubeEdge).
+    #[serde(default = "operator")]
+    pub source: String,
+    /// What its source says it is (`namespace`, `pod`, `container`, `device`); empty for the
+    /// operator's workloads.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub labels: std::collections::BTreeMap<String, String>,
+}
+
+fn operator() -> String {
+    "operator".into()
 }
 
 /// A line a guest logged (or that the agent logged about it).

@@ -563,6 +563,7 @@ fn write_ps(out: &mut Vec<u8>, workloads: &[WorkloadStatus]) {
         "QUEUE",
         "MEMORY",
         "UPTIME",
+        "SOURCE",
         "LAST-ERROR",
     ]);
     for w in workloads {
@@ -585,10 +586,25 @@ fn write_ps(out: &mut Vec<u8>, workloads: &[WorkloadStatus]) {
             w.queue_depth.to_string(),
             memory,
             w.uptime_ms.map_or_else(|| "-".into(), render::duration_ms),
+            render::cell(&source_cell(w), 48),
             render::cell(w.last_error.as_deref().unwrap_or(""), 60),
         ]);
     }
     let _ = table.write(out);
+}
+
+/// `operator`, or `pods:namespace=default,pod=web,container=app`.
+fn source_cell(w: &WorkloadStatus) -> String {
+    let source = if w.source.is_empty() {
+        "operator"
+    } else {
+        &w.source
+    };
+    if w.labels.is_empty() {
+        return source.to_owned();
+    }
+    let labels: Vec<String> = w.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!("{source}:{}", labels.join(","))
 }
 
 fn write_deploy(out: &mut Vec<u8>, report: &DeployReport) {
@@ -766,7 +782,10 @@ mod tests {
             header.starts_with("NAME  KIND  STATE    RESTARTS  TRAPS  EVENTS"),
             "{header}"
         );
-        assert!(header.ends_with("MEMORY   UPTIME  LAST-ERROR"), "{header}");
+        assert!(
+            header.ends_with("MEMORY   UPTIME  SOURCE    LAST-ERROR"),
+            "{header}"
+        );
         let row = lines.next().expect("row");
         assert!(row.contains("128 KiB"), "{row}");
         assert!(row.contains("5m12s"), "{row}");

@@ -3,7 +3,9 @@
 
 use std::path::Path;
 
-use super::{AgentConfig, HubSection, ImageSection, LogSection, WasmSection, parse_size};
+use super::{
+    AgentConfig, ContainerdSection, HubSection, ImageSection, LogSection, WasmSection, parse_size,
+};
 use crate::deployment::show_bytes;
 
 /// A configuration key out of its bound: the key (`wasm.max-instances`) and what is wrong.
@@ -46,6 +48,7 @@ impl AgentConfig {
         self.wasm.check()?;
         self.logs.check()?;
         self.images.check()?;
+        self.containerd.check()?;
         if let Some(hub) = &self.hub {
             hub.check()?;
         }
@@ -69,6 +72,33 @@ impl AgentConfig {
             toml::to_string(&effective)?
         ))
     }
+}
+
+impl ContainerdSection {
+    fn check(&self) -> Result<(), ConfigError> {
+        socket_path("containerd.task-socket", &self.task_socket)
+    }
+}
+
+/// A Unix socket path: absolute and short enough for a socket address.
+pub(super) fn socket_path(key: &str, path: &Path) -> Result<(), ConfigError> {
+    let len = path.as_os_str().len();
+    if len > ContainerdSection::MAX_SOCKET_PATH_BYTES {
+        return Err(error(
+            key,
+            format!(
+                "{len} bytes is too long for a Unix socket: at most {}",
+                ContainerdSection::MAX_SOCKET_PATH_BYTES
+            ),
+        ));
+    }
+    if !path.is_absolute() {
+        return Err(error(
+            key,
+            format!("{} is not an absolute path", path.display()),
+        ));
+    }
+    Ok(())
 }
 
 impl WasmSection {

@@ -91,6 +91,8 @@ impl WorkloadSpec {
         if let Some(container) = &self.container {
             container.check_bounds()?;
         }
+        args_bounds("args", &self.args)?;
+        env_bounds(&self.env)?;
         if let Some(vm) = &self.microvm {
             vm.check_bounds()?;
         }
@@ -265,44 +267,51 @@ impl ContainerWorkload {
         }
         for (field, list) in [("command", &self.command), ("args", &self.args)] {
             let Some(list) = list else { continue };
-            at_most_items(field, list.len(), ContainerWorkload::MAX_ARGS, "items")?;
-            for (index, item) in list.iter().enumerate() {
-                at_most_bytes(
-                    &format!("{field}[{index}]"),
-                    item,
-                    ContainerWorkload::MAX_ARG_BYTES,
-                )?;
-            }
+            args_bounds(field, list)?;
         }
-        at_most_items(
-            "env",
-            self.env.len(),
-            ContainerWorkload::MAX_ENV,
-            "variables",
-        )?;
-        for (name, value) in &self.env {
-            let field = format!("env.{name}");
-            if name.is_empty() || name.contains(['=', '\0']) {
-                return Err(BoundError::new(
-                    field,
-                    format!("invalid environment variable name {name:?}"),
-                ));
-            }
-            if name.len() > ContainerWorkload::MAX_ENV_NAME_BYTES {
-                return Err(BoundError::new(
-                    "env",
-                    format!(
-                        "environment variable name is {} bytes long; at most {} bytes are \
-                         accepted",
-                        name.len(),
-                        ContainerWorkload::MAX_ENV_NAME_BYTES
-                    ),
-                ));
-            }
-            at_most_bytes(&field, value, ContainerWorkload::MAX_ARG_BYTES)?;
-        }
+        env_bounds(&self.env)?;
         Ok(())
     }
+}
+
+/// A list of program arguments: at most [`ContainerWorkload::MAX_ARGS`] items of
+/// [`ContainerWorkload::MAX_ARG_BYTES`].
+fn args_bounds(field: &str, list: &[String]) -> Checked {
+    at_most_items(field, list.len(), ContainerWorkload::MAX_ARGS, "items")?;
+    for (index, item) in list.iter().enumerate() {
+        at_most_bytes(
+            &format!("{field}[{index}]"),
+            item,
+            ContainerWorkload::MAX_ARG_BYTES,
+        )?;
+    }
+    Ok(())
+}
+
+/// Environment variables: at most [`ContainerWorkload::MAX_ENV`], names without `=` or NUL.
+fn env_bounds(env: &std::collections::BTreeMap<String, String>) -> Checked {
+    at_most_items("env", env.len(), ContainerWorkload::MAX_ENV, "variables")?;
+    for (name, value) in env {
+        let field = format!("env.{name}");
+        if name.is_empty() || name.contains(['=', '\0']) {
+            return Err(BoundError::new(
+                field,
+                format!("invalid environment variable name {name:?}"),
+            ));
+        }
+        if name.len() > ContainerWorkload::MAX_ENV_NAME_BYTES {
+            return Err(BoundError::new(
+                "env",
+                format!(
+                    "environment variable name is {} bytes long; at most {} bytes are accepted",
+                    name.len(),
+                    ContainerWorkload::MAX_ENV_NAME_BYTES
+                ),
+            ));
+        }
+        at_most_bytes(&field, value, ContainerWorkload::MAX_ARG_BYTES)?;
+    }
+    Ok(())
 }
 
 impl MicrovmWorkload {

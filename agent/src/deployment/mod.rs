@@ -215,6 +215,16 @@ impl ParsedDeployment {
         }
     }
 
+    /// A deployment of already validated workloads that no file located (the agent's API:
+    /// one workload of the `pods` or `devices` source); its errors name fields without a line.
+    pub fn from_spec(file_name: &str, spec: DeploymentSpec) -> Self {
+        Self {
+            spec,
+            file_name: file_name.to_owned(),
+            source_map: SourceMap::default(),
+        }
+    }
+
     /// The file name given to [`parse`].
     pub fn file_name(&self) -> &str {
         &self.file_name

@@ -79,6 +79,15 @@ pub struct WorkloadSpec {
     /// none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub i2c: Vec<I2cGrantSpec>,
+    /// Arguments after the program name of a WASI command program (a `wasi:cli/run`
+    /// component or a preview-1 module): what a pod's container gives. Set through the agent's
+    /// API (the `pods` source), not in deployment files; at most 1024 of 128KiB.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub args: Vec<String>,
+    /// Environment variables of a WASI command program, beside the `LICHEN_<KEY>` variables
+    /// of `config`. Set through the agent's API, not in deployment files; at most 256.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
 }
 
 impl WorkloadSpec {

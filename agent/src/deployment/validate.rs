@@ -314,6 +314,8 @@ impl Checker<'_> {
             gpio,
             spi,
             i2c,
+            args: Vec::new(),
+            env: BTreeMap::new(),
         };
         Ok((spec, name_node))
     }

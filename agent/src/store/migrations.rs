@@ -97,6 +97,29 @@ const MIGRATIONS: &[&str] = &[
         value TEXT NOT NULL
     ) WITHOUT ROWID;
     ",
+    // 3: workload sources. The node's desired state is the union of sources (`operator`:
+    // deployment files, the hub, bundles; `pods`: containerd; `devices`: KubeEdge), each with
+    // its own workloads; a deployment row belongs to one source (the operator's history is
+    // its own rows; another source records one row per workload it upserts, pruned when no
+    // workload names it). Labels (pod, container, device) are a JSON object. The DMI report
+    // queue of the KubeEdge mapper (`docs/kubeedge.md`) lives here too.
+    "
+    ALTER TABLE deployments ADD COLUMN source TEXT NOT NULL DEFAULT 'operator';
+    ALTER TABLE workloads ADD COLUMN source TEXT NOT NULL DEFAULT 'operator';
+    ALTER TABLE workloads ADD COLUMN labels_json TEXT NOT NULL DEFAULT '{}';
+    CREATE TABLE dmi_reports (
+        id            INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind          TEXT    NOT NULL,
+        device        TEXT    NOT NULL,
+        properties    TEXT    NOT NULL,
+        body          BLOB    NOT NULL,
+        created_at_ms INTEGER NOT NULL
+    );
+    CREATE TABLE dmi_counters (
+        key   TEXT    PRIMARY KEY,
+        value INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    ",
 ];
 
 /// The schema version this code writes and understands.

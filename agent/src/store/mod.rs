@@ -35,6 +35,7 @@
 mod migrations;
 mod outbox;
 mod reads;
+mod sources;
 mod types;
 mod writer;
 
@@ -51,6 +52,7 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use outbox::SqliteOutbox;
 pub use reads::OUTBOX_ROW_OVERHEAD;
+pub use sources::SourceWorkload;
 pub use types::{
     CommandRecord, DeploymentRecord, DeploymentSummary, EventCommit, EventRow, GuestLogLine,
     KvWrite, NewDeployment, NewWorkload, OutboxRecord, OutboxRow, OutboxRowSize, StatusUpdate,
@@ -137,6 +139,14 @@ pub enum StoreError {
     /// event was written (the first copy's writes stand).
     #[error("hub command {0:?} was handled already")]
     CommandHandled(String),
+    /// A workload name that another source owns.
+    #[error("workload {name:?} belongs to source {owner}")]
+    OtherSource {
+        /// The workload.
+        name: String,
+        /// The source that owns it.
+        owner: String,
+    },
     /// A deployment listed the same workload twice.
     #[error("deployment lists workload {0:?} more than once")]
     DuplicateWorkload(String),
@@ -209,6 +219,25 @@ struct Inner {
     reader: Mutex<Connection>,
     /// Told after each commit that added outbox rows (the hub link, when there is one).
     outbox_listener: std::sync::OnceLock<OutboxListener>,
+    /// Each status once it is recorded (supervisor's `status_changes`).
+    status_changes: tokio::sync::broadcast::Sender<StatusUpdate>,
+    /// Each telemetry record once its event committed (supervisor's `telemetry_tap`).
+    telemetry: tokio::sync::broadcast::Sender<CommittedTelemetry>,
+}
+
+/// Subscribers' buffer of status changes and of committed telemetry; a receiver that lags
+/// further loses the oldest (it is told how many).
+const TAP_CAPACITY: usize = 1024;
+
+/// A telemetry record whose event has committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommittedTelemetry {
+    /// The workload that published it.
+    pub workload: String,
+    /// Its stream.
+    pub stream: String,
+    /// Its payload.
+    pub payload: Vec<u8>,
 }
 
 /// A callback run after outbox rows were committed.
@@ -315,6 +344,8 @@ impl StateStore {
                 writer: Some(writer),
                 reader: Mutex::new(reader),
                 outbox_listener: std::sync::OnceLock::new(),
+                status_changes: tokio::sync::broadcast::channel(TAP_CAPACITY).0,
+                telemetry: tokio::sync::broadcast::channel(TAP_CAPACITY).0,
             }),
         })
     }
@@ -352,7 +383,22 @@ impl StateStore {
     /// with [`StoreError::CommandHandled`] and writes nothing.
     pub async fn commit_event(&self, c: EventCommit) -> Result<(), StoreError> {
         let telemetry = !c.telemetry.is_empty() || c.command.is_some();
+        let tapped: Vec<CommittedTelemetry> = if self.inner.telemetry.receiver_count() > 0 {
+            c.telemetry
+                .iter()
+                .map(|t| CommittedTelemetry {
+                    workload: c.workload.clone(),
+                    stream: t.stream.clone(),
+                    payload: t.payload.clone(),
+                })
+                .collect()
+        } else {
+            Vec::new()
+        };
         self.submit(Op::Commit(c)).await?;
+        for record in tapped {
+            let _ = self.inner.telemetry.send(record);
+        }
         if telemetry {
             self.outbox_changed();
         }
@@ -436,7 +482,23 @@ impl StateStore {
 
     /// Records a workload's status, and the event it comes with, in one transaction.
     pub async fn record_status(&self, s: StatusUpdate) -> Result<(), StoreError> {
-        self.submit(Op::Status(s)).await.map(drop)
+        let change = (self.inner.status_changes.receiver_count() > 0).then(|| s.clone());
+        let result = self.submit(Op::Status(s)).await.map(drop);
+        if let Some(change) = change {
+            // Told even when the write failed: the workload's state changed all the same.
+            let _ = self.inner.status_changes.send(change);
+        }
+        result
+    }
+
+    /// Status updates as they are recorded (every runtime state change of a Wasm workload).
+    pub fn status_changes(&self) -> tokio::sync::broadcast::Receiver<StatusUpdate> {
+        self.inner.status_changes.subscribe()
+    }
+
+    /// Telemetry records as their events commit.
+    pub fn telemetry_tap(&self) -> tokio::sync::broadcast::Receiver<CommittedTelemetry> {
+        self.inner.telemetry.subscribe()
     }
 
     /// Appends an entry to the event log and returns its id.

@@ -30,7 +30,7 @@ fn get_usize(row: &Row<'_>, index: usize) -> rusqlite::Result<usize> {
 const WORKLOAD_COLUMNS: &str = "name, deployment_version, spec_json, module_digest, state, \
                                 last_error, restarts, traps, events_handled";
 
-fn workload_row(row: &Row<'_>) -> rusqlite::Result<WorkloadRow> {
+pub(super) fn workload_row(row: &Row<'_>) -> rusqlite::Result<WorkloadRow> {
     Ok(WorkloadRow {
         name: row.get(0)?,
         deployment_version: get_u64(row, 1)?,
@@ -47,7 +47,8 @@ fn workload_row(row: &Row<'_>) -> rusqlite::Result<WorkloadRow> {
 fn workloads_of(conn: &Connection, version: u64) -> rusqlite::Result<Vec<WorkloadRow>> {
     let version = i64::try_from(version).unwrap_or(i64::MAX);
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {WORKLOAD_COLUMNS} FROM workloads WHERE deployment_version = ?1 ORDER BY name"
+        "SELECT {WORKLOAD_COLUMNS} FROM workloads WHERE deployment_version = ?1 \
+         AND source = 'operator' ORDER BY name"
     ))?;
     stmt.query_map([version], workload_row)?.collect()
 }
@@ -62,7 +63,7 @@ impl StateStore {
         let record = tx
             .query_row(
                 "SELECT version, applied_at_ms, source_name, source_text, digest, description
-                 FROM deployments ORDER BY version DESC LIMIT 1",
+                 FROM deployments WHERE source = 'operator' ORDER BY version DESC LIMIT 1",
                 [],
                 |row| {
                     Ok(DeploymentRecord {
@@ -91,7 +92,7 @@ impl StateStore {
         let conn = self.reader();
         conn.prepare_cached(
             "SELECT version, applied_at_ms, source_name, digest, workload_count
-             FROM deployments ORDER BY version DESC LIMIT ?1",
+             FROM deployments WHERE source = 'operator' ORDER BY version DESC LIMIT ?1",
         )
         .and_then(|mut stmt| {
             stmt.query_map([sql_limit(limit)], |row| {

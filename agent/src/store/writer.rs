@@ -46,6 +46,13 @@ pub(crate) enum Op {
         key: String,
         value: String,
     },
+    /// One workload of a source other than the operator, added or replaced.
+    SourceUpsert(super::sources::SourceWorkload),
+    /// One workload of a source other than the operator, removed with its state.
+    SourceRemove {
+        source: String,
+        name: String,
+    },
 }
 
 /// Inbound command ids kept in the inbox table; older ones are forgotten (the hub resends only
@@ -205,6 +212,8 @@ fn run_op(conn: &Connection, op: &Op, shared: &StoreShared) -> Result<Output, St
         Op::Deploy(d) => apply_deployment(conn, d),
         Op::Commit(c) => commit_event(conn, c),
         Op::Status(s) => record_status(conn, s),
+        Op::SourceUpsert(w) => super::sources::upsert(conn, w),
+        Op::SourceRemove { source, name } => super::sources::remove(conn, source, name),
         Op::LogEvent {
             workload,
             kind,
@@ -278,6 +287,8 @@ fn apply_deployment(conn: &Connection, d: &NewDeployment) -> Result<Output, Stor
                  (name, deployment_version, spec_json, module_digest, state, updated_at_ms)
              VALUES (?1, ?2, ?3, ?4, 'pending', ?5)
              ON CONFLICT (name) DO UPDATE SET
+                 source = 'operator',
+                 labels_json = '{}',
                  deployment_version = excluded.deployment_version,
                  spec_json = excluded.spec_json,
                  module_digest = excluded.module_digest,
@@ -297,7 +308,7 @@ fn apply_deployment(conn: &Connection, d: &NewDeployment) -> Result<Output, Stor
 
     // Removing a workload removes its key-value data and logs too (ON DELETE CASCADE).
     let existing: BTreeSet<String> = conn
-        .prepare_cached("SELECT name FROM workloads")
+        .prepare_cached("SELECT name FROM workloads WHERE source = 'operator'")
         .and_then(|mut stmt| {
             stmt.query_map([], |row| row.get(0))?
                 .collect::<rusqlite::Result<_>>()
@@ -311,6 +322,7 @@ fn apply_deployment(conn: &Connection, d: &NewDeployment) -> Result<Output, Stor
             .execute([name])
             .context(|| format!("applying deployment version {version}: removing {name:?}"))?;
     }
+    super::sources::prune(conn).context(ctx)?;
 
     let names: Vec<&str> = d.workloads.iter().map(|w| w.name.as_str()).collect();
     let detail = if names.is_empty() {
@@ -414,7 +426,7 @@ fn record_status(conn: &Connection, s: &StatusUpdate) -> Result<Output, StoreErr
     Ok(Output::Done)
 }
 
-fn log_event(
+pub(super) fn log_event(
     conn: &Connection,
     workload: Option<&str>,
     kind: &str,

@@ -170,6 +170,8 @@ impl Control for Agent {
         let before = running.workload.status();
         running.workload.stop().await;
         let mut status = to_api_status(workload, tier, before);
+        status.source = running.source.as_str().into();
+        status.labels = running.labels.0.clone();
         status.state = "stopped".into();
         status.memory_bytes = 0;
         status.pids = None;

@@ -27,6 +27,9 @@ use crate::util::process_rss_bytes;
 
 mod control;
 mod restore;
+mod sources;
+
+pub use sources::{CommittedTelemetry, Labels, Refusal, Source, StatusChange, WorkloadEnd};
 
 /// How long `send` waits for a workload's reply.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -54,10 +57,12 @@ struct Parked {
     status: WorkloadStatus,
 }
 
-/// A running workload and the tier (runtime) that runs it.
+/// A running workload, the tier (runtime) that runs it, and the source it belongs to.
 struct Running {
     tier: Tier,
     workload: Box<dyn Workload>,
+    source: Source,
+    labels: Labels,
 }
 
 struct Workloads {
@@ -254,7 +259,41 @@ impl Agent {
             .map_err(|e| ApiError::invalid(e.to_string()))?;
         crate::grants::check(&parsed, self.inner.ctx.devices.profile())
             .map_err(|e| ApiError::invalid(e.to_string()))?;
-        self.check_pool(&parsed, 0)?;
+        // The other sources' workloads stay: the deployment must fit beside them.
+        let others: Vec<sources::Member> = self
+            .union()?
+            .into_iter()
+            .filter(|m| m.source != Source::Operator.as_str())
+            .collect();
+        for (index, spec) in parsed.spec.workloads.iter().enumerate() {
+            if let Some(owner) = others.iter().find(|m| m.spec.name == spec.name) {
+                return Err(ApiError::invalid(
+                    parsed
+                        .error_at(
+                            index,
+                            "name",
+                            format!(
+                                "workload {:?} belongs to source {}; names are unique across sources",
+                                spec.name, owner.source
+                            ),
+                        )
+                        .to_string(),
+                ));
+            }
+            if let Some((field, message)) = crate::grants::owned_elsewhere(
+                spec,
+                others.iter().map(|m| (m.source.as_str(), &m.spec)),
+            ) {
+                return Err(ApiError::invalid(
+                    parsed.error_at(index, &field, message).to_string(),
+                ));
+            }
+        }
+        let other_wasm = others
+            .iter()
+            .filter(|m| m.spec.kind == deployment::WorkloadKind::Wasm)
+            .count();
+        self.check_pool(&parsed, other_wasm, 0)?;
         let artifacts = self.prepare_all(&parsed).await?;
         let mut workloads = self.inner.workloads.lock().await;
         let reloads = parsed
@@ -272,7 +311,7 @@ impl Agent {
                     })
             })
             .count();
-        self.check_pool(&parsed, reloads)?;
+        self.check_pool(&parsed, other_wasm, reloads)?;
 
         let mut new_workloads = Vec::with_capacity(parsed.spec.workloads.len());
         for (spec, (_, artifact)) in parsed.spec.workloads.iter().zip(&artifacts) {
@@ -308,9 +347,9 @@ impl Agent {
             .collect();
         let gone: Vec<String> = workloads
             .running
-            .keys()
-            .filter(|name| !listed.contains(&name.as_str()))
-            .cloned()
+            .iter()
+            .filter(|(name, r)| r.source == Source::Operator && !listed.contains(&name.as_str()))
+            .map(|(name, _)| name.clone())
             .collect();
         for name in gone {
             if let Some(old) = workloads.running.remove(&name) {
@@ -319,9 +358,9 @@ impl Agent {
             self.inner.ctx.logs.remove(&name);
             report.stopped.push(name);
         }
-        workloads
-            .stopped
-            .retain(|name, _| listed.contains(&name.as_str()));
+        workloads.stopped.retain(|name, parked| {
+            parked.status.source != Source::Operator.as_str() || listed.contains(&name.as_str())
+        });
 
         for (spec, (tier, artifact)) in parsed.spec.workloads.into_iter().zip(artifacts) {
             let name = spec.name.clone();
@@ -378,9 +417,15 @@ impl Agent {
                             events_handled: 0,
                         },
                     );
-                    workloads
-                        .running
-                        .insert(name.clone(), Running { tier, workload });
+                    workloads.running.insert(
+                        name.clone(),
+                        Running {
+                            tier,
+                            workload,
+                            source: Source::Operator,
+                            labels: Labels::default(),
+                        },
+                    );
                     report.started.push(name);
                 }
             }
@@ -395,10 +440,16 @@ impl Agent {
         Ok(report)
     }
 
-    /// Refuses a deployment whose Wasm workloads, with `reloads` of them holding a second
-    /// instance during their hot reload, do not fit the engine's instance slots
-    /// (`wasm.max-instances`): beyond them, workloads would sit in back-off forever.
-    fn check_pool(&self, parsed: &ParsedDeployment, reloads: usize) -> Result<(), ApiError> {
+    /// Refuses a deployment whose Wasm workloads, beside the `others` Wasm workloads of the
+    /// other sources (pods, devices) and with `reloads` of them holding a second instance
+    /// during their hot reload, do not fit the engine's instance slots (`wasm.max-instances`):
+    /// beyond them, workloads would sit in back-off forever.
+    fn check_pool(
+        &self,
+        parsed: &ParsedDeployment,
+        others: usize,
+        reloads: usize,
+    ) -> Result<(), ApiError> {
         let wasm = parsed
             .spec
             .workloads
@@ -406,19 +457,23 @@ impl Agent {
             .filter(|w| w.kind == deployment::WorkloadKind::Wasm)
             .count();
         let slots = self.inner.ctx.engine.options().max_instances;
-        let needed = wasm.saturating_add(reloads);
+        let needed = wasm.saturating_add(others).saturating_add(reloads);
         if u32::try_from(needed).is_ok_and(|needed| needed <= slots) {
             return Ok(());
         }
-        let what = if reloads == 0 {
-            format!("{wasm} Wasm workloads need {wasm} instance slots")
-        } else {
-            format!(
-                "{wasm} Wasm workloads and {reloads} hot reloads (a reloaded workload holds a \
-                 second slot until its new version has handled an event) need {needed} \
-                 instance slots"
-            )
-        };
+        let mut what = format!("{wasm} Wasm workloads");
+        if others > 0 {
+            what.push_str(&format!(
+                ", beside the {others} Wasm workloads of the pods and devices sources,"
+            ));
+        }
+        if reloads > 0 {
+            what.push_str(&format!(
+                " and {reloads} hot reloads (a reloaded workload holds a second slot until its \
+                 new version has handled an event)"
+            ));
+        }
+        what.push_str(&format!(" need {needed} instance slots"));
         Err(ApiError::invalid(format!(
             "{}: workloads: {what}, but this agent's engine has {slots} \
              (`wasm.max-instances` in the agent config): raise wasm.max-instances or deploy \
@@ -431,13 +486,8 @@ impl Agent {
     /// the applied deployment uses; each runtime sweeps its own. Called after every deploy
     /// and at start, with the deploy lock held.
     async fn collect_garbage(&self) {
-        let in_use: BTreeSet<String> = match self.store().current_deployment() {
-            Ok(Some(record)) => record
-                .workloads
-                .into_iter()
-                .map(|w| w.module_digest)
-                .collect(),
-            Ok(None) => BTreeSet::new(),
+        let in_use: BTreeSet<String> = match self.store().all_workloads() {
+            Ok(rows) => rows.into_iter().map(|(w, _, _)| w.module_digest).collect(),
             Err(err) => {
                 tracing::warn!(
                     "not collecting unused artifacts: cannot read the deployment: {err}"
@@ -560,7 +610,10 @@ impl Agent {
 
     fn status_of(running: &Running) -> WorkloadStatus {
         let tier = running.tier;
-        to_api_status(running.workload.name(), tier, running.workload.status())
+        let mut status = to_api_status(running.workload.name(), tier, running.workload.status());
+        status.source = running.source.as_str().into();
+        status.labels = running.labels.0.clone();
+        status
     }
 
     async fn knows(&self, workload: &str) -> bool {
@@ -603,8 +656,12 @@ fn to_api_status(name: &str, tier: Tier, s: RuntimeStatus) -> WorkloadStatus {
         exit_reason: s.exit.map(|e| e.reason),
         runner: s.runner,
         accelerator: s.accelerator,
+        source: Source::Operator.as_str().into(),
+        labels: BTreeMap::new(),
     }
 }
 
+#[cfg(test)]
+mod sources_tests;
 #[cfg(test)]
 mod tests;

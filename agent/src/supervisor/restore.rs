@@ -12,7 +12,7 @@ use crate::deployment::WorkloadSpec;
 use crate::runtime::{StartInfo, Tier};
 use crate::store::{StatusUpdate, WorkloadRow};
 
-use super::{Agent, Parked, Running};
+use super::{Agent, Labels, Parked, Running, Source};
 
 /// Why a stored workload could not start, with what is known of it for `ps`.
 struct Failure {
@@ -22,22 +22,31 @@ struct Failure {
 }
 
 impl Agent {
-    /// Starts the workloads of the last applied deployment (after each runtime has cleaned up
-    /// what a killed agent left behind). Returns whether there was one. A workload that cannot
-    /// start is reported `failed`; only an unreadable state store is an error.
+    /// Starts the stored workloads of every source: the operator's last applied deployment,
+    /// the pods' and the devices' workloads (after each runtime has cleaned up what a killed
+    /// agent left behind). Returns whether there was any. A workload that cannot start is
+    /// reported `failed`; only an unreadable state store is an error.
     pub async fn restore(&self) -> anyhow::Result<bool> {
         let _deploying = self.inner.deploying.lock().await;
         for runtime in self.inner.runtimes.values() {
             runtime.recover().await;
         }
-        let Some(record) = self.store().current_deployment()? else {
+        let rows = self.store().all_workloads()?;
+        if rows.is_empty() && self.store().current_deployment()?.is_none() {
             self.collect_garbage().await;
             return Ok(false);
-        };
+        }
         let mut workloads = self.inner.workloads.lock().await;
         let mut failed = 0usize;
-        for row in &record.workloads {
-            match self.restore_one(row, record.version).await {
+        for (row, source_name, labels_json) in &rows {
+            // An unknown source (a newer agent's) is restored as the operator's, which the
+            // next deployment then owns.
+            let source = Source::parse(source_name).unwrap_or(Source::Operator);
+            let labels: Labels = serde_json::from_str(labels_json).unwrap_or_default();
+            match self
+                .restore_one(row, row.deployment_version, source, labels.clone())
+                .await
+            {
                 Ok(running) => {
                     workloads.running.insert(row.name.clone(), running);
                 }
@@ -64,7 +73,9 @@ impl Agent {
                             event: Some(("start-failed".into(), message.clone())),
                         })
                         .await;
-                    let status = failed_status(row, record.version, failure, message);
+                    let mut status = failed_status(row, row.deployment_version, failure, message);
+                    status.source = source.as_str().into();
+                    status.labels = labels.0;
                     workloads
                         .stopped
                         .insert(row.name.clone(), Parked { status });
@@ -74,15 +85,21 @@ impl Agent {
         drop(workloads);
         self.collect_garbage().await;
         tracing::info!(
-            version = record.version,
+            workloads = rows.len(),
             failed,
-            "restored the last applied deployment"
+            "restored the stored workloads of every source"
         );
         Ok(true)
     }
 
     /// Reads, checks, prepares and starts one stored workload.
-    async fn restore_one(&self, row: &WorkloadRow, version: u64) -> Result<Running, Failure> {
+    async fn restore_one(
+        &self,
+        row: &WorkloadRow,
+        version: u64,
+        source: Source,
+        labels: Labels,
+    ) -> Result<Running, Failure> {
         let spec: WorkloadSpec = serde_json::from_str(&row.spec_json).map_err(|e| Failure {
             kind: "unknown".into(),
             tier: Tier::Wasm,
@@ -135,7 +152,12 @@ impl Agent {
                 events_handled: row.events_handled,
             },
         );
-        Ok(Running { tier, workload })
+        Ok(Running {
+            tier,
+            workload,
+            source,
+            labels,
+        })
     }
 }
 
@@ -166,5 +188,7 @@ fn failed_status(
         exit_reason: None,
         runner: None,
         accelerator: None,
+        source: Source::Operator.as_str().into(),
+        labels: Default::default(),
     }
 }

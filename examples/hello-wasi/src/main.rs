@@ -4,7 +4,8 @@
 //! command module, built for `wasm32-wasip2` a component exporting `wasi:cli/run`; it proves
 //! the agent runs programs that only know WASI. It prints `hello from wasi`, then one line
 //! `NAME=value` for each environment variable whose name starts with `LICHEN_` (sorted by
-//! name), and exits with the code in `LICHEN_EXIT` (0 when unset).
+//! name), one line `arg=value` for each argument after the program name, and exits with the
+//! code in `LICHEN_EXIT` (0 when unset).
 //!
 //! Build with `cargo build --release --target wasm32-wasip1 -p hello-wasi` in `examples/`.
 
@@ -20,6 +21,9 @@ fn main() {
     let mut text = String::from("hello from wasi\n");
     for (name, value) in &vars {
         text.push_str(&format!("{name}={value}\n"));
+    }
+    for arg in std::env::args_os().skip(1) {
+        text.push_str(&format!("arg={}\n", arg.to_string_lossy()));
     }
     if out
         .write_all(text.as_bytes())

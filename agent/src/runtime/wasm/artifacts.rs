@@ -620,7 +620,11 @@ mod tests {
                     &engine,
                     program,
                     "hello",
-                    &config,
+                    super::super::command::CommandInput {
+                        config: &config,
+                        args: &[],
+                        env: &std::collections::BTreeMap::new(),
+                    },
                     log,
                     16 << 20,
                     std::time::Duration::from_secs(10),

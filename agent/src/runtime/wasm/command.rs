@@ -114,19 +114,31 @@ fn store_for<T: RunData + Send>(
     store
 }
 
+/// What a command program is given besides its workload name (its `argv[0]`).
+#[derive(Debug, Clone, Copy)]
+pub struct CommandInput<'a> {
+    /// The workload's `config`, as `LICHEN_<KEY>` environment variables.
+    pub config: &'a BTreeMap<String, String>,
+    /// Arguments after the program name.
+    pub args: &'a [String],
+    /// More environment variables.
+    pub env: &'a BTreeMap<String, String>,
+}
+
 /// Runs a command once. Returns `Ok(exit code)` or `Err(trap description)`.
 pub async fn run_command(
     engine: &wasmtime::Engine,
     program: CommandProgram,
     workload: &str,
-    config: &BTreeMap<String, String>,
+    input: CommandInput<'_>,
     log: &dyn LogSink,
     memory_limit: usize,
     time_slice: Duration,
 ) -> Result<i32, String> {
     let stdout = MemoryOutputPipe::new(OUTPUT_CAPACITY);
     let stderr = MemoryOutputPipe::new(OUTPUT_CAPACITY);
-    let env: Vec<(String, String)> = config
+    let mut env: Vec<(String, String)> = input
+        .config
         .iter()
         .map(|(k, v)| {
             (
@@ -135,16 +147,37 @@ pub async fn run_command(
             )
         })
         .collect();
+    env.extend(input.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    let mut args: Vec<&str> = Vec::with_capacity(input.args.len() + 1);
+    args.push(workload);
+    args.extend(input.args.iter().map(String::as_str));
     let mut builder = WasiCtxBuilder::new();
     builder
         .stdout(stdout.clone())
         .stderr(stderr.clone())
         .envs(&env)
-        .args(&[workload])
+        .args(&args);
+    let outcome = run_program(engine, program, builder, memory_limit, time_slice).await;
+    forward_lines(workload, log, LogLevel::Info, "stdout", &stdout.contents());
+    forward_lines(workload, log, LogLevel::Warn, "stderr", &stderr.contents());
+    outcome
+}
+
+/// Runs a command once with the WASI context `builder` describes (arguments, environment,
+/// stdout and stderr; no network is added here whatever it says). Returns `Ok(exit code)` or
+/// `Err(trap description)`. The store, and so every output stream the program held, is
+/// dropped before this returns.
+pub async fn run_program(
+    engine: &wasmtime::Engine,
+    program: CommandProgram,
+    mut builder: WasiCtxBuilder,
+    memory_limit: usize,
+    time_slice: Duration,
+) -> Result<i32, String> {
+    builder
         .allow_tcp(false)
         .allow_udp(false)
         .allow_ip_name_lookup(false);
-
     let outcome: wasmtime::Result<i32> = match program {
         CommandProgram::Module(pre) => {
             let data = CommandData {
@@ -181,9 +214,6 @@ pub async fn run_command(
             .await
         }
     };
-
-    forward_lines(workload, log, LogLevel::Info, "stdout", &stdout.contents());
-    forward_lines(workload, log, LogLevel::Warn, "stderr", &stderr.contents());
     match outcome {
         Ok(code) => Ok(code),
         Err(err) => match err.downcast_ref::<I32Exit>() {

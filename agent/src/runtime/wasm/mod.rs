@@ -10,7 +10,7 @@ mod worker;
 mod workload;
 
 pub use artifacts::{Artifact, ArtifactKind, ArtifactStore, sha256_hex};
-pub use command::CommandProgram;
+pub use command::{CommandProgram, run_program};
 pub use engine::{EngineOptions, WasmEngine};
 pub use instance::{CallOutcome, Instance, InstanceSetup};
 pub use worker::{

@@ -157,8 +157,12 @@ impl Workload for WasmWorkload {
             events_handled: stats.events_handled.load(Ordering::Relaxed),
             queue_depth: self.handle.queue_depth() as u64,
             uptime: s.started_at.map(|t| t.elapsed()),
+            exit: s.exit_code.map(|code| crate::runtime::ExitInfo {
+                reason: format!("exited with code {code}"),
+                code: Some(code),
+                oom_killed: false,
+            }),
             last_error: s.last_error,
-            exit: None,
             usage: Usage {
                 memory_bytes: Some(memory),
                 pids: None,

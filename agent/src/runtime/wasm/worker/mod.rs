@@ -172,6 +172,9 @@ pub struct WorkerStatus {
     pub version: u64,
     /// When the live instance started.
     pub started_at: Option<Instant>,
+    /// The exit code of the last run of a WASI command program (`None` for components with
+    /// handlers, and while the first run goes).
+    pub exit_code: Option<i32>,
 }
 
 impl WorkerStats {

@@ -456,7 +456,11 @@ impl Worker {
             self.ctx.engine.engine(),
             pre,
             &self.name,
-            &self.current.spec.config,
+            super::super::command::CommandInput {
+                config: &self.current.spec.config,
+                args: &self.current.spec.args,
+                env: &self.current.spec.env,
+            },
             self.ctx.logs.as_ref(),
             setup.memory_limit,
             setup.time_slice,
@@ -464,6 +468,9 @@ impl Worker {
         .await;
         self.ctx.metrics.handle.observe(started.elapsed());
         let has_ticker = !self.current.spec.triggers.is_empty();
+        if let Ok(code) = outcome {
+            self.stats.set(|s| s.exit_code = Some(code));
+        }
         match outcome {
             Ok(0) => {
                 self.stats.events_handled.fetch_add(1, Ordering::Relaxed);
