@@ -49,6 +49,9 @@ impl AgentConfig {
         if let Some(hub) = &self.hub {
             hub.check()?;
         }
+        if let Some(kubeedge) = &self.kubeedge {
+            kubeedge.check()?;
+        }
         Ok(())
     }
 
