@@ -6,6 +6,9 @@
 //! prints the effective configuration with the defaults filled in.
 
 mod check;
+mod kubeedge;
+
+pub use kubeedge::KubeEdgeSection;
 
 use std::path::{Path, PathBuf};
 
@@ -80,6 +83,9 @@ pub struct AgentConfig {
     /// containerd's Task API server for Wasm pods.
     #[serde(default)]
     pub containerd: ContainerdSection,
+    /// KubeEdge's device mapper; without it the agent is no KubeEdge mapper.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kubeedge: Option<KubeEdgeSection>,
 }
 
 impl AgentConfig {

@@ -169,6 +169,18 @@ pub async fn run(args: RunArgs, socket: &Path) -> Result<()> {
         ),
         None => None,
     };
+    #[cfg(feature = "kubeedge")]
+    let kubeedge = match config.kubeedge.as_ref().filter(|k| k.enabled) {
+        Some(section) => Some(crate::kubeedge::KubeEdge::start(&agent, section).await?),
+        None => None,
+    };
+    #[cfg(not(feature = "kubeedge"))]
+    if config.kubeedge.as_ref().is_some_and(|k| k.enabled) {
+        anyhow::bail!(
+            "the agent config has a [kubeedge] section, but this agent was built without the \
+             `kubeedge` feature"
+        );
+    }
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot listen for SIGTERM")?;
@@ -177,6 +189,10 @@ pub async fn run(args: RunArgs, socket: &Path) -> Result<()> {
         _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
     }
     summary.abort();
+    #[cfg(feature = "kubeedge")]
+    if let Some(kubeedge) = kubeedge {
+        kubeedge.shutdown().await;
+    }
     if let Some(hub) = hub {
         hub.shutdown().await;
     }

@@ -15,6 +15,8 @@ pub mod embedded;
 pub mod files;
 pub mod grants;
 pub mod hub;
+#[cfg(feature = "kubeedge")]
+pub mod kubeedge;
 pub mod logs;
 pub mod metrics;
 pub mod pods;

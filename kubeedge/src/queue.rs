@@ -29,7 +29,7 @@ use crate::proto::v1beta1 as pb;
 /// Default bound of a queue, in reports (100,000 twin reports of ~200 bytes: ~20 MB).
 pub const DEFAULT_MAX_REPORTS: u64 = 100_000;
 /// Oldest rows looked at to choose which one to drop when the queue is full.
-const DROP_WINDOW: usize = 1024;
+pub const DROP_WINDOW: usize = 1024;
 
 /// One report for EdgeCore.
 #[derive(Debug, Clone, PartialEq)]
@@ -50,7 +50,7 @@ impl Report {
     }
 
     /// Sorted property names of a twin report (empty for a state report).
-    fn properties(&self) -> Vec<String> {
+    pub fn properties(&self) -> Vec<String> {
         let mut names: Vec<String> = match self {
             Report::Twins(r) => r
                 .reported_device
@@ -64,21 +64,24 @@ impl Report {
         names
     }
 
-    fn kind(&self) -> &'static str {
+    /// `twins` or `state`: the `kind` column of `dmi_reports`.
+    pub fn kind(&self) -> &'static str {
         match self {
             Report::Twins(_) => "twins",
             Report::State(_) => "state",
         }
     }
 
-    fn encode(&self) -> Vec<u8> {
+    /// The request, protobuf-encoded: the `body` column of `dmi_reports`.
+    pub fn encode(&self) -> Vec<u8> {
         match self {
             Report::Twins(r) => r.encode_to_vec(),
             Report::State(r) => r.encode_to_vec(),
         }
     }
 
-    fn decode(kind: &str, body: &[u8]) -> Result<Self, QueueError> {
+    /// A report from its `kind` and `body` columns.
+    pub fn decode(kind: &str, body: &[u8]) -> Result<Self, QueueError> {
         let bad = |e: prost::DecodeError| QueueError(format!("stored {kind} report: {e}"));
         match kind {
             "twins" => Ok(Report::Twins(

@@ -52,6 +52,9 @@ impl AgentConfig {
         if let Some(hub) = &self.hub {
             hub.check()?;
         }
+        if let Some(kubeedge) = &self.kubeedge {
+            kubeedge.check()?;
+        }
         Ok(())
     }
 

@@ -32,6 +32,8 @@
 //! # Ok(()) }
 //! ```
 
+#[cfg(feature = "kubeedge")]
+mod dmi;
 mod migrations;
 mod outbox;
 mod reads;
@@ -50,6 +52,8 @@ use std::thread::JoinHandle;
 use rusqlite::{Connection, OpenFlags};
 use tokio::sync::{mpsc, oneshot};
 
+#[cfg(feature = "kubeedge")]
+pub use dmi::DmiQueue;
 pub use outbox::SqliteOutbox;
 pub use reads::OUTBOX_ROW_OVERHEAD;
 pub use sources::SourceWorkload;

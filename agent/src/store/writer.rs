@@ -53,6 +53,12 @@ pub(crate) enum Op {
         source: String,
         name: String,
     },
+    /// A report queued for KubeEdge's EdgeCore.
+    #[cfg(feature = "kubeedge")]
+    DmiPush(super::dmi::DmiPush),
+    /// Reports EdgeCore took.
+    #[cfg(feature = "kubeedge")]
+    DmiAck(Vec<u64>),
 }
 
 /// Inbound command ids kept in the inbox table; older ones are forgotten (the hub resends only
@@ -214,6 +220,10 @@ fn run_op(conn: &Connection, op: &Op, shared: &StoreShared) -> Result<Output, St
         Op::Status(s) => record_status(conn, s),
         Op::SourceUpsert(w) => super::sources::upsert(conn, w),
         Op::SourceRemove { source, name } => super::sources::remove(conn, source, name),
+        #[cfg(feature = "kubeedge")]
+        Op::DmiPush(p) => super::dmi::push(conn, p),
+        #[cfg(feature = "kubeedge")]
+        Op::DmiAck(ids) => super::dmi::ack(conn, ids),
         Op::LogEvent {
             workload,
             kind,

@@ -187,8 +187,20 @@ impl Control for Agent {
         // off the async workers.
         let board = self.inner.board.clone();
         let engine = *self.inner.ctx.engine.options();
-        match tokio::task::spawn_blocking(move || crate::doctor::report(&board, Some(&engine)))
-            .await
+        #[cfg(feature = "kubeedge")]
+        let agent = self.clone();
+        match tokio::task::spawn_blocking(move || {
+            #[allow(unused_mut)]
+            let mut report = crate::doctor::report(&board, Some(&engine));
+            #[cfg(feature = "kubeedge")]
+            if let Some(socket) = agent.inner.kubeedge_socket.get() {
+                report
+                    .checks
+                    .push(crate::kubeedge::doctor_check(&agent, socket));
+            }
+            report
+        })
+        .await
         {
             Ok(report) => report,
             Err(err) => DoctorReport {

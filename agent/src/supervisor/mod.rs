@@ -85,6 +85,8 @@ struct Inner {
     workloads: Mutex<Workloads>,
     board: String,
     next_command: AtomicU64,
+    /// EdgeCore's socket, once the daemon started the KubeEdge mapper (for `doctor`).
+    kubeedge_socket: std::sync::OnceLock<PathBuf>,
 }
 
 /// The running agent. Cheap to clone.
@@ -173,8 +175,14 @@ impl Agent {
                 }),
                 board: options.board,
                 next_command: AtomicU64::new(1),
+                kubeedge_socket: std::sync::OnceLock::new(),
             }),
         })
+    }
+
+    /// Tells `doctor` where EdgeCore's DMI socket is (the daemon started the mapper).
+    pub fn set_kubeedge_socket(&self, socket: PathBuf) {
+        let _ = self.inner.kubeedge_socket.set(socket);
     }
 
     /// The artifact store.

@@ -123,6 +123,7 @@ async fn the_union_checks_refuse_naming_the_field_and_change_nothing() {
         .await
         .expect("a device function beside it");
     wait_state(&agent, "dev", "running").await;
+    wait_state(&agent, "op", "running").await;
     let before_ps = ps(&agent).await;
     let before_db = stored(&agent);
 
@@ -213,6 +214,7 @@ async fn the_union_checks_refuse_naming_the_field_and_change_nothing() {
         )
         .await
         .expect("the third slot");
+    wait_state(&agent, "p1", "running").await;
     let before_ps = ps(&agent).await;
     let before_db = stored(&agent);
     let err = agent
