@@ -33,3 +33,11 @@ pub fn process_rss_bytes() -> Option<u64> {
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kib * 1024)
 }
+
+/// Whether log output on stderr may carry ANSI colour codes: only when stderr is a terminal,
+/// and not when `NO_COLOR` is set to anything (<https://no-color.org>). A log file, a pipe or
+/// the journal gets plain text.
+pub fn stderr_colours() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
