@@ -8,7 +8,7 @@
 //! Properties beyond "no panic":
 //! - an accepted config builds an engine or says why not, and its log rate and burst are finite
 //!   and not negative (a rate limiter fed NaN lets everything through);
-//! - an accepted board profile can be simulated.
+//! - an accepted board profile prints as TOML that parses back to it, and can be simulated.
 
 use std::sync::Arc;
 
@@ -105,6 +105,15 @@ fn board(text: &str) {
     let Ok(profile) = BoardProfile::from_toml("board.toml", text) else {
         return;
     };
+    let written = toml::to_string(&profile)
+        .unwrap_or_else(|e| panic!("an accepted board profile does not serialise: {e}"));
+    let back = BoardProfile::from_toml("again.toml", &written).unwrap_or_else(|e| {
+        panic!("an accepted board profile does not parse back: {e}\n{written}")
+    });
+    assert_eq!(
+        back, profile,
+        "a board profile does not round-trip: {written}"
+    );
     if profile.backend == Backend::Sim {
         let name = profile.name.clone();
         if let Err(e) = DeviceHub::from_profile(profile) {
