@@ -1,6 +1,6 @@
 //! Fuzz targets for everything Lichen reads from outside: deployment files (TOML and JSON),
-//! the agent config and board profiles, every hub message kind, bundles, OCI images, and the
-//! host calls a guest makes.
+//! the agent config and board profiles, every hub message kind, bundles, OCI images, the host
+//! calls a guest makes, and the state store those inputs end up in.
 //!
 //! Each target is a function of one byte slice that panics when the code under test panics
 //! or breaks a property (the module docs of each target list its properties). Two drivers
@@ -28,6 +28,7 @@ mod deployment;
 mod host_calls;
 mod hub;
 mod oci;
+mod store;
 
 /// The fuzz targets, one function per input kind.
 pub mod targets {
@@ -81,6 +82,11 @@ pub mod targets {
     /// A target: one input in, a panic out when something is wrong.
     pub type Target = fn(&[u8]);
 
+    /// Sequences of state store writes (concurrent batches, restarts) checked against a model.
+    pub fn store(data: &[u8]) {
+        crate::store::store(data)
+    }
+
     /// Every target by name, as `fuzz_targets/` and `seeds/` name them.
     pub const ALL: &[(&str, Target)] = &[
         ("deployment_toml", deployment_toml),
@@ -90,5 +96,6 @@ pub mod targets {
         ("bundle", bundle),
         ("oci_image", oci_image),
         ("host_calls", host_calls),
+        ("store", store),
     ];
 }

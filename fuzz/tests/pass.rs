@@ -40,6 +40,11 @@ fn host_calls() {
     pass("host_calls", targets::host_calls, 1500);
 }
 
+#[test]
+fn store() {
+    pass("store", targets::store, 150);
+}
+
 /// The reproducers under `fuzz/open/<target>/`: crashes found in code other changes own, kept
 /// until those changes land (see `fuzz/open/README.md`). Ignored because they fail until then;
 /// `cargo test -p lichen-fuzz --test pass -- --ignored` says which pass now: move those to

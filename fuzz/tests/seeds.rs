@@ -423,6 +423,7 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
     let host: Vec<Vec<u8>> = (0..10)
         .map(|i| generated(0, i, 200)[1..].to_vec())
         .collect();
+    let store: Vec<Vec<u8>> = (0..8).map(|i| generated(0, i, 300)[1..].to_vec()).collect();
 
     vec![
         ("deployment_toml", toml),
@@ -432,6 +433,7 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         ("bundle", bundles),
         ("oci_image", oci),
         ("host_calls", host),
+        ("store", store),
     ]
 }
 
