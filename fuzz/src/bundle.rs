@@ -1,6 +1,7 @@
-//! Deployment bundles (`lichen import`): read from a tar file or a directory, then checked as
-//! the hub link checks an import (node, signature, every artifact's digest, the digests the
-//! deployment names) and the deployment validated.
+//! Deployment bundles (`lichen import`): opened from a tar file or a directory with small
+//! bounds ([`LIMITS`]), `bundle.json` read and checked as the importer checks it (node,
+//! signature, the digests the deployment names, the deployment validated), then every artifact
+//! member streamed through `Bundle::artifacts` against the expected digests and sizes.
 //!
 //! The first byte picks the mode: 0 the rest is a tar bundle as it is; 1 the rest drives a
 //! generator of bundles, as a directory or a tar file, whose members are the expected ones,
@@ -8,11 +9,20 @@
 //! rest is a tar file unpacked into a directory (FIFOs, links and all), read as a directory
 //! bundle.
 //!
+//! The expected artifacts are what the importer expects (each digest the deployment names,
+//! with the size the signed desired state gives it) and, for generated bundles, every name a
+//! regular artifact file was written under, so the streaming path is reached.
+//!
 //! Properties beyond "no panic":
-//! - reading returns within [`DEADLINE`] (a member that never ends must be refused, not read);
+//! - opening and reading return within [`DEADLINE`] (a member that never ends must be
+//!   refused, not read);
+//! - only expected names are visited, each once, with exactly the size announced, never more
+//!   than its bound (the signed size, else [`LIMITS`]);
+//! - an artifact read back under a name holds the bytes written under that name, and a link,
+//!   FIFO or directory is never visited as an artifact;
 //! - a bundle written by `bundle::write` reads back the same;
-//! - an artifact read back under a name holds the bytes written under that name;
-//! - a signature the trusted key did not make over this node and version is refused.
+//! - a signature the trusted key did not make over this node, version and artifact sizes is
+//!   refused.
 
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
@@ -21,7 +31,9 @@ use std::time::Duration;
 
 use arbitrary::Unstructured;
 use lichen_agent::hub::artifacts::referenced_digests;
-use lichen_agent::hub::bundle::{self, Bundle, BundleIndex, FORMAT};
+use std::collections::{BTreeMap, BTreeSet};
+
+use lichen_agent::hub::bundle::{self, Bundle, BundleIndex, Expected, FORMAT, Limits};
 use lichen_agent::hub::{self, DesiredState};
 use serde_json::json;
 
@@ -30,6 +42,19 @@ use crate::keys::{self, NODE};
 
 /// Longest a bundle read may take before the target calls it a hang.
 pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// The bounds bundles are read with here: small, so that members over them are common.
+pub const LIMITS: Limits = Limits {
+    index: 64 * 1024,
+    artifact: 4096,
+};
+
+/// What was read from a bundle: its index and the artifacts streamed, by name.
+#[derive(Debug, PartialEq, Eq)]
+struct Read {
+    index: BundleIndex,
+    artifacts: BTreeMap<String, Vec<u8>>,
+}
 
 /// The `bundle` target.
 pub fn bundle(data: &[u8]) {
@@ -41,8 +66,10 @@ pub fn bundle(data: &[u8]) {
         0 => {
             let path = dir.path().join("bundle.tar");
             std::fs::write(&path, rest).expect("writing the bundle");
-            if let Some(Ok(b)) = read(&path, &[]) {
-                import_checks(&b);
+            match read(&path, &[], &BTreeSet::new()) {
+                Some(Ok(b)) => import_checks(&b),
+                Some(Err(_)) => {}
+                None => panic!("a tar bundle was not read within {DEADLINE:?}"),
             }
             return;
         }
@@ -62,11 +89,11 @@ pub fn bundle(data: &[u8]) {
                 }
             }
             let fifos = fifos_in(&root);
-            match read(&root, &fifos) {
+            match read(&root, &fifos, &BTreeSet::new()) {
                 Some(Ok(b)) => import_checks(&b),
                 Some(Err(_)) => {}
                 None => panic!(
-                    "bundle::read did not return within {DEADLINE:?} on a directory bundle (FIFOs: {})",
+                    "a directory bundle was not read within {DEADLINE:?} (FIFOs: {})",
                     fifos.len()
                 ),
             }
@@ -76,19 +103,32 @@ pub fn bundle(data: &[u8]) {
     }
     let mut u = Unstructured::new(rest);
     let generated = generate(&mut u, dir.path());
-    match read(&generated.path, &generated.fifos) {
+    // Names the importer could expect: digests (a deployment names artifacts only by digest).
+    let names: BTreeSet<String> = generated
+        .unique_files
+        .keys()
+        .filter(|name| lichen_sync::is_digest(name))
+        .cloned()
+        .collect();
+    match read(&generated.path, &generated.fifos, &names) {
         Some(Ok(b)) => {
             for (name, bytes) in &b.artifacts {
-                if let Some(written) = generated.unique_files.get(name) {
-                    assert_eq!(bytes, written, "artifact {name} reads back changed");
-                }
+                // A name written once as a regular file reads back as written; any other
+                // (a link, a FIFO, written twice) is never visited.
+                let written = generated.unique_files.get(name).filter(|_| names.contains(name)).unwrap_or_else(|| {
+                    panic!(
+                        "artifacts/{name} was visited but is no regular file written once; members: {:?}",
+                        generated.members
+                    )
+                });
+                assert_eq!(bytes, written, "artifact {name} reads back changed");
             }
             import_checks(&b);
-            round_trip(&b, dir.path());
+            round_trip(&b, dir.path(), &names);
         }
         Some(Err(_)) => {}
         None => panic!(
-            "bundle::read did not return within {DEADLINE:?} on {} (members: {:?})",
+            "a bundle was not read within {DEADLINE:?} on {} (members: {:?})",
             generated.path.display(),
             generated.members
         ),
@@ -97,11 +137,12 @@ pub fn bundle(data: &[u8]) {
 
 /// Reads a bundle on a thread; `None` if it did not finish in time (the FIFOs are then
 /// opened for writing so the reader, blocked on one, can end).
-fn read(path: &Path, fifos: &[PathBuf]) -> Option<anyhow::Result<Bundle>> {
+fn read(path: &Path, fifos: &[PathBuf], extra: &BTreeSet<String>) -> Option<anyhow::Result<Read>> {
     let (tx, rx) = mpsc::channel();
     let owned = path.to_path_buf();
+    let extra = extra.clone();
     let reader = std::thread::spawn(move || {
-        let _ = tx.send(bundle::read(&owned));
+        let _ = tx.send(read_now(&owned, &extra));
     });
     match rx.recv_timeout(DEADLINE) {
         Ok(result) => {
@@ -119,6 +160,52 @@ fn read(path: &Path, fifos: &[PathBuf]) -> Option<anyhow::Result<Bundle>> {
             None
         }
     }
+}
+
+/// Opens a bundle, reads its index and streams the artifacts the importer would expect
+/// (plus `extra` names, without a signed size), checking what the walk hands over.
+fn read_now(path: &Path, extra: &BTreeSet<String>) -> anyhow::Result<Read> {
+    let bundle = Bundle::open(path, LIMITS)?;
+    let index = bundle.index()?;
+    let mut expected: Expected = referenced_digests(&index.desired.deployment)
+        .into_iter()
+        .map(|d| {
+            let size = index.desired.artifacts.get(&d).copied();
+            (d, size)
+        })
+        .collect();
+    for name in extra {
+        expected.entry(name.clone()).or_insert(None);
+    }
+    let mut artifacts = BTreeMap::new();
+    let visited = bundle.artifacts(&expected, |name, reader, size| {
+        let Some(signed) = expected.get(name) else {
+            panic!("artifact {name:?} visited although it is not expected");
+        };
+        assert!(
+            size <= LIMITS.artifact && signed.is_none_or(|s| s == size),
+            "artifact {name} of {size} bytes handed over (bound {}, signed size {signed:?})",
+            LIMITS.artifact
+        );
+        let mut bytes = Vec::new();
+        std::io::Read::read_to_end(reader, &mut bytes)?;
+        assert_eq!(
+            bytes.len() as u64,
+            size,
+            "artifact {name}: the reader yields another size than announced"
+        );
+        assert!(
+            artifacts.insert(name.to_owned(), bytes).is_none(),
+            "artifact {name} visited twice"
+        );
+        Ok(())
+    })?;
+    let names: BTreeSet<String> = artifacts.keys().cloned().collect();
+    assert_eq!(
+        visited, names,
+        "the digests returned are not the ones visited"
+    );
+    Ok(Read { index, artifacts })
 }
 
 /// Makes a FIFO at `name` under `root`, if `name` stays under it.
@@ -162,11 +249,11 @@ fn fifos_in(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// What the hub link checks before applying an imported bundle.
-fn import_checks(b: &Bundle) {
+fn import_checks(b: &Read) {
     let desired = &b.index.desired;
     let keys = [keys::trusted()];
     let verified = hub::verify(desired, NODE, &keys);
-    let (signature, _) = keys::sign(NODE, desired.version, &desired.deployment);
+    let (signature, _) = keys::sign_desired(NODE, desired);
     let genuine = desired
         .signature
         .as_deref()
@@ -192,7 +279,7 @@ fn import_checks(b: &Bundle) {
 }
 
 /// Writes `b` again as a tar file and as a directory, and reads both back.
-fn round_trip(b: &Bundle, dir: &Path) {
+fn round_trip(b: &Read, dir: &Path, extra: &BTreeSet<String>) {
     let names_ok = b.artifacts.keys().all(|name| {
         !name.is_empty()
             && !name.contains('/')
@@ -212,7 +299,7 @@ fn round_trip(b: &Bundle, dir: &Path) {
     for name in ["again.tar", "again"] {
         let out = dir.join(name);
         bundle::write(&out, &b.index, &artifacts).expect("writing a bundle that was read");
-        let back = bundle::read(&out).expect("reading a bundle that was written");
+        let back = read_now(&out, extra).expect("reading a bundle that was written");
         assert_eq!(back, *b, "a bundle does not round-trip through {name}");
     }
 }
@@ -221,7 +308,8 @@ fn round_trip(b: &Bundle, dir: &Path) {
 struct Generated {
     path: PathBuf,
     fifos: Vec<PathBuf>,
-    /// Regular artifact files written once under their name, with their bytes.
+    /// Regular artifact files under their name, with their bytes: in a tar, members written
+    /// once; in a directory, the regular files there.
     unique_files: std::collections::BTreeMap<String, Vec<u8>>,
     members: Vec<String>,
 }
@@ -308,7 +396,19 @@ fn generate(u: &mut Unstructured<'_>, dir: &Path) -> Generated {
     let (path, fifos) = if one_in(u, 2) {
         (write_tar(dir, &members), Vec::new())
     } else {
-        write_dir(dir, &members)
+        let (root, fifos) = write_dir(dir, &members);
+        // What a directory holds is what landed on disk: the regular files under artifacts/
+        // (a name written twice holds its last bytes; a link or FIFO is no regular file).
+        unique_files.clear();
+        if let Ok(entries) = std::fs::read_dir(root.join("artifacts")) {
+            for entry in entries.flatten() {
+                let is_file = std::fs::symlink_metadata(entry.path()).is_ok_and(|m| m.is_file());
+                if let (true, Ok(bytes)) = (is_file, std::fs::read(entry.path())) {
+                    unique_files.insert(entry.file_name().to_string_lossy().into_owned(), bytes);
+                }
+            }
+        }
+        (root, fifos)
     };
     Generated {
         path,
@@ -429,13 +529,32 @@ fn index_json(u: &mut Unstructured<'_>) -> Vec<u8> {
     } else {
         NODE.to_owned()
     };
-    let (signature, key_id) = keys::sign(&node, version, &deployment);
-    let desired = DesiredState {
+    // Desired v2: the sizes of the artifacts it names, mostly right ("module N" is 8 bytes).
+    let mut artifacts = BTreeMap::new();
+    if one_in(u, 2) {
+        for digest in referenced_digests(&deployment) {
+            artifacts.insert(
+                digest,
+                pick(u, &[8u64, 8, 8, 0, 7, 9, LIMITS.artifact + 1, u64::MAX]),
+            );
+        }
+    }
+    let mut desired = DesiredState {
         version,
         deployment,
-        signature: (!one_in(u, 6)).then_some(signature),
-        key_id: (!one_in(u, 4)).then_some(key_id),
+        artifacts,
+        signature: None,
+        key_id: None,
     };
+    let (signature, key_id) = keys::sign_desired(&node, &desired);
+    desired.signature = (!one_in(u, 6)).then_some(signature);
+    desired.key_id = (!one_in(u, 4)).then_some(key_id);
+    if one_in(u, 8)
+        && let Some((_, size)) = desired.artifacts.iter_mut().next()
+    {
+        // Signed, then a size changed: the signature must no longer hold.
+        *size = size.wrapping_add(1);
+    }
     let mut index = serde_json::to_value(BundleIndex {
         format: if one_in(u, 8) {
             input::name(u)

@@ -15,8 +15,11 @@
 //!
 //! Properties beyond "no panic":
 //! - an envelope, a message id and a topic that parse print back to what parses the same;
-//! - a signature made by the trusted key over (node, version, deployment) verifies, and the
-//!   same signature with any of them changed does not;
+//! - a desired state prints back to the same state and fingerprint;
+//! - a signature made by the trusted key over the signed bytes (node, version, the artifact
+//!   sizes of desired v2, deployment) verifies, and the same signature with any of them changed
+//!   (an artifact's size raised, one more artifact listed, a v1 signature over a v2 message)
+//!   does not;
 //! - the digests a deployment names are 64 lowercase hex digits it does name;
 //! - a manifest that validates has chunk sizes that add up to its size;
 //! - a chunk or artifact that is not the original's bytes is refused; the original's is
@@ -97,9 +100,15 @@ fn desired(topics: &Topics, payload: &[u8]) {
     let Ok(desired) = serde_json::from_value::<DesiredState>(envelope.payload) else {
         return;
     };
+    // What the node reads is what it fingerprints: the same message parses to the same state.
+    let again: DesiredState = serde_json::to_value(&desired)
+        .and_then(serde_json::from_value)
+        .expect("a desired state parses back from its JSON");
+    assert_eq!(again, desired, "a desired state does not round-trip");
+    assert_eq!(hub::fingerprint(&again), hub::fingerprint(&desired));
     let keys = [keys::trusted()];
     let verified = hub::verify(&desired, NODE, &keys);
-    let (signature, key_id) = keys::sign(NODE, desired.version, &desired.deployment);
+    let (signature, key_id) = keys::sign_desired(NODE, &desired);
     let genuine = desired.signature.as_deref().map(decoded) == Some(decoded(&signature))
         && desired.key_id.as_ref().is_none_or(|id| *id == key_id);
     if genuine {
@@ -107,7 +116,7 @@ fn desired(topics: &Topics, payload: &[u8]) {
             verified.is_ok(),
             "a genuine signature was refused: {verified:?}"
         );
-        // The same signature must not verify for another node or version.
+        // The same signature must not verify for another node, version or artifact list.
         let mut other = desired.clone();
         other.version = other.version.wrapping_add(1);
         assert!(
@@ -117,6 +126,17 @@ fn desired(topics: &Topics, payload: &[u8]) {
         assert!(
             hub::verify(&desired, "node-2", &keys).is_err(),
             "replayed node"
+        );
+        let mut grown = desired.clone();
+        match grown.artifacts.iter_mut().next() {
+            Some((_, size)) => *size = size.wrapping_add(1),
+            None => {
+                grown.artifacts.insert(sha256_hex(b"smuggled"), 1);
+            }
+        }
+        assert!(
+            hub::verify(&grown, NODE, &keys).is_err(),
+            "a signature held after an artifact size changed or an artifact was added: {grown:?}"
         );
     } else if verified.is_ok() {
         panic!("a signature the trusted key did not make was accepted: {desired:?}");
@@ -423,7 +443,9 @@ fn tampered_manifest(u: &mut Unstructured<'_>, honest: &Manifest) -> Value {
     m
 }
 
-/// A desired-state envelope: a generated deployment, signed by the trusted key or not.
+/// A desired-state envelope: a generated deployment, with or without the sizes of the
+/// artifacts it names (desired v2), signed by the trusted key or not, or signed and then
+/// changed.
 fn desired_envelope(u: &mut Unstructured<'_>) -> Vec<u8> {
     let deployment = crate::deployment::document(u).to_toml();
     let version = match int(u, 0..=2) {
@@ -431,25 +453,70 @@ fn desired_envelope(u: &mut Unstructured<'_>) -> Vec<u8> {
         1 => pick(u, input::EDGE_NUMBERS).unsigned_abs(),
         _ => u.arbitrary().unwrap_or(1),
     };
-    let (signature, key_id) = keys::sign(NODE, version, &deployment);
-    let (replayed, _) = keys::sign(NODE, version.wrapping_add(1), &deployment);
-    let mut payload = json!({"version": version, "deployment": deployment});
-    match int(u, 0..=5) {
-        0 | 1 => {
-            payload["signature"] = json!(signature);
-            payload["key-id"] = json!(key_id);
+    let mut artifacts = std::collections::BTreeMap::new();
+    if !one_in(u, 3) {
+        for digest in referenced_digests(&deployment) {
+            if !one_in(u, 6) {
+                artifacts.insert(
+                    digest,
+                    pick(u, &[0u64, 1, 4096, 1 << 30, (1 << 30) + 1, u64::MAX]),
+                );
+            }
         }
-        2 => payload["signature"] = json!(signature.trim_end_matches('=')),
+        if one_in(u, 5) {
+            let key = if one_in(u, 2) {
+                sha256_hex(input::name(u).as_bytes())
+            } else {
+                input::name(u)
+            };
+            artifacts.insert(key, int(u, 0..=u64::MAX));
+        }
+    }
+    let mut desired = DesiredState {
+        version,
+        deployment,
+        artifacts,
+        signature: None,
+        key_id: None,
+    };
+    let (signature, key_id) = keys::sign_desired(NODE, &desired);
+    let (replayed, _) = keys::sign(NODE, version.wrapping_add(1), &desired.deployment);
+    // Signed over the v1 bytes (no sizes) although it lists sizes: a downgrade.
+    let (downgraded, _) = keys::sign(NODE, version, &desired.deployment);
+    match int(u, 0..=7) {
+        0 | 1 => {
+            desired.signature = Some(signature);
+            desired.key_id = Some(key_id);
+        }
+        2 => desired.signature = Some(signature.trim_end_matches('=').to_owned()),
         // Signed for another version: a replay.
-        3 => payload["signature"] = json!(replayed),
+        3 => desired.signature = Some(replayed),
         4 => {
-            payload["signature"] = json!(input::name(u));
-            payload["key-id"] = json!(input::name(u));
+            desired.signature = Some(input::name(u));
+            desired.key_id = Some(input::name(u));
+        }
+        5 => desired.signature = Some(downgraded),
+        6 => {
+            // Signed, then an artifact's size raised or one more artifact listed.
+            desired.signature = Some(signature);
+            match desired.artifacts.iter_mut().next() {
+                Some((_, size)) => *size = size.saturating_add(1 << 20),
+                None => {
+                    desired.artifacts.insert(sha256_hex(b"smuggled"), 1 << 29);
+                }
+            }
         }
         _ => {}
     }
+    let mut payload = serde_json::to_value(&desired).expect("a desired state is JSON");
     if one_in(u, 10) {
         payload["extra"] = json!(true);
+    }
+    if one_in(u, 12) {
+        payload["artifacts"] = input::any_value(u, 0)
+            .to_json()
+            .parse()
+            .unwrap_or(Value::Null);
     }
     let id = if one_in(u, 8) {
         input::name(u)

@@ -29,3 +29,14 @@ pub fn sign(node: &str, version: u64, deployment: &str) -> (String, String) {
         hub::key_id(pair.public_key().as_ref()),
     )
 }
+
+/// Signs `desired` for `node` as a publisher does ([`hub::signed_bytes`]: the v2 bytes, with
+/// the artifact sizes, when it lists any): the base64 signature and the key id.
+pub fn sign_desired(node: &str, desired: &hub::DesiredState) -> (String, String) {
+    let pair = pair();
+    let signature = pair.sign(&hub::signed_bytes(node, desired));
+    (
+        hub::base64_encode(signature.as_ref()),
+        hub::key_id(pair.public_key().as_ref()),
+    )
+}

@@ -1,5 +1,6 @@
 //! Fuzz targets for everything Lichen reads from outside: deployment files (TOML and JSON),
-//! the agent config and board profiles, every hub message kind, bundles, OCI images, the host
+//! the agent config and board profiles, every hub message kind, the broker's byte stream
+//! through the MQTT size guard, bundles, OCI images, the host
 //! calls a guest makes, and the state store those inputs end up in.
 //!
 //! Each target is a function of one byte slice that panics when the code under test panics
@@ -27,6 +28,7 @@ mod config;
 mod deployment;
 mod host_calls;
 mod hub;
+mod mqtt;
 mod oci;
 mod store;
 
@@ -50,6 +52,11 @@ pub mod targets {
     /// A hub message: desired state, command, artifact manifest or chunk, any topic.
     pub fn hub_message(data: &[u8]) {
         crate::hub::hub_message(data)
+    }
+
+    /// The bytes a broker sends, through the inbound MQTT size guard.
+    pub fn mqtt_guard(data: &[u8]) {
+        crate::mqtt::mqtt_guard(data)
     }
 
     /// A deployment bundle (`lichen import`), as a tar file or a directory.
@@ -93,6 +100,7 @@ pub mod targets {
         ("deployment_json", deployment_json),
         ("agent_config", agent_config),
         ("hub_message", hub_message),
+        ("mqtt_guard", mqtt_guard),
         ("bundle", bundle),
         ("oci_image", oci_image),
         ("host_calls", host_calls),

@@ -14,7 +14,9 @@
 //! Properties beyond "no panic":
 //! - nothing outside the image store changes: `/outside` is byte for byte, mode for mode what
 //!   it was, and no new entry appears next to it;
-//! - an imported root filesystem holds no device node and no set-uid or set-gid file;
+//! - an imported root filesystem holds no device node, no set-uid or set-gid file (unless the
+//!   generated `images.setuid` policy keeps them), no file over `images.max-file` and no more
+//!   than `images.max-unpacked` bytes (the bounds are drawn small, or set to zero, one, ...);
 //! - no scratch directory (`.import-*`, `.layout-*`) is left in the store;
 //! - the import returns within [`DEADLINE`].
 
@@ -27,7 +29,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use arbitrary::Unstructured;
-use lichen_agent::runtime::container::ImageStore;
+use lichen_agent::runtime::container::{ImageLimits, ImageStore, SetuidPolicy};
 use serde_json::{Value, json};
 use sha2::{Digest as _, Sha256};
 
@@ -36,6 +38,16 @@ use crate::sandbox::{self, Outcome};
 
 /// Longest an import may take before the target calls it a hang.
 pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// The bounds most imports here run with: the defaults with smaller sizes, so that a layer
+/// that inflates is stopped after a few MiB, not 2 GiB.
+fn small_limits() -> ImageLimits {
+    ImageLimits {
+        max_unpacked_bytes: 8 << 20,
+        max_file_bytes: 4 << 20,
+        ..ImageLimits::default()
+    }
+}
 
 /// The `oci_image` target.
 pub fn oci_image(data: &[u8]) {
@@ -47,7 +59,9 @@ pub fn oci_image(data: &[u8]) {
     if raw_part == 5 {
         let tarball = rest.to_vec();
         let description = format!("a raw layout tarball of {} bytes", tarball.len());
-        return match sandbox::run(DEADLINE, move || import(&Image::tarball(tarball))) {
+        return match sandbox::run(DEADLINE, move || {
+            import(&Image::tarball(tarball, small_limits()))
+        }) {
             Outcome::Done(()) => {}
             Outcome::TimedOut => {
                 unblock_fifos(sandbox::root());
@@ -110,6 +124,8 @@ struct Image {
     /// only its layers' entries to be hostile with, so imports get that far.
     hostile: bool,
     layers: Vec<String>,
+    /// The `[images]` bounds and set-uid policy the store imports with.
+    limits: ImageLimits,
 }
 
 #[derive(Debug, Clone)]
@@ -120,16 +136,18 @@ enum Blob {
 }
 
 impl Image {
-    fn tarball(bytes: Vec<u8>) -> Self {
+    fn tarball(bytes: Vec<u8>, limits: ImageLimits) -> Self {
         Image {
             tarball: Some(bytes),
+            limits,
             ..Image::default()
         }
     }
 
     fn describe(&self) -> String {
         format!(
-            "packing {}, {} blobs, layers: {}",
+            "limits {:?}, packing {}, {} blobs, layers: {}",
+            self.limits,
             self.packing,
             self.blobs.len(),
             self.layers.join(" | ")
@@ -147,7 +165,7 @@ fn import(image: &Image) {
     reset();
     let source = write_layout(image);
     let before = snapshot(Path::new("/outside"));
-    let store = ImageStore::new("/store");
+    let store = ImageStore::new("/store").with_limits(image.limits.clone());
     let result = store.import(Path::new(source));
     if std::env::var_os("LICHEN_FUZZ_VERBOSE").is_some() {
         eprintln!("import of {source}: {result:?}");
@@ -189,12 +207,15 @@ fn import(image: &Image) {
         }
     }
     if let Ok(imported) = &result {
-        check_rootfs(&imported.rootfs);
+        check_rootfs(&imported.rootfs, &image.limits);
     }
 }
 
-/// No device nodes and no set-uid/set-gid files in an imported root.
-fn check_rootfs(root: &Path) {
+/// No device nodes in an imported root, no set-uid/set-gid files unless the policy keeps
+/// them, and no file or total over the bounds.
+fn check_rootfs(root: &Path, limits: &ImageLimits) {
+    let mut inodes = std::collections::BTreeSet::new();
+    let mut total = 0u64;
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else {
@@ -211,8 +232,20 @@ fn check_rootfs(root: &Path) {
                 "device node {} in an imported root",
                 path.display()
             );
+            if kind.is_file() {
+                assert!(
+                    meta.len() <= limits.max_file_bytes,
+                    "{} of {} bytes in an imported root, over images.max-file ({})",
+                    path.display(),
+                    meta.len(),
+                    limits.max_file_bytes
+                );
+                if inodes.insert(meta.ino()) {
+                    total += meta.len();
+                }
+            }
             // A set-gid directory only passes its group on; files are what run privileged.
-            if !kind.is_symlink() && !kind.is_dir() {
+            if !kind.is_symlink() && !kind.is_dir() && limits.setuid != SetuidPolicy::Keep {
                 assert!(
                     meta.permissions().mode() & 0o6000 == 0,
                     "set-uid/set-gid file {} (mode {:o}) in an imported root",
@@ -225,6 +258,11 @@ fn check_rootfs(root: &Path) {
             }
         }
     }
+    assert!(
+        total <= limits.max_unpacked_bytes,
+        "an imported root of {total} bytes, over images.max-unpacked ({})",
+        limits.max_unpacked_bytes
+    );
 }
 
 /// Empties the sandbox root and lays out `/outside`.
@@ -357,7 +395,27 @@ const LAYER_MEDIA: &[&str] = &[
 
 fn generate(u: &mut Unstructured<'_>, raw_part: u8, raw: Vec<u8>) -> Image {
     let hostile = one_in(u, 2);
+    let limits = if one_in(u, 3) {
+        ImageLimits {
+            max_unpacked_bytes: pick(u, &[0, 1, 100, 4096, 1 << 20]),
+            max_file_bytes: pick(u, &[0, 1, 10, 1000, 1 << 20]),
+            max_entries: pick(u, &[0, 1, 3, 10, 1000]),
+            max_path_bytes: pick(u, &[1, 8, 30, 4096]),
+            max_depth: pick(u, &[0, 1, 2, 128]),
+            setuid: pick(
+                u,
+                &[
+                    SetuidPolicy::Refuse,
+                    SetuidPolicy::Strip,
+                    SetuidPolicy::Keep,
+                ],
+            ),
+        }
+    } else {
+        small_limits()
+    };
     let mut image = Image {
+        limits,
         hostile,
         packing: pick(u, &[0, 0, 1, 2]),
         layout_marker: if hostile && one_in(u, 12) {

@@ -13,8 +13,8 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use arbitrary::Unstructured;
 use lichen_agent::store::{
-    EventCommit, GuestLogLine, KvWrite, NewDeployment, NewWorkload, OutboxRecord, StateStore,
-    StoreOptions, TelemetryRecord,
+    CommandRecord, EventCommit, GuestLogLine, KvWrite, NewDeployment, NewWorkload, OutboxRecord,
+    StateStore, StoreOptions, TelemetryRecord,
 };
 
 use crate::input::{int, one_in, pick};
@@ -221,6 +221,10 @@ fn request(u: &mut Unstructured<'_>, ids: &[i64]) -> Request {
                 })
                 .collect(),
             events_handled: pick(u, &[0, 1, 7]),
+            command: one_in(u, 3).then(|| CommandRecord {
+                inbox_id: pick(u, &["hub:1", "hub:2", "n:3", ""]).to_owned(),
+                result: record(u),
+            }),
         }),
         3 => Request::Push(record(u)),
         4 => {
@@ -272,9 +276,14 @@ fn apply(model: &mut Model, request: Request, ok: bool) {
             let unique: BTreeSet<&String> = names.iter().collect();
             unique.len() == names.len()
         }
+        // A commit that carries a hub command already handled is refused whole (the command's
+        // writes must happen once).
         Request::Commit(c) => {
             model.deployed.contains(&c.workload)
                 && c.telemetry.iter().all(|t| fits(t.created_at_ms))
+                && c.command.as_ref().is_none_or(|command| {
+                    !model.inbox.contains(&command.inbox_id) && fits(command.result.created_at_ms)
+                })
         }
         Request::Push(r) => fits(r.created_at_ms),
         Request::Command(id, r) => model.inbox.contains(id) || fits(r.created_at_ms),
@@ -299,6 +308,10 @@ fn apply(model: &mut Model, request: Request, ok: bool) {
             model.deployed = listed;
         }
         Request::Commit(c) => {
+            if let Some(command) = c.command {
+                model.inbox.insert(command.inbox_id);
+                push(model, command.result);
+            }
             for write in c.kv {
                 let key = (c.workload.clone(), write.bucket, write.key);
                 match write.value {

@@ -26,6 +26,11 @@ fn hub_message() {
 }
 
 #[test]
+fn mqtt_guard() {
+    pass("mqtt_guard", targets::mqtt_guard, 3000);
+}
+
+#[test]
 fn bundle() {
     pass("bundle", targets::bundle, 600);
 }

@@ -139,16 +139,20 @@ fn signed_bundle_tar() -> Vec<u8> {
     let module = b"module 1".to_vec();
     let digest = lichen_sync::sha256_hex(&module);
     let deployment = format!("[[workloads]]\nname = \"w\"\nmodule = \"sha256:{digest}\"\n");
-    let (signature, key_id) = keys::sign(NODE, 2, &deployment);
+    let mut desired = DesiredState {
+        version: 2,
+        deployment,
+        artifacts: [(digest.clone(), module.len() as u64)].into(),
+        signature: None,
+        key_id: None,
+    };
+    let (signature, key_id) = keys::sign_desired(NODE, &desired);
+    desired.signature = Some(signature);
+    desired.key_id = Some(key_id);
     let index = BundleIndex {
         format: FORMAT.to_owned(),
         node: NODE.to_owned(),
-        desired: DesiredState {
-            version: 2,
-            deployment,
-            signature: Some(signature),
-            key_id: Some(key_id),
-        },
+        desired,
     };
     let dir = tempfile::tempdir().expect("a temporary directory");
     let out = dir.path().join("b.tar");
@@ -389,6 +393,33 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         }
     }
 
+    // The broker's byte stream: a PUBLISH within the limit, one over it, a ping.
+    let mut stream = Vec::new();
+    for packet in [
+        rumqttc::Packet::Publish(rumqttc::Publish::new(
+            "lichen/v1/node-1/cmd/w",
+            rumqttc::QoS::AtLeastOnce,
+            br#"{"id":"hub:2","ts":5,"payload":{"command":"x"}}"#.to_vec(),
+        )),
+        rumqttc::Packet::Publish(rumqttc::Publish::new(
+            "lichen/v1/node-1/desired",
+            rumqttc::QoS::AtLeastOnce,
+            vec![b'{'; 5000],
+        )),
+        rumqttc::Packet::PingResp,
+    ] {
+        let mut buf = bytes::BytesMut::new();
+        packet.write(&mut buf, usize::MAX).expect("encodes");
+        stream.extend_from_slice(&buf);
+    }
+    let mut mqtt = vec![
+        [&[0u8, 5, 1, 7][..], &stream].concat(),
+        [&[0u8, 3, 2, 200, 1][..], &stream].concat(),
+    ];
+    for i in 0..10 {
+        mqtt.push(generated(1, i, 96));
+    }
+
     let mut bundles = vec![
         with_mode(0, &signed_bundle_tar()),
         with_mode(2, &signed_bundle_tar()),
@@ -430,6 +461,7 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
         ("deployment_json", json),
         ("agent_config", config),
         ("hub_message", hub),
+        ("mqtt_guard", mqtt),
         ("bundle", bundles),
         ("oci_image", oci),
         ("host_calls", host),
