@@ -408,6 +408,80 @@ mod tests {
         );
     }
 
+    #[tokio::test]
+    async fn unpersisted_lines_the_ring_dropped_are_not_shown_nor_invented() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(&dir);
+        deploy_w(&store).await;
+        let hub = LogHub::new(LogOptions {
+            ring_lines: 2,
+            ..chatty()
+        });
+        hub.log("w", LogLevel::Info, "c", "s0");
+        hub.log("w", LogLevel::Info, "c", "s1");
+        hub.persist(&store).await.expect("persisted");
+        for i in 0..4 {
+            hub.log("w", LogLevel::Info, "c", &format!("u{i}"));
+        }
+        // Four lines are waiting for the persister, but the ring holds only the last two.
+        assert_eq!(
+            messages(&hub.lines("w", 10, &store).await.expect("lines")),
+            ["s0", "s1", "u2", "u3"]
+        );
+        assert_eq!(
+            messages(&hub.lines("w", 3, &store).await.expect("lines")),
+            ["s1", "u2", "u3"],
+            "a tail spans the store and memory"
+        );
+        hub.persist(&store).await.expect("persisted");
+        assert_eq!(
+            messages(&hub.lines("w", 10, &store).await.expect("lines")),
+            ["s0", "s1", "u0", "u1", "u2", "u3"],
+            "once persisted, every line is there, in order, once"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lines_read_while_batches_commit_are_each_shown_once_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(&dir);
+        deploy_w(&store).await;
+        let hub = Arc::new(LogHub::new(LogOptions {
+            ring_lines: 1000,
+            ..chatty()
+        }));
+        let writer = tokio::spawn({
+            let (hub, store) = (hub.clone(), store.clone());
+            async move {
+                for i in 0..300 {
+                    hub.log("w", LogLevel::Info, "c", &format!("{i}"));
+                    if i % 7 == 0 {
+                        hub.persist(&store).await.expect("persisted");
+                    }
+                }
+                hub.persist(&store).await.expect("persisted");
+            }
+        });
+        let mut reads = 0;
+        loop {
+            let done = writer.is_finished();
+            let seen = messages(&hub.lines("w", 1000, &store).await.expect("lines"));
+            let expected: Vec<String> = (0..seen.len()).map(|i| i.to_string()).collect();
+            assert_eq!(
+                seen, expected,
+                "a read while batches commit shows a line twice, out of order or misses one"
+            );
+            reads += 1;
+            if done {
+                assert_eq!(seen.len(), 300, "after the last commit every line is there");
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        writer.await.expect("the writer ran");
+        assert!(reads > 1);
+    }
+
     #[test]
     fn lines_below_the_level_are_dropped() {
         let hub = LogHub::new(LogOptions::default());
