@@ -465,7 +465,8 @@ mod tests {
         let mut reads = 0;
         loop {
             let done = writer.is_finished();
-            let seen = messages(&hub.lines("w", 1000, &store).await.expect("lines"));
+            let lines = hub.lines("w", 1000, &store).await.expect("lines");
+            let seen = messages(&lines);
             let expected: Vec<String> = (0..seen.len()).map(|i| i.to_string()).collect();
             assert_eq!(
                 seen, expected,

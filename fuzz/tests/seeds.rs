@@ -314,6 +314,13 @@ fn write_bundle_reproducers() {
     std::fs::write(dir.join("fifo-member-hangs-read"), bytes).expect("writing");
 }
 
+/// A QoS 1 PUBLISH with packet id `pkid`.
+fn publish(topic: &str, pkid: u16, payload: Vec<u8>) -> rumqttc::Publish {
+    let mut p = rumqttc::Publish::new(topic, rumqttc::QoS::AtLeastOnce, payload);
+    p.pkid = pkid;
+    p
+}
+
 fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
     let mut toml = Vec::new();
     let mut json = Vec::new();
@@ -396,16 +403,12 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
     // The broker's byte stream: a PUBLISH within the limit, one over it, a ping.
     let mut stream = Vec::new();
     for packet in [
-        rumqttc::Packet::Publish(rumqttc::Publish::new(
+        rumqttc::Packet::Publish(publish(
             "lichen/v1/node-1/cmd/w",
-            rumqttc::QoS::AtLeastOnce,
+            1,
             br#"{"id":"hub:2","ts":5,"payload":{"command":"x"}}"#.to_vec(),
         )),
-        rumqttc::Packet::Publish(rumqttc::Publish::new(
-            "lichen/v1/node-1/desired",
-            rumqttc::QoS::AtLeastOnce,
-            vec![b'{'; 5000],
-        )),
+        rumqttc::Packet::Publish(publish("lichen/v1/node-1/desired", 2, vec![b'{'; 5000])),
         rumqttc::Packet::PingResp,
     ] {
         let mut buf = bytes::BytesMut::new();
