@@ -402,8 +402,9 @@ fn generate(u: &mut Unstructured<'_>, dir: &Path) -> Generated {
         unique_files.clear();
         if let Ok(entries) = std::fs::read_dir(root.join("artifacts")) {
             for entry in entries.flatten() {
+                // Only a regular file is read (a FIFO would block the generator).
                 let is_file = std::fs::symlink_metadata(entry.path()).is_ok_and(|m| m.is_file());
-                if let (true, Ok(bytes)) = (is_file, std::fs::read(entry.path())) {
+                if let Some(Ok(bytes)) = is_file.then(|| std::fs::read(entry.path())) {
                     unique_files.insert(entry.file_name().to_string_lossy().into_owned(), bytes);
                 }
             }
