@@ -6,10 +6,11 @@
 # release's lib/modules tree). A second run with the same Debian version only prints the path.
 #
 # Usage: images/fetch-kernel.sh            (cache under $LICHEN_GUEST_CACHE,
-#                                           default /var/tmp/lichen-target/guest)
+#                                           default <cargo target dir>/guest)
 set -euo pipefail
 
-cache_root=${LICHEN_GUEST_CACHE:-/var/tmp/lichen-target/guest}
+cache_root=${LICHEN_GUEST_CACHE:-${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/.." && cargo metadata --no-deps --format-version 1 |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')}/guest}
 
 resolve() {
   apt-cache depends linux-image-amd64 2>/dev/null |

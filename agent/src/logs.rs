@@ -1,6 +1,9 @@
 //! Guest logs: a bounded ring of recent lines per workload, live followers, a per-workload
 //! rate limit so one noisy guest cannot flood memory or the disk, and batched persistence of
 //! what passes the limit (the store keeps the last N lines per workload).
+//!
+//! [`LogHub::lines`] answers `lichen logs`: the store's lines (from before a restart too)
+//! followed by the lines of this process not persisted yet, in the order they were written.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -10,7 +13,7 @@ use lichen_host_apis::{LogLevel, LogSink};
 use tokio::sync::broadcast;
 
 use crate::api::types::LogLine;
-use crate::store::{GuestLogLine, StateStore};
+use crate::store::{GuestLogLine, StateStore, StoreError};
 
 /// Settings of the log hub.
 #[derive(Debug, Clone, Copy)]
@@ -45,6 +48,10 @@ struct WorkloadLog {
     refilled_at: Instant,
     dropped: u64,
     dropped_total: u64,
+    /// Lines pushed by this process, and how many of them the store holds now: the newest
+    /// `pushed - persisted` lines of the ring are the ones only memory has.
+    pushed: u64,
+    persisted: u64,
 }
 
 /// Collects every workload's log lines.
@@ -52,6 +59,9 @@ pub struct LogHub {
     options: LogOptions,
     workloads: Mutex<HashMap<String, WorkloadLog>>,
     unpersisted: Mutex<Vec<GuestLogLine>>,
+    /// Held while lines go to the store and while [`LogHub::lines`] reads, so a reader never
+    /// sees a line both in the store and as unpersisted, nor in neither.
+    persisting: tokio::sync::Mutex<()>,
 }
 
 impl LogHub {
@@ -61,6 +71,7 @@ impl LogHub {
             options,
             workloads: Mutex::new(HashMap::new()),
             unpersisted: Mutex::new(Vec::new()),
+            persisting: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -82,6 +93,8 @@ impl LogHub {
                 refilled_at: Instant::now(),
                 dropped: 0,
                 dropped_total: 0,
+                pushed: 0,
+                persisted: 0,
             })
     }
 
@@ -97,6 +110,7 @@ impl LogHub {
             entry.ring.pop_front();
         }
         entry.ring.push_back(line.clone());
+        entry.pushed += 1;
         if let Some(followers) = &entry.followers
             && followers.send(line.clone()).is_err()
         {
@@ -127,6 +141,58 @@ impl LogHub {
                     .collect()
             })
             .unwrap_or_default()
+    }
+
+    /// The last `tail` lines of a workload, oldest first: those in the store (written before a
+    /// restart too), then those of this process that are only in memory so far.
+    pub async fn lines(
+        &self,
+        workload: &str,
+        tail: usize,
+        store: &StateStore,
+    ) -> Result<Vec<LogLine>, StoreError> {
+        let _persisting = self.persisting.lock().await;
+        let stored = store.recent_logs(workload, tail)?;
+        let mut lines: Vec<LogLine> = stored
+            .into_iter()
+            .map(|l| LogLine {
+                at_ms: l.at_ms,
+                workload: l.workload,
+                level: l.level,
+                context: l.context,
+                message: l.message,
+            })
+            .collect();
+        if let Some(w) = self.workloads().get(workload) {
+            let only_here = usize::try_from(w.pushed.saturating_sub(w.persisted))
+                .unwrap_or(usize::MAX)
+                .min(w.ring.len());
+            lines.extend(w.ring.iter().skip(w.ring.len() - only_here).cloned());
+        }
+        let excess = lines.len().saturating_sub(tail);
+        lines.drain(..excess);
+        Ok(lines)
+    }
+
+    /// Writes the lines not yet in the store to it, and counts them as persisted.
+    pub async fn persist(&self, store: &StateStore) -> Result<(), StoreError> {
+        let _persisting = self.persisting.lock().await;
+        let lines = self.take_unpersisted();
+        if lines.is_empty() {
+            return Ok(());
+        }
+        let mut counts: HashMap<String, u64> = HashMap::new();
+        for line in &lines {
+            *counts.entry(line.workload.clone()).or_default() += 1;
+        }
+        store.append_logs(lines).await?;
+        let mut map = self.workloads();
+        for (workload, n) in counts {
+            if let Some(w) = map.get_mut(&workload) {
+                w.persisted += n;
+            }
+        }
+        Ok(())
     }
 
     /// Subscribes to a workload's new lines.
@@ -164,11 +230,7 @@ impl LogHub {
             loop {
                 interval.tick().await;
                 let Some(hub) = hub.upgrade() else { return };
-                let lines = hub.take_unpersisted();
-                drop(hub);
-                if !lines.is_empty()
-                    && let Err(err) = store.append_logs(lines).await
-                {
+                if let Err(err) = hub.persist(&store).await {
                     tracing::warn!("cannot persist guest logs: {err}");
                 }
             }
@@ -256,6 +318,169 @@ mod tests {
         }
         let msgs: Vec<String> = hub.recent("w", 10).into_iter().map(|l| l.message).collect();
         assert_eq!(msgs, ["7", "8", "9"]);
+    }
+
+    fn messages(lines: &[LogLine]) -> Vec<&str> {
+        lines.iter().map(|l| l.message.as_str()).collect()
+    }
+
+    fn open_store(dir: &tempfile::TempDir) -> StateStore {
+        StateStore::open(
+            &dir.path().join("lichen.db"),
+            crate::store::StoreOptions::default(),
+        )
+        .expect("store")
+    }
+
+    /// The store keeps lines of deployed workloads only: deploy `w`.
+    async fn deploy_w(store: &StateStore) {
+        store
+            .apply_deployment(crate::store::NewDeployment {
+                source_name: "deploy.toml".to_owned(),
+                source_text: "w".to_owned(),
+                digest: "digest".to_owned(),
+                description: None,
+                workloads: vec![crate::store::NewWorkload {
+                    name: "w".to_owned(),
+                    spec_json: "{}".to_owned(),
+                    module_digest: "module".to_owned(),
+                }],
+            })
+            .await
+            .expect("deployed");
+    }
+
+    fn chatty() -> LogOptions {
+        LogOptions {
+            ring_lines: 100,
+            lines_per_second: 1e9,
+            burst: 1e9,
+            min_level: LogLevel::Trace,
+        }
+    }
+
+    #[tokio::test]
+    async fn lines_from_before_a_restart_come_first_and_none_twice() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        {
+            let store = open_store(&dir);
+            deploy_w(&store).await;
+            let before = LogHub::new(chatty());
+            for i in 0..3 {
+                before.log("w", LogLevel::Info, "c", &format!("old {i}"));
+            }
+            before.persist(&store).await.expect("persisted");
+            before.log("w", LogLevel::Info, "c", "lost in the crash");
+        }
+        // The restarted agent: a new hub (empty ring) on the same state file.
+        let store = open_store(&dir);
+        let after = LogHub::new(chatty());
+        assert_eq!(
+            messages(&after.lines("w", 10, &store).await.expect("lines")),
+            ["old 0", "old 1", "old 2"],
+            "before the new process logs anything"
+        );
+        after.log("w", LogLevel::Info, "c", "new 0");
+        after.log("w", LogLevel::Info, "c", "new 1");
+        let all = ["old 0", "old 1", "old 2", "new 0", "new 1"];
+        assert_eq!(
+            messages(&after.lines("w", 10, &store).await.expect("lines")),
+            all
+        );
+        after.persist(&store).await.expect("persisted");
+        after.log("w", LogLevel::Info, "c", "new 2");
+        assert_eq!(
+            messages(&after.lines("w", 10, &store).await.expect("lines")),
+            ["old 0", "old 1", "old 2", "new 0", "new 1", "new 2"],
+            "persisted lines of this process are not shown twice"
+        );
+        assert_eq!(
+            messages(&after.lines("w", 2, &store).await.expect("lines")),
+            ["new 1", "new 2"],
+            "the tail is the newest lines"
+        );
+        assert!(
+            after
+                .lines("other", 10, &store)
+                .await
+                .expect("lines")
+                .is_empty()
+        );
+    }
+
+    #[tokio::test]
+    async fn unpersisted_lines_the_ring_dropped_are_not_shown_nor_invented() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(&dir);
+        deploy_w(&store).await;
+        let hub = LogHub::new(LogOptions {
+            ring_lines: 2,
+            ..chatty()
+        });
+        hub.log("w", LogLevel::Info, "c", "s0");
+        hub.log("w", LogLevel::Info, "c", "s1");
+        hub.persist(&store).await.expect("persisted");
+        for i in 0..4 {
+            hub.log("w", LogLevel::Info, "c", &format!("u{i}"));
+        }
+        // Four lines are waiting for the persister, but the ring holds only the last two.
+        assert_eq!(
+            messages(&hub.lines("w", 10, &store).await.expect("lines")),
+            ["s0", "s1", "u2", "u3"]
+        );
+        assert_eq!(
+            messages(&hub.lines("w", 3, &store).await.expect("lines")),
+            ["s1", "u2", "u3"],
+            "a tail spans the store and memory"
+        );
+        hub.persist(&store).await.expect("persisted");
+        assert_eq!(
+            messages(&hub.lines("w", 10, &store).await.expect("lines")),
+            ["s0", "s1", "u0", "u1", "u2", "u3"],
+            "once persisted, every line is there, in order, once"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lines_read_while_batches_commit_are_each_shown_once_in_order() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = open_store(&dir);
+        deploy_w(&store).await;
+        let hub = Arc::new(LogHub::new(LogOptions {
+            ring_lines: 1000,
+            ..chatty()
+        }));
+        let writer = tokio::spawn({
+            let (hub, store) = (hub.clone(), store.clone());
+            async move {
+                for i in 0..300 {
+                    hub.log("w", LogLevel::Info, "c", &format!("{i}"));
+                    if i % 7 == 0 {
+                        hub.persist(&store).await.expect("persisted");
+                    }
+                }
+                hub.persist(&store).await.expect("persisted");
+            }
+        });
+        let mut reads = 0;
+        loop {
+            let done = writer.is_finished();
+            let lines = hub.lines("w", 1000, &store).await.expect("lines");
+            let seen = messages(&lines);
+            let expected: Vec<String> = (0..seen.len()).map(|i| i.to_string()).collect();
+            assert_eq!(
+                seen, expected,
+                "a read while batches commit shows a line twice, out of order or misses one"
+            );
+            reads += 1;
+            if done {
+                assert_eq!(seen.len(), 300, "after the last commit every line is there");
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        writer.await.expect("the writer ran");
+        assert!(reads > 1);
     }
 
     #[test]

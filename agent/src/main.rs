@@ -17,6 +17,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_max_level(level)
         .with_writer(std::io::stderr)
+        .with_ansi(lichen_agent::util::stderr_colours())
         .init();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -58,6 +58,29 @@ pub fn process_rss_bytes() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Cargo's target directory for a binary built from this repository: `$CARGO_TARGET_DIR`
+/// if set, else the nearest directory above the running binary that cargo marked as its
+/// target directory (`CACHEDIR.TAG`, as `target/debug/lichen` has). `None` for an installed
+/// binary. Development helpers only (the bench's size figures, the guest kernel cache).
+pub fn cargo_target_dir() -> Option<std::path::PathBuf> {
+    if let Some(dir) = std::env::var_os("CARGO_TARGET_DIR").filter(|d| !d.is_empty()) {
+        return Some(dir.into());
+    }
+    let exe = std::env::current_exe().ok()?;
+    exe.ancestors()
+        .skip(1)
+        .find(|dir| dir.join("CACHEDIR.TAG").is_file())
+        .map(std::path::Path::to_path_buf)
+}
+
+/// Whether log output on stderr may carry ANSI colour codes: only when stderr is a terminal,
+/// and not when `NO_COLOR` is set to anything (<https://no-color.org>). A log file, a pipe or
+/// the journal gets plain text.
+pub fn stderr_colours() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 /// `text` with every character that could hide or disguise what follows escaped as Rust does
 /// (`\n`, `\u{202e}`): control characters, bidirectional overrides and other invisible
 /// formatting characters. Quotes and backslashes stay as they are. Errors pass what they echo

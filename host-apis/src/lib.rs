@@ -89,6 +89,20 @@ pub mod device_types {
         Error as SpiError, Host as SpiHost, HostSpiDevice, Operation as SpiOperation,
     };
 }
+/// The host traits and WIT types of the other imports (`wasi:keyvalue`, `wasi:logging`,
+/// `wasi:config`, `lichen:device/telemetry`), for tests and fuzzers that call the host
+/// implementations directly, as a guest would, without a Wasm engine.
+pub mod host_types {
+    pub use crate::bindings::lichen::device::telemetry::{
+        Error as TelemetryError, Host as TelemetryHost,
+    };
+    pub use crate::bindings::wasi::config::store::{Error as ConfigError, Host as ConfigHost};
+    pub use crate::bindings::wasi::keyvalue::atomics::Host as AtomicsHost;
+    pub use crate::bindings::wasi::keyvalue::store::{
+        Error as KeyValueError, Host as KeyValueHost, HostBucket, KeyResponse,
+    };
+    pub use crate::bindings::wasi::logging::logging::{Host as LoggingHost, Level as WitLogLevel};
+}
 pub use bindings::{DeviceFunction, DeviceFunctionPre};
 
 /// Fully qualified name of the world device functions must target.

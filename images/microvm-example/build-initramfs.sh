@@ -11,7 +11,7 @@
 # the boot-timeout test); `deaf` one that ignores the power button (for the grace-period test).
 #
 # Prints the image's path. Cached under $LICHEN_GUEST_CACHE (default
-# /var/tmp/lichen-target/guest)/microvm-example/<key>, where the key hashes this script, the
+# <cargo target dir>/guest)/microvm-example/<key>, where the key hashes this script, the
 # busybox binary and the kernel release, so a changed input builds a new image.
 #
 # Usage: images/microvm-example/build-initramfs.sh [ready|never-ready|deaf]
@@ -24,7 +24,8 @@ case "$variant" in ready | never-ready | deaf) ;; *)
   ;;
 esac
 here=$(cd "$(dirname "$0")" && pwd)
-cache_root=${LICHEN_GUEST_CACHE:-/var/tmp/lichen-target/guest}
+cache_root=${LICHEN_GUEST_CACHE:-${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/../.." && cargo metadata --no-deps --format-version 1 |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')}/guest}
 busybox=/bin/busybox
 [ -x "$busybox" ] || { echo "build-initramfs: $busybox missing (apt-get install busybox-static)" >&2; exit 1; }
 if ! "$busybox" --list >/dev/null 2>&1 || ldd "$busybox" >/dev/null 2>&1; then

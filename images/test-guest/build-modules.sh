@@ -11,7 +11,8 @@
 # Usage: images/test-guest/build-modules.sh KERNEL_DIR   (the directory fetch-kernel.sh printed)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
-cache_root=${LICHEN_GUEST_CACHE:-/var/tmp/lichen-target/guest}
+cache_root=${LICHEN_GUEST_CACHE:-${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/../.." && cargo metadata --no-deps --format-version 1 |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')}/guest}
 [ $# -eq 1 ] || die "usage: $0 KERNEL_DIR (the directory images/fetch-kernel.sh printed)"
 kernel_dir=$1
 

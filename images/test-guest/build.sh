@@ -8,7 +8,7 @@
 # - irq_sim and gpio-sim, built out of tree from linux-source-6.1 (build-modules.sh);
 # - spi-lichen-mock (modules/spi-lichen-mock.c, ours): SPI bus 0 with an MCP3008 model.
 #
-# Everything is cached under $LICHEN_GUEST_CACHE (default /var/tmp/lichen-target/guest):
+# Everything is cached under $LICHEN_GUEST_CACHE (default <cargo target dir>/guest):
 # the kernel by its package version, the modules by kernel, source and module-source hashes
 # (build-modules.sh), the initramfs by the hash of every file it holds. A second run with unchanged inputs only checks the hashes
 # (and asks cargo whether lichen is fresh).
@@ -20,7 +20,8 @@
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(cd "$here/../.." && pwd)
-cache_root=${LICHEN_GUEST_CACHE:-/var/tmp/lichen-target/guest}
+cache_root=${LICHEN_GUEST_CACHE:-${CARGO_TARGET_DIR:-$(cd "$(dirname "$0")/../.." && cargo metadata --no-deps --format-version 1 |
+  python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')}/guest}
 musl=x86_64-unknown-linux-musl
 
 say() { echo "test-guest: $*" >&2; }

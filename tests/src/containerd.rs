@@ -30,8 +30,8 @@ pub fn shim_bin() -> PathBuf {
         .clone()
 }
 
-/// Fails unless `tool` is on PATH, or returns `false` when `LICHEN_SKIP_CONTAINERD=1` says a
-/// machine without containerd may skip (CI never sets it).
+/// Fails unless containerd and ctr run, or returns `false` when `LICHEN_TEST_ALLOW_MISSING`
+/// lists `containerd` (CI never sets it; see [`crate::tools`]).
 pub fn tools_present() -> bool {
     let missing: Vec<&str> = ["containerd", "ctr"]
         .into_iter()
@@ -46,13 +46,7 @@ pub fn tools_present() -> bool {
     if missing.is_empty() {
         return true;
     }
-    if std::env::var("LICHEN_SKIP_CONTAINERD").as_deref() == Ok("1") {
-        eprintln!("skipping: {missing:?} not installed and LICHEN_SKIP_CONTAINERD=1");
-        return false;
-    }
-    panic!(
-        "{missing:?} not installed: run scripts/install-deps (or set LICHEN_SKIP_CONTAINERD=1 to skip)"
-    );
+    crate::tools::missing("containerd", &format!("{missing:?} not installed"))
 }
 
 /// One file of an image layer.

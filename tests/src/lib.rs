@@ -5,6 +5,7 @@
 pub mod broker;
 pub mod containerd;
 pub mod guest;
+pub mod tools;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};

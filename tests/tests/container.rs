@@ -1,7 +1,8 @@
 //! The container runtime against the real OCI runtime of this host (runc here; crun where it
 //! accepts the cgroup layout): output captured, OOM kill reported, fork bomb held by the pids
-//! limit, devices denied without a grant, stop with SIGTERM then SIGKILL. Needs root. Skips,
-//! saying so, only when neither crun nor runc is installed.
+//! limit, devices denied without a grant, stop with SIGTERM then SIGKILL. Needs root. Fails
+//! when neither crun nor runc is installed, unless `LICHEN_TEST_ALLOW_MISSING` lists `runc`
+//! (then it skips, saying so); the microVM test likewise needs QEMU (`qemu`).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -13,8 +14,9 @@ use lichen_agent::runtime::container::{
     LogStream, probe_cached,
 };
 
-/// A runtime for the first OCI runtime that works, or `None` (with the reason printed) when
-/// none is installed. A runtime that is installed but works nowhere fails the test.
+/// A runtime for the first OCI runtime that works. None installed fails the test, or gives
+/// `None` (with the reason printed) when `LICHEN_TEST_ALLOW_MISSING` lists `runc`; a runtime
+/// that is installed but works nowhere fails the test.
 fn runtime(dir: &Path) -> Option<ContainerRuntime> {
     let probe = probe_cached();
     match probe.usable_runtime() {
@@ -23,9 +25,12 @@ fn runtime(dir: &Path) -> Option<ContainerRuntime> {
                 .with_cgroup_parent("/lichen-test"),
         ),
         None if probe.runtimes.iter().all(|c| c.runtime.is_none()) => {
-            eprintln!(
-                "SKIPPED: neither crun nor runc is installed ({})",
-                probe.runtime_summary()
+            lichen_tests::tools::missing(
+                "runc",
+                &format!(
+                    "neither crun nor runc is installed ({})",
+                    probe.runtime_summary()
+                ),
             );
             None
         }
@@ -423,8 +428,8 @@ async fn latency_of_true_per_runtime() {
 
 use lichen_tests::{Daemon, guest, output_text};
 
-/// Whether an OCI runtime works here; prints why not when it is not even installed (and
-/// fails, like [`runtime`], when one is installed but broken).
+/// Whether an OCI runtime works here: as [`runtime`], `false` only when none is installed and
+/// `LICHEN_TEST_ALLOW_MISSING` lists `runc`.
 fn containers_work() -> bool {
     let dir = tempfile::tempdir().expect("temp dir");
     runtime(dir.path()).is_some()
@@ -872,7 +877,7 @@ fn image_script(script: &str, args: &[&str]) -> PathBuf {
 
 #[test]
 fn a_deployment_mixing_wasm_container_and_microvm_applies_atomically() {
-    if !containers_work() {
+    if !containers_work() || !lichen_tests::tools::qemu_present() {
         return;
     }
     let kernel = image_script("images/fetch-kernel.sh", &[]).join("vmlinuz");

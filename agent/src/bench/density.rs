@@ -128,13 +128,13 @@ pub(super) async fn run(
             "RSS per instance ((after - before) / N)",
             human_bytes(per_instance),
             "-",
-            "engine alone here: 21-25 KiB; seed analysis: ~6 MB",
+            "engine alone: 21-25 KiB (reference); seed analysis: ~6 MB (reference)",
         );
         table.row(
             format!("whole RSS with 1000 instances ({whole_label})"),
             human_bytes(whole_1000),
             "<= 64 MiB",
-            "engine alone here: 41-46 MiB; seed model: 1000 modules = 6 GB",
+            "engine alone: 41-46 MiB (reference); seed model: 1000 modules = 6 GB (reference)",
         );
         table.row(
             "largest N in 256 MiB (extrapolated)",
@@ -239,7 +239,7 @@ async fn run_read_only_dispatch(
         "events per second (inject -> all handled)",
         fmt_count(rate as u64),
         ">= 200,000",
-        "component call 120 ns here",
+        "component call 120 ns (reference)",
     );
     table.row(
         "SQLite transactions meanwhile",
@@ -342,7 +342,7 @@ async fn run_dispatch(
         "handle time per event, mean (call + commit wait)",
         fmt_duration(handle_mean),
         "-",
-        "component call 120 ns here",
+        "component call 120 ns (reference)",
     );
     table.row(
         "store write requests / transactions",

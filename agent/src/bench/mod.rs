@@ -99,6 +99,7 @@ fn quiet_logs_on_this_thread() {
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::WARN)
         .with_writer(std::io::stderr)
+        .with_ansi(crate::util::stderr_colours())
         .finish();
     let guard = tracing::dispatcher::set_default(&tracing::Dispatch::new(subscriber));
     // The thread keeps this default for its whole life.

@@ -1,5 +1,8 @@
 //! `reload`: hot reloads of a workload that is answering a stream of commands; how long each
-//! reload takes, and whether any acknowledged command was lost or handled twice.
+//! reload takes, and how many acknowledged commands were lost and how many handled twice,
+//! counted apart: each command carries a sequence number the guest tallies (misbehave's `count`
+//! command: the highest number handled, the numbers skipped, the numbers seen again), so one
+//! lost and one duplicated command read as 1 lost and 1 twice, not as a net 0.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -25,6 +28,10 @@ const PAUSE: Duration = Duration::from_millis(10);
 #[derive(Default)]
 struct Stream {
     acked: u64,
+    /// Highest sequence number sent.
+    sent: u64,
+    /// Sequence numbers whose command failed (not acknowledged).
+    failed: std::collections::BTreeSet<u64>,
     wrong_reply: u64,
     errors: u64,
     first_error: Option<String>,
@@ -73,12 +80,13 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
-                let payload = format!("command {i}");
+                stream.sent = i;
+                let payload = i.to_string();
                 let reply = agent
                     .send(
                         NAME,
                         SendRequest {
-                            command: "echo".into(),
+                            command: "count".into(),
                             payload: payload.clone(),
                         },
                     )
@@ -92,6 +100,7 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
                     }
                     Err(err) => {
                         stream.errors += 1;
+                        stream.failed.insert(i);
                         stream.first_error.get_or_insert(err.error);
                     }
                 }
@@ -123,19 +132,32 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
     let stream = sender.await.context("the command task failed")?;
     let elapsed = started.elapsed();
 
-    let counted = agent
-        .kv(NAME, Some("events"))
-        .await
-        .map_err(api)?
-        .first()
-        .and_then(|entry| entry.value.parse::<u64>().ok())
-        .unwrap_or(0);
+    let read = |key: &'static str| {
+        let agent = agent.clone();
+        async move {
+            agent
+                .kv(NAME, Some(key))
+                .await
+                .map_err(api)
+                .map(|rows| rows.first().map(|entry| entry.value.clone()))
+        }
+    };
+    let number = |value: Option<String>| value.and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+    let counted = number(read("events").await?);
+    let last = number(read("count-last").await?);
+    let twice = number(read("count-twice").await?);
+    let skipped: std::collections::BTreeSet<u64> = read("count-skipped")
+        .await?
+        .unwrap_or_default()
+        .split(',')
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let unlisted = number(read("count-skipped-more").await?);
     let confirmed = agent.metrics().reloads.load(Ordering::Relaxed);
     let failed = agent.metrics().reload_failures.load(Ordering::Relaxed);
     agent.shutdown().await;
 
-    let lost = stream.acked.saturating_sub(counted);
-    let twice = counted.saturating_sub(stream.acked);
+    let lost = lost(stream.sent, &stream.failed, last, &skipped, unlisted);
     let durations = Samples::new(durations);
     let mut table = Table::new(format!(
         "reload: {reloads} hot reloads of a misbehave (echo) workload under a command stream"
@@ -164,13 +186,13 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
         "-",
     );
     table.row(
-        "events lost (acknowledged, not counted in kv `events`)",
+        "commands lost (acknowledged, their effect not kept)",
         fmt_count(lost),
         "0",
         "-",
     );
     table.row(
-        "handled twice (counted more than acknowledged)",
+        "commands handled twice (a sequence number seen again)",
         fmt_count(twice),
         "0",
         "-",
@@ -188,7 +210,8 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
         "-",
     );
     table.note(format!(
-        "one task sends `echo` commands back to back, each awaited, while the main task deploys {reloads} times, alternating config `generation` so each deploy is a reload, {PAUSE:?} apart; kv `events` ({counted}) is compared with the acknowledged commands"
+        "one task sends `count` commands numbered 1, 2, ... back to back, each awaited, while the main task deploys {reloads} times, alternating config `generation` so each deploy is a reload, {PAUSE:?} apart; the guest's tally (highest number {last}, {} skipped, {twice} seen again; kv `events` {counted}) is compared with the acknowledged numbers, so losses and duplicates are counted apart",
+        skipped.len() as u64 + unlisted
     ));
     table.note(
         "a reload holds the deploy lock while it instantiates and inits the new version, so commands wait for it: their latency, not their count, is what a reload costs",
@@ -203,4 +226,41 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
         fmt_duration(durations.percentile(99.0)),
         fmt_count(stream.acked),
     )])
+}
+
+/// Commands acknowledged (sequence numbers 1..=`sent` but the `failed` ones) whose effect the
+/// guest's tally does not hold: skipped (`skipped`) or beyond its highest number (`last`).
+/// Skipped numbers past the guest's list (`unlisted`) count as lost too (an upper bound).
+fn lost(
+    sent: u64,
+    failed: &std::collections::BTreeSet<u64>,
+    last: u64,
+    skipped: &std::collections::BTreeSet<u64>,
+    unlisted: u64,
+) -> u64 {
+    let listed = (1..=sent)
+        .filter(|i| !failed.contains(i) && (*i > last || skipped.contains(i)))
+        .count();
+    u64::try_from(listed)
+        .unwrap_or(u64::MAX)
+        .saturating_add(unlisted)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use super::lost;
+
+    #[test]
+    fn one_lost_and_one_duplicated_command_read_as_one_of_each() {
+        // The guest handled 1, 2, 4, 5 and 5 again (count-twice 1): 3 was skipped.
+        let skipped = BTreeSet::from([3]);
+        assert_eq!(lost(5, &BTreeSet::new(), 5, &skipped, 0), 1);
+        // A failed (unacknowledged) command that was never handled is not lost.
+        assert_eq!(lost(5, &BTreeSet::from([3]), 5, &skipped, 0), 0);
+        // Acknowledged commands past the highest number handled are lost.
+        assert_eq!(lost(7, &BTreeSet::new(), 5, &skipped, 0), 3);
+        assert_eq!(lost(5, &BTreeSet::new(), 5, &BTreeSet::new(), 0), 0);
+    }
 }

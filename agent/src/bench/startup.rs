@@ -180,7 +180,7 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
         "engine only: instantiate, p50",
         fmt_duration(instantiate.percentile(50.0)),
         "-",
-        "Wasmtime pooling: 7.3 us here, 3-5 us public",
+        "Wasmtime pooling: 7.3 us (reference), 3-5 us public (reference)",
     );
     table.row(
         "engine only: instantiate + init, p50",
@@ -224,13 +224,13 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
 
     Ok(vec![
         format!(
-            "- Cold start (deploy of a precompiled component to its first reply): p50 {}, p99 {}, mean {} over {iterations} starts (target p50 <= 1 ms; the seed analysis claims 6-10 ms for Wasm, 300-500 ms for containers).",
+            "- Cold start (deploy of a precompiled component to its first reply): p50 {}, p99 {}, mean {} over {iterations} starts (target p50 <= 1 ms; references: the seed analysis claims 6-10 ms for Wasm, 300-500 ms for containers).",
             fmt_duration(to_reply.percentile(50.0)),
             fmt_duration(to_reply.percentile(99.0)),
             fmt_duration(to_reply.mean()),
         ),
         format!(
-            "- Engine alone: instantiate p50 {}, instantiate + init p50 {}, precompiled load from disk p50 {} (Wasmtime here: instantiate 7.3 us, load 63-95 us).",
+            "- Engine alone: instantiate p50 {}, instantiate + init p50 {}, precompiled load from disk p50 {} (references: Wasmtime instantiate 7.3 us, load 63-95 us).",
             fmt_duration(instantiate.percentile(50.0)),
             fmt_duration(with_init.percentile(50.0)),
             fmt_duration(load.percentile(50.0)),

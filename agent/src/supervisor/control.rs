@@ -35,24 +35,12 @@ impl Control for Agent {
                 "no workload named {workload:?}"
             )));
         }
-        let recent = self.inner.ctx.logs.recent(workload, tail);
-        if !recent.is_empty() {
-            return Ok(recent);
-        }
-        let stored = self
-            .store()
-            .recent_logs(workload, tail)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        Ok(stored
-            .into_iter()
-            .map(|l| LogLine {
-                at_ms: l.at_ms,
-                workload: l.workload,
-                level: l.level,
-                context: l.context,
-                message: l.message,
-            })
-            .collect())
+        self.inner
+            .ctx
+            .logs
+            .lines(workload, tail, self.store())
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))
     }
 
     fn follow_logs(&self, workload: &str) -> Result<broadcast::Receiver<LogLine>, ApiError> {

@@ -17,6 +17,13 @@
 //! In every mode but `trap-on-event`, the events a mode does not mention (commands, `stop`,
 //! and ticks in `echo`) behave as in `echo`. An unknown mode fails `init`, naming it.
 //!
+//! A command named `count` whose payload is a sequence number (sent in increasing order, one
+//! at a time, as `lichen bench reload` does) is also tallied, so that lost and duplicated
+//! handling can be told apart: kv `count-last` holds the highest number handled, a number not
+//! above it adds one to `count-twice`, and the numbers a new highest one skipped are appended
+//! to `count-skipped` (comma-separated; past [`MAX_SKIPPED`] of them only
+//! `count-skipped-more` counts them).
+//!
 //! If config has `init-kv-key`, `init` first writes that key with the value `from-init`, so
 //! tests can see whether the writes of an `init` were kept or discarded.
 //!
@@ -43,6 +50,8 @@ const CONTEXT: &str = "misbehave";
 const MIB: usize = 1 << 20;
 /// How many lines `log-flood` writes per tick.
 const FLOOD_LINES: u32 = 20_000;
+/// Most skipped `count` numbers listed in kv `count-skipped`.
+const MAX_SKIPPED: usize = 1000;
 
 /// The ways this function can misbehave; see the crate docs.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -166,9 +175,63 @@ fn echo(event: Event) -> Result<Option<Vec<u8>>, String> {
     atomics::increment(&bucket()?, "events", 1)
         .map_err(|e| format!("cannot increment \"events\": {e:?}"))?;
     match event {
-        Event::Command(command) => Ok(Some(command.payload)),
+        Event::Command(command) => {
+            if command.name == "count" {
+                tally(&command.payload)?;
+            }
+            Ok(Some(command.payload))
+        }
         Event::Tick(_) | Event::GpioEdge(_) | Event::Stop => Ok(None),
     }
+}
+
+/// Tallies a `count` command's sequence number (see the crate docs).
+fn tally(payload: &[u8]) -> Result<(), String> {
+    let number: u64 = std::str::from_utf8(payload)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .ok_or("a count command's payload must be a decimal number")?;
+    let bucket = bucket()?;
+    let fail = |key: &str, e| format!("cannot update {key:?}: {e:?}");
+    let read = |key: &str| -> Result<Option<String>, String> {
+        Ok(bucket
+            .get(key)
+            .map_err(|e| fail(key, e))?
+            .map(|v| String::from_utf8_lossy(&v).into_owned()))
+    };
+    let last: u64 = read("count-last")?
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    if number <= last {
+        atomics::increment(&bucket, "count-twice", 1).map_err(|e| fail("count-twice", e))?;
+        return Ok(());
+    }
+    if number > last + 1 {
+        let mut skipped = read("count-skipped")?.unwrap_or_default();
+        let mut listed = skipped.split(',').filter(|s| !s.is_empty()).count();
+        let mut more = 0u64;
+        for missing in last + 1..number {
+            if listed < MAX_SKIPPED {
+                if !skipped.is_empty() {
+                    skipped.push(',');
+                }
+                skipped.push_str(&missing.to_string());
+                listed += 1;
+            } else {
+                more += 1;
+            }
+        }
+        bucket
+            .set("count-skipped", skipped.as_bytes())
+            .map_err(|e| fail("count-skipped", e))?;
+        if more > 0 {
+            atomics::increment(&bucket, "count-skipped-more", more)
+                .map_err(|e| fail("count-skipped-more", e))?;
+        }
+    }
+    bucket
+        .set("count-last", number.to_string().as_bytes())
+        .map_err(|e| fail("count-last", e))
 }
 
 /// Never returns; `black_box` keeps the optimiser from proving the loop does nothing.

@@ -131,8 +131,16 @@ fn ids(stamp: Stamp) -> io::Result<(Uid, Gid)> {
             format!("{what} is out of range"),
         )
     };
-    let uid = u32::try_from(stamp.uid).map_err(|_| too_big("the owner's uid"))?;
-    let gid = u32::try_from(stamp.gid).map_err(|_| too_big("the owner's gid"))?;
+    // 4294967295 is -1 to chown ("leave unchanged"), not an owner: refused like a larger id
+    // (rustix's Uid::from_raw panics on it).
+    let uid = u32::try_from(stamp.uid)
+        .ok()
+        .filter(|&id| id != u32::MAX)
+        .ok_or_else(|| too_big("the owner's uid"))?;
+    let gid = u32::try_from(stamp.gid)
+        .ok()
+        .filter(|&id| id != u32::MAX)
+        .ok_or_else(|| too_big("the owner's gid"))?;
     Ok((Uid::from_raw(uid), Gid::from_raw(gid)))
 }
 

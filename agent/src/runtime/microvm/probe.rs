@@ -18,8 +18,9 @@ use super::qemu::{Accelerator, Machine};
 pub const KVM_TRIAL_TIMEOUT: Duration = Duration::from_secs(5);
 /// What every Linux kernel prints first on its early console.
 const BANNER: &str = "Linux version";
-/// Where `images/fetch-kernel.sh` caches kernels unless `LICHEN_GUEST_CACHE` says otherwise.
-const GUEST_CACHE: &str = "/var/tmp/lichen-target/guest";
+/// Where `images/fetch-kernel.sh` caches kernels under the cargo target directory, unless
+/// `LICHEN_GUEST_CACHE` says otherwise.
+const GUEST_CACHE: &str = "guest";
 
 /// A QEMU system emulator found on the host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,9 +252,9 @@ fn find_trial_kernel() -> Option<PathBuf> {
     candidates.push("/boot/Image".into());
     let cache = std::env::var_os("LICHEN_GUEST_CACHE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| GUEST_CACHE.into())
-        .join("kernel");
-    if let Ok(entries) = std::fs::read_dir(&cache) {
+        .or_else(|| crate::util::cargo_target_dir().map(|dir| dir.join(GUEST_CACHE)))
+        .map(|dir| dir.join("kernel"));
+    if let Some(Ok(entries)) = cache.as_ref().map(std::fs::read_dir) {
         let mut cached: Vec<PathBuf> = entries
             .filter_map(|e| e.ok())
             .map(|e| e.path().join("vmlinuz"))

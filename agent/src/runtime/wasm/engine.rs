@@ -43,11 +43,15 @@ impl Default for EngineOptions {
 }
 
 impl EngineOptions {
-    /// Virtual address space the pool reserves for linear memories, in bytes.
+    /// Virtual address space the pool reserves for linear memories, in bytes; `u64::MAX` when
+    /// the sizes are too large to count (no machine has that much).
     pub fn reserved_memory_bytes(&self) -> u64 {
         u64::from(self.max_instances)
-            * MEMORIES_PER_INSTANCE
-            * (self.max_memory_bytes + self.memory_guard_bytes)
+            .saturating_mul(MEMORIES_PER_INSTANCE)
+            .saturating_mul(
+                self.max_memory_bytes
+                    .saturating_add(self.memory_guard_bytes),
+            )
     }
 }
 
@@ -198,4 +202,25 @@ fn spawn_epoch_ticker(engine: Engine, stop: Arc<AtomicBool>) -> Result<()> {
         })
         .context("cannot start the epoch ticker thread")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserved_memory_saturates_instead_of_overflowing() {
+        // Found by the agent_config fuzz target: `max-memory` near u64::MAX made this overflow
+        // (a panic in debug builds, a wrapped and wrong figure for `lichen doctor` in release).
+        let huge = EngineOptions {
+            max_instances: 3,
+            max_memory_bytes: u64::MAX - 10,
+            memory_guard_bytes: 64 << 10,
+        };
+        assert_eq!(huge.reserved_memory_bytes(), u64::MAX);
+        assert_eq!(
+            EngineOptions::default().reserved_memory_bytes(),
+            1024 * 2 * ((32 << 20) + (64 << 10))
+        );
+    }
 }

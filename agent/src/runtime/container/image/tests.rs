@@ -543,6 +543,24 @@ fn absolute_and_dotdot_names_are_refused_and_quoted() {
 }
 
 #[test]
+fn an_owner_id_of_minus_one_is_refused_naming_the_entry() {
+    // Found by the oci_image fuzz target: uid 4294967295 (-1 to chown) panicked in rustix's
+    // Uid::from_raw instead of being refused.
+    let mut f = Fixture::new();
+    for (uid, gid, what) in [
+        (u64::from(u32::MAX), 0, "uid"),
+        (0, u64::from(u32::MAX), "gid"),
+        (1 << 32, 0, "uid"),
+    ] {
+        let err = f.refused(&[tar_of(&[E::Owned("owned", b"x", uid, gid)])], 0, "owned");
+        assert!(
+            err.contains(&format!("the owner's {what} is out of range")),
+            "{err}"
+        );
+    }
+}
+
+#[test]
 fn a_type_change_through_a_symlink_is_refused_before_any_host_path_is_deleted() {
     let mut f = Fixture::new();
     let host = f.host().to_string();

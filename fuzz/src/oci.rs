@@ -1,0 +1,756 @@
+//! OCI images imported offline (`kind = "container"` with `image = ...`): an image layout
+//! directory or tarball whose index, manifest, configuration and layers come from the fuzzer,
+//! imported into an image store, inside the [`sandbox`](crate::sandbox) whose `/` is a scratch
+//! directory holding `/outside` (files the import must not touch), `/layout` (the image) and
+//! `/store` (the image store).
+//!
+//! The first byte picks what is raw: 0 nothing (every part generated), 1 `index.json`,
+//! 2 the manifest, 3 the configuration, 4 one layer's tar bytes, 5 the whole layout as a
+//! tarball (the bytes are the file `lichen` imports); the rest drives the generator: layers of files, directories, symbolic and hard links (into the root, out of it,
+//! through each other), whiteouts and opaque whiteouts, FIFOs, device nodes and set-uid files;
+//! descriptors with wrong digests, sizes and media types; nested indexes; blobs that are links
+//! or FIFOs; the layout as a directory or a (gzip) tarball.
+//!
+//! Properties beyond "no panic":
+//! - nothing outside the image store changes: `/outside` is byte for byte, mode for mode what
+//!   it was, and no new entry appears next to it;
+//! - an imported root filesystem holds no device node, no set-uid or set-gid file (unless the
+//!   generated `images.setuid` policy keeps them), no file over `images.max-file` and no more
+//!   than `images.max-unpacked` bytes (the bounds are drawn small, or set to zero, one, ...);
+//! - no scratch directory (`.import-*`, `.layout-*`) is left in the store;
+//! - the import returns within [`DEADLINE`].
+
+use std::collections::BTreeMap;
+use std::io::Write as _;
+use std::os::unix::fs::{
+    FileTypeExt as _, MetadataExt as _, OpenOptionsExt as _, PermissionsExt as _,
+};
+use std::path::Path;
+use std::time::Duration;
+
+use arbitrary::Unstructured;
+use lichen_agent::runtime::container::{ImageLimits, ImageStore, SetuidPolicy};
+use serde_json::{Value, json};
+use sha2::{Digest as _, Sha256};
+
+use crate::input::{self, int, one_in, pick};
+use crate::sandbox::{self, Outcome};
+
+/// Longest an import may take before the target calls it a hang.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// The bounds most imports here run with: the defaults with smaller sizes, so that a layer
+/// that inflates is stopped after a few MiB, not 2 GiB.
+fn small_limits() -> ImageLimits {
+    ImageLimits {
+        max_unpacked_bytes: 8 << 20,
+        max_file_bytes: 4 << 20,
+        ..ImageLimits::default()
+    }
+}
+
+/// The `oci_image` target.
+pub fn oci_image(data: &[u8]) {
+    let Some((mode, rest)) = data.split_first() else {
+        return;
+    };
+    let mut u = Unstructured::new(rest);
+    let raw_part = mode % 6;
+    if raw_part == 5 {
+        let tarball = rest.to_vec();
+        let description = format!("a raw layout tarball of {} bytes", tarball.len());
+        return match sandbox::run(DEADLINE, move || {
+            import(&Image::tarball(tarball, small_limits()))
+        }) {
+            Outcome::Done(()) => {}
+            Outcome::TimedOut => {
+                unblock_fifos(sandbox::root());
+                panic!("importing the image did not return within {DEADLINE:?}: {description}");
+            }
+        };
+    }
+    let raw = if raw_part == 0 {
+        Vec::new()
+    } else {
+        let len = int(&mut u, 0..=rest.len() as u64) as usize;
+        u.bytes(len).unwrap_or_default().to_vec()
+    };
+    let image = generate(&mut u, raw_part, raw);
+    let description = image.describe();
+    match sandbox::run(DEADLINE, move || import(&image)) {
+        Outcome::Done(()) => {}
+        Outcome::TimedOut => {
+            unblock_fifos(sandbox::root());
+            panic!("importing the image did not return within {DEADLINE:?}: {description}");
+        }
+    }
+}
+
+/// Opens every FIFO under `dir` for writing (without waiting), so a reader blocked on one
+/// gets its end of file and the sandbox thread is free again.
+fn unblock_fifos(dir: &Path) {
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&path) {
+                stack.extend(entries.flatten().map(|e| e.path()));
+            }
+        } else if meta.file_type().is_fifo() {
+            let _ = std::fs::OpenOptions::new()
+                .write(true)
+                .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+                .open(&path);
+        }
+    }
+}
+
+/// A generated image, written into the sandbox by [`import`].
+#[derive(Debug, Clone, Default)]
+struct Image {
+    /// Blobs by hex digest: bytes, or a link target, or a FIFO.
+    blobs: BTreeMap<String, Blob>,
+    index: Vec<u8>,
+    layout_marker: Vec<u8>,
+    /// Extra entries in the layout (paths relative to it): links out of it.
+    extra_links: Vec<(String, String)>,
+    /// How the layout reaches the store: 0 a directory, 1 a tar file, 2 a gzip tar file.
+    packing: u8,
+    /// A tarball given whole (raw mode 5): written as `/layout.tar` as it is.
+    tarball: Option<Vec<u8>>,
+    /// Whether descriptors, blobs and the layout itself may be broken; a clean image has
+    /// only its layers' entries to be hostile with, so imports get that far.
+    hostile: bool,
+    layers: Vec<String>,
+    /// The `[images]` bounds and set-uid policy the store imports with.
+    limits: ImageLimits,
+}
+
+#[derive(Debug, Clone)]
+enum Blob {
+    Bytes(Vec<u8>),
+    Link(String),
+    Fifo,
+}
+
+impl Image {
+    fn tarball(bytes: Vec<u8>, limits: ImageLimits) -> Self {
+        Image {
+            tarball: Some(bytes),
+            limits,
+            ..Image::default()
+        }
+    }
+
+    fn describe(&self) -> String {
+        format!(
+            "limits {:?}, packing {}, {} blobs, layers: {}",
+            self.limits,
+            self.packing,
+            self.blobs.len(),
+            self.layers.join(" | ")
+        )
+    }
+}
+
+const OUTSIDE: &[(&str, &[u8])] = &[
+    ("outside/victim", b"precious"),
+    ("outside/dir/file", b"also precious"),
+];
+
+/// Runs inside the sandbox: lays out `/outside`, writes the image, imports it, checks.
+fn import(image: &Image) {
+    reset();
+    let source = write_layout(image);
+    let before = snapshot(Path::new("/outside"));
+    let store = ImageStore::new("/store").with_limits(image.limits.clone());
+    let result = store.import(Path::new(source));
+    if std::env::var_os("LICHEN_FUZZ_VERBOSE").is_some() {
+        eprintln!("import of {source}: {result:?}");
+    }
+
+    let after = snapshot(Path::new("/outside"));
+    if before != after {
+        panic!(
+            "the import changed files outside the store ({}): before {before:?}, after {after:?}; {}",
+            match &result {
+                Ok(_) => "and reported success".to_owned(),
+                Err(e) => format!("and failed: {e}"),
+            },
+            image.describe()
+        );
+    }
+    let mut top: Vec<String> = std::fs::read_dir("/")
+        .expect("listing the sandbox root")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    top.sort();
+    let expected = ["layout", "layout.tar", "layout.tar.gz", "outside", "store"];
+    if let Some(stray) = top.iter().find(|t| !expected.contains(&t.as_str())) {
+        panic!(
+            "the import created /{stray} outside the store ({:?}); {}",
+            result.as_ref().map(|_| ()),
+            image.describe()
+        );
+    }
+    if let Ok(entries) = std::fs::read_dir("/store") {
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            assert!(
+                !name.starts_with(".import-") && !name.starts_with(".layout-"),
+                "scratch directory /store/{name} left after the import returned ({:?})",
+                result.as_ref().map(|_| ())
+            );
+        }
+    }
+    if let Ok(imported) = &result {
+        check_rootfs(&imported.rootfs, &image.limits);
+    }
+}
+
+/// No device nodes in an imported root, no set-uid/set-gid files unless the policy keeps
+/// them, and no file or total over the bounds.
+fn check_rootfs(root: &Path, limits: &ImageLimits) {
+    let mut inodes = std::collections::BTreeSet::new();
+    let mut total = 0u64;
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(meta) = std::fs::symlink_metadata(&path) else {
+                continue;
+            };
+            let kind = meta.file_type();
+            assert!(
+                !kind.is_char_device() && !kind.is_block_device(),
+                "device node {} in an imported root",
+                path.display()
+            );
+            if kind.is_file() {
+                assert!(
+                    meta.len() <= limits.max_file_bytes,
+                    "{} of {} bytes in an imported root, over images.max-file ({})",
+                    path.display(),
+                    meta.len(),
+                    limits.max_file_bytes
+                );
+                if inodes.insert(meta.ino()) {
+                    total += meta.len();
+                }
+            }
+            // A set-gid directory only passes its group on; files are what run privileged.
+            if !kind.is_symlink() && !kind.is_dir() && limits.setuid != SetuidPolicy::Keep {
+                assert!(
+                    meta.permissions().mode() & 0o6000 == 0,
+                    "set-uid/set-gid file {} (mode {:o}) in an imported root",
+                    path.display(),
+                    meta.permissions().mode()
+                );
+            }
+            if kind.is_dir() {
+                stack.push(path);
+            }
+        }
+    }
+    assert!(
+        total <= limits.max_unpacked_bytes,
+        "an imported root of {total} bytes, over images.max-unpacked ({})",
+        limits.max_unpacked_bytes
+    );
+}
+
+/// Empties the sandbox root and lays out `/outside`.
+fn reset() {
+    for entry in std::fs::read_dir("/")
+        .expect("listing the sandbox root")
+        .flatten()
+    {
+        let path = entry.path();
+        let result = match std::fs::symlink_metadata(&path) {
+            Ok(meta) if meta.is_dir() => std::fs::remove_dir_all(&path),
+            _ => std::fs::remove_file(&path),
+        };
+        result.unwrap_or_else(|e| panic!("cannot clear {}: {e}", path.display()));
+    }
+    for (path, bytes) in OUTSIDE {
+        let path = Path::new("/").join(path);
+        std::fs::create_dir_all(path.parent().expect("a parent")).expect("creating /outside");
+        std::fs::write(&path, bytes).expect("writing /outside");
+    }
+}
+
+/// Every entry under `dir` (not following links): kind, mode, owner, size, and content or
+/// link target.
+fn snapshot(dir: &Path) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            out.insert(path.display().to_string(), "missing".into());
+            continue;
+        };
+        let kind = meta.file_type();
+        let detail = if kind.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&path) {
+                stack.extend(entries.flatten().map(|e| e.path()));
+            }
+            "dir".to_owned()
+        } else if kind.is_symlink() {
+            format!("link -> {:?}", std::fs::read_link(&path).ok())
+        } else if kind.is_file() {
+            let bytes = std::fs::read(&path).unwrap_or_default();
+            format!("file {}", hex::encode(Sha256::digest(&bytes)))
+        } else {
+            format!("special {:?}", kind)
+        };
+        out.insert(
+            path.display().to_string(),
+            format!(
+                "{detail} mode {:o} owner {}:{} links {}",
+                meta.mode(),
+                meta.uid(),
+                meta.gid(),
+                meta.nlink()
+            ),
+        );
+    }
+    out
+}
+
+/// Writes the layout; returns what to import (the directory, or the tarball made of it).
+fn write_layout(image: &Image) -> &'static str {
+    if let Some(bytes) = &image.tarball {
+        std::fs::write("/layout.tar", bytes).expect("writing");
+        return "/layout.tar";
+    }
+    let layout = Path::new("/layout");
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).expect("creating the layout");
+    std::fs::write(layout.join("oci-layout"), &image.layout_marker).expect("writing");
+    std::fs::write(layout.join("index.json"), &image.index).expect("writing");
+    for (hex, blob) in &image.blobs {
+        let path = blobs.join(hex);
+        let _ = match blob {
+            Blob::Bytes(bytes) => std::fs::write(&path, bytes),
+            Blob::Link(target) => std::os::unix::fs::symlink(target, &path),
+            Blob::Fifo => rustix::fs::mknodat(
+                rustix::fs::CWD,
+                &path,
+                rustix::fs::FileType::Fifo,
+                rustix::fs::Mode::from_raw_mode(0o644),
+                0,
+            )
+            .map_err(std::io::Error::from),
+        };
+    }
+    for (name, target) in &image.extra_links {
+        let path = layout.join(name);
+        if let Some(parent) = path.parent() {
+            let _ = std::fs::create_dir_all(parent);
+        }
+        let _ = std::os::unix::fs::symlink(target, path);
+    }
+    if image.packing == 0 {
+        return "/layout";
+    }
+    // A tarball of the layout; links go in as links. A layout tar cannot hold (a FIFO, say)
+    // is imported as the directory instead.
+    let mut tar = tar::Builder::new(Vec::new());
+    tar.follow_symlinks(false);
+    if tar.append_dir_all(".", layout).is_err() {
+        return "/layout";
+    }
+    let bytes = tar.into_inner().expect("a tar in memory");
+    std::fs::remove_dir_all(layout).expect("removing the packed layout");
+    if image.packing == 1 {
+        std::fs::write("/layout.tar", bytes).expect("writing");
+        "/layout.tar"
+    } else {
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&bytes).expect("gzip");
+        std::fs::write("/layout.tar.gz", gz.finish().expect("gzip")).expect("writing");
+        "/layout.tar.gz"
+    }
+}
+
+// --- the generator -----------------------------------------------------------------------
+
+fn sha(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+const LAYER_MEDIA: &[&str] = &[
+    "application/vnd.oci.image.layer.v1.tar",
+    "application/vnd.oci.image.layer.v1.tar+gzip",
+    "application/vnd.oci.image.layer.v1.tar+zstd",
+    "application/vnd.docker.image.rootfs.diff.tar.gzip",
+    "application/octet-stream",
+];
+
+fn generate(u: &mut Unstructured<'_>, raw_part: u8, raw: Vec<u8>) -> Image {
+    let hostile = one_in(u, 2);
+    let limits = if one_in(u, 3) {
+        ImageLimits {
+            max_unpacked_bytes: pick(u, &[0, 1, 100, 4096, 1 << 20]),
+            max_file_bytes: pick(u, &[0, 1, 10, 1000, 1 << 20]),
+            max_entries: pick(u, &[0, 1, 3, 10, 1000]),
+            max_path_bytes: pick(u, &[1, 8, 30, 4096]),
+            max_depth: pick(u, &[0, 1, 2, 128]),
+            setuid: pick(
+                u,
+                &[
+                    SetuidPolicy::Refuse,
+                    SetuidPolicy::Strip,
+                    SetuidPolicy::Keep,
+                ],
+            ),
+        }
+    } else {
+        small_limits()
+    };
+    let mut image = Image {
+        limits,
+        hostile,
+        packing: pick(u, &[0, 0, 1, 2]),
+        layout_marker: if hostile && one_in(u, 12) {
+            pick(
+                u,
+                &[&b"{}"[..], b"{\"imageLayoutVersion\":\"2.0.0\"}", b"junk"],
+            )
+            .to_vec()
+        } else {
+            br#"{"imageLayoutVersion":"1.0.0"}"#.to_vec()
+        },
+        ..Image::default()
+    };
+
+    // Layers.
+    let mut layer_descs = Vec::new();
+    let mut diff_ids = Vec::new();
+    let mut known = Vec::new();
+    for i in 0..int(u, 0..=3) {
+        let (tar, summary) = if raw_part == 4 && i == 0 {
+            (raw.clone(), "raw".to_owned())
+        } else {
+            layer(u, &mut known)
+        };
+        let gzip = one_in(u, 3);
+        let bytes = if gzip {
+            let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+            gz.write_all(&tar).expect("gzip");
+            gz.finish().expect("gzip")
+        } else {
+            tar.clone()
+        };
+        diff_ids.push(format!("sha256:{}", sha(&tar)));
+        let media = if gzip {
+            LAYER_MEDIA[1]
+        } else {
+            pick(u, LAYER_MEDIA)
+        };
+        layer_descs.push(descriptor(u, &mut image, media, bytes));
+        image.layers.push(summary);
+    }
+
+    // Configuration.
+    let config = if raw_part == 3 {
+        raw.clone()
+    } else {
+        let strings = |u: &mut Unstructured<'_>| -> Vec<String> {
+            (0..int(u, 0..=3)).map(|_| input::path(u)).collect()
+        };
+        let mut config = json!({
+            "architecture": pick(u, &["amd64", "arm64", "riscv64", ""]),
+            "os": pick(u, &["linux", "windows"]),
+            "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        });
+        if !one_in(u, 4) {
+            config["config"] = json!({
+                "Entrypoint": strings(u),
+                "Cmd": strings(u),
+                "Env": (0..int(u, 0..=3)).map(|_| format!("{}={}", input::name(u), input::name(u))).collect::<Vec<_>>(),
+            });
+        }
+        serde_json::to_vec(&config).expect("JSON")
+    };
+    let config_desc = descriptor(
+        u,
+        &mut image,
+        "application/vnd.oci.image.config.v1+json",
+        config,
+    );
+
+    // Manifest.
+    let manifest = if raw_part == 2 {
+        raw.clone()
+    } else {
+        let mut manifest = json!({
+            "schemaVersion": if hostile && one_in(u, 12) { 1 } else { 2 },
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": config_desc,
+            "layers": layer_descs,
+        });
+        if hostile && one_in(u, 12) {
+            manifest["layers"] = json!(null);
+        }
+        serde_json::to_vec(&manifest).expect("JSON")
+    };
+    let manifest_desc = descriptor(
+        u,
+        &mut image,
+        "application/vnd.oci.image.manifest.v1+json",
+        manifest,
+    );
+
+    // Index, perhaps through a nested index.
+    let mut entries = vec![platformed(u, hostile, manifest_desc)];
+    if hostile && one_in(u, 4) {
+        let other = json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{}", sha(b"missing")),
+            "size": 7,
+        });
+        entries.push(platformed(u, hostile, other));
+    }
+    let mut index = json!({"schemaVersion": 2, "manifests": entries});
+    for _ in 0..int(u, 0..=3) {
+        if !one_in(u, 3) {
+            break;
+        }
+        let nested = serde_json::to_vec(&index).expect("JSON");
+        let desc = descriptor(
+            u,
+            &mut image,
+            "application/vnd.oci.image.index.v1+json",
+            nested,
+        );
+        index = json!({"schemaVersion": 2, "manifests": [desc]});
+    }
+    image.index = if raw_part == 1 {
+        raw
+    } else {
+        serde_json::to_vec(&index).expect("JSON")
+    };
+
+    // Links in the layout that lead out of it.
+    if hostile && one_in(u, 6) {
+        image.extra_links.push((
+            pick(u, &["blobs/sha256/x", "blobs", "oci-layout"]).to_owned(),
+            pick(u, &["/outside", "/outside/victim", "../outside"]).to_owned(),
+        ));
+    }
+    image
+}
+
+/// Stores `bytes` as a blob (usually) and returns its descriptor (usually honest).
+fn descriptor(u: &mut Unstructured<'_>, image: &mut Image, media: &str, bytes: Vec<u8>) -> Value {
+    let hex = sha(&bytes);
+    let size = bytes.len() as u64;
+    let mut digest = format!("sha256:{hex}");
+    let mut size_field = json!(size);
+    let tamper = if image.hostile && one_in(u, 4) {
+        int(u, 0..=4)
+    } else {
+        99
+    };
+    match tamper {
+        0 => digest = format!("sha256:{}", sha(b"not this one")),
+        1 => digest = format!("sha512:{hex}{hex}"),
+        2 => {
+            digest = pick(
+                u,
+                &[
+                    "sha256:../../../../outside/victim/../../../../../../outside/x",
+                    "sha256:",
+                    "sha256:ZZ",
+                    "md5:00",
+                    "",
+                ],
+            )
+            .to_owned()
+        }
+        3 => digest = format!("sha256:{}", hex.to_ascii_uppercase()),
+        4 => size_field = json!(pick(u, input::EDGE_NUMBERS)),
+        _ => {}
+    }
+    let blob = match if image.hostile { int(u, 0..=47) } else { 99 } {
+        0 => Blob::Link(pick(u, &["/outside/victim", "../../../outside/victim", "/"]).to_owned()),
+        1 => Blob::Fifo,
+        2 => Blob::Bytes(Vec::new()),
+        _ => Blob::Bytes(bytes),
+    };
+    if !(image.hostile && one_in(u, 16)) {
+        image.blobs.insert(hex, blob);
+    }
+    let mut desc = json!({"mediaType": media, "digest": digest, "size": size_field});
+    if one_in(u, 15) {
+        desc["annotations"] = json!({"org.opencontainers.image.ref.name": input::name(u)});
+    }
+    desc
+}
+
+fn platformed(u: &mut Unstructured<'_>, hostile: bool, mut desc: Value) -> Value {
+    if one_in(u, 3) {
+        let here = match std::env::consts::ARCH {
+            "aarch64" => "arm64",
+            "riscv64" => "riscv64",
+            _ => "amd64",
+        };
+        desc["platform"] = if hostile {
+            json!({
+                "architecture": pick(u, &["amd64", "arm64", "riscv64", "s390x"]),
+                "os": pick(u, &["linux", "windows"]),
+            })
+        } else {
+            json!({"architecture": here, "os": "linux"})
+        };
+    }
+    desc
+}
+
+const COMPONENTS: &[&str] = &[
+    "etc", "a", "b", "victim", "outside", "dir", "x", "bin", "usr", "lib", "store", "layout",
+];
+const SYMLINK_TARGETS: &[&str] = &[
+    "/outside",
+    "/outside/victim",
+    "/outside/dir",
+    "../outside",
+    "../../outside",
+    "../../../outside",
+    "../../../../outside",
+    "../../../../../outside",
+    "../../../../../../outside/dir",
+    "/",
+    "/etc",
+    "..",
+    ".",
+    "a",
+    "a/b",
+    "victim",
+    "/store",
+    "/layout",
+    "dir/../..",
+];
+const HARDLINK_TARGETS: &[&str] = &[
+    "a",
+    "etc/victim",
+    "etc",
+    "/outside/victim",
+    "../outside/victim",
+    "../../../../outside/victim",
+    "victim",
+    "a/b",
+];
+
+/// A path for an entry: often through one a lower layer (or this one) made, a link above all,
+/// so entries and whiteouts land on what the layers below left.
+fn entry_path(u: &mut Unstructured<'_>, known: &[String]) -> String {
+    if !known.is_empty() && one_in(u, 2) {
+        let base = pick(u, known);
+        if one_in(u, 4) {
+            return base;
+        }
+        return format!("{base}/{}", pick(u, COMPONENTS));
+    }
+    let depth = int(u, 1..=3);
+    let mut parts: Vec<&str> = (0..depth).map(|_| pick(u, COMPONENTS)).collect();
+    if one_in(u, 20) {
+        parts.insert(0, pick(u, &["..", ".", "/"]));
+    }
+    parts.join("/")
+}
+
+/// One layer's tar bytes and a short description of its entries; `known` collects the paths
+/// of links and directories for later entries and layers.
+fn layer(u: &mut Unstructured<'_>, known: &mut Vec<String>) -> (Vec<u8>, String) {
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut summary = Vec::new();
+    for _ in 0..int(u, 0..=8) {
+        let mut header = tar::Header::new_gnu();
+        let mut path = entry_path(u, known);
+        let mut data: Vec<u8> = Vec::new();
+        let mode = pick(u, &[0o644, 0o755, 0o4755, 0o2755, 0o1777, 0o000, 0o777]);
+        let kind = int(u, 0..=9);
+        match kind {
+            0..=2 => {
+                header.set_entry_type(tar::EntryType::Regular);
+                data = match int(u, 0..=3) {
+                    0 => vec![b'z'; int(u, 0..=200_000) as usize],
+                    _ => format!("content of {path}").into_bytes(),
+                };
+            }
+            3 => header.set_entry_type(tar::EntryType::Directory),
+            4 => header.set_entry_type(tar::EntryType::Symlink),
+            5 => header.set_entry_type(tar::EntryType::Link),
+            6 => {
+                header.set_entry_type(tar::EntryType::Regular);
+                let parent = Path::new(&path)
+                    .parent()
+                    .map(|p| p.display().to_string())
+                    .unwrap_or_default();
+                let hidden = pick(u, COMPONENTS);
+                path = if parent.is_empty() {
+                    format!(".wh.{hidden}")
+                } else {
+                    format!("{parent}/.wh.{hidden}")
+                };
+            }
+            7 => {
+                header.set_entry_type(tar::EntryType::Regular);
+                path = format!("{path}/.wh..wh..opq");
+            }
+            8 => header.set_entry_type(tar::EntryType::Fifo),
+            _ => {
+                header.set_entry_type(if one_in(u, 2) {
+                    tar::EntryType::Char
+                } else {
+                    tar::EntryType::Block
+                });
+                let _ = header.set_device_major(1);
+                let _ = header.set_device_minor(3);
+            }
+        }
+        header.set_mode(mode);
+        header.set_uid(pick(u, &[0, 1000, 65534, u32::MAX as u64]));
+        header.set_gid(0);
+        header.set_mtime(1_700_000_000);
+        header.set_size(data.len() as u64);
+        if header.set_path(&path).is_err() {
+            let bytes = path.as_bytes();
+            let n = bytes.len().min(99);
+            header.as_old_mut().name[..n].copy_from_slice(&bytes[..n]);
+        }
+        let link = match kind {
+            4 => Some(pick(u, SYMLINK_TARGETS)),
+            5 => Some(pick(u, HARDLINK_TARGETS)),
+            _ => None,
+        };
+        if let Some(target) = link
+            && header.set_link_name(target).is_err()
+        {
+            let bytes = target.as_bytes();
+            let n = bytes.len().min(99);
+            header.as_old_mut().linkname[..n].copy_from_slice(&bytes[..n]);
+        }
+        header.set_cksum();
+        tar.append(&header, &data[..]).expect("a tar in memory");
+        if matches!(kind, 3 | 4) && known.len() < 16 {
+            known.push(path.clone());
+        }
+        summary.push(match link {
+            Some(target) => format!("{path} -> {target}"),
+            None => format!("{path} ({kind})"),
+        });
+    }
+    (
+        tar.into_inner().expect("a tar in memory"),
+        summary.join(", "),
+    )
+}
