@@ -48,7 +48,7 @@ const NATIVE_TIME: Duration = Duration::from_millis(500);
 const EDGE_GAP: Duration = Duration::from_millis(3);
 
 /// Reads the guest `name` from the build tree and stores it; returns its digest.
-async fn add_guest(agent: &Agent, name: &str) -> Result<String> {
+pub(super) async fn add_guest(agent: &Agent, name: &str) -> Result<String> {
     let path = guest_path(name).with_context(|| format!("this build has no {name} guest"))?;
     let bytes = std::fs::read(path).with_context(|| {
         format!("cannot read the {name} guest {path} (it is in the build tree, so run this from the build machine)")

@@ -7,17 +7,19 @@
 //! | `density` | process RSS with N live `counter` instances |
 //! | `dispatch` | ticks per second across N instances, through the store's group commit |
 //! | `reload` | hot reloads under a stream of commands: duration, events lost, handled twice |
+//! | `idle` | CPU and thread wake-ups with the four device examples deployed and nothing happening |
 //! | `devices` | GPIO toggles and SPI transactions from Wasm vs native, edge to `on-event` latency (sim board) |
 //! | `size` | the binary's size, and the static release binaries' if built |
 //! | `sync` | hub link: durable outbox ingest, drain and catch-up against Mosquitto, bytes written per record, records lost across broker restarts + `kill -9` |
 //! | `isolation` | one trivial workload as Wasm, crun, runc and a QEMU microVM: start-to-ready p50/p99, PSS per instance, instances per 512 MiB |
 //!
 //! `lichen bench` alone runs every group in its own child process (`startup`,
-//! `density,dispatch`, `reload`, `devices`, `size`), so each RSS figure starts from a fresh
+//! `density,dispatch`, `reload`, `idle`, `devices`, `size`), so each RSS figure starts from a fresh
 //! process, and ends with one summary line per figure. Benchmarks print figures; they assert nothing.
 
 mod density;
 mod devices;
+mod idle;
 mod isolation;
 mod reload;
 mod size;
@@ -38,11 +40,12 @@ use crate::metrics::Gauges;
 use crate::supervisor::Agent;
 
 /// Every benchmark, in the order `lichen bench` runs them.
-pub const BENCHMARKS: [&str; 8] = [
+pub const BENCHMARKS: [&str; 9] = [
     "startup",
     "density",
     "dispatch",
     "reload",
+    "idle",
     "devices",
     "size",
     "isolation",
@@ -50,10 +53,11 @@ pub const BENCHMARKS: [&str; 8] = [
 ];
 
 /// How `lichen bench` without WHAT splits the benchmarks into child processes.
-const GROUPS: [&str; 7] = [
+const GROUPS: [&str; 8] = [
     "startup",
     "density,dispatch",
     "reload",
+    "idle",
     "devices",
     "size",
     "isolation",
@@ -251,6 +255,10 @@ async fn run_selected(selected: &[&str], args: &BenchArgs) -> Result<()> {
     if has("reload") {
         let result = async { reload::run(&dirs.fresh("reload")?, args).await }.await;
         outcome("reload", result);
+    }
+    if has("idle") {
+        let result = async { idle::run(&dirs.fresh("idle")?, args).await }.await;
+        outcome("idle", result);
     }
     if has("devices") {
         let result = async { devices::run(&dirs.fresh("devices")?, args).await }.await;
