@@ -87,6 +87,35 @@ pub struct Instance {
     config_list: Vec<(String, String)>,
     started_at: Instant,
     time_slice: Duration,
+    /// The tasks feeding this instance's `gpio-edge` triggers; they end with the instance.
+    edge_watchers: EdgeWatchers,
+}
+
+/// The edge-watcher tasks of an instance: each holds a handle on its input line (on Linux, a
+/// duplicate of the line request's fd), so they are stopped when the instance goes, and the
+/// line can be requested again.
+#[derive(Default)]
+struct EdgeWatchers(Vec<tokio::task::JoinHandle<()>>);
+
+impl EdgeWatchers {
+    /// Stops the tasks and waits until they are gone (their line handles closed).
+    async fn stop(mut self) {
+        let tasks = std::mem::take(&mut self.0);
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for EdgeWatchers {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
 
 impl Instance {
@@ -148,6 +177,7 @@ impl Instance {
             config_list,
             started_at: Instant::now(),
             time_slice,
+            edge_watchers: EdgeWatchers::default(),
         })
     }
 
@@ -238,10 +268,17 @@ impl Instance {
     /// Drops the instance; one holding device grants is dropped on tokio's blocking pool,
     /// since releasing its last handles drives outputs to their safe state (an ioctl).
     /// Returns once the handles are released, so the pins can be requested again.
-    pub async fn release(self) {
+    pub async fn release(mut self) {
+        std::mem::take(&mut self.edge_watchers).stop().await;
         if self.has_devices() {
             let _ = tokio::task::spawn_blocking(move || drop(self)).await;
         }
+    }
+
+    /// Keeps `task` (an edge watcher feeding this instance's trigger) until the instance
+    /// goes, then stops it.
+    pub fn keep_edge_watcher(&mut self, task: tokio::task::JoinHandle<()>) {
+        self.edge_watchers.0.push(task);
     }
 
     /// Takes the key-value writes and telemetry of the last call, to commit them.
