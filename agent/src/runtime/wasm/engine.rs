@@ -1,10 +1,10 @@
 //! The one Wasmtime engine: pooling allocator sized from config, explicit memory reservations,
-//! epoch interruption, and the linkers for components and WASI preview-1 commands.
+//! epoch interruption (ticking only while a guest runs), and the linkers for components and WASI preview-1 commands.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -64,6 +64,7 @@ pub struct WasmEngine {
     fingerprint: String,
     options: EngineOptions,
     ticker_stop: Arc<AtomicBool>,
+    ticker: std::thread::Thread,
 }
 
 impl WasmEngine {
@@ -98,7 +99,7 @@ impl WasmEngine {
         let fingerprint = format!("{:016x}", hasher.finish());
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
-        spawn_epoch_ticker(engine.clone(), ticker_stop.clone())?;
+        let ticker = spawn_epoch_ticker(engine.clone(), ticker_stop.clone())?;
 
         Ok(Self {
             engine,
@@ -108,6 +109,7 @@ impl WasmEngine {
             fingerprint,
             options,
             ticker_stop,
+            ticker,
         })
     }
 
@@ -146,6 +148,7 @@ impl WasmEngine {
 impl Drop for WasmEngine {
     fn drop(&mut self) {
         self.ticker_stop.store(true, Ordering::Relaxed);
+        self.ticker.unpark();
     }
 }
 
@@ -187,15 +190,60 @@ fn engine_config(options: &EngineOptions) -> Result<Config> {
     Ok(config)
 }
 
-fn spawn_epoch_ticker(engine: Engine, stop: Arc<AtomicBool>) -> Result<()> {
-    std::thread::Builder::new()
+/// Guest calls running now in this process. The epoch tickers sleep while there are none:
+/// an idle agent has no thread waking up every [`EPOCH_TICK`].
+static RUNNING_CALLS: AtomicUsize = AtomicUsize::new(0);
+/// The epoch ticker threads, woken when the first call starts.
+static TICKERS: Mutex<Vec<std::thread::Thread>> = Mutex::new(Vec::new());
+
+fn tickers() -> std::sync::MutexGuard<'static, Vec<std::thread::Thread>> {
+    TICKERS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Held while guest code may run (instantiation, a call, a command's run): the engines'
+/// epochs advance only then, so time slices are counted while the agent sleeps for free
+/// otherwise. Every entry into a guest must hold one, or a guest that loops is never
+/// preempted.
+#[must_use = "the epoch advances only while this is held"]
+pub struct GuestRunning(());
+
+/// Marks a guest call as running until the returned guard is dropped.
+pub fn guest_running() -> GuestRunning {
+    if RUNNING_CALLS.fetch_add(1, Ordering::SeqCst) == 0 {
+        for ticker in tickers().iter() {
+            ticker.unpark();
+        }
+    }
+    GuestRunning(())
+}
+
+impl Drop for GuestRunning {
+    fn drop(&mut self) {
+        RUNNING_CALLS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn spawn_epoch_ticker(engine: Engine, stop: Arc<AtomicBool>) -> Result<std::thread::Thread> {
+    let handle = std::thread::Builder::new()
         .name("lichen-epoch".into())
         .spawn(move || {
+            // Registered before the first look at the count: a call starting after this
+            // unparks the thread, one started before is seen by the look.
+            tickers().push(std::thread::current());
             while !stop.load(Ordering::Relaxed) {
+                if RUNNING_CALLS.load(Ordering::SeqCst) == 0 {
+                    // An unpark between the look and the park makes the park return at once.
+                    std::thread::park();
+                    continue;
+                }
                 std::thread::sleep(EPOCH_TICK);
                 engine.increment_epoch();
             }
+            let me = std::thread::current().id();
+            tickers().retain(|t| t.id() != me);
         })
         .context("cannot start the epoch ticker thread")?;
-    Ok(())
+    Ok(handle.thread().clone())
 }

@@ -12,7 +12,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::engine::EPOCH_TICK;
+use super::engine::{EPOCH_TICK, guest_running};
 use super::limiter::MemoryLimiter;
 
 /// Store data of a component instance.
@@ -162,7 +162,10 @@ impl Instance {
         });
         store.data_mut().ticks_in_call = 0;
         store.set_epoch_deadline(1);
-        let bindings = match pre.instantiate_async(&mut store).await {
+        let running = guest_running();
+        let instantiated = pre.instantiate_async(&mut store).await;
+        drop(running);
+        let bindings = match instantiated {
             Ok(b) => b,
             Err(err) => return Err(describe_failure(&mut store, &err)),
         };
@@ -185,7 +188,9 @@ impl Instance {
     pub async fn init(&mut self) -> CallOutcome {
         self.arm();
         let config = std::mem::take(&mut self.config_list);
+        let running = guest_running();
         let result = self.bindings.call_init(&mut self.store, &config).await;
+        drop(running);
         self.config_list = config;
         match result {
             Ok(Ok(())) => CallOutcome::Ok(None),
@@ -197,7 +202,10 @@ impl Instance {
     /// Calls the guest's `on-event`.
     pub async fn handle(&mut self, event: &Event) -> CallOutcome {
         self.arm();
-        match self.bindings.call_on_event(&mut self.store, event).await {
+        let running = guest_running();
+        let result = self.bindings.call_on_event(&mut self.store, event).await;
+        drop(running);
+        match result {
             Ok(Ok(reply)) => CallOutcome::Ok(reply),
             Ok(Err(message)) => CallOutcome::GuestError(message),
             Err(err) => CallOutcome::Trap(describe_failure(&mut self.store, &err)),
