@@ -124,6 +124,8 @@ pub async fn run_command(
     memory_limit: usize,
     time_slice: Duration,
 ) -> Result<i32, String> {
+    // The epoch (the time slice's clock) advances only while a guest runs.
+    let _running = super::engine::guest_running();
     let stdout = MemoryOutputPipe::new(OUTPUT_CAPACITY);
     let stderr = MemoryOutputPipe::new(OUTPUT_CAPACITY);
     let env: Vec<(String, String)> = config
