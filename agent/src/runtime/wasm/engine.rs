@@ -12,6 +12,7 @@ use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::IntoAnyhow;
+use super::address_space::{AddressSpace, PoolFit};
 use super::command::{CliData, CommandData};
 use super::instance::InstanceData;
 
@@ -63,16 +64,26 @@ pub struct WasmEngine {
     cli_linker: Linker<CliData>,
     fingerprint: String,
     options: EngineOptions,
+    fit: PoolFit,
+    space: AddressSpace,
     ticker_stop: Arc<AtomicBool>,
-    ticker: std::thread::Thread,
+    /// The ticker thread; it holds a clone of the engine, so dropping waits for it (at most
+    /// one tick) and the pool's reservation is gone when the drop returns.
+    ticker: Option<std::thread::JoinHandle<()>>,
 }
 
 impl WasmEngine {
     /// Builds the engine and starts its epoch ticker thread.
     pub fn new(options: EngineOptions) -> Result<Self> {
-        let engine = Engine::new(&engine_config(&options)?)
-            .anyhow()
-            .context("cannot create the Wasmtime engine")?;
+        let space = AddressSpace::probe();
+        let (fitted, mut fit) = options.fit_to(&space);
+        let (engine, options) = build_engine(fitted)?;
+        fit.fitted = options.max_instances;
+        if fit.lowered() {
+            tracing::warn!("{}", fit.describe(&space));
+        } else {
+            tracing::info!("{}", fit.describe(&space));
+        }
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
@@ -108,8 +119,10 @@ impl WasmEngine {
             cli_linker,
             fingerprint,
             options,
+            fit,
+            space,
             ticker_stop,
-            ticker,
+            ticker: Some(ticker),
         })
     }
 
@@ -139,16 +152,48 @@ impl WasmEngine {
         &self.fingerprint
     }
 
-    /// The sizing the engine was built with.
+    /// The sizing the engine was built with (`max_instances` as fitted to the address
+    /// space, which may be below the configured count).
     pub fn options(&self) -> &EngineOptions {
         &self.options
+    }
+
+    /// How the pool was sized to the address space, and what was measured.
+    pub fn pool_fit(&self) -> (PoolFit, AddressSpace) {
+        (self.fit, self.space)
     }
 }
 
 impl Drop for WasmEngine {
     fn drop(&mut self) {
         self.ticker_stop.store(true, Ordering::Relaxed);
-        self.ticker.unpark();
+        if let Some(ticker) = self.ticker.take() {
+            ticker.thread().unpark();
+            let _ = ticker.join();
+        }
+    }
+}
+
+/// Builds the engine; when the pool cannot be reserved (the estimate of the address space
+/// was too generous), tries again with a quarter fewer instances, down to one.
+fn build_engine(mut options: EngineOptions) -> Result<(Engine, EngineOptions)> {
+    let mut first_error = None;
+    loop {
+        match Engine::new(&engine_config(&options)?).anyhow() {
+            Ok(engine) => return Ok((engine, options)),
+            Err(err) if options.max_instances > 1 => {
+                tracing::debug!(
+                    "a pool of {} instances could not be made: {err:#}",
+                    options.max_instances
+                );
+                first_error.get_or_insert(err);
+                options.max_instances -= (options.max_instances / 4).max(1);
+            }
+            Err(err) => {
+                return Err(first_error.unwrap_or(err))
+                    .context("cannot create the Wasmtime engine");
+            }
+        }
     }
 }
 
@@ -225,7 +270,10 @@ impl Drop for GuestRunning {
     }
 }
 
-fn spawn_epoch_ticker(engine: Engine, stop: Arc<AtomicBool>) -> Result<std::thread::Thread> {
+fn spawn_epoch_ticker(
+    engine: Engine,
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>> {
     let handle = std::thread::Builder::new()
         .name("lichen-epoch".into())
         .spawn(move || {
@@ -245,5 +293,5 @@ fn spawn_epoch_ticker(engine: Engine, stop: Arc<AtomicBool>) -> Result<std::thre
             tickers().retain(|t| t.id() != me);
         })
         .context("cannot start the epoch ticker thread")?;
-    Ok(handle.thread().clone())
+    Ok(handle)
 }
