@@ -231,13 +231,13 @@ pub fn hub_check(hub: Option<&crate::config::HubSection>) -> DoctorCheck {
 fn wasm_check(engine: Option<&EngineOptions>) -> DoctorCheck {
     let options = engine.copied().unwrap_or_default();
     match crate::runtime::wasm::WasmEngine::new(options) {
-        Ok(_) => check(
+        Ok(engine) => check(
             "wasm runtime",
             "ok",
             format!(
                 "Wasmtime with Cranelift for {}; pooling allocator for {} instances, up to {} of linear memory each",
                 std::env::consts::ARCH,
-                options.max_instances,
+                engine.options().max_instances,
                 human_bytes(options.max_memory_bytes)
             ),
         ),
@@ -249,45 +249,14 @@ fn wasm_check(engine: Option<&EngineOptions>) -> DoctorCheck {
     }
 }
 
+/// What the pool may reserve here and how many instances fit: the agent lowers the pool to
+/// what fits when it starts, with the same figures in its log.
 fn address_space_check(engine: Option<&EngineOptions>) -> DoctorCheck {
     let options = engine.copied().unwrap_or_default();
-    let reserved = options.reserved_memory_bytes();
-    let limit = std::fs::read_to_string("/proc/self/limits")
-        .ok()
-        .and_then(|text| {
-            let line = text.lines().find(|l| l.starts_with("Max address space"))?;
-            line.split_whitespace()
-                .nth(3)
-                .and_then(|v| v.parse::<u64>().ok())
-        });
-    match limit {
-        Some(limit) if reserved > limit => check(
-            "address space",
-            "warn",
-            format!(
-                "the pool reserves {} of virtual memory but `ulimit -v` allows {}: lower wasm.max-instances or wasm.max-memory",
-                human_bytes(reserved),
-                human_bytes(limit)
-            ),
-        ),
-        Some(limit) => check(
-            "address space",
-            "ok",
-            format!(
-                "the pool reserves {} of the {} allowed",
-                human_bytes(reserved),
-                human_bytes(limit)
-            ),
-        ),
-        None => check(
-            "address space",
-            "ok",
-            format!(
-                "the pool reserves {} of virtual memory (a 39-bit Raspberry Pi kernel gives 512 GiB)",
-                human_bytes(reserved)
-            ),
-        ),
-    }
+    let space = crate::runtime::wasm::AddressSpace::probe();
+    let (_, fit) = options.fit_to(&space);
+    let status = if fit.lowered() { "warn" } else { "ok" };
+    check("address space", status, fit.describe(&space))
 }
 
 fn cgroup_check() -> DoctorCheck {

@@ -15,6 +15,10 @@ use tokio::sync::broadcast;
 use crate::api::types::LogLine;
 use crate::store::{GuestLogLine, StateStore, StoreError};
 
+/// Longest time an accepted guest log line waits before it is written to the state store
+/// (lines arriving meanwhile share the write).
+const PERSIST_EVERY: Duration = Duration::from_secs(1);
+
 /// Settings of the log hub.
 #[derive(Debug, Clone, Copy)]
 pub struct LogOptions {
@@ -62,6 +66,15 @@ pub struct LogHub {
     /// Held while lines go to the store and while [`LogHub::lines`] reads, so a reader never
     /// sees a line both in the store and as unpersisted, nor in neither.
     persisting: tokio::sync::Mutex<()>,
+    /// Wakes the persister when the first unpersisted line arrives (and when the hub goes):
+    /// no timer runs while nobody logs.
+    wake: Arc<tokio::sync::Notify>,
+}
+
+impl Drop for LogHub {
+    fn drop(&mut self) {
+        self.wake.notify_one();
+    }
 }
 
 impl LogHub {
@@ -72,6 +85,7 @@ impl LogHub {
             workloads: Mutex::new(HashMap::new()),
             unpersisted: Mutex::new(Vec::new()),
             persisting: tokio::sync::Mutex::new(()),
+            wake: Arc::default(),
         }
     }
 
@@ -117,16 +131,17 @@ impl LogHub {
             // Nobody follows any more: free the channel's buffer.
             entry.followers = None;
         }
-        self.unpersisted
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(GuestLogLine {
-                workload: line.workload,
-                at_ms: line.at_ms,
-                level: line.level,
-                context: line.context,
-                message: line.message,
-            });
+        let mut unpersisted = self.unpersisted.lock().unwrap_or_else(|p| p.into_inner());
+        if unpersisted.is_empty() {
+            self.wake.notify_one();
+        }
+        unpersisted.push(GuestLogLine {
+            workload: line.workload,
+            at_ms: line.at_ms,
+            level: line.level,
+            context: line.context,
+            message: line.message,
+        });
     }
 
     /// The last `tail` lines of a workload held in memory, oldest first.
@@ -222,13 +237,19 @@ impl LogHub {
         std::mem::take(&mut *self.unpersisted.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
-    /// Writes accepted lines to the state store once a second until the hub is dropped.
+    /// Writes accepted lines to the state store, in batches at most once a second, until
+    /// the hub is dropped. It sleeps until a line arrives.
     pub fn spawn_persister(self: &Arc<Self>, store: StateStore) -> tokio::task::JoinHandle<()> {
         let hub = Arc::downgrade(self);
+        let wake = self.wake.clone();
         tokio::spawn(async move {
-            let mut interval = tokio::time::interval(Duration::from_secs(1));
             loop {
-                interval.tick().await;
+                wake.notified().await;
+                if hub.strong_count() == 0 {
+                    return;
+                }
+                // Lines logged within the next second ride in the same write.
+                tokio::time::sleep(PERSIST_EVERY).await;
                 let Some(hub) = hub.upgrade() else { return };
                 if let Err(err) = hub.persist(&store).await {
                     tracing::warn!("cannot persist guest logs: {err}");

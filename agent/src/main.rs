@@ -36,7 +36,7 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => report_error(&err),
             },
-            Command::Bench(args) => match lichen_agent::bench::run(args).await {
+            Command::Bench(args) => match lichen_agent::bench::run(args, cli.json).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => report_error(&err),
             },

@@ -133,6 +133,31 @@ impl EdgeDetection {
     }
 }
 
+/// Waits for an input line's edge events apart from the pin that takes them, so that a
+/// task sleeps until the kernel (or the simulated chip) has an event instead of polling:
+/// [`linux::LinuxEdgeWatch`] or [`sim::SimEdgeWatch`].
+#[derive(Debug)]
+pub enum EdgeWatch {
+    /// A line of the simulated chip.
+    Sim(sim::SimEdgeWatch),
+    /// A line request on a Linux gpiochip.
+    #[cfg(target_os = "linux")]
+    Linux(linux::LinuxEdgeWatch),
+}
+
+impl EdgeWatch {
+    /// Waits until an edge event may be queued on the line (the caller then takes what is
+    /// queued; a wake-up with nothing queued is possible). Fails once the line is gone
+    /// (released, chip removed), so a watcher ends with its pin.
+    pub async fn queued(&mut self) -> Result<()> {
+        match self {
+            EdgeWatch::Sim(watch) => watch.queued().await,
+            #[cfg(target_os = "linux")]
+            EdgeWatch::Linux(watch) => watch.queued().await,
+        }
+    }
+}
+
 /// An edge event: which edge, and when.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct EdgeEvent {

@@ -23,11 +23,20 @@ pub type InputPinBox = Box<dyn EdgeInput>;
 pub trait EdgeInput: InputPin<Error = lichen_devices::Error> + Send {
     /// Takes the next queued edge event, without waiting.
     fn try_edge(&mut self) -> Result<Option<lichen_devices::EdgeEvent>, lichen_devices::Error>;
+
+    /// A handle that waits, apart from the pin, until an edge event is queued.
+    fn edge_watch(&self) -> Result<lichen_devices::EdgeWatch, lichen_devices::Error>;
 }
 
 impl EdgeInput for lichen_devices::sim::SimInputPin {
     fn try_edge(&mut self) -> Result<Option<lichen_devices::EdgeEvent>, lichen_devices::Error> {
         self.try_event()
+    }
+
+    fn edge_watch(&self) -> Result<lichen_devices::EdgeWatch, lichen_devices::Error> {
+        Ok(lichen_devices::EdgeWatch::Sim(
+            lichen_devices::sim::SimInputPin::edge_watch(self),
+        ))
     }
 }
 /// An SPI device (bus and chip-select), behind embedded-hal's `SpiDevice`.
@@ -140,6 +149,12 @@ impl GrantedInput {
     /// Takes the next queued edge event of the pin, without waiting.
     pub fn try_edge(&self) -> Result<Option<lichen_devices::EdgeEvent>, lichen_devices::Error> {
         lock(&self.inner).try_edge()
+    }
+
+    /// A handle that waits for the pin's edge events without holding the pin (the guest
+    /// may read it meanwhile).
+    pub fn edge_watch(&self) -> Result<lichen_devices::EdgeWatch, lichen_devices::Error> {
+        lock(&self.inner).edge_watch()
     }
 
     /// Runs `f` on the pin.

@@ -43,12 +43,11 @@ const TOGGLES_PER_EVENT: u64 = 10_000;
 const SPI_PER_EVENT: u64 = 2_000;
 /// How long each native loop runs.
 const NATIVE_TIME: Duration = Duration::from_millis(500);
-/// Pause between two edges, so that each is handled before the next (the edge watcher polls
-/// every millisecond).
+/// Pause between two edges, so that each is handled before the next.
 const EDGE_GAP: Duration = Duration::from_millis(3);
 
 /// Reads the guest `name` from the build tree and stores it; returns its digest.
-async fn add_guest(agent: &Agent, name: &str) -> Result<String> {
+pub(super) async fn add_guest(agent: &Agent, name: &str) -> Result<String> {
     let path = guest_path(name).with_context(|| format!("this build has no {name} guest"))?;
     let bytes = std::fs::read(path).with_context(|| {
         format!("cannot read the {name} guest {path} (it is in the build tree, so run this from the build machine)")
@@ -315,7 +314,7 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
         "a per-event figure counts device operations made by one guest in a loop within one `on-event` (a workload holding device grants is called from tokio's blocking pool, once per event); a one-per-command figure is a whole command round trip: queue to the workload's worker, one `on-event` call, the reply; blinky's `toggle` also opens the pin, reads it back and writes two key-value entries (committed to SQLite), `level` writes nothing",
     );
     table.note(format!(
-        "edge latency is measured on the simulated chip's clock, from the bench driving {BUTTON} to button-led driving {BUTTON_LED} in `on-event`; the edge watcher polls the line every millisecond, which bounds the p50 from below; edges {} apart{}",
+        "edge latency is measured on the simulated chip's clock, from the bench driving {BUTTON} to button-led driving {BUTTON_LED} in `on-event`; the edge watcher sleeps until the chip has the event queued (no polling), then the worker calls the guest; edges {} apart{}",
         fmt_duration(EDGE_GAP),
         if missed > 0 {
             format!(", {missed} edges not followed within 2 s")

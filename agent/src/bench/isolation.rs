@@ -387,6 +387,40 @@ fn mib(bytes: u64) -> String {
 }
 
 fn print_table(rows: &[std::result::Result<Measured, (String, String)>]) {
+    if super::json::enabled() {
+        for m in rows.iter().flatten() {
+            let group = "isolation";
+            let tier = format!("{} (n={})", m.tier, m.instances);
+            let p50 = fmt_duration(m.starts.percentile(50.0));
+            let p99 = fmt_duration(m.starts.percentile(99.0));
+            let (start_claim, memory_claim) =
+                (m.start_claim.to_string(), m.memory_claim.to_string());
+            super::json::record(
+                group,
+                &format!("{tier}: start -> ready p50"),
+                &p50,
+                "-",
+                &start_claim,
+            );
+            super::json::record(
+                group,
+                &format!("{tier}: start -> ready p99"),
+                &p99,
+                "-",
+                &start_claim,
+            );
+            if let Some(pss) = m.pss_per_instance {
+                super::json::record(
+                    group,
+                    &format!("{tier}: PSS per instance"),
+                    &mib(pss),
+                    "-",
+                    &memory_claim,
+                );
+            }
+        }
+        return;
+    }
     println!(
         "\n### isolation: the same trivial workload in each tier (seed analysis 8.2.1 / 8.2.2 beside each figure)\n"
     );

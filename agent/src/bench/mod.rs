@@ -7,18 +7,23 @@
 //! | `density` | process RSS with N live `counter` instances |
 //! | `dispatch` | ticks per second across N instances, through the store's group commit |
 //! | `reload` | hot reloads under a stream of commands: duration, events lost, handled twice |
+//! | `idle` | CPU and thread wake-ups with the four device examples deployed and nothing happening |
 //! | `devices` | GPIO toggles and SPI transactions from Wasm vs native, edge to `on-event` latency (sim board) |
 //! | `size` | the binary's size, and the static release binaries' if built |
 //! | `sync` | hub link: durable outbox ingest, drain and catch-up against Mosquitto, bytes written per record, records lost across broker restarts + `kill -9` |
 //! | `isolation` | one trivial workload as Wasm, crun, runc and a QEMU microVM: start-to-ready p50/p99, PSS per instance, instances per 512 MiB |
 //!
 //! `lichen bench` alone runs every group in its own child process (`startup`,
-//! `density,dispatch`, `reload`, `devices`, `size`), so each RSS figure starts from a fresh
+//! `density,dispatch`, `reload`, `idle`, `devices`, `size`), so each RSS figure starts from a fresh
 //! process, and ends with one summary line per figure. Benchmarks print figures; they assert nothing.
+//! With `--json` (`lichen bench --json`), every figure goes out as one JSON document instead
+//! ([`json::Document`]: name, value, unit, target per figure).
 
 mod density;
 mod devices;
+mod idle;
 mod isolation;
+pub mod json;
 mod reload;
 mod size;
 mod startup;
@@ -38,11 +43,12 @@ use crate::metrics::Gauges;
 use crate::supervisor::Agent;
 
 /// Every benchmark, in the order `lichen bench` runs them.
-pub const BENCHMARKS: [&str; 8] = [
+pub const BENCHMARKS: [&str; 9] = [
     "startup",
     "density",
     "dispatch",
     "reload",
+    "idle",
     "devices",
     "size",
     "isolation",
@@ -50,10 +56,11 @@ pub const BENCHMARKS: [&str; 8] = [
 ];
 
 /// How `lichen bench` without WHAT splits the benchmarks into child processes.
-const GROUPS: [&str; 7] = [
+const GROUPS: [&str; 8] = [
     "startup",
     "density,dispatch",
     "reload",
+    "idle",
     "devices",
     "size",
     "isolation",
@@ -67,7 +74,10 @@ const SUMMARY_HEADER: &str = "## Summary (one line per figure)";
 ///
 /// The benchmarks run on a runtime of their own so that, unless `LICHEN_LOG` says otherwise,
 /// the agent's per-deploy info lines stay off the terminal (and out of the timings).
-pub async fn run(args: BenchArgs) -> Result<()> {
+pub async fn run(args: BenchArgs, as_json: bool) -> Result<()> {
+    if as_json {
+        json::enable();
+    }
     let (tx, rx) = tokio::sync::oneshot::channel();
     std::thread::Builder::new()
         .name("lichen-bench".into())
@@ -159,9 +169,13 @@ fn child_executable() -> Option<PathBuf> {
 fn run_children(exe: &Path, args: &BenchArgs) -> Result<()> {
     let mut summary = Vec::new();
     let mut failed = Vec::new();
+    let mut merged = json::Document::default();
     for group in GROUPS {
         let mut command = Command::new(exe);
         command.arg("bench").arg(group);
+        if json::enabled() {
+            command.arg("--json");
+        }
         if let Some(n) = args.instances {
             command.arg("--count").arg(n.to_string());
         }
@@ -187,9 +201,13 @@ fn run_children(exe: &Path, args: &BenchArgs) -> Result<()> {
             .with_context(|| format!("cannot run {} bench {group}", exe.display()))?;
         let stdout = child.stdout.take().context("the child's stdout is piped")?;
         let mut in_summary = false;
+        let mut document = String::new();
         for line in BufReader::new(stdout).lines() {
             let line = line.context("cannot read a benchmark's output")?;
-            if line == SUMMARY_HEADER {
+            if json::enabled() {
+                document.push_str(&line);
+                document.push('\n');
+            } else if line == SUMMARY_HEADER {
                 in_summary = true;
             } else if in_summary {
                 if !line.trim().is_empty() {
@@ -200,12 +218,27 @@ fn run_children(exe: &Path, args: &BenchArgs) -> Result<()> {
             }
         }
         let status = child.wait().context("cannot wait for a benchmark")?;
+        if json::enabled() {
+            match serde_json::from_str::<json::Document>(&document) {
+                Ok(part) => {
+                    merged.figures.extend(part.figures);
+                    merged.failed.extend(part.failed);
+                }
+                Err(err) => merged
+                    .failed
+                    .push(format!("{group}: its output is not a JSON document: {err}")),
+            }
+        }
         if !status.success() {
             summary.push(format!("- {group}: the benchmark failed ({status})"));
             failed.push(group);
         }
     }
-    print_summary(&summary);
+    if json::enabled() {
+        println!("{}", serde_json::to_string_pretty(&merged)?);
+    } else {
+        print_summary(&summary);
+    }
     anyhow::ensure!(
         failed.is_empty(),
         "benchmarks failed: {} (see above)",
@@ -222,7 +255,11 @@ async fn run_selected(selected: &[&str], args: &BenchArgs) -> Result<()> {
     let mut outcome = |name: &'static str, result: Result<Vec<String>>| match result {
         Ok(lines) => summary.extend(lines),
         Err(err) => {
-            println!("\n{name}: failed: {err:#}\n");
+            if json::enabled() {
+                eprintln!("{name}: failed: {err:#}");
+            } else {
+                println!("\n{name}: failed: {err:#}\n");
+            }
             summary.push(format!("- {name}: not measured: {err:#}"));
             failed.push(name);
         }
@@ -253,6 +290,10 @@ async fn run_selected(selected: &[&str], args: &BenchArgs) -> Result<()> {
         let result = async { reload::run(&dirs.fresh("reload")?, args).await }.await;
         outcome("reload", result);
     }
+    if has("idle") {
+        let result = async { idle::run(&dirs.fresh("idle")?, args).await }.await;
+        outcome("idle", result);
+    }
     if has("devices") {
         let result = async { devices::run(&dirs.fresh("devices")?, args).await }.await;
         outcome("devices", result);
@@ -268,11 +309,23 @@ async fn run_selected(selected: &[&str], args: &BenchArgs) -> Result<()> {
         let result = async { sync::run(&dirs.fresh("sync")?, args).await }.await;
         outcome("sync", result);
     }
-    println!("{SUMMARY_HEADER}");
-    for line in &summary {
-        println!("{line}");
+    if json::enabled() {
+        let document = json::Document {
+            figures: json::take(),
+            failed: summary
+                .iter()
+                .filter(|l| l.contains(": not measured: "))
+                .map(|l| l.trim_start_matches("- ").to_string())
+                .collect(),
+        };
+        println!("{}", serde_json::to_string_pretty(&document)?);
+    } else {
+        println!("{SUMMARY_HEADER}");
+        for line in &summary {
+            println!("{line}");
+        }
+        println!();
     }
-    println!();
     anyhow::ensure!(
         failed.is_empty(),
         "benchmarks failed: {}",
@@ -498,8 +551,14 @@ impl Table {
         self.notes.push(note.into());
     }
 
-    /// Prints the table in Markdown, columns aligned.
+    /// Prints the table in Markdown, columns aligned; with `--json`, records its rows instead.
     fn print(&self) {
+        if json::enabled() {
+            for [figure, measured, target, reference] in &self.rows {
+                json::record(&self.title, figure, measured, target, reference);
+            }
+            return;
+        }
         let header = ["figure", "measured", "target", "reference"].map(String::from);
         let mut widths = [0usize; 4];
         for row in std::iter::once(&header).chain(&self.rows) {

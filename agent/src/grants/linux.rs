@@ -9,7 +9,7 @@
 use lichen_devices::board::BoardProfile;
 use lichen_devices::embedded_hal::digital::{ErrorType, InputPin};
 use lichen_devices::linux::{LinuxI2cBus, LinuxInputPin, LinuxOutputPin, LinuxSpiDevice};
-use lichen_devices::{EdgeEvent, Error, InputConfig, OutputConfig, SpiConfig};
+use lichen_devices::{EdgeEvent, EdgeWatch, Error, InputConfig, OutputConfig, SpiConfig};
 use lichen_host_apis::{EdgeInput, I2cBusBox, InputPinBox, OutputPinBox, SpiDeviceBox};
 
 /// A Linux input line seen as an [`EdgeInput`]: its edge events are read from the kernel's
@@ -34,6 +34,10 @@ impl InputPin for LinuxEdgeInput {
 impl EdgeInput for LinuxEdgeInput {
     fn try_edge(&mut self) -> Result<Option<EdgeEvent>, Error> {
         self.0.try_event()
+    }
+
+    fn edge_watch(&self) -> Result<EdgeWatch, Error> {
+        Ok(EdgeWatch::Linux(self.0.edge_watch()?))
     }
 }
 

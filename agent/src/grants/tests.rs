@@ -434,6 +434,50 @@ async fn a_gpio_edge_trigger_delivers_debounced_edges_with_their_timestamps() {
     agent.shutdown().await;
 }
 
+/// The edge watcher sleeps until the line has an event: across a quiet window nothing reads
+/// the line (a polling watcher would read it at every tick), and an edge reaches `on-event`
+/// with about one read of the queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_gpio_edge_trigger_waits_for_line_events_without_polling() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let agent = sim_agent(dir.path()).await;
+    let chip = agent.devices().sim().expect("sim board").chip().clone();
+    let module = crate::embedded::guest_path("button-led").expect("built");
+    let text = format!(
+        "[[workloads]]\nname = \"button-led\"\nmodule = \"{module}\"\n\
+         triggers = [{{ gpio-edge = \"button\", edge = \"both\" }}]\n\
+         gpio = [{{ name = \"button\", pin = \"GPIO27\", mode = \"input\", bias = \"pull-up\" }},\n\
+         {{ name = \"led\", pin = \"GPIO17\", mode = \"output\", initial = \"low\" }}]\n"
+    );
+    agent
+        .deploy_text("button.toml", &text, Path::new("/"))
+        .await
+        .expect("deploys");
+    let reads = || chip.event_reads("GPIO27").expect("line");
+    // The watcher takes what was queued before it started, then sleeps.
+    eventually("the edge watcher's first look at the queue", || {
+        reads() >= 1
+    })
+    .await;
+    let before = reads();
+    // An observation window, not a synchronisation: nothing happens on the chip, so an
+    // event-driven watcher reads nothing; the old 1 ms poll read the line ~200 times.
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert_eq!(reads(), before, "the line was read with no edge: polling");
+
+    let led = || chip.level("GPIO17").expect("line");
+    chip.drive("GPIO27", Level::Low).expect("press");
+    eventually("the led to follow the press", || led() == Level::High).await;
+    chip.drive("GPIO27", Level::High).expect("release");
+    eventually("the led to follow the release", || led() == Level::Low).await;
+    let used = reads() - before;
+    assert!(
+        (2..=8).contains(&used),
+        "two edges took {used} reads of the event queue (one with the event, one finding it empty, per wake-up)"
+    );
+    agent.shutdown().await;
+}
+
 /// A Linux-backend profile whose line, spidev and i2c-dev node exist on no host.
 fn absent_linux_board() -> BoardProfile {
     BoardProfile::from_toml(

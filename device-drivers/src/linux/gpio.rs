@@ -438,6 +438,21 @@ impl LinuxInputPin {
         .map_err(|e| self.line_error(format!("cannot wait for edges: {e}")))
     }
 
+    /// A handle that waits for this line's edge events without holding the pin, so that one
+    /// task can sleep until an edge while another reads the pin: see [`LinuxEdgeWatch`].
+    /// Needs the line requested with edge detection, and a tokio runtime.
+    pub fn edge_watch(&self) -> Result<LinuxEdgeWatch> {
+        if self.edge.is_none() {
+            return Err(
+                self.line_error("waiting for an edge needs the line requested with edge detection")
+            );
+        }
+        Ok(LinuxEdgeWatch {
+            readiness: self.register()?,
+            label: self.name.clone(),
+        })
+    }
+
     /// Drops the edge events queued before now, so an edge wait sees only later ones.
     fn drain_events(&mut self) -> Result<()> {
         while self.try_event()?.is_some() {}
@@ -491,6 +506,36 @@ impl LinuxInputPin {
         }
         self.drain_events()?;
         while !wanted.matches(self.next_event().await?.edge) {}
+        Ok(())
+    }
+}
+
+/// Waits for edge events the kernel queued on a line request, apart from the pin that reads
+/// them ([`LinuxInputPin::try_event`]): a duplicate of the request's fd in tokio's reactor,
+/// readable when an event is queued. It keeps the request open: drop it with the pin.
+#[derive(Debug)]
+pub struct LinuxEdgeWatch {
+    readiness: tokio::io::unix::AsyncFd<OwnedFd>,
+    label: String,
+}
+
+impl LinuxEdgeWatch {
+    /// Waits, without blocking a thread, until the kernel says an edge event is queued (the
+    /// caller then takes every queued event). Fails when the request is closed under it (the
+    /// chip went away), so a watcher does not spin on a hung-up fd.
+    pub async fn queued(&mut self) -> Result<()> {
+        let mut ready = self.readiness.readable().await.map_err(|e| Error::Line {
+            label: self.label.clone(),
+            message: format!("cannot wait for edges: {e}"),
+        })?;
+        let readiness = ready.ready();
+        if readiness.is_read_closed() || readiness.is_error() {
+            return Err(Error::Line {
+                label: self.label.clone(),
+                message: "the line request was closed (the chip went away)".into(),
+            });
+        }
+        ready.clear_ready();
         Ok(())
     }
 }

@@ -10,6 +10,8 @@ mod gpio;
 mod i2c;
 mod spi;
 
-pub use gpio::{LineLocation, LinuxInputPin, LinuxOutputPin, chip_paths, find_line, locate};
+pub use gpio::{
+    LineLocation, LinuxEdgeWatch, LinuxInputPin, LinuxOutputPin, chip_paths, find_line, locate,
+};
 pub use i2c::LinuxI2cBus;
 pub use spi::LinuxSpiDevice;

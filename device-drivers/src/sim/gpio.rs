@@ -72,6 +72,9 @@ struct LineState {
     events: VecDeque<EdgeEvent>,
     seqno: u32,
     dropped_events: u64,
+    /// Times a consumer looked for a queued edge event on this line (`try_event`,
+    /// `read_event`), to tell an event-driven reader from a polling one.
+    event_reads: u64,
     history: VecDeque<(u64, Level)>,
     /// Rising and falling changes of the (debounced) level since the line was made, whether
     /// or not the request reports them as events: what [`Wait`]'s edge waits look at.
@@ -225,6 +228,7 @@ impl SimChip {
                 events: VecDeque::new(),
                 seqno: 0,
                 dropped_events: 0,
+                event_reads: 0,
                 history: VecDeque::new(),
                 changes: [0, 0],
             })
@@ -325,6 +329,15 @@ impl SimChip {
         let mut st = self.lock();
         let line = Self::line_mut(&mut st, &self.shared.name, label)?;
         Ok(line.history.iter().copied().collect())
+    }
+
+    /// How many times a consumer looked for a queued edge event on a line (each
+    /// `try_event` or `read_event` call): a reader that waits for events reads about once
+    /// per edge, a polling one at every tick of its timer.
+    pub fn event_reads(&self, label: &str) -> Result<u64> {
+        let mut st = self.lock();
+        let line = Self::line_mut(&mut st, &self.shared.name, label)?;
+        Ok(line.event_reads)
     }
 
     /// The consumer holding a line, if it is requested.
@@ -631,6 +644,7 @@ impl SimInputPin {
     pub fn try_event(&mut self) -> Result<Option<EdgeEvent>> {
         self.chip
             .with_line(self.offset, self.id, &self.label, |line, now| {
+                line.event_reads = line.event_reads.saturating_add(1);
                 line.settle(now);
                 Ok(line.events.pop_front())
             })
@@ -640,6 +654,9 @@ impl SimInputPin {
     pub fn read_event(&mut self, timeout: Duration) -> Result<Option<EdgeEvent>> {
         let deadline = Instant::now() + timeout;
         let mut st = self.chip.lock();
+        if let Some(line) = st.lines.get_mut(self.offset) {
+            line.event_reads = line.event_reads.saturating_add(1);
+        }
         loop {
             if st.removed {
                 return Err(Error::Line {
@@ -729,6 +746,80 @@ impl InputPin for SimInputPin {
     }
 }
 
+impl SimInputPin {
+    /// A handle that waits for this line's edge events without holding the pin, so that one
+    /// task can sleep until an edge while another reads the pin: see [`SimEdgeWatch`].
+    pub fn edge_watch(&self) -> SimEdgeWatch {
+        SimEdgeWatch {
+            chip: self.chip.clone(),
+            offset: self.offset,
+            id: self.id,
+            label: self.label.clone(),
+        }
+    }
+}
+
+/// Waits for edge events queued on a simulated input line, apart from the pin that takes
+/// them ([`SimInputPin::try_event`]): woken by the chip's change notifications and by the
+/// end of a debounce period, never by a timer of its own.
+#[derive(Debug)]
+pub struct SimEdgeWatch {
+    chip: SimChip,
+    offset: usize,
+    id: u64,
+    label: String,
+}
+
+impl SimEdgeWatch {
+    /// Waits, without blocking a thread, until the line has an edge event queued. Fails
+    /// once the request is released or the chip removed, so a watcher ends with its pin.
+    pub async fn queued(&mut self) -> Result<()> {
+        std::future::poll_fn(|cx| {
+            let mut st = self.chip.lock();
+            if st.removed {
+                return Poll::Ready(Err(Error::Line {
+                    label: self.label.clone(),
+                    message: format!("gpiochip {} was removed", self.chip.shared.name),
+                }));
+            }
+            let now = st.clock.now_ns();
+            let real_clock = matches!(st.clock, Clock::Real(_));
+            let line = &mut st.lines[self.offset];
+            if line.request.as_ref().map(|r| r.id) != Some(self.id) {
+                return Poll::Ready(Err(Error::Line {
+                    label: self.label.clone(),
+                    message: "request was released".into(),
+                }));
+            }
+            line.settle(now);
+            if !line.events.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+            wake_at_debounce_end(real_clock, line, now, cx.waker());
+            st.wakers.push(cx.waker().clone());
+            Poll::Pending
+        })
+        .await
+    }
+}
+
+/// On the real clock a pending debounce period ends by itself, with nobody to notify: wakes
+/// `waker` when it is due.
+fn wake_at_debounce_end(real_clock: bool, line: &LineState, now: u64, waker: &Waker) {
+    if let (true, Some((_, since)), Some(RequestKind::Input { debounce_ns, .. })) = (
+        real_clock,
+        line.pending,
+        line.request.as_ref().map(|r| &r.kind),
+    ) {
+        let due = Duration::from_nanos(since.saturating_add(*debounce_ns).saturating_sub(now));
+        let waker = waker.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(due);
+            waker.wake();
+        });
+    }
+}
+
 /// What a [`Wait`] call waits for.
 #[derive(Debug, Clone, Copy)]
 enum WaitFor {
@@ -773,21 +864,7 @@ impl SimInputPin {
             if done {
                 return Poll::Ready(Ok(()));
             }
-            // On the real clock a pending debounce period ends by itself, with nobody to
-            // notify: wake this task when it is due.
-            if let (true, Some((_, since)), Some(RequestKind::Input { debounce_ns, .. })) = (
-                real_clock,
-                line.pending,
-                line.request.as_ref().map(|r| &r.kind),
-            ) {
-                let due =
-                    Duration::from_nanos(since.saturating_add(*debounce_ns).saturating_sub(now));
-                let waker = cx.waker().clone();
-                std::thread::spawn(move || {
-                    std::thread::sleep(due);
-                    waker.wake();
-                });
-            }
+            wake_at_debounce_end(real_clock, line, now, cx.waker());
             st.wakers.push(cx.waker().clone());
             Poll::Pending
         })

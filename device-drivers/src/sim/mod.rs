@@ -12,6 +12,6 @@ mod spi;
 
 pub use bme280::{Bme280, Bme280Calibration};
 pub use board::SimBoard;
-pub use gpio::{SimChip, SimInputPin, SimOutputPin};
+pub use gpio::{SimChip, SimEdgeWatch, SimInputPin, SimOutputPin};
 pub use i2c::{I2cPeer, SimI2cBus, Tmp102};
 pub use spi::{Mcp3008, SimSpiDevice, SpiPeer};

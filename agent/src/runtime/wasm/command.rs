@@ -174,6 +174,10 @@ pub async fn run_program(
     memory_limit: usize,
     time_slice: Duration,
 ) -> Result<i32, String> {
+    // The epoch (the time slice's clock, and the yields that keep a looping program from
+    // holding its thread) advances only while a guest runs: every path into guest code holds
+    // this, pods' runs included.
+    let _running = super::engine::guest_running();
     builder
         .allow_tcp(false)
         .allow_udp(false)

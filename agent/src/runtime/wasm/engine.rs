@@ -1,10 +1,10 @@
 //! The one Wasmtime engine: pooling allocator sized from config, explicit memory reservations,
-//! epoch interruption, and the linkers for components and WASI preview-1 commands.
+//! epoch interruption (ticking only while a guest runs), and the linkers for components and WASI preview-1 commands.
 
 use std::collections::hash_map::DefaultHasher;
 use std::hash::{Hash, Hasher};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -12,6 +12,7 @@ use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::IntoAnyhow;
+use super::address_space::{AddressSpace, PoolFit};
 use super::command::{CliData, CommandData};
 use super::instance::InstanceData;
 
@@ -67,15 +68,26 @@ pub struct WasmEngine {
     cli_linker: Linker<CliData>,
     fingerprint: String,
     options: EngineOptions,
+    fit: PoolFit,
+    space: AddressSpace,
     ticker_stop: Arc<AtomicBool>,
+    /// The ticker thread; it holds a clone of the engine, so dropping waits for it (at most
+    /// one tick) and the pool's reservation is gone when the drop returns.
+    ticker: Option<std::thread::JoinHandle<()>>,
 }
 
 impl WasmEngine {
     /// Builds the engine and starts its epoch ticker thread.
     pub fn new(options: EngineOptions) -> Result<Self> {
-        let engine = Engine::new(&engine_config(&options)?)
-            .anyhow()
-            .context("cannot create the Wasmtime engine")?;
+        let space = AddressSpace::probe();
+        let (fitted, mut fit) = options.fit_to(&space);
+        let (engine, options) = build_engine(fitted)?;
+        fit.fitted = options.max_instances;
+        if fit.lowered() {
+            tracing::warn!("{}", fit.describe(&space));
+        } else {
+            tracing::info!("{}", fit.describe(&space));
+        }
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
@@ -102,7 +114,7 @@ impl WasmEngine {
         let fingerprint = format!("{:016x}", hasher.finish());
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
-        spawn_epoch_ticker(engine.clone(), ticker_stop.clone())?;
+        let ticker = spawn_epoch_ticker(engine.clone(), ticker_stop.clone())?;
 
         Ok(Self {
             engine,
@@ -111,7 +123,10 @@ impl WasmEngine {
             cli_linker,
             fingerprint,
             options,
+            fit,
+            space,
             ticker_stop,
+            ticker: Some(ticker),
         })
     }
 
@@ -141,15 +156,48 @@ impl WasmEngine {
         &self.fingerprint
     }
 
-    /// The sizing the engine was built with.
+    /// The sizing the engine was built with (`max_instances` as fitted to the address
+    /// space, which may be below the configured count).
     pub fn options(&self) -> &EngineOptions {
         &self.options
+    }
+
+    /// How the pool was sized to the address space, and what was measured.
+    pub fn pool_fit(&self) -> (PoolFit, AddressSpace) {
+        (self.fit, self.space)
     }
 }
 
 impl Drop for WasmEngine {
     fn drop(&mut self) {
         self.ticker_stop.store(true, Ordering::Relaxed);
+        if let Some(ticker) = self.ticker.take() {
+            ticker.thread().unpark();
+            let _ = ticker.join();
+        }
+    }
+}
+
+/// Builds the engine; when the pool cannot be reserved (the estimate of the address space
+/// was too generous), tries again with a quarter fewer instances, down to one.
+fn build_engine(mut options: EngineOptions) -> Result<(Engine, EngineOptions)> {
+    let mut first_error = None;
+    loop {
+        match Engine::new(&engine_config(&options)?).anyhow() {
+            Ok(engine) => return Ok((engine, options)),
+            Err(err) if options.max_instances > 1 => {
+                tracing::debug!(
+                    "a pool of {} instances could not be made: {err:#}",
+                    options.max_instances
+                );
+                first_error.get_or_insert(err);
+                options.max_instances -= (options.max_instances / 4).max(1);
+            }
+            Err(err) => {
+                return Err(first_error.unwrap_or(err))
+                    .context("cannot create the Wasmtime engine");
+            }
+        }
     }
 }
 
@@ -191,17 +239,65 @@ fn engine_config(options: &EngineOptions) -> Result<Config> {
     Ok(config)
 }
 
-fn spawn_epoch_ticker(engine: Engine, stop: Arc<AtomicBool>) -> Result<()> {
-    std::thread::Builder::new()
+/// Guest calls running now in this process. The epoch tickers sleep while there are none:
+/// an idle agent has no thread waking up every [`EPOCH_TICK`].
+static RUNNING_CALLS: AtomicUsize = AtomicUsize::new(0);
+/// The epoch ticker threads, woken when the first call starts.
+static TICKERS: Mutex<Vec<std::thread::Thread>> = Mutex::new(Vec::new());
+
+fn tickers() -> std::sync::MutexGuard<'static, Vec<std::thread::Thread>> {
+    TICKERS
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Held while guest code may run (instantiation, a call, a command's run): the engines'
+/// epochs advance only then, so time slices are counted while the agent sleeps for free
+/// otherwise. Every entry into a guest must hold one, or a guest that loops is never
+/// preempted.
+#[must_use = "the epoch advances only while this is held"]
+pub struct GuestRunning(());
+
+/// Marks a guest call as running until the returned guard is dropped.
+pub fn guest_running() -> GuestRunning {
+    if RUNNING_CALLS.fetch_add(1, Ordering::SeqCst) == 0 {
+        for ticker in tickers().iter() {
+            ticker.unpark();
+        }
+    }
+    GuestRunning(())
+}
+
+impl Drop for GuestRunning {
+    fn drop(&mut self) {
+        RUNNING_CALLS.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn spawn_epoch_ticker(
+    engine: Engine,
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>> {
+    let handle = std::thread::Builder::new()
         .name("lichen-epoch".into())
         .spawn(move || {
+            // Registered before the first look at the count: a call starting after this
+            // unparks the thread, one started before is seen by the look.
+            tickers().push(std::thread::current());
             while !stop.load(Ordering::Relaxed) {
+                if RUNNING_CALLS.load(Ordering::SeqCst) == 0 {
+                    // An unpark between the look and the park makes the park return at once.
+                    std::thread::park();
+                    continue;
+                }
                 std::thread::sleep(EPOCH_TICK);
                 engine.increment_epoch();
             }
+            let me = std::thread::current().id();
+            tickers().retain(|t| t.id() != me);
         })
         .context("cannot start the epoch ticker thread")?;
-    Ok(())
+    Ok(handle)
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::engine::EPOCH_TICK;
+use super::engine::{EPOCH_TICK, guest_running};
 use super::limiter::MemoryLimiter;
 
 /// Store data of a component instance.
@@ -87,6 +87,35 @@ pub struct Instance {
     config_list: Vec<(String, String)>,
     started_at: Instant,
     time_slice: Duration,
+    /// The tasks feeding this instance's `gpio-edge` triggers; they end with the instance.
+    edge_watchers: EdgeWatchers,
+}
+
+/// The edge-watcher tasks of an instance: each holds a handle on its input line (on Linux, a
+/// duplicate of the line request's fd), so they are stopped when the instance goes, and the
+/// line can be requested again.
+#[derive(Default)]
+struct EdgeWatchers(Vec<tokio::task::JoinHandle<()>>);
+
+impl EdgeWatchers {
+    /// Stops the tasks and waits until they are gone (their line handles closed).
+    async fn stop(mut self) {
+        let tasks = std::mem::take(&mut self.0);
+        for task in &tasks {
+            task.abort();
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for EdgeWatchers {
+    fn drop(&mut self) {
+        for task in &self.0 {
+            task.abort();
+        }
+    }
 }
 
 impl Instance {
@@ -133,7 +162,10 @@ impl Instance {
         });
         store.data_mut().ticks_in_call = 0;
         store.set_epoch_deadline(1);
-        let bindings = match pre.instantiate_async(&mut store).await {
+        let running = guest_running();
+        let instantiated = pre.instantiate_async(&mut store).await;
+        drop(running);
+        let bindings = match instantiated {
             Ok(b) => b,
             Err(err) => return Err(describe_failure(&mut store, &err)),
         };
@@ -148,6 +180,7 @@ impl Instance {
             config_list,
             started_at: Instant::now(),
             time_slice,
+            edge_watchers: EdgeWatchers::default(),
         })
     }
 
@@ -155,7 +188,9 @@ impl Instance {
     pub async fn init(&mut self) -> CallOutcome {
         self.arm();
         let config = std::mem::take(&mut self.config_list);
+        let running = guest_running();
         let result = self.bindings.call_init(&mut self.store, &config).await;
+        drop(running);
         self.config_list = config;
         match result {
             Ok(Ok(())) => CallOutcome::Ok(None),
@@ -167,7 +202,10 @@ impl Instance {
     /// Calls the guest's `on-event`.
     pub async fn handle(&mut self, event: &Event) -> CallOutcome {
         self.arm();
-        match self.bindings.call_on_event(&mut self.store, event).await {
+        let running = guest_running();
+        let result = self.bindings.call_on_event(&mut self.store, event).await;
+        drop(running);
+        match result {
             Ok(Ok(reply)) => CallOutcome::Ok(reply),
             Ok(Err(message)) => CallOutcome::GuestError(message),
             Err(err) => CallOutcome::Trap(describe_failure(&mut self.store, &err)),
@@ -238,10 +276,17 @@ impl Instance {
     /// Drops the instance; one holding device grants is dropped on tokio's blocking pool,
     /// since releasing its last handles drives outputs to their safe state (an ioctl).
     /// Returns once the handles are released, so the pins can be requested again.
-    pub async fn release(self) {
+    pub async fn release(mut self) {
+        std::mem::take(&mut self.edge_watchers).stop().await;
         if self.has_devices() {
             let _ = tokio::task::spawn_blocking(move || drop(self)).await;
         }
+    }
+
+    /// Keeps `task` (an edge watcher feeding this instance's trigger) until the instance
+    /// goes, then stops it.
+    pub fn keep_edge_watcher(&mut self, task: tokio::task::JoinHandle<()>) {
+        self.edge_watchers.0.push(task);
     }
 
     /// Takes the key-value writes and telemetry of the last call, to commit them.

@@ -1,6 +1,7 @@
 //! The Wasm runtime: one Wasmtime engine for every `wasm` workload, components precompiled
 //! once and cached on disk, one instance per workload driven by its own task.
 
+mod address_space;
 mod artifacts;
 mod command;
 mod engine;
@@ -9,6 +10,7 @@ mod limiter;
 mod worker;
 mod workload;
 
+pub use address_space::{AddressSpace, PoolFit};
 pub use artifacts::{Artifact, ArtifactKind, ArtifactStore, sha256_hex};
 pub use command::{CommandProgram, run_program};
 pub use engine::{EngineOptions, WasmEngine};

@@ -26,8 +26,6 @@ pub const DEFAULT_MEMORY_LIMIT: u64 = 16 << 20;
 pub const DEFAULT_TIME_SLICE: Duration = Duration::from_millis(100);
 /// Default number of queued events per workload.
 pub const DEFAULT_QUEUE: usize = 64;
-/// How often edge watchers look for new edge events (the events carry their own timestamps).
-const EDGE_POLL: Duration = Duration::from_millis(1);
 
 /// First restart delay; it doubles after each failure in a row.
 const BACKOFF_START: Duration = Duration::from_millis(100);

@@ -13,9 +13,9 @@ use super::super::artifacts::ArtifactKind;
 use super::super::command::run_command;
 use super::super::instance::{CallOutcome, Instance, InstanceSetup};
 use super::{
-    BACKOFF_MAX, BACKOFF_START, CommandCommitted, Delivery, EDGE_POLL, EventRequest, Prepared,
-    Reply, WorkerCommand, WorkerContext, WorkerStats, commit, commit_error, open_devices,
-    release_devices, setup_for, start_instance,
+    BACKOFF_MAX, BACKOFF_START, CommandCommitted, Delivery, EventRequest, Prepared, Reply,
+    WorkerCommand, WorkerContext, WorkerStats, commit, commit_error, open_devices, release_devices,
+    setup_for, start_instance,
 };
 use crate::deployment::{RestartPolicy, Trigger};
 use crate::store::{CommandRecord, StatusUpdate, StoreError};
@@ -144,64 +144,24 @@ impl Worker {
     }
 
     /// Starts one watcher per `gpio-edge` trigger of the current spec, feeding the event queue
-    /// with the edges of `instance`'s input. A watcher ends when the instance's device grants
-    /// are gone (the instance was dropped) or the queue closed.
-    fn watch_edges(&self, instance: &Instance) {
+    /// with the edges of `instance`'s input. A watcher sleeps until the kernel (or the
+    /// simulated chip) has an edge queued: nothing wakes up on a timer. It is kept by the
+    /// instance and stopped with it; it also ends when the queue closed.
+    fn watch_edges(&self, instance: &mut Instance) {
         let devices = Arc::downgrade(&instance.devices());
         for trigger in &self.current.spec.triggers {
             let Trigger::GpioEdge(trigger) = trigger else {
                 continue;
             };
-            let devices = devices.clone();
-            let queue = self.edge_queue.clone();
-            let input = trigger.input.clone();
-            let wanted = trigger.edge;
-            let logs = self.ctx.logs.clone();
-            let name = self.name.clone();
-            tokio::spawn(async move {
-                let mut poll = tokio::time::interval(EDGE_POLL);
-                poll.set_missed_tick_behavior(MissedTickBehavior::Delay);
-                loop {
-                    poll.tick().await;
-                    let Some(grants) = devices.upgrade() else {
-                        return;
-                    };
-                    let Some(lichen_host_apis::GpioGrant::Input(pin)) =
-                        grants.gpio(&input).cloned()
-                    else {
-                        return;
-                    };
-                    drop(grants);
-                    loop {
-                        let event = match pin.try_edge() {
-                            Ok(Some(event)) => event,
-                            Ok(None) => break,
-                            Err(error) => {
-                                logs.agent_line(
-                                    &name,
-                                    LogLevel::Error,
-                                    &format!("gpio-edge trigger on \"{input}\" stopped: {error}"),
-                                );
-                                return;
-                            }
-                        };
-                        if !wanted.matches(event.edge) {
-                            continue;
-                        }
-                        let Some(queue) = queue.upgrade() else { return };
-                        let request = EventRequest {
-                            delivery: Delivery::GpioEdge {
-                                input: input.clone(),
-                                event,
-                            },
-                            reply: None,
-                        };
-                        if queue.send(request).await.is_err() {
-                            return;
-                        }
-                    }
-                }
-            });
+            let watcher = EdgeWatcher {
+                devices: devices.clone(),
+                queue: self.edge_queue.clone(),
+                input: trigger.input.clone(),
+                wanted: trigger.edge,
+                logs: self.ctx.logs.clone(),
+                name: self.name.clone(),
+            };
+            instance.keep_edge_watcher(tokio::spawn(watcher.run()));
         }
     }
 
@@ -225,7 +185,8 @@ impl Worker {
                     .memory_bytes
                     .store(instance.memory_bytes() as u64, Ordering::Relaxed);
                 self.stats.set(|s| s.started_at = Some(Instant::now()));
-                self.watch_edges(&instance);
+                let mut instance = instance;
+                self.watch_edges(&mut instance);
                 self.current.instance = Some(instance);
                 self.set_state("running", None);
                 self.record(
@@ -525,13 +486,15 @@ impl Worker {
         if let Some(replaced) = replaced {
             release(replaced).await;
         }
-        let devices = self.current.instance.as_ref().map(|instance| {
+        let mut current = self.current.instance.take();
+        let devices = current.as_mut().map(|instance| {
             self.watch_edges(instance);
             self.stats
                 .memory_bytes
                 .store(instance.memory_bytes() as u64, Ordering::Relaxed);
             instance.devices()
         });
+        self.current.instance = current;
         if let Some(devices) = devices {
             // Outputs go to their safe state at the switch; the new version drives them from
             // its first event. Driving them is an ioctl: off the async workers.
@@ -655,6 +618,83 @@ impl Worker {
                 tracing::warn!(workload = %name, "cannot record status: {err}");
             }
         });
+    }
+}
+
+/// Feeds one `gpio-edge` trigger: takes the edges queued on the input and queues the wanted
+/// ones as events, then sleeps until the line has more.
+struct EdgeWatcher {
+    /// The instance's grants (weak: the watcher must not keep the pins open).
+    devices: std::sync::Weak<lichen_host_apis::DeviceGrants>,
+    /// Where edge events go (weak: the queue closes with the workload's handle).
+    queue: mpsc::WeakSender<EventRequest>,
+    input: String,
+    wanted: lichen_devices::EdgeDetection,
+    logs: Arc<crate::logs::LogHub>,
+    name: Arc<str>,
+}
+
+impl EdgeWatcher {
+    /// The input pin, while the instance holds it.
+    fn pin(&self) -> Option<Arc<lichen_host_apis::GrantedInput>> {
+        let grants = self.devices.upgrade()?;
+        match grants.gpio(&self.input) {
+            Some(lichen_host_apis::GpioGrant::Input(pin)) => Some(pin.clone()),
+            _ => None,
+        }
+    }
+
+    fn stopped(&self, error: &lichen_devices::Error) {
+        self.logs.agent_line(
+            &self.name,
+            LogLevel::Error,
+            &format!("gpio-edge trigger on \"{}\" stopped: {error}", self.input),
+        );
+    }
+
+    async fn run(self) {
+        let Some(pin) = self.pin() else { return };
+        let watch = pin.edge_watch();
+        drop(pin);
+        let mut watch = match watch {
+            Ok(watch) => watch,
+            Err(error) => return self.stopped(&error),
+        };
+        loop {
+            // Everything queued so far; then sleep until the line has more.
+            loop {
+                let Some(pin) = self.pin() else { return };
+                let event = match pin.try_edge() {
+                    Ok(Some(event)) => event,
+                    Ok(None) => break,
+                    Err(error) => return self.stopped(&error),
+                };
+                drop(pin);
+                if !self.wanted.matches(event.edge) {
+                    continue;
+                }
+                let Some(queue) = self.queue.upgrade() else {
+                    return;
+                };
+                let request = EventRequest {
+                    delivery: Delivery::GpioEdge {
+                        input: self.input.clone(),
+                        event,
+                    },
+                    reply: None,
+                };
+                if queue.send(request).await.is_err() {
+                    return;
+                }
+            }
+            if let Err(error) = watch.queued().await {
+                // A line released with its instance ends the watcher quietly.
+                if self.pin().is_some() {
+                    self.stopped(&error);
+                }
+                return;
+            }
+        }
     }
 }
 
