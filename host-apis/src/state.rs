@@ -156,6 +156,6 @@ pub(crate) fn lock(map: &Mutex<KvMap>) -> std::sync::MutexGuard<'_, KvMap> {
 pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }

@@ -232,7 +232,8 @@ impl Assembly {
 
     /// The chunks still missing, in order.
     pub fn missing(&self) -> Vec<u32> {
-        (0..self.manifest.chunks.len() as u32)
+        (0..self.manifest.chunks.len())
+            .filter_map(|i| u32::try_from(i).ok())
             .filter(|i| !self.present.contains(i))
             .collect()
     }
@@ -253,7 +254,9 @@ mod tests {
     use super::*;
 
     fn data(n: usize) -> Vec<u8> {
-        (0..n).map(|i| (i * 7 % 251) as u8).collect()
+        (0..n)
+            .map(|i| u8::try_from(i * 7 % 251).expect("below 251"))
+            .collect()
     }
 
     #[test]
@@ -264,7 +267,7 @@ mod tests {
         assert_eq!(chunks.concat(), bytes);
         m.validate(&sha256_hex(&bytes)).unwrap();
         for (i, c) in chunks.iter().enumerate() {
-            m.check_chunk(i as u32, c).unwrap();
+            m.check_chunk(u32::try_from(i).unwrap(), c).unwrap();
         }
         assert_eq!(m.chunk_len(2), 5000 - 4096);
         m.check_whole(&bytes).unwrap();

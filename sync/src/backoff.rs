@@ -21,7 +21,9 @@ impl Backoff {
     pub fn new(initial: Duration, max: Duration) -> Self {
         let seed = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0x5eed, |d| d.as_nanos() as u64)
+            .map_or(0x5eed, |d| {
+                d.as_secs().rotate_left(30) ^ u64::from(d.subsec_nanos())
+            })
             ^ u64::from(std::process::id()).rotate_left(32);
         Self::with_seed(initial, max, seed)
     }
@@ -42,11 +44,11 @@ impl Backoff {
         let ceiling = self.initial.saturating_mul(factor).min(self.max);
         self.attempt = self.attempt.saturating_add(1);
         let half = ceiling / 2;
-        let span = (ceiling - half).as_nanos() as u64;
+        let span = u64::try_from((ceiling - half).as_nanos()).unwrap_or(u64::MAX);
         let jitter = if span == 0 {
             0
         } else {
-            self.next_random() % (span + 1)
+            self.next_random() % span.saturating_add(1)
         };
         half + Duration::from_nanos(jitter)
     }

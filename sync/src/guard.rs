@@ -283,7 +283,7 @@ fn stand_in(flags: u8, record: &Oversized, out: &mut Vec<u8>) {
     out.push((PUBLISH << 4) | flags);
     let mut len = remaining;
     loop {
-        let mut b = (len & 0x7f) as u8;
+        let mut b = len.to_le_bytes()[0] & 0x7f;
         len >>= 7;
         if len > 0 {
             b |= 0x80;

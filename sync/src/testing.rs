@@ -41,7 +41,7 @@ impl FakeOutbox {
     ) -> RowId {
         let created_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+            .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
         let mut inner = self.lock();
         inner.last_id += 1;
         let id = RowId(inner.last_id);

@@ -461,7 +461,7 @@ async fn extra_subscriptions_bring_retained_chunks_and_survive_a_broker_restart(
             topics.artifact_chunk(&digest, i),
             QoS::AtLeastOnce,
             true,
-            vec![i as u8; 4],
+            vec![i.to_le_bytes()[0]; 4],
         )
         .await
         .unwrap();
@@ -866,7 +866,7 @@ async fn a_flood_of_commands_keeps_the_session_and_hands_each_over_once() {
     // commands pour in), then the command is acknowledged from another task.
     let started = Instant::now();
     let mut handed: HashMap<u64, u32> = HashMap::new();
-    while handed.len() < N as usize {
+    while handed.len() < usize::try_from(N).unwrap() {
         let ev = tokio::time::timeout(Duration::from_secs(60), events.recv())
             .await
             .unwrap_or_else(|_| panic!("{} of {N} commands after 60 s", handed.len()))

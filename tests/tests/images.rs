@@ -2,7 +2,8 @@
 //! for the host through a symlink is refused with the layer and entry named, nothing of the
 //! deployment is applied, the host directory is intact and the image store holds nothing; the
 //! `[images]` section of the agent config reaches the store (set-uid files stripped when it
-//! says so, and the stripped image runs under the real OCI runtime). Needs root and runc
+//! says so, and the stripped image runs under the real OCI runtime); images no deployment uses
+//! any more are removed after the next deploy and at start. Needs root and runc
 //! (`scripts/install-deps`).
 
 use std::collections::BTreeMap;
@@ -279,4 +280,94 @@ fn the_images_config_reaches_the_store_and_a_stripped_image_runs() {
     }
     assert!(outside.path().join("keep").is_file());
     assert!(su.is_file(), "the stored image is kept");
+}
+
+/// A small image: busybox, plus `/name` holding `name` so each one has its own digest.
+fn named_image(daemon: &Daemon, name: &str, busybox: &[u8]) -> PathBuf {
+    let dir = daemon.dir.path().join(format!("{name}-oci"));
+    layout(
+        &dir,
+        &[layer(&[
+            E::File("bin/busybox", busybox, 0o755),
+            E::Sym("bin/sh", "busybox"),
+            E::File("name", name.as_bytes(), 0o644),
+        ])],
+        &["/bin/sh", "-c", "cat /name"],
+    );
+    dir
+}
+
+fn container(name: &str) -> String {
+    format!(
+        "[[workloads]]\nname = \"{name}\"\nkind = \"container\"\nimage = \"{name}-oci\"\n\
+         restart = \"never\"\n"
+    )
+}
+
+/// The digest (hex) of the image workload `name` runs, once it has completed.
+fn image_of(daemon: &Daemon, name: &str) -> String {
+    let status = daemon.wait_for(name, "completed", |s| s.state == "completed");
+    assert_eq!(status.exit_code, Some(0), "{}", daemon.log());
+    status
+        .module_digest
+        .trim_start_matches("sha256:")
+        .to_string()
+}
+
+#[test]
+fn images_no_deployment_uses_are_removed_after_the_next_deploy_and_at_start() {
+    require_oci_runtime();
+    let mut daemon = Daemon::start().expect("daemon starts");
+    let busybox = busybox();
+    named_image(&daemon, "a", &busybox);
+    named_image(&daemon, "b", &busybox);
+    let both = format!("{}{}", container("a"), container("b"));
+    let out = daemon.deploy("both.toml", &both);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let (a, b) = (image_of(&daemon, "a"), image_of(&daemon, "b"));
+    assert_ne!(a, b);
+    let mut stored = store(&daemon);
+    stored.sort();
+    let mut expected = vec![a.clone(), b.clone()];
+    expected.sort();
+    assert_eq!(stored, expected, "both images are imported");
+
+    // The next deployment runs only `b`: `a`'s image is gone once the deploy returns.
+    let out = daemon.deploy("b.toml", &container("b"));
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(store(&daemon), vec![b.clone()], "{}", daemon.log());
+    assert_eq!(image_of(&daemon, "b"), b);
+
+    // An image imported by an agent killed before its deployment was committed (here imported
+    // into the stopped agent's store by the same code the agent uses) is removed at the next
+    // start; the one the applied deployment uses stays.
+    daemon.kill9().expect("kill -9");
+    let c = named_image(&daemon, "c", &busybox);
+    let images =
+        lichen_agent::runtime::container::ImageStore::new(daemon.state_dir().join("images"));
+    let orphan = images.import(&c).expect("image c imports").digest;
+    let orphan = orphan.trim_start_matches("sha256:").to_string();
+    let mut stored = store(&daemon);
+    stored.sort();
+    let mut expected = vec![b.clone(), orphan.clone()];
+    expected.sort();
+    assert_eq!(stored, expected, "c is in the store before the restart");
+    daemon.restart().expect("daemon restarts");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while store(&daemon).contains(&orphan) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the unused image is still there 60 s after the restart:\n{}",
+            daemon.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert_eq!(store(&daemon), vec![b.clone()]);
+    let status = daemon.status("b").expect("b is still deployed");
+    assert_eq!(status.module_digest.trim_start_matches("sha256:"), b);
+    // With no container left in the deployment, no image is kept.
+    let text = lichen_tests::one_workload("counter", &guest("counter"), "");
+    let out = daemon.deploy("wasm.toml", &text);
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert_eq!(store(&daemon), Vec::<String>::new(), "{}", daemon.log());
 }

@@ -346,7 +346,8 @@ fn plan_smbus(parts: &[Part<'_>], funcs: u32) -> std::result::Result<Smbus, Stri
         ([None, Some(n)], [w]) => match (w.as_slice(), *n) {
             ([_], 0) => Err("a read of no bytes has no SMBus form".into()),
             ([reg], n) if n <= SMBUS_BLOCK_MAX && has(I2C_FUNC_SMBUS_READ_I2C_BLOCK) => {
-                Ok(Smbus::ReadI2cBlock(*reg, n as u8))
+                let n = u8::try_from(n).expect("at most SMBUS_BLOCK_MAX (32) by the guard");
+                Ok(Smbus::ReadI2cBlock(*reg, n))
             }
             ([reg], 1) => need(
                 I2C_FUNC_SMBUS_READ_BYTE_DATA,

@@ -75,11 +75,12 @@ impl Bme280Calibration {
         high[0..2].copy_from_slice(&h2.to_le_bytes());
         high[2] = h3;
         // 0xE4 = H4[11:4], 0xE5 = H5[3:0] << 4 | H4[3:0], 0xE6 = H5[11:4].
-        let (h4, h5) = (h4 as u16, h5 as u16);
-        high[3] = (h4 >> 4) as u8;
-        high[4] = ((h5 & 0x0f) << 4) as u8 | (h4 & 0x0f) as u8;
-        high[5] = (h5 >> 4) as u8;
-        high[6] = h6 as u8;
+        // The low byte of each shifted field (`to_le_bytes()[0]`), as the chip packs them.
+        let (h4, h5) = (h4.cast_unsigned(), h5.cast_unsigned());
+        high[3] = (h4 >> 4).to_le_bytes()[0];
+        high[4] = (((h5 & 0x0f) << 4) | (h4 & 0x0f)).to_le_bytes()[0];
+        high[5] = (h5 >> 4).to_le_bytes()[0];
+        high[6] = h6.cast_unsigned();
         (low, high)
     }
 
@@ -135,7 +136,8 @@ impl Bme280Calibration {
                 >> 14);
         v -= ((((v >> 15) * (v >> 15)) >> 7) * h1) >> 4;
         let v = v.clamp(0, 419_430_400);
-        (v >> 12) as u32
+        // Clamped to 0 and above: its absolute value is itself.
+        (v >> 12).unsigned_abs()
     }
 }
 
@@ -189,6 +191,9 @@ impl State {
     }
 
     /// One measurement of the set environment into the data registers.
+    // The set environment is scaled to fixed point with `as`, which saturates (NaN gives 0):
+    // an out-of-range setting reads as the nearest value the chip's arithmetic can hold.
+    #[allow(clippy::cast_possible_truncation)]
     fn measure(&mut self) {
         let cal = self.calibration;
         let osrs_t = self.ctrl_meas >> 5;
@@ -201,7 +206,14 @@ impl State {
         let adc_p = invert(1 << 20, -q8, |adc| -i64::from(cal.pressure(adc, t_fine)));
         let q10 = (self.humidity * 1024.0).round() as i64;
         let adc_h = invert(1 << 16, q10, |adc| i64::from(cal.humidity(adc, t_fine)));
-        let twenty = |v: i32| [(v >> 12) as u8, (v >> 4) as u8, ((v & 0x0f) << 4) as u8];
+        // A 20-bit reading as the chip's MSB, LSB and XLSB registers (low bytes of the shifts).
+        let twenty = |v: i32| {
+            [
+                (v >> 12).to_le_bytes()[0],
+                (v >> 4).to_le_bytes()[0],
+                ((v & 0x0f) << 4).to_le_bytes()[0],
+            ]
+        };
         let skipped20 = [0x80, 0x00, 0x00];
         let [p0, p1, p2] = if osrs_p == 0 {
             skipped20
@@ -216,7 +228,9 @@ impl State {
         let [h0, h1] = if self.osrs_h == 0 {
             [0x80, 0x00]
         } else {
-            (adc_h as u16).to_be_bytes()
+            // The 16-bit reading: the low two bytes of `adc_h`, big-endian.
+            let [_, _, msb, lsb] = adc_h.to_be_bytes();
+            [msb, lsb]
         };
         self.data = [p0, p1, p2, t0, t1, t2, h0, h1];
         self.measurements += 1;
@@ -398,8 +412,8 @@ mod tests {
             i2c.write_read(address, &[0xE1], &mut b)?;
             let u = |i: usize| f64::from(u16::from_le_bytes([a[i], a[i + 1]]));
             let s = |i: usize| f64::from(i16::from_le_bytes([a[i], a[i + 1]]));
-            let h4 = (i16::from(b[3] as i8) << 4) | i16::from(b[4] & 0x0f);
-            let h5 = (i16::from(b[5] as i8) << 4) | i16::from(b[4] >> 4);
+            let h4 = (i16::from(b[3].cast_signed()) << 4) | i16::from(b[4] & 0x0f);
+            let h5 = (i16::from(b[5].cast_signed()) << 4) | i16::from(b[4] >> 4);
             Ok(Driver {
                 i2c,
                 address,
@@ -411,7 +425,7 @@ mod tests {
                     f64::from(b[2]),
                     f64::from(h4),
                     f64::from(h5),
-                    f64::from(b[6] as i8),
+                    f64::from(b[6].cast_signed()),
                 ],
             })
         }

@@ -259,10 +259,10 @@ impl Tmp102 {
             0 => {
                 if st.config & Self::EM != 0 {
                     // 13 bits, left-justified from bit 15 down to bit 3, and bit 0 set.
-                    (st.sixteenths << 3) as u16 | 0x0001
+                    (st.sixteenths << 3).cast_unsigned() | 0x0001
                 } else {
                     let twelve = st.sixteenths.clamp(-2048, 2047);
-                    (twelve << 4) as u16
+                    (twelve << 4).cast_unsigned()
                 }
             }
             1 => st.config,
