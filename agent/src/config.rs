@@ -54,6 +54,9 @@ pub struct AgentConfig {
     /// The MQTT hub; without it the agent runs offline (no sync).
     #[serde(default)]
     pub hub: Option<HubSection>,
+    /// A/B system updates (`lichen update`); only on boards built for them (images/build).
+    #[serde(default)]
+    pub update: Option<lichen_update::config::UpdateConfig>,
 }
 
 /// `[hub]`: where the hub is and whom to trust.

@@ -137,6 +137,8 @@ pub async fn run(args: RunArgs, socket: &Path) -> Result<()> {
         ),
         None => None,
     };
+    // A/B boards: confirm this boot, or health-check a new slot's first boot.
+    let update = crate::update::start(agent.clone(), &config, &state_dir);
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot listen for SIGTERM")?;
@@ -145,6 +147,9 @@ pub async fn run(args: RunArgs, socket: &Path) -> Result<()> {
         _ = terminate.recv() => tracing::info!("SIGTERM: stopping"),
     }
     summary.abort();
+    if let Some(update) = update {
+        update.abort();
+    }
     if let Some(hub) = hub {
         hub.shutdown().await;
     }

@@ -19,4 +19,5 @@ pub mod metrics;
 pub mod runtime;
 pub mod store;
 pub mod supervisor;
+pub mod update;
 pub mod util;

@@ -54,6 +54,9 @@ fn main() -> ExitCode {
                         .checks
                         .push(lichen_agent::doctor::hub_check(config.hub.as_ref()));
                 }
+                report
+                    .checks
+                    .extend(lichen_agent::update::doctor_checks(&config));
                 print_doctor(&report, cli.json);
                 ExitCode::SUCCESS
             }

@@ -1,7 +1,7 @@
 //! The health check of a new slot's first boot, as plain decisions: the agent observes its
 //! workloads and hub and asks [`HealthCheck::judge`]; it owns the clock and the deadline.
 //!
-//! A check passes when every workload of the restored deployment answers and the hub (when
+//! A check passes when every workload of the stored deployment runs and answers and the hub (when
 //! one is configured) answers. A workload answers when it runs and has handled an event since
 //! the check began, or has run for [`SETTLE_MS`] without a trap (one with no timer may get no
 //! event). It fails at once when a workload has failed (no more restarts), or has restarted
@@ -48,7 +48,9 @@ pub enum HubHealth {
 /// One observation of the agent.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Observation {
-    /// Every workload of the deployment.
+    /// The workloads of the stored deployment (each must be there and answer).
+    pub expected: Vec<String>,
+    /// Every workload the agent runs.
     pub workloads: Vec<WorkloadHealth>,
     /// The hub.
     pub hub: HubHealth,
@@ -86,6 +88,13 @@ impl HealthCheck {
 
     /// Judges an observation.
     pub fn judge(&self, seen: &Observation) -> Verdict {
+        for name in &seen.expected {
+            if !seen.workloads.iter().any(|w| &w.name == name) {
+                return Verdict::Fail(format!(
+                    "workload {name:?} of the stored deployment was not restored (see `lichen events`)"
+                ));
+            }
+        }
         let mut waiting = Vec::new();
         for w in &seen.workloads {
             let (events0, restarts0, traps0) =
@@ -148,7 +157,11 @@ mod tests {
     }
 
     fn seen(workloads: Vec<WorkloadHealth>, hub: HubHealth) -> Observation {
-        Observation { workloads, hub }
+        Observation {
+            expected: workloads.iter().map(|w| w.name.clone()).collect(),
+            workloads,
+            hub,
+        }
     }
 
     #[test]
@@ -203,6 +216,11 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        let mut missing = seen(vec![], HubHealth::NotConfigured);
+        missing.expected = vec!["counter".into()];
+        assert!(
+            matches!(check.judge(&missing), Verdict::Fail(ref why) if why.contains("\"counter\" of the stored deployment was not restored"))
+        );
         let failed = seen(vec![w("counter", "failed", 0, 1)], HubHealth::NotConfigured);
         assert!(matches!(check.judge(&failed), Verdict::Fail(ref why) if why.contains("failed")));
     }
