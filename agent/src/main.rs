@@ -66,6 +66,9 @@ fn main() -> ExitCode {
                     Err(err) => report_error(&err),
                 }
             }
+            Command::Update(args) => {
+                tokio::task::block_in_place(|| lichen_agent::update::run(args, cli.json))
+            }
             other => run_client(other, &cli.socket, cli.json).await,
         }
     })
