@@ -64,8 +64,8 @@ pub struct UpdateBundleArgs {
     /// The root slot image (squashfs), e.g. `rootfs.img` from `images/build --rootfs-only`.
     pub rootfs: PathBuf,
     /// The system version the image holds (its /etc/lichen/system.json).
-    #[arg(long = "system-version", value_name = "V")]
-    pub version: String,
+    #[arg(long, value_name = "V")]
+    pub system_version: String,
     /// The target it is for (the nodes' update.target): x86_64, arm64, ...
     #[arg(long, value_name = "TARGET")]
     pub target: String,
@@ -177,7 +177,7 @@ pub fn make_bundle(args: UpdateBundleArgs, json: bool) -> Result<ExitCode> {
     let key = PublisherKey::load(&args.key)?;
     let manifest = lichen_update::bundle::write_bundle(
         &args.out,
-        &args.version,
+        &args.system_version,
         &args.target,
         &args.rootfs,
         &key,
