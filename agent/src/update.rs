@@ -13,6 +13,9 @@
 //! trusted keys are `update.trusted-keys` plus `hub.trusted-keys`. The outcome is in `lichen
 //! events` and `lichen doctor`; in the hub's reported state it is not yet (the hub bridge is
 //! being restructured).
+//!
+//! One file on purpose (a little over 600 lines): the agent's whole update integration, so the
+//! restructuring of the agent crate can move it as one piece.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;

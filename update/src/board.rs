@@ -101,8 +101,12 @@ pub fn read_system(path: &Path) -> Result<SystemInfo, UpdateError> {
     Ok(info)
 }
 
+/// Reads at most `max` bytes of a regular file (never a FIFO or a device).
 fn read_small(path: &Path, max: u64) -> Result<String, String> {
     let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
+    if !file.metadata().map_err(|e| e.to_string())?.is_file() {
+        return Err("not a regular file".into());
+    }
     let mut text = String::new();
     file.take(max)
         .read_to_string(&mut text)

@@ -117,7 +117,12 @@ pub enum SlotError {
 pub fn booted_slot(cmdline_path: &Path) -> Result<Slot, SlotError> {
     let mut text = String::new();
     File::open(cmdline_path)
-        .and_then(|f| f.take(64 * 1024).read_to_string(&mut text))
+        .and_then(|f| {
+            if !f.metadata()?.is_file() {
+                return Err(std::io::Error::other("not a regular file"));
+            }
+            f.take(64 * 1024).read_to_string(&mut text)
+        })
         .map_err(|source| SlotError::Io {
             what: "reading",
             path: cmdline_path.to_path_buf(),
