@@ -26,6 +26,10 @@ say() { echo "debian-packages ($arch): $*" >&2; }
 mkdir -p "$root"/etc/apt/apt.conf.d "$root"/etc/apt/preferences.d "$root"/var/lib/apt/lists/partial \
   "$root"/var/cache/apt/archives/partial "$root"/var/lib/dpkg "$root/debs"
 touch "$root/var/lib/dpkg/status"
+# One run at a time per architecture (tests build images in parallel): apt's lists and the
+# unpacked packages are shared.
+exec 9>"$root/.lock"
+flock 9
 cat >"$root/apt.conf" <<CONF
 Apt::Architecture "$arch";
 Apt::Architectures "$arch";
