@@ -26,6 +26,10 @@ const COMPONENTS: &[(&str, &str)] = &[
 /// Plain WASI preview-1 command guests, built for `wasm32-wasip1`.
 const COMMANDS: &[(&str, &str)] = &[("hello-wasi", "LICHEN_GUEST_HELLO_WASI")];
 
+/// The same command programs built for `wasm32-wasip2`, where a binary becomes a component
+/// exporting `wasi:cli/run` (what Kubernetes users bring in a Wasm pod).
+const CLI_COMMANDS: &[(&str, &str)] = &[("hello-wasi", "LICHEN_GUEST_HELLO_WASI_CLI")];
+
 /// Variables of the outer build that must not reach the inner one: they would apply host
 /// flags, the host target, the outer target directory or a lint driver (clippy) to the guests,
 /// or (those cargo sets only for some crates) describe the agent to a guest crate.
@@ -56,15 +60,23 @@ fn main() {
 
     rerun_if_changed(&examples, repo);
 
-    let components: Vec<&str> = COMPONENTS.iter().map(|(package, _)| *package).collect();
+    let components: Vec<&str> = COMPONENTS
+        .iter()
+        .chain(CLI_COMMANDS)
+        .map(|(package, _)| *package)
+        .collect();
     let commands: Vec<&str> = COMMANDS.iter().map(|(package, _)| *package).collect();
     cargo_build(&examples, &target_dir, "wasm32-wasip2", &components);
     cargo_build(&examples, &target_dir, "wasm32-wasip1", &commands);
 
-    for (target, guests) in [("wasm32-wasip2", COMPONENTS), ("wasm32-wasip1", COMMANDS)] {
+    for (target, guests, library) in [
+        ("wasm32-wasip2", COMPONENTS, true),
+        ("wasm32-wasip2", CLI_COMMANDS, false),
+        ("wasm32-wasip1", COMMANDS, false),
+    ] {
         for (package, var) in guests {
             // A library's file name has `_` for `-`; a binary's keeps the package name.
-            let file = if target == "wasm32-wasip2" {
+            let file = if library {
                 package.replace('-', "_")
             } else {
                 package.to_string()
@@ -90,7 +102,7 @@ fn rerun_if_changed(examples: &Path, repo: &Path) {
         examples.join("Cargo.lock"),
         repo.join("host-apis").join("wit"),
     ];
-    for (package, _) in COMPONENTS.iter().chain(COMMANDS) {
+    for (package, _) in COMPONENTS.iter().chain(COMMANDS).chain(CLI_COMMANDS) {
         paths.push(examples.join(package).join("Cargo.toml"));
         paths.push(examples.join(package).join("src"));
     }

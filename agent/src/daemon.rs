@@ -1,5 +1,9 @@
-//! `lichen run`: the daemon. Opens the state, restores the last deployment (or deploys the
-//! embedded default on a fresh node), serves the local API and, optionally, metrics.
+//! `lichen run`: the daemon. Locks the state directory, binds the API socket, opens the state,
+//! restores the last deployment (or deploys the embedded default on a fresh node), serves the
+//! local API and, optionally, metrics.
+//!
+//! The order matters: a second daemon on the same state directory (the lock) or the same socket
+//! (the bind) exits with a clear message before it opens the store or starts any workload.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -60,6 +64,7 @@ pub async fn open_agent(config: &AgentConfig, state_dir: &Path) -> Result<Agent>
         logs: config.log_options()?,
         persisted_log_lines: config.logs.persisted_lines,
         board: config.board.clone(),
+        images: config.image_limits()?,
     })
     .await
 }
@@ -88,13 +93,30 @@ pub async fn run(args: RunArgs, socket: &Path) -> Result<()> {
         .clone()
         .or_else(|| config.state_dir.clone())
         .unwrap_or_else(default_state_dir);
+    if args.print_config {
+        let text = config
+            .effective_toml(&state_dir)
+            .context("cannot print the configuration")?;
+        print!("{text}");
+        return Ok(());
+    }
+    let _state_lock =
+        crate::state_dir::LockedStateDir::lock(&state_dir).context("cannot start the agent")?;
+    let bound = crate::api::server::bind(socket)
+        .await
+        .context("cannot start the agent")?;
     let agent = open_agent(&config, &state_dir).await?;
     tracing::info!(state_dir = %state_dir.display(), board = %config.board, "lichen {} starting", env!("CARGO_PKG_VERSION"));
 
     if !agent.restore().await? {
         if let Some(file) = &args.deployment {
-            let text = std::fs::read_to_string(file)
-                .with_context(|| format!("cannot read deployment file {}", file.display()))?;
+            let text = crate::files::read_text_bounded(
+                file,
+                crate::deployment::DeploymentSpec::MAX_TEXT_BYTES
+                    .try_into()
+                    .unwrap_or(u64::MAX),
+            )
+            .context("cannot read the deployment file")?;
             let base = file
                 .canonicalize()
                 .ok()
@@ -117,9 +139,8 @@ pub async fn run(args: RunArgs, socket: &Path) -> Result<()> {
     };
     let api = tokio::spawn({
         let agent = agent.clone();
-        let socket = socket.to_path_buf();
         let done = shutdown(stop_rx.clone());
-        async move { crate::api::server::serve_unix(agent, &socket, done).await }
+        async move { crate::api::server::serve_bound(agent, bound, done).await }
     });
     let metrics = args.metrics.map(|addr| {
         let agent = agent.clone();
@@ -127,7 +148,6 @@ pub async fn run(args: RunArgs, socket: &Path) -> Result<()> {
         tracing::info!(%addr, "serving Prometheus metrics");
         tokio::spawn(async move { crate::api::server::serve_metrics(agent, addr, done).await })
     });
-    tracing::info!(socket = %socket.display(), "local API listening");
     let summary = tokio::spawn(print_summaries(agent.clone()));
     let hub = match &config.hub {
         Some(section) => Some(

@@ -4,6 +4,9 @@ use crate::api::types::{DoctorCheck, DoctorReport};
 use crate::runtime::wasm::EngineOptions;
 use crate::util::human_bytes;
 
+mod containerd;
+use containerd::containerd_check;
+
 fn check(name: &str, status: &str, detail: impl Into<String>) -> DoctorCheck {
     DoctorCheck {
         name: name.into(),
@@ -31,6 +34,7 @@ pub fn report(board: &str, engine: Option<&EngineOptions>) -> DoctorReport {
     checks.push(cgroup_check());
     checks.extend(microvm_checks());
     checks.push(oci_check());
+    checks.push(containerd_check());
     checks.extend(isolation_checks(board));
     DoctorReport {
         version: env!("CARGO_PKG_VERSION").into(),

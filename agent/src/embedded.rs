@@ -21,6 +21,7 @@ pub const GUEST_NAMES: &[&str] = &[
     "thermostat",
     "misbehave",
     "hello-wasi",
+    "hello-wasi-cli",
     "blinky",
     "adc-sampler",
     "env-sensor",
@@ -28,7 +29,7 @@ pub const GUEST_NAMES: &[&str] = &[
 ];
 
 /// Returns the absolute path of the `.wasm` file that `build.rs` built for the guest `name`
-/// (`counter`, `thermostat`, `misbehave`, `hello-wasi`, `blinky`, `adc-sampler`,
+/// (`counter`, `thermostat`, `misbehave`, `hello-wasi`, `hello-wasi-cli`, `blinky`, `adc-sampler`,
 /// `env-sensor` or `button-led`), or `None` for any other name.
 ///
 /// The paths point into the build directory, so they are for tests and benchmarks run from
@@ -39,6 +40,7 @@ pub fn guest_path(name: &str) -> Option<&'static str> {
         "thermostat" => Some(env!("LICHEN_GUEST_THERMOSTAT")),
         "misbehave" => Some(env!("LICHEN_GUEST_MISBEHAVE")),
         "hello-wasi" => Some(env!("LICHEN_GUEST_HELLO_WASI")),
+        "hello-wasi-cli" => Some(env!("LICHEN_GUEST_HELLO_WASI_CLI")),
         "blinky" => Some(env!("LICHEN_GUEST_BLINKY")),
         "adc-sampler" => Some(env!("LICHEN_GUEST_ADC_SAMPLER")),
         "env-sensor" => Some(env!("LICHEN_GUEST_ENV_SENSOR")),

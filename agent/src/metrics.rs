@@ -29,7 +29,7 @@ impl Histogram {
         }
         self.count.fetch_add(1, Ordering::Relaxed);
         self.sum_nanos
-            .fetch_add(value.as_nanos() as u64, Ordering::Relaxed);
+            .fetch_add(crate::util::nanos(value), Ordering::Relaxed);
     }
 
     /// Observations so far.

@@ -31,7 +31,8 @@ pub struct PublishRequest {
     pub retain: bool,
 }
 
-/// A row that can never be published: its names do not fit the topic scheme.
+/// A row that can never be published: its names do not fit the topic scheme, or its message
+/// is larger than the broker may be sent.
 #[derive(Debug, thiserror::Error)]
 #[error("outbox row {} cannot be published: {source}", row.0)]
 pub struct UnpublishableRow {
@@ -39,7 +40,23 @@ pub struct UnpublishableRow {
     pub row: RowId,
     /// Why.
     #[source]
-    pub source: NameError,
+    pub source: Unpublishable,
+}
+
+/// Why a row cannot be published.
+#[derive(Debug, thiserror::Error)]
+pub enum Unpublishable {
+    /// A name breaks the topic scheme.
+    #[error(transparent)]
+    Name(#[from] NameError),
+    /// The message is over the session's packet limit (sending it would end every connection).
+    #[error("its message is {bytes} bytes, over the {limit}-byte packet limit")]
+    TooLarge {
+        /// Topic and envelope bytes.
+        bytes: usize,
+        /// `max_packet_bytes`.
+        limit: usize,
+    },
 }
 
 /// The store-and-forward decisions of one node (see the module docs).
@@ -47,6 +64,7 @@ pub struct UnpublishableRow {
 pub struct Drain {
     topics: Topics,
     max_inflight: usize,
+    max_packet_bytes: usize,
     /// Highest row id read from the outbox.
     cursor: RowId,
     /// Every row read and not yet acknowledged.
@@ -61,11 +79,12 @@ pub struct Drain {
 
 impl Drain {
     /// A drain for `topics`'s node with at most `max_inflight` (at least 1) publishes
-    /// unacknowledged.
-    pub fn new(topics: Topics, max_inflight: usize) -> Self {
+    /// unacknowledged, none of more than `max_packet_bytes` (topic and payload).
+    pub fn new(topics: Topics, max_inflight: usize, max_packet_bytes: usize) -> Self {
         Drain {
             topics,
             max_inflight: max_inflight.max(1),
+            max_packet_bytes,
             cursor: RowId(0),
             held: BTreeMap::new(),
             queued: VecDeque::new(),
@@ -135,7 +154,10 @@ impl Drain {
             Ok(topic) => topic,
             Err(source) => {
                 self.held.remove(&id);
-                return Some(Err(UnpublishableRow { row: id, source }));
+                return Some(Err(UnpublishableRow {
+                    row: id,
+                    source: source.into(),
+                }));
             }
         };
         let envelope = Envelope {
@@ -143,13 +165,38 @@ impl Drain {
             ts: row.created_ms,
             payload: row.payload.clone(),
         };
+        let payload = envelope.to_bytes();
+        // A PUBLISH's remaining length: topic length, topic, packet id, payload.
+        let bytes = 2 + topic.len() + 2 + payload.len();
+        if bytes > self.max_packet_bytes {
+            self.held.remove(&id);
+            return Some(Err(UnpublishableRow {
+                row: id,
+                source: Unpublishable::TooLarge {
+                    bytes,
+                    limit: self.max_packet_bytes,
+                },
+            }));
+        }
         self.submitted.push_back(id);
         Some(Ok(PublishRequest {
             row: id,
             topic,
-            payload: envelope.to_bytes(),
+            payload,
             retain: row.kind == RowKind::State,
         }))
+    }
+
+    /// Takes back the publish [`Drain::next_publish`] just returned, which the client had no
+    /// room for: it goes first next time. Returns whether there was one.
+    pub fn unsubmit(&mut self) -> bool {
+        match self.submitted.pop_back() {
+            Some(id) => {
+                self.queued.push_front(id);
+                true
+            }
+            None => false,
+        }
     }
 
     /// The client sent the oldest handed-over publish with packet id `pkid`
@@ -208,7 +255,7 @@ mod tests {
     }
 
     fn drain(max_inflight: usize) -> Drain {
-        Drain::new(Topics::new("n1").unwrap(), max_inflight)
+        Drain::new(Topics::new("n1").unwrap(), max_inflight, 1 << 20)
     }
 
     fn publish_all(d: &mut Drain) -> Vec<u64> {
@@ -329,6 +376,31 @@ mod tests {
         assert_eq!(err.row, RowId(1));
         assert!(err.to_string().contains("stream name \"a/b\""), "{err}");
         assert_eq!(d.next_publish().unwrap().unwrap().row, RowId(2));
+    }
+
+    #[test]
+    fn a_row_over_the_packet_limit_is_reported_and_does_not_block_the_rest() {
+        let mut d = Drain::new(Topics::new("n1").unwrap(), 10, 1000);
+        let mut big = row(1, RowKind::CmdResult, "");
+        big.payload = json!({"reply": "x".repeat(2000)});
+        d.add_rows([big, row(2, RowKind::Telemetry, "ok")]);
+        let err = d.next_publish().unwrap().unwrap_err();
+        assert_eq!(err.row, RowId(1));
+        assert!(
+            err.to_string().contains("over the 1000-byte packet limit"),
+            "{err}"
+        );
+        assert_eq!(d.next_publish().unwrap().unwrap().row, RowId(2));
+    }
+
+    #[test]
+    fn unsubmit_puts_a_publish_back_first() {
+        let mut d = drain(10);
+        d.add_rows(telemetry(1..=2));
+        assert_eq!(d.next_publish().unwrap().unwrap().row, RowId(1));
+        assert!(d.unsubmit());
+        assert_eq!(d.inflight(), 0);
+        assert_eq!(publish_all(&mut d), [1, 2]);
     }
 
     #[test]

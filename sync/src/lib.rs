@@ -5,8 +5,8 @@
 //! `state.rs` does: [`Topics`] (the topic scheme), [`MessageId`] and [`Envelope`] (what every
 //! message carries), [`Drain`] (what to publish next, what is acknowledged, what to resend),
 //! [`Quota`] (what to drop when the outbox outgrows its disk quota), [`Backoff`] (when to
-//! reconnect) and [`InboundDedup`] (whether a command is new). [`SyncSession`] is the thin
-//! socket loop around them. The crate knows no Wasmtime and no SQLite: the agent owns the outbox
+//! reconnect), [`InboundDedup`] (whether a command is new) and the [`guard`] (what to do with a
+//! message too large to read). [`SyncSession`] is the thin socket loop around them. The crate knows no Wasmtime and no SQLite: the agent owns the outbox
 //! table and hands rows over through the [`Outbox`] trait.
 //!
 //! ```no_run
@@ -32,8 +32,13 @@
 
 mod artifact;
 mod backoff;
+mod config;
 mod dedup;
 mod drain;
+pub mod guard;
+mod handle;
+mod inbound;
+mod link;
 mod message;
 mod outbox;
 mod quota;
@@ -46,13 +51,16 @@ pub use artifact::{
     Manifest, sha256_hex,
 };
 pub use backoff::Backoff;
+pub use config::{
+    ConfigError, DEFAULT_MAX_COMMAND_BYTES, DEFAULT_MAX_PACKET_BYTES, SessionConfig, TlsFiles,
+    rustls_config,
+};
 pub use dedup::InboundDedup;
-pub use drain::{Drain, PublishRequest, UnpublishableRow};
+pub use drain::{Drain, PublishRequest, Unpublishable, UnpublishableRow};
+pub use handle::{SessionEvent, SyncHandle};
+pub use inbound::{Inbound, InboundAck, InboundError};
 pub use message::{BadMessageId, Envelope, MessageId};
 pub use outbox::{Outbox, OutboxError, Row, RowId, RowKind};
 pub use quota::{DropPlan, Quota, RowSize};
-pub use session::{
-    ConfigError, Inbound, InboundAck, InboundError, SessionConfig, SessionEvent, SyncHandle,
-    SyncSession, TlsFiles, rustls_config,
-};
+pub use session::SyncSession;
 pub use topics::{NameError, TopicKind, Topics, is_digest};

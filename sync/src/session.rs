@@ -1,361 +1,55 @@
 //! The socket loop: one MQTT session to the hub, driven by [`Drain`], [`Backoff`] and
-//! [`InboundDedup`].
+//! [`InboundState`].
 //!
 //! [`SyncSession::run`] connects (client id = node id, persistent session, keep-alive), subscribes
 //! to `desired` and `cmd/+`, publishes at QoS 1 what [`Drain`] says, deletes outbox rows once
 //! their PUBACK came, and reconnects with [`Backoff`] when the connection drops. What happens is
 //! told to the caller as [`SessionEvent`]s on a channel: inbound deployments and commands,
-//! malformed inbound messages (logged and reported, the connection stays up), connections and
-//! their failures.
+//! malformed or oversized inbound messages (refused, reported and acknowledged: the connection
+//! stays up), connections and their failures.
 //!
-//! Each connection gets a fresh rumqttc client and event loop, polled in its own task; when the
-//! connection drops both are thrown away and [`Drain`] resends what was not acknowledged, so
-//! rumqttc's own retransmission never duplicates ours.
+//! Each connection gets a fresh rumqttc client and event loop, polled in its own task, reaching
+//! the broker through [`crate::link`] (the session's own TCP/TLS connection, with the size
+//! guard on the way in); when the connection drops all of it is thrown away and [`Drain`]
+//! resends what was not acknowledged, so rumqttc's own retransmission never duplicates ours.
+//!
+//! Backpressure, never a dropped session: requests for the client (publishes, PUBACKs,
+//! subscriptions) are handed over only while its request channel has room; what does not fit
+//! waits in the session, in order, and goes when the event loop has taken the earlier ones. The
+//! session stops reading inbound messages while the agent holds `max_pending_commands`
+//! commands it has not acknowledged.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rumqttc::{
     AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS,
-    SubscribeFilter, SubscribeReasonCode, TlsConfiguration, Transport,
+    SubscribeFilter, SubscribeReasonCode, Transport,
 };
-use thiserror::Error;
+use tokio::net::UnixListener;
 use tokio::sync::{Notify, mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::backoff::Backoff;
-use crate::dedup::InboundDedup;
-use crate::drain::{Drain, UnpublishableRow};
-use crate::message::{Envelope, MessageId};
+use crate::config::{ConfigError, SessionConfig, rustls_config};
+use crate::drain::Drain;
+use crate::guard::{MAX_STAND_IN, stand_in_seq};
+use crate::inbound::{AckKey, Decoded, InboundState};
+use crate::link::{Relay, SocketDir, connect_upstream};
 use crate::outbox::{Outbox, OutboxError, RowId};
-use crate::topics::{NameError, TopicKind, Topics};
+use crate::topics::Topics;
 
-/// TLS settings: the CA that signs the broker's certificate, and optionally the node's own
-/// certificate and key for mutual TLS (all PEM files).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TlsFiles {
-    /// CA certificate(s) trusted for the broker.
-    pub ca: PathBuf,
-    /// The node's certificate chain and private key (PKCS#8, PKCS#1 or SEC1), for mutual TLS.
-    pub client: Option<(PathBuf, PathBuf)>,
-}
-
-/// How to reach and talk to the hub.
-#[derive(Debug, Clone)]
-pub struct SessionConfig {
-    /// Node id: MQTT client id and the `<node>` of every topic.
-    pub node: String,
-    /// Broker host name (checked against its certificate with TLS).
-    pub host: String,
-    /// Broker port.
-    pub port: u16,
-    /// TLS, or plain TCP when `None`.
-    pub tls: Option<TlsFiles>,
-    /// User name and password, if the broker wants them.
-    pub credentials: Option<(String, String)>,
-    /// MQTT keep-alive (at least 5 s).
-    pub keep_alive: Duration,
-    /// Time allowed for TCP + TLS + CONNACK.
-    pub connect_timeout: Duration,
-    /// Most QoS 1 publishes waiting for their PUBACK.
-    pub max_inflight: u16,
-    /// Largest MQTT packet accepted or sent, in bytes.
-    pub max_packet_bytes: usize,
-    /// First reconnect delay.
-    pub backoff_initial: Duration,
-    /// Longest reconnect delay.
-    pub backoff_max: Duration,
-    /// Inbound command ids remembered for de-duplication.
-    pub dedup_capacity: usize,
-    /// How often the outbox is read even without [`SyncHandle::outbox_changed`].
-    pub outbox_poll: Duration,
-}
-
-impl SessionConfig {
-    /// Plain TCP to `host:port` as `node`, with the defaults: keep-alive 30 s, connect timeout
-    /// 10 s, 100 in flight, packets up to 1 MiB, back-off 1 s to 5 min, 4096 command ids.
-    pub fn new(node: impl Into<String>, host: impl Into<String>, port: u16) -> Self {
-        SessionConfig {
-            node: node.into(),
-            host: host.into(),
-            port,
-            tls: None,
-            credentials: None,
-            keep_alive: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(10),
-            max_inflight: 100,
-            max_packet_bytes: 1 << 20,
-            backoff_initial: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(300),
-            dedup_capacity: 4096,
-            outbox_poll: Duration::from_secs(1),
-        }
-    }
-
-    fn broker(&self) -> String {
-        let scheme = if self.tls.is_some() { "mqtts" } else { "mqtt" };
-        format!("{scheme}://{}:{}", self.host, self.port)
-    }
-}
-
-/// A configuration that cannot work.
-#[derive(Debug, Error)]
-pub enum ConfigError {
-    /// The node id cannot be one topic level.
-    #[error("invalid node id: {0}")]
-    Node(#[from] NameError),
-    /// A TLS file could not be read.
-    #[error("cannot read {what} {}: {source}", path.display())]
-    Read {
-        /// Which file: `CA file`, `client certificate`, `client key`.
-        what: &'static str,
-        /// Its path.
-        path: PathBuf,
-        /// Why.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A PEM file holds no usable certificate or key.
-    #[error("{what} {} holds no {expected}", path.display())]
-    Pem {
-        /// Which file.
-        what: &'static str,
-        /// Its path.
-        path: PathBuf,
-        /// What was looked for.
-        expected: &'static str,
-    },
-    /// rustls refused the certificates or key.
-    #[error("TLS setup failed: {0}")]
-    Tls(#[from] rustls::Error),
-    /// Keep-alive below what MQTT clients accept.
-    #[error("keep-alive {0:?} is shorter than 5 s")]
-    KeepAlive(Duration),
-    /// No publish could ever be in flight.
-    #[error("max_inflight must be at least 1")]
-    MaxInflight,
-}
-
-/// An inbound message from the hub that was accepted.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Inbound {
-    /// A deployment on `desired` (retained: it comes again on every connection; the agent
-    /// applies it only if its version is newer).
-    Desired(Envelope),
-    /// A command for `workload`, seen for the first time. The broker gets its PUBACK only
-    /// when the receiver calls [`InboundAck::ack`], once the command is durably handled; until
-    /// then the broker keeps it and redelivers it after a reconnect.
-    Command {
-        /// The workload it is for.
-        workload: String,
-        /// The command.
-        envelope: Envelope,
-        /// Acknowledges the command's PUBLISH.
-        ack: InboundAck,
-    },
-    /// An artifact's chunk manifest (comes only after [`SyncHandle::subscribe`] to it).
-    ArtifactManifest {
-        /// The artifact's sha256, from the topic.
-        digest: String,
-        /// The manifest, in its envelope (not yet checked).
-        envelope: Envelope,
-    },
-    /// One chunk of an artifact (comes only after [`SyncHandle::subscribe`] to it).
-    ArtifactChunk {
-        /// The artifact's sha256, from the topic.
-        digest: String,
-        /// The chunk's index, from the topic.
-        index: u32,
-        /// The raw bytes (not yet checked).
-        bytes: Vec<u8>,
-    },
-}
-
-/// The PUBACK of an inbound command, sent when the agent has made the command durable
-/// (manual acknowledgement: a crash before that makes the broker deliver it again).
-///
-/// The session sends it on the connection it has then, for the copy that came on that
-/// connection: a command redelivered after a reconnect while the agent still handled the first
-/// copy is held until this ack, not acknowledged as a duplicate at once.
-#[derive(Debug, Clone)]
-pub struct InboundAck {
-    id: MessageId,
-    session: mpsc::UnboundedSender<MessageId>,
-}
-
-impl InboundAck {
-    /// Tells the session to send the PUBACK. With no connection, nothing is sent and the broker
-    /// redelivers the command on the next one (the agent's inbox de-duplicates it).
-    pub fn ack(self) {
-        let _ = self.session.send(self.id);
-    }
-}
-
-impl PartialEq for InboundAck {
-    fn eq(&self, other: &Self) -> bool {
-        self.id == other.id
-    }
-}
-
-/// An inbound message that was refused; the session carries on.
-#[derive(Debug, Error)]
-pub enum InboundError {
-    /// A message on a topic this node does not handle.
-    #[error("message on unexpected topic {topic:?}")]
-    UnexpectedTopic {
-        /// The topic.
-        topic: String,
-    },
-    /// The payload is not a Lichen envelope.
-    #[error("malformed message on {topic:?}: {source}")]
-    Malformed {
-        /// The topic it came on.
-        topic: String,
-        /// What is wrong with it.
-        #[source]
-        source: serde_json::Error,
-    },
-}
-
-/// What happened in the session, for the agent to act on and report.
-#[derive(Debug)]
-pub enum SessionEvent {
-    /// Connected to the broker (CONNACK accepted).
-    Connected {
-        /// Whether the broker still had this node's session (subscriptions, queued commands).
-        session_present: bool,
-    },
-    /// A connection attempt failed.
-    ConnectFailed {
-        /// What failed, naming the broker.
-        error: String,
-        /// Delay before the next attempt.
-        retry_in: Duration,
-    },
-    /// An established connection dropped.
-    Disconnected {
-        /// Why, naming the broker.
-        error: String,
-        /// Records sent but not acknowledged, to be sent again.
-        resend: usize,
-        /// Delay before the next attempt.
-        retry_in: Duration,
-    },
-    /// A deployment or a new command arrived.
-    Inbound(Inbound),
-    /// An inbound message was refused.
-    Rejected(InboundError),
-    /// An outbox row could never be published and was deleted.
-    Unpublishable(UnpublishableRow),
-    /// The broker accepted the subscriptions to `desired` and `cmd/+`: inbound messages flow.
-    Subscribed,
-    /// The broker refused a subscription (an ACL, most likely).
-    SubscribeRefused {
-        /// The topic filter.
-        filter: String,
-    },
-    /// Reading or deleting outbox rows failed; retried later.
-    Outbox(OutboxError),
-}
-
-/// A change of the session's extra subscriptions.
-#[derive(Debug)]
-enum SubscriptionChange {
-    Add(Vec<String>),
-    Remove(Vec<String>),
-}
-
-/// Controls a running [`SyncSession`]. Dropping every handle stops the session too.
-#[derive(Debug, Clone)]
-pub struct SyncHandle {
-    notify: Arc<Notify>,
-    stop: Arc<watch::Sender<bool>>,
-    subscriptions: mpsc::UnboundedSender<SubscriptionChange>,
-}
-
-impl SyncHandle {
-    /// Subscribes (QoS 1) to these topic filters as well as `desired` and `cmd/+`, now and
-    /// after every reconnect, until [`SyncHandle::unsubscribe`]. Used for artifact transfers.
-    pub fn subscribe(&self, filters: Vec<String>) {
-        if !filters.is_empty() {
-            let _ = self.subscriptions.send(SubscriptionChange::Add(filters));
-        }
-    }
-
-    /// Drops filters added by [`SyncHandle::subscribe`].
-    pub fn unsubscribe(&self, filters: Vec<String>) {
-        if !filters.is_empty() {
-            let _ = self.subscriptions.send(SubscriptionChange::Remove(filters));
-        }
-    }
-
-    /// New rows are in the outbox: read them now rather than at the next poll.
-    pub fn outbox_changed(&self) {
-        self.notify.notify_one();
-    }
-
-    /// Disconnect cleanly and make [`SyncSession::run`] return.
-    pub fn shutdown(&self) {
-        self.stop.send_replace(true);
-    }
-}
-
-/// Builds the rustls client configuration with the ring provider, from PEM files.
-pub fn rustls_config(tls: &TlsFiles) -> Result<rustls::ClientConfig, ConfigError> {
-    use rustls::pki_types::pem::PemObject;
-    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-
-    fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, ConfigError> {
-        std::fs::read(path).map_err(|source| ConfigError::Read {
-            what,
-            path: path.to_owned(),
-            source,
-        })
-    }
-    fn certs(what: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, ConfigError> {
-        let pem = read(what, path)?;
-        let certs: Vec<_> = CertificateDer::pem_slice_iter(&pem)
-            .filter_map(Result::ok)
-            .collect();
-        if certs.is_empty() {
-            return Err(ConfigError::Pem {
-                what,
-                path: path.to_owned(),
-                expected: "PEM certificate",
-            });
-        }
-        Ok(certs)
-    }
-
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in certs("CA file", &tls.ca)? {
-        roots.add(cert)?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots);
-    Ok(match &tls.client {
-        None => builder.with_no_client_auth(),
-        Some((cert, key)) => {
-            let chain = certs("client certificate", cert)?;
-            let pem = read("client key", key)?;
-            let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|_| ConfigError::Pem {
-                what: "client key",
-                path: key.to_owned(),
-                expected: "PEM private key",
-            })?;
-            builder.with_client_auth_cert(chain, key)?
-        }
-    })
-}
+use crate::handle::{SessionEvent, SubscriptionChange, SyncHandle};
 
 /// Acknowledged rows are deleted in batches of this many, or at the next tick.
 const DELETE_BATCH: usize = 256;
 /// How often acknowledged rows are deleted when the batch is not full.
 const TICK: Duration = Duration::from_millis(20);
+/// Events one connection's poller may queue for the session: with packets of up to
+/// `max_packet_bytes` each, this bounds what waits in memory.
+const EVENT_QUEUE: usize = 32;
 
 /// How a connection ended.
 enum End {
@@ -363,19 +57,36 @@ enum End {
     Lost { error: String, was_connected: bool },
 }
 
+/// A request for the MQTT client that waits in the session until the client has room.
+#[derive(Debug)]
+enum Request {
+    /// The PUBACK of an inbound message.
+    Ack(rumqttc::Publish),
+    /// A SUBSCRIBE of these filters (QoS 1).
+    Subscribe(Vec<String>),
+    /// An UNSUBSCRIBE.
+    Unsubscribe(String),
+}
+
 /// One node's MQTT session (see the module docs).
 pub struct SyncSession {
     topics: Topics,
     options: MqttOptions,
     broker: String,
+    host: String,
+    port: u16,
+    tls: Option<Arc<rustls::ClientConfig>>,
     ca: Option<PathBuf>,
+    socket_dir: SocketDir,
     connect_timeout: Duration,
     max_inflight: usize,
+    max_packet_bytes: usize,
+    max_pending_commands: usize,
     outbox_poll: Duration,
     outbox: Arc<dyn Outbox>,
     drain: Drain,
     backoff: Backoff,
-    dedup: InboundDedup,
+    inbound: InboundState,
     acked: Vec<RowId>,
     events: mpsc::Sender<SessionEvent>,
     notify: Arc<Notify>,
@@ -386,11 +97,9 @@ pub struct SyncSession {
     /// them, so they are unsubscribed on the next connection.
     stale: BTreeSet<String>,
     changes: mpsc::UnboundedReceiver<SubscriptionChange>,
-    /// Commands handed to the agent and not yet acknowledged by it, with the copy to PUBACK on
-    /// the current connection (`None`: it came on an earlier connection).
-    pending_acks: HashMap<MessageId, Option<rumqttc::Publish>>,
-    acks_tx: mpsc::UnboundedSender<MessageId>,
-    acks: mpsc::UnboundedReceiver<MessageId>,
+    acks: mpsc::UnboundedReceiver<AckKey>,
+    /// Requests waiting for room in the client's request channel, oldest first.
+    requests: VecDeque<Request>,
     /// Subscriptions handed to the client, oldest first, waiting for their packet id.
     unsent_subscribes: VecDeque<Vec<String>>,
     /// Subscriptions sent, by packet id, waiting for their SUBACK.
@@ -412,21 +121,32 @@ impl SyncSession {
         if config.max_inflight == 0 {
             return Err(ConfigError::MaxInflight);
         }
-        let mut options = MqttOptions::new(config.node.clone(), config.host.clone(), config.port);
+        if config.max_pending_commands == 0 {
+            return Err(ConfigError::MaxPending);
+        }
+        let tls = match &config.tls {
+            Some(files) => Some(Arc::new(rustls_config(files)?)),
+            None => None,
+        };
+        let socket_dir =
+            SocketDir::create(config.socket_dir.as_deref()).map_err(ConfigError::SocketDir)?;
+        // rumqttc reaches the broker through the guard on the session's Unix socket: nothing
+        // over the limit gets to it, but a stand-in may have a topic of up to 64 KiB.
+        let incoming = config.max_packet_bytes.max(MAX_STAND_IN);
+        let mut options = MqttOptions::new(
+            config.node.clone(),
+            socket_dir.socket().to_string_lossy().into_owned(),
+            0,
+        );
         options
+            .set_transport(Transport::Unix)
             .set_clean_session(false)
             // Commands are acknowledged once the agent has them durably (InboundAck); every
             // other inbound message right after it is handed over.
             .set_manual_acks(true)
             .set_keep_alive(config.keep_alive)
             .set_inflight(config.max_inflight)
-            .set_max_packet_size(config.max_packet_bytes, config.max_packet_bytes);
-        if let Some(tls) = &config.tls {
-            let tls = rustls_config(tls)?;
-            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                Arc::new(tls),
-            )));
-        }
+            .set_max_packet_size(incoming, config.max_packet_bytes);
         if let Some((user, password)) = &config.credentials {
             options.set_credentials(user.clone(), password.clone());
         }
@@ -437,17 +157,29 @@ impl SyncSession {
         let (acks_tx, acks) = mpsc::unbounded_channel();
         let max_inflight = usize::from(config.max_inflight);
         let session = SyncSession {
-            drain: Drain::new(topics.clone(), max_inflight),
+            drain: Drain::new(topics.clone(), max_inflight, config.max_packet_bytes),
+            inbound: InboundState::new(
+                topics.clone(),
+                config.max_command_bytes,
+                config.max_packet_bytes,
+                config.dedup_capacity,
+                acks_tx,
+            ),
             topics,
             options,
             broker: config.broker(),
+            host: config.host.clone(),
+            port: config.port,
+            tls,
             ca: config.tls.as_ref().map(|t| t.ca.clone()),
+            socket_dir,
             connect_timeout: config.connect_timeout,
             max_inflight,
+            max_packet_bytes: config.max_packet_bytes,
+            max_pending_commands: config.max_pending_commands,
             outbox_poll: config.outbox_poll,
             outbox,
             backoff: Backoff::new(config.backoff_initial, config.backoff_max),
-            dedup: InboundDedup::new(config.dedup_capacity),
             acked: Vec::new(),
             events,
             notify: notify.clone(),
@@ -455,9 +187,8 @@ impl SyncSession {
             extra: BTreeSet::new(),
             stale: BTreeSet::new(),
             changes,
-            pending_acks: HashMap::new(),
-            acks_tx,
             acks,
+            requests: VecDeque::new(),
             unsent_subscribes: VecDeque::new(),
             sent_subscribes: HashMap::new(),
         };
@@ -503,9 +234,9 @@ impl SyncSession {
                 tokio::select! {
                     _ = &mut sleep => break,
                     _ = stopped(&mut self.stop) => return,
-                    Some(change) = self.changes.recv() => self.change_subscriptions(change, None),
-                    Some(id) = self.acks.recv() => {
-                        self.pending_acks.remove(&id);
+                    Some(change) = self.changes.recv() => self.change_subscriptions(change, false),
+                    Some(key) = self.acks.recv() => {
+                        self.inbound.acked(&key);
                     }
                 }
             }
@@ -514,19 +245,58 @@ impl SyncSession {
 
     /// One connection, from CONNECT until it drops or the session stops.
     async fn connection(&mut self) -> End {
+        let upstream = tokio::select! {
+            biased;
+            _ = stopped(&mut self.stop) => return End::Shutdown,
+            up = connect_upstream(&self.host, self.port, self.tls.clone(), self.connect_timeout) => up,
+        };
+        let upstream = match upstream {
+            Ok(s) => s,
+            Err(e) => {
+                return End::Lost {
+                    error: self.describe(&e),
+                    was_connected: false,
+                };
+            }
+        };
+        let socket = self.socket_dir.socket().to_path_buf();
+        let _ = std::fs::remove_file(&socket);
+        let listener = match UnixListener::bind(&socket) {
+            Ok(l) => l,
+            Err(e) => {
+                return End::Lost {
+                    error: format!(
+                        "{}: cannot listen on the local socket {}: {e}",
+                        self.broker,
+                        socket.display()
+                    ),
+                    was_connected: false,
+                };
+            }
+        };
+        let relay = Relay::start(listener, socket, upstream, self.max_packet_bytes);
         let (client, mut eventloop) =
             AsyncClient::new(self.options.clone(), self.max_inflight + 16);
         eventloop
             .network_options
             .set_connection_timeout(self.connect_timeout.as_secs().max(1));
-        let (tx, mut rx) = mpsc::channel(1024);
+        let (tx, mut rx) = mpsc::channel(EVENT_QUEUE);
+        self.requests.clear();
         self.unsent_subscribes.clear();
-        // Copies received on the old connection cannot be acknowledged on this one.
-        self.pending_acks.values_mut().for_each(|p| *p = None);
         self.sent_subscribes.clear();
+        // Copies received on the old connection cannot be acknowledged on this one.
+        self.inbound.new_connection();
         let poller = tokio::spawn(poll_loop(eventloop, tx));
-        let end = self.connected(&client, &mut rx).await;
+        let end = self.connected(&client, &mut rx, &relay).await;
         if matches!(end, End::Shutdown) {
+            // PUBACKs the agent asked for before the shutdown go first (in order, before the
+            // DISCONNECT), so a clean stop does not make the broker redeliver what is done.
+            while let Ok(key) = self.acks.try_recv() {
+                if let Some(publish) = self.inbound.acked(&key) {
+                    self.requests.push_back(Request::Ack(publish));
+                }
+            }
+            self.send_requests(&client);
             // Say goodbye so the broker does not publish a will or wait for keep-alive.
             if client.try_disconnect().is_ok() {
                 let _ = tokio::time::timeout(Duration::from_secs(1), async {
@@ -540,6 +310,12 @@ impl SyncSession {
             }
         }
         poller.abort();
+        let _ = poller.await;
+        if matches!(end, End::Shutdown) {
+            // What rumqttc wrote last (PUBACKs, the DISCONNECT) is still on its way through
+            // the relay: let it reach the broker.
+            relay.finish(Duration::from_secs(1)).await;
+        }
         self.flush_acked().await;
         end
     }
@@ -548,6 +324,7 @@ impl SyncSession {
         &mut self,
         client: &AsyncClient,
         rx: &mut mpsc::Receiver<Result<Event, ConnectionError>>,
+        relay: &Relay,
     ) -> End {
         let mut connected = false;
         let mut more = true;
@@ -561,35 +338,37 @@ impl SyncSession {
                     last_read = Instant::now();
                     more = self.read_outbox().await;
                 }
-                if let Err(error) = self.publish_ready(client).await {
-                    return End::Lost {
-                        error,
-                        was_connected: true,
-                    };
+                if self.send_requests(client) {
+                    self.publish_ready(client).await;
                 }
             }
+            // Past the limit of commands the agent holds, the broker waits (TCP backpressure).
+            let reading = self.inbound.pending() < self.max_pending_commands;
             tokio::select! {
                 biased;
                 _ = stopped(&mut self.stop) => return End::Shutdown,
-                ev = rx.recv() => match ev {
+                Some(key) = self.acks.recv() => {
+                    if let Some(publish) = self.inbound.acked(&key) {
+                        self.requests.push_back(Request::Ack(publish));
+                    }
+                }
+                ev = rx.recv(), if reading => match ev {
                     None => return End::Lost {
                         error: format!("{}: event loop stopped", self.broker),
                         was_connected: connected,
                     },
                     Some(Err(e)) => return End::Lost {
-                        error: self.describe(&e),
+                        error: match relay.error() {
+                            Some(why) => self.describe(&why),
+                            None => self.describe(&e.to_string()),
+                        },
                         was_connected: connected,
                     },
-                    Some(Ok(ev)) => self.handle(ev, client, &mut connected).await,
+                    Some(Ok(ev)) => self.handle(ev, relay, &mut connected).await,
                 },
                 _ = self.notify.notified() => more = true,
-                Some(id) = self.acks.recv() => {
-                    if let Some(Some(publish)) = self.pending_acks.remove(&id) {
-                        ack_now(client, &publish);
-                    }
-                }
                 Some(change) = self.changes.recv() => {
-                    self.change_subscriptions(change, connected.then_some(client));
+                    self.change_subscriptions(change, connected);
                 }
                 _ = tick.tick() => {
                     self.flush_acked().await;
@@ -601,24 +380,22 @@ impl SyncSession {
         }
     }
 
-    async fn handle(&mut self, ev: Event, client: &AsyncClient, connected: &mut bool) {
+    async fn handle(&mut self, ev: Event, relay: &Relay, connected: &mut bool) {
         match ev {
             Event::Incoming(Packet::ConnAck(ack)) => {
                 *connected = true;
                 self.backoff.reset();
                 info!(broker = %self.broker, session_present = ack.session_present, "mqtt connected");
-                self.send_subscribe(
-                    client,
-                    vec![self.topics.desired(), self.topics.cmd_filter()],
-                );
+                self.requests.push_back(Request::Subscribe(vec![
+                    self.topics.desired(),
+                    self.topics.cmd_filter(),
+                ]));
                 if !self.extra.is_empty() {
                     let extra = self.extra.iter().cloned().collect();
-                    self.send_subscribe(client, extra);
+                    self.requests.push_back(Request::Subscribe(extra));
                 }
                 for filter in std::mem::take(&mut self.stale) {
-                    if let Err(e) = client.try_unsubscribe(filter) {
-                        warn!(error = %e, "cannot queue an unsubscribe");
-                    }
+                    self.requests.push_back(Request::Unsubscribe(filter));
                 }
                 self.emit(SessionEvent::Connected {
                     session_present: ack.session_present,
@@ -659,99 +436,58 @@ impl SyncSession {
                     }
                 }
             }
-            Event::Incoming(Packet::Publish(p)) => match self.inbound(&p) {
-                // Acknowledged by the agent once durable.
-                Ok(Some(msg @ Inbound::Command { .. })) => {
-                    self.emit(SessionEvent::Inbound(msg)).await
-                }
-                Ok(Some(msg)) => {
-                    self.emit(SessionEvent::Inbound(msg)).await;
-                    ack_now(client, &p);
-                }
-                Ok(None) => {
-                    let held = self.pending_acks.values().any(|h| {
-                        h.as_ref()
-                            .is_some_and(|h| h.pkid == p.pkid && h.topic == p.topic)
-                    });
-                    if !held {
-                        ack_now(client, &p);
+            Event::Incoming(Packet::Publish(p)) => {
+                let oversized = stand_in_seq(&p.payload).and_then(|seq| relay.refused.take(seq));
+                match self.inbound.decode(&p, oversized.as_ref()) {
+                    // Acknowledged by the agent once durable.
+                    Decoded::DeliverCommand(msg) => self.emit(SessionEvent::Inbound(msg)).await,
+                    Decoded::Deliver(msg) => {
+                        self.emit(SessionEvent::Inbound(msg)).await;
+                        self.requests.push_back(Request::Ack(p));
+                    }
+                    Decoded::Duplicate => {
+                        if !self.inbound.is_held(&p) {
+                            self.requests.push_back(Request::Ack(p));
+                        }
+                    }
+                    Decoded::Refused(e) => {
+                        warn!(error = %e, "inbound message refused");
+                        self.emit(SessionEvent::Rejected(e)).await;
+                        self.requests.push_back(Request::Ack(p));
                     }
                 }
-                Err(e) => {
-                    warn!(error = %e, "inbound message refused");
-                    self.emit(SessionEvent::Rejected(e)).await;
-                    ack_now(client, &p);
-                }
-            },
+            }
             _ => {}
         }
     }
 
-    /// Decodes one inbound message; `Ok(None)` for a command seen before.
-    fn inbound(&mut self, publish: &rumqttc::Publish) -> Result<Option<Inbound>, InboundError> {
-        let topic = publish.topic.as_str();
-        let payload = &publish.payload[..];
-        let kind = self.topics.parse(topic);
-        let envelope = || {
-            Envelope::from_bytes(payload).map_err(|source| InboundError::Malformed {
-                topic: topic.to_owned(),
-                source,
-            })
-        };
-        match kind {
-            Some(TopicKind::Desired) => Ok(Some(Inbound::Desired(envelope()?))),
-            Some(TopicKind::ArtifactManifest { digest }) => Ok(Some(Inbound::ArtifactManifest {
-                digest,
-                envelope: envelope()?,
-            })),
-            Some(TopicKind::ArtifactChunk { digest, index }) => Ok(Some(Inbound::ArtifactChunk {
-                digest,
-                index,
-                bytes: payload.to_vec(),
-            })),
-            Some(TopicKind::Cmd { workload }) => {
-                let envelope = envelope()?;
-                if !self.dedup.is_new(&envelope.id) {
-                    if let Some(copy) = self.pending_acks.get_mut(&envelope.id) {
-                        // The agent still handles the first copy: this one is acknowledged
-                        // with it.
-                        debug!(id = %envelope.id, %workload, "redelivered command held for its ack");
-                        *copy = Some(publish.clone());
-                    } else {
-                        debug!(id = %envelope.id, %workload, "duplicate command ignored");
-                    }
-                    return Ok(None);
-                }
-                self.pending_acks
-                    .insert(envelope.id.clone(), Some(publish.clone()));
-                Ok(Some(Inbound::Command {
-                    ack: InboundAck {
-                        id: envelope.id.clone(),
-                        session: self.acks_tx.clone(),
-                    },
-                    workload,
-                    envelope,
-                }))
+    /// Hands the client the waiting requests while its channel has room; returns whether
+    /// every one went (publishes go only after them).
+    fn send_requests(&mut self, client: &AsyncClient) -> bool {
+        while let Some(request) = self.requests.front() {
+            let sent = match request {
+                // QoS 0 messages need no PUBACK (try_ack sends nothing for them).
+                Request::Ack(publish) => client.try_ack(publish),
+                Request::Subscribe(filters) => client.try_subscribe_many(
+                    filters
+                        .iter()
+                        .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce)),
+                ),
+                Request::Unsubscribe(filter) => client.try_unsubscribe(filter.clone()),
+            };
+            if sent.is_err() {
+                // Full: the event loop takes the earlier requests first; try again then.
+                return false;
             }
-            _ => Err(InboundError::UnexpectedTopic {
-                topic: topic.to_owned(),
-            }),
+            if let Some(Request::Subscribe(filters)) = self.requests.pop_front() {
+                self.unsent_subscribes.push_back(filters);
+            }
         }
-    }
-
-    /// Hands a SUBSCRIBE for `filters` to the client, remembering them for its SUBACK.
-    fn send_subscribe(&mut self, client: &AsyncClient, filters: Vec<String>) {
-        let packet = filters
-            .iter()
-            .map(|f| SubscribeFilter::new(f.clone(), QoS::AtLeastOnce));
-        match client.try_subscribe_many(packet) {
-            Ok(()) => self.unsent_subscribes.push_back(filters),
-            Err(e) => warn!(error = %e, "cannot queue the subscription"),
-        }
+        true
     }
 
     /// Applies a change of the extra subscriptions; tells the broker when connected.
-    fn change_subscriptions(&mut self, change: SubscriptionChange, client: Option<&AsyncClient>) {
+    fn change_subscriptions(&mut self, change: SubscriptionChange, connected: bool) {
         match change {
             SubscriptionChange::Add(filters) => {
                 let new: Vec<String> = filters
@@ -761,10 +497,8 @@ impl SyncSession {
                         self.extra.insert(f.clone())
                     })
                     .collect();
-                if let Some(client) = client
-                    && !new.is_empty()
-                {
-                    self.send_subscribe(client, new);
+                if connected && !new.is_empty() {
+                    self.requests.push_back(Request::Subscribe(new));
                 }
             }
             SubscriptionChange::Remove(filters) => {
@@ -772,28 +506,30 @@ impl SyncSession {
                     if !self.extra.remove(&filter) {
                         continue;
                     }
-                    match client {
-                        Some(client) => {
-                            if let Err(e) = client.try_unsubscribe(filter) {
-                                warn!(error = %e, "cannot queue an unsubscribe");
-                            }
-                        }
-                        None => {
-                            self.stale.insert(filter);
-                        }
+                    if connected {
+                        self.requests.push_back(Request::Unsubscribe(filter));
+                    } else {
+                        self.stale.insert(filter);
                     }
                 }
             }
         }
     }
 
-    /// Hands the client every publish the drain allows now.
-    async fn publish_ready(&mut self, client: &AsyncClient) -> Result<(), String> {
+    /// Hands the client every publish the drain allows now, while its channel has room.
+    async fn publish_ready(&mut self, client: &AsyncClient) {
         while let Some(next) = self.drain.next_publish() {
             match next {
-                Ok(p) => client
-                    .try_publish(p.topic, QoS::AtLeastOnce, p.retain, p.payload)
-                    .map_err(|e| format!("{}: cannot hand over a publish: {e}", self.broker))?,
+                Ok(p) => {
+                    if client
+                        .try_publish(p.topic, QoS::AtLeastOnce, p.retain, p.payload)
+                        .is_err()
+                    {
+                        // Full: this row goes first when there is room.
+                        self.drain.unsubmit();
+                        return;
+                    }
+                }
                 Err(bad) => {
                     warn!(error = %bad, "outbox row dropped");
                     self.acked.push(bad.row);
@@ -801,7 +537,6 @@ impl SyncSession {
                 }
             }
         }
-        Ok(())
     }
 
     /// Reads what the drain wants from the outbox; returns whether more may be there.
@@ -851,7 +586,7 @@ impl SyncSession {
         }
     }
 
-    fn describe(&self, e: &ConnectionError) -> String {
+    fn describe(&self, e: &str) -> String {
         let mut text = format!("{}: {e}", self.broker);
         if text.contains("invalid peer certificate")
             && let Some(ca) = &self.ca
@@ -867,14 +602,6 @@ impl SyncSession {
     async fn emit(&self, ev: SessionEvent) {
         // Nobody listening is not an error: the session still drains the outbox.
         let _ = self.events.send(ev).await;
-    }
-}
-
-/// Acknowledges an inbound message that needs no durable handling first (a duplicate, a
-/// retained desired state or artifact chunk handed over, a refused message).
-fn ack_now(client: &AsyncClient, publish: &rumqttc::Publish) {
-    if let Err(e) = client.try_ack(publish) {
-        debug!(error = %e, "PUBACK not sent: the connection is gone");
     }
 }
 

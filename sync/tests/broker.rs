@@ -33,11 +33,18 @@ struct Seen {
     bytes: Vec<u8>,
 }
 
-/// Receives telemetry until `unique` distinct ids arrived; returns everything seen.
-async fn collect(watcher: &mut Watcher, unique: usize, within: Duration) -> Vec<Seen> {
+/// Receives telemetry until `unique` distinct ids arrived (counting those `already` seen);
+/// returns everything seen.
+async fn collect(
+    watcher: &mut Watcher,
+    already: Vec<Seen>,
+    unique: usize,
+    within: Duration,
+) -> Vec<Seen> {
     let topics = Topics::new("n1").unwrap();
-    let mut seen = Vec::new();
-    let mut ids = std::collections::HashSet::new();
+    let mut ids: std::collections::HashSet<MessageId> =
+        already.iter().map(|s| s.id.clone()).collect();
+    let mut seen = already;
     let deadline = tokio::time::Instant::now() + within;
     while ids.len() < unique {
         let Ok(Some((topic, bytes))) =
@@ -133,7 +140,7 @@ async fn published_records_reach_a_subscriber_in_order_with_their_message_ids() 
     let events = keep_events(events);
     let started = Instant::now();
     let task = tokio::spawn(session.run());
-    let seen = collect(&mut watcher, N, Duration::from_secs(60)).await;
+    let seen = collect(&mut watcher, Vec::new(), N, Duration::from_secs(60)).await;
     wait_empty(&outbox, Duration::from_secs(10)).await;
     let elapsed = started.elapsed();
     println!(
@@ -188,15 +195,25 @@ async fn broker_restart_while_records_are_queued_loses_nothing() {
             }
         })
     };
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    // Records flow before the outage...
+    let before = collect(&mut watcher, Vec::new(), 200, Duration::from_secs(30)).await;
     tokio::task::block_in_place(|| broker.stop());
     let queued_at_stop = outbox.len();
-    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // ...and pile up in the outbox while the broker is away.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while outbox.len() < queued_at_stop + 200 {
+        assert!(
+            Instant::now() < deadline,
+            "no records queued while offline: {} rows",
+            outbox.len()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let queued_offline = outbox.len();
     tokio::task::block_in_place(|| broker.restart());
     producer.await.unwrap();
 
-    let seen = collect(&mut watcher, 2 * TICKS, Duration::from_secs(60)).await;
+    let seen = collect(&mut watcher, before, 2 * TICKS, Duration::from_secs(60)).await;
     wait_empty(&outbox, Duration::from_secs(20)).await;
     let duplicates = assert_ordered_without_conflicting_duplicates(&seen);
     println!(
@@ -225,7 +242,14 @@ async fn hub_client(port: u16) -> (AsyncClient, tokio::task::JoinHandle<()>) {
     let mut options = MqttOptions::new("hub", "127.0.0.1", port);
     options.set_keep_alive(Duration::from_secs(5));
     let (client, mut eventloop) = AsyncClient::new(options, 100);
-    let task = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    let task = tokio::spawn(async move {
+        loop {
+            if eventloop.poll().await.is_err() {
+                // The broker is away (a test restarts it): reconnect at this pace.
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    });
     (client, task)
 }
 
@@ -479,11 +503,25 @@ async fn extra_subscriptions_bring_retained_chunks_and_survive_a_broker_restart(
         index, 2,
         "chunk 1 was unsubscribed, chunk 0 never asked for"
     );
-    if let Ok(Some(SessionEvent::Inbound(extra))) =
-        tokio::time::timeout(Duration::from_secs(1), events.recv()).await
-    {
-        panic!("a chunk that was not asked for came: {extra:?}");
-    }
+    // A later subscription's retained message comes after anything the earlier ones bring:
+    // the next chunk seen must be this one.
+    hub.publish(
+        topics.artifact_chunk(&digest, 9),
+        QoS::AtLeastOnce,
+        true,
+        vec![9; 4],
+    )
+    .await
+    .unwrap();
+    handle.subscribe(vec![topics.artifact_chunk(&digest, 9)]);
+    let ev = wait_event(&mut events, &mut seen, t, |e| {
+        matches!(e, SessionEvent::Inbound(_))
+    })
+    .await;
+    let SessionEvent::Inbound(Inbound::ArtifactChunk { index, .. }) = ev else {
+        panic!("expected a chunk, got {ev:?}");
+    };
+    assert_eq!(index, 9, "a chunk that was not asked for came first");
     stop(handle, task).await;
     hub_task.abort();
 }
@@ -494,74 +532,58 @@ async fn a_command_is_acknowledged_only_when_the_agent_says_so() {
     let outbox = Arc::new(FakeOutbox::new());
     let t = Duration::from_secs(10);
     let (hub, hub_task) = hub_client(broker.port).await;
-    let command = |seq: u64| json!({"id": format!("hub:{seq}"), "ts": 1, "payload": {}});
 
-    // First session: the command arrives, the agent "crashes" before making it durable.
-    let next_command = async |seq: u64, ack: bool| {
+    // One run of the agent: once subscribed, the hub publishes command `publish`; the run
+    // takes every command handed over until that one (acknowledging them if `ack`), then
+    // stops cleanly. A redelivered command comes before the new one, maybe before the SUBACK.
+    let run = async |publish: u64, ack: bool| -> Vec<u64> {
         let (session, handle, mut events) =
             SyncSession::new(config(broker.port), outbox.clone()).unwrap();
         let task = tokio::spawn(session.run());
-        // A redelivered command may come before the SUBACK: look at every event.
-        let got = tokio::time::timeout(t, async {
+        let mut got = Vec::new();
+        tokio::time::timeout(t, async {
             loop {
-                match events.recv().await {
-                    Some(SessionEvent::Subscribed) if seq > 0 => {
-                        hub.publish(
+                match events.recv().await.expect("session runs") {
+                    SessionEvent::Subscribed => hub
+                        .publish(
                             "lichen/v1/n1/cmd/door",
                             QoS::AtLeastOnce,
                             false,
-                            command(seq).to_string(),
+                            command(publish),
                         )
                         .await
-                        .unwrap();
+                        .unwrap(),
+                    SessionEvent::Inbound(Inbound::Command {
+                        envelope, ack: a, ..
+                    }) => {
+                        got.push(envelope.id.seq);
+                        if ack {
+                            a.ack();
+                        }
+                        if envelope.id.seq == publish {
+                            return;
+                        }
                     }
-                    Some(SessionEvent::Subscribed) => {
-                        // Nothing published: give a redelivery a moment, then give up.
-                        return tokio::time::timeout(Duration::from_secs(2), async {
-                            loop {
-                                match events.recv().await {
-                                    Some(SessionEvent::Inbound(Inbound::Command {
-                                        envelope,
-                                        ack,
-                                        ..
-                                    })) => return Some((envelope.id.seq, ack)),
-                                    Some(_) => {}
-                                    None => return None,
-                                }
-                            }
-                        })
-                        .await
-                        .ok()
-                        .flatten();
-                    }
-                    Some(SessionEvent::Inbound(Inbound::Command { envelope, ack, .. })) => {
-                        return Some((envelope.id.seq, ack));
-                    }
-                    Some(_) => {}
-                    None => return None,
+                    _ => {}
                 }
             }
         })
         .await
-        .ok()
-        .flatten();
-        let seq_got = got.map(|(seq, ack_handle)| {
-            if ack {
-                ack_handle.ack();
-            }
-            seq
-        });
-        // Give the PUBACK (if any) time to leave before the session goes.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        .unwrap_or_else(|_| panic!("command {publish} not handed over; got {got:?}"));
         stop(handle, task).await;
-        seq_got
+        got
     };
-    assert_eq!(next_command(5, false).await, Some(5));
-    // Second session: the broker redelivers the unacknowledged command; now it is acked.
-    assert_eq!(next_command(0, true).await, Some(5), "redelivered");
-    // Third session: nothing is pending any more.
-    assert_eq!(next_command(0, true).await, None, "acknowledged for good");
+    // The agent "crashes" before making command 5 durable: no PUBACK.
+    assert_eq!(run(5, false).await, [5]);
+    // The broker redelivers it, before the new command 6; both are acknowledged now.
+    assert_eq!(run(6, true).await, [5, 6], "5 redelivered first");
+    // Nothing is pending any more: 7 is the first command handed over.
+    assert_eq!(run(7, true).await, [7], "acknowledged for good");
     hub_task.abort();
+}
+
+fn command(seq: u64) -> String {
+    json!({"id": format!("hub:{seq}"), "ts": 1, "payload": {}}).to_string()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -578,8 +600,8 @@ async fn a_command_redelivered_while_handled_is_held_until_the_agent_acknowledge
     })
     .await;
     let (hub, hub_task) = hub_client(broker.port).await;
-    let command = json!({"id": "hub:9", "ts": 1, "payload": {}}).to_string();
-    hub.publish("lichen/v1/n1/cmd/door", QoS::AtLeastOnce, false, command)
+    let cmd = "lichen/v1/n1/cmd/door";
+    hub.publish(cmd, QoS::AtLeastOnce, false, command(9))
         .await
         .unwrap();
     let ev = wait_event(&mut events, &mut seen, t, |e| {
@@ -589,7 +611,6 @@ async fn a_command_redelivered_while_handled_is_held_until_the_agent_acknowledge
     let SessionEvent::Inbound(Inbound::Command { ack, .. }) = ev else {
         panic!("expected the command, got {ev:?}");
     };
-    hub_task.abort();
 
     // The link drops while the agent still handles it: the broker redelivers it on the next
     // connection; the session does not hand it over twice and holds its PUBACK.
@@ -599,8 +620,30 @@ async fn a_command_redelivered_while_handled_is_held_until_the_agent_acknowledge
         matches!(e, SessionEvent::Subscribed)
     })
     .await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    // The agent dies before it made the command durable (it never acknowledges).
+    // A new command after the redelivered one: once it is handed over, the copy of 9 has come.
+    hub.publish(cmd, QoS::AtLeastOnce, false, command(10))
+        .await
+        .unwrap();
+    let ev = wait_event(&mut events, &mut seen, Duration::from_secs(20), |e| {
+        matches!(e, SessionEvent::Inbound(_))
+    })
+    .await;
+    let SessionEvent::Inbound(Inbound::Command {
+        envelope,
+        ack: ack10,
+        ..
+    }) = ev
+    else {
+        panic!("expected command 10, got {ev:?}");
+    };
+    assert_eq!(
+        envelope.id,
+        MessageId::new("hub", 10),
+        "9 was handed over twice"
+    );
+    ack10.ack();
+    hub_task.abort();
+    // The agent dies before it made 9 durable (it never acknowledges).
     stop(handle, task).await;
     drop(ack);
     assert!(
@@ -613,24 +656,254 @@ async fn a_command_redelivered_while_handled_is_held_until_the_agent_acknowledge
     // The next run of the agent gets it again: it was not lost.
     let (session, handle, mut events) = SyncSession::new(config(broker.port), outbox).unwrap();
     let task = tokio::spawn(session.run());
-    let redelivered = tokio::time::timeout(Duration::from_secs(3), async {
-        loop {
-            match events.recv().await {
-                Some(SessionEvent::Inbound(Inbound::Command { envelope, .. })) => {
-                    return Some(envelope.id);
-                }
-                Some(_) => {}
-                None => return None,
-            }
-        }
+    let ev = wait_event(&mut events, &mut seen, t, |e| {
+        matches!(e, SessionEvent::Inbound(_))
     })
-    .await
-    .ok()
-    .flatten();
+    .await;
+    let SessionEvent::Inbound(Inbound::Command { envelope, .. }) = ev else {
+        panic!("expected command 9 again, got {ev:?}");
+    };
     assert_eq!(
-        redelivered,
-        Some(MessageId::new("hub", 9)),
+        envelope.id,
+        MessageId::new("hub", 9),
         "the command was not acknowledged behind the agent's back"
     );
     stop(handle, task).await;
+}
+
+/// A hub-side client that can publish messages of up to `max` bytes.
+async fn big_hub_client(port: u16, max: usize) -> (AsyncClient, tokio::task::JoinHandle<()>) {
+    let mut options = MqttOptions::new("big-hub", "127.0.0.1", port);
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(max, max);
+    let (client, mut eventloop) = AsyncClient::new(options, 100);
+    let task = tokio::spawn(async move { while eventloop.poll().await.is_ok() {} });
+    (client, task)
+}
+
+/// The next inbound message; connection drops are failures.
+async fn next_inbound(
+    events: &mut tokio::sync::mpsc::Receiver<SessionEvent>,
+    seen: &mut Vec<String>,
+) -> SessionEvent {
+    let ev = wait_event(events, seen, Duration::from_secs(30), |e| {
+        matches!(
+            e,
+            SessionEvent::Inbound(_)
+                | SessionEvent::Rejected(_)
+                | SessionEvent::Disconnected { .. }
+                | SessionEvent::ConnectFailed { .. }
+        )
+    })
+    .await;
+    assert!(
+        !matches!(
+            ev,
+            SessionEvent::Disconnected { .. } | SessionEvent::ConnectFailed { .. }
+        ),
+        "the connection dropped: {ev:?}"
+    );
+    ev
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_and_malformed_messages_are_refused_acknowledged_and_the_session_stays_up() {
+    let broker = Mosquitto::start_with(support::PERSISTENT);
+    let outbox = Arc::new(FakeOutbox::new());
+    let (session, handle, mut events) =
+        SyncSession::new(config(broker.port), outbox.clone()).unwrap();
+    let task = tokio::spawn(session.run());
+    let mut seen = Vec::new();
+    let t = Duration::from_secs(10);
+    wait_event(&mut events, &mut seen, t, |e| {
+        matches!(e, SessionEvent::Subscribed)
+    })
+    .await;
+    let (hub, hub_task) = big_hub_client(broker.port, 64 << 20).await;
+    let padded = |id: &str, bytes: usize| {
+        let mut p = format!(r#"{{"id":"{id}","ts":1,"payload":""#).into_bytes();
+        p.resize(bytes - 2, b'x');
+        p.extend(b"\"}");
+        p
+    };
+
+    // A retained desired state of 2 MiB: refused naming the limit, not a broken connection.
+    let desired = "lichen/v1/n1/desired";
+    hub.publish(desired, QoS::AtLeastOnce, true, padded("hub:1", 2 << 20))
+        .await
+        .unwrap();
+    let ev = next_inbound(&mut events, &mut seen).await;
+    let SessionEvent::Rejected(e) = ev else {
+        panic!("expected the desired state refused, got {ev:?}");
+    };
+    assert_eq!(
+        e.to_string(),
+        "message of 2097152 bytes on \"lichen/v1/n1/desired\" is over the 1048576-byte limit for messages from the hub"
+    );
+
+    // A command of 50 MiB: refused with its id (read from its first bytes) and the limit.
+    let cmd = "lichen/v1/n1/cmd/door";
+    hub.publish(cmd, QoS::AtLeastOnce, false, padded("hub:2", 50 << 20))
+        .await
+        .unwrap();
+    // Over the command limit (64 KiB) but under the packet limit; then not JSON at all.
+    hub.publish(cmd, QoS::AtLeastOnce, false, padded("hub:3", 100 << 10))
+        .await
+        .unwrap();
+    hub.publish(cmd, QoS::AtLeastOnce, false, "not json")
+        .await
+        .unwrap();
+    hub.publish(cmd, QoS::AtLeastOnce, false, command(4))
+        .await
+        .unwrap();
+    let mut refused = Vec::new();
+    loop {
+        match next_inbound(&mut events, &mut seen).await {
+            SessionEvent::Inbound(Inbound::RefusedCommand {
+                workload,
+                id,
+                error,
+                ack,
+            }) => {
+                assert_eq!(workload, "door");
+                refused.push((id.map(|i| i.to_string()), error));
+                ack.ack();
+            }
+            SessionEvent::Inbound(Inbound::Command { envelope, ack, .. }) => {
+                assert_eq!(envelope.id, MessageId::new("hub", 4));
+                ack.ack();
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    let [(id2, e2), (id3, e3), (id4, e4)] = &refused[..] else {
+        panic!("three refused commands: {refused:#?}");
+    };
+    assert_eq!(id2.as_deref(), Some("hub:2"));
+    assert!(
+        e2.contains("command of 52428800 bytes") && e2.contains("1048576-byte limit"),
+        "{e2}"
+    );
+    assert_eq!(id3.as_deref(), Some("hub:3"));
+    assert!(
+        e3.contains("over the 65536-byte limit for commands"),
+        "{e3}"
+    );
+    assert_eq!(id4, &None);
+    assert!(
+        e4.starts_with("malformed command on \"lichen/v1/n1/cmd/door\""),
+        "{e4}"
+    );
+    stop(handle, task).await;
+
+    // The next connection: the retained desired state is refused again (the broker keeps it),
+    // and no command comes back: every refused one was acknowledged.
+    let (session, handle, mut events) = SyncSession::new(config(broker.port), outbox).unwrap();
+    let task = tokio::spawn(session.run());
+    wait_event(&mut events, &mut seen, t, |e| {
+        matches!(e, SessionEvent::Subscribed)
+    })
+    .await;
+    hub.publish(cmd, QoS::AtLeastOnce, false, command(5))
+        .await
+        .unwrap();
+    let mut rejected = 0;
+    loop {
+        match next_inbound(&mut events, &mut seen).await {
+            SessionEvent::Rejected(e) => {
+                assert!(e.to_string().contains("desired"), "{e}");
+                rejected += 1;
+            }
+            SessionEvent::Inbound(Inbound::Command { envelope, .. }) => {
+                assert_eq!(
+                    envelope.id,
+                    MessageId::new("hub", 5),
+                    "a refused command came back"
+                );
+                break;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert_eq!(rejected, 1, "the retained desired state, once");
+    stop(handle, task).await;
+    hub_task.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_commands_keeps_the_session_and_hands_each_over_once() {
+    // No in-flight limit on the broker's side: it sends as fast as it can, and only the
+    // session's backpressure holds it.
+    let broker = Mosquitto::start_with("persistence false\nmax_inflight_messages 0\n");
+    let outbox = Arc::new(FakeOutbox::new());
+    let (session, handle, mut events) =
+        SyncSession::new(config(broker.port), outbox.clone()).unwrap();
+    let task = tokio::spawn(session.run());
+    let mut seen = Vec::new();
+    wait_event(&mut events, &mut seen, Duration::from_secs(10), |e| {
+        matches!(e, SessionEvent::Subscribed)
+    })
+    .await;
+    const N: u64 = 10_000;
+    let (hub, hub_task) = hub_client(broker.port).await;
+    let publisher = tokio::spawn(async move {
+        for seq in 1..=N {
+            hub.publish(
+                "lichen/v1/n1/cmd/door",
+                QoS::AtLeastOnce,
+                false,
+                command(seq),
+            )
+            .await
+            .unwrap();
+        }
+        hub
+    });
+
+    // The "agent": each command's result goes to the outbox (so results are published while
+    // commands pour in), then the command is acknowledged from another task.
+    let started = Instant::now();
+    let mut handed: HashMap<u64, u32> = HashMap::new();
+    while handed.len() < N as usize {
+        let ev = tokio::time::timeout(Duration::from_secs(60), events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{} of {N} commands after 60 s", handed.len()))
+            .expect("session runs");
+        match ev {
+            SessionEvent::Inbound(Inbound::Command { envelope, ack, .. }) => {
+                *handed.entry(envelope.id.seq).or_default() += 1;
+                outbox.push(
+                    RowKind::CmdResult,
+                    "door",
+                    "",
+                    json!({"cmd": envelope.id.to_string(), "ok": true}),
+                );
+                handle.outbox_changed();
+                tokio::spawn(async move { ack.ack() });
+            }
+            other => seen.push(format!("{other:?}")),
+        }
+    }
+    let elapsed = started.elapsed();
+    wait_empty(&outbox, Duration::from_secs(60)).await;
+    println!(
+        "{N} commands handed over and their results published in {elapsed:?} ({:.0}/s, debug build)",
+        N as f64 / elapsed.as_secs_f64()
+    );
+    assert!(
+        handed.values().all(|&n| n == 1),
+        "a command was handed over twice"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|e| e.starts_with("Disconnected") || e.starts_with("ConnectFailed")),
+        "the session dropped under the flood: {seen:#?}"
+    );
+    let hub = publisher.await.unwrap();
+    drop(hub);
+    stop(handle, task).await;
+    hub_task.abort();
 }

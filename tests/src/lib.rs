@@ -4,6 +4,7 @@
 
 pub mod board;
 pub mod broker;
+pub mod containerd;
 pub mod guest;
 
 use std::path::{Path, PathBuf};
@@ -68,6 +69,46 @@ fn rebuild_once(profile_dir: &Path) {
             "cannot build the lichen binary for the tests"
         );
     });
+}
+
+/// Path of binary `bin` of workspace package `package`, built once per test process by a
+/// nested cargo (a no-op when it is fresh), since `cargo test -p lichen-tests` builds only
+/// this package's dependencies' libraries.
+pub fn built_bin(package: &str, bin: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary knows its own path");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binaries live in target/<profile>/deps");
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev".to_string(),
+        Some(other) => other.to_string(),
+        None => panic!("no profile directory above {}", exe.display()),
+    };
+    if let Ok(cargo) = std::env::var("CARGO") {
+        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+        let mut command = Command::new(cargo);
+        without_test_cargo_env(&mut command);
+        let status = command
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                package,
+                "--bin",
+                bin,
+                "--profile",
+                &profile,
+            ])
+            .arg("--manifest-path")
+            .arg(manifest)
+            .status()
+            .expect("cargo runs");
+        assert!(status.success(), "cannot build {bin} for the tests");
+    }
+    let path = profile_dir.join(bin);
+    assert!(path.is_file(), "{} is missing", path.display());
+    path
 }
 
 /// Removes from `command` the variables `cargo test` gives a test (CARGO_MANIFEST_DIR,

@@ -678,7 +678,8 @@ command = ["/bin/sh", "-c", "echo box v1; exec sleep 300"]
     assert!(!out.status.success());
     let message = output_text(&out);
     assert!(
-        message.contains("bad.toml:8:1: workloads[1].image: cannot read image"),
+        message.contains("bad.toml:8:1: workloads[1].image: image ")
+            && message.contains("no-such-image\": cannot read it"),
         "{message}"
     );
     // A bad wasm module rejects the whole: the new container is not started.
@@ -839,6 +840,13 @@ restart = "never"
             .join(hex)
             .join("rootfs/bin/busybox")
             .is_file()
+    );
+    // Once the applied deployment no longer uses the image, the agent removes it.
+    let out = daemon.deploy("empty.toml", "workloads = []\n");
+    assert!(out.status.success(), "{}", output_text(&out));
+    assert!(
+        !daemon.state_dir().join("images").join(hex).exists(),
+        "the unused image was collected"
     );
     finish(daemon);
 }

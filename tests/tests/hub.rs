@@ -130,6 +130,58 @@ fn running(r: &Value, name: &str) -> bool {
     })
 }
 
+/// Waits for a reported state saying the node's subscriptions are in place (commands reach
+/// it from then on).
+fn subscribed(watcher: &Watcher) -> Value {
+    reported(watcher, "the node subscribed", |r| {
+        r["connection"]["subscribed"] == true
+    })
+}
+
+/// The counter's durable count, read from the state database.
+fn durable_count(daemon: &Daemon) -> u64 {
+    kv_rows(daemon, "count")
+        .into_iter()
+        .next()
+        .and_then(|(_, v)| v.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits until the counter's durable count is `more` above what it is now (the counter keeps
+/// working, and records pile up where the test wants them).
+fn wait_for_more_counts(daemon: &Daemon, more: u64) {
+    let start = durable_count(daemon);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while durable_count(daemon) < start + more {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the counter did not count {more} more from {start} within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `(key, value)` of the counter's default-bucket keys that start with `prefix`, read from
+/// the state database (the daemon may be running: WAL lets a reader in).
+fn kv_rows(daemon: &Daemon, prefix: &str) -> Vec<(String, String)> {
+    let db = rusqlite::Connection::open(daemon.state_dir().join("lichen.db")).expect("state db");
+    let mut stmt = db
+        .prepare(
+            "SELECT key, value FROM kv WHERE workload = 'counter' AND bucket = 'default' \
+             AND substr(key, 1, length(?1)) = ?1",
+        )
+        .expect("kv query");
+    stmt.query_map([prefix], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            String::from_utf8_lossy(&r.get::<_, Vec<u8>>(1)?).into_owned(),
+        ))
+    })
+    .expect("kv rows")
+    .collect::<Result<_, _>>()
+    .expect("kv rows read")
+}
+
 /// `(sequence of the message id, count)` of a counter telemetry message.
 fn id_and_count(m: &Seen) -> (u64, u64) {
     let v = m.json();
@@ -180,13 +232,10 @@ fn broker_restart_while_publishing_loses_no_record() {
         .expect("telemetry flows before the outage");
 
     broker.stop();
-    std::thread::sleep(Duration::from_secs(3));
+    // A backlog of 20 records builds while the hub is away.
+    wait_for_more_counts(&daemon, 20);
     broker.restart();
-    std::thread::sleep(Duration::from_secs(2));
-    let target: u64 = daemon
-        .kv("counter", "count")
-        .and_then(|v| v.parse().ok())
-        .expect("counter has a count");
+    let target = durable_count(&daemon);
 
     assert_every_count_arrives(&watcher, target, Vec::new());
 }
@@ -241,7 +290,7 @@ fn agent_killed_during_a_drain_loses_no_record() {
     // Let a backlog build up offline, then kill -9 the agent as soon as the first record of
     // its catch-up reaches the hub.
     broker.stop();
-    std::thread::sleep(Duration::from_secs(3));
+    wait_for_more_counts(&daemon, 20);
     let mut seen = Vec::new();
     while let Some(m) = watcher.next(Duration::ZERO) {
         seen.push(m);
@@ -254,11 +303,8 @@ fn agent_killed_during_a_drain_loses_no_record() {
     );
     daemon.kill9().expect("kill -9");
     daemon.restart().expect("daemon restarts");
-    std::thread::sleep(Duration::from_secs(1));
-    let target: u64 = daemon
-        .kv("counter", "count")
-        .and_then(|v| v.parse().ok())
-        .expect("counter has a count");
+    let target = durable_count(&daemon);
+    assert!(target > 0, "counter has a count");
     assert_every_count_arrives(&watcher, target, seen);
 }
 
@@ -352,12 +398,11 @@ fn a_command_on_cmd_gets_its_result_on_cmd_result_once() {
     let broker = Mosquitto::start_with(PERSISTENT);
     let setup = Setup::new(&broker);
     let watcher = Watcher::connect(broker.port, "t-command", &topic("cmd-result/+"));
+    let state = Watcher::connect(broker.port, "t-command-state", &topic("reported"));
     let mut daemon = setup.daemon();
-    daemon.wait_for("counter", "running", |w| w.state == "running");
-    // The agent subscribes right after connecting; give it a moment on a slow machine.
-    std::thread::sleep(Duration::from_millis(500));
+    subscribed(&state);
 
-    let command = json!({"id": "hub:7", "ts": 1, "payload": {"command": "get"}}).to_string();
+    let command = json!({"id": "hub:7", "ts": 1, "payload": {"command": "mark"}}).to_string();
     watcher.publish(&topic("cmd/counter"), false, command.clone());
     let m = watcher.wait_for("the result of hub:7", Duration::from_secs(20), |m| {
         m.topic == topic("cmd-result/counter")
@@ -365,11 +410,15 @@ fn a_command_on_cmd_gets_its_result_on_cmd_result_once() {
     let v = m.json();
     assert_eq!(v["payload"]["cmd"], "hub:7", "{v}");
     assert_eq!(v["payload"]["ok"], true, "{v}");
-    let reply = v["payload"]["reply"].as_str().expect("reply text");
-    assert!(reply.parse::<u64>().is_ok(), "the count as text: {reply}");
+    assert_eq!(v["payload"]["reply"], "1", "the first mark: {v}");
     assert!(
         v["id"].as_str().is_some_and(|id| id.starts_with("n1:")),
         "{v}"
+    );
+    // The guest saw the hub's message id as the command's id.
+    assert_eq!(
+        kv_rows(&daemon, "mark/"),
+        [("mark/hub:7".to_owned(), "1".to_owned())]
     );
 
     // The same message again (a QoS 1 redelivery) runs nothing and answers nothing.
@@ -396,18 +445,41 @@ fn a_command_on_cmd_gets_its_result_on_cmd_result_once() {
         "{}",
         m.json()
     );
-    if let Some(extra) = watcher.next(Duration::from_secs(1)) {
-        panic!(
-            "a duplicate command produced a second result: {}",
-            String::from_utf8_lossy(&extra.payload)
-        );
-    }
+
+    // Malformed commands get a result naming what is wrong, not silence: a payload that is
+    // not an envelope (no id to answer to: "cmd" is null), and an envelope without "command".
+    watcher.publish(&topic("cmd/counter"), false, "not json");
+    let m = watcher.wait_for(
+        "the answer to a malformed command",
+        Duration::from_secs(20),
+        |m| m.topic == topic("cmd-result/counter"),
+    );
+    let v = m.json();
+    assert!(v["payload"]["cmd"].is_null(), "{v}");
+    assert_eq!(v["payload"]["ok"], false, "{v}");
+    let error = v["payload"]["error"].as_str().expect("an error");
+    assert!(
+        error.starts_with("malformed command on \"lichen/v1/n1/cmd/counter\""),
+        "{error}"
+    );
+    watcher.publish(
+        &topic("cmd/counter"),
+        false,
+        json!({"id": "hub:10", "ts": 1, "payload": {"name": "get"}}).to_string(),
+    );
+    let m = watcher.wait_for("the result of hub:10", Duration::from_secs(20), |m| {
+        m.json()["payload"]["cmd"] == "hub:10"
+    });
+    let error = m.json()["payload"]["error"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(error.contains("no \"command\" string"), "{error}");
 
     // After a restart the in-memory de-duplication is gone; the inbox table still knows hub:7.
+    // (The broker keeps the node's subscriptions: commands published while it restarts wait.)
     daemon.stop().expect("daemon stops");
     daemon.restart().expect("daemon restarts");
-    daemon.wait_for("counter", "running", |w| w.state == "running");
-    std::thread::sleep(Duration::from_millis(500));
     watcher.publish(&topic("cmd/counter"), false, command);
     watcher.publish(
         &topic("cmd/counter"),
@@ -423,6 +495,10 @@ fn a_command_on_cmd_gets_its_result_on_cmd_result_once() {
         v["payload"]["cmd"] == "hub:9"
     });
     assert_eq!(m.json()["payload"]["ok"], true);
+    assert_eq!(
+        kv_rows(&daemon, "marks"),
+        [("marks".to_owned(), "1".to_owned())]
+    );
 }
 
 #[test]
@@ -472,9 +548,29 @@ fn offline_past_the_quota_the_oldest_telemetry_is_dropped_and_counted() {
     let setup = Setup::with_config(&broker, "outbox-quota = \"2KiB\"");
     broker.stop();
     let daemon = setup.daemon();
-    // ~100 bytes per counter record at 10 records/s: the quota fills in about two seconds.
-    std::thread::sleep(Duration::from_secs(4));
+    // ~100 bytes per counter record at 10 records/s: the quota fills in about two seconds,
+    // then the oldest telemetry goes and the drops are counted.
     let dir = daemon.state_dir();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let dropped: Option<String> = rusqlite::Connection::open(dir.join("lichen.db"))
+            .and_then(|c| {
+                c.query_row(
+                    "SELECT value FROM hub_state WHERE key = 'dropped-telemetry'",
+                    [],
+                    |r| r.get(0),
+                )
+            })
+            .ok();
+        if dropped.is_some_and(|d| d.contains("counter")) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no telemetry dropped over the quota within 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
     let rows = || {
         rusqlite::Connection::open(dir.join("lichen.db"))
             .and_then(|c| {
@@ -520,29 +616,37 @@ fn doctor_shows_insecure_dev_loudly() {
 }
 
 /// Publishes, as the hub would, desired state `version` running `name` from the artifact
-/// `digest`, signed with the trusted key.
+/// `digest` of `size` bytes (signed with the text), signed with the trusted key.
 fn publish_desired_with_digest(
     setup: &Setup,
     watcher: &Watcher,
     version: u64,
     name: &str,
-    digest: &str,
+    (digest, size): (&str, Option<u64>),
 ) {
     let text = one_workload(
         name,
         std::path::Path::new(&format!("sha256:{digest}")),
         "triggers = [{ interval = \"200ms\" }]",
     );
-    let (signature, key_id) = lichen_agent::hub::sign(
+    let mut desired = lichen_agent::hub::DesiredState {
+        version,
+        deployment: text,
+        artifacts: size.map(|s| (digest.to_owned(), s)).into_iter().collect(),
+        signature: None,
+        key_id: None,
+    };
+    let (signature, key_id) = lichen_agent::hub::sign_desired(
         &std::fs::read(setup.key("trusted")).expect("key file"),
         NODE,
-        version,
-        &text,
+        &desired,
     )
     .expect("signs");
+    desired.signature = Some(signature);
+    desired.key_id = Some(key_id);
     let desired = json!({
         "id": format!("operator:{version}"), "ts": 1,
-        "payload": {"version": version, "deployment": text, "signature": signature, "key-id": key_id},
+        "payload": desired,
     });
     watcher.publish(&topic("desired"), true, desired.to_string());
 }
@@ -569,7 +673,13 @@ fn an_artifact_travels_in_chunks_and_resumes_after_a_broker_restart_and_agent_ki
     let half = chunks / 2;
 
     // The desired state, the manifest and the first half of the chunks.
-    publish_desired_with_digest(&setup, &watcher, 2, "thermostat", &digest);
+    publish_desired_with_digest(
+        &setup,
+        &watcher,
+        2,
+        "thermostat",
+        (&digest, Some(bytes.len() as u64)),
+    );
     for (t, retain, payload) in &messages[..=half] {
         watcher.publish(t, *retain, payload.clone());
     }
@@ -613,14 +723,15 @@ fn an_artifact_travels_in_chunks_and_resumes_after_a_broker_restart_and_agent_ki
 }
 
 #[test]
-fn hub_deploy_publishes_artifacts_and_tampered_ones_are_rejected_and_reported() {
+fn forged_manifests_and_chunks_are_refused_without_rejecting_the_signed_deployment() {
     let broker = Mosquitto::start_with(PERSISTENT);
     let setup = Setup::new(&broker);
     let watcher = Watcher::connect(broker.port, "t-tamper", &topic("reported"));
     let daemon = setup.daemon();
     reported(&watcher, "counter running", |r| running(r, "counter"));
 
-    // `hub deploy` of a file naming its module by a relative path: the module travels too.
+    // `hub deploy` of a file naming its module by a relative path: the module travels too,
+    // its size signed with the text.
     std::fs::copy(
         guest("thermostat"),
         setup.dir.path().join("thermostat.wasm"),
@@ -636,56 +747,181 @@ fn hub_deploy_publishes_artifacts_and_tampered_ones_are_rejected_and_reported() 
         r["applied-version"] == 2 && running(r, "thermostat")
     });
 
-    // A chunk changed on its way: refused by the manifest's chunk digest.
+    // Version 3 names blinky with its size; the manifests come from anyone with broker access.
     let bytes = std::fs::read(guest("blinky")).expect("blinky guest");
+    let size = bytes.len() as u64;
     let digest = lichen_sync::sha256_hex(&bytes);
     let topics = lichen_sync::Topics::new(NODE).expect("node id");
-    let mut messages = lichen_agent::hub::artifacts::artifact_messages(&topics, &bytes, 4096, 1);
-    messages[2].2[10] ^= 0xff;
-    for (t, retain, payload) in &messages {
-        watcher.publish(t, *retain, payload.clone());
-    }
-    publish_desired_with_digest(&setup, &watcher, 3, "blinky", &digest);
-    let r = reported(&watcher, "the rejection of version 3", |r| {
-        r["last-rejection"]["version"] == 3
+    publish_desired_with_digest(&setup, &watcher, 3, "blinky", (&digest, Some(size)));
+    let waiting = reported(&watcher, "version 3 waiting for its artifact", |r| {
+        fetching(r).is_some_and(|f| f["digest"] == digest.as_str() && f["size"] == size)
     });
-    let reason = r["last-rejection"]["reason"].as_str().expect("a reason");
-    assert!(
-        reason.contains("chunk 1 of artifact") && reason.contains("tampered"),
-        "{reason}"
-    );
-    assert!(running(&r, "thermostat"), "{r}");
+    let manifest_topic = topics.artifact_manifest(&digest);
+    let envelope = |payload: &lichen_sync::Manifest| {
+        json!({"id": "someone:1", "ts": 1, "payload": payload}).to_string()
+    };
 
-    // A forged manifest that matches forged chunks: the whole-artifact digest refuses it.
+    // 1. A manifest claiming 512 MiB: refused on its size, not a byte fetched.
+    let (mut huge, _) = lichen_sync::Manifest::split(&[0u8; 4096], 1024);
+    huge.digest = digest.clone();
+    huge.size = 512 << 20;
+    huge.chunk_size = 512 << 10;
+    huge.chunks = vec!["00".repeat(32); 1024];
+    watcher.publish(&manifest_topic, true, envelope(&huge));
+    let r = reported(&watcher, "the 512 MiB manifest refused", |r| {
+        fetching(r).is_some_and(|f| f["refused"] == 1)
+    });
+    let f = fetching(&r).expect("still fetching");
+    let error = f["last-error"].as_str().expect("why");
+    assert!(
+        error.contains(&format!(
+            "says 536870912 bytes; the signed desired state says {size}"
+        )),
+        "{error}"
+    );
+    assert_eq!(
+        r["counters"]["artifact-chunks"], waiting["counters"]["artifact-chunks"],
+        "no chunk fetched: {r}"
+    );
+    assert!(r["last-rejection"].is_null(), "the deployment stands: {r}");
+
+    // 2. A forged manifest of the right size, with forged chunks to match: fetched (the
+    //    signed size, no more), then refused on the whole artifact's digest.
     let mut forged = bytes.clone();
     forged[100] ^= 0xff;
     let (mut manifest, chunks) = lichen_sync::Manifest::split(&forged, 4096);
     manifest.digest = digest.clone();
-    let envelope = json!({"id": "operator:4", "ts": 1, "payload": manifest});
-    watcher.publish(
-        &topics.artifact_manifest(&digest),
-        true,
-        envelope.to_string(),
-    );
     for (i, c) in chunks.iter().enumerate() {
         watcher.publish(&topics.artifact_chunk(&digest, i as u32), true, c.to_vec());
     }
-    // After the artifact, as `hub deploy` does: the node never sees the old retained copies.
-    publish_desired_with_digest(&setup, &watcher, 4, "blinky", &digest);
-    let r = reported(&watcher, "the rejection of version 4", |r| {
+    watcher.publish(&manifest_topic, true, envelope(&manifest));
+    let r = reported(&watcher, "the forged artifact refused", |r| {
+        fetching(r).is_some_and(|f| f["refused"] == 2)
+    });
+    let error = fetching(&r).expect("still fetching")["last-error"]
+        .as_str()
+        .expect("why")
+        .to_owned();
+    assert!(
+        error.contains(&format!("artifact sha256:{digest} was tampered with")),
+        "{error}"
+    );
+    assert!(r["last-rejection"].is_null(), "the deployment stands: {r}");
+    assert_eq!(r["applied-version"], 2, "{r}");
+
+    // 3. The genuine manifest, with one chunk changed on its way: that chunk is refused...
+    //    (The chunks go first, so the forged ones retained above are all replaced when the
+    //    node asks for them.)
+    let mut messages = lichen_agent::hub::artifacts::artifact_messages(&topics, &bytes, 4096, 1);
+    let (chunk_topic, _, good_chunk) = messages[2].clone();
+    messages[2].2[10] ^= 0xff;
+    for (t, retain, payload) in messages[1..].iter().chain(&messages[..1]) {
+        watcher.publish(t, *retain, payload.clone());
+    }
+    let r = reported(&watcher, "the changed chunk refused", |r| {
+        fetching(r).is_some_and(|f| {
+            f["refused"] == 3
+                && f["last-error"]
+                    .as_str()
+                    .is_some_and(|e| e.contains("chunk 1 of artifact") && e.contains("tampered"))
+        })
+    });
+    assert!(r["last-rejection"].is_null(), "{r}");
+    assert!(daemon.status("blinky").is_none(), "not applied yet");
+    // ...and once the hub sends it again, version 3 is applied.
+    watcher.publish(&chunk_topic, true, good_chunk);
+    // (Blinky needs a GPIO grant this deployment does not give: it applies, then fails to
+    // start, which is the deployment's business, not the transfer's.)
+    let r = reported(&watcher, "version 3 applied", |r| r["applied-version"] == 3);
+    assert!(r["artifacts"].is_null(), "transfer finished: {r}");
+    assert_eq!(
+        daemon
+            .status("blinky")
+            .expect("blinky deployed")
+            .module_digest,
+        format!("sha256:{digest}")
+    );
+    assert!(
+        !daemon
+            .state_dir()
+            .join("artifacts/partial")
+            .join(&digest)
+            .exists()
+    );
+
+    // A desired state naming an artifact the node lacks without its size fetches nothing:
+    // rejected, naming the field.
+    let absent = "cd".repeat(32);
+    publish_desired_with_digest(&setup, &watcher, 4, "ghost", (&absent, None));
+    let r = reported(&watcher, "version 4 rejected", |r| {
         r["last-rejection"]["version"] == 4
     });
     let reason = r["last-rejection"]["reason"].as_str().expect("a reason");
     assert!(
-        reason.contains(&format!("artifact sha256:{digest} was tampered with")),
+        reason.contains(&format!("sha256:{absent}")) && reason.contains("\"artifacts\""),
         "{reason}"
     );
+    assert_eq!(r["applied-version"], 3, "{r}");
+}
+
+#[test]
+fn a_forged_desired_state_never_blocks_the_genuine_one_and_an_old_one_is_reported_stale() {
+    let broker = Mosquitto::start_with(PERSISTENT);
+    let setup = Setup::new(&broker);
+    let watcher = Watcher::connect(broker.port, "t-forged", &topic("reported"));
+    let _daemon = setup.daemon();
+    reported(&watcher, "counter running", |r| running(r, "counter"));
+
+    // Anyone with broker access guesses the next version (the default is the current Unix
+    // second) and publishes a forgery under it, retained.
+    let (signature, key_id) = lichen_agent::hub::sign(
+        &std::fs::read(setup.key("untrusted")).expect("key file"),
+        NODE,
+        1000,
+        &thermostat_deployment(),
+    )
+    .expect("signs");
+    let trusted_id = lichen_agent::hub::parse_public_key(
+        &std::fs::read_to_string(setup.key("trusted.pub")).expect("public key"),
+    )
+    .expect("public key")
+    .id;
+    assert_ne!(key_id, trusted_id);
+    let forged = json!({
+        "id": "mallory:1", "ts": 1,
+        "payload": {
+            "version": 1000,
+            "deployment": counter_deployment("1000"),
+            "signature": signature,
+            "key-id": trusted_id,
+        }
+    });
+    watcher.publish(&topic("desired"), true, forged.to_string());
+    let r = reported(&watcher, "the forgery rejected", |r| {
+        r["last-rejection"]["version"] == 1000
+    });
+    let reason = r["last-rejection"]["reason"].as_str().expect("a reason");
+    assert!(reason.contains("bad signature"), "{reason}");
+
+    // The genuine version 1000 is applied all the same: the forgery did not use it up.
+    setup.hub_deploy(&broker, &thermostat_deployment(), 1000, "trusted");
+    let r = reported(&watcher, "the genuine version 1000 applied", |r| {
+        r["applied-version"] == 1000 && running(r, "thermostat")
+    });
+    assert!(r["last-rejection"].is_null(), "{r}");
+    assert!(r["ignored-desired"].is_null(), "{r}");
+
+    // An older version (a replay, or a hub that went back) is ignored, and reported stale
+    // with the version it lost to.
+    setup.hub_deploy(&broker, &counter_deployment("2"), 999, "trusted");
+    let r = reported(&watcher, "version 999 ignored", |r| {
+        r["ignored-desired"]["version"] == 999
+    });
+    assert_eq!(r["ignored-desired"]["lost-to"], 1000, "{r}");
+    let reason = r["ignored-desired"]["reason"].as_str().expect("a reason");
+    assert!(reason.contains("stale"), "{reason}");
+    assert_eq!(r["applied-version"], 1000, "{r}");
     assert!(running(&r, "thermostat"), "{r}");
-    assert_eq!(r["applied-version"], 2, "{r}");
-    assert!(daemon.status("blinky").is_none());
-    let store = daemon.state_dir().join("artifacts");
-    assert!(!store.join(format!("{digest}.wasm")).exists());
-    assert!(!store.join("partial").join(&digest).exists());
 }
 
 #[test]
@@ -939,18 +1175,24 @@ fn rounds_of_broker_restarts_and_kill_9_lose_no_record() {
         "the subscriber sees the first count"
     );
 
+    let mut seen = vec![first];
     for _ in 0..ROUNDS {
-        std::thread::sleep(Duration::from_millis(700));
-        // The hub goes away while the counter publishes; a backlog builds.
+        // The counter publishes a while (paced by its 10 ms trigger), then the hub goes away
+        // and a backlog builds.
+        wait_for_more_counts(&daemon, 50);
         broker.stop();
-        std::thread::sleep(Duration::from_millis(300));
+        wait_for_more_counts(&daemon, 20);
         broker.restart();
-        // The agent dies during its catch-up and comes back on the same state.
-        std::thread::sleep(Duration::from_millis(200));
+        // The agent dies during its catch-up (the first record of it reached the hub) and
+        // comes back on the same state.
+        seen.push(
+            watcher
+                .next(Duration::from_secs(30))
+                .expect("the catch-up starts"),
+        );
         daemon.kill9().expect("kill -9");
         daemon.restart().expect("daemon restarts");
     }
-    std::thread::sleep(Duration::from_millis(500));
     daemon.stop().expect("daemon stops");
     let db = rusqlite::Connection::open(daemon.state_dir().join("lichen.db")).expect("state db");
     let target: u64 = db
@@ -965,7 +1207,7 @@ fn rounds_of_broker_restarts_and_kill_9_lose_no_record() {
     drop(db);
     assert!(target > 100, "the counter ran through the rounds: {target}");
     daemon.restart().expect("daemon restarts to drain");
-    assert_every_count_arrives(&watcher, target, vec![first]);
+    assert_every_count_arrives(&watcher, target, seen);
 }
 
 #[test]
@@ -1107,4 +1349,226 @@ fn hub_over_mutual_tls_works_and_a_wrong_ca_is_refused_with_a_clear_error() {
         text.contains("cannot connect") && text.contains("not trusted by the CA file"),
         "{text}"
     );
+}
+
+/// A hub-side client that can publish messages of up to 64 MiB (a watcher stops at 1 MiB).
+fn big_publisher(port: u16) -> rumqttc::Client {
+    let mut options = rumqttc::MqttOptions::new("t-big", "127.0.0.1", port);
+    options
+        .set_keep_alive(Duration::from_secs(30))
+        .set_max_packet_size(64 << 20, 64 << 20);
+    let (client, mut connection) = rumqttc::Client::new(options, 10);
+    std::thread::spawn(move || for _ in connection.iter() {});
+    client
+}
+
+/// Peak resident memory of process `pid` (`VmHWM`), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .expect("VmHWM in kB")
+        * 1024
+}
+
+/// An envelope of exactly `bytes` bytes with id `id` first and a padded string payload.
+fn padded_envelope(id: &str, bytes: usize) -> Vec<u8> {
+    let mut p = format!(r#"{{"id":"{id}","ts":1,"payload":""#).into_bytes();
+    p.resize(bytes - 2, b'x');
+    p.extend(b"\"}");
+    p
+}
+
+#[test]
+fn oversized_messages_get_an_answer_and_the_link_stays_up() {
+    let broker = Mosquitto::start_with(PERSISTENT);
+    let setup = Setup::new(&broker);
+    let results = Watcher::connect(broker.port, "t-big-results", &topic("cmd-result/+"));
+    let state = Watcher::connect(broker.port, "t-big-state", &topic("reported"));
+    let daemon = setup.daemon();
+    let first = subscribed(&state);
+    let reconnects = first["connection"]["reconnects"].clone();
+    let peak_before = peak_rss(daemon.pid());
+    let big = big_publisher(broker.port);
+
+    // A 50 MiB command: answered with the limit, read without being held in memory.
+    big.publish(
+        topic("cmd/counter"),
+        rumqttc::QoS::AtLeastOnce,
+        false,
+        padded_envelope("hub:50", 50 << 20),
+    )
+    .expect("queue publish");
+    let m = results.wait_for("the answer to hub:50", Duration::from_secs(60), |m| {
+        m.json()["payload"]["cmd"] == "hub:50"
+    });
+    let v = m.json();
+    assert_eq!(v["payload"]["ok"], false, "{v}");
+    let error = v["payload"]["error"].as_str().expect("an error");
+    assert!(
+        error.contains("52428800 bytes") && error.contains("1048576-byte limit"),
+        "{error}"
+    );
+
+    // A 2 MiB retained desired state: refused naming its size and the limit.
+    big.publish(
+        topic("desired"),
+        rumqttc::QoS::AtLeastOnce,
+        true,
+        padded_envelope("hub:51", 2 << 20),
+    )
+    .expect("queue publish");
+    let r = reported(&state, "the big desired state refused", |r| {
+        r["last-rejection"]["reason"]
+            .as_str()
+            .is_some_and(|s| s.contains("2097152 bytes"))
+    });
+    let reason = r["last-rejection"]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("1048576-byte limit"), "{reason}");
+
+    // The same connection carries on: a command of the usual size runs.
+    results.publish(
+        &topic("cmd/counter"),
+        false,
+        json!({"id": "hub:52", "ts": 1, "payload": {"command": "get"}}).to_string(),
+    );
+    let m = results.wait_for("the result of hub:52", Duration::from_secs(20), |m| {
+        m.json()["payload"]["cmd"] == "hub:52"
+    });
+    assert_eq!(m.json()["payload"]["ok"], true, "{}", m.json());
+    assert_eq!(r["connection"]["connected"], true, "{r}");
+    assert_eq!(
+        r["connection"]["reconnects"], reconnects,
+        "never reconnected: {r}"
+    );
+    assert_link_never_dropped(&daemon);
+    let grew = peak_rss(daemon.pid()).saturating_sub(peak_before);
+    println!("peak RSS grew by {} KiB for a 50 MiB command", grew / 1024);
+    assert!(
+        grew < 32 << 20,
+        "the 50 MiB command was held in memory: peak RSS grew by {grew} bytes"
+    );
+}
+
+#[test]
+fn a_flood_of_commands_runs_each_exactly_once_and_keeps_the_link() {
+    const N: u64 = 5000;
+    let broker = Mosquitto::start_with(PERSISTENT);
+    let setup = Setup::new(&broker);
+    let results = Watcher::connect(broker.port, "t-flood-results", &topic("cmd-result/+"));
+    let state = Watcher::connect(broker.port, "t-flood-state", &topic("reported"));
+    let daemon = setup.daemon();
+    subscribed(&state);
+
+    let started = std::time::Instant::now();
+    for i in 1..=N {
+        results.publish(
+            &topic("cmd/counter"),
+            false,
+            json!({"id": format!("hub:{i}"), "ts": 1, "payload": {"command": "mark"}}).to_string(),
+        );
+    }
+    let mut answered = std::collections::HashSet::new();
+    while (answered.len() as u64) < N {
+        let m = results.next(Duration::from_secs(60)).unwrap_or_else(|| {
+            panic!(
+                "{} of {N} commands answered; stalled for 60 s",
+                answered.len()
+            )
+        });
+        let v = m.json();
+        assert_eq!(v["payload"]["ok"], true, "every command runs: {v}");
+        answered.insert(v["payload"]["cmd"].as_str().expect("cmd id").to_owned());
+    }
+    let elapsed = started.elapsed();
+    println!(
+        "{N} hub commands run and answered in {elapsed:?} ({:.0}/s, debug build)",
+        N as f64 / elapsed.as_secs_f64()
+    );
+    assert_exactly_once(&daemon, N);
+    assert_link_never_dropped(&daemon);
+}
+
+/// The daemon's log shows no lost hub connection.
+fn assert_link_never_dropped(daemon: &Daemon) {
+    let log = daemon.log();
+    assert!(
+        !log.contains("mqtt connection lost"),
+        "the hub link dropped:\n{log}"
+    );
+}
+
+/// Every `mark` command `hub:1..=n` left exactly one side effect in the counter's kv.
+fn assert_exactly_once(daemon: &Daemon, n: u64) {
+    let marks: BTreeMap<String, String> = kv_rows(daemon, "mark/").into_iter().collect();
+    let twice: Vec<_> = marks.iter().filter(|(_, v)| *v != "1").collect();
+    assert!(
+        twice.is_empty(),
+        "commands that ran more than once: {twice:?}"
+    );
+    let missing: Vec<u64> = (1..=n)
+        .filter(|i| !marks.contains_key(&format!("mark/hub:{i}")))
+        .collect();
+    assert!(missing.is_empty(), "commands that never ran: {missing:?}");
+    assert_eq!(marks.len() as u64, n, "no other marks");
+    assert_eq!(
+        kv_rows(daemon, "marks"),
+        [("marks".to_owned(), n.to_string())],
+        "the total counts each command once"
+    );
+}
+
+#[test]
+fn commands_interrupted_by_kill_9_run_exactly_once() {
+    const N: u64 = 1500;
+    let broker = Mosquitto::start_with(PERSISTENT);
+    let setup = Setup::new(&broker);
+    let results = Watcher::connect(broker.port, "t-kill-results", &topic("cmd-result/+"));
+    let state = Watcher::connect(broker.port, "t-kill-state", &topic("reported"));
+    let mut daemon = setup.daemon();
+    subscribed(&state);
+
+    // The hub sends a stream of commands while the node is killed three times in the middle
+    // of it; the broker keeps what the node has not acknowledged.
+    let publisher = Watcher::connect(broker.port, "t-kill-hub", &topic("nothing"));
+    let hub = std::thread::spawn(move || {
+        for i in 1..=N {
+            publisher.publish(
+                &topic("cmd/counter"),
+                false,
+                json!({"id": format!("hub:{i}"), "ts": 1, "payload": {"command": "mark"}})
+                    .to_string(),
+            );
+        }
+        publisher
+    });
+    let mut answered = std::collections::HashSet::new();
+    let wait_answers = |target: u64, answered: &mut std::collections::HashSet<String>| {
+        while (answered.len() as u64) < target {
+            let m = results.next(Duration::from_secs(60)).unwrap_or_else(|| {
+                panic!("{} of {target} commands answered; stalled", answered.len())
+            });
+            let v = m.json();
+            assert_eq!(v["payload"]["ok"], true, "every command runs: {v}");
+            answered.insert(v["payload"]["cmd"].as_str().expect("cmd id").to_owned());
+        }
+    };
+    for kill_at in [100, 500, 900] {
+        wait_answers(kill_at, &mut answered);
+        daemon.kill9().expect("kill -9");
+        daemon.restart().expect("daemon restarts");
+    }
+    wait_answers(N, &mut answered);
+    let _publisher = hub.join().expect("hub thread");
+    assert_exactly_once(&daemon, N);
+    // The killed runs' socket directories were swept: only the live one is left.
+    let sockets: Vec<_> = std::fs::read_dir(daemon.state_dir())
+        .expect("state dir")
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("lichen-mqtt-"))
+        .map(|e| e.file_name())
+        .collect();
+    assert_eq!(sockets.len(), 1, "{sockets:?}");
 }

@@ -82,10 +82,20 @@ fn commands_reach_the_function_and_its_reply_comes_back() {
 #[test]
 fn stop_ends_a_workload_and_the_next_deploy_starts_it_again() {
     let daemon = Daemon::start().unwrap();
-    let text = one_workload(
-        "counter",
-        &guest("counter"),
-        "triggers = [{ interval = \"20ms\" }]",
+    // A second counter on the same trigger is the clock: while it handles ten events, a
+    // counter that still ran would handle some too.
+    let text = format!(
+        "{}{}",
+        one_workload(
+            "counter",
+            &guest("counter"),
+            "triggers = [{ interval = \"20ms\" }]",
+        ),
+        one_workload(
+            "clock",
+            &guest("counter"),
+            "triggers = [{ interval = \"20ms\" }]",
+        )
     );
     assert!(daemon.deploy("deploy.toml", &text).status.success());
     daemon.wait_for("counter", "an event", |s| s.events_handled >= 1);
@@ -93,7 +103,10 @@ fn stop_ends_a_workload_and_the_next_deploy_starts_it_again() {
     assert!(out.status.success(), "{}", output_text(&out));
     let stopped = daemon.status("counter").unwrap();
     assert_eq!(stopped.state, "stopped");
-    std::thread::sleep(std::time::Duration::from_millis(200));
+    let clock = daemon.status("clock").unwrap().events_handled;
+    daemon.wait_for("clock", "ten more events", |s| {
+        s.events_handled >= clock + 10
+    });
     assert_eq!(
         daemon.status("counter").unwrap().events_handled,
         stopped.events_handled,
@@ -124,6 +137,38 @@ fn a_wasi_preview1_command_runs_and_its_output_reaches_the_logs() {
     let logs = output_text(&daemon.cli(&["logs", "hello"]));
     assert!(logs.contains("hello from wasi"), "{logs}");
     assert!(logs.contains("LICHEN_GREETING=hi there"), "{logs}");
+}
+
+#[test]
+fn a_wasi_cli_component_runs_and_its_output_and_exit_code_reach_the_agent() {
+    let daemon = Daemon::start().unwrap();
+    let text = one_workload(
+        "hello",
+        &guest("hello-wasi-cli"),
+        "[workloads.config]\ngreeting = \"hi there\"",
+    );
+    let out = daemon.deploy("deploy.toml", &text);
+    assert!(out.status.success(), "{}", output_text(&out));
+    let status = daemon.wait_for("hello", "completed", |s| s.state == "completed");
+    assert_eq!(status.kind, "wasi-command");
+    let logs = output_text(&daemon.cli(&["logs", "hello"]));
+    assert!(logs.contains("hello from wasi"), "{logs}");
+    assert!(logs.contains("LICHEN_GREETING=hi there"), "{logs}");
+
+    let text = one_workload(
+        "hello",
+        &guest("hello-wasi-cli"),
+        "[workloads.config]\nexit = \"3\"",
+    );
+    let out = daemon.deploy("deploy.toml", &text);
+    assert!(out.status.success(), "{}", output_text(&out));
+    // WASI 0.2's exit carries ok or err only: exit(3) reaches the agent as code 1.
+    let status = daemon.wait_for("hello", "failed", |s| {
+        s.last_error
+            .as_deref()
+            .is_some_and(|e| e.contains("exited with code 1"))
+    });
+    assert_ne!(status.state, "completed");
 }
 
 #[test]
@@ -231,8 +276,41 @@ fn logs_follow_streams_new_lines_as_they_are_written() {
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    // Give the follower time to subscribe; lines before that are not part of the stream.
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    let stdout = follower.stdout.take().unwrap();
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { return };
+            if tx.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let message = |line: &str| -> String {
+        let value: serde_json::Value = serde_json::from_str(line).unwrap();
+        assert_eq!(value["workload"], "thermostat");
+        value["message"].as_str().unwrap_or_default().to_owned()
+    };
+    // Lines written before the follower subscribed are not part of its stream: setting the
+    // target it already has logs a line without changing anything, until one comes through.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    'subscribed: loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the follower streamed nothing within 30 s"
+        );
+        assert!(
+            daemon
+                .cli(&["send", "thermostat", "set-target", "40"])
+                .status
+                .success()
+        );
+        while let Ok(line) = lines.recv_timeout(std::time::Duration::from_millis(500)) {
+            if message(&line).contains("target set to 40") {
+                break 'subscribed;
+            }
+        }
+    }
     // The command changes the target, so the heater switches and the function logs it.
     assert!(
         daemon
@@ -240,18 +318,11 @@ fn logs_follow_streams_new_lines_as_they_are_written() {
             .status
             .success()
     );
-    let stdout = follower.stdout.take().unwrap();
-    let mut lines = std::io::BufReader::new(stdout).lines();
     let mut seen = Vec::new();
-    let switched = lines.by_ref().take(20).any(|line| {
-        let line = line.unwrap();
-        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
-        assert_eq!(value["workload"], "thermostat");
+    let switched = lines.iter().take(20).any(|line| {
+        let switched = message(&line).contains("heater off");
         seen.push(line);
-        value["message"]
-            .as_str()
-            .unwrap_or_default()
-            .contains("heater off")
+        switched
     });
     assert!(switched, "the heater switch was streamed: {seen:?}");
     follower.kill().unwrap();

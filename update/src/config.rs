@@ -20,7 +20,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::bootstate::grubenv::GrubEnvStore;
 use crate::bootstate::tryboot::TrybootStore;
@@ -32,9 +32,22 @@ use crate::slot::{Slot, SlotError, resolve_device, valid_name};
 pub const MIN_HEALTH_DEADLINE: Duration = Duration::from_secs(10);
 /// Longest health-check deadline.
 pub const MAX_HEALTH_DEADLINE: Duration = Duration::from_secs(24 * 3600);
+/// Longest path in `[update]` (boot-state files, slot devices, `system-file`, ...), in bytes:
+/// Linux's `PATH_MAX`.
+pub const MAX_PATH_BYTES: usize = 4096;
+/// Most keys in `update.trusted-keys` (as in `hub.trusted-keys`).
+pub const MAX_TRUSTED_KEYS: usize = 64;
+/// Longest text of one trusted key (hex or base64 of 32 bytes fits with room).
+pub const MAX_KEY_TEXT_BYTES: usize = 256;
+/// Most arguments of `update.reboot-command`.
+pub const MAX_REBOOT_ARGS: usize = 32;
+/// Longest `update.health-deadline` text.
+pub const MAX_DEADLINE_TEXT_BYTES: usize = 64;
+/// Smallest and largest U-Boot environment copy (`update.env-size`).
+pub const ENV_SIZE_BOUNDS: (usize, usize) = (64, crate::bootstate::ubootenv::MAX_SIZE);
 
 /// Which boot loader keeps the boot state.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum BootKind {
     /// GRUB environment blocks.
@@ -46,7 +59,7 @@ pub enum BootKind {
 }
 
 /// The devices of the two slots.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct SlotDevices {
     /// Slot A: `partlabel:NAME` or an absolute device path.
@@ -58,7 +71,7 @@ pub struct SlotDevices {
 }
 
 /// Boot partitions of the slots for `tryboot`.
-#[derive(Debug, Clone, Copy, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TrybootPartitions {
     /// Slot A's boot partition number.
@@ -70,7 +83,7 @@ pub struct TrybootPartitions {
 }
 
 /// `[update]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, rename_all = "kebab-case")]
 pub struct UpdateConfig {
     /// The target this board takes bundles for.
@@ -88,7 +101,7 @@ pub struct UpdateConfig {
     #[serde(default = "default_health_deadline")]
     pub health_deadline: String,
     /// A file created once a boot is confirmed (the board's init waits for it).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub confirm_file: Option<PathBuf>,
     /// The command that reboots the board.
     #[serde(default = "default_reboot")]
@@ -112,7 +125,7 @@ pub struct UpdateConfig {
     #[serde(default = "default_env_size")]
     pub env_size: usize,
     /// The slots' boot partitions for tryboot.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tryboot_partitions: Option<TrybootPartitions>,
 }
 
@@ -161,11 +174,108 @@ impl UpdateConfig {
                 format!("{:?} is not 1-64 letters, digits and . _ + -", self.target),
             );
         }
+        if self.health_deadline.len() > MAX_DEADLINE_TEXT_BYTES {
+            return bad(
+                "health-deadline",
+                format!(
+                    "{} bytes; at most {MAX_DEADLINE_TEXT_BYTES}",
+                    self.health_deadline.len()
+                ),
+            );
+        }
         self.health_deadline()?;
         if self.reboot_command.is_empty() || self.reboot_command[0].is_empty() {
             return bad(
                 "reboot-command",
                 "empty: name the program that reboots".into(),
+            );
+        }
+        if self.reboot_command.len() > MAX_REBOOT_ARGS {
+            return bad(
+                "reboot-command",
+                format!(
+                    "{} arguments; at most {MAX_REBOOT_ARGS}",
+                    self.reboot_command.len()
+                ),
+            );
+        }
+        if let Some(arg) = self
+            .reboot_command
+            .iter()
+            .find(|arg| arg.len() > MAX_PATH_BYTES)
+        {
+            return bad(
+                "reboot-command",
+                format!(
+                    "an argument of {} bytes; at most {MAX_PATH_BYTES}",
+                    arg.len()
+                ),
+            );
+        }
+        if self.trusted_keys.len() > MAX_TRUSTED_KEYS {
+            return bad(
+                "trusted-keys",
+                format!(
+                    "{} keys; at most {MAX_TRUSTED_KEYS}",
+                    self.trusted_keys.len()
+                ),
+            );
+        }
+        if let Some(i) = self
+            .trusted_keys
+            .iter()
+            .position(|key| key.len() > MAX_KEY_TEXT_BYTES)
+        {
+            return bad(
+                "trusted-keys",
+                format!(
+                    "key {i} is {} bytes; at most {MAX_KEY_TEXT_BYTES}",
+                    self.trusted_keys[i].len()
+                ),
+            );
+        }
+        let mut paths: Vec<(&'static str, &std::path::Path)> = vec![
+            ("system-file", &self.system_file),
+            ("cmdline", &self.cmdline),
+            ("sys-class-block", &self.sys_class_block),
+            ("dev-dir", &self.dev_dir),
+            ("mounts", &self.mounts),
+        ];
+        if let Some(file) = &self.confirm_file {
+            paths.push(("confirm-file", file));
+        }
+        for file in &self.boot_state {
+            paths.push(("boot-state", file));
+        }
+        for (field, path) in paths {
+            let bytes = path.as_os_str().len();
+            if bytes == 0 || bytes > MAX_PATH_BYTES {
+                return bad(
+                    field,
+                    format!("a path of {bytes} bytes; expected 1 to {MAX_PATH_BYTES}"),
+                );
+            }
+        }
+        if self.boot == BootKind::Uboot
+            && !(ENV_SIZE_BOUNDS.0..=ENV_SIZE_BOUNDS.1).contains(&self.env_size)
+        {
+            return bad(
+                "env-size",
+                format!(
+                    "{} is out of bounds: expected {} to {}",
+                    self.env_size, ENV_SIZE_BOUNDS.0, ENV_SIZE_BOUNDS.1
+                ),
+            );
+        }
+        if let Some(parts) = self.tryboot_partitions
+            && (parts.a == parts.b || !(1..=63).contains(&parts.a) || !(1..=63).contains(&parts.b))
+        {
+            return bad(
+                "tryboot-partitions",
+                format!(
+                    "A={} B={}: expected two different partitions 1 to 63",
+                    parts.a, parts.b
+                ),
             );
         }
         let copies = self.boot_state.len();
@@ -185,6 +295,12 @@ impl UpdateConfig {
             );
         }
         for (field, spec) in [("slots.A", &self.slots.a), ("slots.B", &self.slots.b)] {
+            if spec.len() > MAX_PATH_BYTES {
+                return bad(
+                    field,
+                    format!("{} bytes; at most {MAX_PATH_BYTES}", spec.len()),
+                );
+            }
             if !(spec.starts_with("partlabel:") || spec.starts_with('/')) {
                 return bad(
                     field,
@@ -245,14 +361,17 @@ mod tests {
     use super::*;
 
     fn config(extra: &str) -> Result<UpdateConfig, String> {
-        let mut text = String::from(
-            "boot = \"grub\"\nslots = { A = \"partlabel:rootfs-a\", B = \"/dev/vda3\" }\n",
-        );
+        let mut text = String::new();
         for (key, line) in [
+            ("boot", "boot = \"grub\""),
+            (
+                "slots",
+                "slots = { A = \"partlabel:rootfs-a\", B = \"/dev/vda3\" }",
+            ),
             ("target", "target = \"x86_64\""),
             ("boot-state", "boot-state = [\"/b/grubenv\"]"),
         ] {
-            if !extra.starts_with(key) {
+            if !extra.lines().any(|l| l.starts_with(&format!("{key} ="))) {
                 text.push_str(line);
                 text.push('\n');
             }
@@ -279,10 +398,58 @@ mod tests {
             ("reboot-command = []", "update.reboot-command"),
             ("boot-state = [\"/a\", \"/b\", \"/c\"]", "update.boot-state"),
             ("target = \"../x\"", "update.target"),
+            ("env-size = 1", ""),
+            (
+                "boot = \"uboot\"\nenv-size = 1",
+                "update.env-size: 1 is out of bounds",
+            ),
+            ("reboot-command = [\"reboot\", \"\"]", ""),
+            (
+                "tryboot-partitions = { A = 2, B = 2 }",
+                "update.tryboot-partitions",
+            ),
+            ("confirm-file = \"\"", "update.confirm-file"),
+            ("trusted-keys = [\"aaaa\"]", ""),
         ] {
+            if field.is_empty() {
+                // Fine here: env-size is the U-Boot adapter's, keys are parsed by the agent.
+                config(extra).unwrap();
+                continue;
+            }
             let err = config(extra).unwrap_err();
             assert!(err.contains(field), "{extra}: {err}");
         }
+        let long = format!("health-deadline = \"{}s\"", "1".repeat(70));
+        assert!(
+            config(&long)
+                .unwrap_err()
+                .contains("update.health-deadline")
+        );
+        let many = format!("reboot-command = {:?}", vec!["x"; 33]);
+        assert!(
+            config(&many)
+                .unwrap_err()
+                .contains("update.reboot-command: 33 arguments")
+        );
+        let keys = format!("trusted-keys = {:?}", vec!["k"; 65]);
+        assert!(
+            config(&keys)
+                .unwrap_err()
+                .contains("update.trusted-keys: 65 keys")
+        );
+        let key = format!("trusted-keys = [{:?}]", "k".repeat(257));
+        assert!(
+            config(&key)
+                .unwrap_err()
+                .contains("update.trusted-keys: key 0")
+        );
+        let path = format!("system-file = \"/{}\"", "p".repeat(4096));
+        assert!(config(&path).unwrap_err().contains("update.system-file"));
+        let slot = format!(
+            "slots = {{ A = \"/{}\", B = \"/dev/vda3\" }}",
+            "d".repeat(4096)
+        );
+        assert!(config(&slot).unwrap_err().contains("update.slots.A"));
         let err = toml::from_str::<UpdateConfig>("target = \"x\"\nboot = \"lilo\"")
             .unwrap_err()
             .to_string();

@@ -91,8 +91,22 @@ impl Client {
         &self.socket
     }
 
-    /// `POST /v1/deploy`: validates and applies a deployment.
+    /// `POST /v1/deploy`: validates and applies a deployment. A text over
+    /// [`DeploymentSpec::MAX_TEXT_BYTES`](crate::deployment::DeploymentSpec::MAX_TEXT_BYTES) is
+    /// refused here, with the daemon's own message, without being sent.
     pub async fn deploy(&self, req: &DeployRequest) -> Result<DeployReport, ClientError> {
+        let max = crate::deployment::DeploymentSpec::MAX_TEXT_BYTES;
+        if req.text.len() > max {
+            return Err(ClientError::Api {
+                status: 400,
+                error: ApiError::invalid(format!(
+                    "{}: the deployment is {} bytes long; the largest accepted is {} ({max} bytes)",
+                    req.file_name,
+                    req.text.len(),
+                    crate::deployment::show_bytes(max.try_into().unwrap_or(u64::MAX)),
+                )),
+            });
+        }
         self.call(Method::POST, "/v1/deploy".into(), Some(req))
             .await
     }
@@ -194,6 +208,16 @@ impl Client {
             .map(serde_json::to_vec)
             .transpose()
             .map_err(|err| ClientError::Protocol(format!("cannot encode the request: {err}")))?;
+        // The daemon would stop reading and close: say why before sending, as it would.
+        if body
+            .as_ref()
+            .is_some_and(|body| body.len() > super::server::MAX_REQUEST_BYTES)
+        {
+            return Err(ClientError::Api {
+                status: 413,
+                error: ApiError::invalid(super::server::too_large_message()),
+            });
+        }
         let response = self.request(method, path, body).await?;
         if !response.status().is_success() {
             return Err(self.error_from(response).await);

@@ -49,6 +49,10 @@ use super::types::{
     SendRequest, WorkloadStatus,
 };
 
+/// Largest request body the API reads: 16 MiB, room for the largest deployment
+/// ([`DeploymentSpec::MAX_TEXT_BYTES`](crate::deployment::DeploymentSpec::MAX_TEXT_BYTES), 4 MiB)
+/// after JSON escaping. A larger body is refused with an `invalid` error naming the limit.
+pub const MAX_REQUEST_BYTES: usize = 16 << 20;
 /// Log lines `logs` returns when the request names no `tail`.
 pub const DEFAULT_TAIL: usize = 100;
 /// Events `events` returns when the request names no `limit`.
@@ -90,8 +94,46 @@ pub async fn serve_unix<C: Control>(
     socket: &Path,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    serve_bound(control, bind(socket).await?, shutdown).await
+}
+
+/// A bound, private API socket not yet served; its file is removed when it is dropped.
+///
+/// The daemon binds before it restores any workload, so a second daemon on the same socket
+/// stops before starting anything; connections wait in the backlog until it serves.
+pub struct BoundSocket {
+    listener: UnixListener,
+    path: RemoveOnDrop,
+}
+
+impl BoundSocket {
+    /// The socket's path.
+    pub fn path(&self) -> &Path {
+        &self.path.0
+    }
+}
+
+/// Binds the API socket `socket` as [`serve_unix`] does, without serving it yet.
+pub async fn bind(socket: &Path) -> anyhow::Result<BoundSocket> {
     let listener = bind_unix(socket).await?;
-    let _remove_on_exit = RemoveOnDrop(socket.to_path_buf());
+    Ok(BoundSocket {
+        listener,
+        path: RemoveOnDrop(socket.to_path_buf()),
+    })
+}
+
+/// Serves the local API on a socket bound by [`bind`] until `shutdown` completes.
+pub async fn serve_bound<C: Control>(
+    control: C,
+    bound: BoundSocket,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let BoundSocket {
+        listener,
+        path: _remove_on_exit,
+    } = bound;
+    let socket = _remove_on_exit.0.clone();
+    let socket = socket.as_path();
     let (stop_tx, stop_rx) = watch::channel(false);
     let app = router(AppState {
         control,
@@ -203,12 +245,31 @@ fn router<C: Control>(state: AppState<C>) -> Router {
         .route("/v1/events", get(events::<C>))
         .route("/v1/doctor", get(doctor::<C>))
         .fallback(fallback)
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_REQUEST_BYTES))
         .with_state(state)
 }
 
 /// Turns axum's plain-text body rejection into an `invalid` [`ApiError`].
 fn body_error(rejection: JsonRejection) -> ApiError {
+    if rejection.status() == StatusCode::PAYLOAD_TOO_LARGE {
+        return ApiError::invalid(too_large_message());
+    }
     ApiError::invalid(format!("malformed request body: {}", rejection.body_text()))
+}
+
+/// What a request over [`MAX_REQUEST_BYTES`] is told (the client says the same before it
+/// sends one).
+pub fn too_large_message() -> String {
+    format!(
+        "the request body is larger than the local API's limit of {} ({MAX_REQUEST_BYTES} \
+         bytes); a deployment may be at most {}",
+        crate::deployment::show_bytes(MAX_REQUEST_BYTES.try_into().unwrap_or(u64::MAX)),
+        crate::deployment::show_bytes(
+            crate::deployment::DeploymentSpec::MAX_TEXT_BYTES
+                .try_into()
+                .unwrap_or(u64::MAX)
+        )
+    )
 }
 
 /// Turns axum's plain-text query rejection into an `invalid` [`ApiError`].

@@ -188,29 +188,38 @@ impl ApiError {
     pub fn invalid(error: impl Into<String>) -> Self {
         Self {
             code: "invalid".into(),
-            error: error.into(),
+            error: escaped(error.into()),
         }
     }
     /// No workload (or other named thing) by that name.
     pub fn not_found(error: impl Into<String>) -> Self {
         Self {
             code: "not-found".into(),
-            error: error.into(),
+            error: escaped(error.into()),
         }
     }
     /// The target exists but cannot take the request now (stopped, backing off, busy).
     pub fn unavailable(error: impl Into<String>) -> Self {
         Self {
             code: "unavailable".into(),
-            error: error.into(),
+            error: escaped(error.into()),
         }
     }
     /// A failure inside the agent.
     pub fn internal(error: impl Into<String>) -> Self {
         Self {
             code: "internal".into(),
-            error: error.into(),
+            error: escaped(error.into()),
         }
+    }
+}
+
+/// An error text with what it echoes made safe to print (see
+/// [`escape_unprintable`](crate::util::escape_unprintable)).
+fn escaped(error: String) -> String {
+    match crate::util::escape_unprintable(&error) {
+        std::borrow::Cow::Borrowed(_) => error,
+        std::borrow::Cow::Owned(escaped) => escaped,
     }
 }
 

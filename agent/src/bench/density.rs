@@ -215,6 +215,7 @@ async fn run_read_only_dispatch(
                 id: format!("bench-{i}"),
                 name: "get".into(),
                 payload: Vec::new(),
+                hub: None,
             })
             .await
             .map_err(anyhow::Error::msg)

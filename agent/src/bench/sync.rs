@@ -188,6 +188,7 @@ async fn produce(store: &StateStore, records: u64, producers: usize) -> Result<D
                             created_at_ms: now,
                         }],
                         events_handled: 1,
+                        command: None,
                     })
                     .await?;
             }

@@ -1,8 +1,9 @@
 //! `lichen hub`: the operator's side of the hub, against any MQTT broker. These verbs do not
 //! talk to a local daemon: they connect to the broker themselves.
 //!
-//! - `lichen hub keygen OUT`: a new ed25519 publisher key pair (`OUT`: PKCS#8 PEM, mode 0600;
-//!   `OUT.pub`: the public key in hex, for the nodes' `hub.trusted-keys`).
+//! - `lichen hub keygen OUT`: a new ed25519 publisher key pair (`OUT`: PKCS#8 v1 PEM, the form
+//!   OpenSSL and Python's `cryptography` read, mode 0600; `OUT.pub`: the public key in hex, for
+//!   the nodes' `hub.trusted-keys`).
 //! - `lichen hub deploy --url U --node N FILE --key KEY [--version V]`: publishes, retained,
 //!   the module files the deployment names by path (chunked, on `lichen/v1/N/artifact/...`),
 //!   then the deployment with those modules named by digest, signed for node N, on
@@ -32,12 +33,12 @@ use super::render::{self, Table};
 use super::{emit, push_json};
 use crate::hub::artifacts::{LocalArtifact, Message, artifact_messages, resolve_modules};
 use crate::hub::bundle::BundleIndex;
-use crate::hub::{DesiredState, generate_key, parse_url, sign};
+use crate::hub::{DesiredState, generate_key, parse_url, sign_desired};
 
 /// The `hub` verbs.
 #[derive(Debug, Clone, Subcommand)]
 pub enum HubCommand {
-    /// Write a new ed25519 publisher key pair: OUT (PKCS#8 PEM) and OUT.pub (hex).
+    /// Write a new ed25519 publisher key pair: OUT (PKCS#8 v1 PEM) and OUT.pub (hex).
     Keygen {
         /// Where to write the private key; the public key goes to OUT.pub.
         out: PathBuf,
@@ -356,17 +357,22 @@ fn signed_desired(
             .unwrap_or_default()
             .as_secs()
     });
-    let (signature, key_id) = sign(&key, node, version, &text)
+    // The sizes are signed with the text: a node fetches exactly these artifacts, this big.
+    let mut desired = DesiredState {
+        version,
+        deployment: text,
+        artifacts: artifacts
+            .iter()
+            .map(|a| (a.digest.clone(), a.bytes.len() as u64))
+            .collect(),
+        signature: None,
+        key_id: None,
+    };
+    let (signature, key_id) = sign_desired(&key, node, &desired)
         .with_context(|| format!("signing with key file {}", key_file.display()))?;
-    Ok((
-        DesiredState {
-            version,
-            deployment: text,
-            signature: Some(signature),
-            key_id: Some(key_id),
-        },
-        artifacts,
-    ))
+    desired.signature = Some(signature);
+    desired.key_id = Some(key_id);
+    Ok((desired, artifacts))
 }
 
 fn bundle(args: HubBundleArgs, json: bool) -> Result<ExitCode> {

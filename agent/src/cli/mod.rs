@@ -33,6 +33,12 @@ use crate::api::types::{
 };
 use render::Table;
 
+/// Input the CLI refuses itself, before asking the daemon (exit code 2, as for an `invalid`
+/// answer).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct InputRefused(pub String);
+
 /// Exit code of a failure.
 pub const EXIT_FAILURE: u8 = 1;
 /// Exit code when the input was refused as invalid and nothing changed (as clap uses for usage
@@ -170,6 +176,10 @@ pub struct RunArgs {
     /// Start with no deployment when none is stored yet (no embedded default).
     #[arg(long = "empty")]
     pub no_default: bool,
+    /// Print the effective configuration (TOML, every key with the defaults filled in) and
+    /// exit without starting.
+    #[arg(long)]
+    pub print_config: bool,
 }
 
 /// Options of `lichen bench`.
@@ -245,11 +255,16 @@ pub fn report_error(err: &anyhow::Error) -> ExitCode {
     if broken_pipe {
         return ExitCode::SUCCESS;
     }
-    eprintln!("error: {err:#}");
-    let invalid = err
-        .chain()
-        .filter_map(|cause| cause.downcast_ref::<ClientError>())
-        .any(|client| client.api_error().is_some_and(|api| api.code == "invalid"));
+    eprintln!(
+        "error: {}",
+        crate::util::escape_unprintable(&format!("{err:#}"))
+    );
+    let invalid = err.chain().any(|cause| {
+        cause.is::<InputRefused>()
+            || cause
+                .downcast_ref::<ClientError>()
+                .is_some_and(|client| client.api_error().is_some_and(|api| api.code == "invalid"))
+    });
     ExitCode::from(if invalid { EXIT_INVALID } else { EXIT_FAILURE })
 }
 
@@ -374,8 +389,23 @@ async fn execute(command: Command, socket: &Path, json: bool) -> anyhow::Result<
 
 /// Reads the deployment file, sends it, prints the report; exit 1 if a workload failed.
 async fn deploy(client: &Client, file: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let text = std::fs::read_to_string(file)
-        .with_context(|| format!("cannot read deployment file {}", file.display()))?;
+    let max = crate::deployment::DeploymentSpec::MAX_TEXT_BYTES;
+    let text = match crate::files::read_text_bounded(file, max.try_into().unwrap_or(u64::MAX)) {
+        Ok(text) => text,
+        // Refused before anything is sent, as the daemon would refuse it: exit code 2.
+        Err(
+            error @ (crate::files::ReadError::TooLarge { .. }
+            | crate::files::ReadError::NotRegular { .. }
+            | crate::files::ReadError::NotUtf8 { .. }),
+        ) => {
+            return Err(anyhow::Error::new(InputRefused(format!(
+                "{error}; a deployment file is a regular UTF-8 file of at most {}",
+                crate::deployment::show_bytes(max.try_into().unwrap_or(u64::MAX))
+            )))
+            .context(format!("cannot deploy {}", file.display())));
+        }
+        Err(error) => return Err(error).context("cannot read the deployment file"),
+    };
     let absolute = std::fs::canonicalize(file)
         .with_context(|| format!("resolving the path of {}", file.display()))?;
     let base_dir = absolute.parent().unwrap_or(Path::new("/"));

@@ -14,9 +14,9 @@
 //! [workloads.config]             # strings; numbers and booleans are kept as their text
 //! step = 1
 //! [workloads.limits]
-//! memory = "16MiB"               # B, KiB, MiB, GiB (1024-based), at least 64KiB
-//! time-slice = "100ms"           # at least 1ms
-//! queue = 64                     # at least 1
+//! memory = "16MiB"               # B, KiB, MiB, GiB (1024-based), 64KiB to 1TiB
+//! time-slice = "100ms"           # 1ms to 1h
+//! queue = 64                     # 1 to 4096
 //! ```
 //!
 //! Device grants (each list optional; empty or absent means the workload may use no device):
@@ -65,9 +65,9 @@
 //! kernel = "vmlinuz"             # the guest kernel
 //! initramfs = "initrd.cpio.gz"   # or disk = "root.img" (attached read-only as the root)
 //! vcpus = 1                      # 1 to 64 (default 1)
-//! cmdline = "quiet"              # appended to Lichen's console settings
-//! ready-marker = "LICHEN-READY"  # console text that means ready (the default)
-//! boot-timeout = "60s"           # a boot that does not print it in time is failed
+//! cmdline = "quiet"              # appended to Lichen's console settings (at most 1KiB)
+//! ready-marker = "LICHEN-READY"  # console text that means ready (the default; at most 256 bytes)
+//! boot-timeout = "60s"           # a boot that does not print it in time is failed (1ms to 1h)
 //! [workloads.limits]
 //! memory = "128MiB"              # guest memory, at least 32MiB (default 128MiB)
 //! ```
@@ -82,8 +82,16 @@
 //! The rules, where the issue left a choice:
 //! - `workloads` is required; `workloads = []` is a valid deployment that runs nothing (so an
 //!   empty or truncated file is an error rather than an order to stop everything).
-//! - Durations use `humantime` syntax: `"500ms"`, `"500 ms"`, `"1m 30s"`, `"1.5s"`; an interval
-//!   or time slice must be at least 1ms.
+//! - Durations use `humantime` syntax: `"500ms"`, `"500 ms"`, `"1m 30s"`, `"1.5s"`.
+//! - Every size, count, duration and length has a bound, a constant next to its field in the
+//!   typed model ([`Limits::MAX_QUEUE`], [`Trigger::MAX_INTERVAL`]...); a value past it is
+//!   refused naming the field and the bound. Intervals 1ms to 1y; time slices 1ms to 1h;
+//!   debounce 1ms to 10s; boot timeouts 1ms to 1h; memory 64KiB (microVMs 32MiB) to 1TiB;
+//!   queue 1 to 4096; cpus 0.01 to 1024; pids 1 to 4194304; vcpus 1 to 64; max-hz 1 to 1 GHz;
+//!   at most 4096 workloads, 128 triggers, 64 grants per list, 256 config entries (keys 256
+//!   bytes, values 64KiB), 1024 `command`/`args` items of 128KiB, 256 `env` variables (names
+//!   256 bytes, values 128KiB); paths 4096 bytes; `cmdline` 1KiB; `ready-marker` 256 bytes;
+//!   `description` 4KiB; the whole text 4MiB.
 //! - Sizes are a whole number and an optional binary unit (`B`, `KiB`, `MiB`, `GiB`, any case);
 //!   an integer means bytes. `KB`/`MB`/`GB` are refused as ambiguous instead of guessed.
 //! - Module digests may be written in either case and are stored lowercase.
@@ -106,6 +114,7 @@
 //! assert!(error.to_string().starts_with("deploy.toml:2:8: workloads[0].name: invalid workload name"));
 //! ```
 
+mod bounds;
 mod json;
 mod locate;
 mod spec;
@@ -114,6 +123,7 @@ mod validate;
 
 use std::path::Path;
 
+pub use bounds::{BoundError, show_bytes, show_duration};
 pub use spec::{
     ContainerWorkload, DeploymentSpec, GpioEdgeTrigger, GpioGrantSpec, GpioMode, GuestRootRef,
     I2cGrantSpec, ImageRef, IsolationChoice, Limits, MicrovmWorkload, ModuleRef, RestartPolicy,
@@ -128,8 +138,15 @@ use validate::Checker;
 ///
 /// Displays as `deploy.toml:12:5: workloads[1].module: <message>`, leaving out the parts that are
 /// `None`.
+///
+/// Whatever the file put in the field path or the message (a name with a newline or a
+/// right-to-left override) is escaped when it is displayed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{}{}", self.prefix(), self.message)]
+#[error(
+    "{}{}",
+    crate::util::escape_unprintable(&self.prefix()),
+    crate::util::escape_unprintable(&self.message)
+)]
 pub struct DeploymentError {
     /// The file name, as given to [`parse`].
     pub file: String,
@@ -213,6 +230,24 @@ pub fn parse(
     text: &str,
     base_dir: &Path,
 ) -> Result<ParsedDeployment, DeploymentError> {
+    if text.len() > DeploymentSpec::MAX_TEXT_BYTES {
+        return Err(DeploymentError {
+            file: file_name.to_owned(),
+            line: None,
+            column: None,
+            field: None,
+            message: format!(
+                "the deployment is {} bytes long; the largest accepted is {} ({} bytes)",
+                text.len(),
+                bounds::show_bytes(
+                    DeploymentSpec::MAX_TEXT_BYTES
+                        .try_into()
+                        .unwrap_or(u64::MAX)
+                ),
+                DeploymentSpec::MAX_TEXT_BYTES
+            ),
+        });
+    }
     let format = if Path::new(file_name)
         .extension()
         .is_some_and(|extension| extension.eq_ignore_ascii_case("json"))
@@ -264,11 +299,24 @@ pub fn parse(
         base_dir,
     };
     let (spec, source_map) = checker.deployment(&document)?;
-    Ok(ParsedDeployment {
+    let parsed = ParsedDeployment {
         spec,
         file_name: file_name.to_owned(),
         source_map,
-    })
+    };
+    // The checker refuses each value out of bounds where it reads it; this makes sure of it
+    // for every bound, so nothing out of bounds is ever accepted.
+    match parsed.spec.check_bounds() {
+        Ok(()) => Ok(parsed),
+        Err((Some(index), error)) => Err(parsed.error_at(index, &error.field, error.message)),
+        Err((None, error)) => Err(DeploymentError {
+            file: file_name.to_owned(),
+            line: None,
+            column: None,
+            field: Some(error.field),
+            message: error.message,
+        }),
+    }
 }
 
 /// A `serde_json` syntax error, without the " at line L column C" that we report separately.

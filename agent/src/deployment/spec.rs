@@ -19,8 +19,19 @@ pub struct DeploymentSpec {
     /// Free text for humans; not used by the agent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
-    /// The workloads, in file order; names are unique.
+    /// The workloads, in file order; names are unique; at most
+    /// [`DeploymentSpec::MAX_WORKLOADS`].
     pub workloads: Vec<WorkloadSpec>,
+}
+
+impl DeploymentSpec {
+    /// Largest deployment file or request text: 4 MiB. Checked before the text is parsed (and
+    /// by `lichen deploy` before it is sent), so it also bounds every list and map in it.
+    pub const MAX_TEXT_BYTES: usize = 4 << 20;
+    /// Most workloads in one deployment.
+    pub const MAX_WORKLOADS: usize = 4096;
+    /// Longest `description`, in bytes.
+    pub const MAX_DESCRIPTION_BYTES: usize = 4096;
 }
 
 /// One workload: a Wasm module (or, for `kind = "container"`, an OCI image or rootfs) with its
@@ -70,6 +81,26 @@ pub struct WorkloadSpec {
     pub i2c: Vec<I2cGrantSpec>,
 }
 
+impl WorkloadSpec {
+    /// Longest workload or logical device name (`[a-z0-9][a-z0-9-]{0,62}`).
+    pub const MAX_NAME_LEN: usize = 63;
+    /// Longest file path (module, image, rootfs, kernel, initramfs, disk) after it is joined
+    /// with the deployment file's directory, in bytes: Linux's `PATH_MAX`.
+    pub const MAX_PATH_BYTES: usize = 4096;
+    /// Most `config` entries of one workload.
+    pub const MAX_CONFIG_ENTRIES: usize = 256;
+    /// Longest `config` key, in bytes.
+    pub const MAX_CONFIG_KEY_BYTES: usize = 256;
+    /// Longest `config` value, in bytes.
+    pub const MAX_CONFIG_VALUE_BYTES: usize = 64 << 10;
+    /// Most triggers of one workload (one interval, and a `gpio-edge` trigger per input).
+    pub const MAX_TRIGGERS: usize = 128;
+    /// Most grants in each of a workload's `gpio`, `spi` and `i2c` lists.
+    pub const MAX_GRANTS: usize = 64;
+    /// Longest board resource name in a grant (`pin`, `bus`), in bytes.
+    pub const MAX_RESOURCE_NAME_BYTES: usize = 64;
+}
+
 /// Direction of a granted GPIO pin.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -99,13 +130,21 @@ pub struct GpioGrantSpec {
     /// Inputs: which edges are reported.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub edge: Option<lichen_devices::EdgeDetection>,
-    /// Inputs: how long a change must hold before it counts.
+    /// Inputs: how long a change must hold before it counts (at most
+    /// [`GpioGrantSpec::MAX_DEBOUNCE`]).
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
         with = "optional_duration_text"
     )]
     pub debounce: Option<Duration>,
+}
+
+impl GpioGrantSpec {
+    /// Shortest debounce period (of a grant or a `gpio-edge` trigger).
+    pub const MIN_DEBOUNCE: Duration = Duration::from_millis(1);
+    /// Longest debounce period: 10 s (the kernel takes it in microseconds, as a `u32`).
+    pub const MAX_DEBOUNCE: Duration = Duration::from_secs(10);
 }
 
 /// An SPI grant: `{ name = "adc", bus = "spi0.0", max-hz = 1000000 }`.
@@ -116,8 +155,13 @@ pub struct SpiGrantSpec {
     pub name: String,
     /// The board profile's SPI device name (`spi<bus>.<chip-select>`).
     pub bus: String,
-    /// Highest clock in Hz (1 MHz when the file does not say).
+    /// Highest clock in Hz (1 MHz when the file does not say; at most [`SpiGrantSpec::MAX_HZ`]).
     pub max_hz: u32,
+}
+
+impl SpiGrantSpec {
+    /// Highest `max-hz`: 1 GHz, beyond any SPI controller's clock.
+    pub const MAX_HZ: u32 = 1_000_000_000;
 }
 
 /// An I2C grant: `{ name = "env", bus = "i2c-1", addresses = [0x48] }`.
@@ -204,6 +248,18 @@ pub struct ContainerWorkload {
     pub env: BTreeMap<String, String>,
 }
 
+impl ContainerWorkload {
+    /// Most items in `command`, and in `args`.
+    pub const MAX_ARGS: usize = 1024;
+    /// Longest item of `command` or `args`, and longest `env` value, in bytes: Linux's
+    /// `MAX_ARG_STRLEN`.
+    pub const MAX_ARG_BYTES: usize = 128 << 10;
+    /// Most `env` variables.
+    pub const MAX_ENV: usize = 256;
+    /// Longest `env` variable name, in bytes.
+    pub const MAX_ENV_NAME_BYTES: usize = 256;
+}
+
 /// A `microvm` workload's kernel, root, vCPUs, command line and readiness.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -212,7 +268,7 @@ pub struct MicrovmWorkload {
     pub kernel: PathBuf,
     /// What the kernel boots from besides itself.
     pub root: GuestRootRef,
-    /// Virtual CPUs (1 when the file does not say).
+    /// Virtual CPUs (1 when the file does not say; at most [`MicrovmWorkload::MAX_VCPUS`]).
     pub vcpus: u32,
     /// Extra kernel command line.
     #[serde(default, skip_serializing_if = "String::is_empty")]
@@ -220,13 +276,29 @@ pub struct MicrovmWorkload {
     /// The console text that means the guest is ready (`LICHEN-READY` when not given).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ready_marker: Option<String>,
-    /// How long the boot may take to print the marker (60 s when not given).
+    /// How long the boot may take to print the marker (60 s when not given; at most
+    /// [`MicrovmWorkload::MAX_BOOT_TIMEOUT`]).
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
         with = "optional_duration_text"
     )]
     pub boot_timeout: Option<Duration>,
+}
+
+impl MicrovmWorkload {
+    /// Most vCPUs of a microVM.
+    pub const MAX_VCPUS: u32 = 64;
+    /// Smallest guest memory (QEMU's firmware and a Linux kernel need it).
+    pub const MIN_MEMORY_BYTES: u64 = 32 << 20;
+    /// Longest extra kernel command line, in bytes (riscv64 kernels take 1024 in all).
+    pub const MAX_CMDLINE_BYTES: usize = 1024;
+    /// Longest ready marker, in bytes.
+    pub const MAX_READY_MARKER_BYTES: usize = 256;
+    /// Shortest boot timeout.
+    pub const MIN_BOOT_TIMEOUT: Duration = Duration::from_millis(1);
+    /// Longest boot timeout: one hour.
+    pub const MAX_BOOT_TIMEOUT: Duration = Duration::from_secs(3600);
 }
 
 /// What a microVM's kernel boots from; paths already joined with the file's directory.
@@ -265,11 +337,19 @@ pub enum ModuleRef {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Trigger {
-    /// A timer tick every period (at least 1ms); written `{ interval = "500ms" }`.
+    /// A timer tick every period ([`Trigger::MIN_INTERVAL`] to [`Trigger::MAX_INTERVAL`]);
+    /// written `{ interval = "500ms" }`.
     Interval(#[serde(with = "duration_text")] Duration),
     /// An edge on a granted input pin; written
     /// `{ gpio-edge = "button", edge = "falling", debounce = "5ms" }`.
     GpioEdge(GpioEdgeTrigger),
+}
+
+impl Trigger {
+    /// Shortest interval.
+    pub const MIN_INTERVAL: Duration = Duration::from_millis(1);
+    /// Longest interval: one year (365.25 days, as `humantime` counts `1y`).
+    pub const MAX_INTERVAL: Duration = Duration::from_secs(31_557_600);
 }
 
 /// A `gpio-edge` trigger: which input, which edges, and the debounce period.
@@ -304,25 +384,47 @@ impl WorkloadSpec {
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub struct Limits {
-    /// Maximum linear memory in bytes (at least one 64KiB Wasm page).
+    /// Maximum memory in bytes ([`Limits::MIN_MEMORY_BYTES`] to [`Limits::MAX_MEMORY_BYTES`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_bytes: Option<u64>,
-    /// Maximum wall time one `init` or event call may run before it is preempted (at least 1ms).
+    /// Maximum wall time one `init` or event call may run before it is preempted
+    /// ([`Limits::MIN_TIME_SLICE`] to [`Limits::MAX_TIME_SLICE`]).
     #[serde(
         default,
         skip_serializing_if = "Option::is_none",
         with = "optional_duration_text"
     )]
     pub time_slice: Option<Duration>,
-    /// Maximum number of queued events (at least 1).
+    /// Maximum number of queued events (1 to [`Limits::MAX_QUEUE`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub queue: Option<usize>,
-    /// Containers: CPU quota in thousandths of a core (`cpus = 0.5` is 500).
+    /// Containers: CPU quota in thousandths of a core (`cpus = 0.5` is 500;
+    /// [`Limits::MIN_CPU_MILLIS`] to [`Limits::MAX_CPU_MILLIS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_millis: Option<u32>,
-    /// Containers: most processes and threads.
+    /// Containers: most processes and threads (1 to [`Limits::MAX_PIDS`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pids: Option<u32>,
+}
+
+impl Limits {
+    /// Smallest `memory`: one WebAssembly page.
+    pub const MIN_MEMORY_BYTES: u64 = 64 << 10;
+    /// Largest `memory`: 1 TiB (a Wasm workload is further held to the engine's
+    /// `wasm.max-memory`).
+    pub const MAX_MEMORY_BYTES: u64 = 1 << 40;
+    /// Shortest `time-slice`.
+    pub const MIN_TIME_SLICE: Duration = Duration::from_millis(1);
+    /// Longest `time-slice`: one hour (a WASI command's whole run is one slice).
+    pub const MAX_TIME_SLICE: Duration = Duration::from_secs(3600);
+    /// Longest `queue`, in events.
+    pub const MAX_QUEUE: usize = 4096;
+    /// Smallest `cpus`, in thousandths of a core (0.01 cores).
+    pub const MIN_CPU_MILLIS: u32 = 10;
+    /// Largest `cpus`, in thousandths of a core (1024 cores).
+    pub const MAX_CPU_MILLIS: u32 = 1_024_000;
+    /// Largest `pids`: Linux's `PID_MAX_LIMIT` on 64-bit hosts.
+    pub const MAX_PIDS: u32 = 4_194_304;
 }
 
 /// What the agent does when a workload's call fails or the workload ends.

@@ -784,3 +784,28 @@ fn a_microvm_workload_parses_and_its_mistakes_are_located() {
         &["a microVM kernel cannot run in \"container\""],
     );
 }
+
+#[test]
+fn names_and_keys_with_newlines_or_bidi_overrides_are_escaped_in_errors() {
+    for (text, shown) in [
+        (
+            "[[workloads]]\nname = \"evil\\u202Egnp.exe\"\nmodule = \"m.wasm\"\n",
+            "\"evil\\u{202e}gnp.exe\"",
+        ),
+        (
+            "[[workloads]]\nname = \"line\\nbreak\"\nmodule = \"m.wasm\"\n",
+            "\"line\\nbreak\"",
+        ),
+        (
+            "[[workloads]]\nname = \"w\"\nmodule = \"m.wasm\"\n\"mod\\u2066ule\\n\" = 1\n",
+            "mod\\u{2066}ule\\n",
+        ),
+    ] {
+        let shown_error = err("deploy.toml", text).to_string();
+        assert!(shown_error.contains(shown), "{shown_error}");
+        assert!(
+            !shown_error.contains(['\n', '\u{202e}', '\u{2066}']),
+            "{shown_error:?}"
+        );
+    }
+}

@@ -1,11 +1,16 @@
 //! Static validation: from a located document tree to a [`DeploymentSpec`], or the first problem
 //! found in file order, located at the key or value that caused it.
+//!
+//! This file is long on purpose: it is one checker over one schema, each field's rule beside
+//! its neighbours and sharing the location plumbing; the bounds themselves are constants in
+//! `spec` and are checked again on the typed value in `bounds`.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::time::Duration;
 
 use super::DeploymentError;
+use super::bounds::{show_bytes, show_duration};
 use super::locate::{LineIndex, Location, SourceMap};
 use super::spec::{
     ContainerWorkload, DeploymentSpec, GpioEdgeTrigger, GpioGrantSpec, GpioMode, GuestRootRef,
@@ -70,18 +75,12 @@ const KINDS: &[(&str, WorkloadKind)] = &[
     ("container", WorkloadKind::Container),
     ("microvm", WorkloadKind::Microvm),
 ];
-/// Smallest microVM memory (QEMU's firmware and a Linux kernel need it).
-const MIN_MICROVM_MEMORY: u64 = 32 << 20;
-/// Most vCPUs a microVM may have.
-const MAX_VCPUS: i128 = 64;
 const ISOLATIONS: &[(&str, IsolationChoice)] = &[
     ("wasm", IsolationChoice::Wasm),
     ("container", IsolationChoice::Container),
     ("microvm", IsolationChoice::Microvm),
     ("strongest", IsolationChoice::Strongest),
 ];
-/// Smallest CPU quota, in thousandths of a core.
-const MIN_CPU_MILLIS: f64 = 10.0;
 const GPIO_FIELDS: &[&str] = &["name", "pin", "mode", "initial", "bias", "edge", "debounce"];
 const GPIO_INPUT_ONLY: &[&str] = &["bias", "edge", "debounce"];
 const SPI_FIELDS: &[&str] = &["name", "bus", "max-hz"];
@@ -100,12 +99,8 @@ const RESTART_POLICIES: &[(&str, RestartPolicy)] = &[
     ("never", RestartPolicy::Never),
 ];
 
-/// The smallest memory limit: one WebAssembly page.
-pub(crate) const WASM_PAGE_BYTES: u64 = 64 * 1024;
-/// The shortest interval and time slice.
-const MIN_DURATION: Duration = Duration::from_millis(1);
 /// Longest accepted workload name.
-const MAX_NAME_LEN: usize = 63;
+const MAX_NAME_LEN: usize = WorkloadSpec::MAX_NAME_LEN;
 
 /// Checks one document; carries what errors need to be located and rendered.
 pub(crate) struct Checker<'a> {
@@ -161,6 +156,17 @@ impl Checker<'_> {
             });
         };
         let items = self.array(&workloads.value, "workloads", "a list of workloads")?;
+        if items.len() > DeploymentSpec::MAX_WORKLOADS {
+            return Err(self.error(
+                workloads.value.span.start,
+                "workloads",
+                format!(
+                    "{} workloads are too many: at most {} are accepted",
+                    items.len(),
+                    DeploymentSpec::MAX_WORKLOADS
+                ),
+            ));
+        }
 
         let mut specs = Vec::with_capacity(items.len());
         let mut source_map = SourceMap::default();
@@ -264,7 +270,7 @@ impl Checker<'_> {
                     self.kind_only(limit_entries, &path("limits"), KIND_LIMITS, kind)?;
                     if kind == WorkloadKind::Microvm
                         && let Some(memory) = limits.memory_bytes
-                        && memory < MIN_MICROVM_MEMORY
+                        && memory < MicrovmWorkload::MIN_MEMORY_BYTES
                     {
                         let at = find(limit_entries, "memory").map_or(0, |e| e.value.span.start);
                         return Err(self.error(
@@ -449,8 +455,12 @@ impl Checker<'_> {
                         );
                     }
                     if let Some(entry) = find(entries, "debounce") {
-                        grant.debounce =
-                            Some(self.duration(&entry.value, &field("debounce"), "debounce")?);
+                        grant.debounce = Some(self.duration(
+                            &entry.value,
+                            &field("debounce"),
+                            "debounce",
+                            (GpioGrantSpec::MIN_DEBOUNCE, GpioGrantSpec::MAX_DEBOUNCE),
+                        )?);
                     }
                 }
             }
@@ -481,12 +491,15 @@ impl Checker<'_> {
                         return Err(self.expected(&entry.value, &field, "a whole number of Hz"));
                     };
                     match u32::try_from(hz) {
-                        Ok(hz) if hz > 0 => hz,
+                        Ok(hz) if (1..=SpiGrantSpec::MAX_HZ).contains(&hz) => hz,
                         _ => {
                             return Err(self.error(
                                 entry.value.span.start,
                                 &field,
-                                format!("invalid SPI clock {hz} Hz: expected 1 to {} Hz", u32::MAX),
+                                format!(
+                                    "invalid SPI clock {hz} Hz: expected 1 to {} Hz",
+                                    SpiGrantSpec::MAX_HZ
+                                ),
                             ));
                         }
                     }
@@ -739,7 +752,12 @@ impl Checker<'_> {
                 }
                 if let Some(option) = find(entries, "debounce") {
                     let field = format!("{item_path}.debounce");
-                    trigger.debounce = Some(self.duration(&option.value, &field, "debounce")?);
+                    trigger.debounce = Some(self.duration(
+                        &option.value,
+                        &field,
+                        "debounce",
+                        (GpioGrantSpec::MIN_DEBOUNCE, GpioGrantSpec::MAX_DEBOUNCE),
+                    )?);
                 }
                 triggers.push(Trigger::GpioEdge(trigger));
                 continue;
@@ -770,6 +788,7 @@ impl Checker<'_> {
                 &entry.value,
                 &entry_path,
                 "interval",
+                (Trigger::MIN_INTERVAL, Trigger::MAX_INTERVAL),
             )?));
         }
         Ok(triggers)
@@ -825,7 +844,12 @@ impl Checker<'_> {
         }
         if let Some(entry) = find(entries, "time-slice") {
             let field = format!("{path}.time-slice");
-            limits.time_slice = Some(self.duration(&entry.value, &field, "time-slice")?);
+            limits.time_slice = Some(self.duration(
+                &entry.value,
+                &field,
+                "time-slice",
+                (Limits::MIN_TIME_SLICE, Limits::MAX_TIME_SLICE),
+            )?);
         }
         if let Some(entry) = find(entries, "queue") {
             limits.queue = Some(self.queue(&entry.value, &format!("{path}.queue"))?);
@@ -839,12 +863,15 @@ impl Checker<'_> {
                 return Err(self.expected(&entry.value, &field, "a whole number of processes"));
             };
             limits.pids = Some(match u32::try_from(pids) {
-                Ok(pids) if pids >= 1 => pids,
+                Ok(pids) if (1..=Limits::MAX_PIDS).contains(&pids) => pids,
                 _ => {
                     return Err(self.error(
                         entry.value.span.start,
                         &field,
-                        format!("invalid pids limit {pids}: it must be at least 1"),
+                        format!(
+                            "invalid pids limit {pids}: expected 1 to {}",
+                            Limits::MAX_PIDS
+                        ),
                     ));
                 }
             });
@@ -858,15 +885,22 @@ impl Checker<'_> {
             Value::Float(text) => text.parse::<f64>().unwrap_or(f64::NAN),
             _ => return Err(self.expected(node, path, "a number of cores such as 0.5")),
         };
-        let millis = cores * 1000.0;
-        if !(millis.is_finite() && (MIN_CPU_MILLIS..=f64::from(u32::MAX)).contains(&millis)) {
+        let millis = (cores * 1000.0).round();
+        let bounds = f64::from(Limits::MIN_CPU_MILLIS)..=f64::from(Limits::MAX_CPU_MILLIS);
+        if !(millis.is_finite() && bounds.contains(&millis)) {
+            let why = if millis.is_finite() && millis > *bounds.end() {
+                format!("it must be at most {} cores", Limits::MAX_CPU_MILLIS / 1000)
+            } else {
+                "it must be at least 0.01 cores".to_owned()
+            };
             return Err(self.error(
                 node.span.start,
                 path,
-                format!("invalid CPU quota {cores}: it must be at least 0.01 cores"),
+                format!("invalid CPU quota {cores}: {why}"),
             ));
         }
-        Ok(millis.round() as u32)
+        // Within MIN_CPU_MILLIS..=MAX_CPU_MILLIS and whole, so the conversion is exact.
+        Ok(millis as u32)
     }
 
     /// A string that must be one of `choices`.
@@ -979,14 +1013,19 @@ impl Checker<'_> {
                 let Value::Integer(n) = entry.value.value else {
                     return Err(self.expected(&entry.value, &path("vcpus"), "a whole number"));
                 };
-                if !(1..=MAX_VCPUS).contains(&n) {
-                    return Err(self.error(
-                        entry.value.span.start,
-                        &path("vcpus"),
-                        format!("invalid vcpus {n}: expected 1 to {MAX_VCPUS}"),
-                    ));
+                match u32::try_from(n) {
+                    Ok(n) if (1..=MicrovmWorkload::MAX_VCPUS).contains(&n) => n,
+                    _ => {
+                        return Err(self.error(
+                            entry.value.span.start,
+                            &path("vcpus"),
+                            format!(
+                                "invalid vcpus {n}: expected 1 to {}",
+                                MicrovmWorkload::MAX_VCPUS
+                            ),
+                        ));
+                    }
                 }
-                u32::try_from(n).expect("checked to be within 1..=64")
             }
         };
         let cmdline = match find(entries, "cmdline") {
@@ -1018,7 +1057,17 @@ impl Checker<'_> {
             }
         };
         let boot_timeout = find(entries, "boot-timeout")
-            .map(|entry| self.duration(&entry.value, &path("boot-timeout"), "boot-timeout"))
+            .map(|entry| {
+                self.duration(
+                    &entry.value,
+                    &path("boot-timeout"),
+                    "boot-timeout",
+                    (
+                        MicrovmWorkload::MIN_BOOT_TIMEOUT,
+                        MicrovmWorkload::MAX_BOOT_TIMEOUT,
+                    ),
+                )
+            })
             .transpose()?;
         Ok(MicrovmWorkload {
             kernel,
@@ -1166,13 +1215,23 @@ impl Checker<'_> {
                 ));
             }
         };
-        if bytes < WASM_PAGE_BYTES {
+        if bytes < Limits::MIN_MEMORY_BYTES {
             return Err(self.error(
                 at,
                 path,
                 format!(
                     "memory limit {shown} is below one WebAssembly page: it must be at least \
                      64KiB"
+                ),
+            ));
+        }
+        if bytes > Limits::MAX_MEMORY_BYTES {
+            return Err(self.error(
+                at,
+                path,
+                format!(
+                    "memory limit {shown} is too large: it must be at most {}",
+                    show_bytes(Limits::MAX_MEMORY_BYTES)
                 ),
             ));
         }
@@ -1184,16 +1243,31 @@ impl Checker<'_> {
             return Err(self.expected(node, path, "a whole number of events"));
         };
         match usize::try_from(integer) {
-            Ok(queue) if queue >= 1 => Ok(queue),
-            _ => Err(self.error(
+            Ok(queue) if (1..=Limits::MAX_QUEUE).contains(&queue) => Ok(queue),
+            _ if integer < 1 => Err(self.error(
                 node.span.start,
                 path,
                 format!("invalid queue length {integer}: it must be at least 1"),
             )),
+            _ => Err(self.error(
+                node.span.start,
+                path,
+                format!(
+                    "invalid queue length {integer}: it must be at most {} events",
+                    Limits::MAX_QUEUE
+                ),
+            )),
         }
     }
 
-    fn duration(&self, node: &Node, path: &str, name: &str) -> Result<Duration> {
+    /// A duration within `(min, max)`.
+    fn duration(
+        &self,
+        node: &Node,
+        path: &str,
+        name: &str,
+        (min, max): (Duration, Duration),
+    ) -> Result<Duration> {
         let Value::String(text) = &node.value else {
             return Err(self.expected(node, path, "a duration string such as \"500ms\""));
         };
@@ -1207,11 +1281,24 @@ impl Checker<'_> {
                 ),
             )
         })?;
-        if duration < MIN_DURATION {
+        if duration < min {
             return Err(self.error(
                 node.span.start,
                 path,
-                format!("{name} \"{text}\" is too short: it must be at least 1ms"),
+                format!(
+                    "{name} \"{text}\" is too short: it must be at least {}",
+                    show_duration(min)
+                ),
+            ));
+        }
+        if duration > max {
+            return Err(self.error(
+                node.span.start,
+                path,
+                format!(
+                    "{name} \"{text}\" is too long: it must be at most {}",
+                    show_duration(max)
+                ),
             ));
         }
         Ok(duration)
@@ -1396,7 +1483,7 @@ fn check_name(name: &str) -> std::result::Result<(), String> {
         Ok(())
     } else {
         Err(format!(
-            "invalid workload name \"{name}\": use 1 to {MAX_NAME_LEN} characters from a-z, 0-9 \
+            "invalid workload name {name:?}: use 1 to {MAX_NAME_LEN} characters from a-z, 0-9 \
              and '-', starting with a letter or a digit"
         ))
     }
@@ -1406,7 +1493,7 @@ fn check_name(name: &str) -> std::result::Result<(), String> {
 fn check_device_name(name: &str) -> std::result::Result<(), String> {
     check_name(name).map_err(|_| {
         format!(
-            "invalid device name \"{name}\": use 1 to {MAX_NAME_LEN} characters from a-z, 0-9 \
+            "invalid device name {name:?}: use 1 to {MAX_NAME_LEN} characters from a-z, 0-9 \
              and '-', starting with a letter or a digit"
         )
     })

@@ -283,6 +283,7 @@ async fn outputs_return_to_their_safe_state_on_reload_crash_and_stop() {
         logs: crate::logs::LogOptions::default(),
         persisted_log_lines: 100,
         board: "sim".into(),
+        images: Default::default(),
     })
     .await
     .expect("agent opens");
@@ -383,6 +384,7 @@ async fn a_gpio_edge_trigger_delivers_debounced_edges_with_their_timestamps() {
         logs: crate::logs::LogOptions::default(),
         persisted_log_lines: 100,
         board: "sim".into(),
+        images: Default::default(),
     })
     .await
     .expect("agent opens");
@@ -524,6 +526,7 @@ async fn a_chip_unplugged_while_running_gives_the_guest_an_error_and_the_agent_s
         logs: crate::logs::LogOptions::default(),
         persisted_log_lines: 100,
         board: "sim".into(),
+        images: Default::default(),
     })
     .await
     .expect("agent opens");
@@ -587,6 +590,7 @@ async fn sim_agent(dir: &Path) -> crate::supervisor::Agent {
         logs: crate::logs::LogOptions::default(),
         persisted_log_lines: 100,
         board: "sim".into(),
+        images: Default::default(),
     })
     .await
     .expect("agent opens")

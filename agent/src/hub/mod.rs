@@ -8,231 +8,77 @@
 //!   applied, only with a valid ed25519 signature from a trusted key (unless `insecure-dev`),
 //!   validated exactly as `lichen deploy` does ([`Agent::deploy_text`]); a rejection leaves the
 //!   running deployment alone and is reported;
-//! - delivers commands from `cmd/<workload>` as `command` events, once per message id (the
-//!   inbox table remembers ids across restarts), and queues each result for `cmd-result`;
+//! - delivers commands from `cmd/<workload>` as `command` events ([`commands`]): each runs once
+//!   in effect (its writes, inbox id and result commit together) and gets a result, whatever it
+//!   was;
 //! - keeps the outbox under its quota, dropping the oldest telemetry and counting the drops;
 //! - publishes reported state (retained) at start, on every connection, deployment, rejection,
 //!   quota drop, and workload status change.
 //!
 //! - applies bundles given to `lichen import` ([`import_bundle`], [`bundle`]), verified exactly
-//!   as a desired state from the hub, with no network;
+//!   as a desired state from the hub, with no network; the bundle is read and its artifacts
+//!   checked and stored by an importer task of its own, so the link keeps serving meanwhile;
 //! - fetches the artifacts a verified deployment names by digest and the node lacks, in chunks
-//!   over MQTT ([`artifacts`]): resumable across reconnects and restarts, each chunk and the
-//!   whole artifact checked before use; a tampered one rejects the deployment.
+//!   over MQTT ([`artifacts`], [`fetch`]): only as many bytes as the signed desired state says,
+//!   resumable across reconnects and restarts, each chunk and the whole artifact checked before
+//!   use; forged manifests and chunks are refused without rejecting the deployment.
 //!
 //! The wire format of `desired` and the signature's canonical bytes are documented in
 //! `docs/topics.md`.
 
 pub mod artifacts;
 pub mod bundle;
+mod commands;
+mod desired;
+mod doctor;
+mod fetch;
+mod import;
+mod reported;
+pub mod signing;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use lichen_sync::{
-    Assembly, Envelope, Inbound, InboundError, Manifest, Quota, RowId, RowKind, RowSize,
-    SessionConfig, SessionEvent, SyncHandle, SyncSession, TlsFiles, Topics,
+    Inbound, InboundError, Quota, RowId, RowKind, RowSize, SessionConfig, SessionEvent, SyncHandle,
+    SyncSession, TlsFiles, Topics,
 };
-use ring::signature::{ED25519, KeyPair, UnparsedPublicKey};
-use serde::{Deserialize, Serialize};
-use serde_json::json;
-use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
-use crate::api::control::Control;
-use crate::api::types::{ApiError, DeployReport, SendRequest};
+use crate::api::types::ApiError;
 use crate::config::{HubSection, parse_size};
-use crate::store::{OutboxRecord, SqliteOutbox, StateStore};
+use crate::store::{SqliteOutbox, StateStore};
 use crate::supervisor::Agent;
 
-/// Domain separation prefix of the signed bytes (see [`canonical_bytes`]).
-pub const SIGNATURE_CONTEXT: &str = "lichen-desired-v1";
+pub use desired::{DesiredState, fingerprint};
+use desired::{Ignored, Settled};
+pub use doctor::{doctor_check, probe};
+use fetch::Pending;
+pub use import::{ImportReport, ImportRequest, import_bundle};
+pub use signing::{
+    SIGNATURE_CONTEXT, SIGNATURE_CONTEXT_V2, TrustedKey, base64_decode, base64_encode,
+    canonical_bytes, generate_key, key_id, parse_public_key, sign, sign_desired, signed_bytes,
+    verify,
+};
+
 /// `hub_state` key of the applied hub deployment version.
 const APPLIED_VERSION: &str = "applied-version";
+/// `hub_state` key of the fingerprint of the applied desired state ([`fingerprint`]).
+const APPLIED_DESIRED: &str = "applied-desired";
+/// Desired states (and manifests) remembered as refused or ignored, so the retained copy that
+/// comes back on every connection is not handled again.
+const KEEP_SETTLED: usize = 16;
 /// `hub_state` key of the dropped-telemetry counts (JSON object, workload -> count).
 const DROPPED: &str = "dropped-telemetry";
 /// How often the outbox size and the workload statuses are checked.
 const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Errors kept for reported state.
 const KEEP_ERRORS: usize = 10;
-
-/// The payload of a `desired` message: one deployment for one node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "kebab-case")]
-pub struct DesiredState {
-    /// The hub's version of the desired state; applied only if newer than the applied one.
-    pub version: u64,
-    /// The deployment document (TOML, the same text `lichen deploy` takes).
-    pub deployment: String,
-    /// ed25519 signature of [`canonical_bytes`], base64.
-    #[serde(default)]
-    pub signature: Option<String>,
-    /// Id of the key that signed ([`key_id`]).
-    #[serde(default)]
-    pub key_id: Option<String>,
-}
-
-/// The bytes a publisher signs: `lichen-desired-v1\n<node>\n<version>\n<deployment>`. The node
-/// and version are inside so that a signed deployment cannot be replayed to another node or
-/// under a higher version.
-pub fn canonical_bytes(node: &str, version: u64, deployment: &str) -> Vec<u8> {
-    format!("{SIGNATURE_CONTEXT}\n{node}\n{version}\n{deployment}").into_bytes()
-}
-
-/// A key's id: the first 16 hex digits of the SHA-256 of its 32 public-key bytes.
-pub fn key_id(public_key: &[u8]) -> String {
-    hex::encode(&Sha256::digest(public_key)[..8])
-}
-
-/// A publisher key the node trusts.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct TrustedKey {
-    /// [`key_id`] of the key.
-    pub id: String,
-    /// The raw ed25519 public key.
-    pub public: Vec<u8>,
-}
-
-/// Parses an ed25519 public key written as 64 hex digits or as base64 of its 32 bytes.
-pub fn parse_public_key(text: &str) -> Result<TrustedKey> {
-    let text = text.trim();
-    let bytes = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
-        hex::decode(text).context("hex public key")?
-    } else {
-        base64_decode(text)
-            .with_context(|| format!("public key {text:?} is neither 64 hex digits nor base64"))?
-    };
-    if bytes.len() != 32 {
-        bail!(
-            "public key {text:?} has {} bytes; an ed25519 public key has 32",
-            bytes.len()
-        );
-    }
-    Ok(TrustedKey {
-        id: key_id(&bytes),
-        public: bytes,
-    })
-}
-
-/// Signs a desired state with a PKCS#8 ed25519 key (DER, or PEM `PRIVATE KEY`); returns the
-/// base64 signature and the key id.
-pub fn sign(pkcs8: &[u8], node: &str, version: u64, deployment: &str) -> Result<(String, String)> {
-    let der = pem_or_der(pkcs8)?;
-    let pair = ring::signature::Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
-        .map_err(|e| anyhow::anyhow!("not an ed25519 PKCS#8 private key: {e}"))?;
-    let signature = pair.sign(&canonical_bytes(node, version, deployment));
-    Ok((
-        base64_encode(signature.as_ref()),
-        key_id(pair.public_key().as_ref()),
-    ))
-}
-
-/// Checks the signature of `desired` for `node` against `keys`; returns the signing key's id.
-pub fn verify(desired: &DesiredState, node: &str, keys: &[TrustedKey]) -> Result<String, String> {
-    let Some(signature) = &desired.signature else {
-        return Err(format!(
-            "deployment version {} is unsigned; this node accepts only deployments signed by a trusted key",
-            desired.version
-        ));
-    };
-    let signature = base64_decode(signature).map_err(|e| {
-        format!(
-            "deployment version {}: signature is not base64: {e}",
-            desired.version
-        )
-    })?;
-    if keys.is_empty() {
-        return Err(format!(
-            "deployment version {} is signed, but this node trusts no key (hub.trusted-keys is empty)",
-            desired.version
-        ));
-    }
-    let candidates: Vec<&TrustedKey> = match &desired.key_id {
-        Some(id) => {
-            let found: Vec<_> = keys.iter().filter(|k| &k.id == id).collect();
-            if found.is_empty() {
-                return Err(format!(
-                    "deployment version {} is signed by key {id}, which is not in hub.trusted-keys",
-                    desired.version
-                ));
-            }
-            found
-        }
-        None => keys.iter().collect(),
-    };
-    let message = canonical_bytes(node, desired.version, &desired.deployment);
-    for key in candidates {
-        if UnparsedPublicKey::new(&ED25519, &key.public)
-            .verify(&message, &signature)
-            .is_ok()
-        {
-            return Ok(key.id.clone());
-        }
-    }
-    Err(format!(
-        "deployment version {} has a bad signature (tampered, signed for another node or version, or by another key)",
-        desired.version
-    ))
-}
-
-/// Body of `POST /v1/import`: a bundle on the node's disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImportRequest {
-    /// Absolute path of the bundle (directory or `.tar`).
-    pub path: String,
-}
-
-/// Answer of `POST /v1/import`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ImportReport {
-    /// The node.
-    pub node: String,
-    /// The hub version of the desired state applied.
-    pub version: u64,
-    /// Id of the key that signed it.
-    pub signer: String,
-    /// Artifacts added to the store from the bundle.
-    pub artifacts: Vec<String>,
-    /// What the deployment did.
-    pub deployment: DeployReport,
-}
-
-/// An import handed to the hub link.
-struct ImportJob {
-    path: std::path::PathBuf,
-    reply: tokio::sync::oneshot::Sender<Result<ImportReport, ApiError>>,
-}
-
-/// Where imports go: the hub link of this process, set when it starts (one per daemon).
-static IMPORTS: std::sync::OnceLock<mpsc::Sender<ImportJob>> = std::sync::OnceLock::new();
-
-/// Verifies a bundle exactly as a desired state from the hub (node, version, signature by a
-/// trusted key, every artifact's digest) and applies it; anything wrong changes nothing and is
-/// an `invalid` error (and reported by the hub link). Needs the `[hub]` section, whose node id
-/// and trusted keys the verification uses; works with the hub unreachable.
-pub async fn import_bundle(req: ImportRequest) -> Result<ImportReport, ApiError> {
-    let Some(imports) = IMPORTS.get() else {
-        return Err(ApiError::unavailable(
-            "this agent has no [hub] section: importing a bundle needs hub.node-id and hub.trusted-keys to verify it",
-        ));
-    };
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    imports
-        .send(ImportJob {
-            path: req.path.into(),
-            reply,
-        })
-        .await
-        .map_err(|_| ApiError::unavailable("the hub link has stopped"))?;
-    answer
-        .await
-        .map_err(|_| ApiError::internal("the hub link dropped the import"))?
-}
 
 /// A parsed hub URL.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -328,12 +174,13 @@ pub struct HubLink {
     handle: SyncHandle,
     session: JoinHandle<()>,
     bridge: JoinHandle<()>,
+    importer: JoinHandle<()>,
 }
 
 impl HubLink {
     /// Starts the session and the bridge for `agent` as `[hub]` says.
     pub async fn start(agent: Agent, hub: &HubSection) -> Result<Self> {
-        let config = section_session_config(hub).context("invalid [hub] section")?;
+        let mut config = section_session_config(hub).context("invalid [hub] section")?;
         let keys = hub
             .trusted_keys
             .iter()
@@ -342,6 +189,13 @@ impl HubLink {
             .collect::<Result<Vec<_>>>()?;
         let quota = parse_size(&hub.outbox_quota).context("invalid hub.outbox-quota")?;
         let store = agent.store().clone();
+        // The state directory holds the database, the artifact store and the session's socket.
+        let state_dir = store
+            .path()
+            .parent()
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        config.socket_dir = Some(state_dir.clone());
         let (session, handle, events) =
             SyncSession::new(config, Arc::new(SqliteOutbox::new(store.clone())))
                 .context("cannot set up the hub session")?;
@@ -359,13 +213,17 @@ impl HubLink {
             .and_then(|text| serde_json::from_str(&text).ok())
             .unwrap_or_default();
         let topics = Topics::new(&hub.node_id).context("invalid hub.node-id")?;
-        // The state directory holds the database and the artifact store.
-        let state_dir = store
-            .path()
-            .parent()
-            .unwrap_or(Path::new("."))
-            .to_path_buf();
         let chunks = artifacts::ChunkStore::new(state_dir.join("artifacts").join("partial"));
+        let importer = import::Importer {
+            node: hub.node_id.clone(),
+            keys: keys.clone(),
+            insecure_dev: hub.insecure_dev,
+            store: store.clone(),
+            agent: agent.clone(),
+            limits: bundle::Limits::default(),
+        };
+        let answered = Arc::new(AtomicU64::new(0));
+        let commands = commands::Commands::new(agent.clone(), store.clone(), answered.clone());
         let mut bridge = Bridge {
             topics,
             handle: handle.clone(),
@@ -381,27 +239,33 @@ impl HubLink {
             quota: Quota::new(quota),
             dropped,
             connected: false,
+            subscribed: false,
             reconnects: 0,
             last_connection_error: None,
             last_rejection: None,
-            rejected_version: None,
+            ignored: None,
+            settled: Settled::default(),
             errors: Vec::new(),
             rejected_messages: 0,
-            commands: Arc::new(AtomicU64::new(0)),
+            answered,
+            commands,
             last_seen: String::new(),
         };
         tracing::info!(url = %hub.url, node = %hub.node_id, "connecting to the hub");
         let session = tokio::spawn(session.run());
         bridge.publish_reported().await;
         let (imports_tx, imports) = mpsc::channel(4);
-        if IMPORTS.set(imports_tx).is_err() {
+        if !import::route_imports(imports_tx) {
             tracing::warn!("a second hub link in this process: `lichen import` goes to the first");
         }
-        let bridge = tokio::spawn(bridge.run(events, imports));
+        let (checked_tx, checked) = mpsc::channel(1);
+        let importer = tokio::spawn(importer.run(imports, checked_tx));
+        let bridge = tokio::spawn(bridge.run(events, checked));
         Ok(Self {
             handle,
             session,
             bridge,
+            importer,
         })
     }
 
@@ -410,6 +274,7 @@ impl HubLink {
         self.handle.shutdown();
         let _ = tokio::time::timeout(Duration::from_secs(5), self.session).await;
         self.bridge.abort();
+        self.importer.abort();
     }
 }
 
@@ -417,27 +282,6 @@ struct Rejection {
     version: Option<u64>,
     reason: String,
     at_ms: u64,
-}
-
-/// A verified deployment waiting for its artifacts.
-struct Pending {
-    desired: DesiredState,
-    signer: String,
-    /// Artifacts still being fetched, by digest.
-    fetches: BTreeMap<String, Fetch>,
-}
-
-/// The transfer of one artifact.
-#[derive(Default)]
-struct Fetch {
-    /// `None` until the manifest came.
-    assembly: Option<Assembly>,
-    /// Chunks found already stored when the manifest came (from before a restart).
-    resumed: usize,
-    /// Chunks received and stored in this run.
-    fetched: usize,
-    /// Chunks received that were already stored.
-    redundant: usize,
 }
 
 /// The agent side of the session: acts on its events and keeps what reported state says.
@@ -456,16 +300,33 @@ struct Bridge {
     quota: Quota,
     dropped: BTreeMap<String, u64>,
     connected: bool,
+    /// The broker accepted the subscriptions to `desired` and `cmd/+` on this connection.
+    subscribed: bool,
     reconnects: u64,
     last_connection_error: Option<String>,
     last_rejection: Option<Rejection>,
-    /// The newest desired version already rejected (not validated again on every reconnect).
-    rejected_version: Option<u64>,
+    /// The last desired state ignored as stale.
+    ignored: Option<Ignored>,
+    /// Desired states refused or ignored (by fingerprint): not handled again when the
+    /// retained copy comes back. A refused message never blocks another with its version.
+    settled: Settled,
     errors: Vec<String>,
     rejected_messages: u64,
-    commands: Arc<AtomicU64>,
+    /// Commands answered since the agent started.
+    answered: Arc<AtomicU64>,
+    commands: commands::Commands,
     /// What the last reported state said of the deployment and workloads, to notice changes.
     last_seen: String,
+}
+
+/// The hub version of the desired state applied last (0 before the first).
+fn applied_version(store: &StateStore) -> u64 {
+    store
+        .hub_state(APPLIED_VERSION)
+        .ok()
+        .flatten()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn now_ms() -> u64 {
@@ -478,7 +339,7 @@ impl Bridge {
     async fn run(
         mut self,
         mut events: mpsc::Receiver<SessionEvent>,
-        mut imports: mpsc::Receiver<ImportJob>,
+        mut imports: mpsc::Receiver<import::Checked>,
     ) {
         let mut check = tokio::time::interval(CHECK_EVERY);
         loop {
@@ -487,9 +348,9 @@ impl Bridge {
                     Some(ev) => self.on_event(ev).await,
                     None => return,
                 },
-                Some(job) = imports.recv() => {
-                    let result = self.on_import(job.path).await;
-                    let _ = job.reply.send(result);
+                Some(checked) = imports.recv() => {
+                    let result = self.finish_import(checked.path, checked.outcome).await;
+                    let _ = checked.reply.send(result);
                 },
                 _ = check.tick() => {
                     self.enforce_quota().await;
@@ -518,6 +379,7 @@ impl Bridge {
             SessionEvent::ConnectFailed { error, .. }
             | SessionEvent::Disconnected { error, .. } => {
                 self.connected = false;
+                self.subscribed = false;
                 self.reconnects += 1;
                 // A new reason is worth a reported state (queued: the hub reads it when the
                 // link is back); the same reason on every retry is not worth a write each.
@@ -527,7 +389,11 @@ impl Bridge {
                     self.publish_reported().await;
                 }
             }
-            SessionEvent::Subscribed => {}
+            SessionEvent::Subscribed => {
+                // Commands reach the node from now on: worth saying.
+                self.subscribed = true;
+                self.publish_reported().await;
+            }
             SessionEvent::SubscribeRefused { filter } => {
                 self.error(format!("the broker refused the subscription to {filter}"));
                 self.publish_reported().await;
@@ -537,7 +403,17 @@ impl Bridge {
                 workload,
                 envelope,
                 ack,
-            }) => self.on_command(workload, envelope, ack),
+            }) => self.commands.command(workload, envelope, ack),
+            SessionEvent::Inbound(Inbound::RefusedCommand {
+                workload,
+                id,
+                error,
+                ack,
+            }) => {
+                self.rejected_messages += 1;
+                self.error(error.clone());
+                self.commands.refused(workload, id, error, ack);
+            }
             SessionEvent::Inbound(Inbound::ArtifactManifest { digest, envelope }) => {
                 self.on_manifest(digest, envelope).await
             }
@@ -549,7 +425,8 @@ impl Bridge {
             SessionEvent::Rejected(e) => {
                 self.rejected_messages += 1;
                 let text = e.to_string();
-                if let InboundError::Malformed { topic, .. } = &e
+                if let InboundError::Malformed { topic, .. } | InboundError::TooLarge { topic, .. } =
+                    &e
                     && topic.ends_with("/desired")
                 {
                     self.last_rejection = Some(Rejection {
@@ -569,18 +446,7 @@ impl Bridge {
     }
 
     fn applied_version(&self) -> u64 {
-        self.store
-            .hub_state(APPLIED_VERSION)
-            .ok()
-            .flatten()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    }
-
-    async fn reject(&mut self, version: Option<u64>, reason: String) {
-        self.rejected_version = version.or(self.rejected_version);
-        self.error(format!("desired state rejected: {reason}"));
-        self.record_rejection(version, reason, "hub-rejected").await;
+        applied_version(&self.store)
     }
 
     /// Logs a rejection as event `event`, keeps it as the last one and reports it.
@@ -598,301 +464,6 @@ impl Bridge {
         self.publish_reported().await;
     }
 
-    async fn on_desired(&mut self, envelope: Envelope) {
-        let desired: DesiredState = match serde_json::from_value(envelope.payload) {
-            Ok(d) => d,
-            Err(e) => {
-                self.rejected_messages += 1;
-                return self
-                    .reject(
-                        None,
-                        format!(
-                            "malformed desired state in message {}: {e} (expected version, deployment, signature, key-id)",
-                            envelope.id
-                        ),
-                    )
-                    .await;
-            }
-        };
-        let applied = self.applied_version();
-        if desired.version <= applied {
-            tracing::debug!(
-                version = desired.version,
-                applied,
-                "desired state is not newer than the applied one"
-            );
-            return;
-        }
-        if self.rejected_version == Some(desired.version) {
-            return;
-        }
-        if self
-            .pending
-            .as_ref()
-            .is_some_and(|p| p.desired.version == desired.version)
-        {
-            return;
-        }
-        let signer = match verify(&desired, &self.node, &self.keys) {
-            Ok(key) => key,
-            Err(reason) if self.insecure_dev => {
-                tracing::warn!(
-                    "INSECURE: applying deployment version {} despite: {reason} (hub.insecure-dev)",
-                    desired.version
-                );
-                "none (insecure-dev)".to_owned()
-            }
-            Err(reason) => return self.reject(Some(desired.version), reason).await,
-        };
-        self.fetch_or_apply(desired, signer).await;
-    }
-
-    /// Applies a verified deployment, or first fetches the artifacts it names that the node
-    /// lacks.
-    async fn fetch_or_apply(&mut self, desired: DesiredState, signer: String) {
-        self.cancel_pending();
-        let missing: Vec<String> = artifacts::referenced_digests(&desired.deployment)
-            .into_iter()
-            .filter(|d| !self.agent.artifacts().contains(d))
-            .collect();
-        if missing.is_empty() {
-            return self.apply(desired, signer).await;
-        }
-        tracing::info!(
-            version = desired.version,
-            artifacts = ?missing,
-            "fetching the artifacts of the desired state from the hub"
-        );
-        self.handle.subscribe(
-            missing
-                .iter()
-                .map(|d| self.topics.artifact_manifest(d))
-                .collect(),
-        );
-        self.pending = Some(Pending {
-            desired,
-            signer,
-            fetches: missing.into_iter().map(|d| (d, Fetch::default())).collect(),
-        });
-        self.publish_reported().await;
-    }
-
-    /// Unsubscribes from every topic of the pending transfer and forgets it (its chunks stay
-    /// stored for a later try).
-    fn cancel_pending(&mut self) {
-        let Some(pending) = self.pending.take() else {
-            return;
-        };
-        let mut filters = Vec::new();
-        for (digest, fetch) in &pending.fetches {
-            filters.push(self.topics.artifact_manifest(digest));
-            if let Some(a) = &fetch.assembly {
-                filters.extend(
-                    a.missing()
-                        .into_iter()
-                        .map(|i| self.topics.artifact_chunk(digest, i)),
-                );
-            }
-        }
-        self.handle.unsubscribe(filters);
-    }
-
-    /// Rejects the pending deployment because of artifact `digest`, dropping its chunks.
-    async fn reject_pending(&mut self, digest: &str, reason: String) {
-        let version = self.pending.as_ref().map(|p| p.desired.version);
-        self.cancel_pending();
-        let chunks = self.chunks.clone();
-        let digest = digest.to_owned();
-        let _ = tokio::task::spawn_blocking(move || chunks.remove(&digest)).await;
-        self.reject(
-            version,
-            format!(
-                "deployment version {} rejected: {reason}",
-                version.unwrap_or(0)
-            ),
-        )
-        .await;
-    }
-
-    async fn on_manifest(&mut self, digest: String, envelope: Envelope) {
-        let Some(fetch) = self
-            .pending
-            .as_mut()
-            .and_then(|p| p.fetches.get_mut(&digest))
-        else {
-            return;
-        };
-        if fetch.assembly.is_some() {
-            return;
-        }
-        let manifest = match serde_json::from_value::<Manifest>(envelope.payload)
-            .map_err(|e| format!("manifest of artifact sha256:{digest} is malformed: {e}"))
-            .and_then(|m| m.validate(&digest).map(|()| m).map_err(|e| e.to_string()))
-        {
-            Ok(m) => m,
-            Err(reason) => return self.reject_pending(&digest, reason).await,
-        };
-        let chunks = self.chunks.clone();
-        let loaded = {
-            let manifest = manifest.clone();
-            tokio::task::spawn_blocking(move || -> Result<BTreeSet<u32>> {
-                match chunks.load(&manifest.digest)? {
-                    Some((stored, present)) if stored == manifest => Ok(present),
-                    _ => {
-                        chunks.reset(&manifest)?;
-                        Ok(BTreeSet::new())
-                    }
-                }
-            })
-            .await
-        };
-        let present = match loaded {
-            Ok(Ok(p)) => p,
-            Ok(Err(e)) => {
-                return self
-                    .reject_pending(&digest, format!("cannot store artifact chunks: {e:#}"))
-                    .await;
-            }
-            Err(e) => {
-                return self
-                    .reject_pending(&digest, format!("chunk store task failed: {e}"))
-                    .await;
-            }
-        };
-        let assembly = Assembly::new(manifest, present);
-        let missing = assembly.missing();
-        tracing::info!(
-            %digest,
-            chunks = assembly.manifest().chunks.len(),
-            already_stored = assembly.held(),
-            "artifact manifest received; asking for the missing chunks"
-        );
-        let Some(fetch) = self
-            .pending
-            .as_mut()
-            .and_then(|p| p.fetches.get_mut(&digest))
-        else {
-            return;
-        };
-        fetch.resumed = assembly.held();
-        let complete = assembly.complete();
-        fetch.assembly = Some(assembly);
-        self.handle
-            .unsubscribe(vec![self.topics.artifact_manifest(&digest)]);
-        self.handle.subscribe(
-            missing
-                .into_iter()
-                .map(|i| self.topics.artifact_chunk(&digest, i))
-                .collect(),
-        );
-        self.publish_reported().await;
-        if complete {
-            self.finish_artifact(&digest).await;
-        }
-    }
-
-    async fn on_chunk(&mut self, digest: String, index: u32, bytes: Vec<u8>) {
-        let Some(fetch) = self
-            .pending
-            .as_mut()
-            .and_then(|p| p.fetches.get_mut(&digest))
-        else {
-            return;
-        };
-        let Some(assembly) = &fetch.assembly else {
-            return;
-        };
-        if assembly.has(index) {
-            fetch.redundant += 1;
-            return;
-        }
-        if let Err(e) = assembly.manifest().check_chunk(index, &bytes) {
-            return self.reject_pending(&digest, e.to_string()).await;
-        }
-        let chunks = self.chunks.clone();
-        let d = digest.clone();
-        let stored = tokio::task::spawn_blocking(move || chunks.put(&d, index, &bytes)).await;
-        if let Ok(Err(e)) | Err(e) = stored.map_err(anyhow::Error::from) {
-            return self
-                .reject_pending(&digest, format!("cannot store chunk {index}: {e:#}"))
-                .await;
-        }
-        let Some(fetch) = self
-            .pending
-            .as_mut()
-            .and_then(|p| p.fetches.get_mut(&digest))
-        else {
-            return;
-        };
-        let Some(assembly) = fetch.assembly.as_mut() else {
-            return;
-        };
-        assembly.stored(index);
-        fetch.fetched += 1;
-        self.chunks_fetched += 1;
-        let complete = assembly.complete();
-        self.handle
-            .unsubscribe(vec![self.topics.artifact_chunk(&digest, index)]);
-        if complete {
-            self.finish_artifact(&digest).await;
-        }
-    }
-
-    /// Assembles a complete artifact, checks its digest, adds it to the artifact store; applies
-    /// the pending deployment when it was the last one.
-    async fn finish_artifact(&mut self, digest: &str) {
-        let Some(manifest) = self
-            .pending
-            .as_ref()
-            .and_then(|p| p.fetches.get(digest))
-            .and_then(|f| f.assembly.as_ref())
-            .map(|a| a.manifest().clone())
-        else {
-            return;
-        };
-        let chunks = self.chunks.clone();
-        let assembled = {
-            let manifest = manifest.clone();
-            tokio::task::spawn_blocking(move || chunks.assemble(&manifest)).await
-        };
-        let bytes = match assembled {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => {
-                return self
-                    .reject_pending(digest, format!("cannot assemble: {e:#}"))
-                    .await;
-            }
-            Err(e) => {
-                return self
-                    .reject_pending(digest, format!("assembly task failed: {e}"))
-                    .await;
-            }
-        };
-        if let Err(e) = manifest.check_whole(&bytes) {
-            return self.reject_pending(digest, e.to_string()).await;
-        }
-        if let Err(e) = self.agent.artifacts().add(bytes).await {
-            return self
-                .reject_pending(
-                    digest,
-                    format!("artifact sha256:{digest} does not load: {e:#}"),
-                )
-                .await;
-        }
-        self.chunks.remove(digest);
-        tracing::info!(%digest, "artifact received and verified");
-        let done = {
-            let Some(pending) = self.pending.as_mut() else {
-                return;
-            };
-            pending.fetches.remove(digest);
-            pending.fetches.is_empty()
-        };
-        if done && let Some(pending) = self.pending.take() {
-            self.apply(pending.desired, pending.signer).await;
-        }
-    }
-
     /// Refuses an import: reported like a hub rejection (but the version stays open to the
     /// hub: a damaged bundle says nothing of the hub's copy); returns the error for the caller.
     async fn reject_import(&mut self, version: Option<u64>, reason: String) -> ApiError {
@@ -903,29 +474,20 @@ impl Bridge {
         ApiError::invalid(reason)
     }
 
-    /// `lichen import`: the same checks as a desired state from the hub, then the artifacts
-    /// into the store and the deployment applied.
-    async fn on_import(&mut self, path: std::path::PathBuf) -> Result<ImportReport, ApiError> {
-        let read = {
-            let path = path.clone();
-            tokio::task::spawn_blocking(move || bundle::read(&path)).await
+    /// `lichen import`, once the importer has checked the bundle and put its artifacts in the
+    /// store: applies it as a desired state from the hub, or records why it was refused.
+    async fn finish_import(
+        &mut self,
+        path: std::path::PathBuf,
+        outcome: Result<import::Verified, import::Refusal>,
+    ) -> Result<ImportReport, ApiError> {
+        let verified = match outcome {
+            Ok(v) => v,
+            Err(refusal) => return Err(self.reject_import(refusal.version, refusal.reason).await),
         };
-        let b = match read {
-            Ok(Ok(b)) => b,
-            Ok(Err(e)) => return Err(self.reject_import(None, format!("{e:#}")).await),
-            Err(e) => return Err(ApiError::internal(format!("bundle reader failed: {e}"))),
-        };
-        let desired = b.index.desired;
+        let desired = verified.desired;
         let version = Some(desired.version);
-        if b.index.node != self.node {
-            let reason = format!(
-                "bundle {} is for node {:?}; this node is {:?}",
-                path.display(),
-                b.index.node,
-                self.node
-            );
-            return Err(self.reject_import(version, reason).await);
-        }
+        // A hub version may have been applied while the importer worked.
         let applied = self.applied_version();
         if desired.version <= applied {
             let reason = format!(
@@ -935,47 +497,6 @@ impl Bridge {
             );
             return Err(self.reject_import(version, reason).await);
         }
-        let signer = match verify(&desired, &self.node, &self.keys) {
-            Ok(key) => key,
-            Err(reason) if self.insecure_dev => {
-                tracing::warn!(
-                    "INSECURE: importing deployment version {} despite: {reason} (hub.insecure-dev)",
-                    desired.version
-                );
-                "none (insecure-dev)".to_owned()
-            }
-            Err(reason) => return Err(self.reject_import(version, reason).await),
-        };
-        for (name, bytes) in &b.artifacts {
-            let found = lichen_sync::sha256_hex(bytes);
-            if &found != name {
-                let reason = format!(
-                    "artifact file artifacts/{name} of bundle {} was tampered with or corrupted: its content has sha256 {found}",
-                    path.display()
-                );
-                return Err(self.reject_import(version, reason).await);
-            }
-        }
-        for digest in artifacts::referenced_digests(&desired.deployment) {
-            if !b.artifacts.contains_key(&digest) && !self.agent.artifacts().contains(&digest) {
-                let reason = format!(
-                    "the deployment names artifact sha256:{digest}, which is neither in bundle {} nor on this node",
-                    path.display()
-                );
-                return Err(self.reject_import(version, reason).await);
-            }
-        }
-        let mut added = Vec::new();
-        for (digest, bytes) in b.artifacts {
-            if self.agent.artifacts().contains(&digest) {
-                continue;
-            }
-            if let Err(e) = self.agent.artifacts().add(bytes).await {
-                let reason = format!("artifact sha256:{digest} does not load: {e:#}");
-                return Err(self.reject_import(version, reason).await);
-            }
-            added.push(digest);
-        }
         if self
             .pending
             .as_ref()
@@ -984,109 +505,16 @@ impl Bridge {
             self.cancel_pending();
         }
         let v = desired.version;
-        match self.apply_checked(desired, signer.clone()).await {
+        match self.apply_checked(desired, verified.signer.clone()).await {
             Ok(deployment) => Ok(ImportReport {
                 node: self.node.clone(),
                 version: v,
-                signer,
-                artifacts: added,
+                signer: verified.signer,
+                artifacts: verified.added,
                 deployment,
             }),
             Err(reason) => Err(self.reject_import(version, reason).await),
         }
-    }
-
-    /// Applies a verified deployment whose artifacts are all in the store; a rejection is
-    /// recorded for the hub.
-    async fn apply(&mut self, desired: DesiredState, signer: String) {
-        let version = desired.version;
-        if let Err(reason) = self.apply_checked(desired, signer).await {
-            self.reject(Some(version), reason).await;
-        }
-    }
-
-    /// Applies a verified deployment; returns the reason if it is invalid.
-    async fn apply_checked(
-        &mut self,
-        desired: DesiredState,
-        signer: String,
-    ) -> Result<DeployReport, String> {
-        let name = format!("hub desired version {}", desired.version);
-        match self
-            .agent
-            .deploy_text(&name, &desired.deployment, Path::new("/"))
-            .await
-        {
-            Ok(report) => {
-                if let Err(e) = self
-                    .store
-                    .set_hub_state(APPLIED_VERSION, &desired.version.to_string())
-                    .await
-                {
-                    self.error(format!("cannot record the applied hub version: {e}"));
-                }
-                for failure in &report.failures {
-                    self.error(format!(
-                        "workload {} failed after deployment version {}: {}",
-                        failure.workload, desired.version, failure.message
-                    ));
-                }
-                tracing::info!(
-                    version = desired.version,
-                    local_version = report.version,
-                    signer,
-                    "applied desired state from the hub"
-                );
-                self.last_rejection = None;
-                self.publish_reported().await;
-                Ok(report)
-            }
-            Err(e) => Err(format!(
-                "deployment version {} is invalid: {}",
-                desired.version, e.error
-            )),
-        }
-    }
-
-    /// Runs a hub command and queues its result; the broker gets the command's PUBACK only once
-    /// the id is in the inbox and the result in the outbox (one transaction), so a crash before
-    /// that makes the broker deliver it again.
-    fn on_command(&mut self, workload: String, envelope: Envelope, ack: lichen_sync::InboundAck) {
-        let agent = self.agent.clone();
-        let store = self.store.clone();
-        let commands = self.commands.clone();
-        tokio::spawn(async move {
-            let id = envelope.id.to_string();
-            match store.inbox_contains(&id) {
-                Ok(true) => {
-                    tracing::debug!(%id, "hub command already handled before a restart");
-                    ack.ack();
-                    return;
-                }
-                Ok(false) => {}
-                Err(e) => tracing::warn!("cannot read the inbox: {e}"),
-            }
-            let result = match parse_command(&envelope.payload) {
-                Err(error) => json!({"cmd": id, "ok": false, "error": error}),
-                Ok(req) => match agent.send(&workload, req).await {
-                    Ok(reply) => json!({"cmd": id, "ok": true, "reply": reply.reply}),
-                    Err(e) => json!({"cmd": id, "ok": false, "error": e.error}),
-                },
-            };
-            commands.fetch_add(1, Ordering::Relaxed);
-            let record = OutboxRecord {
-                kind: RowKind::CmdResult.as_str().to_owned(),
-                workload: workload.clone(),
-                stream: String::new(),
-                payload: result.to_string().into_bytes(),
-                created_at_ms: now_ms(),
-            };
-            match store.command_done(&id, record).await {
-                Ok(_) => ack.ack(),
-                // Not acknowledged: the broker delivers it again after a reconnect.
-                Err(e) => tracing::warn!(%id, %workload, "cannot queue the command result: {e}"),
-            }
-        });
     }
 
     async fn enforce_quota(&mut self) {
@@ -1107,113 +535,6 @@ impl Bridge {
             let _ = self.store.set_hub_state(DROPPED, &text).await;
         }
         self.publish_reported().await;
-    }
-
-    /// What reported state says of the deployment and workloads now, to notice changes.
-    async fn seen_now(&self) -> String {
-        let version = self
-            .store
-            .current_deployment()
-            .ok()
-            .flatten()
-            .map_or(0, |d| d.version);
-        let mut seen = format!("{version}");
-        if let Some(p) = &self.pending {
-            for (digest, f) in &p.fetches {
-                let held = f.assembly.as_ref().map_or(0, Assembly::held);
-                seen.push_str(&format!("|{digest}:{held}"));
-            }
-        }
-        for w in self.agent.ps().await {
-            seen.push_str(&format!(
-                "|{}:{}:{}",
-                w.name,
-                w.state,
-                w.last_error.unwrap_or_default()
-            ));
-        }
-        seen
-    }
-
-    async fn reported(&self) -> serde_json::Value {
-        let deployment = self.store.current_deployment().ok().flatten();
-        let applied = self.applied_version();
-        let workloads: Vec<serde_json::Value> = self
-            .agent
-            .ps()
-            .await
-            .into_iter()
-            .map(|w| {
-                json!({
-                    "name": w.name,
-                    "state": w.state,
-                    "module": w.module_digest,
-                    "restarts": w.restarts,
-                    "traps": w.traps,
-                    "events": w.events_handled,
-                    "last-error": w.last_error,
-                })
-            })
-            .collect();
-        json!({
-            "node": self.node,
-            "agent": env!("CARGO_PKG_VERSION"),
-            "insecure-dev": self.insecure_dev,
-            "warning": self.insecure_dev.then_some(
-                "INSECURE: hub.insecure-dev is set, deployments are applied without a valid signature"
-            ),
-            "applied-version": (applied > 0).then_some(applied),
-            "deployment": deployment.map(|d| json!({
-                "local-version": d.version,
-                "source": d.source_name,
-                "digest": d.digest,
-            })),
-            "last-rejection": self.last_rejection.as_ref().map(|r| json!({
-                "version": r.version,
-                "reason": r.reason,
-                "at-ms": r.at_ms,
-            })),
-            "artifacts": self.pending.as_ref().map(|p| json!({
-                "version": p.desired.version,
-                "fetching": p.fetches.iter().map(|(digest, f)| json!({
-                    "digest": digest,
-                    "chunks": f.assembly.as_ref().map(|a| a.manifest().chunks.len()),
-                    "held": f.assembly.as_ref().map_or(0, Assembly::held),
-                    "resumed": f.resumed,
-                    "fetched": f.fetched,
-                    "redundant": f.redundant,
-                })).collect::<Vec<_>>(),
-            })),
-            "connection": {
-                "url": self.url,
-                "connected": self.connected,
-                "reconnects": self.reconnects,
-                "last-error": self.last_connection_error,
-            },
-            "workloads": workloads,
-            "counters": {
-                "dropped-telemetry": self.dropped,
-                "commands": self.commands.load(Ordering::Relaxed),
-                "rejected-messages": self.rejected_messages,
-                "artifact-chunks": self.chunks_fetched,
-                "outbox-rows": self.store.outbox_len().unwrap_or(0),
-            },
-            "errors": self.errors,
-        })
-    }
-
-    async fn publish_reported(&mut self) {
-        self.last_seen = self.seen_now().await;
-        let record = OutboxRecord {
-            kind: RowKind::State.as_str().to_owned(),
-            workload: String::new(),
-            stream: String::new(),
-            payload: self.reported().await.to_string().into_bytes(),
-            created_at_ms: now_ms(),
-        };
-        if let Err(e) = self.store.push_outbox(record).await {
-            tracing::warn!("cannot queue reported state: {e}");
-        }
     }
 }
 
@@ -1257,235 +578,55 @@ async fn drop_over_quota(
     Ok(Some(plan))
 }
 
-/// A hub command's payload: `{"command": NAME, "payload": TEXT or any JSON}`.
-fn parse_command(payload: &serde_json::Value) -> Result<SendRequest, String> {
-    let command = payload
-        .get("command")
-        .and_then(|c| c.as_str())
-        .ok_or_else(|| {
-            "command message has no \"command\" string (expected {\"command\": NAME, \"payload\": ...})"
-                .to_owned()
-        })?;
-    let payload = match payload.get("payload") {
-        None | Some(serde_json::Value::Null) => String::new(),
-        Some(serde_json::Value::String(s)) => s.clone(),
-        Some(other) => other.to_string(),
-    };
-    Ok(SendRequest {
-        command: command.to_owned(),
-        payload,
-    })
-}
-
-/// `doctor`'s view of a `[hub]` section: status and detail, including whether the broker
-/// accepts a connection with the section's TLS files and credentials right now.
-pub fn doctor_check(hub: Option<&HubSection>) -> (&'static str, String) {
-    let (status, detail) = static_check(hub);
-    let Some(hub) = hub else {
-        return (status, detail);
-    };
-    match probe(hub) {
-        Ok(()) => (
-            status,
-            format!("{detail}; the broker accepted a test connection"),
-        ),
-        Err(e) => ("fail", format!("{detail}; cannot connect: {e}")),
-    }
-}
-
-/// Connects once to the hub as `[hub]` says (TLS, client certificate, credentials) under a
-/// client id of its own (the node's would push the running agent off the broker); returns
-/// why it failed. Runs on a thread of its own: it may be called from async code.
-pub fn probe(hub: &HubSection) -> std::result::Result<(), String> {
-    let hub = hub.clone();
-    std::thread::spawn(move || {
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .map_err(|e| format!("cannot start a runtime: {e}"))?;
-        runtime.block_on(probe_async(&hub))
-    })
-    .join()
-    .unwrap_or_else(|_| Err("the connection probe panicked".to_owned()))
-}
-
-async fn probe_async(hub: &HubSection) -> std::result::Result<(), String> {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, TlsConfiguration, Transport};
-    let config = section_session_config(hub).map_err(|e| format!("{e:#}"))?;
-    let broker = format!(
-        "{}://{}:{}",
-        if config.tls.is_some() {
-            "mqtts"
-        } else {
-            "mqtt"
-        },
-        config.host,
-        config.port
-    );
-    let mut options = MqttOptions::new(
-        format!("{}-doctor-{}", config.node, std::process::id()),
-        config.host.clone(),
-        config.port,
-    );
-    options.set_keep_alive(Duration::from_secs(5));
-    if let Some(tls) = &config.tls {
-        let tls = lichen_sync::rustls_config(tls).map_err(|e| e.to_string())?;
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(tls),
-        )));
-    }
-    if let Some((user, password)) = &config.credentials {
-        options.set_credentials(user.clone(), password.clone());
-    }
-    let (client, mut eventloop) = AsyncClient::new(options, 4);
-    eventloop.network_options.set_connection_timeout(5);
-    let result = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
-                Ok(_) => {}
-                Err(e) => {
-                    let mut text = format!("{broker}: {e}");
-                    if text.contains("invalid peer certificate")
-                        && let Some(tls) = &config.tls
-                    {
-                        text.push_str(&format!(
-                            " (the broker's certificate is not trusted by the CA file {})",
-                            tls.ca.display()
-                        ));
-                    }
-                    return Err(text);
-                }
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| Err(format!("{broker}: no CONNACK within 10 s")));
-    if result.is_ok() {
-        let _ = client.disconnect().await;
-        let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
-    }
-    result
-}
-
-fn static_check(hub: Option<&HubSection>) -> (&'static str, String) {
-    match hub {
-        None => ("ok", "no [hub] section: the node runs offline".to_owned()),
-        Some(hub) if hub.insecure_dev => (
-            "warn",
-            format!(
-                "INSECURE: hub.insecure-dev is set, deployments from {} are applied WITHOUT a valid signature",
-                hub.url
-            ),
-        ),
-        Some(hub) if hub.trusted_keys.is_empty() => (
-            "warn",
-            format!(
-                "node {} syncs with {}, but hub.trusted-keys is empty: every hub deployment will be rejected",
-                hub.node_id, hub.url
-            ),
-        ),
-        Some(hub) => (
-            "ok",
-            format!(
-                "node {} syncs with {}; deployments must be signed by one of {} trusted key(s)",
-                hub.node_id,
-                hub.url,
-                hub.trusted_keys.len()
-            ),
-        ),
-    }
-}
-
-const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-
-/// Standard base64 with padding.
-pub fn base64_encode(bytes: &[u8]) -> String {
-    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
-    for chunk in bytes.chunks(3) {
-        let b = [
-            chunk[0],
-            chunk.get(1).copied().unwrap_or(0),
-            chunk.get(2).copied().unwrap_or(0),
-        ];
-        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
-        for i in 0..4 {
-            if i <= chunk.len() {
-                out.push(char::from(B64[((n >> (18 - 6 * i)) & 63) as usize]));
-            } else {
-                out.push('=');
-            }
-        }
-    }
-    out
-}
-
-/// Decodes standard base64 (padding optional, whitespace ignored).
-pub fn base64_decode(text: &str) -> Result<Vec<u8>> {
-    let mut out = Vec::with_capacity(text.len() * 3 / 4);
-    let mut acc = 0u32;
-    let mut bits = 0;
-    for c in text.bytes().filter(|c| !c.is_ascii_whitespace()) {
-        if c == b'=' {
-            break;
-        }
-        let v = B64
-            .iter()
-            .position(|&b| b == c)
-            .with_context(|| format!("{:?} is not a base64 character", char::from(c)))?;
-        acc = (acc << 6) | v as u32;
-        bits += 6;
-        if bits >= 8 {
-            bits -= 8;
-            out.push((acc >> bits) as u8);
-        }
-    }
-    Ok(out)
-}
-
-/// The DER of a PEM `PRIVATE KEY`, or the bytes as they are if they are not PEM.
-fn pem_or_der(bytes: &[u8]) -> Result<Vec<u8>> {
-    let Ok(text) = std::str::from_utf8(bytes) else {
-        return Ok(bytes.to_vec());
-    };
-    let Some(start) = text.find("-----BEGIN PRIVATE KEY-----") else {
-        bail!("key file is text but holds no -----BEGIN PRIVATE KEY----- block");
-    };
-    let body = &text[start + "-----BEGIN PRIVATE KEY-----".len()..];
-    let end = body
-        .find("-----END PRIVATE KEY-----")
-        .context("key file has no -----END PRIVATE KEY----- line")?;
-    base64_decode(&body[..end]).context("key file's PEM body is not base64")
-}
-
-/// A new ed25519 key pair: the private key as PKCS#8 PEM, and the public key as hex.
-pub fn generate_key() -> Result<(String, String)> {
-    let rng = ring::rand::SystemRandom::new();
-    let pkcs8 = ring::signature::Ed25519KeyPair::generate_pkcs8(&rng)
-        .map_err(|_| anyhow::anyhow!("cannot generate an ed25519 key: no system randomness"))?;
-    let pair = ring::signature::Ed25519KeyPair::from_pkcs8(pkcs8.as_ref())
-        .map_err(|e| anyhow::anyhow!("generated key does not parse: {e}"))?;
-    let body = base64_encode(pkcs8.as_ref());
-    let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
-    for line in body.as_bytes().chunks(64) {
-        pem.push_str(&String::from_utf8_lossy(line));
-        pem.push('\n');
-    }
-    pem.push_str("-----END PRIVATE KEY-----\n");
-    Ok((pem, hex::encode(pair.public_key().as_ref())))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::OutboxRecord;
+    use serde_json::json;
 
     fn desired(version: u64, text: &str) -> DesiredState {
         DesiredState {
             version,
             deployment: text.into(),
+            artifacts: BTreeMap::new(),
             signature: None,
             key_id: None,
         }
+    }
+
+    #[test]
+    fn artifact_sizes_are_signed_with_the_text_and_fingerprints_tell_copies_apart() {
+        let (pem, public) = generate_key().unwrap();
+        let key = parse_public_key(&public).unwrap();
+        let mut d = desired(3, "[[workloads]]\n");
+        d.artifacts.insert("ab".repeat(32), 4096);
+        let (sig, id) = sign_desired(pem.as_bytes(), "n1", &d).unwrap();
+        d.signature = Some(sig);
+        d.key_id = Some(id);
+        verify(&d, "n1", std::slice::from_ref(&key)).unwrap();
+        let text = String::from_utf8(signed_bytes("n1", &d)).unwrap();
+        assert_eq!(
+            text,
+            format!(
+                "lichen-desired-v2\nn1\n3\n1\n{} 4096\n[[workloads]]\n",
+                "ab".repeat(32)
+            )
+        );
+        // A bigger size (a forger's way to make the node fetch more) breaks the signature.
+        let mut bigger = d.clone();
+        bigger.artifacts.insert("ab".repeat(32), 512 << 20);
+        let err = verify(&bigger, "n1", std::slice::from_ref(&key)).unwrap_err();
+        assert!(err.contains("bad signature"), "{err}");
+        // Without artifacts the v1 bytes are signed, as before.
+        assert_eq!(
+            signed_bytes("n1", &desired(3, "x")),
+            canonical_bytes("n1", 3, "x")
+        );
+        // Same version, other signature: another message, refused or not on its own.
+        let mut forged = d.clone();
+        forged.signature = Some(base64_encode(&[0; 64]));
+        assert_ne!(fingerprint(&forged), fingerprint(&d));
+        assert_eq!(fingerprint(&d.clone()), fingerprint(&d));
     }
 
     #[tokio::test]
@@ -1566,55 +707,6 @@ mod tests {
             .map(|r| r.kind)
             .collect();
         assert_eq!(kinds, vec!["cmd-result", "state"]);
-    }
-
-    #[test]
-    fn base64_round_trips() {
-        for data in [&b""[..], b"f", b"fo", b"foo", b"foob", b"fooba", b"foobar"] {
-            assert_eq!(base64_decode(&base64_encode(data)).unwrap(), data);
-        }
-        assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
-        assert_eq!(base64_encode(b"fo"), "Zm8=");
-        assert!(base64_decode("a*b").is_err());
-    }
-
-    #[test]
-    fn signatures_verify_only_for_the_signed_node_version_and_text() {
-        let (pem, public) = generate_key().unwrap();
-        let key = parse_public_key(&public).unwrap();
-        let mut d = desired(3, "[[workloads]]\n");
-        let (sig, id) = sign(pem.as_bytes(), "n1", 3, &d.deployment).unwrap();
-        assert_eq!(id, key.id);
-        d.signature = Some(sig);
-        d.key_id = Some(id);
-        assert_eq!(
-            verify(&d, "n1", std::slice::from_ref(&key)).unwrap(),
-            key.id
-        );
-        let err = verify(&d, "n2", std::slice::from_ref(&key)).unwrap_err();
-        assert!(err.contains("bad signature"), "{err}");
-        let mut tampered = d.clone();
-        tampered.deployment.push('#');
-        assert!(verify(&tampered, "n1", std::slice::from_ref(&key)).is_err());
-        let mut bumped = d.clone();
-        bumped.version = 4;
-        assert!(verify(&bumped, "n1", std::slice::from_ref(&key)).is_err());
-        let (_, other) = generate_key().unwrap();
-        let other = parse_public_key(&other).unwrap();
-        let err = verify(&d, "n1", &[other]).unwrap_err();
-        assert!(err.contains("not in hub.trusted-keys"), "{err}");
-        let err = verify(&desired(5, "x"), "n1", &[key]).unwrap_err();
-        assert!(err.contains("unsigned"), "{err}");
-    }
-
-    #[test]
-    fn public_keys_parse_from_hex_or_base64_and_bad_ones_are_named() {
-        let hex_key = "11".repeat(32);
-        let a = parse_public_key(&hex_key).unwrap();
-        let b = parse_public_key(&base64_encode(&[0x11; 32])).unwrap();
-        assert_eq!(a, b);
-        let err = format!("{:#}", parse_public_key("abcd").unwrap_err());
-        assert!(err.contains("\"abcd\""), "{err}");
     }
 
     #[test]

@@ -163,7 +163,7 @@ pub struct RuntimeStatus {
 }
 
 /// An event for a workload (Wasm workloads take them; other kinds refuse).
-pub use wasm::{Delivery, EventSender, Reply};
+pub use wasm::{CommandCommitted, Delivery, EventSender, HubCommand, Reply};
 
 /// One running workload, whatever runs it.
 pub trait Workload: Send + Sync {
@@ -246,6 +246,18 @@ pub trait Runtime: Send + Sync {
     /// Releases what the runtime holds on the host once every workload is stopped (the agent
     /// is shutting down).
     fn release<'a>(&'a self) -> BoxFuture<'a, ()> {
+        Box::pin(async {})
+    }
+
+    /// Removes the artifacts this runtime keeps on disk (compiled modules, imported images)
+    /// that no workload of the applied deployment uses; `in_use` holds the digests the applied
+    /// deployment records for its workloads ([`Prepared::digest`]). The agent calls it after
+    /// every deploy, applied or refused, and at start, one call at a time and never during a
+    /// deploy, so repeated refused deploys do not grow the store.
+    fn collect_garbage<'a>(
+        &'a self,
+        _in_use: &'a std::collections::BTreeSet<String>,
+    ) -> BoxFuture<'a, ()> {
         Box::pin(async {})
     }
 

@@ -52,9 +52,9 @@ use tokio::sync::{mpsc, oneshot};
 pub use outbox::SqliteOutbox;
 pub use reads::OUTBOX_ROW_OVERHEAD;
 pub use types::{
-    DeploymentRecord, DeploymentSummary, EventCommit, EventRow, GuestLogLine, KvWrite,
-    NewDeployment, NewWorkload, OutboxRecord, OutboxRow, OutboxRowSize, StatusUpdate, StoreOptions,
-    StoreStats, TelemetryRecord, WorkloadRow,
+    CommandRecord, DeploymentRecord, DeploymentSummary, EventCommit, EventRow, GuestLogLine,
+    KvWrite, NewDeployment, NewWorkload, OutboxRecord, OutboxRow, OutboxRowSize, StatusUpdate,
+    StoreOptions, StoreStats, TelemetryRecord, WorkloadRow,
 };
 use writer::{Op, Output, Request};
 
@@ -68,6 +68,16 @@ pub enum StoreError {
     #[error("cannot create state directory {}", path.display())]
     CreateDir {
         /// The directory.
+        path: PathBuf,
+        /// Why it failed.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The database file (or its WAL or shared-memory file) could not be made private to
+    /// the agent's user (mode 0600).
+    #[error("cannot make {} private (mode 0600)", path.display())]
+    Private {
+        /// The file.
         path: PathBuf,
         /// Why it failed.
         #[source]
@@ -123,6 +133,10 @@ pub enum StoreError {
     /// A write named a workload that the applied deployment does not have.
     #[error("workload {0:?} does not exist")]
     UnknownWorkload(String),
+    /// An event meant to record a hub command that the inbox already holds: nothing of the
+    /// event was written (the first copy's writes stand).
+    #[error("hub command {0:?} was handled already")]
+    CommandHandled(String),
     /// A deployment listed the same workload twice.
     #[error("deployment lists workload {0:?} more than once")]
     DuplicateWorkload(String),
@@ -218,6 +232,34 @@ impl Drop for Inner {
     }
 }
 
+/// Creates the database file with mode 0600 before SQLite opens it (SQLite gives its `-wal` and
+/// `-shm` files the database's mode), and brings an existing database and its companions (left
+/// 0644 by older agents) to 0600: they hold the key-value state, hub state and guest logs.
+fn make_private(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let private = |path: &Path, source| StoreError::Private {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| private(path, e))?;
+    for suffix in ["", "-wal", "-shm"] {
+        let mut name = path.as_os_str().to_owned();
+        name.push(suffix);
+        let file = PathBuf::from(name);
+        match std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(private(&file, e)),
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// The agent's state store. Cheap to clone; every clone uses the same database and writer.
 #[derive(Debug, Clone)]
 pub struct StateStore {
@@ -233,6 +275,7 @@ impl StateStore {
                 source,
             })?;
         }
+        make_private(path)?;
         let open_err = |source| StoreError::Open {
             path: path.to_path_buf(),
             source,
@@ -304,9 +347,11 @@ impl StateStore {
     }
 
     /// Commits the effects of one handled event: key-value writes, telemetry into the outbox,
-    /// and the workload's event counter, all or nothing. Returns once they are durable.
+    /// the workload's event counter and, for a hub command, its inbox id and result, all or
+    /// nothing. Returns once they are durable. A hub command the inbox already holds fails
+    /// with [`StoreError::CommandHandled`] and writes nothing.
     pub async fn commit_event(&self, c: EventCommit) -> Result<(), StoreError> {
-        let telemetry = !c.telemetry.is_empty();
+        let telemetry = !c.telemetry.is_empty() || c.command.is_some();
         self.submit(Op::Commit(c)).await?;
         if telemetry {
             self.outbox_changed();

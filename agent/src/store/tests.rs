@@ -49,6 +49,7 @@ fn put(workload: &str, key: &str, value: &[u8]) -> EventCommit {
         }],
         telemetry: Vec::new(),
         events_handled: 1,
+        command: None,
     }
 }
 
@@ -288,6 +289,7 @@ async fn one_commit_event_is_wholly_visible_after_reopen() {
                 },
             ],
             events_handled: 5,
+            command: None,
         })
         .await
         .expect("second commit");
@@ -458,6 +460,7 @@ async fn failing_writes_change_nothing_and_say_why() {
     let err = store
         .commit_event(EventCommit {
             events_handled: u64::MAX,
+            command: None,
             ..put("door", "k", b"v")
         })
         .await
@@ -728,6 +731,7 @@ fn telemetry(workload: &str, payload: &[u8]) -> EventCommit {
             created_at_ms: 7,
         }],
         events_handled: 1,
+        command: None,
     }
 }
 
@@ -852,6 +856,47 @@ async fn handled_command_ids_survive_reopen_and_record_one_result() {
 }
 
 #[tokio::test]
+async fn a_hub_command_commits_with_its_writes_once_and_a_second_copy_writes_nothing() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let store = open(&db_path(&dir));
+    store
+        .apply_deployment(deployment(&["a"]))
+        .await
+        .expect("deploys");
+    let handled = |value: &[u8]| EventCommit {
+        command: Some(CommandRecord {
+            inbox_id: "hub:7".to_owned(),
+            result: record("cmd-result", "a", r#"{"cmd":"hub:7","ok":true}"#),
+        }),
+        ..put("a", "k", value)
+    };
+    store
+        .commit_event(handled(b"first"))
+        .await
+        .expect("commits");
+    assert!(store.inbox_contains("hub:7").expect("reads"));
+    assert_eq!(store.outbox_len().expect("counts"), 1, "the result");
+    // A second copy (a redelivery that raced the first): nothing of it is written.
+    let err = store
+        .commit_event(handled(b"second"))
+        .await
+        .expect_err("already handled");
+    assert!(
+        matches!(err, StoreError::CommandHandled(ref id) if id == "hub:7"),
+        "{err}"
+    );
+    let kv = store.load_kv("a").expect("reads");
+    assert_eq!(
+        kv.get(&("default".to_owned(), "k".to_owned()))
+            .map(Vec::as_slice),
+        Some(&b"first"[..]),
+        "the second copy's write was rolled back"
+    );
+    assert_eq!(store.outbox_len().expect("counts"), 1, "one result");
+    assert_eq!(store.workloads().expect("reads")[0].events_handled, 1);
+}
+
+#[tokio::test]
 async fn quota_reads_measure_and_list_the_oldest_telemetry() {
     let dir = tempfile::tempdir().expect("temp dir");
     let store = open(&db_path(&dir));
@@ -890,4 +935,33 @@ async fn quota_reads_measure_and_list_the_oldest_telemetry() {
         .expect("deletes");
     assert_eq!(dropped, 2);
     assert_eq!(store.outbox_len().expect("counts"), 2);
+}
+
+#[tokio::test]
+async fn the_database_and_its_wal_and_shm_files_are_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = db_path(&dir);
+    std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+    // As an older agent left it: readable by every local user.
+    std::fs::write(&path, b"").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let store = open(&path);
+    store
+        .log_event(None, "started", "a write, so the WAL exists")
+        .await
+        .unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let file = PathBuf::from(format!("{}{suffix}", path.display()));
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", file.display());
+    }
+    let fresh = dir.path().join("fresh").join("lichen.db");
+    let store = open(&fresh);
+    store.log_event(None, "started", "x").await.unwrap();
+    for suffix in ["", "-wal", "-shm"] {
+        let file = PathBuf::from(format!("{}{suffix}", fresh.display()));
+        let mode = std::fs::metadata(&file).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", file.display());
+    }
 }

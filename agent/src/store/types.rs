@@ -54,6 +54,18 @@ pub struct EventCommit {
     pub telemetry: Vec<TelemetryRecord>,
     /// How many events this commit covers; added to the workload's counter.
     pub events_handled: u64,
+    /// The hub command this event handled, recorded in the same transaction as its writes
+    /// (so a command redelivered after a crash finds either all of it done or none of it).
+    pub command: Option<CommandRecord>,
+}
+
+/// A hub command handled by an event: its id for the inbox and its result for the outbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommandRecord {
+    /// The command's message id (the inbox key).
+    pub inbox_id: String,
+    /// Its `cmd-result` record.
+    pub result: OutboxRecord,
 }
 
 /// One key-value write of a workload.

@@ -339,6 +339,13 @@ fn commit_event(conn: &Connection, c: &EventCommit) -> Result<Output, StoreError
     if updated == 0 {
         return Err(StoreError::UnknownWorkload(c.workload.clone()));
     }
+    if let Some(command) = &c.command {
+        // First, so that a command already handled writes nothing (the error rolls the
+        // request back).
+        if !record_command(conn, &command.inbox_id, &command.result)? {
+            return Err(StoreError::CommandHandled(command.inbox_id.clone()));
+        }
+    }
     if !c.kv.is_empty() {
         let mut put = conn
             .prepare_cached(
@@ -514,17 +521,29 @@ fn command_done(
     inbox_id: &str,
     result: &OutboxRecord,
 ) -> Result<Output, StoreError> {
+    Ok(Output::Count(u64::from(record_command(
+        conn, inbox_id, result,
+    )?)))
+}
+
+/// Puts a command's id in the inbox and its result in the outbox; `false` (and nothing
+/// written) if the id was there already.
+fn record_command(
+    conn: &Connection,
+    inbox_id: &str,
+    result: &OutboxRecord,
+) -> Result<bool, StoreError> {
     let ctx = || format!("recording the result of hub command {inbox_id:?}");
     let inserted = conn
         .prepare_cached("INSERT OR IGNORE INTO inbox (id, received_at_ms) VALUES (?1, ?2)")
         .and_then(|mut stmt| stmt.execute(params![inbox_id, now_ms()]))
         .context(ctx)?;
     if inserted == 0 {
-        return Ok(Output::Count(0));
+        return Ok(false);
     }
     outbox_push(conn, result)?;
     conn.prepare_cached("DELETE FROM inbox WHERE rowid <= (SELECT MAX(rowid) FROM inbox) - ?1")
         .and_then(|mut stmt| stmt.execute([INBOX_KEEP]))
         .context(ctx)?;
-    Ok(Output::Count(1))
+    Ok(true)
 }

@@ -16,7 +16,10 @@
 //! ]
 //! ```
 //!
-//! - Commands: `led` replies `on` or `off`.
+//! - Commands: `led` replies `on` or `off`; `set-led` with payload `on` or `off` drives the LED
+//!   (until the next edge) and replies its new state; `button` replies `pressed` or
+//!   `released`. These are what a KubeEdge Device of protocol `lichen` sends for its `led` and
+//!   `button` properties (`docs/kubeedge.md`).
 //!
 //! Build with `cargo build --release --target wasm32-wasip2 -p button-led` in `examples/`.
 
@@ -45,13 +48,38 @@ impl Guest for ButtonLed {
             Event::Command(command) => match command.name.as_str() {
                 "led" => {
                     let on = led()?.is_set_high().map_err(|e| format!("{e:?}"))?;
-                    Ok(Some(if on { b"on".to_vec() } else { b"off".to_vec() }))
+                    Ok(Some(on_off(on)))
                 }
-                other => Err(format!("unknown command {other:?}: expected led")),
+                "set-led" => {
+                    let on = match command.payload.as_slice() {
+                        b"on" | b"true" | b"1" => true,
+                        b"off" | b"false" | b"0" => false,
+                        other => {
+                            return Err(format!(
+                                "set-led takes on or off, not {:?}",
+                                String::from_utf8_lossy(other)
+                            ));
+                        }
+                    };
+                    set_led(on)?;
+                    Ok(Some(on_off(on)))
+                }
+                "button" => Ok(Some(if button_pressed()? {
+                    b"pressed".to_vec()
+                } else {
+                    b"released".to_vec()
+                })),
+                other => Err(format!(
+                    "unknown command {other:?}: expected led, set-led or button"
+                )),
             },
             Event::Tick(_) | Event::Stop => Ok(None),
         }
     }
+}
+
+fn on_off(on: bool) -> Vec<u8> {
+    if on { b"on".to_vec() } else { b"off".to_vec() }
 }
 
 fn led() -> Result<gpio::DigitalOutPin, String> {

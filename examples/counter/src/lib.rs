@@ -7,7 +7,9 @@
 //!
 //! - Config: `step`, a positive integer (default 1).
 //! - Commands: `get` replies with the count as decimal text; `reset` sets it to 0 and
-//!   replies `0`. Any other command is an error.
+//!   replies `0`; `mark` adds 1 to the key `mark/<command id>` and to `marks` and replies with
+//!   `marks` (one side effect per command: a command that ran twice leaves a 2). Any other
+//!   command is an error.
 //! - `stop` logs a line at info level.
 //!
 //! Build with `cargo build --release --target wasm32-wasip2 -p counter` in `examples/`.
@@ -112,8 +114,16 @@ fn on_command(command: &Command) -> Result<Vec<u8>, String> {
             log(Level::Info, CONTEXT, "count reset to 0");
             Ok(b"0".to_vec())
         }
+        "mark" => {
+            let key = format!("mark/{}", command.id);
+            atomics::increment(&bucket, &key, 1)
+                .map_err(|e| format!("cannot increment {key:?}: {e:?}"))?;
+            let marks = atomics::increment(&bucket, "marks", 1)
+                .map_err(|e| format!("cannot increment \"marks\": {e:?}"))?;
+            Ok(marks.to_string().into_bytes())
+        }
         other => Err(format!(
-            "unknown command {other:?} (known: \"get\", \"reset\")"
+            "unknown command {other:?} (known: \"get\", \"reset\", \"mark\")"
         )),
     }
 }

@@ -23,12 +23,19 @@
 //! Layout, one concern per file as in youki: [`probe`] finds and tests the runtimes and the
 //! cgroup layout, `cgroup` reads a container's counters, `spec` is what a workload asks for,
 //! `bundle` turns that into an OCI bundle, `runtime` starts, watches and stops containers,
-//! `image` imports OCI image layouts offline, `workload` runs `container` workloads of a
+//! `image` imports OCI image layouts offline into a content-addressed store, reading them
+//! through `blob` (regular files only, bounded) and applying layers through `layer` (inside a
+//! directory handle no path can leave, with the operations of `confined`, within the
+//! [`ImageLimits`] of `limits`), `workload` runs `container` workloads of a
 //! deployment behind the common runtime traits (restart policy, logs, status).
 
+mod blob;
 mod bundle;
 mod cgroup;
+mod confined;
 mod image;
+mod layer;
+mod limits;
 mod probe;
 mod runtime;
 mod spec;
@@ -36,7 +43,8 @@ mod workload;
 
 pub use bundle::{Bundle, build_oci_spec};
 pub use cgroup::{CgroupLayout, CgroupProbe};
-pub use image::{ImageConfig, ImageStore, ImportedImage};
+pub use image::{ImageConfig, ImageError, ImageStore, ImportedImage, MAX_LAYERS};
+pub use limits::{ImageLimits, SetuidPolicy};
 pub use probe::{HostProbe, OciRuntime, RuntimeCheck, RuntimeKind, probe, probe_cached};
 pub use runtime::{
     Container, ContainerRuntime, ContainerStatus, ExitReason, LogLine, LogSink, LogStream,

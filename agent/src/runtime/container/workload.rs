@@ -68,6 +68,12 @@ impl ContainerTier {
         }
     }
 
+    /// The image store (for garbage collection of images no deployment uses:
+    /// [`ImageStore::remove_unused`]).
+    pub fn images(&self) -> &ImageStore {
+        &self.images
+    }
+
     async fn load(
         &self,
         spec: &WorkloadSpec,
@@ -108,7 +114,7 @@ impl ContainerTier {
                         tokio::task::spawn_blocking(move || store.import(&source))
                             .await
                             .map_err(|e| PrepareError::new("image", format!("import failed: {e}")))?
-                            .map_err(|message| PrepareError::new("image", message))?
+                            .map_err(|message| PrepareError::new("image", message.to_string()))?
                     }
                 };
                 (image.digest, image.rootfs, Some(image.config))
@@ -265,8 +271,36 @@ impl Runtime for ContainerTier {
         })
     }
 
+    fn collect_garbage<'a>(
+        &'a self,
+        in_use: &'a std::collections::BTreeSet<String>,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let (images, in_use) = (self.images.clone(), in_use.clone());
+            match tokio::task::spawn_blocking(move || images.remove_unused(&in_use)).await {
+                Ok(Ok(removed)) if !removed.is_empty() => {
+                    tracing::info!(images = ?removed, "removed images that no deployment uses");
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => tracing::warn!(%err, "cannot remove unused images"),
+                Err(err) => tracing::warn!(%err, "removing unused images failed"),
+            }
+        })
+    }
+
     fn recover<'a>(&'a self) -> BoxFuture<'a, ()> {
         Box::pin(async move {
+            // Scratch directories of imports cut short by a killed agent.
+            let images = self.images.clone();
+            match tokio::task::spawn_blocking(move || images.remove_scratch()).await {
+                Ok(Ok(left)) if !left.is_empty() => tracing::warn!(
+                    scratch = ?left,
+                    "removed image scratch directories left by an agent that did not finish"
+                ),
+                Ok(Ok(_)) => {}
+                Ok(Err(err)) => tracing::warn!(%err, "cannot clear the image store's scratch"),
+                Err(err) => tracing::warn!(%err, "clearing the image store's scratch failed"),
+            }
             let Some(runtime) = &self.runtime else {
                 return;
             };

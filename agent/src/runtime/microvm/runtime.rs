@@ -321,7 +321,10 @@ impl MicrovmRuntime {
         let timeout = spec.boot_timeout;
         let marker = spec.ready_marker.clone();
         tokio::spawn(async move {
-            let boot_deadline = tokio::time::Instant::from_std(started_at + timeout);
+            // The timeout is bounded by `validate`; a deadline never overflows regardless.
+            let boot_deadline = tokio::time::Instant::from_std(started_at)
+                .checked_add(timeout)
+                .unwrap_or_else(|| crate::util::deadline_after(timeout));
             let mut timed_out = false;
             let status = loop {
                 tokio::select! {

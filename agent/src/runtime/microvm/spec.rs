@@ -88,6 +88,14 @@ impl MicrovmSpec {
         if self.boot_timeout.is_zero() {
             return Err(invalid("the boot timeout must be more than 0 s".into()));
         }
+        let longest = crate::deployment::MicrovmWorkload::MAX_BOOT_TIMEOUT;
+        if self.boot_timeout > longest {
+            return Err(invalid(format!(
+                "the boot timeout must be at most {}, not {}",
+                humantime::format_duration(longest),
+                humantime::format_duration(self.boot_timeout)
+            )));
+        }
         if self.cmdline.contains(['\n', '\0']) {
             return Err(invalid(
                 "the kernel command line must not contain a newline or NUL".into(),
@@ -173,6 +181,13 @@ mod tests {
                     ..spec.clone()
                 },
                 "boot timeout",
+            ),
+            (
+                MicrovmSpec {
+                    boot_timeout: Duration::MAX,
+                    ..spec.clone()
+                },
+                "the boot timeout must be at most 1h",
             ),
             (
                 MicrovmSpec {

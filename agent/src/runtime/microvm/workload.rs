@@ -139,8 +139,9 @@ fn fingerprint(files: &[&Path]) -> Result<String, String> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
     for path in files {
-        let mut file = std::fs::File::open(path)
-            .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+        // A regular file only, opened without blocking (a FIFO swapped in after the check in
+        // `load` would otherwise hang the deploy); disks may be large, so no size bound.
+        let (mut file, _) = crate::files::open_regular(path).map_err(|e| e.to_string())?;
         loop {
             let n = file
                 .read(&mut buf)

@@ -1,9 +1,16 @@
 //! The artifact store: Wasm binaries kept by sha256 digest, each precompiled once for this
 //! engine and cached on disk (`<digest>.<engine fingerprint>.cwasm`) and in memory.
+//!
+//! Files are written 0600 and only once a binary is accepted (it compiles and links against
+//! the world), so a refused module leaves nothing behind. What no deployment uses is removed by
+//! [`ArtifactStore::collect_garbage`], except binaries added on purpose for a deployment to come
+//! ([`ArtifactStore::add`]: hub transfers, bundles), which are kept until a deployment uses them
+//! or the agent restarts.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -12,9 +19,10 @@ use lichen_host_apis::{DeviceFunctionPre, WORLD};
 use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 use wasmtime::{Module, Precompiled};
+use wasmtime_wasi::p2::bindings::CommandPre;
 
 use super::IntoAnyhow;
-use super::command::CommandData;
+use super::command::CommandProgram;
 use super::engine::WasmEngine;
 use super::instance::InstanceData;
 
@@ -23,7 +31,8 @@ use super::instance::InstanceData;
 pub enum ArtifactKind {
     /// A component of Lichen's device-function world.
     Component,
-    /// A core module that is a WASI preview-1 command (exports `_start`).
+    /// A WASI command program: a preview-1 core module exporting `_start`, or a component
+    /// exporting `wasi:cli/run`.
     Command,
 }
 
@@ -42,7 +51,7 @@ pub struct Artifact {
     digest: String,
     kind: ArtifactKind,
     component: Option<DeviceFunctionPre<InstanceData>>,
-    command: Option<wasmtime::InstancePre<CommandData>>,
+    command: Option<CommandProgram>,
 }
 
 impl Artifact {
@@ -61,8 +70,8 @@ impl Artifact {
         self.component.as_ref()
     }
 
-    /// The pre-instantiated module, for WASI commands.
-    pub fn command(&self) -> Option<&wasmtime::InstancePre<CommandData>> {
+    /// The pre-instantiated program, for WASI commands.
+    pub fn command(&self) -> Option<&CommandProgram> {
         self.command.as_ref()
     }
 }
@@ -72,6 +81,18 @@ pub struct ArtifactStore {
     dir: PathBuf,
     engine: Arc<WasmEngine>,
     loaded: Mutex<HashMap<String, Arc<Artifact>>>,
+    /// Digests added for a deployment to come, spared by garbage collection until a deployment
+    /// uses them. Held across a whole collection, so a binary added meanwhile is never swept.
+    kept: Mutex<HashSet<String>>,
+}
+
+/// What [`ArtifactStore::collect_garbage`] removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Collected {
+    /// Files removed.
+    pub files: u64,
+    /// Their bytes.
+    pub bytes: u64,
 }
 
 /// Hex sha256 of `bytes`.
@@ -80,6 +101,13 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 }
 
 impl ArtifactStore {
+    /// Largest Wasm binary the store takes from a file: 128 MiB. A module path naming a larger
+    /// file is refused before it is read.
+    pub const MAX_MODULE_BYTES: u64 = 128 << 20;
+    /// Largest cached compilation the store reads back (a compilation is larger than its
+    /// binary; a larger file is treated as damaged and compiled again).
+    const MAX_COMPILED_BYTES: u64 = 4 * Self::MAX_MODULE_BYTES;
+
     /// Opens (creating) the store under `dir`.
     pub fn open(dir: &Path, engine: Arc<WasmEngine>) -> Result<Self> {
         fs::create_dir_all(dir)
@@ -88,6 +116,7 @@ impl ArtifactStore {
             dir: dir.to_path_buf(),
             engine,
             loaded: Mutex::new(HashMap::new()),
+            kept: Mutex::new(HashSet::new()),
         })
     }
 
@@ -114,11 +143,46 @@ impl ArtifactStore {
         self.loaded.lock().ok()?.get(digest).cloned()
     }
 
-    /// Adds a Wasm binary: checks it, compiles it (or reuses the cached compilation) and
-    /// stores both. A binary that does not compile or is not a device function or WASI
-    /// command is refused and nothing is written.
+    /// Adds a Wasm binary for a deployment to come (a hub transfer, a bundle, the embedded
+    /// default): checks it, compiles it (or reuses the cached compilation) and stores both. A
+    /// binary that does not compile or is not a device function or WASI command is refused and
+    /// nothing is written. The binary is spared by [`collect_garbage`](Self::collect_garbage)
+    /// until a deployment uses it (or the agent restarts).
     pub async fn add(self: &Arc<Self>, bytes: Vec<u8>) -> Result<Arc<Artifact>> {
+        self.insert(bytes, true).await
+    }
+
+    /// Adds a Wasm binary that the deployment being prepared names: as [`add`](Self::add),
+    /// but garbage unless that deployment is applied.
+    pub async fn add_for_deployment(self: &Arc<Self>, bytes: Vec<u8>) -> Result<Arc<Artifact>> {
+        self.insert(bytes, false).await
+    }
+
+    /// Reads a module file for a deployment (a regular file of at most
+    /// [`MAX_MODULE_BYTES`](Self::MAX_MODULE_BYTES), opened without blocking, off the async
+    /// workers) and adds it with [`add_for_deployment`](Self::add_for_deployment).
+    pub async fn add_file(self: &Arc<Self>, path: &Path) -> Result<Arc<Artifact>> {
+        let file = path.to_path_buf();
+        let bytes = tokio::task::spawn_blocking(move || {
+            crate::files::read_bounded(&file, Self::MAX_MODULE_BYTES)
+        })
+        .await
+        .context("the module reading task failed")?
+        .context("cannot read module file")?;
+        self.add_for_deployment(bytes)
+            .await
+            .with_context(|| path.display().to_string())
+    }
+
+    async fn insert(self: &Arc<Self>, bytes: Vec<u8>, keep: bool) -> Result<Arc<Artifact>> {
         let digest = sha256_hex(&bytes);
+        if keep {
+            // Before anything is written: a collection running now finishes first.
+            self.kept
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(digest.clone());
+        }
         if let Some(artifact) = self.cached(&digest) {
             return Ok(artifact);
         }
@@ -134,7 +198,15 @@ impl ArtifactStore {
             return Ok(artifact);
         }
         let path = self.source_path(digest);
-        let bytes = fs::read(&path).with_context(|| {
+        let read = {
+            let path = path.clone();
+            tokio::task::spawn_blocking(move || {
+                crate::files::read_bounded(&path, Self::MAX_MODULE_BYTES)
+            })
+            .await
+            .context("the artifact reading task failed")?
+        };
+        let bytes = read.with_context(|| {
             format!(
                 "no artifact sha256:{digest} in the artifact store ({})",
                 path.display()
@@ -145,13 +217,74 @@ impl ArtifactStore {
                 "artifact sha256:{digest} in the store is corrupt: its content has another digest"
             );
         }
-        self.add(bytes).await
+        self.insert(bytes, false).await
+    }
+
+    /// Removes every binary and compilation that neither `in_use` (digests the applied
+    /// deployment uses) nor the kept set names, compilations for another engine, and temporary
+    /// files other processes left; the kept digests that `in_use` names are no longer kept
+    /// (the deployment now holds them). Runs on the calling thread (it only lists and unlinks).
+    pub fn collect_garbage(&self, in_use: &BTreeSet<String>) -> Collected {
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        kept.retain(|digest| !in_use.contains(digest));
+        let wanted = |digest: &str| in_use.contains(digest) || kept.contains(digest);
+        let mut collected = Collected::default();
+        let Ok(entries) = fs::read_dir(&self.dir) else {
+            return collected;
+        };
+        let own_temporary = format!(".{}.", std::process::id());
+        let fingerprint = self.engine.fingerprint();
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let garbage = if let Some(digest) = name.strip_suffix(".wasm") {
+                !wanted(digest)
+            } else if let Some((digest, rest)) = name.split_once('.')
+                && (rest.ends_with(".cwasm") || rest.ends_with(".cwasm.sha256"))
+                && !name.starts_with('.')
+            {
+                !wanted(digest) || !rest.starts_with(&format!("{fingerprint}."))
+            } else {
+                name.starts_with('.') && name.ends_with(".tmp") && !name.contains(&own_temporary)
+            };
+            if !garbage {
+                continue;
+            }
+            let size = entry.metadata().map(|m| m.len()).unwrap_or(0);
+            match fs::remove_file(entry.path()) {
+                Ok(()) => {
+                    collected.files += 1;
+                    collected.bytes = collected.bytes.saturating_add(size);
+                }
+                Err(err) => {
+                    tracing::warn!(file = %entry.path().display(), "cannot remove an unused artifact: {err}");
+                }
+            }
+        }
+        if let Ok(mut loaded) = self.loaded.lock() {
+            loaded.retain(|digest, _| wanted(digest));
+        }
+        collected
     }
 
     fn add_blocking(&self, digest: String, bytes: Vec<u8>) -> Result<Arc<Artifact>> {
-        let artifact = match Self::precompiled_kind(&bytes)? {
-            Precompiled::Component => self.load_component(&digest, &bytes)?,
-            Precompiled::Module => self.load_command(&digest, &bytes)?,
+        let compiled = self.compiled_path(&digest);
+        let had_compiled = compiled.exists();
+        let loaded = match Self::precompiled_kind(&bytes)? {
+            Precompiled::Component => self.load_component(&digest, &bytes),
+            Precompiled::Module => self.load_command(&digest, &bytes),
+        };
+        let artifact = match loaded {
+            Ok(artifact) => artifact,
+            Err(e) => {
+                // Compiling writes the cache before the kind is checked: a refused binary
+                // leaves nothing behind.
+                if !had_compiled {
+                    let _ = fs::remove_file(checksum_path(&compiled));
+                    let _ = fs::remove_file(&compiled);
+                }
+                return Err(e);
+            }
         };
         if !self.contains(&digest) {
             write_atomically(&self.source_path(&digest), &bytes)?;
@@ -179,58 +312,81 @@ impl ArtifactStore {
 
     fn load_component(&self, digest: &str, bytes: &[u8]) -> Result<Artifact> {
         let engine = self.engine.engine();
-        let component = match self.read_compiled(digest)? {
-            Some(compiled) => deserialize_component(engine, &compiled)?,
-            None => {
-                let component = Component::new(engine, bytes)
+        let (component, fresh) = match self.read_compiled(digest)? {
+            Some(compiled) => (deserialize_component(engine, &compiled)?, false),
+            None => (
+                Component::new(engine, bytes)
                     .anyhow()
-                    .context("the component does not compile")?;
-                self.write_compiled(
-                    digest,
-                    &component
-                        .serialize()
-                        .anyhow()
-                        .context("cannot serialize the compiled component")?,
-                )?;
-                component
-            }
+                    .context("the component does not compile")?,
+                true,
+            ),
         };
-        let pre = self
+        let device = self
             .engine
             .linker()
             .instantiate_pre(&component)
             .anyhow()
-            .with_context(|| format!("the component's imports are not all in world {WORLD}"))?;
-        let pre = DeviceFunctionPre::new(pre).anyhow().with_context(|| {
-            format!(
-                "the component does not have the exports of world {WORLD} (`init` and `on-event`)"
-            )
-        })?;
-        Ok(Artifact {
-            digest: digest.to_string(),
-            kind: ArtifactKind::Component,
-            component: Some(pre),
-            command: None,
-        })
+            .with_context(|| format!("the component's imports are not all in world {WORLD}"))
+            .and_then(|pre| {
+                DeviceFunctionPre::new(pre).anyhow().with_context(|| {
+                    format!(
+                        "the component does not have the exports of world {WORLD} (`init` and `on-event`)"
+                    )
+                })
+            });
+        let artifact = match device {
+            Ok(pre) => Artifact {
+                digest: digest.to_string(),
+                kind: ArtifactKind::Component,
+                component: Some(pre),
+                command: None,
+            },
+            Err(device_err) => {
+                // Not a device function: a WASI program exporting `wasi:cli/run` runs as a
+                // command.
+                let cli = self
+                    .engine
+                    .cli_linker()
+                    .instantiate_pre(&component)
+                    .and_then(CommandPre::new);
+                match cli {
+                    Ok(pre) => Artifact {
+                        digest: digest.to_string(),
+                        kind: ArtifactKind::Command,
+                        component: None,
+                        command: Some(CommandProgram::Component(pre)),
+                    },
+                    Err(_) => {
+                        return Err(device_err.context(format!(
+                            "the component is neither a device function of world {WORLD} nor a WASI command exporting wasi:cli/run with WASI 0.2 imports only"
+                        )));
+                    }
+                }
+            }
+        };
+        // Cached only once accepted: a refused component leaves no compilation behind.
+        if fresh {
+            self.write_compiled(
+                digest,
+                &component
+                    .serialize()
+                    .anyhow()
+                    .context("cannot serialize the compiled component")?,
+            )?;
+        }
+        Ok(artifact)
     }
 
     fn load_command(&self, digest: &str, bytes: &[u8]) -> Result<Artifact> {
         let engine = self.engine.engine();
-        let module = match self.read_compiled(digest)? {
-            Some(compiled) => deserialize_module(engine, &compiled)?,
-            None => {
-                let module = Module::new(engine, bytes)
+        let (module, fresh) = match self.read_compiled(digest)? {
+            Some(compiled) => (deserialize_module(engine, &compiled)?, false),
+            None => (
+                Module::new(engine, bytes)
                     .anyhow()
-                    .context("the core module does not compile")?;
-                self.write_compiled(
-                    digest,
-                    &module
-                        .serialize()
-                        .anyhow()
-                        .context("cannot serialize the compiled module")?,
-                )?;
-                module
-            }
+                    .context("the core module does not compile")?,
+                true,
+            ),
         };
         let has_start = module
             .exports()
@@ -246,21 +402,31 @@ impl ArtifactStore {
             .instantiate_pre(&module)
             .anyhow()
             .context("the WASI command imports something other than wasi_snapshot_preview1")?;
+        if fresh {
+            self.write_compiled(
+                digest,
+                &module
+                    .serialize()
+                    .anyhow()
+                    .context("cannot serialize the compiled module")?,
+            )?;
+        }
         Ok(Artifact {
             digest: digest.to_string(),
             kind: ArtifactKind::Command,
             component: None,
-            command: Some(pre),
+            command: Some(CommandProgram::Module(pre)),
         })
     }
 
     /// Reads a cached compilation if it exists and its checksum matches.
     fn read_compiled(&self, digest: &str) -> Result<Option<Vec<u8>>> {
         let path = self.compiled_path(digest);
-        let Ok(bytes) = fs::read(&path) else {
+        let Ok(bytes) = crate::files::read_bounded(&path, Self::MAX_COMPILED_BYTES) else {
             return Ok(None);
         };
-        let expected = fs::read_to_string(checksum_path(&path)).unwrap_or_default();
+        let expected =
+            crate::files::read_text_bounded(&checksum_path(&path), 1024).unwrap_or_default();
         if expected.trim() != sha256_hex(&bytes) {
             tracing::warn!(path = %path.display(), "cached compilation is damaged; compiling again");
             return Ok(None);
@@ -303,7 +469,8 @@ fn deserialize_module(engine: &wasmtime::Engine, bytes: &[u8]) -> Result<Module>
         .context("cannot load the cached compiled module")
 }
 
-/// Writes `bytes` to `path` so that a crash leaves either the old file or the new one.
+/// Writes `bytes` to `path` (mode 0600) so that a crash leaves either the old file or the new
+/// one.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let dir = path
         .parent()
@@ -331,8 +498,12 @@ fn tempfile_in(dir: &Path, target: &Path) -> Result<(PathBuf, fs::File)> {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let path = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
-    let file =
-        fs::File::create(&path).with_context(|| format!("cannot create {}", path.display()))?;
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
     Ok((path, file))
 }
 
@@ -422,5 +593,71 @@ mod tests {
             .err()
             .expect("refused");
         assert!(format!("{err:#}").contains("corrupt"), "{err:#}");
+    }
+
+    #[tokio::test]
+    async fn a_wasi_cli_component_is_a_command_that_prints_and_exits_with_its_code() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = fs::read(crate::embedded::guest_path("hello-wasi-cli").unwrap()).unwrap();
+        let store = store(dir.path());
+        let artifact = store
+            .add(bytes)
+            .await
+            .expect("a wasi:cli/run component loads");
+        assert_eq!(artifact.kind(), ArtifactKind::Command);
+        let program = artifact.command().expect("a command program").clone();
+        assert_eq!(program.kind_name(), "wasi-cli");
+
+        let log = crate::logs::LogHub::new(crate::logs::LogOptions::default());
+        let mut config = std::collections::BTreeMap::new();
+        config.insert("greeting".to_string(), "hi".to_string());
+        let run = |config: std::collections::BTreeMap<String, String>| {
+            let program = program.clone();
+            let engine = store.engine().engine().clone();
+            let log = &log;
+            async move {
+                super::super::command::run_command(
+                    &engine,
+                    program,
+                    "hello",
+                    &config,
+                    log,
+                    16 << 20,
+                    std::time::Duration::from_secs(10),
+                )
+                .await
+            }
+        };
+        assert_eq!(run(config.clone()).await, Ok(0));
+        let lines: Vec<String> = log
+            .recent("hello", 64)
+            .into_iter()
+            .map(|l| l.message)
+            .collect();
+        assert!(lines.iter().any(|l| l == "hello from wasi"), "{lines:?}");
+        assert!(lines.iter().any(|l| l == "LICHEN_GREETING=hi"), "{lines:?}");
+        // WASI 0.2's `wasi:cli/exit` carries ok or err only: `exit(3)` reaches the host as 1.
+        config.insert("exit".to_string(), "3".to_string());
+        assert_eq!(
+            run(config).await,
+            Ok(1),
+            "a failing exit comes through wasi:cli/exit"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_component_that_is_neither_kind_is_refused_naming_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = wat::parse_str("(component)").unwrap();
+        let err = store(dir.path()).add(bytes).await.err().expect("refused");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains("neither a device function") && text.contains("wasi:cli/run"),
+            "{text}"
+        );
+        assert!(
+            fs::read_dir(dir.path()).unwrap().next().is_none(),
+            "nothing stored"
+        );
     }
 }

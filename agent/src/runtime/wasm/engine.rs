@@ -12,7 +12,7 @@ use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
 use super::IntoAnyhow;
-use super::command::CommandData;
+use super::command::{CliData, CommandData};
 use super::instance::InstanceData;
 
 /// How often the engine's epoch advances; time slices are counted in these ticks.
@@ -60,6 +60,7 @@ pub struct WasmEngine {
     engine: Engine,
     linker: Linker<InstanceData>,
     command_linker: wasmtime::Linker<CommandData>,
+    cli_linker: Linker<CliData>,
     fingerprint: String,
     options: EngineOptions,
     ticker_stop: Arc<AtomicBool>,
@@ -87,6 +88,11 @@ impl WasmEngine {
         .anyhow()
         .context("cannot link WASI preview 1 for command modules")?;
 
+        let mut cli_linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_async(&mut cli_linker)
+            .anyhow()
+            .context("cannot link WASI 0.2 for wasi:cli/run components")?;
+
         let mut hasher = DefaultHasher::new();
         engine.precompile_compatibility_hash().hash(&mut hasher);
         let fingerprint = format!("{:016x}", hasher.finish());
@@ -98,6 +104,7 @@ impl WasmEngine {
             engine,
             linker,
             command_linker,
+            cli_linker,
             fingerprint,
             options,
             ticker_stop,
@@ -117,6 +124,11 @@ impl WasmEngine {
     /// Linker with WASI preview 1, for command modules.
     pub fn command_linker(&self) -> &wasmtime::Linker<CommandData> {
         &self.command_linker
+    }
+
+    /// Linker with WASI 0.2 only, for `wasi:cli/run` command components.
+    pub fn cli_linker(&self) -> &Linker<CliData> {
+        &self.cli_linker
     }
 
     /// Identifies the engine's code generation settings; precompiled artifacts are cached

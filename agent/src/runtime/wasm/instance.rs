@@ -109,7 +109,9 @@ impl Instance {
             HostLimits::default(),
         )
         .with_devices(setup.devices.clone());
-        let slice_ticks = (setup.time_slice.as_millis() / EPOCH_TICK.as_millis()).max(1) as u64;
+        let slice_ticks =
+            u64::try_from((setup.time_slice.as_millis() / EPOCH_TICK.as_millis()).max(1))
+                .unwrap_or(u64::MAX);
         let data = InstanceData {
             device,
             wasi,

@@ -10,11 +10,12 @@ mod worker;
 mod workload;
 
 pub use artifacts::{Artifact, ArtifactKind, ArtifactStore, sha256_hex};
+pub use command::CommandProgram;
 pub use engine::{EngineOptions, WasmEngine};
 pub use instance::{CallOutcome, Instance, InstanceSetup};
 pub use worker::{
-    Delivery, EventRequest, EventSender, Reply, WorkerCommand, WorkerContext, WorkerHandle,
-    WorkerStats, spawn_worker,
+    CommandCommitted, Delivery, EventRequest, EventSender, HubCommand, Reply, WorkerCommand,
+    WorkerContext, WorkerHandle, WorkerStats, spawn_worker,
 };
 pub use workload::{WasmRuntime, WasmWorkload};
 

@@ -51,14 +51,11 @@ impl WasmRuntime {
                 .load(digest)
                 .await
                 .map_err(|e| format!("{e:#}")),
-            (None, Some(ModuleRef::Path(path))) => match tokio::fs::read(path).await {
-                Ok(bytes) => self
-                    .artifacts
-                    .add(bytes)
-                    .await
-                    .map_err(|e| format!("{}: {e:#}", path.display())),
-                Err(e) => Err(format!("cannot read module file {}: {e}", path.display())),
-            },
+            (None, Some(ModuleRef::Path(path))) => self
+                .artifacts
+                .add_file(path)
+                .await
+                .map_err(|e| format!("{e:#}")),
             (None, None) => Err("a wasm workload needs a module".to_string()),
         };
         loaded
@@ -74,6 +71,22 @@ impl Runtime for WasmRuntime {
 
     fn probe<'a>(&'a self) -> BoxFuture<'a, Result<String, String>> {
         Box::pin(async { Ok("Wasmtime, built in".to_string()) })
+    }
+
+    fn collect_garbage<'a>(
+        &'a self,
+        in_use: &'a std::collections::BTreeSet<String>,
+    ) -> BoxFuture<'a, ()> {
+        Box::pin(async move {
+            let collected = self.artifacts.collect_garbage(in_use);
+            if collected.files > 0 {
+                tracing::info!(
+                    files = collected.files,
+                    bytes = collected.bytes,
+                    "removed Wasm artifacts that no deployment uses"
+                );
+            }
+        })
     }
 
     fn prepare<'a>(

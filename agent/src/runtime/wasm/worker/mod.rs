@@ -3,7 +3,7 @@
 //! a new version between two events, and restarts a trapped instance with back-off.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use lichen_host_apis::{KvMap, PendingWrites};
@@ -13,10 +13,12 @@ use tokio::task::JoinHandle;
 use super::artifacts::{Artifact, ArtifactKind};
 use super::engine::WasmEngine;
 use super::instance::{CallOutcome, Instance, InstanceSetup};
-use crate::deployment::WorkloadSpec;
+use crate::deployment::{Limits, WorkloadSpec};
 use crate::logs::LogHub;
 use crate::metrics::Metrics;
-use crate::store::{EventCommit, KvWrite, StateStore, TelemetryRecord};
+use crate::store::{
+    CommandRecord, EventCommit, KvWrite, OutboxRecord, StateStore, StoreError, TelemetryRecord,
+};
 
 /// Defaults for limits a workload does not set.
 pub const DEFAULT_MEMORY_LIMIT: u64 = 16 << 20;
@@ -56,12 +58,14 @@ pub enum Delivery {
     Tick,
     /// A command with an id, a name and a payload.
     Command {
-        /// Identifier of the command.
+        /// Identifier of the command (a hub command's message id, which the guest sees too).
         id: String,
         /// Command name.
         name: String,
         /// Payload bytes.
         payload: Vec<u8>,
+        /// For a hub command: what to record with the event's writes.
+        hub: Option<HubCommand>,
     },
     /// An edge on an input watched by a `gpio-edge` trigger.
     GpioEdge {
@@ -74,6 +78,36 @@ pub enum Delivery {
 
 /// The answer to a delivery: the guest's reply, or why there is none.
 pub type Reply = Result<Option<Vec<u8>>, String>;
+
+/// A hub command's bookkeeping: once the guest has answered, the worker commits the event's
+/// key-value writes and telemetry, the command's id into the inbox and its result into the
+/// outbox in one transaction, so a redelivery after a crash finds all of it done or none.
+#[derive(Clone)]
+pub struct HubCommand {
+    /// Makes the command's `cmd-result` record from the guest's answer.
+    pub result: Arc<dyn Fn(&Reply) -> OutboxRecord + Send + Sync>,
+    /// Set by the worker when the commit is made (or found made by an earlier copy); left
+    /// empty when nothing was committed (the guest trapped, the workload stopped, the
+    /// commit failed).
+    pub done: Arc<OnceLock<CommandCommitted>>,
+}
+
+impl std::fmt::Debug for HubCommand {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubCommand")
+            .field("done", &self.done.get())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What the commit of a hub command found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommandCommitted {
+    /// This event's writes, the inbox id and the result were committed.
+    Now,
+    /// The inbox held the id already: nothing of this event was written.
+    Before,
+}
 
 /// An event in a workload's queue, with where to send the reply.
 pub struct EventRequest {
@@ -159,6 +193,28 @@ impl WorkerStats {
 pub struct EventSender(mpsc::Sender<EventRequest>);
 
 impl EventSender {
+    /// Queues an event whose reply goes to `reply`, waiting up to `within` for room in the
+    /// queue (a workload in back-off takes nothing until it restarts).
+    pub async fn deliver_within(
+        &self,
+        delivery: Delivery,
+        reply: oneshot::Sender<Reply>,
+        within: Duration,
+    ) -> Result<(), String> {
+        let request = EventRequest {
+            delivery,
+            reply: Some(reply),
+        };
+        match tokio::time::timeout(within, self.0.send(request)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err("the workload is not running".to_string()),
+            Err(_) => Err(format!(
+                "the workload's event queue ({} events) stayed full for {within:?}",
+                self.0.max_capacity()
+            )),
+        }
+    }
+
     /// Queues an event without a reply, waiting for room in the queue.
     pub async fn deliver(&self, delivery: Delivery) -> Result<(), String> {
         self.0
@@ -295,7 +351,13 @@ fn setup_for(ctx: &WorkerContext, spec: &WorkloadSpec, kv: Arc<Mutex<KvMap>>) ->
         kv,
         log: ctx.logs.clone(),
         memory_limit: usize::try_from(memory).unwrap_or(usize::MAX),
-        time_slice: spec.limits.time_slice.unwrap_or(DEFAULT_TIME_SLICE),
+        // Specs are checked against their bounds before they get here; clamping keeps the
+        // tick arithmetic sound whatever the spec says.
+        time_slice: spec
+            .limits
+            .time_slice
+            .unwrap_or(DEFAULT_TIME_SLICE)
+            .clamp(Limits::MIN_TIME_SLICE, Limits::MAX_TIME_SLICE),
         devices: Arc::default(),
     }
 }
@@ -355,13 +417,18 @@ async fn start_instance(
         }
     };
     let writes = instance.take_pending();
-    if let Err(error) = commit(ctx, &setup.workload, &writes, 0).await {
+    if let Err(error) = commit(ctx, &setup.workload, &writes, 0, None).await {
         instance.release().await;
-        return Err(error);
+        return Err(commit_error(&error));
     }
     instance.apply_committed(&writes);
     ctx.metrics.instantiate.observe(started.elapsed());
     Ok(instance)
+}
+
+/// The words for a failed commit.
+fn commit_error(error: &StoreError) -> String {
+    format!("cannot commit to the state store: {error}")
 }
 
 async fn commit(
@@ -369,8 +436,9 @@ async fn commit(
     workload: &str,
     writes: &PendingWrites,
     events: u64,
-) -> Result<(), String> {
-    if writes.is_empty() && events == 0 {
+    command: Option<CommandRecord>,
+) -> Result<(), StoreError> {
+    if writes.is_empty() && events == 0 && command.is_none() {
         return Ok(());
     }
     let commit = EventCommit {
@@ -394,11 +462,9 @@ async fn commit(
             })
             .collect(),
         events_handled: events,
+        command,
     };
-    ctx.store
-        .commit_event(commit)
-        .await
-        .map_err(|e| format!("cannot commit to the state store: {e}"))
+    ctx.store.commit_event(commit).await
 }
 
 /// Starts a worker for a workload. The first instance is created by the worker itself, so a
@@ -413,7 +479,13 @@ pub fn spawn_worker(
     initial_events: u64,
 ) -> WorkerHandle {
     let name: Arc<str> = Arc::from(spec.name.as_str());
-    let queue = spec.limits.queue.unwrap_or(DEFAULT_QUEUE).max(1);
+    // Bounded at validation; clamped again because tokio panics on a capacity of 0 or past
+    // its semaphore's limit.
+    let queue = spec
+        .limits
+        .queue
+        .unwrap_or(DEFAULT_QUEUE)
+        .clamp(1, Limits::MAX_QUEUE);
     let (events_tx, events_rx) = mpsc::channel(queue);
     let (control_tx, control_rx) = mpsc::unbounded_channel();
     let stats = Arc::new(WorkerStats::default());

@@ -13,12 +13,13 @@ use super::super::artifacts::ArtifactKind;
 use super::super::command::run_command;
 use super::super::instance::{CallOutcome, Instance, InstanceSetup};
 use super::{
-    BACKOFF_MAX, BACKOFF_START, Delivery, EDGE_POLL, EventRequest, Prepared, Reply, WorkerCommand,
-    WorkerContext, WorkerStats, commit, open_devices, release_devices, setup_for, start_instance,
+    BACKOFF_MAX, BACKOFF_START, CommandCommitted, Delivery, EDGE_POLL, EventRequest, Prepared,
+    Reply, WorkerCommand, WorkerContext, WorkerStats, commit, commit_error, open_devices,
+    release_devices, setup_for, start_instance,
 };
 use crate::deployment::{RestartPolicy, Trigger};
-use crate::store::StatusUpdate;
-use crate::util::now_ms;
+use crate::store::{CommandRecord, StatusUpdate, StoreError};
+use crate::util::{deadline_after, now_ms};
 
 pub(super) struct Worker {
     pub(super) ctx: WorkerContext,
@@ -61,19 +62,19 @@ impl Worker {
                     if ticker.is_none() && !command_ran {
                         command_ran = true;
                         if let Some(delay) = self.run_command_once().await {
-                            restart_at = Some(tokio::time::Instant::now() + delay);
+                            restart_at = Some(deadline_after(delay));
                             command_ran = false;
                         }
                     } else {
                         self.set_state("running", None);
                     }
                 } else if let Some(delay) = self.start().await {
-                    restart_at = Some(tokio::time::Instant::now() + delay);
+                    restart_at = Some(deadline_after(delay));
                 }
             }
             let running = self.current.instance.is_some() || (is_command && restart_at.is_none());
-            let sleep_until = restart_at
-                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            let sleep_until =
+                restart_at.unwrap_or_else(|| deadline_after(Duration::from_secs(3600)));
             let next = tokio::select! {
                 biased;
                 command = self.control.recv() => match command {
@@ -97,7 +98,7 @@ impl Worker {
                 request = self.events.recv(), if running => match request {
                     Some(request) => {
                         if let Some(delay) = self.dispatch(request.delivery, request.reply).await {
-                            restart_at = Some(tokio::time::Instant::now() + delay);
+                            restart_at = Some(deadline_after(delay));
                         }
                         Next::Continue
                     }
@@ -105,7 +106,7 @@ impl Worker {
                 },
                 _ = tick(&mut ticker), if running => {
                     if let Some(delay) = self.dispatch(Delivery::Tick, None).await {
-                        restart_at = Some(tokio::time::Instant::now() + delay);
+                        restart_at = Some(deadline_after(delay));
                     }
                     Next::Continue
                 }
@@ -123,7 +124,10 @@ impl Worker {
             Trigger::Interval(period) => Some(*period),
             Trigger::GpioEdge(_) => None,
         })?;
-        let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        // Checked at validation; clamped again since tokio panics on a zero period and the
+        // interval adds the period to an instant at every tick.
+        let period = period.clamp(Trigger::MIN_INTERVAL, Trigger::MAX_INTERVAL);
+        let mut interval = tokio::time::interval_at(deadline_after(period), period);
         interval.set_missed_tick_behavior(MissedTickBehavior::Delay);
         Some(interval)
     }
@@ -301,7 +305,9 @@ impl Worker {
                 timestamp_ns: event.timestamp_ns,
                 seqno: event.seqno,
             }),
-            Delivery::Command { id, name, payload } => Event::Command(Command {
+            Delivery::Command {
+                id, name, payload, ..
+            } => Event::Command(Command {
                 id: id.clone(),
                 name: name.clone(),
                 payload: payload.clone(),
@@ -328,23 +334,48 @@ impl Worker {
                         .as_mut()
                         .map(Instance::take_pending)
                         .unwrap_or_default();
-                    let committed = if writes.is_empty() {
+                    let answer = match outcome {
+                        CallOutcome::Ok(r) => Ok(r),
+                        CallOutcome::GuestError(m) => Err(m),
+                        CallOutcome::Trap(_) => unreachable!("handled in the outer match"),
+                    };
+                    // A hub command's id and result commit with the event's writes.
+                    let hub = match &delivery {
+                        Delivery::Command {
+                            id, hub: Some(hub), ..
+                        } => Some((id, hub)),
+                        _ => None,
+                    };
+                    let committed = if writes.is_empty() && hub.is_none() {
                         self.uncounted_events += 1;
                         Ok(())
                     } else {
                         let events = 1 + std::mem::take(&mut self.uncounted_events);
-                        commit(&self.ctx, &self.name, &writes, events).await
+                        let record = hub.map(|(id, hub)| CommandRecord {
+                            inbox_id: id.clone(),
+                            result: (hub.result)(&answer),
+                        });
+                        commit(&self.ctx, &self.name, &writes, events, record).await
                     };
-                    let result = match (committed, outcome) {
-                        (Err(e), _) => Err(e),
-                        (Ok(()), CallOutcome::Ok(r)) => Ok(r),
-                        (Ok(()), CallOutcome::GuestError(m)) => Err(m),
-                        (Ok(()), CallOutcome::Trap(_)) => {
-                            unreachable!("handled in the outer match")
+                    let applied = committed.is_ok();
+                    let result = match committed {
+                        Ok(()) => {
+                            if let Some((_, hub)) = hub {
+                                let _ = hub.done.set(CommandCommitted::Now);
+                            }
+                            answer
                         }
+                        Err(StoreError::CommandHandled(id)) => {
+                            if let Some((_, hub)) = hub {
+                                let _ = hub.done.set(CommandCommitted::Before);
+                            }
+                            Err(format!("command {id} was handled already"))
+                        }
+                        Err(e) => Err(commit_error(&e)),
                     };
                     if let Some(instance) = self.current.instance.as_ref() {
-                        if result.is_ok() || !writes.is_empty() {
+                        // Only what is durable becomes visible to later events.
+                        if applied {
                             instance.apply_committed(&writes);
                         }
                         self.stats
@@ -440,7 +471,7 @@ impl Worker {
                     .metrics
                     .events_handled
                     .fetch_add(1, Ordering::Relaxed);
-                let _ = commit(&self.ctx, &self.name, &PendingWrites::default(), 1).await;
+                let _ = commit(&self.ctx, &self.name, &PendingWrites::default(), 1, None).await;
                 self.failures_in_a_row = 0;
                 if !has_ticker {
                     self.set_state("completed", None);
@@ -556,8 +587,10 @@ impl Worker {
                 _ => {
                     let writes = instance.take_pending();
                     let events = std::mem::take(&mut self.uncounted_events);
-                    if let Err(e) = commit(&self.ctx, &self.name, &writes, events).await {
-                        self.ctx.logs.agent_line(&self.name, LogLevel::Error, &e);
+                    if let Err(e) = commit(&self.ctx, &self.name, &writes, events, None).await {
+                        self.ctx
+                            .logs
+                            .agent_line(&self.name, LogLevel::Error, &commit_error(&e));
                     }
                 }
             }

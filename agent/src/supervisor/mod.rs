@@ -1,21 +1,17 @@
 //! The supervisor: owns every workload's worker, applies deployments atomically (validate
-//! everything, commit, then start, reload or stop), restores the last deployment at start,
-//! and answers the local API.
+//! everything, commit, then start, reload or stop), restores the last deployment at start
+//! (`restore`), and answers the local API (`control`).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use tokio::sync::{Mutex, broadcast, oneshot};
+use tokio::sync::Mutex;
 
-use crate::api::control::Control;
-use crate::api::types::{
-    ApiError, DeployReport, DeployRequest, DoctorReport, EventRecord, KvEntry, LogLine, SendReply,
-    SendRequest, WorkloadFailure, WorkloadStatus,
-};
+use crate::api::types::{ApiError, DeployReport, WorkloadFailure, WorkloadStatus};
 use crate::deployment::{self, ParsedDeployment, WorkloadSpec};
 use crate::logs::{LogHub, LogOptions};
 use crate::metrics::{Gauges, Metrics};
@@ -28,6 +24,9 @@ use crate::runtime::wasm::{
 use crate::runtime::{Prepared, Runtime, RuntimeStatus, StartInfo, Tier, Workload};
 use crate::store::{NewDeployment, NewWorkload, StateStore, StoreOptions};
 use crate::util::process_rss_bytes;
+
+mod control;
+mod restore;
 
 /// How long `send` waits for a workload's reply.
 const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -45,10 +44,13 @@ pub struct AgentOptions {
     pub persisted_log_lines: usize,
     /// Name of the board profile.
     pub board: String,
+    /// Bounds on OCI images of container workloads.
+    pub images: crate::runtime::container::ImageLimits,
 }
 
-/// A workload stopped by `lichen stop`, kept for `ps` until the next deploy.
-struct Stopped {
+/// A workload that does not run, kept for `ps` until the next deploy: stopped by `lichen stop`,
+/// or failed before it could start when the stored deployment was restored.
+struct Parked {
     status: WorkloadStatus,
 }
 
@@ -60,7 +62,7 @@ struct Running {
 
 struct Workloads {
     running: BTreeMap<String, Running>,
-    stopped: BTreeMap<String, Stopped>,
+    stopped: BTreeMap<String, Parked>,
 }
 
 struct Inner {
@@ -71,6 +73,10 @@ struct Inner {
     /// What this board and host can run: Wasm and containers probed at start, microVMs when a
     /// deployment first needs them (their probe may boot a trial guest).
     isolation: std::sync::Mutex<IsolationProbe>,
+    /// Held for a whole deploy or restore, so they happen one at a time; `workloads` is held
+    /// only while workloads are switched, so `ps` and the other verbs never wait for a deploy
+    /// that is still reading and compiling its artifacts.
+    deploying: Mutex<()>,
     workloads: Mutex<Workloads>,
     board: String,
     next_command: AtomicU64,
@@ -86,12 +92,7 @@ impl Agent {
     /// Opens the state store and artifact store under the state directory and builds the
     /// engine. Starts nothing; call [`Agent::restore`].
     pub async fn open(options: AgentOptions) -> Result<Self> {
-        std::fs::create_dir_all(&options.state_dir).with_context(|| {
-            format!(
-                "cannot create state directory {}",
-                options.state_dir.display()
-            )
-        })?;
+        crate::state_dir::create_private(&options.state_dir)?;
         let store = StateStore::open(
             &options.state_dir.join("lichen.db"),
             StoreOptions {
@@ -144,7 +145,8 @@ impl Agent {
             Tier::Container,
             Arc::new(ContainerTier::new(
                 oci,
-                ImageStore::new(options.state_dir.join("images")),
+                ImageStore::new(options.state_dir.join("images"))
+                    .with_limits(options.images.clone()),
                 logs.clone(),
                 devices.profile().clone(),
             )),
@@ -159,6 +161,7 @@ impl Agent {
                 artifacts,
                 runtimes,
                 isolation: std::sync::Mutex::new(isolation),
+                deploying: Mutex::new(()),
                 workloads: Mutex::new(Workloads {
                     running: BTreeMap::new(),
                     stopped: BTreeMap::new(),
@@ -189,61 +192,31 @@ impl Agent {
         &self.inner.ctx.metrics
     }
 
-    /// Starts the workloads of the last applied deployment (after each runtime has cleaned up
-    /// what a killed agent left behind). Returns whether there was one.
-    pub async fn restore(&self) -> Result<bool> {
-        for runtime in self.inner.runtimes.values() {
-            runtime.recover().await;
-        }
-        let Some(record) = self.store().current_deployment()? else {
-            return Ok(false);
+    /// The event queue of `workload`, if it takes commands now: an unknown, stopped, failed or
+    /// completed workload, or one of a kind that takes no events, is an error naming it. The
+    /// hub link queues its commands here, waiting for room rather than failing when full.
+    pub async fn command_queue(&self, workload: &str) -> Result<EventSender, ApiError> {
+        let workloads = self.inner.workloads.lock().await;
+        let Some(running) = workloads.running.get(workload) else {
+            return Err(if workloads.stopped.contains_key(workload) {
+                ApiError::unavailable(format!("workload {workload:?} is stopped"))
+            } else {
+                ApiError::not_found(format!("no workload named {workload:?}"))
+            });
         };
-        let mut workloads = self.inner.workloads.lock().await;
-        for row in record.workloads {
-            let spec: WorkloadSpec = serde_json::from_str(&row.spec_json)
-                .with_context(|| format!("stored spec of workload {:?} is unreadable", row.name))?;
-            let isolation = self.isolation_for(std::slice::from_ref(&spec)).await;
-            let prepared = match isolation.select(&spec) {
-                Err(message) => Err((Tier::Wasm, message)),
-                Ok(tier) => match self.runtime(tier) {
-                    Ok(runtime) => runtime
-                        .prepare(&spec, Some(&row.module_digest))
-                        .await
-                        .map(|p| (tier, p))
-                        .map_err(|e| (tier, format!("cannot load its {}: {}", e.field, e.message))),
-                    Err(message) => Err((tier, message)),
-                },
-            };
-            let (tier, prepared) = match prepared {
-                Ok(ready) => ready,
-                Err((_, message)) => {
-                    tracing::error!(workload = %row.name, "{message}");
-                    let _ = self
-                        .store()
-                        .log_event(Some(&row.name), "start-failed", &message)
-                        .await;
-                    continue;
-                }
-            };
-            let kv = self.store().load_kv(&row.name)?;
-            let workload = self.runtime(tier).map_err(anyhow::Error::msg)?.start(
-                prepared,
-                spec,
-                StartInfo {
-                    version: record.version,
-                    kv,
-                    events_handled: row.events_handled,
-                },
-            );
-            workloads
-                .running
-                .insert(row.name.clone(), Running { tier, workload });
+        let status = running.workload.status();
+        if status.state == "failed" || status.state == "completed" {
+            return Err(ApiError::unavailable(format!(
+                "workload {workload:?} is {} and takes no commands until it is deployed again",
+                status.state
+            )));
         }
-        tracing::info!(
-            version = record.version,
-            "restored the last applied deployment"
-        );
-        Ok(true)
+        running.workload.event_sender().ok_or_else(|| {
+            ApiError::unavailable(format!(
+                "workload {workload:?} is a {}: it takes no commands",
+                status.kind
+            ))
+        })
     }
 
     /// The runtime of a tier, or why this agent has none.
@@ -254,8 +227,24 @@ impl Agent {
             .ok_or_else(|| format!("this agent has no {tier} runtime"))
     }
 
-    /// Validates a deployment file and applies it atomically.
+    /// Validates a deployment file and applies it atomically. Whether it is applied or
+    /// refused, the artifacts no workload of the applied deployment uses are removed afterwards,
+    /// so refused deploys leave nothing behind.
     pub async fn deploy_text(
+        &self,
+        file_name: &str,
+        text: &str,
+        base_dir: &Path,
+    ) -> Result<DeployReport, ApiError> {
+        // One deploy at a time; validation (reading and compiling artifacts) happens before
+        // anything changes, without holding the workloads (`ps` keeps answering).
+        let _deploying = self.inner.deploying.lock().await;
+        let result = self.deploy_locked(file_name, text, base_dir).await;
+        self.collect_garbage().await;
+        result
+    }
+
+    async fn deploy_locked(
         &self,
         file_name: &str,
         text: &str,
@@ -265,9 +254,25 @@ impl Agent {
             .map_err(|e| ApiError::invalid(e.to_string()))?;
         crate::grants::check(&parsed, self.inner.ctx.devices.profile())
             .map_err(|e| ApiError::invalid(e.to_string()))?;
-        // One deploy at a time; validation (compiling) happens before anything changes.
-        let mut workloads = self.inner.workloads.lock().await;
+        self.check_pool(&parsed, 0)?;
         let artifacts = self.prepare_all(&parsed).await?;
+        let mut workloads = self.inner.workloads.lock().await;
+        let reloads = parsed
+            .spec
+            .workloads
+            .iter()
+            .zip(&artifacts)
+            .filter(|(spec, (tier, artifact))| {
+                *tier == Tier::Wasm
+                    && workloads.running.get(&spec.name).is_some_and(|current| {
+                        current.tier == Tier::Wasm
+                            && !current.workload.is_finished()
+                            && (current.workload.spec() != *spec
+                                || current.workload.digest() != artifact.digest())
+                    })
+            })
+            .count();
+        self.check_pool(&parsed, reloads)?;
 
         let mut new_workloads = Vec::with_capacity(parsed.spec.workloads.len());
         for (spec, (_, artifact)) in parsed.spec.workloads.iter().zip(&artifacts) {
@@ -388,6 +393,61 @@ impl Agent {
             "deployment applied"
         );
         Ok(report)
+    }
+
+    /// Refuses a deployment whose Wasm workloads, with `reloads` of them holding a second
+    /// instance during their hot reload, do not fit the engine's instance slots
+    /// (`wasm.max-instances`): beyond them, workloads would sit in back-off forever.
+    fn check_pool(&self, parsed: &ParsedDeployment, reloads: usize) -> Result<(), ApiError> {
+        let wasm = parsed
+            .spec
+            .workloads
+            .iter()
+            .filter(|w| w.kind == deployment::WorkloadKind::Wasm)
+            .count();
+        let slots = self.inner.ctx.engine.options().max_instances;
+        let needed = wasm.saturating_add(reloads);
+        if u32::try_from(needed).is_ok_and(|needed| needed <= slots) {
+            return Ok(());
+        }
+        let what = if reloads == 0 {
+            format!("{wasm} Wasm workloads need {wasm} instance slots")
+        } else {
+            format!(
+                "{wasm} Wasm workloads and {reloads} hot reloads (a reloaded workload holds a \
+                 second slot until its new version has handled an event) need {needed} \
+                 instance slots"
+            )
+        };
+        Err(ApiError::invalid(format!(
+            "{}: workloads: {what}, but this agent's engine has {slots} \
+             (`wasm.max-instances` in the agent config): raise wasm.max-instances or deploy \
+             fewer Wasm workloads",
+            parsed.file_name()
+        )))
+    }
+
+    /// Removes the stored artifacts (compiled modules, imported images) that no workload of
+    /// the applied deployment uses; each runtime sweeps its own. Called after every deploy
+    /// and at start, with the deploy lock held.
+    async fn collect_garbage(&self) {
+        let in_use: BTreeSet<String> = match self.store().current_deployment() {
+            Ok(Some(record)) => record
+                .workloads
+                .into_iter()
+                .map(|w| w.module_digest)
+                .collect(),
+            Ok(None) => BTreeSet::new(),
+            Err(err) => {
+                tracing::warn!(
+                    "not collecting unused artifacts: cannot read the deployment: {err}"
+                );
+                return;
+            }
+        };
+        for runtime in self.inner.runtimes.values() {
+            runtime.collect_garbage(&in_use).await;
+        }
     }
 
     /// Picks every workload's tier and prepares its artifact (compiles a module, imports an
@@ -521,199 +581,6 @@ impl Agent {
     }
 }
 
-impl Control for Agent {
-    async fn deploy(&self, req: DeployRequest) -> Result<DeployReport, ApiError> {
-        self.deploy_text(&req.file_name, &req.text, Path::new(&req.base_dir))
-            .await
-    }
-
-    async fn ps(&self) -> Vec<WorkloadStatus> {
-        let workloads = self.inner.workloads.lock().await;
-        let mut rows: Vec<WorkloadStatus> =
-            workloads.running.values().map(Self::status_of).collect();
-        rows.extend(workloads.stopped.values().map(|s| s.status.clone()));
-        rows.sort_by(|a, b| a.name.cmp(&b.name));
-        rows
-    }
-
-    async fn logs(&self, workload: &str, tail: usize) -> Result<Vec<LogLine>, ApiError> {
-        if !self.knows(workload).await {
-            return Err(ApiError::not_found(format!(
-                "no workload named {workload:?}"
-            )));
-        }
-        let recent = self.inner.ctx.logs.recent(workload, tail);
-        if !recent.is_empty() {
-            return Ok(recent);
-        }
-        let stored = self
-            .store()
-            .recent_logs(workload, tail)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        Ok(stored
-            .into_iter()
-            .map(|l| LogLine {
-                at_ms: l.at_ms,
-                workload: l.workload,
-                level: l.level,
-                context: l.context,
-                message: l.message,
-            })
-            .collect())
-    }
-
-    fn follow_logs(&self, workload: &str) -> Result<broadcast::Receiver<LogLine>, ApiError> {
-        Ok(self.inner.ctx.logs.follow(workload))
-    }
-
-    async fn kv(&self, workload: &str, key: Option<&str>) -> Result<Vec<KvEntry>, ApiError> {
-        if !self.knows(workload).await {
-            return Err(ApiError::not_found(format!(
-                "no workload named {workload:?}"
-            )));
-        }
-        let data = self
-            .store()
-            .load_kv(workload)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        Ok(data
-            .into_iter()
-            .filter(|((bucket, k), _)| match key {
-                Some(key) => bucket == "default" && k == key,
-                None => true,
-            })
-            .map(|((bucket, key), value)| KvEntry {
-                bucket,
-                key,
-                size: value.len() as u64,
-                value: String::from_utf8_lossy(&value).into_owned(),
-            })
-            .collect())
-    }
-
-    async fn events(&self, after: i64, limit: usize) -> Result<Vec<EventRecord>, ApiError> {
-        let rows = self
-            .store()
-            .events(after, limit)
-            .map_err(|e| ApiError::internal(e.to_string()))?;
-        Ok(rows
-            .into_iter()
-            .map(|r| EventRecord {
-                id: r.id,
-                at_ms: r.at_ms,
-                workload: r.workload,
-                kind: r.kind,
-                detail: r.detail,
-            })
-            .collect())
-    }
-
-    async fn send(&self, workload: &str, req: SendRequest) -> Result<SendReply, ApiError> {
-        let id = format!(
-            "cmd-{}",
-            self.inner.next_command.fetch_add(1, Ordering::Relaxed)
-        );
-        let (reply_tx, reply_rx) = oneshot::channel();
-        {
-            let workloads = self.inner.workloads.lock().await;
-            let Some(running) = workloads.running.get(workload) else {
-                return Err(if workloads.stopped.contains_key(workload) {
-                    ApiError::unavailable(format!("workload {workload:?} is stopped"))
-                } else {
-                    ApiError::not_found(format!("no workload named {workload:?}"))
-                });
-            };
-            let state = running.workload.status().state;
-            if state == "failed" || state == "completed" {
-                return Err(ApiError::unavailable(format!(
-                    "workload {workload:?} is {state} and takes no commands until it is deployed again"
-                )));
-            }
-            running
-                .workload
-                .try_deliver(
-                    Delivery::Command {
-                        id: id.clone(),
-                        name: req.command,
-                        payload: req.payload.into_bytes(),
-                    },
-                    Some(reply_tx),
-                )
-                .map_err(ApiError::unavailable)?;
-        }
-        match tokio::time::timeout(REPLY_TIMEOUT, reply_rx).await {
-            Ok(Ok(Ok(reply))) => Ok(SendReply {
-                id,
-                reply: reply.map(|r| String::from_utf8_lossy(&r).into_owned()),
-            }),
-            Ok(Ok(Err(message))) => Err(ApiError::unavailable(format!(
-                "workload {workload:?} did not handle command {id}: {message}"
-            ))),
-            Ok(Err(_)) => Err(ApiError::unavailable(format!(
-                "workload {workload:?} dropped command {id} (it stopped or restarted)"
-            ))),
-            Err(_) => Err(ApiError::unavailable(format!(
-                "workload {workload:?} did not answer command {id} within {REPLY_TIMEOUT:?}"
-            ))),
-        }
-    }
-
-    async fn stop(&self, workload: &str) -> Result<(), ApiError> {
-        let mut workloads = self.inner.workloads.lock().await;
-        let Some(running) = workloads.running.remove(workload) else {
-            return if workloads.stopped.contains_key(workload) {
-                Ok(())
-            } else {
-                Err(ApiError::not_found(format!(
-                    "no workload named {workload:?}"
-                )))
-            };
-        };
-        let tier = running.tier;
-        let before = running.workload.status();
-        running.workload.stop().await;
-        let mut status = to_api_status(workload, tier, before);
-        status.state = "stopped".into();
-        status.memory_bytes = 0;
-        status.pids = None;
-        status.uptime_ms = None;
-        workloads
-            .stopped
-            .insert(workload.to_string(), Stopped { status });
-        Ok(())
-    }
-
-    async fn doctor(&self) -> DoctorReport {
-        // The first report runs the probes (trial containers, a trial KVM boot of up to 5 s):
-        // off the async workers.
-        let board = self.inner.board.clone();
-        let engine = *self.inner.ctx.engine.options();
-        match tokio::task::spawn_blocking(move || crate::doctor::report(&board, Some(&engine)))
-            .await
-        {
-            Ok(report) => report,
-            Err(err) => DoctorReport {
-                version: env!("CARGO_PKG_VERSION").into(),
-                board: self.inner.board.clone(),
-                checks: vec![crate::api::types::DoctorCheck {
-                    name: "doctor".into(),
-                    status: "warn".into(),
-                    detail: format!("the probe task failed: {err}"),
-                }],
-            },
-        }
-    }
-
-    fn metrics_text(&self) -> String {
-        // Scrapes must not wait on a deploy: read what is available without blocking.
-        let statuses: Vec<WorkloadStatus> = match self.inner.workloads.try_lock() {
-            Ok(w) => w.running.values().map(Self::status_of).collect(),
-            Err(_) => Vec::new(),
-        };
-        self.inner.ctx.metrics.render(&self.gauges(&statuses))
-    }
-}
-
 /// A runtime's status as a `ps` row.
 fn to_api_status(name: &str, tier: Tier, s: RuntimeStatus) -> WorkloadStatus {
     WorkloadStatus {
@@ -727,7 +594,7 @@ fn to_api_status(name: &str, tier: Tier, s: RuntimeStatus) -> WorkloadStatus {
         events_handled: s.events_handled,
         queue_depth: s.queue_depth,
         memory_bytes: s.usage.memory_bytes.unwrap_or(0),
-        uptime_ms: s.uptime.map(|t| t.as_millis() as u64),
+        uptime_ms: s.uptime.map(crate::util::millis),
         last_error: s.last_error,
         isolation: tier.as_str().to_string(),
         pids: s.usage.pids,
@@ -738,3 +605,6 @@ fn to_api_status(name: &str, tier: Tier, s: RuntimeStatus) -> WorkloadStatus {
         accelerator: s.accelerator,
     }
 }
+
+#[cfg(test)]
+mod tests;

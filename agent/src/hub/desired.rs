@@ -1,0 +1,230 @@
+//! Desired state: what the hub sends on `desired` (its signed bytes are in [`super::signing`])
+//! and the node's decisions on it: verify, remember a refused message (by fingerprint, so it
+//! never uses up its version), ignore a stale one and say so, apply.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::path::Path;
+
+use lichen_sync::Envelope;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::{APPLIED_DESIRED, APPLIED_VERSION, Bridge, KEEP_SETTLED, now_ms, verify};
+use crate::api::types::DeployReport;
+
+/// The payload of a `desired` message: one deployment for one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct DesiredState {
+    /// The hub's version of the desired state; applied only if newer than the applied one.
+    pub version: u64,
+    /// The deployment document (TOML, the same text `lichen deploy` takes).
+    pub deployment: String,
+    /// Size in bytes of each artifact the deployment names by digest (`sha256` hex ->
+    /// bytes). The node fetches only artifacts listed here, and only that many bytes of each;
+    /// signed with the rest ([`super::signed_bytes`]).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub artifacts: BTreeMap<String, u64>,
+    /// ed25519 signature of [`super::signed_bytes`], base64.
+    #[serde(default)]
+    pub signature: Option<String>,
+    /// Id of the key that signed ([`super::key_id`]).
+    #[serde(default)]
+    pub key_id: Option<String>,
+}
+
+/// What identifies a desired-state message: the SHA-256 of its payload as the node reads it
+/// (version, deployment, artifacts, signature and key id). Two messages with the same version
+/// but another text or signature differ, so refusing one never refuses the other.
+pub fn fingerprint(desired: &DesiredState) -> String {
+    let bytes = serde_json::to_vec(desired).expect("a desired state always serialises");
+    hex::encode(Sha256::digest(&bytes))
+}
+
+/// A desired state the node ignored: not newer than what it applies or fetches.
+pub(super) struct Ignored {
+    pub(super) version: u64,
+    pub(super) lost_to: u64,
+    pub(super) reason: String,
+    pub(super) at_ms: u64,
+}
+
+/// Fingerprints of desired states already refused or ignored, newest last (bounded).
+#[derive(Default)]
+pub(super) struct Settled(VecDeque<String>);
+
+impl Settled {
+    pub(super) fn contains(&self, fingerprint: &str) -> bool {
+        self.0.iter().any(|f| f == fingerprint)
+    }
+
+    pub(super) fn insert(&mut self, fingerprint: String) {
+        if self.contains(&fingerprint) {
+            return;
+        }
+        if self.0.len() == KEEP_SETTLED {
+            self.0.pop_front();
+        }
+        self.0.push_back(fingerprint);
+    }
+}
+
+impl Bridge {
+    /// Rejects desired state `desired` (`None`: a payload that is not one): reported, and that
+    /// exact message is not handled again. Its version stays open to any other message.
+    pub(super) async fn reject(&mut self, desired: Option<&DesiredState>, reason: String) {
+        if let Some(d) = desired {
+            self.settled.insert(fingerprint(d));
+        }
+        self.error(format!("desired state rejected: {reason}"));
+        self.record_rejection(desired.map(|d| d.version), reason, "hub-rejected")
+            .await;
+    }
+
+    /// Ignores `desired` as stale: it lost to version `lost_to` (applied, or being fetched).
+    /// Reported once per message, not on every reconnect.
+    async fn ignore_stale(&mut self, desired: &DesiredState, lost_to: u64, what: &str) {
+        self.settled.insert(fingerprint(desired));
+        let reason = format!(
+            "desired state version {} ignored as stale: version {lost_to} is {what}",
+            desired.version
+        );
+        tracing::info!("hub: {reason}");
+        let _ = self
+            .store
+            .log_event(None, "hub-ignored", &reason)
+            .await
+            .map_err(|e| tracing::warn!("cannot log the ignored desired state: {e}"));
+        self.ignored = Some(Ignored {
+            version: desired.version,
+            lost_to,
+            reason,
+            at_ms: now_ms(),
+        });
+        self.publish_reported().await;
+    }
+
+    pub(super) async fn on_desired(&mut self, envelope: Envelope) {
+        let desired: DesiredState = match serde_json::from_value(envelope.payload) {
+            Ok(d) => d,
+            Err(e) => {
+                self.rejected_messages += 1;
+                return self
+                    .reject(
+                        None,
+                        format!(
+                            "malformed desired state in message {}: {e} (expected version, deployment, signature, key-id)",
+                            envelope.id
+                        ),
+                    )
+                    .await;
+            }
+        };
+        let fingerprint = fingerprint(&desired);
+        if self.settled.contains(&fingerprint) {
+            // Refused or ignored already: the retained copy, back on a new connection.
+            return;
+        }
+        let applied = self.applied_version();
+        if desired.version <= applied {
+            let running = desired.version == applied
+                && self
+                    .store
+                    .hub_state(APPLIED_DESIRED)
+                    .ok()
+                    .flatten()
+                    // Applied before fingerprints were kept: the retained copy of it.
+                    .is_none_or(|f| f == fingerprint);
+            if !running {
+                self.ignore_stale(&desired, applied, "applied").await;
+            }
+            return;
+        }
+        if let Some(p) = &self.pending {
+            if p.fingerprint == fingerprint {
+                return;
+            }
+            if p.desired.version >= desired.version {
+                let lost_to = p.desired.version;
+                return self
+                    .ignore_stale(&desired, lost_to, "verified and fetching its artifacts")
+                    .await;
+            }
+        }
+        let signer = match verify(&desired, &self.node, &self.keys) {
+            Ok(key) => key,
+            Err(reason) if self.insecure_dev => {
+                tracing::warn!(
+                    "INSECURE: applying deployment version {} despite: {reason} (hub.insecure-dev)",
+                    desired.version
+                );
+                "none (insecure-dev)".to_owned()
+            }
+            Err(reason) => {
+                self.rejected_messages += 1;
+                return self.reject(Some(&desired), reason).await;
+            }
+        };
+        self.fetch_or_apply(desired, signer).await;
+    }
+
+    /// Applies a verified deployment whose artifacts are all in the store; a rejection is
+    /// recorded for the hub.
+    pub(super) async fn apply(&mut self, desired: DesiredState, signer: String) {
+        let kept = desired.clone();
+        if let Err(reason) = self.apply_checked(desired, signer).await {
+            self.reject(Some(&kept), reason).await;
+        }
+    }
+
+    /// Applies a verified deployment; returns the reason if it is invalid.
+    pub(super) async fn apply_checked(
+        &mut self,
+        desired: DesiredState,
+        signer: String,
+    ) -> Result<DeployReport, String> {
+        let name = format!("hub desired version {}", desired.version);
+        match self
+            .agent
+            .deploy_text(&name, &desired.deployment, Path::new("/"))
+            .await
+        {
+            Ok(report) => {
+                if let Err(e) = self
+                    .store
+                    .set_hub_state(APPLIED_VERSION, &desired.version.to_string())
+                    .await
+                {
+                    self.error(format!("cannot record the applied hub version: {e}"));
+                }
+                if let Err(e) = self
+                    .store
+                    .set_hub_state(APPLIED_DESIRED, &fingerprint(&desired))
+                    .await
+                {
+                    self.error(format!("cannot record the applied desired state: {e}"));
+                }
+                for failure in &report.failures {
+                    self.error(format!(
+                        "workload {} failed after deployment version {}: {}",
+                        failure.workload, desired.version, failure.message
+                    ));
+                }
+                tracing::info!(
+                    version = desired.version,
+                    local_version = report.version,
+                    signer,
+                    "applied desired state from the hub"
+                );
+                self.last_rejection = None;
+                self.ignored = None;
+                self.publish_reported().await;
+                Ok(report)
+            }
+            Err(e) => Err(format!(
+                "deployment version {} is invalid: {}",
+                desired.version, e.error
+            )),
+        }
+    }
+}

@@ -1,0 +1,353 @@
+//! Publisher keys and signatures of desired states: the canonical bytes a publisher signs,
+//! ed25519 signing and verification, key ids, and the key encodings (hex or base64 public keys,
+//! PKCS#8 private keys in PEM or DER) that `lichen hub keygen` writes and nodes read.
+
+use anyhow::{Context, Result, bail};
+use base64::Engine;
+use ring::rand::SecureRandom;
+use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+use rustls_pki_types::PrivatePkcs8KeyDer;
+use rustls_pki_types::pem::{self, PemObject};
+use sha2::{Digest, Sha256};
+
+use super::DesiredState;
+
+/// Domain separation prefix of the signed bytes (see [`canonical_bytes`]).
+pub const SIGNATURE_CONTEXT: &str = "lichen-desired-v1";
+/// Domain separation prefix of the signed bytes of a desired state that lists artifacts
+/// (see [`signed_bytes`]).
+pub const SIGNATURE_CONTEXT_V2: &str = "lichen-desired-v2";
+
+/// The bytes a publisher signs: `lichen-desired-v1\n<node>\n<version>\n<deployment>`. The node
+/// and version are inside so that a signed deployment cannot be replayed to another node or
+/// under a higher version.
+pub fn canonical_bytes(node: &str, version: u64, deployment: &str) -> Vec<u8> {
+    format!("{SIGNATURE_CONTEXT}\n{node}\n{version}\n{deployment}").into_bytes()
+}
+
+/// The bytes a publisher signs for `desired`: [`canonical_bytes`] when it lists no artifacts,
+/// else `lichen-desired-v2\n<node>\n<version>\n<count>\n` then one `<sha256> <size>\n` line
+/// per artifact (in digest order) and the deployment text, so the sizes the node fetches are
+/// the publisher's too.
+pub fn signed_bytes(node: &str, desired: &DesiredState) -> Vec<u8> {
+    if desired.artifacts.is_empty() {
+        return canonical_bytes(node, desired.version, &desired.deployment);
+    }
+    let mut text = format!(
+        "{SIGNATURE_CONTEXT_V2}\n{node}\n{}\n{}\n",
+        desired.version,
+        desired.artifacts.len()
+    );
+    for (digest, size) in &desired.artifacts {
+        text.push_str(&format!("{digest} {size}\n"));
+    }
+    text.push_str(&desired.deployment);
+    text.into_bytes()
+}
+
+/// A key's id: the first 16 hex digits of the SHA-256 of its 32 public-key bytes.
+pub fn key_id(public_key: &[u8]) -> String {
+    hex::encode(&Sha256::digest(public_key)[..8])
+}
+
+/// A publisher key the node trusts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustedKey {
+    /// [`key_id`] of the key.
+    pub id: String,
+    /// The raw ed25519 public key.
+    pub public: Vec<u8>,
+}
+
+/// Parses an ed25519 public key written as 64 hex digits or as base64 of its 32 bytes.
+pub fn parse_public_key(text: &str) -> Result<TrustedKey> {
+    let text = text.trim();
+    let bytes = if text.len() == 64 && text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        hex::decode(text).context("hex public key")?
+    } else {
+        base64_decode(text)
+            .with_context(|| format!("public key {text:?} is neither 64 hex digits nor base64"))?
+    };
+    if bytes.len() != 32 {
+        bail!(
+            "public key {text:?} has {} bytes; an ed25519 public key has 32",
+            bytes.len()
+        );
+    }
+    Ok(TrustedKey {
+        id: key_id(&bytes),
+        public: bytes,
+    })
+}
+
+/// Signs a desired state with a PKCS#8 ed25519 key (DER, or PEM `PRIVATE KEY`); returns the
+/// base64 signature and the key id.
+pub fn sign(pkcs8: &[u8], node: &str, version: u64, deployment: &str) -> Result<(String, String)> {
+    let der = pem_or_der(pkcs8)?;
+    let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
+        .map_err(|e| anyhow::anyhow!("not an ed25519 PKCS#8 private key: {e}"))?;
+    let signature = pair.sign(&canonical_bytes(node, version, deployment));
+    Ok((
+        base64_encode(signature.as_ref()),
+        key_id(pair.public_key().as_ref()),
+    ))
+}
+
+/// Signs `desired` for `node` ([`signed_bytes`]: with its artifact sizes, if it lists any)
+/// with a PKCS#8 ed25519 key; returns the base64 signature and the key id.
+pub fn sign_desired(pkcs8: &[u8], node: &str, desired: &DesiredState) -> Result<(String, String)> {
+    let der = pem_or_der(pkcs8)?;
+    let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
+        .map_err(|e| anyhow::anyhow!("not an ed25519 PKCS#8 private key: {e}"))?;
+    let signature = pair.sign(&signed_bytes(node, desired));
+    Ok((
+        base64_encode(signature.as_ref()),
+        key_id(pair.public_key().as_ref()),
+    ))
+}
+
+/// Checks the signature of `desired` for `node` against `keys`; returns the signing key's id.
+pub fn verify(desired: &DesiredState, node: &str, keys: &[TrustedKey]) -> Result<String, String> {
+    let Some(signature) = &desired.signature else {
+        return Err(format!(
+            "deployment version {} is unsigned; this node accepts only deployments signed by a trusted key",
+            desired.version
+        ));
+    };
+    let signature = base64_decode(signature).map_err(|e| {
+        format!(
+            "deployment version {}: signature is not base64: {e}",
+            desired.version
+        )
+    })?;
+    if keys.is_empty() {
+        return Err(format!(
+            "deployment version {} is signed, but this node trusts no key (hub.trusted-keys is empty)",
+            desired.version
+        ));
+    }
+    let candidates: Vec<&TrustedKey> = match &desired.key_id {
+        Some(id) => {
+            let found: Vec<_> = keys.iter().filter(|k| &k.id == id).collect();
+            if found.is_empty() {
+                return Err(format!(
+                    "deployment version {} is signed by key {id}, which is not in hub.trusted-keys",
+                    desired.version
+                ));
+            }
+            found
+        }
+        None => keys.iter().collect(),
+    };
+    let message = signed_bytes(node, desired);
+    for key in candidates {
+        if UnparsedPublicKey::new(&ED25519, &key.public)
+            .verify(&message, &signature)
+            .is_ok()
+        {
+            return Ok(key.id.clone());
+        }
+    }
+    Err(format!(
+        "deployment version {} has a bad signature (tampered, signed for another node or version, or by another key)",
+        desired.version
+    ))
+}
+/// Base64 as Lichen reads it: the standard alphabet (RFC 4648 section 4: `A-Z a-z 0-9 + /`),
+/// `=` padding optional, no whitespace or line breaks.
+const BASE64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::STANDARD,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
+
+/// Standard base64 with padding.
+pub fn base64_encode(bytes: &[u8]) -> String {
+    BASE64.encode(bytes)
+}
+
+/// Decodes standard base64 (padding optional; no whitespace).
+pub fn base64_decode(text: &str) -> Result<Vec<u8>> {
+    BASE64
+        .decode(text)
+        .map_err(|e| anyhow::anyhow!("not standard base64: {e}"))
+}
+
+/// The DER of a PKCS#8 private key given as PEM (`PRIVATE KEY`) or as DER (which starts with a
+/// SEQUENCE tag, 0x30).
+fn pem_or_der(bytes: &[u8]) -> Result<Vec<u8>> {
+    if bytes.first() == Some(&0x30) {
+        return Ok(bytes.to_vec());
+    }
+    match PrivatePkcs8KeyDer::from_pem_slice(bytes) {
+        Ok(der) => Ok(der.secret_pkcs8_der().to_vec()),
+        Err(pem::Error::NoItemsFound) => {
+            bail!("key file holds no -----BEGIN PRIVATE KEY----- block (PKCS#8 PEM) and is not DER")
+        }
+        Err(e) => bail!("key file's PEM is malformed: {e}"),
+    }
+}
+
+/// PKCS#8 v1 (RFC 5208 `PrivateKeyInfo`) of an Ed25519 key up to its 32-byte seed, as RFC 8410
+/// section 7 gives it: SEQUENCE { INTEGER 0, SEQUENCE { OID 1.3.101.112 }, OCTET STRING {
+/// OCTET STRING (32 bytes) } }. The form OpenSSL, Python's `cryptography` and ring all read
+/// (ring's own `generate_pkcs8` writes v2, with the public key, which OpenSSL 3 refuses).
+const PKCS8_V1_ED25519_PREFIX: [u8; 16] = [
+    0x30, 0x2e, 0x02, 0x01, 0x00, 0x30, 0x05, 0x06, 0x03, 0x2b, 0x65, 0x70, 0x04, 0x22, 0x04, 0x20,
+];
+
+/// A new ed25519 key pair: the private key as PKCS#8 v1 PEM (`PRIVATE KEY`), and the public
+/// key as hex.
+pub fn generate_key() -> Result<(String, String)> {
+    let mut seed = [0u8; 32];
+    ring::rand::SystemRandom::new()
+        .fill(&mut seed)
+        .map_err(|_| anyhow::anyhow!("cannot generate an ed25519 key: no system randomness"))?;
+    let mut der = PKCS8_V1_ED25519_PREFIX.to_vec();
+    der.extend_from_slice(&seed);
+    seed.fill(0);
+    let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der)
+        .map_err(|e| anyhow::anyhow!("generated key does not parse: {e}"))?;
+    let mut pem = String::from("-----BEGIN PRIVATE KEY-----\n");
+    for line in base64_encode(&der).as_bytes().chunks(64) {
+        pem.push_str(&String::from_utf8_lossy(line));
+        pem.push('\n');
+    }
+    pem.push_str("-----END PRIVATE KEY-----\n");
+    der.fill(0);
+    Ok((pem, hex::encode(pair.public_key().as_ref())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn desired(version: u64, text: &str) -> DesiredState {
+        DesiredState {
+            version,
+            deployment: text.into(),
+            artifacts: Default::default(),
+            signature: None,
+            key_id: None,
+        }
+    }
+
+    #[test]
+    fn base64_round_trips() {
+        for data in [&b""[..], b"f", b"fo", b"foo", b"foob", b"fooba", b"foobar"] {
+            assert_eq!(base64_decode(&base64_encode(data)).unwrap(), data);
+        }
+        assert_eq!(base64_encode(b"foobar"), "Zm9vYmFy");
+        assert_eq!(base64_encode(b"fo"), "Zm8=");
+        assert!(base64_decode("a*b").is_err());
+    }
+
+    #[test]
+    fn base64_is_the_standard_alphabet_with_optional_padding_and_nothing_else() {
+        assert_eq!(base64_decode("Zm8=").unwrap(), b"fo");
+        assert_eq!(base64_decode("Zm8").unwrap(), b"fo");
+        assert_eq!(base64_decode("+/8=").unwrap(), [0xfb, 0xff]);
+        for bad in ["-_8=", "Zm8=Zm8=", "Zm 8=", "Zm8=\n", "Zm9=", "Z"] {
+            assert!(base64_decode(bad).is_err(), "{bad:?} decoded");
+        }
+    }
+
+    #[test]
+    fn new_keys_are_pkcs8_v1_pem_of_the_seed() {
+        let (pem, public) = generate_key().unwrap();
+        assert!(pem.starts_with("-----BEGIN PRIVATE KEY-----\n"), "{pem}");
+        let der = pem_or_der(pem.as_bytes()).unwrap();
+        assert_eq!(der.len(), 48, "version 1, no public key inside");
+        assert_eq!(der[..16], PKCS8_V1_ED25519_PREFIX);
+        let seed: [u8; 32] = der[16..].try_into().unwrap();
+        let pair = Ed25519KeyPair::from_seed_unchecked(&seed).unwrap();
+        assert_eq!(hex::encode(pair.public_key().as_ref()), public);
+        // DER works as well as PEM.
+        let (sig, id) = sign(&der, "n", 1, "d").unwrap();
+        assert_eq!(sign(pem.as_bytes(), "n", 1, "d").unwrap(), (sig, id));
+    }
+
+    #[test]
+    fn keys_of_the_old_pkcs8_v2_form_still_sign() {
+        let rng = ring::rand::SystemRandom::new();
+        let v2 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+        let public = Ed25519KeyPair::from_pkcs8(v2.as_ref())
+            .unwrap()
+            .public_key()
+            .as_ref()
+            .to_vec();
+        let pem = format!(
+            "-----BEGIN PRIVATE KEY-----\n{}\n-----END PRIVATE KEY-----\n",
+            base64_encode(v2.as_ref())
+        );
+        let key = TrustedKey {
+            id: key_id(&public),
+            public,
+        };
+        for form in [pem.as_bytes(), v2.as_ref()] {
+            let (signature, id) = sign(form, "n1", 2, "text").unwrap();
+            let d = DesiredState {
+                signature: Some(signature),
+                key_id: Some(id),
+                ..desired(2, "text")
+            };
+            assert_eq!(
+                verify(&d, "n1", std::slice::from_ref(&key)).unwrap(),
+                key.id
+            );
+        }
+    }
+
+    #[test]
+    fn key_files_that_are_not_pkcs8_ed25519_are_named() {
+        let err = format!("{:#}", sign(b"hello", "n", 1, "d").unwrap_err());
+        assert!(err.contains("BEGIN PRIVATE KEY"), "{err}");
+        let rsa_like = "-----BEGIN RSA PRIVATE KEY-----\nAAAA\n-----END RSA PRIVATE KEY-----\n";
+        let err = format!("{:#}", sign(rsa_like.as_bytes(), "n", 1, "d").unwrap_err());
+        assert!(err.contains("BEGIN PRIVATE KEY"), "{err}");
+        let err = format!(
+            "{:#}",
+            sign(&[0x30, 0x03, 0x02, 0x01, 0x00], "n", 1, "d").unwrap_err()
+        );
+        assert!(err.contains("not an ed25519 PKCS#8 private key"), "{err}");
+    }
+
+    #[test]
+    fn signatures_verify_only_for_the_signed_node_version_and_text() {
+        let (pem, public) = generate_key().unwrap();
+        let key = parse_public_key(&public).unwrap();
+        let mut d = desired(3, "[[workloads]]\n");
+        let (sig, id) = sign(pem.as_bytes(), "n1", 3, &d.deployment).unwrap();
+        assert_eq!(id, key.id);
+        d.signature = Some(sig);
+        d.key_id = Some(id);
+        assert_eq!(
+            verify(&d, "n1", std::slice::from_ref(&key)).unwrap(),
+            key.id
+        );
+        let err = verify(&d, "n2", std::slice::from_ref(&key)).unwrap_err();
+        assert!(err.contains("bad signature"), "{err}");
+        let mut tampered = d.clone();
+        tampered.deployment.push('#');
+        assert!(verify(&tampered, "n1", std::slice::from_ref(&key)).is_err());
+        let mut bumped = d.clone();
+        bumped.version = 4;
+        assert!(verify(&bumped, "n1", std::slice::from_ref(&key)).is_err());
+        let (_, other) = generate_key().unwrap();
+        let other = parse_public_key(&other).unwrap();
+        let err = verify(&d, "n1", &[other]).unwrap_err();
+        assert!(err.contains("not in hub.trusted-keys"), "{err}");
+        let err = verify(&desired(5, "x"), "n1", &[key]).unwrap_err();
+        assert!(err.contains("unsigned"), "{err}");
+    }
+
+    #[test]
+    fn public_keys_parse_from_hex_or_base64_and_bad_ones_are_named() {
+        let hex_key = "11".repeat(32);
+        let a = parse_public_key(&hex_key).unwrap();
+        let b = parse_public_key(&base64_encode(&[0x11; 32])).unwrap();
+        assert_eq!(a, b);
+        let err = format!("{:#}", parse_public_key("abcd").unwrap_err());
+        assert!(err.contains("\"abcd\""), "{err}");
+    }
+}
