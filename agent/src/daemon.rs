@@ -151,9 +151,13 @@ pub async fn run(args: RunArgs, socket: &Path) -> Result<()> {
     let summary = tokio::spawn(print_summaries(agent.clone()));
     let hub = match &config.hub {
         Some(section) => Some(
-            crate::hub::HubLink::start(agent.clone(), section)
-                .await
-                .context("cannot start the hub link")?,
+            crate::hub::HubLink::start(
+                agent.clone(),
+                section,
+                crate::update::SystemSource::new(&config, &state_dir),
+            )
+            .await
+            .context("cannot start the hub link")?,
         ),
         None => None,
     };

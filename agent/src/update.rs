@@ -11,10 +11,9 @@
 //!
 //! Signatures use the deployment keys' formats (`hub.trusted-keys`, `lichen hub keygen`); the
 //! trusted keys are `update.trusted-keys` plus `hub.trusted-keys`. The outcome is in `lichen
-//! events` and `lichen doctor`; in the hub's reported state it is not yet (the hub bridge is
-//! being restructured).
+//! events`, `lichen doctor` and the hub's reported state (`system`, [`SystemSource`]).
 //!
-//! One file on purpose (a little over 600 lines): the agent's whole update integration, so the
+//! One file on purpose (about 700 lines): the agent's whole update integration, so the
 //! restructuring of the agent crate can move it as one piece.
 
 use std::path::{Path, PathBuf};
@@ -27,7 +26,7 @@ use lichen_update::board::{Board, Start, UpdateError};
 use lichen_update::bundle::{BundleSignature, Signer, Verifier};
 use lichen_update::config::UpdateConfig;
 use lichen_update::health::{HealthCheck, HubHealth, Observation, Verdict, WorkloadHealth};
-use lichen_update::journal::{Outcome, OutcomeKind, Phase};
+use lichen_update::journal::{JournalFile, Outcome, OutcomeKind, Phase};
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 
 use crate::api::control::Control;
@@ -528,6 +527,67 @@ async fn health_check(
             }
         }
         tokio::time::sleep(HEALTH_POLL).await;
+    }
+}
+
+/// Where the hub bridge reads the A/B system from for reported state: the `[update]` section
+/// and the agent's state directory (which holds the update journal).
+#[derive(Debug, Clone)]
+pub struct SystemSource {
+    section: UpdateConfig,
+    state_dir: PathBuf,
+}
+
+impl SystemSource {
+    /// The source for a config with `[update]`; `None` on a board without A/B slots.
+    pub fn new(config: &AgentConfig, state_dir: &Path) -> Option<SystemSource> {
+        Some(SystemSource {
+            section: config.update.clone()?,
+            state_dir: state_dir.to_path_buf(),
+        })
+    }
+
+    /// What changes reported state's `system`: the journal (an update armed, committed,
+    /// rolled back). Cheap: one small file, read every second by the bridge.
+    pub fn fingerprint(&self) -> String {
+        match JournalFile::in_state_dir(&self.state_dir).load() {
+            Ok(journal) => serde_json::to_string(&journal).unwrap_or_default(),
+            Err(err) => err.to_string(),
+        }
+    }
+
+    /// Reported state's `system`: the booted slot and its version, the update in progress
+    /// and how the last one ended (`rolled-back` with its reason, ...).
+    pub fn reported(&self) -> serde_json::Value {
+        use serde_json::json;
+        let board = match Board::open(&self.section, &self.state_dir) {
+            Ok(board) => board,
+            Err(err) => return json!({ "error": format!("cannot read the A/B system: {err}") }),
+        };
+        let journal = JournalFile::in_state_dir(&self.state_dir).load();
+        let (pending, last, error) = match journal {
+            Ok(journal) => (journal.pending, journal.last, None),
+            Err(err) => (None, None, Some(err.to_string())),
+        };
+        json!({
+            "booted-slot": board.booted().as_str(),
+            "version": board.system().version,
+            "target": board.system().target,
+            "update-in-progress": pending.map(|p| json!({
+                "phase": match p.phase { Phase::Writing => "writing", Phase::Armed => "armed" },
+                "version": p.version,
+                "slot": p.to.as_str(),
+            })),
+            "last-update": last.map(|o| json!({
+                "result": o.result,
+                "version": o.version,
+                "from-version": o.from_version,
+                "slot": o.slot.as_str(),
+                "reason": o.reason,
+                "at-ms": o.at_ms,
+            })),
+            "error": error,
+        })
     }
 }
 
