@@ -77,6 +77,9 @@ pub struct AgentConfig {
     /// The MQTT hub; without it the agent runs offline (no sync).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hub: Option<HubSection>,
+    /// A/B system updates (`lichen update`); only on boards built for them (images/build).
+    #[serde(default)]
+    pub update: Option<lichen_update::config::UpdateConfig>,
     /// Bounds on OCI images.
     #[serde(default)]
     pub images: ImageSection,
@@ -607,6 +610,31 @@ mod tests {
                 "hub.password",
                 "at most 65535",
             ),
+            (
+                format!("{UPDATE}health-deadline = \"1s\"\n"),
+                "update.health-deadline",
+                "outside 10s to 24h",
+            ),
+            (
+                format!("{UPDATE}reboot-command = {:?}\n", vec!["r"; 33]),
+                "update.reboot-command",
+                "at most 32",
+            ),
+            (
+                format!("{UPDATE}trusted-keys = [\"{}\"]\n", "a".repeat(257)),
+                "update.trusted-keys",
+                "at most 256",
+            ),
+            (
+                UPDATE.replace("/b/grubenv", &format!("/{}", "b".repeat(4096))),
+                "update.boot-state",
+                "expected 1 to 4096",
+            ),
+            (
+                UPDATE.replace("grub", "uboot") + "env-size = 2097152\n",
+                "update.env-size",
+                "expected 64 to 1048576",
+            ),
         ];
         for (text, key, words) in cases {
             let error = load_text(&text).expect_err(&text[..text.len().min(60)]);
@@ -617,6 +645,10 @@ mod tests {
             );
         }
     }
+
+    /// A minimal `[update]` section (the keys without a default).
+    const UPDATE: &str = "[update]\ntarget = \"x86_64\"\nboot = \"grub\"\nboot-state = [\"/b/grubenv\"]\n\
+                          slots = { A = \"partlabel:rootfs-a\", B = \"partlabel:rootfs-b\" }\n";
 
     #[test]
     fn a_config_file_that_is_a_fifo_or_too_large_is_refused() {
@@ -634,9 +666,9 @@ mod tests {
 
     #[test]
     fn the_effective_config_has_every_key_and_reads_back_the_same() {
-        let mut config = load_text(
-            "[hub]\nurl = \"mqtt://h\"\nnode-id = \"n\"\nusername = \"u\"\npassword = \"secret\"\n",
-        )
+        let mut config = load_text(&format!(
+            "[hub]\nurl = \"mqtt://h\"\nnode-id = \"n\"\nusername = \"u\"\npassword = \"secret\"\n{UPDATE}"
+        ))
         .unwrap();
         let text = config.effective_toml(Path::new("/var/lib/lichen")).unwrap();
         assert!(!text.contains("secret"), "{text}");
@@ -672,6 +704,13 @@ mod tests {
             "max-path",
             "max-depth",
             "setuid",
+            "[update]",
+            "target",
+            "boot-state",
+            "health-deadline",
+            "reboot-command",
+            "system-file",
+            "env-size",
         ] {
             assert!(text.contains(key), "{key} missing from:\n{text}");
         }
@@ -707,6 +746,20 @@ mod tests {
             "max-path",
             "max-depth",
             "setuid",
+            "target",
+            "boot",
+            "boot-state",
+            "slots",
+            "health-deadline",
+            "confirm-file",
+            "reboot-command",
+            "system-file",
+            "cmdline",
+            "sys-class-block",
+            "dev-dir",
+            "mounts",
+            "env-size",
+            "tryboot-partitions",
         ];
         for key in every {
             assert!(
@@ -719,7 +772,12 @@ mod tests {
                     memory-guard = \"0\"\n[logs]\nring-lines = 1\nlines-per-second = 0.0\nburst = 1.0\n\
                     persisted-lines = 0\nlevel = \"info\"\n[hub]\nurl = \"mqtt://h\"\nnode-id = \"n\"\n\
                     ca-file = \"/c\"\nclient-cert = \"/c\"\nclient-key = \"/k\"\nusername = \"u\"\n\
-                    password = \"p\"\ntrusted-keys = []\noutbox-quota = \"1KiB\"\ninsecure-dev = false\n";
+                    password = \"p\"\ntrusted-keys = []\noutbox-quota = \"1KiB\"\ninsecure-dev = false\n\
+                    [update]\ntarget = \"x\"\nboot = \"tryboot\"\nboot-state = [\"/a\"]\n\
+                    slots = { A = \"/a\", B = \"/b\" }\ntrusted-keys = []\nhealth-deadline = \"10s\"\n\
+                    confirm-file = \"/c\"\nreboot-command = [\"r\"]\nsystem-file = \"/s\"\ncmdline = \"/c\"\n\
+                    sys-class-block = \"/s\"\ndev-dir = \"/d\"\nmounts = \"/m\"\nenv-size = 64\n\
+                    tryboot-partitions = { A = 1, B = 2 }\n";
         load_text(full).expect("every documented key at its lower bound is accepted");
     }
 

@@ -163,9 +163,13 @@ pub async fn run(args: RunArgs, socket: &Path) -> Result<()> {
     let summary = tokio::spawn(print_summaries(agent.clone()));
     let hub = match &config.hub {
         Some(section) => Some(
-            crate::hub::HubLink::start(agent.clone(), section)
-                .await
-                .context("cannot start the hub link")?,
+            crate::hub::HubLink::start(
+                agent.clone(),
+                section,
+                crate::update::SystemSource::new(&config, &state_dir),
+            )
+            .await
+            .context("cannot start the hub link")?,
         ),
         None => None,
     };
@@ -181,6 +185,8 @@ pub async fn run(args: RunArgs, socket: &Path) -> Result<()> {
              `kubeedge` feature"
         );
     }
+    // A/B boards: confirm this boot, or health-check a new slot's first boot.
+    let update = crate::update::start(agent.clone(), &config, &state_dir);
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("cannot listen for SIGTERM")?;
@@ -192,6 +198,9 @@ pub async fn run(args: RunArgs, socket: &Path) -> Result<()> {
     #[cfg(feature = "kubeedge")]
     if let Some(kubeedge) = kubeedge {
         kubeedge.shutdown().await;
+    }
+    if let Some(update) = update {
+        update.abort();
     }
     if let Some(hub) = hub {
         hub.shutdown().await;

@@ -24,4 +24,5 @@ pub mod runtime;
 pub mod state_dir;
 pub mod store;
 pub mod supervisor;
+pub mod update;
 pub mod util;

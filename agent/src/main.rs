@@ -58,6 +58,9 @@ fn main() -> ExitCode {
                         .checks
                         .push(lichen_agent::doctor::hub_check(config.hub.as_ref()));
                 }
+                report
+                    .checks
+                    .extend(lichen_agent::update::doctor_checks(&config));
                 print_doctor(&report, cli.json);
                 ExitCode::SUCCESS
             }
@@ -66,6 +69,9 @@ fn main() -> ExitCode {
                     Ok(code) => code,
                     Err(err) => report_error(&err),
                 }
+            }
+            Command::Update(args) => {
+                tokio::task::block_in_place(|| lichen_agent::update::run(args, cli.json))
             }
             other => run_client(other, &cli.socket, cli.json).await,
         }

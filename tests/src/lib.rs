@@ -2,6 +2,7 @@
 //! private state directory and socket, talks to it through the CLI and the socket API, and
 //! kills it (gracefully or with SIGKILL) to check what survives.
 
+pub mod board;
 pub mod broker;
 pub mod containerd;
 pub mod guest;

@@ -1572,3 +1572,136 @@ fn commands_interrupted_by_kill_9_run_exactly_once() {
         .collect();
     assert_eq!(sockets.len(), 1, "{sockets:?}");
 }
+
+/// The files an A/B board keeps outside the agent's state (kernel command line, the running
+/// root's system.json, the GRUB environment blocks made by Debian's `grub-editenv`) and the
+/// `[update]` section that points the agent at them.
+fn ab_board(dir: &std::path::Path, order: &str, a_left: u8, b_left: u8) -> String {
+    std::fs::write(
+        dir.join("cmdline"),
+        "console=ttyS0 lichen.slot=A lichen.root=rootfs-a\n",
+    )
+    .expect("cmdline");
+    std::fs::write(
+        dir.join("system.json"),
+        r#"{"version": "1", "target": "x86_64"}"#,
+    )
+    .expect("system.json");
+    for name in ["grubenv", "grubenv.bak"] {
+        let file = dir.join(name);
+        let _ = std::fs::remove_file(&file);
+        for args in [
+            vec!["create".to_string()],
+            vec![
+                "set".into(),
+                format!("BOOT_ORDER={order}"),
+                format!("BOOT_A_LEFT={a_left}"),
+                format!("BOOT_B_LEFT={b_left}"),
+            ],
+        ] {
+            let out = std::process::Command::new("grub-editenv")
+                .arg(&file)
+                .args(&args)
+                .output()
+                .expect("grub-editenv (grub-common, scripts/install-deps) runs");
+            assert!(out.status.success(), "grub-editenv: {}", output_text(&out));
+        }
+    }
+    let p = |name: &str| dir.join(name).to_str().expect("utf-8 path").to_string();
+    format!(
+        "[update]\ntarget = \"x86_64\"\nboot = \"grub\"\nboot-state = [\"{}\", \"{}\"]\n\
+         slots = {{ A = \"{}\", B = \"{}\" }}\ncmdline = \"{}\"\nsystem-file = \"{}\"\n\
+         confirm-file = \"{}\"\nreboot-command = [\"true\"]\n",
+        p("grubenv"),
+        p("grubenv.bak"),
+        p("slot-a"),
+        p("slot-b"),
+        p("cmdline"),
+        p("system.json"),
+        p("confirmed"),
+    )
+}
+
+#[test]
+fn a_rolled_back_system_update_is_in_reported_state_events_and_doctor() {
+    let broker = Mosquitto::start_with(PERSISTENT);
+    let board = tempfile::tempdir().expect("temp dir");
+    let section = ab_board(board.path(), "A B", 3, 3);
+    let setup = Setup::with_config(&broker, &section);
+    let watcher = Watcher::connect(broker.port, "t-system", &topic("reported"));
+    let mut daemon = setup.daemon();
+    let r = reported(&watcher, "slot A, no update yet", |r| {
+        r["system"]["booted-slot"] == "A"
+    });
+    assert_eq!(r["system"]["version"], "1", "{r}");
+    assert!(r["system"]["last-update"].is_null(), "{r}");
+    assert!(r["system"]["error"].is_null(), "{r}");
+    daemon.stop().expect("daemon stops");
+
+    // Slot B was written and armed with version 2, its first boot failed the health check
+    // (the reason is in the journal), it rebooted, and the boot loader came back to A with
+    // B's try used up: the journal and the boot state as the board leaves them.
+    let failure = "health check: workload counter trapped 3 times without handling an event";
+    let journal = json!({
+        "format": 1,
+        "pending": {
+            "phase": "armed", "from": "A", "to": "B", "version": "2", "from-version": "1",
+            "sha256": "0".repeat(64), "size": 4096, "started-ms": 1, "failure": failure,
+        },
+    });
+    let update_dir = daemon.state_dir().join("update");
+    std::fs::create_dir_all(&update_dir).expect("update dir");
+    std::fs::write(update_dir.join("journal.json"), journal.to_string()).expect("journal");
+    ab_board(board.path(), "B A", 3, 0);
+
+    daemon.restart().expect("daemon restarts");
+    let r = reported(&watcher, "the rollback", |r| {
+        r["system"]["last-update"]["result"] == "rolled-back"
+    });
+    let last = &r["system"]["last-update"];
+    assert_eq!(last["version"], "2", "{r}");
+    assert_eq!(last["from-version"], "1", "{r}");
+    assert_eq!(last["slot"], "B", "{r}");
+    assert_eq!(last["reason"], failure, "{r}");
+    assert_eq!(r["system"]["booted-slot"], "A", "{r}");
+    assert!(r["system"]["update-in-progress"].is_null(), "{r}");
+
+    let events = output_text(&daemon.cli(&["events"]));
+    assert!(
+        events.contains("update-rolled-back")
+            && events.contains("(slot B) rolled back: health check: workload counter trapped"),
+        "{events}"
+    );
+    // The boot state: A first and good again, B marked bad.
+    let env = std::process::Command::new("grub-editenv")
+        .arg(board.path().join("grubenv"))
+        .arg("list")
+        .output()
+        .expect("grub-editenv list");
+    let env = String::from_utf8_lossy(&env.stdout);
+    assert!(
+        env.contains("BOOT_ORDER=A B")
+            && env.contains("BOOT_A_LEFT=3")
+            && env.contains("BOOT_B_LEFT=0"),
+        "{env}"
+    );
+    // lichen doctor, with the daemon's state directory in the config, says so too.
+    let doctor_config = setup.key("doctor.toml");
+    std::fs::write(
+        &doctor_config,
+        format!(
+            "state-dir = \"{}\"\n{section}",
+            daemon.state_dir().to_str().expect("utf-8 path")
+        ),
+    )
+    .expect("doctor config");
+    let doctor = output_text(&lichen(&[
+        "doctor",
+        "--config",
+        doctor_config.to_str().expect("utf-8 path"),
+    ]));
+    assert!(
+        doctor.contains("last update") && doctor.contains("update 1 -> 2 (slot B) rolled back"),
+        "{doctor}"
+    );
+}

@@ -14,6 +14,8 @@
 //!   prints its result from `cmd-result/<workload>`.
 //! - `lichen hub bundle --node N FILE --key KEY --out OUT`: the same signed desired state and
 //!   artifacts as a bundle (directory or `.tar`) for `lichen import` on a node with no network.
+//! - `lichen hub update-bundle ROOTFS --system-version V --target T --key KEY --out OUT`: a root
+//!   slot image signed into a system update bundle for `lichen update` (see `crate::update`).
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -50,6 +52,8 @@ pub enum HubCommand {
     /// Write a signed deployment and its artifacts as a bundle for `lichen import` (offline).
     #[command(disable_version_flag = true)]
     Bundle(HubBundleArgs),
+    /// Sign a root slot image into a system update bundle for `lichen update` (A/B boards).
+    UpdateBundle(crate::update::UpdateBundleArgs),
     /// Print nodes' telemetry, events and command results as they arrive.
     Watch(HubWatchArgs),
     /// Send a command to a workload on a node and print its result.
@@ -180,6 +184,7 @@ pub async fn run(command: HubCommand, json: bool) -> Result<ExitCode> {
         HubCommand::Deploy(args) => deploy(args, json).await,
         HubCommand::Status(args) => status(args, json).await,
         HubCommand::Bundle(args) => bundle(args, json),
+        HubCommand::UpdateBundle(args) => crate::update::make_bundle(args, json),
         HubCommand::Watch(args) => watch(args, json).await,
         HubCommand::Send(args) => send(args, json).await,
     }

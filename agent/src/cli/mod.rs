@@ -133,6 +133,8 @@ pub enum Command {
     Doctor(DoctorArgs),
     /// Measure the agent on this host: start-up, event throughput, reload, density.
     Bench(BenchArgs),
+    /// Apply a system update bundle (A/B boards): write the inactive slot, then reboot into it once.
+    Update(crate::update::UpdateArgs),
     /// Verify a deployment bundle (from `lichen hub bundle`) and apply it, with no network.
     Import {
         /// The bundle: a directory or a .tar file.
@@ -284,9 +286,11 @@ pub fn print_doctor(report: &DoctorReport, json: bool) {
 async fn execute(command: Command, socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let client = Client::new(socket.to_path_buf());
     match command {
-        Command::Run(_) | Command::Bench(_) | Command::Hub { .. } => Err(anyhow!(
-            "`run`, `bench` and `hub` are not client verbs; the binary runs them itself"
-        )),
+        Command::Run(_) | Command::Bench(_) | Command::Hub { .. } | Command::Update(_) => {
+            Err(anyhow!(
+                "`run`, `bench`, `hub` and `update` are not client verbs; the binary runs them itself"
+            ))
+        }
         Command::Deploy { file } => deploy(&client, &file, json).await,
         Command::Import { bundle } => hub::import(&client, &bundle, json).await,
         Command::Ps => {

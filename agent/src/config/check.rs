@@ -55,6 +55,11 @@ impl AgentConfig {
         if let Some(kubeedge) = &self.kubeedge {
             kubeedge.check()?;
         }
+        if let Some(update) = &self.update {
+            update
+                .validate()
+                .map_err(|e| error(&format!("update.{}", e.field), e.reason))?;
+        }
         Ok(())
     }
 

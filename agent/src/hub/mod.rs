@@ -178,8 +178,13 @@ pub struct HubLink {
 }
 
 impl HubLink {
-    /// Starts the session and the bridge for `agent` as `[hub]` says.
-    pub async fn start(agent: Agent, hub: &HubSection) -> Result<Self> {
+    /// Starts the session and the bridge for `agent` as `[hub]` says; `system` (A/B boards)
+    /// adds the system's slots and last update to reported state.
+    pub async fn start(
+        agent: Agent,
+        hub: &HubSection,
+        system: Option<crate::update::SystemSource>,
+    ) -> Result<Self> {
         let mut config = section_session_config(hub).context("invalid [hub] section")?;
         let keys = hub
             .trusted_keys
@@ -250,6 +255,7 @@ impl HubLink {
             answered,
             commands,
             last_seen: String::new(),
+            system,
         };
         tracing::info!(url = %hub.url, node = %hub.node_id, "connecting to the hub");
         let session = tokio::spawn(session.run());
@@ -317,6 +323,8 @@ struct Bridge {
     commands: commands::Commands,
     /// What the last reported state said of the deployment and workloads, to notice changes.
     last_seen: String,
+    /// The A/B system (slots, last update), on boards with `[update]`.
+    system: Option<crate::update::SystemSource>,
 }
 
 /// The hub version of the desired state applied last (0 before the first).

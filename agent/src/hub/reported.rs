@@ -26,6 +26,10 @@ impl Bridge {
                 seen.push_str(&format!("|{digest}:{held}"));
             }
         }
+        if let Some(system) = &self.system {
+            seen.push('|');
+            seen.push_str(&system.fingerprint());
+        }
         for w in self.agent.ps().await {
             seen.push_str(&format!(
                 "|{}:{}:{}",
@@ -65,6 +69,7 @@ impl Bridge {
                 "INSECURE: hub.insecure-dev is set, deployments are applied without a valid signature"
             ),
             "applied-version": (applied > 0).then_some(applied),
+            "system": self.system.as_ref().map(crate::update::SystemSource::reported),
             "deployment": deployment.map(|d| json!({
                 "local-version": d.version,
                 "source": d.source_name,

@@ -1,0 +1,747 @@
+//! Update bundles: a root slot image with a signed manifest, in one tar file.
+//!
+//! ```text
+//! manifest.json   {"format": "lichen-update-v1", "version": "2", "target": "x86_64",
+//!                  "image": {"size": 31457280, "sha256": "<hex>", "fs": "squashfs"}}
+//! manifest.sig    {"key-id": "<16 hex>", "signature": "<base64 ed25519 signature>"}
+//! rootfs.img      the image, `size` bytes
+//! ```
+//!
+//! in that order. The signature covers `lichen-update-v1\n` followed by the exact bytes of
+//! `manifest.json`; the manifest names the image by size and sha256, so one signature covers
+//! everything. [`open_verified`] checks, before anything is written: the members and their
+//! order, the signature (through a [`Verifier`]: the node's trusted keys), the manifest's
+//! fields, the target, that the file really holds `size` bytes of image, and the image's
+//! sha256 (read once in full). Only then may a slot be written ([`crate::writer`]), and the
+//! slot writer hashes again as it writes and once more reading back.
+//!
+//! The signing and verifying code is not here: the agent passes its own (the same ed25519
+//! keys and formats as its deployments) through [`Signer`] and [`Verifier`].
+
+use std::fs::File;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::slot::{is_sha256_hex, valid_name};
+
+/// `format` of the manifests this crate reads and writes.
+pub const FORMAT: &str = "lichen-update-v1";
+/// Domain separation of the signed bytes.
+pub const SIGNATURE_CONTEXT: &[u8] = b"lichen-update-v1\n";
+/// Largest `manifest.json`.
+pub const MAX_MANIFEST: u64 = 64 * 1024;
+/// Largest `manifest.sig`.
+pub const MAX_SIGNATURE: u64 = 4 * 1024;
+/// Largest root image a bundle may carry (a slot is also checked for room).
+pub const MAX_IMAGE: u64 = 16 << 30;
+/// The file system a slot image must be.
+pub const IMAGE_FS: &str = "squashfs";
+/// Member names, in order.
+pub const MEMBERS: [&str; 3] = ["manifest.json", "manifest.sig", "rootfs.img"];
+
+/// `manifest.json`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Manifest {
+    /// [`FORMAT`].
+    pub format: String,
+    /// The system version the image holds.
+    pub version: String,
+    /// The target it is for (`update.target` of the nodes that take it).
+    pub target: String,
+    /// The image.
+    pub image: ImageInfo,
+}
+
+/// The image a manifest names.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageInfo {
+    /// Its size in bytes.
+    pub size: u64,
+    /// Its sha256, 64 lowercase hex digits.
+    pub sha256: String,
+    /// Its file system ([`IMAGE_FS`]).
+    pub fs: String,
+}
+
+/// `manifest.sig`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleSignature {
+    /// Id of the signing key (as deployments name keys).
+    #[serde(rename = "key-id", default)]
+    pub key_id: Option<String>,
+    /// The signature, base64.
+    pub signature: String,
+}
+
+/// Checks a bundle's signature: the node's trusted keys.
+pub trait Verifier {
+    /// Checks `signature` over `message`; returns the id of the trusted key that made it, or
+    /// why it is not acceptable.
+    fn verify(&self, message: &[u8], signature: &BundleSignature) -> Result<String, String>;
+}
+
+/// Signs a bundle's manifest: the operator's publisher key.
+pub trait Signer {
+    /// Signs `message`.
+    fn sign(&self, message: &[u8]) -> Result<BundleSignature, String>;
+}
+
+/// The bytes a signature covers.
+pub fn signed_message(manifest_json: &[u8]) -> Vec<u8> {
+    let mut message = SIGNATURE_CONTEXT.to_vec();
+    message.extend_from_slice(manifest_json);
+    message
+}
+
+/// What is wrong with a bundle. Each says which part and why; none has changed anything.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// The file cannot be read.
+    #[error("cannot read bundle {path}: {source}")]
+    Io {
+        /// The bundle.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// Not a tar file, or a damaged one.
+    #[error("bundle {path} is not a readable tar file: {reason}")]
+    NotTar {
+        /// The bundle.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The members are not the three expected, in order.
+    #[error("bundle {path}: member {index} is {found}, expected {expected}")]
+    Members {
+        /// The bundle.
+        path: PathBuf,
+        /// 1-based position.
+        index: usize,
+        /// What was found (or "the end of the file").
+        found: String,
+        /// What was expected.
+        expected: &'static str,
+    },
+    /// No signature.
+    #[error(
+        "bundle {path} is unsigned (it has no manifest.sig): this node takes only bundles signed by a trusted key"
+    )]
+    Unsigned {
+        /// The bundle.
+        path: PathBuf,
+    },
+    /// The signature does not verify.
+    #[error("bundle {path}: {reason}")]
+    BadSignature {
+        /// The bundle.
+        path: PathBuf,
+        /// Why (from the verifier).
+        reason: String,
+    },
+    /// A member is larger than its bound.
+    #[error("bundle {path}: {member} is {size} bytes, more than the {max} allowed")]
+    TooLarge {
+        /// The bundle.
+        path: PathBuf,
+        /// The member.
+        member: &'static str,
+        /// Its size.
+        size: u64,
+        /// The bound.
+        max: u64,
+    },
+    /// A manifest field is missing or invalid.
+    #[error("bundle {path}: manifest field {field}: {reason}")]
+    Field {
+        /// The bundle.
+        path: PathBuf,
+        /// The field (`version`, `image.sha256`, ...).
+        field: &'static str,
+        /// Why.
+        reason: String,
+    },
+    /// Built for another target.
+    #[error("bundle {path} is for target {bundle:?}; this node is {node:?} (update.target)")]
+    WrongTarget {
+        /// The bundle.
+        path: PathBuf,
+        /// The bundle's target.
+        bundle: String,
+        /// The node's.
+        node: String,
+    },
+    /// The file ends before the image does.
+    #[error(
+        "bundle {path} is truncated: rootfs.img should hold {expected} bytes, the file has {available}"
+    )]
+    Truncated {
+        /// The bundle.
+        path: PathBuf,
+        /// Bytes the manifest names.
+        expected: u64,
+        /// Bytes there.
+        available: u64,
+    },
+    /// The image is not what the manifest signed.
+    #[error(
+        "bundle {path}: rootfs.img has sha256 {found}, the signed manifest says {expected} (damaged or tampered)"
+    )]
+    ImageHash {
+        /// The bundle.
+        path: PathBuf,
+        /// From the manifest.
+        expected: String,
+        /// Computed.
+        found: String,
+    },
+    /// Signing failed (making a bundle).
+    #[error("cannot sign the bundle: {0}")]
+    Sign(String),
+}
+
+/// A bundle whose manifest, signature, target and image have been checked.
+#[derive(Debug, Clone)]
+pub struct VerifiedBundle {
+    /// The bundle file.
+    pub path: PathBuf,
+    /// Its manifest.
+    pub manifest: Manifest,
+    /// The trusted key that signed it.
+    pub signer: String,
+    /// Where the image's bytes start in the file.
+    image_offset: u64,
+}
+
+impl VerifiedBundle {
+    /// A reader of exactly the image's bytes (the slot writer hashes them again).
+    pub fn image(&self) -> Result<impl Read + use<>, BundleError> {
+        let io = |source| BundleError::Io {
+            path: self.path.clone(),
+            source,
+        };
+        let mut file = File::open(&self.path).map_err(io)?;
+        file.seek(SeekFrom::Start(self.image_offset)).map_err(io)?;
+        Ok(file.take(self.manifest.image.size))
+    }
+}
+
+/// Reads and checks a bundle for a node of `target` (see the module docs). Reads at most
+/// the bounded manifest and signature into memory; the image is streamed.
+pub fn open_verified(
+    path: &Path,
+    target: &str,
+    verifier: &dyn Verifier,
+) -> Result<VerifiedBundle, BundleError> {
+    let io = |source| BundleError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(BundleError::NotTar {
+            path: path.to_path_buf(),
+            reason: "it is not a regular file".into(),
+        });
+    }
+    let file_len = meta.len();
+    let not_tar = |e: std::io::Error| BundleError::NotTar {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let mut archive = tar::Archive::new(file);
+    let mut entries = archive.entries().map_err(not_tar)?;
+    let mut next = |index: usize| -> Result<Option<tar::Entry<'_, File>>, BundleError> {
+        match entries.next() {
+            None => Ok(None),
+            Some(Err(e)) => Err(BundleError::NotTar {
+                path: path.to_path_buf(),
+                reason: format!("member {index}: {e}"),
+            }),
+            Some(Ok(entry)) => Ok(Some(entry)),
+        }
+    };
+    let name_of = |entry: &tar::Entry<'_, File>| -> String {
+        let name = entry
+            .path()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "a member with an unreadable name".into());
+        name.trim_start_matches("./").chars().take(100).collect()
+    };
+    let members_error =
+        |index: usize, found: String, expected: &'static str| BundleError::Members {
+            path: path.to_path_buf(),
+            index,
+            found,
+            expected,
+        };
+
+    // 1. manifest.json, bounded.
+    let Some(mut entry) = next(1)? else {
+        return Err(members_error(1, "the end of the file".into(), MEMBERS[0]));
+    };
+    let name = name_of(&entry);
+    if name != MEMBERS[0] || !entry.header().entry_type().is_file() {
+        return Err(members_error(1, format!("{name:?}"), MEMBERS[0]));
+    }
+    let manifest_bytes = read_member(&mut entry, path, "manifest.json", MAX_MANIFEST)?;
+
+    // 2. manifest.sig, bounded; its absence is an unsigned bundle.
+    let Some(mut entry) = next(2)? else {
+        return Err(BundleError::Unsigned {
+            path: path.to_path_buf(),
+        });
+    };
+    let name = name_of(&entry);
+    if name == MEMBERS[2] {
+        return Err(BundleError::Unsigned {
+            path: path.to_path_buf(),
+        });
+    }
+    if name != MEMBERS[1] || !entry.header().entry_type().is_file() {
+        return Err(members_error(2, format!("{name:?}"), MEMBERS[1]));
+    }
+    let sig_bytes = read_member(&mut entry, path, "manifest.sig", MAX_SIGNATURE)?;
+    let signature: BundleSignature =
+        serde_json::from_slice(&sig_bytes).map_err(|e| BundleError::BadSignature {
+            path: path.to_path_buf(),
+            reason: format!("manifest.sig is not a signature record: {e}"),
+        })?;
+    let signer = verifier
+        .verify(&signed_message(&manifest_bytes), &signature)
+        .map_err(|reason| BundleError::BadSignature {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+
+    // The manifest is signed: now its fields.
+    let manifest = parse_manifest(path, &manifest_bytes)?;
+    if manifest.target != target {
+        return Err(BundleError::WrongTarget {
+            path: path.to_path_buf(),
+            bundle: manifest.target,
+            node: target.to_string(),
+        });
+    }
+
+    // 3. rootfs.img: the size the manifest names, all of it in the file.
+    let Some(entry) = next(3)? else {
+        return Err(members_error(3, "the end of the file".into(), MEMBERS[2]));
+    };
+    let name = name_of(&entry);
+    if name != MEMBERS[2] || !entry.header().entry_type().is_file() {
+        return Err(members_error(3, format!("{name:?}"), MEMBERS[2]));
+    }
+    let declared = entry.header().size().map_err(not_tar)?;
+    if declared != manifest.image.size {
+        return Err(BundleError::Field {
+            path: path.to_path_buf(),
+            field: "image.size",
+            reason: format!(
+                "the manifest says {} bytes, the rootfs.img member holds {declared}",
+                manifest.image.size
+            ),
+        });
+    }
+    let image_offset = entry.raw_file_position();
+    let available = file_len.saturating_sub(image_offset);
+    if available < manifest.image.size {
+        return Err(BundleError::Truncated {
+            path: path.to_path_buf(),
+            expected: manifest.image.size,
+            available,
+        });
+    }
+    drop(entry);
+    if let Some(extra) = next(4)? {
+        return Err(members_error(
+            4,
+            format!("{:?}", name_of(&extra)),
+            "the end of the file",
+        ));
+    }
+
+    let bundle = VerifiedBundle {
+        path: path.to_path_buf(),
+        manifest,
+        signer,
+        image_offset,
+    };
+    // The image in full, before anything is written.
+    let mut hasher = Sha256::new();
+    let mut image = bundle.image()?;
+    let copied = std::io::copy(&mut image, &mut HashWriter(&mut hasher)).map_err(io)?;
+    if copied != bundle.manifest.image.size {
+        return Err(BundleError::Truncated {
+            path: path.to_path_buf(),
+            expected: bundle.manifest.image.size,
+            available: copied,
+        });
+    }
+    let found = hex::encode(hasher.finalize());
+    if found != bundle.manifest.image.sha256 {
+        return Err(BundleError::ImageHash {
+            path: path.to_path_buf(),
+            expected: bundle.manifest.image.sha256.clone(),
+            found,
+        });
+    }
+    Ok(bundle)
+}
+
+fn read_member(
+    entry: &mut tar::Entry<'_, File>,
+    path: &Path,
+    member: &'static str,
+    max: u64,
+) -> Result<Vec<u8>, BundleError> {
+    let size = entry.header().size().unwrap_or(u64::MAX);
+    if size > max {
+        return Err(BundleError::TooLarge {
+            path: path.to_path_buf(),
+            member,
+            size,
+            max,
+        });
+    }
+    let mut bytes = Vec::with_capacity(size as usize);
+    entry
+        .take(max)
+        .read_to_end(&mut bytes)
+        .map_err(|source| BundleError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    if (bytes.len() as u64) < size {
+        return Err(BundleError::Truncated {
+            path: path.to_path_buf(),
+            expected: size,
+            available: bytes.len() as u64,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Parses and checks a manifest's fields.
+pub fn parse_manifest(path: &Path, bytes: &[u8]) -> Result<Manifest, BundleError> {
+    let field = |field, reason: String| BundleError::Field {
+        path: path.to_path_buf(),
+        field,
+        reason,
+    };
+    let manifest: Manifest =
+        serde_json::from_slice(bytes).map_err(|e| field("(document)", e.to_string()))?;
+    if manifest.format != FORMAT {
+        return Err(field(
+            "format",
+            format!("{:?}; this node reads {FORMAT:?}", manifest.format),
+        ));
+    }
+    if !valid_name(&manifest.version) {
+        return Err(field(
+            "version",
+            format!(
+                "{:?} is not 1-64 letters, digits and . _ + -",
+                manifest.version
+            ),
+        ));
+    }
+    if !valid_name(&manifest.target) {
+        return Err(field(
+            "target",
+            format!(
+                "{:?} is not 1-64 letters, digits and . _ + -",
+                manifest.target
+            ),
+        ));
+    }
+    if manifest.image.size == 0 || manifest.image.size > MAX_IMAGE {
+        return Err(field(
+            "image.size",
+            format!(
+                "{} bytes; an image is 1 byte to {MAX_IMAGE}",
+                manifest.image.size
+            ),
+        ));
+    }
+    if !is_sha256_hex(&manifest.image.sha256) {
+        return Err(field(
+            "image.sha256",
+            "not 64 lowercase hex digits".to_string(),
+        ));
+    }
+    if manifest.image.fs != IMAGE_FS {
+        return Err(field(
+            "image.fs",
+            format!("{:?}; a slot holds {IMAGE_FS:?}", manifest.image.fs),
+        ));
+    }
+    Ok(manifest)
+}
+
+/// Writes a bundle of `image` for `target` at `version`, signed by `signer`, to `out`.
+/// Returns its manifest.
+pub fn write_bundle(
+    out: &Path,
+    version: &str,
+    target: &str,
+    image: &Path,
+    signer: &dyn Signer,
+) -> Result<Manifest, BundleError> {
+    let io = |path: &Path, source| BundleError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = File::open(image).map_err(|e| io(image, e))?;
+    let mut hasher = Sha256::new();
+    let size = std::io::copy(&mut file, &mut HashWriter(&mut hasher)).map_err(|e| io(image, e))?;
+    let manifest = Manifest {
+        format: FORMAT.into(),
+        version: version.into(),
+        target: target.into(),
+        image: ImageInfo {
+            size,
+            sha256: hex::encode(hasher.finalize()),
+            fs: IMAGE_FS.into(),
+        },
+    };
+    let manifest_bytes =
+        serde_json::to_vec_pretty(&manifest).expect("a manifest always serialises");
+    // The same checks a node makes, so a bad version or target fails here, not on a board.
+    parse_manifest(out, &manifest_bytes)?;
+    let signature = signer
+        .sign(&signed_message(&manifest_bytes))
+        .map_err(BundleError::Sign)?;
+    let sig_bytes = serde_json::to_vec_pretty(&signature).expect("a signature serialises");
+
+    let tmp = out.with_extension("partial");
+    let result = (|| -> std::io::Result<()> {
+        let writer = File::create(&tmp)?;
+        let mut builder = tar::Builder::new(writer);
+        builder.mode(tar::HeaderMode::Deterministic);
+        for (name, bytes) in [(MEMBERS[0], &manifest_bytes), (MEMBERS[1], &sig_bytes)] {
+            let mut header = tar::Header::new_ustar();
+            header.set_size(bytes.len() as u64);
+            header.set_mode(0o644);
+            header.set_mtime(0);
+            builder.append_data(&mut header, name, bytes.as_slice())?;
+        }
+        let mut header = tar::Header::new_ustar();
+        header.set_size(size);
+        header.set_mode(0o644);
+        header.set_mtime(0);
+        let mut image_file = File::open(image)?;
+        builder.append_data(&mut header, MEMBERS[2], &mut image_file)?;
+        let writer = builder.into_inner()?;
+        writer.sync_all()?;
+        std::fs::rename(&tmp, out)
+    })();
+    if let Err(source) = result {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(io(out, source));
+    }
+    Ok(manifest)
+}
+
+/// Feeds written bytes to a hasher.
+struct HashWriter<'a>(&'a mut Sha256);
+
+impl std::io::Write for HashWriter<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.update(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
+
+    /// An ed25519 key in the tests (the agent passes its own signer and verifier).
+    pub(crate) struct TestKey(pub Ed25519KeyPair);
+
+    impl TestKey {
+        pub(crate) fn new() -> TestKey {
+            let rng = ring::rand::SystemRandom::new();
+            let pkcs8 = Ed25519KeyPair::generate_pkcs8(&rng).unwrap();
+            TestKey(Ed25519KeyPair::from_pkcs8(pkcs8.as_ref()).unwrap())
+        }
+        fn id(&self) -> String {
+            hex::encode(&self.0.public_key().as_ref()[..8])
+        }
+    }
+
+    impl Signer for TestKey {
+        fn sign(&self, message: &[u8]) -> Result<BundleSignature, String> {
+            Ok(BundleSignature {
+                key_id: Some(self.id()),
+                signature: hex::encode(self.0.sign(message).as_ref()),
+            })
+        }
+    }
+
+    impl Verifier for TestKey {
+        fn verify(&self, message: &[u8], sig: &BundleSignature) -> Result<String, String> {
+            if sig.key_id.as_deref() != Some(&self.id()) {
+                return Err(format!(
+                    "signed by key {:?}, which is not trusted",
+                    sig.key_id
+                ));
+            }
+            let bytes = hex::decode(&sig.signature).map_err(|e| e.to_string())?;
+            UnparsedPublicKey::new(&ED25519, self.0.public_key().as_ref())
+                .verify(message, &bytes)
+                .map_err(|_| "bad signature".to_string())?;
+            Ok(self.id())
+        }
+    }
+
+    pub(crate) fn image(dir: &Path, size: usize) -> PathBuf {
+        let path = dir.join("rootfs.img");
+        let bytes: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+        std::fs::write(&path, bytes).unwrap();
+        path
+    }
+
+    #[test]
+    fn a_written_bundle_verifies_and_streams_its_image() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = TestKey::new();
+        let img = image(dir.path(), 300_000);
+        let out = dir.path().join("v2.lub");
+        let manifest = write_bundle(&out, "2", "x86_64", &img, &key).unwrap();
+        assert_eq!(manifest.image.size, 300_000);
+        let bundle = open_verified(&out, "x86_64", &key).unwrap();
+        assert_eq!(bundle.manifest, manifest);
+        let mut bytes = Vec::new();
+        bundle.image().unwrap().read_to_end(&mut bytes).unwrap();
+        assert_eq!(bytes, std::fs::read(&img).unwrap());
+    }
+
+    #[test]
+    fn bad_bundles_are_refused_naming_what_is_wrong() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = TestKey::new();
+        let other = TestKey::new();
+        let img = image(dir.path(), 100_000);
+        let good = dir.path().join("good.lub");
+        write_bundle(&good, "2", "x86_64", &img, &key).unwrap();
+
+        let err = open_verified(&good, "arm64", &key).unwrap_err().to_string();
+        assert!(
+            err.contains("target \"x86_64\"") && err.contains("\"arm64\""),
+            "{err}"
+        );
+
+        let wrong_key = dir.path().join("wrong-key.lub");
+        write_bundle(&wrong_key, "2", "x86_64", &img, &other).unwrap();
+        let err = open_verified(&wrong_key, "x86_64", &key)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not trusted"), "{err}");
+
+        let bytes = std::fs::read(&good).unwrap();
+        let truncated = dir.path().join("truncated.lub");
+        std::fs::write(&truncated, &bytes[..bytes.len() - 60_000]).unwrap();
+        let err = open_verified(&truncated, "x86_64", &key)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("truncated"), "{err}");
+
+        // One image byte flipped: the signature holds, the hash does not.
+        let mut tampered = bytes.clone();
+        let at = tampered.len() - 70_000;
+        tampered[at] ^= 1;
+        let path = dir.path().join("tampered.lub");
+        std::fs::write(&path, &tampered).unwrap();
+        let err = open_verified(&path, "x86_64", &key)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("sha256") && err.contains("tampered"), "{err}");
+
+        // Without manifest.sig.
+        let unsigned = dir.path().join("unsigned.lub");
+        let mut builder = tar::Builder::new(File::create(&unsigned).unwrap());
+        for name in ["manifest.json", "rootfs.img"] {
+            let data = std::fs::read(if name == "rootfs.img" { &img } else { &good }).unwrap();
+            let mut header = tar::Header::new_ustar();
+            header.set_size(data.len() as u64);
+            builder
+                .append_data(&mut header, name, data.as_slice())
+                .unwrap();
+        }
+        builder.finish().unwrap();
+        let err = open_verified(&unsigned, "x86_64", &key)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("unsigned"), "{err}");
+
+        let err = open_verified(&img, "x86_64", &key).unwrap_err().to_string();
+        assert!(err.contains("member 1") || err.contains("tar"), "{err}");
+    }
+
+    #[test]
+    fn manifest_fields_are_checked_by_name() {
+        let p = Path::new("b.lub");
+        let doc = |version: &str, size: u64, sha: &str, fs: &str| {
+            format!(
+                r#"{{"format":"lichen-update-v1","version":"{version}","target":"x86_64","image":{{"size":{size},"sha256":"{sha}","fs":"{fs}"}}}}"#
+            )
+        };
+        let sha = "a".repeat(64);
+        for (text, field) in [
+            (doc("../../x", 1, &sha, "squashfs"), "version"),
+            (doc("2", 0, &sha, "squashfs"), "image.size"),
+            (doc("2", 1, "xyz", "squashfs"), "image.sha256"),
+            (doc("2", 1, &sha, "ext4"), "image.fs"),
+            (
+                doc("2", 1, &sha, "squashfs").replace("lichen-update-v1", "v0"),
+                "format",
+            ),
+        ] {
+            let err = parse_manifest(p, text.as_bytes()).unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("manifest field {field}:")),
+                "{field}: {err}"
+            );
+        }
+        assert!(parse_manifest(p, doc("2.0-rc1", 1, &sha, "squashfs").as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn oversized_members_are_refused_before_reading_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let key = TestKey::new();
+        let path = dir.path().join("big.lub");
+        let mut builder = tar::Builder::new(File::create(&path).unwrap());
+        let mut header = tar::Header::new_ustar();
+        header.set_size(MAX_MANIFEST + 1);
+        builder
+            .append_data(
+                &mut header,
+                "manifest.json",
+                std::io::repeat(b' ').take(MAX_MANIFEST + 1),
+            )
+            .unwrap();
+        builder.finish().unwrap();
+        let err = open_verified(&path, "x86_64", &key)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("manifest.json") && err.contains("65536"),
+            "{err}"
+        );
+    }
+}
