@@ -141,20 +141,9 @@ impl PublisherKey {
     fn load(path: &Path) -> Result<PublisherKey> {
         let bytes = std::fs::read(path)
             .with_context(|| format!("cannot read key file {}", path.display()))?;
-        let der = match std::str::from_utf8(&bytes) {
-            Ok(text) if text.contains("-----BEGIN PRIVATE KEY-----") => {
-                let body = text
-                    .split("-----BEGIN PRIVATE KEY-----")
-                    .nth(1)
-                    .and_then(|rest| rest.split("-----END PRIVATE KEY-----").next())
-                    .with_context(|| {
-                        format!("{}: no -----END PRIVATE KEY----- line", path.display())
-                    })?;
-                base64_decode(body)
-                    .with_context(|| format!("{}: the PEM body is not base64", path.display()))?
-            }
-            _ => bytes,
-        };
+        // The same PEM or DER forms `lichen hub keygen` writes and deployments are signed with.
+        let der = crate::hub::signing::pem_or_der(&bytes)
+            .with_context(|| format!("{}: not a PKCS#8 private key", path.display()))?;
         let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der).map_err(|e| {
             anyhow!(
                 "{} is not an ed25519 PKCS#8 private key: {e}",

@@ -175,7 +175,7 @@ pub fn base64_decode(text: &str) -> Result<Vec<u8>> {
 
 /// The DER of a PKCS#8 private key given as PEM (`PRIVATE KEY`) or as DER (which starts with a
 /// SEQUENCE tag, 0x30).
-fn pem_or_der(bytes: &[u8]) -> Result<Vec<u8>> {
+pub fn pem_or_der(bytes: &[u8]) -> Result<Vec<u8>> {
     if bytes.first() == Some(&0x30) {
         return Ok(bytes.to_vec());
     }
