@@ -754,31 +754,31 @@ mod tests {
     fn the_hand_encoded_modules_are_the_wat_they_document() {
         let hello = wat::parse_str(
             r#"(module
-                (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
+                (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
                 (memory (export "memory") 1)
                 (data (i32.const 16) "lichen pod ready\n")
                 (func (export "_start")
                   (i32.store (i32.const 0) (i32.const 16))
                   (i32.store (i32.const 4) (i32.const 17))
-                  (drop (call $fd_write (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#,
+                  (drop (call 0 (i32.const 1) (i32.const 0) (i32.const 1) (i32.const 8)))))"#,
         )
         .unwrap();
         let sleeper = wat::parse_str(
             r#"(module
-                (import "wasi_snapshot_preview1" "fd_write" (func $fd_write (param i32 i32 i32 i32) (result i32)))
-                (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+                (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
+                (import "wasi_snapshot_preview1" "poll_oneoff" (func (param i32 i32 i32 i32) (result i32)))
                 (memory (export "memory") 1)
                 (data (i32.const 200) "lichen pod sleeping\n")
                 (func (export "_start")
                   (i32.store (i32.const 100) (i32.const 200))
                   (i32.store (i32.const 104) (i32.const 20))
-                  (drop (call $fd_write (i32.const 1) (i32.const 100) (i32.const 1) (i32.const 108)))
+                  (drop (call 0 (i32.const 1) (i32.const 100) (i32.const 1) (i32.const 108)))
                   (i32.store8 (i32.const 8) (i32.const 0))
                   (i32.store (i32.const 16) (i32.const 1))
                   (i64.store (i32.const 24) (i64.const 1000000000))
-                  (loop $forever
-                    (drop (call $poll (i32.const 0) (i32.const 304) (i32.const 1) (i32.const 400)))
-                    (br $forever))))"#,
+                  (loop
+                    (drop (call 1 (i32.const 0) (i32.const 304) (i32.const 1) (i32.const 400)))
+                    (br 0))))"#,
         )
         .unwrap();
         assert_eq!(HELLO_WASM, hello.as_slice());
