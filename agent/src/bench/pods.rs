@@ -7,7 +7,9 @@
 //! - pod start to first output: from spawning `ctr run --rm` to the first line on its stdout,
 //!   with Lichen's shim (`io.containerd.lichen.v1`, the Wasm module precompiled and cached by
 //!   a warm-up run) and with `containerd-shim-runc-v2` (busybox `echo`); then the ratio;
-//! - what `ctr` alone costs (`ctr task ls` against the same containerd): the floor under both;
+//! - what `ctr` alone costs (`ctr task ls` against the same containerd) and what creating the
+//!   container costs before any runtime is involved (`ctr containers create`: snapshot and
+//!   metadata): the part of both figures that is containerd's own;
 //! - memory per extra pod, as PSS (`/proc/PID/smaps_rollup`): the resident agent's growth with
 //!   `--count` long-running Wasm pods, divided by the count, vs the runc shim process plus the
 //!   container's process of each busybox `sleep` pod.
@@ -108,6 +110,7 @@ struct Figures {
     lichen_exit: Samples,
     runc_exit: Samples,
     ctr_alone: Samples,
+    create: Samples,
     lichen_first: Duration,
     lichen_pss_per_pod: i64,
     lichen_rss_per_pod: i64,
@@ -156,8 +159,8 @@ fn measure(dir: &Path, rounds: usize, pods: usize) -> Result<Vec<String>> {
     let (lichen_first, _) = lichen_run("warm-lichen")?;
     runc_run("warm-runc")?;
 
-    let (mut lichen, mut runc, mut lichen_exit, mut runc_exit, mut ctr_alone) =
-        (vec![], vec![], vec![], vec![], vec![]);
+    let (mut lichen, mut runc, mut lichen_exit, mut runc_exit, mut ctr_alone, mut create) =
+        (vec![], vec![], vec![], vec![], vec![], vec![]);
     for round in 0..rounds {
         let (first, exit) = lichen_run(&format!("lichen-{round}"))?;
         lichen.push(first);
@@ -168,6 +171,11 @@ fn measure(dir: &Path, rounds: usize, pods: usize) -> Result<Vec<String>> {
         let start = Instant::now();
         ctrd.ctr_ok(&["task", "ls"])?;
         ctr_alone.push(start.elapsed());
+        let id = format!("create-{round}");
+        let start = Instant::now();
+        ctrd.ctr_ok(&["containers", "create", HELLO_IMAGE, &id])?;
+        create.push(start.elapsed());
+        ctrd.ctr_ok(&["containers", "delete", &id])?;
     }
 
     let (lichen_pss_per_pod, lichen_rss_per_pod) = lichen_memory(&ctrd, &agent, pods)?;
@@ -178,6 +186,7 @@ fn measure(dir: &Path, rounds: usize, pods: usize) -> Result<Vec<String>> {
         lichen_exit: Samples::new(lichen_exit),
         runc_exit: Samples::new(runc_exit),
         ctr_alone: Samples::new(ctr_alone),
+        create: Samples::new(create),
         lichen_first,
         lichen_pss_per_pod,
         lichen_rss_per_pod,
@@ -308,6 +317,12 @@ fn report(f: &Figures, rounds: usize) -> Vec<String> {
     table.row(
         "`ctr task ls` alone (ctr's own cost)",
         p(&f.ctr_alone),
+        "-",
+        "-",
+    );
+    table.row(
+        "`ctr containers create` alone (snapshot + metadata: containerd's, same for both)",
+        p(&f.create),
         "-",
         "-",
     );
