@@ -17,6 +17,10 @@
 //! It needs `containerd`, `ctr`, `containerd-shim-runc-v2`, `runc` and a static `busybox` on
 //! `PATH`, and `containerd-shim-lichen-v1` beside the `lichen` binary or on `PATH`
 //! (`cargo build -p lichen-shim`); it runs as root (containerd does).
+//!
+//! Longer than ~600 lines because it holds the whole fixture a pod figure needs (the agent and
+//! containerd processes, `ctr` calls, an OCI image builder, two hand-encoded modules); it
+//! splits into `pods/{harness,image}.rs` when a second containerd benchmark needs them.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
