@@ -12,6 +12,7 @@
 //! | `size` | the binary's size, and the static release binaries' if built |
 //! | `sync` | hub link: durable outbox ingest, drain and catch-up against Mosquitto, bytes written per record, records lost across broker restarts + `kill -9` |
 //! | `isolation` | one trivial workload as Wasm, crun, runc and a QEMU microVM: start-to-ready p50/p99, PSS per instance, instances per 512 MiB |
+//! | `pods` | under a containerd of its own: `ctr run` to first output, Lichen's shim vs runc's, and memory per extra pod |
 //!
 //! `lichen bench` alone runs every group in its own child process (`startup`,
 //! `density,dispatch`, `reload`, `idle`, `devices`, `size`), so each RSS figure starts from a fresh
@@ -24,6 +25,7 @@ mod devices;
 mod idle;
 mod isolation;
 pub mod json;
+mod pods;
 mod reload;
 mod size;
 mod startup;
@@ -43,7 +45,7 @@ use crate::metrics::Gauges;
 use crate::supervisor::Agent;
 
 /// Every benchmark, in the order `lichen bench` runs them.
-pub const BENCHMARKS: [&str; 9] = [
+pub const BENCHMARKS: [&str; 10] = [
     "startup",
     "density",
     "dispatch",
@@ -53,10 +55,11 @@ pub const BENCHMARKS: [&str; 9] = [
     "size",
     "isolation",
     "sync",
+    "pods",
 ];
 
 /// How `lichen bench` without WHAT splits the benchmarks into child processes.
-const GROUPS: [&str; 8] = [
+const GROUPS: [&str; 9] = [
     "startup",
     "density,dispatch",
     "reload",
@@ -65,6 +68,7 @@ const GROUPS: [&str; 8] = [
     "size",
     "isolation",
     "sync",
+    "pods",
 ];
 
 /// The line after which a run prints its summary lines.
@@ -308,6 +312,10 @@ async fn run_selected(selected: &[&str], args: &BenchArgs) -> Result<()> {
     if has("sync") {
         let result = async { sync::run(&dirs.fresh("sync")?, args).await }.await;
         outcome("sync", result);
+    }
+    if has("pods") {
+        let result = async { pods::run(&dirs.fresh("pods")?, args).await }.await;
+        outcome("pods", result);
     }
     if json::enabled() {
         let document = json::Document {
