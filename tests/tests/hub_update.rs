@@ -479,3 +479,40 @@ fn bad_pushed_updates_change_nothing_and_name_the_field() {
         "the refused bundle is not kept"
     );
 }
+
+#[test]
+fn an_offline_bundle_naming_a_system_update_is_refused_and_changes_nothing() {
+    let broker = Mosquitto::start_with(PERSISTENT);
+    let board = Board::new(&broker);
+    let watcher = Watcher::connect(broker.port, "t-import", &topic("reported"));
+    let daemon = board.daemon();
+    reported(&watcher, "slot A", |r| r["system"]["booted-slot"] == "A");
+    let (_, bundle) = board.bundle("2", 10 * 1024);
+    let bytes = std::fs::read(&bundle).expect("bundle");
+    let message: Value = serde_json::from_str(&desired_message(
+        &board,
+        2,
+        describe(&bytes, "2"),
+        "trusted",
+    ))
+    .expect("JSON");
+    let index = lichen_agent::hub::bundle::BundleIndex {
+        format: lichen_agent::hub::bundle::FORMAT.to_owned(),
+        node: NODE.to_owned(),
+        desired: serde_json::from_value(message["payload"].clone()).expect("desired state"),
+    };
+    let out = board.file("site");
+    lichen_agent::hub::bundle::write(&out, &index, &[]).expect("writes the bundle");
+    let run = daemon.cli(&["import", path(&out)]);
+    let text = output_text(&run);
+    assert_eq!(run.status.code(), Some(2), "{text}");
+    assert!(
+        text.contains("(system)") && text.contains("lichen update"),
+        "{text}"
+    );
+    board.untouched(&daemon);
+    let r = reported(&watcher, "the refusal reported", |r| {
+        r["last-rejection"]["version"] == 2
+    });
+    assert!(r["applied-version"].is_null(), "nothing applied: {r}");
+}
