@@ -544,6 +544,7 @@ fn index_json(u: &mut Unstructured<'_>) -> Vec<u8> {
         version,
         deployment,
         artifacts,
+        system: None,
         signature: None,
         key_id: None,
     };

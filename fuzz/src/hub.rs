@@ -476,6 +476,7 @@ fn desired_envelope(u: &mut Unstructured<'_>) -> Vec<u8> {
         version,
         deployment,
         artifacts,
+        system: None,
         signature: None,
         key_id: None,
     };

@@ -75,6 +75,11 @@ impl ChunkStore {
         write_synced(&dir.join(format!("{index}.chunk")), bytes)
     }
 
+    /// Where chunk `index` of `digest` is stored (it may not be there yet).
+    pub fn chunk_path(&self, digest: &str, index: u32) -> Result<PathBuf> {
+        Ok(self.artifact_dir(digest)?.join(format!("{index}.chunk")))
+    }
+
     /// The whole artifact, from its stored chunks.
     pub fn assemble(&self, manifest: &Manifest) -> Result<Vec<u8>> {
         let dir = self.artifact_dir(&manifest.digest)?;
