@@ -153,7 +153,7 @@ fn read(path: &Path, fifos: &[PathBuf], extra: &BTreeSet<String>) -> Option<anyh
             for fifo in fifos {
                 let _ = std::fs::OpenOptions::new()
                     .write(true)
-                    .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+                    .custom_flags(rustix::fs::OFlags::NONBLOCK.bits().cast_signed())
                     .open(fifo);
             }
             let _ = rx.recv_timeout(DEADLINE);
