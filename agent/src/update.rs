@@ -277,9 +277,9 @@ fn apply(args: &UpdateArgs, json: bool) -> Result<()> {
         "bytes-written": report.write.bytes,
         "sha256": report.write.sha256,
         "read-back": if report.write.direct_read_back { "device (O_DIRECT)" } else { "page cache" },
-        "write-ms": report.write.write_time.as_millis() as u64,
-        "verify-ms": report.write.verify_time.as_millis() as u64,
-        "total-ms": started.elapsed().as_millis() as u64,
+        "write-ms": millis(report.write.write_time),
+        "verify-ms": millis(report.write.verify_time),
+        "total-ms": millis(started.elapsed()),
         "boot-state": report.state.to_string(),
         "reboot": !args.no_reboot,
     });
@@ -729,6 +729,12 @@ pub fn doctor_checks(config: &AgentConfig) -> Vec<DoctorCheck> {
         Err(err) => rows.push(row("last update", "warn", err.clone())),
     }
     rows
+}
+
+/// Whole milliseconds of `d` for the JSON summary, saturating (u64 milliseconds are 584 million
+/// years).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

@@ -595,7 +595,9 @@ fn plan_function(id: &ResourceId, data: &pb::CustomizedValue) -> Result<Function
     }
     let queue = match values.get("queue") {
         None => None,
-        Some(ConfigValue::Int(n)) if *n >= 1 => Some(*n as u64),
+        Some(ConfigValue::Int(n)) if *n >= 1 => Some(n.unsigned_abs()),
+        // Whole and within 1..1e9, so the float-to-integer conversion is exact.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         Some(ConfigValue::Float(f)) if f.fract() == 0.0 && *f >= 1.0 && *f < 1e9 => Some(*f as u64),
         Some(other) => {
             return Err(DmiError::invalid(

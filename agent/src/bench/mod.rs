@@ -463,10 +463,11 @@ fn histogram(agent: &Agent, name: &str) -> (f64, u64) {
         let key = format!("{name}_{suffix} ");
         text.lines()
             .find_map(|l| l.strip_prefix(&key))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0)
+            .map(str::trim)
     };
-    (value("sum"), value("count") as u64)
+    let sum = value("sum").and_then(|v| v.parse::<f64>().ok());
+    let count = value("count").and_then(|v| v.parse::<u64>().ok());
+    (sum.unwrap_or(0.0), count.unwrap_or(0))
 }
 
 /// Sorted samples with percentiles.
@@ -483,6 +484,9 @@ impl Samples {
         if self.0.is_empty() {
             return Duration::ZERO;
         }
+        // A float-to-integer `as` saturates (NaN gives 0) and the rank is clamped to 1..=len
+        // below, so any `p` gives an index inside the samples.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let rank = ((p / 100.0) * self.0.len() as f64).ceil() as usize;
         self.0[rank.clamp(1, self.0.len()) - 1]
     }
@@ -491,7 +495,7 @@ impl Samples {
         if self.0.is_empty() {
             return Duration::ZERO;
         }
-        self.0.iter().sum::<Duration>() / self.0.len() as u32
+        self.0.iter().sum::<Duration>().div_f64(self.0.len() as f64)
     }
 
     fn max(&self) -> Duration {
@@ -512,6 +516,15 @@ fn fmt_duration(d: Duration) -> String {
 }
 
 /// A count with thousands separators: `200,000`.
+/// A measured rate (events, records or toggles per second) as a whole count with thousands
+/// separators.
+fn fmt_rate(rate: f64) -> String {
+    // A float-to-integer `as` rounds toward zero and saturates (NaN gives 0): a rate is finite
+    // and non-negative, and this only prints it, nothing computes with the integer.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    fmt_count(rate.round() as u64)
+}
+
 fn fmt_count(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();
