@@ -341,11 +341,7 @@ fn applied_version(store: &StateStore) -> u64 {
         .unwrap_or(0)
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+use crate::util::now_ms;
 
 impl Bridge {
     async fn run(
