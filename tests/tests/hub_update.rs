@@ -132,7 +132,8 @@ impl Board {
     /// A root image of `len` bytes (any bytes: the slot writer does not read the file
     /// system) and its bundle at `version`, signed with the trusted key.
     fn bundle(&self, version: &str, len: usize) -> (Vec<u8>, PathBuf) {
-        let image: Vec<u8> = (0..len).map(|i| (i * 7 + len) as u8).collect();
+        // A byte pattern: the low byte of a counter (truncation is the point).
+        let image: Vec<u8> = (0..len).map(|i| (i * 7 + len).to_le_bytes()[0]).collect();
         let rootfs = self.file(&format!("rootfs-{version}.img"));
         std::fs::write(&rootfs, &image).expect("rootfs image");
         let out = self.file(&format!("v{version}.lub"));

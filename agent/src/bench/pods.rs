@@ -218,7 +218,11 @@ fn lichen_memory(ctrd: &Containerd, agent: &Agent, pods: usize) -> Result<(i64, 
             a.context("the agent's smaps_rollup")?,
             b.context("the agent's smaps_rollup")?,
         );
-        Ok((b as i64 - a as i64) / pods as i64)
+        // i128 holds any difference of two u64 byte counts; the quotient is back in i64's range
+        // for any pod count of at least one.
+        let count = i128::try_from(pods.max(1)).unwrap_or(i128::MAX);
+        let per = (i128::from(b) - i128::from(a)) / count;
+        Ok(i64::try_from(per).unwrap_or(if per < 0 { i64::MIN } else { i64::MAX }))
     };
     Ok((
         per(before.pss_bytes, after.pss_bytes)?,
@@ -267,11 +271,18 @@ fn parent_of(pid: u32) -> Option<u32> {
         .ok()
 }
 
+/// A byte count as i64 for [`kib`], saturating (no process has 2^63 bytes).
+fn signed(bytes: u64) -> i64 {
+    i64::try_from(bytes).unwrap_or(i64::MAX)
+}
+
 fn kib(bytes: i64) -> String {
     if bytes.abs() < 1 << 20 {
         format!("{} KiB", bytes / 1024)
     } else {
-        format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+        // Only printed: f64 keeps the MiB figure to one decimal for any realistic size.
+        let mib = bytes as f64 / f64::from(1u32 << 20);
+        format!("{mib:.1} MiB")
     }
 }
 
@@ -347,8 +358,8 @@ fn report(f: &Figures, rounds: usize) -> Vec<String> {
         "memory per extra pod, runc (shim + container process)",
         format!(
             "{} PSS ({} RSS)",
-            kib(f.runc_pss_per_pod as i64),
-            kib(f.runc_rss_per_pod as i64)
+            kib(signed(f.runc_pss_per_pod)),
+            kib(signed(f.runc_rss_per_pod))
         ),
         "-",
         "-",
@@ -364,7 +375,7 @@ fn report(f: &Figures, rounds: usize) -> Vec<String> {
         format!(
             "- pods: memory per extra pod Lichen {} PSS vs runc {} PSS",
             kib(f.lichen_pss_per_pod),
-            kib(f.runc_pss_per_pod as i64)
+            kib(signed(f.runc_pss_per_pod))
         ),
     ]
 }

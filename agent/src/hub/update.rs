@@ -185,7 +185,8 @@ fn assemble_to_file(chunks: &ChunkStore, manifest: &Manifest, out: &Path) -> Res
     let mut file = fs::File::create(out).with_context(|| format!("creating {}", out.display()))?;
     let mut hash = Sha256::new();
     let mut total = 0u64;
-    for index in 0..manifest.chunks.len() as u32 {
+    // Chunk indices are u32 on the wire; a manifest's chunk count was bounded when it was read.
+    for (index, _) in (0u32..).zip(&manifest.chunks) {
         let path = chunks.chunk_path(&manifest.digest, index)?;
         // A stored chunk was checked against the manifest: at most its chunk size.
         let mut bytes = Vec::new();
