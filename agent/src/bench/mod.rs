@@ -11,6 +11,7 @@
 //! | `devices` | GPIO toggles and SPI transactions from Wasm vs native, edge to `on-event` latency (sim board) |
 //! | `size` | the binary's size, and the static release binaries' if built |
 //! | `sync` | hub link: durable outbox ingest, drain and catch-up against Mosquitto, bytes written per record, records lost across broker restarts + `kill -9` |
+//! | `kubeedge` | the KubeEdge mapper in the agent against a stand-in EdgeCore: twin round trip p50/p99, 1000 Devices as live functions (time, RSS per device), reports/s and CPU |
 //! | `isolation` | one trivial workload as Wasm, crun, runc and a QEMU microVM: start-to-ready p50/p99, PSS per instance, instances per 512 MiB |
 //!
 //! `lichen bench` alone runs every group in its own child process (`startup`,
@@ -24,6 +25,8 @@ mod devices;
 mod idle;
 mod isolation;
 pub mod json;
+#[cfg(feature = "kubeedge")]
+mod kubeedge;
 mod reload;
 mod size;
 mod startup;
@@ -43,7 +46,7 @@ use crate::metrics::Gauges;
 use crate::supervisor::Agent;
 
 /// Every benchmark, in the order `lichen bench` runs them.
-pub const BENCHMARKS: [&str; 9] = [
+pub const BENCHMARKS: [&str; 10] = [
     "startup",
     "density",
     "dispatch",
@@ -53,10 +56,11 @@ pub const BENCHMARKS: [&str; 9] = [
     "size",
     "isolation",
     "sync",
+    "kubeedge",
 ];
 
 /// How `lichen bench` without WHAT splits the benchmarks into child processes.
-const GROUPS: [&str; 8] = [
+const GROUPS: [&str; 9] = [
     "startup",
     "density,dispatch",
     "reload",
@@ -65,6 +69,7 @@ const GROUPS: [&str; 8] = [
     "size",
     "isolation",
     "sync",
+    "kubeedge",
 ];
 
 /// The line after which a run prints its summary lines.
@@ -308,6 +313,15 @@ async fn run_selected(selected: &[&str], args: &BenchArgs) -> Result<()> {
     if has("sync") {
         let result = async { sync::run(&dirs.fresh("sync")?, args).await }.await;
         outcome("sync", result);
+    }
+    if has("kubeedge") {
+        #[cfg(feature = "kubeedge")]
+        let result = async { kubeedge::run(&dirs.fresh("kubeedge")?, args).await }.await;
+        #[cfg(not(feature = "kubeedge"))]
+        let result = Err(anyhow::anyhow!(
+            "this build has no KubeEdge mapper (the `kubeedge` feature)"
+        ));
+        outcome("kubeedge", result);
     }
     if json::enabled() {
         let document = json::Document {
