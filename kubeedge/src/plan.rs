@@ -21,8 +21,8 @@ use crate::error::DmiError;
 use crate::proto::v1beta1 as pb;
 use crate::proto::{ConfigValue, decode_any};
 use crate::workload::{
-    CONFIG_DATA, DeviceWorkload, GpioGrant, I2cGrant, Limits, Restart, SpiGrant, Trigger,
-    workload_name,
+    CONFIG_DATA, DeviceLabels, DeviceWorkload, GpioGrant, I2cGrant, Limits, Restart, SpiGrant,
+    Trigger, workload_name,
 };
 
 /// The protocol name Lichen registers and serves.
@@ -387,7 +387,14 @@ pub fn plan_device(
         .as_ref()
         .and_then(|p| p.config_data.as_ref())
         .unwrap_or(&empty);
-    let function = plan_function(&id, data)?;
+    let mut function = plan_function(&id, data)?;
+    if let Function::Own(workload) = &mut function {
+        workload.device = DeviceLabels {
+            namespace: id.namespace.clone(),
+            name: id.name.clone(),
+            model: model_id.name.clone(),
+        };
+    }
     if spec.properties.len() > MAX_PROPERTIES {
         return Err(DmiError::invalid(
             "spec.properties",
@@ -634,6 +641,7 @@ fn plan_function(id: &ResourceId, data: &pb::CustomizedValue) -> Result<Function
         gpio,
         spi,
         i2c,
+        device: DeviceLabels::default(),
     })))
 }
 

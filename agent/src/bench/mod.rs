@@ -11,6 +11,7 @@
 //! | `devices` | GPIO toggles and SPI transactions from Wasm vs native, edge to `on-event` latency (sim board) |
 //! | `size` | the binary's size, and the static release binaries' if built |
 //! | `sync` | hub link: durable outbox ingest, drain and catch-up against Mosquitto, bytes written per record, records lost across broker restarts + `kill -9` |
+//! | `kubeedge` | the KubeEdge mapper in the agent against a stand-in EdgeCore: twin round trip p50/p99, 1000 Devices as live functions (time, RSS per device), reports/s and CPU |
 //! | `isolation` | one trivial workload as Wasm, crun, runc and a QEMU microVM: start-to-ready p50/p99, PSS per instance, instances per 512 MiB |
 //! | `pods` | under a containerd of its own: `ctr run` to first output, Lichen's shim vs runc's, and memory per extra pod |
 //!
@@ -25,6 +26,8 @@ mod devices;
 mod idle;
 mod isolation;
 pub mod json;
+#[cfg(feature = "kubeedge")]
+mod kubeedge;
 mod pods;
 mod reload;
 mod size;
@@ -45,7 +48,7 @@ use crate::metrics::Gauges;
 use crate::supervisor::Agent;
 
 /// Every benchmark, in the order `lichen bench` runs them.
-pub const BENCHMARKS: [&str; 10] = [
+pub const BENCHMARKS: [&str; 11] = [
     "startup",
     "density",
     "dispatch",
@@ -56,10 +59,11 @@ pub const BENCHMARKS: [&str; 10] = [
     "isolation",
     "sync",
     "pods",
+    "kubeedge",
 ];
 
 /// How `lichen bench` without WHAT splits the benchmarks into child processes.
-const GROUPS: [&str; 9] = [
+const GROUPS: [&str; 10] = [
     "startup",
     "density,dispatch",
     "reload",
@@ -69,6 +73,7 @@ const GROUPS: [&str; 9] = [
     "isolation",
     "sync",
     "pods",
+    "kubeedge",
 ];
 
 /// The line after which a run prints its summary lines.
@@ -317,6 +322,15 @@ async fn run_selected(selected: &[&str], args: &BenchArgs) -> Result<()> {
         let result = async { pods::run(&dirs.fresh("pods")?, args).await }.await;
         outcome("pods", result);
     }
+    if has("kubeedge") {
+        #[cfg(feature = "kubeedge")]
+        let result = async { kubeedge::run(&dirs.fresh("kubeedge")?, args).await }.await;
+        #[cfg(not(feature = "kubeedge"))]
+        let result = Err(anyhow::anyhow!(
+            "this build has no KubeEdge mapper (the `kubeedge` feature)"
+        ));
+        outcome("kubeedge", result);
+    }
     if json::enabled() {
         let document = json::Document {
             figures: json::take(),
@@ -515,7 +529,6 @@ fn fmt_duration(d: Duration) -> String {
     }
 }
 
-/// A count with thousands separators: `200,000`.
 /// A measured rate (events, records or toggles per second) as a whole count with thousands
 /// separators.
 fn fmt_rate(rate: f64) -> String {
@@ -525,6 +538,7 @@ fn fmt_rate(rate: f64) -> String {
     fmt_count(rate.round() as u64)
 }
 
+/// A count with thousands separators: `200,000`.
 fn fmt_count(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::new();

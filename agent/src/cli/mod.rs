@@ -185,10 +185,11 @@ pub struct RunArgs {
 /// Options of `lichen bench`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// What to measure: `startup`, `density`, `dispatch`, `reload`, `size`, `sync`, `pods`, or
+    /// What to measure: `startup`, `density`, `dispatch`, `reload`, `size`, `sync`, `pods`, `kubeedge`, or
     /// several joined by commas [default: all, each group in its own process].
     pub what: Option<String>,
-    /// How many workload instances to run (`pods`: long-running pods per runtime [default: 5]).
+    /// How many workload instances to run; `pods`: long-running pods per
+    /// runtime [default: 5]; `kubeedge`: Devices [default: 1000].
     #[arg(long = "count", visible_alias = "instances", value_name = "N")]
     pub instances: Option<usize>,
     /// How many events to deliver; for `sync`, records ingested and caught up [default:
