@@ -11,8 +11,8 @@
 //! after it was queued may still be committed.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), lichen_agent::store::StoreError> {
-//! use lichen_agent::store::{NewDeployment, NewWorkload, StateStore, StoreOptions};
+//! # async fn demo() -> Result<(), lichen_store::StoreError> {
+//! use lichen_store::{NewDeployment, NewWorkload, StateStore, StoreOptions};
 //!
 //! let store = StateStore::open("/var/lib/lichen/state.db".as_ref(), StoreOptions::default())?;
 //! let version = store
