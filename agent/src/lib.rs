@@ -9,7 +9,8 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod daemon;
-pub mod deployment;
+/// Deployment files (the `lichen-deployment` crate, shared with the operator tool).
+pub use lichen_deployment as deployment;
 pub mod doctor;
 pub mod embedded;
 pub mod files;
@@ -22,7 +23,8 @@ pub mod metrics;
 pub mod pods;
 pub mod runtime;
 pub mod state_dir;
-pub mod store;
+/// The SQLite state store (the `lichen-store` crate).
+pub use lichen_store as store;
 pub mod supervisor;
 pub mod update;
 pub mod util;

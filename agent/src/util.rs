@@ -1,21 +1,8 @@
 //! Small helpers shared by the agent's modules.
 
-use std::borrow::Cow;
+use std::time::Duration;
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
-
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(millis)
-        .unwrap_or(0)
-}
-
-/// Whole milliseconds of a duration, saturating at `u64::MAX` (585 million years).
-pub fn millis(duration: Duration) -> u64 {
-    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
-}
+pub use lichen_sync::{millis, now_ms};
 
 /// Whole nanoseconds of a duration, saturating at `u64::MAX` (584 years).
 pub fn nanos(duration: Duration) -> u64 {
@@ -81,39 +68,13 @@ pub fn stderr_colours() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
-/// `text` with every character that could hide or disguise what follows escaped as Rust does
-/// (`\n`, `\u{202e}`): control characters, bidirectional overrides and other invisible
-/// formatting characters. Quotes and backslashes stay as they are. Errors pass what they echo
-/// (names, keys, paths from a file or a request) through this, so a name cannot add lines to a
-/// log or reorder a terminal's text.
-pub fn escape_unprintable(text: &str) -> Cow<'_, str> {
-    let hidden = |c: char| !matches!(c, '"' | '\'' | '\\') && c.escape_debug().nth(1).is_some();
-    if !text.chars().any(hidden) {
-        return Cow::Borrowed(text);
-    }
-    let mut out = String::with_capacity(text.len() + 16);
-    for c in text.chars() {
-        if hidden(c) {
-            out.extend(c.escape_debug());
-        } else {
-            out.push(c);
-        }
-    }
-    Cow::Owned(out)
-}
+/// Escapes what could hide or disguise text; lives with the deployment errors that use it
+/// first ([`lichen_deployment::escape_unprintable`]).
+pub use lichen_deployment::escape_unprintable;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn control_and_bidi_characters_are_escaped_and_the_rest_kept() {
-        assert_eq!(escape_unprintable("plain \"name\" é"), "plain \"name\" é");
-        assert_eq!(
-            escape_unprintable("a\nb\u{202e}c\u{1b}[31m\u{2066}"),
-            "a\\nb\\u{202e}c\\u{1b}[31m\\u{2066}"
-        );
-    }
 
     #[test]
     fn deadlines_never_overflow() {

@@ -32,6 +32,7 @@
 
 mod artifact;
 mod backoff;
+mod clock;
 mod config;
 mod dedup;
 mod drain;
@@ -51,6 +52,7 @@ pub use artifact::{
     Manifest, sha256_hex,
 };
 pub use backoff::Backoff;
+pub use clock::{millis, now_ms};
 pub use config::{
     ConfigError, DEFAULT_MAX_COMMAND_BYTES, DEFAULT_MAX_PACKET_BYTES, SessionConfig, TlsFiles,
     rustls_config,

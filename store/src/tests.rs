@@ -636,7 +636,7 @@ fn state_is_consistent_after_sigkill() {
     let path = db_path(&dir);
     let exe = std::env::current_exe().expect("test binary path");
     let mut child = Command::new(exe)
-        .args(["store::tests::crash_child", "--exact", "--nocapture"])
+        .args(["tests::crash_child", "--exact", "--nocapture"])
         .args(["--test-threads", "1"])
         .env(CRASH_CHILD_ENV, &path)
         .stdout(Stdio::piped())

@@ -11,8 +11,8 @@
 //! after it was queued may still be committed.
 //!
 //! ```no_run
-//! # async fn demo() -> Result<(), lichen_agent::store::StoreError> {
-//! use lichen_agent::store::{NewDeployment, NewWorkload, StateStore, StoreOptions};
+//! # async fn demo() -> Result<(), lichen_store::StoreError> {
+//! use lichen_store::{NewDeployment, NewWorkload, StateStore, StoreOptions};
 //!
 //! let store = StateStore::open("/var/lib/lichen/state.db".as_ref(), StoreOptions::default())?;
 //! let version = store
@@ -193,7 +193,7 @@ impl<T> SqlContext<T> for rusqlite::Result<T> {
 
 /// Milliseconds since the Unix epoch, as stored.
 fn now_ms() -> i64 {
-    i64::try_from(crate::util::now_ms()).unwrap_or(i64::MAX)
+    i64::try_from(lichen_sync::now_ms()).unwrap_or(i64::MAX)
 }
 
 /// Converts a caller's `u64` to the database's `i64`.

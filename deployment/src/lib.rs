@@ -102,7 +102,7 @@
 //!
 //! ```
 //! use std::path::Path;
-//! use lichen_agent::deployment::{self, ModuleRef};
+//! use lichen_deployment::{self as deployment, ModuleRef};
 //!
 //! let text = "[[workloads]]\nname = \"counter\"\nmodule = \"counter.wasm\"\n";
 //! let parsed = deployment::parse("deploy.toml", text, Path::new("/srv")).unwrap();
@@ -118,6 +118,7 @@ mod bounds;
 mod json;
 mod locate;
 mod spec;
+mod text;
 mod tree;
 mod validate;
 
@@ -129,6 +130,7 @@ pub use spec::{
     I2cGrantSpec, ImageRef, IsolationChoice, Limits, MicrovmWorkload, ModuleRef, RestartPolicy,
     SpiGrantSpec, Trigger, WorkloadKind, WorkloadSpec,
 };
+pub use text::escape_unprintable;
 
 use locate::{LineIndex, SourceMap};
 use tree::Format;
@@ -144,8 +146,8 @@ use validate::Checker;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
     "{}{}",
-    crate::util::escape_unprintable(&self.prefix()),
-    crate::util::escape_unprintable(&self.message)
+    crate::escape_unprintable(&self.prefix()),
+    crate::escape_unprintable(&self.message)
 )]
 pub struct DeploymentError {
     /// The file name, as given to [`parse`].

@@ -3,8 +3,8 @@ use std::time::Duration;
 
 use super::*;
 
-const EXAMPLE_TOML: &str = include_str!("../../../examples/deploy.toml");
-const EXAMPLE_JSON: &str = include_str!("../../../examples/deploy.json");
+const EXAMPLE_TOML: &str = include_str!("../../examples/deploy.toml");
+const EXAMPLE_JSON: &str = include_str!("../../examples/deploy.json");
 
 fn ok(file: &str, text: &str) -> ParsedDeployment {
     match parse(file, text, Path::new("/srv/demo")) {

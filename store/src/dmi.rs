@@ -188,7 +188,7 @@ mod tests {
     use lichen_kubeedge::queue::{Report, ReportQueue};
 
     use super::DmiQueue;
-    use crate::store::{StateStore, StoreOptions};
+    use crate::{StateStore, StoreOptions};
 
     fn state(device: &str, state: &str) -> Report {
         Report::State(pb::ReportDeviceStatesRequest {
