@@ -65,7 +65,17 @@ for arg in \$(cat /proc/cmdline); do
   case "\$arg" in LICHEN_TICK=*) tick=\${arg#LICHEN_TICK=} ;; esac
 done
 down() { echo "lichen-example: \$1, powering off"; sync; poweroff -f; }
-# The power button (QMP system_powerdown) arrives as an input event.
+# The power button (QMP system_powerdown) arrives as an input event. The button module's input
+# device shows up asynchronously, later on a busy host: wait for it (bounded, 30 s) before the
+# marker, so that a stop requested once the marker is seen is never missed.
+if [ $button = 1 ]; then
+  waited=0
+  until [ -e /dev/input/event0 ] || [ \$waited -ge 300 ]; do
+    usleep 100000
+    waited=\$((waited + 1))
+  done
+  [ -e /dev/input/event0 ] || echo "lichen-example: no power-button input device after 30 s"
+fi
 for ev in /dev/input/event*; do
   [ -e "\$ev" ] && [ $button = 1 ] || continue
   ( head -c 1 "\$ev" >/dev/null && down "power button" ) &
