@@ -12,7 +12,7 @@ use crate::api::types::{
     ApiError, DeployReport, DeployRequest, DoctorReport, EventRecord, KvEntry, LogLine, SendReply,
     SendRequest, WorkloadStatus,
 };
-use crate::runtime::wasm::Delivery;
+use crate::runtime::wasm::{Delivery, EventSender};
 
 impl Control for Agent {
     async fn deploy(&self, req: DeployRequest) -> Result<DeployReport, ApiError> {

@@ -13,28 +13,19 @@
 //! the running set, never across a compile, so `ps`, `send`, `kv`, `logs` and the hub's reads
 //! answer while a deploy is still preparing its artifacts.
 
-use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
 use tokio::sync::Mutex;
 
-use crate::api::types::{ApiError, DeployReport, WorkloadFailure, WorkloadStatus};
-use crate::deployment::{self, ParsedDeployment, WorkloadSpec};
-use crate::logs::{LogHub, LogOptions};
-use crate::metrics::{Gauges, Metrics};
-use crate::runtime::container::{ContainerRuntime, ContainerTier, ImageStore};
+use crate::api::types::WorkloadStatus;
+use crate::logs::LogOptions;
 use crate::runtime::isolation::IsolationProbe;
-use crate::runtime::microvm::MicrovmTier;
-use crate::runtime::wasm::{
-    ArtifactStore, Delivery, EngineOptions, EventSender, WasmEngine, WasmRuntime, WorkerContext,
-};
-use crate::runtime::{Prepared, Runtime, RuntimeStatus, StartInfo, Tier, Workload};
-use crate::store::{NewDeployment, NewWorkload, StateStore, StoreOptions};
-use crate::util::process_rss_bytes;
+use crate::runtime::wasm::{ArtifactStore, EngineOptions, WorkerContext};
+use crate::runtime::{Runtime, Tier, Workload};
 
 mod apply;
 mod control;

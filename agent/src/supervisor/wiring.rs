@@ -1,6 +1,25 @@
 //! Wiring: opens the state store, the artifact store and the engine, builds one runtime per
 //! tier and probes what the host can run; shuts everything down at the end.
 
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+
+use anyhow::{Context, Result};
+use tokio::sync::Mutex;
+
+use super::{Agent, AgentOptions, Inner, Workloads};
+use crate::deployment::WorkloadSpec;
+use crate::logs::LogHub;
+use crate::metrics::Metrics;
+use crate::runtime::container::{ContainerRuntime, ContainerTier, ImageStore};
+use crate::runtime::isolation::IsolationProbe;
+use crate::runtime::microvm::MicrovmTier;
+use crate::runtime::wasm::{ArtifactStore, WasmEngine, WasmRuntime, WorkerContext};
+use crate::runtime::{Runtime, Tier};
+use crate::store::{StateStore, StoreOptions};
+
 impl Agent {
     /// Opens the state store and artifact store under the state directory and builds the
     /// engine. Starts nothing; call [`Agent::restore`].
