@@ -2,8 +2,9 @@
 //! granted pins and buses opened for each workload's instances.
 //!
 //! [`check`] runs before anything of a deployment is applied: a pin or bus the board does not
-//! have, a pin granted to two workloads (or twice to one), or an SPI clock above the bus's
-//! limit rejects the whole deployment with the file, line and field at fault.
+//! have, a pin or an I2C bus address granted to two workloads (or twice to one), or an SPI
+//! clock above the bus's limit rejects the whole deployment with the file, line and field at
+//! fault. [`owned_elsewhere`] applies the same ownership rules across sources.
 //!
 //! [`DeviceHub`] owns the board's devices and opens a workload's grants as [`DeviceGrants`]:
 //! on the simulated board for a `sim` profile, through the Linux character devices (gpiochip,
@@ -36,6 +37,8 @@ pub const SIM_TEMPERATURE_C: f32 = 21.5;
 pub fn check(parsed: &ParsedDeployment, board: &BoardProfile) -> Result<(), DeploymentError> {
     // Board pin -> (workload index, grant index, mode) of its first grant.
     let mut pins: HashMap<&str, (usize, usize, GpioMode)> = HashMap::new();
+    // (I2C bus, address) -> (workload index, grant index) of its first grant.
+    let mut addresses: HashMap<(&str, u16), (usize, usize)> = HashMap::new();
     let workloads = &parsed.spec.workloads;
     for (index, workload) in workloads.iter().enumerate() {
         for (at, grant) in workload.gpio.iter().enumerate() {
@@ -117,6 +120,25 @@ pub fn check(parsed: &ParsedDeployment, board: &BoardProfile) -> Result<(), Depl
                     ),
                 ));
             }
+            for (k, &address) in grant.addresses.iter().enumerate() {
+                let key = (grant.bus.as_str(), address);
+                if let Some(&(first, first_at)) = addresses.get(&key) {
+                    let owner = if first == index {
+                        "this workload".to_owned()
+                    } else {
+                        format!("workload \"{}\"", workloads[first].name)
+                    };
+                    return Err(parsed.error_at(
+                        index,
+                        &format!("i2c[{at}].addresses[{k}]"),
+                        format!(
+                            "address {address:#04x} on I2C bus \"{}\" is already granted to {owner} (workloads[{first}].i2c[{first_at}]); an I2C target has one owner",
+                            grant.bus
+                        ),
+                    ));
+                }
+                addresses.insert(key, (index, at));
+            }
         }
     }
     Ok(())
@@ -148,6 +170,28 @@ pub fn owned_elsewhere<'a>(
                         grant.pin, other.name
                     ),
                 ));
+            }
+        }
+    }
+    for (at, grant) in workload.i2c.iter().enumerate() {
+        for (k, address) in grant.addresses.iter().enumerate() {
+            for (source, other) in &others {
+                if other.name == workload.name {
+                    continue;
+                }
+                let theirs = other
+                    .i2c
+                    .iter()
+                    .any(|g| g.bus == grant.bus && g.addresses.contains(address));
+                if theirs {
+                    return Some((
+                        format!("i2c[{at}].addresses[{k}]"),
+                        format!(
+                            "address {address:#04x} on I2C bus \"{}\" is already granted to workload \"{}\" of source {source}; an I2C target has one owner",
+                            grant.bus, other.name
+                        ),
+                    ));
+                }
             }
         }
     }

@@ -111,7 +111,13 @@ fn to_spec(workload: &DeviceWorkload) -> Result<crate::deployment::WorkloadSpec,
 impl DeviceHost for AgentDevices {
     async fn apply(&self, workload: DeviceWorkload) -> Result<(), HostError> {
         let spec = to_spec(&workload)?;
-        let labels = Labels::of([("device-workload", workload.name.as_str())]);
+        // `lichen ps` shows the Device and its model beside the workload's name.
+        let device = &workload.device;
+        let labels = Labels::of([
+            ("device", device.name.as_str()),
+            ("model", device.model.as_str()),
+            ("namespace", device.namespace.as_str()),
+        ]);
         self.agent
             .upsert_checked(Source::Devices, spec, labels)
             .await

@@ -277,9 +277,9 @@ fn apply(args: &UpdateArgs, json: bool) -> Result<()> {
         "bytes-written": report.write.bytes,
         "sha256": report.write.sha256,
         "read-back": if report.write.direct_read_back { "device (O_DIRECT)" } else { "page cache" },
-        "write-ms": report.write.write_time.as_millis() as u64,
-        "verify-ms": report.write.verify_time.as_millis() as u64,
-        "total-ms": started.elapsed().as_millis() as u64,
+        "write-ms": millis(report.write.write_time),
+        "verify-ms": millis(report.write.verify_time),
+        "total-ms": millis(started.elapsed()),
         "boot-state": report.state.to_string(),
         "reboot": !args.no_reboot,
     });
@@ -308,7 +308,8 @@ fn apply(args: &UpdateArgs, json: bool) -> Result<()> {
     reboot(&board.reboot_command(true))
 }
 
-fn reboot(command: &[String]) -> Result<()> {
+/// Runs the board's reboot command (also for updates pushed by the hub).
+pub(crate) fn reboot(command: &[String]) -> Result<()> {
     let (program, args) = command
         .split_first()
         .context("update.reboot-command is empty")?;
@@ -536,6 +537,62 @@ impl SystemSource {
         })
     }
 
+    /// The board (config, boot state, booted slot, running system).
+    pub(crate) fn board(&self) -> Result<Board, UpdateError> {
+        Board::open(&self.section, &self.state_dir)
+    }
+
+    /// The agent's state directory (it holds the update journal).
+    pub(crate) fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
+    /// Applies a bundle the hub pushed (see `hub::update`): verified as `lichen update`
+    /// verifies it, by `update.trusted-keys` and `hub_keys`; its manifest must say the signed
+    /// version and target. Returns a summary and the reboot command to run.
+    pub(crate) fn apply_pushed(
+        &self,
+        bundle: &Path,
+        signed: &crate::hub::update::SystemUpdate,
+        hub_keys: &[TrustedKey],
+    ) -> Result<(String, Vec<String>), String> {
+        let mut keys =
+            TrustedKeys::from_config(&self.section, None).map_err(|e| format!("{e:#}"))?;
+        keys.0.extend(hub_keys.iter().cloned());
+        let lock_dir = self.state_dir.join("update");
+        std::fs::create_dir_all(&lock_dir)
+            .map_err(|e| format!("cannot create {}: {e}", lock_dir.display()))?;
+        let lock = std::fs::File::create(lock_dir.join("lock"))
+            .map_err(|e| format!("cannot create the update lock: {e}"))?;
+        lock.try_lock()
+            .map_err(|_| "a `lichen update` is running on this node".to_string())?;
+        let board = self.board().map_err(|e| e.to_string())?;
+        let bundle = board
+            .verify(bundle, &keys)
+            .map_err(|e| format!("the bundle is refused: {e}"))?;
+        let manifest = &bundle.manifest;
+        if manifest.version != signed.version {
+            return Err(format!(
+                "the bundle's manifest says version {:?}; system.version says {:?}",
+                manifest.version, signed.version
+            ));
+        }
+        if manifest.target != signed.target {
+            return Err(format!(
+                "the bundle's manifest says target {:?}; system.target says {:?}",
+                manifest.target, signed.target
+            ));
+        }
+        let report = board
+            .apply(&bundle, now_ms(), &mut |_| {})
+            .map_err(|e| e.to_string())?;
+        let summary = format!(
+            "slot {} written with version {} ({} bytes, read back and verified); boot state {}",
+            report.slot, report.version, report.write.bytes, report.state
+        );
+        Ok((summary, board.reboot_command(true)))
+    }
+
     /// What changes reported state's `system`: the journal (an update armed, committed,
     /// rolled back). Cheap: one small file, read every second by the bridge.
     pub fn fingerprint(&self) -> String {
@@ -672,6 +729,12 @@ pub fn doctor_checks(config: &AgentConfig) -> Vec<DoctorCheck> {
         Err(err) => rows.push(row("last update", "warn", err.clone())),
     }
     rows
+}
+
+/// Whole milliseconds of `d` for the JSON summary, saturating (u64 milliseconds are 584 million
+/// years).
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 #[cfg(test)]

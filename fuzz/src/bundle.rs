@@ -24,6 +24,7 @@
 //! - a signature the trusted key did not make over this node, version and artifact sizes is
 //!   refused.
 
+use std::os::unix::fs::FileTypeExt as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
@@ -153,7 +154,7 @@ fn read(path: &Path, fifos: &[PathBuf], extra: &BTreeSet<String>) -> Option<anyh
             for fifo in fifos {
                 let _ = std::fs::OpenOptions::new()
                     .write(true)
-                    .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+                    .custom_flags(rustix::fs::OFlags::NONBLOCK.bits().cast_signed())
                     .open(fifo);
             }
             let _ = rx.recv_timeout(DEADLINE);
@@ -230,7 +231,6 @@ fn make_fifo(root: &Path, name: &Path) {
 
 /// The FIFOs under `dir` (not following links).
 fn fifos_in(dir: &Path) -> Vec<PathBuf> {
-    use std::os::unix::fs::FileTypeExt as _;
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(path) = stack.pop() {
@@ -479,7 +479,14 @@ fn write_dir(dir: &Path, members: &[(String, Kind)]) -> (PathBuf, Vec<PathBuf>) 
             let _ = std::fs::create_dir_all(parent);
         }
         let _ = match kind {
-            Kind::File(bytes) => std::fs::write(&path, bytes),
+            Kind::File(bytes) => {
+                // A FIFO made under the same name by an earlier member: writing would open it
+                // and block for ever (the harness, not the bundle code, hung); replace it.
+                if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_fifo()) {
+                    let _ = std::fs::remove_file(&path);
+                }
+                std::fs::write(&path, bytes)
+            }
             Kind::Dir => std::fs::create_dir_all(&path),
             Kind::Symlink(target) => {
                 let target = if target == "../outside.bin" {
@@ -544,6 +551,7 @@ fn index_json(u: &mut Unstructured<'_>) -> Vec<u8> {
         version,
         deployment,
         artifacts,
+        system: None,
         signature: None,
         key_id: None,
     };

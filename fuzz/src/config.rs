@@ -251,7 +251,7 @@ fn hub_section(u: &mut Unstructured<'_>, dir: &tempfile::TempDir) -> Doc {
         let n = int(u, 0..=3);
         let keys = (0..n)
             .map(|_| {
-                let bytes: Vec<u8> = (0..int(u, 0..=40)).map(|i| i as u8).collect();
+                let bytes: Vec<u8> = (0..int::<u8>(u, 0..=40)).collect();
                 Doc::Str(match int(u, 0..=3) {
                     0 => hex::encode(crate::keys::trusted().public),
                     1 => hub::base64_encode(&bytes),

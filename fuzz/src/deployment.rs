@@ -242,7 +242,7 @@ impl Gen {
     fn count(&self, u: &mut Unstructured<'_>, range: std::ops::RangeInclusive<u64>) -> Doc {
         self.value(
             u,
-            |u| Doc::Int(int(u, range) as i64),
+            |u| Doc::Int(i64::try_from(int(u, range)).unwrap_or(i64::MAX)),
             |u| Doc::Int(input::number(u)),
         )
     }
@@ -454,7 +454,7 @@ fn workload(u: &mut Unstructured<'_>, g: &Gen, index: u64) -> Doc {
                                     if one_in(u, 2) {
                                         Doc::Str(input::name(u))
                                     } else {
-                                        Doc::Int(int(u, 0..=100) as i64)
+                                        Doc::Int(int::<i64>(u, 0..=100))
                                     }
                                 },
                                 |u| input::any_value(u, 2),
@@ -551,7 +551,7 @@ const GPIO_NAMES: &[&str] = &["led", "button", "door", "relay"];
 
 /// GPIO grants and the names of the inputs among them.
 fn gpio_grants(u: &mut Unstructured<'_>, g: &Gen) -> (Doc, Vec<&'static str>) {
-    let n = int(u, 0..=3) as usize;
+    let n = int::<usize>(u, 0..=3);
     let mut inputs = Vec::new();
     let grants = (0..n)
         .map(|i| {
@@ -645,7 +645,7 @@ fn i2c_grants(u: &mut Unstructured<'_>, g: &Gen) -> Doc {
                     .map(|i| {
                         g.value(
                             u,
-                            |_| Doc::Int([0x48, 0x76][i as usize]),
+                            |_| Doc::Int([0x48, 0x76][i]),
                             |u| Doc::Int(pick(u, &[0x00, 0x77, 0x78, 0x7f, 0x80, 0x3ff, -1])),
                         )
                     })

@@ -41,6 +41,11 @@ impl SplitMix64 {
         SplitMix64(seed)
     }
 
+    /// The low byte of the next number.
+    pub fn next_u8(&mut self) -> u8 {
+        self.next_u64().to_le_bytes()[0]
+    }
+
     /// The next 64 random bits.
     pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
@@ -55,7 +60,8 @@ impl SplitMix64 {
         if n == 0 {
             0
         } else {
-            (self.next_u64() % n as u64) as usize
+            // Below `n`, a usize, so it fits.
+            usize::try_from(self.next_u64() % n as u64).unwrap_or(0)
         }
     }
 }
@@ -136,7 +142,12 @@ pub fn pass(name: &str, target: fn(&[u8]), cases: u64) {
         None => DEFAULT_SEED,
         Some("random") => std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos() as u64),
+            // The low 64 bits of the nanoseconds since the epoch.
+            .map_or(1, |d| {
+                d.as_secs()
+                    .wrapping_mul(1_000_000_000)
+                    .wrapping_add(u64::from(d.subsec_nanos()))
+            }),
         Some(text) => text.parse().unwrap_or_else(|_| {
             panic!("LICHEN_FUZZ_SEED={text:?} is neither a number nor `random`")
         }),
@@ -256,7 +267,7 @@ pub fn generate(rng: &mut SplitMix64, corpus: &[&[u8]]) -> Vec<u8> {
         let len = rng
             .below(MAX_LEN + 1)
             .min(if rng.below(2) == 0 { 64 } else { MAX_LEN });
-        return (0..len).map(|_| rng.next_u64() as u8).collect();
+        return (0..len).map(|_| rng.next_u8()).collect();
     }
     let mut input = corpus[rng.below(corpus.len())].to_vec();
     for _ in 0..1 + rng.below(8) {
@@ -279,12 +290,12 @@ fn mutate(rng: &mut SplitMix64, input: &mut Vec<u8>, corpus: &[&[u8]]) {
         }
         2 if len > 0 => {
             let at = rng.below(len);
-            input[at] = rng.next_u64() as u8;
+            input[at] = rng.next_u8();
         }
         3 => {
             let at = rng.below(len + 1);
             let n = 1 + rng.below(16);
-            let bytes: Vec<u8> = (0..n).map(|_| rng.next_u64() as u8).collect();
+            let bytes: Vec<u8> = (0..n).map(|_| rng.next_u8()).collect();
             input.splice(at..at, bytes);
         }
         4 if len > 0 => {
@@ -309,7 +320,7 @@ fn mutate(rng: &mut SplitMix64, input: &mut Vec<u8>, corpus: &[&[u8]]) {
         _ => {
             // The first byte picks a target's mode: change it, keep the rest.
             if let Some(first) = input.first_mut() {
-                *first = rng.next_u64() as u8;
+                *first = rng.next_u8();
             }
         }
     }

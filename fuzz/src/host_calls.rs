@@ -631,7 +631,7 @@ fn buffer(u: &mut Unstructured<'_>) -> Vec<u8> {
     match int(u, 0..=3) {
         0 => vec![0x5a; pick(u, &[0usize, 32_768, 65_536, 65_537])],
         _ => {
-            let len = int(u, 0..=16) as usize;
+            let len = int::<usize>(u, 0..=16);
             u.bytes(len).unwrap_or_default().to_vec()
         }
     }

@@ -68,7 +68,7 @@ pub fn hub_message(data: &[u8]) {
         3 if !structured => raw_chunk(rest),
         2 | 3 => artifact(&topics, &mut u, mode % 8 == 2),
         _ => {
-            let topic_len = int(&mut u, 0..=80) as usize;
+            let topic_len = int::<usize>(&mut u, 0..=80);
             let topic_bytes = u.bytes(topic_len).unwrap_or_default();
             let topic = input::text(topic_bytes).into_owned();
             let payload = u.take_rest();
@@ -218,8 +218,9 @@ fn raw_manifest(payload: &[u8]) {
     if !lichen_sync::is_digest(&manifest.digest) || manifest.validate(&manifest.digest).is_err() {
         return;
     }
-    let sizes: u64 = (0..manifest.chunks.len() as u32)
-        .map(|i| manifest.chunk_len(i))
+    let sizes: u64 = (0u32..)
+        .zip(&manifest.chunks)
+        .map(|(i, _)| manifest.chunk_len(i))
         .sum();
     assert_eq!(
         sizes, manifest.size,
@@ -260,9 +261,9 @@ fn raw_chunk(data: &[u8]) {
 fn artifact(topics: &Topics, u: &mut Unstructured<'_>, manifest_only: bool) {
     // The original artifact and its honest manifest.
     let len = pick(u, &[0usize, 1, 1023, 1024, 1025, 3000, 5000, 70_000]);
-    let seed = int(u, 0..=255) as u8;
+    let seed = int::<u8>(u, 0..=255);
     let original: Vec<u8> = (0..len)
-        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .map(|i| i.to_le_bytes()[0].wrapping_mul(31).wrapping_add(seed))
         .collect();
     let chunk_size = pick(u, &[0u32, 1, 1023, 1024, 2048, 4096, 512 * 1024, u32::MAX]);
     let (honest, _) = Manifest::split(&original, chunk_size);
@@ -289,15 +290,16 @@ fn artifact(topics: &Topics, u: &mut Unstructured<'_>, manifest_only: bool) {
     if manifest.validate(&digest).is_err() {
         return;
     }
-    let sizes: u64 = (0..manifest.chunks.len() as u32)
-        .map(|i| manifest.chunk_len(i))
+    let sizes: u64 = (0u32..)
+        .zip(&manifest.chunks)
+        .map(|(i, _)| manifest.chunk_len(i))
         .sum();
     assert_eq!(
         sizes, manifest.size,
         "chunk sizes do not add up: {manifest:?}"
     );
     assert!(
-        manifest.chunks.is_empty() || manifest.chunk_len(manifest.chunks.len() as u32 - 1) > 0,
+        manifest.chunks.is_empty() || manifest.chunk_len(last_index(&manifest.chunks)) > 0,
         "a last chunk of no bytes: {manifest:?}"
     );
 
@@ -318,19 +320,24 @@ fn artifact(topics: &Topics, u: &mut Unstructured<'_>, manifest_only: bool) {
     let rounds = if manifest_only {
         0
     } else {
-        int(u, 0..=12) as u32
+        int::<u32>(u, 0..=12)
     };
     let chunk = |i: u32| -> Vec<u8> {
-        let start = (u64::from(i) * u64::from(honest.chunk_size)).min(original.len() as u64);
-        let end = (start + u64::from(honest.chunk_size)).min(original.len() as u64);
-        original[start as usize..end as usize].to_vec()
+        let size = usize::try_from(honest.chunk_size).unwrap_or(usize::MAX);
+        let start = usize::try_from(i)
+            .unwrap_or(usize::MAX)
+            .saturating_mul(size)
+            .min(original.len());
+        let end = start.saturating_add(size).min(original.len());
+        original[start..end].to_vec()
     };
     let in_range = |i: u32| (i as usize) < honest.chunks.len();
-    let indexes: Vec<u32> = (0..honest.chunks.len() as u32).collect();
-    for step in 0..rounds + indexes.len() as u32 {
+    let indexes: Vec<u32> = (0u32..).zip(&honest.chunks).map(|(i, _)| i).collect();
+    let chunks = u32::try_from(indexes.len()).unwrap_or(u32::MAX);
+    for step in 0..rounds.saturating_add(chunks) {
         let (index, bytes) = if step < rounds {
             let index = if one_in(u, 4) {
-                pick(u, &[u32::MAX, honest.chunks.len() as u32, 1 << 20])
+                pick(u, &[u32::MAX, chunks, 1 << 20])
             } else if indexes.is_empty() {
                 0
             } else {
@@ -344,10 +351,10 @@ fn artifact(topics: &Topics, u: &mut Unstructured<'_>, manifest_only: bool) {
             match int(u, 0..=4) {
                 0 => {}
                 1 if !bytes.is_empty() => {
-                    let at = int(u, 0..=bytes.len() as u64 - 1) as usize;
+                    let at = int(u, 0..=bytes.len() - 1);
                     bytes[at] ^= 1 << int(u, 0..=7);
                 }
-                2 => bytes.push(int(u, 0..=255) as u8),
+                2 => bytes.push(int::<u8>(u, 0..=255)),
                 3 => {
                     bytes.pop();
                 }
@@ -476,6 +483,7 @@ fn desired_envelope(u: &mut Unstructured<'_>) -> Vec<u8> {
         version,
         deployment,
         artifacts,
+        system: None,
         signature: None,
         key_id: None,
     };
@@ -544,4 +552,9 @@ fn command_envelope(u: &mut Unstructured<'_>) -> Vec<u8> {
         format!("{}:{}", input::name(u), int(u, 0..=u64::MAX))
     };
     serde_json::to_vec(&json!({"id": id, "ts": 1, "payload": payload})).expect("JSON")
+}
+
+/// The index of the last of `chunks` (0 when there are none), as the wire's u32.
+fn last_index(chunks: &[String]) -> u32 {
+    u32::try_from(chunks.len().saturating_sub(1)).unwrap_or(u32::MAX)
 }

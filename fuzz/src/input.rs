@@ -14,7 +14,10 @@ pub fn pick<T: Clone>(u: &mut Unstructured<'_>, items: &[T]) -> T {
 }
 
 /// A number in `range` (its start when the bytes run out).
-pub fn int(u: &mut Unstructured<'_>, range: std::ops::RangeInclusive<u64>) -> u64 {
+pub fn int<T: arbitrary::unstructured::Int>(
+    u: &mut Unstructured<'_>,
+    range: std::ops::RangeInclusive<T>,
+) -> T {
     let start = *range.start();
     u.int_in_range(range).unwrap_or(start)
 }
@@ -60,7 +63,7 @@ pub const EDGE_NUMBERS: &[i64] = &[
 pub fn number(u: &mut Unstructured<'_>) -> i64 {
     match int(u, 0..=3) {
         0 | 1 => pick(u, EDGE_NUMBERS),
-        2 => int(u, 0..=100) as i64,
+        2 => int::<i64>(u, 0..=100),
         _ => u.arbitrary().unwrap_or(0),
     }
 }
@@ -215,7 +218,7 @@ pub fn name(u: &mut Unstructured<'_>) -> String {
         }
         3 => format!("w-{}", int(u, 0..=20)),
         _ => {
-            let len = int(u, 0..=24) as usize;
+            let len = int::<usize>(u, 0..=24);
             (0..len)
                 .map(|_| {
                     pick(
@@ -304,7 +307,7 @@ pub fn digest_ref(u: &mut Unstructured<'_>) -> String {
     match int(u, 0..=4) {
         0 | 1 => format!("sha256:{hex}"),
         2 => format!("sha256:{}", hex.to_ascii_uppercase().replace('A', "F")),
-        3 => format!("sha256:{}", &hex[..int(u, 0..=63) as usize]),
+        3 => format!("sha256:{}", &hex[..int::<usize>(u, 0..=63)]),
         _ => pick(
             u,
             &[
@@ -489,11 +492,11 @@ pub fn any_value(u: &mut Unstructured<'_>, depth: u32) -> Doc {
         )),
         3 => Doc::Bool(u.arbitrary().unwrap_or(false)),
         4 if depth < 3 => {
-            let n = int(u, 0..=3) as usize;
+            let n = int::<usize>(u, 0..=3);
             Doc::Arr((0..n).map(|_| any_value(u, depth + 1)).collect())
         }
         5 if depth < 3 => {
-            let n = int(u, 0..=3) as usize;
+            let n = int::<usize>(u, 0..=3);
             Doc::Table((0..n).map(|_| (name(u), any_value(u, depth + 1))).collect())
         }
         _ => Doc::Str(duration(u)),

@@ -73,7 +73,7 @@ pub fn mqtt_guard(data: &[u8]) {
     let mut u = Unstructured::new(rest);
     let limit = pick(&mut u, LIMITS);
     let steps: Vec<usize> = (0..int(&mut u, 1..=4))
-        .map(|_| int(&mut u, 1..=300) as usize)
+        .map(|_| int::<usize>(&mut u, 1..=300))
         .collect();
     if mode % 2 == 0 {
         let input = u.take_rest();
@@ -229,7 +229,7 @@ fn qos(u: &mut Unstructured<'_>) -> QoS {
 
 /// A packet a broker sends a client, its size around `limit`.
 fn packet(u: &mut Unstructured<'_>, limit: usize) -> Packet {
-    let pkid = int(u, 1..=u64::from(u16::MAX)) as u16;
+    let pkid = int(u, 1..=u16::MAX);
     match int(u, 0..=9) {
         0..=4 => {
             let topic = if one_in(u, 4) {
@@ -247,12 +247,12 @@ fn packet(u: &mut Unstructured<'_>, limit: usize) -> Packet {
                 .to_owned()
             };
             let len = match int(u, 0..=3) {
-                0 => int(u, 0..=16) as usize,
-                1 => limit.saturating_sub(topic.len() + 4) + int(u, 0..=6) as usize,
-                2 => limit + int(u, 0..=3000) as usize,
-                _ => PREFIX_BYTES + int(u, 0..=2) as usize,
+                0 => int::<usize>(u, 0..=16),
+                1 => limit.saturating_sub(topic.len() + 4) + int::<usize>(u, 0..=6),
+                2 => limit + int::<usize>(u, 0..=3000),
+                _ => PREFIX_BYTES + int::<usize>(u, 0..=2),
             };
-            let byte = int(u, 0..=255) as u8;
+            let byte = int::<u8>(u, 0..=255);
             let mut p = Publish::new(topic, qos(u), vec![byte; len]);
             p.retain = one_in(u, 3);
             p.dup = one_in(u, 6);

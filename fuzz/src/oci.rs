@@ -72,7 +72,7 @@ pub fn oci_image(data: &[u8]) {
     let raw = if raw_part == 0 {
         Vec::new()
     } else {
-        let len = int(&mut u, 0..=rest.len() as u64) as usize;
+        let len = int(&mut u, 0..=rest.len());
         u.bytes(len).unwrap_or_default().to_vec()
     };
     let image = generate(&mut u, raw_part, raw);
@@ -101,7 +101,7 @@ fn unblock_fifos(dir: &Path) {
         } else if meta.file_type().is_fifo() {
             let _ = std::fs::OpenOptions::new()
                 .write(true)
-                .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+                .custom_flags(rustix::fs::OFlags::NONBLOCK.bits().cast_signed())
                 .open(&path);
         }
     }
@@ -682,7 +682,7 @@ fn layer(u: &mut Unstructured<'_>, known: &mut Vec<String>) -> (Vec<u8>, String)
             0..=2 => {
                 header.set_entry_type(tar::EntryType::Regular);
                 data = match int(u, 0..=3) {
-                    0 => vec![b'z'; int(u, 0..=200_000) as usize],
+                    0 => vec![b'z'; int::<usize>(u, 0..=200_000)],
                     _ => format!("content of {path}").into_bytes(),
                 };
             }
@@ -718,7 +718,7 @@ fn layer(u: &mut Unstructured<'_>, known: &mut Vec<String>) -> (Vec<u8>, String)
             }
         }
         header.set_mode(mode);
-        header.set_uid(pick(u, &[0, 1000, 65534, u32::MAX as u64]));
+        header.set_uid(pick(u, &[0, 1000, 65534, u64::from(u32::MAX)]));
         header.set_gid(0);
         header.set_mtime(1_700_000_000);
         header.set_size(data.len() as u64);

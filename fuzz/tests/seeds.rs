@@ -38,7 +38,7 @@ fn every_target_has_seeds() {
 fn generated(mode: u8, index: u64, len: usize) -> Vec<u8> {
     let mut rng = SplitMix64::new(0x5eed ^ (u64::from(mode) << 32) ^ index);
     let mut out = vec![mode];
-    out.extend((0..len).map(|_| rng.next_u64() as u8));
+    out.extend((0..len).map(|_| rng.next_u8()));
     out
 }
 
@@ -143,6 +143,7 @@ fn signed_bundle_tar() -> Vec<u8> {
         version: 2,
         deployment,
         artifacts: [(digest.clone(), module.len() as u64)].into(),
+        system: None,
         signature: None,
         key_id: None,
     };
@@ -334,9 +335,9 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
                 .as_bytes(),
         ));
     }
-    for i in 0..12 {
-        toml.push(generated(1, i, 64 + 32 * i as usize));
-        json.push(generated(1, i, 64 + 32 * i as usize));
+    for i in 0..12u8 {
+        toml.push(generated(1, u64::from(i), 64 + 32 * usize::from(i)));
+        json.push(generated(1, u64::from(i), 64 + 32 * usize::from(i)));
     }
 
     let mut config = vec![
@@ -388,7 +389,7 @@ fn seeds() -> Vec<(&'static str, Vec<Vec<u8>>)> {
     let topic = b"lichen/v1/node-1/cmd/w";
     hub.push(
         [
-            &[4u8, topic.len() as u8][..],
+            &[4u8, u8::try_from(topic.len()).unwrap()][..],
             topic,
             br#"{"id":"hub:2","ts":5,"payload":{"command":"x"}}"#,
         ]

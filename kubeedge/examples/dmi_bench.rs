@@ -66,6 +66,8 @@ fn plain(name: &str, desired: &str, cycle_ms: i64) -> pb::Device {
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    // A float-to-integer `as` saturates (NaN gives 0) and the index is clamped below.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
     let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
     sorted[i.min(sorted.len() - 1)]
 }

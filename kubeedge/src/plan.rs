@@ -21,8 +21,8 @@ use crate::error::DmiError;
 use crate::proto::v1beta1 as pb;
 use crate::proto::{ConfigValue, decode_any};
 use crate::workload::{
-    CONFIG_DATA, DeviceWorkload, GpioGrant, I2cGrant, Limits, Restart, SpiGrant, Trigger,
-    workload_name,
+    CONFIG_DATA, DeviceLabels, DeviceWorkload, GpioGrant, I2cGrant, Limits, Restart, SpiGrant,
+    Trigger, workload_name,
 };
 
 /// The protocol name Lichen registers and serves.
@@ -387,7 +387,14 @@ pub fn plan_device(
         .as_ref()
         .and_then(|p| p.config_data.as_ref())
         .unwrap_or(&empty);
-    let function = plan_function(&id, data)?;
+    let mut function = plan_function(&id, data)?;
+    if let Function::Own(workload) = &mut function {
+        workload.device = DeviceLabels {
+            namespace: id.namespace.clone(),
+            name: id.name.clone(),
+            model: model_id.name.clone(),
+        };
+    }
     if spec.properties.len() > MAX_PROPERTIES {
         return Err(DmiError::invalid(
             "spec.properties",
@@ -595,7 +602,9 @@ fn plan_function(id: &ResourceId, data: &pb::CustomizedValue) -> Result<Function
     }
     let queue = match values.get("queue") {
         None => None,
-        Some(ConfigValue::Int(n)) if *n >= 1 => Some(*n as u64),
+        Some(ConfigValue::Int(n)) if *n >= 1 => Some(n.unsigned_abs()),
+        // Whole and within 1..1e9, so the float-to-integer conversion is exact.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         Some(ConfigValue::Float(f)) if f.fract() == 0.0 && *f >= 1.0 && *f < 1e9 => Some(*f as u64),
         Some(other) => {
             return Err(DmiError::invalid(
@@ -632,6 +641,7 @@ fn plan_function(id: &ResourceId, data: &pb::CustomizedValue) -> Result<Function
         gpio,
         spi,
         i2c,
+        device: DeviceLabels::default(),
     })))
 }
 

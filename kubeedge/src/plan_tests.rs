@@ -124,6 +124,15 @@ fn a_lichen_device_becomes_its_own_workload_with_its_grants_and_properties() {
     assert_eq!(w.limits.memory.as_deref(), Some("4MiB"));
     assert_eq!(w.limits.queue, Some(16));
     assert_eq!(w.triggers[0].gpio_edge.as_deref(), Some("button"));
+    // The agent labels the workload with its Device (`lichen ps`).
+    assert_eq!(
+        w.device,
+        crate::workload::DeviceLabels {
+            namespace: "default".into(),
+            name: "led-1".into(),
+            model: "led-model".into(),
+        }
+    );
     let led = &p.properties[0];
     assert_eq!(led.desired.as_deref(), Some("on"));
     assert_eq!(led.set_command, "set-led");

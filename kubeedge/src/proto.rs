@@ -39,6 +39,8 @@ impl ConfigValue {
         match self {
             ConfigValue::Text(s) => s.clone(),
             ConfigValue::Int(i) => i.to_string(),
+            // Whole and below 1e15 in magnitude, so the float-to-integer conversion is exact.
+            #[allow(clippy::cast_possible_truncation)]
             ConfigValue::Float(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", *f as i64),
             ConfigValue::Float(f) => f.to_string(),
             ConfigValue::Bool(b) => b.to_string(),

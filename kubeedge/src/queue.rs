@@ -275,6 +275,26 @@ fn sql(op: &str) -> impl Fn(rusqlite::Error) -> QueueError + '_ {
     move |e| QueueError(format!("{op}: {e}"))
 }
 
+/// [`DROP_WINDOW`] as the SQLite integer the query binds.
+const WINDOW_SQL: i64 = 1024;
+const _: () = assert!(WINDOW_SQL.unsigned_abs() == DROP_WINDOW as u64);
+
+/// A report id as the SQLite row id it is: ids come from row ids, so one above `i64::MAX` names
+/// no report and is refused rather than wrapped to a negative row id.
+fn row_id(id: u64) -> Result<i64, QueueError> {
+    i64::try_from(id).map_err(|_| {
+        QueueError(format!(
+            "report id {id} is not a queue row id (at most {})",
+            i64::MAX
+        ))
+    })
+}
+
+/// A SQLite row id as a report id: row ids of the queue's table are positive.
+fn report_id(row: i64) -> Result<u64, QueueError> {
+    u64::try_from(row).map_err(|_| QueueError(format!("queue row id {row} is negative")))
+}
+
 impl SqliteQueue {
     /// Opens (creating if needed) the queue in the SQLite file `path`, bounded to
     /// `max_reports`.
@@ -329,10 +349,11 @@ impl ReportQueue for SqliteQueue {
                 )
                 .map_err(sql("reading the oldest reports"))?;
             let rows = stmt
-                .query_map([DROP_WINDOW as i64], |r| {
+                .query_map([WINDOW_SQL], |r| {
                     let props: String = r.get(3)?;
                     Ok(RowInfo {
-                        id: r.get::<_, i64>(0)? as u64,
+                        // Row ids of the queue's table are positive (AUTOINCREMENT from 1).
+                        id: r.get::<_, i64>(0)?.unsigned_abs(),
                         device: r.get(1)?,
                         kind: r.get(2)?,
                         properties: props
@@ -346,7 +367,7 @@ impl ReportQueue for SqliteQueue {
                 .map_err(sql("reading the oldest reports"))?;
             drop(stmt);
             if let Some(id) = choose_drop(&rows) {
-                tx.execute("DELETE FROM dmi_reports WHERE id = ?1", [id as i64])
+                tx.execute("DELETE FROM dmi_reports WHERE id = ?1", [row_id(id)?])
                     .map_err(sql("dropping a report"))?;
                 tx.execute(
                     "INSERT INTO dmi_counters (key, value) VALUES ('dropped', 1)
@@ -370,7 +391,7 @@ impl ReportQueue for SqliteQueue {
         .map_err(sql("queueing a report"))?;
         let id = tx.last_insert_rowid();
         tx.commit().map_err(sql("commit"))?;
-        Ok(id as u64)
+        report_id(id)
     }
 
     fn oldest(&self, limit: usize) -> Result<Vec<Queued>, QueueError> {
@@ -391,7 +412,7 @@ impl ReportQueue for SqliteQueue {
         rows.into_iter()
             .map(|(id, kind, body)| {
                 Ok(Queued {
-                    id: id as u64,
+                    id: report_id(id)?,
                     report: Report::decode(&kind, &body)?,
                 })
             })
@@ -400,7 +421,7 @@ impl ReportQueue for SqliteQueue {
 
     fn ack(&self, id: u64) -> Result<(), QueueError> {
         self.lock()
-            .execute("DELETE FROM dmi_reports WHERE id = ?1", [id as i64])
+            .execute("DELETE FROM dmi_reports WHERE id = ?1", [row_id(id)?])
             .map(drop)
             .map_err(sql("acknowledging a report"))
     }
@@ -413,7 +434,7 @@ impl ReportQueue for SqliteQueue {
                 .prepare_cached("DELETE FROM dmi_reports WHERE id = ?1")
                 .map_err(sql("acknowledging reports"))?;
             for id in ids {
-                stmt.execute([*id as i64])
+                stmt.execute([row_id(*id)?])
                     .map_err(sql("acknowledging reports"))?;
             }
         }
@@ -425,7 +446,8 @@ impl ReportQueue for SqliteQueue {
             .query_row("SELECT COUNT(*) FROM dmi_reports", [], |r| {
                 r.get::<_, i64>(0)
             })
-            .map(|n| n as u64)
+            // COUNT(*) is never negative.
+            .map(i64::unsigned_abs)
             .map_err(sql("counting reports"))
     }
 
@@ -437,7 +459,8 @@ impl ReportQueue for SqliteQueue {
                 |r| r.get::<_, i64>(0),
             )
             .optional()
-            .map(|n| n.unwrap_or(0) as u64)
+            // The counter only ever grows from 0.
+            .map(|n| n.map_or(0, i64::unsigned_abs))
             .map_err(sql("reading the drop count"))
     }
 }
@@ -502,6 +525,21 @@ mod tests {
         // Ids are never reused, even after the newest was acknowledged.
         q.ack(c).unwrap();
         assert!(q.push(&state("a", "offline")).unwrap() > c);
+    }
+
+    #[test]
+    fn an_ack_id_beyond_sqlite_row_ids_is_refused_by_value_and_removes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = SqliteQueue::open(&dir.path().join("q.db"), 100).unwrap();
+        let a = q.push(&state("a", "online")).unwrap();
+        // `as i64` wrapped this to -1: a silent no-op ack instead of an error.
+        let err = q.ack(u64::MAX).unwrap_err().to_string();
+        assert!(err.contains(&u64::MAX.to_string()), "{err}");
+        // One bad id in a batch fails the batch: the good id is not acknowledged either.
+        let err = q.ack_many(&[a, 1 << 63]).unwrap_err().to_string();
+        assert!(err.contains(&(1u64 << 63).to_string()), "{err}");
+        assert_eq!(q.len().unwrap(), 1);
+        assert_eq!(q.oldest(10).unwrap()[0].id, a);
     }
 
     #[test]

@@ -190,6 +190,21 @@ pub struct DeviceWorkload {
     /// I2C grants.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub i2c: Vec<I2cGrant>,
+    /// The Device it runs for, as the agent labels it (`lichen ps`); not part of the
+    /// deployment file schema.
+    #[serde(skip)]
+    pub device: DeviceLabels,
+}
+
+/// Which Device a workload runs for: shown by `lichen ps` beside the workload's name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DeviceLabels {
+    /// The Device's namespace.
+    pub namespace: String,
+    /// The Device's name.
+    pub name: String,
+    /// Its DeviceModel's name (same namespace).
+    pub model: String,
 }
 
 impl DeviceWorkload {
@@ -312,6 +327,7 @@ mod tests {
                 memory: Some("4MiB".into()),
                 ..Limits::default()
             },
+            device: DeviceLabels::default(),
             gpio: vec![GpioGrant {
                 name: "led".into(),
                 pin: "GPIO17".into(),

@@ -94,12 +94,18 @@ impl Publisher {
     }
 }
 
+/// A ttrpc call deadline of `timeout` in nanoseconds, saturating at `i64::MAX` (292 years).
+pub fn timeout_nanos(timeout: Duration) -> i64 {
+    i64::try_from(timeout.as_nanos()).unwrap_or(i64::MAX)
+}
+
 /// A protobuf timestamp.
 pub fn timestamp(at: SystemTime) -> Timestamp {
     let since = at.duration_since(UNIX_EPOCH).unwrap_or_default();
     Timestamp {
         seconds: i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
-        nanos: since.subsec_nanos() as i32,
+        // Below 1e9, so inside i32.
+        nanos: i32::try_from(since.subsec_nanos()).unwrap_or(0),
         ..Default::default()
     }
 }
@@ -138,7 +144,7 @@ async fn forward_loop(mut rx: mpsc::Receiver<Queued>) {
                     }
                 },
             };
-            let ctx = context::with_timeout(FORWARD_TIMEOUT.as_nanos() as i64);
+            let ctx = context::with_timeout(timeout_nanos(FORWARD_TIMEOUT));
             match client.forward(ctx, &request).await {
                 Ok(_) => {
                     sent = true;

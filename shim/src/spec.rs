@@ -246,8 +246,8 @@ pub fn from_spec(bundle: &Path, spec: &Spec) -> Result<BundleSpec, SpecError> {
         .and_then(|l| l.resources().as_ref())
         .and_then(|r| r.memory().as_ref())
         .and_then(|m| m.limit())
-        .filter(|&limit| limit > 0)
-        .map(|limit| limit as u64);
+        .and_then(|limit| u64::try_from(limit).ok())
+        .filter(|&limit| limit > 0);
 
     Ok(BundleSpec {
         kind,
@@ -365,7 +365,7 @@ mod tests {
             err.contains("config.json") && err.contains("not an OCI runtime spec"),
             "{err}"
         );
-        let big = vec![b' '; MAX_CONFIG_BYTES as usize + 1];
+        let big = vec![b' '; usize::try_from(MAX_CONFIG_BYTES).unwrap() + 1];
         std::fs::write(dir.path().join("config.json"), big).unwrap();
         let err = read_bundle(dir.path()).unwrap_err().to_string();
         assert!(err.contains("larger than"), "{err}");

@@ -633,6 +633,7 @@ fn publish_desired_with_digest(
         version,
         deployment: text,
         artifacts: size.map(|s| (digest.to_owned(), s)).into_iter().collect(),
+        system: None,
         signature: None,
         key_id: None,
     };
@@ -791,8 +792,8 @@ fn forged_manifests_and_chunks_are_refused_without_rejecting_the_signed_deployme
     forged[100] ^= 0xff;
     let (mut manifest, chunks) = lichen_sync::Manifest::split(&forged, 4096);
     manifest.digest = digest.clone();
-    for (i, c) in chunks.iter().enumerate() {
-        watcher.publish(&topics.artifact_chunk(&digest, i as u32), true, c.to_vec());
+    for (i, c) in (0u32..).zip(&chunks) {
+        watcher.publish(&topics.artifact_chunk(&digest, i), true, c.to_vec());
     }
     watcher.publish(&manifest_topic, true, envelope(&manifest));
     let r = reported(&watcher, "the forged artifact refused", |r| {

@@ -309,3 +309,121 @@ async fn bad_devices_are_refused_naming_the_field_and_nothing_changes() {
     }
     edgecore.stop().await;
 }
+
+/// An I2C address is owned by one workload across sources, like a pin: a Device asking for
+/// the address the operator's workload holds is refused naming the field and the owner, and
+/// the operator's deployment asking for a Device's address is refused the same way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_i2c_address_is_owned_by_one_workload_across_the_operator_and_devices() {
+    let dir = tempfile::tempdir().unwrap();
+    let state = EdgeCoreState::default();
+    let edgecore = StandInEdgeCore::start(&edgecore_socket(dir.path()), state.clone()).await;
+    let (daemon, digest) = daemon(dir.path());
+    let module = guest("button-led");
+    let operator = |address: &str| {
+        format!(
+            "[[workloads]]\nname = \"store\"\nmodule = \"{}\"\ngpio = [{{ name = \"button\", pin = \"GPIO5\", mode = \"input\" }}, {{ name = \"led\", pin = \"GPIO6\", mode = \"output\" }}]\ni2c = [{{ name = \"env\", bus = \"i2c-1\", addresses = [{address}] }}]\n",
+            module.display()
+        )
+    };
+    let out = daemon.deploy("store.toml", &operator("0x48"));
+    assert!(out.status.success(), "{}", output_text(&out));
+    registered(&state).await;
+    let mut dmi = edgecore.mapper().await;
+    dmi.create_device_model(pb::CreateDeviceModelRequest {
+        model: Some(objects::led_model()),
+    })
+    .await
+    .unwrap();
+    let with_i2c = |name: &str, address: u16| {
+        let mut device = button_led(name, &digest, "GPIO22", "on");
+        let mut data = device
+            .spec
+            .as_ref()
+            .unwrap()
+            .protocol
+            .as_ref()
+            .unwrap()
+            .config_data
+            .clone()
+            .unwrap();
+        let extra = customized_value([(
+            "i2c",
+            ConfigValue::Text(format!(
+                r#"[{{"name":"env","bus":"i2c-1","addresses":[{address}]}}]"#
+            )),
+        )]);
+        data.data.extend(extra.data);
+        device
+            .spec
+            .as_mut()
+            .unwrap()
+            .protocol
+            .as_mut()
+            .unwrap()
+            .config_data = Some(data);
+        device
+    };
+    let before = daemon.ps().into_iter().map(|w| w.name).collect::<Vec<_>>();
+    let err = dmi
+        .register_device(pb::RegisterDeviceRequest {
+            device: Some(with_i2c("env-1", 0x48)),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{}", err.message());
+    assert!(
+        err.message()
+            .starts_with("spec.protocol.configData.i2c[0].addresses[0]: "),
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message()
+            .contains("workload \"store\" of source operator"),
+        "{}",
+        err.message()
+    );
+    assert_eq!(
+        daemon.ps().into_iter().map(|w| w.name).collect::<Vec<_>>(),
+        before
+    );
+
+    // Another address on the same bus is the Device's; `lichen ps` labels its function with
+    // the Device and its model.
+    dmi.register_device(pb::RegisterDeviceRequest {
+        device: Some(with_i2c("env-1", 0x49)),
+    })
+    .await
+    .expect("a free address");
+    let workload = workload_name("default", "env-1");
+    daemon.wait_for(&workload, "running", |w| w.state == "running");
+    let status = daemon.status(&workload).unwrap();
+    assert_eq!(status.labels["device"], "env-1", "{status:?}");
+    assert_eq!(status.labels["model"], "button-led-model", "{status:?}");
+    assert_eq!(status.labels["namespace"], "default", "{status:?}");
+    let out = daemon.cli(&["ps"]);
+    assert!(
+        output_text(&out).contains("devices:device=env-1,model=button-led-model"),
+        "{}",
+        output_text(&out)
+    );
+
+    // The operator's deployment may not take the Device's address; nothing changes.
+    let out = daemon.deploy("store.toml", &operator("0x48, 0x49"));
+    assert!(!out.status.success(), "{}", output_text(&out));
+    assert!(
+        output_text(&out).contains(&format!(
+            "workloads[0].i2c[0].addresses[1]: address 0x49 on I2C bus \"i2c-1\" is already granted to workload \"{workload}\" of source devices"
+        )),
+        "{}",
+        output_text(&out)
+    );
+    assert_eq!(
+        daemon.status("store").unwrap().state,
+        "running",
+        "{:?}",
+        daemon.ps()
+    );
+    edgecore.stop().await;
+}

@@ -412,7 +412,7 @@ fn read_member(
             max,
         });
     }
-    let mut bytes = Vec::with_capacity(size as usize);
+    let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
     entry
         .take(max)
         .read_to_end(&mut bytes)
@@ -610,7 +610,9 @@ pub(crate) mod tests {
 
     pub(crate) fn image(dir: &Path, size: usize) -> PathBuf {
         let path = dir.join("rootfs.img");
-        let bytes: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+        let bytes: Vec<u8> = (0..size)
+            .map(|i| u8::try_from(i * 7 % 251).unwrap())
+            .collect();
         std::fs::write(&path, bytes).unwrap();
         path
     }

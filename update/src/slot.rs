@@ -27,6 +27,9 @@ use serde::{Deserialize, Serialize};
 
 /// Bytes at the end of a slot reserved for its trailer.
 pub const TRAILER_SIZE: u64 = 4096;
+/// [`TRAILER_SIZE`] as a buffer length.
+pub(crate) const TRAILER_LEN: usize = 4096;
+const _: () = assert!(TRAILER_LEN as u64 == TRAILER_SIZE);
 /// First line of a trailer.
 pub const TRAILER_MAGIC: &str = "lichen-slot-v1";
 /// Longest version or target string (bundle manifests, trailers, system.json).
@@ -229,7 +232,7 @@ impl SlotTrailer {
             self.version, self.target, self.size, self.sha256
         )
         .into_bytes();
-        bytes.resize(TRAILER_SIZE as usize, 0);
+        bytes.resize(TRAILER_LEN, 0);
         bytes
     }
 
@@ -275,7 +278,7 @@ impl SlotTrailer {
             path: path.to_path_buf(),
             source,
         })?;
-        let mut block = vec![0u8; TRAILER_SIZE as usize];
+        let mut block = vec![0u8; TRAILER_LEN];
         file.seek(SeekFrom::Start(size - TRAILER_SIZE))
             .and_then(|_| file.read_exact(&mut block))
             .map_err(|source| SlotError::Io {
@@ -410,7 +413,7 @@ mod tests {
             sha256: "0".repeat(64),
         };
         let mut bytes = vec![0xa5u8; 1 << 20];
-        let at = bytes.len() - TRAILER_SIZE as usize;
+        let at = bytes.len() - TRAILER_LEN;
         bytes[at..].copy_from_slice(&trailer.render());
         std::fs::write(&slot, &bytes).unwrap();
         assert_eq!(SlotTrailer::read(&slot).unwrap(), Some(trailer));

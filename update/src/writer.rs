@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use sha2::{Digest, Sha256};
 
-use crate::slot::{SlotTrailer, TRAILER_SIZE, device_size};
+use crate::slot::{SlotTrailer, TRAILER_LEN, TRAILER_SIZE, device_size};
 
 /// Bytes per write and per read-back read.
 pub const CHUNK: usize = 1 << 20;
@@ -120,7 +120,7 @@ pub fn write_slot(
         .open(device)
         .map_err(|e| io("opening for writing", e))?;
     // 1. The trailer goes first: from here the slot names no version.
-    out.write_all_at(&[0u8; TRAILER_SIZE as usize], room)
+    out.write_all_at(&[0u8; TRAILER_LEN], room)
         .and_then(|()| out.sync_data())
         .map_err(|e| io("clearing the trailer of", e))?;
 
@@ -131,7 +131,7 @@ pub fn write_slot(
     let mut buf = vec![0u8; CHUNK];
     let mut written = 0u64;
     while written < size {
-        let want = (size - written).min(CHUNK as u64) as usize;
+        let want = CHUNK.min(usize::try_from(size - written).unwrap_or(usize::MAX));
         let got = read_full(image, &mut buf[..want]).map_err(|e| io("reading the image for", e))?;
         if got < want {
             return Err(WriteError::ShortImage {
@@ -212,7 +212,7 @@ fn hash_back(device: &Path, size: u64) -> Result<(String, bool), WriteError> {
     let mut hasher = Sha256::new();
     let mut done = 0u64;
     while done < size {
-        let need = (size - done).min(CHUNK as u64) as usize;
+        let need = CHUNK.min(usize::try_from(size - done).unwrap_or(usize::MAX));
         // Whole blocks: the slot extends past the image (its trailer at least).
         let read_len = need.div_ceil(ALIGN) * ALIGN;
         let got = match read_full(&mut file, &mut buf[..read_len]) {
@@ -247,7 +247,7 @@ fn hash_back_cached(device: &Path, size: u64) -> Result<(String, bool), WriteErr
     let mut buf = vec![0u8; CHUNK];
     let mut done = 0u64;
     while done < size {
-        let need = (size - done).min(CHUNK as u64) as usize;
+        let need = CHUNK.min(usize::try_from(size - done).unwrap_or(usize::MAX));
         let got = read_full(&mut file, &mut buf[..need]).map_err(|source| WriteError::Io {
             what: "reading back",
             path: device.to_path_buf(),
@@ -298,7 +298,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let slot = dir.path().join("slot");
         std::fs::write(&slot, vec![0xeeu8; 4 << 20]).unwrap();
-        let image: Vec<u8> = (0..(CHUNK * 2 + 12345)).map(|i| (i % 253) as u8).collect();
+        let image: Vec<u8> = (0..(CHUNK * 2 + 12345))
+            .map(|i| u8::try_from(i % 253).unwrap())
+            .collect();
         let digest = sha(&image);
         let mut seen = Vec::new();
         let report = write_slot(
@@ -326,7 +328,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let slot = dir.path().join("slot");
         let mut old = vec![0u8; 1 << 20];
-        let at = old.len() - TRAILER_SIZE as usize;
+        let at = old.len() - TRAILER_LEN;
         old[at..].copy_from_slice(&trailer(1, &"0".repeat(64)).render());
         std::fs::write(&slot, &old).unwrap();
         let image = vec![7u8; 5000];

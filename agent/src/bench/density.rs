@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use super::{
-    Table, WorkloadText, api, deployment_text, fmt_count, fmt_duration, histogram, module_bytes,
-    open_agent,
+    Table, WorkloadText, api, deployment_text, fmt_count, fmt_duration, fmt_rate, histogram,
+    module_bytes, open_agent,
 };
 use crate::api::control::Control;
 use crate::api::types::SendRequest;
@@ -209,7 +209,9 @@ async fn run_read_only_dispatch(
     let transactions_before = agent.store().stats().transactions;
     let senders = agent.event_senders(names).await.map_err(api)?;
     let started = Instant::now();
-    for (i, sender) in senders.iter().cycle().take(events as usize).enumerate() {
+    let count =
+        usize::try_from(events).with_context(|| format!("--events {events} is too many"))?;
+    for (i, sender) in senders.iter().cycle().take(count).enumerate() {
         sender
             .deliver(Delivery::Command {
                 id: format!("bench-{i}"),
@@ -237,7 +239,7 @@ async fn run_read_only_dispatch(
     ));
     table.row(
         "events per second (inject -> all handled)",
-        fmt_count(rate as u64),
+        fmt_rate(rate),
         ">= 200,000",
         "component call 120 ns (reference)",
     );
@@ -250,7 +252,7 @@ async fn run_read_only_dispatch(
     table.print();
     Ok(format!(
         "Dispatch of read-only events: {} events/s across {} instances ({} `get` commands; nothing to commit, so no SQLite write per event).",
-        fmt_count(rate as u64),
+        fmt_rate(rate),
         names.len(),
         fmt_count(events)
     ))
@@ -273,7 +275,9 @@ async fn run_dispatch(
 
     let senders = agent.event_senders(names).await.map_err(api)?;
     let started = Instant::now();
-    for (i, sender) in senders.iter().cycle().take(events as usize).enumerate() {
+    let count =
+        usize::try_from(events).with_context(|| format!("--events {events} is too many"))?;
+    for (i, sender) in senders.iter().cycle().take(count).enumerate() {
         sender
             .deliver(Delivery::Tick)
             .await
@@ -332,7 +336,7 @@ async fn run_dispatch(
     ));
     table.row(
         "events per second (inject -> all handled and committed)",
-        fmt_count(rate as u64),
+        fmt_rate(rate),
         ">= 200,000",
         "runwasi: 330 tasks/s; SQLite batches of 100: 915k rows/s",
     );
@@ -379,7 +383,7 @@ async fn run_dispatch(
     table.print();
     Ok(format!(
         "- Dispatch: {} events/s across {count} instances ({} ticks, each a kv write + telemetry row committed; {events_per_transaction:.1} events per SQLite transaction; target >= 200,000 events/s).",
-        fmt_count(rate as u64),
+        fmt_rate(rate),
         fmt_count(events),
     ))
 }

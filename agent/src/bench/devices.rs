@@ -22,7 +22,7 @@ use lichen_devices::embedded_hal::digital::StatefulOutputPin;
 use lichen_devices::embedded_hal::spi::{Operation, SpiDevice};
 use lichen_devices::{Level, OutputConfig, SpiConfig};
 
-use super::{Samples, Table, api, fmt_count, fmt_duration, open_agent};
+use super::{Samples, Table, api, fmt_duration, fmt_rate, open_agent};
 use crate::api::control::Control;
 use crate::api::types::SendRequest;
 use crate::cli::BenchArgs;
@@ -225,7 +225,7 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
     agent.shutdown().await;
 
     let latencies = Samples::new(latencies);
-    let per_sec = |rate: f64| format!("{}/s", fmt_count(rate as u64));
+    let per_sec = |rate: f64| format!("{}/s", fmt_rate(rate));
     let mut table = Table::new(format!(
         "devices: GPIO, edges and SPI from Wasm on the simulated board ({commands} commands per figure, {edges} edges)"
     ));
@@ -326,18 +326,18 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
     Ok(vec![
         format!(
             "- GPIO from Wasm (sim): {} toggles/s in a guest loop vs {} native, {:.1}x; {} toggles/s by command; edge to on-event p50 {}, p99 {}.",
-            fmt_count(wasm_loop_toggles as u64),
-            fmt_count(native_toggles as u64),
+            fmt_rate(wasm_loop_toggles),
+            fmt_rate(native_toggles),
             native_toggles / wasm_loop_toggles,
-            fmt_count(wasm_toggles as u64),
+            fmt_rate(wasm_toggles),
             fmt_duration(latencies.percentile(50.0)),
             fmt_duration(latencies.percentile(99.0)),
         ),
         format!(
             "- SPI from Wasm (sim MCP3008): {} transactions/s in a guest loop, {} by command, vs {} native.",
-            fmt_count(wasm_loop_spi as u64),
-            fmt_count(wasm_spi as u64),
-            fmt_count(native_spi as u64),
+            fmt_rate(wasm_loop_spi),
+            fmt_rate(wasm_spi),
+            fmt_rate(native_spi),
         ),
     ])
 }

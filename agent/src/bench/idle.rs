@@ -23,12 +23,12 @@ const TARGET_PERCENT: f64 = 0.1;
 
 /// CPU time and context switches of every thread of this process, summed.
 #[derive(Debug, Clone, Copy, Default)]
-struct Usage {
-    cpu_ns: u64,
+pub(super) struct Usage {
+    pub(super) cpu_ns: u64,
     switches: u64,
 }
 
-fn usage() -> Result<Usage> {
+pub(super) fn usage() -> Result<Usage> {
     let mut total = Usage::default();
     let tasks = std::fs::read_dir("/proc/self/task").context("cannot list /proc/self/task")?;
     for task in tasks {

@@ -95,7 +95,11 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
 /// running; memory is the agent process's PSS growth divided by `n`.
 async fn wasm(dir: &Path, args: &BenchArgs, n: usize) -> Result<Measured> {
     let (bytes, label) = module_bytes(args)?;
-    let agent = open_agent(dir, Some(n as u32 + 8)).await?;
+    let slots = u32::try_from(n)
+        .ok()
+        .and_then(|n| n.checked_add(8))
+        .with_context(|| format!("{n} instances do not fit the pool's u32 instance count"))?;
+    let agent = open_agent(dir, Some(slots)).await?;
     let artifact = agent
         .artifacts()
         .add(bytes)
@@ -382,7 +386,7 @@ fn mib(bytes: u64) -> String {
     if bytes < 1 << 20 {
         format!("{} KiB", bytes / 1024)
     } else {
-        format!("{:.1} MiB", bytes as f64 / (1 << 20) as f64)
+        format!("{:.1} MiB", bytes as f64 / f64::from(1 << 20))
     }
 }
 

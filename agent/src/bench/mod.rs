@@ -11,7 +11,9 @@
 //! | `devices` | GPIO toggles and SPI transactions from Wasm vs native, edge to `on-event` latency (sim board) |
 //! | `size` | the binary's size, and the static release binaries' if built |
 //! | `sync` | hub link: durable outbox ingest, drain and catch-up against Mosquitto, bytes written per record, records lost across broker restarts + `kill -9` |
+//! | `kubeedge` | the KubeEdge mapper in the agent against a stand-in EdgeCore: twin round trip p50/p99, 1000 Devices as live functions (time, RSS per device), reports/s and CPU |
 //! | `isolation` | one trivial workload as Wasm, crun, runc and a QEMU microVM: start-to-ready p50/p99, PSS per instance, instances per 512 MiB |
+//! | `pods` | under a containerd of its own: `ctr run` to first output, Lichen's shim vs runc's, and memory per extra pod |
 //!
 //! `lichen bench` alone runs every group in its own child process (`startup`,
 //! `density,dispatch`, `reload`, `idle`, `devices`, `size`), so each RSS figure starts from a fresh
@@ -24,6 +26,9 @@ mod devices;
 mod idle;
 mod isolation;
 pub mod json;
+#[cfg(feature = "kubeedge")]
+mod kubeedge;
+mod pods;
 mod reload;
 mod size;
 mod startup;
@@ -43,7 +48,7 @@ use crate::metrics::Gauges;
 use crate::supervisor::Agent;
 
 /// Every benchmark, in the order `lichen bench` runs them.
-pub const BENCHMARKS: [&str; 9] = [
+pub const BENCHMARKS: [&str; 11] = [
     "startup",
     "density",
     "dispatch",
@@ -53,10 +58,12 @@ pub const BENCHMARKS: [&str; 9] = [
     "size",
     "isolation",
     "sync",
+    "pods",
+    "kubeedge",
 ];
 
 /// How `lichen bench` without WHAT splits the benchmarks into child processes.
-const GROUPS: [&str; 8] = [
+const GROUPS: [&str; 10] = [
     "startup",
     "density,dispatch",
     "reload",
@@ -65,6 +72,8 @@ const GROUPS: [&str; 8] = [
     "size",
     "isolation",
     "sync",
+    "pods",
+    "kubeedge",
 ];
 
 /// The line after which a run prints its summary lines.
@@ -309,6 +318,19 @@ async fn run_selected(selected: &[&str], args: &BenchArgs) -> Result<()> {
         let result = async { sync::run(&dirs.fresh("sync")?, args).await }.await;
         outcome("sync", result);
     }
+    if has("pods") {
+        let result = async { pods::run(&dirs.fresh("pods")?, args).await }.await;
+        outcome("pods", result);
+    }
+    if has("kubeedge") {
+        #[cfg(feature = "kubeedge")]
+        let result = async { kubeedge::run(&dirs.fresh("kubeedge")?, args).await }.await;
+        #[cfg(not(feature = "kubeedge"))]
+        let result = Err(anyhow::anyhow!(
+            "this build has no KubeEdge mapper (the `kubeedge` feature)"
+        ));
+        outcome("kubeedge", result);
+    }
     if json::enabled() {
         let document = json::Document {
             figures: json::take(),
@@ -455,10 +477,11 @@ fn histogram(agent: &Agent, name: &str) -> (f64, u64) {
         let key = format!("{name}_{suffix} ");
         text.lines()
             .find_map(|l| l.strip_prefix(&key))
-            .and_then(|v| v.trim().parse::<f64>().ok())
-            .unwrap_or(0.0)
+            .map(str::trim)
     };
-    (value("sum"), value("count") as u64)
+    let sum = value("sum").and_then(|v| v.parse::<f64>().ok());
+    let count = value("count").and_then(|v| v.parse::<u64>().ok());
+    (sum.unwrap_or(0.0), count.unwrap_or(0))
 }
 
 /// Sorted samples with percentiles.
@@ -475,6 +498,9 @@ impl Samples {
         if self.0.is_empty() {
             return Duration::ZERO;
         }
+        // A float-to-integer `as` saturates (NaN gives 0) and the rank is clamped to 1..=len
+        // below, so any `p` gives an index inside the samples.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         let rank = ((p / 100.0) * self.0.len() as f64).ceil() as usize;
         self.0[rank.clamp(1, self.0.len()) - 1]
     }
@@ -483,7 +509,7 @@ impl Samples {
         if self.0.is_empty() {
             return Duration::ZERO;
         }
-        self.0.iter().sum::<Duration>() / self.0.len() as u32
+        self.0.iter().sum::<Duration>().div_f64(self.0.len() as f64)
     }
 
     fn max(&self) -> Duration {
@@ -501,6 +527,15 @@ fn fmt_duration(d: Duration) -> String {
     } else {
         format!("{secs:.2} s")
     }
+}
+
+/// A measured rate (events, records or toggles per second) as a whole count with thousands
+/// separators.
+fn fmt_rate(rate: f64) -> String {
+    // A float-to-integer `as` rounds toward zero and saturates (NaN gives 0): a rate is finite
+    // and non-negative, and this only prints it, nothing computes with the integer.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    fmt_count(rate.round() as u64)
 }
 
 /// A count with thousands separators: `200,000`.

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use lichen_sync::SyncSession;
 
-use super::{Table, fmt_count, fmt_duration};
+use super::{Table, fmt_count, fmt_duration, fmt_rate};
 use crate::cli::BenchArgs;
 use crate::store::{
     EventCommit, NewDeployment, NewWorkload, SqliteOutbox, StateStore, StoreOptions,
@@ -294,13 +294,13 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
     let mut table = Table::new("Hub sync (lichen bench sync)");
     table.row(
         "durable outbox ingest",
-        format!("{} records/s", fmt_count(ingest_rate as u64)),
+        format!("{} records/s", fmt_rate(ingest_rate)),
         ">= 50,000/s",
         "SQLite WAL 124k single-row commits/s (NORMAL)",
     );
     table.row(
         "drain to the broker, producing at once",
-        format!("{} records/s", fmt_count(live_rate as u64)),
+        format!("{} records/s", fmt_rate(live_rate)),
         ">= 20,000/s",
         "rumqttc -> Mosquitto ~90k QoS 1/s burst",
     );
@@ -309,7 +309,7 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
         format!(
             "{} ({} records/s; {} from session start)",
             fmt_duration(catch_up),
-            fmt_count(catch_up_rate as u64),
+            fmt_rate(catch_up_rate),
             fmt_duration(catch_up_total)
         ),
         "-",
@@ -361,11 +361,11 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
     Ok(vec![
         format!(
             "- sync: durable ingest {} records/s (synchronous=FULL, {producers} producers)",
-            fmt_count(ingest_rate as u64)
+            fmt_rate(ingest_rate)
         ),
         format!(
             "- sync: drain {} records/s while producing; catch-up of {} buffered records in {}",
-            fmt_count(live_rate as u64),
+            fmt_rate(live_rate),
             fmt_count(ingested),
             fmt_duration(catch_up)
         ),

@@ -4,10 +4,11 @@
 //! - `lichen hub keygen OUT`: a new ed25519 publisher key pair (`OUT`: PKCS#8 v1 PEM, the form
 //!   OpenSSL and Python's `cryptography` read, mode 0600; `OUT.pub`: the public key in hex, for
 //!   the nodes' `hub.trusted-keys`).
-//! - `lichen hub deploy --url U --node N FILE --key KEY [--version V]`: publishes, retained,
-//!   the module files the deployment names by path (chunked, on `lichen/v1/N/artifact/...`),
-//!   then the deployment with those modules named by digest, signed for node N, on
-//!   `lichen/v1/N/desired`.
+//! - `lichen hub deploy --url U --node N FILE --key KEY [--version V] [--update BUNDLE]`:
+//!   publishes, retained, the module files the deployment names by path (chunked, on
+//!   `lichen/v1/N/artifact/...`), then the deployment with those modules named by digest,
+//!   signed for node N, on `lichen/v1/N/desired`; `--update` adds a system update bundle
+//!   (published the same way, named with its size and sha256 in the signed `system`).
 //! - `lichen hub status --url U`: every node's retained reported state, as a table.
 //! - `lichen hub watch --url U [--node N]`: telemetry, events and command results as they come.
 //! - `lichen hub send --url U --node N WORKLOAD COMMAND [PAYLOAD]`: a command on `cmd/<workload>`;
@@ -164,6 +165,11 @@ pub struct HubDeployArgs {
     /// Size of the artifact chunks (1KiB to 512KiB).
     #[arg(long, value_name = "SIZE", default_value = "64KiB")]
     pub chunk_size: String,
+    /// A system update bundle (from `lichen hub update-bundle`) for A/B boards: named in the
+    /// signed desired state (`system`) and published as an artifact; the node writes it to
+    /// its inactive slot and reboots into it before it applies the deployment.
+    #[arg(long, value_name = "BUNDLE")]
+    pub update: Option<PathBuf>,
 }
 
 /// Options of `lichen hub status`.
@@ -283,8 +289,26 @@ async fn deploy(args: HubDeployArgs, json: bool) -> Result<ExitCode> {
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default();
-    let (desired, artifacts) =
-        signed_desired(&args.node, &args.file, &text, &args.key, args.version)?;
+    let system = args
+        .update
+        .as_deref()
+        .map(crate::hub::update::describe_bundle)
+        .transpose()?;
+    let (desired, mut artifacts) = signed_desired(
+        &args.node,
+        &args.file,
+        &text,
+        &args.key,
+        args.version,
+        system.as_ref().map(|(s, _)| s.clone()),
+    )?;
+    if let (Some((update, bytes)), Some(path)) = (system, &args.update) {
+        artifacts.push(LocalArtifact {
+            digest: update.sha256,
+            path: path.clone(),
+            bytes,
+        });
+    }
     let version = desired.version;
     let key_id = desired.key_id.clone().unwrap_or_default();
     let envelope = Envelope {
@@ -342,6 +366,7 @@ fn signed_desired(
     text: &str,
     key_file: &Path,
     version: Option<u64>,
+    system: Option<crate::hub::update::SystemUpdate>,
 ) -> Result<(DesiredState, Vec<LocalArtifact>)> {
     let base_dir = std::fs::canonicalize(file)
         .ok()
@@ -365,6 +390,7 @@ fn signed_desired(
             .iter()
             .map(|a| (a.digest.clone(), a.bytes.len() as u64))
             .collect(),
+        system,
         signature: None,
         key_id: None,
     };
@@ -380,7 +406,7 @@ fn bundle(args: HubBundleArgs, json: bool) -> Result<ExitCode> {
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("cannot read deployment file {}", args.file.display()))?;
     let (desired, artifacts) =
-        signed_desired(&args.node, &args.file, &text, &args.key, args.version)?;
+        signed_desired(&args.node, &args.file, &text, &args.key, args.version, None)?;
     let index = BundleIndex {
         format: crate::hub::bundle::FORMAT.to_owned(),
         node: args.node.clone(),

@@ -185,10 +185,11 @@ pub struct RunArgs {
 /// Options of `lichen bench`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// What to measure: `startup`, `density`, `dispatch`, `reload`, `size`, `sync`, or several joined
-    /// by commas [default: all, each group in its own process].
+    /// What to measure: `startup`, `density`, `dispatch`, `reload`, `size`, `sync`, `pods`, `kubeedge`, or
+    /// several joined by commas [default: all, each group in its own process].
     pub what: Option<String>,
-    /// How many workload instances to run.
+    /// How many workload instances to run; `pods`: long-running pods per
+    /// runtime [default: 5]; `kubeedge`: Devices [default: 1000].
     #[arg(long = "count", visible_alias = "instances", value_name = "N")]
     pub instances: Option<usize>,
     /// How many events to deliver; for `sync`, records ingested and caught up [default:
@@ -202,7 +203,8 @@ pub struct BenchArgs {
     #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
     /// Cold starts measured by `startup` [default: 200]; reloads done by `reload` [default: 50];
-    /// rounds of broker restart + `kill -9` done by `sync` [default: 20].
+    /// rounds of broker restart + `kill -9` done by `sync` [default: 20]; `ctr run` rounds per
+    /// runtime done by `pods` [default: 10].
     #[arg(long, value_name = "N")]
     pub iterations: Option<usize>,
     /// MicroVM boots measured by `isolation` [default: 3; each takes ~5 s under TCG].

@@ -901,7 +901,9 @@ impl Checker<'_> {
                 format!("invalid CPU quota {cores}: {why}"),
             ));
         }
-        // Within MIN_CPU_MILLIS..=MAX_CPU_MILLIS and whole, so the conversion is exact.
+        // Checked above to be whole and within MIN_CPU_MILLIS..=MAX_CPU_MILLIS (u32 bounds), so
+        // the float-to-integer conversion is exact.
+        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
         Ok(millis as u32)
     }
 

@@ -849,3 +849,33 @@ async fn env_sensor_reads_the_sim_bme280_through_the_datasheet_compensation() {
     assert_eq!(bme280.measurements(), 2, "one forced measurement per read");
     agent.shutdown().await;
 }
+
+#[test]
+fn an_i2c_address_granted_to_two_workloads_is_rejected_naming_the_other_owner() {
+    let text = format!(
+        "{}{}",
+        workload(
+            "a",
+            "i2c = [{ name = \"env\", bus = \"i2c-1\", addresses = [0x48] }]"
+        ),
+        workload(
+            "b",
+            "i2c = [{ name = \"temp\", bus = \"i2c-1\", addresses = [0x40, 0x48] }]"
+        ),
+    );
+    let error = board_error(&text);
+    assert_eq!(
+        error.field.as_deref(),
+        Some("workloads[1].i2c[0].addresses[1]"),
+        "{error}"
+    );
+    assert!(
+        error
+            .message
+            .contains("address 0x48 on I2C bus \"i2c-1\" is already granted to workload \"a\""),
+        "{error}"
+    );
+    // Another address on the same bus is fine.
+    let fine = text.replace("[0x40, 0x48]", "[0x40]");
+    check(&parsed(&fine), &sim()).expect("distinct addresses share a bus");
+}

@@ -49,8 +49,12 @@ impl ChunkStore {
         if manifest.validate(digest).is_err() {
             return Ok(None);
         }
+        // A valid manifest has at most MAX_ARTIFACT_SIZE / MIN_CHUNK_SIZE chunks.
+        let Ok(chunks) = u32::try_from(manifest.chunks.len()) else {
+            return Ok(None);
+        };
         let mut present = BTreeSet::new();
-        for index in 0..manifest.chunks.len() as u32 {
+        for index in 0..chunks {
             if let Ok(bytes) = fs::read(dir.join(format!("{index}.chunk")))
                 && manifest.check_chunk(index, &bytes).is_ok()
             {
@@ -73,6 +77,11 @@ impl ChunkStore {
     pub fn put(&self, digest: &str, index: u32, bytes: &[u8]) -> Result<()> {
         let dir = self.artifact_dir(digest)?;
         write_synced(&dir.join(format!("{index}.chunk")), bytes)
+    }
+
+    /// Where chunk `index` of `digest` is stored (it may not be there yet).
+    pub fn chunk_path(&self, digest: &str, index: u32) -> Result<PathBuf> {
+        Ok(self.artifact_dir(digest)?.join(format!("{index}.chunk")))
     }
 
     /// The whole artifact, from its stored chunks.
@@ -205,9 +214,11 @@ pub fn artifact_messages(topics: &Topics, bytes: &[u8], chunk_size: u32, ts: u64
         true,
         envelope.to_bytes(),
     )];
-    for (i, chunk) in chunks.into_iter().enumerate() {
+    // Chunk indices are u32 on the wire; `bytes` is in memory, so it has far fewer than
+    // u32::MAX chunks of at least MIN_CHUNK_SIZE bytes.
+    for (i, chunk) in (0u32..).zip(chunks) {
         out.push((
-            topics.artifact_chunk(&manifest.digest, i as u32),
+            topics.artifact_chunk(&manifest.digest, i),
             true,
             chunk.to_vec(),
         ));

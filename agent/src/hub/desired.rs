@@ -25,6 +25,10 @@ pub struct DesiredState {
     /// signed with the rest ([`super::signed_bytes`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub artifacts: BTreeMap<String, u64>,
+    /// A system update for A/B boards: the signed bundle the node should run
+    /// ([`super::update`]); signed with the rest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<super::update::SystemUpdate>,
     /// ed25519 signature of [`super::signed_bytes`], base64.
     #[serde(default)]
     pub signature: Option<String>,

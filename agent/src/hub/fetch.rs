@@ -23,6 +23,7 @@ use anyhow::Result;
 use lichen_sync::{Assembly, Envelope, MAX_ARTIFACT_SIZE, Manifest};
 use sha2::{Digest, Sha256};
 
+use super::update::SystemStep;
 use super::{Bridge, DesiredState, artifacts, now_ms};
 
 /// False manifests remembered per artifact.
@@ -35,6 +36,8 @@ pub(super) struct Pending {
     pub(super) signer: String,
     /// Artifacts still being fetched, by digest.
     pub(super) fetches: BTreeMap<String, Fetch>,
+    /// The digest of the system update bundle being fetched ([`super::update`]), if one is.
+    pub(super) system: Option<String>,
 }
 
 /// The transfer of one artifact.
@@ -104,15 +107,27 @@ impl Bridge {
             );
             return self.reject(Some(&desired), reason).await;
         }
-        let missing: Vec<String> = artifacts::referenced_digests(&desired.deployment)
-            .into_iter()
-            .filter(|d| !self.agent.artifacts().contains(d))
-            .collect();
+        let mut fetches = BTreeMap::new();
+        // A system update comes first: the deployment waits for the system it names.
+        let (missing, system) = match self.system_step(&desired).await {
+            None => return,
+            Some(SystemStep::Wait) => return self.publish_reported().await,
+            Some(SystemStep::Fetch(digest, size)) => {
+                fetches.insert(digest.clone(), Fetch::new(size));
+                (vec![digest.clone()], Some(digest))
+            }
+            Some(SystemStep::Deploy) => (
+                artifacts::referenced_digests(&desired.deployment)
+                    .into_iter()
+                    .filter(|d| !self.agent.artifacts().contains(d))
+                    .collect::<Vec<_>>(),
+                None,
+            ),
+        };
         if missing.is_empty() {
             return self.apply(desired, signer).await;
         }
-        let mut fetches = BTreeMap::new();
-        for digest in &missing {
+        for digest in missing.iter().filter(|_| system.is_none()) {
             let reason = match desired.artifacts.get(digest) {
                 None => format!(
                     "deployment version {} names artifact sha256:{digest}, which this node lacks, without its size: \
@@ -146,6 +161,7 @@ impl Bridge {
             desired,
             signer,
             fetches,
+            system,
         });
         self.publish_reported().await;
     }
@@ -367,6 +383,16 @@ impl Bridge {
         else {
             return;
         };
+        if self
+            .pending
+            .as_ref()
+            .is_some_and(|p| p.system.as_deref() == Some(digest))
+        {
+            if let Err(reason) = self.finish_system_bundle(manifest).await {
+                self.forged_whole(digest, fingerprint, reason).await;
+            }
+            return;
+        }
         let chunks = self.chunks.clone();
         let assembled = {
             let manifest = manifest.clone();
@@ -386,21 +412,8 @@ impl Bridge {
             }
         };
         if let Err(e) = manifest.check_whole(&bytes) {
-            // A manifest with chunks to match, but not the signed artifact: start over
-            // with the next manifest (the node is still subscribed to the manifest topic).
             drop(bytes);
-            let chunks = self.chunks.clone();
-            let d = digest.to_owned();
-            let _ = tokio::task::spawn_blocking(move || chunks.remove(&d)).await;
-            if let Some(fetch) = self
-                .pending
-                .as_mut()
-                .and_then(|p| p.fetches.get_mut(digest))
-            {
-                fetch.assembly = None;
-                fetch.manifest = None;
-            }
-            return self.refuse(digest, Some(fingerprint), e.to_string()).await;
+            return self.forged_whole(digest, fingerprint, e.to_string()).await;
         }
         if let Err(e) = self.agent.artifacts().add(bytes).await {
             return self
@@ -424,5 +437,22 @@ impl Bridge {
         if done && let Some(pending) = self.pending.take() {
             self.apply(pending.desired, pending.signer).await;
         }
+    }
+
+    /// A whole artifact that is not the signed one (a manifest with chunks to match): start
+    /// over with the next manifest (the node is still subscribed to the manifest topic).
+    async fn forged_whole(&mut self, digest: &str, fingerprint: String, reason: String) {
+        let chunks = self.chunks.clone();
+        let d = digest.to_owned();
+        let _ = tokio::task::spawn_blocking(move || chunks.remove(&d)).await;
+        if let Some(fetch) = self
+            .pending
+            .as_mut()
+            .and_then(|p| p.fetches.get_mut(digest))
+        {
+            fetch.assembly = None;
+            fetch.manifest = None;
+        }
+        self.refuse(digest, Some(fingerprint), reason).await;
     }
 }

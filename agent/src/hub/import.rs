@@ -201,6 +201,16 @@ impl Importer {
                 ),
             ));
         }
+        if let Some(system) = &desired.system {
+            // Offline, a system update is its own bundle (`lichen update`).
+            return Err(Refusal::new(
+                version,
+                format!(
+                    "bundle {shown} names system update {} (system): apply it with `lichen update BUNDLE`, then import a desired state without it",
+                    system.version
+                ),
+            ));
+        }
         let signer = match verify(&desired, &self.node, &self.keys) {
             Ok(key) => key,
             Err(reason) if self.insecure_dev => {

@@ -35,6 +35,7 @@ mod fetch;
 mod import;
 mod reported;
 pub mod signing;
+pub mod update;
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -256,6 +257,7 @@ impl HubLink {
             commands,
             last_seen: String::new(),
             system,
+            push: None,
         };
         tracing::info!(url = %hub.url, node = %hub.node_id, "connecting to the hub");
         let session = tokio::spawn(session.run());
@@ -325,6 +327,8 @@ struct Bridge {
     last_seen: String,
     /// The A/B system (slots, last update), on boards with `[update]`.
     system: Option<crate::update::SystemSource>,
+    /// Where the last system update pushed by the hub stands ([`update`]).
+    push: Option<update::Push>,
 }
 
 /// The hub version of the desired state applied last (0 before the first).
@@ -337,11 +341,7 @@ fn applied_version(store: &StateStore) -> u64 {
         .unwrap_or(0)
 }
 
-fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
+use crate::util::now_ms;
 
 impl Bridge {
     async fn run(
@@ -597,6 +597,7 @@ mod tests {
             version,
             deployment: text.into(),
             artifacts: BTreeMap::new(),
+            system: None,
             signature: None,
             key_id: None,
         }

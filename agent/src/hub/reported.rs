@@ -30,6 +30,7 @@ impl Bridge {
             seen.push('|');
             seen.push_str(&system.fingerprint());
         }
+        seen.push_str(&self.push_seen());
         for w in self.agent.ps().await {
             seen.push_str(&format!(
                 "|{}:{}:{}",
@@ -69,7 +70,7 @@ impl Bridge {
                 "INSECURE: hub.insecure-dev is set, deployments are applied without a valid signature"
             ),
             "applied-version": (applied > 0).then_some(applied),
-            "system": self.system.as_ref().map(crate::update::SystemSource::reported),
+            "system": self.system_reported(),
             "deployment": deployment.map(|d| json!({
                 "local-version": d.version,
                 "source": d.source_name,

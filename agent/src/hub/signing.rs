@@ -17,6 +17,9 @@ pub const SIGNATURE_CONTEXT: &str = "lichen-desired-v1";
 /// Domain separation prefix of the signed bytes of a desired state that lists artifacts
 /// (see [`signed_bytes`]).
 pub const SIGNATURE_CONTEXT_V2: &str = "lichen-desired-v2";
+/// Domain separation prefix of the signed bytes of a desired state that names a system update
+/// (see [`signed_bytes`]).
+pub const SIGNATURE_CONTEXT_V3: &str = "lichen-desired-v3";
 
 /// The bytes a publisher signs: `lichen-desired-v1\n<node>\n<version>\n<deployment>`. The node
 /// and version are inside so that a signed deployment cannot be replayed to another node or
@@ -28,16 +31,22 @@ pub fn canonical_bytes(node: &str, version: u64, deployment: &str) -> Vec<u8> {
 /// The bytes a publisher signs for `desired`: [`canonical_bytes`] when it lists no artifacts,
 /// else `lichen-desired-v2\n<node>\n<version>\n<count>\n` then one `<sha256> <size>\n` line
 /// per artifact (in digest order) and the deployment text, so the sizes the node fetches are
-/// the publisher's too.
+/// the publisher's too. A desired state naming a system update signs
+/// `lichen-desired-v3\n<node>\n<version>\nsystem <version> <target> <size> <sha256>\n` then
+/// the same count, artifact lines and text.
 pub fn signed_bytes(node: &str, desired: &DesiredState) -> Vec<u8> {
-    if desired.artifacts.is_empty() {
+    if desired.artifacts.is_empty() && desired.system.is_none() {
         return canonical_bytes(node, desired.version, &desired.deployment);
     }
-    let mut text = format!(
-        "{SIGNATURE_CONTEXT_V2}\n{node}\n{}\n{}\n",
-        desired.version,
-        desired.artifacts.len()
-    );
+    let mut text = match &desired.system {
+        None => format!("{SIGNATURE_CONTEXT_V2}\n{node}\n{}\n", desired.version),
+        Some(system) => format!(
+            "{SIGNATURE_CONTEXT_V3}\n{node}\n{}\n{}",
+            desired.version,
+            system.signed_line()
+        ),
+    };
+    text.push_str(&format!("{}\n", desired.artifacts.len()));
     for (digest, size) in &desired.artifacts {
         text.push_str(&format!("{digest} {size}\n"));
     }
@@ -227,6 +236,7 @@ mod tests {
             version,
             deployment: text.into(),
             artifacts: Default::default(),
+            system: None,
             signature: None,
             key_id: None,
         }
@@ -287,6 +297,7 @@ mod tests {
         for form in [pem.as_bytes(), v2.as_ref()] {
             let (signature, id) = sign(form, "n1", 2, "text").unwrap();
             let d = DesiredState {
+                system: None,
                 signature: Some(signature),
                 key_id: Some(id),
                 ..desired(2, "text")

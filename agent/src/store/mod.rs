@@ -197,10 +197,7 @@ impl<T> SqlContext<T> for rusqlite::Result<T> {
 
 /// Milliseconds since the Unix epoch, as stored.
 fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
+    i64::try_from(crate::util::now_ms()).unwrap_or(i64::MAX)
 }
 
 /// Converts a caller's `u64` to the database's `i64`.

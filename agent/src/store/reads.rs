@@ -230,7 +230,7 @@ impl StateStore {
         let conn = self.reader();
         conn.query_row(
             "SELECT COALESCE(SUM(length(payload)), 0) + ?1 * COUNT(*) FROM outbox",
-            [OUTBOX_ROW_OVERHEAD as i64],
+            [OUTBOX_ROW_OVERHEAD_SQL],
             |row| get_u64(row, 0),
         )
         .context(|| "measuring the outbox".to_owned())
@@ -246,7 +246,7 @@ impl StateStore {
             )
             .context(|| "reading outbox sizes".to_owned())?;
         let mut rows = stmt
-            .query([OUTBOX_ROW_OVERHEAD as i64])
+            .query([OUTBOX_ROW_OVERHEAD_SQL])
             .context(|| "reading outbox sizes".to_owned())?;
         let mut out = Vec::new();
         let mut total = 0;
@@ -286,6 +286,9 @@ impl StateStore {
 /// Bytes counted per outbox row on top of its payload (ids, names, index entries), so that many
 /// tiny records still fill the quota.
 pub const OUTBOX_ROW_OVERHEAD: u64 = 64;
+/// [`OUTBOX_ROW_OVERHEAD`] as the SQLite integer the queries bind.
+const OUTBOX_ROW_OVERHEAD_SQL: i64 = 64;
+const _: () = assert!(OUTBOX_ROW_OVERHEAD_SQL.unsigned_abs() == OUTBOX_ROW_OVERHEAD);
 
 fn outbox_row(row: &Row<'_>) -> rusqlite::Result<OutboxRow> {
     Ok(OutboxRow {

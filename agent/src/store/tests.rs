@@ -818,7 +818,8 @@ async fn outbox_serves_lichen_sync_in_id_order_and_deletes_through_the_writer() 
         .push_outbox(record("event", "", "{}"))
         .await
         .expect("pushes");
-    assert!(id > after.last().expect("rows left").id.0 as i64);
+    let last = i64::try_from(after.last().expect("rows left").id.0).expect("row ids fit i64");
+    assert!(id > last);
 }
 
 #[tokio::test]

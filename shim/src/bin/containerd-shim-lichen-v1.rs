@@ -121,7 +121,7 @@ fn start(args: &Args) -> Result<()> {
 async fn end_in_agent(socket: &Path, id: &str) -> Result<()> {
     let client = Client::connect(&format!("unix://{}", socket.display())).await?;
     let tasks = TaskClient::new(client);
-    let ctx = || context::with_timeout(CALL_TIMEOUT.as_nanos() as i64);
+    let ctx = || context::with_timeout(lichen_shim::events::timeout_nanos(CALL_TIMEOUT));
     let kill = KillRequest {
         id: id.to_string(),
         signal: 9,

@@ -71,7 +71,7 @@ pub fn signal_status(signal: u32) -> u32 {
 /// The exit status of a program that ended as `exit` says; `signal` is the last Kill's.
 pub fn exit_status(exit: &Exit, signal: u32) -> u32 {
     match exit {
-        Exit::Code(code) => (*code & 0xff) as u32,
+        Exit::Code(code) => (*code & 0xff).unsigned_abs(),
         Exit::Trapped(_) => TRAP_STATUS,
         Exit::Stopped => signal_status(if signal == 0 { SIGKILL } else { signal }),
     }
@@ -221,6 +221,8 @@ mod tests {
         assert_eq!(exit_status(&Exit::Code(0), 0), 0);
         assert_eq!(exit_status(&Exit::Code(3), 0), 3);
         assert_eq!(exit_status(&Exit::Code(256 + 7), 0), 7);
+        // A negative code keeps its low byte, as waitpid reports it: -1 is 255.
+        assert_eq!(exit_status(&Exit::Code(-1), 0), 255);
         assert_eq!(exit_status(&Exit::Trapped("unreachable".into()), 0), 134);
         assert_eq!(exit_status(&Exit::Stopped, 15), 143);
         assert_eq!(exit_status(&Exit::Stopped, 0), 137);

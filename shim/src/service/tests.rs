@@ -195,7 +195,7 @@ impl Harness {
 }
 
 fn ctx() -> context::Context {
-    context::with_timeout(DEADLINE.as_nanos() as i64)
+    context::with_timeout(crate::events::timeout_nanos(DEADLINE))
 }
 
 fn spec(args: &[&str]) -> serde_json::Value {

@@ -257,7 +257,7 @@ fn read_bounded(path: &std::path::Path, max: u64) -> Result<Vec<u8>, BootStateEr
             reason: format!("it is {} bytes, more than {max}", meta.len()),
         });
     }
-    let mut bytes = Vec::with_capacity(meta.len() as usize);
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
     file.take(max)
         .read_to_end(&mut bytes)
         .map_err(|e| io("reading", e))?;

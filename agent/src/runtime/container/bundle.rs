@@ -16,7 +16,7 @@ use super::cgroup::CgroupProbe;
 use super::{ContainerError, ContainerSpec};
 
 /// CPU quota period in microseconds (the kernel's default).
-const CPU_PERIOD_US: u64 = 100_000;
+const CPU_PERIOD_US: u32 = 100_000;
 /// Size of the writable `/tmp` every container gets (tmpfs, charged to its memory limit).
 const TMP_SIZE: &str = "size=16m";
 
@@ -122,12 +122,14 @@ pub fn build_oci_spec(
         resources = resources.memory(memory.build().map_err(oci_err)?);
     }
     if let Some(cpus) = spec.limits.cpus {
-        // Validated to be finite and >= 0.01, so the product fits an i64.
-        let quota = (cpus * CPU_PERIOD_US as f64).round() as i64;
+        // Validated to be finite and within 0.01..=MAX_CPU_MILLIS / 1000 cores, so the product
+        // is a whole number of microseconds far inside i64.
+        #[allow(clippy::cast_possible_truncation)]
+        let quota = (cpus * f64::from(CPU_PERIOD_US)).round() as i64;
         resources = resources.cpu(
             LinuxCpuBuilder::default()
                 .quota(quota)
-                .period(CPU_PERIOD_US)
+                .period(u64::from(CPU_PERIOD_US))
                 .build()
                 .map_err(oci_err)?,
         );

@@ -16,7 +16,6 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
 use lichen_host_apis::{DeviceFunctionPre, WORLD};
-use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 use wasmtime::{Module, Precompiled};
 use wasmtime_wasi::p2::bindings::CommandPre;
@@ -95,10 +94,8 @@ pub struct Collected {
     pub bytes: u64,
 }
 
-/// Hex sha256 of `bytes`.
-pub fn sha256_hex(bytes: &[u8]) -> String {
-    hex::encode(Sha256::digest(bytes))
-}
+/// Hex sha256 of `bytes`: the one definition lives with the wire contract in `lichen-sync`.
+pub use lichen_sync::sha256_hex;
 
 impl ArtifactStore {
     /// Largest Wasm binary the store takes from a file: 128 MiB. A module path naming a larger

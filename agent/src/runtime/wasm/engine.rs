@@ -48,7 +48,7 @@ impl EngineOptions {
     /// the sizes are too large to count (no machine has that much).
     pub fn reserved_memory_bytes(&self) -> u64 {
         u64::from(self.max_instances)
-            .saturating_mul(MEMORIES_PER_INSTANCE)
+            .saturating_mul(u64::from(MEMORIES_PER_INSTANCE))
             .saturating_mul(
                 self.max_memory_bytes
                     .saturating_add(self.memory_guard_bytes),
@@ -58,7 +58,7 @@ impl EngineOptions {
 
 /// Memory slots per instance slot: a Rust component has one memory; the second is headroom
 /// for components made of several modules.
-const MEMORIES_PER_INSTANCE: u64 = 2;
+const MEMORIES_PER_INSTANCE: u32 = 2;
 
 /// The engine plus what every instance needs from it.
 pub struct WasmEngine {
@@ -218,12 +218,12 @@ fn engine_config(options: &EngineOptions) -> Result<Config> {
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(instances)
         .total_core_instances(instances.saturating_mul(8))
-        .total_memories(instances.saturating_mul(MEMORIES_PER_INSTANCE as u32))
+        .total_memories(instances.saturating_mul(MEMORIES_PER_INSTANCE))
         .total_tables(instances.saturating_mul(4))
         .total_stacks(instances)
         .max_memory_size(max_memory)
         .max_core_instances_per_component(16)
-        .max_memories_per_component(MEMORIES_PER_INSTANCE as u32)
+        .max_memories_per_component(MEMORIES_PER_INSTANCE)
         .max_tables_per_component(8)
         .table_elements(10_000);
 
