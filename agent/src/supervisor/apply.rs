@@ -9,7 +9,6 @@ use super::plan::{self, Action, Current, Desired, Scope};
 use super::{Agent, Labels, Running, Source, Workloads, sources};
 use crate::api::types::{ApiError, DeployReport, WorkloadFailure};
 use crate::deployment::{self, ParsedDeployment, WorkloadSpec};
-use crate::runtime::isolation::IsolationProbe;
 use crate::runtime::{Prepared, StartInfo, Tier};
 use crate::store::{NewDeployment, NewWorkload};
 
@@ -328,7 +327,7 @@ impl Agent {
     /// Removes the stored artifacts (compiled modules, imported images) that no workload of
     /// the applied deployment uses; each runtime sweeps its own. Called after every deploy
     /// and at start, with the deploy lock held.
-    async fn collect_garbage(&self) {
+    pub(super) async fn collect_garbage(&self) {
         let in_use: BTreeSet<String> = match self.store().reads().all_workloads().await {
             Ok(rows) => rows.into_iter().map(|(w, _, _)| w.module_digest).collect(),
             Err(err) => {

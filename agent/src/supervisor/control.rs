@@ -6,7 +6,8 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::{broadcast, oneshot};
 
-use super::{Agent, Parked, REPLY_TIMEOUT, to_api_status};
+use super::status::to_api_status;
+use super::{Agent, Parked, REPLY_TIMEOUT};
 use crate::api::control::Control;
 use crate::api::types::{
     ApiError, DeployReport, DeployRequest, DoctorReport, EventRecord, KvEntry, LogLine, SendReply,

@@ -19,7 +19,6 @@ use super::Agent;
 use super::plan::{self, Action, Desired, Scope};
 use crate::api::types::ApiError;
 use crate::deployment::{DeploymentSpec, ParsedDeployment, WorkloadKind, WorkloadSpec};
-use crate::runtime::{StartInfo, Tier};
 use crate::store::{SourceWorkload, StoreError};
 
 /// Every state change a Wasm workload records (`running`, `backoff`, `failed`, `completed`,

@@ -9,7 +9,7 @@ use crate::runtime::{RuntimeStatus, Tier};
 use crate::util::process_rss_bytes;
 
 impl Agent {
-    fn status_of(running: &Running) -> WorkloadStatus {
+    pub(super) fn status_of(running: &Running) -> WorkloadStatus {
         let tier = running.tier;
         let mut status = to_api_status(running.workload.name(), tier, running.workload.status());
         status.source = running.source.as_str().into();
@@ -17,12 +17,12 @@ impl Agent {
         status
     }
 
-    async fn knows(&self, workload: &str) -> bool {
+    pub(super) async fn knows(&self, workload: &str) -> bool {
         let workloads = self.inner.workloads.lock().await;
         workloads.running.contains_key(workload) || workloads.stopped.contains_key(workload)
     }
 
-    fn gauges(&self, statuses: &[WorkloadStatus]) -> Gauges {
+    pub(super) fn gauges(&self, statuses: &[WorkloadStatus]) -> Gauges {
         Gauges {
             instances: statuses
                 .iter()
@@ -36,7 +36,7 @@ impl Agent {
 }
 
 /// A runtime's status as a `ps` row.
-fn to_api_status(name: &str, tier: Tier, s: RuntimeStatus) -> WorkloadStatus {
+pub(super) fn to_api_status(name: &str, tier: Tier, s: RuntimeStatus) -> WorkloadStatus {
     WorkloadStatus {
         name: name.to_string(),
         kind: s.kind,

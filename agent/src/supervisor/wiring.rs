@@ -131,7 +131,7 @@ impl Agent {
     }
 
     /// The runtime of a tier, or why this agent has none.
-    fn runtime(&self, tier: Tier) -> Result<&Arc<dyn Runtime>, String> {
+    pub(super) fn runtime(&self, tier: Tier) -> Result<&Arc<dyn Runtime>, String> {
         self.inner
             .runtimes
             .get(&tier)
@@ -140,7 +140,7 @@ impl Agent {
 
     /// What this agent's board and host can run, with every tier that `specs` may run in
     /// probed (each tier once per agent).
-    async fn isolation_for(&self, specs: &[WorkloadSpec]) -> IsolationProbe {
+    pub(super) async fn isolation_for(&self, specs: &[WorkloadSpec]) -> IsolationProbe {
         let mut wanted: Vec<Tier> = specs
             .iter()
             .flat_map(crate::runtime::isolation::wanted)
