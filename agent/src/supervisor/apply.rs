@@ -349,6 +349,19 @@ impl Agent {
         &self,
         parsed: &ParsedDeployment,
     ) -> Result<Vec<(Tier, Prepared)>, ApiError> {
+        #[cfg(test)]
+        {
+            let hook = self
+                .inner
+                .prepare_hook
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .take();
+            if let Some(hook) = hook {
+                hook.entered.notify_one();
+                hook.release.notified().await;
+            }
+        }
         let mut out = Vec::with_capacity(parsed.spec.workloads.len());
         let isolation = self.isolation_for(&parsed.spec.workloads).await;
         for (index, spec) in parsed.spec.workloads.iter().enumerate() {

@@ -93,6 +93,20 @@ struct Inner {
     next_command: AtomicU64,
     /// EdgeCore's socket, once the daemon started the KubeEdge mapper (for `doctor`).
     kubeedge_socket: std::sync::OnceLock<PathBuf>,
+    /// A test's hold on the next deploy's prepare step (see [`PrepareHook`]).
+    #[cfg(test)]
+    prepare_hook: std::sync::Mutex<Option<Arc<PrepareHook>>>,
+}
+
+/// Test-only: holds the next deploy inside its prepare step (deploy lock held, workloads
+/// lock free) until the test releases it, so a test can check what answers meanwhile
+/// without sleeps. `entered` is notified once prepare starts; prepare then waits on `release`.
+/// `Notify` keeps one permit, so neither side can miss the other's signal.
+#[cfg(test)]
+#[derive(Default)]
+struct PrepareHook {
+    entered: tokio::sync::Notify,
+    release: tokio::sync::Notify,
 }
 
 /// The running agent. Cheap to clone.

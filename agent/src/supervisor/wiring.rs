@@ -101,6 +101,8 @@ impl Agent {
                 board: options.board,
                 next_command: AtomicU64::new(1),
                 kubeedge_socket: std::sync::OnceLock::new(),
+                #[cfg(test)]
+                prepare_hook: std::sync::Mutex::new(None),
             }),
         })
     }
