@@ -56,7 +56,9 @@ impl Control for Agent {
         }
         let data = self
             .store()
+            .reads()
             .load_kv(workload)
+            .await
             .map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(data
             .into_iter()
@@ -76,7 +78,9 @@ impl Control for Agent {
     async fn events(&self, after: i64, limit: usize) -> Result<Vec<EventRecord>, ApiError> {
         let rows = self
             .store()
+            .reads()
             .events(after, limit)
+            .await
             .map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(rows
             .into_iter()
