@@ -167,7 +167,7 @@ impl LogHub {
         store: &StateStore,
     ) -> Result<Vec<LogLine>, StoreError> {
         let _persisting = self.persisting.lock().await;
-        let stored = store.recent_logs(workload, tail)?;
+        let stored = store.reads().recent_logs(workload, tail).await?;
         let mut lines: Vec<LogLine> = stored
             .into_iter()
             .map(|l| LogLine {

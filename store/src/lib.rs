@@ -55,7 +55,7 @@ use tokio::sync::{mpsc, oneshot};
 #[cfg(feature = "kubeedge")]
 pub use dmi::DmiQueue;
 pub use outbox::SqliteOutbox;
-pub use reads::OUTBOX_ROW_OVERHEAD;
+pub use reads::{OUTBOX_ROW_OVERHEAD, Reader};
 pub use sources::SourceWorkload;
 pub use types::{
     CommandRecord, DeploymentRecord, DeploymentSummary, EventCommit, EventRow, GuestLogLine,
@@ -136,6 +136,10 @@ pub enum StoreError {
     /// The writer thread is gone, so no write can be made.
     #[error("the state store writer thread has stopped")]
     WriterStopped,
+    /// A read on a blocking thread ended without an answer (it panicked or the runtime is
+    /// shutting down).
+    #[error("a state store read did not finish: {0}")]
+    ReadTask(String),
     /// A write named a workload that the applied deployment does not have.
     #[error("workload {0:?} does not exist")]
     UnknownWorkload(String),

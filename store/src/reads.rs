@@ -1,5 +1,12 @@
 //! Reads, on the store's read connection. Each is one short query (or one read transaction),
-//! and WAL lets it run while the writer commits.
+//! and WAL lets it run while the writer commits (the reader is opened on the same WAL file,
+//! `query_only`). Each read that returns rows takes a limit, or reads what a bound on writes
+//! keeps small (a workload's key-value data, the deployment of at most
+//! `DeploymentSpec::MAX_WORKLOADS`).
+//!
+//! The functions on [`StateStore`] block on SQLite: threads and blocking tasks call them.
+//! Async code reads through [`StateStore::reads`], whose [`Reader`] runs the same reads on
+//! Tokio's blocking pool, so a slow disk never stalls an async worker.
 
 use std::collections::BTreeMap;
 
@@ -292,4 +299,102 @@ fn outbox_row(row: &Row<'_>) -> rusqlite::Result<OutboxRow> {
         created_at_ms: get_u64(row, 4)?,
         kind: row.get(5)?,
     })
+}
+
+/// The store's reads for async callers: each runs on Tokio's blocking pool (one read
+/// connection, so reads queue on it, beside the writer thanks to WAL) and returns what the
+/// blocking read returns, within the same limits. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Reader {
+    store: StateStore,
+}
+
+impl StateStore {
+    /// The async face of this store's reads.
+    pub fn reads(&self) -> Reader {
+        Reader {
+            store: self.clone(),
+        }
+    }
+}
+
+impl Reader {
+    /// Runs `read` on a blocking thread.
+    pub async fn run<T, F>(&self, read: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&StateStore) -> Result<T, StoreError> + Send + 'static,
+    {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || read(&store))
+            .await
+            .map_err(|e| StoreError::ReadTask(e.to_string()))?
+    }
+
+    /// [`StateStore::current_deployment`].
+    pub async fn current_deployment(&self) -> Result<Option<DeploymentRecord>, StoreError> {
+        self.run(StateStore::current_deployment).await
+    }
+
+    /// [`StateStore::all_workloads`].
+    pub async fn all_workloads(&self) -> Result<Vec<(WorkloadRow, String, String)>, StoreError> {
+        self.run(StateStore::all_workloads).await
+    }
+
+    /// [`StateStore::load_kv`].
+    pub async fn load_kv(
+        &self,
+        workload: &str,
+    ) -> Result<BTreeMap<(String, String), Vec<u8>>, StoreError> {
+        let workload = workload.to_owned();
+        self.run(move |store| store.load_kv(&workload)).await
+    }
+
+    /// [`StateStore::events`]: at most `limit` rows.
+    pub async fn events(&self, after_id: i64, limit: usize) -> Result<Vec<EventRow>, StoreError> {
+        self.run(move |store| store.events(after_id, limit)).await
+    }
+
+    /// [`StateStore::recent_logs`]: at most `limit` lines.
+    pub async fn recent_logs(
+        &self,
+        workload: &str,
+        limit: usize,
+    ) -> Result<Vec<GuestLogLine>, StoreError> {
+        let workload = workload.to_owned();
+        self.run(move |store| store.recent_logs(&workload, limit))
+            .await
+    }
+
+    /// [`StateStore::outbox_len`].
+    pub async fn outbox_len(&self) -> Result<u64, StoreError> {
+        self.run(StateStore::outbox_len).await
+    }
+
+    /// [`StateStore::outbox_peek`]: at most `limit` rows.
+    pub async fn outbox_peek(&self, limit: usize) -> Result<Vec<OutboxRow>, StoreError> {
+        self.run(move |store| store.outbox_peek(limit)).await
+    }
+
+    /// [`StateStore::outbox_bytes`].
+    pub async fn outbox_bytes(&self) -> Result<u64, StoreError> {
+        self.run(StateStore::outbox_bytes).await
+    }
+
+    /// [`StateStore::oldest_telemetry`].
+    pub async fn oldest_telemetry(&self, bytes: u64) -> Result<Vec<OutboxRowSize>, StoreError> {
+        self.run(move |store| store.oldest_telemetry(bytes)).await
+    }
+
+    /// [`StateStore::inbox_contains`].
+    pub async fn inbox_contains(&self, id: &str) -> Result<bool, StoreError> {
+        let id = id.to_owned();
+        self.run(move |store| store.inbox_contains(&id)).await
+    }
+
+    /// [`StateStore::hub_state`].
+    pub async fn hub_state(&self, key: &str) -> Result<Option<String>, StoreError> {
+        let key = key.to_owned();
+        self.run(move |store| store.hub_state(&key)).await
+    }
 }

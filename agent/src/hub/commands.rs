@@ -83,7 +83,7 @@ impl Commands {
         );
         tokio::spawn(async move {
             let id = envelope.id.to_string();
-            match store.inbox_contains(&id) {
+            match store.reads().inbox_contains(&id).await {
                 Ok(true) => {
                     // Handled before a restart: its result is in the outbox already.
                     tracing::debug!(%id, %workload, "hub command already handled");

@@ -43,7 +43,9 @@ impl Bridge {
     }
 
     pub(super) async fn reported(&self) -> serde_json::Value {
-        let deployment = self.store.current_deployment().ok().flatten();
+        let reads = self.store.reads();
+        let deployment = reads.current_deployment().await.ok().flatten();
+        let outbox_rows = reads.outbox_len().await.unwrap_or(0);
         let applied = self.applied_version();
         let workloads: Vec<serde_json::Value> = self
             .agent
@@ -114,7 +116,7 @@ impl Bridge {
                 "commands": self.answered.load(Ordering::Relaxed),
                 "rejected-messages": self.rejected_messages,
                 "artifact-chunks": self.chunks_fetched,
-                "outbox-rows": self.store.outbox_len().unwrap_or(0),
+                "outbox-rows": outbox_rows,
             },
             "errors": self.errors,
         })

@@ -6,13 +6,14 @@ use std::sync::atomic::Ordering;
 
 use tokio::sync::{broadcast, oneshot};
 
-use super::{Agent, Parked, REPLY_TIMEOUT, to_api_status};
+use super::status::to_api_status;
+use super::{Agent, Parked, REPLY_TIMEOUT};
 use crate::api::control::Control;
 use crate::api::types::{
     ApiError, DeployReport, DeployRequest, DoctorReport, EventRecord, KvEntry, LogLine, SendReply,
     SendRequest, WorkloadStatus,
 };
-use crate::runtime::wasm::Delivery;
+use crate::runtime::wasm::{Delivery, EventSender};
 
 impl Control for Agent {
     async fn deploy(&self, req: DeployRequest) -> Result<DeployReport, ApiError> {
@@ -55,7 +56,9 @@ impl Control for Agent {
         }
         let data = self
             .store()
+            .reads()
             .load_kv(workload)
+            .await
             .map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(data
             .into_iter()
@@ -75,7 +78,9 @@ impl Control for Agent {
     async fn events(&self, after: i64, limit: usize) -> Result<Vec<EventRecord>, ApiError> {
         let rows = self
             .store()
+            .reads()
             .events(after, limit)
+            .await
             .map_err(|e| ApiError::internal(e.to_string()))?;
         Ok(rows
             .into_iter()
@@ -210,5 +215,63 @@ impl Control for Agent {
             Err(_) => Vec::new(),
         };
         self.inner.ctx.metrics.render(&self.gauges(&statuses))
+    }
+}
+
+impl Agent {
+    /// The event queue of `workload`, if it takes commands now: an unknown, stopped, failed or
+    /// completed workload, or one of a kind that takes no events, is an error naming it. The
+    /// hub link queues its commands here, waiting for room rather than failing when full.
+    pub async fn command_queue(&self, workload: &str) -> Result<EventSender, ApiError> {
+        let workloads = self.inner.workloads.lock().await;
+        let Some(running) = workloads.running.get(workload) else {
+            return Err(if workloads.stopped.contains_key(workload) {
+                ApiError::unavailable(format!("workload {workload:?} is stopped"))
+            } else {
+                ApiError::not_found(format!("no workload named {workload:?}"))
+            });
+        };
+        let status = running.workload.status();
+        if status.state == "failed" || status.state == "completed" {
+            return Err(ApiError::unavailable(format!(
+                "workload {workload:?} is {} and takes no commands until it is deployed again",
+                status.state
+            )));
+        }
+        running.workload.event_sender().ok_or_else(|| {
+            ApiError::unavailable(format!(
+                "workload {workload:?} is a {}: it takes no commands",
+                status.kind
+            ))
+        })
+    }
+
+    /// Queues an event for a workload without waiting for a reply (benchmarks, tests).
+    pub async fn inject(&self, workload: &str, delivery: Delivery) -> Result<(), ApiError> {
+        let workloads = self.inner.workloads.lock().await;
+        let running = workloads
+            .running
+            .get(workload)
+            .ok_or_else(|| ApiError::not_found(format!("no workload named {workload:?}")))?;
+        running
+            .workload
+            .deliver(delivery, None)
+            .await
+            .map_err(ApiError::unavailable)
+    }
+
+    /// Direct event queues of running workloads, in the order of `names` (benchmarks).
+    pub async fn event_senders(&self, names: &[String]) -> Result<Vec<EventSender>, ApiError> {
+        let workloads = self.inner.workloads.lock().await;
+        names
+            .iter()
+            .map(|name| {
+                workloads
+                    .running
+                    .get(name)
+                    .and_then(|r| r.workload.event_sender())
+                    .ok_or_else(|| ApiError::not_found(format!("no wasm workload named {name:?}")))
+            })
+            .collect()
     }
 }

@@ -15,10 +15,10 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 use tokio::sync::broadcast;
 
-use super::{Agent, Running};
+use super::Agent;
+use super::plan::{self, Action, Desired, Scope};
 use crate::api::types::ApiError;
 use crate::deployment::{DeploymentSpec, ParsedDeployment, WorkloadKind, WorkloadSpec};
-use crate::runtime::{StartInfo, Tier};
 use crate::store::{SourceWorkload, StoreError};
 
 /// Every state change a Wasm workload records (`running`, `backoff`, `failed`, `completed`,
@@ -183,10 +183,12 @@ pub(super) struct Member {
 
 impl Agent {
     /// The stored workloads of every source (those whose spec still reads).
-    pub(super) fn union(&self) -> Result<Vec<Member>, ApiError> {
+    pub(super) async fn union(&self) -> Result<Vec<Member>, ApiError> {
         let rows = self
             .store()
+            .reads()
             .all_workloads()
+            .await
             .map_err(|e| ApiError::internal(format!("cannot read the workloads: {e}")))?;
         Ok(rows
             .into_iter()
@@ -241,7 +243,7 @@ impl Agent {
         spec.check_bounds()
             .map_err(|e| Refusal::invalid(e.field, e.message))?;
         labels.check()?;
-        let union = self.union().map_err(Refusal::Api)?;
+        let union = self.union().await.map_err(Refusal::Api)?;
         if let Some(owner) = union
             .iter()
             .find(|m| m.spec.name == spec.name && m.source != source.as_str())
@@ -287,15 +289,22 @@ impl Agent {
             .map_err(|e| Refusal::invalid(e.field, e.message))?;
 
         let mut workloads = self.inner.workloads.lock().await;
-        let current = workloads.running.get(&spec.name).filter(|r| {
-            // An ended workload (a command that ran, a failure given up on) starts afresh.
-            let state = r.workload.status().state;
-            r.tier == tier && !r.workload.is_finished() && state != "failed" && state != "completed"
-        });
-        let unchanged = current.is_some_and(|r| {
-            *r.workload.spec() == spec && r.workload.digest() == prepared.digest()
-        });
-        let reload = current.is_some() && !unchanged && tier == Tier::Wasm;
+        let action = {
+            let mut view = super::apply::current_view(&workloads, source);
+            view.retain(|name, _| *name == spec.name);
+            let desired = [Desired {
+                spec: &spec,
+                tier,
+                digest: prepared.digest(),
+            }];
+            plan::plan(source, Scope::One, &desired, &view)
+                .actions
+                .into_iter()
+                .next()
+                .unwrap_or(Action::Start)
+        };
+        let unchanged = action == Action::Unchanged;
+        let reload = action == Action::Reload;
         if spec.kind == WorkloadKind::Wasm {
             let wasm = others
                 .filter(|m| m.spec.kind == WorkloadKind::Wasm)
@@ -363,32 +372,17 @@ impl Agent {
             }
             return Ok(());
         }
-        if let Some(old) = workloads.running.remove(&name) {
-            old.workload.stop().await;
-        }
-        let kv = self.store().load_kv(&name).map_err(|e| {
-            Refusal::Api(ApiError::internal(format!(
-                "cannot read state of {name:?}: {e}"
-            )))
-        })?;
-        let workload = runtime.start(
+        self.start_workload(
+            &mut workloads,
+            tier,
             prepared,
             spec,
-            StartInfo {
-                version,
-                kv,
-                events_handled: 0,
-            },
-        );
-        workloads.running.insert(
-            name.clone(),
-            Running {
-                tier,
-                workload,
-                source,
-                labels,
-            },
-        );
+            version,
+            source,
+            labels,
+        )
+        .await
+        .map_err(Refusal::Api)?;
         tracing::info!(workload = %name, %source, version, "workload applied");
         Ok(())
     }
@@ -410,7 +404,7 @@ impl Agent {
             )));
         }
         let _deploying = self.inner.deploying.lock().await;
-        let union = self.union().map_err(Refusal::Api)?;
+        let union = self.union().await.map_err(Refusal::Api)?;
         match union.iter().find(|m| m.spec.name == name) {
             Some(m) if m.source != source.as_str() => {
                 return Err(Refusal::invalid(

@@ -474,3 +474,64 @@ async fn module_paths_naming_a_fifo_or_a_device_are_refused_and_ps_answers_meanw
         .expect("the waiting deploy goes through");
     agent.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_a_deploy_is_held_in_prepare_ps_and_send_answer_and_it_completes_after() {
+    let dir = tempfile::tempdir().unwrap();
+    let module = counter(dir.path());
+    let agent = open(&dir.path().join("state"), 8).await;
+    agent
+        .deploy_text(
+            "one.toml",
+            &workloads(&module, &["counter"], ""),
+            dir.path(),
+        )
+        .await
+        .expect("deploys");
+    wait_state(&agent, "counter", "running").await;
+
+    let hook = std::sync::Arc::new(super::PrepareHook::default());
+    *agent.inner.prepare_hook.lock().unwrap() = Some(hook.clone());
+    let deploy = tokio::spawn({
+        let agent = agent.clone();
+        let text = workloads(&module, &["counter", "second"], "");
+        let base = dir.path().to_path_buf();
+        async move { agent.deploy_text("two.toml", &text, &base).await }
+    });
+    tokio::time::timeout(Duration::from_secs(60), hook.entered.notified())
+        .await
+        .expect("the deploy reaches prepare");
+
+    // Held inside prepare: the deploy lock is taken, the workloads lock is not.
+    let rows = tokio::time::timeout(Duration::from_secs(60), agent.ps())
+        .await
+        .expect("ps answers during the deploy");
+    assert_eq!(
+        rows.iter().map(|w| w.name.as_str()).collect::<Vec<_>>(),
+        ["counter"]
+    );
+    let request = crate::api::types::SendRequest {
+        command: "get".into(),
+        payload: String::new(),
+    };
+    let reply = tokio::time::timeout(Duration::from_secs(60), agent.send("counter", request))
+        .await
+        .expect("send answers during the deploy")
+        .expect("counter takes the command");
+    let count = reply.reply.expect("get replies with the count");
+    assert!(count.parse::<u64>().is_ok(), "not a count: {count:?}");
+    assert!(
+        !deploy.is_finished(),
+        "the deploy went past the held prepare"
+    );
+
+    hook.release.notify_one();
+    tokio::time::timeout(Duration::from_secs(60), deploy)
+        .await
+        .expect("the deploy completes once released")
+        .unwrap()
+        .expect("the deploy goes through");
+    wait_state(&agent, "second", "running").await;
+    assert!(state_of(&agent, "counter").await.is_some());
+    agent.shutdown().await;
+}
