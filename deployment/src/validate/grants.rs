@@ -39,8 +39,12 @@ impl Checker<'_> {
             )?
             .value;
         let name = self.string(name_node, &format!("{path}.name"), "a string")?;
-        check_device_name(name).map_err(|message| {
-            self.error(name_node.span.start, &format!("{path}.name"), message)
+        check_device_name(name).map_err(|why| {
+            self.error(
+                name_node.span.start,
+                &format!("{path}.name"),
+                why.to_string(),
+            )
         })?;
         Ok((entries, name.to_owned()))
     }

@@ -6,6 +6,7 @@ use std::time::Duration;
 use super::shape::find;
 use super::{Checker, Result};
 use crate::bounds::{show_bytes, show_duration};
+use crate::size::parse_size;
 use crate::spec::Limits;
 use crate::tree::{Node, Value};
 
@@ -200,40 +201,4 @@ impl Checker<'_> {
         }
         Ok(duration)
     }
-
-    // ---- shapes ----
-}
-
-/// Parses a size: a whole number, optional spaces, then `B`, `KiB`, `MiB` or `GiB` (powers of
-/// 1024, case-insensitive); no unit means bytes. Decimal units (`KB`, `MB`, `GB`) are refused
-/// rather than guessed, since people often write `MB` meaning `MiB`.
-pub(crate) fn parse_size(text: &str) -> std::result::Result<u64, String> {
-    let text = text.trim();
-    let digits_end = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (digits, unit) = text.split_at(digits_end);
-    let unit = unit.trim_start();
-    const EXPECTED: &str =
-        "expected a whole number followed by B, KiB, MiB or GiB, such as \"16MiB\"";
-    if digits.is_empty() {
-        return Err(EXPECTED.to_owned());
-    }
-    let multiplier: u64 = match unit.to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "kib" => 1 << 10,
-        "mib" => 1 << 20,
-        "gib" => 1 << 30,
-        "k" | "kb" | "m" | "mb" | "g" | "gb" => {
-            return Err(format!(
-                "unit \"{unit}\" is ambiguous; use KiB, MiB or GiB (1 KiB = 1024 bytes)"
-            ));
-        }
-        _ => return Err(format!("unknown unit \"{unit}\"; {EXPECTED}")),
-    };
-    digits
-        .parse::<u64>()
-        .ok()
-        .and_then(|number| number.checked_mul(multiplier))
-        .ok_or_else(|| "size is too large".to_owned())
 }

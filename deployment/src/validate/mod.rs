@@ -214,7 +214,7 @@ impl Checker<'_> {
             .value;
         let name = self.string(name_node, &path("name"), "a string")?;
         check_name(name)
-            .map_err(|message| self.error(name_node.span.start, &path("name"), message))?;
+            .map_err(|why| self.error(name_node.span.start, &path("name"), why.to_string()))?;
 
         let kind = match find(entries, "kind") {
             Some(entry) => self.choice(&entry.value, &path("kind"), "kind", KINDS)?,

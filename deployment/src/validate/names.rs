@@ -5,29 +5,45 @@ use crate::spec::WorkloadSpec;
 /// Longest accepted workload name.
 const MAX_NAME_LEN: usize = WorkloadSpec::MAX_NAME_LEN;
 
-/// Checks a workload name against `[a-z0-9][a-z0-9-]{0,62}`.
-pub(super) fn check_name(name: &str) -> std::result::Result<(), String> {
+/// A name that does not follow `[a-z0-9][a-z0-9-]{0,62}`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub(super) enum NameError {
+    /// A workload's `name`.
+    #[error(
+        "invalid workload name {0:?}: use 1 to {MAX_NAME_LEN} characters from a-z, 0-9 and '-', \
+         starting with a letter or a digit"
+    )]
+    Workload(String),
+    /// A grant's logical device `name`.
+    #[error(
+        "invalid device name {0:?}: use 1 to {MAX_NAME_LEN} characters from a-z, 0-9 and '-', \
+         starting with a letter or a digit"
+    )]
+    Device(String),
+}
+
+fn well_formed(name: &str) -> bool {
     let valid_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
     let mut chars = name.chars();
-    let well_formed = chars.next().is_some_and(valid_char)
+    chars.next().is_some_and(valid_char)
         && chars.all(|c| valid_char(c) || c == '-')
-        && name.len() <= MAX_NAME_LEN;
-    if well_formed {
+        && name.len() <= MAX_NAME_LEN
+}
+
+/// Checks a workload name against `[a-z0-9][a-z0-9-]{0,62}`.
+pub(super) fn check_name(name: &str) -> Result<(), NameError> {
+    if well_formed(name) {
         Ok(())
     } else {
-        Err(format!(
-            "invalid workload name {name:?}: use 1 to {MAX_NAME_LEN} characters from a-z, 0-9 \
-             and '-', starting with a letter or a digit"
-        ))
+        Err(NameError::Workload(name.to_owned()))
     }
 }
 
 /// Checks a logical device name against the workload-name pattern.
-pub(super) fn check_device_name(name: &str) -> std::result::Result<(), String> {
-    check_name(name).map_err(|_| {
-        format!(
-            "invalid device name {name:?}: use 1 to {MAX_NAME_LEN} characters from a-z, 0-9 \
-             and '-', starting with a letter or a digit"
-        )
-    })
+pub(super) fn check_device_name(name: &str) -> Result<(), NameError> {
+    if well_formed(name) {
+        Ok(())
+    } else {
+        Err(NameError::Device(name.to_owned()))
+    }
 }
