@@ -9,6 +9,9 @@ mod check;
 mod kubeedge;
 
 pub use kubeedge::KubeEdgeSection;
+/// Sizes in the agent config follow the deployment files' rule: `B`, `KiB`, `MiB`, `GiB`,
+/// case-insensitive; `MB` and the like are refused as ambiguous.
+pub use lichen_deployment::parse_size;
 
 use std::path::{Path, PathBuf};
 
@@ -415,28 +418,6 @@ fn in_range<T: PartialOrd + std::fmt::Display>(key: &str, value: T, min: T, max:
         anyhow::bail!("images.{key} = {value} in the agent config is out of range {min}..={max}");
     }
     Ok(value)
-}
-
-/// Parses `64KiB`, `32MiB`, `1GiB` or a plain number of bytes.
-pub fn parse_size(text: &str) -> Result<u64> {
-    let text = text.trim();
-    let digits_end = text
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(text.len());
-    let (number, unit) = text.split_at(digits_end);
-    let number: u64 = number
-        .parse()
-        .with_context(|| format!("{text:?} is not a size such as 64KiB, 32MiB or 1GiB"))?;
-    let factor = match unit.trim() {
-        "" | "B" => 1,
-        "KiB" => 1 << 10,
-        "MiB" => 1 << 20,
-        "GiB" => 1 << 30,
-        other => anyhow::bail!("unknown size unit {other:?} in {text:?}: use B, KiB, MiB or GiB"),
-    };
-    number
-        .checked_mul(factor)
-        .with_context(|| format!("{text:?} is too large"))
 }
 
 #[cfg(test)]

@@ -117,6 +117,7 @@
 mod bounds;
 mod json;
 mod locate;
+mod size;
 mod spec;
 mod text;
 mod tree;
@@ -125,6 +126,7 @@ mod validate;
 use std::path::Path;
 
 pub use bounds::{BoundError, show_bytes, show_duration};
+pub use size::{SizeError, parse_size};
 pub use spec::{
     ContainerWorkload, DeploymentSpec, GpioEdgeTrigger, GpioGrantSpec, GpioMode, GuestRootRef,
     I2cGrantSpec, ImageRef, IsolationChoice, Limits, MicrovmWorkload, ModuleRef, RestartPolicy,

@@ -2,15 +2,29 @@
 
 use std::collections::BTreeMap;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
 
 use crate::outbox::{Outbox, OutboxError, Row, RowId, RowKind};
 
 /// An in-memory [`Outbox`]: a test double standing in for the agent's SQLite table. Row ids
-/// start at 1 and are never reused, like `AUTOINCREMENT`.
-#[derive(Debug, Default)]
+/// start at 1 and are never reused, like `AUTOINCREMENT`. Tests wait on its row count with
+/// [`FakeOutbox::wait_rows`], woken by each push and delete.
+#[derive(Debug)]
 pub struct FakeOutbox {
     inner: Mutex<Inner>,
+    /// The row count after each change.
+    rows: watch::Sender<usize>,
+}
+
+impl Default for FakeOutbox {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::default(),
+            rows: watch::Sender::new(0),
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -56,7 +70,22 @@ impl FakeOutbox {
                 payload,
             },
         );
+        self.rows.send_replace(inner.rows.len());
         id
+    }
+
+    /// Waits until the row count satisfies `done`, woken by each change, for at most `within`.
+    /// Returns the count that satisfied it, or the count at the deadline.
+    pub async fn wait_rows(
+        &self,
+        within: Duration,
+        mut done: impl FnMut(usize) -> bool,
+    ) -> Result<usize, usize> {
+        let mut counts = self.rows.subscribe();
+        match tokio::time::timeout(within, counts.wait_for(|n| done(*n))).await {
+            Ok(Ok(n)) => Ok(*n),
+            _ => Err(self.len()),
+        }
     }
 
     /// Rows still in the outbox.
@@ -93,6 +122,7 @@ impl Outbox for FakeOutbox {
                 inner.deleted += 1;
             }
         }
+        self.rows.send_replace(inner.rows.len());
         Ok(())
     }
 }

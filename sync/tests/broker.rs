@@ -96,14 +96,8 @@ fn assert_ordered_without_conflicting_duplicates(seen: &[Seen]) -> usize {
 }
 
 async fn wait_empty(outbox: &FakeOutbox, within: Duration) {
-    let deadline = Instant::now() + within;
-    while !outbox.is_empty() {
-        assert!(
-            Instant::now() < deadline,
-            "outbox still holds {} rows after {within:?}",
-            outbox.len()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    if let Err(left) = outbox.wait_rows(within, |n| n == 0).await {
+        panic!("outbox still holds {left} rows after {within:?}");
     }
 }
 
@@ -200,16 +194,10 @@ async fn broker_restart_while_records_are_queued_loses_nothing() {
     tokio::task::block_in_place(|| broker.stop());
     let queued_at_stop = outbox.len();
     // ...and pile up in the outbox while the broker is away.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while outbox.len() < queued_at_stop + 200 {
-        assert!(
-            Instant::now() < deadline,
-            "no records queued while offline: {} rows",
-            outbox.len()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    let queued_offline = outbox.len();
+    let queued_offline = outbox
+        .wait_rows(Duration::from_secs(30), |n| n >= queued_at_stop + 200)
+        .await
+        .unwrap_or_else(|rows| panic!("no records queued while offline: {rows} rows"));
     tokio::task::block_in_place(|| broker.restart());
     producer.await.unwrap();
 
