@@ -419,11 +419,22 @@ impl PodAgent for PodRuntime {
             }
         }
         let entry = workload.entrypoint.display().to_string();
+        let clock = Instant::now();
+        let cached = self
+            .artifacts
+            .contains(&crate::runtime::wasm::sha256_hex(&workload.wasm));
         let artifact = self
             .artifacts
             .add(workload.wasm)
             .await
             .map_err(|e| self.refuse(format!("entrypoint {entry:?}: {e:#}")))?;
+        // The compile-cache part of the task path (`lichen bench pods` reads it back).
+        tracing::info!(
+            task = %workload.id,
+            artifact_us = clock.elapsed().as_micros(),
+            cached,
+            "pod program ready"
+        );
         let program = match artifact.command() {
             Some(program) => PodProgram::Command(program.clone()),
             None => self.lichen_program(&entry, &artifact, &workload.env)?,
