@@ -593,6 +593,155 @@ fn real_agent_refuses_bad_pods_naming_the_cause_and_stays_unharmed() {
         .unwrap();
 }
 
+const COUNTER: &str = "lichen.test/counter:1";
+
+fn component_image(name: &str, guest: &str) -> ImageSpec {
+    ImageSpec {
+        name: name.into(),
+        files: vec![ImageFile::new(
+            "fn.wasm",
+            std::fs::read(lichen_tests::guest(guest)).unwrap(),
+        )],
+        entrypoint: vec!["/fn.wasm".into()],
+        cmd: vec![],
+    }
+}
+
+#[test]
+fn real_agent_runs_a_lichen_component_pod_with_no_grants_and_refuses_device_imports() {
+    if !tools_present() {
+        return;
+    }
+    let dir = scratch();
+    let socket = dir.path().join("task.sock");
+    let daemon = agent_serving(&socket);
+    let ctrd = Containerd::start(&socket, false).unwrap();
+    ctrd.import(&component_image(COUNTER, "counter")).unwrap();
+    ctrd.import(&component_image("lichen.test/blinky:1", "blinky"))
+        .unwrap();
+
+    // The counter device function as a pod: ticked by LICHEN_INTERVAL, configured by its
+    // environment, run by the supervisor as a `pods` workload.
+    ctrd.ctr_ok(&[
+        "run",
+        "-d",
+        "--runtime",
+        RUNTIME,
+        "--env",
+        "LICHEN_INTERVAL=20ms",
+        "--env",
+        "step=2",
+        COUNTER,
+        "c1",
+    ])
+    .unwrap();
+    let row = wait_ps(&daemon, "c1", "3 ticks handled", |w| {
+        w.state == "running" && w.events_handled >= 3
+    });
+    assert_eq!(row.kind, "wasm", "{row:?}");
+    assert_eq!(row.source, "pods", "{row:?}");
+    assert_eq!(row.labels["container"], "c1", "{row:?}");
+    assert_eq!(row.labels["containerd-namespace"], "lichen-test", "{row:?}");
+    assert_eq!(
+        daemon.ps().iter().filter(|w| w.name == "c1").count(),
+        1,
+        "one ps row for the pod"
+    );
+    let logs = String::from_utf8_lossy(&daemon.cli(&["logs", "c1"]).stdout).into_owned();
+    assert!(
+        logs.contains("counting by 2"),
+        "config from the pod's env: {logs}"
+    );
+    let count: u64 = daemon
+        .kv("c1", "count")
+        .expect("the pod's key-value state")
+        .parse()
+        .unwrap();
+    assert!(count >= 6 && count.is_multiple_of(2), "{count}");
+    // Its telemetry is in the outbox under the pod's workload name.
+    let db = rusqlite::Connection::open_with_flags(
+        daemon.state_dir().join("lichen.db"),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .unwrap();
+    let records: i64 = db
+        .query_row(
+            "SELECT COUNT(*) FROM outbox WHERE workload = 'c1' AND stream = 'count'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert!(records >= 3, "{records} telemetry records");
+    drop(db);
+
+    // containerd's kill stops it; delete removes it from the agent.
+    ctrd.wait_task("c1", "RUNNING", |s| s == Some("RUNNING"))
+        .unwrap();
+    ctrd.ctr_ok(&["task", "kill", "-s", "SIGTERM", "c1"])
+        .unwrap();
+    ctrd.wait_task("c1", "STOPPED", |s| s == Some("STOPPED"))
+        .unwrap();
+    wait_ps(&daemon, "c1", "stopped", |w| w.state == "stopped");
+    ctrd.ctr_ok(&["task", "delete", "c1"]).unwrap();
+    assert!(daemon.status("c1").is_none(), "task delete removed the pod");
+    ctrd.ctr_ok(&["containers", "delete", "c1"]).unwrap();
+
+    // A failing init ends the task, with the reason on the pod's stderr and a trap's status.
+    let out = ctrd
+        .ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--env",
+            "step=0",
+            COUNTER,
+            "c2",
+        ])
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(134), "{stderr}\n{}", daemon.log());
+    assert!(stderr.contains("positive integer"), "{stderr}");
+
+    // A component importing a device interface is refused at create, naming the import and
+    // the missing grant; nothing is held.
+    let out = ctrd
+        .ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "lichen.test/blinky:1",
+            "b1",
+        ])
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "a pod took device access: {stderr}");
+    assert!(stderr.contains("lichen:device/gpio"), "{stderr}");
+    assert!(stderr.contains("no device grants"), "{stderr}");
+    let _ = ctrd.ctr(&["containers", "delete", "b1"]);
+    let bad = ctrd
+        .ctr(&[
+            "run",
+            "--rm",
+            "--runtime",
+            RUNTIME,
+            "--env",
+            "LICHEN_INTERVAL=soon",
+            COUNTER,
+            "c3",
+        ])
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("process.env LICHEN_INTERVAL"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    let _ = ctrd.ctr(&["containers", "delete", "c3"]);
+    assert!(daemon.ps().is_empty(), "{:?}", daemon.ps());
+}
+
 #[test]
 fn real_agent_restart_while_pods_run_reports_their_exits_and_leaves_nothing_running() {
     if !tools_present() {
@@ -604,6 +753,7 @@ fn real_agent_restart_while_pods_run_reports_their_exits_and_leaves_nothing_runn
     let ctrd = Containerd::start(&socket, false).unwrap();
     ctrd.import(&hello_image()).unwrap();
     ctrd.import(&sleeper_image()).unwrap();
+    ctrd.import(&component_image(COUNTER, "counter")).unwrap();
     // A figure, not a threshold: the agent's resident memory per extra running pod.
     let rss_kib = |pid: u32| -> u64 {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -628,6 +778,10 @@ fn real_agent_restart_while_pods_run_reports_their_exits_and_leaves_nothing_runn
             .unwrap();
     }
     let after = rss_kib(pid);
+    // A pod of Lichen's world too: run by the supervisor, it must not come back either.
+    ctrd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, COUNTER, "rc"])
+        .unwrap();
+    wait_ps(&daemon, "rc", "running", |w| w.state == "running");
     eprintln!(
         "figure: agent RSS {before} KiB with 1 pod, {after} KiB with {}: {} KiB per extra pod",
         ids.len() + 1,
@@ -641,7 +795,7 @@ fn real_agent_restart_while_pods_run_reports_their_exits_and_leaves_nothing_runn
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "the agent process is gone, and with it every pod's Wasm"
     );
-    for id in ["r0"].iter().chain(&ids) {
+    for id in ["r0", "rc"].iter().chain(&ids) {
         ctrd.wait_task(id, "stopped or gone", |s| s != Some("RUNNING"))
             .unwrap();
     }
@@ -666,7 +820,7 @@ fn real_agent_restart_while_pods_run_reports_their_exits_and_leaves_nothing_runn
         ctrd.log_tail()
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("hello from a wasm pod"));
-    for id in ["r0"].iter().chain(&ids) {
+    for id in ["r0", "rc"].iter().chain(&ids) {
         let _ = ctrd.ctr(&["task", "delete", id]);
         ctrd.ctr_ok(&["containers", "delete", id]).unwrap();
     }

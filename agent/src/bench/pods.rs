@@ -115,6 +115,8 @@ struct Figures {
     runc_exit: Samples,
     ctr_alone: Samples,
     create: Samples,
+    /// The task path's parts as the agent timed them, per Lichen round.
+    parts: Vec<(&'static str, Samples)>,
     lichen_first: Duration,
     lichen_pss_per_pod: i64,
     lichen_rss_per_pod: i64,
@@ -182,6 +184,7 @@ fn measure(dir: &Path, rounds: usize, pods: usize) -> Result<Vec<String>> {
         ctrd.ctr_ok(&["containers", "delete", &id])?;
     }
 
+    let parts = task_path_parts(&agent.log, "lichen-")?;
     let (lichen_pss_per_pod, lichen_rss_per_pod) = lichen_memory(&ctrd, &agent, pods)?;
     let (runc_pss_per_pod, runc_rss_per_pod) = runc_memory(&ctrd, pods)?;
     let figures = Figures {
@@ -191,6 +194,7 @@ fn measure(dir: &Path, rounds: usize, pods: usize) -> Result<Vec<String>> {
         runc_exit: Samples::new(runc_exit),
         ctr_alone: Samples::new(ctr_alone),
         create: Samples::new(create),
+        parts,
         lichen_first,
         lichen_pss_per_pod,
         lichen_rss_per_pod,
@@ -364,7 +368,11 @@ fn report(f: &Figures, rounds: usize) -> Vec<String> {
         "-",
         "-",
     );
+    for (part, samples) in &f.parts {
+        table.row(format!("Lichen task path: {part}"), p(samples), "-", "-");
+    }
     table.note("Wasm pods run on the resident agent: its shim's `start` only prints the agent's task socket.");
+    table.note("Task path parts are timed inside the agent (shim service and pod runtime); the rest of a start (ctr, containerd, the shim `start` process, the ttrpc connect) is outside it.");
     table.print();
     vec![
         format!(
@@ -378,6 +386,55 @@ fn report(f: &Figures, rounds: usize) -> Vec<String> {
             kib(signed(f.runc_pss_per_pod))
         ),
     ]
+}
+
+/// The parts of the task path the agent logged (`pod task path timed` from the shim service,
+/// `pod program ready` from the pod runtime) for the tasks whose id starts with `prefix`.
+fn task_path_parts(log: &Path, prefix: &str) -> Result<Vec<(&'static str, Samples)>> {
+    const LOG_BYTES: u64 = 64 << 20;
+    let mut text = String::new();
+    std::fs::File::open(log)
+        .with_context(|| format!("cannot open {}", log.display()))?
+        .take(LOG_BYTES)
+        .read_to_string(&mut text)
+        .with_context(|| format!("cannot read {}", log.display()))?;
+    const PARTS: [(&str, &str); 7] = [
+        ("bundle read", "bundle_us"),
+        ("rootfs mount", "mount_us"),
+        ("entrypoint read", "entrypoint_us"),
+        ("FIFO open", "fifo_us"),
+        ("agent Create", "create_us"),
+        ("of which program from the compile cache", "artifact_us"),
+        ("Start", "start_us"),
+    ];
+    let mut samples: Vec<Vec<Duration>> = vec![Vec::new(); PARTS.len()];
+    let field = |line: &str, key: &str| -> Option<u64> {
+        let rest = line.split(&format!(" {key}=")).nth(1)?;
+        rest.split(|c: char| !c.is_ascii_digit())
+            .next()?
+            .parse()
+            .ok()
+    };
+    for line in text.lines() {
+        let ours = line
+            .split(" task=")
+            .nth(1)
+            .is_some_and(|t| t.starts_with(prefix));
+        if !ours || !(line.contains("pod task path timed") || line.contains("pod program ready")) {
+            continue;
+        }
+        for (i, (_, key)) in PARTS.iter().enumerate() {
+            if let Some(us) = field(line, key) {
+                samples[i].push(Duration::from_micros(us));
+            }
+        }
+    }
+    Ok(PARTS
+        .iter()
+        .zip(samples)
+        .filter(|(_, s)| !s.is_empty())
+        .map(|((name, _), s)| (*name, Samples::new(s)))
+        .collect())
 }
 
 /// The programs the benchmark runs.
@@ -470,6 +527,7 @@ fn still_running(child: &mut Child, name: &str, log: &Path) -> Result<()> {
 struct Agent {
     child: std::cell::RefCell<Owned>,
     task_socket: PathBuf,
+    log: PathBuf,
 }
 
 impl Agent {
@@ -495,6 +553,7 @@ impl Agent {
         let agent = Self {
             child: std::cell::RefCell::new(Owned(child)),
             task_socket,
+            log: log_path.clone(),
         };
         wait_for(
             "the agent serving the task API",
@@ -821,6 +880,34 @@ mod tests {
             parent_of(std::process::id()),
             Some(std::os::unix::process::parent_id())
         );
+    }
+
+    #[test]
+    fn task_path_parts_are_read_back_for_the_rounds_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("agent.log");
+        std::fs::write(
+            &log,
+            "2026 INFO lichen_agent::pods: pod program ready task=lichen-0 artifact_us=900 cached=true\n\
+             2026 INFO lichen_shim::service::rpc: pod task path timed task=lichen-0 bundle_us=100 mount_us=200 entrypoint_us=300 fifo_us=40 create_us=1000 start_us=500\n\
+             2026 INFO lichen_shim::service::rpc: pod task path timed task=warm-lichen bundle_us=9999 mount_us=1 entrypoint_us=1 fifo_us=1 create_us=1 start_us=1\n",
+        )
+        .unwrap();
+        let parts = task_path_parts(&log, "lichen-").unwrap();
+        let got: Vec<(&str, Duration)> = parts
+            .iter()
+            .map(|(name, s)| (*name, s.percentile(50.0)))
+            .collect();
+        assert_eq!(got.len(), 7, "{got:?}");
+        assert_eq!(got[0], ("bundle read", Duration::from_micros(100)));
+        assert_eq!(
+            got[5],
+            (
+                "of which program from the compile cache",
+                Duration::from_micros(900)
+            )
+        );
+        assert_eq!(got[6], ("Start", Duration::from_micros(500)));
     }
 
     #[test]

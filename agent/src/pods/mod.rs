@@ -8,14 +8,18 @@
 //! memory limit (checked against the engine's instance slot) its linear memory limit, and
 //! its stdout and stderr stream to containerd's FIFOs and to the pod's log as it writes
 //! ([`output`]). `ps` (source `pods`, labels `namespace`, `pod`, `container`), logs and
-//! metrics show pods beside the deployment's workloads ([`control`]). A pod runs until its program returns, traps or is stopped (containerd's
-//! `Kill`), with no time slice: Kubernetes programs are long-running.
+//! metrics show pods beside the deployment's workloads ([`control`]). A pod runs until its
+//! program returns, traps or is stopped (containerd's `Kill`), with no time slice: Kubernetes
+//! programs are long-running. A component of Lichen's world is not run here but handed to the
+//! supervisor as a `pods` workload with no device grants ([`lichen`]).
 //!
 //! Nothing of a pod outlives the agent: its Wasm runs inside the agent's process, so when the
 //! agent exits containerd sees the task connection close and reports every pod as exited
-//! (the shim's `delete` unmounts the rootfs); a restarted agent starts with no pods.
+//! (the shim's `delete` unmounts the rootfs); a restarted agent starts with no pods (the
+//! supervisor drops the `pods` rows a killed agent left in the state database).
 
 pub mod control;
+pub mod lichen;
 pub mod output;
 pub mod server;
 
@@ -35,6 +39,7 @@ use wasmtime_wasi::WasiCtxBuilder;
 use crate::api::types::WorkloadStatus;
 use crate::logs::LogHub;
 use crate::runtime::wasm::{ArtifactStore, CommandProgram, run_program};
+use crate::supervisor::{Agent, Labels};
 use output::{Destination, forward, pipe};
 
 /// Most pods the agent holds at once (the task service's own bound on tasks).
@@ -42,6 +47,29 @@ pub const MAX_PODS: usize = lichen_shim::service::MAX_TASKS;
 /// A pod program's time slice: none (it runs until it returns, traps or is stopped). The
 /// engine still preempts it every epoch tick so other workloads get the CPU.
 const POD_TIME_SLICE: Duration = Duration::MAX;
+
+/// What a pod runs.
+#[derive(Clone)]
+enum PodProgram {
+    /// A WASI command program, run here with its output to containerd's FIFOs.
+    Command(CommandProgram),
+    /// A component of Lichen's world, run by the supervisor as a `pods` workload with no
+    /// device grants ([`lichen`]), ticked every `interval` if set.
+    Lichen { interval: Option<Duration> },
+}
+
+impl PodProgram {
+    fn kind_name(&self) -> &'static str {
+        match self {
+            PodProgram::Command(program) => program.kind_name(),
+            PodProgram::Lichen { .. } => "wasm",
+        }
+    }
+
+    fn is_lichen(&self) -> bool {
+        matches!(self, PodProgram::Lichen { .. })
+    }
+}
 
 /// Where a pod is in its life.
 enum Phase {
@@ -60,10 +88,12 @@ struct Pod {
     namespace: String,
     identity: PodIdentity,
     digest: String,
-    program: CommandProgram,
+    program: PodProgram,
     args: Vec<String>,
     env: Vec<(String, String)>,
     memory_limit: usize,
+    /// The OCI spec's memory limit, if it set one.
+    requested_memory: Option<u64>,
     stdout: Option<OutputSink>,
     stderr: Option<OutputSink>,
     phase: Mutex<Phase>,
@@ -144,6 +174,8 @@ pub struct PodRuntime {
     slot_bytes: u64,
     pods: Mutex<HashMap<String, Arc<Pod>>>,
     counters: Arc<PodCounters>,
+    /// The supervisor that runs pods of Lichen's world; without it they are refused.
+    agent: Option<Agent>,
 }
 
 impl PodRuntime {
@@ -157,7 +189,15 @@ impl PodRuntime {
             slot_bytes,
             pods: Mutex::new(HashMap::new()),
             counters: Arc::new(PodCounters::default()),
+            agent: None,
         }
+    }
+
+    /// Runs pods whose `.wasm` is a component of Lichen's world as `pods` workloads of
+    /// `agent`, with no device grants ([`lichen`]).
+    pub fn with_agent(mut self, agent: Agent) -> Self {
+        self.agent = Some(agent);
+        self
     }
 
     fn table(&self) -> MutexGuard<'_, HashMap<String, Arc<Pod>>> {
@@ -181,16 +221,19 @@ impl PodRuntime {
         &self.counters
     }
 
-    /// Whether `name` is a pod's `ps` name.
+    /// Whether `name` is the `ps` name of a pod this runtime runs itself (a WASI command; the
+    /// supervisor answers for pods of Lichen's world).
     pub fn knows(&self, name: &str) -> bool {
-        self.table().values().any(|p| p.name == name)
+        self.table()
+            .values()
+            .any(|p| p.name == name && !p.program.is_lichen())
     }
 
-    /// The task id of the pod `ps` knows as `name`.
+    /// The task id of the WASI command pod `ps` knows as `name`.
     pub fn id_of(&self, name: &str) -> Option<String> {
         self.table()
             .values()
-            .find(|p| p.name == name)
+            .find(|p| p.name == name && !p.program.is_lichen())
             .map(|p| p.id.clone())
     }
 
@@ -204,9 +247,15 @@ impl PodRuntime {
         self.table().is_empty()
     }
 
-    /// A `ps` row per pod, sorted by name.
+    /// A `ps` row per WASI command pod, sorted by name (the supervisor's `ps` lists the pods
+    /// of Lichen's world).
     pub fn ps(&self) -> Vec<WorkloadStatus> {
-        let pods: Vec<Arc<Pod>> = self.table().values().cloned().collect();
+        let pods: Vec<Arc<Pod>> = self
+            .table()
+            .values()
+            .filter(|p| !p.program.is_lichen())
+            .cloned()
+            .collect();
         let mut rows: Vec<WorkloadStatus> = pods.iter().map(|p| status_row(p)).collect();
         rows.sort_by(|a, b| a.name.cmp(&b.name));
         rows
@@ -224,6 +273,69 @@ impl PodRuntime {
         } else {
             base
         }
+    }
+
+    /// A component of Lichen's world as a pod program: refused without a supervisor, when it
+    /// imports a device interface (a pod has no grants) or when its interval is bad.
+    fn lichen_program(
+        &self,
+        entry: &str,
+        artifact: &crate::runtime::wasm::Artifact,
+        env: &[(String, String)],
+    ) -> Result<PodProgram, AgentError> {
+        if self.agent.is_none() {
+            return Err(self.refuse(format!(
+                "entrypoint {entry:?}: is a Lichen device function component, which this task server does not run; deploy it with `lichen deploy`"
+            )));
+        }
+        if let Some(import) = lichen::device_import(artifact, self.artifacts.engine().engine()) {
+            return Err(self.refuse(format!(
+                "entrypoint {entry:?}: imports {import}, but a pod gets no device grants (pods of Lichen's world have key-value, config, logs, clocks, telemetry and ticks only); deploy device functions that need pins or buses with `lichen deploy`"
+            )));
+        }
+        let interval = lichen::interval(env).map_err(|message| self.refuse(message))?;
+        Ok(PodProgram::Lichen { interval })
+    }
+
+    /// Starts a pod of Lichen's world in the supervisor, then waits for its end beside it.
+    async fn start_lichen(
+        &self,
+        pod: Arc<Pod>,
+        agent: &Agent,
+        interval: Option<Duration>,
+    ) -> Result<(), AgentError> {
+        let spec = lichen::spec(
+            &pod.name,
+            &pod.digest,
+            &pod.env,
+            interval,
+            pod.requested_memory,
+        );
+        let lines = lichen::start(agent, spec, Labels(pod.labels())).await?;
+        let (end_tx, end_rx) = tokio::sync::oneshot::channel();
+        let forwarder = tokio::spawn(lichen::forward_lines(lines, pod.stdout.clone(), end_rx));
+        let agent = agent.clone();
+        let waiter_pod = pod.clone();
+        let counters = self.counters.clone();
+        let waiter = tokio::spawn(async move {
+            let pod = waiter_pod;
+            let exit = lichen::wait(&agent, &pod.name).await;
+            let _ = end_tx.send(());
+            let _ = forwarder.await;
+            if let Exit::Trapped(reason) = &exit {
+                if let Some(stderr) = &pod.stderr {
+                    stderr.write(format!("{reason}\n").as_bytes()).await;
+                }
+                counters.trapped.fetch_add(1, Ordering::Relaxed);
+            }
+            pod.end(exit);
+        });
+        *pod.phase() = Phase::Running {
+            abort: waiter.abort_handle(),
+            since: Instant::now(),
+        };
+        self.counters.started.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     fn refuse(&self, message: String) -> AgentError {
@@ -307,15 +419,25 @@ impl PodAgent for PodRuntime {
             }
         }
         let entry = workload.entrypoint.display().to_string();
+        let clock = Instant::now();
+        let cached = self
+            .artifacts
+            .contains(&crate::runtime::wasm::sha256_hex(&workload.wasm));
         let artifact = self
             .artifacts
             .add(workload.wasm)
             .await
             .map_err(|e| self.refuse(format!("entrypoint {entry:?}: {e:#}")))?;
-        let Some(program) = artifact.command().cloned() else {
-            return Err(self.refuse(format!(
-                "entrypoint {entry:?}: is a Lichen device function component, not a WASI command (a preview-1 module exporting _start or a wasi:cli/run component); deploy device functions with `lichen deploy`"
-            )));
+        // The compile-cache part of the task path (`lichen bench pods` reads it back).
+        tracing::info!(
+            task = %workload.id,
+            artifact_us = clock.elapsed().as_micros(),
+            cached,
+            "pod program ready"
+        );
+        let program = match artifact.command() {
+            Some(program) => PodProgram::Command(program.clone()),
+            None => self.lichen_program(&entry, &artifact, &workload.env)?,
         };
         let memory_limit =
             usize::try_from(workload.memory_limit.unwrap_or(self.slot_bytes)).unwrap_or(usize::MAX);
@@ -326,7 +448,13 @@ impl PodAgent for PodRuntime {
                 workload.id
             )));
         }
-        let name = Self::name_for(&table, &workload.id, &workload.identity);
+        let name = if program.is_lichen() {
+            lichen::workload_name(&workload.id, &workload.identity, |name| {
+                table.values().any(|p| p.name == name)
+            })
+        } else {
+            Self::name_for(&table, &workload.id, &workload.identity)
+        };
         let pod = Arc::new(Pod {
             id: workload.id.clone(),
             name,
@@ -337,6 +465,7 @@ impl PodAgent for PodRuntime {
             args: workload.args,
             env: workload.env,
             memory_limit,
+            requested_memory: workload.memory_limit,
             stdout: workload.stdout,
             stderr: workload.stderr,
             phase: Mutex::new(Phase::Created),
@@ -359,6 +488,18 @@ impl PodAgent for PodRuntime {
 
     async fn start(&self, id: &str) -> Result<(), AgentError> {
         let pod = self.pod(id)?;
+        let program = match &pod.program {
+            PodProgram::Command(program) => program.clone(),
+            PodProgram::Lichen { interval } => {
+                if !matches!(*pod.phase(), Phase::Created) {
+                    return Err(AgentError::State(format!("pod {id} was already started")));
+                }
+                let agent = self.agent.clone().ok_or_else(|| {
+                    AgentError::Invalid("this task server runs no Lichen components".into())
+                })?;
+                return self.start_lichen(pod.clone(), &agent, *interval).await;
+            }
+        };
         let mut phase = pod.phase();
         if !matches!(*phase, Phase::Created) {
             return Err(AgentError::State(format!("pod {id} was already started")));
@@ -388,7 +529,6 @@ impl PodAgent for PodRuntime {
             .args(&pod.args)
             .envs(&pod.env);
         let engine = self.artifacts.engine().engine().clone();
-        let program = pod.program.clone();
         let memory_limit = pod.memory_limit;
         let run = tokio::spawn(async move {
             run_program(&engine, program, builder, memory_limit, POD_TIME_SLICE).await
@@ -443,6 +583,15 @@ impl PodAgent for PodRuntime {
         let phase = std::mem::replace(&mut *pod.phase(), Phase::Ended);
         match phase {
             Phase::Created => pod.end(Exit::Stopped),
+            Phase::Running { abort, since } if pod.program.is_lichen() => {
+                *pod.phase() = Phase::Running { abort, since };
+                if let Some(agent) = &self.agent {
+                    lichen::stop(agent, &pod.name)
+                        .await
+                        .map_err(|e| AgentError::NotFound(e.error))?;
+                }
+                self.counters.stopped.fetch_add(1, Ordering::Relaxed);
+            }
             Phase::Running { abort, since } => {
                 // The end is recorded by the run's own task once the run is dropped and the
                 // output forwarded; until then the phase reads running.
@@ -470,14 +619,18 @@ impl PodAgent for PodRuntime {
     }
 
     async fn remove(&self, id: &str) -> Result<(), AgentError> {
-        let mut table = self.table();
-        let pod = table
-            .get(id)
-            .ok_or_else(|| AgentError::NotFound(id.to_string()))?;
+        let pod = self.pod(id)?;
         if matches!(*pod.phase(), Phase::Running { .. }) && pod.exit.borrow().is_none() {
             return Err(AgentError::State(format!("pod {id} is running")));
         }
-        if let Some(pod) = table.remove(id) {
+        if pod.program.is_lichen()
+            && let Some(agent) = &self.agent
+        {
+            lichen::remove(agent, &pod.name).await;
+        }
+        if let Some(pod) = self.table().remove(id)
+            && !pod.program.is_lichen()
+        {
             self.logs.remove(&pod.name);
         }
         Ok(())

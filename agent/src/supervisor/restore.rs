@@ -22,16 +22,35 @@ struct Failure {
 }
 
 impl Agent {
-    /// Starts the stored workloads of every source: the operator's last applied deployment,
-    /// the pods' and the devices' workloads (after each runtime has cleaned up what a killed
-    /// agent left behind). Returns whether there was any. A workload that cannot start is
+    /// Starts the stored workloads of the operator (its last applied deployment) and the
+    /// devices source (after each runtime has cleaned up what a killed agent left behind); the
+    /// pods source's stored workloads are dropped, not started (containerd owns pods). Returns whether there was any. A workload that cannot start is
     /// reported `failed`; only an unreadable state store is an error.
     pub async fn restore(&self) -> anyhow::Result<bool> {
         let _deploying = self.inner.deploying.lock().await;
         for runtime in self.inner.runtimes.values() {
             runtime.recover().await;
         }
-        let rows = self.store().all_workloads()?;
+        let mut rows = self.store().all_workloads()?;
+        // Pods are not restored: containerd owns them, and it saw their tasks exit when the
+        // agent went away (the task connection closed). What a killed agent left stored goes.
+        let mut pods = Vec::new();
+        rows.retain(|(row, source, _)| {
+            let pod = Source::parse(source) == Some(Source::Pods);
+            if pod {
+                pods.push(row.name.clone());
+            }
+            !pod
+        });
+        for name in pods {
+            if let Err(e) = self
+                .store()
+                .remove_source_workload(Source::Pods.as_str(), &name)
+                .await
+            {
+                tracing::warn!(workload = %name.escape_debug(), "cannot drop a stored pod: {e}");
+            }
+        }
         if rows.is_empty() && self.store().current_deployment()?.is_none() {
             self.collect_garbage().await;
             return Ok(false);

@@ -33,7 +33,7 @@ use crate::events::{Publisher, timestamp};
 use crate::io::{IoError, OutputSink};
 use crate::mounts::{mount_rootfs, unmount_rootfs};
 use crate::spec::{TaskKind, read_bundle};
-use task::Task;
+use task::{CreateTimings, Task};
 
 /// Most tasks one service holds at once.
 pub const MAX_TASKS: usize = 1024;
@@ -175,6 +175,13 @@ impl<A: PodAgent> TaskService<A> {
     ) -> Result<Arc<Task>, ttrpc::Error> {
         check_id(&req.id)?;
         let _reservation = self.reserve(&req.id)?;
+        let mut timings = CreateTimings::default();
+        let mut clock = std::time::Instant::now();
+        let mut lap = |part: &mut std::time::Duration| {
+            let now = std::time::Instant::now();
+            *part = now - clock;
+            clock = now;
+        };
         let id = req.id.clone();
         let invalid =
             |message: String| rpc_error(Code::INVALID_ARGUMENT, format!("task {id}: {message}"));
@@ -192,6 +199,7 @@ impl<A: PodAgent> TaskService<A> {
             )));
         }
         let spec = read_bundle(&bundle).map_err(|e| invalid(e.to_string()))?;
+        lap(&mut timings.bundle);
         let target = read_context(&bundle);
         if target.is_none() {
             tracing::warn!(task = %id, "no shim context in the bundle: task events are not forwarded");
@@ -215,7 +223,10 @@ impl<A: PodAgent> TaskService<A> {
                 .map_err(|e| rpc_error(Code::INTERNAL, format!("task {id}: {e}")))?;
             Some(root)
         };
-        let prepared = self.prepare(&id, &namespace, &spec, &req).await;
+        lap(&mut timings.mount);
+        let prepared = self
+            .prepare(&id, &namespace, &spec, &req, &mut timings)
+            .await;
         if let Err(e) = prepared {
             if let Some(Err(u)) = mounted.as_deref().map(unmount_rootfs) {
                 tracing::warn!(task = %id, error = %u, "cannot unmount after a failed create");
@@ -230,6 +241,7 @@ impl<A: PodAgent> TaskService<A> {
             target,
             mounted,
         ));
+        let _ = task.timings.set(timings);
         self.table().insert(id, task.clone());
         Ok(task)
     }
@@ -241,6 +253,7 @@ impl<A: PodAgent> TaskService<A> {
         namespace: &str,
         spec: &crate::spec::BundleSpec,
         req: &CreateTaskRequest,
+        timings: &mut CreateTimings,
     ) -> Result<(), ttrpc::Error> {
         let invalid =
             |message: String| rpc_error(Code::INVALID_ARGUMENT, format!("task {id}: {message}"));
@@ -251,12 +264,17 @@ impl<A: PodAgent> TaskService<A> {
         let name = spec.args[0].clone();
         let cwd = spec.cwd.clone();
         let env = spec.env.clone();
+        let clock = std::time::Instant::now();
         let entry = tokio::task::spawn_blocking(move || read_entrypoint(&root, &name, &cwd, &env))
             .await
             .map_err(|e| rpc_error(Code::INTERNAL, format!("task {id}: {e}")))?
             .map_err(|e| invalid(e.to_string()))?;
+        timings.entrypoint = clock.elapsed();
+        let clock = std::time::Instant::now();
         let stdout = OutputSink::open("stdout", &req.stdout).map_err(|e| invalid(e.to_string()))?;
         let stderr = OutputSink::open("stderr", &req.stderr).map_err(|e| invalid(e.to_string()))?;
+        timings.fifo = clock.elapsed();
+        let clock = std::time::Instant::now();
         let workload = PodWorkload {
             id: id.to_string(),
             namespace: namespace.to_string(),
@@ -269,10 +287,9 @@ impl<A: PodAgent> TaskService<A> {
             stdout,
             stderr,
         };
-        self.agent
-            .create(workload)
-            .await
-            .map_err(|e| agent_error(id, e))
+        let created = self.agent.create(workload).await;
+        timings.agent = clock.elapsed();
+        created.map_err(|e| agent_error(id, e))
     }
 
     async fn publish<M: containerd_shim_protos::protobuf::MessageFull>(

@@ -71,11 +71,27 @@ impl<A: PodAgent> TtrpcTask for Handler<A> {
         no_exec(&req.exec_id)?;
         let task = self.task(&req.id)?;
         task.begin_start(&req.id)?;
+        let clock = std::time::Instant::now();
         if task.kind == TaskKind::Program
             && let Err(e) = self.agent.start(&task.id).await
         {
             task.abort_start();
             return Err(agent_error(&task.id, e));
+        }
+        let started = clock.elapsed();
+        if let Some(t) = task.timings.get() {
+            // One line per task with the task path's parts in microseconds (`lichen bench
+            // pods` reads them back from the agent's log).
+            tracing::info!(
+                task = %task.id,
+                bundle_us = t.bundle.as_micros(),
+                mount_us = t.mount.as_micros(),
+                entrypoint_us = t.entrypoint.as_micros(),
+                fifo_us = t.fifo.as_micros(),
+                create_us = t.agent.as_micros(),
+                start_us = started.as_micros(),
+                "pod task path timed"
+            );
         }
         task.set_phase(Phase::Running);
         let event = TaskStart {

@@ -95,9 +95,26 @@ pub struct Task {
     pub killed: Notify,
     /// Held while the exit is published and recorded, so that happens once and in order.
     pub finishing: tokio::sync::Mutex<()>,
+    /// How long the parts of its `Create` took (set once the create succeeded).
+    pub timings: std::sync::OnceLock<CreateTimings>,
     phase: Mutex<Phase>,
     signal: AtomicU32,
     exit: watch::Sender<Option<ExitRecord>>,
+}
+
+/// How long the parts of one task's `Create` took, for the task path's timing line.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CreateTimings {
+    /// Reading and checking the bundle's `config.json`.
+    pub bundle: std::time::Duration,
+    /// Mounting the rootfs containerd prepared.
+    pub mount: std::time::Duration,
+    /// Finding and reading the entrypoint `.wasm`.
+    pub entrypoint: std::time::Duration,
+    /// Opening containerd's stdout and stderr FIFOs.
+    pub fifo: std::time::Duration,
+    /// The agent's create: compiling the program or loading it from the cache, the pod record.
+    pub agent: std::time::Duration,
 }
 
 impl Task {
@@ -119,6 +136,7 @@ impl Task {
             rootfs,
             killed: Notify::new(),
             finishing: tokio::sync::Mutex::new(()),
+            timings: std::sync::OnceLock::new(),
             phase: Mutex::new(Phase::Created),
             signal: AtomicU32::new(0),
             exit: watch::Sender::new(None),
