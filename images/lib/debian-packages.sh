@@ -50,30 +50,46 @@ if [ ! -f "$root/.lists-complete" ] || [ "${LICHEN_APT_REFRESH:-0}" = 1 ]; then
   say "reading the package lists of Debian $suite"
   apt-get update -qq >&2
   touch "$root/.lists-complete"
+  rm -f "$root"/resolved-*
 fi
 
-names=()
-for p in "$@"; do
-  if [ "$p" = linux-image ]; then
-    p=$(apt-cache depends "linux-image-$arch" | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
-    [ -n "$p" ] || { say "error: cannot resolve linux-image-$arch to a kernel package"; exit 1; }
-  fi
-  names+=("$p")
-done
-
+# Resolving names to files asks apt-cache (seconds each) and hashes the .debs: done once per
+# list of names and kept until the package lists are read again.
+memo=$root/resolved-$(printf '%s\n' "$@" | sha256sum | cut -c1-16)
 lines=()
-for p in "${names[@]}"; do
-  version=$(apt-cache policy "$p" | awk '/Candidate:/ { print $2 }')
-  [ -n "$version" ] && [ "$version" != "(none)" ] || { say "error: no candidate version of $p"; exit 1; }
-  # apt names the file <name>_<version with ':' as %3a>_<arch>.deb.
-  file=$root/debs/${p}_${version//:/%3a}_$(apt-cache show "$p=$version" | awk '/^Architecture:/ { print $2; exit }').deb
-  if [ ! -f "$file" ]; then
-    say "downloading $p $version"
-    (cd "$root/debs" && apt-get download -qq "$p=$version" >&2)
-  fi
-  [ -f "$file" ] || { say "error: apt-get download did not leave $file"; exit 1; }
-  lines+=("$p $version $(sha256sum "$file" | cut -d' ' -f1)")
+if [ -f "$memo" ] && [ "$memo" -nt "$root/.lists-complete" ]; then
+  mapfile -t lines <"$memo"
+fi
+for line in "${lines[@]}"; do
+  read -r p version _ <<<"$line"
+  ls "$root/debs/${p}_${version//:/%3a}_"*.deb >/dev/null 2>&1 || { lines=(); break; }
 done
+if [ ${#lines[@]} = 0 ]; then
+  names=()
+  for p in "$@"; do
+    if [ "$p" = linux-image ]; then
+      p=$(apt-cache depends "linux-image-$arch" | awk '/Depends: linux-image-[0-9]/ { print $2; exit }')
+      [ -n "$p" ] || { say "error: cannot resolve linux-image-$arch to a kernel package"; exit 1; }
+    fi
+    names+=("$p")
+  done
+
+  lines=()
+  for p in "${names[@]}"; do
+    version=$(apt-cache policy "$p" | awk '/Candidate:/ { print $2 }')
+    [ -n "$version" ] && [ "$version" != "(none)" ] || { say "error: no candidate version of $p"; exit 1; }
+    # apt names the file <name>_<version with ':' as %3a>_<arch>.deb.
+    file=$root/debs/${p}_${version//:/%3a}_$(apt-cache show "$p=$version" | awk '/^Architecture:/ { print $2; exit }').deb
+    if [ ! -f "$file" ]; then
+      say "downloading $p $version"
+      (cd "$root/debs" && apt-get download -qq "$p=$version" >&2)
+    fi
+    [ -f "$file" ] || { say "error: apt-get download did not leave $file"; exit 1; }
+    lines+=("$p $version $(sha256sum "$file" | cut -d' ' -f1)")
+  done
+  printf '%s\n' "${lines[@]}" >"$memo.new"
+  mv "$memo.new" "$memo"
+fi
 
 key=$(printf '%s\n' "${lines[@]}" | sha256sum | cut -c1-16)
 out=$cache_root/debs-$arch/$key

@@ -2,8 +2,9 @@
 //! kernels hang): an x86_64 board (UEFI, GRUB) that updates, rolls back and survives power
 //! cuts; an arm64 board (U-Boot) that boots and falls back; and the build's reproducibility.
 //!
-//! Each test builds what it needs through the cache of `images/build` (keyed by every input),
-//! with a signing key kept in that cache, so a second run rebuilds nothing.
+//! Each test builds what it needs through the cache of `images/build` (keyed by every input,
+//! with the agent-independent base cached apart, so a changed agent only rebuilds the root
+//! slot and the disk), with a signing key kept in that cache, so a second run rebuilds nothing.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -293,6 +294,9 @@ fn deployment_versions(board: &mut Board) -> Result<Vec<(String, u64)>> {
     Ok(out)
 }
 
+/// Two builds of the same inputs give the same bytes: one afresh (`--no-cache`: its base too)
+/// and one through the cache (whose base other tests may have built from the same inputs),
+/// which also proves the cache keys cover what the bytes depend on.
 #[test]
 fn x86_64_images_are_reproducible() -> Result<()> {
     let key = keypair("publisher")?;
@@ -302,22 +306,20 @@ fn x86_64_images_are_reproducible() -> Result<()> {
         "repro",
         "--trusted-key",
         &public(&key),
-        "--no-cache",
     ];
-    let one = build_image(&args)?;
-    let two = build_image(&args)?;
+    let fresh = build_image(&[&args[..], &["--no-cache"]].concat())?;
+    let cached = build_image(&args)?;
+    ensure!(fresh != cached, "--no-cache built in the cache");
     for file in ["disk.img", "rootfs.img"] {
         let same = Command::new("cmp")
-            .arg(one.join(file))
-            .arg(two.join(file))
+            .arg(fresh.join(file))
+            .arg(cached.join(file))
             .status()
             .context("cannot run cmp")?
             .success();
         ensure!(same, "two builds of the same inputs differ in {file}");
     }
-    for dir in [one, two] {
-        std::fs::remove_dir_all(dir)?;
-    }
+    std::fs::remove_dir_all(fresh)?;
     Ok(())
 }
 
@@ -415,9 +417,10 @@ fn arm64_board_boots_with_u_boot_and_falls_back() -> Result<()> {
     Ok(())
 }
 
-/// Figures for the README (not a pass/fail test; `images/bench` runs it): image size, boot to
-/// agent ready (TCG), update apply time and bytes written, and rounds of power cuts at random
-/// moments of an update with the board still booting a good slot afterwards.
+/// Figures for docs/updates.md (not a pass/fail test; `images/bench` runs it): image size,
+/// boot to agent ready (TCG), update apply time and bytes written, and rounds of power cuts at
+/// random moments of an update with the board still booting a good slot afterwards.
+/// `LICHEN_BENCH_TARGET` picks the board (`x86_64`, the default, or `arm64`);
 /// `LICHEN_BENCH_ROUNDS` sets the rounds (default 20).
 #[test]
 #[ignore = "figures, run by images/bench"]
@@ -426,14 +429,28 @@ fn figures() -> Result<()> {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(20);
+    let target = std::env::var("LICHEN_BENCH_TARGET").unwrap_or_else(|_| "x86_64".into());
+    let machine = match target.as_str() {
+        "x86_64" => "QEMU q35 with OVMF and GRUB, TCG, 1 vCPU",
+        "arm64" => "QEMU virt (cortex-a57) with U-Boot, TCG, 1 vCPU",
+        other => anyhow::bail!("LICHEN_BENCH_TARGET={other}: x86_64 or arm64"),
+    };
     let key = keypair("publisher")?;
     let common = ["--trusted-key", &public(&key)];
-    let v1 = build_image(&[&["x86_64", "--version", "1"], &common[..]].concat())?;
-    let v2 = build_image(&[&["x86_64", "--rootfs-only", "--version", "2"], &common[..]].concat())?;
+    let v1 = build_image(&[&[target.as_str(), "--version", "1"], &common[..]].concat())?;
+    let v2 = build_image(
+        &[
+            &[target.as_str(), "--rootfs-only", "--version", "2"],
+            &common[..],
+        ]
+        .concat(),
+    )?;
     let scratch = tempfile::tempdir()?;
     let b = |name: &str| scratch.path().join(name);
-    bundle(&v1, "1", "x86_64", &key, &b("v1.lub"))?;
-    bundle(&v2, "2", "x86_64", &key, &b("v2.lub"))?;
+    bundle(&v1, "1", &target, &key, &b("v1.lub"))?;
+    bundle(&v2, "2", &target, &key, &b("v2.lub"))?;
+    let usb = [("v1.lub", b("v1.lub")), ("v2.lub", b("v2.lub"))];
+    let usb: Vec<(&str, &Path)> = usb.iter().map(|(n, p)| (*n, p.as_path())).collect();
 
     let disk_meta = std::fs::metadata(v1.join("disk.img"))?;
     let allocated = {
@@ -441,7 +458,7 @@ fn figures() -> Result<()> {
         disk_meta.blocks() * 512
     };
     println!(
-        "figure: image: disk.img {} MiB ({} MiB allocated), root slot image {} KiB, bundle {} KiB",
+        "figure: {target} image: disk.img {} MiB ({} MiB allocated), root slot image {} KiB, bundle {} KiB",
         disk_meta.len() >> 20,
         allocated >> 20,
         std::fs::metadata(v1.join("rootfs.img"))?.len() >> 10,
@@ -449,8 +466,8 @@ fn figures() -> Result<()> {
     );
 
     // Boot to agent ready, and one update at the disk's own speed.
-    let mut disk = BoardDisk::new(&v1, "x86_64")?;
-    disk.with_usb(&[("v1.lub", &b("v1.lub")), ("v2.lub", &b("v2.lub"))])?;
+    let mut disk = BoardDisk::new(&v1, &target)?;
+    disk.with_usb(&usb)?;
     let mut board = disk.boot()?;
     board.wait_for("lichen: booting slot")?;
     let loader = board.uptime();
@@ -461,7 +478,7 @@ fn figures() -> Result<()> {
     })?;
     let ready = board.uptime();
     println!(
-        "figure: boot (QEMU q35, TCG, 1 vCPU): boot loader at {:.1} s, init ready at {:.1} s, agent answering with running workloads at {:.1} s",
+        "figure: {target} boot ({machine}): boot loader at {:.1} s, init ready at {:.1} s, agent answering with running workloads at {:.1} s",
         loader.as_secs_f64(),
         init.as_secs_f64(),
         ready.as_secs_f64()
@@ -471,19 +488,22 @@ fn figures() -> Result<()> {
     let json_start = out.find('{').context("no JSON from lichen update")?;
     let report: serde_json::Value = serde_json::from_str(&out[json_start..])?;
     println!(
-        "figure: update apply (virtio disk under TCG): {} bytes written, write {} ms, read-back verify {} ms, whole verb {} ms (signature, pre-hash, write, verify, arm)",
+        "figure: {target} update apply (virtio disk under TCG): {} bytes written, write {} ms, read-back verify {} ms, whole verb {} ms (signature, pre-hash, write, verify, arm)",
         report["bytes-written"], report["write-ms"], report["verify-ms"], report["total-ms"]
     );
     drop(board);
 
     // Power cuts at random moments of an update (SD-card write speed, so the cut lands in
     // the write as often as in the reboot and first boot).
-    let mut disk = BoardDisk::new(&v1, "x86_64")?;
-    disk.with_usb(&[("v1.lub", &b("v1.lub")), ("v2.lub", &b("v2.lub"))])?;
-    disk.write_rate(SD_CARD_WRITE_RATE);
+    let fresh_disk = || -> Result<BoardDisk> {
+        let mut disk = BoardDisk::new(&v1, &target)?;
+        disk.with_usb(&usb)?;
+        disk.write_rate(SD_CARD_WRITE_RATE);
+        Ok(disk)
+    };
+    let mut disk = fresh_disk()?;
     let mut seed: u64 = 0x5eed_1c4e_0000_0001;
     let mut bricked = 0;
-    let mut slots = Vec::new();
     for round in 1..=rounds {
         let mut board = disk.boot()?;
         let slot = board.shell()?;
@@ -500,13 +520,19 @@ fn figures() -> Result<()> {
         std::thread::sleep(cut);
         board.power_cut();
         let mut board = disk.boot()?;
-        let outcome = board
-            .shell()
-            .and_then(|now| agent_counts(&mut board).map(|_| now));
+        let outcome = board.shell().and_then(|now| {
+            agent_counts(&mut board)?;
+            // The row is read once the agent has settled this boot: no update in progress
+            // (a first boot of the new slot is still in its health check until then, and
+            // `last update` is still the previous update's outcome).
+            let doctor = board.wait_until(DOCTOR, "the update to end", |out| {
+                !out.lines().any(|l| l.starts_with("update in progress"))
+            })?;
+            Ok((now, doctor))
+        });
         match outcome {
-            Ok(now) => {
-                let last = board.sh(DOCTOR).unwrap_or_default();
-                let last = last
+            Ok((now, doctor)) => {
+                let last = doctor
                     .lines()
                     .find(|l| l.starts_with("last update"))
                     .unwrap_or("")
@@ -515,7 +541,6 @@ fn figures() -> Result<()> {
                     "round {round}: on slot {slot}, cut {:.1} s into the update of {file}: boots slot {now}, agent answers; {last}",
                     cut.as_secs_f64()
                 );
-                slots.push(now);
             }
             Err(err) => {
                 bricked += 1;
@@ -523,15 +548,13 @@ fn figures() -> Result<()> {
                     "round {round}: cut {:.1} s into the update: NOT BOOTING: {err:#}",
                     cut.as_secs_f64()
                 );
-                disk = BoardDisk::new(&v1, "x86_64")?;
-                disk.with_usb(&[("v1.lub", &b("v1.lub")), ("v2.lub", &b("v2.lub"))])?;
-                disk.write_rate(SD_CARD_WRITE_RATE);
+                disk = fresh_disk()?;
             }
         }
         board.power_cut();
     }
     println!(
-        "figure: power cuts during an update: {bricked} of {rounds} rounds left a board that does not boot to a working agent"
+        "figure: {target} power cuts during an update: {bricked} of {rounds} rounds left a board that does not boot to a working agent"
     );
     Ok(())
 }

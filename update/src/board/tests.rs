@@ -363,3 +363,60 @@ fn an_unverifiable_boot_state_refuses_to_arm() {
     assert!(err.contains("cannot read the boot state"), "{err}");
     assert_eq!(f.journal().pending, None);
 }
+
+#[test]
+fn an_interrupted_write_then_a_good_update_reports_the_good_update() {
+    // images/bench's rounds 1 and 2: a power cut in the write of slot B, then an update that
+    // arms B and is cut after arming, before the boot loader took B's try.
+    let f = Fixture::new();
+    let bundle = f.board().verify(&f.bundle("2", 1_500_000), &f.key).unwrap();
+    let cut = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        f.board().apply(&bundle, 10, &mut |n| {
+            if n >= 1 << 20 {
+                panic!("power cut");
+            }
+        })
+    }));
+    assert!(cut.is_err());
+    assert_eq!(f.boot(), Slot::A);
+    let Start::Confirmed {
+        outcome: Some(interrupted),
+    } = f.board().start(20).unwrap()
+    else {
+        panic!("an outcome")
+    };
+    assert_eq!(interrupted.result, OutcomeKind::Interrupted);
+
+    f.board().apply(&bundle, 30, &mut |_| {}).unwrap();
+    assert_eq!(f.boot(), Slot::B, "the armed slot's one try");
+    let board = f.board();
+    let Start::Trial(pending) = board.start(40).unwrap() else {
+        panic!("a trial")
+    };
+    // While the health check runs, `last` is still the interrupted write (the last update
+    // that ended) and `pending` is the trial: doctor shows both rows.
+    let during = board.status().journal.unwrap();
+    assert_eq!(
+        during.last.as_ref().unwrap().result,
+        OutcomeKind::Interrupted
+    );
+    assert_eq!(during.pending.as_ref().unwrap().phase, Phase::Armed);
+    assert_eq!(during.pending.as_ref().unwrap().to, Slot::B);
+
+    let outcome = board.commit(&pending, "1 workload answered", 50).unwrap();
+    let after = board.status().journal.unwrap();
+    assert_eq!(after.pending, None);
+    assert_eq!(after.last, Some(outcome.clone()));
+    assert_eq!(outcome.result, OutcomeKind::Committed);
+    assert_eq!(
+        outcome.describe(),
+        "update 1 -> 2 (slot B) committed: 1 workload answered"
+    );
+    // The next boot stays on B and keeps reporting the good update.
+    assert_eq!(f.boot(), Slot::B);
+    assert_eq!(
+        f.board().start(60).unwrap(),
+        Start::Confirmed { outcome: None }
+    );
+    assert_eq!(f.journal().last, Some(outcome));
+}
