@@ -32,6 +32,9 @@ board = "sim"
 max-instances = 1024     # live instances at once (hot reloads need two for a moment)
 max-memory = "32MiB"     # largest linear memory of one instance; reserved per pool slot
 memory-guard = "64KiB"   # guard after each memory; small guards mean explicit bounds checks
+table-elements = 20000   # largest function table of one instance (componentize-py needs ~13k)
+core-instances-per-component = 32   # core modules one component may instantiate
+tables-per-component = 8 # function tables one component may have
 
 [logs]
 ring-lines = 500         # lines kept in memory per workload
@@ -185,6 +188,13 @@ pub struct WasmSection {
     pub max_memory: String,
     /// Guard region after each memory (`64KiB`; at most [`WasmSection::MAX_GUARD`]).
     pub memory_guard: String,
+    /// Elements of the largest table one instance may have (1 to
+    /// [`WasmSection::MAX_TABLE_ELEMENTS`]).
+    pub table_elements: u32,
+    /// Core instances one component may create (1 to [`WasmSection::MAX_PER_COMPONENT`]).
+    pub core_instances_per_component: u32,
+    /// Tables one component may have (1 to [`WasmSection::MAX_PER_COMPONENT`]).
+    pub tables_per_component: u32,
 }
 
 impl WasmSection {
@@ -196,6 +206,11 @@ impl WasmSection {
     pub const MAX_MEMORY: u64 = 4 << 30;
     /// Largest `memory-guard`.
     pub const MAX_GUARD: u64 = 4 << 30;
+    /// Largest `table-elements`: each table slot of the pool reserves 8 bytes of address
+    /// space per element.
+    pub const MAX_TABLE_ELEMENTS: u32 = 100_000;
+    /// Largest `core-instances-per-component` and `tables-per-component`.
+    pub const MAX_PER_COMPONENT: u32 = 256;
 }
 
 impl Default for WasmSection {
@@ -204,6 +219,9 @@ impl Default for WasmSection {
             max_instances: 1024,
             max_memory: "32MiB".into(),
             memory_guard: "64KiB".into(),
+            table_elements: 20_000,
+            core_instances_per_component: 32,
+            tables_per_component: 8,
         }
     }
 }
@@ -358,6 +376,9 @@ impl AgentConfig {
                 .context("invalid wasm.max-memory in the agent config")?,
             memory_guard_bytes: parse_size(&self.wasm.memory_guard)
                 .context("invalid wasm.memory-guard in the agent config")?,
+            table_elements: self.wasm.table_elements,
+            core_instances_per_component: self.wasm.core_instances_per_component,
+            tables_per_component: self.wasm.tables_per_component,
         })
     }
 
@@ -504,6 +525,26 @@ mod tests {
                 "[wasm]\nmemory-guard = \"5GiB\"".into(),
                 "wasm.memory-guard",
                 "0 bytes to 4GiB",
+            ),
+            (
+                "[wasm]\ntable-elements = 0".into(),
+                "wasm.table-elements",
+                "1 to 100000",
+            ),
+            (
+                "[wasm]\ntable-elements = 100001".into(),
+                "wasm.table-elements",
+                "1 to 100000",
+            ),
+            (
+                "[wasm]\ncore-instances-per-component = 257".into(),
+                "wasm.core-instances-per-component",
+                "1 to 256",
+            ),
+            (
+                "[wasm]\ntables-per-component = 0".into(),
+                "wasm.tables-per-component",
+                "1 to 256",
             ),
             (
                 "[logs]\nring-lines = 0".into(),
@@ -666,6 +707,9 @@ mod tests {
             "max-instances",
             "max-memory",
             "memory-guard",
+            "table-elements",
+            "core-instances-per-component",
+            "tables-per-component",
             "[logs]",
             "ring-lines",
             "lines-per-second",
@@ -706,6 +750,9 @@ mod tests {
             "max-instances",
             "max-memory",
             "memory-guard",
+            "table-elements",
+            "core-instances-per-component",
+            "tables-per-component",
             "ring-lines",
             "lines-per-second",
             "burst",
@@ -750,7 +797,8 @@ mod tests {
         }
         // And nothing the config does not have: every key the docs table names parses.
         let full = "state-dir = \"/s\"\nboard = \"sim\"\n[wasm]\nmax-instances = 1\nmax-memory = \"64KiB\"\n\
-                    memory-guard = \"0\"\n[logs]\nring-lines = 1\nlines-per-second = 0.0\nburst = 1.0\n\
+                    memory-guard = \"0\"\ntable-elements = 1\ncore-instances-per-component = 1\n\
+                    tables-per-component = 1\n[logs]\nring-lines = 1\nlines-per-second = 0.0\nburst = 1.0\n\
                     persisted-lines = 0\nlevel = \"info\"\n[hub]\nurl = \"mqtt://h\"\nnode-id = \"n\"\n\
                     ca-file = \"/c\"\nclient-cert = \"/c\"\nclient-key = \"/k\"\nusername = \"u\"\n\
                     password = \"p\"\ntrusted-keys = []\noutbox-quota = \"1KiB\"\ninsecure-dev = false\n\

@@ -7,7 +7,8 @@
 //! ```
 //!
 //! Names: `runc` (no OCI runtime at all: neither runc nor crun), `qemu`
-//! (`qemu-system-x86_64`), `containerd` (containerd and ctr).
+//! (`qemu-system-x86_64`), `containerd` (containerd and ctr), `foreign-guests` (the JavaScript
+//! and Python example components `scripts/build-foreign-guests` builds).
 
 use std::process::Command;
 

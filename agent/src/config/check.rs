@@ -128,6 +128,30 @@ impl WasmSection {
             Self::MAX_MEMORY,
         )?;
         size("wasm.memory-guard", &self.memory_guard, 0, Self::MAX_GUARD)?;
+        for (key, value, max) in [
+            (
+                "wasm.table-elements",
+                self.table_elements,
+                Self::MAX_TABLE_ELEMENTS,
+            ),
+            (
+                "wasm.core-instances-per-component",
+                self.core_instances_per_component,
+                Self::MAX_PER_COMPONENT,
+            ),
+            (
+                "wasm.tables-per-component",
+                self.tables_per_component,
+                Self::MAX_PER_COMPONENT,
+            ),
+        ] {
+            if !(1..=max).contains(&value) {
+                return Err(error(
+                    key,
+                    format!("{value} is out of bounds: expected 1 to {max}"),
+                ));
+            }
+        }
         Ok(())
     }
 }

@@ -13,9 +13,9 @@ use super::engine::EngineOptions;
 /// the code. Generous, since running out of it later fails far from its cause.
 pub const HEADROOM_BYTES: u64 = 2 << 30;
 
-/// What a pool slot reserves besides its linear memories: a fiber stack (Wasmtime's default
-/// async stack, 2 MiB, plus its guard) and four tables of 10,000 elements (8 bytes each).
-const STACK_AND_TABLES_BYTES: u64 = (2 << 20) + (64 << 10) + 4 * 10_000 * 8;
+/// What a pool slot reserves besides its linear memories and tables: a fiber stack (Wasmtime's
+/// default async stack, 2 MiB, plus its guard). Tables: [`EngineOptions::table_bytes_per_instance`].
+const STACK_AND_TABLES_BYTES: u64 = (2 << 20) + (64 << 10);
 
 /// The virtual address space the process may map, as measured.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,7 +140,17 @@ impl EngineOptions {
     /// Address space one instance slot of the pool reserves: its linear memories with their
     /// guards, its stack and its tables.
     pub fn reserved_bytes_per_instance(&self) -> u64 {
-        self.reserved_memory_bytes() / u64::from(self.max_instances.max(1)) + STACK_AND_TABLES_BYTES
+        self.reserved_memory_bytes() / u64::from(self.max_instances.max(1))
+            + STACK_AND_TABLES_BYTES
+            + self.table_bytes_per_instance()
+    }
+
+    /// Address space the table slots of one instance slot reserve: 8 bytes per element of
+    /// each of its tables.
+    pub fn table_bytes_per_instance(&self) -> u64 {
+        u64::from(self.tables_per_component.clamp(4, 8))
+            .saturating_mul(u64::from(self.table_elements))
+            .saturating_mul(8)
     }
 
     /// These options with `max_instances` lowered to what fits in `space` (at least one).

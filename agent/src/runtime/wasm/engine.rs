@@ -31,6 +31,13 @@ pub struct EngineOptions {
     /// Guard region after each memory, in bytes. Small guards make Cranelift emit explicit
     /// bounds checks instead of relying on 4 GiB of unmapped space.
     pub memory_guard_bytes: u64,
+    /// Elements of the largest table one instance may have (componentize-py guests have
+    /// about 13 000 functions in their table).
+    pub table_elements: u32,
+    /// Core instances one component may create (a componentize-py guest creates about 20).
+    pub core_instances_per_component: u32,
+    /// Tables one component may have.
+    pub tables_per_component: u32,
 }
 
 impl Default for EngineOptions {
@@ -39,6 +46,9 @@ impl Default for EngineOptions {
             max_instances: 1024,
             max_memory_bytes: 32 << 20,
             memory_guard_bytes: 64 << 10,
+            table_elements: 20_000,
+            core_instances_per_component: 32,
+            tables_per_component: 8,
         }
     }
 }
@@ -217,15 +227,17 @@ fn engine_config(options: &EngineOptions) -> Result<Config> {
 
     let mut pool = PoolingAllocationConfig::default();
     pool.total_component_instances(instances)
-        .total_core_instances(instances.saturating_mul(8))
+        .total_core_instances(
+            instances.saturating_mul(options.core_instances_per_component.clamp(8, 32)),
+        )
         .total_memories(instances.saturating_mul(MEMORIES_PER_INSTANCE))
-        .total_tables(instances.saturating_mul(4))
+        .total_tables(instances.saturating_mul(options.tables_per_component.clamp(4, 8)))
         .total_stacks(instances)
         .max_memory_size(max_memory)
-        .max_core_instances_per_component(16)
+        .max_core_instances_per_component(options.core_instances_per_component)
         .max_memories_per_component(MEMORIES_PER_INSTANCE)
-        .max_tables_per_component(8)
-        .table_elements(10_000);
+        .max_tables_per_component(options.tables_per_component)
+        .table_elements(options.table_elements as usize);
 
     let mut config = Config::new();
     config
@@ -312,6 +324,7 @@ mod tests {
             max_instances: 3,
             max_memory_bytes: u64::MAX - 10,
             memory_guard_bytes: 64 << 10,
+            ..EngineOptions::default()
         };
         assert_eq!(huge.reserved_memory_bytes(), u64::MAX);
         assert_eq!(
