@@ -22,17 +22,16 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
-use lichen_sync::{Envelope, MessageId, TlsFiles, Topics};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use lichen_sync::{Envelope, HubUrl, MessageId, SessionConfig, TlsFiles, Topics};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
 use lichen_agent::hub::artifacts::{LocalArtifact, Message, artifact_messages, resolve_modules};
 use lichen_agent::hub::bundle::BundleIndex;
-use lichen_agent::hub::{DesiredState, generate_key, parse_url, sign_desired};
+use lichen_agent::hub::{DesiredState, generate_key, sign_desired};
 use lichen_agent::render::{self, Table, emit, push_json};
 
 /// The `hub` verbs.
@@ -236,9 +235,10 @@ fn keygen(out: &Path, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Client options for the operator's connection: a fresh clean session with a unique id.
+/// Client options for the operator's connection: a fresh clean session with a unique id, built
+/// by `lichen_sync` as every Lichen MQTT client's are.
 fn options(broker: &BrokerArgs, role: &str) -> Result<MqttOptions> {
-    let url = parse_url(&broker.url)?;
+    let url = HubUrl::parse(&broker.url)?;
     let id = format!(
         "lichen-{role}-{}-{}",
         std::process::id(),
@@ -246,30 +246,25 @@ fn options(broker: &BrokerArgs, role: &str) -> Result<MqttOptions> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos())
     );
-    let mut options = MqttOptions::new(id, url.host.clone(), url.port);
-    options
-        .set_clean_session(true)
-        .set_keep_alive(Duration::from_secs(10))
-        .set_max_packet_size(1 << 20, 1 << 20);
+    let mut config = SessionConfig::new(id.clone(), url.host, url.port);
+    config.keep_alive = Duration::from_secs(10);
+    config.max_packet_bytes = 1 << 20;
     if url.tls {
         let ca = broker
             .ca_file
             .clone()
             .context("an mqtts:// url needs --ca-file")?;
-        let tls = lichen_sync::rustls_config(&TlsFiles {
+        config.tls = Some(TlsFiles {
             ca,
             client: broker.client_cert.clone().zip(broker.client_key.clone()),
-        })?;
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(tls),
-        )));
+        });
     } else if broker.client_cert.is_some() {
         bail!("--client-cert needs an mqtts:// url");
     }
     if let Some(user) = &broker.username {
-        options.set_credentials(user.clone(), broker.password.clone().unwrap_or_default());
+        config.credentials = Some((user.clone(), broker.password.clone().unwrap_or_default()));
     }
-    Ok(options)
+    Ok(config.client_options(&id)?)
 }
 
 async fn deploy(args: HubDeployArgs, json: bool) -> Result<ExitCode> {
