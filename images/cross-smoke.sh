@@ -13,7 +13,7 @@ cd "$(dirname "$0")/.."
 target=$1
 qemu=$2
 
-cargo build --profile smoke --target "$target" -p lichen-agent
+cargo build --profile smoke --target "$target" -p lichen
 target_dir=$(cargo metadata --no-deps --format-version 1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 bin="$target_dir/$target/smoke/lichen"
 echo "== $target: $(file -b "$bin")"

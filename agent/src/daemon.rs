@@ -6,21 +6,48 @@
 //! The order matters: a second daemon on the same state directory (the lock) or the same socket
 //! (the bind) exits with a clear message before it opens the store or starts any workload.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use clap::Args;
 use tokio::sync::watch;
 
 use crate::api::control::Control;
-use crate::cli::RunArgs;
 use crate::config::AgentConfig;
 use crate::embedded;
 use crate::logs::LogHub;
 use crate::pods::PodRuntime;
 use crate::pods::control::NodeControl;
 use crate::supervisor::{Agent, AgentOptions};
+
+/// Options of `lichen run`.
+#[derive(Debug, Clone, Args)]
+pub struct RunArgs {
+    /// Configuration file (TOML) [default: built-in settings].
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Directory of the state database and artifact store [default: from the config, else
+    /// /var/lib/lichen].
+    #[arg(long, env = "LICHEN_STATE_DIR", value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Serve Prometheus metrics on this address (for example 127.0.0.1:9464).
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<SocketAddr>,
+    /// Deploy this file at start when no deployment is stored yet, instead of the embedded
+    /// default.
+    #[arg(long = "deploy", value_name = "FILE", conflicts_with = "no_default")]
+    pub deployment: Option<PathBuf>,
+    /// Start with no deployment when none is stored yet (no embedded default).
+    #[arg(long = "empty")]
+    pub no_default: bool,
+    /// Print the effective configuration (TOML, every key with the defaults filled in) and
+    /// exit without starting.
+    #[arg(long)]
+    pub print_config: bool,
+}
 
 /// The default state directory: `/var/lib/lichen` for root, else under the user's home.
 pub fn default_state_dir() -> PathBuf {

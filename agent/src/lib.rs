@@ -1,12 +1,10 @@
 //! The Lichen agent: hosts WebAssembly device functions on an edge board, deploys them
 //! atomically, hot-reloads them without losing an event, and keeps their state in SQLite.
 //!
-//! The binary `lichen` is a thin wrapper around this library: `lichen run` starts the daemon,
-//! the other verbs talk to it over its local API.
+//! The binary `lichen` (package `lichen`, `cli/`) is a thin wrapper around this library:
+//! `lichen run` starts the daemon ([`daemon`]), the other verbs talk to it over its local API.
 
 pub mod api;
-pub mod bench;
-pub mod cli;
 pub mod config;
 pub mod daemon;
 /// Deployment files (the `lichen-deployment` crate, shared with the operator tool).
@@ -21,6 +19,7 @@ pub mod kubeedge;
 pub mod logs;
 pub mod metrics;
 pub mod pods;
+pub mod render;
 pub mod runtime;
 pub mod state_dir;
 /// The SQLite state store (the `lichen-store` crate).

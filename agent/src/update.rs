@@ -31,9 +31,9 @@ use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 
 use crate::api::control::Control;
 use crate::api::types::DoctorCheck;
-use crate::cli::{EXIT_FAILURE, EXIT_INVALID, emit, push_json};
 use crate::config::{AgentConfig, HubSection};
 use crate::hub::{TrustedKey, base64_decode, base64_encode, key_id, parse_public_key};
+use crate::render::{EXIT_FAILURE, EXIT_INVALID, emit, push_json};
 use crate::supervisor::Agent;
 use crate::util::now_ms;
 

@@ -1,10 +1,12 @@
-//! How to reach the hub: [`SessionConfig`], its TLS files, and the rustls configuration made
-//! from them.
+//! How to reach the hub: [`SessionConfig`], its TLS files, the rustls configuration made from
+//! them, and the rumqttc options of every MQTT client Lichen makes (the node's session, the
+//! operator's tool, the doctor's probe): built here and nowhere else.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use rumqttc::{MqttOptions, TlsConfiguration, Transport};
 use thiserror::Error;
 
 use crate::topics::NameError;
@@ -93,9 +95,48 @@ impl SessionConfig {
         }
     }
 
-    pub(crate) fn broker(&self) -> String {
+    /// `mqtt://host:port` or `mqtts://host:port`.
+    pub fn broker(&self) -> String {
         let scheme = if self.tls.is_some() { "mqtts" } else { "mqtt" };
         format!("{scheme}://{}:{}", self.host, self.port)
+    }
+
+    /// Options of a client that reaches `host:port` itself (TCP, or TLS from [`Self::tls`]),
+    /// with a clean session, as `client_id`: the operator's tool and the doctor's probe. The
+    /// node's session uses [`Self::base_options`] with its guarded local socket instead.
+    pub fn client_options(&self, client_id: &str) -> Result<MqttOptions, ConfigError> {
+        let mut options = self.base_options(
+            client_id,
+            self.host.clone(),
+            self.port,
+            self.max_packet_bytes,
+        );
+        options.set_clean_session(true);
+        if let Some(tls) = &self.tls {
+            options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                Arc::new(rustls_config(tls)?),
+            )));
+        }
+        Ok(options)
+    }
+
+    /// What every client shares: keep-alive, packet size limits (`incoming` in, the configured
+    /// maximum out) and credentials.
+    pub(crate) fn base_options(
+        &self,
+        client_id: &str,
+        host: String,
+        port: u16,
+        incoming: usize,
+    ) -> MqttOptions {
+        let mut options = MqttOptions::new(client_id, host, port);
+        options
+            .set_keep_alive(self.keep_alive)
+            .set_max_packet_size(incoming, self.max_packet_bytes);
+        if let Some((user, password)) = &self.credentials {
+            options.set_credentials(user.clone(), password.clone());
+        }
+        options
     }
 }
 

@@ -32,6 +32,7 @@
 
 mod artifact;
 mod backoff;
+mod client;
 mod clock;
 mod config;
 mod dedup;
@@ -46,12 +47,14 @@ mod quota;
 mod session;
 pub mod testing;
 pub mod topics;
+mod url;
 
 pub use artifact::{
     ArtifactError, Assembly, DEFAULT_CHUNK_SIZE, MAX_ARTIFACT_SIZE, MAX_CHUNK_SIZE, MIN_CHUNK_SIZE,
     Manifest, sha256_hex,
 };
 pub use backoff::Backoff;
+pub use client::{ProbeError, probe};
 pub use clock::{millis, now_ms};
 pub use config::{
     ConfigError, DEFAULT_MAX_COMMAND_BYTES, DEFAULT_MAX_PACKET_BYTES, SessionConfig, TlsFiles,
@@ -66,3 +69,4 @@ pub use outbox::{Outbox, OutboxError, Row, RowId, RowKind};
 pub use quota::{DropPlan, Quota, RowSize};
 pub use session::SyncSession;
 pub use topics::{NameError, TopicKind, Topics, is_digest};
+pub use url::{HubUrl, UrlError};

@@ -133,10 +133,11 @@ impl SyncSession {
         // rumqttc reaches the broker through the guard on the session's Unix socket: nothing
         // over the limit gets to it, but a stand-in may have a topic of up to 64 KiB.
         let incoming = config.max_packet_bytes.max(MAX_STAND_IN);
-        let mut options = MqttOptions::new(
-            config.node.clone(),
+        let mut options = config.base_options(
+            &config.node,
             socket_dir.socket().to_string_lossy().into_owned(),
             0,
+            incoming,
         );
         options
             .set_transport(Transport::Unix)
@@ -144,12 +145,7 @@ impl SyncSession {
             // Commands are acknowledged once the agent has them durably (InboundAck); every
             // other inbound message right after it is handed over.
             .set_manual_acks(true)
-            .set_keep_alive(config.keep_alive)
-            .set_inflight(config.max_inflight)
-            .set_max_packet_size(incoming, config.max_packet_bytes);
-        if let Some((user, password)) = &config.credentials {
-            options.set_credentials(user.clone(), password.clone());
-        }
+            .set_inflight(config.max_inflight);
         let (events, events_rx) = mpsc::channel(256);
         let (stop_tx, stop) = watch::channel(false);
         let notify = Arc::new(Notify::new());

@@ -34,7 +34,7 @@ pub fn lichen_bin() -> PathBuf {
     bin
 }
 
-/// `cargo test -p lichen-tests` or `--test NAME` does not rebuild the agent's binary, so the
+/// `cargo test -p lichen-tests` or `--test NAME` does not rebuild the `lichen` binary, so the
 /// tests could run a stale daemon: build it once per test process (a no-op when it is fresh).
 fn rebuild_once(profile_dir: &Path) {
     static ONCE: std::sync::Once = std::sync::Once::new();
@@ -55,7 +55,7 @@ fn rebuild_once(profile_dir: &Path) {
                 "build",
                 "--quiet",
                 "-p",
-                "lichen-agent",
+                "lichen",
                 "--bin",
                 "lichen",
                 "--profile",

@@ -1,7 +1,6 @@
 //! `lichen doctor`'s look at the `[hub]` section: what it says, and whether the broker takes a
 //! connection with its TLS files and credentials right now.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use super::section_session_config;
@@ -40,62 +39,13 @@ pub fn probe(hub: &HubSection) -> std::result::Result<(), String> {
 }
 
 async fn probe_async(hub: &HubSection) -> std::result::Result<(), String> {
-    use rumqttc::{AsyncClient, Event, MqttOptions, Packet, TlsConfiguration, Transport};
-    let config = section_session_config(hub).map_err(|e| format!("{e:#}"))?;
-    let broker = format!(
-        "{}://{}:{}",
-        if config.tls.is_some() {
-            "mqtts"
-        } else {
-            "mqtt"
-        },
-        config.host,
-        config.port
-    );
-    let mut options = MqttOptions::new(
-        format!("{}-doctor-{}", config.node, std::process::id()),
-        config.host.clone(),
-        config.port,
-    );
-    options.set_keep_alive(Duration::from_secs(5));
-    if let Some(tls) = &config.tls {
-        let tls = lichen_sync::rustls_config(tls).map_err(|e| e.to_string())?;
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(tls),
-        )));
-    }
-    if let Some((user, password)) = &config.credentials {
-        options.set_credentials(user.clone(), password.clone());
-    }
-    let (client, mut eventloop) = AsyncClient::new(options, 4);
-    eventloop.network_options.set_connection_timeout(5);
-    let result = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::ConnAck(_))) => return Ok(()),
-                Ok(_) => {}
-                Err(e) => {
-                    let mut text = format!("{broker}: {e}");
-                    if text.contains("invalid peer certificate")
-                        && let Some(tls) = &config.tls
-                    {
-                        text.push_str(&format!(
-                            " (the broker's certificate is not trusted by the CA file {})",
-                            tls.ca.display()
-                        ));
-                    }
-                    return Err(text);
-                }
-            }
-        }
-    })
-    .await
-    .unwrap_or_else(|_| Err(format!("{broker}: no CONNACK within 10 s")));
-    if result.is_ok() {
-        let _ = client.disconnect().await;
-        let _ = tokio::time::timeout(Duration::from_millis(500), eventloop.poll()).await;
-    }
-    result
+    let mut config = section_session_config(hub).map_err(|e| format!("{e:#}"))?;
+    config.keep_alive = Duration::from_secs(5);
+    config.connect_timeout = Duration::from_secs(5);
+    let client_id = format!("{}-doctor-{}", config.node, std::process::id());
+    lichen_sync::probe(&config, &client_id, Duration::from_secs(10))
+        .await
+        .map_err(|e| e.to_string())
 }
 
 fn static_check(hub: Option<&HubSection>) -> (&'static str, String) {

@@ -45,8 +45,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use lichen_sync::{
-    Inbound, InboundError, Quota, RowId, RowKind, RowSize, SessionConfig, SessionEvent, SyncHandle,
-    SyncSession, TlsFiles, Topics,
+    HubUrl, Inbound, InboundError, Quota, RowId, RowKind, RowSize, SessionConfig, SessionEvent,
+    SyncHandle, SyncSession, TlsFiles, Topics,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -81,48 +81,6 @@ const CHECK_EVERY: Duration = Duration::from_secs(1);
 /// Errors kept for reported state.
 const KEEP_ERRORS: usize = 10;
 
-/// A parsed hub URL.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct HubUrl {
-    /// Whether it is `mqtts://`.
-    pub tls: bool,
-    /// Host name or address.
-    pub host: String,
-    /// Port (1883 for `mqtt://`, 8883 for `mqtts://` unless given).
-    pub port: u16,
-}
-
-/// Parses `mqtt://host[:port]` or `mqtts://host[:port]`.
-pub fn parse_url(url: &str) -> Result<HubUrl> {
-    let (tls, rest) = if let Some(rest) = url.strip_prefix("mqtts://") {
-        (true, rest)
-    } else if let Some(rest) = url.strip_prefix("mqtt://") {
-        (false, rest)
-    } else {
-        bail!("hub url {url:?} must start with mqtt:// or mqtts://");
-    };
-    let rest = rest.trim_end_matches('/');
-    let (host, port) = match rest.rsplit_once(':') {
-        Some((host, port)) => (
-            host,
-            port.parse::<u16>()
-                .with_context(|| format!("hub url {url:?} has an invalid port {port:?}"))?,
-        ),
-        None => (rest, if tls { 8883 } else { 1883 }),
-    };
-    if host.is_empty() || host.contains('/') {
-        bail!("hub url {url:?} has no valid host");
-    }
-    Ok(HubUrl {
-        tls,
-        host: host
-            .trim_start_matches('[')
-            .trim_end_matches(']')
-            .to_owned(),
-        port,
-    })
-}
-
 /// The session settings for `url` and `node`, with TLS and credentials as given.
 pub fn session_config(
     url: &str,
@@ -131,7 +89,7 @@ pub fn session_config(
     client: Option<(&Path, &Path)>,
     credentials: Option<(&str, &str)>,
 ) -> Result<SessionConfig> {
-    let url = parse_url(url)?;
+    let url = HubUrl::parse(url)?;
     let mut config = SessionConfig::new(node, url.host, url.port);
     if url.tls {
         let ca = ca_file.context("an mqtts:// hub url needs a CA file (hub.ca-file)")?;
@@ -719,19 +677,7 @@ mod tests {
     }
 
     #[test]
-    fn urls_parse_with_default_ports() {
-        assert_eq!(
-            parse_url("mqtt://127.0.0.1:1999").unwrap(),
-            HubUrl {
-                tls: false,
-                host: "127.0.0.1".into(),
-                port: 1999
-            }
-        );
-        assert_eq!(parse_url("mqtts://hub.example").unwrap().port, 8883);
-        assert_eq!(parse_url("mqtt://hub").unwrap().port, 1883);
-        assert!(parse_url("http://hub").is_err());
-        assert!(parse_url("mqtt://hub:x").is_err());
+    fn an_mqtts_url_needs_a_ca_file() {
         let err = format!(
             "{:#}",
             session_config("mqtts://h", "n", None, None, None).unwrap_err()

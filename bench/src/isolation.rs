@@ -17,11 +17,11 @@ use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 
 use super::{Samples, WorkloadText, api, deployment_text, fmt_duration, module_bytes, open_agent};
-use crate::api::control::Control;
-use crate::api::types::SendRequest;
-use crate::cli::BenchArgs;
-use crate::runtime::container::{self, ContainerRuntime, ContainerSpec};
-use crate::runtime::microvm::{self, GuestRoot, MicrovmRuntime, MicrovmSpec};
+use crate::BenchArgs;
+use lichen_agent::api::control::Control;
+use lichen_agent::api::types::SendRequest;
+use lichen_agent::runtime::container::{self, ContainerRuntime, ContainerSpec};
+use lichen_agent::runtime::microvm::{self, GuestRoot, MicrovmRuntime, MicrovmSpec};
 
 /// Wasm instances started by default (each stays up, so the last start shares the engine with
 /// all the others).

@@ -25,8 +25,8 @@ use anyhow::{Context, Result, bail};
 use lichen_sync::SyncSession;
 
 use super::{Table, fmt_count, fmt_duration, fmt_rate};
-use crate::cli::BenchArgs;
-use crate::store::{
+use crate::BenchArgs;
+use lichen_agent::store::{
     EventCommit, NewDeployment, NewWorkload, SqliteOutbox, StateStore, StoreOptions,
     TelemetryRecord,
 };
@@ -192,7 +192,7 @@ async fn produce(store: &StateStore, records: u64, producers: usize) -> Result<D
                     })
                     .await?;
             }
-            Ok::<_, crate::store::StoreError>(())
+            Ok::<_, lichen_agent::store::StoreError>(())
         }));
     }
     for t in tasks {
@@ -255,7 +255,7 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
 
     // 2. Catch-up: the broker comes, the session drains the backlog.
     let mut broker = Broker::start(&dir.join("broker"))?;
-    let config = crate::hub::session_config(&broker.url(), "bench", None, None, None)?;
+    let config = lichen_agent::hub::session_config(&broker.url(), "bench", None, None, None)?;
     let (session, handle, mut events) =
         SyncSession::new(config, Arc::new(SqliteOutbox::new(store.clone())))?;
     let events_task = tokio::spawn(async move { while events.recv().await.is_some() {} });
@@ -495,7 +495,7 @@ async fn loss_rounds(dir: &Path, rounds: usize) -> Result<Loss> {
     let seen = subscribe(broker.port, node);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let module = dir.join("counter.wasm");
-    std::fs::write(&module, crate::embedded::COUNTER)?;
+    std::fs::write(&module, lichen_agent::embedded::COUNTER)?;
     let deployment = dir.join("counter.toml");
     std::fs::write(
         &deployment,

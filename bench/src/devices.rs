@@ -23,11 +23,11 @@ use lichen_devices::embedded_hal::spi::{Operation, SpiDevice};
 use lichen_devices::{Level, OutputConfig, SpiConfig};
 
 use super::{Samples, Table, api, fmt_duration, fmt_rate, open_agent};
-use crate::api::control::Control;
-use crate::api::types::SendRequest;
-use crate::cli::BenchArgs;
-use crate::embedded::guest_path;
-use crate::supervisor::Agent;
+use crate::BenchArgs;
+use lichen_agent::api::control::Control;
+use lichen_agent::api::types::SendRequest;
+use lichen_agent::embedded::guest_path;
+use lichen_agent::supervisor::Agent;
 
 /// The pin `blinky` toggles.
 const LED: &str = "GPIO17";

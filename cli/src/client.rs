@@ -1,7 +1,8 @@
 //! The command line: verbs, their options, and human or JSON output.
 //!
 //! `lichen run` starts the daemon (the binary implements it with [`RunArgs`]); `lichen hub ...`
-//! talks to an MQTT broker, not to the daemon ([`hub`]); the other verbs are clients of the
+//! talks to an MQTT broker, not to the daemon (`lichen-operator`, feature `operator`);
+//! `lichen bench` measures (`lichen-bench`, feature `bench`); the other verbs are clients of the
 //! daemon's local API, run by [`run_client`]. Every verb prints a human view
 //! by default (aligned tables) and, with `--json`, exactly the API's JSON: one document, or one
 //! document per line (NDJSON) for the `--follow` modes.
@@ -11,12 +12,8 @@
 //! changed (a usage error found by clap, or an `invalid` answer from the daemon, such as a
 //! deployment file that does not validate).
 
-pub mod hub;
-pub mod render;
-
 use std::collections::VecDeque;
 use std::io::{self, Write};
-use std::net::SocketAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -26,12 +23,13 @@ use anyhow::{Context, anyhow};
 use clap::{Args, Parser, Subcommand};
 use serde::Serialize;
 
-use crate::api::client::{Client, ClientError};
-use crate::api::types::{
+use lichen_agent::api::client::{Client, ClientError};
+use lichen_agent::api::types::{
     DeployReport, DeployRequest, DoctorReport, EventRecord, KvEntry, LogLine, SendReply,
     WorkloadStatus,
 };
-use render::Table;
+pub use lichen_agent::daemon::RunArgs;
+use lichen_agent::render::{self, EXIT_FAILURE, EXIT_INVALID, Table, emit, push_json};
 
 /// Input the CLI refuses itself, before asking the daemon (exit code 2, as for an `invalid`
 /// answer).
@@ -39,11 +37,6 @@ use render::Table;
 #[error("{0}")]
 pub struct InputRefused(pub String);
 
-/// Exit code of a failure.
-pub const EXIT_FAILURE: u8 = 1;
-/// Exit code when the input was refused as invalid and nothing changed (as clap uses for usage
-/// errors).
-pub const EXIT_INVALID: u8 = 2;
 /// How often `events --follow` asks the daemon for new events.
 pub const EVENTS_POLL: Duration = Duration::from_millis(500);
 /// Events asked for per request when paging through the event log.
@@ -132,19 +125,21 @@ pub enum Command {
     /// Check what this host can run (Wasm, containers, microVMs, devices) and why.
     Doctor(DoctorArgs),
     /// Measure the agent on this host: start-up, event throughput, reload, density.
-    Bench(BenchArgs),
+    #[cfg(feature = "bench")]
+    Bench(lichen_bench::BenchArgs),
     /// Apply a system update bundle (A/B boards): write the inactive slot, then reboot into it once.
-    Update(crate::update::UpdateArgs),
+    Update(lichen_agent::update::UpdateArgs),
     /// Verify a deployment bundle (from `lichen hub bundle`) and apply it, with no network.
     Import {
         /// The bundle: a directory or a .tar file.
         bundle: PathBuf,
     },
     /// Operate nodes through an MQTT hub: sign and publish deployments, read reported state.
+    #[cfg(feature = "operator")]
     Hub {
         /// The hub verb.
         #[command(subcommand)]
-        command: hub::HubCommand,
+        command: lichen_operator::HubCommand,
     },
 }
 
@@ -154,62 +149,6 @@ pub struct DoctorArgs {
     /// Also check this agent configuration (its `[hub]` section: trusted keys, insecure-dev).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
-}
-
-/// Options of `lichen run`.
-#[derive(Debug, Clone, Args)]
-pub struct RunArgs {
-    /// Configuration file (TOML) [default: built-in settings].
-    #[arg(long, value_name = "FILE")]
-    pub config: Option<PathBuf>,
-    /// Directory of the state database and artifact store [default: from the config, else
-    /// /var/lib/lichen].
-    #[arg(long, env = "LICHEN_STATE_DIR", value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
-    /// Serve Prometheus metrics on this address (for example 127.0.0.1:9464).
-    #[arg(long, value_name = "ADDR")]
-    pub metrics: Option<SocketAddr>,
-    /// Deploy this file at start when no deployment is stored yet, instead of the embedded
-    /// default.
-    #[arg(long = "deploy", value_name = "FILE", conflicts_with = "no_default")]
-    pub deployment: Option<PathBuf>,
-    /// Start with no deployment when none is stored yet (no embedded default).
-    #[arg(long = "empty")]
-    pub no_default: bool,
-    /// Print the effective configuration (TOML, every key with the defaults filled in) and
-    /// exit without starting.
-    #[arg(long)]
-    pub print_config: bool,
-}
-
-/// Options of `lichen bench`.
-#[derive(Debug, Clone, Args)]
-pub struct BenchArgs {
-    /// What to measure: `startup`, `density`, `dispatch`, `reload`, `size`, `sync`, `pods`, `kubeedge`, or
-    /// several joined by commas [default: all, each group in its own process].
-    pub what: Option<String>,
-    /// How many workload instances to run; `pods`: long-running pods per
-    /// runtime [default: 5]; `kubeedge`: Devices [default: 1000].
-    #[arg(long = "count", visible_alias = "instances", value_name = "N")]
-    pub instances: Option<usize>,
-    /// How many events to deliver; for `sync`, records ingested and caught up [default:
-    /// 100000].
-    #[arg(long, value_name = "N")]
-    pub events: Option<u64>,
-    /// Module to measure [default: the embedded demo module].
-    #[arg(long, value_name = "FILE")]
-    pub module: Option<PathBuf>,
-    /// Directory for the benchmark's state [default: a temporary directory].
-    #[arg(long, value_name = "DIR")]
-    pub state_dir: Option<PathBuf>,
-    /// Cold starts measured by `startup` [default: 200]; reloads done by `reload` [default: 50];
-    /// rounds of broker restart + `kill -9` done by `sync` [default: 20]; `ctr run` rounds per
-    /// runtime done by `pods` [default: 10].
-    #[arg(long, value_name = "N")]
-    pub iterations: Option<usize>,
-    /// MicroVM boots measured by `isolation` [default: 3; each takes ~5 s under TCG].
-    #[arg(long, value_name = "N")]
-    pub microvms: Option<usize>,
 }
 
 /// The API socket used when neither `--socket` nor `LICHEN_SOCKET` names one.
@@ -259,7 +198,7 @@ pub fn report_error(err: &anyhow::Error) -> ExitCode {
     }
     eprintln!(
         "error: {}",
-        crate::util::escape_unprintable(&format!("{err:#}"))
+        lichen_agent::util::escape_unprintable(&format!("{err:#}"))
     );
     let invalid = err.chain().any(|cause| {
         cause.is::<InputRefused>()
@@ -288,13 +227,13 @@ pub fn print_doctor(report: &DoctorReport, json: bool) {
 async fn execute(command: Command, socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
     let client = Client::new(socket.to_path_buf());
     match command {
-        Command::Run(_) | Command::Bench(_) | Command::Hub { .. } | Command::Update(_) => {
-            Err(anyhow!(
-                "`run`, `bench`, `hub` and `update` are not client verbs; the binary runs them itself"
-            ))
-        }
+        Command::Run(_) | Command::Update(_) => Err(not_a_client_verb()),
+        #[cfg(feature = "bench")]
+        Command::Bench(_) => Err(not_a_client_verb()),
+        #[cfg(feature = "operator")]
+        Command::Hub { .. } => Err(not_a_client_verb()),
         Command::Deploy { file } => deploy(&client, &file, json).await,
-        Command::Import { bundle } => hub::import(&client, &bundle, json).await,
+        Command::Import { bundle } => import(&client, &bundle, json).await,
         Command::Ps => {
             let workloads = client.ps().await.context("listing workloads")?;
             let mut out = Vec::new();
@@ -389,25 +328,68 @@ async fn execute(command: Command, socket: &Path, json: bool) -> anyhow::Result<
     }
 }
 
+fn not_a_client_verb() -> anyhow::Error {
+    anyhow!("`run`, `bench`, `hub` and `update` are not client verbs; the binary runs them itself")
+}
+
+/// `lichen import BUNDLE`: asks the daemon to verify and apply a bundle on this host's disk.
+pub async fn import(client: &Client, bundle: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let path = std::fs::canonicalize(bundle)
+        .with_context(|| format!("cannot find bundle {}", bundle.display()))?;
+    let path_text = path
+        .to_str()
+        .with_context(|| format!("bundle path {} is not valid UTF-8", path.display()))?;
+    let report = client
+        .import(&lichen_agent::hub::ImportRequest {
+            path: path_text.to_owned(),
+        })
+        .await
+        .with_context(|| format!("importing {}", bundle.display()))?;
+    let mut out = Vec::new();
+    if json {
+        push_json(&mut out, &report);
+    } else {
+        let _ = writeln!(
+            out,
+            "imported desired state version {} for node {} (signed by key {}); {} artifact(s) added; local deployment version {}",
+            report.version,
+            report.node,
+            report.signer,
+            report.artifacts.len(),
+            report.deployment.version
+        );
+    }
+    emit(&out)?;
+    if report.deployment.failures.is_empty() {
+        Ok(ExitCode::SUCCESS)
+    } else {
+        Err(anyhow!(
+            "bundle applied, but {} workload(s) failed to start or reload",
+            report.deployment.failures.len()
+        ))
+    }
+}
+
 /// Reads the deployment file, sends it, prints the report; exit 1 if a workload failed.
 async fn deploy(client: &Client, file: &Path, json: bool) -> anyhow::Result<ExitCode> {
-    let max = crate::deployment::DeploymentSpec::MAX_TEXT_BYTES;
-    let text = match crate::files::read_text_bounded(file, max.try_into().unwrap_or(u64::MAX)) {
-        Ok(text) => text,
-        // Refused before anything is sent, as the daemon would refuse it: exit code 2.
-        Err(
-            error @ (crate::files::ReadError::TooLarge { .. }
-            | crate::files::ReadError::NotRegular { .. }
-            | crate::files::ReadError::NotUtf8 { .. }),
-        ) => {
-            return Err(anyhow::Error::new(InputRefused(format!(
-                "{error}; a deployment file is a regular UTF-8 file of at most {}",
-                crate::deployment::show_bytes(max.try_into().unwrap_or(u64::MAX))
-            )))
-            .context(format!("cannot deploy {}", file.display())));
-        }
-        Err(error) => return Err(error).context("cannot read the deployment file"),
-    };
+    let max = lichen_agent::deployment::DeploymentSpec::MAX_TEXT_BYTES;
+    let text =
+        match lichen_agent::files::read_text_bounded(file, max.try_into().unwrap_or(u64::MAX)) {
+            Ok(text) => text,
+            // Refused before anything is sent, as the daemon would refuse it: exit code 2.
+            Err(
+                error @ (lichen_agent::files::ReadError::TooLarge { .. }
+                | lichen_agent::files::ReadError::NotRegular { .. }
+                | lichen_agent::files::ReadError::NotUtf8 { .. }),
+            ) => {
+                return Err(anyhow::Error::new(InputRefused(format!(
+                    "{error}; a deployment file is a regular UTF-8 file of at most {}",
+                    lichen_agent::deployment::show_bytes(max.try_into().unwrap_or(u64::MAX))
+                )))
+                .context(format!("cannot deploy {}", file.display())));
+            }
+            Err(error) => return Err(error).context("cannot read the deployment file"),
+        };
     let absolute = std::fs::canonicalize(file)
         .with_context(|| format!("resolving the path of {}", file.display()))?;
     let base_dir = absolute.parent().unwrap_or(Path::new("/"));
@@ -532,19 +514,6 @@ async fn events(
             tokio::time::sleep(EVENTS_POLL).await;
         }
     }
-}
-
-/// Writes `bytes` to stdout and flushes.
-pub(crate) fn emit(bytes: &[u8]) -> io::Result<()> {
-    let mut stdout = io::stdout().lock();
-    stdout.write_all(bytes)?;
-    stdout.flush()
-}
-
-pub(crate) fn push_json<T: Serialize>(out: &mut Vec<u8>, value: &T) {
-    // The API types are plain data: serialising them cannot fail.
-    serde_json::to_writer_pretty(&mut *out, value).expect("API types always serialise to JSON");
-    out.push(b'\n');
 }
 
 fn push_json_line<T: Serialize>(out: &mut Vec<u8>, value: &T) {
@@ -716,7 +685,7 @@ mod tests {
     use clap::CommandFactory;
 
     use super::*;
-    use crate::api::types::WorkloadFailure;
+    use lichen_agent::api::types::WorkloadFailure;
 
     fn text(write: impl FnOnce(&mut Vec<u8>)) -> String {
         let mut out = Vec::new();

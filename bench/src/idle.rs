@@ -13,8 +13,8 @@ use anyhow::{Context, Result, bail};
 
 use super::devices::add_guest;
 use super::{Table, api, open_agent};
-use crate::api::control::Control;
-use crate::cli::BenchArgs;
+use crate::BenchArgs;
+use lichen_agent::api::control::Control;
 
 /// Default quiet window (`--iterations` sets it in seconds).
 const WINDOW: Duration = Duration::from_secs(10);

@@ -19,7 +19,7 @@ fn fmt_size(bytes: u64) -> String {
     format!(
         "{:.1} MB ({})",
         bytes as f64 / 1e6,
-        crate::util::human_bytes(bytes)
+        lichen_agent::util::human_bytes(bytes)
     )
 }
 
@@ -41,7 +41,7 @@ pub(super) fn run() -> Result<Vec<String>> {
         REFERENCE,
     );
     let mut built = Vec::new();
-    let targets = crate::util::cargo_target_dir();
+    let targets = lichen_agent::util::cargo_target_dir();
     for triple in TARGETS {
         let path = targets
             .as_ref()
@@ -73,7 +73,7 @@ pub(super) fn run() -> Result<Vec<String>> {
         "release profile: opt-level s, LTO, one codegen unit, panic = abort, strip; the binary holds Wasmtime with Cranelift, WASI 0.2, SQLite and the embedded example guests",
     );
     table.note(
-        "static builds: `cargo build --release -p lichen-agent --target <triple>`; a target shows `not built` until then",
+        "static builds: `cargo build --release -p lichen --target <triple>`; a target shows `not built` until then",
     );
     table.print();
     let static_builds = if built.is_empty() {

@@ -1,9 +1,14 @@
-//! The `lichen` binary: `lichen run` is the daemon; the other verbs talk to it.
+//! The `lichen` binary: `lichen run` is the daemon; the other verbs talk to it. With feature
+//! `operator`, `lichen hub ...` is the operator's tool (`lichen-operator`); with feature
+//! `bench`, `lichen bench` measures the node (`lichen-bench`). Both are on by default;
+//! `--no-default-features` builds the node alone.
+
+mod client;
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use lichen_agent::cli::{Cli, Command, print_doctor, report_error, run_client};
+use client::{Cli, Command, print_doctor, report_error, run_client};
 use tracing::Level;
 
 fn main() -> ExitCode {
@@ -36,7 +41,8 @@ fn main() -> ExitCode {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => report_error(&err),
             },
-            Command::Bench(args) => match lichen_agent::bench::run(args, cli.json).await {
+            #[cfg(feature = "bench")]
+            Command::Bench(args) => match lichen_bench::run(args, cli.json).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => report_error(&err),
             },
@@ -64,12 +70,11 @@ fn main() -> ExitCode {
                 print_doctor(&report, cli.json);
                 ExitCode::SUCCESS
             }
-            Command::Hub { command } => {
-                match lichen_agent::cli::hub::run(command, cli.json).await {
-                    Ok(code) => code,
-                    Err(err) => report_error(&err),
-                }
-            }
+            #[cfg(feature = "operator")]
+            Command::Hub { command } => match lichen_operator::run(command, cli.json).await {
+                Ok(code) => code,
+                Err(err) => report_error(&err),
+            },
             Command::Update(args) => {
                 tokio::task::block_in_place(|| lichen_agent::update::run(args, cli.json))
             }

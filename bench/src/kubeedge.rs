@@ -11,9 +11,9 @@
 //! - then, for 10 s, twin reports per second reaching the stand-in and the CPU of the whole
 //!   process (agent, mapper and stand-in together).
 
-#[path = "../../../kubeedge/tests/support/objects.rs"]
+#[path = "../../kubeedge/tests/support/objects.rs"]
 mod objects;
-#[path = "../../../kubeedge/tests/support/standin.rs"]
+#[path = "../../kubeedge/tests/support/standin.rs"]
 mod standin;
 
 use std::path::Path;
@@ -28,11 +28,11 @@ use standin::{EdgeCoreState, Record, StandInEdgeCore};
 use super::devices::add_guest;
 use super::idle::usage;
 use super::{Samples, Table, fmt_count, fmt_duration, fmt_rate, open_agent};
-use crate::api::control::Control;
-use crate::cli::BenchArgs;
-use crate::config::KubeEdgeSection;
-use crate::kubeedge::KubeEdge;
-use crate::util::{human_bytes, process_rss_bytes};
+use crate::BenchArgs;
+use lichen_agent::api::control::Control;
+use lichen_agent::config::KubeEdgeSection;
+use lichen_agent::kubeedge::KubeEdge;
+use lichen_agent::util::{human_bytes, process_rss_bytes};
 
 /// The shortest report cycle the mapper allows.
 const CYCLE_MS: i64 = 100;
@@ -200,7 +200,7 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
     // N devices, each a live counter function.
     let counter = agent
         .artifacts()
-        .add(crate::embedded::COUNTER.to_vec())
+        .add(lichen_agent::embedded::COUNTER.to_vec())
         .await
         .context("cannot add the counter component")?
         .digest()

@@ -41,11 +41,41 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 
-use crate::api::types::ApiError;
-use crate::cli::BenchArgs;
-use crate::config::AgentConfig;
-use crate::metrics::Gauges;
-use crate::supervisor::Agent;
+use clap::Args;
+use lichen_agent::api::types::ApiError;
+use lichen_agent::config::AgentConfig;
+use lichen_agent::metrics::Gauges;
+use lichen_agent::supervisor::Agent;
+
+/// Options of `lichen bench`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// What to measure: `startup`, `density`, `dispatch`, `reload`, `size`, `sync`, `pods`, `kubeedge`, or
+    /// several joined by commas [default: all, each group in its own process].
+    pub what: Option<String>,
+    /// How many workload instances to run; `pods`: long-running pods per
+    /// runtime [default: 5]; `kubeedge`: Devices [default: 1000].
+    #[arg(long = "count", visible_alias = "instances", value_name = "N")]
+    pub instances: Option<usize>,
+    /// How many events to deliver; for `sync`, records ingested and caught up [default:
+    /// 100000].
+    #[arg(long, value_name = "N")]
+    pub events: Option<u64>,
+    /// Module to measure [default: the embedded demo module].
+    #[arg(long, value_name = "FILE")]
+    pub module: Option<PathBuf>,
+    /// Directory for the benchmark's state [default: a temporary directory].
+    #[arg(long, value_name = "DIR")]
+    pub state_dir: Option<PathBuf>,
+    /// Cold starts measured by `startup` [default: 200]; reloads done by `reload` [default: 50];
+    /// rounds of broker restart + `kill -9` done by `sync` [default: 20]; `ctr run` rounds per
+    /// runtime done by `pods` [default: 10].
+    #[arg(long, value_name = "N")]
+    pub iterations: Option<usize>,
+    /// MicroVM boots measured by `isolation` [default: 3; each takes ~5 s under TCG].
+    #[arg(long, value_name = "N")]
+    pub microvms: Option<usize>,
+}
 
 /// Every benchmark, in the order `lichen bench` runs them.
 pub const BENCHMARKS: [&str; 11] = [
@@ -118,7 +148,7 @@ fn quiet_logs_on_this_thread() {
     let subscriber = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::WARN)
         .with_writer(std::io::stderr)
-        .with_ansi(crate::util::stderr_colours())
+        .with_ansi(lichen_agent::util::stderr_colours())
         .finish();
     let guard = tracing::dispatcher::set_default(&tracing::Dispatch::new(subscriber));
     // The thread keeps this default for its whole life.
@@ -414,7 +444,7 @@ async fn open_agent(dir: &Path, max_instances: Option<u32>) -> Result<Agent> {
     if let Some(n) = max_instances {
         config.wasm.max_instances = n;
     }
-    crate::daemon::open_agent(&config, dir)
+    lichen_agent::daemon::open_agent(&config, dir)
         .await
         .context("cannot open the agent")
 }
@@ -428,7 +458,7 @@ fn module_bytes(args: &BenchArgs) -> Result<(Vec<u8>, String)> {
             path.display().to_string(),
         )),
         None => Ok((
-            crate::embedded::COUNTER.to_vec(),
+            lichen_agent::embedded::COUNTER.to_vec(),
             "embedded counter component".to_string(),
         )),
     }
@@ -669,7 +699,7 @@ mod tests {
                 },
             ],
         );
-        let parsed = crate::deployment::parse("bench.toml", &text, Path::new("/"))
+        let parsed = lichen_agent::deployment::parse("bench.toml", &text, Path::new("/"))
             .expect("generated text is a valid deployment");
         assert_eq!(parsed.spec.workloads.len(), 2);
         assert_eq!(parsed.spec.workloads[0].config["mode"], "echo");

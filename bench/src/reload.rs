@@ -14,10 +14,10 @@ use anyhow::{Context, Result};
 use super::{
     Samples, Table, WorkloadText, api, deployment_text, fmt_count, fmt_duration, open_agent,
 };
-use crate::api::control::Control;
-use crate::api::types::SendRequest;
-use crate::cli::BenchArgs;
-use crate::embedded::guest_path;
+use crate::BenchArgs;
+use lichen_agent::api::control::Control;
+use lichen_agent::api::types::SendRequest;
+use lichen_agent::embedded::guest_path;
 
 /// The workload's name.
 const NAME: &str = "echo";

@@ -16,25 +16,23 @@
 //! - `lichen hub bundle --node N FILE --key KEY --out OUT`: the same signed desired state and
 //!   artifacts as a bundle (directory or `.tar`) for `lichen import` on a node with no network.
 //! - `lichen hub update-bundle ROOTFS --system-version V --target T --key KEY --out OUT`: a root
-//!   slot image signed into a system update bundle for `lichen update` (see `crate::update`).
+//!   slot image signed into a system update bundle for `lichen update` (see `lichen_agent::update`).
 
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use clap::{Args, Subcommand};
-use lichen_sync::{Envelope, MessageId, TlsFiles, Topics};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS, TlsConfiguration, Transport};
+use lichen_sync::{Envelope, HubUrl, MessageId, SessionConfig, TlsFiles, Topics};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 
-use super::render::{self, Table};
-use super::{emit, push_json};
-use crate::hub::artifacts::{LocalArtifact, Message, artifact_messages, resolve_modules};
-use crate::hub::bundle::BundleIndex;
-use crate::hub::{DesiredState, generate_key, parse_url, sign_desired};
+use lichen_agent::hub::artifacts::{LocalArtifact, Message, artifact_messages, resolve_modules};
+use lichen_agent::hub::bundle::BundleIndex;
+use lichen_agent::hub::{DesiredState, generate_key, sign_desired};
+use lichen_agent::render::{self, Table, emit, push_json};
 
 /// The `hub` verbs.
 #[derive(Debug, Clone, Subcommand)]
@@ -54,7 +52,7 @@ pub enum HubCommand {
     #[command(disable_version_flag = true)]
     Bundle(HubBundleArgs),
     /// Sign a root slot image into a system update bundle for `lichen update` (A/B boards).
-    UpdateBundle(crate::update::UpdateBundleArgs),
+    UpdateBundle(lichen_agent::update::UpdateBundleArgs),
     /// Print nodes' telemetry, events and command results as they arrive.
     Watch(HubWatchArgs),
     /// Send a command to a workload on a node and print its result.
@@ -190,7 +188,7 @@ pub async fn run(command: HubCommand, json: bool) -> Result<ExitCode> {
         HubCommand::Deploy(args) => deploy(args, json).await,
         HubCommand::Status(args) => status(args, json).await,
         HubCommand::Bundle(args) => bundle(args, json),
-        HubCommand::UpdateBundle(args) => crate::update::make_bundle(args, json),
+        HubCommand::UpdateBundle(args) => lichen_agent::update::make_bundle(args, json),
         HubCommand::Watch(args) => watch(args, json).await,
         HubCommand::Send(args) => send(args, json).await,
     }
@@ -217,7 +215,8 @@ fn keygen(out: &Path, json: bool) -> Result<ExitCode> {
     let pub_path = PathBuf::from(pub_path);
     std::fs::write(&pub_path, format!("{public}\n"))
         .with_context(|| format!("cannot write public key file {}", pub_path.display()))?;
-    let id = crate::hub::key_id(&hex::decode(&public).context("generated public key is hex")?);
+    let id =
+        lichen_agent::hub::key_id(&hex::decode(&public).context("generated public key is hex")?);
     let mut text = Vec::new();
     if json {
         push_json(
@@ -236,9 +235,10 @@ fn keygen(out: &Path, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Client options for the operator's connection: a fresh clean session with a unique id.
+/// Client options for the operator's connection: a fresh clean session with a unique id, built
+/// by `lichen_sync` as every Lichen MQTT client's are.
 fn options(broker: &BrokerArgs, role: &str) -> Result<MqttOptions> {
-    let url = parse_url(&broker.url)?;
+    let url = HubUrl::parse(&broker.url)?;
     let id = format!(
         "lichen-{role}-{}-{}",
         std::process::id(),
@@ -246,37 +246,32 @@ fn options(broker: &BrokerArgs, role: &str) -> Result<MqttOptions> {
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.subsec_nanos())
     );
-    let mut options = MqttOptions::new(id, url.host.clone(), url.port);
-    options
-        .set_clean_session(true)
-        .set_keep_alive(Duration::from_secs(10))
-        .set_max_packet_size(1 << 20, 1 << 20);
+    let mut config = SessionConfig::new(id.clone(), url.host, url.port);
+    config.keep_alive = Duration::from_secs(10);
+    config.max_packet_bytes = 1 << 20;
     if url.tls {
         let ca = broker
             .ca_file
             .clone()
             .context("an mqtts:// url needs --ca-file")?;
-        let tls = lichen_sync::rustls_config(&TlsFiles {
+        config.tls = Some(TlsFiles {
             ca,
             client: broker.client_cert.clone().zip(broker.client_key.clone()),
-        })?;
-        options.set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-            Arc::new(tls),
-        )));
+        });
     } else if broker.client_cert.is_some() {
         bail!("--client-cert needs an mqtts:// url");
     }
     if let Some(user) = &broker.username {
-        options.set_credentials(user.clone(), broker.password.clone().unwrap_or_default());
+        config.credentials = Some((user.clone(), broker.password.clone().unwrap_or_default()));
     }
-    Ok(options)
+    Ok(config.client_options(&id)?)
 }
 
 async fn deploy(args: HubDeployArgs, json: bool) -> Result<ExitCode> {
     let topics = Topics::new(&args.node).map_err(|e| anyhow!("--node: {e}"))?;
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("cannot read deployment file {}", args.file.display()))?;
-    let chunk_size = crate::config::parse_size(&args.chunk_size)
+    let chunk_size = lichen_agent::config::parse_size(&args.chunk_size)
         .ok()
         .and_then(|s| u32::try_from(s).ok())
         .filter(|s| (lichen_sync::MIN_CHUNK_SIZE..=lichen_sync::MAX_CHUNK_SIZE).contains(s))
@@ -292,7 +287,7 @@ async fn deploy(args: HubDeployArgs, json: bool) -> Result<ExitCode> {
     let system = args
         .update
         .as_deref()
-        .map(crate::hub::update::describe_bundle)
+        .map(lichen_agent::hub::update::describe_bundle)
         .transpose()?;
     let (desired, mut artifacts) = signed_desired(
         &args.node,
@@ -366,7 +361,7 @@ fn signed_desired(
     text: &str,
     key_file: &Path,
     version: Option<u64>,
-    system: Option<crate::hub::update::SystemUpdate>,
+    system: Option<lichen_agent::hub::update::SystemUpdate>,
 ) -> Result<(DesiredState, Vec<LocalArtifact>)> {
     let base_dir = std::fs::canonicalize(file)
         .ok()
@@ -408,7 +403,7 @@ fn bundle(args: HubBundleArgs, json: bool) -> Result<ExitCode> {
     let (desired, artifacts) =
         signed_desired(&args.node, &args.file, &text, &args.key, args.version, None)?;
     let index = BundleIndex {
-        format: crate::hub::bundle::FORMAT.to_owned(),
+        format: lichen_agent::hub::bundle::FORMAT.to_owned(),
         node: args.node.clone(),
         desired,
     };
@@ -416,7 +411,7 @@ fn bundle(args: HubBundleArgs, json: bool) -> Result<ExitCode> {
         .iter()
         .map(|a| (a.digest.clone(), a.bytes.as_slice()))
         .collect();
-    crate::hub::bundle::write(&args.out, &index, &files)?;
+    lichen_agent::hub::bundle::write(&args.out, &index, &files)?;
     let mut out = Vec::new();
     if json {
         push_json(
@@ -580,48 +575,6 @@ fn write_status(out: &mut Vec<u8>, nodes: &BTreeMap<String, serde_json::Value>) 
         ]);
     }
     let _ = table.write(out);
-}
-
-/// `lichen import BUNDLE`: asks the daemon to verify and apply a bundle on this host's disk.
-pub async fn import(
-    client: &crate::api::client::Client,
-    bundle: &Path,
-    json: bool,
-) -> Result<ExitCode> {
-    let path = std::fs::canonicalize(bundle)
-        .with_context(|| format!("cannot find bundle {}", bundle.display()))?;
-    let path_text = path
-        .to_str()
-        .with_context(|| format!("bundle path {} is not valid UTF-8", path.display()))?;
-    let report = client
-        .import(&crate::hub::ImportRequest {
-            path: path_text.to_owned(),
-        })
-        .await
-        .with_context(|| format!("importing {}", bundle.display()))?;
-    let mut out = Vec::new();
-    if json {
-        push_json(&mut out, &report);
-    } else {
-        let _ = writeln!(
-            out,
-            "imported desired state version {} for node {} (signed by key {}); {} artifact(s) added; local deployment version {}",
-            report.version,
-            report.node,
-            report.signer,
-            report.artifacts.len(),
-            report.deployment.version
-        );
-    }
-    emit(&out)?;
-    if report.deployment.failures.is_empty() {
-        Ok(ExitCode::SUCCESS)
-    } else {
-        Err(anyhow!(
-            "bundle applied, but {} workload(s) failed to start or reload",
-            report.deployment.failures.len()
-        ))
-    }
 }
 
 /// One message `hub watch` prints.

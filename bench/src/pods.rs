@@ -31,8 +31,8 @@ use anyhow::{Context, Result, bail};
 use sha2::{Digest, Sha256};
 
 use super::{Samples, Table, fmt_duration};
-use crate::cli::BenchArgs;
-use crate::runtime::microvm::ResourceUsage;
+use crate::BenchArgs;
+use lichen_agent::runtime::microvm::ResourceUsage;
 
 /// Lichen's runtime type.
 const LICHEN: &str = "io.containerd.lichen.v1";

@@ -13,11 +13,11 @@ use super::{
     Samples, Table, WorkloadText, api, deployment_text, fmt_duration, histogram, module_bytes,
     open_agent,
 };
-use crate::api::control::Control;
-use crate::api::types::SendRequest;
-use crate::cli::BenchArgs;
-use crate::logs::{LogHub, LogOptions};
-use crate::runtime::wasm::{ArtifactStore, CallOutcome, Instance, InstanceSetup};
+use crate::BenchArgs;
+use lichen_agent::api::control::Control;
+use lichen_agent::api::types::SendRequest;
+use lichen_agent::logs::{LogHub, LogOptions};
+use lichen_agent::runtime::wasm::{ArtifactStore, CallOutcome, Instance, InstanceSetup};
 
 /// Cold starts done first and not counted (page faults, first allocations).
 const WARMUP: usize = 5;

@@ -11,12 +11,12 @@ use super::{
     Table, WorkloadText, api, deployment_text, fmt_count, fmt_duration, fmt_rate, histogram,
     module_bytes, open_agent,
 };
-use crate::api::control::Control;
-use crate::api::types::SendRequest;
-use crate::cli::BenchArgs;
-use crate::runtime::wasm::Delivery;
-use crate::supervisor::Agent;
-use crate::util::{human_bytes, process_rss_bytes};
+use crate::BenchArgs;
+use lichen_agent::api::control::Control;
+use lichen_agent::api::types::SendRequest;
+use lichen_agent::runtime::wasm::Delivery;
+use lichen_agent::supervisor::Agent;
+use lichen_agent::util::{human_bytes, process_rss_bytes};
 
 const MIB: u64 = 1 << 20;
 /// The memory budget the "largest N" figure is for.

@@ -1,4 +1,5 @@
-//! Human output: aligned tables and humanised sizes, durations and times.
+//! Output of the command-line verbs (the node's own, the local client's, the operator's):
+//! aligned tables, humanised sizes, durations and times, JSON documents on stdout, exit codes.
 
 use std::io::{self, Write};
 use std::time::{Duration, UNIX_EPOCH};
@@ -130,6 +131,26 @@ pub fn cell(text: &str, max: usize) -> String {
     } else {
         escaped
     }
+}
+
+/// Exit code of a failure.
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit code when the input was refused as invalid and nothing changed (as clap uses for usage
+/// errors).
+pub const EXIT_INVALID: u8 = 2;
+
+/// Writes `bytes` to stdout and flushes.
+pub fn emit(bytes: &[u8]) -> io::Result<()> {
+    let mut stdout = io::stdout().lock();
+    stdout.write_all(bytes)?;
+    stdout.flush()
+}
+
+/// Appends `value` as pretty JSON and a newline.
+pub fn push_json<T: serde::Serialize>(out: &mut Vec<u8>, value: &T) {
+    // The API types are plain data: serialising them cannot fail.
+    serde_json::to_writer_pretty(&mut *out, value).expect("API types always serialise to JSON");
+    out.push(b'\n');
 }
 
 #[cfg(test)]
