@@ -7,8 +7,10 @@
 
 mod check;
 mod kubeedge;
+mod threads;
 
 pub use kubeedge::KubeEdgeSection;
+pub use threads::ThreadsSection;
 
 use std::path::{Path, PathBuf};
 
@@ -29,6 +31,11 @@ board = "sim"
 max-instances = 1024     # live instances at once (hot reloads need two for a moment)
 max-memory = "32MiB"     # largest linear memory of one instance; reserved per pool slot
 memory-guard = "64KiB"   # guard after each memory; small guards mean explicit bounds checks
+
+[threads]                # the async runtime (docs/config.md)
+workers = 0              # worker threads, 1..64; 0: one per core, at most 2
+worker-stack = "2MiB"    # stack of each runtime thread (address space; touched pages are memory)
+max-blocking = 64        # threads for blocking work (file I/O, compiles), 1..512
 
 [logs]
 ring-lines = 500         # lines kept in memory per workload
@@ -71,6 +78,9 @@ pub struct AgentConfig {
     /// Wasm engine sizing.
     #[serde(default)]
     pub wasm: WasmSection,
+    /// The async runtime's threads.
+    #[serde(default)]
+    pub threads: ThreadsSection,
     /// Guest log settings.
     #[serde(default)]
     pub logs: LogSection,
@@ -523,6 +533,21 @@ mod tests {
                 "[wasm]\nmemory-guard = \"5GiB\"".into(),
                 "wasm.memory-guard",
                 "0 bytes to 4GiB",
+            ),
+            (
+                "[threads]\nworkers = 65".into(),
+                "threads.workers",
+                "0 (one per core) to 64",
+            ),
+            (
+                "[threads]\nworker-stack = \"64KiB\"".into(),
+                "threads.worker-stack",
+                "256KiB to 16MiB",
+            ),
+            (
+                "[threads]\nmax-blocking = 0".into(),
+                "threads.max-blocking",
+                "1 to 512",
             ),
             (
                 "[logs]\nring-lines = 0".into(),
