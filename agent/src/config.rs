@@ -7,11 +7,13 @@
 
 mod check;
 mod kubeedge;
+mod threads;
 
 pub use kubeedge::KubeEdgeSection;
 /// Sizes in the agent config follow the deployment files' rule: `B`, `KiB`, `MiB`, `GiB`,
 /// case-insensitive; `MB` and the like are refused as ambiguous.
 pub use lichen_deployment::parse_size;
+pub use threads::ThreadsSection;
 
 use std::path::{Path, PathBuf};
 
@@ -35,6 +37,11 @@ memory-guard = "64KiB"   # guard after each memory; small guards mean explicit b
 table-elements = 20000   # largest function table of one instance (componentize-py needs ~13k)
 core-instances-per-component = 32   # core modules one component may instantiate
 tables-per-component = 8 # function tables one component may have
+
+[threads]                # the async runtime (docs/config.md)
+workers = 0              # worker threads, 1..64; 0: one per core, at most 2
+worker-stack = "2MiB"    # stack of each runtime thread (address space; touched pages are memory)
+max-blocking = 64        # threads for blocking work (file I/O, compiles), 1..512
 
 [logs]
 ring-lines = 500         # lines kept in memory per workload
@@ -77,6 +84,9 @@ pub struct AgentConfig {
     /// Wasm engine sizing.
     #[serde(default)]
     pub wasm: WasmSection,
+    /// The async runtime's threads.
+    #[serde(default)]
+    pub threads: ThreadsSection,
     /// Guest log settings.
     #[serde(default)]
     pub logs: LogSection,
@@ -545,6 +555,21 @@ mod tests {
                 "[wasm]\ntables-per-component = 0".into(),
                 "wasm.tables-per-component",
                 "1 to 256",
+            ),
+            (
+                "[threads]\nworkers = 65".into(),
+                "threads.workers",
+                "0 (one per core) to 64",
+            ),
+            (
+                "[threads]\nworker-stack = \"64KiB\"".into(),
+                "threads.worker-stack",
+                "256KiB to 16MiB",
+            ),
+            (
+                "[threads]\nmax-blocking = 0".into(),
+                "threads.max-blocking",
+                "1 to 512",
             ),
             (
                 "[logs]\nring-lines = 0".into(),

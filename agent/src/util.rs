@@ -37,6 +37,19 @@ pub fn human_bytes(bytes: u64) -> String {
     }
 }
 
+/// Hands the allocator's free memory back to the kernel. glibc keeps what a thread freed in
+/// that thread's arena (a compile frees megabytes on a blocking thread, which an idle agent
+/// would carry as RSS); musl returns large blocks by itself. Costs a walk of the free lists:
+/// for after rare, large work, not per event.
+#[allow(unsafe_code)]
+pub fn release_free_heap() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim takes no pointers; it only returns free pages of the allocator's own.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// Resident set size of this process in bytes, from `/proc/self/status` (Linux only).
 pub fn process_rss_bytes() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -137,7 +137,14 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
         "measured in the bench process, which hosts the agent (the bench thread sleeps through the window); CPU from /proc/self/task/*/schedstat, switches from their status files",
     );
     table.print();
-    Ok(vec![format!(
+    let mut summary = vec![format!(
         "- idle, four device examples deployed: {percent:.3} % of a core, {switches:.1} wake-ups/s (target <= {TARGET_PERCENT} %)."
-    )])
+    )];
+    let dir = dir.to_path_buf();
+    summary.extend(
+        tokio::task::spawn_blocking(move || super::footprint::run(&dir))
+            .await
+            .context("the daemon footprint task failed")??,
+    );
+    Ok(summary)
 }

@@ -7,7 +7,7 @@
 //! | `density` | process RSS with N live `counter` instances |
 //! | `dispatch` | ticks per second across N instances, through the store's group commit |
 //! | `reload` | hot reloads under a stream of commands: duration, events lost, handled twice |
-//! | `idle` | CPU and thread wake-ups with the four device examples deployed and nothing happening |
+//! | `idle` | CPU and thread wake-ups with the four device examples deployed and nothing happening; the daemon's RSS/PSS with no workloads and on its embedded default |
 //! | `devices` | GPIO toggles and SPI transactions from Wasm vs native, edge to `on-event` latency (sim board) |
 //! | `size` | the binary's size, and the static release binaries' if built |
 //! | `sync` | hub link: durable outbox ingest, drain and catch-up against Mosquitto, bytes written per record, records lost across broker restarts + `kill -9` |
@@ -23,6 +23,7 @@
 
 mod density;
 mod devices;
+mod footprint;
 mod idle;
 mod isolation;
 pub mod json;
@@ -132,8 +133,14 @@ pub async fn run(args: BenchArgs, as_json: bool) -> Result<()> {
         .context("the benchmark thread ended without a result")?
 }
 
+/// The agent's default threads (`[threads]`), so RSS figures count what the daemon runs.
 fn bench_runtime() -> Result<tokio::runtime::Runtime> {
+    let threads = crate::config::ThreadsSection::default();
+    let stack = crate::config::parse_size(&threads.worker_stack)?;
     tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.worker_count())
+        .max_blocking_threads(threads.max_blocking)
+        .thread_stack_size(usize::try_from(stack)?)
         .enable_all()
         .on_thread_start(quiet_logs_on_this_thread)
         .build()

@@ -24,16 +24,19 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(lichen_agent::util::stderr_colours())
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(err) => {
-            return report_error(
-                &anyhow::Error::from(err).context("cannot start the async runtime"),
-            );
+    // The daemon's threads come from its config (`[threads]`); other verbs use the defaults.
+    let threads = match &cli.command {
+        Command::Run(args) => {
+            match lichen_agent::config::AgentConfig::load(args.config.as_deref()) {
+                Ok(config) => config.threads,
+                Err(err) => return report_error(&err),
+            }
         }
+        _ => lichen_agent::config::ThreadsSection::default(),
+    };
+    let runtime = match threads.runtime() {
+        Ok(rt) => rt,
+        Err(err) => return report_error(&err.context("cannot start the async runtime")),
     };
     runtime.block_on(async move {
         match cli.command {

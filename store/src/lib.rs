@@ -32,6 +32,7 @@
 //! # Ok(()) }
 //! ```
 
+mod batch;
 #[cfg(feature = "kubeedge")]
 mod dmi;
 mod migrations;

@@ -34,8 +34,15 @@ fn get_usize(row: &Row<'_>, index: usize) -> rusqlite::Result<usize> {
     usize::try_from(value).map_err(|_| rusqlite::Error::IntegralValueOutOfRange(index, value))
 }
 
+/// The columns [`workload_row`] reads, for a query over `workloads`.
 const WORKLOAD_COLUMNS: &str = "name, deployment_version, spec_json, module_digest, state, \
-                                last_error, restarts, traps, events_handled";
+     last_error, restarts, traps, workloads.events_handled + COALESCE((SELECT c.events_handled \
+     FROM workload_counters c WHERE c.name = workloads.name), 0)";
+
+/// A workload's event count, for a query over `workloads`: the row's own column (what it
+/// had before migration 4) plus its `workload_counters` row, which is where commits count.
+pub(super) const EVENTS_HANDLED: &str = "workloads.events_handled + COALESCE((SELECT \
+     c.events_handled FROM workload_counters c WHERE c.name = workloads.name), 0)";
 
 pub(super) fn workload_row(row: &Row<'_>) -> rusqlite::Result<WorkloadRow> {
     Ok(WorkloadRow {

@@ -160,11 +160,12 @@ impl StateStore {
     /// Every stored workload of every source, by name, with its source and labels.
     pub fn all_workloads(&self) -> Result<Vec<(WorkloadRow, String, String)>, StoreError> {
         let conn = self.reader();
-        conn.prepare_cached(
+        conn.prepare_cached(&format!(
             "SELECT name, deployment_version, spec_json, module_digest, state, last_error,
-                    restarts, traps, events_handled, source, labels_json
+                    restarts, traps, {}, source, labels_json
              FROM workloads ORDER BY name",
-        )
+            super::reads::EVENTS_HANDLED
+        ))
         .and_then(|mut stmt| {
             stmt.query_map([], |row| {
                 Ok((

@@ -966,3 +966,125 @@ async fn the_database_and_its_wal_and_shm_files_are_private() {
         assert_eq!(mode, 0o600, "{}", file.display());
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batch_of_commits_queues_every_telemetry_row_once_in_order() {
+    // 200 workloads commit at once, 3 records each: the writer's batches insert them in
+    // multi-row chunks plus a remainder; every row must land once, each workload's in the
+    // order it gave them, and every commit is counted.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&db_path(&dir));
+    let names: Vec<String> = (0..200).map(|i| format!("w{i:03}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    store
+        .apply_deployment(deployment(&refs))
+        .await
+        .expect("applies");
+    let tasks: Vec<_> = names
+        .iter()
+        .map(|name| {
+            let store = store.clone();
+            let mut commit = put(name, "k", b"v");
+            commit.telemetry = (0..3)
+                .map(|n| TelemetryRecord {
+                    stream: format!("s{n}"),
+                    payload: format!("{name}-{n}").into_bytes(),
+                    created_at_ms: 1000 + n,
+                })
+                .collect();
+            tokio::spawn(async move { store.commit_event(commit).await })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task ran").expect("commit lands");
+    }
+    let rows = store.outbox_peek(10_000).expect("reads");
+    assert_eq!(rows.len(), 600);
+    for name in &names {
+        let mine: Vec<&OutboxRow> = rows.iter().filter(|r| &r.workload == name).collect();
+        let payloads: Vec<String> = mine
+            .iter()
+            .map(|r| String::from_utf8(r.payload.clone()).expect("utf-8"))
+            .collect();
+        assert_eq!(
+            payloads,
+            vec![
+                format!("{name}-0"),
+                format!("{name}-1"),
+                format!("{name}-2")
+            ]
+        );
+        assert!(mine.windows(2).all(|w| w[0].id < w[1].id));
+        assert!(mine.iter().all(|r| r.kind == "telemetry"));
+    }
+    let counted: u64 = store
+        .workloads()
+        .expect("reads")
+        .iter()
+        .map(|w| w.events_handled)
+        .sum();
+    assert_eq!(counted, 200);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn event_counts_of_a_version_3_database_carry_over_and_go_with_their_workload() {
+    // A database written before the counters moved to their own table keeps its counts and
+    // adds to them; a workload removed and deployed again starts from zero.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = db_path(&dir);
+    {
+        let store = open(&path);
+        store
+            .apply_deployment(deployment(&["old", "gone"]))
+            .await
+            .expect("applies");
+    }
+    {
+        // What version 3 had: the count in the workloads row, no counters table.
+        let conn = Connection::open(&path).expect("opens");
+        conn.execute_batch(
+            "UPDATE workloads SET events_handled = 41;
+             DROP TABLE workload_counters;
+             PRAGMA user_version = 3;",
+        )
+        .expect("rolls back to version 3");
+    }
+    let store = open(&path);
+    assert_eq!(user_version(&path), LATEST_VERSION);
+    store
+        .commit_event(put("old", "k", b"v"))
+        .await
+        .expect("commits");
+    store
+        .commit_event(put("gone", "k", b"v"))
+        .await
+        .expect("commits");
+    let count = |name: &str| {
+        store
+            .workloads()
+            .expect("reads")
+            .into_iter()
+            .find(|w| w.name == name)
+            .map(|w| w.events_handled)
+    };
+    assert_eq!(count("old"), Some(42));
+    assert_eq!(count("gone"), Some(42));
+    store
+        .apply_deployment(deployment(&["old"]))
+        .await
+        .expect("removes gone");
+    store
+        .apply_deployment(deployment(&["old", "gone"]))
+        .await
+        .expect("deploys gone again");
+    store
+        .commit_event(put("gone", "k", b"v"))
+        .await
+        .expect("commits");
+    assert_eq!(
+        count("gone"),
+        Some(1),
+        "a new workload of the same name starts at 0"
+    );
+    assert_eq!(count("old"), Some(42));
+}

@@ -12,6 +12,7 @@ use std::sync::atomic::Ordering;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
+use super::batch::TelemetryRows;
 use super::{
     EventCommit, GuestLogLine, NewDeployment, OutboxRecord, SqlContext, StatusUpdate, StoreError,
     StoreShared, now_ms, to_i64,
@@ -125,16 +126,30 @@ fn run_fast_round(
         return batch;
     };
     let mut outputs = Vec::with_capacity(batch.len());
+    // Telemetry of plain event commits goes in a few multi-row statements; anything else
+    // inserts what is queued first, so outbox ids keep the order of the batch.
+    let mut telemetry = TelemetryRows::default();
     for request in &batch {
-        match run_op(&tx, &request.op, shared) {
+        let result = match &request.op {
+            Op::Commit(c) if c.command.is_none() => commit_event(&tx, c, Some(&mut telemetry)),
+            op => telemetry.flush(&tx).and_then(|()| run_op(&tx, op, shared)),
+        };
+        match result {
             Ok(output) => outputs.push(output),
             Err(_) => {
                 // Dropping `tx` rolls everything back; the slow path sorts it out.
+                drop(telemetry);
                 drop(tx);
                 return batch;
             }
         }
     }
+    if telemetry.flush(&tx).is_err() {
+        drop(telemetry);
+        drop(tx);
+        return batch;
+    }
+    drop(telemetry);
     if tx.commit().is_err() {
         return batch;
     }
@@ -216,7 +231,7 @@ fn run_in_savepoint(
 fn run_op(conn: &Connection, op: &Op, shared: &StoreShared) -> Result<Output, StoreError> {
     match op {
         Op::Deploy(d) => apply_deployment(conn, d),
-        Op::Commit(c) => commit_event(conn, c),
+        Op::Commit(c) => commit_event(conn, c, None),
         Op::Status(s) => record_status(conn, s),
         Op::SourceUpsert(w) => super::sources::upsert(conn, w),
         Op::SourceRemove { source, name } => super::sources::remove(conn, source, name),
@@ -345,22 +360,34 @@ fn apply_deployment(conn: &Connection, d: &NewDeployment) -> Result<Output, Stor
     Ok(Output::Version(version))
 }
 
-fn commit_event(conn: &Connection, c: &EventCommit) -> Result<Output, StoreError> {
+/// Commits one event's writes; its telemetry is queued in `batch` when given (the caller
+/// inserts it before the transaction commits), else inserted here.
+fn commit_event<'a>(
+    conn: &Connection,
+    c: &'a EventCommit,
+    batch: Option<&mut TelemetryRows<'a>>,
+) -> Result<Output, StoreError> {
     let ctx = || format!("committing an event of workload {:?}", c.workload);
     let now = now_ms();
     let events = to_i64("events_handled", c.events_handled)?;
-    // The counter update doubles as the existence check: it touches no row for an unknown
-    // workload (one statement instead of a SELECT plus an UPDATE).
-    let updated = conn
+    // The count goes to the narrow `workload_counters` table (migration 4): rewriting the wide
+    // `workloads` row instead dirtied most of its pages in every group commit. The counter's
+    // foreign key doubles as the existence check: an unknown workload fails it.
+    let counted = conn
         .prepare_cached(
-            "UPDATE workloads SET events_handled = events_handled + ?2, updated_at_ms = ?3
-             WHERE name = ?1",
+            "INSERT INTO workload_counters (name, events_handled) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET
+                 events_handled = events_handled + excluded.events_handled",
         )
-        .and_then(|mut stmt| stmt.execute(params![c.workload, events, now]))
-        .context(ctx)?;
-    if updated == 0 {
-        return Err(StoreError::UnknownWorkload(c.workload.clone()));
-    }
+        .and_then(|mut stmt| stmt.execute(params![c.workload, events]));
+    match counted {
+        Err(rusqlite::Error::SqliteFailure(e, _))
+            if e.extended_code == rusqlite::ffi::SQLITE_CONSTRAINT_FOREIGNKEY =>
+        {
+            return Err(StoreError::UnknownWorkload(c.workload.clone()));
+        }
+        counted => counted.context(ctx)?,
+    };
     if let Some(command) = &c.command {
         // First, so that a command already handled writes nothing (the error rolls the
         // request back).
@@ -390,7 +417,11 @@ fn commit_event(conn: &Connection, c: &EventCommit) -> Result<Output, StoreError
             .context(ctx)?;
         }
     }
-    if !c.telemetry.is_empty() {
+    if let Some(batch) = batch {
+        for t in &c.telemetry {
+            batch.push(&c.workload, t);
+        }
+    } else if !c.telemetry.is_empty() {
         let mut insert = conn
             .prepare_cached(
                 "INSERT INTO outbox (workload, stream, payload, created_at_ms, kind)

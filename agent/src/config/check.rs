@@ -46,6 +46,7 @@ impl AgentConfig {
             ));
         }
         self.wasm.check()?;
+        self.threads.check()?;
         self.logs.check()?;
         self.images.check()?;
         self.containerd.check()?;
@@ -306,7 +307,7 @@ impl HubSection {
 }
 
 /// A size key within `min..=max`.
-fn size(key: &str, text: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
+pub(super) fn size(key: &str, text: &str, min: u64, max: u64) -> Result<u64, ConfigError> {
     let bytes = parse_size(text).map_err(|e| error(key, format!("{e:#}")))?;
     if !(min..=max).contains(&bytes) {
         return Err(error(

@@ -184,9 +184,14 @@ impl ArtifactStore {
             return Ok(artifact);
         }
         let store = self.clone();
-        tokio::task::spawn_blocking(move || store.add_blocking(digest, bytes))
-            .await
-            .context("compilation task failed")?
+        tokio::task::spawn_blocking(move || {
+            let added = store.add_blocking(digest, bytes);
+            // A compile frees megabytes the allocator would otherwise keep.
+            crate::util::release_free_heap();
+            added
+        })
+        .await
+        .context("compilation task failed")?
     }
 
     /// Loads the artifact with this digest from the store.

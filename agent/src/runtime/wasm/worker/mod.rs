@@ -191,7 +191,12 @@ impl WorkerStats {
 
 /// Queues events for one worker (cheap to clone).
 #[derive(Clone)]
-pub struct EventSender(mpsc::Sender<EventRequest>);
+pub struct EventSender(mpsc::Sender<Queued>);
+
+/// What a workload's event queue holds: a queued event is boxed, so that the queue's
+/// buffer, which tokio allocates 32 slots at a time when the queue is made, costs a pointer
+/// per slot instead of a whole event (~3 KiB less per workload).
+pub(super) type Queued = Box<EventRequest>;
 
 impl EventSender {
     /// Queues an event whose reply goes to `reply`, waiting up to `within` for room in the
@@ -202,10 +207,10 @@ impl EventSender {
         reply: oneshot::Sender<Reply>,
         within: Duration,
     ) -> Result<(), String> {
-        let request = EventRequest {
+        let request = Box::new(EventRequest {
             delivery,
             reply: Some(reply),
-        };
+        });
         match tokio::time::timeout(within, self.0.send(request)).await {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err("the workload is not running".to_string()),
@@ -219,10 +224,10 @@ impl EventSender {
     /// Queues an event without a reply, waiting for room in the queue.
     pub async fn deliver(&self, delivery: Delivery) -> Result<(), String> {
         self.0
-            .send(EventRequest {
+            .send(Box::new(EventRequest {
                 delivery,
                 reply: None,
-            })
+            }))
             .await
             .map_err(|_| "the workload is not running".to_string())
     }
@@ -236,7 +241,7 @@ pub struct WorkerHandle {
     pub spec: WorkloadSpec,
     /// Digest of the module the worker was last given.
     pub digest: String,
-    events: mpsc::Sender<EventRequest>,
+    events: mpsc::Sender<Queued>,
     control: mpsc::UnboundedSender<WorkerCommand>,
     /// Counters and status.
     pub stats: Arc<WorkerStats>,
@@ -252,7 +257,7 @@ impl WorkerHandle {
         reply: Option<oneshot::Sender<Reply>>,
     ) -> Result<(), String> {
         self.events
-            .try_send(EventRequest { delivery, reply })
+            .try_send(Box::new(EventRequest { delivery, reply }))
             .map_err(|err| match err {
                 mpsc::error::TrySendError::Full(_) => format!(
                     "the event queue of workload {:?} is full ({} events)",
@@ -272,7 +277,7 @@ impl WorkerHandle {
         reply: Option<oneshot::Sender<Reply>>,
     ) -> Result<(), String> {
         self.events
-            .send(EventRequest { delivery, reply })
+            .send(Box::new(EventRequest { delivery, reply }))
             .await
             .map_err(|_| format!("workload {:?} is not running", &*self.name))
     }

@@ -13,7 +13,7 @@ use super::super::artifacts::ArtifactKind;
 use super::super::command::run_command;
 use super::super::instance::{CallOutcome, Instance, InstanceSetup};
 use super::{
-    BACKOFF_MAX, BACKOFF_START, CommandCommitted, Delivery, EventRequest, Prepared, Reply,
+    BACKOFF_MAX, BACKOFF_START, CommandCommitted, Delivery, EventRequest, Prepared, Queued, Reply,
     WorkerCommand, WorkerContext, WorkerStats, commit, commit_error, open_devices, release_devices,
     setup_for, start_instance,
 };
@@ -29,9 +29,9 @@ pub(super) struct Worker {
     pub(super) fallback: Option<Prepared>,
     pub(super) kv: Arc<Mutex<KvMap>>,
     pub(super) stats: Arc<WorkerStats>,
-    pub(super) events: mpsc::Receiver<EventRequest>,
+    pub(super) events: mpsc::Receiver<Queued>,
     /// Where edge watchers queue their events (weak: the queue closes with the handle).
-    pub(super) edge_queue: mpsc::WeakSender<EventRequest>,
+    pub(super) edge_queue: mpsc::WeakSender<Queued>,
     pub(super) control: mpsc::UnboundedReceiver<WorkerCommand>,
     pub(super) tick_sequence: u64,
     pub(super) failures_in_a_row: u32,
@@ -46,6 +46,9 @@ enum Next {
 }
 
 impl Worker {
+    /// The worker's loop. The rare steps (start, swap, stop, failures, reload bookkeeping)
+    /// are awaited boxed: a task's future is as large as its largest await point, and every
+    /// idle worker would otherwise carry the largest one (~KiBs per workload).
     pub(super) async fn run(mut self) {
         self.publish_version();
         let mut ticker = self.make_ticker();
@@ -61,14 +64,14 @@ impl Worker {
                 if is_command {
                     if ticker.is_none() && !command_ran {
                         command_ran = true;
-                        if let Some(delay) = self.run_command_once().await {
+                        if let Some(delay) = Box::pin(self.run_command_once()).await {
                             restart_at = Some(deadline_after(delay));
                             command_ran = false;
                         }
                     } else {
                         self.set_state("running", None);
                     }
-                } else if let Some(delay) = self.start().await {
+                } else if let Some(delay) = Box::pin(self.start()).await {
                     restart_at = Some(deadline_after(delay));
                 }
             }
@@ -79,7 +82,7 @@ impl Worker {
                 biased;
                 command = self.control.recv() => match command {
                     Some(WorkerCommand::Swap { next, done }) => {
-                        self.swap(*next).await;
+                        Box::pin(self.swap(*next)).await;
                         ticker = self.make_ticker();
                         if self.current.instance.is_none() && self.current.artifact.kind() == ArtifactKind::Component {
                             restart_at = Some(tokio::time::Instant::now());
@@ -92,7 +95,7 @@ impl Worker {
                         Next::Continue
                     }
                     Some(WorkerCommand::Stop { done }) => Next::Stop(done),
-                    None => return self.finish().await,
+                    None => return Box::pin(self.finish()).await,
                 },
                 _ = tokio::time::sleep_until(sleep_until), if restart_at.is_some() => Next::Continue,
                 request = self.events.recv(), if running => match request {
@@ -102,7 +105,7 @@ impl Worker {
                         }
                         Next::Continue
                     }
-                    None => return self.finish().await,
+                    None => return Box::pin(self.finish()).await,
                 },
                 _ = tick(&mut ticker), if running => {
                     if let Some(delay) = self.dispatch(Delivery::Tick, None).await {
@@ -112,7 +115,7 @@ impl Worker {
                 }
             };
             if let Next::Stop(done) = next {
-                self.finish().await;
+                Box::pin(self.finish()).await;
                 let _ = done.send(());
                 return;
             }
@@ -235,7 +238,7 @@ impl Worker {
     ) -> Option<Duration> {
         if self.current.artifact.kind() == ArtifactKind::Command {
             return match delivery {
-                Delivery::Tick => self.run_command_once().await,
+                Delivery::Tick => Box::pin(self.run_command_once()).await,
                 // A WASI command has no device access, so no edge to react to.
                 Delivery::GpioEdge { .. } => None,
                 Delivery::Command { .. } => {
@@ -363,8 +366,8 @@ impl Worker {
                             "version {} handled its first event; version {} retired",
                             self.current.version, old.version
                         );
-                        release(old).await;
-                        self.record("reload-confirmed", detail).await;
+                        Box::pin(release(old)).await;
+                        Box::pin(self.record("reload-confirmed", detail)).await;
                     }
                     if let Some(reply) = reply {
                         let _ = reply.send(result);
@@ -386,7 +389,7 @@ impl Worker {
                             old.version
                         );
                         let failed = std::mem::replace(&mut self.current, old);
-                        release(failed).await;
+                        Box::pin(release(failed)).await;
                         self.publish_version();
                         self.ctx
                             .metrics
@@ -394,13 +397,13 @@ impl Worker {
                             .fetch_add(1, Ordering::Relaxed);
                         self.ctx.logs.agent_line(&self.name, LogLevel::Error, &text);
                         self.set_state("running", Some(text.clone()));
-                        self.record("reload-failed", text).await;
+                        Box::pin(self.record("reload-failed", text)).await;
                         continue;
                     }
                     if let Some(reply) = reply {
                         let _ = reply.send(Err(format!("the guest trapped: {message}")));
                     }
-                    return self.failed("trapped", message).await;
+                    return Box::pin(self.failed("trapped", message)).await;
                 }
             }
         }
@@ -627,7 +630,7 @@ struct EdgeWatcher {
     /// The instance's grants (weak: the watcher must not keep the pins open).
     devices: std::sync::Weak<lichen_host_apis::DeviceGrants>,
     /// Where edge events go (weak: the queue closes with the workload's handle).
-    queue: mpsc::WeakSender<EventRequest>,
+    queue: mpsc::WeakSender<Queued>,
     input: String,
     wanted: lichen_devices::EdgeDetection,
     logs: Arc<crate::logs::LogHub>,
@@ -676,13 +679,13 @@ impl EdgeWatcher {
                 let Some(queue) = self.queue.upgrade() else {
                     return;
                 };
-                let request = EventRequest {
+                let request = Box::new(EventRequest {
                     delivery: Delivery::GpioEdge {
                         input: self.input.clone(),
                         event,
                     },
                     reply: None,
-                };
+                });
                 if queue.send(request).await.is_err() {
                     return;
                 }
