@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use super::Table;
-use crate::util::human_bytes;
+use lichen_agent::util::human_bytes;
 
 /// How long a daemon may take to answer with its workloads running.
 const READY_WITHIN: Duration = Duration::from_secs(60);

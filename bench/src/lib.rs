@@ -135,8 +135,8 @@ pub async fn run(args: BenchArgs, as_json: bool) -> Result<()> {
 
 /// The agent's default threads (`[threads]`), so RSS figures count what the daemon runs.
 fn bench_runtime() -> Result<tokio::runtime::Runtime> {
-    let threads = crate::config::ThreadsSection::default();
-    let stack = crate::config::parse_size(&threads.worker_stack)?;
+    let threads = lichen_agent::config::ThreadsSection::default();
+    let stack = lichen_agent::config::parse_size(&threads.worker_stack)?;
     tokio::runtime::Builder::new_multi_thread()
         .worker_threads(threads.worker_count())
         .max_blocking_threads(threads.max_blocking)

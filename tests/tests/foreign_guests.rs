@@ -140,10 +140,11 @@ fn py_sensor_keeps_its_readings_across_a_hot_reload_without_losing_a_tick() {
     assert_eq!(after.state, "running");
     // The count kept counting in the key-value store, and every tick, before, during and
     // after the reload, published exactly one record: the published counts are 1, 2, 3, ...
+    let handled = usize::try_from(before.events_handled).expect("a count that fits usize");
     let deadline = Instant::now() + Duration::from_secs(60);
     let records = loop {
         let records = telemetry(&daemon.state_dir(), "py-sensor", "temperature");
-        if records.len() > before.events_handled as usize + 3 || Instant::now() > deadline {
+        if records.len() > handled + 3 || Instant::now() > deadline {
             break records;
         }
         std::thread::sleep(Duration::from_millis(50));
@@ -152,10 +153,7 @@ fn py_sensor_keeps_its_readings_across_a_hot_reload_without_losing_a_tick() {
         .iter()
         .map(|r| r["readings"].as_u64().expect("a count"))
         .collect();
-    assert!(
-        counts.len() > before.events_handled as usize + 3,
-        "{counts:?}"
-    );
+    assert!(counts.len() > handled + 3, "{counts:?}");
     let expected: Vec<u64> = (1..=counts.len() as u64).collect();
     assert_eq!(counts, expected, "a reading was lost or counted twice");
     assert_eq!(send_json(&daemon, "py-sensor", "status")["celsius"], 21.5);
