@@ -480,10 +480,7 @@ impl ArtifactStore {
         if fresh {
             self.write_compiled(
                 digest,
-                &module
-                    .serialize()
-                    .anyhow()
-                    .context("cannot serialize the compiled module")?,
+                &serialize_module(&module).context("cannot serialize the compiled module")?,
             )?;
         }
         Ok(artifact)
@@ -686,6 +683,16 @@ fn compile_component(_: &wasmtime::Engine, _: &[u8]) -> Result<Component> {
 #[cfg(feature = "compiler")]
 fn compile_module(engine: &wasmtime::Engine, bytes: &[u8]) -> Result<Module> {
     Module::new(engine, bytes).anyhow()
+}
+
+#[cfg(feature = "compiler")]
+fn serialize_module(module: &Module) -> Result<Vec<u8>> {
+    module.serialize().anyhow()
+}
+
+#[cfg(not(feature = "compiler"))]
+fn serialize_module(_: &Module) -> Result<Vec<u8>> {
+    bail!("this agent was built without a compiler")
 }
 
 #[cfg(not(feature = "compiler"))]
