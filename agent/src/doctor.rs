@@ -235,8 +235,10 @@ fn wasm_check(engine: Option<&EngineOptions>) -> DoctorCheck {
             "wasm runtime",
             "ok",
             format!(
-                "Wasmtime with Cranelift for {}; pooling allocator for {} instances, up to {} of linear memory each",
-                std::env::consts::ARCH,
+                "Wasmtime {} with Cranelift for {}; engine fingerprint {} (what the hub precompiles for); pooling allocator for {} instances, up to {} of linear memory each",
+                crate::runtime::wasm::WASMTIME_VERSION,
+                engine.target(),
+                engine.fingerprint(),
                 engine.options().max_instances,
                 human_bytes(options.max_memory_bytes)
             ),

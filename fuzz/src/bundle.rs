@@ -551,6 +551,7 @@ fn index_json(u: &mut Unstructured<'_>) -> Vec<u8> {
         version,
         deployment,
         artifacts,
+        precompiled: Vec::new(),
         system: None,
         signature: None,
         key_id: None,

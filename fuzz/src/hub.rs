@@ -483,6 +483,7 @@ fn desired_envelope(u: &mut Unstructured<'_>) -> Vec<u8> {
         version,
         deployment,
         artifacts,
+        precompiled: Vec::new(),
         system: None,
         signature: None,
         key_id: None,

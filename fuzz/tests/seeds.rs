@@ -143,6 +143,7 @@ fn signed_bundle_tar() -> Vec<u8> {
         version: 2,
         deployment,
         artifacts: [(digest.clone(), module.len() as u64)].into(),
+        precompiled: Vec::new(),
         system: None,
         signature: None,
         key_id: None,

@@ -115,6 +115,9 @@ pub struct HubBundleArgs {
     /// Where to write the bundle: a tar file if the name ends in .tar, else a new directory.
     #[arg(long, value_name = "PATH")]
     pub out: PathBuf,
+    /// Compiling for the node.
+    #[command(flatten)]
+    pub precompile: Box<lichen_agent::hub::precompile::PrecompileArgs>,
 }
 
 /// How to reach the broker.
@@ -168,6 +171,9 @@ pub struct HubDeployArgs {
     /// its inactive slot and reboots into it before it applies the deployment.
     #[arg(long, value_name = "BUNDLE")]
     pub update: Option<PathBuf>,
+    /// Compiling for the node.
+    #[command(flatten)]
+    pub precompile: Box<lichen_agent::hub::precompile::PrecompileArgs>,
 }
 
 /// Options of `lichen hub status`.
@@ -296,6 +302,7 @@ async fn deploy(args: HubDeployArgs, json: bool) -> Result<ExitCode> {
         &args.key,
         args.version,
         system.as_ref().map(|(s, _)| s.clone()),
+        &args.precompile,
     )?;
     if let (Some((update, bytes)), Some(path)) = (system, &args.update) {
         artifacts.push(LocalArtifact {
@@ -362,13 +369,17 @@ fn signed_desired(
     key_file: &Path,
     version: Option<u64>,
     system: Option<lichen_agent::hub::update::SystemUpdate>,
+    precompile: &lichen_agent::hub::precompile::PrecompileArgs,
 ) -> Result<(DesiredState, Vec<LocalArtifact>)> {
     let base_dir = std::fs::canonicalize(file)
         .ok()
         .and_then(|p| p.parent().map(Path::to_path_buf))
         .unwrap_or_else(|| PathBuf::from("."));
-    let (text, artifacts) = resolve_modules(text, &base_dir)
+    let (text, mut artifacts) = resolve_modules(text, &base_dir)
         .with_context(|| format!("resolving the modules of {}", file.display()))?;
+    let (compiled, precompiled) =
+        lichen_agent::hub::precompile::precompile(&artifacts, &precompile.engines()?)?;
+    artifacts.extend(compiled);
     let key = std::fs::read(key_file)
         .with_context(|| format!("cannot read key file {}", key_file.display()))?;
     let version = version.unwrap_or_else(|| {
@@ -385,6 +396,7 @@ fn signed_desired(
             .iter()
             .map(|a| (a.digest.clone(), a.bytes.len() as u64))
             .collect(),
+        precompiled,
         system,
         signature: None,
         key_id: None,
@@ -398,10 +410,22 @@ fn signed_desired(
 
 fn bundle(args: HubBundleArgs, json: bool) -> Result<ExitCode> {
     Topics::new(&args.node).map_err(|e| anyhow!("--node: {e}"))?;
+    if !args.precompile.precompile.is_empty() {
+        bail!(
+            "--precompile: `lichen import` does not take compiled artifacts yet; publish with `lichen hub deploy --precompile`"
+        );
+    }
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("cannot read deployment file {}", args.file.display()))?;
-    let (desired, artifacts) =
-        signed_desired(&args.node, &args.file, &text, &args.key, args.version, None)?;
+    let (desired, artifacts) = signed_desired(
+        &args.node,
+        &args.file,
+        &text,
+        &args.key,
+        args.version,
+        None,
+        &args.precompile,
+    )?;
     let index = BundleIndex {
         format: lichen_agent::hub::bundle::FORMAT.to_owned(),
         node: args.node.clone(),

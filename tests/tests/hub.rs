@@ -633,6 +633,7 @@ fn publish_desired_with_digest(
         version,
         deployment: text,
         artifacts: size.map(|s| (digest.to_owned(), s)).into_iter().collect(),
+        precompiled: Vec::new(),
         system: None,
         signature: None,
         key_id: None,

@@ -216,6 +216,7 @@ fn desired_message(board: &Board, version: u64, system: SystemUpdate, key: &str)
         version,
         deployment: text,
         artifacts: Default::default(),
+        precompiled: Vec::new(),
         system: Some(system),
         signature: None,
         key_id: None,

@@ -25,6 +25,11 @@ pub struct DesiredState {
     /// signed with the rest ([`super::signed_bytes`]).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub artifacts: BTreeMap<String, u64>,
+    /// Components compiled off the node, each shipped beside its source module: the node
+    /// whose engine fingerprint is `engine` fetches the one for it (its `sha256` must be in
+    /// `artifacts` with its size) and loads it without compiling. Signed with the rest.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub precompiled: Vec<PrecompiledArtifact>,
     /// A system update for A/B boards: the signed bundle the node should run
     /// ([`super::update`]); signed with the rest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -35,6 +40,91 @@ pub struct DesiredState {
     /// Id of the key that signed ([`super::key_id`]).
     #[serde(default)]
     pub key_id: Option<String>,
+}
+
+/// Most precompiled artifacts one desired state may list.
+pub const MAX_PRECOMPILED: usize = 256;
+
+/// A module compiled for one engine by `lichen hub deploy --precompile` (Wasmtime's
+/// serialized form, `.cwasm`), shipped beside its source.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct PrecompiledArtifact {
+    /// sha256 of the source module the deployment names (`module = "sha256:..."`).
+    pub module: String,
+    /// Target triple it was compiled for (what the node reports as `engine.target`).
+    pub target: String,
+    /// Engine fingerprint it loads into (what the node reports as `engine.fingerprint`).
+    pub engine: String,
+    /// sha256 of the compiled bytes; listed in `artifacts` with its size.
+    pub sha256: String,
+}
+
+impl PrecompiledArtifact {
+    /// The line [`super::signed_bytes`] signs for it.
+    pub fn signed_line(&self) -> String {
+        format!(
+            "precompiled {} {} {} {}\n",
+            self.module, self.target, self.engine, self.sha256
+        )
+    }
+}
+
+/// Checks the `precompiled` list of `desired`; the error names the field.
+pub fn check_precompiled(desired: &DesiredState) -> Result<(), String> {
+    let version = desired.version;
+    if desired.precompiled.len() > MAX_PRECOMPILED {
+        return Err(format!(
+            "deployment version {version}: precompiled lists {} artifacts, over the limit of {MAX_PRECOMPILED}",
+            desired.precompiled.len()
+        ));
+    }
+    let named = super::artifacts::referenced_digests(&desired.deployment);
+    for (i, p) in desired.precompiled.iter().enumerate() {
+        let field = format!("deployment version {version}: precompiled[{i}]");
+        if !lichen_sync::is_digest(&p.module) {
+            return Err(format!(
+                "{field}.module {:?} is not a sha256 digest",
+                p.module
+            ));
+        }
+        if !named.contains(&p.module) {
+            return Err(format!(
+                "{field}.module sha256:{} is not a module the deployment names",
+                p.module
+            ));
+        }
+        if p.target.is_empty()
+            || p.target.len() > 64
+            || !p
+                .target
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
+        {
+            return Err(format!(
+                "{field}.target {:?} is not a target triple (1 to 64 of a-z, 0-9, '_', '-', '.')",
+                p.target
+            ));
+        }
+        if p.engine.len() != 32
+            || !p
+                .engine
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+        {
+            return Err(format!(
+                "{field}.engine {:?} is not an engine fingerprint (32 lowercase hex digits)",
+                p.engine
+            ));
+        }
+        if !desired.artifacts.contains_key(&p.sha256) {
+            return Err(format!(
+                "{field}.sha256 {:?} is not listed with its size in artifacts",
+                p.sha256
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// What identifies a desired-state message: the SHA-256 of its payload as the node reads it

@@ -38,6 +38,12 @@ pub(super) struct Pending {
     pub(super) fetches: BTreeMap<String, Fetch>,
     /// The digest of the system update bundle being fetched ([`super::update`]), if one is.
     pub(super) system: Option<String>,
+    /// Compiled artifacts for this node's engine being fetched: compiled sha256 -> the
+    /// source module's.
+    pub(super) precompiled: BTreeMap<String, String>,
+    /// Source modules whose compiled form for this node comes with the deployment: stored
+    /// without compiling.
+    pub(super) compiled_elsewhere: BTreeSet<String>,
 }
 
 /// The transfer of one artifact.
@@ -107,6 +113,10 @@ impl Bridge {
             );
             return self.reject(Some(&desired), reason).await;
         }
+        if let Err(reason) = super::check_precompiled(&desired) {
+            return self.reject(Some(&desired), reason).await;
+        }
+        let (precompiled, compiled_elsewhere) = self.precompiled_for_this_node(&desired);
         let mut fetches = BTreeMap::new();
         // A system update comes first: the deployment waits for the system it names.
         let (missing, system) = match self.system_step(&desired).await {
@@ -120,6 +130,7 @@ impl Bridge {
                 artifacts::referenced_digests(&desired.deployment)
                     .into_iter()
                     .filter(|d| !self.agent.artifacts().contains(d))
+                    .chain(precompiled.keys().cloned())
                     .collect::<Vec<_>>(),
                 None,
             ),
@@ -162,8 +173,51 @@ impl Bridge {
             signer,
             fetches,
             system,
+            precompiled,
+            compiled_elsewhere,
         });
         self.publish_reported().await;
+    }
+
+    /// The compiled artifacts of `desired` this node fetches (compiled sha256 -> module): those
+    /// for its engine fingerprint, for modules it has no compiled form of yet; and the modules
+    /// compiled for it. A module compiled only for other engines is compiled here, and the log
+    /// says why.
+    fn precompiled_for_this_node(
+        &self,
+        desired: &DesiredState,
+    ) -> (BTreeMap<String, String>, BTreeSet<String>) {
+        let store = self.agent.artifacts();
+        let engine = store.engine();
+        let mut fetch = BTreeMap::new();
+        let mut ours = BTreeSet::new();
+        for p in desired
+            .precompiled
+            .iter()
+            .filter(|p| p.engine == engine.fingerprint())
+        {
+            ours.insert(p.module.clone());
+            if !store.has_compiled(&p.module) {
+                fetch.insert(p.sha256.clone(), p.module.clone());
+            }
+        }
+        for p in desired
+            .precompiled
+            .iter()
+            .filter(|p| !ours.contains(&p.module))
+        {
+            tracing::warn!(
+                module = %p.module,
+                "deployment version {}: module sha256:{} is precompiled for engine {} (target {}), not this node's engine {} (target {}); compiling the source instead",
+                desired.version,
+                p.module,
+                p.engine,
+                p.target,
+                engine.fingerprint(),
+                engine.target()
+            );
+        }
+        (fetch, ours)
     }
 
     /// Unsubscribes from every topic of the pending transfer and forgets it (its chunks stay
@@ -415,13 +469,34 @@ impl Bridge {
             drop(bytes);
             return self.forged_whole(digest, fingerprint, e.to_string()).await;
         }
-        if let Err(e) = self.agent.artifacts().add(bytes).await {
-            return self
-                .reject_pending(
-                    digest,
-                    format!("artifact sha256:{digest} does not load: {e:#}"),
+        let (compiled_for, compiled_elsewhere) = self
+            .pending
+            .as_ref()
+            .map(|p| {
+                (
+                    p.precompiled.get(digest).cloned(),
+                    p.compiled_elsewhere.contains(digest),
                 )
-                .await;
+            })
+            .unwrap_or_default();
+        let store = self.agent.artifacts();
+        let added = match compiled_for {
+            Some(module) => store.add_precompiled(&module, bytes).await.map_err(|e| {
+                format!(
+                    "compiled artifact sha256:{digest} for module sha256:{module} is refused: {e:#}"
+                )
+            }),
+            None if compiled_elsewhere => store.add_source(bytes).await.map(drop).map_err(|e| {
+                format!("artifact sha256:{digest} is not a WebAssembly module: {e:#}")
+            }),
+            None => store
+                .add(bytes)
+                .await
+                .map(drop)
+                .map_err(|e| format!("artifact sha256:{digest} does not load: {e:#}")),
+        };
+        if let Err(reason) = added {
+            return self.reject_pending(digest, reason).await;
         }
         self.chunks.remove(digest);
         tracing::info!(%digest, "artifact received and verified");

@@ -33,6 +33,7 @@ mod desired;
 mod doctor;
 mod fetch;
 mod import;
+pub mod precompile;
 mod reported;
 pub mod signing;
 pub mod update;
@@ -56,7 +57,9 @@ use crate::config::{HubSection, parse_size};
 use crate::store::{SqliteOutbox, StateStore};
 use crate::supervisor::Agent;
 
-pub use desired::{DesiredState, fingerprint};
+pub use desired::{
+    DesiredState, MAX_PRECOMPILED, PrecompiledArtifact, check_precompiled, fingerprint,
+};
 use desired::{Ignored, Settled};
 pub use doctor::{doctor_check, probe};
 use fetch::Pending;
@@ -555,6 +558,7 @@ mod tests {
             version,
             deployment: text.into(),
             artifacts: BTreeMap::new(),
+            precompiled: Vec::new(),
             system: None,
             signature: None,
             key_id: None,

@@ -68,6 +68,7 @@ impl Bridge {
             "node": self.node,
             "agent": env!("CARGO_PKG_VERSION"),
             "insecure-dev": self.insecure_dev,
+            "engine": self.engine_reported(),
             "warning": self.insecure_dev.then_some(
                 "INSECURE: hub.insecure-dev is set, deployments are applied without a valid signature"
             ),
@@ -119,6 +120,25 @@ impl Bridge {
                 "outbox-rows": outbox_rows,
             },
             "errors": self.errors,
+        })
+    }
+
+    /// What the hub needs to precompile for this node: the target, the engine fingerprint
+    /// and the memory settings that make it, and whether the node can compile itself.
+    fn engine_reported(&self) -> serde_json::Value {
+        let store = self.agent.artifacts();
+        let engine = store.engine();
+        let options = engine.options();
+        let counts = store.counts();
+        json!({
+            "target": engine.target(),
+            "fingerprint": engine.fingerprint(),
+            "wasmtime": crate::runtime::wasm::WASMTIME_VERSION,
+            "max-memory": options.max_memory_bytes,
+            "memory-guard": options.memory_guard_bytes,
+            "compiler": crate::runtime::wasm::COMPILER,
+            "compiled": counts.compiled,
+            "precompiled-loads": counts.precompiled_loads,
         })
     }
 

@@ -21,6 +21,10 @@ pub const SIGNATURE_CONTEXT_V2: &str = "lichen-desired-v2";
 /// (see [`signed_bytes`]).
 pub const SIGNATURE_CONTEXT_V3: &str = "lichen-desired-v3";
 
+/// Domain separation prefix of the signed bytes of a desired state that ships precompiled
+/// artifacts (see [`signed_bytes`]).
+pub const SIGNATURE_CONTEXT_V4: &str = "lichen-desired-v4";
+
 /// The bytes a publisher signs: `lichen-desired-v1\n<node>\n<version>\n<deployment>`. The node
 /// and version are inside so that a signed deployment cannot be replayed to another node or
 /// under a higher version.
@@ -33,11 +37,27 @@ pub fn canonical_bytes(node: &str, version: u64, deployment: &str) -> Vec<u8> {
 /// per artifact (in digest order) and the deployment text, so the sizes the node fetches are
 /// the publisher's too. A desired state naming a system update signs
 /// `lichen-desired-v3\n<node>\n<version>\nsystem <version> <target> <size> <sha256>\n` then
-/// the same count, artifact lines and text.
+/// the same count, artifact lines and text. A desired state listing precompiled artifacts
+/// signs `lichen-desired-v4\n<count>\n`, one `precompiled <module> <target> <engine>
+/// <sha256>\n` line per entry (in order), then the v2 or v3 bytes.
 pub fn signed_bytes(node: &str, desired: &DesiredState) -> Vec<u8> {
+    if !desired.precompiled.is_empty() {
+        let mut text = format!("{SIGNATURE_CONTEXT_V4}\n{}\n", desired.precompiled.len());
+        for p in &desired.precompiled {
+            text.push_str(&p.signed_line());
+        }
+        let mut bytes = text.into_bytes();
+        bytes.extend(listed_bytes(node, desired));
+        return bytes;
+    }
     if desired.artifacts.is_empty() && desired.system.is_none() {
         return canonical_bytes(node, desired.version, &desired.deployment);
     }
+    listed_bytes(node, desired)
+}
+
+/// The v2 (or, with a system update, v3) signed bytes of `desired`.
+fn listed_bytes(node: &str, desired: &DesiredState) -> Vec<u8> {
     let mut text = match &desired.system {
         None => format!("{SIGNATURE_CONTEXT_V2}\n{node}\n{}\n", desired.version),
         Some(system) => format!(
@@ -236,6 +256,7 @@ mod tests {
             version,
             deployment: text.into(),
             artifacts: Default::default(),
+            precompiled: Vec::new(),
             system: None,
             signature: None,
             key_id: None,
@@ -297,6 +318,7 @@ mod tests {
         for form in [pem.as_bytes(), v2.as_ref()] {
             let (signature, id) = sign(form, "n1", 2, "text").unwrap();
             let d = DesiredState {
+                precompiled: Vec::new(),
                 system: None,
                 signature: Some(signature),
                 key_id: Some(id),

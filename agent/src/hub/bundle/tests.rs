@@ -15,6 +15,7 @@ fn index() -> BundleIndex {
             version: 3,
             deployment: "[[workloads]]\n".into(),
             artifacts: Default::default(),
+            precompiled: Vec::new(),
             system: None,
             signature: Some("c2ln".into()),
             key_id: Some("00".into()),

@@ -10,8 +10,10 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
 use std::io::Write;
+use std::os::unix::fs::MetadataExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result, bail};
@@ -83,6 +85,7 @@ pub struct ArtifactStore {
     /// Digests added for a deployment to come, spared by garbage collection until a deployment
     /// uses them. Held across a whole collection, so a binary added meanwhile is never swept.
     kept: Mutex<HashSet<String>>,
+    counts: Counters,
 }
 
 /// What [`ArtifactStore::collect_garbage`] removed.
@@ -114,6 +117,7 @@ impl ArtifactStore {
             engine,
             loaded: Mutex::new(HashMap::new()),
             kept: Mutex::new(HashSet::new()),
+            counts: Counters::default(),
         })
     }
 
@@ -194,10 +198,21 @@ impl ArtifactStore {
         .context("compilation task failed")?
     }
 
-    /// Loads the artifact with this digest from the store.
+    /// Loads the artifact with this digest from the store: from its compiled file alone when
+    /// it has a trusted one (mapped, the source not read), else from the source.
     pub async fn load(self: &Arc<Self>, digest: &str) -> Result<Arc<Artifact>> {
         if let Some(artifact) = self.cached(digest) {
             return Ok(artifact);
+        }
+        if lichen_sync::is_digest(digest) {
+            let store = self.clone();
+            let d = digest.to_owned();
+            let compiled = tokio::task::spawn_blocking(move || store.load_compiled_blocking(&d))
+                .await
+                .context("the artifact loading task failed")?;
+            if let Some(artifact) = compiled {
+                return Ok(artifact);
+            }
         }
         let path = self.source_path(digest);
         let read = {
@@ -298,6 +313,36 @@ impl ArtifactStore {
         Ok(artifact)
     }
 
+    /// Loads `digest` from its compiled file alone (the source is not read): a component, else
+    /// a core module. `None` when there is no trusted compiled file or it does not load.
+    fn load_compiled_blocking(&self, digest: &str) -> Option<Arc<Artifact>> {
+        let path = self.compiled_ready(digest)?;
+        let engine = self.engine.engine();
+        let artifact = match deserialize_component_file(engine, &path) {
+            Ok(component) => self.link_component(digest, &component),
+            Err(component_err) => match deserialize_module_file(engine, &path) {
+                Ok(module) => self.link_module(digest, &module),
+                Err(_) => Err(component_err),
+            },
+        };
+        match artifact {
+            Ok(artifact) => {
+                self.counts
+                    .precompiled_loads
+                    .fetch_add(1, Ordering::Relaxed);
+                let artifact = Arc::new(artifact);
+                if let Ok(mut loaded) = self.loaded.lock() {
+                    loaded.insert(digest.to_owned(), artifact.clone());
+                }
+                Some(artifact)
+            }
+            Err(e) => {
+                tracing::warn!(module = %digest, path = %path.display(), "the compiled file does not load ({e:#}); using the source");
+                None
+            }
+        }
+    }
+
     fn precompiled_kind(bytes: &[u8]) -> Result<Precompiled> {
         if wasmparser::Parser::is_component(bytes) {
             Ok(Precompiled::Component)
@@ -312,60 +357,70 @@ impl ArtifactStore {
         }
     }
 
-    fn load_component(&self, digest: &str, bytes: &[u8]) -> Result<Artifact> {
+    /// The compiled form of `digest`: its trusted compiled file, mapped, else compiled here
+    /// (`true`: freshly compiled, to be cached once accepted).
+    fn component_for(&self, digest: &str, bytes: &[u8]) -> Result<(Component, bool)> {
         let engine = self.engine.engine();
-        let (component, fresh) = match self.read_compiled(digest)? {
-            Some(compiled) => (deserialize_component(engine, &compiled)?, false),
-            None => (
-                Component::new(engine, bytes)
-                    .anyhow()
-                    .context("the component does not compile")?,
-                true,
-            ),
-        };
-        let device = self
-            .engine
-            .linker()
-            .instantiate_pre(&component)
-            .anyhow()
-            .with_context(|| format!("the component's imports are not all in world {WORLD}"))
-            .and_then(|pre| {
-                DeviceFunctionPre::new(pre).anyhow().with_context(|| {
-                    format!(
-                        "the component does not have the exports of world {WORLD} (`init` and `on-event`)"
-                    )
-                })
-            });
-        let artifact = match device {
-            Ok(pre) => Artifact {
-                digest: digest.to_string(),
-                kind: ArtifactKind::Component,
-                component: Some(pre),
-                command: None,
-            },
-            Err(device_err) => {
-                // Not a device function: a WASI program exporting `wasi:cli/run` runs as a
-                // command.
-                let cli = self
-                    .engine
-                    .cli_linker()
-                    .instantiate_pre(&component)
-                    .and_then(CommandPre::new);
-                match cli {
-                    Ok(pre) => Artifact {
-                        digest: digest.to_string(),
-                        kind: ArtifactKind::Command,
-                        component: None,
-                        command: Some(CommandProgram::Component(pre)),
-                    },
-                    Err(_) => {
-                        return Err(device_err.context(format!(
-                            "the component is neither a device function of world {WORLD} nor a WASI command exporting wasi:cli/run with WASI 0.2 imports only"
-                        )));
-                    }
+        if let Some(path) = self.compiled_ready(digest) {
+            match deserialize_component_file(engine, &path) {
+                Ok(component) => {
+                    self.counts
+                        .precompiled_loads
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Ok((component, false));
+                }
+                Err(e) => {
+                    tracing::warn!(module = %digest, "the compiled component does not load into this engine ({e:#}); compiling the source instead")
                 }
             }
-        };
+        }
+        let component = self.compile(digest, || {
+            compile_component(engine, bytes).context("the component does not compile")
+        })?;
+        Ok((component, true))
+    }
+
+    fn module_for(&self, digest: &str, bytes: &[u8]) -> Result<(Module, bool)> {
+        let engine = self.engine.engine();
+        if let Some(path) = self.compiled_ready(digest) {
+            match deserialize_module_file(engine, &path) {
+                Ok(module) => {
+                    self.counts
+                        .precompiled_loads
+                        .fetch_add(1, Ordering::Relaxed);
+                    return Ok((module, false));
+                }
+                Err(e) => {
+                    tracing::warn!(module = %digest, "the compiled module does not load into this engine ({e:#}); compiling the source instead")
+                }
+            }
+        }
+        let module = self.compile(digest, || {
+            compile_module(engine, bytes).context("the core module does not compile")
+        })?;
+        Ok((module, true))
+    }
+
+    /// Compiles on this node, counted and logged; refused, naming what to do, on a node built
+    /// without a compiler.
+    fn compile<T>(&self, digest: &str, compile: impl FnOnce() -> Result<T>) -> Result<T> {
+        if !COMPILER {
+            bail!(
+                "module sha256:{digest} has no compiled form for this node's engine (target {}, engine fingerprint {}), and this agent was built without a compiler (cargo feature `compiler` off): precompile it on the hub with `lichen hub deploy --precompile {}`",
+                self.engine.target(),
+                self.engine.fingerprint(),
+                self.engine.target(),
+            );
+        }
+        tracing::info!(module = %digest, "compiling module sha256:{digest} on this node");
+        let compiled = compile()?;
+        self.counts.compiled.fetch_add(1, Ordering::Relaxed);
+        Ok(compiled)
+    }
+
+    fn load_component(&self, digest: &str, bytes: &[u8]) -> Result<Artifact> {
+        let (component, fresh) = self.component_for(digest, bytes)?;
+        let artifact = self.link_component(digest, &component)?;
         // Cached only once accepted: a refused component leaves no compilation behind.
         if fresh {
             self.write_compiled(
@@ -379,17 +434,64 @@ impl ArtifactStore {
         Ok(artifact)
     }
 
+    /// Links a compiled component as a device function, else as a `wasi:cli/run` command.
+    fn link_component(&self, digest: &str, component: &Component) -> Result<Artifact> {
+        let device = self
+            .engine
+            .linker()
+            .instantiate_pre(component)
+            .anyhow()
+            .with_context(|| format!("the component's imports are not all in world {WORLD}"))
+            .and_then(|pre| {
+                DeviceFunctionPre::new(pre).anyhow().with_context(|| {
+                    format!(
+                        "the component does not have the exports of world {WORLD} (`init` and `on-event`)"
+                    )
+                })
+            });
+        match device {
+            Ok(pre) => Ok(Artifact {
+                digest: digest.to_string(),
+                kind: ArtifactKind::Component,
+                component: Some(pre),
+                command: None,
+            }),
+            Err(device_err) => {
+                // Not a device function: a WASI program exporting `wasi:cli/run` runs as a
+                // command.
+                let cli = self
+                    .engine
+                    .cli_linker()
+                    .instantiate_pre(component)
+                    .and_then(CommandPre::new);
+                match cli {
+                    Ok(pre) => Ok(Artifact {
+                        digest: digest.to_string(),
+                        kind: ArtifactKind::Command,
+                        component: None,
+                        command: Some(CommandProgram::Component(pre)),
+                    }),
+                    Err(_) => Err(device_err.context(format!(
+                        "the component is neither a device function of world {WORLD} nor a WASI command exporting wasi:cli/run with WASI 0.2 imports only"
+                    ))),
+                }
+            }
+        }
+    }
+
     fn load_command(&self, digest: &str, bytes: &[u8]) -> Result<Artifact> {
-        let engine = self.engine.engine();
-        let (module, fresh) = match self.read_compiled(digest)? {
-            Some(compiled) => (deserialize_module(engine, &compiled)?, false),
-            None => (
-                Module::new(engine, bytes)
-                    .anyhow()
-                    .context("the core module does not compile")?,
-                true,
-            ),
-        };
+        let (module, fresh) = self.module_for(digest, bytes)?;
+        let artifact = self.link_module(digest, &module)?;
+        if fresh {
+            self.write_compiled(
+                digest,
+                &serialize_module(&module).context("cannot serialize the compiled module")?,
+            )?;
+        }
+        Ok(artifact)
+    }
+
+    fn link_module(&self, digest: &str, module: &Module) -> Result<Artifact> {
         let has_start = module
             .exports()
             .any(|e| e.name() == "_start" && e.ty().func().is_some());
@@ -401,18 +503,9 @@ impl ArtifactStore {
         let pre = self
             .engine
             .command_linker()
-            .instantiate_pre(&module)
+            .instantiate_pre(module)
             .anyhow()
             .context("the WASI command imports something other than wasi_snapshot_preview1")?;
-        if fresh {
-            self.write_compiled(
-                digest,
-                &module
-                    .serialize()
-                    .anyhow()
-                    .context("cannot serialize the compiled module")?,
-            )?;
-        }
         Ok(Artifact {
             digest: digest.to_string(),
             kind: ArtifactKind::Command,
@@ -421,26 +514,159 @@ impl ArtifactStore {
         })
     }
 
-    /// Reads a cached compilation if it exists and its checksum matches.
-    fn read_compiled(&self, digest: &str) -> Result<Option<Vec<u8>>> {
+    /// The compiled file of `digest` if it is the one this agent wrote: the same size, inode,
+    /// modification and change times as recorded beside it when it was written, checked
+    /// without reading it. A file whose identity changed since is hashed once: if it still
+    /// has the recorded sha256 the record is renewed, else it is damaged and not used.
+    fn compiled_ready(&self, digest: &str) -> Option<PathBuf> {
         let path = self.compiled_path(digest);
-        let Ok(bytes) = crate::files::read_bounded(&path, Self::MAX_COMPILED_BYTES) else {
-            return Ok(None);
-        };
-        let expected =
-            crate::files::read_text_bounded(&checksum_path(&path), 1024).unwrap_or_default();
-        if expected.trim() != sha256_hex(&bytes) {
-            tracing::warn!(path = %path.display(), "cached compilation is damaged; compiling again");
-            return Ok(None);
+        let meta = fs::metadata(&path).ok()?;
+        if !meta.is_file() || meta.len() > Self::MAX_COMPILED_BYTES {
+            return None;
         }
-        Ok(Some(bytes))
+        let record = crate::files::read_text_bounded(&checksum_path(&path), 1024).ok()?;
+        let mut fields = record.split_whitespace();
+        let sha = fields.next()?.to_owned();
+        if fields.next() == Some(identity(&meta).as_str()) {
+            return Some(path);
+        }
+        let bytes = crate::files::read_bounded(&path, Self::MAX_COMPILED_BYTES).ok()?;
+        if sha256_hex(&bytes) != sha {
+            tracing::warn!(path = %path.display(), "compiled file is damaged (its sha256 is not the one recorded when it was written); not using it");
+            return None;
+        }
+        record_compiled(&path, &sha).ok()?;
+        Some(path)
     }
 
     fn write_compiled(&self, digest: &str, bytes: &[u8]) -> Result<()> {
         let path = self.compiled_path(digest);
-        write_atomically(&checksum_path(&path), sha256_hex(bytes).as_bytes())?;
-        write_atomically(&path, bytes)
+        write_atomically(&path, bytes)?;
+        record_compiled(&path, &sha256_hex(bytes))
     }
+
+    /// Tells whether this node has a trusted compiled form of `digest` for its engine.
+    pub fn has_compiled(&self, digest: &str) -> bool {
+        self.compiled_ready(digest).is_some()
+    }
+
+    /// How many modules this store compiled, and how many it loaded from compiled files.
+    pub fn counts(&self) -> CompileCounts {
+        CompileCounts {
+            compiled: self.counts.compiled.load(Ordering::Relaxed),
+            precompiled_loads: self.counts.precompiled_loads.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Stores a source module for a deployment to come without compiling it: its compiled
+    /// form comes beside it ([`add_precompiled`](Self::add_precompiled)). Kept like
+    /// [`add`](Self::add).
+    pub async fn add_source(self: &Arc<Self>, bytes: Vec<u8>) -> Result<String> {
+        Self::precompiled_kind(&bytes)?;
+        let digest = sha256_hex(&bytes);
+        self.kept
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(digest.clone());
+        let store = self.clone();
+        let d = digest.clone();
+        tokio::task::spawn_blocking(move || {
+            if store.contains(&d) {
+                return Ok(());
+            }
+            write_atomically(&store.source_path(&d), &bytes)
+        })
+        .await
+        .context("the artifact writing task failed")??;
+        Ok(digest)
+    }
+
+    /// Stores `bytes`, the compiled form of source module `module` for this node's engine,
+    /// already checked against the sha256 its signed desired state names: written once with
+    /// its record ([`compiled_ready`](Self::compiled_ready)), then mapped once to check that
+    /// it loads into this engine. One that does not load is removed and refused.
+    pub async fn add_precompiled(self: &Arc<Self>, module: &str, bytes: Vec<u8>) -> Result<()> {
+        anyhow::ensure!(
+            lichen_sync::is_digest(module),
+            "{module:?} is not a sha256 digest"
+        );
+        anyhow::ensure!(
+            bytes.len() as u64 <= Self::MAX_COMPILED_BYTES,
+            "the compiled artifact is {} bytes, over the {}-byte limit",
+            bytes.len(),
+            Self::MAX_COMPILED_BYTES
+        );
+        self.kept
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(module.to_owned());
+        let store = self.clone();
+        let module = module.to_owned();
+        tokio::task::spawn_blocking(move || {
+            let path = store.compiled_path(&module);
+            store.write_compiled(&module, &bytes)?;
+            drop(bytes);
+            let engine = store.engine.engine();
+            let loads = deserialize_component_file(engine, &path)
+                .map(drop)
+                .or_else(|e| deserialize_module_file(engine, &path).map(drop).map_err(|_| e));
+            if let Err(e) = loads {
+                let _ = fs::remove_file(checksum_path(&path));
+                let _ = fs::remove_file(&path);
+                return Err(e.context(format!(
+                    "the compiled artifact for module sha256:{module} does not load into this engine (target {}, fingerprint {})",
+                    store.engine.target(),
+                    store.engine.fingerprint()
+                )));
+            }
+            if let Ok(mut loaded) = store.loaded.lock() {
+                loaded.remove(&module);
+            }
+            Ok(())
+        })
+        .await
+        .context("the artifact writing task failed")?
+    }
+}
+
+/// Whether this agent was built with a compiler (Cranelift, the cargo feature `compiler`).
+pub const COMPILER: bool = cfg!(feature = "compiler");
+
+/// Modules compiled and compiled files loaded by an [`ArtifactStore`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CompileCounts {
+    /// Modules compiled on this node.
+    pub compiled: u64,
+    /// Modules loaded from a compiled file (precompiled on the hub, or cached here).
+    pub precompiled_loads: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    compiled: AtomicU64,
+    precompiled_loads: AtomicU64,
+}
+
+/// What identifies one written file: size, inode, modification and change times (ns).
+fn identity(meta: &fs::Metadata) -> String {
+    format!(
+        "{}:{}:{}.{}:{}.{}",
+        meta.len(),
+        meta.ino(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    )
+}
+
+/// Records beside a compiled file its sha256 and identity, once it is in place.
+fn record_compiled(path: &Path, sha: &str) -> Result<()> {
+    let meta = fs::metadata(path).with_context(|| format!("cannot stat {}", path.display()))?;
+    write_atomically(
+        &checksum_path(path),
+        format!("{sha} {}\n", identity(&meta)).as_bytes(),
+    )
 }
 
 fn checksum_path(path: &Path) -> PathBuf {
@@ -449,26 +675,58 @@ fn checksum_path(path: &Path) -> PathBuf {
     PathBuf::from(name)
 }
 
-/// Loads a component compiled by this engine.
-#[allow(unsafe_code)]
-fn deserialize_component(engine: &wasmtime::Engine, bytes: &[u8]) -> Result<Component> {
-    // SAFETY: Wasmtime requires that the bytes come from `Component::serialize` of a
-    // compatible engine. They do: the agent wrote them itself into its private state
-    // directory, under this engine's fingerprint, and `read_compiled` checked them against
-    // the checksum written beside them, so neither truncation nor bit rot gets here.
-    unsafe { Component::deserialize(engine, bytes) }
-        .anyhow()
-        .context("cannot load the cached compiled component")
+#[cfg(feature = "compiler")]
+fn compile_component(engine: &wasmtime::Engine, bytes: &[u8]) -> Result<Component> {
+    Component::new(engine, bytes).anyhow()
 }
 
-/// Loads a core module compiled by this engine.
+#[cfg(not(feature = "compiler"))]
+fn compile_component(_: &wasmtime::Engine, _: &[u8]) -> Result<Component> {
+    bail!("this agent was built without a compiler")
+}
+
+#[cfg(feature = "compiler")]
+fn compile_module(engine: &wasmtime::Engine, bytes: &[u8]) -> Result<Module> {
+    Module::new(engine, bytes).anyhow()
+}
+
+#[cfg(feature = "compiler")]
+fn serialize_module(module: &Module) -> Result<Vec<u8>> {
+    module.serialize().anyhow()
+}
+
+#[cfg(not(feature = "compiler"))]
+fn serialize_module(_: &Module) -> Result<Vec<u8>> {
+    bail!("this agent was built without a compiler")
+}
+
+#[cfg(not(feature = "compiler"))]
+fn compile_module(_: &wasmtime::Engine, _: &[u8]) -> Result<Module> {
+    bail!("this agent was built without a compiler")
+}
+
+/// Maps a compiled component file into this engine.
 #[allow(unsafe_code)]
-fn deserialize_module(engine: &wasmtime::Engine, bytes: &[u8]) -> Result<Module> {
-    // SAFETY: as for `deserialize_component`: bytes written by this agent with
-    // `Module::serialize` for this engine's fingerprint and verified against their checksum.
-    unsafe { Module::deserialize(engine, bytes) }
+fn deserialize_component_file(engine: &wasmtime::Engine, path: &Path) -> Result<Component> {
+    // SAFETY: Wasmtime requires a file made by `serialize`/`precompile_component` that nobody
+    // changes while it is mapped. The store's files are written only by this agent, by
+    // rename (a new inode; a mapped file is never written in place), after their sha256 was
+    // checked: against the source's own compilation, or the digest a verified signature
+    // names. `compiled_ready` checked the file is still the one recorded then. Wasmtime
+    // itself checks the header and that the engine settings match.
+    unsafe { Component::deserialize_file(engine, path) }
         .anyhow()
-        .context("cannot load the cached compiled module")
+        .context("cannot load the compiled component")
+}
+
+/// Maps a compiled core module file into this engine.
+#[allow(unsafe_code)]
+fn deserialize_module_file(engine: &wasmtime::Engine, path: &Path) -> Result<Module> {
+    // SAFETY: as for `deserialize_component_file`: a file this agent wrote by rename after
+    // checking its sha256, still the one recorded then.
+    unsafe { Module::deserialize_file(engine, path) }
+        .anyhow()
+        .context("cannot load the compiled module")
 }
 
 /// Writes `bytes` to `path` (mode 0600) so that a crash leaves either the old file or the new
@@ -512,7 +770,7 @@ fn tempfile_in(dir: &Path, target: &Path) -> Result<(PathBuf, fs::File)> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::wasm::EngineOptions;
+    use crate::runtime::wasm::{EngineOptions, host_target};
 
     fn store(dir: &Path) -> Arc<ArtifactStore> {
         let engine = Arc::new(
@@ -553,7 +811,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_damaged_cached_compilation_is_never_loaded() {
+    async fn a_cached_compilation_changed_after_it_was_recorded_is_never_loaded() {
         let dir = tempfile::tempdir().unwrap();
         let bytes = crate::embedded::COUNTER.to_vec();
         let digest = sha256_hex(&bytes);
@@ -564,6 +822,14 @@ mod tests {
         let middle = damaged.len() / 2;
         damaged[middle] ^= 0xff;
         fs::write(&compiled, &damaged).unwrap();
+        // Written in place, same size and inode: the times differ from the record (set here so
+        // the check does not depend on the file system clock's tick).
+        fs::File::options()
+            .write(true)
+            .open(&compiled)
+            .unwrap()
+            .set_modified(std::time::UNIX_EPOCH + std::time::Duration::from_secs(1))
+            .unwrap();
 
         let second = store(dir.path());
         let artifact = second
@@ -571,10 +837,94 @@ mod tests {
             .await
             .expect("recompiled from the source");
         assert_eq!(artifact.kind(), ArtifactKind::Component);
+        assert_eq!(
+            second.counts().compiled,
+            1,
+            "hashed, found damaged, compiled"
+        );
+        assert_eq!(second.counts().precompiled_loads, 0);
         assert_ne!(
             fs::read(&compiled).unwrap(),
             damaged,
             "the damaged file was replaced"
+        );
+    }
+
+    /// The counter compiled off the node for `target` with the default engine settings.
+    fn precompiled_counter(target: &str) -> (Vec<u8>, Vec<u8>) {
+        let bytes = crate::embedded::COUNTER.to_vec();
+        let source = crate::hub::artifacts::LocalArtifact {
+            digest: sha256_hex(&bytes),
+            path: "counter.wasm".into(),
+            bytes: bytes.clone(),
+        };
+        let engines =
+            crate::hub::precompile::parse_targets(&[target.to_owned()], EngineOptions::default())
+                .unwrap();
+        let (mut compiled, _) = crate::hub::precompile::precompile(&[source], &engines).unwrap();
+        (bytes, compiled.remove(0).bytes)
+    }
+
+    #[tokio::test]
+    async fn a_component_precompiled_off_the_node_is_mapped_without_compiling() {
+        let dir = tempfile::tempdir().unwrap();
+        let (source, compiled) = precompiled_counter("host");
+        let store = store(dir.path());
+        // The hub compiled for this engine: its fingerprint is the node's.
+        assert_eq!(
+            crate::runtime::wasm::CodeSettings::new(&host_target(), &EngineOptions::default())
+                .fingerprint(),
+            store.engine().fingerprint()
+        );
+        let digest = store.add_source(source).await.unwrap();
+        store.add_precompiled(&digest, compiled).await.unwrap();
+        assert_eq!(
+            store.counts(),
+            CompileCounts::default(),
+            "stored, nothing compiled"
+        );
+        let artifact = store.load(&digest).await.expect("loads");
+        assert_eq!(artifact.kind(), ArtifactKind::Component);
+        assert_eq!(
+            store.counts(),
+            CompileCounts {
+                compiled: 0,
+                precompiled_loads: 1
+            }
+        );
+        // After a restart: loaded from the compiled file alone, still never compiled.
+        let again = super::super::ArtifactStore::open(dir.path(), store.engine().clone()).unwrap();
+        let again = Arc::new(again);
+        again.load(&digest).await.expect("loads again");
+        assert_eq!(again.counts().compiled, 0);
+        assert_eq!(again.counts().precompiled_loads, 1);
+    }
+
+    #[tokio::test]
+    async fn a_component_precompiled_for_another_target_is_refused_and_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let foreign = if host_target().starts_with("aarch64") {
+            "x86_64-unknown-linux-musl"
+        } else {
+            "aarch64-unknown-linux-musl"
+        };
+        let (source, compiled) = precompiled_counter(foreign);
+        let store = store(dir.path());
+        let digest = sha256_hex(&source);
+        let err = store
+            .add_precompiled(&digest, compiled)
+            .await
+            .expect_err("refused");
+        let text = format!("{err:#}");
+        assert!(
+            text.contains(&format!("compiled artifact for module sha256:{digest}"))
+                && text.contains("does not load into this engine"),
+            "{text}"
+        );
+        assert!(!store.has_compiled(&digest));
+        assert!(
+            !store.compiled_path(&digest).exists(),
+            "the refused file is removed"
         );
     }
 
@@ -583,7 +933,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let bytes = crate::embedded::COUNTER.to_vec();
         let digest = sha256_hex(&bytes);
-        store(dir.path()).add(bytes).await.unwrap();
+        let first = store(dir.path());
+        first.add(bytes).await.unwrap();
+        // Without its compiled form the source is read (with one, it is not needed).
+        fs::remove_file(first.compiled_path(&digest)).unwrap();
         fs::write(
             dir.path().join(format!("{digest}.wasm")),
             b"\0asm\x0d\0\x01\0junk",

@@ -1,13 +1,12 @@
 //! The one Wasmtime engine: pooling allocator sized from config, explicit memory reservations,
 //! epoch interruption (ticking only while a guest runs), and the linkers for components and WASI preview-1 commands.
 
-use std::collections::hash_map::DefaultHasher;
-use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use sha2::{Digest, Sha256};
 use wasmtime::component::Linker;
 use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 
@@ -66,6 +65,54 @@ impl EngineOptions {
     }
 }
 
+/// The Wasmtime release the agent is built with; compiled code loads only into the same
+/// release. Kept equal to the lock file's by a unit test.
+pub const WASMTIME_VERSION: &str = "48.0.8";
+
+/// The target triple this agent was built for (`aarch64-unknown-linux-musl`, ...): what the
+/// node reports and what the hub compiles for.
+pub fn host_target() -> String {
+    target_lexicon::Triple::host().to_string()
+}
+
+/// What compiled code depends on: Wasmtime's release, the target, and the engine settings
+/// that change the code Cranelift emits. Two engines with the same fingerprint load each
+/// other's precompiled artifacts; the hub computes it for a node from the node's reported
+/// target and memory settings, with the same [`engine_config`] the node uses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CodeSettings {
+    /// Target triple the code is for.
+    pub target: String,
+    /// Linear memory reservation per memory (bounds checks are elided within it).
+    pub memory_reservation: u64,
+    /// Guard region after each memory.
+    pub memory_guard_bytes: u64,
+}
+
+impl CodeSettings {
+    /// The settings of an engine sized by `options`, compiling for `target`.
+    pub fn new(target: &str, options: &EngineOptions) -> Self {
+        Self {
+            target: target.to_owned(),
+            memory_reservation: options.max_memory_bytes,
+            memory_guard_bytes: options.memory_guard_bytes,
+        }
+    }
+
+    /// The engine fingerprint: the first 16 bytes of the SHA-256 of a canonical text of these
+    /// settings and the fixed ones of [`engine_config`] (epoch interruption, component model,
+    /// no growth reservation, baseline CPU features of the target), 32 hex digits. Stable
+    /// across hosts and Rust releases, unlike a `std::hash::Hasher`, and computed the same
+    /// by a node without a compiler.
+    pub fn fingerprint(&self) -> String {
+        let text = format!(
+            "lichen-engine-v1\nwasmtime {WASMTIME_VERSION}\ntarget {}\nmemory-reservation {}\nmemory-guard {}\nreservation-for-growth 0\nepoch-interruption 1\ncomponent-model 1\nconcurrency-support 0\ncpu-features baseline\n",
+            self.target, self.memory_reservation, self.memory_guard_bytes
+        );
+        hex::encode(&Sha256::digest(text.as_bytes())[..16])
+    }
+}
+
 /// Memory slots per instance slot: a Rust component has one memory; the second is headroom
 /// for components made of several modules.
 const MEMORIES_PER_INSTANCE: u32 = 2;
@@ -77,6 +124,7 @@ pub struct WasmEngine {
     command_linker: wasmtime::Linker<CommandData>,
     cli_linker: Linker<CliData>,
     fingerprint: String,
+    target: String,
     options: EngineOptions,
     fit: PoolFit,
     space: AddressSpace,
@@ -91,7 +139,8 @@ impl WasmEngine {
     pub fn new(options: EngineOptions) -> Result<Self> {
         let space = AddressSpace::probe();
         let (fitted, mut fit) = options.fit_to(&space);
-        let (engine, options) = build_engine(fitted)?;
+        let target = host_target();
+        let (engine, options) = build_engine(fitted, &target)?;
         fit.fitted = options.max_instances;
         if fit.lowered() {
             tracing::warn!("{}", fit.describe(&space));
@@ -119,9 +168,7 @@ impl WasmEngine {
             .anyhow()
             .context("cannot link WASI 0.2 for wasi:cli/run components")?;
 
-        let mut hasher = DefaultHasher::new();
-        engine.precompile_compatibility_hash().hash(&mut hasher);
-        let fingerprint = format!("{:016x}", hasher.finish());
+        let fingerprint = CodeSettings::new(&target, &options).fingerprint();
 
         let ticker_stop = Arc::new(AtomicBool::new(false));
         let ticker = spawn_epoch_ticker(engine.clone(), ticker_stop.clone())?;
@@ -132,6 +179,7 @@ impl WasmEngine {
             command_linker,
             cli_linker,
             fingerprint,
+            target,
             options,
             fit,
             space,
@@ -160,10 +208,16 @@ impl WasmEngine {
         &self.cli_linker
     }
 
-    /// Identifies the engine's code generation settings; precompiled artifacts are cached
-    /// under it, since they load only into an engine built the same way.
+    /// Identifies the engine's code generation settings ([`CodeSettings::fingerprint`]);
+    /// precompiled artifacts are cached under it, since they load only into an engine built
+    /// the same way.
     pub fn fingerprint(&self) -> &str {
         &self.fingerprint
+    }
+
+    /// The target triple the engine compiles for (this agent's own).
+    pub fn target(&self) -> &str {
+        &self.target
     }
 
     /// The sizing the engine was built with (`max_instances` as fitted to the address
@@ -190,10 +244,10 @@ impl Drop for WasmEngine {
 
 /// Builds the engine; when the pool cannot be reserved (the estimate of the address space
 /// was too generous), tries again with a quarter fewer instances, down to one.
-fn build_engine(mut options: EngineOptions) -> Result<(Engine, EngineOptions)> {
+fn build_engine(mut options: EngineOptions, target: &str) -> Result<(Engine, EngineOptions)> {
     let mut first_error = None;
     loop {
-        match Engine::new(&engine_config(&options)?).anyhow() {
+        match Engine::new(&engine_config(&options, target)?).anyhow() {
             Ok(engine) => return Ok((engine, options)),
             Err(err) if options.max_instances > 1 => {
                 tracing::debug!(
@@ -211,7 +265,12 @@ fn build_engine(mut options: EngineOptions) -> Result<(Engine, EngineOptions)> {
     }
 }
 
-fn engine_config(options: &EngineOptions) -> Result<Config> {
+/// The engine configuration for `options`, compiling for `target`. The node and the hub (which
+/// precompiles for a node) both build their engines with it, so code compiled on one loads on
+/// the other. The target is always named, even the host's own: Wasmtime then uses the
+/// target's baseline CPU features instead of probing this CPU's, so the code does not depend
+/// on which board of a family compiled it.
+pub fn engine_config(options: &EngineOptions, target: &str) -> Result<Config> {
     anyhow::ensure!(
         options.max_memory_bytes >= 64 << 10,
         "max memory per instance must be at least one 64 KiB page, got {} bytes",
@@ -241,6 +300,9 @@ fn engine_config(options: &EngineOptions) -> Result<Config> {
 
     let mut config = Config::new();
     config
+        .target(target)
+        .anyhow()
+        .with_context(|| format!("target {target:?} is not a target triple Wasmtime knows"))?
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool))
         .memory_reservation(options.max_memory_bytes)
         .memory_guard_size(options.memory_guard_bytes)
@@ -330,6 +392,48 @@ mod tests {
         assert_eq!(
             EngineOptions::default().reserved_memory_bytes(),
             1024 * 2 * ((32 << 20) + (64 << 10))
+        );
+    }
+
+    #[test]
+    fn the_wasmtime_version_in_the_fingerprint_is_the_one_built_in() {
+        let lock = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../Cargo.lock"))
+            .expect("the workspace lock file");
+        let wanted = format!("name = \"wasmtime\"\nversion = \"{WASMTIME_VERSION}\"");
+        assert!(
+            lock.contains(&wanted),
+            "WASMTIME_VERSION is {WASMTIME_VERSION}, not the locked wasmtime release"
+        );
+    }
+
+    #[test]
+    fn the_fingerprint_changes_with_each_setting_that_changes_code() {
+        let options = EngineOptions::default();
+        let base = CodeSettings::new("aarch64-unknown-linux-musl", &options);
+        let fp = base.fingerprint();
+        assert_eq!(fp.len(), 32);
+        assert_eq!(fp, base.clone().fingerprint(), "stable");
+        let other_target = CodeSettings::new("riscv64gc-unknown-linux-gnu", &options);
+        let more_memory = CodeSettings::new(
+            "aarch64-unknown-linux-musl",
+            &EngineOptions {
+                max_memory_bytes: 64 << 20,
+                ..options
+            },
+        );
+        let fewer_instances = CodeSettings::new(
+            "aarch64-unknown-linux-musl",
+            &EngineOptions {
+                max_instances: 3,
+                ..options
+            },
+        );
+        assert_ne!(other_target.fingerprint(), fp);
+        assert_ne!(more_memory.fingerprint(), fp);
+        assert_eq!(
+            fewer_instances.fingerprint(),
+            fp,
+            "the pool size is not in code"
         );
     }
 }

@@ -11,9 +11,11 @@ mod worker;
 mod workload;
 
 pub use address_space::{AddressSpace, PoolFit};
-pub use artifacts::{Artifact, ArtifactKind, ArtifactStore, sha256_hex};
+pub use artifacts::{Artifact, ArtifactKind, ArtifactStore, COMPILER, CompileCounts, sha256_hex};
 pub use command::{CommandProgram, run_program};
-pub use engine::{EngineOptions, WasmEngine};
+pub use engine::{
+    CodeSettings, EngineOptions, WASMTIME_VERSION, WasmEngine, engine_config, host_target,
+};
 pub use instance::{CallOutcome, Instance, InstanceSetup};
 pub use worker::{
     CommandCommitted, Delivery, EventRequest, EventSender, HubCommand, Reply, WorkerCommand,
