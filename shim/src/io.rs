@@ -19,6 +19,8 @@ use tokio::sync::Mutex;
 
 /// Longest a write waits for containerd to drain the FIFO before dropping bytes.
 pub const OUTPUT_STALL: Duration = Duration::from_secs(5);
+/// How often [`OutputSink::drained`] looks at the pipe's unread count.
+pub const DRAIN_CHECK: Duration = Duration::from_millis(2);
 
 /// Why a stdio path cannot be used. Messages name the stream.
 #[derive(Debug, thiserror::Error)]
@@ -121,6 +123,32 @@ impl OutputSink {
         self.inner.dropped.fetch_add(n as u64, Ordering::Relaxed);
     }
 
+    /// Waits, at most `deadline`, until containerd's reader has taken every byte written so far
+    /// (the pipe holds nothing unread). Returns whether it did.
+    ///
+    /// The FIFO is held read-write, so a program can end before containerd's reader has even
+    /// opened it; containerd's client stops opening its reader once the task is reported exited,
+    /// and bytes still in the pipe would be lost with the last descriptor. Reporting the exit
+    /// only after the pipe drained (or the deadline passed) closes that race. The kernel gives a
+    /// writer no "drained" notification, so this checks the unread count (FIONREAD) every
+    /// [`DRAIN_CHECK`].
+    pub async fn drained(&self, deadline: Duration) -> bool {
+        let until = tokio::time::Instant::now() + deadline;
+        loop {
+            let unread = {
+                let sender = self.inner.sender.lock().await;
+                rustix::io::ioctl_fionread(&*sender).unwrap_or(0)
+            };
+            if unread == 0 {
+                return true;
+            }
+            if tokio::time::Instant::now() >= until {
+                return false;
+            }
+            tokio::time::sleep(DRAIN_CHECK).await;
+        }
+    }
+
     /// Bytes dropped because the FIFO stayed full.
     pub fn dropped(&self) -> u64 {
         self.inner.dropped.load(Ordering::Relaxed)
@@ -161,6 +189,28 @@ mod tests {
         let mut buf = [0u8; 6];
         reader.read_exact(&mut buf).await.unwrap();
         assert_eq!(&buf, b"hello\n");
+    }
+
+    #[tokio::test]
+    async fn drained_waits_for_the_reader_to_take_the_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = fifo(dir.path(), "stdout");
+        let sink = OutputSink::open("stdout", path.to_str().unwrap())
+            .unwrap()
+            .unwrap();
+        assert!(sink.drained(Duration::ZERO).await, "nothing written yet");
+        assert!(sink.write(b"last words\n").await);
+        // No reader: the bytes stay in the pipe and the wait ends at its deadline.
+        assert!(!sink.drained(Duration::from_millis(20)).await);
+        // A reader that comes late still gets them, and then the pipe is drained.
+        let reader = tokio::spawn(async move {
+            let mut reader = pipe::OpenOptions::new().open_receiver(&path).unwrap();
+            let mut buf = [0u8; 11];
+            reader.read_exact(&mut buf).await.unwrap();
+            buf
+        });
+        assert!(sink.drained(Duration::from_secs(60)).await);
+        assert_eq!(&reader.await.unwrap(), b"last words\n");
     }
 
     #[tokio::test]

@@ -560,6 +560,11 @@ impl PodAgent for PodRuntime {
                 }
                 Err(_) => Exit::Stopped,
             };
+            // containerd's reader may not have opened the FIFO yet (a short program on a busy
+            // node): report the exit once it has taken the output, or after the stall bound.
+            for sink in [&pod.stdout, &pod.stderr].into_iter().flatten() {
+                sink.drained(lichen_shim::io::OUTPUT_STALL).await;
+            }
             logs.agent_line(&pod.name, LogLevel::Info, &format!("pod ended: {exit:?}"));
             pod.end(exit);
         });
