@@ -50,12 +50,11 @@ pub trait Control: Clone + Send + Sync + 'static {
     fn doctor(&self) -> impl Future<Output = DoctorReport> + Send;
     /// Metrics in the Prometheus text exposition format.
     fn metrics_text(&self) -> String;
-    /// Verifies a deployment bundle and applies it (`lichen import`); the hub link does it,
-    /// with the `[hub]` section's node id and trusted keys.
+    /// Verifies a deployment bundle and applies it (`lichen import`); the agent's hub link
+    /// does it, with the `[hub]` section's node id and trusted keys (see
+    /// [`crate::hub::ImportRoute`]).
     fn import(
         &self,
         req: crate::hub::ImportRequest,
-    ) -> impl Future<Output = Result<crate::hub::ImportReport, ApiError>> + Send {
-        crate::hub::import_bundle(req)
-    }
+    ) -> impl Future<Output = Result<crate::hub::ImportReport, ApiError>> + Send;
 }

@@ -626,6 +626,13 @@ mod tests {
         fn metrics_text(&self) -> String {
             "lichen_workloads 1\n".into()
         }
+        async fn import(
+            &self,
+            req: crate::hub::ImportRequest,
+        ) -> Result<crate::hub::ImportReport, ApiError> {
+            // No hub link: the same answer as an agent without a `[hub]` section.
+            crate::hub::ImportRoute::default().import_bundle(req).await
+        }
     }
 
     struct Running {

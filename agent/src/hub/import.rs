@@ -56,35 +56,50 @@ pub(super) struct ImportJob {
     reply: Reply,
 }
 
-/// Where imports go: the importer of this process's hub link, set when it starts.
-static IMPORTS: std::sync::OnceLock<mpsc::Sender<ImportJob>> = std::sync::OnceLock::new();
-
-/// Verifies a bundle exactly as a desired state from the hub (node, version, signature by a
-/// trusted key, every artifact's digest) and applies it; anything wrong changes nothing and is
-/// an `invalid` error (and reported by the hub link). Needs the `[hub]` section, whose node id
-/// and trusted keys the verification uses; works with the hub unreachable.
-pub async fn import_bundle(req: ImportRequest) -> Result<ImportReport, ApiError> {
-    let Some(imports) = IMPORTS.get() else {
-        return Err(ApiError::unavailable(
-            "this agent has no [hub] section: importing a bundle needs hub.node-id and hub.trusted-keys to verify it",
-        ));
-    };
-    let (reply, answer) = oneshot::channel();
-    imports
-        .send(ImportJob {
-            path: req.path.into(),
-            reply,
-        })
-        .await
-        .map_err(|_| ApiError::unavailable("the hub link has stopped"))?;
-    answer
-        .await
-        .map_err(|_| ApiError::internal("the hub link dropped the import"))?
+/// Where one agent's imports go: the importer of its hub link, set when the link starts. The
+/// agent holds one ([`crate::supervisor::Agent::imports`]) and its `Control::import` uses it;
+/// clones share it.
+#[derive(Clone, Default)]
+pub struct ImportRoute {
+    jobs: std::sync::Arc<std::sync::OnceLock<mpsc::Sender<ImportJob>>>,
 }
 
-/// Makes this process's imports go to `jobs`' receiver; false if a hub link already took them.
-pub(super) fn route_imports(jobs: mpsc::Sender<ImportJob>) -> bool {
-    IMPORTS.set(jobs).is_ok()
+impl std::fmt::Debug for ImportRoute {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ImportRoute")
+            .field("routed", &self.jobs.get().is_some())
+            .finish()
+    }
+}
+
+impl ImportRoute {
+    /// Verifies a bundle exactly as a desired state from the hub (node, version, signature by
+    /// a trusted key, every artifact's digest) and applies it; anything wrong changes nothing
+    /// and is an `invalid` error (and reported by the hub link). Needs the `[hub]` section,
+    /// whose node id and trusted keys the verification uses; works with the hub unreachable.
+    pub async fn import_bundle(&self, req: ImportRequest) -> Result<ImportReport, ApiError> {
+        let Some(imports) = self.jobs.get() else {
+            return Err(ApiError::unavailable(
+                "this agent has no [hub] section: importing a bundle needs hub.node-id and hub.trusted-keys to verify it",
+            ));
+        };
+        let (reply, answer) = oneshot::channel();
+        imports
+            .send(ImportJob {
+                path: req.path.into(),
+                reply,
+            })
+            .await
+            .map_err(|_| ApiError::unavailable("the hub link has stopped"))?;
+        answer
+            .await
+            .map_err(|_| ApiError::internal("the hub link dropped the import"))?
+    }
+
+    /// Makes these imports go to `jobs`' receiver; false if a hub link already took them.
+    pub(super) fn route(&self, jobs: mpsc::Sender<ImportJob>) -> bool {
+        self.jobs.set(jobs).is_ok()
+    }
 }
 
 /// A checked bundle, on its way to the bridge.

@@ -15,7 +15,7 @@
 //! - publishes reported state (retained) at start, on every connection, deployment, rejection,
 //!   quota drop, and workload status change.
 //!
-//! - applies bundles given to `lichen import` ([`import_bundle`], [`bundle`]), verified exactly
+//! - applies bundles given to `lichen import` ([`ImportRoute::import_bundle`], [`bundle`]), verified exactly
 //!   as a desired state from the hub, with no network; the bundle is read and its artifacts
 //!   checked and stored by an importer task of its own, so the link keeps serving meanwhile;
 //! - fetches the artifacts a verified deployment names by digest and the node lacks, in chunks
@@ -63,7 +63,7 @@ pub use desired::{
 use desired::{Ignored, Settled};
 pub use doctor::{doctor_check, probe};
 use fetch::Pending;
-pub use import::{ImportReport, ImportRequest, import_bundle};
+pub use import::{ImportReport, ImportRequest, ImportRoute};
 pub use signing::{
     SIGNATURE_CONTEXT, SIGNATURE_CONTEXT_V2, TrustedKey, base64_decode, base64_encode,
     canonical_bytes, generate_key, key_id, parse_public_key, sign, sign_desired, signed_bytes,
@@ -224,8 +224,8 @@ impl HubLink {
         let session = tokio::spawn(session.run());
         bridge.publish_reported().await;
         let (imports_tx, imports) = mpsc::channel(4);
-        if !import::route_imports(imports_tx) {
-            tracing::warn!("a second hub link in this process: `lichen import` goes to the first");
+        if !bridge.agent.imports().route(imports_tx) {
+            tracing::warn!("a second hub link for this agent: `lichen import` goes to the first");
         }
         let (checked_tx, checked) = mpsc::channel(1);
         let importer = tokio::spawn(importer.run(imports, checked_tx));

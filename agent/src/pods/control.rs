@@ -98,6 +98,13 @@ impl Control for NodeControl {
         report
     }
 
+    async fn import(
+        &self,
+        req: crate::hub::ImportRequest,
+    ) -> Result<crate::hub::ImportReport, ApiError> {
+        self.agent.import(req).await
+    }
+
     fn metrics_text(&self) -> String {
         let mut text = self.agent.metrics_text();
         let rows = self.pods.ps();

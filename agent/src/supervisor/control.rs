@@ -208,6 +208,13 @@ impl Control for Agent {
         }
     }
 
+    async fn import(
+        &self,
+        req: crate::hub::ImportRequest,
+    ) -> Result<crate::hub::ImportReport, ApiError> {
+        self.imports().import_bundle(req).await
+    }
+
     fn metrics_text(&self) -> String {
         // Scrapes must not wait on a deploy: read what is available without blocking.
         let statuses: Vec<WorkloadStatus> = match self.inner.workloads.try_lock() {

@@ -93,6 +93,8 @@ struct Inner {
     next_command: AtomicU64,
     /// EdgeCore's socket, once the daemon started the KubeEdge mapper (for `doctor`).
     kubeedge_socket: std::sync::OnceLock<PathBuf>,
+    /// Where `lichen import` goes: this agent's hub link, once it started.
+    imports: crate::hub::ImportRoute,
     /// A test's hold on the next deploy's prepare step (see [`PrepareHook`]).
     #[cfg(test)]
     prepare_hook: std::sync::Mutex<Option<Arc<PrepareHook>>>,

@@ -89,6 +89,7 @@ impl Agent {
         );
         Ok(Self {
             inner: Arc::new(Inner {
+                imports: crate::hub::ImportRoute::default(),
                 ctx,
                 artifacts,
                 runtimes,
@@ -110,6 +111,11 @@ impl Agent {
     /// Tells `doctor` where EdgeCore's DMI socket is (the daemon started the mapper).
     pub fn set_kubeedge_socket(&self, socket: PathBuf) {
         let _ = self.inner.kubeedge_socket.set(socket);
+    }
+
+    /// Where `lichen import` goes: this agent's hub link routes it when it starts.
+    pub fn imports(&self) -> &crate::hub::ImportRoute {
+        &self.inner.imports
     }
 
     /// The artifact store.
