@@ -115,6 +115,7 @@
 //! ```
 
 mod bounds;
+mod duration;
 mod json;
 mod locate;
 mod size;
@@ -126,6 +127,7 @@ mod validate;
 use std::path::Path;
 
 pub use bounds::{BoundError, show_bytes, show_duration};
+pub use duration::{DurationError, parse_duration_within};
 pub use size::{SizeError, parse_size};
 pub use spec::{
     ContainerWorkload, DeploymentSpec, GpioEdgeTrigger, GpioGrantSpec, GpioMode, GuestRootRef,

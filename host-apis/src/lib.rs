@@ -76,6 +76,15 @@ mod bindings {
 
 pub use bindings::lichen::device::types::{Command, Edge, Event, GpioEdge, Tick};
 
+/// The interfaces of Lichen's world that reach hardware and so need the workload's grants
+/// (`gpio`, `spi`, `i2c` in `wit/devices.wit`), as a component names its imports, without
+/// version.
+pub const DEVICE_INTERFACES: [&str; 3] = [
+    "lichen:device/gpio",
+    "lichen:device/spi",
+    "lichen:device/i2c",
+];
+
 /// The WIT types of `lichen:device/gpio`, `spi` and `i2c`, for embedders and tests that call
 /// the host implementations directly.
 pub mod device_types {
@@ -128,4 +137,26 @@ pub fn add_to_linker<T: Send + 'static>(
     lichen::device::spi::add_to_linker::<T, HasSelf<DeviceState>>(linker, get)?;
     lichen::device::i2c::add_to_linker::<T, HasSelf<DeviceState>>(linker, get)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod device_interface_tests {
+    /// The list names exactly the interfaces `wit/devices.wit` declares, so a new device
+    /// interface cannot be added to the world without being counted as one that needs grants.
+    #[test]
+    fn device_interfaces_are_the_ones_devices_wit_declares() {
+        let wit = include_str!("../wit/devices.wit");
+        let package = wit
+            .lines()
+            .find_map(|line| line.strip_prefix("package "))
+            .and_then(|rest| rest.split('@').next())
+            .expect("devices.wit names its package");
+        let declared: Vec<String> = wit
+            .lines()
+            .filter_map(|line| line.strip_prefix("interface "))
+            .filter_map(|rest| rest.split_whitespace().next())
+            .map(|name| format!("{package}/{name}"))
+            .collect();
+        assert_eq!(declared, super::DEVICE_INTERFACES);
+    }
 }

@@ -10,7 +10,7 @@
 //! device functions that need hardware are deployed by the node's operator (`lichen deploy`).
 //!
 //! What the pod gives: `process.env` becomes the workload's configuration (`wasi:config` and
-//! `init`'s map), except `LICHEN_INTERVAL` (a `humantime` duration, e.g. `500ms`), its
+//! `init`'s map), except `LICHEN_INTERVAL` (a duration as deployment files write it, e.g. `500ms`), its
 //! interval trigger; the OCI memory limit its memory limit. It never restarts on its own
 //! (containerd or the kubelet owns restarts): a trap ends the task. Its log lines go to
 //! containerd's stdout FIFO as they are written.
@@ -24,19 +24,14 @@ use lichen_shim::{AgentError, Exit};
 use tokio::sync::broadcast;
 
 use crate::api::types::{ApiError, LogLine};
-use crate::deployment::{Limits, ModuleRef, RestartPolicy, Trigger, WorkloadKind, WorkloadSpec};
+use crate::deployment::{
+    DurationError, Limits, ModuleRef, RestartPolicy, Trigger, WorkloadKind, WorkloadSpec,
+};
 use crate::runtime::wasm::Artifact;
 use crate::supervisor::{Agent, Labels, Source, WorkloadEnd};
 
 /// The environment variable that sets a Lichen pod's interval trigger.
 pub const INTERVAL_ENV: &str = "LICHEN_INTERVAL";
-
-/// The device interfaces of Lichen's world, which need grants a pod never has.
-const DEVICE_INTERFACES: [&str; 3] = [
-    "lichen:device/gpio",
-    "lichen:device/spi",
-    "lichen:device/i2c",
-];
 
 /// The first device interface the component imports, with its version (`lichen:device/gpio@0.1.0`).
 pub(super) fn device_import(artifact: &Artifact, engine: &wasmtime::Engine) -> Option<String> {
@@ -46,7 +41,7 @@ pub(super) fn device_import(artifact: &Artifact, engine: &wasmtime::Engine) -> O
         .imports(engine)
         .map(|(name, _)| name)
         .find(|name| {
-            DEVICE_INTERFACES.iter().any(|interface| {
+            lichen_host_apis::DEVICE_INTERFACES.iter().any(|interface| {
                 name.strip_prefix(interface)
                     .is_some_and(|rest| rest.is_empty() || rest.starts_with('@'))
             })
@@ -59,16 +54,18 @@ pub(super) fn interval(env: &[(String, String)]) -> Result<Option<Duration>, Str
     let Some((_, text)) = env.iter().rev().find(|(key, _)| key == INTERVAL_ENV) else {
         return Ok(None);
     };
-    let period = humantime::parse_duration(text.trim()).map_err(|e| {
-        format!("process.env {INTERVAL_ENV}: {text:?} is not a duration such as \"500ms\": {e}")
+    let period = crate::deployment::parse_duration_within(
+        text.trim(),
+        (Trigger::MIN_INTERVAL, Trigger::MAX_INTERVAL),
+    )
+    .map_err(|why| match why {
+        DurationError::NotADuration(_) => {
+            format!("process.env {INTERVAL_ENV}: {text:?} is not a duration: {why}")
+        }
+        DurationError::TooShort(_) | DurationError::TooLong(_) => {
+            format!("process.env {INTERVAL_ENV}: {text:?} {why}")
+        }
     })?;
-    if !(Trigger::MIN_INTERVAL..=Trigger::MAX_INTERVAL).contains(&period) {
-        return Err(format!(
-            "process.env {INTERVAL_ENV}: {text:?} is outside {:?} to {:?}",
-            Trigger::MIN_INTERVAL,
-            Trigger::MAX_INTERVAL
-        ));
-    }
     Ok(Some(period))
 }
 

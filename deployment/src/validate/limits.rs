@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use super::shape::find;
 use super::{Checker, Result};
-use crate::bounds::{show_bytes, show_duration};
+use crate::DurationError;
+use crate::bounds::show_bytes;
 use crate::size::parse_size;
 use crate::spec::Limits;
 use crate::tree::{Node, Value};
@@ -169,36 +170,14 @@ impl Checker<'_> {
         let Value::String(text) = &node.value else {
             return Err(self.expected(node, path, "a duration string such as \"500ms\""));
         };
-        let duration = humantime::parse_duration(text).map_err(|why| {
-            self.error(
-                node.span.start,
-                path,
-                format!(
-                    "invalid {name} \"{text}\": {why}; expected a number with a unit, such as \
-                     \"500ms\", \"2s\" or \"1m 30s\""
-                ),
-            )
-        })?;
-        if duration < min {
-            return Err(self.error(
-                node.span.start,
-                path,
-                format!(
-                    "{name} \"{text}\" is too short: it must be at least {}",
-                    show_duration(min)
-                ),
-            ));
-        }
-        if duration > max {
-            return Err(self.error(
-                node.span.start,
-                path,
-                format!(
-                    "{name} \"{text}\" is too long: it must be at most {}",
-                    show_duration(max)
-                ),
-            ));
-        }
-        Ok(duration)
+        crate::parse_duration_within(text, (min, max)).map_err(|why| {
+            let sentence = match why {
+                DurationError::NotADuration(_) => format!("invalid {name} \"{text}\": {why}"),
+                DurationError::TooShort(_) | DurationError::TooLong(_) => {
+                    format!("{name} \"{text}\" {why}")
+                }
+            };
+            self.error(node.span.start, path, sentence)
+        })
     }
 }
