@@ -100,6 +100,19 @@ enum RequestKind {
     },
 }
 
+impl RequestKind {
+    fn input(config: &InputConfig) -> RequestKind {
+        RequestKind::Input {
+            bias: config.bias,
+            active_low: config.active_low,
+            edge: config.edge,
+            debounce_ns: config
+                .debounce
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+        }
+    }
+}
+
 impl LineState {
     fn raw_input(&self) -> Level {
         let bias = match &self.request {
@@ -399,14 +412,7 @@ impl SimChip {
         line.request = Some(Request {
             id,
             consumer: consumer.to_owned(),
-            kind: RequestKind::Input {
-                bias: config.bias,
-                active_low: config.active_low,
-                edge: config.edge,
-                debounce_ns: config
-                    .debounce
-                    .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
-            },
+            kind: RequestKind::input(config),
         });
         line.pending = None;
         line.events.clear();
@@ -637,6 +643,25 @@ impl SimInputPin {
             .with_line(self.offset, self.id, &self.label, |line, now| {
                 line.settle(now);
                 Ok(line.level)
+            })
+    }
+
+    /// Changes the request's bias, active-low, edge detection and debounce in place, as the
+    /// kernel's line-config ioctl does: the line stays requested by this consumer, queued
+    /// events stay queued, and a change still waiting out its debounce period keeps its start
+    /// under the new period (committed at once when the new period is zero).
+    pub fn reconfigure(&mut self, config: &InputConfig) -> Result<()> {
+        self.chip
+            .with_line(self.offset, self.id, &self.label, |line, now| {
+                line.settle(now);
+                if let Some(request) = line.request.as_mut() {
+                    request.kind = RequestKind::input(config);
+                }
+                if config.debounce.is_none_or(|d| d.is_zero()) {
+                    line.pending = None;
+                }
+                line.input_changed(now);
+                Ok(())
             })
     }
 
