@@ -1126,6 +1126,45 @@ mod tests {
     }
 
     #[test]
+    fn reconfigure_keeps_the_request_and_its_queued_edges_and_applies_the_new_debounce() {
+        let chip = SimChip::with_manual_clock("sim", ["BTN"]);
+        let mut btn = chip
+            .request_input(
+                "BTN",
+                "t",
+                &InputConfig {
+                    edge: Some(EdgeDetection::Both),
+                    ..Default::default()
+                },
+            )
+            .expect("free");
+        chip.advance(ms(1));
+        chip.drive("BTN", Level::High).expect("drive");
+        let slow = InputConfig {
+            edge: Some(EdgeDetection::Both),
+            debounce: Some(ms(5)),
+            ..Default::default()
+        };
+        btn.reconfigure(&slow).expect("reconfigured");
+        assert_eq!(chip.consumer("BTN").expect("line").as_deref(), Some("t"));
+        let queued = btn.try_event().expect("read").expect("kept across it");
+        assert_eq!(queued.edge, Edge::Rising);
+        // The new period holds: a change counts after 5 ms.
+        chip.drive("BTN", Level::Low).expect("drive");
+        chip.advance(ms(3));
+        assert_eq!(btn.try_event().expect("read"), None);
+        // Back to no debounce while a change waits: it counts at once.
+        btn.reconfigure(&InputConfig {
+            edge: Some(EdgeDetection::Both),
+            ..Default::default()
+        })
+        .expect("reconfigured");
+        let ev = btn.try_event().expect("read").expect("falling");
+        assert_eq!(ev.edge, Edge::Falling);
+        assert!(btn.is_low().expect("read"));
+    }
+
+    #[test]
     fn read_event_waits_for_a_drive_from_another_thread() {
         let chip = SimChip::new("sim", ["BTN"]);
         let mut btn = chip
