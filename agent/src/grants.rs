@@ -220,6 +220,15 @@ struct BindingKey {
     binding: String,
 }
 
+/// An input line a workload holds, with the settings (grant and trigger) it was last
+/// configured for. A reload whose settings differ reconfigures the open line in place: the
+/// running version holds the line until the switch, so a second request would be refused
+/// as busy, and the edges queued meanwhile must reach whichever version handles them.
+struct OpenInput {
+    binding: String,
+    pin: Weak<GrantedInput>,
+}
+
 #[cfg(target_os = "linux")]
 mod linux;
 
@@ -243,7 +252,8 @@ pub struct DeviceHub {
     /// The simulated board of a `sim` profile; `None` when the Linux backend serves the board.
     sim: Option<SimBoard>,
     outputs: Mutex<HashMap<BindingKey, Weak<GrantedOutput>>>,
-    inputs: Mutex<HashMap<BindingKey, Weak<GrantedInput>>>,
+    /// Keyed by (workload, board pin).
+    inputs: Mutex<HashMap<(String, String), OpenInput>>,
 }
 
 impl DeviceHub {
@@ -299,8 +309,10 @@ impl DeviceHub {
     }
 
     /// Opens every device `spec` grants. Pins the workload's running instance already holds
-    /// with the same settings are shared, not opened again. Errors name the workload, the
-    /// grant and the device.
+    /// with the same settings are shared, not opened again; an input it holds with other
+    /// settings (a reload that changes a trigger's edges or debounce, or the pin's bias) is
+    /// shared and reconfigured in place, keeping its queued edges. Errors name the workload,
+    /// the grant and the device.
     pub fn open_grants(&self, spec: &WorkloadSpec) -> Result<DeviceGrants, String> {
         let mut grants = DeviceGrants::new();
         if spec.gpio.is_empty() && spec.spi.is_empty() && spec.i2c.is_empty() {
@@ -346,22 +358,38 @@ impl DeviceHub {
                     grants.add_output(grant.name.clone(), pin);
                 }
                 GpioMode::Input => {
+                    // A gpio-edge trigger sets the edges and debounce it needs.
+                    let config = InputConfig {
+                        bias: grant.bias,
+                        edge: trigger.map(|t| t.edge).or(grant.edge),
+                        debounce: trigger.and_then(|t| t.debounce).or(grant.debounce),
+                        ..InputConfig::default()
+                    };
                     let mut cache = lock(&self.inputs);
-                    let pin = match cache.get(&key).and_then(Weak::upgrade) {
-                        Some(pin) => pin,
+                    let held = (key.workload, key.pin);
+                    let open = cache
+                        .get_mut(&held)
+                        .and_then(|open| open.pin.upgrade().map(|pin| (pin, &mut open.binding)));
+                    let pin = match open {
+                        Some((pin, binding)) => {
+                            if *binding != key.binding {
+                                pin.reconfigure(&config).map_err(failed)?;
+                                *binding = key.binding;
+                            }
+                            pin
+                        }
                         None => {
-                            // A gpio-edge trigger sets the edges and debounce it needs.
-                            let config = InputConfig {
-                                bias: grant.bias,
-                                edge: trigger.map(|t| t.edge).or(grant.edge),
-                                debounce: trigger.and_then(|t| t.debounce).or(grant.debounce),
-                                ..InputConfig::default()
-                            };
                             let line =
                                 self.input(&grant.pin, &consumer, &config).map_err(failed)?;
                             let pin = Arc::new(GrantedInput::new(grant.pin.clone(), line));
-                            cache.retain(|_, weak| weak.strong_count() > 0);
-                            cache.insert(key, Arc::downgrade(&pin));
+                            cache.retain(|_, open| open.pin.strong_count() > 0);
+                            cache.insert(
+                                held,
+                                OpenInput {
+                                    binding: key.binding,
+                                    pin: Arc::downgrade(&pin),
+                                },
+                            );
                             pin
                         }
                     };

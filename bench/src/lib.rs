@@ -13,6 +13,7 @@
 //! | `sync` | hub link: durable outbox ingest, drain and catch-up against Mosquitto, bytes written per record, records lost across broker restarts + `kill -9` |
 //! | `kubeedge` | the KubeEdge mapper in the agent against a stand-in EdgeCore: twin round trip p50/p99, 1000 Devices as live functions (time, RSS per device), reports/s and CPU |
 //! | `isolation` | one trivial workload as Wasm, crun, runc and a QEMU microVM: start-to-ready p50/p99, PSS per instance, instances per 512 MiB |
+//! | `guests` | the JavaScript and Python example guests: size, compile time and peak RSS on the node, precompiled load p50, agent RSS with 50 Python instances |
 //! | `pods` | under a containerd of its own: `ctr run` to first output, Lichen's shim vs runc's, and memory per extra pod |
 //!
 //! `lichen bench` alone runs every group in its own child process (`startup`,
@@ -24,6 +25,7 @@
 mod density;
 mod devices;
 mod footprint;
+mod guests;
 mod idle;
 mod isolation;
 pub mod json;
@@ -51,7 +53,7 @@ use lichen_agent::supervisor::Agent;
 /// Options of `lichen bench`.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// What to measure: `startup`, `density`, `dispatch`, `reload`, `size`, `sync`, `pods`, `kubeedge`, or
+    /// What to measure: `startup`, `density`, `dispatch`, `reload`, `size`, `sync`, `pods`, `kubeedge`, `guests`, or
     /// several joined by commas [default: all, each group in its own process].
     pub what: Option<String>,
     /// How many workload instances to run; `pods`: long-running pods per
@@ -79,7 +81,7 @@ pub struct BenchArgs {
 }
 
 /// Every benchmark, in the order `lichen bench` runs them.
-pub const BENCHMARKS: [&str; 11] = [
+pub const BENCHMARKS: [&str; 12] = [
     "startup",
     "density",
     "dispatch",
@@ -91,10 +93,11 @@ pub const BENCHMARKS: [&str; 11] = [
     "sync",
     "pods",
     "kubeedge",
+    "guests",
 ];
 
 /// How `lichen bench` without WHAT splits the benchmarks into child processes.
-const GROUPS: [&str; 10] = [
+const GROUPS: [&str; 11] = [
     "startup",
     "density,dispatch",
     "reload",
@@ -105,6 +108,7 @@ const GROUPS: [&str; 10] = [
     "sync",
     "pods",
     "kubeedge",
+    "guests",
 ];
 
 /// The line after which a run prints its summary lines.
@@ -367,6 +371,10 @@ async fn run_selected(selected: &[&str], args: &BenchArgs) -> Result<()> {
             "this build has no KubeEdge mapper (the `kubeedge` feature)"
         ));
         outcome("kubeedge", result);
+    }
+    if has("guests") {
+        let result = async { guests::run(&dirs.fresh("guests")?, args).await }.await;
+        outcome("guests", result);
     }
     if json::enabled() {
         let document = json::Document {

@@ -5,6 +5,11 @@
 // counts it in the default key-value bucket (so the count survives restarts and hot reloads)
 // and publishes `{"presses":N}` on the telemetry stream `button`.
 //
+// The LED and the bucket are opened once per instance and kept: the host gives one handle per
+// pin at a time, and JavaScript frees a resource only when its garbage collector runs (maybe
+// never), so opening the LED on every event would make the second `getOutput('led')` fail
+// with `already-in-use`.
+//
 // Commands: `status` replies `{"presses":N,"led":"on"|"off","version":V}`; `set-led` with
 // payload `on` or `off` drives the LED and replies with the new status.
 //
@@ -34,44 +39,62 @@ function describe(error) {
   return String(payload);
 }
 
+// The `led` output and the default bucket, opened on first use and kept for the instance's
+// life (a handle per event would pile up in the host's table until a collection).
+let ledPin;
+let defaultBucket;
+
+function bucket() {
+  if (defaultBucket === undefined) {
+    defaultBucket = open('default');
+  }
+  return defaultBucket;
+}
+
+function led() {
+  if (ledPin === undefined) {
+    ledPin = getOutput('led');
+  }
+  return ledPin;
+}
+
 function setLed(on) {
   try {
-    getOutput('led').setLevel(on ? 'high' : 'low');
+    led().setLevel(on ? 'high' : 'low');
   } catch (e) {
     throw `cannot drive the led: ${describe(e)}`;
   }
 }
 
-function status(bucket) {
+function status() {
   let lit;
   try {
-    lit = getOutput('led').isSetHigh();
+    lit = led().isSetHigh();
   } catch (e) {
     throw `cannot read the led: ${describe(e)}`;
   }
-  const reply = { presses: presses(bucket), led: lit ? 'on' : 'off', version: VERSION };
+  const reply = { presses: presses(bucket()), led: lit ? 'on' : 'off', version: VERSION };
   return encoder.encode(JSON.stringify(reply));
 }
 
 export function init(_config) {}
 
 export function onEvent(event) {
-  const bucket = open('default');
   switch (event.tag) {
     case 'gpio-edge': {
       if (event.val.name !== 'button') return undefined;
       const pressed = event.val.edge === 'falling';
       setLed(pressed);
       if (pressed) {
-        const count = presses(bucket) + 1;
-        bucket.set('presses', encoder.encode(String(count)));
+        const count = presses(bucket()) + 1;
+        bucket().set('presses', encoder.encode(String(count)));
         publish('button', encoder.encode(JSON.stringify({ presses: count })));
       }
       return undefined;
     }
     case 'command': {
       const command = event.val;
-      if (command.name === 'status') return status(bucket);
+      if (command.name === 'status') return status();
       if (command.name === 'set-led') {
         const want = decoder.decode(command.payload).trim();
         if (want !== 'on' && want !== 'off') {
@@ -79,7 +102,7 @@ export function onEvent(event) {
         }
         setLed(want === 'on');
         log('info', CONTEXT, `led ${want} by command ${command.id}`);
-        return status(bucket);
+        return status();
       }
       throw `unknown command ${JSON.stringify(command.name)} (expected status or set-led)`;
     }

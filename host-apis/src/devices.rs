@@ -26,6 +26,13 @@ pub trait EdgeInput: InputPin<Error = lichen_devices::Error> + Send {
 
     /// A handle that waits, apart from the pin, until an edge event is queued.
     fn edge_watch(&self) -> Result<lichen_devices::EdgeWatch, lichen_devices::Error>;
+
+    /// Changes the line's input settings in place, keeping it requested and its queued
+    /// events (a hot reload that changes a trigger's edges or debounce).
+    fn reconfigure(
+        &mut self,
+        config: &lichen_devices::InputConfig,
+    ) -> Result<(), lichen_devices::Error>;
 }
 
 impl EdgeInput for lichen_devices::sim::SimInputPin {
@@ -37,6 +44,13 @@ impl EdgeInput for lichen_devices::sim::SimInputPin {
         Ok(lichen_devices::EdgeWatch::Sim(
             lichen_devices::sim::SimInputPin::edge_watch(self),
         ))
+    }
+
+    fn reconfigure(
+        &mut self,
+        config: &lichen_devices::InputConfig,
+    ) -> Result<(), lichen_devices::Error> {
+        lichen_devices::sim::SimInputPin::reconfigure(self, config)
     }
 }
 /// An SPI device (bus and chip-select), behind embedded-hal's `SpiDevice`.
@@ -155,6 +169,14 @@ impl GrantedInput {
     /// may read it meanwhile).
     pub fn edge_watch(&self) -> Result<lichen_devices::EdgeWatch, lichen_devices::Error> {
         lock(&self.inner).edge_watch()
+    }
+
+    /// Changes the pin's input settings in place (see [`EdgeInput::reconfigure`]).
+    pub fn reconfigure(
+        &self,
+        config: &lichen_devices::InputConfig,
+    ) -> Result<(), lichen_devices::Error> {
+        lock(&self.inner).reconfigure(config)
     }
 
     /// Runs `f` on the pin.

@@ -410,11 +410,6 @@ fn signed_desired(
 
 fn bundle(args: HubBundleArgs, json: bool) -> Result<ExitCode> {
     Topics::new(&args.node).map_err(|e| anyhow!("--node: {e}"))?;
-    if !args.precompile.precompile.is_empty() {
-        bail!(
-            "--precompile: `lichen import` does not take compiled artifacts yet; publish with `lichen hub deploy --precompile`"
-        );
-    }
     let text = std::fs::read_to_string(&args.file)
         .with_context(|| format!("cannot read deployment file {}", args.file.display()))?;
     let (desired, artifacts) = signed_desired(

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use lichen_tests::broker::{Mosquitto, PERSISTENT};
+use lichen_tests::broker::{Mosquitto, PERSISTENT, Seen, Watcher};
 use lichen_tests::{Daemon, guest, lichen, lichen_bin, one_workload, output_text};
 
 const NODE: &str = "n1";
@@ -66,6 +66,11 @@ impl Node {
 
     /// `lichen hub bundle` of a thermostat deployment as `version`, into `out`.
     fn bundle(&self, version: u64, out: &Path) -> String {
+        self.bundle_with(version, out, &[])
+    }
+
+    /// [`Node::bundle`] with more `hub bundle` options; returns the module's digest.
+    fn bundle_with(&self, version: u64, out: &Path, extra: &[&str]) -> String {
         let module = self.dir.path().join("thermostat.wasm");
         if !module.exists() {
             std::fs::copy(guest("thermostat"), &module).expect("copy guest");
@@ -77,19 +82,24 @@ impl Node {
         )
         .expect("write deployment");
         let key = self.dir.path().join("trusted");
-        let run = lichen(&[
-            "hub",
-            "bundle",
-            "--node",
-            NODE,
-            path(&file),
-            "--key",
-            path(&key),
-            "--version",
-            &version.to_string(),
-            "--out",
-            path(out),
-        ]);
+        let run = lichen(
+            &[
+                "hub",
+                "bundle",
+                "--node",
+                NODE,
+                path(&file),
+                "--key",
+                path(&key),
+                "--version",
+                &version.to_string(),
+                "--out",
+                path(out),
+            ]
+            .into_iter()
+            .chain(extra.iter().copied())
+            .collect::<Vec<_>>(),
+        );
         assert!(run.status.success(), "hub bundle: {}", output_text(&run));
         lichen_sync::sha256_hex(&std::fs::read(&module).expect("module"))
     }
@@ -342,4 +352,118 @@ fn hostile_bundles_are_refused_naming_the_member_and_the_node_keeps_answering() 
     assert!(out.status.success(), "{}", output_text(&out));
     node.daemon
         .wait_for("thermostat", "running", |w| w.state == "running");
+}
+
+/// `lichen hub bundle --precompile` for this node's target and another: `lichen import` takes
+/// the compiled form signed for this node's engine and runs the module without compiling it
+/// (reported `engine.compiled` unchanged, `precompiled-loads` one more), leaves the other
+/// target's out; a bundle whose compiled member has a byte changed is refused naming it, and
+/// nothing changes.
+#[test]
+fn a_bundle_precompiled_for_this_node_imports_without_compiling_and_a_changed_one_is_refused() {
+    let broker = Mosquitto::start_with(PERSISTENT);
+    let node = Node::start(&broker);
+    let watcher = Watcher::connect(
+        broker.port,
+        "t-bundle-aot",
+        &format!("lichen/v1/{NODE}/reported"),
+    );
+    let reported = |what: &str, want: &dyn Fn(&serde_json::Value) -> bool| -> serde_json::Value {
+        let seen = watcher.wait_for(what, Duration::from_secs(60), |m: &Seen| {
+            m.topic.ends_with("/reported") && want(&m.json()["payload"])
+        });
+        seen.json()["payload"].clone()
+    };
+    let before = reported("the node's engine", &|r| {
+        r["engine"]["fingerprint"].is_string()
+    })["engine"]
+        .clone();
+    let count = |engine: &serde_json::Value, field: &str| {
+        engine[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("engine.{field} in {engine}"))
+    };
+    let ours = before["target"].as_str().expect("engine.target").to_owned();
+    let other = if ours.starts_with("aarch64") {
+        "riscv64gc-unknown-linux-gnu"
+    } else {
+        "aarch64-unknown-linux-musl"
+    };
+    let (max_memory, guard) = (
+        count(&before, "max-memory").to_string(),
+        count(&before, "memory-guard").to_string(),
+    );
+    let work = node.dir.path().join("bundles");
+    std::fs::create_dir(&work).expect("mkdir");
+    let good = work.join("aot");
+    let source = node.bundle_with(
+        5,
+        &good,
+        &[
+            "--precompile",
+            &ours,
+            "--precompile",
+            other,
+            "--engine-max-memory",
+            &max_memory,
+            "--engine-memory-guard",
+            &guard,
+        ],
+    );
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(good.join("bundle.json")).expect("bundle.json"))
+            .expect("json");
+    let compiled_for = |target: &str| -> String {
+        index["desired"]["precompiled"]
+            .as_array()
+            .expect("precompiled entries")
+            .iter()
+            .find(|p| p["target"] == target && p["module"] == source.as_str())
+            .and_then(|p| p["sha256"].as_str())
+            .unwrap_or_else(|| panic!("compiled for {target}: {index}"))
+            .to_owned()
+    };
+    let (compiled, elsewhere) = (compiled_for(&ours), compiled_for(other));
+    let store_before = node.store_files();
+
+    // This node's compiled member with one byte changed: refused before anything is stored.
+    let changed = work.join("changed");
+    copy_dir(&good, &changed);
+    let member = changed.join("artifacts").join(&compiled);
+    let mut bytes = std::fs::read(&member).expect("compiled member");
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0xff;
+    std::fs::write(&member, bytes).expect("change");
+    node.assert_refused(
+        &changed,
+        &[&format!("artifacts/{compiled}"), "tampered"],
+        &store_before,
+    );
+
+    // The genuine bundle: applied; the module is mapped from its compiled form.
+    let out = node.import(&good);
+    assert!(out.status.success(), "{}", output_text(&out));
+    node.daemon
+        .wait_for("thermostat", "running", |w| w.state == "running");
+    let r = reported("version 5 applied", &|r| {
+        r["applied-version"] == 5 && r["engine"]["precompiled-loads"].as_u64() > Some(0)
+    });
+    assert_eq!(
+        count(&r["engine"], "compiled"),
+        count(&before, "compiled"),
+        "nothing compiled on the node: {r}"
+    );
+    assert_eq!(
+        count(&r["engine"], "precompiled-loads"),
+        count(&before, "precompiled-loads") + 1,
+        "{r}"
+    );
+    assert!(r["last-rejection"].is_null(), "{r}");
+    let files = node.store_files();
+    assert!(
+        files.iter().all(|f| !f.contains(&elsewhere)),
+        "the other target's compiled form is left out: {files:?}"
+    );
+    let status = node.daemon.status("thermostat").expect("thermostat runs");
+    assert_eq!(status.module_digest, format!("sha256:{source}"));
 }

@@ -1707,3 +1707,342 @@ fn a_rolled_back_system_update_is_in_reported_state_events_and_doctor() {
         "{doctor}"
     );
 }
+
+// Compiling off the device: `lichen hub deploy --precompile TARGET` compiles each module for
+// the node's engine (target and the memory settings it reports) and ships it signed beside
+// the source. The node's reported `engine` counts modules it compiled itself (`compiled`)
+// and compiled files it mapped instead (`precompiled-loads`).
+
+/// The `engine` of the node's reported state, once it reports one.
+fn reported_engine(watcher: &Watcher) -> Value {
+    reported(watcher, "the node's engine", |r| {
+        r["engine"]["fingerprint"].is_string()
+    })["engine"]
+        .clone()
+}
+
+/// `lichen hub deploy --precompile TARGET` of `text` as `version`, for the node whose
+/// reported engine is `engine` (its memory settings, which change compiled code); returns
+/// the command's JSON report.
+fn hub_deploy_precompiled(
+    setup: &Setup,
+    broker: &Mosquitto,
+    text: &str,
+    version: u64,
+    target: &str,
+    engine: &Value,
+) -> Value {
+    let file = setup.dir.path().join(format!("desired-{version}.toml"));
+    std::fs::write(&file, text).expect("write deployment");
+    let size = |field: &str| {
+        engine[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("engine.{field} in {engine}"))
+            .to_string()
+    };
+    let out = lichen(&[
+        "--json",
+        "hub",
+        "deploy",
+        "--url",
+        &broker.url(),
+        "--node",
+        NODE,
+        file.to_str().expect("utf-8 path"),
+        "--key",
+        setup.key("trusted").to_str().expect("utf-8 path"),
+        "--version",
+        &version.to_string(),
+        "--precompile",
+        target,
+        "--engine-max-memory",
+        &size("max-memory"),
+        "--engine-memory-guard",
+        &size("memory-guard"),
+    ]);
+    assert!(out.status.success(), "hub deploy: {}", output_text(&out));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", output_text(&out)))
+}
+
+/// A deployment running the thermostat from `thermostat.wasm` beside the file.
+fn thermostat_by_path(setup: &Setup) -> String {
+    std::fs::copy(
+        guest("thermostat"),
+        setup.dir.path().join("thermostat.wasm"),
+    )
+    .expect("copy the module");
+    "[[workloads]]\nname = \"thermostat\"\nmodule = \"thermostat.wasm\"\ntriggers = [{ interval = \"200ms\" }]\n"
+        .to_owned()
+}
+
+fn engine_count(engine: &Value, field: &str) -> u64 {
+    engine[field]
+        .as_u64()
+        .unwrap_or_else(|| panic!("engine.{field} in {engine}"))
+}
+
+#[test]
+fn a_module_precompiled_on_the_hub_for_this_node_is_mapped_without_compiling() {
+    let broker = Mosquitto::start_with(PERSISTENT);
+    let setup = Setup::new(&broker);
+    let watcher = Watcher::connect(broker.port, "t-precompiled", &topic("reported"));
+    let daemon = setup.daemon();
+    reported(&watcher, "counter running", |r| running(r, "counter"));
+    let before = reported_engine(&watcher);
+    assert!(
+        engine_count(&before, "compiled") >= 1,
+        "the counter: {before}"
+    );
+
+    let text = thermostat_by_path(&setup);
+    let target = before["target"].as_str().expect("engine.target").to_owned();
+    let published = hub_deploy_precompiled(&setup, &broker, &text, 2, &target, &before);
+    let artifacts = published["artifacts"].as_array().expect("artifacts");
+    assert_eq!(
+        artifacts.len(),
+        2,
+        "the source and its compiled form: {published}"
+    );
+    let r = reported(&watcher, "version 2 applied", |r| {
+        r["applied-version"] == 2 && running(r, "thermostat")
+    });
+    assert!(r["last-rejection"].is_null(), "{r}");
+    let after = &r["engine"];
+    assert_eq!(
+        engine_count(after, "compiled"),
+        engine_count(&before, "compiled"),
+        "nothing compiled on the node: {after}"
+    );
+    assert_eq!(
+        engine_count(after, "precompiled-loads"),
+        engine_count(&before, "precompiled-loads") + 1,
+        "the thermostat was mapped from its compiled file: {after}"
+    );
+    // The compiled file on the node is the one the hub compiled, byte for byte.
+    let source = lichen_sync::sha256_hex(&std::fs::read(guest("thermostat")).expect("guest"));
+    let compiled = artifacts
+        .iter()
+        .find(|a| a["digest"] != source.as_str())
+        .expect("the compiled artifact");
+    let status = daemon.status("thermostat").expect("thermostat runs");
+    assert_eq!(status.module_digest, format!("sha256:{source}"));
+    assert!(
+        !daemon
+            .log()
+            .contains(&format!("compiling module sha256:{source}")),
+        "{}",
+        daemon.log()
+    );
+    assert!(
+        compiled["size"].as_u64().is_some_and(|s| s > 0),
+        "{compiled}"
+    );
+}
+
+#[test]
+fn a_module_precompiled_for_another_engine_is_compiled_on_the_node_which_says_so() {
+    let broker = Mosquitto::start_with(PERSISTENT);
+    let setup = Setup::new(&broker);
+    let watcher = Watcher::connect(broker.port, "t-other-engine", &topic("reported"));
+    let daemon = setup.daemon();
+    reported(&watcher, "counter running", |r| running(r, "counter"));
+    let before = reported_engine(&watcher);
+    let ours = before["target"].as_str().expect("engine.target");
+    let other = if ours.starts_with("aarch64") {
+        "riscv64gc-unknown-linux-gnu"
+    } else {
+        "aarch64-unknown-linux-musl"
+    };
+
+    let text = thermostat_by_path(&setup);
+    hub_deploy_precompiled(&setup, &broker, &text, 2, other, &before);
+    let r = reported(&watcher, "version 2 applied", |r| {
+        r["applied-version"] == 2 && running(r, "thermostat")
+    });
+    assert!(r["last-rejection"].is_null(), "{r}");
+    let after = &r["engine"];
+    assert_eq!(
+        engine_count(after, "compiled"),
+        engine_count(&before, "compiled") + 1,
+        "the node compiled the source: {after}"
+    );
+    assert_eq!(
+        engine_count(after, "precompiled-loads"),
+        engine_count(&before, "precompiled-loads"),
+        "{after}"
+    );
+    // It says why, naming the module, the other engine's target and its own.
+    let source = lichen_sync::sha256_hex(&std::fs::read(guest("thermostat")).expect("guest"));
+    let log = daemon.log();
+    let said = log.lines().any(|l| {
+        l.contains(&format!("module sha256:{source} is precompiled for engine"))
+            && l.contains(&format!("(target {other})"))
+            && l.contains(&format!("(target {ours})"))
+            && l.contains("compiling the source instead")
+    });
+    assert!(said, "{log}");
+    // The artifact compiled for the other engine was never fetched: only the source's
+    // chunks (64 KiB each, `hub deploy`'s default) came over.
+    let source_len = std::fs::metadata(guest("thermostat")).expect("guest").len();
+    assert_eq!(
+        r["counters"]["artifact-chunks"],
+        source_len.div_ceil(64 << 10),
+        "{r}"
+    );
+}
+
+#[test]
+fn a_tampered_precompiled_artifact_is_refused_naming_it_and_the_running_deployment_stays() {
+    let broker = Mosquitto::start_with(PERSISTENT);
+    let setup = Setup::new(&broker);
+    let watcher = Watcher::connect(broker.port, "t-tampered-aot", &topic("reported"));
+    let daemon = setup.daemon();
+    reported(&watcher, "counter running", |r| running(r, "counter"));
+    let before = reported_engine(&watcher);
+
+    // What `hub deploy --precompile host` publishes, made here so that the compiled
+    // artifact's bytes can be changed on the way (its digest and size stay signed).
+    let source_bytes = std::fs::read(guest("thermostat")).expect("thermostat guest");
+    let source = lichen_agent::hub::artifacts::LocalArtifact {
+        digest: lichen_sync::sha256_hex(&source_bytes),
+        path: "thermostat.wasm".into(),
+        bytes: source_bytes,
+    };
+    let options = lichen_agent::runtime::wasm::EngineOptions {
+        max_memory_bytes: engine_count(&before, "max-memory"),
+        memory_guard_bytes: engine_count(&before, "memory-guard"),
+        ..Default::default()
+    };
+    let target = before["target"].as_str().expect("engine.target").to_owned();
+    let engines = lichen_agent::hub::precompile::parse_targets(&[target], options)
+        .expect("the node's target");
+    assert_eq!(
+        engines[0].fingerprint(),
+        before["fingerprint"].as_str().expect("fingerprint"),
+        "compiled for exactly this node's engine"
+    );
+    let (compiled, precompiled) =
+        lichen_agent::hub::precompile::precompile(std::slice::from_ref(&source), &engines)
+            .expect("compiles");
+    let compiled = &compiled[0];
+    let text = one_workload(
+        "thermostat",
+        std::path::Path::new(&format!("sha256:{}", source.digest)),
+        "triggers = [{ interval = \"200ms\" }]",
+    );
+    let mut desired = lichen_agent::hub::DesiredState {
+        version: 2,
+        deployment: text,
+        artifacts: [&source, compiled]
+            .iter()
+            .map(|a| (a.digest.clone(), a.bytes.len() as u64))
+            .collect(),
+        precompiled,
+        system: None,
+        signature: None,
+        key_id: None,
+    };
+    let (signature, key_id) = lichen_agent::hub::sign_desired(
+        &std::fs::read(setup.key("trusted")).expect("key file"),
+        NODE,
+        &desired,
+    )
+    .expect("signs");
+    desired.signature = Some(signature);
+    desired.key_id = Some(key_id);
+
+    let topics = lichen_sync::Topics::new(NODE).expect("node id");
+    for (t, retain, payload) in
+        lichen_agent::hub::artifacts::artifact_messages(&topics, &source.bytes, 65536, 1)
+    {
+        watcher.publish(&t, retain, payload);
+    }
+    // The compiled artifact with one byte changed, its manifest made to match the changed
+    // chunks: only the whole artifact's digest can tell.
+    let mut changed = compiled.bytes.clone();
+    let middle = changed.len() / 2;
+    changed[middle] ^= 0xff;
+    let (mut manifest, chunks) = lichen_sync::Manifest::split(&changed, 65536);
+    manifest.digest = compiled.digest.clone();
+    for (i, c) in (0u32..).zip(&chunks) {
+        watcher.publish(
+            &topics.artifact_chunk(&compiled.digest, i),
+            true,
+            c.to_vec(),
+        );
+    }
+    watcher.publish(
+        &topics.artifact_manifest(&compiled.digest),
+        true,
+        json!({"id": "someone:1", "ts": 1, "payload": manifest}).to_string(),
+    );
+    watcher.publish(
+        &topic("desired"),
+        true,
+        json!({"id": "operator:2", "ts": 1, "payload": desired}).to_string(),
+    );
+
+    let compiled_fetch = |r: &Value| -> Option<Value> {
+        r["artifacts"]["fetching"]
+            .as_array()?
+            .iter()
+            .find(|f| f["digest"] == compiled.digest.as_str())
+            .cloned()
+    };
+    let r = reported(&watcher, "the tampered compiled artifact refused", |r| {
+        compiled_fetch(r).is_some_and(|f| f["refused"].as_u64() >= Some(1))
+    });
+    let error = compiled_fetch(&r).expect("still fetching")["last-error"]
+        .as_str()
+        .expect("why")
+        .to_owned();
+    assert!(
+        error.contains(&format!(
+            "artifact sha256:{} was tampered with",
+            compiled.digest
+        )),
+        "{error}"
+    );
+    // Nothing changed: the counter (from the local deployment file) runs, no hub version
+    // is applied, nothing was loaded.
+    assert!(r["applied-version"].is_null(), "{r}");
+    assert_eq!(r["deployment"]["local-version"], 1, "{r}");
+    assert!(r["last-rejection"].is_null(), "the deployment stands: {r}");
+    assert!(running(&r, "counter"), "{r}");
+    assert!(daemon.status("thermostat").is_none(), "not applied");
+    assert_eq!(
+        engine_count(&r["engine"], "precompiled-loads"),
+        engine_count(&before, "precompiled-loads"),
+        "{r}"
+    );
+    assert!(
+        !daemon
+            .state_dir()
+            .join("artifacts")
+            .read_dir()
+            .expect("artifact store")
+            .filter_map(Result::ok)
+            .any(|e| e.file_name().to_string_lossy().contains(&compiled.digest)),
+        "the tampered bytes were not stored"
+    );
+
+    // The genuine compiled artifact: applied, mapped without compiling.
+    for (t, retain, payload) in
+        lichen_agent::hub::artifacts::artifact_messages(&topics, &compiled.bytes, 65536, 2)
+    {
+        watcher.publish(&t, retain, payload);
+    }
+    let r = reported(&watcher, "version 2 applied", |r| {
+        r["applied-version"] == 2 && running(r, "thermostat")
+    });
+    assert_eq!(
+        engine_count(&r["engine"], "compiled"),
+        engine_count(&before, "compiled"),
+        "{r}"
+    );
+    assert_eq!(
+        engine_count(&r["engine"], "precompiled-loads"),
+        engine_count(&before, "precompiled-loads") + 1,
+        "{r}"
+    );
+}

@@ -39,6 +39,10 @@ impl EdgeInput for LinuxEdgeInput {
     fn edge_watch(&self) -> Result<EdgeWatch, Error> {
         Ok(EdgeWatch::Linux(self.0.edge_watch()?))
     }
+
+    fn reconfigure(&mut self, config: &InputConfig) -> Result<(), Error> {
+        self.0.reconfigure(config)
+    }
 }
 
 /// The error for a pin or bus the profile does not have (the deploy-time check makes this a

@@ -241,6 +241,59 @@ fn opened_outputs_are_shared_by_instances_and_return_to_their_safe_state() {
     );
 }
 
+/// A hot reload that changes a `gpio-edge` trigger's debounce opens the new version's grants
+/// while the running version holds the input: the held line is shared and reconfigured in
+/// place (a second request would be refused as busy), the edge queued before keeps waiting
+/// for whichever version handles it, and opening the old settings again puts them back (what
+/// a reload that fails does).
+#[test]
+fn a_reload_that_changes_an_inputs_debounce_reconfigures_the_held_line_and_keeps_its_edges() {
+    let hub = DeviceHub::open("sim").expect("sim board");
+    let button = |debounce: &str| {
+        parsed(&workload(
+            "button",
+            &format!(
+                "triggers = [{{ gpio-edge = \"button\", edge = \"both\"{debounce} }}]\n\
+                 gpio = [{{ name = \"button\", pin = \"GPIO27\", mode = \"input\", bias = \"pull-up\" }}]"
+            ),
+        ))
+        .spec
+        .workloads[0]
+            .clone()
+    };
+    let (plain, slow) = (button(""), button(", debounce = \"10s\""));
+    let chip = hub.sim().expect("simulated").chip().clone();
+    let input = |grants: &lichen_host_apis::DeviceGrants| match grants.gpio("button") {
+        Some(lichen_host_apis::GpioGrant::Input(pin)) => pin.clone(),
+        other => panic!("button is an input: {other:?}"),
+    };
+    let running = hub.open_grants(&plain).expect("pin opens");
+    chip.drive("GPIO27", Level::Low).expect("press");
+
+    let reloaded = hub
+        .open_grants(&slow)
+        .expect("the held line is reconfigured, not requested again");
+    assert!(Arc::ptr_eq(&input(&running), &input(&reloaded)), "one line");
+    assert_eq!(
+        chip.consumer("GPIO27").expect("line").as_deref(),
+        Some("lichen:button")
+    );
+    let queued = input(&reloaded).try_edge().expect("line").expect("queued");
+    assert_eq!(queued.edge, lichen_devices::Edge::Falling, "kept across it");
+    // The new settings hold: a release is no edge until it has held for 10 s.
+    chip.drive("GPIO27", Level::High).expect("release");
+    assert_eq!(input(&reloaded).try_edge().expect("line"), None);
+    drop(reloaded);
+
+    // The reload failed: the running version's settings come back, and with no debounce
+    // the release counts at once.
+    drop(hub.open_grants(&plain).expect("settings restored"));
+    let released = input(&running).try_edge().expect("line").expect("released");
+    assert_eq!(released.edge, lichen_devices::Edge::Rising);
+    drop(running);
+    assert_eq!(chip.consumer("GPIO27").expect("line"), None, "released");
+}
+
 #[test]
 fn the_sim_board_starts_with_plausible_readings() {
     let hub = DeviceHub::open("sim").expect("sim board");

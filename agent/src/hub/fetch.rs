@@ -25,6 +25,7 @@ use sha2::{Digest, Sha256};
 
 use super::update::SystemStep;
 use super::{Bridge, DesiredState, artifacts, now_ms};
+use crate::runtime::wasm::ArtifactStore;
 
 /// False manifests remembered per artifact.
 const KEEP_BAD_MANIFESTS: usize = 8;
@@ -179,45 +180,12 @@ impl Bridge {
         self.publish_reported().await;
     }
 
-    /// The compiled artifacts of `desired` this node fetches (compiled sha256 -> module): those
-    /// for its engine fingerprint, for modules it has no compiled form of yet; and the modules
-    /// compiled for it. A module compiled only for other engines is compiled here, and the log
-    /// says why.
+    /// The compiled artifacts of `desired` this node fetches: see [`precompiled_for`].
     fn precompiled_for_this_node(
         &self,
         desired: &DesiredState,
     ) -> (BTreeMap<String, String>, BTreeSet<String>) {
-        let store = self.agent.artifacts();
-        let engine = store.engine();
-        let mut fetch = BTreeMap::new();
-        let mut ours = BTreeSet::new();
-        for p in desired
-            .precompiled
-            .iter()
-            .filter(|p| p.engine == engine.fingerprint())
-        {
-            ours.insert(p.module.clone());
-            if !store.has_compiled(&p.module) {
-                fetch.insert(p.sha256.clone(), p.module.clone());
-            }
-        }
-        for p in desired
-            .precompiled
-            .iter()
-            .filter(|p| !ours.contains(&p.module))
-        {
-            tracing::warn!(
-                module = %p.module,
-                "deployment version {}: module sha256:{} is precompiled for engine {} (target {}), not this node's engine {} (target {}); compiling the source instead",
-                desired.version,
-                p.module,
-                p.engine,
-                p.target,
-                engine.fingerprint(),
-                engine.target()
-            );
-        }
-        (fetch, ours)
+        precompiled_for(self.agent.artifacts(), desired)
     }
 
     /// Unsubscribes from every topic of the pending transfer and forgets it (its chunks stay
@@ -530,4 +498,44 @@ impl Bridge {
         }
         self.refuse(digest, Some(fingerprint), reason).await;
     }
+}
+
+/// The compiled artifacts of `desired` this node takes (compiled sha256 -> module): those for
+/// its engine fingerprint, for modules it has no compiled form of yet; and the modules
+/// compiled for it. A module compiled only for other engines is compiled here, and the log
+/// says why. The hub link and `lichen import` decide alike.
+pub(super) fn precompiled_for(
+    store: &ArtifactStore,
+    desired: &DesiredState,
+) -> (BTreeMap<String, String>, BTreeSet<String>) {
+    let engine = store.engine();
+    let mut fetch = BTreeMap::new();
+    let mut ours = BTreeSet::new();
+    for p in desired
+        .precompiled
+        .iter()
+        .filter(|p| p.engine == engine.fingerprint())
+    {
+        ours.insert(p.module.clone());
+        if !store.has_compiled(&p.module) {
+            fetch.insert(p.sha256.clone(), p.module.clone());
+        }
+    }
+    for p in desired
+        .precompiled
+        .iter()
+        .filter(|p| !ours.contains(&p.module))
+    {
+        tracing::warn!(
+            module = %p.module,
+            "deployment version {}: module sha256:{} is precompiled for engine {} (target {}), not this node's engine {} (target {}); compiling the source instead",
+            desired.version,
+            p.module,
+            p.engine,
+            p.target,
+            engine.fingerprint(),
+            engine.target()
+        );
+    }
+    (fetch, ours)
 }

@@ -8,7 +8,10 @@
 //! member through SHA-256 against its name, with nothing written anywhere, and checks that each
 //! digest the deployment names is in the bundle or the store. Only then, in a second pass, it
 //! reads each artifact the store lacks (one at a time, within its bound), checks its digest
-//! again (the bundle may have changed since) and adds it to the artifact store. The verified
+//! again (the bundle may have changed since) and adds it to the artifact store. Compiled
+//! artifacts (`lichen hub bundle --precompile TARGET`) are taken as the hub link takes them:
+//! the one signed for this node's engine fingerprint is stored and its module is not compiled
+//! here; those for other engines are checked like every member and left out. The verified
 //! desired state goes to the hub link's bridge, which applies it as it applies one from the
 //! hub (or records the refusal), and answers the caller.
 
@@ -237,14 +240,29 @@ impl Importer {
             }
             Err(reason) => return Err(Refusal::new(version, reason)),
         };
-        // Each digest the signed text names, with the size the desired state signs for it
-        // (a member must be exactly that size); one without is bounded by Limits::artifact.
+        super::check_precompiled(&desired).map_err(|reason| Refusal::new(version, reason))?;
+        // The compiled forms for this node's engine it lacks (compiled sha256 -> module), and
+        // the modules that have one: those are stored without compiling. Compiled forms for
+        // other engines may be in the bundle (one bundle for several targets): checked like
+        // every member, not stored.
+        let store = self.agent.artifacts();
+        let (compiled, compiled_here) = super::fetch::precompiled_for(store, &desired);
+        // Each digest the signed text names and each compiled form it lists, with the size
+        // the desired state signs for it (a member must be exactly that size); one without
+        // is bounded by Limits::artifact.
         let expected: Expected = artifacts::referenced_digests(&desired.deployment)
             .into_iter()
+            .chain(desired.precompiled.iter().map(|p| p.sha256.clone()))
             .map(|d| {
                 let size = desired.artifacts.get(&d).copied();
                 (d, size)
             })
+            .collect();
+        let left_out: std::collections::BTreeSet<&str> = desired
+            .precompiled
+            .iter()
+            .map(|p| p.sha256.as_str())
+            .filter(|d| !compiled.contains_key(*d))
             .collect();
         // First pass: every member hashed as it streams by; nothing kept, nothing written.
         let in_bundle = bundle
@@ -258,11 +276,9 @@ impl Importer {
                 Ok(())
             })
             .map_err(|e| Refusal::new(version, format!("{e:#}")))?;
-        let store = self.agent.artifacts();
-        if let Some(digest) = expected
-            .keys()
-            .find(|d| !in_bundle.contains(*d) && !store.contains(d))
-        {
+        if let Some(digest) = expected.keys().find(|d| {
+            !in_bundle.contains(*d) && !left_out.contains(d.as_str()) && !store.contains(d)
+        }) {
             return Err(Refusal::new(
                 version,
                 format!(
@@ -274,7 +290,9 @@ impl Importer {
         let mut added = Vec::new();
         bundle
             .artifacts(&expected, |name, reader, size| {
-                if store.contains(name) {
+                if left_out.contains(name)
+                    || (!compiled.contains_key(name) && store.contains(name))
+                {
                     return Ok(());
                 }
                 let mut bytes = Vec::with_capacity(usize::try_from(size).unwrap_or(0));
@@ -285,9 +303,21 @@ impl Importer {
                         "artifact file artifacts/{name} of bundle {shown} changed while it was imported: its content now has sha256 {found}"
                     );
                 }
-                runtime
-                    .block_on(store.add(bytes))
-                    .map_err(|e| anyhow::anyhow!("artifact sha256:{name} does not load: {e:#}"))?;
+                if let Some(module) = compiled.get(name) {
+                    runtime.block_on(store.add_precompiled(module, bytes)).map_err(|e| {
+                        anyhow::anyhow!(
+                            "compiled artifact sha256:{name} for module sha256:{module} is refused: {e:#}"
+                        )
+                    })?;
+                } else if compiled_here.contains(name) {
+                    runtime.block_on(store.add_source(bytes)).map_err(|e| {
+                        anyhow::anyhow!("artifact sha256:{name} is not a WebAssembly module: {e:#}")
+                    })?;
+                } else {
+                    runtime.block_on(store.add(bytes)).map_err(|e| {
+                        anyhow::anyhow!("artifact sha256:{name} does not load: {e:#}")
+                    })?;
+                }
                 added.push(name.to_owned());
                 Ok(())
             })

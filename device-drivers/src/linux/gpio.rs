@@ -352,6 +352,33 @@ impl LinuxInputPin {
         &self.loc
     }
 
+    /// Changes the request's bias, active-low, edge detection and debounce in place (the
+    /// uAPI's line-config ioctl): the line stays requested, so no other consumer can take it
+    /// meanwhile, and edge events already queued by the kernel stay queued.
+    pub fn reconfigure(&mut self, config: &InputConfig) -> Result<()> {
+        let mut cfg = gpiocdev::request::Config::default();
+        cfg.with_line(self.loc.offset).as_input();
+        if config.active_low {
+            cfg.as_active_low();
+        } else {
+            cfg.as_active_high();
+        }
+        if let Some(bias) = config.bias {
+            cfg.with_bias(to_bias(bias));
+        }
+        cfg.with_edge_detection(config.edge.map(|e| to_kernel_edge(e, config.active_low)));
+        if config.edge.is_some() {
+            cfg.with_event_clock(line::EventClock::Monotonic);
+        }
+        cfg.with_debounce_period(config.debounce.unwrap_or(Duration::ZERO));
+        self.req
+            .reconfigure(&cfg)
+            .map_err(|e| gpio_error(&self.loc.chip, &self.name, e))?;
+        self.active_low = config.active_low;
+        self.edge = config.edge;
+        Ok(())
+    }
+
     /// The physical level.
     pub fn level(&self) -> Result<Level> {
         self.req

@@ -100,6 +100,19 @@ enum RequestKind {
     },
 }
 
+impl RequestKind {
+    fn input(config: &InputConfig) -> RequestKind {
+        RequestKind::Input {
+            bias: config.bias,
+            active_low: config.active_low,
+            edge: config.edge,
+            debounce_ns: config
+                .debounce
+                .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
+        }
+    }
+}
+
 impl LineState {
     fn raw_input(&self) -> Level {
         let bias = match &self.request {
@@ -399,14 +412,7 @@ impl SimChip {
         line.request = Some(Request {
             id,
             consumer: consumer.to_owned(),
-            kind: RequestKind::Input {
-                bias: config.bias,
-                active_low: config.active_low,
-                edge: config.edge,
-                debounce_ns: config
-                    .debounce
-                    .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)),
-            },
+            kind: RequestKind::input(config),
         });
         line.pending = None;
         line.events.clear();
@@ -637,6 +643,25 @@ impl SimInputPin {
             .with_line(self.offset, self.id, &self.label, |line, now| {
                 line.settle(now);
                 Ok(line.level)
+            })
+    }
+
+    /// Changes the request's bias, active-low, edge detection and debounce in place, as the
+    /// kernel's line-config ioctl does: the line stays requested by this consumer, queued
+    /// events stay queued, and a change still waiting out its debounce period keeps its start
+    /// under the new period (committed at once when the new period is zero).
+    pub fn reconfigure(&mut self, config: &InputConfig) -> Result<()> {
+        self.chip
+            .with_line(self.offset, self.id, &self.label, |line, now| {
+                line.settle(now);
+                if let Some(request) = line.request.as_mut() {
+                    request.kind = RequestKind::input(config);
+                }
+                if config.debounce.is_none_or(|d| d.is_zero()) {
+                    line.pending = None;
+                }
+                line.input_changed(now);
+                Ok(())
             })
     }
 
@@ -1098,6 +1123,45 @@ mod tests {
         assert_eq!(ev.timestamp_ns, 27_000_000);
         assert!(btn.is_high().expect("read"));
         assert_eq!(btn.try_event().expect("read"), None);
+    }
+
+    #[test]
+    fn reconfigure_keeps_the_request_and_its_queued_edges_and_applies_the_new_debounce() {
+        let chip = SimChip::with_manual_clock("sim", ["BTN"]);
+        let mut btn = chip
+            .request_input(
+                "BTN",
+                "t",
+                &InputConfig {
+                    edge: Some(EdgeDetection::Both),
+                    ..Default::default()
+                },
+            )
+            .expect("free");
+        chip.advance(ms(1));
+        chip.drive("BTN", Level::High).expect("drive");
+        let slow = InputConfig {
+            edge: Some(EdgeDetection::Both),
+            debounce: Some(ms(5)),
+            ..Default::default()
+        };
+        btn.reconfigure(&slow).expect("reconfigured");
+        assert_eq!(chip.consumer("BTN").expect("line").as_deref(), Some("t"));
+        let queued = btn.try_event().expect("read").expect("kept across it");
+        assert_eq!(queued.edge, Edge::Rising);
+        // The new period holds: a change counts after 5 ms.
+        chip.drive("BTN", Level::Low).expect("drive");
+        chip.advance(ms(3));
+        assert_eq!(btn.try_event().expect("read"), None);
+        // Back to no debounce while a change waits: it counts at once.
+        btn.reconfigure(&InputConfig {
+            edge: Some(EdgeDetection::Both),
+            ..Default::default()
+        })
+        .expect("reconfigured");
+        let ev = btn.try_event().expect("read").expect("falling");
+        assert_eq!(ev.edge, Edge::Falling);
+        assert!(btn.is_low().expect("read"));
     }
 
     #[test]

@@ -309,10 +309,22 @@ impl WorkerHandle {
     ) -> Result<(), String> {
         let instance = if artifact.kind() == ArtifactKind::Component {
             let mut setup = setup_for(ctx, &spec, self.kv.clone());
-            setup.devices = open_devices(ctx, &spec).await?;
-            let started = start_instance(ctx, &artifact, &setup).await;
-            release_devices(std::mem::take(&mut setup.devices)).await;
-            Some(started?)
+            let started = match open_devices(ctx, &spec).await {
+                Ok(devices) => {
+                    setup.devices = devices;
+                    let started = start_instance(ctx, &artifact, &setup).await;
+                    release_devices(std::mem::take(&mut setup.devices)).await;
+                    started
+                }
+                Err(message) => Err(message),
+            };
+            match started {
+                Ok(instance) => Some(instance),
+                Err(message) => {
+                    restore_devices(ctx, &self.spec).await;
+                    return Err(message);
+                }
+            }
         } else {
             None
         };
@@ -383,6 +395,21 @@ async fn open_devices(
     tokio::task::spawn_blocking(move || hub.open_grants(&spec).map(Arc::new))
         .await
         .map_err(|e| format!("the device opening thread failed: {e}"))?
+}
+
+/// Puts the input lines the running version holds back to its `spec`'s settings after a
+/// reload that reconfigured them did not take over (opening shares the held lines and
+/// reconfigures those whose settings differ). A failure is logged: the running version keeps
+/// its lines either way.
+async fn restore_devices(ctx: &WorkerContext, spec: &WorkloadSpec) {
+    match open_devices(ctx, spec).await {
+        Ok(devices) => release_devices(devices).await,
+        Err(message) => ctx.logs.agent_line(
+            &spec.name,
+            lichen_host_apis::LogLevel::Warn,
+            &format!("cannot restore the running version's pin settings: {message}"),
+        ),
+    }
 }
 
 /// Lets go of a reference to a workload's device handles. When it is the last one, the

@@ -15,7 +15,7 @@ use super::super::instance::{CallOutcome, Instance, InstanceSetup};
 use super::{
     BACKOFF_MAX, BACKOFF_START, CommandCommitted, Delivery, EventRequest, Prepared, Queued, Reply,
     WorkerCommand, WorkerContext, WorkerStats, commit, commit_error, open_devices, release_devices,
-    setup_for, start_instance,
+    restore_devices, setup_for, start_instance,
 };
 use crate::deployment::{RestartPolicy, Trigger};
 use crate::store::{CommandRecord, StatusUpdate, StoreError};
@@ -390,6 +390,7 @@ impl Worker {
                         );
                         let failed = std::mem::replace(&mut self.current, old);
                         Box::pin(release(failed)).await;
+                        Box::pin(restore_devices(&self.ctx, &self.current.spec)).await;
                         self.publish_version();
                         self.ctx
                             .metrics
