@@ -79,6 +79,13 @@ fi
 for ev in /dev/input/event*; do
   [ -e "\$ev" ] && [ $button = 1 ] || continue
   ( head -c 1 "\$ev" >/dev/null && down "power button" ) &
+  # An input event reaches only readers that have the device open: wait (bounded, 30 s) until
+  # the reader has it open before the marker, so a press right after the marker is not lost.
+  waited=0
+  until ls -l /proc/[0-9]*/fd 2>/dev/null | grep -q "\$ev\$" || [ \$waited -ge 300 ]; do
+    usleep 100000
+    waited=\$((waited + 1))
+  done
 done
 $marker
 n=0
