@@ -24,6 +24,10 @@ use wasmtime_wasi::p2::bindings::CommandPre;
 
 use super::IntoAnyhow;
 use super::command::CommandProgram;
+use super::compiler::{
+    compile_component, compile_module, deserialize_component_file, deserialize_module_file,
+    serialize_module,
+};
 use super::engine::WasmEngine;
 use super::instance::InstanceData;
 
@@ -673,60 +677,6 @@ fn checksum_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(".sha256");
     PathBuf::from(name)
-}
-
-#[cfg(feature = "compiler")]
-fn compile_component(engine: &wasmtime::Engine, bytes: &[u8]) -> Result<Component> {
-    Component::new(engine, bytes).anyhow()
-}
-
-#[cfg(not(feature = "compiler"))]
-fn compile_component(_: &wasmtime::Engine, _: &[u8]) -> Result<Component> {
-    bail!("this agent was built without a compiler")
-}
-
-#[cfg(feature = "compiler")]
-fn compile_module(engine: &wasmtime::Engine, bytes: &[u8]) -> Result<Module> {
-    Module::new(engine, bytes).anyhow()
-}
-
-#[cfg(feature = "compiler")]
-fn serialize_module(module: &Module) -> Result<Vec<u8>> {
-    module.serialize().anyhow()
-}
-
-#[cfg(not(feature = "compiler"))]
-fn serialize_module(_: &Module) -> Result<Vec<u8>> {
-    bail!("this agent was built without a compiler")
-}
-
-#[cfg(not(feature = "compiler"))]
-fn compile_module(_: &wasmtime::Engine, _: &[u8]) -> Result<Module> {
-    bail!("this agent was built without a compiler")
-}
-
-/// Maps a compiled component file into this engine.
-#[allow(unsafe_code)]
-fn deserialize_component_file(engine: &wasmtime::Engine, path: &Path) -> Result<Component> {
-    // SAFETY: Wasmtime requires a file made by `serialize`/`precompile_component` that nobody
-    // changes while it is mapped. The store's files are written only by this agent, by
-    // rename (a new inode; a mapped file is never written in place), after their sha256 was
-    // checked: against the source's own compilation, or the digest a verified signature
-    // names. `compiled_ready` checked the file is still the one recorded then. Wasmtime
-    // itself checks the header and that the engine settings match.
-    unsafe { Component::deserialize_file(engine, path) }
-        .anyhow()
-        .context("cannot load the compiled component")
-}
-
-/// Maps a compiled core module file into this engine.
-#[allow(unsafe_code)]
-fn deserialize_module_file(engine: &wasmtime::Engine, path: &Path) -> Result<Module> {
-    // SAFETY: as for `deserialize_component_file`: a file this agent wrote by rename after
-    // checking its sha256, still the one recorded then.
-    unsafe { Module::deserialize_file(engine, path) }
-        .anyhow()
-        .context("cannot load the compiled module")
 }
 
 /// Writes `bytes` to `path` (mode 0600) so that a crash leaves either the old file or the new

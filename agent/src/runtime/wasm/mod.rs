@@ -4,6 +4,7 @@
 mod address_space;
 mod artifacts;
 mod command;
+mod compiler;
 mod engine;
 mod instance;
 mod limiter;
