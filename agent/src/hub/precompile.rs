@@ -82,8 +82,12 @@ fn build(engine_for: &PrecompileFor) -> Result<wasmtime::Engine> {
         .with_context(|| format!("cannot make an engine for target {}", engine_for.target))
 }
 
+/// Stands for the compiling engine in a build without a compiler; never made.
 #[cfg(not(feature = "compiler"))]
-fn build(_: &PrecompileFor) -> Result<()> {
+enum NoCompiler {}
+
+#[cfg(not(feature = "compiler"))]
+fn build(_: &PrecompileFor) -> Result<NoCompiler> {
     bail!(
         "this lichen was built without a compiler (cargo feature `compiler` off): precompile with a full build"
     )
@@ -102,8 +106,8 @@ fn compile(engine: &wasmtime::Engine, bytes: &[u8]) -> Result<Vec<u8>> {
 }
 
 #[cfg(not(feature = "compiler"))]
-fn compile(_: &(), _: &[u8]) -> Result<Vec<u8>> {
-    bail!("this lichen was built without a compiler")
+fn compile(engine: &NoCompiler, _: &[u8]) -> Result<Vec<u8>> {
+    match *engine {}
 }
 
 /// The `--precompile` options of `lichen hub deploy` and `lichen hub bundle`.
