@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 
 use super::{
-    Table, WorkloadText, api, deployment_text, fmt_count, fmt_duration, fmt_rate, histogram,
-    module_bytes, open_agent,
+    Table, api, fmt_count, fmt_duration, fmt_rate, histogram, module_bytes, open_agent,
+    same_module_text,
 };
 use crate::BenchArgs;
 use lichen_agent::api::control::Control;
@@ -45,15 +45,7 @@ pub(super) async fn run(
     let reserved = agent.artifacts().engine().options().reserved_memory_bytes();
 
     let names: Vec<String> = (0..count).map(|i| format!("d-{i:05}")).collect();
-    let workloads: Vec<WorkloadText<'_>> = names
-        .iter()
-        .map(|name| WorkloadText {
-            name,
-            digest: &digest,
-            config: &[],
-        })
-        .collect();
-    let text = deployment_text("bench density", &workloads);
+    let text = same_module_text("bench density", &names, &digest);
 
     // Let the open settle (log persister, store writer) before the baseline.
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -20,7 +20,7 @@ use lichen_agent::api::control::Control;
 use lichen_agent::runtime::wasm::{ArtifactStore, EngineOptions, WasmEngine};
 use lichen_agent::util::{human_bytes, process_rss_bytes};
 
-use super::{Samples, Table, WorkloadText, api, deployment_text, fmt_duration, open_agent};
+use super::{Samples, Table, api, fmt_duration, open_agent, same_module_text};
 use crate::BenchArgs;
 
 /// Live instances of the Python guest for the memory figure (`--count` changes it).
@@ -219,15 +219,7 @@ async fn instances(dir: &Path, count: usize, table: &mut Table) -> Result<Vec<St
         .context("cannot add the precompiled Python guest")?;
     let before = process_rss_bytes().unwrap_or(0);
     let names: Vec<String> = (0..count).map(|i| format!("py-{i}")).collect();
-    let workloads: Vec<WorkloadText<'_>> = names
-        .iter()
-        .map(|name| WorkloadText {
-            name,
-            digest: &digest,
-            config: &[],
-        })
-        .collect();
-    let text = deployment_text("bench guests: Python instances", &workloads);
+    let text = same_module_text("bench guests: Python instances", &names, &digest);
     agent
         .deploy_text("bench-guests.toml", &text, Path::new("/"))
         .await

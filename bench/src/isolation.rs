@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use tokio::sync::mpsc;
 
-use super::{Samples, WorkloadText, api, deployment_text, fmt_duration, module_bytes, open_agent};
+use super::{Samples, api, fmt_duration, module_bytes, open_agent, same_module_text};
 use crate::BenchArgs;
 use lichen_agent::api::control::Control;
 use lichen_agent::api::types::SendRequest;
@@ -111,15 +111,7 @@ async fn wasm(dir: &Path, args: &BenchArgs, n: usize) -> Result<Measured> {
     let mut starts = Vec::with_capacity(n);
     for i in 0..n {
         // Each deployment holds every instance so far: the agent starts only the new one.
-        let workloads: Vec<WorkloadText<'_>> = names[..=i]
-            .iter()
-            .map(|name| WorkloadText {
-                name,
-                digest: &digest,
-                config: &[],
-            })
-            .collect();
-        let text = deployment_text("bench isolation", &workloads);
+        let text = same_module_text("bench isolation", &names[..=i], &digest);
         let started = Instant::now();
         agent
             .deploy_text("bench-isolation.toml", &text, Path::new("/"))

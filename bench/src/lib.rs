@@ -506,6 +506,20 @@ fn deployment_text(description: &str, workloads: &[WorkloadText<'_>]) -> String 
     text
 }
 
+/// Deployment TOML in which each of `names` runs the module `digest`, with no config and no
+/// trigger.
+fn same_module_text(description: &str, names: &[String], digest: &str) -> String {
+    let workloads: Vec<WorkloadText<'_>> = names
+        .iter()
+        .map(|name| WorkloadText {
+            name,
+            digest,
+            config: &[],
+        })
+        .collect();
+    deployment_text(description, &workloads)
+}
+
 fn api(err: ApiError) -> anyhow::Error {
     anyhow::anyhow!("{} ({})", err.error, err.code)
 }
