@@ -1713,6 +1713,33 @@ fn a_rolled_back_system_update_is_in_reported_state_events_and_doctor() {
 // the source. The node's reported `engine` counts modules it compiled itself (`compiled`)
 // and compiled files it mapped instead (`precompiled-loads`).
 
+/// A node on a persistent broker, running its default counter, with a watcher of its reported
+/// state (client id `client`) and the `engine` section it reported before the test acts. The
+/// fields are bound in this order so that they drop daemon first, broker last.
+struct CounterNode {
+    broker: Mosquitto,
+    setup: Setup,
+    watcher: Watcher,
+    daemon: Daemon,
+    before: Value,
+}
+
+fn counter_node(client: &str) -> CounterNode {
+    let broker = Mosquitto::start_with(PERSISTENT);
+    let setup = Setup::new(&broker);
+    let watcher = Watcher::connect(broker.port, client, &topic("reported"));
+    let daemon = setup.daemon();
+    reported(&watcher, "counter running", |r| running(r, "counter"));
+    let before = reported_engine(&watcher);
+    CounterNode {
+        broker,
+        setup,
+        watcher,
+        daemon,
+        before,
+    }
+}
+
 /// The `engine` of the node's reported state, once it reports one.
 fn reported_engine(watcher: &Watcher) -> Value {
     reported(watcher, "the node's engine", |r| {
@@ -1783,12 +1810,13 @@ fn engine_count(engine: &Value, field: &str) -> u64 {
 
 #[test]
 fn a_module_precompiled_on_the_hub_for_this_node_is_mapped_without_compiling() {
-    let broker = Mosquitto::start_with(PERSISTENT);
-    let setup = Setup::new(&broker);
-    let watcher = Watcher::connect(broker.port, "t-precompiled", &topic("reported"));
-    let daemon = setup.daemon();
-    reported(&watcher, "counter running", |r| running(r, "counter"));
-    let before = reported_engine(&watcher);
+    let CounterNode {
+        broker,
+        setup,
+        watcher,
+        daemon,
+        before,
+    } = counter_node("t-precompiled");
     assert!(
         engine_count(&before, "compiled") >= 1,
         "the counter: {before}"
@@ -1841,12 +1869,13 @@ fn a_module_precompiled_on_the_hub_for_this_node_is_mapped_without_compiling() {
 
 #[test]
 fn a_module_precompiled_for_another_engine_is_compiled_on_the_node_which_says_so() {
-    let broker = Mosquitto::start_with(PERSISTENT);
-    let setup = Setup::new(&broker);
-    let watcher = Watcher::connect(broker.port, "t-other-engine", &topic("reported"));
-    let daemon = setup.daemon();
-    reported(&watcher, "counter running", |r| running(r, "counter"));
-    let before = reported_engine(&watcher);
+    let CounterNode {
+        broker,
+        setup,
+        watcher,
+        daemon,
+        before,
+    } = counter_node("t-other-engine");
     let ours = before["target"].as_str().expect("engine.target");
     let other = if ours.starts_with("aarch64") {
         "riscv64gc-unknown-linux-gnu"
@@ -1893,12 +1922,14 @@ fn a_module_precompiled_for_another_engine_is_compiled_on_the_node_which_says_so
 
 #[test]
 fn a_tampered_precompiled_artifact_is_refused_naming_it_and_the_running_deployment_stays() {
-    let broker = Mosquitto::start_with(PERSISTENT);
-    let setup = Setup::new(&broker);
-    let watcher = Watcher::connect(broker.port, "t-tampered-aot", &topic("reported"));
-    let daemon = setup.daemon();
-    reported(&watcher, "counter running", |r| running(r, "counter"));
-    let before = reported_engine(&watcher);
+    // The broker is bound (not `_`) so that it lives to the end of the test.
+    let CounterNode {
+        broker: _broker,
+        setup,
+        watcher,
+        daemon,
+        before,
+    } = counter_node("t-tampered-aot");
 
     // What `hub deploy --precompile host` publishes, made here so that the compiled
     // artifact's bytes can be changed on the way (its digest and size stay signed).
