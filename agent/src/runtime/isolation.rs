@@ -103,7 +103,7 @@ pub fn microvm_outcome(probe: &super::microvm::MicrovmProbe) -> Result<String, S
 /// The tiers `spec` may run in, by its `isolation` and its kind: the ones to probe first.
 pub fn wanted(spec: &WorkloadSpec) -> Vec<Tier> {
     match spec.isolation {
-        None | Some(IsolationChoice::Strongest) => tiers_for(spec.kind).to_vec(),
+        None | Some(IsolationChoice::Strongest) => tiers_for(spec.kind()).to_vec(),
         Some(IsolationChoice::Wasm) => vec![Tier::Wasm],
         Some(IsolationChoice::Container) => vec![Tier::Container],
         Some(IsolationChoice::Microvm) => vec![Tier::Microvm],
@@ -198,7 +198,7 @@ impl IsolationProbe {
     /// The tier `spec` runs in, or why it cannot run on this board: the message names the
     /// missing piece, such as `"container" isolation needs a working OCI runtime: ...`.
     pub fn select(&self, spec: &WorkloadSpec) -> Result<Tier, String> {
-        let candidates = tiers_for(spec.kind);
+        let candidates = tiers_for(spec.kind());
         let asked = match spec.isolation {
             None => candidates[0],
             Some(IsolationChoice::Strongest) => {

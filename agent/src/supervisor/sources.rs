@@ -305,9 +305,9 @@ impl Agent {
         };
         let unchanged = action == Action::Unchanged;
         let reload = action == Action::Reload;
-        if spec.kind == WorkloadKind::Wasm {
+        if spec.kind() == WorkloadKind::Wasm {
             let wasm = others
-                .filter(|m| m.spec.kind == WorkloadKind::Wasm)
+                .filter(|m| m.spec.kind() == WorkloadKind::Wasm)
                 .count()
                 .saturating_add(1)
                 .saturating_add(usize::from(reload));

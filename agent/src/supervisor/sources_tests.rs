@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::{Agent, AgentOptions, Labels, Source, WorkloadEnd};
 use crate::api::control::Control;
 use crate::api::types::WorkloadStatus;
-use crate::deployment::{RestartPolicy, WorkloadSpec};
+use crate::deployment::{Artifact, RestartPolicy, WorkloadSpec};
 use crate::runtime::wasm::EngineOptions;
 
 async fn open(dir: &Path, max_instances: u32) -> Agent {
@@ -430,8 +430,11 @@ async fn wait_workload_gives_a_commands_exit_code_args_and_env() {
         &format!("name = \"job\"\nmodule = \"{module}\"\nrestart = \"never\"\n"),
     );
     assert_eq!(command.restart, RestartPolicy::Never);
-    command.args = vec!["one".into(), "two words".into()];
-    command.env = BTreeMap::from([("LICHEN_EXIT".to_string(), "3".to_string())]);
+    let Artifact::Wasm(wasm) = &mut command.artifact else {
+        panic!("a wasm workload")
+    };
+    wasm.args = vec!["one".into(), "two words".into()];
+    wasm.env = BTreeMap::from([("LICHEN_EXIT".to_string(), "3".to_string())]);
     let mut changes = agent.status_changes();
     agent
         .upsert_workload(Source::Pods, command.clone(), pod_labels("job"))
@@ -468,7 +471,9 @@ async fn wait_workload_gives_a_commands_exit_code_args_and_env() {
         assert!(lines.iter().any(|l| l == expected), "{expected}: {lines:?}");
     }
     // Run once more, exiting 0; an ended workload answers at once.
-    command.env.insert("LICHEN_EXIT".into(), "0".into());
+    if let Artifact::Wasm(wasm) = &mut command.artifact {
+        wasm.env.insert("LICHEN_EXIT".into(), "0".into());
+    }
     agent
         .upsert_workload(Source::Pods, command, pod_labels("job"))
         .await

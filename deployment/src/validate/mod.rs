@@ -22,8 +22,8 @@ use std::path::Path;
 use crate::DeploymentError;
 use crate::locate::{LineIndex, Location, SourceMap};
 use crate::spec::{
-    DeploymentSpec, IsolationChoice, Limits, MicrovmWorkload, RestartPolicy, WorkloadKind,
-    WorkloadSpec,
+    Artifact, DeploymentSpec, IsolationChoice, Limits, MicrovmWorkload, RestartPolicy,
+    WasmArtifact, WorkloadKind, WorkloadSpec,
 };
 use crate::tree::{Format, Node, Value};
 
@@ -232,7 +232,7 @@ impl Checker<'_> {
             None => None,
         };
         self.kind_only(entries, &prefix, KIND_FIELDS, kind)?;
-        let (module, container, microvm) = match kind {
+        let artifact = match kind {
             WorkloadKind::Wasm => {
                 let module_node = &self
                     .required(
@@ -243,10 +243,12 @@ impl Checker<'_> {
                         "every workload needs a module: a path to a .wasm file or \"sha256:<64 hex digits>\"",
                     )?
                     .value;
-                (Some(self.module(module_node, &path("module"))?), None, None)
+                Artifact::Wasm(WasmArtifact::module(
+                    self.module(module_node, &path("module"))?,
+                ))
             }
-            WorkloadKind::Container => (None, Some(self.container(node, entries, &prefix)?), None),
-            WorkloadKind::Microvm => (None, None, Some(self.microvm(node, entries, &prefix)?)),
+            WorkloadKind::Container => Artifact::Container(self.container(node, entries, &prefix)?),
+            WorkloadKind::Microvm => Artifact::Microvm(self.microvm(node, entries, &prefix)?),
         };
 
         let restart = match find(entries, "restart") {
@@ -300,11 +302,8 @@ impl Checker<'_> {
 
         let spec = WorkloadSpec {
             name: name.to_owned(),
-            kind,
             isolation,
-            module,
-            container,
-            microvm,
+            artifact,
             config,
             triggers,
             limits,
@@ -312,8 +311,6 @@ impl Checker<'_> {
             gpio,
             spi,
             i2c,
-            args: Vec::new(),
-            env: BTreeMap::new(),
         };
         Ok((spec, name_node))
     }

@@ -1,0 +1,179 @@
+//! The stored form of a [`WorkloadSpec`]: the flat JSON object the agent stores, compares and
+//! hashes, with `kind` (left out for `wasm`) beside the optional `module`, `container`,
+//! `microvm`, `args` and `env` parts.
+//!
+//! That form predates [`Artifact`]; it is kept byte for byte so that specs stored by older
+//! agents still compare equal to the same spec parsed today. Writing goes through a borrowed
+//! mirror ([`WorkloadRef`]); reading goes through [`WorkloadRepr`] and refuses a form whose
+//! parts do not fit its kind.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize, Serializer};
+
+use super::{
+    Artifact, ContainerWorkload, GpioGrantSpec, I2cGrantSpec, IsolationChoice, Limits,
+    MicrovmWorkload, ModuleRef, RestartPolicy, SpiGrantSpec, Trigger, WasmArtifact, WorkloadKind,
+    WorkloadSpec,
+};
+
+/// The flat stored form, as read.
+#[derive(Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub(super) struct WorkloadRepr {
+    name: String,
+    #[serde(default)]
+    kind: WorkloadKind,
+    #[serde(default)]
+    isolation: Option<IsolationChoice>,
+    #[serde(default)]
+    module: Option<ModuleRef>,
+    #[serde(default)]
+    container: Option<ContainerWorkload>,
+    #[serde(default)]
+    microvm: Option<MicrovmWorkload>,
+    #[serde(default)]
+    config: BTreeMap<String, String>,
+    #[serde(default)]
+    triggers: Vec<Trigger>,
+    #[serde(default)]
+    limits: Limits,
+    #[serde(default)]
+    restart: RestartPolicy,
+    #[serde(default)]
+    gpio: Vec<GpioGrantSpec>,
+    #[serde(default)]
+    spi: Vec<SpiGrantSpec>,
+    #[serde(default)]
+    i2c: Vec<I2cGrantSpec>,
+    #[serde(default)]
+    args: Vec<String>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+}
+
+/// The flat stored form, as written: the fields in the order (and with the omissions) of the
+/// form before [`Artifact`].
+#[derive(Serialize)]
+#[serde(rename_all = "kebab-case")]
+struct WorkloadRef<'a> {
+    name: &'a str,
+    #[serde(skip_serializing_if = "WorkloadKind::is_wasm")]
+    kind: WorkloadKind,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    isolation: Option<IsolationChoice>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    module: Option<&'a ModuleRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    container: Option<&'a ContainerWorkload>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    microvm: Option<&'a MicrovmWorkload>,
+    config: &'a BTreeMap<String, String>,
+    triggers: &'a [Trigger],
+    limits: &'a Limits,
+    restart: RestartPolicy,
+    #[serde(skip_serializing_if = "is_empty")]
+    gpio: &'a [GpioGrantSpec],
+    #[serde(skip_serializing_if = "is_empty")]
+    spi: &'a [SpiGrantSpec],
+    #[serde(skip_serializing_if = "is_empty")]
+    i2c: &'a [I2cGrantSpec],
+    #[serde(skip_serializing_if = "is_empty")]
+    args: &'a [String],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    env: Option<&'a BTreeMap<String, String>>,
+}
+
+fn is_empty<T>(list: &&[T]) -> bool {
+    list.is_empty()
+}
+
+impl Serialize for WorkloadSpec {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let (module, container, microvm, args, env) = match &self.artifact {
+            Artifact::Wasm(wasm) => (
+                Some(&wasm.module),
+                None,
+                None,
+                wasm.args.as_slice(),
+                (!wasm.env.is_empty()).then_some(&wasm.env),
+            ),
+            Artifact::Container(container) => (None, Some(container), None, &[][..], None),
+            Artifact::Microvm(vm) => (None, None, Some(vm), &[][..], None),
+        };
+        WorkloadRef {
+            name: &self.name,
+            kind: self.kind(),
+            isolation: self.isolation,
+            module,
+            container,
+            microvm,
+            config: &self.config,
+            triggers: &self.triggers,
+            limits: &self.limits,
+            restart: self.restart,
+            gpio: &self.gpio,
+            spi: &self.spi,
+            i2c: &self.i2c,
+            args,
+            env,
+        }
+        .serialize(serializer)
+    }
+}
+
+impl TryFrom<WorkloadRepr> for WorkloadSpec {
+    type Error = String;
+
+    fn try_from(repr: WorkloadRepr) -> Result<Self, String> {
+        let kind = repr.kind;
+        let foreign = [
+            ("module", repr.module.is_some(), WorkloadKind::Wasm),
+            ("args", !repr.args.is_empty(), WorkloadKind::Wasm),
+            ("env", !repr.env.is_empty(), WorkloadKind::Wasm),
+            (
+                "container",
+                repr.container.is_some(),
+                WorkloadKind::Container,
+            ),
+            ("microvm", repr.microvm.is_some(), WorkloadKind::Microvm),
+        ];
+        if let Some((field, _, owner)) = foreign
+            .iter()
+            .find(|(_, present, owner)| *present && *owner != kind)
+        {
+            return Err(format!(
+                "`{field}` applies to {} workloads only; this workload is {}",
+                owner.as_str(),
+                kind.as_str()
+            ));
+        }
+        let missing =
+            |field: &str| format!("missing field `{field}` of a {} workload", kind.as_str());
+        let artifact = match kind {
+            WorkloadKind::Wasm => Artifact::Wasm(WasmArtifact {
+                module: repr.module.ok_or_else(|| missing("module"))?,
+                args: repr.args,
+                env: repr.env,
+            }),
+            WorkloadKind::Container => {
+                Artifact::Container(repr.container.ok_or_else(|| missing("container"))?)
+            }
+            WorkloadKind::Microvm => {
+                Artifact::Microvm(repr.microvm.ok_or_else(|| missing("microvm"))?)
+            }
+        };
+        Ok(WorkloadSpec {
+            name: repr.name,
+            isolation: repr.isolation,
+            artifact,
+            config: repr.config,
+            triggers: repr.triggers,
+            limits: repr.limits,
+            restart: repr.restart,
+            gpio: repr.gpio,
+            spi: repr.spi,
+            i2c: repr.i2c,
+        })
+    }
+}
