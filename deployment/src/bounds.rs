@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use super::spec::{
     Artifact, ContainerWorkload, DeploymentSpec, GpioGrantSpec, GuestRootRef, ImageRef, Limits,
-    MicrovmWorkload, ModuleRef, SpiGrantSpec, Trigger, WorkloadKind, WorkloadSpec,
+    MicrovmWorkload, ModuleRef, SpiGrantSpec, Tier, Trigger, WorkloadSpec,
 };
 
 /// A value outside its bound: the field (relative to the workload, such as `limits.queue` or
@@ -194,11 +194,11 @@ impl WorkloadSpec {
 
 impl Limits {
     /// Checks the limits of a workload of `kind`.
-    fn check_bounds(&self, kind: WorkloadKind) -> Checked {
+    fn check_bounds(&self, kind: Tier) -> Checked {
         if let Some(memory) = self.memory_bytes {
             let min = match kind {
-                WorkloadKind::Microvm => MicrovmWorkload::MIN_MEMORY_BYTES,
-                WorkloadKind::Wasm | WorkloadKind::Container => Limits::MIN_MEMORY_BYTES,
+                Tier::Microvm => MicrovmWorkload::MIN_MEMORY_BYTES,
+                Tier::Wasm | Tier::Container => Limits::MIN_MEMORY_BYTES,
             };
             if !(min..=Limits::MAX_MEMORY_BYTES).contains(&memory) {
                 return Err(BoundError::new(

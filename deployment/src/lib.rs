@@ -132,7 +132,7 @@ pub use size::{SizeError, parse_size};
 pub use spec::{
     Artifact, ContainerWorkload, DeploymentSpec, GpioEdgeTrigger, GpioGrantSpec, GpioMode,
     GuestRootRef, I2cGrantSpec, ImageRef, IsolationChoice, Limits, MicrovmWorkload, ModuleRef,
-    RestartPolicy, SpiGrantSpec, Trigger, WasmArtifact, WorkloadKind, WorkloadSpec,
+    RestartPolicy, SpiGrantSpec, Tier, Trigger, WasmArtifact, WorkloadSpec,
 };
 pub use text::escape_unprintable;
 

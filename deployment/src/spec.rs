@@ -82,11 +82,11 @@ pub enum Artifact {
 
 impl Artifact {
     /// The kind of this artifact.
-    pub fn kind(&self) -> WorkloadKind {
+    pub fn kind(&self) -> Tier {
         match self {
-            Artifact::Wasm(_) => WorkloadKind::Wasm,
-            Artifact::Container(_) => WorkloadKind::Container,
-            Artifact::Microvm(_) => WorkloadKind::Microvm,
+            Artifact::Wasm(_) => Tier::Wasm,
+            Artifact::Container(_) => Tier::Container,
+            Artifact::Microvm(_) => Tier::Microvm,
         }
     }
 }
@@ -118,7 +118,7 @@ impl WasmArtifact {
 
 impl WorkloadSpec {
     /// What the workload's artifact is; it decides which isolation tiers can run it.
-    pub fn kind(&self) -> WorkloadKind {
+    pub fn kind(&self) -> Tier {
         self.artifact.kind()
     }
 
@@ -231,58 +231,96 @@ pub struct I2cGrantSpec {
     pub addresses: Vec<u16>,
 }
 
-/// What a workload's artifact is; it decides which isolation tiers can run it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// An isolation tier, weakest first (the order `isolation = "strongest"` uses); also what a
+/// workload's artifact is built for (its [`kind`](WorkloadSpec::kind), `kind = "..."` in
+/// files), since each kind of artifact is named after the tier that runs it.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
-pub enum WorkloadKind {
-    /// A Wasm component or WASI command module (`module = ...`).
+pub enum Tier {
+    /// In the agent's Wasmtime engine: a Wasm component or WASI command module
+    /// (`module = ...`).
     #[default]
     Wasm,
-    /// An OCI image or a plain root filesystem with a command (`image = ...` or `rootfs = ...`).
+    /// In an OCI container through crun or runc: an OCI image or a plain root filesystem with
+    /// a command (`image = ...` or `rootfs = ...`).
     Container,
-    /// A kernel with an initramfs or a root disk image, booted under QEMU (`kernel = ...`).
+    /// In a QEMU microVM: a kernel with an initramfs or a root disk image (`kernel = ...`).
     Microvm,
 }
 
-impl WorkloadKind {
-    /// The kind's name in files and `ps`.
+impl Tier {
+    /// Every tier, weakest first.
+    pub const ALL: [Tier; 3] = [Tier::Wasm, Tier::Container, Tier::Microvm];
+
+    /// The tier's name in files, `ps` and `doctor`.
     pub fn as_str(self) -> &'static str {
         match self {
-            WorkloadKind::Wasm => "wasm",
-            WorkloadKind::Container => "container",
-            WorkloadKind::Microvm => "microvm",
+            Tier::Wasm => "wasm",
+            Tier::Container => "container",
+            Tier::Microvm => "microvm",
         }
     }
 
     pub(crate) fn is_wasm(&self) -> bool {
-        *self == WorkloadKind::Wasm
+        *self == Tier::Wasm
     }
 }
 
-/// The isolation a workload asks for (`isolation = "..."`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+impl std::fmt::Display for Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The isolation a workload asks for (`isolation = "..."`): one tier by name, or the strongest
+/// one that fits. Written as the tier's name or `"strongest"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum IsolationChoice {
-    /// In the agent's Wasmtime engine.
-    Wasm,
-    /// In an OCI container through crun or runc.
-    Container,
-    /// In a QEMU microVM.
-    Microvm,
+    /// This tier (`"wasm"`, `"container"`, `"microvm"`).
+    Tier(Tier),
     /// The strongest tier that the board offers, the host can run and the artifact can run
-    /// in (see `crate::runtime::isolation`).
+    /// in (the agent's `runtime::isolation` module has the rule).
     Strongest,
 }
 
 impl IsolationChoice {
+    /// Every choice, in the order files list them.
+    pub const ALL: [IsolationChoice; 4] = [
+        IsolationChoice::Tier(Tier::Wasm),
+        IsolationChoice::Tier(Tier::Container),
+        IsolationChoice::Tier(Tier::Microvm),
+        IsolationChoice::Strongest,
+    ];
+
     /// The name used in files.
     pub fn as_str(self) -> &'static str {
         match self {
-            IsolationChoice::Wasm => "wasm",
-            IsolationChoice::Container => "container",
-            IsolationChoice::Microvm => "microvm",
+            IsolationChoice::Tier(tier) => tier.as_str(),
             IsolationChoice::Strongest => "strongest",
         }
+    }
+}
+
+impl Serialize for IsolationChoice {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for IsolationChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        IsolationChoice::ALL
+            .into_iter()
+            .find(|choice| choice.as_str() == text)
+            .ok_or_else(|| {
+                serde::de::Error::unknown_variant(
+                    &text,
+                    &["wasm", "container", "microvm", "strongest"],
+                )
+            })
     }
 }
 

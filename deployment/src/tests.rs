@@ -692,7 +692,7 @@ fn a_container_workload_parses_with_image_command_env_and_limits() {
     );
     let spec = ok("deploy.toml", &text).spec;
     let w = &spec.workloads[0];
-    assert_eq!(w.kind(), WorkloadKind::Container);
+    assert_eq!(w.kind(), Tier::Container);
     assert_eq!(w.module(), None);
     assert_eq!(w.isolation, Some(IsolationChoice::Strongest));
     let Artifact::Container(c) = &w.artifact else {
@@ -817,7 +817,7 @@ fn a_microvm_workload_parses_and_its_mistakes_are_located() {
                 boot-timeout = \"30s\"\n[workloads.limits]\nmemory = \"96MiB\"\n";
     let spec = ok("deploy.toml", text).spec;
     let w = &spec.workloads[0];
-    assert_eq!(w.kind(), WorkloadKind::Microvm);
+    assert_eq!(w.kind(), Tier::Microvm);
     let Artifact::Microvm(vm) = &w.artifact else {
         panic!("a microvm artifact: {w:?}")
     };
@@ -906,4 +906,27 @@ fn names_and_keys_with_newlines_or_bidi_overrides_are_escaped_in_errors() {
             "{shown_error:?}"
         );
     }
+}
+
+#[test]
+fn isolation_choice_is_written_as_the_tier_name_or_strongest() {
+    for (choice, text) in [
+        (IsolationChoice::Tier(Tier::Wasm), "\"wasm\""),
+        (IsolationChoice::Tier(Tier::Container), "\"container\""),
+        (IsolationChoice::Tier(Tier::Microvm), "\"microvm\""),
+        (IsolationChoice::Strongest, "\"strongest\""),
+    ] {
+        assert_eq!(serde_json::to_string(&choice).unwrap(), text);
+        assert_eq!(
+            serde_json::from_str::<IsolationChoice>(text).unwrap(),
+            choice
+        );
+    }
+    let error = serde_json::from_str::<IsolationChoice>("\"strong\"").unwrap_err();
+    assert!(
+        error.to_string().contains("unknown variant `strong`"),
+        "{error}"
+    );
+    // Tiers order weakest first, which `strongest` relies on.
+    assert!(Tier::Wasm < Tier::Container && Tier::Container < Tier::Microvm);
 }

@@ -129,11 +129,7 @@ impl Agent {
             tier,
             message,
         };
-        let default_tier = match spec.kind() {
-            crate::deployment::WorkloadKind::Wasm => Tier::Wasm,
-            crate::deployment::WorkloadKind::Container => Tier::Container,
-            crate::deployment::WorkloadKind::Microvm => Tier::Microvm,
-        };
+        let default_tier = spec.kind();
         if spec.name != row.name {
             return Err(fail(
                 default_tier,

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize, Serializer};
 
 use super::{
     Artifact, ContainerWorkload, GpioGrantSpec, I2cGrantSpec, IsolationChoice, Limits,
-    MicrovmWorkload, ModuleRef, RestartPolicy, SpiGrantSpec, Trigger, WasmArtifact, WorkloadKind,
+    MicrovmWorkload, ModuleRef, RestartPolicy, SpiGrantSpec, Tier, Trigger, WasmArtifact,
     WorkloadSpec,
 };
 
@@ -23,7 +23,7 @@ use super::{
 pub(super) struct WorkloadRepr {
     name: String,
     #[serde(default)]
-    kind: WorkloadKind,
+    kind: Tier,
     #[serde(default)]
     isolation: Option<IsolationChoice>,
     #[serde(default)]
@@ -58,8 +58,8 @@ pub(super) struct WorkloadRepr {
 #[serde(rename_all = "kebab-case")]
 struct WorkloadRef<'a> {
     name: &'a str,
-    #[serde(skip_serializing_if = "WorkloadKind::is_wasm")]
-    kind: WorkloadKind,
+    #[serde(skip_serializing_if = "Tier::is_wasm")]
+    kind: Tier,
     #[serde(skip_serializing_if = "Option::is_none")]
     isolation: Option<IsolationChoice>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -128,15 +128,11 @@ impl TryFrom<WorkloadRepr> for WorkloadSpec {
     fn try_from(repr: WorkloadRepr) -> Result<Self, String> {
         let kind = repr.kind;
         let foreign = [
-            ("module", repr.module.is_some(), WorkloadKind::Wasm),
-            ("args", !repr.args.is_empty(), WorkloadKind::Wasm),
-            ("env", !repr.env.is_empty(), WorkloadKind::Wasm),
-            (
-                "container",
-                repr.container.is_some(),
-                WorkloadKind::Container,
-            ),
-            ("microvm", repr.microvm.is_some(), WorkloadKind::Microvm),
+            ("module", repr.module.is_some(), Tier::Wasm),
+            ("args", !repr.args.is_empty(), Tier::Wasm),
+            ("env", !repr.env.is_empty(), Tier::Wasm),
+            ("container", repr.container.is_some(), Tier::Container),
+            ("microvm", repr.microvm.is_some(), Tier::Microvm),
         ];
         if let Some((field, _, owner)) = foreign
             .iter()
@@ -151,17 +147,15 @@ impl TryFrom<WorkloadRepr> for WorkloadSpec {
         let missing =
             |field: &str| format!("missing field `{field}` of a {} workload", kind.as_str());
         let artifact = match kind {
-            WorkloadKind::Wasm => Artifact::Wasm(WasmArtifact {
+            Tier::Wasm => Artifact::Wasm(WasmArtifact {
                 module: repr.module.ok_or_else(|| missing("module"))?,
                 args: repr.args,
                 env: repr.env,
             }),
-            WorkloadKind::Container => {
+            Tier::Container => {
                 Artifact::Container(repr.container.ok_or_else(|| missing("container"))?)
             }
-            WorkloadKind::Microvm => {
-                Artifact::Microvm(repr.microvm.ok_or_else(|| missing("microvm"))?)
-            }
+            Tier::Microvm => Artifact::Microvm(repr.microvm.ok_or_else(|| missing("microvm"))?),
         };
         Ok(WorkloadSpec {
             name: repr.name,
