@@ -200,7 +200,7 @@ pub(super) async fn stop(agent: &Agent, name: &str) -> Result<(), ApiError> {
 /// Removes the pod's workload from the supervisor; one already gone is fine.
 pub(super) async fn remove(agent: &Agent, name: &str) {
     if let Err(e) = agent.remove_workload(Source::Pods, name).await
-        && e.code != "not-found"
+        && e.code != crate::api::types::ErrorCode::NotFound
     {
         tracing::warn!(workload = %name, "cannot remove a pod's workload: {}", e.error);
     }
