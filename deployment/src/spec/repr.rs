@@ -122,10 +122,33 @@ impl Serialize for WorkloadSpec {
     }
 }
 
-impl TryFrom<WorkloadRepr> for WorkloadSpec {
-    type Error = String;
+/// Why a stored form is not a workload: a part of another kind, or the kind's own part missing.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReprError {
+    /// A part that only another kind has, such as `container` on a `wasm` workload.
+    #[error("`{field}` applies to {owner} workloads only; this workload is {kind}")]
+    Foreign {
+        /// The part at fault.
+        field: &'static str,
+        /// The kind that has it.
+        owner: Tier,
+        /// The workload's kind.
+        kind: Tier,
+    },
+    /// The part the kind needs, such as `module` of a `wasm` workload.
+    #[error("missing field `{field}` of a {kind} workload")]
+    Missing {
+        /// The missing part.
+        field: &'static str,
+        /// The workload's kind.
+        kind: Tier,
+    },
+}
 
-    fn try_from(repr: WorkloadRepr) -> Result<Self, String> {
+impl TryFrom<WorkloadRepr> for WorkloadSpec {
+    type Error = ReprError;
+
+    fn try_from(repr: WorkloadRepr) -> Result<Self, ReprError> {
         let kind = repr.kind;
         let foreign = [
             ("module", repr.module.is_some(), Tier::Wasm),
@@ -134,18 +157,13 @@ impl TryFrom<WorkloadRepr> for WorkloadSpec {
             ("container", repr.container.is_some(), Tier::Container),
             ("microvm", repr.microvm.is_some(), Tier::Microvm),
         ];
-        if let Some((field, _, owner)) = foreign
+        if let Some(&(field, _, owner)) = foreign
             .iter()
             .find(|(_, present, owner)| *present && *owner != kind)
         {
-            return Err(format!(
-                "`{field}` applies to {} workloads only; this workload is {}",
-                owner.as_str(),
-                kind.as_str()
-            ));
+            return Err(ReprError::Foreign { field, owner, kind });
         }
-        let missing =
-            |field: &str| format!("missing field `{field}` of a {} workload", kind.as_str());
+        let missing = |field| ReprError::Missing { field, kind };
         let artifact = match kind {
             Tier::Wasm => Artifact::Wasm(WasmArtifact {
                 module: repr.module.ok_or_else(|| missing("module"))?,
