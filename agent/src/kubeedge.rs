@@ -17,7 +17,7 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 use crate::api::control::Control;
-use crate::api::types::{ApiError, SendRequest};
+use crate::api::types::{ApiError, ErrorCode, SendRequest};
 use crate::config::KubeEdgeSection;
 use crate::store::DmiQueue;
 use crate::supervisor::{Agent, Labels, Refusal, Source};
@@ -62,14 +62,14 @@ impl AgentDevices {
 }
 
 fn from_api(e: ApiError) -> HostError {
-    match e.code.as_str() {
-        "not-found" => HostError::NotFound(e.error),
-        "unavailable" => HostError::Unavailable(e.error),
-        "invalid" => HostError::Invalid {
+    match e.code {
+        ErrorCode::NotFound => HostError::NotFound(e.error),
+        ErrorCode::Unavailable => HostError::Unavailable(e.error),
+        ErrorCode::Invalid => HostError::Invalid {
             field: "name".into(),
             message: e.error,
         },
-        _ => HostError::Internal(e.error),
+        ErrorCode::Internal => HostError::Internal(e.error),
     }
 }
 
@@ -143,7 +143,7 @@ impl DeviceHost for AgentDevices {
         };
         match Control::send(&self.agent, workload, request).await {
             Ok(reply) => Ok(reply.reply.map(String::into_bytes)),
-            Err(e) if e.code == "unavailable" && e.error.contains("did not handle") => {
+            Err(e) if e.code == ErrorCode::Unavailable && e.error.contains("did not handle") => {
                 Err(HostError::Refused(e.error))
             }
             Err(e) => Err(from_api(e)),

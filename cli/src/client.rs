@@ -25,7 +25,7 @@ use serde::Serialize;
 
 use lichen_agent::api::client::{Client, ClientError};
 use lichen_agent::api::types::{
-    DeployReport, DeployRequest, DoctorReport, EventRecord, KvEntry, LogLine, SendReply,
+    DeployReport, DeployRequest, DoctorReport, ErrorCode, EventRecord, KvEntry, LogLine, SendReply,
     WorkloadStatus,
 };
 pub use lichen_agent::daemon::RunArgs;
@@ -202,9 +202,11 @@ pub fn report_error(err: &anyhow::Error) -> ExitCode {
     );
     let invalid = err.chain().any(|cause| {
         cause.is::<InputRefused>()
-            || cause
-                .downcast_ref::<ClientError>()
-                .is_some_and(|client| client.api_error().is_some_and(|api| api.code == "invalid"))
+            || cause.downcast_ref::<ClientError>().is_some_and(|client| {
+                client
+                    .api_error()
+                    .is_some_and(|api| api.code == ErrorCode::Invalid)
+            })
     });
     ExitCode::from(if invalid { EXIT_INVALID } else { EXIT_FAILURE })
 }

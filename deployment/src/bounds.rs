@@ -12,8 +12,8 @@
 use std::time::Duration;
 
 use super::spec::{
-    ContainerWorkload, DeploymentSpec, GpioGrantSpec, GuestRootRef, ImageRef, Limits,
-    MicrovmWorkload, ModuleRef, SpiGrantSpec, Trigger, WorkloadKind, WorkloadSpec,
+    Artifact, ContainerWorkload, DeploymentSpec, GpioGrantSpec, GuestRootRef, ImageRef, Limits,
+    MicrovmWorkload, ModuleRef, SpiGrantSpec, Tier, Trigger, WorkloadSpec,
 };
 
 /// A value outside its bound: the field (relative to the workload, such as `limits.queue` or
@@ -85,16 +85,16 @@ impl WorkloadSpec {
                 ),
             ));
         }
-        if let Some(ModuleRef::Path(path)) = &self.module {
-            path_bytes("module", path)?;
-        }
-        if let Some(container) = &self.container {
-            container.check_bounds()?;
-        }
-        args_bounds("args", &self.args)?;
-        env_bounds(&self.env)?;
-        if let Some(vm) = &self.microvm {
-            vm.check_bounds()?;
+        match &self.artifact {
+            Artifact::Wasm(wasm) => {
+                if let ModuleRef::Path(path) = &wasm.module {
+                    path_bytes("module", path)?;
+                }
+                args_bounds("args", &wasm.args)?;
+                env_bounds(&wasm.env)?;
+            }
+            Artifact::Container(container) => container.check_bounds()?,
+            Artifact::Microvm(vm) => vm.check_bounds()?,
         }
         at_most_items(
             "config",
@@ -144,7 +144,7 @@ impl WorkloadSpec {
                 }
             }
         }
-        self.limits.check_bounds(self.kind)?;
+        self.limits.check_bounds(self.kind())?;
         at_most_items("gpio", self.gpio.len(), WorkloadSpec::MAX_GRANTS, "grants")?;
         for (index, grant) in self.gpio.iter().enumerate() {
             resource_name(&format!("gpio[{index}].pin"), &grant.pin)?;
@@ -194,11 +194,11 @@ impl WorkloadSpec {
 
 impl Limits {
     /// Checks the limits of a workload of `kind`.
-    fn check_bounds(&self, kind: WorkloadKind) -> Checked {
+    fn check_bounds(&self, kind: Tier) -> Checked {
         if let Some(memory) = self.memory_bytes {
             let min = match kind {
-                WorkloadKind::Microvm => MicrovmWorkload::MIN_MEMORY_BYTES,
-                WorkloadKind::Wasm | WorkloadKind::Container => Limits::MIN_MEMORY_BYTES,
+                Tier::Microvm => MicrovmWorkload::MIN_MEMORY_BYTES,
+                Tier::Wasm | Tier::Container => Limits::MIN_MEMORY_BYTES,
             };
             if !(min..=Limits::MAX_MEMORY_BYTES).contains(&memory) {
                 return Err(BoundError::new(

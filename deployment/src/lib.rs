@@ -106,7 +106,7 @@
 //!
 //! let text = "[[workloads]]\nname = \"counter\"\nmodule = \"counter.wasm\"\n";
 //! let parsed = deployment::parse("deploy.toml", text, Path::new("/srv")).unwrap();
-//! assert_eq!(parsed.spec.workloads[0].module, Some(ModuleRef::Path("/srv/counter.wasm".into())));
+//! assert_eq!(parsed.spec.workloads[0].module(), Some(&ModuleRef::Path("/srv/counter.wasm".into())));
 //!
 //! let error = deployment::parse("deploy.toml", "[[workloads]]\nname = \"Bad\"\n", Path::new("."))
 //!     .unwrap_err();
@@ -130,9 +130,9 @@ pub use bounds::{BoundError, show_bytes, show_duration};
 pub use duration::{DurationError, parse_duration_within};
 pub use size::{SizeError, parse_size};
 pub use spec::{
-    ContainerWorkload, DeploymentSpec, GpioEdgeTrigger, GpioGrantSpec, GpioMode, GuestRootRef,
-    I2cGrantSpec, ImageRef, IsolationChoice, Limits, MicrovmWorkload, ModuleRef, RestartPolicy,
-    SpiGrantSpec, Trigger, WorkloadKind, WorkloadSpec,
+    Artifact, ContainerWorkload, DeploymentSpec, GpioEdgeTrigger, GpioGrantSpec, GpioMode,
+    GuestRootRef, I2cGrantSpec, ImageRef, IsolationChoice, Limits, MicrovmWorkload, ModuleRef,
+    RestartPolicy, SpiGrantSpec, Tier, Trigger, WasmArtifact, WorkloadSpec,
 };
 pub use text::escape_unprintable;
 

@@ -34,60 +34,106 @@ impl DeploymentSpec {
     pub const MAX_DESCRIPTION_BYTES: usize = 4096;
 }
 
-/// One workload: a Wasm module (or, for `kind = "container"`, an OCI image or rootfs) with its
-/// configuration, triggers, limits and restart policy.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+/// One workload: what it runs (its [`Artifact`], one spec per kind) with its configuration,
+/// triggers, limits, grants and restart policy.
+///
+/// Its serde form (the canonical JSON the agent stores, compares and hashes) is the flat one
+/// written by `repr`: `kind` (left out for `wasm`), `module`,
+/// `container`, `microvm`, `args` and `env` side by side, so stored specs read and write the
+/// same bytes as before the artifact became an enum. Reading refuses a form whose parts do not
+/// fit its kind (a `container` part on a `wasm` workload, a `wasm` workload without `module`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(try_from = "repr::WorkloadRepr")]
 pub struct WorkloadSpec {
     /// Unique name within the deployment: `[a-z0-9][a-z0-9-]{0,62}`.
     pub name: String,
-    /// What the artifact is: a Wasm module (the default) or a container image.
-    #[serde(default, skip_serializing_if = "WorkloadKind::is_wasm")]
-    pub kind: WorkloadKind,
     /// The isolation tier the file asks for; `None` means the kind's own tier.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub isolation: Option<IsolationChoice>,
-    /// Where the Wasm module comes from (`wasm` workloads; `None` for the other kinds).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub module: Option<ModuleRef>,
-    /// The image, command and environment of a `container` workload.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub container: Option<ContainerWorkload>,
-    /// The kernel, root and sizes of a `microvm` workload.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub microvm: Option<MicrovmWorkload>,
+    /// What runs: a Wasm module, a container image or a microVM kernel, each with its spec.
+    pub artifact: Artifact,
     /// Configuration values handed to the module (`wasi:config`); numbers and booleans of the
     /// file are kept as their text.
-    #[serde(default)]
     pub config: BTreeMap<String, String>,
     /// What makes the module run besides its start; at most one interval trigger.
-    #[serde(default)]
     pub triggers: Vec<Trigger>,
     /// Resource limits; `None` means the agent's default.
-    #[serde(default)]
     pub limits: Limits,
     /// What to do when the workload fails or ends.
-    #[serde(default)]
     pub restart: RestartPolicy,
     /// GPIO pins the workload may use, by logical name; empty means none.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpio: Vec<GpioGrantSpec>,
     /// SPI devices the workload may use, by logical name; empty means none.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub spi: Vec<SpiGrantSpec>,
     /// I2C buses (and addresses on them) the workload may use, by logical name; empty means
     /// none.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub i2c: Vec<I2cGrantSpec>,
+}
+
+/// What a workload runs: one variant per kind, each with the spec only that kind has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Artifact {
+    /// A Wasm component or WASI command module, run in the agent's engine.
+    Wasm(WasmArtifact),
+    /// An OCI image or a plain root filesystem with a command, run by an OCI runtime.
+    Container(ContainerWorkload),
+    /// A kernel with an initramfs or a root disk image, booted under QEMU.
+    Microvm(MicrovmWorkload),
+}
+
+impl Artifact {
+    /// The kind of this artifact.
+    pub fn kind(&self) -> Tier {
+        match self {
+            Artifact::Wasm(_) => Tier::Wasm,
+            Artifact::Container(_) => Tier::Container,
+            Artifact::Microvm(_) => Tier::Microvm,
+        }
+    }
+}
+
+/// A `wasm` workload's module and, for a WASI command program, its arguments and environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WasmArtifact {
+    /// Where the Wasm module comes from.
+    pub module: ModuleRef,
     /// Arguments after the program name of a WASI command program (a `wasi:cli/run`
     /// component or a preview-1 module): what a pod's container gives. Set through the agent's
     /// API (the `pods` source), not in deployment files; at most 1024 of 128KiB.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub args: Vec<String>,
     /// Environment variables of a WASI command program, beside the `LICHEN_<KEY>` variables
     /// of `config`. Set through the agent's API, not in deployment files; at most 256.
-    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub env: BTreeMap<String, String>,
+}
+
+impl WasmArtifact {
+    /// A module with no command arguments or environment (what deployment files give).
+    pub fn module(module: ModuleRef) -> Self {
+        WasmArtifact {
+            module,
+            args: Vec::new(),
+            env: BTreeMap::new(),
+        }
+    }
+}
+
+impl WorkloadSpec {
+    /// What the workload's artifact is; it decides which isolation tiers can run it.
+    pub fn kind(&self) -> Tier {
+        self.artifact.kind()
+    }
+
+    /// The Wasm part, for a `wasm` workload.
+    pub fn wasm(&self) -> Option<&WasmArtifact> {
+        match &self.artifact {
+            Artifact::Wasm(wasm) => Some(wasm),
+            _ => None,
+        }
+    }
+
+    /// The module of a `wasm` workload.
+    pub fn module(&self) -> Option<&ModuleRef> {
+        self.wasm().map(|wasm| &wasm.module)
+    }
 }
 
 impl WorkloadSpec {
@@ -185,58 +231,96 @@ pub struct I2cGrantSpec {
     pub addresses: Vec<u16>,
 }
 
-/// What a workload's artifact is; it decides which isolation tiers can run it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+/// An isolation tier, weakest first (the order `isolation = "strongest"` uses); also what a
+/// workload's artifact is built for (its [`kind`](WorkloadSpec::kind), `kind = "..."` in
+/// files), since each kind of artifact is named after the tier that runs it.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
 #[serde(rename_all = "kebab-case")]
-pub enum WorkloadKind {
-    /// A Wasm component or WASI command module (`module = ...`).
+pub enum Tier {
+    /// In the agent's Wasmtime engine: a Wasm component or WASI command module
+    /// (`module = ...`).
     #[default]
     Wasm,
-    /// An OCI image or a plain root filesystem with a command (`image = ...` or `rootfs = ...`).
+    /// In an OCI container through crun or runc: an OCI image or a plain root filesystem with
+    /// a command (`image = ...` or `rootfs = ...`).
     Container,
-    /// A kernel with an initramfs or a root disk image, booted under QEMU (`kernel = ...`).
+    /// In a QEMU microVM: a kernel with an initramfs or a root disk image (`kernel = ...`).
     Microvm,
 }
 
-impl WorkloadKind {
-    /// The kind's name in files and `ps`.
+impl Tier {
+    /// Every tier, weakest first.
+    pub const ALL: [Tier; 3] = [Tier::Wasm, Tier::Container, Tier::Microvm];
+
+    /// The tier's name in files, `ps` and `doctor`.
     pub fn as_str(self) -> &'static str {
         match self {
-            WorkloadKind::Wasm => "wasm",
-            WorkloadKind::Container => "container",
-            WorkloadKind::Microvm => "microvm",
+            Tier::Wasm => "wasm",
+            Tier::Container => "container",
+            Tier::Microvm => "microvm",
         }
     }
 
-    fn is_wasm(&self) -> bool {
-        *self == WorkloadKind::Wasm
+    pub(crate) fn is_wasm(&self) -> bool {
+        *self == Tier::Wasm
     }
 }
 
-/// The isolation a workload asks for (`isolation = "..."`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
+impl std::fmt::Display for Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The isolation a workload asks for (`isolation = "..."`): one tier by name, or the strongest
+/// one that fits. Written as the tier's name or `"strongest"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum IsolationChoice {
-    /// In the agent's Wasmtime engine.
-    Wasm,
-    /// In an OCI container through crun or runc.
-    Container,
-    /// In a QEMU microVM.
-    Microvm,
+    /// This tier (`"wasm"`, `"container"`, `"microvm"`).
+    Tier(Tier),
     /// The strongest tier that the board offers, the host can run and the artifact can run
-    /// in (see `crate::runtime::isolation`).
+    /// in (the agent's `runtime::isolation` module has the rule).
     Strongest,
 }
 
 impl IsolationChoice {
+    /// Every choice, in the order files list them.
+    pub const ALL: [IsolationChoice; 4] = [
+        IsolationChoice::Tier(Tier::Wasm),
+        IsolationChoice::Tier(Tier::Container),
+        IsolationChoice::Tier(Tier::Microvm),
+        IsolationChoice::Strongest,
+    ];
+
     /// The name used in files.
     pub fn as_str(self) -> &'static str {
         match self {
-            IsolationChoice::Wasm => "wasm",
-            IsolationChoice::Container => "container",
-            IsolationChoice::Microvm => "microvm",
+            IsolationChoice::Tier(tier) => tier.as_str(),
             IsolationChoice::Strongest => "strongest",
         }
+    }
+}
+
+impl Serialize for IsolationChoice {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for IsolationChoice {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        IsolationChoice::ALL
+            .into_iter()
+            .find(|choice| choice.as_str() == text)
+            .ok_or_else(|| {
+                serde::de::Error::unknown_variant(
+                    &text,
+                    &["wasm", "container", "microvm", "strongest"],
+                )
+            })
     }
 }
 
@@ -448,6 +532,9 @@ pub enum RestartPolicy {
     /// Never restart.
     Never,
 }
+
+/// The stored (serde) form of a [`WorkloadSpec`].
+mod repr;
 
 /// Serde helpers writing a [`Duration`] as `humantime` text, which parses back to the same value.
 mod duration_text {

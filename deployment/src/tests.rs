@@ -83,13 +83,13 @@ fn defaults_apply_when_fields_are_absent() {
 fn relative_module_path_is_joined_with_base_dir() {
     let spec = ok("deploy.toml", EXAMPLE_TOML).spec;
     assert_eq!(
-        spec.workloads[0].module,
-        Some(ModuleRef::Path(PathBuf::from("/srv/demo/counter.wasm")))
+        spec.workloads[0].module(),
+        Some(&ModuleRef::Path(PathBuf::from("/srv/demo/counter.wasm")))
     );
     let text = "[[workloads]]\nname = \"a\"\nmodule = \"/opt/a.wasm\"\n";
     assert_eq!(
-        ok("deploy.toml", text).spec.workloads[0].module,
-        Some(ModuleRef::Path(PathBuf::from("/opt/a.wasm")))
+        ok("deploy.toml", text).spec.workloads[0].module(),
+        Some(&ModuleRef::Path(PathBuf::from("/opt/a.wasm")))
     );
 }
 
@@ -101,8 +101,8 @@ fn digest_reference_is_parsed_and_lowercased() {
         hex.to_uppercase()
     );
     assert_eq!(
-        ok("deploy.toml", &text).spec.workloads[0].module,
-        Some(ModuleRef::Digest(hex))
+        ok("deploy.toml", &text).spec.workloads[0].module(),
+        Some(&ModuleRef::Digest(hex))
     );
 }
 
@@ -568,7 +568,8 @@ fn error_at_locates_fields_of_the_right_workload() {
 #[test]
 fn spec_round_trips_through_serde_json() {
     let mut spec = ok("deploy.toml", EXAMPLE_TOML).spec;
-    spec.workloads[1].module = Some(ModuleRef::Digest("0f".repeat(32)));
+    spec.workloads[1].artifact =
+        Artifact::Wasm(WasmArtifact::module(ModuleRef::Digest("0f".repeat(32))));
     spec.workloads[1].limits.time_slice = Some(Duration::from_micros(1500));
     let text = serde_json::to_string(&spec).expect("a spec serializes");
     let back: DeploymentSpec = serde_json::from_str(&text).expect("a serialized spec reads back");
@@ -580,6 +581,99 @@ fn spec_round_trips_through_serde_json() {
         let text = serde_json::to_string(workload).expect("a workload serializes");
         let back: WorkloadSpec = serde_json::from_str(&text).expect("reads back");
         assert_eq!(&back, workload);
+    }
+}
+
+/// Workload specs as the agent stored them before the artifact became an enum (written by the
+/// code of `bee29a6` from the files in [`stored_form_of_older_agents_is_kept_byte_for_byte`]):
+/// a wasm module with triggers and limits, one with every grant and a digest, containers from
+/// an image and from a rootfs, microVMs on an initramfs and on a disk, and a WASI command
+/// with the `args` and `env` only the agent's API sets.
+const OLD_STORED_FORMS: &[&str] = &[
+    r#"{"name":"counter","module":{"path":"/srv/demo/counter.wasm"},"config":{"step":"1"},"triggers":[{"interval":"500ms"}],"limits":{"memory-bytes":16777216,"time-slice":"100ms","queue":64},"restart":"on-failure"}"#,
+    r#"{"name":"thermostat","module":{"path":"/srv/demo/thermostat.wasm"},"config":{"hysteresis":"0.5","target":"21.5"},"triggers":[{"interval":"2s"}],"limits":{"memory-bytes":4194304,"time-slice":"50ms","queue":16},"restart":"always"}"#,
+    r#"{"name":"door","isolation":"wasm","module":{"digest":"abababababababababababababababababababababababababababababababab"},"config":{},"triggers":[{"gpio-edge":{"input":"button","edge":"falling","debounce":"5ms"}},{"interval":"1m 30s"}],"limits":{},"restart":"never","gpio":[{"name":"led","pin":"GPIO17","mode":"output","initial":"high"},{"name":"button","pin":"GPIO27","mode":"input","initial":"low","bias":"pull-up","edge":"both","debounce":"2ms"}],"spi":[{"name":"adc","bus":"spi0.0","max-hz":1000000}],"i2c":[{"name":"env","bus":"i2c-1","addresses":[72,73]}]}"#,
+    r#"{"name":"box","kind":"container","isolation":"strongest","container":{"image":{"oci":"/srv/demo/images/hello"},"command":["/bin/sh","-c"],"args":["echo hi"],"env":{"B":"2","MODE":"test"}},"config":{},"triggers":[],"limits":{"memory-bytes":33554432,"cpu-millis":500,"pids":64},"restart":"always"}"#,
+    r#"{"name":"plain","kind":"container","container":{"image":{"rootfs":"/srv/demo/root"},"command":["/bin/true"]},"config":{},"triggers":[],"limits":{},"restart":"on-failure"}"#,
+    r#"{"name":"vm","kind":"microvm","microvm":{"kernel":"/srv/demo/vmlinuz","root":{"initramfs":"/srv/demo/initrd.gz"},"vcpus":2,"cmdline":"quiet","ready-marker":"UP","boot-timeout":"30s"},"config":{},"triggers":[],"limits":{"memory-bytes":100663296},"restart":"on-failure"}"#,
+    r#"{"name":"vm2","kind":"microvm","isolation":"microvm","microvm":{"kernel":"/srv/demo/Image","root":{"disk":"/srv/demo/root.img"},"vcpus":1},"config":{},"triggers":[],"limits":{},"restart":"on-failure"}"#,
+    r#"{"name":"hello","module":{"path":"/srv/demo/counter.wasm"},"config":{"k":"v"},"triggers":[],"limits":{},"restart":"on-failure","args":["one","two words"],"env":{"A":"b","LICHEN_EXIT":"3"}}"#,
+];
+
+#[test]
+fn stored_form_of_older_agents_is_kept_byte_for_byte() {
+    // Each stored form reads and writes back to the same bytes (the agent compares and hashes
+    // them to decide what changed).
+    let read: Vec<WorkloadSpec> = OLD_STORED_FORMS
+        .iter()
+        .map(|json| {
+            let spec: WorkloadSpec =
+                serde_json::from_str(json).unwrap_or_else(|e| panic!("{json} must read: {e}"));
+            assert_eq!(serde_json::to_string(&spec).unwrap(), *json);
+            spec
+        })
+        .collect();
+    // And today's parse of the same files writes the same bytes.
+    let grants = "[[workloads]]\nname = \"door\"\nmodule = \"sha256:ABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABABAB\"\nisolation = \"wasm\"\nrestart = \"never\"\ntriggers = [{ gpio-edge = \"button\", edge = \"falling\", debounce = \"5ms\" }, { interval = \"1m 30s\" }]\ngpio = [{ name = \"led\", pin = \"GPIO17\", mode = \"output\", initial = \"high\" }, { name = \"button\", pin = \"GPIO27\", mode = \"input\", bias = \"pull-up\", edge = \"both\", debounce = \"2ms\" }]\nspi = [{ name = \"adc\", bus = \"spi0.0\", max-hz = 1000000 }]\ni2c = [{ name = \"env\", bus = \"i2c-1\", addresses = [0x48, 0x49] }]\n";
+    let container = "[[workloads]]\nname = \"box\"\nkind = \"container\"\nimage = \"images/hello\"\ncommand = [\"/bin/sh\", \"-c\"]\nargs = [\"echo hi\"]\nenv = { MODE = \"test\", B = \"2\" }\nisolation = \"strongest\"\nrestart = \"always\"\n[workloads.limits]\nmemory = \"32MiB\"\ncpus = 0.5\npids = 64\n";
+    let rootfs = "[[workloads]]\nname = \"plain\"\nkind = \"container\"\nrootfs = \"root\"\ncommand = [\"/bin/true\"]\n";
+    let vm = "[[workloads]]\nname = \"vm\"\nkind = \"microvm\"\nkernel = \"vmlinuz\"\ninitramfs = \"initrd.gz\"\nvcpus = 2\ncmdline = \"quiet\"\nready-marker = \"UP\"\nboot-timeout = \"30s\"\n[workloads.limits]\nmemory = \"96MiB\"\n";
+    let disk = "[[workloads]]\nname = \"vm2\"\nkind = \"microvm\"\nisolation = \"microvm\"\nkernel = \"Image\"\ndisk = \"root.img\"\n";
+    let mut parsed: Vec<WorkloadSpec> = [EXAMPLE_TOML, grants, container, rootfs, vm, disk]
+        .into_iter()
+        .flat_map(|text| ok("deploy.toml", text).spec.workloads)
+        .collect();
+    let mut command = ok("deploy.toml", &workload("")).spec.workloads.remove(0);
+    command.name = "hello".into();
+    command.config.insert("k".into(), "v".into());
+    command.artifact = Artifact::Wasm(WasmArtifact {
+        module: ModuleRef::Path("/srv/demo/counter.wasm".into()),
+        args: vec!["one".into(), "two words".into()],
+        env: [("LICHEN_EXIT", "3"), ("A", "b")]
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .into(),
+    });
+    parsed.push(command);
+    assert_eq!(parsed, read);
+    for (spec, json) in parsed.iter().zip(OLD_STORED_FORMS) {
+        assert_eq!(serde_json::to_string(spec).unwrap(), *json);
+    }
+}
+
+#[test]
+fn a_stored_form_whose_parts_do_not_fit_its_kind_is_refused() {
+    for (json, words) in [
+        (
+            r#"{"name":"w","module":{"path":"/w.wasm"},"container":{"image":{"rootfs":"/r"},"command":["/x"]}}"#,
+            "`container` applies to container workloads only; this workload is wasm",
+        ),
+        (
+            r#"{"name":"b","kind":"container","module":{"path":"/w.wasm"}}"#,
+            "`module` applies to wasm workloads only; this workload is container",
+        ),
+        (
+            r#"{"name":"b","kind":"container","container":{"image":{"rootfs":"/r"}},"args":["a"]}"#,
+            "`args` applies to wasm workloads only",
+        ),
+        (
+            r#"{"name":"v","kind":"microvm","microvm":{"kernel":"/k","root":{"disk":"/d"},"vcpus":1},"env":{"A":"1"}}"#,
+            "`env` applies to wasm workloads only",
+        ),
+        (
+            r#"{"name":"w"}"#,
+            "missing field `module` of a wasm workload",
+        ),
+        (
+            r#"{"name":"b","kind":"container"}"#,
+            "missing field `container` of a container workload",
+        ),
+        (
+            r#"{"name":"v","kind":"microvm"}"#,
+            "missing field `microvm` of a microvm workload",
+        ),
+    ] {
+        let error = serde_json::from_str::<WorkloadSpec>(json).expect_err(json);
+        assert!(error.to_string().contains(words), "{json}: {error}");
     }
 }
 
@@ -598,10 +692,12 @@ fn a_container_workload_parses_with_image_command_env_and_limits() {
     );
     let spec = ok("deploy.toml", &text).spec;
     let w = &spec.workloads[0];
-    assert_eq!(w.kind, WorkloadKind::Container);
-    assert_eq!(w.module, None);
+    assert_eq!(w.kind(), Tier::Container);
+    assert_eq!(w.module(), None);
     assert_eq!(w.isolation, Some(IsolationChoice::Strongest));
-    let c = w.container.as_ref().expect("container part");
+    let Artifact::Container(c) = &w.artifact else {
+        panic!("a container artifact: {w:?}")
+    };
     assert_eq!(
         c.image,
         ImageRef::Oci(PathBuf::from("/srv/demo/images/hello"))
@@ -721,8 +817,10 @@ fn a_microvm_workload_parses_and_its_mistakes_are_located() {
                 boot-timeout = \"30s\"\n[workloads.limits]\nmemory = \"96MiB\"\n";
     let spec = ok("deploy.toml", text).spec;
     let w = &spec.workloads[0];
-    assert_eq!(w.kind, WorkloadKind::Microvm);
-    let vm = w.microvm.as_ref().expect("microvm part");
+    assert_eq!(w.kind(), Tier::Microvm);
+    let Artifact::Microvm(vm) = &w.artifact else {
+        panic!("a microvm artifact: {w:?}")
+    };
     assert_eq!(vm.kernel, PathBuf::from("/srv/demo/vmlinuz"));
     assert_eq!(
         vm.root,
@@ -808,4 +906,27 @@ fn names_and_keys_with_newlines_or_bidi_overrides_are_escaped_in_errors() {
             "{shown_error:?}"
         );
     }
+}
+
+#[test]
+fn isolation_choice_is_written_as_the_tier_name_or_strongest() {
+    for (choice, text) in [
+        (IsolationChoice::Tier(Tier::Wasm), "\"wasm\""),
+        (IsolationChoice::Tier(Tier::Container), "\"container\""),
+        (IsolationChoice::Tier(Tier::Microvm), "\"microvm\""),
+        (IsolationChoice::Strongest, "\"strongest\""),
+    ] {
+        assert_eq!(serde_json::to_string(&choice).unwrap(), text);
+        assert_eq!(
+            serde_json::from_str::<IsolationChoice>(text).unwrap(),
+            choice
+        );
+    }
+    let error = serde_json::from_str::<IsolationChoice>("\"strong\"").unwrap_err();
+    assert!(
+        error.to_string().contains("unknown variant `strong`"),
+        "{error}"
+    );
+    // Tiers order weakest first, which `strongest` relies on.
+    assert!(Tier::Wasm < Tier::Container && Tier::Container < Tier::Microvm);
 }

@@ -143,7 +143,9 @@ fn usable(spec: &DeploymentSpec) -> Result<(), String> {
                 fits(format!("workloads[{i}].gpio[{g}].debounce"), d)?;
             }
         }
-        if let Some(d) = w.microvm.as_ref().and_then(|vm| vm.boot_timeout) {
+        if let deployment::Artifact::Microvm(vm) = &w.artifact
+            && let Some(d) = vm.boot_timeout
+        {
             fits(format!("workloads[{i}].boot-timeout"), d)?;
         }
         if let Some(queue) = w.limits.queue {

@@ -45,8 +45,8 @@ use tokio::sync::{broadcast, mpsc, watch};
 
 use super::control::Control;
 use super::types::{
-    ApiError, DeployReport, DeployRequest, DoctorReport, EventRecord, KvEntry, LogLine, SendReply,
-    SendRequest, WorkloadStatus,
+    ApiError, DeployReport, DeployRequest, DoctorReport, ErrorCode, EventRecord, KvEntry, LogLine,
+    SendReply, SendRequest, WorkloadStatus,
 };
 
 /// Largest request body the API reads: 16 MiB, room for the largest deployment
@@ -66,18 +66,18 @@ pub const METRICS_CONTENT_TYPE: &str = "text/plain; version=0.0.4";
 
 /// HTTP status of an [`ApiError`] code: `invalid` 400, `not-found` 404, `unavailable` 409,
 /// anything else (`internal`) 500.
-pub fn status_for(code: &str) -> StatusCode {
+pub fn status_for(code: ErrorCode) -> StatusCode {
     match code {
-        "invalid" => StatusCode::BAD_REQUEST,
-        "not-found" => StatusCode::NOT_FOUND,
-        "unavailable" => StatusCode::CONFLICT,
-        _ => StatusCode::INTERNAL_SERVER_ERROR,
+        ErrorCode::Invalid => StatusCode::BAD_REQUEST,
+        ErrorCode::NotFound => StatusCode::NOT_FOUND,
+        ErrorCode::Unavailable => StatusCode::CONFLICT,
+        ErrorCode::Internal => StatusCode::INTERNAL_SERVER_ERROR,
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (status_for(&self.code), Json(self)).into_response()
+        (status_for(self.code), Json(self)).into_response()
     }
 }
 
@@ -808,7 +808,7 @@ mod tests {
         let (status, answer) = raw(&run.socket, &request).await;
         assert_eq!(status, 400);
         let error: ApiError = serde_json::from_str(&answer).expect("body is an ApiError");
-        assert_eq!(error.code, "invalid");
+        assert_eq!(error.code, ErrorCode::Invalid);
         assert!(
             error.error.starts_with("malformed request body"),
             "{}",

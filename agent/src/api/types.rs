@@ -185,12 +185,45 @@ pub struct DoctorCheck {
     pub detail: String,
 }
 
+/// What kind of failure an [`ApiError`] is; written `invalid`, `not-found`, `unavailable` or
+/// `internal` (a code this agent does not know reads as `internal`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorCode {
+    /// Bad input; nothing was changed.
+    Invalid,
+    /// No workload (or other named thing) by that name.
+    NotFound,
+    /// The target exists but cannot take the request now (stopped, backing off, busy).
+    Unavailable,
+    /// A failure inside the agent.
+    #[serde(other)]
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code's name in the API.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::Invalid => "invalid",
+            ErrorCode::NotFound => "not-found",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+impl std::fmt::Display for ErrorCode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// Body of every error response.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApiError {
-    /// What kind of failure: `invalid` (bad input, nothing changed), `not-found` (no such
-    /// workload), `unavailable` (the workload cannot take the request now) or `internal`.
-    pub code: String,
+    /// What kind of failure.
+    pub code: ErrorCode,
     /// The error chain in words, outermost first.
     pub error: String,
 }
@@ -199,28 +232,28 @@ impl ApiError {
     /// Bad input; nothing was changed.
     pub fn invalid(error: impl Into<String>) -> Self {
         Self {
-            code: "invalid".into(),
+            code: ErrorCode::Invalid,
             error: escaped(error.into()),
         }
     }
     /// No workload (or other named thing) by that name.
     pub fn not_found(error: impl Into<String>) -> Self {
         Self {
-            code: "not-found".into(),
+            code: ErrorCode::NotFound,
             error: escaped(error.into()),
         }
     }
     /// The target exists but cannot take the request now (stopped, backing off, busy).
     pub fn unavailable(error: impl Into<String>) -> Self {
         Self {
-            code: "unavailable".into(),
+            code: ErrorCode::Unavailable,
             error: escaped(error.into()),
         }
     }
     /// A failure inside the agent.
     pub fn internal(error: impl Into<String>) -> Self {
         Self {
-            code: "internal".into(),
+            code: ErrorCode::Internal,
             error: escaped(error.into()),
         }
     }
@@ -242,3 +275,30 @@ impl std::fmt::Display for ApiError {
 }
 
 impl std::error::Error for ApiError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_codes_keep_their_wire_names_and_an_unknown_one_reads_as_internal() {
+        for (code, name) in [
+            (ErrorCode::Invalid, "invalid"),
+            (ErrorCode::NotFound, "not-found"),
+            (ErrorCode::Unavailable, "unavailable"),
+            (ErrorCode::Internal, "internal"),
+        ] {
+            let body = serde_json::to_string(&ApiError {
+                code,
+                error: "x".into(),
+            })
+            .unwrap();
+            assert_eq!(body, format!(r#"{{"code":"{name}","error":"x"}}"#));
+            let back: ApiError = serde_json::from_str(&body).unwrap();
+            assert_eq!((back.code, back.code.as_str()), (code, name));
+        }
+        // A newer agent's code is still an error the client can show.
+        let newer: ApiError = serde_json::from_str(r#"{"code":"throttled","error":"y"}"#).unwrap();
+        assert_eq!(newer.code, ErrorCode::Internal);
+    }
+}

@@ -25,7 +25,7 @@ use tokio::sync::broadcast;
 
 use crate::api::types::{ApiError, LogLine};
 use crate::deployment::{
-    DurationError, Limits, ModuleRef, RestartPolicy, Trigger, WorkloadKind, WorkloadSpec,
+    self, DurationError, Limits, ModuleRef, RestartPolicy, Trigger, WasmArtifact, WorkloadSpec,
 };
 use crate::runtime::wasm::Artifact;
 use crate::supervisor::{Agent, Labels, Source, WorkloadEnd};
@@ -118,11 +118,10 @@ pub(super) fn spec(
         .collect();
     WorkloadSpec {
         name: name.to_string(),
-        kind: WorkloadKind::Wasm,
         isolation: None,
-        module: Some(ModuleRef::Digest(digest.to_string())),
-        container: None,
-        microvm: None,
+        artifact: deployment::Artifact::Wasm(WasmArtifact::module(ModuleRef::Digest(
+            digest.to_string(),
+        ))),
         config,
         triggers: interval.map(Trigger::Interval).into_iter().collect(),
         limits: Limits {
@@ -133,8 +132,6 @@ pub(super) fn spec(
         gpio: Vec::new(),
         spi: Vec::new(),
         i2c: Vec::new(),
-        args: Vec::new(),
-        env: BTreeMap::new(),
     }
 }
 
@@ -203,7 +200,7 @@ pub(super) async fn stop(agent: &Agent, name: &str) -> Result<(), ApiError> {
 /// Removes the pod's workload from the supervisor; one already gone is fine.
 pub(super) async fn remove(agent: &Agent, name: &str) {
     if let Err(e) = agent.remove_workload(Source::Pods, name).await
-        && e.code != "not-found"
+        && e.code != crate::api::types::ErrorCode::NotFound
     {
         tracing::warn!(workload = %name, "cannot remove a pod's workload: {}", e.error);
     }

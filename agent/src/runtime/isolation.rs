@@ -17,58 +17,28 @@
 //! microVM boots an OCI root filesystem yet), so `strongest` chooses the kind's own tier when it
 //! is available; the rule is written for the day an artifact fits more than one.
 
-use std::fmt;
-
 use lichen_devices::board::{BoardProfile, Isolation};
 
 use super::container::HostProbe;
-use crate::deployment::{IsolationChoice, WorkloadKind, WorkloadSpec};
+use crate::deployment::{IsolationChoice, WorkloadSpec};
 
-/// An isolation tier, weakest first (the order `strongest` uses).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Tier {
-    /// In the agent's Wasmtime engine.
-    Wasm,
-    /// In an OCI container through crun or runc.
-    Container,
-    /// In a QEMU microVM.
-    Microvm,
-}
+pub use crate::deployment::Tier;
 
-impl Tier {
-    /// Every tier, weakest first.
-    pub const ALL: [Tier; 3] = [Tier::Wasm, Tier::Container, Tier::Microvm];
-
-    /// The tier's name in files, `ps` and `doctor`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Tier::Wasm => "wasm",
-            Tier::Container => "container",
-            Tier::Microvm => "microvm",
-        }
-    }
-
-    fn board(self) -> Isolation {
-        match self {
-            Tier::Wasm => Isolation::Wasm,
-            Tier::Container => Isolation::Container,
-            Tier::Microvm => Isolation::Microvm,
-        }
-    }
-}
-
-impl fmt::Display for Tier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+/// The board profile's name for `tier`.
+fn board_isolation(tier: Tier) -> Isolation {
+    match tier {
+        Tier::Wasm => Isolation::Wasm,
+        Tier::Container => Isolation::Container,
+        Tier::Microvm => Isolation::Microvm,
     }
 }
 
 /// The tiers an artifact of `kind` can run in, strongest first.
-pub fn tiers_for(kind: WorkloadKind) -> &'static [Tier] {
+pub fn tiers_for(kind: Tier) -> &'static [Tier] {
     match kind {
-        WorkloadKind::Wasm => &[Tier::Wasm],
-        WorkloadKind::Container => &[Tier::Container],
-        WorkloadKind::Microvm => &[Tier::Microvm],
+        Tier::Wasm => &[Tier::Wasm],
+        Tier::Container => &[Tier::Container],
+        Tier::Microvm => &[Tier::Microvm],
     }
 }
 
@@ -103,10 +73,8 @@ pub fn microvm_outcome(probe: &super::microvm::MicrovmProbe) -> Result<String, S
 /// The tiers `spec` may run in, by its `isolation` and its kind: the ones to probe first.
 pub fn wanted(spec: &WorkloadSpec) -> Vec<Tier> {
     match spec.isolation {
-        None | Some(IsolationChoice::Strongest) => tiers_for(spec.kind).to_vec(),
-        Some(IsolationChoice::Wasm) => vec![Tier::Wasm],
-        Some(IsolationChoice::Container) => vec![Tier::Container],
-        Some(IsolationChoice::Microvm) => vec![Tier::Microvm],
+        None | Some(IsolationChoice::Strongest) => tiers_for(spec.kind()).to_vec(),
+        Some(IsolationChoice::Tier(tier)) => vec![tier],
     }
 }
 
@@ -139,7 +107,7 @@ impl IsolationProbe {
             board: board.name.clone(),
             board_tiers: Tier::ALL
                 .into_iter()
-                .filter(|t| board.supports(t.board()))
+                .filter(|t| board.supports(board_isolation(*t)))
                 .collect(),
             tiers: Vec::new(),
             cgroup_controllers,
@@ -198,7 +166,7 @@ impl IsolationProbe {
     /// The tier `spec` runs in, or why it cannot run on this board: the message names the
     /// missing piece, such as `"container" isolation needs a working OCI runtime: ...`.
     pub fn select(&self, spec: &WorkloadSpec) -> Result<Tier, String> {
-        let candidates = tiers_for(spec.kind);
+        let candidates = tiers_for(spec.kind());
         let asked = match spec.isolation {
             None => candidates[0],
             Some(IsolationChoice::Strongest) => {
@@ -214,9 +182,7 @@ impl IsolationProbe {
                     None => candidates[0],
                 }
             }
-            Some(IsolationChoice::Wasm) => Tier::Wasm,
-            Some(IsolationChoice::Container) => Tier::Container,
-            Some(IsolationChoice::Microvm) => Tier::Microvm,
+            Some(IsolationChoice::Tier(tier)) => tier,
         };
         if let Some(piece) = self.missing(asked) {
             return Err(format!("\"{asked}\" isolation needs {piece}"));
@@ -292,13 +258,13 @@ mod tests {
         }
     }
 
-    fn spec(kind: WorkloadKind, isolation: Option<IsolationChoice>) -> WorkloadSpec {
+    fn spec(kind: Tier, isolation: Option<IsolationChoice>) -> WorkloadSpec {
         let text = match kind {
-            WorkloadKind::Wasm => "[[workloads]]\nname = \"a\"\nmodule = \"a.wasm\"\n",
-            WorkloadKind::Container => {
+            Tier::Wasm => "[[workloads]]\nname = \"a\"\nmodule = \"a.wasm\"\n",
+            Tier::Container => {
                 "[[workloads]]\nname = \"a\"\nkind = \"container\"\nrootfs = \"r\"\ncommand = [\"/bin/true\"]\n"
             }
-            WorkloadKind::Microvm => {
+            Tier::Microvm => {
                 "[[workloads]]\nname = \"a\"\nkind = \"microvm\"\nkernel = \"k\"\ninitramfs = \"i\"\n"
             }
         };
@@ -318,19 +284,13 @@ mod tests {
     #[test]
     fn each_kind_runs_in_its_tier_when_the_host_has_it() {
         let probe = IsolationProbe::detect(&board("sim"), &host(true), Err("x".into()));
-        assert_eq!(
-            probe.select(&spec(WorkloadKind::Wasm, None)),
-            Ok(Tier::Wasm)
-        );
+        assert_eq!(probe.select(&spec(Tier::Wasm, None)), Ok(Tier::Wasm));
         let strongest = Some(IsolationChoice::Strongest);
         assert_eq!(
-            probe.select(&spec(WorkloadKind::Container, strongest)),
+            probe.select(&spec(Tier::Container, strongest)),
             Ok(Tier::Container)
         );
-        assert_eq!(
-            probe.select(&spec(WorkloadKind::Wasm, strongest)),
-            Ok(Tier::Wasm)
-        );
+        assert_eq!(probe.select(&spec(Tier::Wasm, strongest)), Ok(Tier::Wasm));
     }
 
     #[test]
@@ -341,17 +301,14 @@ mod tests {
             Err("a usable KVM or QEMU: qemu-system-x86_64 not found".into()),
         );
         let err = probe
-            .select(&spec(WorkloadKind::Container, None))
+            .select(&spec(Tier::Container, None))
             .expect_err("no OCI runtime");
         assert!(
             err.starts_with("\"container\" isolation needs a working OCI runtime: crun is not installed; runc is not installed"),
             "{err}"
         );
         let err = probe
-            .select(&spec(
-                WorkloadKind::Container,
-                Some(IsolationChoice::Strongest),
-            ))
+            .select(&spec(Tier::Container, Some(IsolationChoice::Strongest)))
             .expect_err("strongest finds nothing either");
         assert!(err.contains("needs a working OCI runtime"), "{err}");
         assert_eq!(
@@ -360,7 +317,7 @@ mod tests {
         );
         // A limit needs its controller.
         let probe = IsolationProbe::detect(&board("sim"), &host(true), Err("x".into()));
-        let mut wants_cpu = spec(WorkloadKind::Container, None);
+        let mut wants_cpu = spec(Tier::Container, None);
         wants_cpu.limits.cpu_millis = Some(500);
         assert_eq!(
             probe.select(&wants_cpu),

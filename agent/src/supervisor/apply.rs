@@ -99,7 +99,7 @@ impl Agent {
         }
         let other_wasm = others
             .iter()
-            .filter(|m| m.spec.kind == deployment::WorkloadKind::Wasm)
+            .filter(|m| m.spec.kind() == deployment::Tier::Wasm)
             .count();
         self.check_pool(&parsed, other_wasm, 0)?;
         let artifacts = self.prepare_all(&parsed).await?;
@@ -296,7 +296,7 @@ impl Agent {
             .spec
             .workloads
             .iter()
-            .filter(|w| w.kind == deployment::WorkloadKind::Wasm)
+            .filter(|w| w.kind() == deployment::Tier::Wasm)
             .count();
         let slots = self.inner.ctx.engine.options().max_instances;
         let needed = wasm.saturating_add(others).saturating_add(reloads);

@@ -125,15 +125,11 @@ impl Agent {
             message: format!("its stored spec is unreadable: {e}"),
         })?;
         let fail = |tier: Tier, message: String| Failure {
-            kind: spec.kind.as_str().into(),
+            kind: spec.kind().as_str().into(),
             tier,
             message,
         };
-        let default_tier = match spec.kind {
-            crate::deployment::WorkloadKind::Wasm => Tier::Wasm,
-            crate::deployment::WorkloadKind::Container => Tier::Container,
-            crate::deployment::WorkloadKind::Microvm => Tier::Microvm,
-        };
+        let default_tier = spec.kind();
         if spec.name != row.name {
             return Err(fail(
                 default_tier,

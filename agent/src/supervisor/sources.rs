@@ -18,7 +18,7 @@ use tokio::sync::broadcast;
 use super::Agent;
 use super::plan::{self, Action, Desired, Scope};
 use crate::api::types::ApiError;
-use crate::deployment::{DeploymentSpec, ParsedDeployment, WorkloadKind, WorkloadSpec};
+use crate::deployment::{DeploymentSpec, ParsedDeployment, Tier, WorkloadSpec};
 use crate::store::{SourceWorkload, StoreError};
 
 /// Every state change a Wasm workload records (`running`, `backoff`, `failed`, `completed`,
@@ -305,9 +305,9 @@ impl Agent {
         };
         let unchanged = action == Action::Unchanged;
         let reload = action == Action::Reload;
-        if spec.kind == WorkloadKind::Wasm {
+        if spec.kind() == Tier::Wasm {
             let wasm = others
-                .filter(|m| m.spec.kind == WorkloadKind::Wasm)
+                .filter(|m| m.spec.kind() == Tier::Wasm)
                 .count()
                 .saturating_add(1)
                 .saturating_add(usize::from(reload));

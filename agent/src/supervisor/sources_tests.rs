@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use super::{Agent, AgentOptions, Labels, Source, WorkloadEnd};
 use crate::api::control::Control;
-use crate::api::types::WorkloadStatus;
-use crate::deployment::{RestartPolicy, WorkloadSpec};
+use crate::api::types::{ErrorCode, WorkloadStatus};
+use crate::deployment::{Artifact, RestartPolicy, WorkloadSpec};
 use crate::runtime::wasm::EngineOptions;
 
 async fn open(dir: &Path, max_instances: u32) -> Agent {
@@ -166,7 +166,7 @@ async fn the_union_checks_refuse_naming_the_field_and_change_nothing() {
             .upsert_workload(source, spec, pod_labels("p"))
             .await
             .unwrap_err();
-        assert_eq!(err.code, "invalid", "{}", err.error);
+        assert_eq!(err.code, ErrorCode::Invalid, "{}", err.error);
         assert!(err.error.starts_with(prefix), "{} / {prefix}", err.error);
         assert_eq!(ps(&agent).await, before_ps);
         assert_eq!(stored(&agent), before_db);
@@ -337,7 +337,7 @@ async fn an_operator_deploy_leaves_pods_and_device_workloads_running() {
         .remove_workload(Source::Pods, "web")
         .await
         .unwrap_err();
-    assert_eq!(err.code, "not-found");
+    assert_eq!(err.code, ErrorCode::NotFound);
     assert_eq!(
         ps(&agent).await,
         vec![("led".into(), "devices".into(), "running".into())]
@@ -430,8 +430,11 @@ async fn wait_workload_gives_a_commands_exit_code_args_and_env() {
         &format!("name = \"job\"\nmodule = \"{module}\"\nrestart = \"never\"\n"),
     );
     assert_eq!(command.restart, RestartPolicy::Never);
-    command.args = vec!["one".into(), "two words".into()];
-    command.env = BTreeMap::from([("LICHEN_EXIT".to_string(), "3".to_string())]);
+    let Artifact::Wasm(wasm) = &mut command.artifact else {
+        panic!("a wasm workload")
+    };
+    wasm.args = vec!["one".into(), "two words".into()];
+    wasm.env = BTreeMap::from([("LICHEN_EXIT".to_string(), "3".to_string())]);
     let mut changes = agent.status_changes();
     agent
         .upsert_workload(Source::Pods, command.clone(), pod_labels("job"))
@@ -468,7 +471,9 @@ async fn wait_workload_gives_a_commands_exit_code_args_and_env() {
         assert!(lines.iter().any(|l| l == expected), "{expected}: {lines:?}");
     }
     // Run once more, exiting 0; an ended workload answers at once.
-    command.env.insert("LICHEN_EXIT".into(), "0".into());
+    if let Artifact::Wasm(wasm) = &mut command.artifact {
+        wasm.env.insert("LICHEN_EXIT".into(), "0".into());
+    }
     agent
         .upsert_workload(Source::Pods, command, pod_labels("job"))
         .await
@@ -482,7 +487,7 @@ async fn wait_workload_gives_a_commands_exit_code_args_and_env() {
         WorkloadEnd::Exited(0)
     );
     let err = agent.wait_workload("nobody").await.unwrap_err();
-    assert_eq!(err.code, "not-found");
+    assert_eq!(err.code, ErrorCode::NotFound);
     // Stopping a long-running workload ends its waiters with `Stopped`.
     agent
         .upsert_workload(

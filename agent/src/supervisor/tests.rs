@@ -232,7 +232,7 @@ async fn more_wasm_workloads_than_instance_slots_are_refused_naming_the_key() {
         .deploy_text("five.toml", &five, dir.path())
         .await
         .expect_err("five do not fit four slots");
-    assert_eq!(error.code, "invalid");
+    assert_eq!(error.code, crate::api::types::ErrorCode::Invalid);
     assert!(
         error
             .error

@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use super::shape::{find, join};
 use super::{Checker, Result};
 use crate::spec::{
-    ContainerWorkload, GuestRootRef, ImageRef, IsolationChoice, MicrovmWorkload, WorkloadKind,
+    ContainerWorkload, GuestRootRef, ImageRef, IsolationChoice, MicrovmWorkload, Tier,
 };
 use crate::tree::{Entry, Node, Value};
 
@@ -43,8 +43,8 @@ impl Checker<'_> {
         &self,
         entries: &[Entry],
         prefix: &str,
-        owners: &[(&str, WorkloadKind)],
-        kind: WorkloadKind,
+        owners: &[(&str, Tier)],
+        kind: Tier,
     ) -> Result<()> {
         for entry in entries {
             let Some((_, owner)) = owners.iter().find(|(key, _)| *key == entry.key) else {
@@ -54,9 +54,9 @@ impl Checker<'_> {
                 continue;
             }
             let this = match kind {
-                WorkloadKind::Wasm => "a wasm module",
-                WorkloadKind::Container => "a container (kind = \"container\")",
-                WorkloadKind::Microvm => "a microVM (kind = \"microvm\")",
+                Tier::Wasm => "a wasm module",
+                Tier::Container => "a container (kind = \"container\")",
+                Tier::Microvm => "a microVM (kind = \"microvm\")",
             };
             return Err(self.error(
                 entry.key_span.start,
@@ -312,18 +312,16 @@ impl Checker<'_> {
 /// Why a kind cannot run in the asked isolation tier, if it cannot. A Wasm module runs in the
 /// agent's engine only; a container image runs in a container (a microVM that boots an OCI
 /// rootfs is not built). `strongest` fits every kind.
-pub(super) fn isolation_mismatch(kind: WorkloadKind, choice: IsolationChoice) -> Option<String> {
-    let fits = match (kind, choice) {
-        (_, IsolationChoice::Strongest) => true,
-        (WorkloadKind::Wasm, tier) => tier == IsolationChoice::Wasm,
-        (WorkloadKind::Container, tier) => tier == IsolationChoice::Container,
-        (WorkloadKind::Microvm, tier) => tier == IsolationChoice::Microvm,
+pub(super) fn isolation_mismatch(kind: Tier, choice: IsolationChoice) -> Option<String> {
+    let fits = match choice {
+        IsolationChoice::Strongest => true,
+        IsolationChoice::Tier(tier) => tier == kind,
     };
     (!fits).then(|| {
         let (what, only) = match kind {
-            WorkloadKind::Wasm => ("a wasm module", "wasm"),
-            WorkloadKind::Container => ("a container image", "container"),
-            WorkloadKind::Microvm => ("a microVM kernel", "microvm"),
+            Tier::Wasm => ("a wasm module", "wasm"),
+            Tier::Container => ("a container image", "container"),
+            Tier::Microvm => ("a microVM kernel", "microvm"),
         };
         format!(
             "{what} cannot run in \"{}\" isolation: it runs in \"{only}\" isolation (or say \"strongest\")",

@@ -22,8 +22,8 @@ use std::path::Path;
 use crate::DeploymentError;
 use crate::locate::{LineIndex, Location, SourceMap};
 use crate::spec::{
-    DeploymentSpec, IsolationChoice, Limits, MicrovmWorkload, RestartPolicy, WorkloadKind,
-    WorkloadSpec,
+    Artifact, DeploymentSpec, IsolationChoice, Limits, MicrovmWorkload, RestartPolicy, Tier,
+    WasmArtifact, WorkloadSpec,
 };
 use crate::tree::{Format, Node, Value};
 
@@ -58,39 +58,39 @@ const WORKLOAD_FIELDS: &[&str] = &[
     "i2c",
 ];
 /// Workload fields that belong to one kind only.
-const KIND_FIELDS: &[(&str, WorkloadKind)] = &[
-    ("module", WorkloadKind::Wasm),
-    ("triggers", WorkloadKind::Wasm),
-    ("config", WorkloadKind::Wasm),
-    ("image", WorkloadKind::Container),
-    ("rootfs", WorkloadKind::Container),
-    ("command", WorkloadKind::Container),
-    ("args", WorkloadKind::Container),
-    ("env", WorkloadKind::Container),
-    ("kernel", WorkloadKind::Microvm),
-    ("initramfs", WorkloadKind::Microvm),
-    ("disk", WorkloadKind::Microvm),
-    ("vcpus", WorkloadKind::Microvm),
-    ("cmdline", WorkloadKind::Microvm),
-    ("ready-marker", WorkloadKind::Microvm),
-    ("boot-timeout", WorkloadKind::Microvm),
+const KIND_FIELDS: &[(&str, Tier)] = &[
+    ("module", Tier::Wasm),
+    ("triggers", Tier::Wasm),
+    ("config", Tier::Wasm),
+    ("image", Tier::Container),
+    ("rootfs", Tier::Container),
+    ("command", Tier::Container),
+    ("args", Tier::Container),
+    ("env", Tier::Container),
+    ("kernel", Tier::Microvm),
+    ("initramfs", Tier::Microvm),
+    ("disk", Tier::Microvm),
+    ("vcpus", Tier::Microvm),
+    ("cmdline", Tier::Microvm),
+    ("ready-marker", Tier::Microvm),
+    ("boot-timeout", Tier::Microvm),
 ];
 /// Limits that belong to one kind only (`memory` applies to all).
-const KIND_LIMITS: &[(&str, WorkloadKind)] = &[
-    ("time-slice", WorkloadKind::Wasm),
-    ("queue", WorkloadKind::Wasm),
-    ("cpus", WorkloadKind::Container),
-    ("pids", WorkloadKind::Container),
+const KIND_LIMITS: &[(&str, Tier)] = &[
+    ("time-slice", Tier::Wasm),
+    ("queue", Tier::Wasm),
+    ("cpus", Tier::Container),
+    ("pids", Tier::Container),
 ];
-const KINDS: &[(&str, WorkloadKind)] = &[
-    ("wasm", WorkloadKind::Wasm),
-    ("container", WorkloadKind::Container),
-    ("microvm", WorkloadKind::Microvm),
+const KINDS: &[(&str, Tier)] = &[
+    ("wasm", Tier::Wasm),
+    ("container", Tier::Container),
+    ("microvm", Tier::Microvm),
 ];
 const ISOLATIONS: &[(&str, IsolationChoice)] = &[
-    ("wasm", IsolationChoice::Wasm),
-    ("container", IsolationChoice::Container),
-    ("microvm", IsolationChoice::Microvm),
+    ("wasm", IsolationChoice::Tier(Tier::Wasm)),
+    ("container", IsolationChoice::Tier(Tier::Container)),
+    ("microvm", IsolationChoice::Tier(Tier::Microvm)),
     ("strongest", IsolationChoice::Strongest),
 ];
 
@@ -218,7 +218,7 @@ impl Checker<'_> {
 
         let kind = match find(entries, "kind") {
             Some(entry) => self.choice(&entry.value, &path("kind"), "kind", KINDS)?,
-            None => WorkloadKind::Wasm,
+            None => Tier::Wasm,
         };
         let isolation = match find(entries, "isolation") {
             Some(entry) => {
@@ -232,8 +232,8 @@ impl Checker<'_> {
             None => None,
         };
         self.kind_only(entries, &prefix, KIND_FIELDS, kind)?;
-        let (module, container, microvm) = match kind {
-            WorkloadKind::Wasm => {
+        let artifact = match kind {
+            Tier::Wasm => {
                 let module_node = &self
                     .required(
                         node,
@@ -243,10 +243,12 @@ impl Checker<'_> {
                         "every workload needs a module: a path to a .wasm file or \"sha256:<64 hex digits>\"",
                     )?
                     .value;
-                (Some(self.module(module_node, &path("module"))?), None, None)
+                Artifact::Wasm(WasmArtifact::module(
+                    self.module(module_node, &path("module"))?,
+                ))
             }
-            WorkloadKind::Container => (None, Some(self.container(node, entries, &prefix)?), None),
-            WorkloadKind::Microvm => (None, None, Some(self.microvm(node, entries, &prefix)?)),
+            Tier::Container => Artifact::Container(self.container(node, entries, &prefix)?),
+            Tier::Microvm => Artifact::Microvm(self.microvm(node, entries, &prefix)?),
         };
 
         let restart = match find(entries, "restart") {
@@ -266,7 +268,7 @@ impl Checker<'_> {
                 let limits = self.limits(&entry.value, &path("limits"))?;
                 if let Value::Table(limit_entries) = &entry.value.value {
                     self.kind_only(limit_entries, &path("limits"), KIND_LIMITS, kind)?;
-                    if kind == WorkloadKind::Microvm
+                    if kind == Tier::Microvm
                         && let Some(memory) = limits.memory_bytes
                         && memory < MicrovmWorkload::MIN_MEMORY_BYTES
                     {
@@ -300,11 +302,8 @@ impl Checker<'_> {
 
         let spec = WorkloadSpec {
             name: name.to_owned(),
-            kind,
             isolation,
-            module,
-            container,
-            microvm,
+            artifact,
             config,
             triggers,
             limits,
@@ -312,8 +311,6 @@ impl Checker<'_> {
             gpio,
             spi,
             i2c,
-            args: Vec::new(),
-            env: BTreeMap::new(),
         };
         Ok((spec, name_node))
     }

@@ -16,7 +16,7 @@ use super::image::ImageStore;
 use super::{
     Container, ContainerRuntime, ContainerSpec, ContainerStatus, ExitReason, Limits, LogStream,
 };
-use crate::deployment::{ImageRef, WorkloadSpec};
+use crate::deployment::{Artifact, ImageRef, WorkloadSpec};
 use crate::logs::LogHub;
 use crate::runtime::supervise::{
     LiveUsage, ProcessKind, ProcessWorkload, RunEnd, RunOnce, Shared, Supervised, stop_asked,
@@ -79,7 +79,7 @@ impl ContainerTier {
         spec: &WorkloadSpec,
         stored_digest: Option<&str>,
     ) -> Result<Prepared, PrepareError> {
-        let Some(c) = &spec.container else {
+        let Artifact::Container(c) = &spec.artifact else {
             return Err(PrepareError::new(
                 "kind",
                 "a container workload needs an image or a rootfs",

@@ -15,7 +15,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::{OnceCell, watch};
 
 use super::{ExitReason, GuestRoot, LogStream, Microvm, MicrovmRuntime, MicrovmSpec};
-use crate::deployment::{GuestRootRef, WorkloadSpec};
+use crate::deployment::{Artifact, GuestRootRef, WorkloadSpec};
 use crate::logs::LogHub;
 use crate::runtime::supervise::{
     LiveUsage, ProcessKind, ProcessWorkload, RunEnd, RunOnce, Shared, Supervised, stop_asked,
@@ -71,7 +71,7 @@ impl MicrovmTier {
     }
 
     async fn load(&self, spec: &WorkloadSpec) -> Result<Prepared, PrepareError> {
-        let Some(vm) = &spec.microvm else {
+        let Artifact::Microvm(vm) = &spec.artifact else {
             return Err(PrepareError::new(
                 "kind",
                 "a microVM workload needs a kernel",

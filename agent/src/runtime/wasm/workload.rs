@@ -40,7 +40,7 @@ impl WasmRuntime {
                 ),
             ));
         }
-        let loaded = match (stored_digest, &spec.module) {
+        let loaded = match (stored_digest, spec.module()) {
             (Some(digest), _) => self
                 .artifacts
                 .load(digest)

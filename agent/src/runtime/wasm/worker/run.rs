@@ -413,6 +413,13 @@ impl Worker {
     /// Runs a WASI command once; returns a restart delay when it failed and may be retried.
     async fn run_command_once(&mut self) -> Option<Duration> {
         let pre = self.current.artifact.command()?.clone();
+        // Only a wasm spec reaches the engine; another kind has no arguments to give.
+        static NO_ENV: std::collections::BTreeMap<String, String> =
+            std::collections::BTreeMap::new();
+        let (args, env) = match &self.current.spec.artifact {
+            crate::deployment::Artifact::Wasm(wasm) => (wasm.args.as_slice(), &wasm.env),
+            _ => (&[][..], &NO_ENV),
+        };
         self.set_state("running", None);
         self.stats.set(|s| s.started_at = Some(Instant::now()));
         let setup = self.setup();
@@ -423,8 +430,8 @@ impl Worker {
             &self.name,
             super::super::command::CommandInput {
                 config: &self.current.spec.config,
-                args: &self.current.spec.args,
-                env: &self.current.spec.env,
+                args,
+                env,
             },
             self.ctx.logs.as_ref(),
             setup.memory_limit,
