@@ -49,6 +49,10 @@ use output::{Destination, PodStreams, forward, pipe};
 
 /// Most pods the agent holds at once (the task service's own bound on tasks).
 pub const MAX_PODS: usize = lichen_shim::service::MAX_TASKS;
+/// Programs of removed pods kept compiled (in memory and on disk) for the next pod of the
+/// same image: a pod's workload leaves the supervisor at `Delete`, and its artifact would
+/// otherwise be collected with it and compiled again by the next `ctr run` or restart.
+pub const KEPT_PROGRAMS: usize = 16;
 
 /// What a pod runs.
 #[derive(Clone)]
@@ -180,6 +184,9 @@ pub struct PodRuntime {
     counters: Arc<PodCounters>,
     /// The supervisor that runs every pod as a workload of its `pods` source.
     agent: Agent,
+    /// Digests of removed pods' programs kept in the artifact store, oldest first (at most
+    /// [`KEPT_PROGRAMS`]).
+    kept: Mutex<std::collections::VecDeque<String>>,
 }
 
 impl PodRuntime {
@@ -194,6 +201,7 @@ impl PodRuntime {
             pods: Mutex::new(HashMap::new()),
             counters: Arc::new(PodCounters::default()),
             agent,
+            kept: Mutex::new(std::collections::VecDeque::new()),
         }
     }
 
@@ -385,6 +393,20 @@ impl PodRuntime {
         Ok(())
     }
 
+    /// Keeps a removed pod's program compiled for the next pod of its image; the oldest of
+    /// more than [`KEPT_PROGRAMS`] is let go.
+    fn keep_program(&self, digest: &str) {
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        kept.retain(|d| d != digest);
+        kept.push_back(digest.to_string());
+        self.artifacts.keep(digest);
+        while kept.len() > KEPT_PROGRAMS {
+            if let Some(old) = kept.pop_front() {
+                self.artifacts.unkeep(&old);
+            }
+        }
+    }
+
     fn refuse(&self, message: String) -> AgentError {
         self.counters.refused.fetch_add(1, Ordering::Relaxed);
         AgentError::Invalid(message)
@@ -537,6 +559,8 @@ impl PodAgent for PodRuntime {
             return Err(AgentError::State(format!("pod {id} is running")));
         }
         if !matches!(*pod.phase(), Phase::Created) {
+            // Kept before the removal collects unused artifacts.
+            self.keep_program(&pod.digest);
             lichen::remove(&self.agent, &pod.name).await;
         }
         self.table().remove(id);

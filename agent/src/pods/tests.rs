@@ -140,6 +140,13 @@ async fn a_pod_runs_its_output_reaches_its_log_and_its_exit_code_is_reported() {
     pods.remove("hello").await.unwrap();
     assert!(pods.is_empty());
     assert!(pod_rows(&agent).await.is_empty(), "the workload is gone");
+    // Its program stays compiled for the next pod of the image (the removal collected
+    // unused artifacts).
+    let digest = crate::runtime::wasm::sha256_hex(&wat(HELLO));
+    assert!(
+        agent.artifacts().contains(&digest),
+        "the program was collected"
+    );
     assert!(matches!(
         pods.status("hello").await,
         Err(AgentError::NotFound(_))
@@ -247,9 +254,18 @@ async fn a_command_pod_whose_name_a_deployed_workload_has_is_refused_naming_name
         .deploy_text("d.toml", &deployment, dir.path())
         .await
         .expect("the operator's workload deploys");
-    let before = Control::ps(&agent).await;
-    assert_eq!(before.len(), 1);
-    assert_eq!(before[0].state, "running", "{before:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let before = loop {
+        let rows = Control::ps(&agent).await;
+        if rows.len() == 1 && rows[0].state == "running" {
+            break rows;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "never running: {rows:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
 
     // The pod is named `blink-hello` from its pod and container names: the operator's.
     pods.create(workload("hello", wat(HELLO))).await.unwrap();
