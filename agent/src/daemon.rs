@@ -18,7 +18,6 @@ use tokio::sync::watch;
 use crate::api::control::Control;
 use crate::config::AgentConfig;
 use crate::embedded;
-use crate::logs::LogHub;
 use crate::pods::PodRuntime;
 use crate::pods::control::NodeControl;
 use crate::supervisor::{Agent, AgentOptions};
@@ -139,13 +138,7 @@ pub async fn run(args: RunArgs, socket: &Path) -> Result<()> {
         .context("cannot start the agent")?;
     let agent = open_agent(&config, &state_dir).await?;
     tracing::info!(state_dir = %state_dir.display(), board = %config.board, "lichen {} starting", env!("CARGO_PKG_VERSION"));
-    let pods = Arc::new(
-        PodRuntime::new(
-            agent.artifacts().clone(),
-            Arc::new(LogHub::new(config.log_options()?)),
-        )
-        .with_agent(agent.clone()),
-    );
+    let pods = Arc::new(PodRuntime::new(agent.clone()));
     let (task_server, task_server_state) =
         crate::pods::server::start(&config.containerd, pods.clone()).await;
     let control = NodeControl::new(agent.clone(), pods, task_server_state);

@@ -10,6 +10,8 @@
 //! - what `ctr` alone costs (`ctr task ls` against the same containerd) and what creating the
 //!   container costs before any runtime is involved (`ctr containers create`: snapshot and
 //!   metadata): the part of both figures that is containerd's own;
+//! - the shim's `start` process on its own (exec to exit, as containerd runs it, against the
+//!   running agent in a scratch bundle): the part outside the agent that is Lichen's;
 //! - memory per extra pod, as PSS (`/proc/PID/smaps_rollup`): the resident agent's growth with
 //!   `--count` long-running Wasm pods, divided by the count, vs the runc shim process plus the
 //!   container's process of each busybox `sleep` pod.
@@ -115,6 +117,7 @@ struct Figures {
     runc_exit: Samples,
     ctr_alone: Samples,
     create: Samples,
+    shim_start: Samples,
     /// The task path's parts as the agent timed them, per Lichen round.
     parts: Vec<(&'static str, Samples)>,
     lichen_first: Duration,
@@ -184,6 +187,7 @@ fn measure(dir: &Path, rounds: usize, pods: usize) -> Result<Vec<String>> {
         ctrd.ctr_ok(&["containers", "delete", &id])?;
     }
 
+    let shim_start = shim_start_samples(dir, &tools, &agent.task_socket, rounds)?;
     let parts = task_path_parts(&agent.log, "lichen-")?;
     let (lichen_pss_per_pod, lichen_rss_per_pod) = lichen_memory(&ctrd, &agent, pods)?;
     let (runc_pss_per_pod, runc_rss_per_pod) = runc_memory(&ctrd, pods)?;
@@ -194,6 +198,7 @@ fn measure(dir: &Path, rounds: usize, pods: usize) -> Result<Vec<String>> {
         runc_exit: Samples::new(runc_exit),
         ctr_alone: Samples::new(ctr_alone),
         create: Samples::new(create),
+        shim_start,
         parts,
         lichen_first,
         lichen_pss_per_pod,
@@ -203,6 +208,45 @@ fn measure(dir: &Path, rounds: usize, pods: usize) -> Result<Vec<String>> {
         pods,
     };
     Ok(report(&figures, rounds))
+}
+
+/// Runs the shim's `start` as containerd does (flags, `TTRPC_ADDRESS`, the bundle as its
+/// working directory) against the running agent, `rounds` times; exec to exit.
+fn shim_start_samples(
+    dir: &Path,
+    tools: &Tools,
+    task_socket: &Path,
+    rounds: usize,
+) -> Result<Samples> {
+    let bundle = dir.join("shim-start-bundle");
+    std::fs::create_dir_all(&bundle)
+        .with_context(|| format!("cannot create {}", bundle.display()))?;
+    let shim = tools.shim_dir.join("containerd-shim-lichen-v1");
+    let containerd = dir.join("containerd.sock");
+    let mut samples = Vec::with_capacity(rounds);
+    for round in 0..rounds {
+        let start = Instant::now();
+        let out = Command::new(&shim)
+            .args(["-namespace", "lichen-bench", "-address"])
+            .arg(&containerd)
+            .args(["-id", &format!("shim-start-{round}"), "start"])
+            .env(lichen_shim::SOCKET_ENV, task_socket)
+            .env("TTRPC_ADDRESS", dir.join("containerd.sock.ttrpc"))
+            .current_dir(&bundle)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("cannot run {}", shim.display()))?;
+        samples.push(start.elapsed());
+        if !out.status.success() {
+            bail!(
+                "{} start failed: {}",
+                shim.display(),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    std::fs::remove_dir_all(&bundle).ok();
+    Ok(Samples::new(samples))
 }
 
 /// PSS and RSS growth of the agent per long-running Wasm pod.
@@ -365,6 +409,12 @@ fn report(f: &Figures, rounds: usize) -> Vec<String> {
             kib(signed(f.runc_pss_per_pod)),
             kib(signed(f.runc_rss_per_pod))
         ),
+        "-",
+        "-",
+    );
+    table.row(
+        "shim `start` process alone (exec to exit: connect check, two bundle files, address)",
+        p(&f.shim_start),
         "-",
         "-",
     );

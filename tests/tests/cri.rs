@@ -155,8 +155,8 @@ fn kubelets_calls_run_a_pod_on_the_lichen_runtime_handler() {
         // CRI creates the task (and so the agent's workload) at StartContainer; `ps` names it
         // by pod and container.
         let row = daemon
-            .status("blink.hello")
-            .ok_or_else(|| format!("lichen ps shows no blink.hello: {:?}", daemon.ps()))?;
+            .status("blink-hello")
+            .ok_or_else(|| format!("lichen ps shows no blink-hello: {:?}", daemon.ps()))?;
         assert_eq!(row.source, "pods");
         assert_eq!(
             (

@@ -1,7 +1,8 @@
-//! The local API over the agent and its pods: every verb goes to the agent, and `ps`, `logs`,
-//! `stop`, `doctor` and metrics also answer for the pods, so `lichen ps` lists them (source
-//! `pods`, labels `namespace`, `pod`, `container`), `lichen logs <name>` shows what they
-//! printed, and `/metrics` counts them (`lichen_pods`, `lichen_pod_up{pod=..,container=..}`).
+//! The local API over the agent and its pods: every verb goes to the agent, whose supervisor
+//! runs the pods as workloads of its `pods` source (so `lichen ps` lists them with their
+//! labels `namespace`, `pod`, `container`, and `lichen logs <name>` shows what they printed);
+//! `doctor` adds the task server's check and `/metrics` counts the pods (`lichen_pods`,
+//! `lichen_pod_up{pod=..,container=..}`).
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -17,7 +18,6 @@ use crate::api::types::{
     SendRequest, WorkloadStatus,
 };
 use crate::supervisor::Agent;
-use lichen_shim::PodAgent;
 
 /// The agent and its pods, as the local API serves them.
 #[derive(Clone)]
@@ -44,23 +44,14 @@ impl Control for NodeControl {
     }
 
     async fn ps(&self) -> Vec<WorkloadStatus> {
-        let mut rows = self.agent.ps().await;
-        rows.extend(self.pods.ps());
-        rows.sort_by(|a, b| a.name.cmp(&b.name));
-        rows
+        self.agent.ps().await
     }
 
     async fn logs(&self, workload: &str, tail: usize) -> Result<Vec<LogLine>, ApiError> {
-        if self.pods.knows(workload) {
-            return Ok(self.pods.logs().recent(workload, tail));
-        }
         self.agent.logs(workload, tail).await
     }
 
     fn follow_logs(&self, workload: &str) -> Result<broadcast::Receiver<LogLine>, ApiError> {
-        if self.pods.knows(workload) {
-            return Ok(self.pods.logs().follow(workload));
-        }
         self.agent.follow_logs(workload)
     }
 
@@ -73,22 +64,10 @@ impl Control for NodeControl {
     }
 
     async fn send(&self, workload: &str, req: SendRequest) -> Result<SendReply, ApiError> {
-        if self.pods.knows(workload) {
-            return Err(ApiError::unavailable(format!(
-                "workload {workload:?} is a containerd pod: it takes no commands"
-            )));
-        }
         self.agent.send(workload, req).await
     }
 
     async fn stop(&self, workload: &str) -> Result<(), ApiError> {
-        if let Some(id) = self.pods.id_of(workload) {
-            return self
-                .pods
-                .stop(&id)
-                .await
-                .map_err(|e| ApiError::not_found(e.to_string()));
-        }
         self.agent.stop(workload).await
     }
 
@@ -107,7 +86,7 @@ impl Control for NodeControl {
 
     fn metrics_text(&self) -> String {
         let mut text = self.agent.metrics_text();
-        let rows = self.pods.ps();
+        let rows = self.pods.states();
         let count = |state: &str| rows.iter().filter(|r| r.state == state).count();
         let counters = self.pods.counters();
         let _ = writeln!(
@@ -150,7 +129,7 @@ impl Control for NodeControl {
             "# HELP lichen_pod_up Pods by name and labels: 1 while running.\n# TYPE lichen_pod_up gauge"
         );
         for row in &rows {
-            let mut labels = format!("workload=\"{}\"", escape(&row.name));
+            let mut labels = format!("workload=\"{}\"", escape(&row.workload));
             for (key, value) in &row.labels {
                 let _ = write!(labels, ",{}=\"{}\"", key.replace('-', "_"), escape(value));
             }

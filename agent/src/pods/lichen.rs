@@ -135,6 +135,26 @@ pub(super) fn spec(
     }
 }
 
+/// The workload spec of a WASI command pod: its module by digest, `process.args` after the
+/// first as its arguments, `process.env` as its environment (a later duplicate wins), its
+/// memory limit, no grants, never restarted. Its output sink, registered under `name`, makes
+/// the command runner stream it with no time slice.
+pub(super) fn command_spec(
+    name: &str,
+    digest: &str,
+    args: &[String],
+    env: &[(String, String)],
+    memory_limit: u64,
+) -> WorkloadSpec {
+    let mut spec = spec(name, digest, &[], None, Some(memory_limit));
+    spec.artifact = deployment::Artifact::Wasm(WasmArtifact {
+        module: ModuleRef::Digest(digest.to_string()),
+        args: args.iter().skip(1).cloned().collect(),
+        env: env.iter().cloned().collect(),
+    });
+    spec
+}
+
 /// Starts the pod's workload in the supervisor; returns its log lines, subscribed before the
 /// start so `init`'s lines are not missed.
 pub(super) async fn start(

@@ -2,16 +2,23 @@
 //!
 //! The task service (`lichen_shim::TaskService`, served on the socket from `[containerd]
 //! task-socket` by [`server`]) reads each pod container's bundle and hands its program here
-//! through the [`PodAgent`] trait. [`PodRuntime`] runs it as a WASI command workload of the
-//! agent's engine: the `.wasm` bytes become an artifact (compiled once, cached on disk like
-//! any module), `process.args` and `process.env` become its argv and environment, the OCI
-//! memory limit (checked against the engine's instance slot) its linear memory limit, and
-//! its stdout and stderr stream to containerd's FIFOs and to the pod's log as it writes
-//! ([`output`]). `ps` (source `pods`, labels `namespace`, `pod`, `container`), logs and
-//! metrics show pods beside the deployment's workloads ([`control`]). A pod runs until its
-//! program returns, traps or is stopped (containerd's `Kill`), with no time slice: Kubernetes
-//! programs are long-running. A component of Lichen's world is not run here but handed to the
-//! supervisor as a `pods` workload with no device grants ([`lichen`]).
+//! through the [`PodAgent`] trait. [`PodRuntime`] compiles the `.wasm` bytes into an artifact
+//! (compiled once, cached on disk like any module) and, at `Start`, hands the pod to the
+//! supervisor as a workload of its `pods` source: the same naming, union checks and clash
+//! rules as every source (a name another source owns is refused naming `name`), the same
+//! `ps` rows (labels `namespace`, `pod`, `container`), logs and metrics. Two kinds of program:
+//!
+//! - a WASI command (`wasi:cli/run` component or preview-1 module): `process.args` after the
+//!   first become its arguments (its `argv[0]` is the workload name, as for every command
+//!   workload), `process.env` its environment, the OCI memory limit (checked against the
+//!   engine's instance slot) its memory limit. It runs in the supervisor's command runner in
+//!   its streaming, unsliced mode: its stdout and stderr stream to containerd's FIFOs and to
+//!   the workload's log as it writes ([`output`]), and it runs until it returns, traps or is
+//!   stopped (containerd's `Kill`), with no time slice: Kubernetes programs are long-running;
+//! - a component of Lichen's world, run with no device grants ([`lichen`]).
+//!
+//! Either never restarts on its own (containerd or the kubelet owns restarts). Its exit goes
+//! to `Wait`: the program's code, 134 for a trap, 128 + the signal when it was killed.
 //!
 //! Nothing of a pod outlives the agent: its Wasm runs inside the agent's process, so when the
 //! agent exits containerd sees the task connection close and reports every pod as exited
@@ -34,56 +41,49 @@ use lichen_shim::io::OutputSink;
 use lichen_shim::spec::PodIdentity;
 use lichen_shim::{AgentError, Exit, PodAgent, PodWorkload, WorkloadStatus as PodStatus};
 use tokio::sync::watch;
-use wasmtime_wasi::WasiCtxBuilder;
 
-use crate::api::types::WorkloadStatus;
 use crate::logs::LogHub;
-use crate::runtime::wasm::{ArtifactStore, CommandProgram, run_program};
-use crate::supervisor::{Agent, Labels};
-use output::{Destination, forward, pipe};
+use crate::runtime::wasm::ArtifactStore;
+use crate::supervisor::{Agent, Labels, Source};
+use output::{Destination, PodStreams, forward, pipe};
 
 /// Most pods the agent holds at once (the task service's own bound on tasks).
 pub const MAX_PODS: usize = lichen_shim::service::MAX_TASKS;
-/// A pod program's time slice: none (it runs until it returns, traps or is stopped). The
-/// engine still preempts it every epoch tick so other workloads get the CPU.
-const POD_TIME_SLICE: Duration = Duration::MAX;
+/// Programs of removed pods kept compiled (in memory and on disk) for the next pod of the
+/// same image: a pod's workload leaves the supervisor at `Delete`, and its artifact would
+/// otherwise be collected with it and compiled again by the next `ctr run` or restart.
+pub const KEPT_PROGRAMS: usize = 16;
 
 /// What a pod runs.
 #[derive(Clone)]
 enum PodProgram {
-    /// A WASI command program, run here with its output to containerd's FIFOs.
-    Command(CommandProgram),
-    /// A component of Lichen's world, run by the supervisor as a `pods` workload with no
-    /// device grants ([`lichen`]), ticked every `interval` if set.
+    /// A WASI command program (`wasi-command` or `wasi-cli`), run by the supervisor's command
+    /// runner streaming its output to containerd's FIFOs.
+    Command { kind: &'static str },
+    /// A component of Lichen's world, run by the supervisor with no device grants
+    /// ([`lichen`]), ticked every `interval` if set.
     Lichen { interval: Option<Duration> },
 }
 
 impl PodProgram {
     fn kind_name(&self) -> &'static str {
         match self {
-            PodProgram::Command(program) => program.kind_name(),
+            PodProgram::Command { kind } => kind,
             PodProgram::Lichen { .. } => "wasm",
         }
-    }
-
-    fn is_lichen(&self) -> bool {
-        matches!(self, PodProgram::Lichen { .. })
     }
 }
 
 /// Where a pod is in its life.
 enum Phase {
     Created,
-    Running {
-        abort: tokio::task::AbortHandle,
-        since: Instant,
-    },
+    Running,
     Ended,
 }
 
 struct Pod {
     id: String,
-    /// The name `ps` and `logs` know it by.
+    /// Its workload name: what `ps` and `logs` know it by.
     name: String,
     namespace: String,
     identity: PodIdentity,
@@ -91,14 +91,12 @@ struct Pod {
     program: PodProgram,
     args: Vec<String>,
     env: Vec<(String, String)>,
-    memory_limit: usize,
     /// The OCI spec's memory limit, if it set one.
     requested_memory: Option<u64>,
     stdout: Option<OutputSink>,
     stderr: Option<OutputSink>,
     phase: Mutex<Phase>,
     exit: watch::Sender<Option<Exit>>,
-    output_bytes: AtomicU64,
 }
 
 impl Pod {
@@ -167,37 +165,44 @@ pub struct PodCounters {
     pub refused: AtomicU64,
 }
 
+/// A pod as `/metrics` shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodState {
+    /// Its workload name.
+    pub workload: String,
+    /// `starting`, `running`, `completed`, `failed` or `stopped`.
+    pub state: &'static str,
+    /// Its `ps` labels.
+    pub labels: BTreeMap<String, String>,
+}
+
 /// The agent's pods: implements [`PodAgent`] for the task service.
 pub struct PodRuntime {
     artifacts: Arc<ArtifactStore>,
-    logs: Arc<LogHub>,
     slot_bytes: u64,
     pods: Mutex<HashMap<String, Arc<Pod>>>,
     counters: Arc<PodCounters>,
-    /// The supervisor that runs pods of Lichen's world; without it they are refused.
-    agent: Option<Agent>,
+    /// The supervisor that runs every pod as a workload of its `pods` source.
+    agent: Agent,
+    /// Digests of removed pods' programs kept in the artifact store, oldest first (at most
+    /// [`KEPT_PROGRAMS`]).
+    kept: Mutex<std::collections::VecDeque<String>>,
 }
 
 impl PodRuntime {
-    /// Pods compiled through `artifacts` (and so its engine, whose memory slot bounds every
-    /// pod's limit), logging to `logs`.
-    pub fn new(artifacts: Arc<ArtifactStore>, logs: Arc<LogHub>) -> Self {
+    /// Pods run by `agent`'s supervisor, compiled through its artifact store (and so its
+    /// engine, whose memory slot bounds every pod's limit).
+    pub fn new(agent: Agent) -> Self {
+        let artifacts = agent.artifacts().clone();
         let slot_bytes = artifacts.engine().options().max_memory_bytes;
         Self {
             artifacts,
-            logs,
             slot_bytes,
             pods: Mutex::new(HashMap::new()),
             counters: Arc::new(PodCounters::default()),
-            agent: None,
+            agent,
+            kept: Mutex::new(std::collections::VecDeque::new()),
         }
-    }
-
-    /// Runs pods whose `.wasm` is a component of Lichen's world as `pods` workloads of
-    /// `agent`, with no device grants ([`lichen`]).
-    pub fn with_agent(mut self, agent: Agent) -> Self {
-        self.agent = Some(agent);
-        self
     }
 
     fn table(&self) -> MutexGuard<'_, HashMap<String, Arc<Pod>>> {
@@ -211,9 +216,9 @@ impl PodRuntime {
             .ok_or_else(|| AgentError::NotFound(id.to_string()))
     }
 
-    /// The pods' log hub.
-    pub fn logs(&self) -> &Arc<LogHub> {
-        &self.logs
+    /// The log hub pods' lines go to (the agent's).
+    fn logs(&self) -> &Arc<LogHub> {
+        self.agent.log_hub()
     }
 
     /// Counters since the agent started.
@@ -221,20 +226,29 @@ impl PodRuntime {
         &self.counters
     }
 
-    /// Whether `name` is the `ps` name of a pod this runtime runs itself (a WASI command; the
-    /// supervisor answers for pods of Lichen's world).
-    pub fn knows(&self, name: &str) -> bool {
-        self.table()
+    /// Each pod's workload name, state (`starting`, `running`, `completed`, `failed`,
+    /// `stopped`) and labels, sorted by name: what `/metrics` counts.
+    pub fn states(&self) -> Vec<PodState> {
+        let mut rows: Vec<PodState> = self
+            .table()
             .values()
-            .any(|p| p.name == name && !p.program.is_lichen())
-    }
-
-    /// The task id of the WASI command pod `ps` knows as `name`.
-    pub fn id_of(&self, name: &str) -> Option<String> {
-        self.table()
-            .values()
-            .find(|p| p.name == name && !p.program.is_lichen())
-            .map(|p| p.id.clone())
+            .map(|pod| {
+                let state = match (&*pod.exit.borrow(), &*pod.phase()) {
+                    (Some(Exit::Code(0)), _) => "completed",
+                    (Some(Exit::Stopped), _) => "stopped",
+                    (Some(_), _) => "failed",
+                    (None, Phase::Running) => "running",
+                    (None, _) => "starting",
+                };
+                PodState {
+                    workload: pod.name.clone(),
+                    state,
+                    labels: pod.labels(),
+                }
+            })
+            .collect();
+        rows.sort_by(|a, b| a.workload.cmp(&b.workload));
+        rows
     }
 
     /// Number of pods held.
@@ -247,47 +261,14 @@ impl PodRuntime {
         self.table().is_empty()
     }
 
-    /// A `ps` row per WASI command pod, sorted by name (the supervisor's `ps` lists the pods
-    /// of Lichen's world).
-    pub fn ps(&self) -> Vec<WorkloadStatus> {
-        let pods: Vec<Arc<Pod>> = self
-            .table()
-            .values()
-            .filter(|p| !p.program.is_lichen())
-            .cloned()
-            .collect();
-        let mut rows: Vec<WorkloadStatus> = pods.iter().map(|p| status_row(p)).collect();
-        rows.sort_by(|a, b| a.name.cmp(&b.name));
-        rows
-    }
-
-    /// The `ps` name of a new pod: `<pod>.<container>` under Kubernetes, else the task id;
-    /// the task id is appended when another pod already has the name.
-    fn name_for(table: &HashMap<String, Arc<Pod>>, id: &str, identity: &PodIdentity) -> String {
-        let base = match (&identity.pod_name, &identity.container_name) {
-            (Some(pod), Some(container)) => format!("{pod}.{container}"),
-            _ => return id.to_string(),
-        };
-        if table.values().any(|p| p.name == base) {
-            format!("{base}.{id}")
-        } else {
-            base
-        }
-    }
-
-    /// A component of Lichen's world as a pod program: refused without a supervisor, when it
-    /// imports a device interface (a pod has no grants) or when its interval is bad.
+    /// A component of Lichen's world as a pod program: refused when it imports a device
+    /// interface (a pod has no grants) or when its interval is bad.
     fn lichen_program(
         &self,
         entry: &str,
         artifact: &crate::runtime::wasm::Artifact,
         env: &[(String, String)],
     ) -> Result<PodProgram, AgentError> {
-        if self.agent.is_none() {
-            return Err(self.refuse(format!(
-                "entrypoint {entry:?}: is a Lichen device function component, which this task server does not run; deploy it with `lichen deploy`"
-            )));
-        }
         if let Some(import) = lichen::device_import(artifact, self.artifacts.engine().engine()) {
             return Err(self.refuse(format!(
                 "entrypoint {entry:?}: imports {import}, but a pod gets no device grants (pods of Lichen's world have key-value, config, logs, clocks, telemetry and ticks only); deploy device functions that need pins or buses with `lichen deploy`"
@@ -301,7 +282,6 @@ impl PodRuntime {
     async fn start_lichen(
         &self,
         pod: Arc<Pod>,
-        agent: &Agent,
         interval: Option<Duration>,
     ) -> Result<(), AgentError> {
         let spec = lichen::spec(
@@ -311,10 +291,10 @@ impl PodRuntime {
             interval,
             pod.requested_memory,
         );
-        let lines = lichen::start(agent, spec, Labels(pod.labels())).await?;
+        let lines = lichen::start(&self.agent, spec, Labels(pod.labels())).await?;
         let (end_tx, end_rx) = tokio::sync::oneshot::channel();
         let forwarder = tokio::spawn(lichen::forward_lines(lines, pod.stdout.clone(), end_rx));
-        let agent = agent.clone();
+        let agent = self.agent.clone();
         let waiter_pod = pod.clone();
         let counters = self.counters.clone();
         let waiter = tokio::spawn(async move {
@@ -330,68 +310,106 @@ impl PodRuntime {
             }
             pod.end(exit);
         });
-        *pod.phase() = Phase::Running {
-            abort: waiter.abort_handle(),
-            since: Instant::now(),
-        };
+        drop(waiter);
+        *pod.phase() = Phase::Running;
         self.counters.started.fetch_add(1, Ordering::Relaxed);
         Ok(())
+    }
+
+    /// Starts a WASI command pod in the supervisor with its output streamed: two bounded
+    /// pipes whose program ends the command runner takes (through the sink registered under
+    /// the workload's name) and whose reading ends are forwarded to containerd's FIFOs and
+    /// the log; then waits for its end beside it.
+    async fn start_command(&self, pod: Arc<Pod>) -> Result<(), AgentError> {
+        let (out, out_reader) = pipe();
+        let (err, err_reader) = pipe();
+        let streams = Arc::new(PodStreams::new(out, err));
+        let outputs = self.agent.command_outputs().clone();
+        outputs
+            .register(&pod.name, streams.clone())
+            .map_err(AgentError::Unavailable)?;
+        let log: Arc<dyn LogSink + Send + Sync> = self.logs().clone();
+        let destination = |sink: &Option<OutputSink>, stream, level| Destination {
+            sink: sink.clone(),
+            log: log.clone(),
+            workload: pod.name.clone(),
+            stream,
+            level,
+        };
+        let forward_out = tokio::spawn(forward(
+            out_reader,
+            destination(&pod.stdout, "stdout", LogLevel::Info),
+        ));
+        let forward_err = tokio::spawn(forward(
+            err_reader,
+            destination(&pod.stderr, "stderr", LogLevel::Warn),
+        ));
+        let memory = pod.requested_memory.unwrap_or(self.slot_bytes);
+        let spec = lichen::command_spec(&pod.name, &pod.digest, &pod.args, &pod.env, memory);
+        if let Err(e) = self
+            .agent
+            .upsert_workload(Source::Pods, spec, Labels(pod.labels()))
+            .await
+        {
+            // Nothing runs: the pipes close and the forwarders end with no bytes.
+            outputs.unregister(&pod.name);
+            streams.close();
+            return Err(AgentError::Invalid(e.error));
+        }
+        let agent = self.agent.clone();
+        let logs = self.logs().clone();
+        let waiter_pod = pod.clone();
+        let counters = self.counters.clone();
+        let waiter = tokio::spawn(async move {
+            let pod = waiter_pod;
+            let exit = lichen::wait(&agent, &pod.name).await;
+            // The run's store is gone, and with it the pipes' program ends it took; a run
+            // that never started leaves them here. Either way the forwarders finish with the
+            // last bytes, before the exit is reported.
+            outputs.unregister(&pod.name);
+            streams.close();
+            let _ = forward_out.await;
+            let _ = forward_err.await;
+            if let Exit::Trapped(reason) = &exit {
+                if let Some(stderr) = &pod.stderr {
+                    stderr
+                        .write(format!("wasm trap: {reason}\n").as_bytes())
+                        .await;
+                }
+                counters.trapped.fetch_add(1, Ordering::Relaxed);
+            }
+            // containerd's reader may not have opened the FIFO yet (a short program on a
+            // busy node): report the exit once it has taken the output, or after the stall
+            // bound.
+            for sink in [&pod.stdout, &pod.stderr].into_iter().flatten() {
+                sink.drained(lichen_shim::io::OUTPUT_STALL).await;
+            }
+            logs.agent_line(&pod.name, LogLevel::Info, &format!("pod ended: {exit:?}"));
+            pod.end(exit);
+        });
+        drop(waiter);
+        *pod.phase() = Phase::Running;
+        self.counters.started.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Keeps a removed pod's program compiled for the next pod of its image; the oldest of
+    /// more than [`KEPT_PROGRAMS`] is let go.
+    fn keep_program(&self, digest: &str) {
+        let mut kept = self.kept.lock().unwrap_or_else(|p| p.into_inner());
+        kept.retain(|d| d != digest);
+        kept.push_back(digest.to_string());
+        self.artifacts.keep(digest);
+        while kept.len() > KEPT_PROGRAMS {
+            if let Some(old) = kept.pop_front() {
+                self.artifacts.unkeep(&old);
+            }
+        }
     }
 
     fn refuse(&self, message: String) -> AgentError {
         self.counters.refused.fetch_add(1, Ordering::Relaxed);
         AgentError::Invalid(message)
-    }
-}
-
-fn status_row(pod: &Pod) -> WorkloadStatus {
-    let exit = pod.exit.borrow().clone();
-    let (state, uptime_ms) = match (&*pod.phase(), &exit) {
-        (_, Some(Exit::Code(0))) => ("completed", None),
-        (_, Some(Exit::Stopped)) => ("stopped", None),
-        (_, Some(_)) => ("failed", None),
-        (Phase::Running { since, .. }, None) => (
-            "running",
-            Some(u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX)),
-        ),
-        _ => ("starting", None),
-    };
-    let (exit_code, last_error, exit_reason) = match &exit {
-        Some(Exit::Code(code)) => (
-            Some(*code),
-            None,
-            Some(format!("the program exited with code {code}")),
-        ),
-        Some(Exit::Trapped(trap)) => (
-            None,
-            Some(trap.clone()),
-            Some("the program trapped".to_string()),
-        ),
-        Some(Exit::Stopped) => (None, None, Some("stopped by containerd".to_string())),
-        None => (None, None, None),
-    };
-    WorkloadStatus {
-        name: pod.name.clone(),
-        kind: pod.program.kind_name().to_string(),
-        state: state.to_string(),
-        module_digest: format!("sha256:{}", pod.digest),
-        deployment_version: 0,
-        restarts: 0,
-        traps: u64::from(matches!(exit, Some(Exit::Trapped(_)))),
-        events_handled: 0,
-        queue_depth: 0,
-        memory_bytes: 0,
-        uptime_ms,
-        last_error,
-        isolation: "wasm".to_string(),
-        pids: None,
-        exit_code,
-        oom_killed: false,
-        exit_reason,
-        runner: None,
-        accelerator: None,
-        source: "pods".to_string(),
-        labels: pod.labels(),
     }
 }
 
@@ -436,11 +454,11 @@ impl PodAgent for PodRuntime {
             "pod program ready"
         );
         let program = match artifact.command() {
-            Some(program) => PodProgram::Command(program.clone()),
+            Some(program) => PodProgram::Command {
+                kind: program.kind_name(),
+            },
             None => self.lichen_program(&entry, &artifact, &workload.env)?,
         };
-        let memory_limit =
-            usize::try_from(workload.memory_limit.unwrap_or(self.slot_bytes)).unwrap_or(usize::MAX);
         let mut table = self.table();
         if table.contains_key(&workload.id) {
             return Err(AgentError::State(format!(
@@ -448,13 +466,9 @@ impl PodAgent for PodRuntime {
                 workload.id
             )));
         }
-        let name = if program.is_lichen() {
-            lichen::workload_name(&workload.id, &workload.identity, |name| {
-                table.values().any(|p| p.name == name)
-            })
-        } else {
-            Self::name_for(&table, &workload.id, &workload.identity)
-        };
+        let name = lichen::workload_name(&workload.id, &workload.identity, |name| {
+            table.values().any(|p| p.name == name)
+        });
         let pod = Arc::new(Pod {
             id: workload.id.clone(),
             name,
@@ -464,15 +478,13 @@ impl PodAgent for PodRuntime {
             program,
             args: workload.args,
             env: workload.env,
-            memory_limit,
             requested_memory: workload.memory_limit,
             stdout: workload.stdout,
             stderr: workload.stderr,
             phase: Mutex::new(Phase::Created),
             exit: watch::Sender::new(None),
-            output_bytes: AtomicU64::new(0),
         });
-        self.logs.agent_line(
+        self.logs().agent_line(
             &pod.name,
             LogLevel::Info,
             &format!(
@@ -488,87 +500,13 @@ impl PodAgent for PodRuntime {
 
     async fn start(&self, id: &str) -> Result<(), AgentError> {
         let pod = self.pod(id)?;
-        let program = match &pod.program {
-            PodProgram::Command(program) => program.clone(),
-            PodProgram::Lichen { interval } => {
-                if !matches!(*pod.phase(), Phase::Created) {
-                    return Err(AgentError::State(format!("pod {id} was already started")));
-                }
-                let agent = self.agent.clone().ok_or_else(|| {
-                    AgentError::Invalid("this task server runs no Lichen components".into())
-                })?;
-                return self.start_lichen(pod.clone(), &agent, *interval).await;
-            }
-        };
-        let mut phase = pod.phase();
-        if !matches!(*phase, Phase::Created) {
+        if !matches!(*pod.phase(), Phase::Created) {
             return Err(AgentError::State(format!("pod {id} was already started")));
         }
-        let (out, out_reader) = pipe();
-        let (err, err_reader) = pipe();
-        let log: Arc<dyn LogSink + Send + Sync> = self.logs.clone();
-        let destination = |sink: &Option<OutputSink>, stream, level| Destination {
-            sink: sink.clone(),
-            log: log.clone(),
-            workload: pod.name.clone(),
-            stream,
-            level,
-        };
-        let forward_out = tokio::spawn(forward(
-            out_reader,
-            destination(&pod.stdout, "stdout", LogLevel::Info),
-        ));
-        let forward_err = tokio::spawn(forward(
-            err_reader,
-            destination(&pod.stderr, "stderr", LogLevel::Warn),
-        ));
-        let mut builder = WasiCtxBuilder::new();
-        builder
-            .stdout(out)
-            .stderr(err)
-            .args(&pod.args)
-            .envs(&pod.env);
-        let engine = self.artifacts.engine().engine().clone();
-        let memory_limit = pod.memory_limit;
-        let run = tokio::spawn(async move {
-            run_program(&engine, program, builder, memory_limit, POD_TIME_SLICE).await
-        });
-        *phase = Phase::Running {
-            abort: run.abort_handle(),
-            since: Instant::now(),
-        };
-        drop(phase);
-        self.counters.started.fetch_add(1, Ordering::Relaxed);
-        let logs = self.logs.clone();
-        let pod = pod.clone();
-        let counters = self.counters.clone();
-        tokio::spawn(async move {
-            let outcome = run.await;
-            // The run's store is gone, and with it the pipes' writers: the forwarders finish
-            // with the last bytes, before the exit is reported.
-            let bytes = forward_out.await.unwrap_or(0) + forward_err.await.unwrap_or(0);
-            pod.output_bytes.store(bytes, Ordering::Relaxed);
-            let exit = match outcome {
-                Ok(Ok(code)) => Exit::Code(code),
-                Ok(Err(trap)) => {
-                    let message = format!("wasm trap: {trap}\n");
-                    if let Some(stderr) = &pod.stderr {
-                        stderr.write(message.as_bytes()).await;
-                    }
-                    counters.trapped.fetch_add(1, Ordering::Relaxed);
-                    Exit::Trapped(trap)
-                }
-                Err(_) => Exit::Stopped,
-            };
-            // containerd's reader may not have opened the FIFO yet (a short program on a busy
-            // node): report the exit once it has taken the output, or after the stall bound.
-            for sink in [&pod.stdout, &pod.stderr].into_iter().flatten() {
-                sink.drained(lichen_shim::io::OUTPUT_STALL).await;
-            }
-            logs.agent_line(&pod.name, LogLevel::Info, &format!("pod ended: {exit:?}"));
-            pod.end(exit);
-        });
-        Ok(())
+        match pod.program.clone() {
+            PodProgram::Command { .. } => self.start_command(pod).await,
+            PodProgram::Lichen { interval } => self.start_lichen(pod, interval).await,
+        }
     }
 
     async fn wait(&self, id: &str) -> Result<Exit, AgentError> {
@@ -585,30 +523,22 @@ impl PodAgent for PodRuntime {
 
     async fn stop(&self, id: &str) -> Result<(), AgentError> {
         let pod = self.pod(id)?;
-        let phase = std::mem::replace(&mut *pod.phase(), Phase::Ended);
-        match phase {
-            Phase::Created => pod.end(Exit::Stopped),
-            Phase::Running { abort, since } if pod.program.is_lichen() => {
-                *pod.phase() = Phase::Running { abort, since };
-                if let Some(agent) = &self.agent {
-                    lichen::stop(agent, &pod.name)
-                        .await
-                        .map_err(|e| AgentError::NotFound(e.error))?;
-                }
-                self.counters.stopped.fetch_add(1, Ordering::Relaxed);
+        let running = matches!(*pod.phase(), Phase::Running);
+        if !running {
+            if matches!(*pod.phase(), Phase::Created) {
+                *pod.phase() = Phase::Ended;
+                pod.end(Exit::Stopped);
             }
-            Phase::Running { abort, since } => {
-                // The end is recorded by the run's own task once the run is dropped and the
-                // output forwarded; until then the phase reads running.
-                *pod.phase() = Phase::Running {
-                    abort: abort.clone(),
-                    since,
-                };
-                abort.abort();
-                self.counters.stopped.fetch_add(1, Ordering::Relaxed);
-            }
-            Phase::Ended => {}
+            return Ok(());
         }
+        // The end is recorded by the pod's waiter once the workload has stopped and its
+        // output is forwarded; until then the phase reads running.
+        if let Err(e) = lichen::stop(&self.agent, &pod.name).await
+            && pod.exit.borrow().is_none()
+        {
+            return Err(AgentError::NotFound(e.error));
+        }
+        self.counters.stopped.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -625,19 +555,15 @@ impl PodAgent for PodRuntime {
 
     async fn remove(&self, id: &str) -> Result<(), AgentError> {
         let pod = self.pod(id)?;
-        if matches!(*pod.phase(), Phase::Running { .. }) && pod.exit.borrow().is_none() {
+        if matches!(*pod.phase(), Phase::Running) && pod.exit.borrow().is_none() {
             return Err(AgentError::State(format!("pod {id} is running")));
         }
-        if pod.program.is_lichen()
-            && let Some(agent) = &self.agent
-        {
-            lichen::remove(agent, &pod.name).await;
+        if !matches!(*pod.phase(), Phase::Created) {
+            // Kept before the removal collects unused artifacts.
+            self.keep_program(&pod.digest);
+            lichen::remove(&self.agent, &pod.name).await;
         }
-        if let Some(pod) = self.table().remove(id)
-            && !pod.program.is_lichen()
-        {
-            self.logs.remove(&pod.name);
-        }
+        self.table().remove(id);
         Ok(())
     }
 }

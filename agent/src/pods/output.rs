@@ -16,7 +16,10 @@ use std::task::{Context, Poll};
 use lichen_host_apis::{LogLevel, LogSink};
 use lichen_shim::io::OutputSink;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, DuplexStream};
+use wasmtime_wasi::WasiCtxBuilder;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+
+use crate::runtime::wasm::CommandOutput;
 
 /// Bytes one stream's pipe holds before the program's writes wait.
 pub const PIPE_BYTES: usize = 64 << 10;
@@ -80,6 +83,40 @@ impl AsyncWrite for PipeOutput {
         // One stream closing must not close the pipe for the program's other handles: the
         // pipe closes when the last handle is dropped with the store.
         Poll::Ready(Ok(()))
+    }
+}
+
+/// A command pod's stdout and stderr program ends, for the supervisor's command runner
+/// ([`CommandOutput`]): handed to the first run, or dropped by [`PodStreams::close`]; either
+/// way the pipes close once the program's store is gone.
+pub struct PodStreams {
+    ends: Mutex<Option<(PipeOutput, PipeOutput)>>,
+}
+
+impl PodStreams {
+    /// The program ends of a pod's stdout and stderr pipes.
+    pub fn new(stdout: PipeOutput, stderr: PipeOutput) -> Self {
+        Self {
+            ends: Mutex::new(Some((stdout, stderr))),
+        }
+    }
+
+    fn take(&self) -> Option<(PipeOutput, PipeOutput)> {
+        self.ends.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+
+    /// Drops the ends no run took.
+    pub fn close(&self) {
+        drop(self.take());
+    }
+}
+
+impl CommandOutput for PodStreams {
+    fn attach(&self, builder: &mut WasiCtxBuilder) {
+        // A second run (none is made: pods never restart) would get WASI's empty streams.
+        if let Some((stdout, stderr)) = self.take() {
+            builder.stdout(stdout).stderr(stderr);
+        }
     }
 }
 

@@ -47,6 +47,7 @@ impl Agent {
             metrics: Arc::new(Metrics::default()),
             max_memory_bytes: options.engine.max_memory_bytes,
             devices: devices.clone(),
+            outputs: Arc::default(),
         };
         // The probe runs trial containers: off the async workers, once per process.
         let host = tokio::task::spawn_blocking(crate::runtime::container::probe_cached)
@@ -116,6 +117,17 @@ impl Agent {
     /// Where `lichen import` goes: this agent's hub link routes it when it starts.
     pub fn imports(&self) -> &crate::hub::ImportRoute {
         &self.inner.imports
+    }
+
+    /// Where WASI commands that run streaming and unsliced send their output, by workload
+    /// name (the containerd task server registers its pods' FIFOs here).
+    pub fn command_outputs(&self) -> &Arc<crate::runtime::wasm::CommandOutputs> {
+        &self.inner.ctx.outputs
+    }
+
+    /// The log hub of every workload's lines.
+    pub fn log_hub(&self) -> &Arc<LogHub> {
+        &self.inner.ctx.logs
     }
 
     /// The artifact store.

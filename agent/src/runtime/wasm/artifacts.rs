@@ -562,6 +562,23 @@ impl ArtifactStore {
         }
     }
 
+    /// Keeps `digest` (its files, and its loaded form) through collections until
+    /// [`unkeep`](Self::unkeep) or until a deployment uses it, like an [`add`](Self::add)ed one.
+    pub fn keep(&self, digest: &str) {
+        self.kept
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(digest.to_owned());
+    }
+
+    /// Stops keeping `digest`: the next collection removes it unless a deployment uses it.
+    pub fn unkeep(&self, digest: &str) {
+        self.kept
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(digest);
+    }
+
     /// Stores a source module for a deployment to come without compiling it: its compiled
     /// form comes beside it ([`add_precompiled`](Self::add_precompiled)). Kept like
     /// [`add`](Self::add).

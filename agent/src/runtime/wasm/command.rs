@@ -1,11 +1,19 @@
 //! WASI command programs: preview-1 modules (exporting `_start`) and `wasi:cli/run`
 //! components (what `cargo build --target wasm32-wasip2` makes of a `fn main`). Each run
-//! instantiates the program afresh and runs it once; what it prints becomes the workload's
-//! log, and its exit code the run's outcome (a component's is 0 or 1: WASI 0.2's
-//! `wasi:cli/exit` carries only ok or err). They get WASI only: no device APIs, no key-value
-//! state, no files, no network.
+//! instantiates the program afresh and runs it once; its exit code is the run's outcome (a
+//! component's is 0 or 1: WASI 0.2's `wasi:cli/exit` carries only ok or err). They get WASI
+//! only: no device APIs, no key-value state, no files, no network.
+//!
+//! Two modes. A deployed command ([`run_command`]) runs within its time slice and what it
+//! printed (at most [`OUTPUT_CAPACITY`] per stream) becomes the workload's log once it ends.
+//! A workload with a [`CommandOutput`] registered under its name in [`CommandOutputs`] (a
+//! containerd pod) runs **streaming and unsliced** ([`stream_command`]): its stdout and stderr
+//! are the sink's streams, written through as the program writes, and it runs until it
+//! returns, traps or its workload is stopped (the engine still preempts it every epoch tick,
+//! so other workloads get the CPU).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lichen_host_apis::{LogLevel, LogSink};
@@ -64,7 +72,7 @@ impl CommandProgram {
 }
 
 /// Most output kept from one run, per stream.
-const OUTPUT_CAPACITY: usize = 256 << 10;
+pub const OUTPUT_CAPACITY: usize = 256 << 10;
 
 /// What every store of a command run keeps: its memory limiter and its time-slice counter.
 trait RunData: 'static {
@@ -125,18 +133,58 @@ pub struct CommandInput<'a> {
     pub env: &'a BTreeMap<String, String>,
 }
 
-/// Runs a command once. Returns `Ok(exit code)` or `Err(trap description)`.
-pub async fn run_command(
-    engine: &wasmtime::Engine,
-    program: CommandProgram,
-    workload: &str,
-    input: CommandInput<'_>,
-    log: &dyn LogSink,
-    memory_limit: usize,
-    time_slice: Duration,
-) -> Result<i32, String> {
-    let stdout = MemoryOutputPipe::new(OUTPUT_CAPACITY);
-    let stderr = MemoryOutputPipe::new(OUTPUT_CAPACITY);
+/// Where a streaming command's stdout and stderr go (see [`stream_command`]).
+pub trait CommandOutput: Send + Sync {
+    /// Gives one run's WASI context its stdout and stderr. The run drops them with its store
+    /// when the program ends, which is how the reading side learns the output is complete;
+    /// an implementation hands its streams to one run only.
+    fn attach(&self, builder: &mut WasiCtxBuilder);
+}
+
+/// The output sinks of streaming commands, by workload name: the supervisor's command
+/// runner streams a workload's output to the sink registered under its name, with no time
+/// slice. At most [`CommandOutputs::MAX`] are held.
+#[derive(Default)]
+pub struct CommandOutputs {
+    sinks: Mutex<HashMap<String, Arc<dyn CommandOutput>>>,
+}
+
+impl CommandOutputs {
+    /// Most sinks held at once (one per containerd task the agent can hold, with room).
+    pub const MAX: usize = 4096;
+
+    fn sinks(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<dyn CommandOutput>>> {
+        self.sinks.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Registers `sink` for the workload `name`, replacing any earlier one. Refused when
+    /// [`CommandOutputs::MAX`] sinks are held.
+    pub fn register(&self, name: &str, sink: Arc<dyn CommandOutput>) -> Result<(), String> {
+        let mut sinks = self.sinks();
+        if sinks.len() >= Self::MAX && !sinks.contains_key(name) {
+            return Err(format!(
+                "{} streaming commands are registered already",
+                Self::MAX
+            ));
+        }
+        sinks.insert(name.to_string(), sink);
+        Ok(())
+    }
+
+    /// Forgets the sink of `name`, returning it.
+    pub fn unregister(&self, name: &str) -> Option<Arc<dyn CommandOutput>> {
+        self.sinks().remove(name)
+    }
+
+    /// The sink of `name`, if it streams.
+    pub fn get(&self, name: &str) -> Option<Arc<dyn CommandOutput>> {
+        self.sinks().get(name).cloned()
+    }
+}
+
+/// The WASI context of a command run: argv `[workload, args...]`, the workload's `config` as
+/// `LICHEN_<KEY>` variables, then `env`.
+fn context_for(workload: &str, input: CommandInput<'_>) -> WasiCtxBuilder {
     let mut env: Vec<(String, String)> = input
         .config
         .iter()
@@ -152,15 +200,45 @@ pub async fn run_command(
     args.push(workload);
     args.extend(input.args.iter().map(String::as_str));
     let mut builder = WasiCtxBuilder::new();
+    builder.envs(&env).args(&args);
     builder
-        .stdout(stdout.clone())
-        .stderr(stderr.clone())
-        .envs(&env)
-        .args(&args);
+}
+
+/// Runs a command once within `time_slice`, its output kept and logged when it ends.
+/// Returns `Ok(exit code)` or `Err(trap description)`.
+pub async fn run_command(
+    engine: &wasmtime::Engine,
+    program: CommandProgram,
+    workload: &str,
+    input: CommandInput<'_>,
+    log: &dyn LogSink,
+    memory_limit: usize,
+    time_slice: Duration,
+) -> Result<i32, String> {
+    let stdout = MemoryOutputPipe::new(OUTPUT_CAPACITY);
+    let stderr = MemoryOutputPipe::new(OUTPUT_CAPACITY);
+    let mut builder = context_for(workload, input);
+    builder.stdout(stdout.clone()).stderr(stderr.clone());
     let outcome = run_program(engine, program, builder, memory_limit, time_slice).await;
     forward_lines(workload, log, LogLevel::Info, "stdout", &stdout.contents());
     forward_lines(workload, log, LogLevel::Warn, "stderr", &stderr.contents());
     outcome
+}
+
+/// Runs a command once with no time slice, its stdout and stderr the streams `output`
+/// attaches (written through as the program writes; nothing is kept here). Returns
+/// `Ok(exit code)` or `Err(trap description)`; dropping the future ends the run.
+pub async fn stream_command(
+    engine: &wasmtime::Engine,
+    program: CommandProgram,
+    workload: &str,
+    input: CommandInput<'_>,
+    output: &dyn CommandOutput,
+    memory_limit: usize,
+) -> Result<i32, String> {
+    let mut builder = context_for(workload, input);
+    output.attach(&mut builder);
+    run_program(engine, program, builder, memory_limit, Duration::MAX).await
 }
 
 /// Runs a command once with the WASI context `builder` describes (arguments, environment,

@@ -13,7 +13,7 @@ mod workload;
 
 pub use address_space::{AddressSpace, PoolFit};
 pub use artifacts::{Artifact, ArtifactKind, ArtifactStore, COMPILER, CompileCounts, sha256_hex};
-pub use command::{CommandProgram, run_program};
+pub use command::{CommandOutput, CommandOutputs, CommandProgram};
 pub use engine::{
     CodeSettings, EngineOptions, WASMTIME_VERSION, WasmEngine, engine_config, host_target,
 };

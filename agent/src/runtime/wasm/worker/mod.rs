@@ -47,6 +47,8 @@ pub struct WorkerContext {
     pub max_memory_bytes: u64,
     /// The board's devices, opened for workloads' grants.
     pub devices: Arc<crate::grants::DeviceHub>,
+    /// Output sinks of WASI commands that run streaming and unsliced (containerd's pods).
+    pub outputs: Arc<super::command::CommandOutputs>,
 }
 
 /// An event for a workload, from the CLI or a trigger.
@@ -545,6 +547,7 @@ pub fn spawn_worker(
         tick_sequence: 0,
         failures_in_a_row: 0,
         uncounted_events: 0,
+        stop_during_run: None,
     };
     let task = tokio::spawn(worker.run());
     WorkerHandle {

@@ -10,7 +10,9 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 
 use super::super::artifacts::ArtifactKind;
-use super::super::command::run_command;
+use super::super::command::{
+    CommandInput, CommandOutput, CommandProgram, run_command, stream_command,
+};
 use super::super::instance::{CallOutcome, Instance, InstanceSetup};
 use super::{
     BACKOFF_MAX, BACKOFF_START, CommandCommitted, Delivery, EventRequest, Prepared, Queued, Reply,
@@ -38,6 +40,9 @@ pub(super) struct Worker {
     /// Events handled that wrote nothing, not yet added to the stored counter: they ride on
     /// the next commit, so a read-only event costs no SQLite write.
     pub(super) uncounted_events: u64,
+    /// A stop that came while a streaming command ran (its `done`, or `None` when the
+    /// control channel closed): the run was dropped and the loop ends next.
+    pub(super) stop_during_run: Option<Option<oneshot::Sender<()>>>,
 }
 
 enum Next {
@@ -55,6 +60,13 @@ impl Worker {
         let mut restart_at: Option<tokio::time::Instant> = Some(tokio::time::Instant::now());
         let mut command_ran = false;
         loop {
+            if let Some(stop) = self.stop_during_run.take() {
+                Box::pin(self.finish()).await;
+                if let Some(done) = stop {
+                    let _ = done.send(());
+                }
+                return;
+            }
             let is_command = self.current.artifact.kind() == ArtifactKind::Command;
             // (Re)start the instance when it is due.
             if let Some(at) = restart_at
@@ -67,6 +79,9 @@ impl Worker {
                         if let Some(delay) = Box::pin(self.run_command_once()).await {
                             restart_at = Some(deadline_after(delay));
                             command_ran = false;
+                        }
+                        if self.stop_during_run.is_some() {
+                            continue;
                         }
                     } else {
                         self.set_state("running", None);
@@ -410,34 +425,77 @@ impl Worker {
         }
     }
 
+    /// A streaming run, raced against the worker's control channel: a stop (or the channel
+    /// closing) drops the run and is kept in `stop_during_run` for the loop, and `None` is
+    /// returned; a reload that comes meanwhile is refused (the running program is not
+    /// replaced under containerd).
+    async fn stream_command_once(
+        &mut self,
+        pre: CommandProgram,
+        output: &dyn CommandOutput,
+        memory_limit: usize,
+    ) -> Option<Result<i32, String>> {
+        let run = stream_command(
+            self.ctx.engine.engine(),
+            pre,
+            &self.name,
+            command_input(&self.current.spec),
+            output,
+            memory_limit,
+        );
+        tokio::pin!(run);
+        loop {
+            tokio::select! {
+                outcome = &mut run => return Some(outcome),
+                command = self.control.recv() => match command {
+                    Some(WorkerCommand::Stop { done }) => {
+                        self.stop_during_run = Some(Some(done));
+                        return None;
+                    }
+                    Some(WorkerCommand::Swap { .. }) => {
+                        // Dropping `done` fails the reload; the run goes on.
+                        self.ctx.logs.agent_line(
+                            &self.name,
+                            LogLevel::Warn,
+                            "a streaming command is not reloaded while it runs",
+                        );
+                    }
+                    None => {
+                        self.stop_during_run = Some(None);
+                        return None;
+                    }
+                },
+            }
+        }
+    }
+
     /// Runs a WASI command once; returns a restart delay when it failed and may be retried.
+    /// A command with an output sink registered under the workload's name runs streaming and
+    /// unsliced, and a stop ends it mid-run ([`Worker::stream_command_once`]).
     async fn run_command_once(&mut self) -> Option<Duration> {
         let pre = self.current.artifact.command()?.clone();
-        // Only a wasm spec reaches the engine; another kind has no arguments to give.
-        static NO_ENV: std::collections::BTreeMap<String, String> =
-            std::collections::BTreeMap::new();
-        let (args, env) = match &self.current.spec.artifact {
-            crate::deployment::Artifact::Wasm(wasm) => (wasm.args.as_slice(), &wasm.env),
-            _ => (&[][..], &NO_ENV),
-        };
         self.set_state("running", None);
         self.stats.set(|s| s.started_at = Some(Instant::now()));
         let setup = self.setup();
         let started = Instant::now();
-        let outcome = run_command(
-            self.ctx.engine.engine(),
-            pre,
-            &self.name,
-            super::super::command::CommandInput {
-                config: &self.current.spec.config,
-                args,
-                env,
-            },
-            self.ctx.logs.as_ref(),
-            setup.memory_limit,
-            setup.time_slice,
-        )
-        .await;
+        let outcome = match self.ctx.outputs.get(&self.name) {
+            Some(output) => {
+                self.stream_command_once(pre, output.as_ref(), setup.memory_limit)
+                    .await?
+            }
+            None => {
+                run_command(
+                    self.ctx.engine.engine(),
+                    pre,
+                    &self.name,
+                    command_input(&self.current.spec),
+                    self.ctx.logs.as_ref(),
+                    setup.memory_limit,
+                    setup.time_slice,
+                )
+                .await
+            }
+        };
         self.ctx.metrics.handle.observe(started.elapsed());
         let has_ticker = !self.current.spec.triggers.is_empty();
         if let Ok(code) = outcome {
@@ -742,5 +800,20 @@ mod tests {
         assert_eq!(backoff(1), Duration::from_millis(200));
         assert_eq!(backoff(3), Duration::from_millis(800));
         assert_eq!(backoff(30), Duration::from_secs(30));
+    }
+}
+
+/// What a WASI command run is given from its spec: the config, and the arguments and
+/// environment of its Wasm artifact (only a Wasm spec reaches the engine; another kind has none).
+fn command_input(spec: &crate::deployment::WorkloadSpec) -> CommandInput<'_> {
+    static NO_ENV: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
+    let (args, env) = match &spec.artifact {
+        crate::deployment::Artifact::Wasm(wasm) => (wasm.args.as_slice(), &wasm.env),
+        _ => (&[][..], &NO_ENV),
+    };
+    CommandInput {
+        config: &spec.config,
+        args,
+        env,
     }
 }
