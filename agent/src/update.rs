@@ -494,7 +494,7 @@ async fn health_check(
             let hub = hub.clone();
             hub_state = match tokio::task::spawn_blocking(move || crate::hub::probe(&hub)).await {
                 Ok(Ok(())) => HubHealth::Answered,
-                Ok(Err(why)) => HubHealth::NotAnswered(why),
+                Ok(Err(why)) => HubHealth::NotAnswered(why.to_string()),
                 Err(e) => HubHealth::NotAnswered(e.to_string()),
             };
         }
