@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, anyhow};
 use clap::Args;
 use lichen_update::board::{Board, Start, UpdateError};
-use lichen_update::bundle::{BundleSignature, Signer, Verifier};
+use lichen_update::bundle::{BundleSignature, SignatureError, Signer, Verifier};
 use lichen_update::config::UpdateConfig;
 use lichen_update::health::{HealthCheck, HubHealth, Observation, Verdict, WorkloadHealth};
 use lichen_update::journal::{JournalFile, Outcome, OutcomeKind, Phase};
@@ -35,7 +35,7 @@ use crate::config::{AgentConfig, HubSection};
 use crate::hub::{TrustedKey, base64_decode, base64_encode, key_id, parse_public_key};
 use crate::render::{EXIT_FAILURE, EXIT_INVALID, emit, push_json};
 use crate::supervisor::Agent;
-use crate::util::now_ms;
+use crate::util::{error_chain, now_ms};
 
 /// The configuration `lichen update` reads when `--config` is not given: the board's.
 pub const BOARD_CONFIG: &str = "/etc/lichen/lichen.toml";
@@ -101,20 +101,37 @@ impl TrustedKeys {
     }
 }
 
-impl Verifier for TrustedKeys {
-    fn verify(&self, message: &[u8], sig: &BundleSignature) -> Result<String, String> {
+/// Why the node's trusted keys refuse a bundle's signature.
+#[derive(Debug, thiserror::Error)]
+pub enum VerifyError {
+    /// No key to check against.
+    #[error(
+        "the bundle is signed, but this node trusts no key (update.trusted-keys and hub.trusted-keys are empty)"
+    )]
+    NoTrustedKey,
+    /// The signature field is not base64.
+    #[error("manifest.sig: the signature is not base64: {0}")]
+    NotBase64(#[source] SignatureError),
+    /// The signature names a key (given) the node does not trust.
+    #[error("signed by key {0}, which is not one of this node's trusted keys")]
+    UnknownKey(String),
+    /// No candidate key verifies the signature.
+    #[error("bad signature (the manifest was changed, or signed by another key)")]
+    Mismatch,
+}
+
+impl TrustedKeys {
+    fn check(&self, message: &[u8], sig: &BundleSignature) -> Result<String, VerifyError> {
         if self.0.is_empty() {
-            return Err("the bundle is signed, but this node trusts no key (update.trusted-keys and hub.trusted-keys are empty)".into());
+            return Err(VerifyError::NoTrustedKey);
         }
-        let signature = base64_decode(&sig.signature)
-            .map_err(|e| format!("manifest.sig: the signature is not base64: {e}"))?;
+        let signature =
+            base64_decode(&sig.signature).map_err(|e| VerifyError::NotBase64(e.into()))?;
         let candidates: Vec<&TrustedKey> = match &sig.key_id {
             Some(id) => {
                 let found: Vec<_> = self.0.iter().filter(|k| &k.id == id).collect();
                 if found.is_empty() {
-                    return Err(format!(
-                        "signed by key {id}, which is not one of this node's trusted keys"
-                    ));
+                    return Err(VerifyError::UnknownKey(id.clone()));
                 }
                 found
             }
@@ -128,9 +145,13 @@ impl Verifier for TrustedKeys {
                     .is_ok()
             })
             .map(|key| key.id.clone())
-            .ok_or_else(|| {
-                "bad signature (the manifest was changed, or signed by another key)".to_string()
-            })
+            .ok_or(VerifyError::Mismatch)
+    }
+}
+
+impl Verifier for TrustedKeys {
+    fn verify(&self, message: &[u8], sig: &BundleSignature) -> Result<String, SignatureError> {
+        Ok(self.check(message, sig)?)
     }
 }
 
@@ -155,7 +176,7 @@ impl PublisherKey {
 }
 
 impl Signer for PublisherKey {
-    fn sign(&self, message: &[u8]) -> Result<BundleSignature, String> {
+    fn sign(&self, message: &[u8]) -> Result<BundleSignature, SignatureError> {
         Ok(BundleSignature {
             key_id: Some(key_id(self.0.public_key().as_ref())),
             signature: base64_encode(self.0.sign(message).as_ref()),
@@ -200,7 +221,7 @@ pub fn run(args: UpdateArgs, json: bool) -> ExitCode {
     match apply(&args, json) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", error_chain(err.as_ref()));
             let refused = err.chain().any(|cause| {
                 matches!(
                     cause.downcast_ref::<UpdateError>(),
@@ -337,8 +358,9 @@ pub fn start(
     let state_dir = state_dir.to_path_buf();
     Some(tokio::spawn(async move {
         if let Err(err) = boot(&agent, &section, hub.as_ref(), &state_dir).await {
-            tracing::error!("system update: {err:#}; this boot is not confirmed");
-            event(&agent, "update-error", &format!("{err:#}")).await;
+            let text = error_chain(err.as_ref());
+            tracing::error!("system update: {text}; this boot is not confirmed");
+            event(&agent, "update-error", &text).await;
         }
     }))
 }
@@ -472,7 +494,7 @@ async fn health_check(
             let hub = hub.clone();
             hub_state = match tokio::task::spawn_blocking(move || crate::hub::probe(&hub)).await {
                 Ok(Ok(())) => HubHealth::Answered,
-                Ok(Err(why)) => HubHealth::NotAnswered(why),
+                Ok(Err(why)) => HubHealth::NotAnswered(why.to_string()),
                 Err(e) => HubHealth::NotAnswered(e.to_string()),
             };
         }
@@ -676,7 +698,7 @@ pub fn doctor_checks(config: &AgentConfig) -> Vec<DoctorCheck> {
             "ok",
             format!("{state} ({})", status.boot_store),
         ),
-        Err(err) => row("boot state", "warn", err.clone()),
+        Err(err) => row("boot state", "warn", err.to_string()),
     });
     let other = status.booted.other();
     rows.push(match &status.other {
@@ -726,7 +748,7 @@ pub fn doctor_checks(config: &AgentConfig) -> Vec<DoctorCheck> {
                 None => row("last update", "ok", "none".into()),
             });
         }
-        Err(err) => rows.push(row("last update", "warn", err.clone())),
+        Err(err) => rows.push(row("last update", "warn", err.to_string())),
     }
     rows
 }
@@ -764,16 +786,23 @@ mod tests {
             trusted.verify(b"manifest", &signature).unwrap(),
             signature.key_id.clone().unwrap()
         );
-        let err = trusted.verify(b"tampered", &signature).unwrap_err();
+        let err = trusted
+            .verify(b"tampered", &signature)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("bad signature"), "{err}");
 
         let stranger = TrustedKeys::from_config(&section(&[other]), None).unwrap();
-        let err = stranger.verify(b"manifest", &signature).unwrap_err();
+        let err = stranger
+            .verify(b"manifest", &signature)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("not one of this node's trusted keys"), "{err}");
         let none = TrustedKeys::from_config(&section(&[]), None).unwrap();
         assert!(
             none.verify(b"manifest", &signature)
                 .unwrap_err()
+                .to_string()
                 .contains("trusts no key")
         );
 

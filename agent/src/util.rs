@@ -81,6 +81,24 @@ pub fn stderr_colours() -> bool {
     std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }
 
+/// An error and its causes, `what: why: ...`, as anyhow's `{:#}` prints them, except that a
+/// cause whose text the line already ends with is not printed again: Lichen's typed errors
+/// (`thiserror`) carry their cause as their `source` and also show it in their own message,
+/// so that their `to_string()` is complete on its own.
+pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = err.to_string();
+    let mut cause = err.source();
+    while let Some(next) = cause {
+        let part = next.to_string();
+        if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        cause = next.source();
+    }
+    text
+}
+
 /// Escapes what could hide or disguise text; lives with the deployment errors that use it
 /// first ([`lichen_deployment::escape_unprintable`]).
 pub use lichen_deployment::escape_unprintable;
@@ -88,6 +106,44 @@ pub use lichen_deployment::escape_unprintable;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn error_chain_prints_each_cause_once() {
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot read {path}: {source}")]
+        struct Shown {
+            path: &'static str,
+            source: std::io::Error,
+        }
+        #[derive(Debug, thiserror::Error)]
+        #[error("cannot start")]
+        struct Hidden(#[source] Shown);
+        let io = || std::io::Error::other("gone");
+        let shown = Shown {
+            path: "a",
+            source: io(),
+        };
+        assert_eq!(error_chain(&shown), "cannot read a: gone");
+        assert_eq!(
+            format!(
+                "{:#}",
+                anyhow::Error::new(Shown {
+                    path: "a",
+                    source: io()
+                })
+            ),
+            "cannot read a: gone: gone"
+        );
+        let hidden = anyhow::Error::new(Hidden(Shown {
+            path: "a",
+            source: io(),
+        }))
+        .context("update");
+        assert_eq!(
+            error_chain(hidden.as_ref()),
+            "update: cannot start: cannot read a: gone"
+        );
+    }
 
     #[test]
     fn deadlines_never_overflow() {

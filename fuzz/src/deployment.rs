@@ -116,11 +116,11 @@ fn accepted(parsed: &ParsedDeployment) {
 /// Whether the values of an accepted deployment can be used as the agent uses them: every
 /// duration added to `Instant::now()` (interval timers, time slices, debounce, boot
 /// deadlines), the queue as a tokio channel's capacity.
-fn usable(spec: &DeploymentSpec) -> Result<(), String> {
+fn usable(spec: &DeploymentSpec) -> anyhow::Result<()> {
     let now = tokio::time::Instant::now();
-    let fits = |what: String, d: Duration| -> Result<(), String> {
+    let fits = |what: String, d: Duration| -> anyhow::Result<()> {
         if now.checked_add(d).is_none() {
-            return Err(format!("{what} = {d:?} overflows a clock reading"));
+            anyhow::bail!("{what} = {d:?} overflows a clock reading");
         }
         Ok(())
     };
@@ -151,9 +151,7 @@ fn usable(spec: &DeploymentSpec) -> Result<(), String> {
         if let Some(queue) = w.limits.queue {
             // tokio::sync::mpsc::channel panics above this (its semaphore's MAX_PERMITS).
             if queue == 0 || queue > usize::MAX >> 3 {
-                return Err(format!(
-                    "workloads[{i}].limits.queue = {queue} is not a channel capacity"
-                ));
+                anyhow::bail!("workloads[{i}].limits.queue = {queue} is not a channel capacity");
             }
         }
     }

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Mutex, OnceLock, mpsc};
 use std::time::Duration;
 
+use anyhow::Context as _;
 use rustix::thread::{CapabilitySet, UnshareFlags};
 
 type Job = Box<dyn FnOnce() + Send>;
@@ -23,13 +24,13 @@ struct Sandbox {
     root: PathBuf,
 }
 
-static SANDBOX: OnceLock<Result<Sandbox, String>> = OnceLock::new();
+static SANDBOX: OnceLock<anyhow::Result<Sandbox>> = OnceLock::new();
 
 fn sandbox() -> &'static Sandbox {
     match SANDBOX.get_or_init(start) {
         Ok(sandbox) => sandbox,
         Err(e) => panic!(
-            "cannot set up the sandbox the OCI target unpacks layers in (it needs root, as the agent does): {e}"
+            "cannot set up the sandbox the OCI target unpacks layers in (it needs root, as the agent does): {e:#}"
         ),
     }
 }
@@ -76,12 +77,12 @@ pub fn run<T: Send + 'static>(
     }
 }
 
-fn start() -> Result<Sandbox, String> {
+fn start() -> anyhow::Result<Sandbox> {
     let base = std::env::temp_dir();
     remove_stale(&base);
     let root = base.join(format!("lichen-fuzz-root-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir(&root).map_err(|e| format!("creating {}: {e}", root.display()))?;
+    std::fs::create_dir(&root).with_context(|| format!("creating {}", root.display()))?;
     let (jobs, queue) = mpsc::channel::<Job>();
     let (ready, entered) = mpsc::channel();
     let inside = root.clone();
@@ -97,31 +98,30 @@ fn start() -> Result<Sandbox, String> {
                 }
             }
         })
-        .map_err(|e| format!("spawning the sandbox thread: {e}"))?;
+        .context("spawning the sandbox thread")?;
     entered
         .recv()
-        .map_err(|_| "the sandbox thread ended".to_owned())??;
+        .map_err(|_| anyhow::anyhow!("the sandbox thread ended"))??;
     Ok(Sandbox {
         jobs: Mutex::new(jobs),
         root,
     })
 }
 
-fn enter(root: &Path) -> Result<(), String> {
+fn enter(root: &Path) -> anyhow::Result<()> {
     // SAFETY: only CLONE_FS is unshared: this thread gets its own root, working directory and
     // umask. The file descriptor table stays shared with the process, so no thread can observe
     // a descriptor from another table, which is the contract `unshare_unsafe` asks for.
     #[allow(unsafe_code)]
-    unsafe { rustix::thread::unshare_unsafe(UnshareFlags::FS) }
-        .map_err(|e| format!("unshare(CLONE_FS): {e}"))?;
-    std::os::unix::fs::chroot(root).map_err(|e| format!("chroot {}: {e}", root.display()))?;
-    std::env::set_current_dir("/").map_err(|e| format!("chdir /: {e}"))?;
-    let mut caps = rustix::thread::capabilities(None).map_err(|e| format!("capget: {e}"))?;
+    unsafe { rustix::thread::unshare_unsafe(UnshareFlags::FS) }.context("unshare(CLONE_FS)")?;
+    std::os::unix::fs::chroot(root).with_context(|| format!("chroot {}", root.display()))?;
+    std::env::set_current_dir("/").context("chdir /")?;
+    let mut caps = rustix::thread::capabilities(None).context("capget")?;
     let dropped = CapabilitySet::MKNOD | CapabilitySet::SYS_CHROOT | CapabilitySet::SYS_ADMIN;
     caps.effective.remove(dropped);
     caps.permitted.remove(dropped);
     caps.inheritable.remove(dropped);
-    rustix::thread::set_capabilities(None, caps).map_err(|e| format!("capset: {e}"))?;
+    rustix::thread::set_capabilities(None, caps).context("capset")?;
     Ok(())
 }
 

@@ -59,13 +59,38 @@ pub enum UpdateError {
     /// Writing the slot failed.
     #[error(transparent)]
     Write(#[from] WriteError),
-    /// The running system's description is unreadable.
-    #[error("{path}: {reason}")]
-    System {
+    /// The running system's description cannot be read.
+    #[error("{path}: {source}")]
+    SystemRead {
         /// The file.
         path: PathBuf,
-        /// Why.
-        reason: String,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The running system's description is not its JSON document.
+    #[error("{path}: {source}")]
+    SystemJson {
+        /// The file.
+        path: PathBuf,
+        /// What the JSON reader says.
+        source: serde_json::Error,
+    },
+    /// The running system's version or target is not a valid name.
+    #[error("{path}: version and target must be 1-64 letters, digits and . _ + -")]
+    SystemNames {
+        /// The file.
+        path: PathBuf,
+    },
+    /// The boot state is unreadable, so no update starts.
+    #[error("cannot read the boot state ({0}): refusing to update")]
+    BootStateUnreadable(#[source] BootStateError),
+    /// A file of the board's init (`update.confirm-file`) cannot be written.
+    #[error("cannot write {path}: {source}")]
+    WriteFile {
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
     },
     /// The update is refused in this state.
     #[error("{0}")]
@@ -84,33 +109,31 @@ pub struct SystemInfo {
 
 /// Reads system.json.
 pub fn read_system(path: &Path) -> Result<SystemInfo, UpdateError> {
-    let text = read_small(path, MAX_SYSTEM_FILE).map_err(|reason| UpdateError::System {
+    let text = read_small(path, MAX_SYSTEM_FILE).map_err(|source| UpdateError::SystemRead {
         path: path.to_path_buf(),
-        reason,
+        source,
     })?;
-    let info: SystemInfo = serde_json::from_str(&text).map_err(|e| UpdateError::System {
-        path: path.to_path_buf(),
-        reason: e.to_string(),
-    })?;
-    if !valid_name(&info.version) || !valid_name(&info.target) {
-        return Err(UpdateError::System {
+    let info: SystemInfo =
+        serde_json::from_str(&text).map_err(|source| UpdateError::SystemJson {
             path: path.to_path_buf(),
-            reason: "version and target must be 1-64 letters, digits and . _ + -".into(),
+            source,
+        })?;
+    if !valid_name(&info.version) || !valid_name(&info.target) {
+        return Err(UpdateError::SystemNames {
+            path: path.to_path_buf(),
         });
     }
     Ok(info)
 }
 
 /// Reads at most `max` bytes of a regular file (never a FIFO or a device).
-fn read_small(path: &Path, max: u64) -> Result<String, String> {
-    let file = std::fs::File::open(path).map_err(|e| e.to_string())?;
-    if !file.metadata().map_err(|e| e.to_string())?.is_file() {
-        return Err("not a regular file".into());
+fn read_small(path: &Path, max: u64) -> std::io::Result<String> {
+    let file = std::fs::File::open(path)?;
+    if !file.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
     }
     let mut text = String::new();
-    file.take(max)
-        .read_to_string(&mut text)
-        .map_err(|e| e.to_string())?;
+    file.take(max).read_to_string(&mut text)?;
     Ok(text)
 }
 
@@ -179,7 +202,7 @@ pub struct Board {
 }
 
 /// What `lichen doctor` shows.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct Status {
     /// The booted slot.
     pub booted: Slot,
@@ -188,11 +211,11 @@ pub struct Status {
     /// Where the boot state lives.
     pub boot_store: String,
     /// The boot state, or why it is unreadable.
-    pub state: Result<BootState, String>,
+    pub state: Result<BootState, BootStateError>,
     /// The other slot's trailer, or why it is unreadable.
-    pub other: Result<Option<SlotTrailer>, String>,
+    pub other: Result<Option<SlotTrailer>, SlotError>,
     /// The journal, or why it is unreadable.
-    pub journal: Result<Journal, String>,
+    pub journal: Result<Journal, JournalError>,
 }
 
 /// What an applied update did.
@@ -266,15 +289,14 @@ impl Board {
         let other = self
             .config
             .device(self.booted.other())
-            .map_err(|e| e.to_string())
-            .and_then(|dev| SlotTrailer::read(&dev).map_err(|e| e.to_string()));
+            .and_then(|dev| SlotTrailer::read(&dev));
         Status {
             booted: self.booted,
             system: self.system.clone(),
             boot_store: self.boot.describe(),
-            state: self.boot.load().map_err(|e| e.to_string()),
+            state: self.boot.load(),
             other,
-            journal: self.journal.load().map_err(|e| e.to_string()),
+            journal: self.journal.load(),
         }
     }
 
@@ -315,11 +337,7 @@ impl Board {
         let target = self.booted.other();
         let device = self.config.device(target)?;
         self.refuse_if_mounted(&device)?;
-        let mut state = self.boot.load().map_err(|e| {
-            UpdateError::Refused(format!(
-                "cannot read the boot state ({e}): refusing to update"
-            ))
-        })?;
+        let mut state = self.boot.load().map_err(UpdateError::BootStateUnreadable)?;
         let manifest = &bundle.manifest;
         let pending = Pending {
             phase: Phase::Writing,
@@ -550,7 +568,10 @@ impl Board {
                 path,
                 format!("slot {} version {}\n", self.booted, self.system.version),
             )
-            .map_err(|e| UpdateError::Refused(format!("cannot write {}: {e}", path.display())))?;
+            .map_err(|source| UpdateError::WriteFile {
+                path: path.clone(),
+                source,
+            })?;
         }
         Ok(())
     }

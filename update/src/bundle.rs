@@ -79,17 +79,22 @@ pub struct BundleSignature {
     pub signature: String,
 }
 
+/// Why a [`Verifier`] refuses a signature or a [`Signer`] cannot sign: the implementation's
+/// own error type (the node's trusted keys live in the agent, not here).
+pub type SignatureError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Checks a bundle's signature: the node's trusted keys.
 pub trait Verifier {
     /// Checks `signature` over `message`; returns the id of the trusted key that made it, or
     /// why it is not acceptable.
-    fn verify(&self, message: &[u8], signature: &BundleSignature) -> Result<String, String>;
+    fn verify(&self, message: &[u8], signature: &BundleSignature)
+    -> Result<String, SignatureError>;
 }
 
 /// Signs a bundle's manifest: the operator's publisher key.
 pub trait Signer {
     /// Signs `message`.
-    fn sign(&self, message: &[u8]) -> Result<BundleSignature, String>;
+    fn sign(&self, message: &[u8]) -> Result<BundleSignature, SignatureError>;
 }
 
 /// The bytes a signature covers.
@@ -110,13 +115,29 @@ pub enum BundleError {
         /// The cause.
         source: std::io::Error,
     },
+    /// A FIFO, a device or a directory.
+    #[error("bundle {path} is not a readable tar file: it is not a regular file")]
+    NotRegularFile {
+        /// The bundle.
+        path: PathBuf,
+    },
     /// Not a tar file, or a damaged one.
-    #[error("bundle {path} is not a readable tar file: {reason}")]
+    #[error("bundle {path} is not a readable tar file: {source}")]
     NotTar {
         /// The bundle.
         path: PathBuf,
-        /// Why.
-        reason: String,
+        /// What the tar reader says.
+        source: std::io::Error,
+    },
+    /// A member's header is damaged.
+    #[error("bundle {path} is not a readable tar file: member {index}: {source}")]
+    NotTarMember {
+        /// The bundle.
+        path: PathBuf,
+        /// 1-based position.
+        index: usize,
+        /// What the tar reader says.
+        source: std::io::Error,
     },
     /// The members are not the three expected, in order.
     #[error("bundle {path}: member {index} is {found}, expected {expected}")]
@@ -138,13 +159,22 @@ pub enum BundleError {
         /// The bundle.
         path: PathBuf,
     },
+    /// `manifest.sig` is not a signature record.
+    #[error("bundle {path}: manifest.sig is not a signature record: {source}")]
+    SignatureRecord {
+        /// The bundle.
+        path: PathBuf,
+        /// What the JSON reader says.
+        source: serde_json::Error,
+    },
     /// The signature does not verify.
     #[error("bundle {path}: {reason}")]
     BadSignature {
         /// The bundle.
         path: PathBuf,
         /// Why (from the verifier).
-        reason: String,
+        #[source]
+        reason: SignatureError,
     },
     /// A member is larger than its bound.
     #[error("bundle {path}: {member} is {size} bytes, more than the {max} allowed")]
@@ -157,6 +187,14 @@ pub enum BundleError {
         size: u64,
         /// The bound.
         max: u64,
+    },
+    /// The manifest is not a JSON document of the manifest's shape.
+    #[error("bundle {path}: manifest field (document): {source}")]
+    Document {
+        /// The bundle.
+        path: PathBuf,
+        /// What the JSON reader says.
+        source: serde_json::Error,
     },
     /// A manifest field is missing or invalid.
     #[error("bundle {path}: manifest field {field}: {reason}")]
@@ -204,7 +242,7 @@ pub enum BundleError {
     },
     /// Signing failed (making a bundle).
     #[error("cannot sign the bundle: {0}")]
-    Sign(String),
+    Sign(#[source] SignatureError),
 }
 
 /// A bundle whose manifest, signature, target and image have been checked.
@@ -247,24 +285,24 @@ pub fn open_verified(
     let file = File::open(path).map_err(io)?;
     let meta = file.metadata().map_err(io)?;
     if !meta.is_file() {
-        return Err(BundleError::NotTar {
+        return Err(BundleError::NotRegularFile {
             path: path.to_path_buf(),
-            reason: "it is not a regular file".into(),
         });
     }
     let file_len = meta.len();
-    let not_tar = |e: std::io::Error| BundleError::NotTar {
+    let not_tar = |source| BundleError::NotTar {
         path: path.to_path_buf(),
-        reason: e.to_string(),
+        source,
     };
     let mut archive = tar::Archive::new(file);
     let mut entries = archive.entries().map_err(not_tar)?;
     let mut next = |index: usize| -> Result<Option<tar::Entry<'_, File>>, BundleError> {
         match entries.next() {
             None => Ok(None),
-            Some(Err(e)) => Err(BundleError::NotTar {
+            Some(Err(source)) => Err(BundleError::NotTarMember {
                 path: path.to_path_buf(),
-                reason: format!("member {index}: {e}"),
+                index,
+                source,
             }),
             Some(Ok(entry)) => Ok(Some(entry)),
         }
@@ -311,9 +349,9 @@ pub fn open_verified(
     }
     let sig_bytes = read_member(&mut entry, path, "manifest.sig", MAX_SIGNATURE)?;
     let signature: BundleSignature =
-        serde_json::from_slice(&sig_bytes).map_err(|e| BundleError::BadSignature {
+        serde_json::from_slice(&sig_bytes).map_err(|source| BundleError::SignatureRecord {
             path: path.to_path_buf(),
-            reason: format!("manifest.sig is not a signature record: {e}"),
+            source,
         })?;
     let signer = verifier
         .verify(&signed_message(&manifest_bytes), &signature)
@@ -438,7 +476,10 @@ pub fn parse_manifest(path: &Path, bytes: &[u8]) -> Result<Manifest, BundleError
         reason,
     };
     let manifest: Manifest =
-        serde_json::from_slice(bytes).map_err(|e| field("(document)", e.to_string()))?;
+        serde_json::from_slice(bytes).map_err(|source| BundleError::Document {
+            path: path.to_path_buf(),
+            source,
+        })?;
     if manifest.format != FORMAT {
         return Err(field(
             "format",
@@ -584,7 +625,7 @@ pub(crate) mod tests {
     }
 
     impl Signer for TestKey {
-        fn sign(&self, message: &[u8]) -> Result<BundleSignature, String> {
+        fn sign(&self, message: &[u8]) -> Result<BundleSignature, SignatureError> {
             Ok(BundleSignature {
                 key_id: Some(self.id()),
                 signature: hex::encode(self.0.sign(message).as_ref()),
@@ -593,17 +634,14 @@ pub(crate) mod tests {
     }
 
     impl Verifier for TestKey {
-        fn verify(&self, message: &[u8], sig: &BundleSignature) -> Result<String, String> {
+        fn verify(&self, message: &[u8], sig: &BundleSignature) -> Result<String, SignatureError> {
             if sig.key_id.as_deref() != Some(&self.id()) {
-                return Err(format!(
-                    "signed by key {:?}, which is not trusted",
-                    sig.key_id
-                ));
+                return Err(format!("signed by key {:?}, which is not trusted", sig.key_id).into());
             }
-            let bytes = hex::decode(&sig.signature).map_err(|e| e.to_string())?;
+            let bytes = hex::decode(&sig.signature)?;
             UnparsedPublicKey::new(&ED25519, self.0.public_key().as_ref())
                 .verify(message, &bytes)
-                .map_err(|_| "bad signature".to_string())?;
+                .map_err(|_| "bad signature")?;
             Ok(self.id())
         }
     }

@@ -256,7 +256,7 @@ impl Bridge {
             }
             Err(reason) => {
                 self.rejected_messages += 1;
-                return self.reject(Some(&desired), reason).await;
+                return self.reject(Some(&desired), reason.to_string()).await;
             }
         };
         self.fetch_or_apply(desired, signer).await;

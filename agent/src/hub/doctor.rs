@@ -25,27 +25,42 @@ pub fn doctor_check(hub: Option<&HubSection>) -> (&'static str, String) {
 /// Connects once to the hub as `[hub]` says (TLS, client certificate, credentials) under a
 /// client id of its own (the node's would push the running agent off the broker); returns
 /// why it failed. Runs on a thread of its own: it may be called from async code.
-pub fn probe(hub: &HubSection) -> std::result::Result<(), String> {
+pub fn probe(hub: &HubSection) -> std::result::Result<(), ProbeError> {
     let hub = hub.clone();
     std::thread::spawn(move || {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
-            .map_err(|e| format!("cannot start a runtime: {e}"))?;
+            .map_err(ProbeError::Runtime)?;
         runtime.block_on(probe_async(&hub))
     })
     .join()
-    .unwrap_or_else(|_| Err("the connection probe panicked".to_owned()))
+    .unwrap_or(Err(ProbeError::Panicked))
 }
 
-async fn probe_async(hub: &HubSection) -> std::result::Result<(), String> {
-    let mut config = section_session_config(hub).map_err(|e| format!("{e:#}"))?;
+/// Why the hub's connection probe failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    /// The probe's own runtime cannot start.
+    #[error("cannot start a runtime: {0}")]
+    Runtime(#[source] std::io::Error),
+    /// The probe's thread panicked.
+    #[error("the connection probe panicked")]
+    Panicked,
+    /// `[hub]` does not make session options (its chain, as `{:#}` prints it).
+    #[error("{0:#}")]
+    Config(anyhow::Error),
+    /// The broker did not take the connection.
+    #[error(transparent)]
+    Connect(#[from] lichen_sync::ProbeError),
+}
+
+async fn probe_async(hub: &HubSection) -> std::result::Result<(), ProbeError> {
+    let mut config = section_session_config(hub).map_err(ProbeError::Config)?;
     config.keep_alive = Duration::from_secs(5);
     config.connect_timeout = Duration::from_secs(5);
     let client_id = format!("{}-doctor-{}", config.node, std::process::id());
-    lichen_sync::probe(&config, &client_id, Duration::from_secs(10))
-        .await
-        .map_err(|e| e.to_string())
+    Ok(lichen_sync::probe(&config, &client_id, Duration::from_secs(10)).await?)
 }
 
 fn static_check(hub: Option<&HubSection>) -> (&'static str, String) {

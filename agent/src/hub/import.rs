@@ -238,7 +238,7 @@ impl Importer {
                 );
                 "none (insecure-dev)".to_owned()
             }
-            Err(reason) => return Err(Refusal::new(version, reason)),
+            Err(reason) => return Err(Refusal::new(version, reason.to_string())),
         };
         super::check_precompiled(&desired).map_err(|reason| Refusal::new(version, reason))?;
         // The compiled forms for this node's engine it lacks (compiled sha256 -> module), and

@@ -586,7 +586,9 @@ mod tests {
         // A bigger size (a forger's way to make the node fetch more) breaks the signature.
         let mut bigger = d.clone();
         bigger.artifacts.insert("ab".repeat(32), 512 << 20);
-        let err = verify(&bigger, "n1", std::slice::from_ref(&key)).unwrap_err();
+        let err = verify(&bigger, "n1", std::slice::from_ref(&key))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("bad signature"), "{err}");
         // Without artifacts the v1 bytes are signed, as before.
         assert_eq!(

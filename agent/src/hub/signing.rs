@@ -135,34 +135,70 @@ pub fn sign_desired(pkcs8: &[u8], node: &str, desired: &DesiredState) -> Result<
     ))
 }
 
+/// Why a desired state's signature is not accepted (each names the deployment version).
+#[derive(Debug, thiserror::Error)]
+pub enum SignatureError {
+    /// No signature.
+    #[error(
+        "deployment version {0} is unsigned; this node accepts only deployments signed by a trusted key"
+    )]
+    Unsigned(u64),
+    /// The signature field is not base64 (the decoder's words).
+    #[error("deployment version {version}: signature is not base64: {reason}")]
+    NotBase64 {
+        /// The deployment version.
+        version: u64,
+        /// What the decoder says.
+        #[source]
+        reason: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// No key to check against.
+    #[error(
+        "deployment version {0} is signed, but this node trusts no key (hub.trusted-keys is empty)"
+    )]
+    NoTrustedKey(u64),
+    /// Signed by a key the node does not trust.
+    #[error(
+        "deployment version {version} is signed by key {key}, which is not in hub.trusted-keys"
+    )]
+    UnknownKey {
+        /// The deployment version.
+        version: u64,
+        /// The key id the signature names.
+        key: String,
+    },
+    /// No candidate key verifies the signature.
+    #[error(
+        "deployment version {0} has a bad signature (tampered, signed for another node or version, or by another key)"
+    )]
+    Mismatch(u64),
+}
+
 /// Checks the signature of `desired` for `node` against `keys`; returns the signing key's id.
-pub fn verify(desired: &DesiredState, node: &str, keys: &[TrustedKey]) -> Result<String, String> {
+pub fn verify(
+    desired: &DesiredState,
+    node: &str,
+    keys: &[TrustedKey],
+) -> Result<String, SignatureError> {
+    let version = desired.version;
     let Some(signature) = &desired.signature else {
-        return Err(format!(
-            "deployment version {} is unsigned; this node accepts only deployments signed by a trusted key",
-            desired.version
-        ));
+        return Err(SignatureError::Unsigned(version));
     };
-    let signature = base64_decode(signature).map_err(|e| {
-        format!(
-            "deployment version {}: signature is not base64: {e}",
-            desired.version
-        )
+    let signature = base64_decode(signature).map_err(|e| SignatureError::NotBase64 {
+        version,
+        reason: e.into(),
     })?;
     if keys.is_empty() {
-        return Err(format!(
-            "deployment version {} is signed, but this node trusts no key (hub.trusted-keys is empty)",
-            desired.version
-        ));
+        return Err(SignatureError::NoTrustedKey(version));
     }
     let candidates: Vec<&TrustedKey> = match &desired.key_id {
         Some(id) => {
             let found: Vec<_> = keys.iter().filter(|k| &k.id == id).collect();
             if found.is_empty() {
-                return Err(format!(
-                    "deployment version {} is signed by key {id}, which is not in hub.trusted-keys",
-                    desired.version
-                ));
+                return Err(SignatureError::UnknownKey {
+                    version,
+                    key: id.clone(),
+                });
             }
             found
         }
@@ -177,10 +213,7 @@ pub fn verify(desired: &DesiredState, node: &str, keys: &[TrustedKey]) -> Result
             return Ok(key.id.clone());
         }
     }
-    Err(format!(
-        "deployment version {} has a bad signature (tampered, signed for another node or version, or by another key)",
-        desired.version
-    ))
+    Err(SignatureError::Mismatch(version))
 }
 /// Base64 as Lichen reads it: the standard alphabet (RFC 4648 section 4: `A-Z a-z 0-9 + /`),
 /// `=` padding optional, no whitespace or line breaks.
@@ -358,7 +391,9 @@ mod tests {
             verify(&d, "n1", std::slice::from_ref(&key)).unwrap(),
             key.id
         );
-        let err = verify(&d, "n2", std::slice::from_ref(&key)).unwrap_err();
+        let err = verify(&d, "n2", std::slice::from_ref(&key))
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("bad signature"), "{err}");
         let mut tampered = d.clone();
         tampered.deployment.push('#');
@@ -368,9 +403,11 @@ mod tests {
         assert!(verify(&bumped, "n1", std::slice::from_ref(&key)).is_err());
         let (_, other) = generate_key().unwrap();
         let other = parse_public_key(&other).unwrap();
-        let err = verify(&d, "n1", &[other]).unwrap_err();
+        let err = verify(&d, "n1", &[other]).unwrap_err().to_string();
         assert!(err.contains("not in hub.trusted-keys"), "{err}");
-        let err = verify(&desired(5, "x"), "n1", &[key]).unwrap_err();
+        let err = verify(&desired(5, "x"), "n1", &[key])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unsigned"), "{err}");
     }
 

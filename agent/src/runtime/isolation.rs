@@ -78,6 +78,27 @@ pub fn wanted(spec: &WorkloadSpec) -> Vec<Tier> {
     }
 }
 
+/// Why a workload cannot run in the tier it asks for (the field is `isolation`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IsolationError {
+    /// The tier lacks a piece on this board or host (in words, from [`IsolationProbe::missing`]).
+    #[error("\"{tier}\" isolation needs {piece}")]
+    Missing {
+        /// The tier asked for.
+        tier: Tier,
+        /// What it lacks.
+        piece: String,
+    },
+    /// A container limit needs a cgroup controller the host does not have.
+    #[error("{limit} needs the \"{controller}\" cgroup controller, which this host does not have")]
+    NoController {
+        /// The limit's field (`limits.memory`, `limits.cpus`, `limits.pids`).
+        limit: &'static str,
+        /// The controller.
+        controller: &'static str,
+    },
+}
+
 /// What the host offers for one tier.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TierProbe {
@@ -165,7 +186,7 @@ impl IsolationProbe {
 
     /// The tier `spec` runs in, or why it cannot run on this board: the message names the
     /// missing piece, such as `"container" isolation needs a working OCI runtime: ...`.
-    pub fn select(&self, spec: &WorkloadSpec) -> Result<Tier, String> {
+    pub fn select(&self, spec: &WorkloadSpec) -> Result<Tier, IsolationError> {
         let candidates = tiers_for(spec.kind());
         let asked = match spec.isolation {
             None => candidates[0],
@@ -185,7 +206,7 @@ impl IsolationProbe {
             Some(IsolationChoice::Tier(tier)) => tier,
         };
         if let Some(piece) = self.missing(asked) {
-            return Err(format!("\"{asked}\" isolation needs {piece}"));
+            return Err(IsolationError::Missing { tier: asked, piece });
         }
         if asked == Tier::Container {
             let limits = &spec.limits;
@@ -195,9 +216,7 @@ impl IsolationProbe {
                 (limits.pids.is_some(), "pids", "limits.pids"),
             ] {
                 if set && !self.cgroup_controllers.iter().any(|c| c == controller) {
-                    return Err(format!(
-                        "{limit} needs the \"{controller}\" cgroup controller, which this host does not have"
-                    ));
+                    return Err(IsolationError::NoController { limit, controller });
                 }
             }
         }
@@ -302,14 +321,16 @@ mod tests {
         );
         let err = probe
             .select(&spec(Tier::Container, None))
-            .expect_err("no OCI runtime");
+            .expect_err("no OCI runtime")
+            .to_string();
         assert!(
             err.starts_with("\"container\" isolation needs a working OCI runtime: crun is not installed; runc is not installed"),
             "{err}"
         );
         let err = probe
             .select(&spec(Tier::Container, Some(IsolationChoice::Strongest)))
-            .expect_err("strongest finds nothing either");
+            .expect_err("strongest finds nothing either")
+            .to_string();
         assert!(err.contains("needs a working OCI runtime"), "{err}");
         assert_eq!(
             probe.missing(Tier::Microvm).as_deref(),
@@ -320,7 +341,7 @@ mod tests {
         let mut wants_cpu = spec(Tier::Container, None);
         wants_cpu.limits.cpu_millis = Some(500);
         assert_eq!(
-            probe.select(&wants_cpu),
+            probe.select(&wants_cpu).map_err(|e| e.to_string()),
             Err(
                 "limits.cpus needs the \"cpu\" cgroup controller, which this host does not have"
                     .into()

@@ -52,6 +52,41 @@ pub(crate) fn check_process_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Why an event was not queued for a workload.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeliveryError {
+    /// A kind without an event queue (a container, a microVM).
+    #[error("workload {name:?} is a {kind}: it takes no commands")]
+    NoCommands {
+        /// The workload.
+        name: String,
+        /// Its kind.
+        kind: String,
+    },
+    /// The queue is full and the caller does not wait.
+    #[error("the event queue of workload {name:?} is full ({capacity} events)")]
+    QueueFull {
+        /// The workload.
+        name: String,
+        /// The queue's size.
+        capacity: usize,
+    },
+    /// The workload's worker has ended.
+    #[error("workload {0:?} is not running")]
+    NotRunning(String),
+    /// The worker behind a direct event queue has ended.
+    #[error("the workload is not running")]
+    QueueClosed,
+    /// The queue stayed full for as long as the caller waits.
+    #[error("the workload's event queue ({capacity} events) stayed full for {within:?}")]
+    StayedFull {
+        /// The queue's size.
+        capacity: usize,
+        /// How long the caller waited.
+        within: std::time::Duration,
+    },
+}
+
 /// A boxed future, for the trait methods that run asynchronously (the traits are used as
 /// `dyn`, which `async fn` in traits does not allow).
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -190,12 +225,11 @@ pub trait Workload: Send + Sync {
         &self,
         _delivery: Delivery,
         _reply: Option<oneshot::Sender<Reply>>,
-    ) -> Result<(), String> {
-        Err(format!(
-            "workload {:?} is a {}: it takes no commands",
-            self.name(),
-            self.status().kind
-        ))
+    ) -> Result<(), DeliveryError> {
+        Err(DeliveryError::NoCommands {
+            name: self.name().to_string(),
+            kind: self.status().kind.to_string(),
+        })
     }
 
     /// Queues an event, waiting for room.
@@ -203,7 +237,7 @@ pub trait Workload: Send + Sync {
         &'a self,
         delivery: Delivery,
         reply: Option<oneshot::Sender<Reply>>,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), DeliveryError>> {
         let result = self.try_deliver(delivery, reply);
         Box::pin(async move { result })
     }

@@ -370,7 +370,7 @@ impl Agent {
             };
             let tier = isolation
                 .select(spec)
-                .map_err(|message| invalid("isolation", message))?;
+                .map_err(|e| invalid("isolation", e.to_string()))?;
             let runtime = self
                 .runtime(tier)
                 .map_err(|message| invalid("isolation", message))?;

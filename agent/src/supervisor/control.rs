@@ -129,7 +129,7 @@ impl Control for Agent {
                     },
                     Some(reply_tx),
                 )
-                .map_err(ApiError::unavailable)?;
+                .map_err(|e| ApiError::unavailable(e.to_string()))?;
         }
         match tokio::time::timeout(REPLY_TIMEOUT, reply_rx).await {
             Ok(Ok(Ok(reply))) => Ok(SendReply {
@@ -264,7 +264,7 @@ impl Agent {
             .workload
             .deliver(delivery, None)
             .await
-            .map_err(ApiError::unavailable)
+            .map_err(|e| ApiError::unavailable(e.to_string()))
     }
 
     /// Direct event queues of running workloads, in the order of `names` (benchmarks).

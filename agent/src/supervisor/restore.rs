@@ -148,7 +148,7 @@ impl Agent {
         let isolation = self.isolation_for(std::slice::from_ref(&spec)).await;
         let tier = isolation
             .select(&spec)
-            .map_err(|message| fail(default_tier, message))?;
+            .map_err(|e| fail(default_tier, e.to_string()))?;
         let runtime = self.runtime(tier).map_err(|message| fail(tier, message))?;
         let prepared = runtime
             .prepare(&spec, Some(&row.module_digest))

@@ -278,7 +278,7 @@ impl Agent {
         let isolation = self.isolation_for(std::slice::from_ref(&spec)).await;
         let tier = isolation
             .select(&spec)
-            .map_err(|message| Refusal::invalid("isolation", message))?;
+            .map_err(|e| Refusal::invalid("isolation", e.to_string()))?;
         let runtime = self
             .runtime(tier)
             .map_err(|message| Refusal::invalid("isolation", message))?

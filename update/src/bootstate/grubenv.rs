@@ -12,7 +12,30 @@
 
 use std::path::PathBuf;
 
-use super::{BootState, BootStateError, BootStore, read_bounded, write_in_place};
+use super::{BootState, BootStateError, BootStore, CopyError, read_bounded, write_in_place};
+
+/// Why a block is not a GRUB environment block.
+#[derive(Debug, thiserror::Error)]
+pub enum GrubEnvError {
+    /// Larger than [`MAX_SIZE`].
+    #[error("{0} bytes, more than {MAX_SIZE}")]
+    TooLarge(usize),
+    /// No [`SIGNATURE`] line.
+    #[error("it does not start with \"# GRUB Environment Block\"")]
+    NoSignature,
+    /// The last line has neither `=` nor a newline.
+    #[error("a line has no '=' and no end")]
+    Unterminated,
+    /// A line (given) without `=`.
+    #[error("line {0:?} has no '='")]
+    NoEquals(String),
+    /// The value of the variable (named) has no newline.
+    #[error("the value of {0} has no end")]
+    ValueUnterminated(String),
+    /// The value of the variable (named) ends in an escape with nothing after it.
+    #[error("the value of {0} ends in a lone '\\'")]
+    LoneBackslash(String),
+}
 
 /// The first line of a block.
 pub const SIGNATURE: &str = "# GRUB Environment Block\n";
@@ -39,13 +62,13 @@ pub enum Line {
 
 impl GrubEnv {
     /// Parses a block. `Err` says why it is not one.
-    pub fn parse(block: &[u8]) -> Result<GrubEnv, String> {
+    pub fn parse(block: &[u8]) -> Result<GrubEnv, GrubEnvError> {
         if block.len() > MAX_SIZE {
-            return Err(format!("{} bytes, more than {MAX_SIZE}", block.len()));
+            return Err(GrubEnvError::TooLarge(block.len()));
         }
         let body = block
             .strip_prefix(SIGNATURE.as_bytes())
-            .ok_or_else(|| "it does not start with \"# GRUB Environment Block\"".to_string())?;
+            .ok_or(GrubEnvError::NoSignature)?;
         let mut lines = Vec::new();
         let mut rest = body;
         while !rest.is_empty() {
@@ -63,12 +86,11 @@ impl GrubEnv {
                 continue;
             }
             let Some(eq) = rest.iter().position(|&b| b == b'=' || b == b'\n') else {
-                return Err("a line has no '=' and no end".into());
+                return Err(GrubEnvError::Unterminated);
             };
             if rest[eq] == b'\n' {
-                return Err(format!(
-                    "line {:?} has no '='",
-                    String::from_utf8_lossy(&rest[..eq])
+                return Err(GrubEnvError::NoEquals(
+                    String::from_utf8_lossy(&rest[..eq]).into_owned(),
                 ));
             }
             let name = String::from_utf8_lossy(&rest[..eq]).into_owned();
@@ -76,10 +98,10 @@ impl GrubEnv {
             let mut i = eq + 1;
             loop {
                 match rest.get(i) {
-                    None => return Err(format!("the value of {name} has no end")),
+                    None => return Err(GrubEnvError::ValueUnterminated(name)),
                     Some(b'\\') => {
                         let Some(&next) = rest.get(i + 1) else {
-                            return Err(format!("the value of {name} ends in a lone '\\'"));
+                            return Err(GrubEnvError::LoneBackslash(name));
                         };
                         value.push(next);
                         i += 2;
@@ -181,7 +203,7 @@ impl GrubEnvStore {
         let env = GrubEnv::parse(&bytes).map_err(|reason| BootStateError::Corrupt {
             path: path.to_path_buf(),
             kind: "GRUB environment block",
-            reason,
+            reason: reason.into(),
         })?;
         Ok((env, bytes.len()))
     }
@@ -205,10 +227,10 @@ impl BootStore for GrubEnvStore {
                 .and_then(|(env, _)| BootState::from_vars(|n| env.get(n)))
             {
                 Ok(state) => return Ok(state),
-                Err(err) => errors.push(format!("{}: {err}", path.display())),
+                Err(err) => errors.push((path.clone(), CopyError::Read(Box::new(err)))),
             }
         }
-        Err(BootStateError::NoValidCopy(errors.join("; ")))
+        Err(BootStateError::NoValidCopy(errors))
     }
 
     fn store(&self, state: &BootState) -> Result<(), BootStateError> {

@@ -187,7 +187,8 @@ pub enum BootStateError {
         /// What it should be.
         kind: &'static str,
         /// Why it is not.
-        reason: String,
+        #[source]
+        reason: Defect,
     },
     /// A variable is missing.
     #[error("the boot state has no {name}")]
@@ -206,8 +207,8 @@ pub enum BootStateError {
         expected: &'static str,
     },
     /// No copy of the boot state could be read.
-    #[error("no copy of the boot state is readable: {0}")]
-    NoValidCopy(String),
+    #[error("no copy of the boot state is readable: {}", copy_list(.0))]
+    NoValidCopy(Vec<(PathBuf, CopyError)>),
     /// The variables do not fit in the block.
     #[error("the variables need {need} bytes; {path} holds {room}")]
     TooLarge {
@@ -233,6 +234,51 @@ pub enum BootStateError {
     Config(String),
 }
 
+/// Why a boot-state file is not a valid block of its kind.
+#[derive(Debug, thiserror::Error)]
+pub enum Defect {
+    /// A FIFO, a device or a directory.
+    #[error("it is not a regular file")]
+    NotRegularFile,
+    /// Larger than the bound of its kind.
+    #[error("it is {size} bytes, more than {max}")]
+    TooLarge {
+        /// Its size.
+        size: u64,
+        /// The bound.
+        max: u64,
+    },
+    /// Not a GRUB environment block.
+    #[error(transparent)]
+    Grub(#[from] grubenv::GrubEnvError),
+    /// Not an A/B `autoboot.txt`.
+    #[error(transparent)]
+    Autoboot(#[from] tryboot::AutobootError),
+    /// Not a valid U-Boot environment copy.
+    #[error(transparent)]
+    Uboot(#[from] CopyError),
+}
+
+/// Why one copy of a two-copy boot state (GRUB, U-Boot) is unusable.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// It cannot be read, or holds no valid boot state.
+    #[error(transparent)]
+    Read(Box<BootStateError>),
+    /// It is not a valid U-Boot environment.
+    #[error(transparent)]
+    Uboot(#[from] ubootenv::UbootEnvError),
+}
+
+/// `path: why; path: why` for [`BootStateError::NoValidCopy`].
+fn copy_list(copies: &[(PathBuf, CopyError)]) -> String {
+    copies
+        .iter()
+        .map(|(path, err)| format!("{}: {err}", path.display()))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
 /// Reads a whole small file with a bound: `max` bytes, regular files only.
 fn read_bounded(path: &std::path::Path, max: u64) -> Result<Vec<u8>, BootStateError> {
     use std::io::Read;
@@ -247,14 +293,17 @@ fn read_bounded(path: &std::path::Path, max: u64) -> Result<Vec<u8>, BootStateEr
         return Err(BootStateError::Corrupt {
             path: path.to_path_buf(),
             kind: "boot-state file",
-            reason: "it is not a regular file".into(),
+            reason: Defect::NotRegularFile,
         });
     }
     if meta.len() > max {
         return Err(BootStateError::Corrupt {
             path: path.to_path_buf(),
             kind: "boot-state file",
-            reason: format!("it is {} bytes, more than {max}", meta.len()),
+            reason: Defect::TooLarge {
+                size: meta.len(),
+                max,
+            },
         });
     }
     let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));

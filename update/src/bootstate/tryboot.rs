@@ -39,7 +39,7 @@ pub struct Autoboot {
 
 impl Autoboot {
     /// Parses `autoboot.txt`: `[section]` lines, `key=value` lines, `#` comments.
-    pub fn parse(text: &str) -> Result<Autoboot, String> {
+    pub fn parse(text: &str) -> Result<Autoboot, AutobootError> {
         let mut section = String::from("all");
         let (mut normal, mut tryboot, mut ab) = (None, None, false);
         for line in text.lines() {
@@ -52,7 +52,7 @@ impl Autoboot {
                 continue;
             }
             let Some((key, value)) = line.split_once('=') else {
-                return Err(format!("line {line:?} is neither [section] nor key=value"));
+                return Err(AutobootError::BadLine(line.to_string()));
             };
             match (section.as_str(), key.trim()) {
                 ("all", "boot_partition") => normal = Some(partition(value)?),
@@ -62,9 +62,9 @@ impl Autoboot {
             }
         }
         if !ab {
-            return Err("[all] has no tryboot_a_b=1".into());
+            return Err(AutobootError::NotAB);
         }
-        let normal = normal.ok_or("[all] has no boot_partition")?;
+        let normal = normal.ok_or(AutobootError::NoPartition)?;
         Ok(Autoboot {
             normal,
             tryboot: tryboot.unwrap_or(normal),
@@ -80,13 +80,30 @@ impl Autoboot {
     }
 }
 
-fn partition(value: &str) -> Result<u8, String> {
+fn partition(value: &str) -> Result<u8, AutobootError> {
     value
         .trim()
         .parse::<u8>()
         .ok()
         .filter(|n| (1..=63).contains(n))
-        .ok_or_else(|| format!("boot_partition={value:?} is not a partition number 1-63"))
+        .ok_or_else(|| AutobootError::BadPartition(value.to_string()))
+}
+
+/// Why a file is not an `autoboot.txt` this store reads.
+#[derive(Debug, thiserror::Error)]
+pub enum AutobootError {
+    /// A line (given) that is neither a section nor a setting.
+    #[error("line {0:?} is neither [section] nor key=value")]
+    BadLine(String),
+    /// Not an A/B file.
+    #[error("[all] has no tryboot_a_b=1")]
+    NotAB,
+    /// No normal boot partition.
+    #[error("[all] has no boot_partition")]
+    NoPartition,
+    /// A `boot_partition` value (given) that is not 1-63.
+    #[error("boot_partition={0:?} is not a partition number 1-63")]
+    BadPartition(String),
 }
 
 /// The boot state as an `autoboot.txt`, with the boot partition of each slot.
@@ -184,7 +201,7 @@ impl BootStore for TrybootStore {
             BootStateError::Corrupt {
                 path: self.path.clone(),
                 kind: "autoboot.txt",
-                reason,
+                reason: reason.into(),
             }
         })?;
         self.decode(&file)
@@ -198,7 +215,7 @@ impl BootStore for TrybootStore {
             BootStateError::Corrupt {
                 path: self.path.clone(),
                 kind: "autoboot.txt after writing it",
-                reason,
+                reason: reason.into(),
             }
         })?;
         if found != wanted {
@@ -232,9 +249,13 @@ mod tests {
             }
         );
         assert_eq!(file.render(), text);
-        let err = Autoboot::parse("[all]\nboot_partition=2\n").unwrap_err();
+        let err = Autoboot::parse("[all]\nboot_partition=2\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("tryboot_a_b"), "{err}");
-        let err = Autoboot::parse("[all]\ntryboot_a_b=1\nboot_partition=99\n").unwrap_err();
+        let err = Autoboot::parse("[all]\ntryboot_a_b=1\nboot_partition=99\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("boot_partition=\"99\""), "{err}");
     }
 

@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::{BootState, BootStateError, BootStore, read_bounded, write_in_place};
+use super::{BootState, BootStateError, BootStore, CopyError, read_bounded, write_in_place};
 
 /// U-Boot's usual environment size.
 pub const DEFAULT_SIZE: usize = 0x4000;
@@ -38,18 +38,16 @@ pub struct Copy {
 impl UbootEnv {
     /// Decodes a copy: `redundant` says whether it has the flags byte. `Err` says why the
     /// copy is not valid (bad size or CRC).
-    pub fn decode(block: &[u8], redundant: bool) -> Result<Copy, String> {
+    pub fn decode(block: &[u8], redundant: bool) -> Result<Copy, UbootEnvError> {
         let header = if redundant { 5 } else { 4 };
         if block.len() <= header + 1 || block.len() > MAX_SIZE {
-            return Err(format!("{} bytes is not an environment size", block.len()));
+            return Err(UbootEnvError::BadSize(block.len()));
         }
         let stored = u32::from_le_bytes([block[0], block[1], block[2], block[3]]);
         let data = &block[header..];
         let computed = crc32fast::hash(data);
         if stored != computed {
-            return Err(format!(
-                "CRC32 is {stored:08x}, the data's is {computed:08x}"
-            ));
+            return Err(UbootEnvError::Crc { stored, computed });
         }
         let mut vars = BTreeMap::new();
         for entry in data.split(|&b| b == 0) {
@@ -143,7 +141,7 @@ impl UbootEnvStore {
     }
 
     /// Each copy decoded (or why not).
-    fn read_all(&self) -> Vec<Result<Copy, String>> {
+    fn read_all(&self) -> Vec<Result<Copy, CopyError>> {
         self.copies
             .iter()
             .map(|path| read_copy(path, self.size, self.redundant()))
@@ -162,24 +160,52 @@ impl UbootEnvStore {
                 i,
                 valid[i].cloned().expect("current_copy names a valid copy"),
             )),
+            // Neither copy is valid: every entry is an error.
             None => Err(BootStateError::NoValidCopy(
                 self.copies
                     .iter()
                     .zip(copies)
-                    .map(|(p, c)| format!("{}: {}", p.display(), c.err().unwrap_or_default()))
-                    .collect::<Vec<_>>()
-                    .join("; "),
+                    .filter_map(|(p, c)| c.err().map(|e| (p.clone(), e)))
+                    .collect(),
             )),
         }
     }
 }
 
-fn read_copy(path: &Path, size: usize, redundant: bool) -> Result<Copy, String> {
-    let bytes = read_bounded(path, MAX_SIZE as u64).map_err(|e| e.to_string())?;
+fn read_copy(path: &Path, size: usize, redundant: bool) -> Result<Copy, CopyError> {
+    let bytes = read_bounded(path, MAX_SIZE as u64).map_err(|e| CopyError::Read(Box::new(e)))?;
     if bytes.len() < size {
-        return Err(format!("{} bytes; the environment is {size}", bytes.len()));
+        return Err(UbootEnvError::Short {
+            len: bytes.len(),
+            size,
+        }
+        .into());
     }
-    UbootEnv::decode(&bytes[..size], redundant)
+    Ok(UbootEnv::decode(&bytes[..size], redundant)?)
+}
+
+/// Why a copy is not a valid U-Boot environment.
+#[derive(Debug, thiserror::Error)]
+pub enum UbootEnvError {
+    /// A block of this many bytes cannot be an environment.
+    #[error("{0} bytes is not an environment size")]
+    BadSize(usize),
+    /// The file is shorter than the configured environment size.
+    #[error("{len} bytes; the environment is {size}")]
+    Short {
+        /// The file's bytes.
+        len: usize,
+        /// `update.uboot-env-size`.
+        size: usize,
+    },
+    /// The checksum does not match the data (a torn or damaged copy).
+    #[error("CRC32 is {stored:08x}, the data's is {computed:08x}")]
+    Crc {
+        /// The CRC32 in the header.
+        stored: u32,
+        /// The data's CRC32.
+        computed: u32,
+    },
 }
 
 impl BootStore for UbootEnvStore {
@@ -231,7 +257,7 @@ impl BootStore for UbootEnvStore {
             BootStateError::Corrupt {
                 path: path.clone(),
                 kind: "U-Boot environment after writing it",
-                reason,
+                reason: reason.into(),
             }
         })?;
         let found = BootState::from_vars(|n| read.env.vars.get(n).map(String::as_str))?;
@@ -410,7 +436,7 @@ mod tests {
         assert_eq!(current_copy([Some(&before), Some(&wrapped)]), Some(1));
         let mut torn = newer_block.clone();
         torn[100] ^= 0x55;
-        let err = UbootEnv::decode(&torn, true).unwrap_err();
+        let err = UbootEnv::decode(&torn, true).unwrap_err().to_string();
         assert!(err.contains("CRC32"), "{err}");
         assert_eq!(current_copy([None, Some(&b)]), Some(1));
     }

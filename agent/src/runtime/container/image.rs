@@ -19,7 +19,7 @@ use cap_std::fs::Dir;
 use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageManifest};
 use serde::{Deserialize, Serialize};
 
-use super::blob::{Layout, hex_of, open_source};
+use super::blob::{BlobError, Layout, hex_of, open_source};
 use super::layer::{Kind, Refused, Unpacker};
 use super::limits::ImageLimits;
 
@@ -61,18 +61,35 @@ pub enum ImageError {
         /// The path given.
         path: PathBuf,
         /// What is wrong with it.
-        reason: String,
+        #[source]
+        reason: BlobError,
     },
     /// The layout's structure is wrong (`oci-layout`, `index.json`, manifests).
     #[error("image layout: {0}")]
     Layout(String),
+    /// The layout has no usable `oci-layout` file.
+    #[error("image layout: not an OCI image layout: no usable `oci-layout` file ({0})")]
+    NoMarker(#[source] BlobError),
+    /// `oci-layout` is not JSON.
+    #[error("image layout: `oci-layout` is not JSON: {0}")]
+    MarkerJson(#[source] serde_json::Error),
+    /// `index.json` cannot be read.
+    #[error("image layout: cannot read index.json: {0}")]
+    IndexRead(#[source] BlobError),
+    /// `index.json` is not an image index.
+    #[error("image layout: index.json: {0}")]
+    IndexJson(#[source] oci_spec::OciSpecError),
+    /// The index names a manifest by a digest this store does not take.
+    #[error("image layout: {0}")]
+    ManifestDigest(#[source] BlobError),
     /// A blob is missing, of the wrong type or size, or does not match its digest.
     #[error("blob {digest}: {reason}")]
     Blob {
         /// The blob's digest (`sha256:...`).
         digest: String,
         /// What is wrong with it.
-        reason: String,
+        #[source]
+        reason: BlobError,
     },
     /// A layer, or one entry of it, was refused.
     #[error("layer {digest}{}: {reason}", entry.as_ref().map(|e| format!(" entry {e}")).unwrap_or_default())]
@@ -210,15 +227,14 @@ impl ImageStore {
     /// Imports an OCI image layout directory or tarball (plain or gzip). Blocking: call it
     /// off the async workers. An image already in the store is not unpacked again.
     pub fn import(&self, source: &Path) -> Result<ImportedImage, ImageError> {
-        let refuse = |reason: String| ImageError::Source {
+        let refuse = |reason: BlobError| ImageError::Source {
             path: source.to_path_buf(),
             reason,
         };
-        let meta = std::fs::metadata(source).map_err(|e| refuse(format!("cannot read it: {e}")))?;
+        let meta = std::fs::metadata(source).map_err(|e| refuse(BlobError::Read(e)))?;
         self.create()?;
         if meta.is_dir() {
-            let layout = Layout::open(source)
-                .map_err(|e| refuse(format!("cannot open the directory: {e}")))?;
+            let layout = Layout::open(source).map_err(|e| refuse(BlobError::OpenSourceDir(e)))?;
             return self.import_layout(&layout);
         }
         // A tarball: unpack the layout into a scratch directory of the store first.
@@ -246,13 +262,11 @@ impl ImageStore {
     }
 
     fn import_layout(&self, layout: &Layout) -> Result<ImportedImage, ImageError> {
-        let marker = layout.read_top("oci-layout").map_err(|e| {
-            ImageError::Layout(format!(
-                "not an OCI image layout: no usable `oci-layout` file ({e})"
-            ))
-        })?;
-        let marker: serde_json::Value = serde_json::from_slice(&marker)
-            .map_err(|e| ImageError::Layout(format!("`oci-layout` is not JSON: {e}")))?;
+        let marker = layout
+            .read_top("oci-layout")
+            .map_err(ImageError::NoMarker)?;
+        let marker: serde_json::Value =
+            serde_json::from_slice(&marker).map_err(ImageError::MarkerJson)?;
         if marker["imageLayoutVersion"] != "1.0.0" {
             return Err(ImageError::Layout(format!(
                 "unsupported OCI layout version {} (expected \"1.0.0\")",
@@ -261,11 +275,10 @@ impl ImageStore {
         }
         let index = layout
             .read_top("index.json")
-            .map_err(|e| ImageError::Layout(format!("cannot read index.json: {e}")))?;
-        let index = ImageIndex::from_reader(&index[..])
-            .map_err(|e| ImageError::Layout(format!("index.json: {e}")))?;
+            .map_err(ImageError::IndexRead)?;
+        let index = ImageIndex::from_reader(&index[..]).map_err(ImageError::IndexJson)?;
         let manifest_desc = pick_manifest(layout, index.manifests(), 0)?;
-        let digest = hex_of(&manifest_desc).map_err(ImageError::Layout)?;
+        let digest = hex_of(&manifest_desc).map_err(ImageError::ManifestDigest)?;
         if let Some(image) = self.get(&digest) {
             return Ok(image);
         }
@@ -273,13 +286,13 @@ impl ImageStore {
         let manifest =
             ImageManifest::from_reader(&manifest_bytes[..]).map_err(|e| ImageError::Blob {
                 digest: manifest_desc.digest().to_string(),
-                reason: format!("not an image manifest: {e}"),
+                reason: BlobError::NotManifest(e),
             })?;
         let config_bytes = read_blob(layout, manifest.config())?;
         let configuration =
             ImageConfiguration::from_reader(&config_bytes[..]).map_err(|e| ImageError::Blob {
                 digest: manifest.config().digest().to_string(),
-                reason: format!("not an image configuration: {e}"),
+                reason: BlobError::NotConfiguration(e),
             })?;
         let config = configuration
             .config()
@@ -474,7 +487,7 @@ fn pick_manifest(
         let nested = read_blob(layout, &chosen)?;
         let index = ImageIndex::from_reader(&nested[..]).map_err(|e| ImageError::Blob {
             digest: chosen.digest().to_string(),
-            reason: format!("not an image index: {e}"),
+            reason: BlobError::NotIndex(e),
         })?;
         return pick_manifest(layout, index.manifests(), depth + 1);
     }

@@ -41,6 +41,7 @@ mod runtime;
 mod spec;
 mod workload;
 
+pub use blob::BlobError;
 pub use bundle::{Bundle, build_oci_spec};
 pub use cgroup::{CgroupLayout, CgroupProbe};
 pub use image::{ImageConfig, ImageError, ImageStore, ImportedImage, MAX_LAYERS};

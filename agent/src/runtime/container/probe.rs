@@ -163,7 +163,7 @@ fn check_runtime(kind: RuntimeKind, cgroup: &CgroupProbe) -> RuntimeCheck {
     };
     let (problem, trial) = match trial_run(&runtime, cgroup) {
         Ok(elapsed) => (None, Some(elapsed)),
-        Err(message) => (Some(explain(kind, &message, cgroup)), None),
+        Err(err) => (Some(explain(kind, &err.to_string(), cgroup)), None),
     };
     RuntimeCheck {
         kind,
@@ -190,7 +190,77 @@ fn explain(kind: RuntimeKind, message: &str, cgroup: &CgroupProbe) -> String {
     }
 }
 
-fn trial_run(runtime: &OciRuntime, cgroup: &CgroupProbe) -> Result<Duration, String> {
+/// Why the trial container did not run.
+#[derive(Debug, thiserror::Error)]
+enum TrialError {
+    /// A directory of the trial bundle cannot be made.
+    #[error("cannot create {path:?}: {source}")]
+    Create {
+        /// The directory.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A host symlink (`/bin` on a merged-/usr host) cannot be read.
+    #[error("cannot read {path:?}: {source}")]
+    ReadLink {
+        /// The link.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The same symlink cannot be made in the trial root.
+    #[error("cannot link {name} in {rootfs:?}: {source}")]
+    Link {
+        /// The link's name.
+        name: &'static str,
+        /// The trial root.
+        rootfs: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The bundle cannot be written.
+    #[error(transparent)]
+    Bundle(#[from] super::ContainerError),
+    /// The bundle's spec cannot be read, extended or saved.
+    #[error(transparent)]
+    Spec(#[from] oci_spec::OciSpecError),
+    /// The runtime cannot be started.
+    #[error("cannot run {path:?}: {source}")]
+    Run {
+        /// The runtime's binary.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// `true` did not exit in time.
+    #[error("`true` did not exit within {TRIAL_TIMEOUT:?}")]
+    Timeout,
+    /// The runtime's process cannot be waited for.
+    #[error("cannot wait for {kind}: {source}")]
+    Wait {
+        /// The runtime.
+        kind: RuntimeKind,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The runtime's output cannot be read.
+    #[error("cannot read {kind}'s output: {source}")]
+    Output {
+        /// The runtime.
+        kind: RuntimeKind,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The runtime failed, saying why (its last line on stderr).
+    #[error("{0}")]
+    Refused(String),
+    /// The runtime failed silently.
+    #[error("exited with {0}")]
+    Exited(std::process::ExitStatus),
+}
+
+fn trial_run(runtime: &OciRuntime, cgroup: &CgroupProbe) -> Result<Duration, TrialError> {
     let dir = std::env::temp_dir().join(format!(
         "lichen-probe-{}-{}",
         std::process::id(),
@@ -206,18 +276,28 @@ fn trial_run_in(
     dir: &Path,
     runtime: &OciRuntime,
     cgroup: &CgroupProbe,
-) -> Result<Duration, String> {
+) -> Result<Duration, TrialError> {
     let rootfs = dir.join("rootfs");
-    std::fs::create_dir_all(&rootfs).map_err(|e| format!("cannot create {rootfs:?}: {e}"))?;
+    std::fs::create_dir_all(&rootfs).map_err(|source| TrialError::Create {
+        path: rootfs.clone(),
+        source,
+    })?;
     let mut binds = Vec::new();
     for name in ["usr", "bin", "sbin", "lib", "lib64", "lib32"] {
         let host = Path::new("/").join(name);
         match std::fs::symlink_metadata(&host) {
             Ok(meta) if meta.file_type().is_symlink() => {
-                let target =
-                    std::fs::read_link(&host).map_err(|e| format!("cannot read {host:?}: {e}"))?;
-                std::os::unix::fs::symlink(&target, rootfs.join(name))
-                    .map_err(|e| format!("cannot link {name} in {rootfs:?}: {e}"))?;
+                let target = std::fs::read_link(&host).map_err(|source| TrialError::ReadLink {
+                    path: host.clone(),
+                    source,
+                })?;
+                std::os::unix::fs::symlink(&target, rootfs.join(name)).map_err(|source| {
+                    TrialError::Link {
+                        name,
+                        rootfs: rootfs.clone(),
+                        source,
+                    }
+                })?;
             }
             Ok(meta) if meta.is_dir() => binds.push(host),
             _ => {}
@@ -228,8 +308,7 @@ fn trial_run_in(
     let id = format!("lichen-{name}-{}", runtime.kind);
     let cgroups_path = format!("/lichen/{id}");
     let bundle_dir = dir.join("bundle");
-    let bundle =
-        Bundle::write(&bundle_dir, &spec, &cgroups_path, cgroup).map_err(|e| e.to_string())?;
+    let bundle = Bundle::write(&bundle_dir, &spec, &cgroups_path, cgroup)?;
     add_read_only_binds(&bundle, &binds)?;
 
     let started = Instant::now();
@@ -243,7 +322,10 @@ fn trial_run_in(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run {:?}: {e}", runtime.path))?;
+        .map_err(|source| TrialError::Run {
+            path: runtime.path.clone(),
+            source,
+        })?;
     loop {
         match child.try_wait() {
             Ok(Some(_)) => break,
@@ -254,16 +336,24 @@ fn trial_run_in(
                     .arg(dir.join("state"))
                     .args(["delete", "--force", &id])
                     .output();
-                return Err(format!("`true` did not exit within {TRIAL_TIMEOUT:?}"));
+                return Err(TrialError::Timeout);
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(2)),
-            Err(e) => return Err(format!("cannot wait for {}: {e}", runtime.kind)),
+            Err(source) => {
+                return Err(TrialError::Wait {
+                    kind: runtime.kind,
+                    source,
+                });
+            }
         }
     }
     let elapsed = started.elapsed();
     let output = child
         .wait_with_output()
-        .map_err(|e| format!("cannot read {}'s output: {e}", runtime.kind))?;
+        .map_err(|source| TrialError::Output {
+            kind: runtime.kind,
+            source,
+        })?;
     if output.status.success() {
         Ok(elapsed)
     } else {
@@ -276,17 +366,17 @@ fn trial_run_in(
             .trim()
             .to_string();
         Err(if message.is_empty() {
-            format!("exited with {}", output.status)
+            TrialError::Exited(output.status)
         } else {
-            message
+            TrialError::Refused(message)
         })
     }
 }
 
 /// Adds read-only bind mounts of host directories (same path inside) to a written bundle.
-fn add_read_only_binds(bundle: &Bundle, dirs: &[PathBuf]) -> Result<(), String> {
+fn add_read_only_binds(bundle: &Bundle, dirs: &[PathBuf]) -> Result<(), TrialError> {
     let config = bundle.dir.join("config.json");
-    let mut spec = oci_spec::runtime::Spec::load(&config).map_err(|e| e.to_string())?;
+    let mut spec = oci_spec::runtime::Spec::load(&config)?;
     let mut mounts = spec.mounts().clone().unwrap_or_default();
     for dir in dirs {
         let mount = oci_spec::runtime::MountBuilder::default()
@@ -299,12 +389,11 @@ fn add_read_only_binds(bundle: &Bundle, dirs: &[PathBuf]) -> Result<(), String> 
                 "nosuid".to_string(),
                 "nodev".to_string(),
             ])
-            .build()
-            .map_err(|e| e.to_string())?;
+            .build()?;
         mounts.push(mount);
     }
     spec.set_mounts(Some(mounts));
-    spec.save(&config).map_err(|e| e.to_string())
+    Ok(spec.save(&config)?)
 }
 
 /// The absolute path of `name` in `PATH`, if it is there.

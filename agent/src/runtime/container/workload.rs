@@ -230,15 +230,13 @@ pub fn device_nodes(
 }
 
 #[cfg(target_os = "linux")]
-fn gpio_chip(line: &lichen_devices::LineSpec) -> Result<PathBuf, String> {
-    lichen_devices::linux::locate(line)
-        .map(|l| l.chip)
-        .map_err(|e| e.to_string())
+fn gpio_chip(line: &lichen_devices::LineSpec) -> Result<PathBuf, lichen_devices::Error> {
+    lichen_devices::linux::locate(line).map(|l| l.chip)
 }
 
 #[cfg(not(target_os = "linux"))]
-fn gpio_chip(_line: &lichen_devices::LineSpec) -> Result<PathBuf, String> {
-    Err("GPIO character devices exist on Linux only".into())
+fn gpio_chip(_line: &lichen_devices::LineSpec) -> Result<PathBuf, &'static str> {
+    Err("GPIO character devices exist on Linux only")
 }
 
 impl Runtime for ContainerTier {

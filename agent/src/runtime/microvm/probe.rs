@@ -80,13 +80,85 @@ impl fmt::Display for KvmState {
     }
 }
 
+/// Why there is no usable QEMU binary.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum QemuError {
+    /// No QEMU machine for this architecture.
+    #[error("microVMs are not supported on {0}")]
+    Unsupported(&'static str),
+    /// The binary (named) is not in `PATH`; the Debian package that has it.
+    #[error("{binary} is not installed (Debian: apt-get install {package})")]
+    NotInstalled {
+        /// The binary looked for.
+        binary: &'static str,
+        /// The Debian package holding it.
+        package: &'static str,
+    },
+    /// The binary cannot be run.
+    #[error("cannot run {}: {source}", .path.display())]
+    Run {
+        /// The binary.
+        path: PathBuf,
+        /// The cause (shared: a probe is cloned).
+        source: std::sync::Arc<std::io::Error>,
+    },
+    /// `--version` failed or printed nothing.
+    #[error("{} --version failed ({status})", .path.display())]
+    Version {
+        /// The binary.
+        path: PathBuf,
+        /// How it ended.
+        status: std::process::ExitStatus,
+    },
+}
+
+/// Why a trial boot of a kernel did not show its banner.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum TrialError {
+    /// QEMU cannot be started.
+    #[error("cannot run {}: {source}", .qemu.display())]
+    Run {
+        /// The binary.
+        qemu: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// No banner in time; `pvm` when the host's KVM is KVM-PVM.
+    #[error(
+        "a kernel booted under {accel} printed no banner within {seconds} s{}",
+        if *.pvm { " (this host's KVM is KVM-PVM, module kvm_pvm, which boots only PVM-enabled guest kernels)" } else { "" }
+    )]
+    NoBanner {
+        /// The accelerator tried.
+        accel: Accelerator,
+        /// The time allowed.
+        seconds: u64,
+        /// Whether the host's KVM is KVM-PVM.
+        pvm: bool,
+    },
+    /// QEMU ended, saying why (its last line on stderr).
+    #[error("QEMU under {accel} failed: {said}")]
+    Failed {
+        /// The accelerator tried.
+        accel: Accelerator,
+        /// QEMU's last line.
+        said: String,
+    },
+    /// QEMU ended silently before the banner.
+    #[error("QEMU under {accel} exited before the kernel printed its banner")]
+    Exited {
+        /// The accelerator tried.
+        accel: Accelerator,
+    },
+}
+
 /// What the host offers for microVMs.
 #[derive(Debug, Clone)]
 pub struct MicrovmProbe {
     /// The QEMU machine for this architecture; `None` where Lichen has no microVM support.
     pub machine: Option<Machine>,
     /// The QEMU binary, or why there is none.
-    pub qemu: Result<QemuBinary, String>,
+    pub qemu: Result<QemuBinary, QemuError>,
     /// What KVM can do.
     pub kvm: KvmState,
     /// The kernel the KVM trial booted (or would have), if one was found.
@@ -113,7 +185,7 @@ impl MicrovmProbe {
                 "microVMs are not supported on {}",
                 std::env::consts::ARCH
             )),
-            (Some(_), Err(reason)) => Some(reason.clone()),
+            (Some(_), Err(reason)) => Some(reason.to_string()),
             _ => None,
         }
     }
@@ -156,10 +228,7 @@ pub fn probe_cached() -> &'static MicrovmProbe {
 pub fn probe(kernel: Option<&Path>) -> MicrovmProbe {
     let machine = Machine::host();
     let qemu = match machine {
-        None => Err(format!(
-            "microVMs are not supported on {}",
-            std::env::consts::ARCH
-        )),
+        None => Err(QemuError::Unsupported(std::env::consts::ARCH)),
         Some(m) => find_qemu(&m),
     };
     let trial_kernel = kernel.map(Path::to_path_buf).or_else(find_trial_kernel);
@@ -170,7 +239,7 @@ pub fn probe(kernel: Option<&Path>) -> MicrovmProbe {
                 reason: "no QEMU machine for this architecture".into(),
             },
             (_, Err(reason), _) => KvmState::Untested {
-                reason: reason.clone(),
+                reason: reason.to_string(),
             },
             (_, _, None) => KvmState::Untested {
                 reason: "no kernel to boot a trial with; set LICHEN_MICROVM_TEST_KERNEL".into(),
@@ -178,7 +247,9 @@ pub fn probe(kernel: Option<&Path>) -> MicrovmProbe {
             (Some(m), Ok(q), Some(k)) => {
                 match trial_boot(&q.path, m, Accelerator::Kvm, k, KVM_TRIAL_TIMEOUT) {
                     Ok(banner_after) => KvmState::Usable { banner_after },
-                    Err(reason) => KvmState::Unusable { reason },
+                    Err(reason) => KvmState::Unusable {
+                        reason: reason.to_string(),
+                    },
                 }
             }
         },
@@ -191,30 +262,40 @@ pub fn probe(kernel: Option<&Path>) -> MicrovmProbe {
     }
 }
 
-fn find_qemu(machine: &Machine) -> Result<QemuBinary, String> {
-    let path = find_in_path(machine.binary).ok_or_else(|| {
-        format!(
-            "{} is not installed (Debian: apt-get install {})",
-            machine.binary,
-            if machine.arch == "x86_64" {
-                "qemu-system-x86"
-            } else {
-                "qemu-system-arm"
-            }
-        )
+fn find_qemu(machine: &Machine) -> Result<QemuBinary, QemuError> {
+    let path = find_in_path(machine.binary).ok_or(QemuError::NotInstalled {
+        binary: machine.binary,
+        package: if machine.arch == "x86_64" {
+            "qemu-system-x86"
+        } else {
+            "qemu-system-arm"
+        },
     })?;
-    let output = Command::new(&path)
+    let output = match Command::new(&path)
         .arg("--version")
         .stdin(Stdio::null())
         .stderr(Stdio::null())
         .output()
-        .map_err(|e| format!("cannot run {}: {e}", path.display()))?;
-    let version = String::from_utf8_lossy(&output.stdout)
+    {
+        Ok(output) => output,
+        Err(e) => {
+            return Err(QemuError::Run {
+                path,
+                source: std::sync::Arc::new(e),
+            });
+        }
+    };
+    let Some(version) = String::from_utf8_lossy(&output.stdout)
         .lines()
         .next()
         .map(str::to_string)
         .filter(|v| output.status.success() && !v.is_empty())
-        .ok_or_else(|| format!("{} --version failed ({})", path.display(), output.status))?;
+    else {
+        return Err(QemuError::Version {
+            path,
+            status: output.status,
+        });
+    };
     Ok(QemuBinary { path, version })
 }
 
@@ -273,7 +354,7 @@ pub(crate) fn trial_boot(
     accel: Accelerator,
     kernel: &Path,
     timeout: Duration,
-) -> Result<Duration, String> {
+) -> Result<Duration, TrialError> {
     let mut args = machine.base_args(accel);
     args.extend([
         "-m".into(),
@@ -290,7 +371,10 @@ pub(crate) fn trial_boot(
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("cannot run {}: {e}", qemu.display()))?;
+        .map_err(|source| TrialError::Run {
+            qemu: qemu.to_path_buf(),
+            source,
+        })?;
     let (tx, rx) = mpsc::channel();
     if let Some(stdout) = child.stdout.take() {
         std::thread::spawn(move || {
@@ -318,19 +402,14 @@ pub(crate) fn trial_boot(
         .map(|l| l.trim().to_string());
     match outcome {
         Ok(elapsed) => Ok(elapsed),
-        Err(mpsc::RecvTimeoutError::Timeout) => Err(format!(
-            "a kernel booted under {accel} printed no banner within {} s{}",
-            timeout.as_secs(),
-            if accel == Accelerator::Kvm && Path::new("/sys/module/kvm_pvm").exists() {
-                " (this host's KVM is KVM-PVM, module kvm_pvm, which boots only PVM-enabled \
-                 guest kernels)"
-            } else {
-                ""
-            }
-        )),
+        Err(mpsc::RecvTimeoutError::Timeout) => Err(TrialError::NoBanner {
+            accel,
+            seconds: timeout.as_secs(),
+            pvm: accel == Accelerator::Kvm && Path::new("/sys/module/kvm_pvm").exists(),
+        }),
         Err(mpsc::RecvTimeoutError::Disconnected) => Err(match said {
-            Some(said) => format!("QEMU under {accel} failed: {said}"),
-            None => format!("QEMU under {accel} exited before the kernel printed its banner"),
+            Some(said) => TrialError::Failed { accel, said },
+            None => TrialError::Exited { accel },
         }),
     }
 }
@@ -376,14 +455,18 @@ mod tests {
              but unusable: a kernel booted under kvm printed no banner within 5 s"
         );
         let missing = MicrovmProbe {
-            qemu: Err("qemu-system-x86_64 is not installed".into()),
+            qemu: Err(QemuError::NotInstalled {
+                binary: "qemu-system-x86_64",
+                package: "qemu-system-x86",
+            }),
             kvm: KvmState::Absent,
             ..probe
         };
         assert_eq!(missing.accelerator(), None);
         assert_eq!(
             missing.summary(),
-            "unavailable: qemu-system-x86_64 is not installed; /dev/kvm is absent"
+            "unavailable: qemu-system-x86_64 is not installed (Debian: apt-get install \
+             qemu-system-x86); /dev/kvm is absent"
         );
     }
 

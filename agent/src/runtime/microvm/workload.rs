@@ -126,7 +126,7 @@ impl MicrovmTier {
         let digest = tokio::task::spawn_blocking(move || fingerprint(&[&kernel, &root]))
             .await
             .map_err(|e| PrepareError::new("kernel", format!("cannot hash the files: {e}")))?
-            .map_err(|e| PrepareError::new("kernel", e))?;
+            .map_err(|e| PrepareError::new("kernel", e.to_string()))?;
         Ok(Prepared::Microvm(Arc::new(PreparedMicrovm {
             digest,
             spec: qemu_spec,
@@ -134,18 +134,37 @@ impl MicrovmTier {
     }
 }
 
+/// Why a microVM's files cannot be hashed.
+#[derive(Debug, thiserror::Error)]
+enum FingerprintError {
+    /// A file is not a regular file, or cannot be opened.
+    #[error(transparent)]
+    Open(#[from] crate::files::ReadError),
+    /// A file cannot be read to its end.
+    #[error("cannot read {}: {source}", .path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+}
+
 /// sha256 over the files' bytes in order (a change to any of them is a new version).
-fn fingerprint(files: &[&Path]) -> Result<String, String> {
+fn fingerprint(files: &[&Path]) -> Result<String, FingerprintError> {
     let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 64 * 1024];
     for path in files {
         // A regular file only, opened without blocking (a FIFO swapped in after the check in
         // `load` would otherwise hang the deploy); disks may be large, so no size bound.
-        let (mut file, _) = crate::files::open_regular(path).map_err(|e| e.to_string())?;
+        let (mut file, _) = crate::files::open_regular(path)?;
         loop {
             let n = file
                 .read(&mut buf)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                .map_err(|source| FingerprintError::Read {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
             if n == 0 {
                 break;
             }

@@ -9,7 +9,8 @@ use tokio::sync::oneshot;
 use super::{ArtifactStore, Delivery, EventSender, Reply, WorkerContext, WorkerHandle};
 use crate::deployment::{ModuleRef, WorkloadSpec};
 use crate::runtime::{
-    BoxFuture, PrepareError, Prepared, Runtime, RuntimeStatus, StartInfo, Tier, Usage, Workload,
+    BoxFuture, DeliveryError, PrepareError, Prepared, Runtime, RuntimeStatus, StartInfo, Tier,
+    Usage, Workload,
 };
 
 /// Runs `wasm` workloads on the agent's engine.
@@ -189,7 +190,7 @@ impl Workload for WasmWorkload {
         &self,
         delivery: Delivery,
         reply: Option<oneshot::Sender<Reply>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), DeliveryError> {
         self.handle.try_deliver(delivery, reply)
     }
 
@@ -197,7 +198,7 @@ impl Workload for WasmWorkload {
         &'a self,
         delivery: Delivery,
         reply: Option<oneshot::Sender<Reply>>,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), DeliveryError>> {
         Box::pin(self.handle.deliver(delivery, reply))
     }
 

@@ -16,6 +16,7 @@ use super::instance::{CallOutcome, Instance, InstanceSetup};
 use crate::deployment::{Limits, WorkloadSpec};
 use crate::logs::LogHub;
 use crate::metrics::Metrics;
+use crate::runtime::DeliveryError;
 use crate::store::{
     CommandRecord, EventCommit, KvWrite, OutboxRecord, StateStore, StoreError, TelemetryRecord,
 };
@@ -208,30 +209,30 @@ impl EventSender {
         delivery: Delivery,
         reply: oneshot::Sender<Reply>,
         within: Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), DeliveryError> {
         let request = Box::new(EventRequest {
             delivery,
             reply: Some(reply),
         });
         match tokio::time::timeout(within, self.0.send(request)).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err("the workload is not running".to_string()),
-            Err(_) => Err(format!(
-                "the workload's event queue ({} events) stayed full for {within:?}",
-                self.0.max_capacity()
-            )),
+            Ok(Err(_)) => Err(DeliveryError::QueueClosed),
+            Err(_) => Err(DeliveryError::StayedFull {
+                capacity: self.0.max_capacity(),
+                within,
+            }),
         }
     }
 
     /// Queues an event without a reply, waiting for room in the queue.
-    pub async fn deliver(&self, delivery: Delivery) -> Result<(), String> {
+    pub async fn deliver(&self, delivery: Delivery) -> Result<(), DeliveryError> {
         self.0
             .send(Box::new(EventRequest {
                 delivery,
                 reply: None,
             }))
             .await
-            .map_err(|_| "the workload is not running".to_string())
+            .map_err(|_| DeliveryError::QueueClosed)
     }
 }
 
@@ -257,17 +258,16 @@ impl WorkerHandle {
         &self,
         delivery: Delivery,
         reply: Option<oneshot::Sender<Reply>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), DeliveryError> {
         self.events
             .try_send(Box::new(EventRequest { delivery, reply }))
             .map_err(|err| match err {
-                mpsc::error::TrySendError::Full(_) => format!(
-                    "the event queue of workload {:?} is full ({} events)",
-                    &*self.name,
-                    self.events.max_capacity()
-                ),
+                mpsc::error::TrySendError::Full(_) => DeliveryError::QueueFull {
+                    name: self.name.to_string(),
+                    capacity: self.events.max_capacity(),
+                },
                 mpsc::error::TrySendError::Closed(_) => {
-                    format!("workload {:?} is not running", &*self.name)
+                    DeliveryError::NotRunning(self.name.to_string())
                 }
             })
     }
@@ -277,11 +277,11 @@ impl WorkerHandle {
         &self,
         delivery: Delivery,
         reply: Option<oneshot::Sender<Reply>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), DeliveryError> {
         self.events
             .send(Box::new(EventRequest { delivery, reply }))
             .await
-            .map_err(|_| format!("workload {:?} is not running", &*self.name))
+            .map_err(|_| DeliveryError::NotRunning(self.name.to_string()))
     }
 
     /// A handle that queues events for this worker without going through the supervisor.
