@@ -48,19 +48,7 @@ pub struct RunArgs {
     pub print_config: bool,
 }
 
-/// The default state directory: `/var/lib/lichen` for root, else under the user's home.
-pub fn default_state_dir() -> PathBuf {
-    let is_root = std::fs::metadata("/proc/self")
-        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
-        .unwrap_or(false);
-    if is_root {
-        return PathBuf::from("/var/lib/lichen");
-    }
-    match std::env::var_os("HOME") {
-        Some(home) => PathBuf::from(home).join(".local/state/lichen"),
-        None => PathBuf::from("lichen-state"),
-    }
-}
+pub use crate::state_dir::default_state_dir;
 
 /// The embedded default deployment: `counter` and `thermostat` on the simulated board, their
 /// modules named by the digests of the copies built into this binary.

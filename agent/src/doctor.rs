@@ -222,12 +222,6 @@ fn profile_devices_check(
     }
 }
 
-/// The `hub` check of an agent config: offline, signed-only, or loudly insecure.
-pub fn hub_check(hub: Option<&crate::config::HubSection>) -> DoctorCheck {
-    let (status, detail) = crate::hub::doctor_check(hub);
-    check("hub", status, detail)
-}
-
 fn wasm_check(engine: Option<&EngineOptions>) -> DoctorCheck {
     let options = engine.copied().unwrap_or_default();
     match crate::runtime::wasm::WasmEngine::new(options) {

@@ -192,7 +192,10 @@ impl KubeEdge {
             max_devices: usize::try_from(section.max_devices).unwrap_or(usize::MAX),
             ..MapperConfig::default()
         };
-        agent.set_kubeedge_socket(section.edgecore_socket.clone());
+        let edgecore_socket = section.edgecore_socket.clone();
+        agent.add_doctor_check(Arc::new(move |agent: &Agent| {
+            doctor_check(agent, &edgecore_socket)
+        }));
         let running = match lichen_kubeedge::Running::start(host, queue, config).await {
             Ok(running) => running,
             Err(e) => {

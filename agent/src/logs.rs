@@ -12,8 +12,25 @@ use std::time::{Duration, Instant};
 use lichen_host_apis::{LogLevel, LogSink};
 use tokio::sync::broadcast;
 
-use crate::api::types::LogLine;
+use serde::{Deserialize, Serialize};
+
 use crate::store::{GuestLogLine, StateStore, StoreError};
+
+/// A line a guest logged (or that the agent logged about it); `lichen logs` shows these
+/// (the API re-exports it as `api::types::LogLine`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LogLine {
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: u64,
+    /// The workload the line belongs to.
+    pub workload: String,
+    /// `trace`, `debug`, `info`, `warn`, `error` or `critical`.
+    pub level: String,
+    /// Context string the guest gave (`agent` for lines the agent adds).
+    pub context: String,
+    /// The message.
+    pub message: String,
+}
 
 /// Longest time an accepted guest log line waits before it is written to the state store
 /// (lines arriving meanwhile share the write).

@@ -13,6 +13,20 @@ use std::path::{Path, PathBuf};
 /// Name of the lock file inside the state directory.
 pub const LOCK_FILE: &str = "lock";
 
+/// The default state directory: `/var/lib/lichen` for root, else under the user's home.
+pub fn default_state_dir() -> PathBuf {
+    let is_root = std::fs::metadata("/proc/self")
+        .map(|m| std::os::unix::fs::MetadataExt::uid(&m) == 0)
+        .unwrap_or(false);
+    if is_root {
+        return PathBuf::from("/var/lib/lichen");
+    }
+    match std::env::var_os("HOME") {
+        Some(home) => PathBuf::from(home).join(".local/state/lichen"),
+        None => PathBuf::from("lichen-state"),
+    }
+}
+
 /// Why the state directory cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StateDirError {

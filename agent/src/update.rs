@@ -245,7 +245,7 @@ fn apply(args: &UpdateArgs, json: bool) -> Result<()> {
         .state_dir
         .clone()
         .or_else(|| config.state_dir.clone())
-        .unwrap_or_else(crate::daemon::default_state_dir);
+        .unwrap_or_else(crate::state_dir::default_state_dir);
     let keys = TrustedKeys::from_config(section, config.hub.as_ref())?;
     // One update at a time.
     let lock_dir = state_dir.join("update");
@@ -672,7 +672,7 @@ pub fn doctor_checks(config: &AgentConfig) -> Vec<DoctorCheck> {
     let state_dir = config
         .state_dir
         .clone()
-        .unwrap_or_else(crate::daemon::default_state_dir);
+        .unwrap_or_else(crate::state_dir::default_state_dir);
     let board = match Board::open(section, &state_dir) {
         Ok(board) => board,
         Err(err) => {

@@ -14,7 +14,7 @@
 //!   MCP3008 conversions through the host API within one event), and `read` commands (one
 //!   each), against a native loop of the same transaction.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -26,7 +26,7 @@ use super::{Samples, Table, api, fmt_duration, fmt_rate, open_agent};
 use crate::BenchArgs;
 use lichen_agent::api::control::Control;
 use lichen_agent::api::types::SendRequest;
-use lichen_agent::embedded::guest_path;
+use lichen_agent::runtime::wasm::ArtifactStore;
 use lichen_agent::supervisor::Agent;
 
 /// The pin `blinky` toggles.
@@ -46,12 +46,30 @@ const NATIVE_TIME: Duration = Duration::from_millis(500);
 /// Pause between two edges, so that each is handled before the next.
 const EDGE_GAP: Duration = Duration::from_millis(3);
 
-/// Reads the guest `name` from the build tree and stores it; returns its digest.
+/// Where the example guest `name` (`blinky`, `button-led`, `adc-sampler`, `env-sensor`,
+/// `misbehave`) is read from: `<name>.wasm` in the directory `LICHEN_EXAMPLE_GUESTS` names, or
+/// else in `examples/` under the current directory, where `scripts/build-examples` puts them.
+///
+/// The node binary embeds only its default deployment's two guests; the benchmarks that need
+/// the other examples read them from a checkout, so building `lichen` builds no guest.
+pub(super) fn example_guest_file(name: &str) -> PathBuf {
+    std::env::var_os("LICHEN_EXAMPLE_GUESTS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("examples"))
+        .join(format!("{name}.wasm"))
+}
+
+/// Reads the example guest `name` ([`example_guest_file`]) and stores it; returns its digest.
 pub(super) async fn add_guest(agent: &Agent, name: &str) -> Result<String> {
-    let path = guest_path(name).with_context(|| format!("this build has no {name} guest"))?;
-    let bytes = std::fs::read(path).with_context(|| {
-        format!("cannot read the {name} guest {path} (it is in the build tree, so run this from the build machine)")
-    })?;
+    let path = example_guest_file(name);
+    let bytes = lichen_agent::files::read_bounded(&path, ArtifactStore::MAX_MODULE_BYTES)
+        .with_context(|| {
+            format!(
+                "cannot read the {name} guest {}: build the examples with scripts/build-examples \
+                 (run from the repository, or set LICHEN_EXAMPLE_GUESTS to their directory)",
+                path.display()
+            )
+        })?;
     let artifact = agent
         .artifacts()
         .add(bytes)

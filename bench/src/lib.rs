@@ -18,7 +18,10 @@
 //!
 //! `lichen bench` alone runs every group in its own child process (`startup`,
 //! `density,dispatch`, `reload`, `idle`, `devices`, `size`), so each RSS figure starts from a fresh
-//! process, and ends with one summary line per figure. Benchmarks print figures; they assert nothing.
+//! process, and ends with one summary line per figure. `reload`, `idle`, `devices` and
+//! `kubeedge` read the example guests from `examples/` (`scripts/build-examples`) or the
+//! directory `LICHEN_EXAMPLE_GUESTS` names: the binary embeds only the default deployment's
+//! `counter` and `thermostat`, and building it builds no guest. Benchmarks print figures; they assert nothing.
 //! With `--json` (`lichen bench --json`), every figure goes out as one JSON document instead
 //! ([`json::Document`]: name, value, unit, target per figure).
 

@@ -11,13 +11,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
+use super::devices::add_guest;
 use super::{
     Samples, Table, WorkloadText, api, deployment_text, fmt_count, fmt_duration, open_agent,
 };
 use crate::BenchArgs;
 use lichen_agent::api::control::Control;
 use lichen_agent::api::types::SendRequest;
-use lichen_agent::embedded::guest_path;
 
 /// The workload's name.
 const NAME: &str = "echo";
@@ -39,17 +39,8 @@ struct Stream {
 
 pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
     let reloads = args.iterations.unwrap_or(50).max(1);
-    let path = guest_path("misbehave").context("this build has no misbehave guest")?;
-    let bytes = std::fs::read(path).with_context(|| {
-        format!("cannot read the misbehave guest {path} (it is in the build tree, so run this from the build machine)")
-    })?;
     let agent = open_agent(dir, None).await?;
-    let artifact = agent
-        .artifacts()
-        .add(bytes)
-        .await
-        .context("cannot add the misbehave guest")?;
-    let digest = artifact.digest().to_string();
+    let digest = add_guest(&agent, "misbehave").await?;
     let text_for = |generation: usize| {
         let generation = if generation.is_multiple_of(2) {
             "a"

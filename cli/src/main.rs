@@ -65,7 +65,7 @@ fn main() -> ExitCode {
                 if args.config.is_some() {
                     report
                         .checks
-                        .push(lichen_agent::doctor::hub_check(config.hub.as_ref()));
+                        .push(lichen_agent::hub::hub_check(config.hub.as_ref()));
                 }
                 report
                     .checks

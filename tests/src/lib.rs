@@ -129,10 +129,10 @@ pub fn without_test_cargo_env(command: &mut Command) {
     }
 }
 
-/// Path of a guest built by the agent's build script: `counter`, `thermostat`, `misbehave`,
-/// `hello-wasi`.
+/// Path of an example guest built from source by the dev-only `lichen-test-programs` crate:
+/// `counter`, `thermostat`, `misbehave`, `hello-wasi`, ... (`lichen_test_programs::ALL`).
 pub fn guest(name: &str) -> PathBuf {
-    PathBuf::from(lichen_agent::embedded::guest_path(name).expect("known guest name"))
+    PathBuf::from(lichen_test_programs::path(name).expect("known guest name"))
 }
 
 /// A daemon under test, with its own state directory and socket.

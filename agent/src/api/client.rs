@@ -114,8 +114,8 @@ impl Client {
     /// `POST /v1/import`: verifies and applies a deployment bundle on the node's disk.
     pub async fn import(
         &self,
-        req: &crate::hub::ImportRequest,
-    ) -> Result<crate::hub::ImportReport, ClientError> {
+        req: &crate::api::types::ImportRequest,
+    ) -> Result<crate::api::types::ImportReport, ClientError> {
         self.call(Method::POST, "/v1/import".into(), Some(req))
             .await
     }

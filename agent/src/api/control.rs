@@ -51,10 +51,10 @@ pub trait Control: Clone + Send + Sync + 'static {
     /// Metrics in the Prometheus text exposition format.
     fn metrics_text(&self) -> String;
     /// Verifies a deployment bundle and applies it (`lichen import`); the agent's hub link
-    /// does it, with the `[hub]` section's node id and trusted keys (see
-    /// [`crate::hub::ImportRoute`]).
+    /// does it, with the `[hub]` section's node id and trusted keys (the hub's `ImportRoute`;
+    /// the API names no hub type, so it does not depend on the hub).
     fn import(
         &self,
-        req: crate::hub::ImportRequest,
-    ) -> impl Future<Output = Result<crate::hub::ImportReport, ApiError>> + Send;
+        req: crate::api::types::ImportRequest,
+    ) -> impl Future<Output = Result<crate::api::types::ImportReport, ApiError>> + Send;
 }

@@ -7,7 +7,7 @@
 //! | route | body | answer |
 //! | --- | --- | --- |
 //! | `POST /v1/deploy` | [`DeployRequest`] | [`DeployReport`] |
-//! | `POST /v1/import` | [`ImportRequest`](crate::hub::ImportRequest) | [`ImportReport`](crate::hub::ImportReport) |
+//! | `POST /v1/import` | [`ImportRequest`](crate::api::types::ImportRequest) | [`ImportReport`](crate::api::types::ImportReport) |
 //! | `GET /v1/workloads` | | `[WorkloadStatus]` |
 //! | `GET /v1/workloads/{name}/logs?tail=N` | | `[LogLine]` |
 //! | `GET /v1/workloads/{name}/logs?tail=N&follow=true` | | NDJSON stream of [`LogLine`] |
@@ -298,8 +298,8 @@ async fn deploy<C: Control>(
 
 async fn import<C: Control>(
     State(state): State<AppState<C>>,
-    body: Result<Json<crate::hub::ImportRequest>, JsonRejection>,
-) -> Result<Json<crate::hub::ImportReport>, ApiError> {
+    body: Result<Json<crate::api::types::ImportRequest>, JsonRejection>,
+) -> Result<Json<crate::api::types::ImportReport>, ApiError> {
     let Json(req) = body.map_err(body_error)?;
     Ok(Json(state.control.import(req).await?))
 }
@@ -628,8 +628,8 @@ mod tests {
         }
         async fn import(
             &self,
-            req: crate::hub::ImportRequest,
-        ) -> Result<crate::hub::ImportReport, ApiError> {
+            req: crate::api::types::ImportRequest,
+        ) -> Result<crate::api::types::ImportReport, ApiError> {
             // No hub link: the same answer as an agent without a `[hub]` section.
             crate::hub::ImportRoute::default().import_bundle(req).await
         }

@@ -102,20 +102,7 @@ fn operator() -> String {
     "operator".into()
 }
 
-/// A line a guest logged (or that the agent logged about it).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct LogLine {
-    /// Milliseconds since the Unix epoch.
-    pub at_ms: u64,
-    /// The workload the line belongs to.
-    pub workload: String,
-    /// `trace`, `debug`, `info`, `warn`, `error` or `critical`.
-    pub level: String,
-    /// Context string the guest gave (`agent` for lines the agent adds).
-    pub context: String,
-    /// The message.
-    pub message: String,
-}
+pub use crate::logs::LogLine;
 
 /// One key-value entry of a workload.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -275,6 +262,28 @@ impl std::fmt::Display for ApiError {
 }
 
 impl std::error::Error for ApiError {}
+
+/// Body of `POST /v1/import`: a bundle on the node's disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ImportRequest {
+    /// Absolute path of the bundle (directory or `.tar`).
+    pub path: String,
+}
+
+/// Answer of `POST /v1/import`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ImportReport {
+    /// The node.
+    pub node: String,
+    /// The hub version of the desired state applied.
+    pub version: u64,
+    /// Id of the key that signed it.
+    pub signer: String,
+    /// Artifacts added to the store from the bundle.
+    pub artifacts: Vec<String>,
+    /// What the deployment did.
+    pub deployment: DeployReport,
+}
 
 #[cfg(test)]
 mod tests {

@@ -342,7 +342,7 @@ async fn outputs_return_to_their_safe_state_on_reload_crash_and_stop() {
     .expect("agent opens");
     let chip = agent.devices().sim().expect("sim board").chip().clone();
     let level = || chip.level("GPIO17").expect("line");
-    let blinky = crate::embedded::guest_path("blinky").expect("built");
+    let blinky = lichen_test_programs::BLINKY;
     // No interval trigger: the pin moves only when a command says so.
     let text = |mark: u32| {
         format!(
@@ -442,7 +442,7 @@ async fn a_gpio_edge_trigger_delivers_debounced_edges_with_their_timestamps() {
     .await
     .expect("agent opens");
     let chip = agent.devices().sim().expect("sim board").chip().clone();
-    let module = crate::embedded::guest_path("button-led").expect("built");
+    let module = lichen_test_programs::BUTTON_LED;
     let text = format!(
         "[[workloads]]\nname = \"button-led\"\nmodule = \"{module}\"\n\
          triggers = [{{ gpio-edge = \"button\", edge = \"both\", debounce = \"5ms\" }}]\n\
@@ -495,7 +495,7 @@ async fn a_gpio_edge_trigger_waits_for_line_events_without_polling() {
     let dir = tempfile::tempdir().expect("temp dir");
     let agent = sim_agent(dir.path()).await;
     let chip = agent.devices().sim().expect("sim board").chip().clone();
-    let module = crate::embedded::guest_path("button-led").expect("built");
+    let module = lichen_test_programs::BUTTON_LED;
     let text = format!(
         "[[workloads]]\nname = \"button-led\"\nmodule = \"{module}\"\n\
          triggers = [{{ gpio-edge = \"button\", edge = \"both\" }}]\n\
@@ -628,8 +628,8 @@ async fn a_chip_unplugged_while_running_gives_the_guest_an_error_and_the_agent_s
     .await
     .expect("agent opens");
     let chip = agent.devices().sim().expect("sim board").chip().clone();
-    let blinky = crate::embedded::guest_path("blinky").expect("built");
-    let sampler = crate::embedded::guest_path("adc-sampler").expect("built");
+    let blinky = lichen_test_programs::BLINKY;
+    let sampler = lichen_test_programs::ADC_SAMPLER;
     let text = format!(
         "[[workloads]]\nname = \"blinky\"\nmodule = \"{blinky}\"\n\
          gpio = [{{ name = \"led\", pin = \"GPIO17\", mode = \"output\", initial = \"low\" }}]\n\n\
@@ -743,7 +743,7 @@ async fn device_host_calls_run_off_the_async_workers() {
         .expect("bus")
         .attach(0x50, probe.clone())
         .expect("address");
-    let sensor = crate::embedded::guest_path("env-sensor").expect("built");
+    let sensor = lichen_test_programs::ENV_SENSOR;
     let text = format!(
         "[[workloads]]\nname = \"env-sensor\"\nmodule = \"{sensor}\"\n\
          i2c = [{{ name = \"env\", bus = \"i2c-1\", addresses = [0x48, 0x50] }}]\n"
@@ -771,8 +771,8 @@ async fn an_spi_device_unplugged_while_running_gives_the_guest_an_error_and_the_
     let dir = tempfile::tempdir().expect("temp dir");
     let agent = sim_agent(dir.path()).await;
     let sim = agent.devices().sim().expect("sim board").clone();
-    let sampler = crate::embedded::guest_path("adc-sampler").expect("built");
-    let blinky = crate::embedded::guest_path("blinky").expect("built");
+    let sampler = lichen_test_programs::ADC_SAMPLER;
+    let blinky = lichen_test_programs::BLINKY;
     let text = format!(
         "[[workloads]]\nname = \"adc-sampler\"\nmodule = \"{sampler}\"\n\
          spi = [{{ name = \"adc\", bus = \"spi0.0\", max-hz = 1000000 }}]\n\n\
@@ -824,8 +824,8 @@ async fn an_i2c_bus_unplugged_while_running_gives_the_guest_an_error_and_the_age
     let dir = tempfile::tempdir().expect("temp dir");
     let agent = sim_agent(dir.path()).await;
     let sim = agent.devices().sim().expect("sim board").clone();
-    let sensor = crate::embedded::guest_path("env-sensor").expect("built");
-    let sampler = crate::embedded::guest_path("adc-sampler").expect("built");
+    let sensor = lichen_test_programs::ENV_SENSOR;
+    let sampler = lichen_test_programs::ADC_SAMPLER;
     let text = format!(
         "[[workloads]]\nname = \"env-sensor\"\nmodule = \"{sensor}\"\n\
          i2c = [{{ name = \"env\", bus = \"i2c-1\", addresses = [0x48] }}]\n\n\
@@ -882,7 +882,7 @@ async fn env_sensor_reads_the_sim_bme280_through_the_datasheet_compensation() {
         .expect("sim board")
         .bme280("i2c-1", 0x76)
         .expect("the sim board has a BME280 at 0x76");
-    let sensor = crate::embedded::guest_path("env-sensor").expect("built");
+    let sensor = lichen_test_programs::ENV_SENSOR;
     let text = format!(
         "[[workloads]]\nname = \"env-sensor\"\nmodule = \"{sensor}\"\nconfig = {{ sensor = \"bme280\" }}\n\
          i2c = [{{ name = \"env\", bus = \"i2c-1\", addresses = [0x76] }}]\n"

@@ -4,7 +4,20 @@
 use std::time::Duration;
 
 use super::section_session_config;
+use crate::api::types::DoctorCheck;
 use crate::config::HubSection;
+
+/// The `hub` check of an agent config for `lichen doctor`: offline, signed-only, or loudly
+/// insecure, and whether the broker takes a connection. It lives with the hub (not in
+/// `doctor`, which probes the host and knows nothing of the hub link).
+pub fn hub_check(hub: Option<&HubSection>) -> DoctorCheck {
+    let (status, detail) = doctor_check(hub);
+    DoctorCheck {
+        name: "hub".into(),
+        status: status.into(),
+        detail,
+    }
+}
 
 /// `doctor`'s view of a `[hub]` section: status and detail, including whether the broker
 /// accepts a connection with the section's TLS files and credentials right now.

@@ -18,92 +18,17 @@
 use std::io::Read;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::bundle::{Bundle, Expected, Limits};
 use super::{DesiredState, TrustedKey, artifacts, verify};
-use crate::api::types::{ApiError, DeployReport};
+use crate::api::types::ApiError;
+pub use crate::api::types::{ImportReport, ImportRequest};
 use crate::store::StateStore;
 use crate::supervisor::Agent;
-
-/// Body of `POST /v1/import`: a bundle on the node's disk.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ImportRequest {
-    /// Absolute path of the bundle (directory or `.tar`).
-    pub path: String,
-}
-
-/// Answer of `POST /v1/import`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ImportReport {
-    /// The node.
-    pub node: String,
-    /// The hub version of the desired state applied.
-    pub version: u64,
-    /// Id of the key that signed it.
-    pub signer: String,
-    /// Artifacts added to the store from the bundle.
-    pub artifacts: Vec<String>,
-    /// What the deployment did.
-    pub deployment: DeployReport,
-}
-
-/// The answer to an import, sent back to the API caller.
-pub(super) type Reply = oneshot::Sender<Result<ImportReport, ApiError>>;
-
-/// An import asked for through the API.
-pub(super) struct ImportJob {
-    path: PathBuf,
-    reply: Reply,
-}
-
-/// Where one agent's imports go: the importer of its hub link, set when the link starts. The
-/// agent holds one ([`crate::supervisor::Agent::imports`]) and its `Control::import` uses it;
-/// clones share it.
-#[derive(Clone, Default)]
-pub struct ImportRoute {
-    jobs: std::sync::Arc<std::sync::OnceLock<mpsc::Sender<ImportJob>>>,
-}
-
-impl std::fmt::Debug for ImportRoute {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ImportRoute")
-            .field("routed", &self.jobs.get().is_some())
-            .finish()
-    }
-}
-
-impl ImportRoute {
-    /// Verifies a bundle exactly as a desired state from the hub (node, version, signature by
-    /// a trusted key, every artifact's digest) and applies it; anything wrong changes nothing
-    /// and is an `invalid` error (and reported by the hub link). Needs the `[hub]` section,
-    /// whose node id and trusted keys the verification uses; works with the hub unreachable.
-    pub async fn import_bundle(&self, req: ImportRequest) -> Result<ImportReport, ApiError> {
-        let Some(imports) = self.jobs.get() else {
-            return Err(ApiError::unavailable(
-                "this agent has no [hub] section: importing a bundle needs hub.node-id and hub.trusted-keys to verify it",
-            ));
-        };
-        let (reply, answer) = oneshot::channel();
-        imports
-            .send(ImportJob {
-                path: req.path.into(),
-                reply,
-            })
-            .await
-            .map_err(|_| ApiError::unavailable("the hub link has stopped"))?;
-        answer
-            .await
-            .map_err(|_| ApiError::internal("the hub link dropped the import"))?
-    }
-
-    /// Makes these imports go to `jobs`' receiver; false if a hub link already took them.
-    pub(super) fn route(&self, jobs: mpsc::Sender<ImportJob>) -> bool {
-        self.jobs.set(jobs).is_ok()
-    }
-}
+pub use crate::supervisor::ImportRoute;
+use crate::supervisor::{ImportJob, ImportReply as Reply};
 
 /// A checked bundle, on its way to the bridge.
 pub(super) struct Checked {

@@ -61,7 +61,7 @@ pub use desired::{
     DesiredState, MAX_PRECOMPILED, PrecompiledArtifact, check_precompiled, fingerprint,
 };
 use desired::{Ignored, Settled};
-pub use doctor::{doctor_check, probe};
+pub use doctor::{doctor_check, hub_check, probe};
 use fetch::Pending;
 pub use import::{ImportReport, ImportRequest, ImportRoute};
 pub use signing::{

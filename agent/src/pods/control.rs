@@ -79,8 +79,8 @@ impl Control for NodeControl {
 
     async fn import(
         &self,
-        req: crate::hub::ImportRequest,
-    ) -> Result<crate::hub::ImportReport, ApiError> {
+        req: crate::api::types::ImportRequest,
+    ) -> Result<crate::api::types::ImportReport, ApiError> {
         self.agent.import(req).await
     }
 

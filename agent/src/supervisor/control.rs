@@ -180,17 +180,16 @@ impl Control for Agent {
         // off the async workers.
         let board = self.inner.board.clone();
         let engine = *self.inner.ctx.engine.options();
-        #[cfg(feature = "kubeedge")]
         let agent = self.clone();
+        let hooks = agent
+            .inner
+            .doctor_checks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
         match tokio::task::spawn_blocking(move || {
-            #[allow(unused_mut)]
             let mut report = crate::doctor::report(&board, Some(&engine));
-            #[cfg(feature = "kubeedge")]
-            if let Some(socket) = agent.inner.kubeedge_socket.get() {
-                report
-                    .checks
-                    .push(crate::kubeedge::doctor_check(&agent, socket));
-            }
+            report.checks.extend(hooks.iter().map(|hook| hook(&agent)));
             report
         })
         .await
@@ -210,8 +209,8 @@ impl Control for Agent {
 
     async fn import(
         &self,
-        req: crate::hub::ImportRequest,
-    ) -> Result<crate::hub::ImportReport, ApiError> {
+        req: crate::api::types::ImportRequest,
+    ) -> Result<crate::api::types::ImportReport, ApiError> {
         self.imports().import_bundle(req).await
     }
 

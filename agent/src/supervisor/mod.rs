@@ -21,7 +21,11 @@ use std::time::Duration;
 
 use tokio::sync::Mutex;
 
-use crate::api::types::WorkloadStatus;
+use crate::api::types::{DoctorCheck, WorkloadStatus};
+
+/// A `doctor` check of a part started beside the agent, run with the agent on a blocking
+/// thread each time `doctor` is asked ([`Agent::add_doctor_check`]).
+pub type DoctorHook = Arc<dyn Fn(&Agent) -> DoctorCheck + Send + Sync>;
 use crate::logs::LogOptions;
 use crate::runtime::isolation::IsolationProbe;
 use crate::runtime::wasm::{ArtifactStore, EngineOptions, WorkerContext};
@@ -29,12 +33,15 @@ use crate::runtime::{Runtime, Tier, Workload};
 
 mod apply;
 mod control;
+mod imports;
 mod plan;
 mod restore;
 mod sources;
 mod status;
 mod wiring;
 
+pub use imports::ImportRoute;
+pub(crate) use imports::{ImportJob, ImportReply};
 pub use sources::{CommittedTelemetry, Labels, Refusal, Source, StatusChange, WorkloadEnd};
 
 /// How long `send` waits for a workload's reply.
@@ -91,10 +98,11 @@ struct Inner {
     workloads: Mutex<Workloads>,
     board: String,
     next_command: AtomicU64,
-    /// EdgeCore's socket, once the daemon started the KubeEdge mapper (for `doctor`).
-    kubeedge_socket: std::sync::OnceLock<PathBuf>,
+    /// Checks `doctor` adds for parts started beside the agent (the KubeEdge mapper's), so the
+    /// supervisor knows nothing of them.
+    doctor_checks: std::sync::Mutex<Vec<DoctorHook>>,
     /// Where `lichen import` goes: this agent's hub link, once it started.
-    imports: crate::hub::ImportRoute,
+    imports: ImportRoute,
     /// A test's hold on the next deploy's prepare step (see [`PrepareHook`]).
     #[cfg(test)]
     prepare_hook: std::sync::Mutex<Option<Arc<PrepareHook>>>,

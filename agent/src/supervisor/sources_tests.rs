@@ -424,7 +424,7 @@ async fn restore_after_a_restart_keeps_operator_and_devices_and_drops_pods() {
 async fn wait_workload_gives_a_commands_exit_code_args_and_env() {
     let dir = tempfile::tempdir().unwrap();
     let agent = open(&dir.path().join("state"), 8).await;
-    let module = crate::embedded::guest_path("hello-wasi").expect("hello-wasi is built");
+    let module = lichen_test_programs::HELLO_WASI;
     let mut command = spec(
         dir.path(),
         &format!("name = \"job\"\nmodule = \"{module}\"\nrestart = \"never\"\n"),

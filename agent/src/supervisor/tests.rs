@@ -535,3 +535,29 @@ async fn while_a_deploy_is_held_in_prepare_ps_and_send_answer_and_it_completes_a
     assert!(state_of(&agent, "counter").await.is_some());
     agent.shutdown().await;
 }
+
+/// `doctor` carries the line of every part the daemon started beside the agent (the KubeEdge
+/// mapper adds its EdgeCore line this way), run with the agent, without the supervisor
+/// knowing the part.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_reports_the_checks_added_beside_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = open(dir.path(), 4).await;
+    let before = agent.doctor().await;
+    assert!(!before.checks.iter().any(|c| c.name == "beside"));
+    agent.add_doctor_check(std::sync::Arc::new(|agent: &Agent| {
+        crate::api::types::DoctorCheck {
+            name: "beside".into(),
+            status: "ok".into(),
+            detail: format!("sees board {}", agent.inner.board),
+        }
+    }));
+    let report = agent.doctor().await;
+    let line = report
+        .checks
+        .iter()
+        .find(|c| c.name == "beside")
+        .expect("the added check is in the report");
+    assert_eq!(line.detail, "sees board sim");
+    assert_eq!(report.checks.len(), before.checks.len() + 1);
+}

@@ -2,7 +2,6 @@
 //! tier and probes what the host can run; shuts everything down at the end.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::AtomicU64;
 
@@ -90,7 +89,7 @@ impl Agent {
         );
         Ok(Self {
             inner: Arc::new(Inner {
-                imports: crate::hub::ImportRoute::default(),
+                imports: super::ImportRoute::default(),
                 ctx,
                 artifacts,
                 runtimes,
@@ -102,20 +101,25 @@ impl Agent {
                 }),
                 board: options.board,
                 next_command: AtomicU64::new(1),
-                kubeedge_socket: std::sync::OnceLock::new(),
+                doctor_checks: std::sync::Mutex::new(Vec::new()),
                 #[cfg(test)]
                 prepare_hook: std::sync::Mutex::new(None),
             }),
         })
     }
 
-    /// Tells `doctor` where EdgeCore's DMI socket is (the daemon started the mapper).
-    pub fn set_kubeedge_socket(&self, socket: PathBuf) {
-        let _ = self.inner.kubeedge_socket.set(socket);
+    /// Adds a check to `doctor`'s report (a part the daemon started beside the agent, such as
+    /// the KubeEdge mapper, says how it is).
+    pub fn add_doctor_check(&self, check: super::DoctorHook) {
+        self.inner
+            .doctor_checks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .push(check);
     }
 
     /// Where `lichen import` goes: this agent's hub link routes it when it starts.
-    pub fn imports(&self) -> &crate::hub::ImportRoute {
+    pub fn imports(&self) -> &super::ImportRoute {
         &self.inner.imports
     }
 

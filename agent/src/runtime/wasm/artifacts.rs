@@ -920,7 +920,7 @@ mod tests {
     #[tokio::test]
     async fn a_wasi_cli_component_is_a_command_that_prints_and_exits_with_its_code() {
         let dir = tempfile::tempdir().unwrap();
-        let bytes = fs::read(crate::embedded::guest_path("hello-wasi-cli").unwrap()).unwrap();
+        let bytes = fs::read(lichen_test_programs::HELLO_WASI_CLI).unwrap();
         let store = store(dir.path());
         let artifact = store
             .add(bytes)

@@ -1,11 +1,12 @@
 //! Builds the guest device functions in `examples/` from source, as Wasmtime's
-//! `crates/test-programs` does, and tells the agent where they are.
+//! `crates/test-programs` does, and tells this crate where they are.
 //!
 //! The examples are their own Cargo workspace (they target Wasm, with their own profile and
 //! lock file). This script runs the `cargo` it was given on them, with a target directory
 //! under `OUT_DIR`, and sets one `LICHEN_GUEST_*` environment variable per guest to the
-//! absolute path of its `.wasm` file, for every target of this package (lib, bin, tests,
-//! benches): `agent/src/embedded.rs` embeds some and hands out the paths of all.
+//! absolute path of its `.wasm` file: `src/lib.rs` turns them into constants. Only tests and
+//! benchmarks depend on this crate, so building the node (`cargo build -p lichen`) builds no
+//! guest.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -32,7 +33,7 @@ const CLI_COMMANDS: &[(&str, &str)] = &[("hello-wasi", "LICHEN_GUEST_HELLO_WASI_
 
 /// Variables of the outer build that must not reach the inner one: they would apply host
 /// flags, the host target, the outer target directory or a lint driver (clippy) to the guests,
-/// or (those cargo sets only for some crates) describe the agent to a guest crate.
+/// or (those cargo sets only for some crates) describe this crate to a guest crate.
 const LEAKY_VARS: &[&str] = &[
     "CARGO_ENCODED_RUSTFLAGS",
     "RUSTFLAGS",
@@ -54,7 +55,7 @@ fn main() {
     let manifest_dir = PathBuf::from(env_var("CARGO_MANIFEST_DIR"));
     let repo = manifest_dir
         .parent()
-        .expect("the agent crate lives one level below the repository root");
+        .expect("the test-programs crate lives one level below the repository root");
     let examples = repo.join("examples");
     let target_dir = PathBuf::from(env_var("OUT_DIR")).join("guests");
 
