@@ -559,6 +559,8 @@ pub fn spawn_worker(
     }
 }
 
+mod dispatch;
+mod edges;
 mod run;
 
 use run::Worker;
