@@ -11,9 +11,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -26,6 +24,7 @@ use super::command::CommandProgram;
 use super::compiler::{deserialize_component_file, deserialize_module_file};
 use super::engine::WasmEngine;
 use super::instance::InstanceData;
+use crate::util::write_atomically;
 
 mod compile;
 
@@ -518,44 +517,6 @@ fn checksum_path(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(".sha256");
     PathBuf::from(name)
-}
-
-/// Writes `bytes` to `path` (mode 0600) so that a crash leaves either the old file or the new
-/// one.
-pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = path
-        .parent()
-        .context("artifact path has no parent directory")?;
-    let mut tmp = tempfile_in(dir, path)?;
-    tmp.1
-        .write_all(bytes)
-        .with_context(|| format!("cannot write {}", tmp.0.display()))?;
-    tmp.1
-        .sync_all()
-        .with_context(|| format!("cannot sync {}", tmp.0.display()))?;
-    fs::rename(&tmp.0, path)
-        .with_context(|| format!("cannot move {} into place", path.display()))?;
-    if let Ok(d) = fs::File::open(dir) {
-        let _ = d.sync_all();
-    }
-    Ok(())
-}
-
-fn tempfile_in(dir: &Path, target: &Path) -> Result<(PathBuf, fs::File)> {
-    let name = target
-        .file_name()
-        .and_then(|n| n.to_str())
-        .unwrap_or("artifact");
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let path = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
-    let file = fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&path)
-        .with_context(|| format!("cannot create {}", path.display()))?;
-    Ok((path, file))
 }
 
 #[cfg(test)]
