@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use lichen_agent::render;
+
 use crate::json;
 
 /// Sorted samples with percentiles.
@@ -115,28 +117,14 @@ impl Table {
             }
             return;
         }
-        let header = ["figure", "measured", "target", "reference"].map(String::from);
-        let mut widths = [0usize; 4];
-        for row in std::iter::once(&header).chain(&self.rows) {
-            for (width, cell) in widths.iter_mut().zip(row) {
-                *width = (*width).max(cell.chars().count());
-            }
-        }
-        let line = |row: &[String; 4]| {
-            let cells: Vec<String> = row
-                .iter()
-                .zip(widths)
-                .map(|(cell, width)| format!("{cell:<width$}"))
-                .collect();
-            format!("| {} |", cells.join(" | "))
-        };
-        println!("\n### {}\n", self.title);
-        println!("{}", line(&header));
-        let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
-        println!("| {} |", rule.join(" | "));
+        let mut table = render::Table::new(&["figure", "measured", "target", "reference"]);
         for row in &self.rows {
-            println!("{}", line(row));
+            table.row(row.to_vec());
         }
+        let mut text = Vec::new();
+        let _ = table.write_markdown(&mut text);
+        println!("\n### {}\n", self.title);
+        print!("{}", String::from_utf8_lossy(&text));
         if !self.notes.is_empty() {
             println!();
             for note in &self.notes {
