@@ -13,7 +13,7 @@
 //! `{ CMD ; } </dev/null 2>&1; printf '\n@@N:%d@@\n' $?` and reads the output up to the
 //! marker, as `guest.rs` does for the test guest.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -190,13 +190,7 @@ impl Board {
             .spawn()
             .context("cannot start QEMU (scripts/install-deps installs qemu-system-x86, qemu-system-arm, ovmf and u-boot-qemu)")?;
         let stdin = child.stdin.take().expect("stdin was piped");
-        let console = SerialConsole::attach(
-            vec![
-                Box::new(child.stdout.take().expect("stdout was piped")) as Box<dyn Read + Send>,
-                Box::new(child.stderr.take().expect("stderr was piped")),
-            ],
-            &log,
-        )?;
+        let console = SerialConsole::of_child(&mut child, &log)?;
         Ok(Board {
             child,
             stdin,

@@ -4,6 +4,7 @@
 //! a hang guard passes (each new chunk wakes it: no polling).
 
 use std::io::{Read, Write};
+use std::process::Child;
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
@@ -24,6 +25,14 @@ pub struct SerialConsole(Arc<(Mutex<Text>, Condvar)>);
 const TAIL_BYTES: usize = 4000;
 
 impl SerialConsole {
+    /// The console of a QEMU `child` spawned with stdout and stderr piped: both read, each by a
+    /// thread of its own, into the console and into `log`.
+    pub fn of_child(child: &mut Child, log: &std::fs::File) -> Result<Self> {
+        let stdout = child.stdout.take().context("QEMU's stdout was not piped")?;
+        let stderr = child.stderr.take().context("QEMU's stderr was not piped")?;
+        Self::attach(vec![Box::new(stdout), Box::new(stderr)], log)
+    }
+
     /// Starts one reader thread per stream, each copying into the console and into `log`.
     pub fn attach(streams: Vec<Box<dyn Read + Send>>, log: &std::fs::File) -> Result<Self> {
         let console = SerialConsole::default();

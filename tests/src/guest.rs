@@ -7,7 +7,7 @@
 //! carries its exit status. The whole console stream is also kept in `console.log` in a
 //! scratch directory, which a failing test prints the tail of.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -121,13 +121,7 @@ impl Guest {
         let stdin = child.stdin.take().expect("stdin was piped");
         let log = std::fs::File::create(scratch.path().join("console.log"))
             .context("cannot create console.log")?;
-        let console = SerialConsole::attach(
-            vec![
-                Box::new(child.stdout.take().expect("stdout was piped")) as Box<dyn Read + Send>,
-                Box::new(child.stderr.take().expect("stderr was piped")),
-            ],
-            &log,
-        )?;
+        let console = SerialConsole::of_child(&mut child, &log)?;
         let mut guest = Guest {
             child,
             stdin,
