@@ -27,17 +27,46 @@ impl Table {
 
     /// Writes the header and the rows, two spaces between columns, no trailing blanks.
     pub fn write(&self, out: &mut impl Write) -> io::Result<()> {
+        let widths = self.widths();
+        write_row(out, &widths, &self.headers)?;
+        for row in &self.rows {
+            write_row(out, &widths, row)?;
+        }
+        Ok(())
+    }
+
+    /// Writes the table in Markdown (`| a | b |`, a rule under the header), columns aligned.
+    pub fn write_markdown(&self, out: &mut impl Write) -> io::Result<()> {
+        let widths = self.widths();
+        let line = |out: &mut dyn Write, cells: &[String]| {
+            let cells: Vec<String> = widths
+                .iter()
+                .enumerate()
+                .map(|(i, width)| {
+                    let cell = cells.get(i).map(String::as_str).unwrap_or("");
+                    format!("{cell:<width$}")
+                })
+                .collect();
+            writeln!(out, "| {} |", cells.join(" | "))
+        };
+        line(out, &self.headers)?;
+        let rule: Vec<String> = widths.iter().map(|w| "-".repeat(*w)).collect();
+        writeln!(out, "| {} |", rule.join(" | "))?;
+        for row in &self.rows {
+            line(out, row)?;
+        }
+        Ok(())
+    }
+
+    /// Each column's width: its widest cell, header included, in characters.
+    fn widths(&self) -> Vec<usize> {
         let mut widths: Vec<usize> = self.headers.iter().map(|h| h.chars().count()).collect();
         for row in &self.rows {
             for (width, cell) in widths.iter_mut().zip(row) {
                 *width = (*width).max(cell.chars().count());
             }
         }
-        write_row(out, &widths, &self.headers)?;
-        for row in &self.rows {
-            write_row(out, &widths, row)?;
-        }
-        Ok(())
+        widths
     }
 }
 
@@ -169,6 +198,22 @@ mod tests {
             "NAME        STATE    LAST-ERROR\n\
              door        running  -\n\
              thermostat  failed   trap\n"
+        );
+    }
+
+    #[test]
+    fn markdown_tables_align_columns_and_rule_the_header() {
+        let mut table = Table::new(&["figure", "measured"]);
+        table.row(vec!["start p50".into(), "1.2 ms".into()]);
+        table.row(vec!["RSS".into()]);
+        let mut out = Vec::new();
+        table.write_markdown(&mut out).expect("writes to a Vec");
+        assert_eq!(
+            String::from_utf8(out).expect("utf-8"),
+            "| figure    | measured |\n\
+             | --------- | -------- |\n\
+             | start p50 | 1.2 ms   |\n\
+             | RSS       |          |\n"
         );
     }
 

@@ -1,6 +1,12 @@
 //! Small helpers shared by the agent's modules.
 
+use std::fs;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use anyhow::{Context, Result};
 
 pub use lichen_sync::{millis, now_ms};
 
@@ -102,6 +108,45 @@ pub fn error_chain(err: &(dyn std::error::Error + 'static)) -> String {
 /// Escapes what could hide or disguise text; lives with the deployment errors that use it
 /// first ([`lichen_deployment::escape_unprintable`]).
 pub use lichen_deployment::escape_unprintable;
+
+/// Writes `bytes` to `path` (mode 0600) so that a crash leaves either the old file or the new
+/// one: a temporary file `.<name>.<pid>.<n>.tmp` beside it, synced, renamed over it, and the
+/// directory synced. The artifact store removes such temporaries left by an earlier process.
+pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = path
+        .parent()
+        .with_context(|| format!("{} has no parent directory", path.display()))?;
+    let mut tmp = tempfile_in(dir, path)?;
+    tmp.1
+        .write_all(bytes)
+        .with_context(|| format!("cannot write {}", tmp.0.display()))?;
+    tmp.1
+        .sync_all()
+        .with_context(|| format!("cannot sync {}", tmp.0.display()))?;
+    fs::rename(&tmp.0, path)
+        .with_context(|| format!("cannot move {} into place", path.display()))?;
+    if let Ok(d) = fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+fn tempfile_in(dir: &Path, target: &Path) -> Result<(PathBuf, fs::File)> {
+    let name = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("file");
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = dir.join(format!(".{name}.{}.{n}.tmp", std::process::id()));
+    let file = fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("cannot create {}", path.display()))?;
+    Ok((path, file))
+}
 
 #[cfg(test)]
 mod tests {

@@ -11,6 +11,8 @@
 //! failed during `deploy`, an internal error); 2 the input was refused as invalid and nothing
 //! changed (a usage error found by clap, or an `invalid` answer from the daemon, such as a
 //! deployment file that does not validate).
+//!
+//! The human views (tables and lines) are in `client/output.rs`.
 
 use std::collections::VecDeque;
 use std::io::{self, Write};
@@ -21,15 +23,18 @@ use std::time::Duration;
 
 use anyhow::{Context, anyhow};
 use clap::{Args, Parser, Subcommand};
-use serde::Serialize;
 
 use lichen_agent::api::client::{Client, ClientError};
-use lichen_agent::api::types::{
-    DeployReport, DeployRequest, DoctorReport, ErrorCode, EventRecord, KvEntry, LogLine, SendReply,
-    WorkloadStatus,
-};
+use lichen_agent::api::types::{DeployRequest, DoctorReport, ErrorCode};
 pub use lichen_agent::daemon::RunArgs;
-use lichen_agent::render::{self, EXIT_FAILURE, EXIT_INVALID, Table, emit, push_json};
+use lichen_agent::render::{EXIT_FAILURE, EXIT_INVALID, emit, push_json};
+
+mod output;
+
+use output::{
+    push_json_line, write_deploy, write_doctor, write_event_row, write_events, write_kv,
+    write_log_line, write_ps, write_reply,
+};
 
 /// Input the CLI refuses itself, before asking the daemon (exit code 2, as for an `invalid`
 /// answer).
@@ -518,286 +523,5 @@ async fn events(
     }
 }
 
-fn push_json_line<T: Serialize>(out: &mut Vec<u8>, value: &T) {
-    serde_json::to_writer(&mut *out, value).expect("API types always serialise to JSON");
-    out.push(b'\n');
-}
-
-// Writing to a Vec<u8> cannot fail: the `let _ =` below drop an always-Ok result.
-
-fn write_ps(out: &mut Vec<u8>, workloads: &[WorkloadStatus]) {
-    if workloads.is_empty() {
-        out.extend_from_slice(b"no workloads (deploy some with `lichen deploy FILE`)\n");
-        return;
-    }
-    let mut table = Table::new(&[
-        "NAME",
-        "KIND",
-        "STATE",
-        "RESTARTS",
-        "TRAPS",
-        "EVENTS",
-        "QUEUE",
-        "MEMORY",
-        "UPTIME",
-        "SOURCE",
-        "LAST-ERROR",
-    ]);
-    for w in workloads {
-        let memory = match (w.memory_bytes, w.uptime_ms) {
-            (0, None) => "-".to_string(),
-            (bytes, _) => render::bytes(bytes),
-        };
-        // A microVM shows its accelerator: `microvm (tcg)`.
-        let kind = match &w.accelerator {
-            Some(accel) => format!("{} ({accel})", w.kind),
-            None => w.kind.clone(),
-        };
-        table.row(vec![
-            w.name.clone(),
-            kind,
-            w.state.clone(),
-            w.restarts.to_string(),
-            w.traps.to_string(),
-            w.events_handled.to_string(),
-            w.queue_depth.to_string(),
-            memory,
-            w.uptime_ms.map_or_else(|| "-".into(), render::duration_ms),
-            render::cell(&source_cell(w), 48),
-            render::cell(w.last_error.as_deref().unwrap_or(""), 60),
-        ]);
-    }
-    let _ = table.write(out);
-}
-
-/// `operator`, or `pods:namespace=default,pod=web,container=app`.
-fn source_cell(w: &WorkloadStatus) -> String {
-    let source = if w.source.is_empty() {
-        "operator"
-    } else {
-        &w.source
-    };
-    if w.labels.is_empty() {
-        return source.to_owned();
-    }
-    let labels: Vec<String> = w.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    format!("{source}:{}", labels.join(","))
-}
-
-fn write_deploy(out: &mut Vec<u8>, report: &DeployReport) {
-    let _ = writeln!(out, "deployment version {} applied", report.version);
-    let groups = [
-        ("started", &report.started),
-        ("reloaded", &report.reloaded),
-        ("stopped", &report.stopped),
-        ("unchanged", &report.unchanged),
-    ];
-    for (what, names) in groups {
-        if !names.is_empty() {
-            let _ = writeln!(out, "  {what:<10} {}", names.join(", "));
-        }
-    }
-    for failure in &report.failures {
-        let _ = writeln!(
-            out,
-            "  {:<10} {}: {}",
-            "failed", failure.workload, failure.message
-        );
-    }
-}
-
-fn write_log_line(out: &mut Vec<u8>, line: &LogLine) {
-    let time = render::time_ms(line.at_ms);
-    let level = line.level.to_uppercase();
-    let _ = if line.context.is_empty() {
-        writeln!(out, "{time} {level:<5} {}", line.message)
-    } else {
-        writeln!(out, "{time} {level:<5} [{}] {}", line.context, line.message)
-    };
-}
-
-fn write_kv(out: &mut Vec<u8>, entries: &[KvEntry]) {
-    let mut table = Table::new(&["BUCKET", "KEY", "VALUE"]);
-    for entry in entries {
-        table.row(vec![
-            entry.bucket.clone(),
-            render::cell(&entry.key, 40),
-            render::cell(&entry.value, 80),
-        ]);
-    }
-    let _ = table.write(out);
-}
-
-fn write_events(out: &mut Vec<u8>, events: &[EventRecord]) {
-    let mut table = Table::new(&["ID", "TIME", "WORKLOAD", "KIND", "DETAIL"]);
-    for event in events {
-        table.row(event_cells(event));
-    }
-    let _ = table.write(out);
-}
-
-fn event_cells(event: &EventRecord) -> Vec<String> {
-    vec![
-        event.id.to_string(),
-        render::time_s(event.at_ms),
-        event.workload.clone().unwrap_or_else(|| "-".into()),
-        event.kind.clone(),
-        render::cell(&event.detail, 100),
-    ]
-}
-
-/// One row of `events --follow`, in fixed widths since later rows are not known yet; the
-/// header when `event` is `None`.
-fn write_event_row(out: &mut Vec<u8>, event: Option<&EventRecord>) {
-    let cells = match event {
-        Some(event) => event_cells(event),
-        None => ["ID", "TIME", "WORKLOAD", "KIND", "DETAIL"]
-            .map(String::from)
-            .to_vec(),
-    };
-    let line = format!(
-        "{:<6}  {:<20}  {:<16}  {:<14}  {}",
-        cells[0], cells[1], cells[2], cells[3], cells[4]
-    );
-    let _ = writeln!(out, "{}", line.trim_end());
-}
-
-fn write_reply(out: &mut Vec<u8>, reply: &SendReply) {
-    let _ = match &reply.reply {
-        Some(text) => writeln!(out, "{text}"),
-        None => writeln!(out, "command {} delivered; no reply", reply.id),
-    };
-}
-
-fn write_doctor(out: &mut Vec<u8>, report: &DoctorReport) {
-    let _ = writeln!(out, "lichen {} on board {}", report.version, report.board);
-    let mut table = Table::new(&["CHECK", "STATUS", "DETAIL"]);
-    for check in &report.checks {
-        table.row(vec![
-            check.name.clone(),
-            check.status.clone(),
-            check.detail.clone(),
-        ]);
-    }
-    let _ = table.write(out);
-}
-
 #[cfg(test)]
-mod tests {
-    use clap::CommandFactory;
-
-    use super::*;
-    use lichen_agent::api::types::WorkloadFailure;
-
-    fn text(write: impl FnOnce(&mut Vec<u8>)) -> String {
-        let mut out = Vec::new();
-        write(&mut out);
-        String::from_utf8(out).expect("output is UTF-8")
-    }
-
-    #[test]
-    fn the_command_line_is_well_formed() {
-        Cli::command().debug_assert();
-    }
-
-    #[test]
-    fn verbs_parse_with_their_defaults() {
-        let cli = Cli::try_parse_from(["lichen", "--json", "logs", "door", "-f"]).expect("parses");
-        assert!(cli.json);
-        assert!(matches!(
-            cli.command,
-            Command::Logs {
-                follow: true,
-                tail: 100,
-                ..
-            }
-        ));
-        let cli = Cli::try_parse_from(["lichen", "send", "door", "open", "--socket", "/x.sock"])
-            .expect("parses");
-        assert_eq!(cli.socket, PathBuf::from("/x.sock"));
-        assert!(matches!(cli.command, Command::Send { ref payload, .. } if payload.is_empty()));
-        let cli = Cli::try_parse_from(["lichen", "run", "--empty", "--metrics", "127.0.0.1:9464"])
-            .expect("parses");
-        assert!(matches!(
-            cli.command,
-            Command::Run(RunArgs {
-                no_default: true,
-                ..
-            })
-        ));
-        assert!(Cli::try_parse_from(["lichen", "run", "--empty", "--deploy", "d.toml"]).is_err());
-    }
-
-    #[test]
-    fn default_socket_is_absolute_and_ends_in_sock() {
-        let path = default_socket_path();
-        assert!(path.is_absolute());
-        assert_eq!(path.extension().and_then(|e| e.to_str()), Some("sock"));
-    }
-
-    #[test]
-    fn ps_prints_humanised_columns() {
-        let status = WorkloadStatus {
-            name: "door".into(),
-            kind: "wasm".into(),
-            state: "running".into(),
-            module_digest: "sha256:00".into(),
-            deployment_version: 3,
-            restarts: 1,
-            traps: 2,
-            events_handled: 40,
-            queue_depth: 0,
-            memory_bytes: 131_072,
-            uptime_ms: Some(312_000),
-            last_error: Some("wasm trap:\nunreachable".into()),
-            ..Default::default()
-        };
-        let out = text(|out| write_ps(out, &[status]));
-        let mut lines = out.lines();
-        let header = lines.next().expect("header");
-        assert!(
-            header.starts_with("NAME  KIND  STATE    RESTARTS  TRAPS  EVENTS"),
-            "{header}"
-        );
-        assert!(
-            header.ends_with("MEMORY   UPTIME  SOURCE    LAST-ERROR"),
-            "{header}"
-        );
-        let row = lines.next().expect("row");
-        assert!(row.contains("128 KiB"), "{row}");
-        assert!(row.contains("5m12s"), "{row}");
-        assert!(row.ends_with("wasm trap:\\nunreachable"), "{row}");
-    }
-
-    #[test]
-    fn deploy_report_names_each_outcome() {
-        let report = DeployReport {
-            version: 4,
-            started: vec!["a".into(), "b".into()],
-            failures: vec![WorkloadFailure {
-                workload: "c".into(),
-                message: "init trapped".into(),
-            }],
-            ..Default::default()
-        };
-        assert_eq!(
-            text(|out| write_deploy(out, &report)),
-            "deployment version 4 applied\n  started    a, b\n  failed     c: init trapped\n"
-        );
-    }
-
-    #[test]
-    fn log_lines_read_time_level_context_message() {
-        let line = LogLine {
-            at_ms: 1_500,
-            workload: "door".into(),
-            level: "info".into(),
-            context: "gpio".into(),
-            message: "opened".into(),
-        };
-        assert_eq!(
-            text(|out| write_log_line(out, &line)),
-            "1970-01-01T00:00:01.500Z INFO  [gpio] opened\n"
-        );
-    }
-}
+mod tests;

@@ -4,9 +4,9 @@
 //! property travels between twin and function). Every refusal is a [`DmiError`] naming the
 //! field, and nothing is planned.
 //!
-//! This file is longer than most (about 740 lines) on purpose: every rule a Device or model
-//! must satisfy, with the field path its refusal names, is here in one place to read and
-//! review; its tests are in `plan_tests.rs`.
+//! The rules a DeviceModel must satisfy are in `plan/model.rs`, those of a Device's function
+//! (its configData) in `plan/function.rs`; this file holds the Device and its properties. The
+//! tests of all three are in `plan_tests.rs`.
 //!
 //! Bounds (refused above them, naming the field): [`MAX_PROPERTIES`] properties per Device or
 //! model, [`MAX_GRANTS`] grants of each kind, [`MAX_TRIGGERS`] triggers, [`MAX_CONFIG`]
@@ -20,10 +20,13 @@ use std::time::Duration;
 use crate::error::DmiError;
 use crate::proto::v1beta1 as pb;
 use crate::proto::{ConfigValue, decode_any};
-use crate::workload::{
-    CONFIG_DATA, DeviceLabels, DeviceWorkload, GpioGrant, I2cGrant, Limits, Restart, SpiGrant,
-    Trigger, workload_name,
-};
+use crate::workload::{CONFIG_DATA, DeviceLabels, DeviceWorkload};
+
+mod function;
+mod model;
+
+use function::plan_function;
+pub use model::{Model, ModelProperty, ValueType, plan_model};
 
 /// The protocol name Lichen registers and serves.
 pub const PROTOCOL: &str = "lichen";
@@ -100,166 +103,6 @@ fn check_name(field: &str, name: &str) -> Result<(), DmiError> {
         ));
     }
     Ok(())
-}
-
-/// The type of a property's values, from the model (`int`, `float`, `double`, `boolean`,
-/// `string`, `bytes`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ValueType {
-    /// A 64-bit integer.
-    Int,
-    /// A float (`float` or `double`).
-    Float,
-    /// `true` or `false`.
-    Boolean,
-    /// Any text.
-    String,
-    /// Any text (base64 by convention).
-    Bytes,
-}
-
-impl ValueType {
-    fn parse(text: &str) -> Option<Self> {
-        Some(match text.to_ascii_lowercase().as_str() {
-            "int" | "integer" => ValueType::Int,
-            "float" | "double" => ValueType::Float,
-            "boolean" | "bool" => ValueType::Boolean,
-            "string" | "" => ValueType::String,
-            "bytes" | "stream" => ValueType::Bytes,
-            _ => return None,
-        })
-    }
-
-    /// The name KubeEdge uses, for twin metadata.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ValueType::Int => "int",
-            ValueType::Float => "float",
-            ValueType::Boolean => "boolean",
-            ValueType::String => "string",
-            ValueType::Bytes => "bytes",
-        }
-    }
-}
-
-/// One property of a model.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ModelProperty {
-    /// Value type.
-    pub value_type: ValueType,
-    /// Whether a desired value may be written (`ReadWrite`); `ReadOnly` properties are reported
-    /// only.
-    pub writable: bool,
-    /// Smallest value (numbers).
-    pub minimum: Option<f64>,
-    /// Largest value (numbers).
-    pub maximum: Option<f64>,
-}
-
-impl ModelProperty {
-    /// Checks `value` against the type and range; the error says why it does not fit.
-    pub fn check_value(&self, value: &str) -> Result<(), String> {
-        if value.len() > MAX_VALUE {
-            return Err(format!(
-                "value has {} bytes; at most {MAX_VALUE}",
-                value.len()
-            ));
-        }
-        let number = match self.value_type {
-            ValueType::Int => Some(
-                value
-                    .parse::<i64>()
-                    .map_err(|_| format!("{value:?} is not an int"))? as f64,
-            ),
-            ValueType::Float => Some(
-                value
-                    .parse::<f64>()
-                    .ok()
-                    .filter(|f| f.is_finite())
-                    .ok_or_else(|| format!("{value:?} is not a float"))?,
-            ),
-            ValueType::Boolean if value == "true" || value == "false" => None,
-            ValueType::Boolean => return Err(format!("{value:?} is not true or false")),
-            ValueType::String | ValueType::Bytes => None,
-        };
-        if let Some(n) = number {
-            if let Some(min) = self.minimum.filter(|min| n < *min) {
-                return Err(format!("{value} is below the minimum {min}"));
-            }
-            if let Some(max) = self.maximum.filter(|max| n > *max) {
-                return Err(format!("{value} is above the maximum {max}"));
-            }
-        }
-        Ok(())
-    }
-}
-
-/// A checked DeviceModel.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Model {
-    /// Namespace and name.
-    pub id: ResourceId,
-    /// Properties by name.
-    pub properties: BTreeMap<String, ModelProperty>,
-}
-
-/// Checks a DeviceModel; fields are named from the request (`model.spec.properties[0].type`).
-pub fn plan_model(model: &pb::DeviceModel) -> Result<Model, DmiError> {
-    let id = ResourceId::new(&model.namespace, &model.name);
-    id.check("model.name", "model.namespace")?;
-    let empty = Vec::new();
-    let props = model.spec.as_ref().map_or(&empty, |s| &s.properties);
-    if props.len() > MAX_PROPERTIES {
-        return Err(DmiError::invalid(
-            "model.spec.properties",
-            format!("{} properties; at most {MAX_PROPERTIES}", props.len()),
-        ));
-    }
-    let mut properties = BTreeMap::new();
-    for (i, p) in props.iter().enumerate() {
-        let at = format!("model.spec.properties[{i}]");
-        check_name(&format!("{at}.name"), &p.name)?;
-        let value_type = ValueType::parse(&p.r#type).ok_or_else(|| {
-            DmiError::invalid(
-                format!("{at}.type"),
-                format!(
-                    "type {:?} is not one of int, float, double, boolean, string, bytes, stream",
-                    p.r#type
-                ),
-            )
-        })?;
-        let writable = match p.access_mode.as_str() {
-            "ReadWrite" => true,
-            "ReadOnly" | "" => false,
-            other => {
-                return Err(DmiError::invalid(
-                    format!("{at}.accessMode"),
-                    format!("access mode {other:?} is not ReadWrite or ReadOnly"),
-                ));
-            }
-        };
-        let bound = |field: &str, text: &str| -> Result<Option<f64>, DmiError> {
-            if text.is_empty() {
-                return Ok(None);
-            }
-            text.parse::<f64>().map(Some).map_err(|_| {
-                DmiError::invalid(format!("{at}.{field}"), format!("{text:?} is not a number"))
-            })
-        };
-        let property = ModelProperty {
-            value_type,
-            writable,
-            minimum: bound("minimum", &p.minimum)?,
-            maximum: bound("maximum", &p.maximum)?,
-        };
-        if properties.insert(p.name.clone(), property).is_some() {
-            return Err(DmiError::invalid(
-                format!("{at}.name"),
-                format!("property {:?} is listed twice", p.name),
-            ));
-        }
-    }
-    Ok(Model { id, properties })
 }
 
 /// The function a Device runs.
@@ -498,151 +341,6 @@ fn json_list<T: serde::de::DeserializeOwned>(
                 .map_err(|e| DmiError::invalid(format!("{field}[{i}]"), e.to_string()))
         })
         .collect()
-}
-
-fn check_duration(field: String, text: &str) -> Result<(), DmiError> {
-    humantime::parse_duration(text)
-        .map(drop)
-        .map_err(|e| DmiError::invalid(field, format!("{text:?} is not a duration: {e}")))
-}
-
-fn plan_function(id: &ResourceId, data: &pb::CustomizedValue) -> Result<Function, DmiError> {
-    let values = decode_data(data, DEVICE_KEYS, CONFIG_DATA, true)?;
-    let module = text(&values, "module", CONFIG_DATA)?;
-    let workload = text(&values, "workload", CONFIG_DATA)?;
-    let module = match (module, workload) {
-        (Some(_), Some(_)) => {
-            return Err(DmiError::invalid(
-                format!("{CONFIG_DATA}.workload"),
-                "give either module (the Device runs its own function) or workload (it talks to a deployed one), not both",
-            ));
-        }
-        (None, None) => {
-            return Err(DmiError::invalid(
-                format!("{CONFIG_DATA}.module"),
-                "missing: name the device function by module (\"sha256:<64 hex digits>\") or workload (a deployed workload's name)",
-            ));
-        }
-        (None, Some(name)) => {
-            let valid = !name.is_empty()
-                && name.len() <= 63
-                && name
-                    .bytes()
-                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-                && !name.starts_with('-');
-            if !valid {
-                return Err(DmiError::invalid(
-                    format!("{CONFIG_DATA}.workload"),
-                    format!("{name:?} is not a workload name ([a-z0-9][a-z0-9-]{{0,62}})"),
-                ));
-            }
-            if let Some(key) = values
-                .keys()
-                .find(|k| OWN_KEYS.contains(&k.as_str()) || k.starts_with("config."))
-            {
-                return Err(DmiError::invalid(
-                    format!("{CONFIG_DATA}.{key}"),
-                    "a Device attached to a deployed workload cannot set its grants, triggers, limits or config: they belong to that workload's deployment",
-                ));
-            }
-            return Ok(Function::Attached(name.to_owned()));
-        }
-        (Some(module), None) => module,
-    };
-    let digest = module.strip_prefix("sha256:").unwrap_or_default();
-    if digest.len() != 64 || !digest.bytes().all(|b| b.is_ascii_hexdigit()) {
-        return Err(DmiError::invalid(
-            format!("{CONFIG_DATA}.module"),
-            format!("{module:?} is not \"sha256:\" and 64 hex digits"),
-        ));
-    }
-    let gpio: Vec<GpioGrant> = json_list(&values, "gpio", MAX_GRANTS)?;
-    for (i, g) in gpio.iter().enumerate() {
-        if let Some(d) = &g.debounce {
-            check_duration(format!("{CONFIG_DATA}.gpio[{i}].debounce"), d)?;
-        }
-    }
-    let spi: Vec<SpiGrant> = json_list(&values, "spi", MAX_GRANTS)?;
-    let i2c: Vec<I2cGrant> = json_list(&values, "i2c", MAX_GRANTS)?;
-    let triggers: Vec<Trigger> = json_list(&values, "triggers", MAX_TRIGGERS)?;
-    for (i, t) in triggers.iter().enumerate() {
-        let field = format!("{CONFIG_DATA}.triggers[{i}]");
-        match (&t.interval, &t.gpio_edge) {
-            (Some(d), None) if t.edge.is_none() && t.debounce.is_none() => {
-                check_duration(format!("{field}.interval"), d)?;
-            }
-            (None, Some(_)) => {
-                if let Some(d) = &t.debounce {
-                    check_duration(format!("{field}.debounce"), d)?;
-                }
-            }
-            _ => {
-                return Err(DmiError::invalid(
-                    field,
-                    "a trigger is {\"interval\": PERIOD} or {\"gpio-edge\": INPUT, \"edge\": ..., \"debounce\": ...}",
-                ));
-            }
-        }
-    }
-    let restart = match text(&values, "restart", CONFIG_DATA)? {
-        None => None,
-        Some("always") => Some(Restart::Always),
-        Some("on-failure") => Some(Restart::OnFailure),
-        Some("never") => Some(Restart::Never),
-        Some(other) => {
-            return Err(DmiError::invalid(
-                format!("{CONFIG_DATA}.restart"),
-                format!("{other:?} is not always, on-failure or never"),
-            ));
-        }
-    };
-    let time_slice = text(&values, "time-slice", CONFIG_DATA)?;
-    if let Some(t) = time_slice {
-        check_duration(format!("{CONFIG_DATA}.time-slice"), t)?;
-    }
-    let queue = match values.get("queue") {
-        None => None,
-        Some(ConfigValue::Int(n)) if *n >= 1 => Some(n.unsigned_abs()),
-        // Whole and within 1..1e9, so the float-to-integer conversion is exact.
-        #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
-        Some(ConfigValue::Float(f)) if f.fract() == 0.0 && *f >= 1.0 && *f < 1e9 => Some(*f as u64),
-        Some(other) => {
-            return Err(DmiError::invalid(
-                format!("{CONFIG_DATA}.queue"),
-                format!("{} is not a whole number of at least 1", other.to_text()),
-            ));
-        }
-    };
-    let limits = Limits {
-        memory: text(&values, "memory", CONFIG_DATA)?.map(str::to_owned),
-        time_slice: time_slice.map(str::to_owned),
-        queue,
-    };
-    let config: BTreeMap<String, String> = values
-        .iter()
-        .filter_map(|(k, v)| {
-            k.strip_prefix("config.")
-                .map(|k| (k.to_owned(), v.to_text()))
-        })
-        .collect();
-    if config.len() > MAX_CONFIG {
-        return Err(DmiError::invalid(
-            CONFIG_DATA,
-            format!("{} config.* values; at most {MAX_CONFIG}", config.len()),
-        ));
-    }
-    Ok(Function::Own(Box::new(DeviceWorkload {
-        name: workload_name(&id.namespace, &id.name),
-        module: format!("sha256:{}", digest.to_ascii_lowercase()),
-        restart,
-        config,
-        triggers,
-        limits,
-        gpio,
-        spi,
-        i2c,
-        device: DeviceLabels::default(),
-    })))
 }
 
 fn cycle(field: &str, ms: i64) -> Result<Duration, DmiError> {

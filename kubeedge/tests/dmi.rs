@@ -14,9 +14,10 @@ use lichen_kubeedge::host::Health;
 use lichen_kubeedge::mapper::MapperConfig;
 use lichen_kubeedge::proto::v1beta1 as pb;
 use lichen_kubeedge::proto::{ConfigValue, customized_value};
-use lichen_kubeedge::queue::{ReportQueue, SqliteQueue};
+use lichen_kubeedge::queue::ReportQueue;
 use lichen_kubeedge::workload::{Level, workload_name};
 use support::fake::FakeAgent;
+use support::queue::WatchedQueue;
 use support::standin::{EdgeCoreState, StandInEdgeCore};
 use support::{DIGEST, led_device, led_model};
 use tonic::Code;
@@ -39,23 +40,37 @@ fn config(dir: &Path) -> MapperConfig {
 async fn start(
     dir: &Path,
     agent: &FakeAgent,
-) -> (Running<FakeAgent, SqliteQueue>, Arc<SqliteQueue>) {
+) -> (Running<FakeAgent, WatchedQueue>, Arc<WatchedQueue>) {
     let _ = tracing_subscriber::fmt()
         .with_max_level(tracing::Level::DEBUG)
         .with_test_writer()
         .try_init();
-    let queue = Arc::new(SqliteQueue::open(&dir.join("kubeedge.db"), 10_000).unwrap());
+    let queue = Arc::new(
+        WatchedQueue::open(&dir.join("kubeedge.db"), 10_000, agent.change_counter()).unwrap(),
+    );
     let running = Running::start(agent.clone(), queue.clone(), config(dir))
         .await
         .expect("the mapper starts");
     (running, queue)
 }
 
-async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+/// Waits until `done` holds, looking again at every call to the fake agent (the mapper reads
+/// its health every `health_every`), every change of the report queue and every call to the
+/// stand-in EdgeCore; panics naming `what` after [`DEADLINE`].
+async fn wait_until(
+    what: &str,
+    agent: &FakeAgent,
+    edgecore: &EdgeCoreState,
+    mut done: impl FnMut() -> bool,
+) {
+    let mut agent_changes = agent.changes();
+    let mut edgecore_changes = edgecore.changes();
     let ok = tokio::time::timeout(DEADLINE, async {
-        // The fake agent has no event to wait on: look again every few milliseconds.
         while !done() {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            tokio::select! {
+                changed = agent_changes.changed() => changed.expect("the fake agent outlives the wait"),
+                changed = edgecore_changes.changed() => changed.expect("the stand-in's state outlives the wait"),
+            }
         }
     })
     .await;
@@ -93,14 +108,19 @@ async fn registers_at_start_and_again_after_the_stand_in_restarts() {
             r.registrations.len() == 2
         })
         .await;
-    wait_until("the mapper counted both registrations", || {
-        running
-            .mapper
-            .stats()
-            .registrations
-            .load(std::sync::atomic::Ordering::Relaxed)
-            == 2
-    })
+    wait_until(
+        "the mapper counted both registrations",
+        &agent,
+        &state,
+        || {
+            running
+                .mapper
+                .stats()
+                .registrations
+                .load(std::sync::atomic::Ordering::Relaxed)
+                == 2
+        },
+    )
     .await;
     running.shutdown().await;
     edgecore.stop().await;
@@ -144,7 +164,7 @@ async fn a_device_added_over_dmi_runs_its_function_and_its_twin_follows_the_desi
     assert_eq!(spec.module, format!("sha256:{DIGEST}"));
     assert_eq!(spec.gpio[1].pin, "GPIO22");
     assert_eq!(spec.triggers[0].gpio_edge.as_deref(), Some("button"));
-    wait_until("set-led delivered", || {
+    wait_until("set-led delivered", &agent, &state, || {
         agent
             .state
             .lock()
@@ -195,7 +215,7 @@ async fn a_device_added_over_dmi_runs_its_function_and_its_twin_follows_the_desi
     })
     .await
     .expect("the device is updated");
-    wait_until("led reported off", || {
+    wait_until("led reported off", &agent, &state, || {
         state.reported("led-1", "led").last().map(String::as_str) == Some("off")
     })
     .await;
@@ -252,7 +272,7 @@ async fn removing_a_device_stops_its_function_and_leaves_its_pins_in_their_safe_
     .await
     .unwrap();
     let workload = workload_name("default", "led-1");
-    wait_until("led on", || {
+    wait_until("led on", &agent, &state, || {
         agent
             .state
             .lock()
@@ -329,9 +349,12 @@ async fn edgecore_away_reports_are_kept_durably_and_delivered_in_order_once() {
             r.states.iter().any(|s| s.state == "online")
         })
         .await;
-    wait_until("led reported and nothing left to send", || {
-        state.reported("counter-1", "led") == ["on"] && queue.len().unwrap() == 0
-    })
+    wait_until(
+        "led reported and nothing left to send",
+        &agent,
+        &state,
+        || state.reported("counter-1", "led") == ["on"] && queue.len().unwrap() == 0,
+    )
     .await;
     let workload = workload_name("default", "counter-1");
 
@@ -343,7 +366,10 @@ async fn edgecore_away_reports_are_kept_durably_and_delivered_in_order_once() {
         let before = queue.len().unwrap();
         agent.publish(&workload, "presses", &n.to_string());
         published.push(n.to_string());
-        wait_until("the report queued", || queue.len().unwrap() > before).await;
+        wait_until("the report queued", &agent, &state, || {
+            queue.len().unwrap() > before
+        })
+        .await;
     }
     // The mapper itself restarts while EdgeCore is away: the queue is in its file.
     running.shutdown().await;
@@ -359,7 +385,10 @@ async fn edgecore_away_reports_are_kept_durably_and_delivered_in_order_once() {
 
     // EdgeCore returns: the mapper registers again and delivers everything, in order, once.
     let edgecore = StandInEdgeCore::start(&socket, state.clone()).await;
-    wait_until("queue drained", || queue.len().unwrap() == 0).await;
+    wait_until("queue drained", &agent, &state, || {
+        queue.len().unwrap() == 0
+    })
+    .await;
     assert_eq!(state.reported("counter-1", "presses"), published);
     assert!(state.with(|r| r.registrations.len()) >= 2);
     assert_eq!(queue.dropped().unwrap(), 0);
@@ -578,7 +607,7 @@ async fn a_device_attached_to_a_deployed_workload_talks_to_it_and_leaves_it_runn
     })
     .await
     .expect("the device attaches to the operator's workload");
-    wait_until("set-led delivered to thermostat", || {
+    wait_until("set-led delivered to thermostat", &agent, &state, || {
         agent
             .state
             .lock()
@@ -589,7 +618,7 @@ async fn a_device_attached_to_a_deployed_workload_talks_to_it_and_leaves_it_runn
     })
     .await;
     agent.publish("thermostat", "presses", "7");
-    wait_until("presses reported", || {
+    wait_until("presses reported", &agent, &state, || {
         state.reported("thermo-1", "presses") == ["7"]
     })
     .await;

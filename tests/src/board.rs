@@ -13,13 +13,14 @@
 //! `{ CMD ; } </dev/null 2>&1; printf '\n@@N:%d@@\n' $?` and reads the output up to the
 //! marker, as `guest.rs` does for the test guest.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+use crate::console::SerialConsole;
 
 /// Longest wait for a boot step or a command: only a guard against a hung QEMU, not a speed
 /// requirement (TCG on a loaded 2-core machine is slow).
@@ -168,18 +169,11 @@ impl BoardDisk {
     }
 }
 
-/// Console bytes seen so far, shared with the reader threads.
-#[derive(Default)]
-struct Console {
-    text: String,
-    closed: bool,
-}
-
 /// A running board. Dropping it kills QEMU.
 pub struct Board {
     child: Child,
     stdin: ChildStdin,
-    console: Arc<(Mutex<Console>, Condvar)>,
+    console: SerialConsole,
     consumed: usize,
     seq: u64,
     started: Instant,
@@ -196,15 +190,7 @@ impl Board {
             .spawn()
             .context("cannot start QEMU (scripts/install-deps installs qemu-system-x86, qemu-system-arm, ovmf and u-boot-qemu)")?;
         let stdin = child.stdin.take().expect("stdin was piped");
-        let console: Arc<(Mutex<Console>, Condvar)> = Arc::default();
-        for stream in [
-            Box::new(child.stdout.take().expect("stdout was piped")) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().expect("stderr was piped")),
-        ] {
-            let console = Arc::clone(&console);
-            let mut log = log.try_clone().context("cannot share console.log")?;
-            std::thread::spawn(move || pump(stream, &console, &mut log));
-        }
+        let console = SerialConsole::of_child(&mut child, &log)?;
         Ok(Board {
             child,
             stdin,
@@ -224,36 +210,16 @@ impl Board {
     /// Waits until the console shows `needle` after what was read so far; returns the rest
     /// of that line and moves past it.
     pub fn wait_for(&mut self, needle: &str) -> Result<String> {
-        let deadline = Instant::now() + HANG_GUARD;
-        let (lock, cond) = &*self.console;
-        let mut console = lock.lock().expect("console lock");
-        loop {
-            if let Some(at) = console.text[self.consumed..].find(needle) {
-                let start = self.consumed + at + needle.len();
-                if let Some(end) = console.text[start..].find('\n') {
-                    let rest = console.text[start..start + end].to_string();
-                    self.consumed = start + end + 1;
-                    return Ok(rest);
-                }
-            }
-            if console.closed {
-                bail!(
-                    "QEMU exited while waiting for {needle:?}; console:\n{}",
-                    tail(&console.text, 4000)
-                );
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                bail!(
-                    "no {needle:?} after {HANG_GUARD:?}; console:\n{}",
-                    tail(&console.text, 4000)
-                );
-            }
-            console = cond
-                .wait_timeout(console, deadline - now)
-                .expect("console lock")
-                .0;
-        }
+        let consumed = self.consumed;
+        let (rest, consumed) = self
+            .console
+            .wait(&format!("{needle:?}"), HANG_GUARD, |text| {
+                let start = consumed + text[consumed..].find(needle)? + needle.len();
+                let end = text[start..].find('\n')?;
+                Some((text[start..start + end].to_string(), start + end + 1))
+            })?;
+        self.consumed = consumed;
+        Ok(rest)
     }
 
     /// Waits for the board's init to be ready, then makes its console shell a command loop.
@@ -294,7 +260,7 @@ impl Board {
         ))?;
         let start = self.consumed;
         let status = self.wait_for(&format!("\n@@{seq}:"))?;
-        let text = self.console.0.lock().expect("console lock").text.clone();
+        let text = self.console.text();
         let marker = format!("\n@@{seq}:");
         let at = text[start..].find(&marker).map_or(start, |i| start + i);
         let output = text[start..at].to_string();
@@ -356,7 +322,7 @@ impl Board {
 
     /// The last `bytes` of the console, for failure messages.
     pub fn console_tail(&self, bytes: usize) -> String {
-        tail(&self.console.0.lock().expect("console lock").text, bytes)
+        self.console.tail(bytes)
     }
 
     /// Where the whole console is logged (across boots of one disk).
@@ -370,36 +336,4 @@ impl Drop for Board {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Copies a QEMU output stream into the shared console (without carriage returns) and the log.
-fn pump(
-    mut stream: Box<dyn Read + Send>,
-    console: &(Mutex<Console>, Condvar),
-    log: &mut std::fs::File,
-) {
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let _ = log.write_all(&buf[..n]);
-        let text = String::from_utf8_lossy(&buf[..n]).replace('\r', "");
-        let (lock, cond) = console;
-        lock.lock().expect("console lock").text.push_str(&text);
-        cond.notify_all();
-    }
-    let (lock, cond) = console;
-    lock.lock().expect("console lock").closed = true;
-    cond.notify_all();
-}
-
-/// The last `bytes` (or fewer) of `text`, cut at a character boundary.
-fn tail(text: &str, bytes: usize) -> String {
-    let mut start = text.len().saturating_sub(bytes);
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    text[start..].to_string()
 }

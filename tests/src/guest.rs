@@ -7,13 +7,14 @@
 //! carries its exit status. The whole console stream is also kept in `console.log` in a
 //! scratch directory, which a failing test prints the tail of.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+
+use crate::console::SerialConsole;
 
 /// Longest wait for the guest to boot or a command to finish: only a guard against a hung
 /// QEMU, not a speed requirement (TCG on a loaded 2-core machine is slow).
@@ -71,18 +72,11 @@ pub fn build(wasm: &[(&str, PathBuf)]) -> Result<GuestImage> {
     Ok(GuestImage { dir, build_time })
 }
 
-/// Console bytes seen so far, shared with the reader thread.
-#[derive(Default)]
-struct Console {
-    text: String,
-    closed: bool,
-}
-
 /// A booted guest. Dropping it kills QEMU (by its PID, through the child handle).
 pub struct Guest {
     child: Child,
     stdin: ChildStdin,
-    console: Arc<(Mutex<Console>, Condvar)>,
+    console: SerialConsole,
     /// Where the console has been read up to by [`Guest::run`].
     consumed: usize,
     seq: u64,
@@ -125,17 +119,9 @@ impl Guest {
             .spawn()
             .context("cannot start qemu-system-x86_64 (scripts/install-deps installs it)")?;
         let stdin = child.stdin.take().expect("stdin was piped");
-        let console: Arc<(Mutex<Console>, Condvar)> = Arc::default();
         let log = std::fs::File::create(scratch.path().join("console.log"))
             .context("cannot create console.log")?;
-        for stream in [
-            Box::new(child.stdout.take().expect("stdout was piped")) as Box<dyn Read + Send>,
-            Box::new(child.stderr.take().expect("stderr was piped")),
-        ] {
-            let console = Arc::clone(&console);
-            let mut log = log.try_clone().context("cannot share console.log")?;
-            std::thread::spawn(move || pump(stream, &console, &mut log));
-        }
+        let console = SerialConsole::of_child(&mut child, &log)?;
         let mut guest = Guest {
             child,
             stdin,
@@ -149,7 +135,7 @@ impl Guest {
         let ready = guest.wait_for_text("LICHEN-GUEST-READY ", "the guest's init to be ready")?;
         guest.boot_time = started.elapsed();
         guest.wait_for_text_from(ready, "\n", "the end of the ready line")?;
-        let text = guest.console.0.lock().expect("console lock").text.clone();
+        let text = guest.console.text();
         let errors: Vec<&str> = text[..ready]
             .lines()
             .filter(|l| l.contains("LICHEN-GUEST-ERROR"))
@@ -175,31 +161,9 @@ impl Guest {
 
     /// Waits until the console holds `needle` at or after offset `from`; returns its offset.
     fn wait_for_text_from(&self, from: usize, needle: &str, what: &str) -> Result<usize> {
-        let deadline = Instant::now() + HANG_GUARD;
-        let (lock, cond) = &*self.console;
-        let mut console = lock.lock().expect("console lock");
-        loop {
-            if let Some(at) = console.text[from..].find(needle) {
-                return Ok(from + at);
-            }
-            if console.closed {
-                bail!(
-                    "QEMU exited while waiting for {what}; console:\n{}",
-                    tail(&console.text, 3000)
-                );
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                bail!(
-                    "no {what} after {HANG_GUARD:?}; console:\n{}",
-                    tail(&console.text, 3000)
-                );
-            }
-            console = cond
-                .wait_timeout(console, deadline - now)
-                .expect("console lock")
-                .0;
-        }
+        self.console.wait(what, HANG_GUARD, |text| {
+            text[from..].find(needle).map(|at| from + at)
+        })
     }
 
     /// Runs one shell command line in the guest; returns its exit status and output
@@ -217,7 +181,7 @@ impl Guest {
         let marker = format!("\n@@{seq}:");
         let at = self.wait_for_text(&marker, &format!("the end of {command:?}"))?;
         let end = self.wait_for_text("@@\n", &format!("the status of {command:?}"))?;
-        let text = self.console.0.lock().expect("console lock").text.clone();
+        let text = self.console.text();
         let output = text[self.consumed..at].to_string();
         let status_text = &text[at + marker.len()..];
         let status_end = status_text.find("@@").unwrap_or(0);
@@ -261,7 +225,7 @@ impl Guest {
 
     /// The last `bytes` of the console, for failure messages.
     pub fn console_tail(&self, bytes: usize) -> String {
-        tail(&self.console.0.lock().expect("console lock").text, bytes)
+        self.console.tail(bytes)
     }
 
     /// The scratch directory holding `console.log`.
@@ -276,36 +240,4 @@ impl Drop for Guest {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Copies a QEMU output stream into the shared console (without carriage returns) and the log.
-fn pump(
-    mut stream: Box<dyn Read + Send>,
-    console: &(Mutex<Console>, Condvar),
-    log: &mut std::fs::File,
-) {
-    let mut buf = [0u8; 4096];
-    loop {
-        let n = match stream.read(&mut buf) {
-            Ok(0) | Err(_) => break,
-            Ok(n) => n,
-        };
-        let _ = log.write_all(&buf[..n]);
-        let text = String::from_utf8_lossy(&buf[..n]).replace('\r', "");
-        let (lock, cond) = console;
-        lock.lock().expect("console lock").text.push_str(&text);
-        cond.notify_all();
-    }
-    let (lock, cond) = console;
-    lock.lock().expect("console lock").closed = true;
-    cond.notify_all();
-}
-
-/// The last `bytes` (or fewer) of `text`, cut at a character boundary.
-fn tail(text: &str, bytes: usize) -> String {
-    let mut start = text.len().saturating_sub(bytes);
-    while !text.is_char_boundary(start) {
-        start += 1;
-    }
-    text[start..].to_string()
 }

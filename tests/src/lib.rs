@@ -4,6 +4,7 @@
 
 pub mod board;
 pub mod broker;
+pub mod console;
 pub mod containerd;
 pub mod guest;
 pub mod tools;

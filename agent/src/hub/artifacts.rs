@@ -10,11 +10,12 @@
 
 use std::collections::BTreeSet;
 use std::fs;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
 use lichen_sync::{Envelope, Manifest, MessageId, Topics, is_digest};
+
+use crate::util::write_atomically;
 
 /// The node's store of partially received artifacts.
 #[derive(Debug, Clone)]
@@ -70,13 +71,13 @@ impl ChunkStore {
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         let json = serde_json::to_vec(manifest).context("encoding a manifest")?;
-        write_synced(&dir.join("manifest.json"), &json)
+        write_atomically(&dir.join("manifest.json"), &json)
     }
 
     /// Stores one chunk (already checked against the manifest).
     pub fn put(&self, digest: &str, index: u32, bytes: &[u8]) -> Result<()> {
         let dir = self.artifact_dir(digest)?;
-        write_synced(&dir.join(format!("{index}.chunk")), bytes)
+        write_atomically(&dir.join(format!("{index}.chunk")), bytes)
     }
 
     /// Where chunk `index` of `digest` is stored (it may not be there yet).
@@ -101,16 +102,6 @@ impl ChunkStore {
             let _ = fs::remove_dir_all(dir);
         }
     }
-}
-
-/// Writes `bytes` to `path` whole or not at all: a temporary file, synced, then renamed.
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut file = fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    fs::rename(&tmp, path).with_context(|| format!("renaming {}", tmp.display()))
 }
 
 /// The sha256 digests of the modules a deployment text names as `sha256:<digest>`, in order,

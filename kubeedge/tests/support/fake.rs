@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use lichen_devices::board::BoardProfile;
 use lichen_kubeedge::host::{DeviceHost, Health, HostError, Telemetry};
 use lichen_kubeedge::workload::{DeviceWorkload, GpioMode, Level};
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, watch};
 
 /// One workload of the fake agent.
 #[derive(Debug, Clone)]
@@ -46,6 +46,20 @@ pub struct FakeAgent {
     board: Arc<BoardProfile>,
     pub state: Arc<Mutex<FakeState>>,
     telemetry: broadcast::Sender<Telemetry>,
+    /// Moves at the end of every call (the mapper reads health every `health_every`) and on
+    /// every change of a [`WatchedQueue`](super::queue::WatchedQueue) opened with it: what the
+    /// tests wait on, with a deadline.
+    changes: Arc<watch::Sender<u64>>,
+}
+
+/// Moves the change counter when dropped: declared first in a call, it drops last, after the
+/// call's lock is released and its change is made.
+struct Changed<'a>(&'a watch::Sender<u64>);
+
+impl Drop for Changed<'_> {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n += 1);
+    }
 }
 
 impl FakeAgent {
@@ -58,11 +72,27 @@ impl FakeAgent {
                 ..FakeState::default()
             })),
             telemetry: broadcast::channel(4096).0,
+            changes: Arc::new(watch::channel(0).0),
         }
+    }
+
+    /// A receiver that sees every later call and queue change.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// The change counter, for a queue to move too.
+    pub fn change_counter(&self) -> Arc<watch::Sender<u64>> {
+        self.changes.clone()
+    }
+
+    fn call(&self) -> Changed<'_> {
+        Changed(&self.changes)
     }
 
     /// Adds a workload of the operator's deployment holding `pins`.
     pub fn operator_workload(&self, name: &str, pins: &[&str]) {
+        let _call = self.call();
         self.state.lock().unwrap().workloads.insert(
             name.to_owned(),
             FakeWorkload {
@@ -76,6 +106,7 @@ impl FakeAgent {
 
     /// The function of `workload` publishes a telemetry record.
     pub fn publish(&self, workload: &str, stream: &str, payload: &str) {
+        let _call = self.call();
         let _ = self.telemetry.send(Telemetry {
             workload: workload.to_owned(),
             stream: stream.to_owned(),
@@ -85,6 +116,7 @@ impl FakeAgent {
 
     /// Sets a workload's health.
     pub fn set_health(&self, workload: &str, health: Health) {
+        let _call = self.call();
         if let Some(w) = self.state.lock().unwrap().workloads.get_mut(workload) {
             w.health = health;
         }
@@ -162,6 +194,7 @@ impl FakeAgent {
 
 impl DeviceHost for FakeAgent {
     async fn apply(&self, workload: DeviceWorkload) -> Result<(), HostError> {
+        let _call = self.call();
         let mut s = self.state.lock().unwrap();
         s.applies += 1;
         self.check(&s, &workload)?;
@@ -187,6 +220,7 @@ impl DeviceHost for FakeAgent {
     }
 
     async fn remove(&self, workload: &str) -> Result<(), HostError> {
+        let _call = self.call();
         let mut s = self.state.lock().unwrap();
         match s.workloads.get(workload) {
             None => return Err(HostError::NotFound(format!("no workload {workload:?}"))),
@@ -218,6 +252,7 @@ impl DeviceHost for FakeAgent {
         command: &str,
         payload: Vec<u8>,
     ) -> Result<Option<Vec<u8>>, HostError> {
+        let _call = self.call();
         let mut s = self.state.lock().unwrap();
         let payload = String::from_utf8_lossy(&payload).into_owned();
         s.commands
@@ -242,6 +277,7 @@ impl DeviceHost for FakeAgent {
     }
 
     async fn health(&self) -> BTreeMap<String, Health> {
+        let _call = self.call();
         let s = self.state.lock().unwrap();
         s.workloads
             .iter()

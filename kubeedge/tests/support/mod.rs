@@ -1,10 +1,11 @@
-//! Test support: the stand-in EdgeCore, the fake agent, and KubeEdge objects for the
-//! button-led example.
+//! Test support: the stand-in EdgeCore, the fake agent, the watched report queue, and KubeEdge
+//! objects for the button-led example.
 
 #![allow(dead_code)]
 
 pub mod fake;
 pub mod objects;
+pub mod queue;
 pub mod standin;
 
 pub use objects::*;

@@ -59,6 +59,11 @@ impl EdgeCoreState {
         f(&mut self.record.lock().unwrap())
     }
 
+    /// A receiver that sees every later call.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.calls.subscribe()
+    }
+
     fn called(&self) {
         self.calls.send_modify(|n| *n += 1);
     }

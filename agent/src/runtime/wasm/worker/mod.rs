@@ -562,6 +562,8 @@ pub fn spawn_worker(
     }
 }
 
+mod dispatch;
+mod edges;
 mod run;
 
 use run::Worker;

@@ -5,23 +5,20 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use lichen_host_apis::{Command, Event, GpioEdge, KvMap, LogLevel, PendingWrites, Tick};
+use lichen_host_apis::{Event, KvMap, LogLevel};
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::MissedTickBehavior;
 
 use super::super::artifacts::ArtifactKind;
-use super::super::command::{
-    CommandInput, CommandOutput, CommandProgram, run_command, stream_command,
-};
 use super::super::instance::{CallOutcome, Instance, InstanceSetup};
+use super::edges::EdgeWatcher;
 use super::{
-    BACKOFF_MAX, BACKOFF_START, CommandCommitted, Delivery, EventRequest, Prepared, Queued, Reply,
-    WorkerCommand, WorkerContext, WorkerStats, commit, commit_error, open_devices, release_devices,
-    restore_devices, setup_for, start_instance,
+    BACKOFF_MAX, BACKOFF_START, Delivery, Prepared, Queued, WorkerCommand, WorkerContext,
+    WorkerStats, commit, commit_error, open_devices, release_devices, setup_for, start_instance,
 };
 use crate::deployment::{RestartPolicy, Trigger};
-use crate::store::{CommandRecord, StatusUpdate, StoreError};
-use crate::util::{deadline_after, now_ms};
+use crate::store::StatusUpdate;
+use crate::util::deadline_after;
 
 pub(super) struct Worker {
     pub(super) ctx: WorkerContext,
@@ -150,7 +147,7 @@ impl Worker {
         Some(interval)
     }
 
-    fn publish_version(&self) {
+    pub(super) fn publish_version(&self) {
         let digest = self.current.artifact.digest().to_string();
         let kind = self.current.artifact.kind().as_str().to_string();
         let version = self.current.version;
@@ -183,7 +180,7 @@ impl Worker {
         }
     }
 
-    fn setup(&self) -> InstanceSetup {
+    pub(super) fn setup(&self) -> InstanceSetup {
         setup_for(&self.ctx, &self.current.spec, self.kv.clone())
     }
 
@@ -219,7 +216,7 @@ impl Worker {
     }
 
     /// Records a failure and decides on a restart per the policy.
-    async fn failed(&mut self, kind: &str, message: String) -> Option<Duration> {
+    pub(super) async fn failed(&mut self, kind: &str, message: String) -> Option<Duration> {
         self.ctx
             .logs
             .agent_line(&self.name, LogLevel::Error, &message);
@@ -243,304 +240,6 @@ impl Worker {
         self.record(kind, format!("{message}; restarting in {delay:?}"))
             .await;
         Some(delay)
-    }
-
-    /// Handles one event; returns a restart delay when the instance was lost.
-    async fn dispatch(
-        &mut self,
-        delivery: Delivery,
-        reply: Option<oneshot::Sender<Reply>>,
-    ) -> Option<Duration> {
-        if self.current.artifact.kind() == ArtifactKind::Command {
-            return match delivery {
-                Delivery::Tick => Box::pin(self.run_command_once()).await,
-                // A WASI command has no device access, so no edge to react to.
-                Delivery::GpioEdge { .. } => None,
-                Delivery::Command { .. } => {
-                    if let Some(reply) = reply {
-                        let _ = reply.send(Err(format!(
-                            "workload {:?} is a WASI command: it takes no commands",
-                            &*self.name
-                        )));
-                    }
-                    None
-                }
-            };
-        }
-        let event = match &delivery {
-            Delivery::Tick => {
-                self.tick_sequence += 1;
-                Event::Tick(Tick {
-                    sequence: self.tick_sequence,
-                    scheduled_at_ms: now_ms(),
-                })
-            }
-            Delivery::GpioEdge { input, event } => Event::GpioEdge(GpioEdge {
-                name: input.clone(),
-                edge: match event.edge {
-                    lichen_devices::Edge::Rising => lichen_host_apis::Edge::Rising,
-                    lichen_devices::Edge::Falling => lichen_host_apis::Edge::Falling,
-                },
-                timestamp_ns: event.timestamp_ns,
-                seqno: event.seqno,
-            }),
-            Delivery::Command {
-                id, name, payload, ..
-            } => Event::Command(Command {
-                id: id.clone(),
-                name: name.clone(),
-                payload: payload.clone(),
-            }),
-        };
-        loop {
-            let Some(instance) = self.current.instance.take() else {
-                if let Some(reply) = reply {
-                    let _ = reply.send(Err(format!(
-                        "workload {:?} has no running instance",
-                        &*self.name
-                    )));
-                }
-                return None;
-            };
-            let started = Instant::now();
-            let (instance, outcome) = instance.handle_off_workers(event.clone()).await;
-            self.current.instance = instance;
-            match outcome {
-                CallOutcome::Ok(_) | CallOutcome::GuestError(_) => {
-                    let writes = self
-                        .current
-                        .instance
-                        .as_mut()
-                        .map(Instance::take_pending)
-                        .unwrap_or_default();
-                    let answer = match outcome {
-                        CallOutcome::Ok(r) => Ok(r),
-                        CallOutcome::GuestError(m) => Err(m),
-                        CallOutcome::Trap(_) => unreachable!("handled in the outer match"),
-                    };
-                    // A hub command's id and result commit with the event's writes.
-                    let hub = match &delivery {
-                        Delivery::Command {
-                            id, hub: Some(hub), ..
-                        } => Some((id, hub)),
-                        _ => None,
-                    };
-                    let committed = if writes.is_empty() && hub.is_none() {
-                        self.uncounted_events += 1;
-                        Ok(())
-                    } else {
-                        let events = 1 + std::mem::take(&mut self.uncounted_events);
-                        let record = hub.map(|(id, hub)| CommandRecord {
-                            inbox_id: id.clone(),
-                            result: (hub.result)(&answer),
-                        });
-                        commit(&self.ctx, &self.name, &writes, events, record).await
-                    };
-                    let applied = committed.is_ok();
-                    let result = match committed {
-                        Ok(()) => {
-                            if let Some((_, hub)) = hub {
-                                let _ = hub.done.set(CommandCommitted::Now);
-                            }
-                            answer
-                        }
-                        Err(StoreError::CommandHandled(id)) => {
-                            if let Some((_, hub)) = hub {
-                                let _ = hub.done.set(CommandCommitted::Before);
-                            }
-                            Err(format!("command {id} was handled already"))
-                        }
-                        Err(e) => Err(commit_error(&e)),
-                    };
-                    if let Some(instance) = self.current.instance.as_ref() {
-                        // Only what is durable becomes visible to later events.
-                        if applied {
-                            instance.apply_committed(&writes);
-                        }
-                        self.stats
-                            .memory_bytes
-                            .store(instance.memory_bytes() as u64, Ordering::Relaxed);
-                    }
-                    if let Err(message) = &result {
-                        self.ctx.logs.agent_line(
-                            &self.name,
-                            LogLevel::Warn,
-                            &format!("event failed: {message}"),
-                        );
-                    }
-                    self.stats.events_handled.fetch_add(1, Ordering::Relaxed);
-                    self.ctx
-                        .metrics
-                        .events_handled
-                        .fetch_add(1, Ordering::Relaxed);
-                    self.ctx.metrics.handle.observe(started.elapsed());
-                    self.failures_in_a_row = 0;
-                    if let Some(old) = self.fallback.take() {
-                        self.ctx.metrics.reloads.fetch_add(1, Ordering::Relaxed);
-                        let detail = format!(
-                            "version {} handled its first event; version {} retired",
-                            self.current.version, old.version
-                        );
-                        Box::pin(release(old)).await;
-                        Box::pin(self.record("reload-confirmed", detail)).await;
-                    }
-                    if let Some(reply) = reply {
-                        let _ = reply.send(result);
-                    }
-                    return None;
-                }
-                CallOutcome::Trap(message) => {
-                    if let Some(instance) = self.current.instance.as_mut() {
-                        instance.discard_pending();
-                    }
-                    self.stats.traps.fetch_add(1, Ordering::Relaxed);
-                    self.ctx.metrics.traps.fetch_add(1, Ordering::Relaxed);
-                    if let Some(old) = self.fallback.take() {
-                        // The new version trapped on its first event: go back to the old one
-                        // and give it the same event, so it is handled exactly once.
-                        let failed_version = self.current.version;
-                        let text = format!(
-                            "reload to version {failed_version} failed: it trapped on its first event ({message}); version {} keeps running",
-                            old.version
-                        );
-                        let failed = std::mem::replace(&mut self.current, old);
-                        Box::pin(release(failed)).await;
-                        Box::pin(restore_devices(&self.ctx, &self.current.spec)).await;
-                        self.publish_version();
-                        self.ctx
-                            .metrics
-                            .reload_failures
-                            .fetch_add(1, Ordering::Relaxed);
-                        self.ctx.logs.agent_line(&self.name, LogLevel::Error, &text);
-                        self.set_state("running", Some(text.clone()));
-                        Box::pin(self.record("reload-failed", text)).await;
-                        continue;
-                    }
-                    if let Some(reply) = reply {
-                        let _ = reply.send(Err(format!("the guest trapped: {message}")));
-                    }
-                    return Box::pin(self.failed("trapped", message)).await;
-                }
-            }
-        }
-    }
-
-    /// A streaming run, raced against the worker's control channel: a stop (or the channel
-    /// closing) drops the run and is kept in `stop_during_run` for the loop, and `None` is
-    /// returned; a reload that comes meanwhile is refused (the running program is not
-    /// replaced under containerd).
-    async fn stream_command_once(
-        &mut self,
-        pre: CommandProgram,
-        output: &dyn CommandOutput,
-        memory_limit: usize,
-    ) -> Option<Result<i32, String>> {
-        let run = stream_command(
-            self.ctx.engine.engine(),
-            pre,
-            &self.name,
-            command_input(&self.current.spec),
-            output,
-            memory_limit,
-        );
-        tokio::pin!(run);
-        loop {
-            tokio::select! {
-                outcome = &mut run => return Some(outcome),
-                command = self.control.recv() => match command {
-                    Some(WorkerCommand::Stop { done }) => {
-                        self.stop_during_run = Some(Some(done));
-                        return None;
-                    }
-                    Some(WorkerCommand::Swap { .. }) => {
-                        // Dropping `done` fails the reload; the run goes on.
-                        self.ctx.logs.agent_line(
-                            &self.name,
-                            LogLevel::Warn,
-                            "a streaming command is not reloaded while it runs",
-                        );
-                    }
-                    None => {
-                        self.stop_during_run = Some(None);
-                        return None;
-                    }
-                },
-            }
-        }
-    }
-
-    /// Runs a WASI command once; returns a restart delay when it failed and may be retried.
-    /// A command with an output sink registered under the workload's name runs streaming and
-    /// unsliced, and a stop ends it mid-run ([`Worker::stream_command_once`]).
-    async fn run_command_once(&mut self) -> Option<Duration> {
-        let pre = self.current.artifact.command()?.clone();
-        self.set_state("running", None);
-        self.stats.set(|s| s.started_at = Some(Instant::now()));
-        let setup = self.setup();
-        let started = Instant::now();
-        let outcome = match self.ctx.outputs.get(&self.name) {
-            Some(output) => {
-                self.stream_command_once(pre, output.as_ref(), setup.memory_limit)
-                    .await?
-            }
-            None => {
-                run_command(
-                    self.ctx.engine.engine(),
-                    pre,
-                    &self.name,
-                    command_input(&self.current.spec),
-                    self.ctx.logs.as_ref(),
-                    setup.memory_limit,
-                    setup.time_slice,
-                )
-                .await
-            }
-        };
-        self.ctx.metrics.handle.observe(started.elapsed());
-        let has_ticker = !self.current.spec.triggers.is_empty();
-        if let Ok(code) = outcome {
-            self.stats.set(|s| s.exit_code = Some(code));
-        }
-        match outcome {
-            Ok(0) => {
-                self.stats.events_handled.fetch_add(1, Ordering::Relaxed);
-                self.ctx
-                    .metrics
-                    .events_handled
-                    .fetch_add(1, Ordering::Relaxed);
-                let _ = commit(&self.ctx, &self.name, &PendingWrites::default(), 1, None).await;
-                self.failures_in_a_row = 0;
-                if !has_ticker {
-                    self.set_state("completed", None);
-                    self.record("completed", "exit code 0".to_string()).await;
-                }
-                None
-            }
-            Ok(code) => {
-                let message = format!("command exited with code {code}");
-                if has_ticker {
-                    self.ctx
-                        .logs
-                        .agent_line(&self.name, LogLevel::Warn, &message);
-                    None
-                } else {
-                    self.failed("exited", message).await
-                }
-            }
-            Err(message) => {
-                self.stats.traps.fetch_add(1, Ordering::Relaxed);
-                self.ctx.metrics.traps.fetch_add(1, Ordering::Relaxed);
-                if has_ticker {
-                    self.ctx
-                        .logs
-                        .agent_line(&self.name, LogLevel::Error, &message);
-                    self.set_state("running", Some(message));
-                    None
-                } else {
-                    self.failed("trapped", message).await
-                }
-            }
-        }
     }
 
     async fn swap(&mut self, next: Prepared) {
@@ -666,7 +365,7 @@ impl Worker {
         }
     }
 
-    fn set_state(&self, state: &str, error: Option<String>) {
+    pub(super) fn set_state(&self, state: &str, error: Option<String>) {
         self.stats.set(|s| {
             s.state = state.to_string();
             if error.is_some() {
@@ -678,7 +377,7 @@ impl Worker {
     /// Persists the status with an event-log row. The write goes to the store's queue in the
     /// background: the status of the next event does not wait for this fsync, and the store's
     /// single writer keeps the rows in order.
-    async fn record(&mut self, kind: &str, detail: String) {
+    pub(super) async fn record(&mut self, kind: &str, detail: String) {
         let update = self.status_update(kind, detail);
         let store = self.ctx.store.clone();
         let name = self.name.clone();
@@ -690,85 +389,8 @@ impl Worker {
     }
 }
 
-/// Feeds one `gpio-edge` trigger: takes the edges queued on the input and queues the wanted
-/// ones as events, then sleeps until the line has more.
-struct EdgeWatcher {
-    /// The instance's grants (weak: the watcher must not keep the pins open).
-    devices: std::sync::Weak<lichen_host_apis::DeviceGrants>,
-    /// Where edge events go (weak: the queue closes with the workload's handle).
-    queue: mpsc::WeakSender<Queued>,
-    input: String,
-    wanted: lichen_devices::EdgeDetection,
-    logs: Arc<crate::logs::LogHub>,
-    name: Arc<str>,
-}
-
-impl EdgeWatcher {
-    /// The input pin, while the instance holds it.
-    fn pin(&self) -> Option<Arc<lichen_host_apis::GrantedInput>> {
-        let grants = self.devices.upgrade()?;
-        match grants.gpio(&self.input) {
-            Some(lichen_host_apis::GpioGrant::Input(pin)) => Some(pin.clone()),
-            _ => None,
-        }
-    }
-
-    fn stopped(&self, error: &lichen_devices::Error) {
-        self.logs.agent_line(
-            &self.name,
-            LogLevel::Error,
-            &format!("gpio-edge trigger on \"{}\" stopped: {error}", self.input),
-        );
-    }
-
-    async fn run(self) {
-        let Some(pin) = self.pin() else { return };
-        let watch = pin.edge_watch();
-        drop(pin);
-        let mut watch = match watch {
-            Ok(watch) => watch,
-            Err(error) => return self.stopped(&error),
-        };
-        loop {
-            // Everything queued so far; then sleep until the line has more.
-            loop {
-                let Some(pin) = self.pin() else { return };
-                let event = match pin.try_edge() {
-                    Ok(Some(event)) => event,
-                    Ok(None) => break,
-                    Err(error) => return self.stopped(&error),
-                };
-                drop(pin);
-                if !self.wanted.matches(event.edge) {
-                    continue;
-                }
-                let Some(queue) = self.queue.upgrade() else {
-                    return;
-                };
-                let request = Box::new(EventRequest {
-                    delivery: Delivery::GpioEdge {
-                        input: self.input.clone(),
-                        event,
-                    },
-                    reply: None,
-                });
-                if queue.send(request).await.is_err() {
-                    return;
-                }
-            }
-            if let Err(error) = watch.queued().await {
-                // A line released with its instance ends the watcher quietly.
-                if self.pin().is_some() {
-                    self.stopped(&error);
-                }
-                return;
-            }
-        }
-    }
-}
-
 /// Drops a version, releasing its instance's devices off the async workers.
-async fn release(version: Prepared) {
+pub(super) async fn release(version: Prepared) {
     if let Some(instance) = version.instance {
         instance.release().await;
     }
@@ -800,20 +422,5 @@ mod tests {
         assert_eq!(backoff(1), Duration::from_millis(200));
         assert_eq!(backoff(3), Duration::from_millis(800));
         assert_eq!(backoff(30), Duration::from_secs(30));
-    }
-}
-
-/// What a WASI command run is given from its spec: the config, and the arguments and
-/// environment of its Wasm artifact (only a Wasm spec reaches the engine; another kind has none).
-fn command_input(spec: &crate::deployment::WorkloadSpec) -> CommandInput<'_> {
-    static NO_ENV: std::collections::BTreeMap<String, String> = std::collections::BTreeMap::new();
-    let (args, env) = match &spec.artifact {
-        crate::deployment::Artifact::Wasm(wasm) => (wasm.args.as_slice(), &wasm.env),
-        _ => (&[][..], &NO_ENV),
-    };
-    CommandInput {
-        config: &spec.config,
-        args,
-        env,
     }
 }
