@@ -1,10 +1,17 @@
 #!/usr/bin/env bash
-# Builds `lichen` statically for a foreign board target and runs it under qemu-user: prints
-# its version, starts the daemon on the embedded default deployment (the `counter` device
-# function on the simulated board) and waits until counter has ticked three times.
+# Builds `lichen` statically for a foreign board target in one of its two flavours and runs it
+# under qemu-user: prints its version (which names the flavour), starts the daemon and waits
+# until the `counter` device function has ticked three times.
 #
-#   images/cross-smoke.sh aarch64-unknown-linux-musl qemu-aarch64-static
-#   images/cross-smoke.sh riscv64gc-unknown-linux-gnu qemu-riscv64-static
+#   images/cross-smoke.sh aarch64-unknown-linux-musl qemu-aarch64-static [full|small]
+#   images/cross-smoke.sh riscv64gc-unknown-linux-gnu qemu-riscv64-static [full|small]
+#
+# full (the default): every feature; the daemon runs its embedded default deployment,
+# compiling counter on the (emulated) board.
+# small: `--no-default-features --features small-node` (no Cranelift, containers, microVMs,
+# KubeEdge, operator or bench). The host's full `lichen` makes a signed bundle with counter
+# precompiled for the target and this node's engine (`lichen hub bundle --precompile TARGET`);
+# the small node imports it offline and maps the compiled file: it never compiles.
 #
 # It uses the `smoke` profile (release without whole-program LTO) to keep CI's build time
 # down; `release` builds the same code with LTO for the binary that ships.
@@ -12,14 +19,25 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 target=$1
 qemu=$2
+flavour=${3:-full}
+case "$flavour" in
+  full) features=() ;;
+  small) features=(--no-default-features --features small-node) ;;
+  *) echo "error: flavour must be full or small, not $flavour" >&2; exit 2 ;;
+esac
 
-cargo build --profile smoke --target "$target" -p lichen
+cargo build --profile smoke --target "$target" -p lichen "${features[@]}"
 target_dir=$(cargo metadata --no-deps --format-version 1 | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
 bin="$target_dir/$target/smoke/lichen"
-echo "== $target: $(file -b "$bin")"
+echo "== $target ($flavour): $(file -b "$bin")"
 file -b "$bin" | grep -q "statically linked" || { echo "error: $bin is not statically linked"; exit 1; }
 
-"$qemu" "$bin" --version
+version=$("$qemu" "$bin" --version)
+echo "$version"
+case "$version" in
+  *"($flavour node)") ;;
+  *) echo "error: $bin is not the $flavour node flavour: $version"; exit 1 ;;
+esac
 
 work=$(mktemp -d)
 daemon=""
@@ -36,12 +54,45 @@ max-instances = 8
 max-memory = "16MiB"
 memory-guard = "64KiB"
 CONF
-"$qemu" "$bin" --socket "$work/lichen.sock" run --config "$work/agent.toml" --state-dir "$work/state" >"$work/daemon.log" 2>&1 &
+run_args=()
+if [ "$flavour" = small ]; then
+  # The operator's side: the host's full lichen signs a bundle with counter precompiled for
+  # this target and engine. The node trusts its key; its hub (nothing listens on port 9) is
+  # offline, as in the field.
+  cargo build -p lichen --bin lichen
+  host="$target_dir/debug/lichen"
+  "$host" hub keygen "$work/publisher"
+  cat >> "$work/agent.toml" <<CONF
+[hub]
+url = "mqtt://127.0.0.1:9"
+node-id = "smoke"
+trusted-keys = ["$(cat "$work/publisher.pub")"]
+CONF
+  # counter as the agent's build script built it from examples/counter (the newest build).
+  counter=$(find "$target_dir/debug/build" -path '*/lichen-agent-*/out/guests/wasm32-wasip2/release/counter.wasm' \
+    -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2-)
+  [ -f "$counter" ] || { echo "error: no counter.wasm under $target_dir/debug/build"; exit 1; }
+  cp "$counter" "$work/counter.wasm"
+  cat > "$work/counter.toml" <<DEPLOY
+[[workloads]]
+name = "counter"
+module = "counter.wasm"
+triggers = [{ interval = "200ms" }]
+DEPLOY
+  "$host" hub bundle --node smoke "$work/counter.toml" --key "$work/publisher" --version 1 \
+    --out "$work/bundle" --precompile "$target" --engine-max-memory 16MiB --engine-memory-guard 64KiB
+  run_args=(--empty)
+fi
+"$qemu" "$bin" --socket "$work/lichen.sock" run --config "$work/agent.toml" --state-dir "$work/state" "${run_args[@]}" >"$work/daemon.log" 2>&1 &
 daemon=$!
 
+imported=no
 count=0
 for _ in $(seq 1 300); do
   if [ -S "$work/lichen.sock" ]; then
+    if [ "$flavour" = small ] && [ "$imported" = no ]; then
+      "$qemu" "$bin" --socket "$work/lichen.sock" import "$work/bundle" && imported=yes
+    fi
     count=$("$qemu" "$bin" --socket "$work/lichen.sock" --json kv counter count 2>/dev/null \
       | python3 -c 'import json,sys; d=json.load(sys.stdin); print(d[0]["value"] if d else 0)' 2>/dev/null) || count=0
     [ "${count:-0}" -ge 3 ] && break
@@ -52,7 +103,10 @@ for _ in $(seq 1 300); do
   sleep 1
 done
 if [ "${count:-0}" -lt 3 ]; then
-  echo "error: counter did not tick three times on $target"; cat "$work/daemon.log"; exit 1
+  echo "error: counter did not tick three times on $target ($flavour)"; cat "$work/daemon.log"; exit 1
+fi
+if grep -q "compiling module" "$work/daemon.log" && [ "$flavour" = small ]; then
+  echo "error: the small node compiled a module"; cat "$work/daemon.log"; exit 1
 fi
 "$qemu" "$bin" --socket "$work/lichen.sock" ps
-echo "== $target: counter ticked $count times under $qemu"
+echo "== $target ($flavour): counter ticked $count times under $qemu"

@@ -126,6 +126,7 @@ pub async fn run(args: RunArgs, socket: &Path) -> Result<()> {
         .context("cannot start the agent")?;
     let agent = open_agent(&config, &state_dir).await?;
     tracing::info!(state_dir = %state_dir.display(), board = %config.board, "lichen {} starting", env!("CARGO_PKG_VERSION"));
+    tracing::info!("flavour: {}", crate::flavour::describe());
     let pods = Arc::new(PodRuntime::new(agent.clone()));
     let (task_server, task_server_state) =
         crate::pods::server::start(&config.containerd, pods.clone()).await;
@@ -149,8 +150,16 @@ pub async fn run(args: RunArgs, socket: &Path) -> Result<()> {
                 .deploy_text(&file.display().to_string(), &text, &base)
                 .await
                 .map_err(|e| anyhow::anyhow!("{}", e.error))?;
-        } else if !args.no_default {
+        } else if !args.no_default && crate::flavour::COMPILER {
             deploy_embedded_default(&agent).await?;
+        } else if !args.no_default {
+            // The embedded examples come as source: a node without a compiler cannot run them.
+            tracing::warn!(
+                "no deployment stored, and this lichen ({}) has no compiler for the embedded default: \
+                 waiting for a deployment precompiled for this node (`lichen hub deploy --precompile TARGET`, \
+                 or `lichen import` of a bundle made with `lichen hub bundle --precompile TARGET`)",
+                crate::flavour::name()
+            );
         } else {
             tracing::info!("no deployment stored; waiting for `lichen deploy`");
         }

@@ -1,6 +1,7 @@
 //! `lichen doctor`: what this host can run, probed honestly, with reasons.
 
 use crate::api::types::{DoctorCheck, DoctorReport};
+use crate::runtime::Tier;
 use crate::runtime::wasm::EngineOptions;
 use crate::util::human_bytes;
 
@@ -28,12 +29,26 @@ pub fn report(board: &str, engine: Option<&EngineOptions>) -> DoctorReport {
             read_trimmed("/proc/sys/kernel/osrelease").unwrap_or_else(|| "unknown".into())
         ),
     ));
+    checks.push(check("flavour", "ok", crate::flavour::describe()));
     checks.extend(board_checks(board));
     checks.push(wasm_check(engine));
     checks.push(address_space_check(engine));
-    checks.push(cgroup_check());
-    checks.extend(microvm_checks());
-    checks.push(oci_check());
+    // A runtime this flavour leaves out is not probed (the probes run trial containers and
+    // guests): one line says it is not in the binary.
+    if crate::flavour::CONTAINERS {
+        checks.push(cgroup_check());
+    }
+    if crate::flavour::MICROVMS {
+        checks.extend(microvm_checks());
+    }
+    if crate::flavour::CONTAINERS {
+        checks.push(oci_check());
+    }
+    for tier in [Tier::Container, Tier::Microvm] {
+        if let Some(piece) = crate::flavour::missing_runtime(tier) {
+            checks.push(check(tier.as_str(), "missing", format!("needs {piece}")));
+        }
+    }
     checks.push(containerd_check());
     checks.extend(isolation_checks(board));
     DoctorReport {
@@ -229,8 +244,13 @@ fn wasm_check(engine: Option<&EngineOptions>) -> DoctorCheck {
             "wasm runtime",
             "ok",
             format!(
-                "Wasmtime {} with Cranelift for {}; engine fingerprint {} (what the hub precompiles for); pooling allocator for {} instances, up to {} of linear memory each",
+                "Wasmtime {} {} for {}; engine fingerprint {} (what the hub precompiles for); pooling allocator for {} instances, up to {} of linear memory each",
                 crate::runtime::wasm::WASMTIME_VERSION,
+                if crate::flavour::COMPILER {
+                    "with Cranelift"
+                } else {
+                    "without a compiler (it maps modules precompiled on the hub)"
+                },
                 engine.target(),
                 engine.fingerprint(),
                 engine.options().max_instances,
@@ -343,11 +363,26 @@ fn isolation_checks(board: &str) -> Vec<DoctorCheck> {
     let Ok(profile) = lichen_devices::board::BoardProfile::builtin(board) else {
         return Vec::new();
     };
-    let probe = crate::runtime::isolation::IsolationProbe::detect(
-        &profile,
-        crate::runtime::container::probe_cached(),
-        crate::runtime::isolation::probe_microvm(),
-    );
+    use crate::runtime::isolation::IsolationProbe;
+    let mut probe = if crate::flavour::CONTAINERS {
+        let microvm = match crate::flavour::missing_runtime(Tier::Microvm) {
+            None => crate::runtime::isolation::probe_microvm(),
+            Some(piece) => Err(piece),
+        };
+        IsolationProbe::detect(&profile, crate::runtime::container::probe_cached(), microvm)
+    } else {
+        let mut probe = IsolationProbe::new(&profile, Vec::new());
+        probe.record(Tier::Wasm, Ok("Wasmtime, built in".to_string()));
+        if crate::flavour::MICROVMS {
+            probe.record(Tier::Microvm, crate::runtime::isolation::probe_microvm());
+        }
+        probe
+    };
+    for tier in Tier::ALL {
+        if let Some(piece) = crate::flavour::missing_runtime(tier) {
+            probe.record(tier, Err(piece));
+        }
+    }
     probe
         .summary()
         .into_iter()

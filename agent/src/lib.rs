@@ -12,6 +12,7 @@ pub use lichen_deployment as deployment;
 pub mod doctor;
 pub mod embedded;
 pub mod files;
+pub mod flavour;
 pub mod grants;
 pub mod hub;
 #[cfg(feature = "kubeedge")]

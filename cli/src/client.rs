@@ -49,7 +49,7 @@ const EVENTS_PAGE: usize = 1000;
 
 /// `lichen`: runs WebAssembly device functions on an edge board.
 #[derive(Debug, Parser)]
-#[command(name = "lichen", version, about, propagate_version = true)]
+#[command(name = "lichen", version = lichen_agent::flavour::VERSION, about, propagate_version = true)]
 pub struct Cli {
     /// Socket of the daemon's local API [default: /run/lichen/lichen.sock as root, else
     /// $XDG_RUNTIME_DIR/lichen.sock or /tmp/lichen-$UID.sock].

@@ -1,7 +1,8 @@
 //! The `lichen` binary: `lichen run` is the daemon; the other verbs talk to it. With feature
 //! `operator`, `lichen hub ...` is the operator's tool (`lichen-operator`); with feature
 //! `bench`, `lichen bench` measures the node (`lichen-bench`). Both are on by default;
-//! `--no-default-features` builds the node alone.
+//! `--no-default-features --features small-node` builds the small node (README: "Two node
+//! flavours").
 
 mod client;
 

@@ -140,6 +140,8 @@ pub fn guest(name: &str) -> PathBuf {
 pub struct Daemon {
     /// Scratch directory holding state, socket, deployment files.
     pub dir: tempfile::TempDir,
+    /// The `lichen` binary it runs (and its CLI verbs use).
+    bin: PathBuf,
     child: Option<Child>,
     extra_args: Vec<String>,
     shell_prefix: Option<String>,
@@ -154,9 +156,20 @@ impl Daemon {
     /// Starts a daemon with extra `run` arguments, optionally through `sh -c "<prefix>; exec
     /// lichen ..."` (for `ulimit`).
     pub fn start_with(extra_args: &[&str], shell_prefix: Option<&str>) -> Result<Self> {
+        Self::start_bin(lichen_bin(), extra_args, shell_prefix)
+    }
+
+    /// Like [`Daemon::start_with`], running another build of `lichen` (the small-node
+    /// flavour); its CLI verbs run that binary too.
+    pub fn start_bin(
+        bin: PathBuf,
+        extra_args: &[&str],
+        shell_prefix: Option<&str>,
+    ) -> Result<Self> {
         let dir = tempfile::tempdir()?;
         let mut daemon = Self {
             dir,
+            bin,
             child: None,
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             shell_prefix: shell_prefix.map(str::to_string),
@@ -203,13 +216,13 @@ impl Daemon {
                 let mut c = Command::new("sh");
                 c.arg("-c").arg(format!(
                     "{prefix}; exec '{}' {}",
-                    lichen_bin().display(),
+                    self.bin.display(),
                     quoted.join(" ")
                 ));
                 c
             }
             None => {
-                let mut c = Command::new(lichen_bin());
+                let mut c = Command::new(&self.bin);
                 c.args(&args);
                 c
             }
@@ -259,7 +272,7 @@ impl Daemon {
 
     /// Runs a CLI verb against this daemon.
     pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new(lichen_bin())
+        Command::new(&self.bin)
             .arg("--socket")
             .arg(self.socket())
             .args(args)

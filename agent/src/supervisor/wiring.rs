@@ -12,8 +12,10 @@ use super::{Agent, AgentOptions, Inner, Workloads};
 use crate::deployment::WorkloadSpec;
 use crate::logs::LogHub;
 use crate::metrics::Metrics;
+#[cfg(feature = "containers")]
 use crate::runtime::container::{ContainerRuntime, ContainerTier, ImageStore};
 use crate::runtime::isolation::IsolationProbe;
+#[cfg(feature = "microvms")]
 use crate::runtime::microvm::MicrovmTier;
 use crate::runtime::wasm::{ArtifactStore, WasmEngine, WasmRuntime, WorkerContext};
 use crate::runtime::{Runtime, Tier};
@@ -48,45 +50,60 @@ impl Agent {
             devices: devices.clone(),
             outputs: Arc::default(),
         };
-        // The probe runs trial containers: off the async workers, once per process.
-        let host = tokio::task::spawn_blocking(crate::runtime::container::probe_cached)
-            .await
-            .context("the isolation probe failed")?;
-        let mut isolation = IsolationProbe::new(devices.profile(), host.cgroup.controllers.clone());
-        isolation.record(
-            Tier::Container,
-            crate::runtime::isolation::container_outcome(host),
-        );
-        let state_hash =
-            crate::runtime::wasm::sha256_hex(options.state_dir.display().to_string().as_bytes());
-        let oci = host.usable_runtime().map(|oci| {
-            // One cgroup parent per state directory, so two agents never share a cgroup.
-            ContainerRuntime::new(
-                oci.clone(),
-                host.cgroup.clone(),
-                crate::runtime::container::work_dir(&options.state_dir),
-            )
-            .with_cgroup_parent(&format!("lichen/{}", &state_hash[..12]))
-        });
+        let mut isolation = IsolationProbe::new(devices.profile(), Vec::new());
         let mut runtimes: BTreeMap<Tier, Arc<dyn Runtime>> = BTreeMap::new();
         runtimes.insert(
             Tier::Wasm,
             Arc::new(WasmRuntime::new(ctx.clone(), artifacts.clone())),
         );
-        runtimes.insert(
-            Tier::Container,
-            Arc::new(ContainerTier::new(
-                oci,
-                ImageStore::new(options.state_dir.join("images"))
-                    .with_limits(options.images.clone()),
-                logs.clone(),
-                devices.profile().clone(),
-            )),
-        );
+        #[cfg(feature = "containers")]
+        {
+            // The probe runs trial containers: off the async workers, once per process.
+            let host = tokio::task::spawn_blocking(crate::runtime::container::probe_cached)
+                .await
+                .context("the isolation probe failed")?;
+            isolation.cgroup_controllers = host.cgroup.controllers.clone();
+            isolation.record(
+                Tier::Container,
+                crate::runtime::isolation::container_outcome(host),
+            );
+            let state_hash = crate::runtime::wasm::sha256_hex(
+                options.state_dir.display().to_string().as_bytes(),
+            );
+            let oci = host.usable_runtime().map(|oci| {
+                // One cgroup parent per state directory, so two agents never share a cgroup.
+                ContainerRuntime::new(
+                    oci.clone(),
+                    host.cgroup.clone(),
+                    crate::runtime::container::work_dir(&options.state_dir),
+                )
+                .with_cgroup_parent(&format!("lichen/{}", &state_hash[..12]))
+            });
+            runtimes.insert(
+                Tier::Container,
+                Arc::new(ContainerTier::new(
+                    oci,
+                    ImageStore::new(options.state_dir.join("images"))
+                        .with_limits(options.images.clone()),
+                    logs.clone(),
+                    devices.profile().clone(),
+                )),
+            );
+        }
+        #[cfg(feature = "microvms")]
         runtimes.insert(
             Tier::Microvm,
-            Arc::new(MicrovmTier::new(options.state_dir.join("microvm"), logs)),
+            Arc::new(MicrovmTier::new(
+                options.state_dir.join("microvm"),
+                logs.clone(),
+            )),
         );
+        // A runtime this flavour leaves out is probed already: it is missing, and says why.
+        for tier in Tier::ALL {
+            if let Some(piece) = crate::flavour::missing_runtime(tier) {
+                isolation.record(tier, Err(piece));
+            }
+        }
         Ok(Self {
             inner: Arc::new(Inner {
                 imports: super::ImportRoute::default(),
@@ -156,10 +173,10 @@ impl Agent {
 
     /// The runtime of a tier, or why this agent has none.
     pub(super) fn runtime(&self, tier: Tier) -> Result<&Arc<dyn Runtime>, String> {
-        self.inner
-            .runtimes
-            .get(&tier)
-            .ok_or_else(|| format!("this agent has no {tier} runtime"))
+        self.inner.runtimes.get(&tier).ok_or_else(|| {
+            crate::flavour::missing_runtime(tier)
+                .unwrap_or_else(|| format!("this agent has no {tier} runtime"))
+        })
     }
 
     /// What this agent's board and host can run, with every tier that `specs` may run in
