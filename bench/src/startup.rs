@@ -25,6 +25,8 @@ const WARMUP: usize = 5;
 const ENGINE_ITERATIONS: usize = 2000;
 /// Loads of the precompiled artifact from disk into a fresh artifact store.
 const LOAD_ITERATIONS: usize = 50;
+/// Durable commits timed alone (one event-log row each).
+const COMMIT_ITERATIONS: usize = 50;
 
 pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
     let iterations = args.iterations.unwrap_or(200).max(1);
@@ -44,7 +46,11 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
     let mut errors = 0u64;
     let mut first_error = None;
     let mut previous: Option<String> = None;
+    let mut stats_before = agent.store().stats();
     for i in 0..WARMUP + iterations {
+        if i == WARMUP {
+            stats_before = agent.store().stats();
+        }
         // Stop the previous one outside the timing, so each deploy only starts one.
         if let Some(name) = previous.take() {
             agent.stop(&name).await.map_err(api)?;
@@ -83,6 +89,19 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
             deploy_call.push(deployed - started);
         }
         previous = Some(name);
+    }
+    let stats_after = agent.store().stats();
+    // One durable commit alone (an event-log row: one transaction, one fsync): the floor
+    // under the deploy call, which commits the deployment before it answers.
+    let mut commit = Vec::with_capacity(COMMIT_ITERATIONS);
+    for _ in 0..COMMIT_ITERATIONS {
+        let started = Instant::now();
+        agent
+            .store()
+            .log_event(None, "bench", "durable commit")
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot log an event: {e}"))?;
+        commit.push(started.elapsed());
     }
     let (worker_sum, worker_count) = histogram(&agent, "lichen_instantiate_seconds");
     let worker_mean = if worker_count > 0 {
@@ -141,6 +160,10 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
     let instantiate = Samples::new(instantiate);
     let with_init = Samples::new(with_init);
     let load = Samples::new(load);
+    let commit = Samples::new(commit);
+    let transactions = stats_after.transactions - stats_before.transactions;
+    let unsynced = stats_after.unsynced_batches - stats_before.unsynced_batches;
+    let per_start = |n: u64| n as f64 / iterations as f64;
 
     let mut table = Table::new(format!(
         "startup: deploy of a precompiled component to its first reply ({iterations} cold starts, {label})"
@@ -167,6 +190,22 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
     table.row(
         "deploy call alone (parse, record, spawn), p50",
         fmt_duration(deploy_call.percentile(50.0)),
+        "-",
+        "-",
+    );
+    table.row(
+        "one durable SQLite commit alone (one fsync), p50",
+        fmt_duration(commit.percentile(50.0)),
+        "-",
+        "-",
+    );
+    table.row(
+        "state store transactions per cold start (with their own fsync)",
+        format!(
+            "{:.1} ({:.1})",
+            per_start(transactions),
+            per_start(transactions.saturating_sub(unsynced))
+        ),
         "-",
         "-",
     );
@@ -204,8 +243,11 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
         "each cold start deploys a deployment whose one workload has a new name (started, not reloaded), then sends it `get` and waits for the reply; the previous workload is stopped before the timer starts; {WARMUP} warm-up starts not counted"
     ));
     table.note(
-        "a cold start includes parsing and validating the deployment, one SQLite transaction to record it, spawning the worker, instantiate + init, a status row, the command and its commit",
+        "a cold start includes parsing and validating the deployment, one SQLite transaction to record it (synced before the deploy call answers), spawning the worker, instantiate + init, a status row (its transaction is not synced on its own), the command",
     );
+    table.note(format!(
+        "durable commit alone: {COMMIT_ITERATIONS} event-log rows, each awaited before the next; transactions per cold start count the writer's commits over the timed starts, stops included (a status-only batch commits without its own fsync; the next synced commit makes it durable)"
+    ));
     table.note(format!(
         "engine only: {ENGINE_ITERATIONS} instances made directly from the pre-instantiated component (a store, instantiate, init), each dropped before the next; precompiled load: {LOAD_ITERATIONS} loads (read, sha256, deserialize, link)"
     ));

@@ -2,7 +2,9 @@
 //! telemetry outbox, the event log and guest logs, in one database file.
 //!
 //! The file runs in WAL mode with `synchronous=FULL`, so a write that was acknowledged survives
-//! power loss. All writes go through one writer thread that groups whatever is queued into one
+//! power loss. The one exception is a batch of nothing but status rows (a workload's runtime
+//! state, which nothing acknowledges and restore does not read back): it commits without an
+//! fsync of its own and becomes durable with the next synced commit. All writes go through one writer thread that groups whatever is queued into one
 //! transaction (one fsync), with a savepoint per request so that a failing request changes
 //! nothing and does not disturb the others. Reads use a separate connection and run beside the
 //! writer.
@@ -213,6 +215,7 @@ struct StoreShared {
     options: StoreOptions,
     stats_transactions: AtomicU64,
     stats_requests: AtomicU64,
+    stats_unsynced_batches: AtomicU64,
 }
 
 /// The part of a store that ends the writer thread when the last handle goes.
@@ -334,6 +337,7 @@ impl StateStore {
             options,
             stats_transactions: AtomicU64::new(0),
             stats_requests: AtomicU64::new(0),
+            stats_unsynced_batches: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let writer = std::thread::Builder::new()
@@ -366,6 +370,11 @@ impl StateStore {
         StoreStats {
             transactions: self.inner.shared.stats_transactions.load(Ordering::Relaxed),
             requests: self.inner.shared.stats_requests.load(Ordering::Relaxed),
+            unsynced_batches: self
+                .inner
+                .shared
+                .stats_unsynced_batches
+                .load(Ordering::Relaxed),
         }
     }
 

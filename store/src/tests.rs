@@ -1088,3 +1088,156 @@ async fn event_counts_of_a_version_3_database_carry_over_and_go_with_their_workl
     );
     assert_eq!(count("old"), Some(42));
 }
+
+/// The event commits of one group commit go in multi-row statements (batch.rs): repeated keys
+/// and counter additions apply in queue order, a delete runs after the puts queued before it,
+/// telemetry keeps the queue's order, and an unknown workload still fails alone.
+#[tokio::test]
+async fn batched_event_commits_apply_in_queue_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = db_path(&dir);
+    let store = open(&path);
+    store
+        .apply_deployment(deployment(&["door", "fan"]))
+        .await
+        .expect("applies");
+
+    // Hold the write lock so the commits queue up behind the writer's first request and form
+    // one batch (the current-thread runtime runs the spawned tasks in spawn order).
+    let mut blocker = Connection::open(&path).expect("raw open");
+    let lock = blocker
+        .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+        .expect("write lock taken");
+    let before = store.stats();
+    let mut commits = Vec::new();
+    for i in 0..70u32 {
+        let workload = if i % 2 == 0 { "door" } else { "fan" };
+        let mut commit = put(workload, &format!("k{}", i % 10), i.to_string().as_bytes());
+        commit.telemetry = vec![TelemetryRecord {
+            stream: "s".to_owned(),
+            payload: i.to_string().into_bytes(),
+            created_at_ms: u64::from(i) + 1,
+        }];
+        commits.push(commit);
+    }
+    commits.push(EventCommit {
+        kv: vec![KvWrite {
+            bucket: "default".to_owned(),
+            key: "k2".to_owned(),
+            value: None,
+        }],
+        ..put("door", "unused", b"")
+    });
+    commits.push(put("ghost", "k1", b"never"));
+    commits.push(put("fan", "k1", b"late"));
+    let tasks: Vec<_> = commits
+        .into_iter()
+        .map(|commit| {
+            let store = store.clone();
+            tokio::spawn(async move { store.commit_event(commit).await })
+        })
+        .collect();
+    tokio::task::yield_now().await;
+    lock.commit().expect("write lock released");
+    let mut results = Vec::new();
+    for task in tasks {
+        results.push(task.await.expect("task ran"));
+    }
+
+    let ghost = results.remove(71).expect_err("the ghost's commit fails");
+    assert!(
+        matches!(ghost, StoreError::UnknownWorkload(ref w) if w == "ghost"),
+        "{ghost:?}"
+    );
+    for result in results {
+        result.expect("commit lands");
+    }
+    let after = store.stats();
+    assert_eq!(after.requests - before.requests, 73);
+    assert!(
+        after.transactions - before.transactions < 73,
+        "the commits shared transactions: {before:?} -> {after:?}"
+    );
+    let value = |kv: &std::collections::BTreeMap<(String, String), Vec<u8>>, key: &str| {
+        kv.get(&("default".to_owned(), key.to_owned()))
+            .map(|v| String::from_utf8_lossy(v).into_owned())
+    };
+    let door = store.load_kv("door").expect("reads");
+    assert_eq!(door.len(), 4, "{door:?}");
+    assert_eq!(value(&door, "k0").as_deref(), Some("60"));
+    assert_eq!(value(&door, "k2"), None);
+    assert_eq!(value(&door, "k8").as_deref(), Some("68"));
+    let fan = store.load_kv("fan").expect("reads");
+    assert_eq!(fan.len(), 5, "{fan:?}");
+    assert_eq!(value(&fan, "k1").as_deref(), Some("late"));
+    assert_eq!(value(&fan, "k9").as_deref(), Some("69"));
+    assert!(store.load_kv("ghost").expect("reads").is_empty());
+    let counts: Vec<(String, u64)> = store
+        .workloads()
+        .expect("reads")
+        .into_iter()
+        .map(|w| (w.name, w.events_handled))
+        .collect();
+    assert_eq!(
+        counts,
+        vec![("door".to_owned(), 36), ("fan".to_owned(), 36)]
+    );
+    let outbox = store.outbox_peek(100).expect("reads");
+    let payloads: Vec<String> = outbox
+        .iter()
+        .map(|row| String::from_utf8_lossy(&row.payload).into_owned())
+        .collect();
+    let expected: Vec<String> = (0..70).map(|i: u32| i.to_string()).collect();
+    assert_eq!(payloads, expected);
+}
+
+/// A batch of nothing but status rows commits without an fsync of its own (nothing waits on
+/// it as durable); any other write is synced again, and both are there after a reopen.
+#[tokio::test]
+async fn status_rows_alone_commit_unsynced_and_other_writes_synced() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = db_path(&dir);
+    let store = open(&path);
+    store
+        .apply_deployment(deployment(&["door"]))
+        .await
+        .expect("applies");
+    let before = store.stats();
+    store
+        .record_status(StatusUpdate {
+            workload: "door".to_owned(),
+            state: "running".to_owned(),
+            last_error: None,
+            restarts: 1,
+            traps: 0,
+            event: Some(("started".to_owned(), "version 1 running".to_owned())),
+        })
+        .await
+        .expect("records");
+    let status_only = store.stats();
+    assert_eq!(status_only.unsynced_batches - before.unsynced_batches, 1);
+    store
+        .commit_event(put("door", "a", b"1"))
+        .await
+        .expect("commits");
+    store
+        .log_event(Some("door"), "note", "synced")
+        .await
+        .expect("logs");
+    let synced = store.stats();
+    assert_eq!(synced.unsynced_batches, status_only.unsynced_batches);
+    assert_eq!(synced.transactions - before.transactions, 3);
+    drop(store);
+
+    let store = open(&path);
+    let door = &store.workloads().expect("reads")[0];
+    assert_eq!((door.state.as_str(), door.restarts), ("running", 1));
+    assert_eq!(door.events_handled, 1);
+    let kinds: Vec<String> = store
+        .events(0, 10)
+        .expect("reads")
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, ["deployed", "started", "note"]);
+}

@@ -218,6 +218,10 @@ pub struct StoreStats {
     pub transactions: u64,
     /// Write requests processed (committed or failed).
     pub requests: u64,
+    /// Write batches of nothing but status rows, committed without an fsync of their own
+    /// (the next synced commit makes them durable).
+    #[serde(default)]
+    pub unsynced_batches: u64,
 }
 
 /// A record for the hub queued by the agent itself rather than by a guest event.

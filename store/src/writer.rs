@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering;
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
 
-use super::batch::TelemetryRows;
+use super::batch::{BatchRows, KvPut};
 use super::{
     EventCommit, GuestLogLine, NewDeployment, OutboxRecord, SqlContext, StatusUpdate, StoreError,
     StoreShared, now_ms, to_i64,
@@ -94,6 +94,8 @@ pub(crate) fn run(
     mut requests: mpsc::Receiver<Request>,
     shared: Arc<StoreShared>,
 ) {
+    // `configure` opened the connection with synchronous=FULL.
+    let mut synced = true;
     while let Some(first) = requests.blocking_recv() {
         let mut batch = Vec::with_capacity(16);
         batch.push(first);
@@ -103,6 +105,29 @@ pub(crate) fn run(
                 Err(_) => break,
             }
         }
+        let durable = batch.iter().any(|request| request.op.needs_fsync());
+        if durable != synced {
+            let level = if durable { "FULL" } else { "NORMAL" };
+            match conn.pragma_update(None, "synchronous", level) {
+                Ok(()) => synced = durable,
+                // Without FULL nothing durable may commit; NORMAL failing only costs an fsync.
+                Err(e) if durable => {
+                    let e = Arc::new(e);
+                    tracing::warn!(error = %e, "cannot set synchronous=FULL for a write");
+                    for request in batch {
+                        shared.stats_requests.fetch_add(1, Ordering::Relaxed);
+                        let _ = request.reply.send(Err(StoreError::Begin(Arc::clone(&e))));
+                    }
+                    continue;
+                }
+                Err(_) => {}
+            }
+        }
+        if !synced {
+            shared
+                .stats_unsynced_batches
+                .fetch_add(1, Ordering::Relaxed);
+        }
         if batch.len() > 1 {
             batch = run_fast_round(&mut conn, batch, &shared);
         }
@@ -111,6 +136,22 @@ pub(crate) fn run(
         }
     }
     tracing::debug!(path = %shared.path.display(), "state store writer stopped");
+}
+
+impl Op {
+    /// Whether the transaction that carries this write must be fsynced before it is answered.
+    ///
+    /// Every write someone relies on once it is acknowledged must: deployments, event commits
+    /// (key-value state, telemetry, handled commands), the outbox, sources, logs, hub state.
+    /// A status row (a workload's runtime state and restart/trap counts, with the event-log
+    /// row it carries) need not: nothing acknowledges it to anyone, restore starts every
+    /// stored workload whatever its stored state, and the next synced commit makes it durable
+    /// with everything before it (the WAL is one file, written in order). A power cut can
+    /// lose the last few status changes, never anything else; a crash of the agent alone
+    /// loses nothing (the WAL is written before the answer).
+    fn needs_fsync(&self) -> bool {
+        !matches!(self, Op::Status(_))
+    }
 }
 
 /// The common case: every request of the batch succeeds. Runs them all in one transaction
@@ -126,30 +167,30 @@ fn run_fast_round(
         return batch;
     };
     let mut outputs = Vec::with_capacity(batch.len());
-    // Telemetry of plain event commits goes in a few multi-row statements; anything else
-    // inserts what is queued first, so outbox ids keep the order of the batch.
-    let mut telemetry = TelemetryRows::default();
+    // The rows of plain event commits go in a few multi-row statements; anything else
+    // writes what is queued first, so outbox ids and writes keep the order of the batch.
+    let mut rows = BatchRows::default();
     for request in &batch {
         let result = match &request.op {
-            Op::Commit(c) if c.command.is_none() => commit_event(&tx, c, Some(&mut telemetry)),
-            op => telemetry.flush(&tx).and_then(|()| run_op(&tx, op, shared)),
+            Op::Commit(c) if c.command.is_none() => commit_event(&tx, c, Some(&mut rows)),
+            op => rows.flush(&tx).and_then(|()| run_op(&tx, op, shared)),
         };
         match result {
             Ok(output) => outputs.push(output),
             Err(_) => {
                 // Dropping `tx` rolls everything back; the slow path sorts it out.
-                drop(telemetry);
+                drop(rows);
                 drop(tx);
                 return batch;
             }
         }
     }
-    if telemetry.flush(&tx).is_err() {
-        drop(telemetry);
+    if rows.flush(&tx).is_err() {
+        drop(rows);
         drop(tx);
         return batch;
     }
-    drop(telemetry);
+    drop(rows);
     if tx.commit().is_err() {
         return batch;
     }
@@ -360,16 +401,42 @@ fn apply_deployment(conn: &Connection, d: &NewDeployment) -> Result<Output, Stor
     Ok(Output::Version(version))
 }
 
-/// Commits one event's writes; its telemetry is queued in `batch` when given (the caller
-/// inserts it before the transaction commits), else inserted here.
+/// Commits one event's writes. With `batch` (a plain event of the fast round) its counter
+/// addition, key-value puts and telemetry are queued there, and the caller writes them before
+/// the transaction commits; without, they are written here.
 fn commit_event<'a>(
     conn: &Connection,
     c: &'a EventCommit,
-    batch: Option<&mut TelemetryRows<'a>>,
+    batch: Option<&mut BatchRows<'a>>,
 ) -> Result<Output, StoreError> {
     let ctx = || format!("committing an event of workload {:?}", c.workload);
     let now = now_ms();
     let events = to_i64("events_handled", c.events_handled)?;
+    if let Some(batch) = batch {
+        // A plain event of the fast round: its rows go in the batch's multi-row statements
+        // (batch.rs), except that a delete runs in order after everything queued before it.
+        batch.count(&c.workload, events);
+        if c.kv.iter().all(|w| w.value.is_some()) {
+            for write in &c.kv {
+                if let Some(value) = &write.value {
+                    batch.put(KvPut {
+                        workload: &c.workload,
+                        bucket: &write.bucket,
+                        key: &write.key,
+                        value,
+                        updated_at_ms: now,
+                    });
+                }
+            }
+        } else {
+            batch.flush(conn)?;
+            write_kv(conn, c, now)?;
+        }
+        for t in &c.telemetry {
+            batch.push(&c.workload, t);
+        }
+        return Ok(Output::Done);
+    }
     // The count goes to the narrow `workload_counters` table (migration 4): rewriting the wide
     // `workloads` row instead dirtied most of its pages in every group commit. The counter's
     // foreign key doubles as the existence check: an unknown workload fails it.
@@ -395,33 +462,8 @@ fn commit_event<'a>(
             return Err(StoreError::CommandHandled(command.inbox_id.clone()));
         }
     }
-    if !c.kv.is_empty() {
-        let mut put = conn
-            .prepare_cached(
-                "INSERT INTO kv (workload, bucket, key, value, updated_at_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (workload, bucket, key) DO UPDATE SET
-                     value = excluded.value, updated_at_ms = excluded.updated_at_ms",
-            )
-            .context(ctx)?;
-        let mut delete = conn
-            .prepare_cached("DELETE FROM kv WHERE workload = ?1 AND bucket = ?2 AND key = ?3")
-            .context(ctx)?;
-        for write in &c.kv {
-            match &write.value {
-                Some(value) => {
-                    put.execute(params![c.workload, write.bucket, write.key, value, now])
-                }
-                None => delete.execute(params![c.workload, write.bucket, write.key]),
-            }
-            .context(ctx)?;
-        }
-    }
-    if let Some(batch) = batch {
-        for t in &c.telemetry {
-            batch.push(&c.workload, t);
-        }
-    } else if !c.telemetry.is_empty() {
+    write_kv(conn, c, now)?;
+    if !c.telemetry.is_empty() {
         let mut insert = conn
             .prepare_cached(
                 "INSERT INTO outbox (workload, stream, payload, created_at_ms, kind)
@@ -436,6 +478,33 @@ fn commit_event<'a>(
         }
     }
     Ok(Output::Done)
+}
+
+/// Applies an event's key-value writes in order, one statement each.
+fn write_kv(conn: &Connection, c: &EventCommit, now: i64) -> Result<(), StoreError> {
+    if c.kv.is_empty() {
+        return Ok(());
+    }
+    let ctx = || format!("committing an event of workload {:?}", c.workload);
+    let mut put = conn
+        .prepare_cached(
+            "INSERT INTO kv (workload, bucket, key, value, updated_at_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (workload, bucket, key) DO UPDATE SET
+                 value = excluded.value, updated_at_ms = excluded.updated_at_ms",
+        )
+        .context(ctx)?;
+    let mut delete = conn
+        .prepare_cached("DELETE FROM kv WHERE workload = ?1 AND bucket = ?2 AND key = ?3")
+        .context(ctx)?;
+    for write in &c.kv {
+        match &write.value {
+            Some(value) => put.execute(params![c.workload, write.bucket, write.key, value, now]),
+            None => delete.execute(params![c.workload, write.bucket, write.key]),
+        }
+        .context(ctx)?;
+    }
+    Ok(())
 }
 
 fn record_status(conn: &Connection, s: &StatusUpdate) -> Result<Output, StoreError> {
