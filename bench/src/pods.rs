@@ -26,9 +26,10 @@
 
 use std::io::Read;
 use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 
 use super::{Samples, Table, fmt_duration};
 use crate::BenchArgs;

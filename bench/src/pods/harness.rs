@@ -15,7 +15,7 @@ use super::{DEADLINE, LINE_BYTES};
 /// The programs the benchmark runs.
 pub(super) struct Tools {
     lichen: PathBuf,
-    shim_dir: PathBuf,
+    pub(super) shim_dir: PathBuf,
     pub(super) busybox: PathBuf,
 }
 
