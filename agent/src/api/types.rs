@@ -47,8 +47,8 @@ pub struct WorkloadStatus {
     /// What runs: `wasm` (component), `wasi-command` (preview-1 command module), `container`
     /// or `microvm`.
     pub kind: String,
-    /// `starting`, `running`, `backoff`, `failed`, `stopped` or `completed`.
-    pub state: String,
+    /// Where it is in its life, written by its wire name (`running`, `failed`, ...).
+    pub state: WorkloadState,
     /// sha256 digest of the module that runs, as `sha256:<hex>`.
     pub module_digest: String,
     /// Deployment version the running instance belongs to.
@@ -103,6 +103,8 @@ fn operator() -> String {
 }
 
 pub use crate::logs::LogLine;
+/// A workload's state in `ps` rows (the deployment crate's enum, re-exported for clients).
+pub use lichen_deployment::WorkloadState;
 
 /// One key-value entry of a workload.
 #[derive(Debug, Clone, Serialize, Deserialize)]
