@@ -312,4 +312,34 @@ mod tests {
         let newer: ApiError = serde_json::from_str(r#"{"code":"throttled","error":"y"}"#).unwrap();
         assert_eq!(newer.code, ErrorCode::Internal);
     }
+
+    #[test]
+    fn ps_rows_keep_each_states_wire_name_and_a_newer_agents_state_reads_as_unknown() {
+        for (state, name) in [
+            (WorkloadState::Pending, "pending"),
+            (WorkloadState::Starting, "starting"),
+            (WorkloadState::Running, "running"),
+            (WorkloadState::Backoff, "backoff"),
+            (WorkloadState::Completed, "completed"),
+            (WorkloadState::Failed, "failed"),
+            (WorkloadState::Stopped, "stopped"),
+        ] {
+            let row = WorkloadStatus {
+                name: "door".into(),
+                state,
+                ..WorkloadStatus::default()
+            };
+            let json = serde_json::to_value(&row).unwrap();
+            assert_eq!(json["state"], name);
+            let back: WorkloadStatus = serde_json::from_value(json).unwrap();
+            assert_eq!(back.state, state);
+        }
+        let mut newer = serde_json::to_value(WorkloadStatus::default()).unwrap();
+        newer["state"] = "hibernating".into();
+        let read: WorkloadStatus = serde_json::from_value(newer).unwrap();
+        assert_eq!(
+            (read.state, read.state.as_str()),
+            (WorkloadState::Unknown, "unknown")
+        );
+    }
 }
