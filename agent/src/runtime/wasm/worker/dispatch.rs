@@ -8,8 +8,10 @@ use lichen_host_apis::{Command, Event, GpioEdge, LogLevel, PendingWrites, Tick};
 use tokio::sync::oneshot;
 
 use super::run::{Worker, release};
-use super::{CommandCommitted, Delivery, Reply, commit, commit_error, restore_devices};
-use super::{Failure, WorkerCommand};
+use super::{
+    CommandCommitted, Delivery, Failure, Reply, WorkerCommand, commit, commit_error,
+    restore_devices,
+};
 use crate::deployment::WorkloadState;
 use crate::runtime::wasm::artifacts::ArtifactKind;
 use crate::runtime::wasm::command::{

@@ -193,8 +193,8 @@ impl Default for WorkerStatus {
     }
 }
 
-/// Why a run of a worker's instance ended in failure: the event-log kind of the failure (the
-/// same text as before it was an enum), and what decides nothing else.
+/// Why a run of a worker's instance failed, passed to the worker's `failed`: its text is the
+/// kind of the event-log entry (`start-failed`, `trapped`, `exited`, as before the enum).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Failure {
     /// The instance could not be made (compile, instantiate, `start` handler).
