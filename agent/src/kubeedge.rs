@@ -17,7 +17,7 @@ use tokio::sync::broadcast;
 use tokio::task::JoinHandle;
 
 use crate::api::control::Control;
-use crate::api::types::{ApiError, ErrorCode, SendRequest};
+use crate::api::types::{ApiError, ErrorCode, SendRequest, WorkloadState};
 use crate::config::KubeEdgeSection;
 use crate::store::DmiQueue;
 use crate::supervisor::{Agent, Labels, Refusal, Source};
@@ -156,12 +156,12 @@ impl DeviceHost for AgentDevices {
             .await
             .into_iter()
             .map(|w| {
-                let health = match w.state.as_str() {
-                    "running" => Health::Running,
-                    "starting" | "pending" => Health::Starting,
+                let health = match w.state {
+                    WorkloadState::Running => Health::Running,
+                    WorkloadState::Starting | WorkloadState::Pending => Health::Starting,
                     state => Health::Down(match w.last_error {
                         Some(error) => format!("{state}: {error}"),
-                        None => state.to_owned(),
+                        None => state.to_string(),
                     }),
                 };
                 (w.name, health)

@@ -14,6 +14,7 @@ use super::{
 use crate::BenchArgs;
 use lichen_agent::api::control::Control;
 use lichen_agent::api::types::SendRequest;
+use lichen_agent::api::types::WorkloadState;
 use lichen_agent::runtime::wasm::Delivery;
 use lichen_agent::supervisor::Agent;
 use lichen_agent::util::{human_bytes, process_rss_bytes};
@@ -83,7 +84,10 @@ pub(super) async fn run(
     }
     let all_live = started.elapsed();
     let statuses = agent.ps().await;
-    let running = statuses.iter().filter(|s| s.state == "running").count();
+    let running = statuses
+        .iter()
+        .filter(|s| s.state == WorkloadState::Running)
+        .count();
     let linear: u64 = statuses.iter().map(|s| s.memory_bytes).sum();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rss_after = process_rss_bytes().context("cannot read the process RSS")?;

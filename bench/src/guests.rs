@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use lichen_agent::api::control::Control;
+use lichen_agent::api::types::WorkloadState;
 use lichen_agent::runtime::wasm::{ArtifactStore, EngineOptions, WasmEngine};
 use lichen_agent::util::{human_bytes, process_rss_bytes};
 
@@ -227,7 +228,10 @@ async fn instances(dir: &Path, count: usize, table: &mut Table) -> Result<Vec<St
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
         let ps = agent.ps().await;
-        let running = ps.iter().filter(|w| w.state == "running").count();
+        let running = ps
+            .iter()
+            .filter(|w| w.state == WorkloadState::Running)
+            .count();
         if running == count {
             break;
         }

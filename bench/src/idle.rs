@@ -15,6 +15,7 @@ use super::devices::add_guest;
 use super::{Table, api, open_agent};
 use crate::BenchArgs;
 use lichen_agent::api::control::Control;
+use lichen_agent::api::types::WorkloadState;
 
 /// Default quiet window (`--iterations` sets it in seconds).
 const WINDOW: Duration = Duration::from_secs(10);
@@ -87,7 +88,7 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let ps = agent.ps().await;
-        if ps.len() == 4 && ps.iter().all(|w| w.state == "running") {
+        if ps.len() == 4 && ps.iter().all(|w| w.state == WorkloadState::Running) {
             break;
         }
         if Instant::now() > deadline {

@@ -20,6 +20,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use lichen_agent::api::types::WorkloadState;
 use lichen_kubeedge::proto::v1beta1 as pb;
 use lichen_kubeedge::proto::{ConfigValue, customized_value};
 use lichen_kubeedge::workload::workload_name;
@@ -228,7 +229,7 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
             .ps()
             .await
             .into_iter()
-            .filter(|w| w.state == "running" && workloads.contains(&w.name))
+            .filter(|w| w.state == WorkloadState::Running && workloads.contains(&w.name))
             .count();
         if running == devices {
             break;

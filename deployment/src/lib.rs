@@ -120,6 +120,7 @@ mod json;
 mod locate;
 mod size;
 mod spec;
+mod state;
 mod text;
 mod tree;
 mod validate;
@@ -134,6 +135,7 @@ pub use spec::{
     GuestRootRef, I2cGrantSpec, ImageRef, IsolationChoice, Limits, MicrovmWorkload, ModuleRef,
     RestartPolicy, SpiGrantSpec, Tier, Trigger, WasmArtifact, WorkloadSpec,
 };
+pub use state::WorkloadState;
 pub use text::escape_unprintable;
 
 use locate::{LineIndex, SourceMap};

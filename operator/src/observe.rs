@@ -11,6 +11,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use lichen_sync::{Envelope, MessageId, Topics};
 use rumqttc::{AsyncClient, Event, Packet, QoS};
 
+use lichen_agent::api::types::WorkloadState;
 use lichen_agent::render::{self, Table, emit, push_json};
 
 use crate::{HubSendArgs, HubStatusArgs, HubWatchArgs, options};
@@ -80,7 +81,13 @@ fn write_status(out: &mut Vec<u8>, nodes: &BTreeMap<String, serde_json::Value>) 
         let workloads = r["workloads"].as_array().map_or_else(
             || "-".to_owned(),
             |w| {
-                let running = w.iter().filter(|w| w["state"] == "running").count();
+                let running = w
+                    .iter()
+                    .filter(|w| {
+                        w["state"].as_str().map(WorkloadState::from_name)
+                            == Some(WorkloadState::Running)
+                    })
+                    .count();
                 format!("{running}/{} running", w.len())
             },
         );

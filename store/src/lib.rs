@@ -57,6 +57,8 @@ use tokio::sync::{mpsc, oneshot};
 
 #[cfg(feature = "kubeedge")]
 pub use dmi::DmiQueue;
+/// The state of a workload in its status row (`workloads.state`, TEXT: the wire name).
+pub use lichen_deployment::WorkloadState;
 pub use outbox::SqliteOutbox;
 pub use reads::{OUTBOX_ROW_OVERHEAD, Reader};
 pub use sources::SourceWorkload;

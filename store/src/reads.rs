@@ -10,6 +10,7 @@
 
 use std::collections::BTreeMap;
 
+use lichen_deployment::WorkloadState;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::{
@@ -50,7 +51,7 @@ pub(super) fn workload_row(row: &Row<'_>) -> rusqlite::Result<WorkloadRow> {
         deployment_version: get_u64(row, 1)?,
         spec_json: row.get(2)?,
         module_digest: row.get(3)?,
-        state: row.get(4)?,
+        state: WorkloadState::from_name(&row.get::<_, String>(4)?),
         last_error: row.get(5)?,
         restarts: get_u64(row, 6)?,
         traps: get_u64(row, 7)?,

@@ -166,7 +166,9 @@ async fn applied_deployment_and_its_workloads_survive_reopen() {
         current
             .workloads
             .iter()
-            .all(|w| w.state == "pending" && w.deployment_version == 1 && w.events_handled == 0)
+            .all(|w| w.state == WorkloadState::Pending
+                && w.deployment_version == 1
+                && w.events_handled == 0)
     );
     assert_eq!(current.workloads[1].spec_json, "{\"name\":\"door\"}");
     assert_eq!(store.workloads().expect("reads"), current.workloads);
@@ -203,7 +205,7 @@ async fn redeploy_keeps_listed_workloads_state_and_drops_unlisted_ones() {
     store
         .record_status(StatusUpdate {
             workload: "door".to_owned(),
-            state: "running".to_owned(),
+            state: WorkloadState::Running,
             last_error: None,
             restarts: 2,
             traps: 1,
@@ -224,13 +226,8 @@ async fn redeploy_keeps_listed_workloads_state_and_drops_unlisted_ones() {
         (2, "module-door-v2")
     );
     assert_eq!(
-        (
-            door.state.as_str(),
-            door.restarts,
-            door.traps,
-            door.events_handled
-        ),
-        ("running", 2, 1, 1)
+        (door.state, door.restarts, door.traps, door.events_handled),
+        (WorkloadState::Running, 2, 1, 1)
     );
     let door_kv = store.load_kv("door").expect("reads");
     assert_eq!(
@@ -447,7 +444,7 @@ async fn failing_writes_change_nothing_and_say_why() {
     let err = store
         .record_status(StatusUpdate {
             workload: "ghost".to_owned(),
-            state: "running".to_owned(),
+            state: WorkloadState::Running,
             last_error: None,
             restarts: 0,
             traps: 0,
@@ -471,7 +468,59 @@ async fn failing_writes_change_nothing_and_say_why() {
     // Only the first deployment's event was logged.
     let events = store.events(0, 10).expect("reads");
     assert_eq!(events.len(), 1, "{events:?}");
-    assert_eq!(store.workloads().expect("reads")[0].state, "pending");
+    assert_eq!(
+        store.workloads().expect("reads")[0].state,
+        WorkloadState::Pending
+    );
+}
+
+/// The `workloads.state` column keeps the wire name of each state byte for byte, and a name
+/// this agent does not know (a row of a newer agent) reads as `Unknown` instead of failing.
+#[tokio::test]
+async fn stored_states_keep_their_wire_names_and_unknown_ones_read_as_unknown() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = db_path(&dir);
+    let store = open(&path);
+    store
+        .apply_deployment(deployment(&["door"]))
+        .await
+        .expect("applies");
+    let column = || -> String {
+        Connection::open(&path)
+            .expect("opens")
+            .query_row("SELECT state FROM workloads WHERE name = 'door'", [], |r| {
+                r.get(0)
+            })
+            .expect("reads the column")
+    };
+    assert_eq!(column(), "pending");
+    for state in WorkloadState::ALL {
+        store
+            .record_status(StatusUpdate {
+                workload: "door".to_owned(),
+                state,
+                last_error: None,
+                restarts: 0,
+                traps: 0,
+                event: None,
+            })
+            .await
+            .expect("records");
+        assert_eq!(column(), state.as_str());
+        assert_eq!(store.workloads().expect("reads")[0].state, state);
+    }
+    Connection::open(&path)
+        .expect("opens")
+        .execute("UPDATE workloads SET state = 'hibernating'", [])
+        .expect("writes a newer agent's state");
+    assert_eq!(
+        store.workloads().expect("reads")[0].state,
+        WorkloadState::Unknown
+    );
+    assert_eq!(
+        store.all_workloads().expect("reads")[0].0.state,
+        WorkloadState::Unknown
+    );
 }
 
 #[tokio::test]
@@ -485,7 +534,7 @@ async fn status_and_its_event_are_recorded_together() {
     store
         .record_status(StatusUpdate {
             workload: "door".to_owned(),
-            state: "failed".to_owned(),
+            state: WorkloadState::Failed,
             last_error: Some("trap: unreachable".to_owned()),
             restarts: 3,
             traps: 4,
@@ -494,7 +543,7 @@ async fn status_and_its_event_are_recorded_together() {
         .await
         .expect("records");
     let door = &store.workloads().expect("reads")[0];
-    assert_eq!(door.state, "failed");
+    assert_eq!(door.state, WorkloadState::Failed);
     assert_eq!(door.last_error.as_deref(), Some("trap: unreachable"));
     assert_eq!((door.restarts, door.traps), (3, 4));
 
@@ -1206,7 +1255,7 @@ async fn status_rows_alone_commit_unsynced_and_other_writes_synced() {
     store
         .record_status(StatusUpdate {
             workload: "door".to_owned(),
-            state: "running".to_owned(),
+            state: WorkloadState::Running,
             last_error: None,
             restarts: 1,
             traps: 0,
@@ -1231,7 +1280,7 @@ async fn status_rows_alone_commit_unsynced_and_other_writes_synced() {
 
     let store = open(&path);
     let door = &store.workloads().expect("reads")[0];
-    assert_eq!((door.state.as_str(), door.restarts), ("running", 1));
+    assert_eq!((door.state, door.restarts), (WorkloadState::Running, 1));
     assert_eq!(door.events_handled, 1);
     let kinds: Vec<String> = store
         .events(0, 10)

@@ -1,5 +1,6 @@
 //! The records the state store takes and hands back.
 
+use lichen_deployment::WorkloadState;
 use serde::{Deserialize, Serialize};
 
 /// How a [`StateStore`](super::StateStore) behaves beyond what the database file itself holds.
@@ -95,8 +96,8 @@ pub struct TelemetryRecord {
 pub struct StatusUpdate {
     /// The workload the status is about.
     pub workload: String,
-    /// The new state (`pending`, `running`, `failed`, ...).
-    pub state: String,
+    /// The new state (stored as its wire name, `running`, `failed`, ...).
+    pub state: WorkloadState,
     /// The last error, or `None` to clear it.
     pub last_error: Option<String>,
     /// Total restarts so far.
@@ -152,8 +153,9 @@ pub struct WorkloadRow {
     pub spec_json: String,
     /// Digest of the module or image the workload runs.
     pub module_digest: String,
-    /// The last recorded state.
-    pub state: String,
+    /// The last recorded state (a name this agent does not know reads as
+    /// [`WorkloadState::Unknown`]).
+    pub state: WorkloadState,
     /// The last recorded error, if any.
     pub last_error: Option<String>,
     /// Total restarts.

@@ -519,7 +519,7 @@ fn record_status(conn: &Connection, s: &StatusUpdate) -> Result<Output, StoreErr
         .and_then(|mut stmt| {
             stmt.execute(params![
                 s.workload,
-                s.state,
+                s.state.as_str(),
                 s.last_error,
                 restarts,
                 traps,

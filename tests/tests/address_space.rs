@@ -3,6 +3,7 @@
 //! too small for the configured pool it starts with a smaller pool and says so, in its log
 //! and in `lichen doctor`.
 
+use lichen_agent::api::types::WorkloadState;
 use lichen_tests::{Daemon, guest, lichen_bin, output_text};
 
 #[test]
@@ -32,9 +33,9 @@ fn two_hundred_instances_start_under_a_256_gib_address_space_limit() {
     let rows = daemon.ps();
     assert_eq!(rows.len(), 200);
     assert!(
-        rows.iter().all(|w| w.state == "running"),
+        rows.iter().all(|w| w.state == WorkloadState::Running),
         "{:?}",
-        rows.iter().find(|w| w.state != "running")
+        rows.iter().find(|w| w.state != WorkloadState::Running)
     );
 }
 

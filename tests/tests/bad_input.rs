@@ -1,5 +1,6 @@
 //! Bad deployments are refused with an error naming file, line and field, and change nothing.
 
+use lichen_agent::api::types::WorkloadState;
 use lichen_tests::{Daemon, guest, one_workload, output_text};
 
 /// A daemon running one good deployment (version 1), to check that bad ones change nothing.
@@ -12,7 +13,7 @@ fn daemon_with_good_deployment() -> Daemon {
     );
     let out = daemon.deploy("good.toml", &text);
     assert!(out.status.success(), "{}", output_text(&out));
-    daemon.wait_for("counter", "running", |s| s.state == "running");
+    daemon.wait_for("counter", "running", |s| s.state == WorkloadState::Running);
     daemon
 }
 

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use lichen_agent::api::types::WorkloadState;
 use lichen_tests::broker::{Mosquitto, PERSISTENT, Seen, Watcher};
 use lichen_tests::{Daemon, guest, lichen, lichen_bin, one_workload, output_text};
 
@@ -56,7 +57,7 @@ impl Node {
             None,
         )
         .expect("daemon starts");
-        daemon.wait_for("counter", "running", |w| w.state == "running");
+        daemon.wait_for("counter", "running", |w| w.state == WorkloadState::Running);
         Node {
             dir,
             daemon,
@@ -350,8 +351,9 @@ fn hostile_bundles_are_refused_naming_the_member_and_the_node_keeps_answering() 
     // None of the refusals consumed the version: the genuine bundle applies.
     let out = node.import(&good);
     assert!(out.status.success(), "{}", output_text(&out));
-    node.daemon
-        .wait_for("thermostat", "running", |w| w.state == "running");
+    node.daemon.wait_for("thermostat", "running", |w| {
+        w.state == WorkloadState::Running
+    });
 }
 
 /// `lichen hub bundle --precompile` for this node's target and another: `lichen import` takes
@@ -443,8 +445,9 @@ fn a_bundle_precompiled_for_this_node_imports_without_compiling_and_a_changed_on
     // The genuine bundle: applied; the module is mapped from its compiled form.
     let out = node.import(&good);
     assert!(out.status.success(), "{}", output_text(&out));
-    node.daemon
-        .wait_for("thermostat", "running", |w| w.state == "running");
+    node.daemon.wait_for("thermostat", "running", |w| {
+        w.state == WorkloadState::Running
+    });
     let r = reported("version 5 applied", &|r| {
         r["applied-version"] == 5 && r["engine"]["precompiled-loads"].as_u64() > Some(0)
     });

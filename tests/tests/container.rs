@@ -9,6 +9,7 @@ use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use lichen_agent::api::types::WorkloadState;
 use lichen_agent::runtime::container::{
     ContainerRuntime, ContainerSpec, ContainerStatus, ExitReason, Limits, LogLine, LogSink,
     LogStream, probe_cached,
@@ -467,7 +468,9 @@ pids = 32
 "#;
     let out = daemon.deploy("deploy.toml", text);
     assert!(out.status.success(), "{}", output_text(&out));
-    let status = daemon.wait_for("hello", "completed", |s| s.state == "completed");
+    let status = daemon.wait_for("hello", "completed", |s| {
+        s.state == WorkloadState::Completed
+    });
     assert_eq!(status.kind, "container");
     assert_eq!(status.isolation, "container");
     assert_eq!(status.exit_code, Some(0));
@@ -508,7 +511,7 @@ memory = "16MiB"
 "#;
     let out = daemon.deploy("deploy.toml", text);
     assert!(out.status.success(), "{}", output_text(&out));
-    let status = daemon.wait_for("hog", "failed", |s| s.state == "failed");
+    let status = daemon.wait_for("hog", "failed", |s| s.state == WorkloadState::Failed);
     assert!(status.oom_killed, "{status:?}");
     assert_eq!(status.exit_code, Some(137));
     assert_eq!(
@@ -553,7 +556,7 @@ command = ["/bin/sh", "-c", "echo sleeping; exec sleep 300"]
     assert_eq!(status.exit_code, Some(3));
     assert!(logs(&daemon, "crashy").matches("[stdout] attempt").count() >= 3);
     let sleeper = daemon.wait_for("sleeper", "running", |s| {
-        s.state == "running" && s.pids.unwrap_or(0) >= 1
+        s.state == WorkloadState::Running && s.pids.unwrap_or(0) >= 1
     });
     assert!(sleeper.memory_bytes > 0, "{sleeper:?}");
     // A container takes no commands; `lichen stop` stops it (and runc forgets it).
@@ -567,7 +570,7 @@ command = ["/bin/sh", "-c", "echo sleeping; exec sleep 300"]
     let out = daemon.cli(&["stop", "sleeper"]);
     assert!(out.status.success(), "{}", output_text(&out));
     let stopped = daemon.status("sleeper").expect("kept in ps");
-    assert_eq!(stopped.state, "stopped");
+    assert_eq!(stopped.state, WorkloadState::Stopped);
     assert!(
         !live_containers(&daemon).contains(&"lichen-sleeper".to_string()),
         "{:?}",
@@ -670,8 +673,8 @@ command = ["/bin/sh", "-c", "echo box v1; exec sleep 300"]
     );
     let out = daemon.deploy("deploy.toml", &v1);
     assert!(out.status.success(), "{}", output_text(&out));
-    daemon.wait_for("box", "running", |s| s.state == "running");
-    daemon.wait_for("counter", "running", |s| s.state == "running");
+    daemon.wait_for("box", "running", |s| s.state == WorkloadState::Running);
+    daemon.wait_for("counter", "running", |s| s.state == WorkloadState::Running);
     let version = daemon.status("box").expect("box").deployment_version;
 
     // A bad container image rejects the whole: the wasm change beside it is not applied.
@@ -709,7 +712,7 @@ command = ["/bin/sh", "-c", "echo box v1; exec sleep 300"]
     assert!(report.contains("reloaded   box"), "{report}");
     assert!(report.contains("unchanged  counter"), "{report}");
     daemon.wait_for("box", "v2 running", |s| {
-        s.state == "running" && s.deployment_version > version
+        s.state == WorkloadState::Running && s.deployment_version > version
     });
     let deadline = Instant::now() + Duration::from_secs(30);
     while !logs(&daemon, "box").contains("box v2") && Instant::now() < deadline {
@@ -820,7 +823,7 @@ restart = "never"
     let out = daemon.deploy("deploy.toml", text);
     assert!(out.status.success(), "{}", output_text(&out));
     for name in ["from-dir", "from-tar"] {
-        let status = daemon.wait_for(name, "completed", |s| s.state == "completed");
+        let status = daemon.wait_for(name, "completed", |s| s.state == WorkloadState::Completed);
         assert_eq!(
             status.module_digest, manifest_digest,
             "content-addressed by manifest"
@@ -917,7 +920,7 @@ memory = "128MiB"
     );
     let out = daemon.deploy("deploy.toml", &v1);
     assert!(out.status.success(), "{}", output_text(&out));
-    let vm = daemon.wait_for("vm", "booted", |s| s.state == "running");
+    let vm = daemon.wait_for("vm", "booted", |s| s.state == WorkloadState::Running);
     assert_eq!(vm.kind, "microvm");
     assert_eq!(vm.isolation, "microvm");
     let accel = vm.accelerator.clone().expect("the accelerator is shown");
@@ -926,7 +929,7 @@ memory = "128MiB"
     assert!(logs(&daemon, "vm").contains("LICHEN-READY"));
     let table = output_text(&daemon.cli(&["ps"]));
     assert!(table.contains(&format!("microvm ({accel})")), "{table}");
-    daemon.wait_for("box", "running", |s| s.state == "running");
+    daemon.wait_for("box", "running", |s| s.state == WorkloadState::Running);
     let version = daemon.status("vm").expect("vm").deployment_version;
 
     // A microVM whose kernel file is missing rejects the whole: the container change beside
@@ -953,7 +956,7 @@ memory = "128MiB"
     );
     let out = daemon.deploy("deploy.toml", &failing);
     assert!(out.status.success(), "{}", output_text(&out));
-    let silent = daemon.wait_for("silent", "failed", |s| s.state == "failed");
+    let silent = daemon.wait_for("silent", "failed", |s| s.state == WorkloadState::Failed);
     assert!(
         silent
             .last_error
@@ -961,8 +964,14 @@ memory = "128MiB"
             .is_some_and(|e| e.contains("boot failed: the ready marker")),
         "{silent:?}"
     );
-    assert_eq!(daemon.status("vm").expect("vm").state, "running");
-    assert_eq!(daemon.status("box").expect("box").state, "running");
+    assert_eq!(
+        daemon.status("vm").expect("vm").state,
+        WorkloadState::Running
+    );
+    assert_eq!(
+        daemon.status("box").expect("box").state,
+        WorkloadState::Running
+    );
 
     // Removing them all stops the VM (ACPI power button) and the container.
     let out = daemon.deploy("deploy.toml", "workloads = []\n");
@@ -1009,7 +1018,7 @@ fn kill_9_during_a_mixed_deploy_leaves_the_old_or_the_new_never_a_mix() {
     };
     let out = daemon.deploy("deploy.toml", &deployment(0));
     assert!(out.status.success(), "{}", output_text(&out));
-    daemon.wait_for("box-0", "running", |s| s.state == "running");
+    daemon.wait_for("box-0", "running", |s| s.state == WorkloadState::Running);
     let mut seen_new = 0;
     for round in 1..=4u32 {
         let path = daemon.write_file("next.toml", &deployment(round));
@@ -1047,7 +1056,7 @@ fn kill_9_during_a_mixed_deploy_leaves_the_old_or_the_new_never_a_mix() {
         }
         // Only the restored container runs: what the killed agent left is deleted. (`running`
         // shows once runc is started; runc lists the container once it has created it.)
-        daemon.wait_for(&boxed, "running", |s| s.state == "running");
+        daemon.wait_for(&boxed, "running", |s| s.state == WorkloadState::Running);
         let want = vec![format!("lichen-{boxed}")];
         let deadline = Instant::now() + Duration::from_secs(30);
         while live_containers(&daemon) != want && Instant::now() < deadline {
@@ -1107,7 +1116,7 @@ memory = "128MiB"
     );
     let out = daemon.deploy("deploy.toml", &text);
     assert!(out.status.success(), "{}", output_text(&out));
-    daemon.wait_for("vm", "booted", |s| s.state == "running");
+    daemon.wait_for("vm", "booted", |s| s.state == WorkloadState::Running);
     let state_dir = daemon.state_dir();
     let before = qemu_pids_under(&state_dir);
     assert_eq!(before.len(), 1, "one QEMU for the VM: {before:?}");
@@ -1117,7 +1126,7 @@ memory = "128MiB"
     assert!(running(before[0]), "QEMU outlives the killed agent");
 
     daemon.restart().expect("the agent restarts");
-    daemon.wait_for("vm", "booted again", |s| s.state == "running");
+    daemon.wait_for("vm", "booted again", |s| s.state == WorkloadState::Running);
     let deadline = Instant::now() + Duration::from_secs(30);
     while running(before[0]) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));

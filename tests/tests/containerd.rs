@@ -8,6 +8,7 @@
 //! (shim start/delete, ttrpc, rootfs mounts, FIFOs, events, exit codes, the agent going away).
 //! The tests at the end run pods on the real agent (`lichen run`).
 
+use lichen_agent::api::types::WorkloadState;
 use lichen_tests::containerd::{
     Containerd, FAKE_SLOT_BYTES, FakeAgentServer, ImageFile, ImageSpec, RUNTIME, exit_wasm,
     hello_wasm, shim_bin, sleeper_wasm, tools_present,
@@ -457,7 +458,9 @@ fn real_agent_runs_a_wasm_pod_shows_it_in_ps_and_returns_its_exit_code() {
     // containerd with the exit status of a process killed by the signal.
     ctrd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, SLEEPER, "p3"])
         .unwrap();
-    let row = wait_ps(&daemon, "p3", "running", |w| w.state == "running");
+    let row = wait_ps(&daemon, "p3", "running", |w| {
+        w.state == WorkloadState::Running
+    });
     assert_eq!(row.kind, "wasi-command");
     assert_eq!(row.source, "pods", "{row:?}");
     assert_eq!(row.labels["containerd-namespace"], "lichen-test", "{row:?}");
@@ -487,7 +490,9 @@ fn real_agent_runs_a_wasm_pod_shows_it_in_ps_and_returns_its_exit_code() {
             .any(|l| l.starts_with("p3") && l.contains("STOPPED")),
         "{tasks}"
     );
-    wait_ps(&daemon, "p3", "stopped", |w| w.state == "stopped");
+    wait_ps(&daemon, "p3", "stopped", |w| {
+        w.state == WorkloadState::Stopped
+    });
     let out = ctrd.ctr(&["task", "delete", "p3"]).unwrap();
     assert!(
         out.status.success(),
@@ -513,7 +518,9 @@ fn real_agent_refuses_bad_pods_naming_the_cause_and_stays_unharmed() {
     // Another pod runs through all of it.
     ctrd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, SLEEPER, "bystander"])
         .unwrap();
-    wait_ps(&daemon, "bystander", "running", |w| w.state == "running");
+    wait_ps(&daemon, "bystander", "running", |w| {
+        w.state == WorkloadState::Running
+    });
 
     let unknown_import =
         wat::parse_str(r#"(module (import "nowhere" "thing" (func)) (func (export "_start")))"#)
@@ -636,7 +643,7 @@ fn real_agent_runs_a_lichen_component_pod_with_no_grants_and_refuses_device_impo
     ])
     .unwrap();
     let row = wait_ps(&daemon, "c1", "3 ticks handled", |w| {
-        w.state == "running" && w.events_handled >= 3
+        w.state == WorkloadState::Running && w.events_handled >= 3
     });
     assert_eq!(row.kind, "wasm", "{row:?}");
     assert_eq!(row.source, "pods", "{row:?}");
@@ -681,7 +688,9 @@ fn real_agent_runs_a_lichen_component_pod_with_no_grants_and_refuses_device_impo
         .unwrap();
     ctrd.wait_task("c1", "STOPPED", |s| s == Some("STOPPED"))
         .unwrap();
-    wait_ps(&daemon, "c1", "stopped", |w| w.state == "stopped");
+    wait_ps(&daemon, "c1", "stopped", |w| {
+        w.state == WorkloadState::Stopped
+    });
     ctrd.ctr_ok(&["task", "delete", "c1"]).unwrap();
     assert!(daemon.status("c1").is_none(), "task delete removed the pod");
     ctrd.ctr_ok(&["containers", "delete", "c1"]).unwrap();
@@ -767,13 +776,17 @@ fn real_agent_restart_while_pods_run_reports_their_exits_and_leaves_nothing_runn
     // One pod first, so the engine's first-use costs are not counted per pod.
     ctrd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, SLEEPER, "r0"])
         .unwrap();
-    wait_ps(&daemon, "r0", "running", |w| w.state == "running");
+    wait_ps(&daemon, "r0", "running", |w| {
+        w.state == WorkloadState::Running
+    });
     let before = rss_kib(pid);
     let ids = ["r1", "r2", "r3", "r4", "r5", "r6", "r7", "r8"];
     for id in ids {
         ctrd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, SLEEPER, id])
             .unwrap();
-        wait_ps(&daemon, id, "running", |w| w.state == "running");
+        wait_ps(&daemon, id, "running", |w| {
+            w.state == WorkloadState::Running
+        });
         ctrd.wait_task(id, "RUNNING", |s| s == Some("RUNNING"))
             .unwrap();
     }
@@ -781,7 +794,9 @@ fn real_agent_restart_while_pods_run_reports_their_exits_and_leaves_nothing_runn
     // A pod of Lichen's world too: run by the supervisor, it must not come back either.
     ctrd.ctr_ok(&["run", "-d", "--runtime", RUNTIME, COUNTER, "rc"])
         .unwrap();
-    wait_ps(&daemon, "rc", "running", |w| w.state == "running");
+    wait_ps(&daemon, "rc", "running", |w| {
+        w.state == WorkloadState::Running
+    });
     eprintln!(
         "figure: agent RSS {before} KiB with 1 pod, {after} KiB with {}: {} KiB per extra pod",
         ids.len() + 1,

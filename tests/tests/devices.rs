@@ -3,6 +3,7 @@
 
 use std::time::{Duration, Instant};
 
+use lichen_agent::api::types::WorkloadState;
 use lichen_tests::{Daemon, guest, output_text};
 
 /// A workload `name` running guest `module` with `extra` lines (grants, triggers).
@@ -88,7 +89,7 @@ fn daemon_with_blinky() -> Daemon {
              gpio = [{ name = \"led\", pin = \"GPIO17\", mode = \"output\", initial = \"low\" }]",
         ),
     );
-    daemon.wait_for("blinky", "running", |s| s.state == "running");
+    daemon.wait_for("blinky", "running", |s| s.state == WorkloadState::Running);
     daemon
 }
 
@@ -114,7 +115,7 @@ fn blinky_toggles_its_granted_output_on_the_sim_board() {
         "the led toggles"
     );
     let status = daemon.status("blinky").unwrap();
-    assert_eq!((status.state.as_str(), status.traps), ("running", 0));
+    assert_eq!((status.state, status.traps), (WorkloadState::Running, 0));
 }
 
 #[test]
@@ -167,14 +168,16 @@ fn an_i2c_address_outside_the_grant_gets_address_not_allowed_not_a_trap() {
             "i2c = [{ name = \"env\", bus = \"i2c-1\", addresses = [0x48] }]",
         ),
     );
-    daemon.wait_for("env-sensor", "running", |s| s.state == "running");
+    daemon.wait_for("env-sensor", "running", |s| {
+        s.state == WorkloadState::Running
+    });
     assert_eq!(send(&daemon, "env-sensor", "read-at", "0x48"), "21.5");
     assert_eq!(
         send(&daemon, "env-sensor", "read-at", "0x49"),
         "address-not-allowed(73)"
     );
     let status = daemon.status("env-sensor").unwrap();
-    assert_eq!((status.state.as_str(), status.traps), ("running", 0));
+    assert_eq!((status.state, status.traps), (WorkloadState::Running, 0));
 }
 
 #[test]
@@ -186,7 +189,7 @@ fn a_pin_the_workload_never_declared_gets_pin_not_allowed_not_a_trap() {
         "pin-not-allowed: no output pin named \"button\" is granted to workload \"blinky\""
     );
     let status = daemon.status("blinky").unwrap();
-    assert_eq!((status.state.as_str(), status.traps), ("running", 0));
+    assert_eq!((status.state, status.traps), (WorkloadState::Running, 0));
 }
 
 #[test]
@@ -196,7 +199,7 @@ fn a_workload_without_grants_may_use_no_pin() {
         &daemon,
         &workload("blinky", "blinky", "restart = \"never\""),
     );
-    let status = daemon.wait_for("blinky", "failed", |s| s.state == "failed");
+    let status = daemon.wait_for("blinky", "failed", |s| s.state == WorkloadState::Failed);
     let error = status.last_error.unwrap_or_default();
     assert!(
         error.contains("init failed: pin-not-allowed: no output pin named \"led\""),
@@ -283,7 +286,9 @@ fn granted_devices_are_opened_again_when_the_agent_restarts() {
         .kv("blinky", "toggles")
         .and_then(|t| t.parse::<u64>().ok())
         .unwrap_or(0);
-    daemon.wait_for("blinky", "running again", |s| s.state == "running");
+    daemon.wait_for("blinky", "running again", |s| {
+        s.state == WorkloadState::Running
+    });
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let now = daemon
@@ -370,7 +375,7 @@ fn on_a_linux_board_a_missing_device_fails_only_its_workload_naming_the_node() {
     let out = daemon.deploy("devices.toml", &text);
     assert_ne!(out.status.code(), Some(2), "{}", output_text(&out));
 
-    let blinky = daemon.wait_for("blinky", "failed", |s| s.state == "failed");
+    let blinky = daemon.wait_for("blinky", "failed", |s| s.state == WorkloadState::Failed);
     let error = blinky.last_error.unwrap_or_default();
     assert!(
         error.contains(
@@ -379,7 +384,7 @@ fn on_a_linux_board_a_missing_device_fails_only_its_workload_naming_the_node() {
         "{error}"
     );
     let sampler = daemon.wait_for("adc-sampler", "backoff", |s| {
-        s.state == "backoff" && s.last_error.is_some()
+        s.state == WorkloadState::Backoff && s.last_error.is_some()
     });
     let error = sampler.last_error.unwrap_or_default();
     assert!(
@@ -388,7 +393,7 @@ fn on_a_linux_board_a_missing_device_fails_only_its_workload_naming_the_node() {
         ),
         "{error}"
     );
-    let sensor = daemon.wait_for("env-sensor", "failed", |s| s.state == "failed");
+    let sensor = daemon.wait_for("env-sensor", "failed", |s| s.state == WorkloadState::Failed);
     let error = sensor.last_error.unwrap_or_default();
     assert!(
         error.contains(
@@ -398,7 +403,7 @@ fn on_a_linux_board_a_missing_device_fails_only_its_workload_naming_the_node() {
     );
     // The workload without devices runs on, and so does the agent.
     let counter = daemon.wait_for("counter", "ticks", |s| {
-        s.state == "running" && s.events_handled >= 3
+        s.state == WorkloadState::Running && s.events_handled >= 3
     });
     assert_eq!(counter.traps, 0);
     let ps = daemon.cli(&["ps"]);

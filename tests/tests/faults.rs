@@ -1,6 +1,7 @@
 //! Misbehaving guests are contained: traps, endless loops, memory hogs and log floods hurt
 //! only themselves, and the healthy workload beside them keeps running.
 
+use lichen_agent::api::types::WorkloadState;
 use lichen_tests::{Daemon, guest, output_text};
 
 /// A deployment of a healthy `counter` plus `misbehave` in `mode`, with `extra` lines for the
@@ -33,7 +34,7 @@ fn a_guest_that_traps_in_init_is_restarted_with_back_off() {
     let daemon = Daemon::start().unwrap();
     deploy(&daemon, &deployment("trap-in-init", ""));
     let status = daemon.wait_for("bad", "two restarts", |s| s.restarts >= 2);
-    assert_ne!(status.state, "running");
+    assert_ne!(status.state, WorkloadState::Running);
     let error = status.last_error.unwrap_or_default();
     assert!(error.contains("init trapped"), "{error}");
     healthy_keeps_running(&daemon);
@@ -50,7 +51,7 @@ fn a_guest_that_traps_in_init_is_restarted_with_back_off() {
 fn a_guest_whose_init_fails_with_restart_never_stays_failed() {
     let daemon = Daemon::start().unwrap();
     deploy(&daemon, &deployment("fail-init", "restart = \"never\""));
-    let status = daemon.wait_for("bad", "failed", |s| s.state == "failed");
+    let status = daemon.wait_for("bad", "failed", |s| s.state == WorkloadState::Failed);
     assert_eq!(status.restarts, 0);
     assert!(
         status

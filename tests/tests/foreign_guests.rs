@@ -15,6 +15,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use lichen_agent::api::types::WorkloadState;
 use lichen_devices::Level;
 use lichen_tests::{Daemon, output_text, tools};
 
@@ -93,7 +94,7 @@ fn py_sensor_reads_the_sim_tmp102_publishes_and_answers_its_commands() {
     let daemon = Daemon::start().unwrap();
     deploy_ok(&daemon, &py_sensor(&module, "50ms", "0x48"));
     daemon.wait_for("py-sensor", "three readings", |s| {
-        s.state == "running" && s.events_handled >= 3
+        s.state == WorkloadState::Running && s.events_handled >= 3
     });
     // The simulated TMP102 reads 21.5 degC; the guest keeps it and publishes it.
     assert_eq!(daemon.kv("py-sensor", "celsius").as_deref(), Some("21.5"));
@@ -119,7 +120,7 @@ fn py_sensor_reads_the_sim_tmp102_publishes_and_answers_its_commands() {
         output_text(&out)
     );
     let status = daemon.status("py-sensor").unwrap();
-    assert_eq!((status.state.as_str(), status.traps), ("running", 0));
+    assert_eq!((status.state, status.traps), (WorkloadState::Running, 0));
 }
 
 #[test]
@@ -130,14 +131,14 @@ fn py_sensor_keeps_its_readings_across_a_hot_reload_without_losing_a_tick() {
     let daemon = Daemon::start().unwrap();
     deploy_ok(&daemon, &py_sensor(&module, "20ms", "0x48"));
     let before = daemon.wait_for("py-sensor", "five readings", |s| {
-        s.state == "running" && s.events_handled >= 5
+        s.state == WorkloadState::Running && s.events_handled >= 5
     });
     // The same sensor address written in decimal: a changed config, so a hot reload.
     deploy_ok(&daemon, &py_sensor(&module, "20ms", "72"));
     let after = daemon.wait_for("py-sensor", "the new version's readings", |s| {
         s.deployment_version > before.deployment_version && s.events_handled >= 3
     });
-    assert_eq!(after.state, "running");
+    assert_eq!(after.state, WorkloadState::Running);
     // The count kept counting in the key-value store, and every tick, before, during and
     // after the reload, published exactly one record: the published counts are 1, 2, 3, ...
     let handled = usize::try_from(before.events_handled).expect("a count that fits usize");

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use lichen_agent::api::types::WorkloadState;
 use lichen_tests::broker::{Mosquitto, PERSISTENT, Seen, Watcher};
 use lichen_tests::{Daemon, guest, lichen, one_workload, output_text};
 use serde_json::{Value, json};
@@ -125,8 +126,10 @@ fn reported(watcher: &Watcher, what: &str, want: impl Fn(&Value) -> bool) -> Val
 
 fn running(r: &Value, name: &str) -> bool {
     r["workloads"].as_array().is_some_and(|w| {
-        w.iter()
-            .any(|w| w["name"] == name && w["state"] == "running")
+        w.iter().any(|w| {
+            w["name"] == name
+                && w["state"].as_str().map(WorkloadState::from_name) == Some(WorkloadState::Running)
+        })
     })
 }
 
@@ -321,7 +324,9 @@ fn desired_state_published_while_the_agent_is_down_is_applied_when_it_comes_up()
 
     setup.hub_deploy(&broker, &thermostat_deployment(), 5, "trusted");
     daemon.restart().expect("daemon restarts");
-    daemon.wait_for("thermostat", "running", |w| w.state == "running");
+    daemon.wait_for("thermostat", "running", |w| {
+        w.state == WorkloadState::Running
+    });
     let r = reported(&watcher, "applied version 5", |r| {
         r["applied-version"] == 5 && running(r, "thermostat")
     });
@@ -382,7 +387,7 @@ fn a_deployment_with_a_bad_signature_is_rejected_and_the_running_one_stays() {
     assert!(reason.contains("bad signature"), "{reason}");
     assert_eq!(
         daemon.status("counter").expect("counter still there").state,
-        "running"
+        WorkloadState::Running
     );
     assert!(daemon.status("thermostat").is_none());
 
@@ -933,7 +938,7 @@ fn import_of_a_good_bundle_applies_offline_and_a_tampered_one_changes_nothing() 
     // The field: no network at all.
     broker.stop();
     let daemon = setup.daemon();
-    daemon.wait_for("counter", "running", |w| w.state == "running");
+    daemon.wait_for("counter", "running", |w| w.state == WorkloadState::Running);
     let dir = setup.dir.path();
     let bundle = |name: &str, module: &str, version: u64| -> PathBuf {
         let file = dir.join(format!("{name}-{version}.toml"));
@@ -1009,7 +1014,9 @@ fn import_of_a_good_bundle_applies_offline_and_a_tampered_one_changes_nothing() 
     let good = bundle("thermostat", "thermostat.wasm", 7);
     let out = import(&good);
     assert!(out.status.success(), "{}", output_text(&out));
-    daemon.wait_for("thermostat", "running", |w| w.state == "running");
+    daemon.wait_for("thermostat", "running", |w| {
+        w.state == WorkloadState::Running
+    });
     assert!(daemon.status("counter").is_none(), "counter was replaced");
     // The same version again is not newer: refused.
     let out = import(&good);
@@ -1036,7 +1043,7 @@ fn hub_watch_prints_live_telemetry_and_hub_send_prints_the_result() {
     let broker = Mosquitto::start_with(PERSISTENT);
     let setup = Setup::new(&broker);
     let daemon = setup.daemon();
-    daemon.wait_for("counter", "running", |w| w.state == "running");
+    daemon.wait_for("counter", "running", |w| w.state == WorkloadState::Running);
 
     let out = lichen(&[
         "--json",

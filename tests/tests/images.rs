@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
+use lichen_agent::api::types::WorkloadState;
 use lichen_tests::{Daemon, guest, output_text};
 use sha2::Digest as _;
 
@@ -245,7 +246,7 @@ fn the_images_config_reaches_the_store_and_a_stripped_image_runs() {
     let text = "[[workloads]]\nname = \"su\"\nkind = \"container\"\nimage = \"su-oci\"\nrestart = \"never\"\n";
     let out = daemon.deploy("su.toml", text);
     assert!(out.status.success(), "{}", output_text(&out));
-    let status = daemon.wait_for("su", "completed", |s| s.state == "completed");
+    let status = daemon.wait_for("su", "completed", |s| s.state == WorkloadState::Completed);
     assert_eq!(status.exit_code, Some(0));
     let logs = output_text(&daemon.cli(&["logs", "su"]));
     assert!(logs.contains("[stdout] stripped image runs"), "{logs}");
@@ -306,7 +307,7 @@ fn container(name: &str) -> String {
 
 /// The digest (hex) of the image workload `name` runs, once it has completed.
 fn image_of(daemon: &Daemon, name: &str) -> String {
-    let status = daemon.wait_for(name, "completed", |s| s.state == "completed");
+    let status = daemon.wait_for(name, "completed", |s| s.state == WorkloadState::Completed);
     assert_eq!(status.exit_code, Some(0), "{}", daemon.log());
     status
         .module_digest

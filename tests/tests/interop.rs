@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::process::Command;
 
+use lichen_agent::api::types::WorkloadState;
 use lichen_tests::{lichen, output_text};
 
 /// Runs `openssl` with `args`; fails the test if OpenSSL is missing (scripts/install-deps
@@ -211,7 +212,7 @@ fn the_python_reference_hub_deploys_commands_and_reads_a_real_node() {
             .expect("chunks")
             > 1
     );
-    daemon.wait_for("counter", "running", |w| w.state == "running");
+    daemon.wait_for("counter", "running", |w| w.state == WorkloadState::Running);
 
     // Reported state, read by the Python hub: the version it published, applied.
     let reported = run(with("reported", &["--applied", "3"]));

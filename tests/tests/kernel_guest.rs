@@ -16,7 +16,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use lichen_agent::api::types::{KvEntry, WorkloadStatus};
+use lichen_agent::api::types::{KvEntry, WorkloadState, WorkloadStatus};
 use lichen_tests::guest::{self, Guest};
 
 /// The agent's client inside the guest, on the root daemon's socket.
@@ -175,7 +175,7 @@ fn scenarios(g: &mut Guest) -> Result<()> {
     assert!(out.contains("deployment version 1 applied"), "{out}");
     for name in ["button-led", "blinky", "adc-sampler", "env-sensor"] {
         wait_status(g, LICHEN, name, &format!("{name} running"), |s| {
-            s.state == "running" && s.uptime_ms.is_some()
+            s.state == WorkloadState::Running && s.uptime_ms.is_some()
         })?;
     }
 
@@ -302,7 +302,7 @@ fn an_unplugged_chip_fails_its_workloads_and_the_agent_stays_up(g: &mut Guest) -
         LICHEN,
         "adc-sampler",
         "adc-sampler still sampling",
-        |s| s.state == "running" && s.events_handled > sampler_before + 2,
+        |s| s.state == WorkloadState::Running && s.events_handled > sampler_before + 2,
     )?;
     // blinky's next tick fails: the agent logs the function's error (naming the pin and
     // the chip), and the workload stays up for the chip to come back.
@@ -324,7 +324,7 @@ fn a_missing_node_at_start_fails_only_its_workload_naming_it(g: &mut Guest) -> R
     g.sh("mv /dev/spidev0.0 /tmp/spidev0.0.away")?;
     start_agent(g)?;
     let sampler = wait_status(g, LICHEN, "adc-sampler", "adc-sampler to fail", |s| {
-        s.state != "running" && s.last_error.is_some()
+        s.state != WorkloadState::Running && s.last_error.is_some()
     })?;
     let error = sampler.last_error.unwrap_or_default();
     assert!(
@@ -336,7 +336,7 @@ fn a_missing_node_at_start_fails_only_its_workload_naming_it(g: &mut Guest) -> R
     // The others run, on the real devices: the button still lights the LED.
     for name in ["button-led", "blinky", "env-sensor"] {
         wait_status(g, LICHEN, name, &format!("{name} running"), |s| {
-            s.state == "running"
+            s.state == WorkloadState::Running
         })?;
     }
     g.sh(&format!("gpio_pull {BUTTON} down"))?;
@@ -347,7 +347,7 @@ fn a_missing_node_at_start_fails_only_its_workload_naming_it(g: &mut Guest) -> R
     // The node comes back: the workload's next restart opens it.
     g.sh("mv /tmp/spidev0.0.away /dev/spidev0.0")?;
     wait_status(g, LICHEN, "adc-sampler", "adc-sampler to recover", |s| {
-        s.state == "running" && s.events_handled > 0
+        s.state == WorkloadState::Running && s.events_handled > 0
     })?;
     Ok(())
 }
@@ -374,7 +374,7 @@ fn a_node_the_agent_may_not_open_fails_only_its_workload(g: &mut Guest) -> Resul
     let uid = g.sh("awk '/^Uid:/ { print $2 }' /proc/$(cat /tmp/user.pid)/status")?;
     assert_eq!(uid, "1000", "the agent runs without root");
     let sensor = wait_status(g, user, "env-sensor", "env-sensor to fail", |s| {
-        s.state != "running" && s.last_error.is_some()
+        s.state != WorkloadState::Running && s.last_error.is_some()
     })?;
     let error = sensor.last_error.unwrap_or_default();
     assert!(
@@ -384,7 +384,7 @@ fn a_node_the_agent_may_not_open_fails_only_its_workload(g: &mut Guest) -> Resul
     );
     for name in ["button-led", "blinky", "adc-sampler"] {
         wait_status(g, user, name, &format!("{name} running as uid 1000"), |s| {
-            s.state == "running"
+            s.state == WorkloadState::Running
         })?;
     }
     g.sh("kill $(cat /tmp/user.pid)")?;

@@ -15,6 +15,7 @@ mod standin;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use lichen_agent::api::types::WorkloadState;
 use lichen_kubeedge::proto::v1beta1 as pb;
 use lichen_kubeedge::proto::{ConfigValue, customized_value};
 use lichen_kubeedge::workload::workload_name;
@@ -108,7 +109,7 @@ async fn a_device_added_over_dmi_runs_on_the_sim_board_and_its_twin_follows_the_
     .await
     .expect("the device is registered");
     let workload = workload_name("default", "led-1");
-    daemon.wait_for(&workload, "running", |w| w.state == "running");
+    daemon.wait_for(&workload, "running", |w| w.state == WorkloadState::Running);
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while state.reported("led-1", "led").last().map(String::as_str) != Some("on") {
         assert!(
@@ -176,7 +177,7 @@ async fn edgecore_away_reports_wait_in_the_agent_across_a_kill_and_arrive_in_ord
         r.devices.push(device);
     });
     let workload = workload_name("default", "led-1");
-    daemon.wait_for(&workload, "running", |w| w.state == "running");
+    daemon.wait_for(&workload, "running", |w| w.state == WorkloadState::Running);
     // The desired value's report reaches EdgeCore before it goes away (a value changed within
     // one report cycle is reported once, as its latest).
     let deadline = tokio::time::Instant::now() + DEADLINE;
@@ -397,7 +398,7 @@ async fn an_i2c_address_is_owned_by_one_workload_across_the_operator_and_devices
     .await
     .expect("a free address");
     let workload = workload_name("default", "env-1");
-    daemon.wait_for(&workload, "running", |w| w.state == "running");
+    daemon.wait_for(&workload, "running", |w| w.state == WorkloadState::Running);
     let status = daemon.status(&workload).unwrap();
     assert_eq!(status.labels["device"], "env-1", "{status:?}");
     assert_eq!(status.labels["model"], "button-led-model", "{status:?}");
@@ -421,7 +422,7 @@ async fn an_i2c_address_is_owned_by_one_workload_across_the_operator_and_devices
     );
     assert_eq!(
         daemon.status("store").unwrap().state,
-        "running",
+        WorkloadState::Running,
         "{:?}",
         daemon.ps()
     );

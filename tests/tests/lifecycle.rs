@@ -3,6 +3,7 @@
 use std::io::{Read, Write};
 use std::os::unix::fs::PermissionsExt;
 
+use lichen_agent::api::types::WorkloadState;
 use lichen_tests::{Daemon, guest, one_workload, output_text};
 
 #[test]
@@ -32,7 +33,9 @@ fn deploy_runs_counter_and_its_state_survives_a_restart() {
 
     daemon.stop().expect("SIGTERM stops the daemon");
     daemon.restart().expect("daemon restarts on the same state");
-    let status = daemon.wait_for("counter", "running again", |s| s.state == "running");
+    let status = daemon.wait_for("counter", "running again", |s| {
+        s.state == WorkloadState::Running
+    });
     assert_eq!(status.kind, "wasm");
     daemon.wait_for("counter", "more events", |s| s.events_handled > before + 2);
     let after: u64 = daemon.kv("counter", "count").unwrap().parse().unwrap();
@@ -52,7 +55,9 @@ fn commands_reach_the_function_and_its_reply_comes_back() {
     );
     let out = daemon.deploy("deploy.toml", &text);
     assert!(out.status.success(), "{}", output_text(&out));
-    daemon.wait_for("thermostat", "running", |s| s.state == "running");
+    daemon.wait_for("thermostat", "running", |s| {
+        s.state == WorkloadState::Running
+    });
 
     let out = daemon.cli(&["send", "thermostat", "set-target", "23.5"]);
     assert!(out.status.success(), "{}", output_text(&out));
@@ -102,7 +107,7 @@ fn stop_ends_a_workload_and_the_next_deploy_starts_it_again() {
     let out = daemon.cli(&["stop", "counter"]);
     assert!(out.status.success(), "{}", output_text(&out));
     let stopped = daemon.status("counter").unwrap();
-    assert_eq!(stopped.state, "stopped");
+    assert_eq!(stopped.state, WorkloadState::Stopped);
     let clock = daemon.status("clock").unwrap().events_handled;
     daemon.wait_for("clock", "ten more events", |s| {
         s.events_handled >= clock + 10
@@ -119,7 +124,9 @@ fn stop_ends_a_workload_and_the_next_deploy_starts_it_again() {
     );
 
     assert!(daemon.deploy("deploy.toml", &text).status.success());
-    daemon.wait_for("counter", "running again", |s| s.state == "running");
+    daemon.wait_for("counter", "running again", |s| {
+        s.state == WorkloadState::Running
+    });
 }
 
 #[test]
@@ -132,7 +139,9 @@ fn a_wasi_preview1_command_runs_and_its_output_reaches_the_logs() {
     );
     let out = daemon.deploy("deploy.toml", &text);
     assert!(out.status.success(), "{}", output_text(&out));
-    let status = daemon.wait_for("hello", "completed", |s| s.state == "completed");
+    let status = daemon.wait_for("hello", "completed", |s| {
+        s.state == WorkloadState::Completed
+    });
     assert_eq!(status.kind, "wasi-command");
     let logs = output_text(&daemon.cli(&["logs", "hello"]));
     assert!(logs.contains("hello from wasi"), "{logs}");
@@ -149,7 +158,9 @@ fn a_wasi_cli_component_runs_and_its_output_and_exit_code_reach_the_agent() {
     );
     let out = daemon.deploy("deploy.toml", &text);
     assert!(out.status.success(), "{}", output_text(&out));
-    let status = daemon.wait_for("hello", "completed", |s| s.state == "completed");
+    let status = daemon.wait_for("hello", "completed", |s| {
+        s.state == WorkloadState::Completed
+    });
     assert_eq!(status.kind, "wasi-command");
     let logs = output_text(&daemon.cli(&["logs", "hello"]));
     assert!(logs.contains("hello from wasi"), "{logs}");
@@ -168,7 +179,7 @@ fn a_wasi_cli_component_runs_and_its_output_and_exit_code_reach_the_agent() {
             .as_deref()
             .is_some_and(|e| e.contains("exited with code 1"))
     });
-    assert_ne!(status.state, "completed");
+    assert_ne!(status.state, WorkloadState::Completed);
 }
 
 #[test]
@@ -268,7 +279,9 @@ fn logs_follow_streams_new_lines_as_they_are_written() {
         "triggers = [{ interval = \"20ms\" }]\n[workloads.config]\ntarget = \"40\"",
     );
     assert!(daemon.deploy("deploy.toml", &text).status.success());
-    daemon.wait_for("thermostat", "running", |s| s.state == "running");
+    daemon.wait_for("thermostat", "running", |s| {
+        s.state == WorkloadState::Running
+    });
     let mut follower = std::process::Command::new(lichen_tests::lichen_bin())
         .arg("--socket")
         .arg(daemon.socket())

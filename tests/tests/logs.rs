@@ -2,6 +2,7 @@
 
 use std::time::{Duration, Instant};
 
+use lichen_agent::api::types::WorkloadState;
 use lichen_tests::{Daemon, guest, one_workload, output_text};
 
 /// Waits until the state database holds a log line of `workload` containing `text`.
@@ -80,7 +81,7 @@ fn the_daemon_log_has_no_colour_codes_when_it_is_not_a_terminal() {
         &one_workload("counter", &guest("counter"), ""),
     );
     assert!(out.status.success(), "{}", output_text(&out));
-    daemon.wait_for("counter", "running", |s| s.state == "running");
+    daemon.wait_for("counter", "running", |s| s.state == WorkloadState::Running);
     let log = daemon.log();
     assert!(
         log.contains("INFO"),

@@ -5,6 +5,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
+use lichen_agent::api::types::WorkloadState;
 use lichen_tests::{Daemon, guest, output_text};
 
 fn echo(version: &str, mode: &str) -> String {
@@ -24,7 +25,7 @@ fn deploy_ok(daemon: &Daemon, text: &str) -> String {
 fn hot_reload_keeps_state_and_drops_no_event() {
     let daemon = Daemon::start().unwrap();
     deploy_ok(&daemon, &echo("0", "echo"));
-    daemon.wait_for("echo", "running", |s| s.state == "running");
+    daemon.wait_for("echo", "running", |s| s.state == WorkloadState::Running);
 
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let acked = Arc::new(AtomicU64::new(0));
@@ -95,7 +96,7 @@ fn a_new_version_whose_init_fails_leaves_the_old_one_running() {
     let after = daemon.wait_for("counter", "more events", |s| {
         s.events_handled >= before.events_handled + 5
     });
-    assert_eq!(after.state, "running");
+    assert_eq!(after.state, WorkloadState::Running);
     assert_eq!(
         after.deployment_version, before.deployment_version,
         "the old version runs"
@@ -114,7 +115,7 @@ fn a_new_version_whose_init_fails_leaves_the_old_one_running() {
 fn a_new_version_that_traps_on_its_first_event_is_rolled_back() {
     let daemon = Daemon::start().unwrap();
     deploy_ok(&daemon, &echo("1", "echo"));
-    daemon.wait_for("echo", "running", |s| s.state == "running");
+    daemon.wait_for("echo", "running", |s| s.state == WorkloadState::Running);
     for _ in 0..3 {
         assert!(daemon.cli(&["send", "echo", "ping"]).status.success());
     }
@@ -128,7 +129,7 @@ fn a_new_version_that_traps_on_its_first_event_is_rolled_back() {
     assert_eq!(daemon.kv("echo", "events").as_deref(), Some("4"));
 
     let status = daemon.status("echo").unwrap();
-    assert_eq!(status.state, "running");
+    assert_eq!(status.state, WorkloadState::Running);
     assert_eq!(status.deployment_version, 1);
     assert_eq!(status.restarts, 0);
     assert!(

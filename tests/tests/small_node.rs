@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use lichen_agent::api::types::WorkloadState;
 use lichen_tests::{Daemon, guest, lichen, one_workload, output_text, without_test_cargo_env};
 
 const NODE: &str = "small";
@@ -189,7 +190,7 @@ fn the_small_node_runs_precompiled_modules_and_refuses_what_it_lacks_by_name() {
     let bundle = precompiled_bundle(dir, counter, 2);
     let out = daemon.cli(&["import", bundle.to_str().expect("utf-8 path")]);
     assert!(out.status.success(), "import: {}", output_text(&out));
-    daemon.wait_for("counter", "running", |w| w.state == "running");
+    daemon.wait_for("counter", "running", |w| w.state == WorkloadState::Running);
     let count = wait_for_count_past(&daemon, 0);
     let before = daemon.status("counter").expect("counter runs");
 

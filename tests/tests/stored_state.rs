@@ -2,6 +2,7 @@
 //! reports those workloads failed (ps, events), runs the others and answers its API, at every
 //! start (no crash loop).
 
+use lichen_agent::api::types::WorkloadState;
 use lichen_tests::{Daemon, guest, one_workload, output_text};
 
 #[test]
@@ -19,7 +20,7 @@ fn a_deployment_stored_out_of_bounds_fails_its_workloads_and_the_agent_comes_up(
         .collect();
     let out = daemon.deploy("site.toml", &text);
     assert!(out.status.success(), "{}", output_text(&out));
-    daemon.wait_for("deep", "running", |s| s.state == "running");
+    daemon.wait_for("deep", "running", |s| s.state == WorkloadState::Running);
     daemon.stop().unwrap();
 
     // What an agent without bounds would have committed, written into the real database.
@@ -55,16 +56,16 @@ fn a_deployment_stored_out_of_bounds_fails_its_workloads_and_the_agent_comes_up(
 
     for start in 0..2 {
         daemon.restart().unwrap();
-        daemon.wait_for("good", "running", |s| s.state == "running");
+        daemon.wait_for("good", "running", |s| s.state == WorkloadState::Running);
         let years = daemon.status("years").expect("listed");
-        assert_eq!(years.state, "failed", "start {start}");
+        assert_eq!(years.state, WorkloadState::Failed, "start {start}");
         let error = years.last_error.unwrap_or_default();
         assert!(
             error.contains("triggers[0].interval") && error.contains("at most 1year"),
             "{error}"
         );
         let deep = daemon.status("deep").expect("listed");
-        assert_eq!(deep.state, "failed");
+        assert_eq!(deep.state, WorkloadState::Failed);
         let error = deep.last_error.unwrap_or_default();
         assert!(error.contains("limits.queue"), "{error}");
         let events = daemon.cli_json(&["events", "--limit", "1000"]).unwrap();

@@ -5,6 +5,7 @@ use std::path::Path;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use lichen_agent::api::types::WorkloadState;
 use lichen_tests::{Daemon, guest, lichen_bin, one_workload, output_text};
 
 /// Runs `lichen --socket SOCKET run ARGS...` and waits (at most 60 s) for it to exit; a daemon
@@ -50,7 +51,7 @@ fn first_daemon() -> Daemon {
     )
     .unwrap();
     let daemon = Daemon::start_with(&["--deploy", file.to_str().unwrap()], None).unwrap();
-    daemon.wait_for("counter", "running", |s| s.state == "running");
+    daemon.wait_for("counter", "running", |s| s.state == WorkloadState::Running);
     // Keep the file's directory alive as long as the daemon's.
     std::mem::forget(dir);
     daemon
@@ -111,7 +112,7 @@ fn a_second_daemon_on_the_same_state_directory_exits_and_starts_nothing() {
     let after = first.wait_for("counter", "more events", |s| {
         s.events_handled > before.events_handled
     });
-    assert_eq!(after.state, "running");
+    assert_eq!(after.state, WorkloadState::Running);
     assert_eq!(after.restarts, 0);
     assert_eq!(after.deployment_version, before.deployment_version);
     assert_eq!(first.ps().len(), 1, "no intruder workload");
@@ -169,7 +170,7 @@ fn a_second_daemon_on_the_same_socket_exits_before_starting_any_workload() {
     let after = first.wait_for("counter", "more events", |s| {
         s.events_handled > before.events_handled
     });
-    assert_eq!((after.state.as_str(), after.restarts), ("running", 0));
+    assert_eq!((after.state, after.restarts), (WorkloadState::Running, 0));
     assert_eq!(first.ps().len(), 1);
 }
 

@@ -10,6 +10,8 @@
 
 use std::collections::BTreeMap;
 
+use lichen_deployment::WorkloadState;
+
 /// Restarts without an event that fail a check.
 pub const RESTART_LIMIT: u64 = 3;
 /// A workload running this long (ms) without a trap answers even without an event.
@@ -20,8 +22,8 @@ pub const SETTLE_MS: u64 = 10_000;
 pub struct WorkloadHealth {
     /// Its name.
     pub name: String,
-    /// `starting`, `running`, `backoff`, `failed`, `stopped` or `completed`.
-    pub state: String,
+    /// Where it is in its life.
+    pub state: WorkloadState,
     /// Events handled since it was deployed.
     pub events_handled: u64,
     /// Restarts after traps since it was deployed.
@@ -101,8 +103,8 @@ impl HealthCheck {
                 self.baseline.get(&w.name).copied().unwrap_or((0, 0, 0));
             let error = w.last_error.as_deref().unwrap_or("no error recorded");
             let new_events = w.events_handled > events0;
-            match w.state.as_str() {
-                "failed" => {
+            match w.state {
+                WorkloadState::Failed => {
                     return Verdict::Fail(format!("workload {:?} failed: {error}", w.name));
                 }
                 _ if w.restarts >= restarts0 + RESTART_LIMIT && !new_events => {
@@ -112,13 +114,13 @@ impl HealthCheck {
                         w.restarts - restarts0
                     ));
                 }
-                "running" => {
+                WorkloadState::Running => {
                     let settled = w.uptime_ms.unwrap_or(0) >= SETTLE_MS && w.traps == traps0;
                     if !(new_events || settled) {
                         waiting.push(format!("workload {:?} to handle an event", w.name));
                     }
                 }
-                "completed" | "stopped" => {}
+                WorkloadState::Completed | WorkloadState::Stopped => {}
                 other => waiting.push(format!("workload {:?} ({other}) to run", w.name)),
             }
         }
@@ -144,10 +146,10 @@ impl HealthCheck {
 mod tests {
     use super::*;
 
-    fn w(name: &str, state: &str, events: u64, restarts: u64) -> WorkloadHealth {
+    fn w(name: &str, state: WorkloadState, events: u64, restarts: u64) -> WorkloadHealth {
         WorkloadHealth {
             name: name.into(),
-            state: state.into(),
+            state,
             events_handled: events,
             restarts,
             traps: restarts,
@@ -168,8 +170,8 @@ mod tests {
     fn workloads_that_handle_events_pass() {
         let first = seen(
             vec![
-                w("counter", "running", 10, 0),
-                w("thermostat", "starting", 0, 0),
+                w("counter", WorkloadState::Running, 10, 0),
+                w("thermostat", WorkloadState::Starting, 0, 0),
             ],
             HubHealth::NotConfigured,
         );
@@ -179,8 +181,8 @@ mod tests {
         );
         let later = seen(
             vec![
-                w("counter", "running", 11, 0),
-                w("thermostat", "running", 1, 0),
+                w("counter", WorkloadState::Running, 11, 0),
+                w("thermostat", WorkloadState::Running, 1, 0),
             ],
             HubHealth::NotConfigured,
         );
@@ -198,13 +200,13 @@ mod tests {
     #[test]
     fn a_crash_looping_or_failed_workload_fails_the_check_with_its_error() {
         let first = seen(
-            vec![w("counter", "backoff", 0, 1)],
+            vec![w("counter", WorkloadState::Backoff, 0, 1)],
             HubHealth::NotConfigured,
         );
         let check = HealthCheck::new(&first);
         assert!(matches!(check.judge(&first), Verdict::Wait(_)));
         let looping = seen(
-            vec![w("counter", "backoff", 0, 4)],
+            vec![w("counter", WorkloadState::Backoff, 0, 4)],
             HubHealth::NotConfigured,
         );
         match check.judge(&looping) {
@@ -221,13 +223,16 @@ mod tests {
         assert!(
             matches!(check.judge(&missing), Verdict::Fail(ref why) if why.contains("\"counter\" of the stored deployment was not restored"))
         );
-        let failed = seen(vec![w("counter", "failed", 0, 1)], HubHealth::NotConfigured);
+        let failed = seen(
+            vec![w("counter", WorkloadState::Failed, 0, 1)],
+            HubHealth::NotConfigured,
+        );
         assert!(matches!(check.judge(&failed), Verdict::Fail(ref why) if why.contains("failed")));
     }
 
     #[test]
     fn a_configured_hub_must_answer_and_a_quiet_workload_passes_once_settled() {
-        let mut quiet = w("door", "running", 0, 0);
+        let mut quiet = w("door", WorkloadState::Running, 0, 0);
         let first = seen(
             vec![quiet.clone()],
             HubHealth::NotAnswered("connection refused".into()),

@@ -47,8 +47,8 @@ pub struct WorkloadStatus {
     /// What runs: `wasm` (component), `wasi-command` (preview-1 command module), `container`
     /// or `microvm`.
     pub kind: String,
-    /// `starting`, `running`, `backoff`, `failed`, `stopped` or `completed`.
-    pub state: String,
+    /// Where it is in its life, written by its wire name (`running`, `failed`, ...).
+    pub state: WorkloadState,
     /// sha256 digest of the module that runs, as `sha256:<hex>`.
     pub module_digest: String,
     /// Deployment version the running instance belongs to.
@@ -103,6 +103,8 @@ fn operator() -> String {
 }
 
 pub use crate::logs::LogLine;
+/// A workload's state in `ps` rows (the deployment crate's enum, re-exported for clients).
+pub use lichen_deployment::WorkloadState;
 
 /// One key-value entry of a workload.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -309,5 +311,35 @@ mod tests {
         // A newer agent's code is still an error the client can show.
         let newer: ApiError = serde_json::from_str(r#"{"code":"throttled","error":"y"}"#).unwrap();
         assert_eq!(newer.code, ErrorCode::Internal);
+    }
+
+    #[test]
+    fn ps_rows_keep_each_states_wire_name_and_a_newer_agents_state_reads_as_unknown() {
+        for (state, name) in [
+            (WorkloadState::Pending, "pending"),
+            (WorkloadState::Starting, "starting"),
+            (WorkloadState::Running, "running"),
+            (WorkloadState::Backoff, "backoff"),
+            (WorkloadState::Completed, "completed"),
+            (WorkloadState::Failed, "failed"),
+            (WorkloadState::Stopped, "stopped"),
+        ] {
+            let row = WorkloadStatus {
+                name: "door".into(),
+                state,
+                ..WorkloadStatus::default()
+            };
+            let json = serde_json::to_value(&row).unwrap();
+            assert_eq!(json["state"], name);
+            let back: WorkloadStatus = serde_json::from_value(json).unwrap();
+            assert_eq!(back.state, state);
+        }
+        let mut newer = serde_json::to_value(WorkloadStatus::default()).unwrap();
+        newer["state"] = "hibernating".into();
+        let read: WorkloadStatus = serde_json::from_value(newer).unwrap();
+        assert_eq!(
+            (read.state, read.state.as_str()),
+            (WorkloadState::Unknown, "unknown")
+        );
     }
 }

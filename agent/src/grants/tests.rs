@@ -4,6 +4,7 @@ use lichen_devices::Level;
 
 use super::*;
 use crate::deployment;
+use crate::deployment::WorkloadState;
 
 fn parsed(text: &str) -> ParsedDeployment {
     match deployment::parse("deploy.toml", text, Path::new("/srv")) {
@@ -665,8 +666,8 @@ async fn a_chip_unplugged_while_running_gives_the_guest_an_error_and_the_agent_s
         .find(|w| w.name == "blinky")
         .expect("blinky is known");
     assert_eq!(
-        (status.state.as_str(), status.traps),
-        ("running", 0),
+        (status.state, status.traps),
+        (WorkloadState::Running, 0),
         "a hardware error is the guest's to handle, not a trap"
     );
     // The other workload, on another bus, is not affected.
@@ -805,8 +806,8 @@ async fn an_spi_device_unplugged_while_running_gives_the_guest_an_error_and_the_
         .find(|w| w.name == "adc-sampler")
         .expect("adc-sampler is known");
     assert_eq!(
-        (status.state.as_str(), status.traps, status.restarts),
-        ("running", 0, 0),
+        (status.state, status.traps, status.restarts),
+        (WorkloadState::Running, 0, 0),
         "a bus error is the guest's to handle, not a trap"
     );
     // Another workload on another device goes on.
@@ -860,8 +861,8 @@ async fn an_i2c_bus_unplugged_while_running_gives_the_guest_an_error_and_the_age
         .find(|w| w.name == "env-sensor")
         .expect("env-sensor is known");
     assert_eq!(
-        (status.state.as_str(), status.traps, status.restarts),
-        ("running", 0, 0),
+        (status.state, status.traps, status.restarts),
+        (WorkloadState::Running, 0, 0),
         "a bus error is the guest's to handle, not a trap"
     );
     assert_eq!(

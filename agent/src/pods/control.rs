@@ -17,6 +17,7 @@ use crate::api::types::{
     ApiError, DeployReport, DeployRequest, DoctorReport, EventRecord, KvEntry, LogLine, SendReply,
     SendRequest, WorkloadStatus,
 };
+use crate::deployment::WorkloadState;
 use crate::supervisor::Agent;
 
 /// The agent and its pods, as the local API serves them.
@@ -87,13 +88,19 @@ impl Control for NodeControl {
     fn metrics_text(&self) -> String {
         let mut text = self.agent.metrics_text();
         let rows = self.pods.states();
-        let count = |state: &str| rows.iter().filter(|r| r.state == state).count();
+        let count = |state: WorkloadState| rows.iter().filter(|r| r.state == state).count();
         let counters = self.pods.counters();
         let _ = writeln!(
             text,
             "# HELP lichen_pods Pods the containerd task server holds, by state.\n# TYPE lichen_pods gauge"
         );
-        for state in ["starting", "running", "completed", "failed", "stopped"] {
+        for state in [
+            WorkloadState::Starting,
+            WorkloadState::Running,
+            WorkloadState::Completed,
+            WorkloadState::Failed,
+            WorkloadState::Stopped,
+        ] {
             let _ = writeln!(text, "lichen_pods{{state=\"{state}\"}} {}", count(state));
         }
         for (name, help, value) in [
@@ -136,7 +143,7 @@ impl Control for NodeControl {
             let _ = writeln!(
                 text,
                 "lichen_pod_up{{{labels}}} {}",
-                u8::from(row.state == "running")
+                u8::from(row.state.is_running())
             );
         }
         text

@@ -42,6 +42,7 @@ use lichen_shim::spec::PodIdentity;
 use lichen_shim::{AgentError, Exit, PodAgent, PodWorkload, WorkloadStatus as PodStatus};
 use tokio::sync::watch;
 
+use crate::deployment::WorkloadState;
 use crate::logs::LogHub;
 use crate::runtime::wasm::ArtifactStore;
 use crate::supervisor::{Agent, Labels, Source};
@@ -171,7 +172,7 @@ pub struct PodState {
     /// Its workload name.
     pub workload: String,
     /// `starting`, `running`, `completed`, `failed` or `stopped`.
-    pub state: &'static str,
+    pub state: WorkloadState,
     /// Its `ps` labels.
     pub labels: BTreeMap<String, String>,
 }
@@ -234,11 +235,11 @@ impl PodRuntime {
             .values()
             .map(|pod| {
                 let state = match (&*pod.exit.borrow(), &*pod.phase()) {
-                    (Some(Exit::Code(0)), _) => "completed",
-                    (Some(Exit::Stopped), _) => "stopped",
-                    (Some(_), _) => "failed",
-                    (None, Phase::Running) => "running",
-                    (None, _) => "starting",
+                    (Some(Exit::Code(0)), _) => WorkloadState::Completed,
+                    (Some(Exit::Stopped), _) => WorkloadState::Stopped,
+                    (Some(_), _) => WorkloadState::Failed,
+                    (None, Phase::Running) => WorkloadState::Running,
+                    (None, _) => WorkloadState::Starting,
                 };
                 PodState {
                     workload: pod.name.clone(),

@@ -9,7 +9,7 @@ use lichen_shim::{AgentError, Exit, PodAgent, PodWorkload, WorkloadStatus as Pod
 
 use super::PodRuntime;
 use crate::api::control::Control;
-use crate::api::types::WorkloadStatus;
+use crate::api::types::{WorkloadState, WorkloadStatus};
 use crate::runtime::wasm::EngineOptions;
 use crate::supervisor::{Agent, AgentOptions};
 
@@ -128,7 +128,7 @@ async fn a_pod_runs_its_output_reaches_its_log_and_its_exit_code_is_reported() {
         "ps names it by pod and container"
     );
     assert_eq!(rows[0].kind, "wasi-command");
-    assert_eq!(rows[0].state, "failed");
+    assert_eq!(rows[0].state, WorkloadState::Failed);
     assert_eq!(rows[0].exit_code, Some(7));
     let labels = &rows[0].labels;
     assert_eq!(labels["namespace"], "default");
@@ -180,10 +180,10 @@ async fn a_running_pod_streams_before_it_ends_is_stopped_and_cannot_be_removed_w
         Err(AgentError::State(_))
     ));
     let row = &pod_rows(&agent).await[0];
-    assert_eq!(row.state, "running", "{row:?}");
+    assert_eq!(row.state, WorkloadState::Running, "{row:?}");
     pods.stop("sleeper").await.unwrap();
     assert_eq!(wait(&pods, "sleeper").await, Exit::Stopped);
-    assert_eq!(pod_rows(&agent).await[0].state, "stopped");
+    assert_eq!(pod_rows(&agent).await[0].state, WorkloadState::Stopped);
     pods.stop("sleeper")
         .await
         .expect("stopping an ended pod is fine");
@@ -257,7 +257,7 @@ async fn a_command_pod_whose_name_a_deployed_workload_has_is_refused_naming_name
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     let before = loop {
         let rows = Control::ps(&agent).await;
-        if rows.len() == 1 && rows[0].state == "running" {
+        if rows.len() == 1 && rows[0].state == WorkloadState::Running {
             break rows;
         }
         assert!(
@@ -282,7 +282,7 @@ async fn a_command_pod_whose_name_a_deployed_workload_has_is_refused_naming_name
     let after = Control::ps(&agent).await;
     assert_eq!(after.len(), 1, "{after:?}");
     assert_eq!(after[0].source, "operator");
-    assert_eq!(after[0].state, "running");
+    assert_eq!(after[0].state, WorkloadState::Running);
     assert_eq!(after[0].module_digest, before[0].module_digest);
     Control::send(
         &agent,

@@ -32,7 +32,7 @@ use std::time::Duration;
 use lichen_host_apis::KvMap;
 use tokio::sync::oneshot;
 
-use crate::deployment::WorkloadSpec;
+use crate::deployment::{WorkloadSpec, WorkloadState};
 
 pub use isolation::Tier;
 
@@ -169,7 +169,7 @@ pub struct RuntimeStatus {
     /// What runs: `wasm`, `wasi-command`, `container`, `microvm`.
     pub kind: String,
     /// `starting`, `running`, `backoff`, `failed`, `stopped`, `completed`.
-    pub state: String,
+    pub state: WorkloadState,
     /// Digest of the artifact that runs (hex).
     pub digest: String,
     /// Deployment version of what runs.

@@ -11,7 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use super::{BoxFuture, ExitInfo, Prepared, RuntimeStatus, Usage, Workload};
-use crate::deployment::{RestartPolicy, WorkloadSpec};
+use crate::deployment::{RestartPolicy, WorkloadSpec, WorkloadState};
 use crate::logs::LogHub;
 
 /// First restart delay; it doubles after each failed run in a row.
@@ -31,7 +31,7 @@ pub(crate) trait LiveUsage: Send + Sync {
 #[derive(Default)]
 pub(crate) struct ProcState {
     /// `starting`, `running`, `backoff`, `failed`, `completed`, `stopped`.
-    pub(crate) state: String,
+    pub(crate) state: WorkloadState,
     pub(crate) digest: String,
     pub(crate) version: u64,
     pub(crate) restarts: u64,
@@ -58,7 +58,7 @@ impl Shared {
     pub(crate) fn status(&self, kind: &str, runner: Option<String>) -> RuntimeStatus {
         self.with(|s| RuntimeStatus {
             kind: kind.to_string(),
-            state: s.state.clone(),
+            state: s.state,
             digest: s.digest.clone(),
             version: s.version,
             restarts: s.restarts,
@@ -152,7 +152,7 @@ async fn run_loop(
         if *stop.borrow() {
             break;
         }
-        shared.with(|s| s.state = "starting".into());
+        shared.with(|s| s.state = WorkloadState::Starting);
         let started = Instant::now();
         let (info, success) = match run_once(stop.clone()).await {
             RunEnd::Stopped(info) => {
@@ -190,7 +190,13 @@ async fn run_loop(
             RestartPolicy::Never => false,
         };
         if !again {
-            shared.with(|s| s.state = if success { "completed" } else { "failed" }.into());
+            shared.with(|s| {
+                s.state = if success {
+                    WorkloadState::Completed
+                } else {
+                    WorkloadState::Failed
+                }
+            });
             return;
         }
         if started.elapsed() >= HEALTHY_RUN {
@@ -201,7 +207,7 @@ async fn run_loop(
             .min(BACKOFF_MAX);
         failures_in_a_row = failures_in_a_row.saturating_add(1);
         shared.with(|s| {
-            s.state = "backoff".into();
+            s.state = WorkloadState::Backoff;
             s.restarts += 1;
         });
         logs.agent_line(&name, LogLevel::Info, &format!("restarting in {delay:?}"));
@@ -211,7 +217,7 @@ async fn run_loop(
         }
     }
     shared.with(|s| {
-        s.state = "stopped".into();
+        s.state = WorkloadState::Stopped;
         s.started_at = None;
         s.live = None;
     });
@@ -288,7 +294,7 @@ impl<K: ProcessKind> Workload for ProcessWorkload<K> {
     }
 
     fn is_finished(&self) -> bool {
-        self.supervised.is_finished() && self.shared.with(|s| s.state == "stopped")
+        self.supervised.is_finished() && self.shared.with(|s| s.state == WorkloadState::Stopped)
     }
 
     fn note_error(&self, message: String) {

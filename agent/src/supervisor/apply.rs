@@ -27,11 +27,7 @@ pub(super) fn current_view(workloads: &Workloads, source: Source) -> BTreeMap<St
                     spec: running.workload.spec(),
                     digest: running.workload.digest(),
                     finished: running.workload.is_finished(),
-                    state: if source == Source::Operator {
-                        String::new()
-                    } else {
-                        running.workload.status().state
-                    },
+                    state: (source != Source::Operator).then(|| running.workload.status().state),
                 },
             )
         })

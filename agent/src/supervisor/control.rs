@@ -13,6 +13,7 @@ use crate::api::types::{
     ApiError, DeployReport, DeployRequest, DoctorReport, EventRecord, KvEntry, LogLine, SendReply,
     SendRequest, WorkloadStatus,
 };
+use crate::deployment::WorkloadState;
 use crate::runtime::wasm::{Delivery, EventSender};
 
 impl Control for Agent {
@@ -113,7 +114,7 @@ impl Control for Agent {
                 });
             };
             let state = running.workload.status().state;
-            if state == "failed" || state == "completed" {
+            if state.is_finished() {
                 return Err(ApiError::unavailable(format!(
                     "workload {workload:?} is {state} and takes no commands until it is deployed again"
                 )));
@@ -165,7 +166,7 @@ impl Control for Agent {
         let mut status = to_api_status(workload, tier, before);
         status.source = running.source.as_str().into();
         status.labels = running.labels.0.clone();
-        status.state = "stopped".into();
+        status.state = WorkloadState::Stopped;
         status.memory_bytes = 0;
         status.pids = None;
         status.uptime_ms = None;
@@ -238,7 +239,7 @@ impl Agent {
             });
         };
         let status = running.workload.status();
-        if status.state == "failed" || status.state == "completed" {
+        if status.state.is_finished() {
             return Err(ApiError::unavailable(format!(
                 "workload {workload:?} is {} and takes no commands until it is deployed again",
                 status.state

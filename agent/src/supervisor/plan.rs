@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 
 use super::Source;
-use crate::deployment::WorkloadSpec;
+use crate::deployment::{WorkloadSpec, WorkloadState};
 use crate::runtime::Tier;
 
 /// A workload the source wants, with the tier picked for it and its prepared artifact's digest.
@@ -35,8 +35,8 @@ pub(super) struct Current<'a> {
     pub digest: &'a str,
     /// Its worker has ended (stopped, or a finished task).
     pub finished: bool,
-    /// `running`, `backoff`, `failed`, `completed`...
-    pub state: String,
+    /// Its state, read for sources other than the operator only (`None` for the operator's).
+    pub state: Option<WorkloadState>,
 }
 
 /// Whether the desired list is the source's whole set or one workload of it.
@@ -92,7 +92,7 @@ pub(super) fn plan(
             };
             let ended = current.finished
                 || (source != Source::Operator
-                    && (current.state == "failed" || current.state == "completed"));
+                    && current.state.is_some_and(WorkloadState::is_finished));
             if current.tier != d.tier || ended {
                 return Action::Start;
             }
@@ -143,7 +143,7 @@ mod tests {
             spec,
             digest,
             finished: false,
-            state: "running".into(),
+            state: Some(WorkloadState::Running),
         }
     }
 
@@ -285,7 +285,7 @@ mod tests {
             0
         );
         // A failed workload: the operator leaves an equal one as it is, a pod starts afresh.
-        running.get_mut("c").unwrap().state = "failed".into();
+        running.get_mut("c").unwrap().state = Some(WorkloadState::Failed);
         let same = [Desired {
             spec: &c,
             tier: Tier::Container,

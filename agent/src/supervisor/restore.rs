@@ -8,7 +8,7 @@
 //! stop the agent from coming up, so it never crash-loops on its own state.
 
 use crate::api::types::WorkloadStatus;
-use crate::deployment::WorkloadSpec;
+use crate::deployment::{WorkloadSpec, WorkloadState};
 use crate::runtime::{StartInfo, Tier};
 use crate::store::{StatusUpdate, WorkloadRow};
 
@@ -85,7 +85,7 @@ impl Agent {
                         .store()
                         .record_status(StatusUpdate {
                             workload: row.name.clone(),
-                            state: "failed".into(),
+                            state: WorkloadState::Failed,
                             last_error: Some(message.clone()),
                             restarts: row.restarts,
                             traps: row.traps,
@@ -186,7 +186,7 @@ fn failed_status(
     WorkloadStatus {
         name: row.name.clone(),
         kind: failure.kind,
-        state: "failed".into(),
+        state: WorkloadState::Failed,
         module_digest: format!("sha256:{}", row.module_digest),
         deployment_version: version,
         restarts: row.restarts,

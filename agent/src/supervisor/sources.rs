@@ -18,7 +18,7 @@ use tokio::sync::broadcast;
 use super::Agent;
 use super::plan::{self, Action, Desired, Scope};
 use crate::api::types::ApiError;
-use crate::deployment::{DeploymentSpec, ParsedDeployment, Tier, WorkloadSpec};
+use crate::deployment::{DeploymentSpec, ParsedDeployment, Tier, WorkloadSpec, WorkloadState};
 use crate::store::{SourceWorkload, StoreError};
 
 /// Every state change a Wasm workload records (`running`, `backoff`, `failed`, `completed`,
@@ -476,8 +476,8 @@ impl Agent {
     async fn ended(&self, name: &str) -> Option<Option<WorkloadEnd>> {
         let workloads = self.inner.workloads.lock().await;
         if let Some(parked) = workloads.stopped.get(name) {
-            return Some(Some(match parked.status.state.as_str() {
-                "failed" => {
+            return Some(Some(match parked.status.state {
+                WorkloadState::Failed => {
                     WorkloadEnd::Failed(parked.status.last_error.clone().unwrap_or_default())
                 }
                 _ => WorkloadEnd::Stopped,
@@ -486,13 +486,13 @@ impl Agent {
         let running = workloads.running.get(name)?;
         let status = running.workload.status();
         let code = status.exit.as_ref().and_then(|e| e.code);
-        Some(match status.state.as_str() {
-            "completed" => Some(WorkloadEnd::Exited(code.unwrap_or(0))),
-            "failed" => Some(match code {
+        Some(match status.state {
+            WorkloadState::Completed => Some(WorkloadEnd::Exited(code.unwrap_or(0))),
+            WorkloadState::Failed => Some(match code {
                 Some(code) => WorkloadEnd::Exited(code),
                 None => WorkloadEnd::Failed(status.last_error.unwrap_or_default()),
             }),
-            "stopped" => Some(WorkloadEnd::Stopped),
+            WorkloadState::Stopped => Some(WorkloadEnd::Stopped),
             _ if running.workload.is_finished() => Some(WorkloadEnd::Stopped),
             _ => None,
         })

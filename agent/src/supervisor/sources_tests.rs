@@ -9,7 +9,7 @@ use std::time::Duration;
 use super::{Agent, AgentOptions, Labels, Source, WorkloadEnd};
 use crate::api::control::Control;
 use crate::api::types::{ErrorCode, WorkloadStatus};
-use crate::deployment::{Artifact, RestartPolicy, WorkloadSpec};
+use crate::deployment::{Artifact, RestartPolicy, WorkloadSpec, WorkloadState};
 use crate::runtime::wasm::EngineOptions;
 
 async fn open(dir: &Path, max_instances: u32) -> Agent {
@@ -57,7 +57,7 @@ fn pod_labels(pod: &str) -> Labels {
     Labels::of([("namespace", "default"), ("pod", pod), ("container", "app")])
 }
 
-async fn ps(agent: &Agent) -> Vec<(String, String, String)> {
+async fn ps(agent: &Agent) -> Vec<(String, String, WorkloadState)> {
     agent
         .ps()
         .await
@@ -71,7 +71,7 @@ async fn status(agent: &Agent, name: &str) -> Option<WorkloadStatus> {
 }
 
 /// Waits (up to 60 s) for `name` to reach `state`.
-async fn wait_state(agent: &Agent, name: &str, state: &str) {
+async fn wait_state(agent: &Agent, name: &str, state: WorkloadState) {
     for _ in 0..6000 {
         if status(agent, name).await.is_some_and(|w| w.state == state) {
             return;
@@ -122,8 +122,8 @@ async fn the_union_checks_refuse_naming_the_field_and_change_nothing() {
         )
         .await
         .expect("a device function beside it");
-    wait_state(&agent, "dev", "running").await;
-    wait_state(&agent, "op", "running").await;
+    wait_state(&agent, "dev", WorkloadState::Running).await;
+    wait_state(&agent, "op", WorkloadState::Running).await;
     let before_ps = ps(&agent).await;
     let before_db = stored(&agent);
 
@@ -214,7 +214,7 @@ async fn the_union_checks_refuse_naming_the_field_and_change_nothing() {
         )
         .await
         .expect("the third slot");
-    wait_state(&agent, "p1", "running").await;
+    wait_state(&agent, "p1", WorkloadState::Running).await;
     let before_ps = ps(&agent).await;
     let before_db = stored(&agent);
     let err = agent
@@ -274,8 +274,8 @@ async fn an_operator_deploy_leaves_pods_and_device_workloads_running() {
         )
         .await
         .expect("device");
-    wait_state(&agent, "web", "running").await;
-    wait_state(&agent, "led", "running").await;
+    wait_state(&agent, "web", WorkloadState::Running).await;
+    wait_state(&agent, "led", WorkloadState::Running).await;
     let started = |w: &WorkloadStatus| (w.deployment_version, w.restarts);
     let web = status(&agent, "web").await.unwrap();
     let led = status(&agent, "led").await.unwrap();
@@ -302,12 +302,12 @@ async fn an_operator_deploy_leaves_pods_and_device_workloads_running() {
         vec!["op".to_string()],
         "only the operator's own"
     );
-    let names: Vec<(String, String, String)> = ps(&agent).await;
+    let names: Vec<(String, String, WorkloadState)> = ps(&agent).await;
     assert_eq!(
         names,
         vec![
-            ("led".into(), "devices".into(), "running".into()),
-            ("web".into(), "pods".into(), "running".into()),
+            ("led".into(), "devices".into(), WorkloadState::Running),
+            ("web".into(), "pods".into(), WorkloadState::Running),
         ]
     );
     // The same instances: not restarted, not redeployed.
@@ -340,7 +340,7 @@ async fn an_operator_deploy_leaves_pods_and_device_workloads_running() {
     assert_eq!(err.code, ErrorCode::NotFound);
     assert_eq!(
         ps(&agent).await,
-        vec![("led".into(), "devices".into(), "running".into())]
+        vec![("led".into(), "devices".into(), WorkloadState::Running)]
     );
     agent.shutdown().await;
 }
@@ -395,14 +395,14 @@ async fn restore_after_a_restart_keeps_operator_and_devices_and_drops_pods() {
     let agent = open(&state, 8).await;
     assert!(agent.restore().await.expect("restores"));
     for name in ["led", "op"] {
-        wait_state(&agent, name, "running").await;
+        wait_state(&agent, name, WorkloadState::Running).await;
     }
     // Pods are not restored (containerd saw them exit with the agent): dropped from the store.
     assert_eq!(
         ps(&agent).await,
         vec![
-            ("led".into(), "devices".into(), "running".into()),
-            ("op".into(), "operator".into(), "running".into()),
+            ("led".into(), "devices".into(), WorkloadState::Running),
+            ("op".into(), "operator".into(), WorkloadState::Running),
         ]
     );
     let stored: Vec<String> = agent
@@ -448,7 +448,7 @@ async fn wait_workload_gives_a_commands_exit_code_args_and_env() {
     tokio::time::timeout(Duration::from_secs(60), async {
         loop {
             let change = changes.recv().await.expect("changes keep coming");
-            if change.workload == "job" && change.state == "failed" {
+            if change.workload == "job" && change.state == WorkloadState::Failed {
                 break;
             }
         }
@@ -497,7 +497,7 @@ async fn wait_workload_gives_a_commands_exit_code_args_and_env() {
         )
         .await
         .unwrap();
-    wait_state(&agent, "long", "running").await;
+    wait_state(&agent, "long", WorkloadState::Running).await;
     let waiter = tokio::spawn({
         let agent = agent.clone();
         async move { agent.wait_workload("long").await }

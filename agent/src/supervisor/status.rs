@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use super::{Agent, Running, Source};
-use crate::api::types::WorkloadStatus;
+use crate::api::types::{WorkloadState, WorkloadStatus};
 use crate::metrics::Gauges;
 use crate::runtime::{RuntimeStatus, Tier};
 use crate::util::process_rss_bytes;
@@ -26,7 +26,7 @@ impl Agent {
         Gauges {
             instances: statuses
                 .iter()
-                .filter(|s| s.kind == "wasm" && s.state == "running")
+                .filter(|s| s.kind == "wasm" && s.state == WorkloadState::Running)
                 .count() as u64,
             queue_depth: statuses.iter().map(|s| s.queue_depth).sum(),
             rss_bytes: process_rss_bytes().unwrap_or(0),

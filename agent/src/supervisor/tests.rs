@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use super::{Agent, AgentOptions};
 use crate::api::control::Control;
+use crate::deployment::WorkloadState;
 use crate::runtime::wasm::EngineOptions;
 
 async fn open(dir: &Path, max_instances: u32) -> Agent {
@@ -43,7 +44,7 @@ async fn state_of(agent: &Agent, name: &str) -> Option<crate::api::types::Worklo
 }
 
 /// Waits (up to 60 s) until `name` is in `state`.
-async fn wait_state(agent: &Agent, name: &str, state: &str) {
+async fn wait_state(agent: &Agent, name: &str, state: WorkloadState) {
     for _ in 0..6000 {
         if state_of(agent, name)
             .await
@@ -113,23 +114,23 @@ async fn a_stored_deployment_out_of_bounds_fails_those_workloads_and_runs_the_ot
             .await
             .expect("restore never fails on a workload")
     );
-    wait_state(&agent, "good", "running").await;
+    wait_state(&agent, "good", WorkloadState::Running).await;
     let ticks = state_of(&agent, "ticks").await.expect("listed");
-    assert_eq!(ticks.state, "failed");
+    assert_eq!(ticks.state, WorkloadState::Failed);
     let error = ticks.last_error.unwrap_or_default();
     assert!(
         error.contains("triggers[0].interval") && error.contains("at most 1year"),
         "{error}"
     );
     let queue = state_of(&agent, "queue").await.expect("listed");
-    assert_eq!(queue.state, "failed");
+    assert_eq!(queue.state, WorkloadState::Failed);
     let error = queue.last_error.unwrap_or_default();
     assert!(
         error.contains("limits.queue") && error.contains("1 to 4096"),
         "{error}"
     );
     let garbled = state_of(&agent, "garbled").await.expect("listed");
-    assert_eq!(garbled.state, "failed");
+    assert_eq!(garbled.state, WorkloadState::Failed);
     assert!(
         garbled
             .last_error
@@ -163,7 +164,7 @@ async fn a_stored_deployment_out_of_bounds_fails_those_workloads_and_runs_the_ot
         .deploy_text("fixed.toml", &text, dir.path())
         .await
         .expect("deploys");
-    wait_state(&agent, "ticks", "running").await;
+    wait_state(&agent, "ticks", WorkloadState::Running).await;
     assert!(state_of(&agent, "queue").await.is_none());
     agent.shutdown().await;
 }
@@ -198,12 +199,12 @@ async fn a_worker_given_an_unchecked_spec_clamps_it_instead_of_panicking() {
         },
     );
     for _ in 0..6000 {
-        if workload.status().state == "running" {
+        if workload.status().state == WorkloadState::Running {
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(workload.status().state, "running");
+    assert_eq!(workload.status().state, WorkloadState::Running);
     let (reply_tx, reply_rx) = tokio::sync::oneshot::channel();
     workload
         .try_deliver(
@@ -252,7 +253,7 @@ async fn more_wasm_workloads_than_instance_slots_are_refused_naming_the_key() {
         .await
         .expect("three fit");
     for name in ["a", "b", "c"] {
-        wait_state(&agent, name, "running").await;
+        wait_state(&agent, name, WorkloadState::Running).await;
     }
     let changed = workloads(&module, &["a", "b", "c"], "[workloads.config]\nstep = 2");
     let error = agent
@@ -488,7 +489,7 @@ async fn while_a_deploy_is_held_in_prepare_ps_and_send_answer_and_it_completes_a
         )
         .await
         .expect("deploys");
-    wait_state(&agent, "counter", "running").await;
+    wait_state(&agent, "counter", WorkloadState::Running).await;
 
     let hook = std::sync::Arc::new(super::PrepareHook::default());
     *agent.inner.prepare_hook.lock().unwrap() = Some(hook.clone());
@@ -531,7 +532,7 @@ async fn while_a_deploy_is_held_in_prepare_ps_and_send_answer_and_it_completes_a
         .expect("the deploy completes once released")
         .unwrap()
         .expect("the deploy goes through");
-    wait_state(&agent, "second", "running").await;
+    wait_state(&agent, "second", WorkloadState::Running).await;
     assert!(state_of(&agent, "counter").await.is_some());
     agent.shutdown().await;
 }

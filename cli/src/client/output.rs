@@ -47,7 +47,7 @@ pub(super) fn write_ps(out: &mut Vec<u8>, workloads: &[WorkloadStatus]) {
         table.row(vec![
             w.name.clone(),
             kind,
-            w.state.clone(),
+            w.state.to_string(),
             w.restarts.to_string(),
             w.traps.to_string(),
             w.events_handled.to_string(),

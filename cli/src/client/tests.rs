@@ -1,7 +1,9 @@
 use clap::CommandFactory;
 
 use super::*;
-use lichen_agent::api::types::{DeployReport, LogLine, WorkloadFailure, WorkloadStatus};
+use lichen_agent::api::types::{
+    DeployReport, LogLine, WorkloadFailure, WorkloadState, WorkloadStatus,
+};
 
 fn text(write: impl FnOnce(&mut Vec<u8>)) -> String {
     let mut out = Vec::new();
@@ -54,7 +56,7 @@ fn ps_prints_humanised_columns() {
     let status = WorkloadStatus {
         name: "door".into(),
         kind: "wasm".into(),
-        state: "running".into(),
+        state: WorkloadState::Running,
         module_digest: "sha256:00".into(),
         deployment_version: 3,
         restarts: 1,

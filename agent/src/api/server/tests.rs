@@ -8,7 +8,7 @@ use tokio::task::JoinHandle;
 
 use super::*;
 use crate::api::client::{Client, ClientError};
-use crate::api::types::DoctorCheck;
+use crate::api::types::{DoctorCheck, WorkloadState};
 
 /// Test double of the agent: canned answers, just enough to exercise routing, decoding and
 /// error mapping. The real agent is tested end to end through the binary.
@@ -65,7 +65,7 @@ impl Control for FakeAgent {
         vec![WorkloadStatus {
             name: "door".into(),
             kind: "wasm".into(),
-            state: "running".into(),
+            state: WorkloadState::Running,
             module_digest: "sha256:00".into(),
             deployment_version: 7,
             restarts: 0,

@@ -16,7 +16,7 @@ use super::image::ImageStore;
 use super::{
     Container, ContainerRuntime, ContainerSpec, ContainerStatus, ExitReason, Limits, LogStream,
 };
-use crate::deployment::{Artifact, ImageRef, WorkloadSpec};
+use crate::deployment::{Artifact, ImageRef, WorkloadSpec, WorkloadState};
 use crate::logs::LogHub;
 use crate::runtime::supervise::{
     LiveUsage, ProcessKind, ProcessWorkload, RunEnd, RunOnce, Shared, Supervised, stop_asked,
@@ -318,7 +318,7 @@ impl Runtime for ContainerTier {
         };
         let shared = Arc::new(Shared::default());
         shared.with(|s| {
-            s.state = "starting".into();
+            s.state = WorkloadState::Starting;
             s.digest = prepared.digest.clone();
             s.version = info.version;
         });
@@ -454,7 +454,7 @@ async fn run_once(
         }
     };
     shared.with(|s| {
-        s.state = "running".into();
+        s.state = WorkloadState::Running;
         s.started_at = Some(Instant::now());
         s.live = Some(container.clone());
     });

@@ -15,7 +15,7 @@ use sha2::{Digest as _, Sha256};
 use tokio::sync::{OnceCell, watch};
 
 use super::{ExitReason, GuestRoot, LogStream, Microvm, MicrovmRuntime, MicrovmSpec};
-use crate::deployment::{Artifact, GuestRootRef, WorkloadSpec};
+use crate::deployment::{Artifact, GuestRootRef, WorkloadSpec, WorkloadState};
 use crate::logs::LogHub;
 use crate::runtime::supervise::{
     LiveUsage, ProcessKind, ProcessWorkload, RunEnd, RunOnce, Shared, Supervised, stop_asked,
@@ -237,7 +237,7 @@ impl Runtime for MicrovmTier {
         let runtime = self.runtime.get().and_then(|(_, r)| r.clone());
         let shared = Arc::new(Shared::default());
         shared.with(|s| {
-            s.state = "starting".into();
+            s.state = WorkloadState::Starting;
             s.digest = prepared.digest.clone();
             s.version = info.version;
             s.accelerator = runtime.as_ref().map(|r| r.accelerator().name().to_string());
@@ -384,7 +384,7 @@ async fn run_once(
         ready = vm.wait_ready() => match ready {
             Ok(boot) => {
                 shared.with(|s| {
-                    s.state = "running".into();
+                    s.state = WorkloadState::Running;
                     s.started_at = Some(Instant::now());
                 });
                 logs.agent_line(

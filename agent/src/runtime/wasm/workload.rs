@@ -146,11 +146,7 @@ impl Workload for WasmWorkload {
             } else {
                 s.kind
             },
-            state: if s.state.is_empty() {
-                "starting".into()
-            } else {
-                s.state
-            },
+            state: s.state,
             digest: s.digest,
             version: s.version,
             restarts: stats.restarts.load(Ordering::Relaxed),

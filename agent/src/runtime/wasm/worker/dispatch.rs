@@ -7,9 +7,12 @@ use std::time::{Duration, Instant};
 use lichen_host_apis::{Command, Event, GpioEdge, LogLevel, PendingWrites, Tick};
 use tokio::sync::oneshot;
 
-use super::WorkerCommand;
 use super::run::{Worker, release};
-use super::{CommandCommitted, Delivery, Reply, commit, commit_error, restore_devices};
+use super::{
+    CommandCommitted, Delivery, Failure, Reply, WorkerCommand, commit, commit_error,
+    restore_devices,
+};
+use crate::deployment::WorkloadState;
 use crate::runtime::wasm::artifacts::ArtifactKind;
 use crate::runtime::wasm::command::{
     CommandInput, CommandOutput, CommandProgram, run_command, stream_command,
@@ -186,14 +189,14 @@ impl Worker {
                             .reload_failures
                             .fetch_add(1, Ordering::Relaxed);
                         self.ctx.logs.agent_line(&self.name, LogLevel::Error, &text);
-                        self.set_state("running", Some(text.clone()));
+                        self.set_state(WorkloadState::Running, Some(text.clone()));
                         Box::pin(self.record("reload-failed", text)).await;
                         continue;
                     }
                     if let Some(reply) = reply {
                         let _ = reply.send(Err(format!("the guest trapped: {message}")));
                     }
-                    return Box::pin(self.failed("trapped", message)).await;
+                    return Box::pin(self.failed(Failure::Trapped, message)).await;
                 }
             }
         }
@@ -248,7 +251,7 @@ impl Worker {
     /// unsliced, and a stop ends it mid-run ([`Worker::stream_command_once`]).
     pub(super) async fn run_command_once(&mut self) -> Option<Duration> {
         let pre = self.current.artifact.command()?.clone();
-        self.set_state("running", None);
+        self.set_state(WorkloadState::Running, None);
         self.stats.set(|s| s.started_at = Some(Instant::now()));
         let setup = self.setup();
         let started = Instant::now();
@@ -285,8 +288,9 @@ impl Worker {
                 let _ = commit(&self.ctx, &self.name, &PendingWrites::default(), 1, None).await;
                 self.failures_in_a_row = 0;
                 if !has_ticker {
-                    self.set_state("completed", None);
-                    self.record("completed", "exit code 0".to_string()).await;
+                    self.set_state(WorkloadState::Completed, None);
+                    self.record(WorkloadState::Completed.as_str(), "exit code 0".to_string())
+                        .await;
                 }
                 None
             }
@@ -298,7 +302,7 @@ impl Worker {
                         .agent_line(&self.name, LogLevel::Warn, &message);
                     None
                 } else {
-                    self.failed("exited", message).await
+                    self.failed(Failure::Exited, message).await
                 }
             }
             Err(message) => {
@@ -308,10 +312,10 @@ impl Worker {
                     self.ctx
                         .logs
                         .agent_line(&self.name, LogLevel::Error, &message);
-                    self.set_state("running", Some(message));
+                    self.set_state(WorkloadState::Running, Some(message));
                     None
                 } else {
-                    self.failed("trapped", message).await
+                    self.failed(Failure::Trapped, message).await
                 }
             }
         }

@@ -13,7 +13,7 @@ use tokio::task::JoinHandle;
 use super::artifacts::{Artifact, ArtifactKind};
 use super::engine::WasmEngine;
 use super::instance::{CallOutcome, Instance, InstanceSetup};
-use crate::deployment::{Limits, WorkloadSpec};
+use crate::deployment::{Limits, WorkloadSpec, WorkloadState};
 use crate::logs::LogHub;
 use crate::metrics::Metrics;
 use crate::runtime::DeliveryError;
@@ -159,10 +159,11 @@ pub struct WorkerStats {
 }
 
 /// The parts of a worker's status that are not counters.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct WorkerStatus {
-    /// `starting`, `running`, `backoff`, `failed`, `stopped`, `completed`.
-    pub state: String,
+    /// `starting` (also before the worker's task has said anything), `running`, `backoff`,
+    /// `failed`, `stopped`, `completed`.
+    pub state: WorkloadState,
     /// Last failure in words.
     pub last_error: Option<String>,
     /// Digest of the module that runs.
@@ -176,6 +177,43 @@ pub struct WorkerStatus {
     /// The exit code of the last run of a WASI command program (`None` for components with
     /// handlers, and while the first run goes).
     pub exit_code: Option<i32>,
+}
+
+impl Default for WorkerStatus {
+    fn default() -> Self {
+        WorkerStatus {
+            state: WorkloadState::Starting,
+            last_error: None,
+            digest: String::new(),
+            kind: String::new(),
+            version: 0,
+            started_at: None,
+            exit_code: None,
+        }
+    }
+}
+
+/// Why a run of a worker's instance failed, passed to the worker's `failed`: its text is the
+/// kind of the event-log entry (`start-failed`, `trapped`, `exited`, as before the enum).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Failure {
+    /// The instance could not be made (compile, instantiate, `start` handler).
+    StartFailed,
+    /// A handler trapped (or ran past its time slice).
+    Trapped,
+    /// A WASI command program exited with a non-zero code.
+    Exited,
+}
+
+impl Failure {
+    /// Its event kind: `start-failed`, `trapped` or `exited`.
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Failure::StartFailed => "start-failed",
+            Failure::Trapped => "trapped",
+            Failure::Exited => "exited",
+        }
+    }
 }
 
 impl WorkerStats {

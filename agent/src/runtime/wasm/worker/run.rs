@@ -13,10 +13,10 @@ use super::super::artifacts::ArtifactKind;
 use super::super::instance::{CallOutcome, Instance, InstanceSetup};
 use super::edges::EdgeWatcher;
 use super::{
-    BACKOFF_MAX, BACKOFF_START, Delivery, Prepared, Queued, WorkerCommand, WorkerContext,
+    BACKOFF_MAX, BACKOFF_START, Delivery, Failure, Prepared, Queued, WorkerCommand, WorkerContext,
     WorkerStats, commit, commit_error, open_devices, release_devices, setup_for, start_instance,
 };
-use crate::deployment::{RestartPolicy, Trigger};
+use crate::deployment::{RestartPolicy, Trigger, WorkloadState};
 use crate::store::StatusUpdate;
 use crate::util::deadline_after;
 
@@ -81,7 +81,7 @@ impl Worker {
                             continue;
                         }
                     } else {
-                        self.set_state("running", None);
+                        self.set_state(WorkloadState::Running, None);
                     }
                 } else if let Some(delay) = Box::pin(self.start()).await {
                     restart_at = Some(deadline_after(delay));
@@ -186,11 +186,11 @@ impl Worker {
 
     /// Creates the instance; returns a restart delay when it failed.
     async fn start(&mut self) -> Option<Duration> {
-        self.set_state("starting", None);
+        self.set_state(WorkloadState::Starting, None);
         let mut setup = self.setup();
         setup.devices = match open_devices(&self.ctx, &self.current.spec).await {
             Ok(devices) => devices,
-            Err(message) => return self.failed("start-failed", message).await,
+            Err(message) => return self.failed(Failure::StartFailed, message).await,
         };
         let started = start_instance(&self.ctx, &self.current.artifact, &setup).await;
         release_devices(std::mem::take(&mut setup.devices)).await;
@@ -203,7 +203,7 @@ impl Worker {
                 let mut instance = instance;
                 self.watch_edges(&mut instance);
                 self.current.instance = Some(instance);
-                self.set_state("running", None);
+                self.set_state(WorkloadState::Running, None);
                 self.record(
                     "started",
                     format!("version {} running", self.current.version),
@@ -211,12 +211,13 @@ impl Worker {
                 .await;
                 None
             }
-            Err(message) => self.failed("start-failed", message).await,
+            Err(message) => self.failed(Failure::StartFailed, message).await,
         }
     }
 
     /// Records a failure and decides on a restart per the policy.
-    pub(super) async fn failed(&mut self, kind: &str, message: String) -> Option<Duration> {
+    pub(super) async fn failed(&mut self, why: Failure, message: String) -> Option<Duration> {
+        let kind = why.as_str();
         self.ctx
             .logs
             .agent_line(&self.name, LogLevel::Error, &message);
@@ -227,7 +228,7 @@ impl Worker {
         self.stats.memory_bytes.store(0, Ordering::Relaxed);
         let restart = self.current.spec.restart != RestartPolicy::Never;
         if !restart {
-            self.set_state("failed", Some(message.clone()));
+            self.set_state(WorkloadState::Failed, Some(message.clone()));
             self.record(kind, format!("{message}; restart policy is never"))
                 .await;
             return None;
@@ -236,7 +237,7 @@ impl Worker {
         self.failures_in_a_row = self.failures_in_a_row.saturating_add(1);
         self.stats.restarts.fetch_add(1, Ordering::Relaxed);
         self.ctx.metrics.restarts.fetch_add(1, Ordering::Relaxed);
-        self.set_state("backoff", Some(message.clone()));
+        self.set_state(WorkloadState::Backoff, Some(message.clone()));
         self.record(kind, format!("{message}; restarting in {delay:?}"))
             .await;
         Some(delay)
@@ -281,7 +282,7 @@ impl Worker {
                 );
             }
             self.stats.set(|s| s.started_at = Some(Instant::now()));
-            self.set_state("running", None);
+            self.set_state(WorkloadState::Running, None);
         }
         self.failures_in_a_row = 0;
         self.publish_version();
@@ -341,8 +342,9 @@ impl Worker {
     async fn finish_status(&mut self) {
         self.stats.memory_bytes.store(0, Ordering::Relaxed);
         self.stats.set(|s| s.started_at = None);
-        self.set_state("stopped", None);
-        self.record_and_wait("stopped", "stopped".to_string()).await;
+        self.set_state(WorkloadState::Stopped, None);
+        let stopped = WorkloadState::Stopped.as_str();
+        self.record_and_wait(stopped, stopped.to_string()).await;
     }
 
     fn status_update(&self, kind: &str, detail: String) -> StatusUpdate {
@@ -365,9 +367,9 @@ impl Worker {
         }
     }
 
-    pub(super) fn set_state(&self, state: &str, error: Option<String>) {
+    pub(super) fn set_state(&self, state: WorkloadState, error: Option<String>) {
         self.stats.set(|s| {
-            s.state = state.to_string();
+            s.state = state;
             if error.is_some() {
                 s.last_error = error;
             }
