@@ -1,3 +1,6 @@
+use embedded_hal::digital::InputPin;
+use embedded_hal_async::digital::Wait;
+
 use super::*;
 
 #[test]
