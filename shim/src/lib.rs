@@ -25,6 +25,8 @@ pub mod bootstrap;
 pub mod entrypoint;
 pub mod events;
 pub mod io;
+#[cfg(feature = "image-layout")]
+pub mod layout;
 pub mod mounts;
 pub mod server;
 pub mod service;

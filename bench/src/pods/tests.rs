@@ -1,4 +1,6 @@
-use super::image::{digest, image_tar};
+use lichen_shim::layout::digest;
+
+use super::image::image_tar;
 use super::*;
 
 #[test]
