@@ -273,11 +273,7 @@ impl Board {
 
     /// Runs a command that must succeed; returns its output trimmed.
     pub fn sh(&mut self, command: &str) -> Result<String> {
-        let (status, output) = self.run(command)?;
-        if status != 0 {
-            bail!("{command:?} exited with {status}:\n{output}");
-        }
-        Ok(output.trim().to_string())
+        crate::console::sh_ok(|c| self.run(c), command)
     }
 
     /// Runs `command` every second until `done` holds for its output; returns that output.
@@ -285,20 +281,16 @@ impl Board {
         &mut self,
         command: &str,
         what: &str,
-        mut done: impl FnMut(&str) -> bool,
+        done: impl FnMut(&str) -> bool,
     ) -> Result<String> {
-        let deadline = Instant::now() + HANG_GUARD;
-        loop {
-            let (_, output) = self.run(command)?;
-            let output = output.trim().to_string();
-            if done(&output) {
-                return Ok(output);
-            }
-            if Instant::now() >= deadline {
-                bail!("{what}: never happened; the last output of {command:?} was:\n{output}");
-            }
-            std::thread::sleep(Duration::from_secs(1));
-        }
+        crate::console::poll_until(
+            |c| self.run(c),
+            command,
+            what,
+            done,
+            HANG_GUARD,
+            Duration::from_secs(1),
+        )
     }
 
     /// Cuts the power: SIGKILL to QEMU.

@@ -117,3 +117,41 @@ fn tail(text: &str, bytes: usize) -> String {
     }
     text[start..].to_string()
 }
+
+/// A command run on a console's shell: its exit status and its output.
+pub(crate) type ShellRun = Result<(i32, String)>;
+
+/// Runs `command` through `run` and fails unless it exits with 0; returns its output trimmed.
+/// The board's and the guest's `sh`.
+pub(crate) fn sh_ok(run: impl FnOnce(&str) -> ShellRun, command: &str) -> Result<String> {
+    let (status, output) = run(command)?;
+    if status != 0 {
+        bail!("{command:?} exited with {status}:\n{output}");
+    }
+    Ok(output.trim().to_string())
+}
+
+/// Runs `command` through `run` every `pace` until `done` holds for its trimmed output (which
+/// it returns), failing after `guard` with `what` and the last output. The board's and the
+/// guest's `wait_until`.
+pub(crate) fn poll_until(
+    mut run: impl FnMut(&str) -> ShellRun,
+    command: &str,
+    what: &str,
+    mut done: impl FnMut(&str) -> bool,
+    guard: Duration,
+    pace: Duration,
+) -> Result<String> {
+    let deadline = Instant::now() + guard;
+    loop {
+        let (_, output) = run(command)?;
+        let output = output.trim().to_string();
+        if done(&output) {
+            return Ok(output);
+        }
+        if Instant::now() >= deadline {
+            bail!("{what}: never happened; the last output of {command:?} was:\n{output}");
+        }
+        std::thread::sleep(pace);
+    }
+}

@@ -194,11 +194,7 @@ impl Guest {
 
     /// Runs a command that must succeed; returns its output trimmed.
     pub fn sh(&mut self, command: &str) -> Result<String> {
-        let (status, output) = self.run(command)?;
-        if status != 0 {
-            bail!("{command:?} exited with {status}:\n{output}");
-        }
-        Ok(output.trim().to_string())
+        crate::console::sh_ok(|c| self.run(c), command)
     }
 
     /// Runs `command` every 200 ms until `done` holds for its output; returns that output.
@@ -207,20 +203,16 @@ impl Guest {
         &mut self,
         command: &str,
         what: &str,
-        mut done: impl FnMut(&str) -> bool,
+        done: impl FnMut(&str) -> bool,
     ) -> Result<String> {
-        let deadline = Instant::now() + POLL_GUARD;
-        loop {
-            let (_, output) = self.run(command)?;
-            let output = output.trim().to_string();
-            if done(&output) {
-                return Ok(output);
-            }
-            if Instant::now() >= deadline {
-                bail!("{what}: never happened; the last output of {command:?} was:\n{output}");
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
+        crate::console::poll_until(
+            |c| self.run(c),
+            command,
+            what,
+            done,
+            POLL_GUARD,
+            Duration::from_millis(200),
+        )
     }
 
     /// The last `bytes` of the console, for failure messages.
