@@ -17,16 +17,55 @@ use anyhow::{Context, Result, bail};
 use lichen_agent::api::client::Client;
 use lichen_agent::api::types::WorkloadStatus;
 
-/// Path of the `lichen` binary built by this `cargo test` run.
-pub fn lichen_bin() -> PathBuf {
-    // tests run from target/<profile>/deps/; the binary is in target/<profile>/.
+/// The test binary's profile directory (`target/<profile>`, where cargo puts the workspace's
+/// binaries) and cargo's name of that profile (`dev` for `debug`).
+pub fn test_profile() -> (PathBuf, String) {
+    // Tests run from target/<profile>/deps/.
     let exe = std::env::current_exe().expect("the test binary knows its own path");
     let profile_dir = exe
         .parent()
         .and_then(Path::parent)
-        .expect("test binaries live in target/<profile>/deps");
+        .expect("test binaries live in target/<profile>/deps")
+        .to_path_buf();
+    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev".to_string(),
+        Some(other) => other.to_string(),
+        None => panic!("no profile directory above {}", exe.display()),
+    };
+    (profile_dir, profile)
+}
+
+/// Runs a nested `cargo build --quiet --profile <this test run's> ARGS` on the workspace (a
+/// no-op when what it builds is fresh), into `target_dir` when given; fails the test if the
+/// build fails. Does nothing when the test does not run under cargo (no `CARGO`).
+pub fn nested_cargo_build(args: &[&str], target_dir: Option<&Path>) {
+    let Ok(cargo) = std::env::var("CARGO") else {
+        return;
+    };
+    let (_, profile) = test_profile();
+    let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
+    let mut command = Command::new(cargo);
+    without_test_cargo_env(&mut command);
+    command
+        .args(["build", "--quiet", "--profile", &profile])
+        .args(args)
+        .arg("--manifest-path")
+        .arg(manifest);
+    if let Some(dir) = target_dir {
+        command.arg("--target-dir").arg(dir);
+    }
+    let status = command.status().expect("cargo runs");
+    assert!(status.success(), "cannot build {args:?} for the tests");
+}
+
+/// Path of the `lichen` binary built by this `cargo test` run. `cargo test -p lichen-tests` or
+/// `--test NAME` does not rebuild it, so the tests could run a stale daemon: it is built once
+/// per test process (a no-op when it is fresh).
+pub fn lichen_bin() -> PathBuf {
+    let (profile_dir, _) = test_profile();
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| nested_cargo_build(&["-p", "lichen", "--bin", "lichen"], None));
     let bin = profile_dir.join("lichen");
-    rebuild_once(profile_dir);
     assert!(
         bin.is_file(),
         "{} is missing: run the tests with `cargo test --workspace` so the binary is built",
@@ -35,79 +74,12 @@ pub fn lichen_bin() -> PathBuf {
     bin
 }
 
-/// `cargo test -p lichen-tests` or `--test NAME` does not rebuild the `lichen` binary, so the
-/// tests could run a stale daemon: build it once per test process (a no-op when it is fresh).
-fn rebuild_once(profile_dir: &Path) {
-    static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| {
-        let Ok(cargo) = std::env::var("CARGO") else {
-            return;
-        };
-        let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-            Some("debug") => "dev".to_string(),
-            Some(other) => other.to_string(),
-            None => return,
-        };
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-        let mut command = Command::new(cargo);
-        without_test_cargo_env(&mut command);
-        let status = command
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "lichen",
-                "--bin",
-                "lichen",
-                "--profile",
-                &profile,
-            ])
-            .arg("--manifest-path")
-            .arg(manifest)
-            .status()
-            .expect("cargo runs");
-        assert!(
-            status.success(),
-            "cannot build the lichen binary for the tests"
-        );
-    });
-}
-
-/// Path of binary `bin` of workspace package `package`, built once per test process by a
-/// nested cargo (a no-op when it is fresh), since `cargo test -p lichen-tests` builds only
-/// this package's dependencies' libraries.
+/// Path of binary `bin` of workspace package `package`, built by a nested cargo (a no-op when
+/// it is fresh), since `cargo test -p lichen-tests` builds only this package's dependencies'
+/// libraries.
 pub fn built_bin(package: &str, bin: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary knows its own path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binaries live in target/<profile>/deps");
-    let profile = match profile_dir.file_name().and_then(|n| n.to_str()) {
-        Some("debug") => "dev".to_string(),
-        Some(other) => other.to_string(),
-        None => panic!("no profile directory above {}", exe.display()),
-    };
-    if let Ok(cargo) = std::env::var("CARGO") {
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-        let mut command = Command::new(cargo);
-        without_test_cargo_env(&mut command);
-        let status = command
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                package,
-                "--bin",
-                bin,
-                "--profile",
-                &profile,
-            ])
-            .arg("--manifest-path")
-            .arg(manifest)
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "cannot build {bin} for the tests");
-    }
+    let (profile_dir, _) = test_profile();
+    nested_cargo_build(&["-p", package, "--bin", bin], None);
     let path = profile_dir.join(bin);
     assert!(path.is_file(), "{} is missing", path.display());
     path

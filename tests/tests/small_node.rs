@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use lichen_agent::api::types::WorkloadState;
-use lichen_tests::{Daemon, guest, lichen, one_workload, output_text, without_test_cargo_env};
+use lichen_tests::{
+    Daemon, guest, lichen, nested_cargo_build, one_workload, output_text, test_profile,
+};
 
 const NODE: &str = "small";
 /// The node's `[wasm]` sizing, which the hub compiles for (it changes compiled code).
@@ -18,38 +20,17 @@ const MAX_MEMORY: &str = "16MiB";
 const MEMORY_GUARD: &str = "64KiB";
 
 /// The small-node `lichen`, built once per test process by a nested cargo in the profile of
-/// this test run (a no-op when it is fresh).
+/// this test run, into `<target dir>/small-node` (a no-op when it is fresh).
 fn small_node_bin() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test binary knows its own path");
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test binaries live in target/<profile>/deps");
-    let profile_name = profile_dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .expect("a profile directory");
-    let profile = if profile_name == "debug" {
-        "dev"
-    } else {
-        profile_name
-    };
+    let (profile_dir, _) = test_profile();
     let target_dir = profile_dir
         .parent()
         .expect("the target directory")
         .join("small-node");
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
-        let Ok(cargo) = std::env::var("CARGO") else {
-            return;
-        };
-        let manifest = Path::new(env!("CARGO_MANIFEST_DIR")).join("../Cargo.toml");
-        let mut command = Command::new(cargo);
-        without_test_cargo_env(&mut command);
-        let status = command
-            .args([
-                "build",
-                "--quiet",
+        nested_cargo_build(
+            &[
                 "-p",
                 "lichen",
                 "--bin",
@@ -57,17 +38,11 @@ fn small_node_bin() -> PathBuf {
                 "--no-default-features",
                 "--features",
                 "small-node",
-                "--profile",
-                profile,
-            ])
-            .arg("--target-dir")
-            .arg(&target_dir)
-            .arg("--manifest-path")
-            .arg(manifest)
-            .status()
-            .expect("cargo runs");
-        assert!(status.success(), "cannot build the small-node lichen");
+            ],
+            Some(&target_dir),
+        )
     });
+    let profile_name = profile_dir.file_name().expect("a profile directory");
     let bin = target_dir.join(profile_name).join("lichen");
     assert!(bin.is_file(), "{} is missing", bin.display());
     bin
