@@ -22,7 +22,13 @@ fn cache_root() -> PathBuf {
 }
 
 /// A publisher key pair made once and kept (so images built with its public key are cached).
+/// The image tests run in parallel threads of one process and share the key: one makes it
+/// while the others wait (two keygens on one path would fail on the file the other made).
 fn keypair(name: &str) -> Result<PathBuf> {
+    static MAKING: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one_at_a_time = MAKING
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner());
     let dir = cache_root().join("test-keys");
     std::fs::create_dir_all(&dir)?;
     let key = dir.join(format!("{name}.pem"));
