@@ -68,11 +68,9 @@ url = "mqtt://127.0.0.1:9"
 node-id = "smoke"
 trusted-keys = ["$(cat "$work/publisher.pub")"]
 CONF
-  # counter as the agent's build script built it from examples/counter (the newest build).
-  counter=$(find "$target_dir/debug/build" -path '*/lichen-agent-*/out/guests/wasm32-wasip2/release/counter.wasm' \
-    -printf '%T@ %p\n' | sort -n | tail -1 | cut -d' ' -f2-)
-  [ -f "$counter" ] || { echo "error: no counter.wasm under $target_dir/debug/build"; exit 1; }
-  cp "$counter" "$work/counter.wasm"
+  # counter as the node embeds it (agent/default-guests/: a checked-in, reproducible build of
+  # examples/counter).
+  cp agent/default-guests/counter.wasm "$work/counter.wasm"
   cat > "$work/counter.toml" <<DEPLOY
 [[workloads]]
 name = "counter"
