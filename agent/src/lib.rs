@@ -15,6 +15,7 @@ pub mod files;
 pub mod flavour;
 pub mod grants;
 pub mod hub;
+pub mod keys;
 #[cfg(feature = "kubeedge")]
 pub mod kubeedge;
 pub mod logs;

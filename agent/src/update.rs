@@ -27,14 +27,14 @@ use lichen_update::config::UpdateConfig;
 use ring::signature::{ED25519, Ed25519KeyPair, KeyPair, UnparsedPublicKey};
 
 use crate::config::{AgentConfig, HubSection};
-use crate::hub::{TrustedKey, base64_decode, base64_encode, key_id, parse_public_key};
+use crate::keys::{TrustedKey, base64_decode, base64_encode, key_id, parse_public_key};
 use crate::render::{EXIT_FAILURE, EXIT_INVALID, emit, push_json};
 use crate::util::{error_chain, now_ms};
 
 mod boot;
 mod report;
 
-pub use boot::start;
+pub use boot::{HubProbe, start};
 pub use report::{SystemSource, doctor_checks};
 
 /// The configuration `lichen update` reads when `--config` is not given: the board's.
@@ -159,7 +159,7 @@ impl PublisherKey {
         let bytes = std::fs::read(path)
             .with_context(|| format!("cannot read key file {}", path.display()))?;
         // The same PEM or DER forms `lichen hub keygen` writes and deployments are signed with.
-        let der = crate::hub::signing::pem_or_der(&bytes)
+        let der = crate::keys::pem_or_der(&bytes)
             .with_context(|| format!("{}: not a PKCS#8 private key", path.display()))?;
         let pair = Ed25519KeyPair::from_pkcs8_maybe_unchecked(&der).map_err(|e| {
             anyhow!(

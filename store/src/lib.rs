@@ -218,6 +218,8 @@ struct StoreShared {
     stats_transactions: AtomicU64,
     stats_requests: AtomicU64,
     stats_unsynced_batches: AtomicU64,
+    stats_busy_ns: AtomicU64,
+    stats_commit_ns: AtomicU64,
 }
 
 /// The part of a store that ends the writer thread when the last handle goes.
@@ -340,6 +342,8 @@ impl StateStore {
             stats_transactions: AtomicU64::new(0),
             stats_requests: AtomicU64::new(0),
             stats_unsynced_batches: AtomicU64::new(0),
+            stats_busy_ns: AtomicU64::new(0),
+            stats_commit_ns: AtomicU64::new(0),
         });
         let (tx, rx) = mpsc::channel(QUEUE_DEPTH);
         let writer = std::thread::Builder::new()
@@ -367,7 +371,8 @@ impl StateStore {
         &self.inner.shared.path
     }
 
-    /// How many transactions and requests the writer has processed since open.
+    /// How many transactions and requests the writer has processed since open, and the time
+    /// it spent on them.
     pub fn stats(&self) -> StoreStats {
         StoreStats {
             transactions: self.inner.shared.stats_transactions.load(Ordering::Relaxed),
@@ -377,6 +382,8 @@ impl StateStore {
                 .shared
                 .stats_unsynced_batches
                 .load(Ordering::Relaxed),
+            busy_ns: self.inner.shared.stats_busy_ns.load(Ordering::Relaxed),
+            commit_ns: self.inner.shared.stats_commit_ns.load(Ordering::Relaxed),
         }
     }
 

@@ -349,6 +349,11 @@ async fn concurrent_commits_all_land_in_fewer_transactions_than_requests() {
         transactions < requests,
         "{transactions} transactions for {requests} requests"
     );
+    // The writer's time counters grew, and the commits are part of its busy time.
+    let busy = after.busy_ns - before.busy_ns;
+    let commit = after.commit_ns - before.commit_ns;
+    assert!(commit > 0, "no commit time counted");
+    assert!(commit <= busy, "commit {commit} ns of {busy} ns busy");
     let kv = store.load_kv("counter").expect("reads");
     assert_eq!(kv.len(), 1000);
     assert_eq!(

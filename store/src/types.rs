@@ -224,6 +224,13 @@ pub struct StoreStats {
     /// (the next synced commit makes them durable).
     #[serde(default)]
     pub unsynced_batches: u64,
+    /// Nanoseconds the writer thread spent on batches, from the first request taken to the
+    /// last answer sent (statements, commits and answers; not the wait for requests).
+    #[serde(default)]
+    pub busy_ns: u64,
+    /// Nanoseconds of that spent in COMMIT: the WAL write and, when synced, its fsync.
+    #[serde(default)]
+    pub commit_ns: u64,
 }
 
 /// A record for the hub queued by the agent itself rather than by a guest event.

@@ -8,6 +8,7 @@
 use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::time::Instant;
 
 use rusqlite::{Connection, OptionalExtension, Transaction, TransactionBehavior, params};
 use tokio::sync::{mpsc, oneshot};
@@ -104,6 +105,7 @@ pub(crate) fn run(
     // `configure` opened the connection with synchronous=FULL.
     let mut synced = true;
     while let Some(first) = requests.blocking_recv() {
+        let started = Instant::now();
         let mut batch = Vec::with_capacity(16);
         batch.push(first);
         while batch.len() < MAX_BATCH {
@@ -141,8 +143,15 @@ pub(crate) fn run(
         while !batch.is_empty() {
             batch = run_round(&mut conn, batch, &shared);
         }
+        add_ns(&shared.stats_busy_ns, started);
     }
     tracing::debug!(path = %shared.path.display(), "state store writer stopped");
+}
+
+/// Adds the time since `since` to a nanosecond counter of [`StoreShared`].
+fn add_ns(counter: &std::sync::atomic::AtomicU64, since: Instant) {
+    let ns = u64::try_from(since.elapsed().as_nanos()).unwrap_or(u64::MAX);
+    counter.fetch_add(ns, Ordering::Relaxed);
 }
 
 impl Op {
@@ -198,7 +207,10 @@ fn run_fast_round(
         return batch;
     }
     drop(rows);
-    if tx.commit().is_err() {
+    let committing = Instant::now();
+    let committed = tx.commit();
+    add_ns(&shared.stats_commit_ns, committing);
+    if committed.is_err() {
         return batch;
     }
     shared.stats_transactions.fetch_add(1, Ordering::Relaxed);
@@ -240,7 +252,9 @@ fn run_round(conn: &mut Connection, batch: Vec<Request>, shared: &StoreShared) -
         }
         done.push((request, result));
     }
+    let committing = Instant::now();
     let committed = tx.commit().map_err(Arc::new);
+    add_ns(&shared.stats_commit_ns, committing);
     match &committed {
         Ok(()) => {
             shared.stats_transactions.fetch_add(1, Ordering::Relaxed);

@@ -311,7 +311,10 @@ impl Bridge {
         let keys = self.keys.clone();
         let applied = {
             let (path, update) = (path.clone(), update.clone());
-            tokio::task::spawn_blocking(move || source.apply_pushed(&path, &update, &keys)).await
+            tokio::task::spawn_blocking(move || {
+                source.apply_pushed(&path, &update.version, &update.target, &keys)
+            })
+            .await
         };
         let _ = fs::remove_file(&path);
         let result = match applied {

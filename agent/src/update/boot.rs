@@ -21,18 +21,23 @@ const HEALTH_POLL: Duration = Duration::from_secs(1);
 /// How often the health check asks the hub (each probe is a connection).
 const HUB_POLL: Duration = Duration::from_secs(5);
 
+/// Asks the hub whether it answers (the daemon passes the hub link's probe, so `update` does
+/// not depend on `hub`); `Err` says why not.
+pub type HubProbe = fn(&HubSection) -> Result<(), String>;
+
 /// At the daemon's start, when the config has `[update]`: what this boot is (see
 /// `lichen_update::board`), done in the background so the API serves meanwhile.
 pub fn start(
     agent: Agent,
     config: &AgentConfig,
     state_dir: &Path,
+    probe: HubProbe,
 ) -> Option<tokio::task::JoinHandle<()>> {
     let section = config.update.clone()?;
     let hub = config.hub.clone();
     let state_dir = state_dir.to_path_buf();
     Some(tokio::spawn(async move {
-        if let Err(err) = boot(&agent, &section, hub.as_ref(), &state_dir).await {
+        if let Err(err) = boot(&agent, &section, hub.as_ref(), probe, &state_dir).await {
             let text = error_chain(err.as_ref());
             tracing::error!("system update: {text}; this boot is not confirmed");
             event(&agent, "update-error", &text).await;
@@ -44,6 +49,7 @@ async fn boot(
     agent: &Agent,
     section: &UpdateConfig,
     hub: Option<&HubSection>,
+    probe: HubProbe,
     state_dir: &Path,
 ) -> Result<()> {
     let board = {
@@ -78,7 +84,7 @@ async fn boot(
                 ),
             )
             .await;
-            match health_check(agent, hub, board.health_deadline()).await {
+            match health_check(agent, hub, probe, board.health_deadline()).await {
                 Ok(summary) => {
                     let summary = format!("state database open; {summary}");
                     let outcome = {
@@ -150,6 +156,7 @@ async fn event(agent: &Agent, kind: &str, detail: &str) {
 async fn health_check(
     agent: &Agent,
     hub: Option<&HubSection>,
+    probe: HubProbe,
     deadline: Duration,
 ) -> Result<String, String> {
     let until = Instant::now() + deadline;
@@ -167,7 +174,7 @@ async fn health_check(
         {
             hub_asked = Some(Instant::now());
             let hub = hub.clone();
-            hub_state = match tokio::task::spawn_blocking(move || crate::hub::probe(&hub)).await {
+            hub_state = match tokio::task::spawn_blocking(move || probe(&hub)).await {
                 Ok(Ok(())) => HubHealth::Answered,
                 Ok(Err(why)) => HubHealth::NotAnswered(why.to_string()),
                 Err(e) => HubHealth::NotAnswered(e.to_string()),

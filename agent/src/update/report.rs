@@ -11,7 +11,7 @@ use lichen_update::journal::{JournalFile, OutcomeKind, Phase};
 use super::TrustedKeys;
 use crate::api::types::DoctorCheck;
 use crate::config::AgentConfig;
-use crate::hub::TrustedKey;
+use crate::keys::TrustedKey;
 use crate::util::now_ms;
 
 /// Where the hub bridge reads the A/B system from for reported state: the `[update]` section
@@ -41,13 +41,15 @@ impl SystemSource {
         &self.state_dir
     }
 
-    /// Applies a bundle the hub pushed (see `hub::update`): verified as `lichen update`
+    /// Applies a bundle the hub pushed (the hub link's system update): verified as `lichen update`
     /// verifies it, by `update.trusted-keys` and `hub_keys`; its manifest must say the signed
-    /// version and target. Returns a summary and the reboot command to run.
+    /// version and target (`signed_version`, `signed_target`: the hub's `SystemUpdate`).
+    /// Returns a summary and the reboot command to run.
     pub(crate) fn apply_pushed(
         &self,
         bundle: &Path,
-        signed: &crate::hub::update::SystemUpdate,
+        signed_version: &str,
+        signed_target: &str,
         hub_keys: &[TrustedKey],
     ) -> Result<(String, Vec<String>), String> {
         let mut keys =
@@ -65,16 +67,16 @@ impl SystemSource {
             .verify(bundle, &keys)
             .map_err(|e| format!("the bundle is refused: {e}"))?;
         let manifest = &bundle.manifest;
-        if manifest.version != signed.version {
+        if manifest.version != signed_version {
             return Err(format!(
                 "the bundle's manifest says version {:?}; system.version says {:?}",
-                manifest.version, signed.version
+                manifest.version, signed_version
             ));
         }
-        if manifest.target != signed.target {
+        if manifest.target != signed_target {
             return Err(format!(
                 "the bundle's manifest says target {:?}; system.target says {:?}",
-                manifest.target, signed.target
+                manifest.target, signed_target
             ));
         }
         let report = board

@@ -11,8 +11,8 @@ fn section(keys: &[String]) -> UpdateConfig {
 #[test]
 fn bundles_verify_with_the_deployment_key_formats() {
     let dir = tempfile::tempdir().unwrap();
-    let (pem, public) = crate::hub::generate_key().unwrap();
-    let (_, other) = crate::hub::generate_key().unwrap();
+    let (pem, public) = crate::keys::generate_key().unwrap();
+    let (_, other) = crate::keys::generate_key().unwrap();
     std::fs::write(dir.path().join("key.pem"), &pem).unwrap();
     let signer = PublisherKey::load(&dir.path().join("key.pem")).unwrap();
     let signature = signer.sign(b"manifest").unwrap();
