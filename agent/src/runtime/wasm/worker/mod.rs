@@ -420,47 +420,6 @@ fn setup_for(ctx: &WorkerContext, spec: &WorkloadSpec, kv: Arc<Mutex<KvMap>>) ->
     }
 }
 
-/// Opens the devices `spec` grants (shared with the workload's live instance, if any).
-/// Opening requests lines and opens device nodes (ioctls), so it runs on tokio's blocking
-/// pool, never on an async worker.
-async fn open_devices(
-    ctx: &WorkerContext,
-    spec: &WorkloadSpec,
-) -> Result<Arc<lichen_host_apis::DeviceGrants>, String> {
-    if spec.gpio.is_empty() && spec.spi.is_empty() && spec.i2c.is_empty() {
-        return Ok(Arc::default());
-    }
-    let hub = ctx.devices.clone();
-    let spec = spec.clone();
-    tokio::task::spawn_blocking(move || hub.open_grants(&spec).map(Arc::new))
-        .await
-        .map_err(|e| format!("the device opening thread failed: {e}"))?
-}
-
-/// Puts the input lines the running version holds back to its `spec`'s settings after a
-/// reload that reconfigured them did not take over (opening shares the held lines and
-/// reconfigures those whose settings differ). A failure is logged: the running version keeps
-/// its lines either way.
-async fn restore_devices(ctx: &WorkerContext, spec: &WorkloadSpec) {
-    match open_devices(ctx, spec).await {
-        Ok(devices) => release_devices(devices).await,
-        Err(message) => ctx.logs.agent_line(
-            &spec.name,
-            lichen_host_apis::LogLevel::Warn,
-            &format!("cannot restore the running version's pin settings: {message}"),
-        ),
-    }
-}
-
-/// Lets go of a reference to a workload's device handles. When it is the last one, the
-/// handles close and outputs go to their safe state (ioctls), so that happens on tokio's
-/// blocking pool.
-async fn release_devices(devices: Arc<lichen_host_apis::DeviceGrants>) {
-    if !devices.is_empty() {
-        let _ = tokio::task::spawn_blocking(move || drop(devices)).await;
-    }
-}
-
 /// Instantiates a component and runs `init`, committing init's writes. Errors are in words.
 async fn start_instance(
     ctx: &WorkerContext,
@@ -600,8 +559,11 @@ pub fn spawn_worker(
     }
 }
 
+mod devices;
 mod dispatch;
 mod edges;
 mod run;
+
+use devices::{open_devices, release_devices, restore_devices};
 
 use run::Worker;
