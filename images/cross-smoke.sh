@@ -6,8 +6,9 @@
 #   images/cross-smoke.sh aarch64-unknown-linux-musl qemu-aarch64-static [full|small]
 #   images/cross-smoke.sh riscv64gc-unknown-linux-gnu qemu-riscv64-static [full|small]
 #
-# full (the default): every feature; the daemon runs its embedded default deployment,
-# compiling counter on the (emulated) board.
+# full (the default): the node as it ships (`--features full-node`: every runtime, Cranelift,
+# the KubeEdge mapper; no operator's tool or benches); the daemon runs its embedded default
+# deployment, compiling counter on the (emulated) board.
 # small: `--no-default-features --features small-node` (no Cranelift, containers, microVMs,
 # KubeEdge, operator or bench). The host's full `lichen` makes a signed bundle with counter
 # precompiled for the target and this node's engine (`lichen hub bundle --precompile TARGET`);
@@ -21,7 +22,7 @@ target=$1
 qemu=$2
 flavour=${3:-full}
 case "$flavour" in
-  full) features=() ;;
+  full) features=(--no-default-features --features full-node) ;;
   small) features=(--no-default-features --features small-node) ;;
   *) echo "error: flavour must be full or small, not $flavour" >&2; exit 2 ;;
 esac

@@ -3,7 +3,9 @@
 //! ($CARGO_TARGET_DIR, or the directory above the running binary that cargo tagged); the full
 //! node's release is `<target dir>/<triple>/release/lichen` and the small node's
 //! `<target dir>/<triple>/small/lichen` (`--profile small`). A foreign binary cannot be run
-//! here, so its flavour is read from the version text it carries (`0.1.0 (small node)`).
+//! here, so its flavour is read from the version text it carries (`0.1.0 (small node)`); a
+//! developer's build with the operator's tool and benches says `0.1.0 (full node; operator,
+//! bench)` and is not counted as the shipped full node.
 
 use anyhow::{Context, Result};
 
@@ -30,7 +32,7 @@ const FLAVOURS: [Flavour; 2] = [
     Flavour {
         name: "full node",
         profile: "release",
-        build: "cargo build --release -p lichen --target <triple>",
+        build: "cargo build --release -p lichen --no-default-features --features full-node --target <triple>",
         target: "<= 12 MB",
         limit_bytes: 12_000_000,
     },
@@ -141,7 +143,7 @@ pub(super) fn run() -> Result<Vec<String>> {
         None => "static builds: no cargo target directory found ($CARGO_TARGET_DIR unset and the running binary is not in one)".to_owned(),
     });
     table.note(
-        "profiles: release (full node) and small (small node, inherits release) are opt-level s, LTO, one codegen unit, panic = abort, strip; the full node holds Wasmtime with Cranelift, WASI 0.2, SQLite, containers, microVMs, the KubeEdge mapper, the operator's tool, the benches and the embedded example guests; the small node the Wasm runtime without a compiler, devices and the hub link",
+        "profiles: release (full node) and small (small node, inherits release) are opt-level s, LTO, one codegen unit, panic = abort, strip; the full node holds Wasmtime with Cranelift for its own target, WASI 0.2, SQLite, containers, microVMs, the KubeEdge mapper and its embedded default guests (the operator's tool, the benches and cross-compiling are a developer's build: `lichen --version` then says `; operator, bench`); the small node the Wasm runtime without a compiler, devices and the hub link",
     );
     for flavour in &FLAVOURS {
         table.note(format!(

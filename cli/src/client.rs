@@ -47,9 +47,46 @@ pub const EVENTS_POLL: Duration = Duration::from_millis(500);
 /// Events asked for per request when paging through the event log.
 const EVENTS_PAGE: usize = 1000;
 
+/// The operator's parts built into this binary, as `--version` names them after the flavour.
+#[cfg(all(feature = "operator", feature = "bench"))]
+macro_rules! operator_parts {
+    () => {
+        "; operator, bench"
+    };
+}
+#[cfg(all(feature = "operator", not(feature = "bench")))]
+macro_rules! operator_parts {
+    () => {
+        "; operator"
+    };
+}
+#[cfg(all(not(feature = "operator"), feature = "bench"))]
+macro_rules! operator_parts {
+    () => {
+        "; bench"
+    };
+}
+#[cfg(not(any(feature = "operator", feature = "bench")))]
+macro_rules! operator_parts {
+    () => {
+        ""
+    };
+}
+
+/// `lichen --version`: `0.1.0 (full node)` for the node as it ships, `0.1.0 (full node;
+/// operator, bench)` when the operator's tool and the benches are built in (the default
+/// workspace build). `lichen bench size` tells a shipped node from a developer's build by it.
+pub const VERSION: &str = concat!(
+    env!("CARGO_PKG_VERSION"),
+    " (",
+    lichen_agent::flavour_name!(),
+    operator_parts!(),
+    ")"
+);
+
 /// `lichen`: runs WebAssembly device functions on an edge board.
 #[derive(Debug, Parser)]
-#[command(name = "lichen", version = lichen_agent::flavour::VERSION, about, propagate_version = true)]
+#[command(name = "lichen", version = VERSION, about, propagate_version = true)]
 pub struct Cli {
     /// Socket of the daemon's local API [default: /run/lichen/lichen.sock as root, else
     /// $XDG_RUNTIME_DIR/lichen.sock or /tmp/lichen-$UID.sock].
