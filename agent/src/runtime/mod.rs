@@ -52,6 +52,35 @@ pub(crate) fn check_process_name(name: &str) -> Result<(), String> {
     }
 }
 
+/// Why a workload did not switch to a new version (the old one keeps running).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UpdateError {
+    /// The new version was prepared by another kind's runtime.
+    #[error("a {kind} workload can only be updated to a {wanted}")]
+    OtherKind {
+        /// The running workload's kind (`wasm`, `container`, `microVM`).
+        kind: &'static str,
+        /// What it can be updated to (`wasm module`, `container`, `microVM`).
+        wanted: &'static str,
+    },
+    /// The new version did not start (devices, instantiation, `init`, its first commit).
+    /// Kept in words: it carries the guest's own `init` error text.
+    #[error("{0}")]
+    Start(String),
+    /// The workload's worker had already ended.
+    #[error("workload {name:?} is not running")]
+    NotRunning {
+        /// The workload.
+        name: String,
+    },
+    /// The worker ended before it switched to the new version.
+    #[error("workload {name:?} ended during the reload")]
+    EndedDuringReload {
+        /// The workload.
+        name: String,
+    },
+}
+
 /// Why an event was not queued for a workload.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum DeliveryError {
@@ -254,7 +283,7 @@ pub trait Workload: Send + Sync {
         prepared: Prepared,
         spec: WorkloadSpec,
         version: u64,
-    ) -> BoxFuture<'a, Result<(), String>>;
+    ) -> BoxFuture<'a, Result<(), UpdateError>>;
 
     /// Stops it (Wasm delivers `stop`; containers get SIGTERM, then SIGKILL) and waits.
     fn stop(self: Box<Self>) -> BoxFuture<'static, ()>;

@@ -16,7 +16,7 @@ use super::instance::{CallOutcome, Instance, InstanceSetup};
 use crate::deployment::{Limits, WorkloadSpec, WorkloadState};
 use crate::logs::LogHub;
 use crate::metrics::Metrics;
-use crate::runtime::DeliveryError;
+use crate::runtime::{DeliveryError, UpdateError};
 use crate::store::{
     CommandRecord, EventCommit, KvWrite, OutboxRecord, StateStore, StoreError, TelemetryRecord,
 };
@@ -346,7 +346,7 @@ impl WorkerHandle {
         artifact: Arc<Artifact>,
         spec: WorkloadSpec,
         version: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), UpdateError> {
         let instance = if artifact.kind() == ArtifactKind::Component {
             let mut setup = setup_for(ctx, &spec, self.kv.clone());
             let started = match open_devices(ctx, &spec).await {
@@ -362,7 +362,7 @@ impl WorkerHandle {
                 Ok(instance) => Some(instance),
                 Err(message) => {
                     restore_devices(ctx, &self.spec).await;
-                    return Err(message);
+                    return Err(UpdateError::Start(message));
                 }
             }
         } else {
@@ -378,10 +378,12 @@ impl WorkerHandle {
         let (done, switched) = oneshot::channel();
         self.control
             .send(WorkerCommand::Swap { next, done })
-            .map_err(|_| format!("workload {:?} is not running", &*self.name))?;
-        switched
-            .await
-            .map_err(|_| format!("workload {:?} ended during the reload", &*self.name))?;
+            .map_err(|_| UpdateError::NotRunning {
+                name: self.name.to_string(),
+            })?;
+        switched.await.map_err(|_| UpdateError::EndedDuringReload {
+            name: self.name.to_string(),
+        })?;
         self.spec = spec;
         self.digest = digest;
         Ok(())
