@@ -297,6 +297,8 @@ pub trait Runtime: Send + Sync {
     /// Whether it can run workloads on this host: `Ok(what runs them)`, or `Err(the missing
     /// piece)`. Asked once, when a deployment first needs the tier (a microVM probe may boot a
     /// trial guest, so it is not done at start unless needed).
+    // Both sides stay words, not an error type: the `Err` is a noun phrase (the piece),
+    // recorded in `IsolationProbe` and shown as `needs {piece}` by doctor and in refusals.
     fn probe<'a>(&'a self) -> BoxFuture<'a, Result<String, String>>;
 
     /// Cleans up what an agent killed before it could stop its workloads left behind
