@@ -38,19 +38,20 @@ pub use isolation::Tier;
 
 /// Checks the name of a container or microVM (it names files, sockets and cgroups on the
 /// host): 1-64 of `a-z`, `0-9`, `-`, `_`, `.`, not starting with `.`.
-pub(crate) fn check_process_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_process_name(name: &str) -> Result<(), BadProcessName> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
         && !name.starts_with('.');
-    if ok {
-        Ok(())
-    } else {
-        Err("the name must be 1-64 of a-z, 0-9, '-', '_', '.', not starting with '.'".into())
-    }
+    if ok { Ok(()) } else { Err(BadProcessName) }
 }
+
+/// A container or microVM name that cannot name files, sockets and cgroups on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the name must be 1-64 of a-z, 0-9, '-', '_', '.', not starting with '.'")]
+pub(crate) struct BadProcessName;
 
 /// Why a workload did not switch to a new version (the old one keeps running).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
