@@ -54,7 +54,7 @@ pub(crate) fn check_process_name(name: &str) -> Result<(), BadProcessName> {
 pub(crate) struct BadProcessName;
 
 /// Why a workload did not switch to a new version (the old one keeps running).
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, thiserror::Error)]
 pub enum UpdateError {
     /// The new version was prepared by another kind's runtime.
     #[error("a {kind} workload can only be updated to a {wanted}")]
@@ -64,10 +64,12 @@ pub enum UpdateError {
         /// What it can be updated to (`wasm module`, `container`, `microVM`).
         wanted: &'static str,
     },
-    /// The new version did not start (devices, instantiation, `init`, its first commit).
-    /// Kept in words: it carries the guest's own `init` error text.
+    /// The new version's devices did not open (in words: the grant, the device and why).
     #[error("{0}")]
-    Start(String),
+    Devices(String),
+    /// The new version did not start (instantiation, `init`, its first commit).
+    #[error(transparent)]
+    Start(crate::runtime::wasm::StartError),
     /// The workload's worker had already ended.
     #[error("workload {name:?} is not running")]
     NotRunning {
