@@ -9,6 +9,7 @@ mod check;
 mod kubeedge;
 mod threads;
 
+pub use check::ConfigError;
 pub use kubeedge::KubeEdgeSection;
 /// Sizes in the agent config follow the deployment files' rule: `B`, `KiB`, `MiB`, `GiB`,
 /// case-insensitive; `MB` and the like are refused as ambiguous.
@@ -344,8 +345,8 @@ impl ContainerdSection {
 }
 
 /// Checks a task socket given by `LICHEN_TASK_SOCKET` as `containerd.task-socket` is checked.
-pub fn socket_path_ok(path: &Path) -> Result<(), String> {
-    check::socket_path(lichen_shim::SOCKET_ENV, path).map_err(|e| e.to_string())
+pub fn socket_path_ok(path: &Path) -> Result<(), ConfigError> {
+    check::socket_path(lichen_shim::SOCKET_ENV, path)
 }
 
 impl Default for ContainerdSection {

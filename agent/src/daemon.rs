@@ -207,7 +207,7 @@ pub async fn run(args: RunArgs, socket: &Path) -> Result<()> {
     }
     // A/B boards: confirm this boot, or health-check a new slot's first boot.
     let update = crate::update::start(agent.clone(), &config, &state_dir, |hub| {
-        crate::hub::probe(hub).map_err(|e| e.to_string())
+        crate::hub::probe(hub).map_err(Into::into)
     });
 
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())

@@ -256,6 +256,44 @@ pub struct DeviceHub {
     inputs: Mutex<HashMap<(String, String), OpenInput>>,
 }
 
+/// A device a grant names that did not open: the device, the grant and why.
+#[derive(Debug, thiserror::Error)]
+pub enum GrantError {
+    /// A GPIO pin.
+    #[error("cannot open pin {pin} for grant \"{grant}\": {source}")]
+    Pin {
+        /// The board pin.
+        pin: String,
+        /// The grant's name.
+        grant: String,
+        /// Why.
+        #[source]
+        source: lichen_devices::Error,
+    },
+    /// An SPI device.
+    #[error("cannot open SPI device {bus} for grant \"{grant}\": {source}")]
+    Spi {
+        /// The SPI device.
+        bus: String,
+        /// The grant's name.
+        grant: String,
+        /// Why.
+        #[source]
+        source: lichen_devices::Error,
+    },
+    /// An I2C bus.
+    #[error("cannot open I2C bus {bus} for grant \"{grant}\": {source}")]
+    I2c {
+        /// The I2C bus.
+        bus: String,
+        /// The grant's name.
+        grant: String,
+        /// Why.
+        #[source]
+        source: lichen_devices::Error,
+    },
+}
+
 impl DeviceHub {
     /// The devices of the built-in board profile `board`. A `sim` board starts with its ADC's
     /// channel 0 at [`SIM_ADC_CHANNEL0`] and its TMP102 and BME280 at [`SIM_TEMPERATURE_C`].
@@ -313,7 +351,7 @@ impl DeviceHub {
     /// settings (a reload that changes a trigger's edges or debounce, or the pin's bias) is
     /// shared and reconfigured in place, keeping its queued edges. Errors name the workload,
     /// the grant and the device.
-    pub fn open_grants(&self, spec: &WorkloadSpec) -> Result<DeviceGrants, String> {
+    pub fn open_grants(&self, spec: &WorkloadSpec) -> Result<DeviceGrants, GrantError> {
         let mut grants = DeviceGrants::new();
         if spec.gpio.is_empty() && spec.spi.is_empty() && spec.i2c.is_empty() {
             return Ok(grants);
@@ -326,11 +364,10 @@ impl DeviceHub {
                 pin: grant.pin.clone(),
                 binding: format!("{grant:?} {trigger:?}"),
             };
-            let failed = |e: lichen_devices::Error| {
-                format!(
-                    "cannot open pin {} for grant \"{}\": {e}",
-                    grant.pin, grant.name
-                )
+            let failed = |source| GrantError::Pin {
+                pin: grant.pin.clone(),
+                grant: grant.name.clone(),
+                source,
             };
             match grant.mode {
                 GpioMode::Output => {
@@ -402,23 +439,23 @@ impl DeviceHub {
                 max_hz: grant.max_hz,
                 ..SpiConfig::default()
             };
-            let device = self.spi(&grant.bus, config).map_err(|e| {
-                format!(
-                    "cannot open SPI device {} for grant \"{}\": {e}",
-                    grant.bus, grant.name
-                )
-            })?;
+            let device = self
+                .spi(&grant.bus, config)
+                .map_err(|source| GrantError::Spi {
+                    bus: grant.bus.clone(),
+                    grant: grant.name.clone(),
+                    source,
+                })?;
             grants.add_spi(
                 grant.name.clone(),
                 Arc::new(GrantedSpi::new(grant.bus.clone(), device)),
             );
         }
         for grant in &spec.i2c {
-            let bus = self.i2c(&grant.bus).map_err(|e| {
-                format!(
-                    "cannot open I2C bus {} for grant \"{}\": {e}",
-                    grant.bus, grant.name
-                )
+            let bus = self.i2c(&grant.bus).map_err(|source| GrantError::I2c {
+                bus: grant.bus.clone(),
+                grant: grant.name.clone(),
+                source,
             })?;
             grants.add_i2c(
                 grant.name.clone(),

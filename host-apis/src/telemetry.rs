@@ -30,6 +30,7 @@ impl Host for DeviceState {
 impl crate::bindings::lichen::device::types::Host for DeviceState {}
 
 /// Checks a stream name: 1-64 bytes of ASCII letters, digits, `-`, `_` and `.`.
+// The error stays words: it is the guest's `invalid-stream` WIT error message.
 pub(crate) fn validate_stream(stream: &str) -> Result<(), String> {
     if stream.is_empty() || stream.len() > 64 {
         return Err(format!(

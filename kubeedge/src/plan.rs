@@ -292,7 +292,7 @@ fn decode_data(
                 ),
             ));
         }
-        let value = decode_any(any).map_err(|e| DmiError::invalid(&field, e))?;
+        let value = decode_any(any).map_err(|e| DmiError::invalid(&field, e.to_string()))?;
         out.insert(key.clone(), value);
     }
     Ok(out)
@@ -394,7 +394,7 @@ fn plan_property(p: &pb::DeviceProperty, model: &Model) -> Result<PropertyPlan, 
         .filter(|v| !v.is_empty() && mp.writable);
     if let Some(v) = &desired {
         mp.check_value(v)
-            .map_err(|e| DmiError::invalid("desired.value", e))?;
+            .map_err(|e| DmiError::invalid("desired.value", e.to_string()))?;
     }
     let visitors = p.visitors.as_ref();
     let vproto = visitors.map_or("", |v| &v.protocol_name);

@@ -58,16 +58,39 @@ impl ConfigValue {
 
 const TYPE_PREFIX: &str = "type.googleapis.com/";
 
+/// A `configData` value that is not taken; the text says what was found.
+#[derive(Debug, thiserror::Error)]
+pub enum AnyError {
+    /// Over [`MAX_CONFIG_VALUE_BYTES`].
+    #[error("value has {0} bytes; at most {MAX_CONFIG_VALUE_BYTES} are accepted")]
+    TooLarge(usize),
+    /// A scalar wrapper whose bytes do not decode.
+    #[error("{type_name} value does not decode: {source}")]
+    Decode {
+        /// The wrapper's type name (`google.protobuf.Int32Value`).
+        type_name: String,
+        /// Why.
+        #[source]
+        source: prost::DecodeError,
+    },
+    /// A `UInt64Value` over `i64::MAX`.
+    #[error("{0} is too large")]
+    TooLargeNumber(u64),
+    /// Not a scalar wrapper.
+    #[error("value of type {0:?} is not a string, number or boolean")]
+    OtherType(String),
+}
+
 /// Decodes one `configData` value; the error says what was found.
-pub fn decode_any(any: &Any) -> Result<ConfigValue, String> {
+pub fn decode_any(any: &Any) -> Result<ConfigValue, AnyError> {
     if any.value.len() > MAX_CONFIG_VALUE_BYTES {
-        return Err(format!(
-            "value has {} bytes; at most {MAX_CONFIG_VALUE_BYTES} are accepted",
-            any.value.len()
-        ));
+        return Err(AnyError::TooLarge(any.value.len()));
     }
     let name = any.type_url.rsplit('/').next().unwrap_or_default();
-    let bad = |e: prost::DecodeError| format!("{name} value does not decode: {e}");
+    let bad = |source| AnyError::Decode {
+        type_name: name.to_owned(),
+        source,
+    };
     let value = any.value.as_slice();
     Ok(match name {
         "google.protobuf.StringValue" => ConfigValue::Text(String::decode(value).map_err(bad)?),
@@ -76,16 +99,13 @@ pub fn decode_any(any: &Any) -> Result<ConfigValue, String> {
         "google.protobuf.UInt32Value" => ConfigValue::Int(u32::decode(value).map_err(bad)?.into()),
         "google.protobuf.UInt64Value" => {
             let v = u64::decode(value).map_err(bad)?;
-            ConfigValue::Int(i64::try_from(v).map_err(|_| format!("{v} is too large"))?)
+            ConfigValue::Int(i64::try_from(v).map_err(|_| AnyError::TooLargeNumber(v))?)
         }
         "google.protobuf.FloatValue" => ConfigValue::Float(f32::decode(value).map_err(bad)?.into()),
         "google.protobuf.DoubleValue" => ConfigValue::Float(f64::decode(value).map_err(bad)?),
         "google.protobuf.BoolValue" => ConfigValue::Bool(bool::decode(value).map_err(bad)?),
         _ => {
-            return Err(format!(
-                "value of type {:?} is not a string, number or boolean",
-                any.type_url
-            ));
+            return Err(AnyError::OtherType(any.type_url.clone()));
         }
     })
 }
@@ -150,9 +170,14 @@ mod tests {
             type_url: "type.googleapis.com/google.protobuf.Struct".into(),
             value: vec![],
         };
-        let err = decode_any(&any).unwrap_err();
+        let err = decode_any(&any).unwrap_err().to_string();
         assert!(err.contains("google.protobuf.Struct"), "{err}");
         let big = encode_any(&ConfigValue::Text("x".repeat(MAX_CONFIG_VALUE_BYTES + 1)));
-        assert!(decode_any(&big).unwrap_err().contains("at most"));
+        assert!(
+            decode_any(&big)
+                .unwrap_err()
+                .to_string()
+                .contains("at most")
+        );
     }
 }

@@ -61,20 +61,30 @@ fn wall_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// A telemetry record a property's value cannot be taken from.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    /// A JSON object without the property's key.
+    #[error("the record has no key {0:?}")]
+    NoKey(String),
+    /// Not a JSON object, where the property names a key.
+    #[error("the record is not a JSON object with key {0:?}")]
+    NotObject(String),
+    /// Neither JSON nor UTF-8 text.
+    #[error("the record is neither JSON nor UTF-8 text")]
+    NotText,
+}
+
 /// The reported value in `payload`: the JSON key `field` of an object, or the whole payload
 /// (an object's `value` key if it has one); strings as they are, other JSON as its text, and
 /// bytes that are not JSON as UTF-8 text.
-pub fn extract(payload: &[u8], field: Option<&str>) -> Result<String, String> {
+pub fn extract(payload: &[u8], field: Option<&str>) -> Result<String, RecordError> {
     let json: Option<serde_json::Value> = serde_json::from_slice(payload).ok();
     let value = match (json, field) {
         (Some(serde_json::Value::Object(mut map)), Some(field)) => map
             .remove(field)
-            .ok_or_else(|| format!("the record has no key {field:?}"))?,
-        (_, Some(field)) => {
-            return Err(format!(
-                "the record is not a JSON object with key {field:?}"
-            ));
-        }
+            .ok_or_else(|| RecordError::NoKey(field.to_owned()))?,
+        (_, Some(field)) => return Err(RecordError::NotObject(field.to_owned())),
         (Some(serde_json::Value::Object(mut map)), None) if map.contains_key("value") => {
             map.remove("value").unwrap_or_default()
         }
@@ -82,7 +92,7 @@ pub fn extract(payload: &[u8], field: Option<&str>) -> Result<String, String> {
         (None, None) => {
             return String::from_utf8(payload.to_vec())
                 .map(|s| s.trim().to_owned())
-                .map_err(|_| "the record is neither JSON nor UTF-8 text".to_owned());
+                .map_err(|_| RecordError::NotText);
         }
     };
     Ok(match value {
@@ -215,9 +225,14 @@ impl DeviceTwin {
     }
 
     fn set_reported(p: &mut PropState, payload: &[u8]) {
-        match extract(payload, p.plan.field.as_deref())
-            .and_then(|v| p.plan.model.check_value(&v).map(|()| v))
-        {
+        // The reason is words in the twin's status (`last_error`), either cause alike.
+        let taken = extract(payload, p.plan.field.as_deref())
+            .map_err(|e| e.to_string())
+            .and_then(|v| {
+                p.plan.model.check_value(&v).map_err(|e| e.to_string())?;
+                Ok(v)
+            });
+        match taken {
             Ok(value) => {
                 p.reported = Some((value, wall_ms()));
                 p.last_error = None;

@@ -150,6 +150,7 @@ fn values_are_extracted_from_json_or_text() {
     assert!(
         extract(br#"{"a": 1}"#, Some("b"))
             .unwrap_err()
+            .to_string()
             .contains("no key")
     );
     assert!(extract(&[0xff, 0xfe], None).is_err());

@@ -139,7 +139,7 @@ async fn forward_loop(mut rx: mpsc::Receiver<Queued>) {
                         client
                     }
                     Err(e) => {
-                        last_error = e;
+                        last_error = e.to_string();
                         continue;
                     }
                 },
@@ -167,7 +167,18 @@ async fn forward_loop(mut rx: mpsc::Receiver<Queued>) {
     }
 }
 
-async fn connect(address: &str) -> Result<EventsClient, String> {
+/// containerd's events service did not answer at an address.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot connect to containerd at {address}: {source}")]
+struct ConnectError {
+    /// The ttrpc address tried.
+    address: String,
+    /// Why.
+    #[source]
+    source: ttrpc::Error,
+}
+
+async fn connect(address: &str) -> Result<EventsClient, ConnectError> {
     let address = if address.contains("://") {
         address.to_string()
     } else {
@@ -175,6 +186,9 @@ async fn connect(address: &str) -> Result<EventsClient, String> {
     };
     let client = Client::connect(&address)
         .await
-        .map_err(|e| format!("cannot connect to containerd at {address}: {e}"))?;
+        .map_err(|source| ConnectError {
+            address: address.clone(),
+            source,
+        })?;
     Ok(EventsClient::new(client))
 }

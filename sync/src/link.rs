@@ -179,7 +179,7 @@ impl Relay {
             tokio::spawn(async move {
                 let ended = relay(listener, &socket, upstream, limit, &refused).await;
                 if let Err(e) = ended {
-                    *error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e);
+                    *error.lock().unwrap_or_else(|p| p.into_inner()) = Some(e.to_string());
                 }
             })
         };
@@ -209,17 +209,28 @@ impl Drop for Relay {
     }
 }
 
+/// Why the relay ended on its own side.
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    /// rumqttc's connection to the local socket did not come.
+    #[error("the local MQTT socket failed: {0}")]
+    Accept(#[source] io::Error),
+    /// The broker's side could not be read.
+    #[error("reading from the broker failed: {0}")]
+    Read(#[source] io::Error),
+    /// The guard refused what the broker sent.
+    #[error(transparent)]
+    Guard(#[from] crate::guard::GuardError),
+}
+
 async fn relay(
     listener: UnixListener,
     socket: &Path,
     upstream: Box<dyn Stream>,
     limit: usize,
     refused: &Refused,
-) -> Result<(), String> {
-    let (client, _) = listener
-        .accept()
-        .await
-        .map_err(|e| format!("the local MQTT socket failed: {e}"))?;
+) -> Result<(), RelayError> {
+    let (client, _) = listener.accept().await.map_err(RelayError::Accept)?;
     // Nobody else may connect: the path goes as soon as rumqttc is in.
     drop(listener);
     let _ = std::fs::remove_file(socket);
@@ -236,17 +247,12 @@ async fn relay(
         let mut out = Vec::with_capacity(buf.len());
         let mut records = Vec::new();
         loop {
-            let n = broker_read
-                .read(&mut buf)
-                .await
-                .map_err(|e| format!("reading from the broker failed: {e}"))?;
+            let n = broker_read.read(&mut buf).await.map_err(RelayError::Read)?;
             if n == 0 {
                 return Ok(());
             }
             out.clear();
-            guard
-                .feed(&buf[..n], &mut out, &mut records)
-                .map_err(|e| e.to_string())?;
+            guard.feed(&buf[..n], &mut out, &mut records)?;
             if !records.is_empty() {
                 refused.lock().extend(records.drain(..));
             }

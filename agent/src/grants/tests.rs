@@ -235,7 +235,7 @@ fn opened_outputs_are_shared_by_instances_and_return_to_their_safe_state() {
     ))
     .spec
     .workloads[0];
-    let error = hub.open_grants(other).expect_err("busy");
+    let error = hub.open_grants(other).expect_err("busy").to_string();
     assert!(
         error.contains("cannot open pin GPIO17 for grant \"led\"") && error.contains("in use"),
         "{error}"
@@ -551,7 +551,7 @@ fn open_error(hub: &DeviceHub, body: &str) -> String {
     check(&parsed, hub.profile()).expect("the grant fits the profile");
     match hub.open_grants(&parsed.spec.workloads[0]) {
         Ok(grants) => panic!("must fail to open, got {grants:?}"),
-        Err(error) => error,
+        Err(error) => error.to_string(),
     }
 }
 

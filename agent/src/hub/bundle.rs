@@ -340,16 +340,43 @@ enum Walk {
     Stop,
 }
 
+/// A tar member that is not one of a bundle's.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum BadMember {
+    /// An absolute path or one with `..`.
+    #[error("member {name:?} names a path outside the bundle (absolute or with ..)")]
+    Outside {
+        /// The member's path.
+        name: String,
+    },
+    /// A name a bundle does not hold.
+    #[error("unexpected member {name:?} (a bundle holds {INDEX} and {ARTIFACTS}/<sha256>)")]
+    Unexpected {
+        /// The member's path.
+        name: String,
+    },
+    /// A known name of the wrong type.
+    #[error("member {name:?} is {what}, not {wanted}")]
+    WrongType {
+        /// The member's path.
+        name: String,
+        /// What it is, in words.
+        what: String,
+        /// What it should be (`a directory`, `a regular file`).
+        wanted: &'static str,
+    },
+}
+
 /// What a tar member is, by its header: only `.`/`artifacts` directories, `bundle.json` and
 /// `artifacts/<sha256>` regular files are members of a bundle.
-fn classify(entry: &tar::Entry<'_, &File>) -> Result<Member, String> {
+fn classify(entry: &tar::Entry<'_, &File>) -> Result<Member, BadMember> {
     let raw = entry.path_bytes();
     let name = String::from_utf8_lossy(&raw);
     let kind = entry.header().entry_type();
     if name.starts_with('/') || name.split('/').any(|part| part == "..") {
-        return Err(format!(
-            "member {name:?} names a path outside the bundle (absolute or with ..)"
-        ));
+        return Err(BadMember::Outside {
+            name: name.into_owned(),
+        });
     }
     let plain = name.strip_prefix("./").unwrap_or(&name);
     let plain = plain.trim_end_matches('/');
@@ -360,9 +387,9 @@ fn classify(entry: &tar::Entry<'_, &File>) -> Result<Member, String> {
         other => match other.strip_prefix("artifacts/") {
             Some(d) if lichen_sync::is_digest(d) => Member::Artifact(d.to_owned()),
             _ => {
-                return Err(format!(
-                    "unexpected member {name:?} (a bundle holds {INDEX} and {ARTIFACTS}/<sha256>)"
-                ));
+                return Err(BadMember::Unexpected {
+                    name: name.into_owned(),
+                });
             }
         },
     };
@@ -395,7 +422,11 @@ fn classify(entry: &tar::Entry<'_, &File>) -> Result<Member, String> {
         } else {
             "a regular file"
         };
-        return Err(format!("member {name:?} is {what}, not {wanted}"));
+        return Err(BadMember::WrongType {
+            name: name.into_owned(),
+            what,
+            wanted,
+        });
     }
     Ok(member)
 }

@@ -28,7 +28,7 @@ use lichen_sync::{Envelope, InboundAck, MessageId, RowKind};
 use serde_json::json;
 use tokio::sync::oneshot;
 
-use crate::runtime::{Delivery, HubCommand, Reply};
+use crate::runtime::{Delivery, DeliveryError, HubCommand, Reply};
 use crate::store::{OutboxRecord, StateStore};
 use crate::supervisor::Agent;
 
@@ -98,7 +98,10 @@ impl Commands {
             answered.fetch_add(1, Ordering::Relaxed);
             match outcome {
                 Ok(()) => ack.ack(),
-                Err(error) => record_failure(&store, Some(&id), &workload, error, ack).await,
+                Err(error) => {
+                    let error = error.to_string();
+                    record_failure(&store, Some(&id), &workload, error, ack).await
+                }
             }
         });
     }
@@ -120,6 +123,59 @@ impl Commands {
     }
 }
 
+/// Why a hub command was not run (or its result not recorded by the worker): the `error` of
+/// its `cmd-result`.
+#[derive(Debug, thiserror::Error)]
+enum CommandError {
+    /// The payload has no command name.
+    #[error(transparent)]
+    Parse(#[from] ParseError),
+    /// The agent has no command queue for the workload (unknown, stopped, another kind): the
+    /// agent API's error text.
+    #[error("{0}")]
+    NoQueue(String),
+    /// The workload's queue did not take it.
+    #[error("workload {workload:?} did not take command {id}: {source}")]
+    NotTaken {
+        /// The workload.
+        workload: String,
+        /// The command's message id.
+        id: String,
+        /// Why.
+        #[source]
+        source: DeliveryError,
+    },
+    /// The guest answered with an error: its own words.
+    #[error("{0}")]
+    Guest(String),
+    /// The guest answered but its result was not committed.
+    #[error("workload {workload:?} handled command {id} but did not record it")]
+    NotRecorded {
+        /// The workload.
+        workload: String,
+        /// The command's message id.
+        id: String,
+    },
+    /// The worker dropped it.
+    #[error("workload {workload:?} dropped command {id} (it stopped or restarted)")]
+    Dropped {
+        /// The workload.
+        workload: String,
+        /// The command's message id.
+        id: String,
+    },
+    /// No answer in time.
+    #[error(
+        "workload {workload:?} did not handle command {id} within {REPLY_WAIT:?}; it was not run"
+    )]
+    TimedOut {
+        /// The workload.
+        workload: String,
+        /// The command's message id.
+        id: String,
+    },
+}
+
 /// Delivers one command after `previous` (the one before it for the workload) is queued;
 /// `Ok` once the worker committed it with its result, or the error to answer with.
 async fn run(
@@ -129,7 +185,7 @@ async fn run(
     payload: &serde_json::Value,
     previous: Option<oneshot::Receiver<()>>,
     queued: oneshot::Sender<()>,
-) -> Result<(), String> {
+) -> Result<(), CommandError> {
     let parsed = parse_command(payload);
     if let Some(previous) = previous {
         let _ = previous.await;
@@ -138,7 +194,7 @@ async fn run(
         Ok(p) => p,
         Err(e) => {
             let _ = queued.send(());
-            return Err(e);
+            return Err(e.into());
         }
     };
     let hub = HubCommand {
@@ -159,8 +215,12 @@ async fn run(
         Ok(queue) => queue
             .deliver_within(delivery, reply, ROOM_WAIT)
             .await
-            .map_err(|e| format!("workload {workload:?} did not take command {id}: {e}")),
-        Err(e) => Err(e.error),
+            .map_err(|source| CommandError::NotTaken {
+                workload: workload.to_owned(),
+                id: id.to_owned(),
+                source,
+            }),
+        Err(e) => Err(CommandError::NoQueue(e.error)),
     };
     // The next command for this workload may be queued now, behind this one.
     let _ = queued.send(());
@@ -170,17 +230,12 @@ async fn run(
         return Ok(());
     }
     // Nothing was committed: answer with why.
+    let (workload, id) = (workload.to_owned(), id.to_owned());
     Err(match answer {
-        Ok(Ok(Err(e))) => e,
-        Ok(Ok(Ok(_))) => {
-            format!("workload {workload:?} handled command {id} but did not record it")
-        }
-        Ok(Err(_)) => {
-            format!("workload {workload:?} dropped command {id} (it stopped or restarted)")
-        }
-        Err(_) => format!(
-            "workload {workload:?} did not handle command {id} within {REPLY_WAIT:?}; it was not run"
-        ),
+        Ok(Ok(Err(e))) => CommandError::Guest(e),
+        Ok(Ok(Ok(_))) => CommandError::NotRecorded { workload, id },
+        Ok(Err(_)) => CommandError::Dropped { workload, id },
+        Err(_) => CommandError::TimedOut { workload, id },
     })
 }
 
@@ -238,14 +293,11 @@ fn result_record(id: Option<&str>, workload: &str, reply: &Reply) -> OutboxRecor
 
 /// A hub command's payload, `{"command": NAME, "payload": TEXT or any JSON}`, as the name and
 /// the payload text the guest gets.
-pub(super) fn parse_command(payload: &serde_json::Value) -> Result<(String, String), String> {
+pub(super) fn parse_command(payload: &serde_json::Value) -> Result<(String, String), ParseError> {
     let command = payload
         .get("command")
         .and_then(|c| c.as_str())
-        .ok_or_else(|| {
-            "command message has no \"command\" string (expected {\"command\": NAME, \"payload\": ...})"
-                .to_owned()
-        })?;
+        .ok_or(ParseError)?;
     let payload = match payload.get("payload") {
         None | Some(serde_json::Value::Null) => String::new(),
         Some(serde_json::Value::String(s)) => s.clone(),
@@ -253,6 +305,13 @@ pub(super) fn parse_command(payload: &serde_json::Value) -> Result<(String, Stri
     };
     Ok((command.to_owned(), payload))
 }
+
+/// A command payload without its name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "command message has no \"command\" string (expected {{\"command\": NAME, \"payload\": ...}})"
+)]
+pub(super) struct ParseError;
 
 /// `text` cut to at most `max` bytes (on a character boundary), marked when cut.
 fn truncate(text: &str, max: usize) -> String {
@@ -316,6 +375,9 @@ mod tests {
             ("set".to_owned(), "{\"t\":5}".to_owned())
         );
         let err = p(json!({"name": "get"})).unwrap_err();
-        assert!(err.contains("no \"command\" string"), "{err}");
+        assert_eq!(
+            err.to_string(),
+            r#"command message has no "command" string (expected {"command": NAME, "payload": ...})"#
+        );
     }
 }

@@ -70,29 +70,105 @@ impl PrecompiledArtifact {
     }
 }
 
+/// A `precompiled` entry of a desired state that is out of bounds; the text names the field.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PrecompiledError {
+    /// The list is longer than [`MAX_PRECOMPILED`].
+    #[error(
+        "deployment version {version}: precompiled lists {count} artifacts, over the limit of {MAX_PRECOMPILED}"
+    )]
+    TooMany {
+        /// The desired state's version.
+        version: u64,
+        /// How many it lists.
+        count: usize,
+    },
+    /// `module` is not a digest.
+    #[error(
+        "deployment version {version}: precompiled[{index}].module {module:?} is not a sha256 digest"
+    )]
+    ModuleNotDigest {
+        /// The desired state's version.
+        version: u64,
+        /// The entry's index.
+        index: usize,
+        /// What `module` holds.
+        module: String,
+    },
+    /// `module` is not one the deployment names.
+    #[error(
+        "deployment version {version}: precompiled[{index}].module sha256:{module} is not a module the deployment names"
+    )]
+    ModuleNotNamed {
+        /// The desired state's version.
+        version: u64,
+        /// The entry's index.
+        index: usize,
+        /// The module's digest.
+        module: String,
+    },
+    /// `target` is not a target triple.
+    #[error(
+        "deployment version {version}: precompiled[{index}].target {target:?} is not a target triple (1 to 64 of a-z, 0-9, '_', '-', '.')"
+    )]
+    Target {
+        /// The desired state's version.
+        version: u64,
+        /// The entry's index.
+        index: usize,
+        /// What `target` holds.
+        target: String,
+    },
+    /// `engine` is not an engine fingerprint.
+    #[error(
+        "deployment version {version}: precompiled[{index}].engine {engine:?} is not an engine fingerprint (32 lowercase hex digits)"
+    )]
+    Engine {
+        /// The desired state's version.
+        version: u64,
+        /// The entry's index.
+        index: usize,
+        /// What `engine` holds.
+        engine: String,
+    },
+    /// `sha256` is not in `artifacts`.
+    #[error(
+        "deployment version {version}: precompiled[{index}].sha256 {sha256:?} is not listed with its size in artifacts"
+    )]
+    NotListed {
+        /// The desired state's version.
+        version: u64,
+        /// The entry's index.
+        index: usize,
+        /// The compiled form's digest.
+        sha256: String,
+    },
+}
+
 /// Checks the `precompiled` list of `desired`; the error names the field.
-pub fn check_precompiled(desired: &DesiredState) -> Result<(), String> {
+pub fn check_precompiled(desired: &DesiredState) -> Result<(), PrecompiledError> {
     let version = desired.version;
     if desired.precompiled.len() > MAX_PRECOMPILED {
-        return Err(format!(
-            "deployment version {version}: precompiled lists {} artifacts, over the limit of {MAX_PRECOMPILED}",
-            desired.precompiled.len()
-        ));
+        return Err(PrecompiledError::TooMany {
+            version,
+            count: desired.precompiled.len(),
+        });
     }
     let named = super::artifacts::referenced_digests(&desired.deployment);
-    for (i, p) in desired.precompiled.iter().enumerate() {
-        let field = format!("deployment version {version}: precompiled[{i}]");
+    for (index, p) in desired.precompiled.iter().enumerate() {
         if !lichen_sync::is_digest(&p.module) {
-            return Err(format!(
-                "{field}.module {:?} is not a sha256 digest",
-                p.module
-            ));
+            return Err(PrecompiledError::ModuleNotDigest {
+                version,
+                index,
+                module: p.module.clone(),
+            });
         }
         if !named.contains(&p.module) {
-            return Err(format!(
-                "{field}.module sha256:{} is not a module the deployment names",
-                p.module
-            ));
+            return Err(PrecompiledError::ModuleNotNamed {
+                version,
+                index,
+                module: p.module.clone(),
+            });
         }
         if p.target.is_empty()
             || p.target.len() > 64
@@ -101,10 +177,11 @@ pub fn check_precompiled(desired: &DesiredState) -> Result<(), String> {
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'.')
         {
-            return Err(format!(
-                "{field}.target {:?} is not a target triple (1 to 64 of a-z, 0-9, '_', '-', '.')",
-                p.target
-            ));
+            return Err(PrecompiledError::Target {
+                version,
+                index,
+                target: p.target.clone(),
+            });
         }
         if p.engine.len() != 32
             || !p
@@ -112,16 +189,18 @@ pub fn check_precompiled(desired: &DesiredState) -> Result<(), String> {
                 .bytes()
                 .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
         {
-            return Err(format!(
-                "{field}.engine {:?} is not an engine fingerprint (32 lowercase hex digits)",
-                p.engine
-            ));
+            return Err(PrecompiledError::Engine {
+                version,
+                index,
+                engine: p.engine.clone(),
+            });
         }
         if !desired.artifacts.contains_key(&p.sha256) {
-            return Err(format!(
-                "{field}.sha256 {:?} is not listed with its size in artifacts",
-                p.sha256
-            ));
+            return Err(PrecompiledError::NotListed {
+                version,
+                index,
+                sha256: p.sha256.clone(),
+            });
         }
     }
     Ok(())
@@ -272,6 +351,7 @@ impl Bridge {
     }
 
     /// Applies a verified deployment; returns the reason if it is invalid.
+    // The reason stays words: it is the agent API's error text, bound for reported state.
     pub(super) async fn apply_checked(
         &mut self,
         desired: DesiredState,
@@ -320,5 +400,32 @@ impl Bridge {
                 desired.version, e.error
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn precompiled_errors_name_the_version_and_the_field() {
+        let target = PrecompiledError::Target {
+            version: 7,
+            index: 2,
+            target: "x y".into(),
+        };
+        assert_eq!(
+            target.to_string(),
+            "deployment version 7: precompiled[2].target \"x y\" is not a target triple (1 to 64 of a-z, 0-9, '_', '-', '.')"
+        );
+        let listed = PrecompiledError::ModuleNotNamed {
+            version: 7,
+            index: 0,
+            module: "ab".into(),
+        };
+        assert_eq!(
+            listed.to_string(),
+            "deployment version 7: precompiled[0].module sha256:ab is not a module the deployment names"
+        );
     }
 }

@@ -115,7 +115,7 @@ impl Bridge {
             return self.reject(Some(&desired), reason).await;
         }
         if let Err(reason) = super::check_precompiled(&desired) {
-            return self.reject(Some(&desired), reason).await;
+            return self.reject(Some(&desired), reason.to_string()).await;
         }
         let (precompiled, compiled_elsewhere) = self.precompiled_for_this_node(&desired);
         let mut fetches = BTreeMap::new();

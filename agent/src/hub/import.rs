@@ -165,7 +165,8 @@ impl Importer {
             }
             Err(reason) => return Err(Refusal::new(version, reason.to_string())),
         };
-        super::check_precompiled(&desired).map_err(|reason| Refusal::new(version, reason))?;
+        super::check_precompiled(&desired)
+            .map_err(|reason| Refusal::new(version, reason.to_string()))?;
         // The compiled forms for this node's engine it lacks (compiled sha256 -> module), and
         // the modules that have one: those are stored without compiling. Compiled forms for
         // other engines may be in the bundle (one bundle for several targets): checked like

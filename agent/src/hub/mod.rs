@@ -58,7 +58,8 @@ use crate::store::{SqliteOutbox, StateStore};
 use crate::supervisor::Agent;
 
 pub use desired::{
-    DesiredState, MAX_PRECOMPILED, PrecompiledArtifact, check_precompiled, fingerprint,
+    DesiredState, MAX_PRECOMPILED, PrecompiledArtifact, PrecompiledError, check_precompiled,
+    fingerprint,
 };
 use desired::{Ignored, Settled};
 pub use doctor::{doctor_check, hub_check, probe};

@@ -65,7 +65,7 @@ impl SystemUpdate {
     }
 
     /// Checks each field alone; the error names it.
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> Result<(), BadField> {
         for (field, value) in [("version", &self.version), ("target", &self.target)] {
             if value.is_empty()
                 || value.len() > MAX_SYSTEM_NAME
@@ -73,25 +73,79 @@ impl SystemUpdate {
                     .bytes()
                     .all(|b| b.is_ascii_alphanumeric() || b"._+-".contains(&b))
             {
-                return Err(format!(
-                    "system.{field} {value:?} must be 1 to {MAX_SYSTEM_NAME} characters of A-Z a-z 0-9 . _ + -"
-                ));
+                return Err(BadField::Name {
+                    field,
+                    value: value.clone(),
+                });
             }
         }
         if !is_digest(&self.sha256) {
-            return Err(format!(
-                "system.sha256 {:?} is not a sha256 digest (64 lowercase hex digits)",
-                self.sha256
-            ));
+            return Err(BadField::Digest(self.sha256.clone()));
         }
         if self.size == 0 || self.size > MAX_SYSTEM_BUNDLE_SIZE {
-            return Err(format!(
-                "system.size {} is outside 1 to {MAX_SYSTEM_BUNDLE_SIZE} bytes",
-                self.size
-            ));
+            return Err(BadField::Size(self.size));
         }
         Ok(())
     }
+}
+
+/// A field of a desired state's `system` that is out of bounds.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BadField {
+    /// `version` or `target` is empty, too long or has another character.
+    #[error(
+        "system.{field} {value:?} must be 1 to {MAX_SYSTEM_NAME} characters of A-Z a-z 0-9 . _ + -"
+    )]
+    Name {
+        /// `version` or `target`.
+        field: &'static str,
+        /// What it holds.
+        value: String,
+    },
+    /// `sha256` is not a digest.
+    #[error("system.sha256 {0:?} is not a sha256 digest (64 lowercase hex digits)")]
+    Digest(String),
+    /// `size` is zero or over the bound.
+    #[error("system.size {0} is outside 1 to {MAX_SYSTEM_BUNDLE_SIZE} bytes")]
+    Size(u64),
+}
+
+/// Why a desired state's system update is rejected.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Rejected {
+    /// A field is out of bounds.
+    #[error(transparent)]
+    Field(#[from] BadField),
+    /// The node has no A/B slots.
+    #[error(
+        "system: names update {version} but this node has no [update] section (no A/B slots): it takes no system updates"
+    )]
+    NoSlots {
+        /// The version asked for.
+        version: String,
+    },
+    /// The node's A/B system cannot be read.
+    #[error("system: cannot read this node's A/B system: {0}")]
+    Board(#[source] lichen_update::board::UpdateError),
+    /// The update is for another target.
+    #[error("system.target is {asked:?}; this node's target is {own:?}")]
+    OtherTarget {
+        /// The update's target.
+        asked: String,
+        /// This node's.
+        own: String,
+    },
+    /// The update journal cannot be read.
+    #[error("system: cannot read the update journal: {0}")]
+    Journal(#[source] lichen_update::journal::JournalError),
+    /// That version was tried here and rolled back.
+    #[error("system.version {version} was tried and rolled back ({reason}); send another version")]
+    RolledBack {
+        /// The version.
+        version: String,
+        /// The recorded reason, or `no reason recorded`.
+        reason: String,
+    },
 }
 
 /// What a desired state's system update asks of the node now.
@@ -125,30 +179,26 @@ impl Push {
 
 /// Decides [`SystemStep`] for `update` on the board `source` (reads the running system and
 /// the update journal). An error is the reason to reject the desired state.
-fn step(source: Option<&SystemSource>, update: &SystemUpdate) -> Result<SystemStep, String> {
+fn step(source: Option<&SystemSource>, update: &SystemUpdate) -> Result<SystemStep, Rejected> {
     update.validate()?;
     let Some(source) = source else {
-        return Err(format!(
-            "system: names update {} but this node has no [update] section (no A/B slots): it takes no system updates",
-            update.version
-        ));
+        return Err(Rejected::NoSlots {
+            version: update.version.clone(),
+        });
     };
-    let board = source
-        .board()
-        .map_err(|e| format!("system: cannot read this node's A/B system: {e}"))?;
+    let board = source.board().map_err(Rejected::Board)?;
     if update.target != board.system().target {
-        return Err(format!(
-            "system.target is {:?}; this node's target is {:?}",
-            update.target,
-            board.system().target
-        ));
+        return Err(Rejected::OtherTarget {
+            asked: update.target.clone(),
+            own: board.system().target.clone(),
+        });
     }
     if board.system().version == update.version {
         return Ok(SystemStep::Deploy);
     }
     let journal = JournalFile::in_state_dir(source.state_dir())
         .load()
-        .map_err(|e| format!("system: cannot read the update journal: {e}"))?;
+        .map_err(Rejected::Journal)?;
     if let Some(p) = &journal.pending
         && p.version == update.version
         && matches!(p.phase, Phase::Armed)
@@ -159,11 +209,13 @@ fn step(source: Option<&SystemSource>, update: &SystemUpdate) -> Result<SystemSt
         && last.version == update.version
         && matches!(last.result, OutcomeKind::RolledBack)
     {
-        return Err(format!(
-            "system.version {} was tried and rolled back ({}); send another version",
-            update.version,
-            last.reason.as_deref().unwrap_or("no reason recorded")
-        ));
+        return Err(Rejected::RolledBack {
+            version: update.version.clone(),
+            reason: last
+                .reason
+                .clone()
+                .unwrap_or_else(|| "no reason recorded".to_string()),
+        });
     }
     Ok(SystemStep::Fetch(update.sha256.clone(), update.size))
 }
@@ -254,7 +306,7 @@ pub fn describe_bundle(path: &Path) -> Result<(SystemUpdate, Vec<u8>)> {
         size: bytes.len() as u64,
         sha256: hex::encode(Sha256::digest(&bytes)),
     };
-    update.validate().map_err(anyhow::Error::msg)?;
+    update.validate()?;
     Ok((update, bytes))
 }
 
@@ -270,7 +322,8 @@ impl Bridge {
                 Some(SystemStep::Fetch(digest, size))
             }
             Ok(step) => Some(step),
-            Err(reason) => {
+            Err(rejected) => {
+                let reason = rejected.to_string();
                 self.push = Some(Push::new(&update.version, "rejected", Some(reason.clone())));
                 self.rejected_messages += 1;
                 self.reject(Some(desired), reason).await;
@@ -403,13 +456,13 @@ mod tests {
             let mut u = update();
             break_it(&mut u);
             let err = u.validate().expect_err(field);
-            assert!(err.contains(field), "{err}");
+            assert!(err.to_string().contains(field), "{err}");
         }
     }
 
     #[test]
     fn a_node_without_update_refuses_a_system_update() {
         let err = step(None, &update()).err().expect("refused");
-        assert!(err.contains("no [update] section"), "{err}");
+        assert!(err.to_string().contains("no [update] section"), "{err}");
     }
 }

@@ -328,7 +328,7 @@ impl PodRuntime {
         let outputs = self.agent.command_outputs().clone();
         outputs
             .register(&pod.name, streams.clone())
-            .map_err(AgentError::Unavailable)?;
+            .map_err(|e| AgentError::Unavailable(e.to_string()))?;
         let log: Arc<dyn LogSink + Send + Sync> = self.logs().clone();
         let destination = |sink: &Option<OutputSink>, stream, level| Destination {
             sink: sink.clone(),

@@ -38,18 +38,50 @@ pub use isolation::Tier;
 
 /// Checks the name of a container or microVM (it names files, sockets and cgroups on the
 /// host): 1-64 of `a-z`, `0-9`, `-`, `_`, `.`, not starting with `.`.
-pub(crate) fn check_process_name(name: &str) -> Result<(), String> {
+pub(crate) fn check_process_name(name: &str) -> Result<(), BadProcessName> {
     let ok = !name.is_empty()
         && name.len() <= 64
         && name
             .bytes()
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b))
         && !name.starts_with('.');
-    if ok {
-        Ok(())
-    } else {
-        Err("the name must be 1-64 of a-z, 0-9, '-', '_', '.', not starting with '.'".into())
-    }
+    if ok { Ok(()) } else { Err(BadProcessName) }
+}
+
+/// A container or microVM name that cannot name files, sockets and cgroups on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the name must be 1-64 of a-z, 0-9, '-', '_', '.', not starting with '.'")]
+pub(crate) struct BadProcessName;
+
+/// Why a workload did not switch to a new version (the old one keeps running).
+#[derive(Debug, thiserror::Error)]
+pub enum UpdateError {
+    /// The new version was prepared by another kind's runtime.
+    #[error("a {kind} workload can only be updated to a {wanted}")]
+    OtherKind {
+        /// The running workload's kind (`wasm`, `container`, `microVM`).
+        kind: &'static str,
+        /// What it can be updated to (`wasm module`, `container`, `microVM`).
+        wanted: &'static str,
+    },
+    /// The new version's devices did not open (in words: the grant, the device and why).
+    #[error("{0}")]
+    Devices(String),
+    /// The new version did not start (instantiation, `init`, its first commit).
+    #[error(transparent)]
+    Start(crate::runtime::wasm::StartError),
+    /// The workload's worker had already ended.
+    #[error("workload {name:?} is not running")]
+    NotRunning {
+        /// The workload.
+        name: String,
+    },
+    /// The worker ended before it switched to the new version.
+    #[error("workload {name:?} ended during the reload")]
+    EndedDuringReload {
+        /// The workload.
+        name: String,
+    },
 }
 
 /// Why an event was not queued for a workload.
@@ -254,7 +286,7 @@ pub trait Workload: Send + Sync {
         prepared: Prepared,
         spec: WorkloadSpec,
         version: u64,
-    ) -> BoxFuture<'a, Result<(), String>>;
+    ) -> BoxFuture<'a, Result<(), UpdateError>>;
 
     /// Stops it (Wasm delivers `stop`; containers get SIGTERM, then SIGKILL) and waits.
     fn stop(self: Box<Self>) -> BoxFuture<'static, ()>;
@@ -268,6 +300,8 @@ pub trait Runtime: Send + Sync {
     /// Whether it can run workloads on this host: `Ok(what runs them)`, or `Err(the missing
     /// piece)`. Asked once, when a deployment first needs the tier (a microVM probe may boot a
     /// trial guest, so it is not done at start unless needed).
+    // Both sides stay words, not an error type: the `Err` is a noun phrase (the piece),
+    // recorded in `IsolationProbe` and shown as `needs {piece}` by doctor and in refusals.
     fn probe<'a>(&'a self) -> BoxFuture<'a, Result<String, String>>;
 
     /// Cleans up what an agent killed before it could stop its workloads left behind

@@ -10,7 +10,7 @@ use lichen_host_apis::LogLevel;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
-use super::{BoxFuture, ExitInfo, Prepared, RuntimeStatus, Usage, Workload};
+use super::{BoxFuture, ExitInfo, Prepared, RuntimeStatus, UpdateError, Usage, Workload};
 use crate::deployment::{RestartPolicy, WorkloadSpec, WorkloadState};
 use crate::logs::LogHub;
 
@@ -234,7 +234,7 @@ pub(crate) trait ProcessKind: Send + Sync + 'static {
     fn runner(&self) -> Option<String>;
     /// This kind's artifact in `prepared` with its digest, or why `prepared` is of another
     /// kind.
-    fn unpack(prepared: Prepared) -> Result<(Arc<Self::Artifact>, String), String>;
+    fn unpack(prepared: Prepared) -> Result<(Arc<Self::Artifact>, String), UpdateError>;
     /// Starts the run loop of the workload `spec` on `artifact`.
     fn supervise(
         &self,
@@ -306,7 +306,7 @@ impl<K: ProcessKind> Workload for ProcessWorkload<K> {
         prepared: Prepared,
         spec: WorkloadSpec,
         version: u64,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), UpdateError>> {
         Box::pin(async move {
             let (artifact, digest) = K::unpack(prepared)?;
             self.supervised.stop().await;

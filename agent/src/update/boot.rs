@@ -23,7 +23,29 @@ const HUB_POLL: Duration = Duration::from_secs(5);
 
 /// Asks the hub whether it answers (the daemon passes the hub link's probe, so `update` does
 /// not depend on `hub`); `Err` says why not.
-pub type HubProbe = fn(&HubSection) -> Result<(), String>;
+pub type HubProbe = fn(&HubSection) -> Result<(), Box<dyn std::error::Error + Send + Sync>>;
+
+/// Why the first boot of a new slot is not healthy.
+#[derive(Debug, thiserror::Error)]
+enum HealthError {
+    /// The check saw something wrong (in words, from `lichen_update::health`).
+    #[error("{0}")]
+    Unhealthy(String),
+    /// The deadline passed while it still waited.
+    #[error("not healthy within {deadline}: still waiting for {what}")]
+    Deadline {
+        /// The deadline, in words.
+        deadline: String,
+        /// What it waited for.
+        what: String,
+    },
+    /// The stored deployment cannot be read.
+    #[error("cannot read the stored deployment: {0}")]
+    Store(#[source] lichen_store::StoreError),
+    /// The blocking task that reads it failed.
+    #[error(transparent)]
+    Task(#[from] tokio::task::JoinError),
+}
 
 /// At the daemon's start, when the config has `[update]`: what this boot is (see
 /// `lichen_update::board`), done in the background so the API serves meanwhile.
@@ -94,7 +116,7 @@ async fn boot(
                     };
                     report_outcome(agent, &outcome).await;
                 }
-                Err(reason) => return fail_trial(agent, &board, &p, &reason).await,
+                Err(reason) => return fail_trial(agent, &board, &p, &reason.to_string()).await,
             }
         }
     }
@@ -158,7 +180,7 @@ async fn health_check(
     hub: Option<&HubSection>,
     probe: HubProbe,
     deadline: Duration,
-) -> Result<String, String> {
+) -> Result<String, HealthError> {
     let until = Instant::now() + deadline;
     let mut hub_state = if hub.is_some() {
         HubHealth::NotAnswered("not asked yet".into())
@@ -183,9 +205,8 @@ async fn health_check(
         let expected = {
             let store = agent.store().clone();
             tokio::task::spawn_blocking(move || store.current_deployment())
-                .await
-                .map_err(|e| e.to_string())?
-                .map_err(|e| format!("cannot read the stored deployment: {e}"))?
+                .await?
+                .map_err(HealthError::Store)?
                 .map(|d| d.workloads.into_iter().map(|w| w.name).collect())
                 .unwrap_or_default()
         };
@@ -210,13 +231,13 @@ async fn health_check(
         let check = check.get_or_insert_with(|| HealthCheck::new(&seen));
         match check.judge(&seen) {
             Verdict::Pass(summary) => return Ok(summary),
-            Verdict::Fail(reason) => return Err(reason),
+            Verdict::Fail(reason) => return Err(HealthError::Unhealthy(reason)),
             Verdict::Wait(what) => {
                 if Instant::now() >= until {
-                    return Err(format!(
-                        "not healthy within {}: still waiting for {what}",
-                        humantime::format_duration(deadline)
-                    ));
+                    return Err(HealthError::Deadline {
+                        deadline: humantime::format_duration(deadline).to_string(),
+                        what,
+                    });
                 }
             }
         }

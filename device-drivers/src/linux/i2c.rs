@@ -276,6 +276,35 @@ enum Smbus {
     ReadI2cBlock(u8, u8),
 }
 
+/// Why a transaction has no SMBus form on an adapter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum NoSmbusForm {
+    /// The adapter lacks the operation it needs.
+    #[error("the adapter lacks SMBus {0}")]
+    Lacks(&'static str),
+    /// No messages.
+    #[error("an empty transaction has no SMBus form")]
+    Empty,
+    /// A write longer than a block.
+    #[error("a write of {0} bytes is longer than an SMBus block (1 + {SMBUS_BLOCK_MAX})")]
+    WriteTooLong(usize),
+    /// A read of nothing.
+    #[error("a read of no bytes has no SMBus form")]
+    EmptyRead,
+    /// A read of several bytes with no register first.
+    #[error("a read of {0} bytes without a register write first has no SMBus form")]
+    ReadWithoutRegister(usize),
+    /// A read longer than a block.
+    #[error("a read of {0} bytes is longer than an SMBus block ({SMBUS_BLOCK_MAX})")]
+    ReadTooLong(usize),
+    /// More than one register byte before a read.
+    #[error("a write of {0} bytes before a read has no SMBus form (one register byte only)")]
+    LongRegister(usize),
+    /// Too many messages.
+    #[error("a transaction of {0} messages has no SMBus form")]
+    TooManyMessages(usize),
+}
+
 /// Maps a transaction onto the one SMBus operation that puts the same bytes on the wire, given
 /// the adapter's functionality bits `funcs`; the error says why none fits.
 ///
@@ -284,7 +313,7 @@ enum Smbus {
 /// data", of more an I2C-block write (word data for three bytes when I2C blocks are missing);
 /// a one-byte read alone is "receive byte"; a one-byte write followed by a read of N bytes is
 /// an I2C-block read of N (byte or word data for 1 or 2 when I2C blocks are missing).
-fn plan_smbus(parts: &[Part<'_>], funcs: u32) -> std::result::Result<Smbus, String> {
+fn plan_smbus(parts: &[Part<'_>], funcs: u32) -> std::result::Result<Smbus, NoSmbusForm> {
     // Merge adjacent parts of one kind.
     let mut writes: Vec<Vec<u8>> = Vec::new();
     let mut kinds: Vec<Option<usize>> = Vec::new(); // None: a write (index into writes); Some(n): a read of n
@@ -303,15 +332,15 @@ fn plan_smbus(parts: &[Part<'_>], funcs: u32) -> std::result::Result<Smbus, Stri
         }
     }
     let has = |bits: u32| funcs & bits == bits;
-    let need = |bits: u32, what: &str, op: Smbus| {
+    let need = |bits: u32, what: &'static str, op: Smbus| {
         if has(bits) {
             Ok(op)
         } else {
-            Err(format!("the adapter lacks SMBus {what}"))
+            Err(NoSmbusForm::Lacks(what))
         }
     };
     match (kinds.as_slice(), writes.as_slice()) {
-        ([], _) => Err("an empty transaction has no SMBus form".into()),
+        ([], _) => Err(NoSmbusForm::Empty),
         ([None], [w]) => match w.as_slice() {
             [] => need(I2C_FUNC_SMBUS_QUICK, "quick", Smbus::Quick),
             [b] => need(I2C_FUNC_SMBUS_WRITE_BYTE, "send byte", Smbus::WriteByte(*b)),
@@ -330,21 +359,16 @@ fn plan_smbus(parts: &[Part<'_>], funcs: u32) -> std::result::Result<Smbus, Stri
                         Smbus::WriteWordData(*reg, u16::from_le_bytes([*lo, *hi])),
                     )
                 } else {
-                    Err("the adapter lacks SMBus I2C block write".into())
+                    Err(NoSmbusForm::Lacks("I2C block write"))
                 }
             }
-            _ => Err(format!(
-                "a write of {} bytes is longer than an SMBus block (1 + {SMBUS_BLOCK_MAX})",
-                w.len()
-            )),
+            _ => Err(NoSmbusForm::WriteTooLong(w.len())),
         },
-        ([Some(0)], _) => Err("a read of no bytes has no SMBus form".into()),
+        ([Some(0)], _) => Err(NoSmbusForm::EmptyRead),
         ([Some(1)], _) => need(I2C_FUNC_SMBUS_READ_BYTE, "receive byte", Smbus::ReadByte),
-        ([Some(n)], _) => Err(format!(
-            "a read of {n} bytes without a register write first has no SMBus form"
-        )),
+        ([Some(n)], _) => Err(NoSmbusForm::ReadWithoutRegister(*n)),
         ([None, Some(n)], [w]) => match (w.as_slice(), *n) {
-            ([_], 0) => Err("a read of no bytes has no SMBus form".into()),
+            ([_], 0) => Err(NoSmbusForm::EmptyRead),
             ([reg], n) if n <= SMBUS_BLOCK_MAX && has(I2C_FUNC_SMBUS_READ_I2C_BLOCK) => {
                 let n = u8::try_from(n).expect("at most SMBUS_BLOCK_MAX (32) by the guard");
                 Ok(Smbus::ReadI2cBlock(*reg, n))
@@ -359,21 +383,11 @@ fn plan_smbus(parts: &[Part<'_>], funcs: u32) -> std::result::Result<Smbus, Stri
                 "read word data or I2C block read",
                 Smbus::ReadWordData(*reg),
             ),
-            ([_], n) if n <= SMBUS_BLOCK_MAX => {
-                Err("the adapter lacks SMBus I2C block read".into())
-            }
-            ([_], n) => Err(format!(
-                "a read of {n} bytes is longer than an SMBus block ({SMBUS_BLOCK_MAX})"
-            )),
-            (w, _) => Err(format!(
-                "a write of {} bytes before a read has no SMBus form (one register byte only)",
-                w.len()
-            )),
+            ([_], n) if n <= SMBUS_BLOCK_MAX => Err(NoSmbusForm::Lacks("I2C block read")),
+            ([_], n) => Err(NoSmbusForm::ReadTooLong(n)),
+            (w, _) => Err(NoSmbusForm::LongRegister(w.len())),
         },
-        (kinds, _) => Err(format!(
-            "a transaction of {} messages has no SMBus form",
-            kinds.len()
-        )),
+        (kinds, _) => Err(NoSmbusForm::TooManyMessages(kinds.len())),
     }
 }
 
@@ -485,42 +499,47 @@ mod tests {
         assert_eq!(plan_smbus(&[Read(1)], STUB), Ok(Smbus::ReadByte));
     }
 
+    /// The plan, its refusal in words.
+    fn plan_text(parts: &[Part<'_>], funcs: u32) -> Result<Smbus, String> {
+        plan_smbus(parts, funcs).map_err(|e| e.to_string())
+    }
+
     #[test]
     fn transactions_without_an_smbus_form_are_refused_saying_why() {
         use Part::{Read, Write};
         assert_eq!(
-            plan_smbus(&[Read(2)], STUB),
+            plan_text(&[Read(2)], STUB),
             Err("a read of 2 bytes without a register write first has no SMBus form".into())
         );
         assert_eq!(
-            plan_smbus(&[Write(&[1]), Read(1), Write(&[2]), Read(1)], STUB),
+            plan_text(&[Write(&[1]), Read(1), Write(&[2]), Read(1)], STUB),
             Err("a transaction of 4 messages has no SMBus form".into())
         );
         assert_eq!(
-            plan_smbus(&[Write(&[0x00]), Read(33)], STUB),
+            plan_text(&[Write(&[0x00]), Read(33)], STUB),
             Err("a read of 33 bytes is longer than an SMBus block (32)".into())
         );
         assert_eq!(
-            plan_smbus(&[Write(&[0x00, 0x01]), Read(1)], STUB),
+            plan_text(&[Write(&[0x00, 0x01]), Read(1)], STUB),
             Err(
                 "a write of 2 bytes before a read has no SMBus form (one register byte only)"
                     .into()
             )
         );
         assert_eq!(
-            plan_smbus(&[Write(&[0x00]), Read(4)], NO_BLOCKS),
+            plan_text(&[Write(&[0x00]), Read(4)], NO_BLOCKS),
             Err("the adapter lacks SMBus I2C block read".into())
         );
         assert_eq!(
-            plan_smbus(&[Write(&[0x00]), Read(2)], I2C_FUNC_SMBUS_READ_BYTE_DATA),
+            plan_text(&[Write(&[0x00]), Read(2)], I2C_FUNC_SMBUS_READ_BYTE_DATA),
             Err("the adapter lacks SMBus read word data or I2C block read".into())
         );
         assert_eq!(
-            plan_smbus(&[Write(&[])], NO_BLOCKS & !I2C_FUNC_SMBUS_QUICK),
+            plan_text(&[Write(&[])], NO_BLOCKS & !I2C_FUNC_SMBUS_QUICK),
             Err("the adapter lacks SMBus quick".into())
         );
         assert_eq!(
-            plan_smbus(&[], STUB),
+            plan_text(&[], STUB),
             Err("an empty transaction has no SMBus form".into())
         );
     }

@@ -60,38 +60,73 @@ pub struct ModelProperty {
     pub maximum: Option<f64>,
 }
 
+/// A property value that does not fit its model; the text says why.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ValueError {
+    /// Longer than the bound.
+    #[error("value has {0} bytes; at most {MAX_VALUE}")]
+    TooLong(usize),
+    /// Not of the property's type (`int`, `float`, `true or false`).
+    #[error("{value:?} is not {wanted}")]
+    NotOfType {
+        /// The value.
+        value: String,
+        /// What it should be.
+        wanted: &'static str,
+    },
+    /// Below the property's minimum.
+    #[error("{value} is below the minimum {min}")]
+    Below {
+        /// The value.
+        value: String,
+        /// The minimum.
+        min: f64,
+    },
+    /// Above the property's maximum.
+    #[error("{value} is above the maximum {max}")]
+    Above {
+        /// The value.
+        value: String,
+        /// The maximum.
+        max: f64,
+    },
+}
+
 impl ModelProperty {
     /// Checks `value` against the type and range; the error says why it does not fit.
-    pub fn check_value(&self, value: &str) -> Result<(), String> {
+    pub fn check_value(&self, value: &str) -> Result<(), ValueError> {
         if value.len() > MAX_VALUE {
-            return Err(format!(
-                "value has {} bytes; at most {MAX_VALUE}",
-                value.len()
-            ));
+            return Err(ValueError::TooLong(value.len()));
         }
+        let not = |wanted| ValueError::NotOfType {
+            value: value.to_owned(),
+            wanted,
+        };
         let number = match self.value_type {
-            ValueType::Int => Some(
-                value
-                    .parse::<i64>()
-                    .map_err(|_| format!("{value:?} is not an int"))? as f64,
-            ),
+            ValueType::Int => Some(value.parse::<i64>().map_err(|_| not("an int"))? as f64),
             ValueType::Float => Some(
                 value
                     .parse::<f64>()
                     .ok()
                     .filter(|f| f.is_finite())
-                    .ok_or_else(|| format!("{value:?} is not a float"))?,
+                    .ok_or_else(|| not("a float"))?,
             ),
             ValueType::Boolean if value == "true" || value == "false" => None,
-            ValueType::Boolean => return Err(format!("{value:?} is not true or false")),
+            ValueType::Boolean => return Err(not("true or false")),
             ValueType::String | ValueType::Bytes => None,
         };
         if let Some(n) = number {
             if let Some(min) = self.minimum.filter(|min| n < *min) {
-                return Err(format!("{value} is below the minimum {min}"));
+                return Err(ValueError::Below {
+                    value: value.to_owned(),
+                    min,
+                });
             }
             if let Some(max) = self.maximum.filter(|max| n > *max) {
-                return Err(format!("{value} is above the maximum {max}"));
+                return Err(ValueError::Above {
+                    value: value.to_owned(),
+                    max,
+                });
             }
         }
         Ok(())

@@ -73,7 +73,7 @@ impl ContainerSpec {
             name: self.name.clone(),
             reason,
         };
-        crate::runtime::check_process_name(&self.name).map_err(invalid)?;
+        crate::runtime::check_process_name(&self.name).map_err(|e| invalid(e.to_string()))?;
         if self.command.is_empty() || self.command[0].is_empty() {
             return Err(invalid("the command is empty".into()));
         }

@@ -22,7 +22,8 @@ use crate::runtime::supervise::{
     LiveUsage, ProcessKind, ProcessWorkload, RunEnd, RunOnce, Shared, Supervised, stop_asked,
 };
 use crate::runtime::{
-    BoxFuture, ExitInfo, PrepareError, Prepared, Runtime, StartInfo, Tier, Usage, Workload,
+    BoxFuture, ExitInfo, PrepareError, Prepared, Runtime, StartInfo, Tier, UpdateError, Usage,
+    Workload,
 };
 
 /// SIGTERM grace period on stop.
@@ -346,13 +347,16 @@ impl ProcessKind for TierHandle {
         self.runtime.as_ref().map(|r| r.oci().kind.to_string())
     }
 
-    fn unpack(prepared: Prepared) -> Result<(Arc<PreparedContainer>, String), String> {
+    fn unpack(prepared: Prepared) -> Result<(Arc<PreparedContainer>, String), UpdateError> {
         match prepared {
             Prepared::Container(prepared) => {
                 let digest = prepared.digest.clone();
                 Ok((prepared, digest))
             }
-            _ => Err("a container workload can only be updated to a container".into()),
+            _ => Err(UpdateError::OtherKind {
+                kind: "container",
+                wanted: "container",
+            }),
         }
     }
 

@@ -67,7 +67,7 @@ impl MicrovmSpec {
             name: self.name.clone(),
             reason,
         };
-        crate::runtime::check_process_name(&self.name).map_err(invalid)?;
+        crate::runtime::check_process_name(&self.name).map_err(|e| invalid(e.to_string()))?;
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(invalid(format!(
                 "vcpus must be 1 to {MAX_VCPUS}, not {}",

@@ -21,7 +21,8 @@ use crate::runtime::supervise::{
     LiveUsage, ProcessKind, ProcessWorkload, RunEnd, RunOnce, Shared, Supervised, stop_asked,
 };
 use crate::runtime::{
-    BoxFuture, ExitInfo, PrepareError, Prepared, Runtime, StartInfo, Tier, Usage, Workload,
+    BoxFuture, ExitInfo, PrepareError, Prepared, Runtime, StartInfo, Tier, UpdateError, Usage,
+    Workload,
 };
 
 /// Guest memory of a microVM whose deployment sets no memory limit.
@@ -270,13 +271,16 @@ impl ProcessKind for TierHandle {
             .map(|r| r.machine().binary.to_string())
     }
 
-    fn unpack(prepared: Prepared) -> Result<(Arc<PreparedMicrovm>, String), String> {
+    fn unpack(prepared: Prepared) -> Result<(Arc<PreparedMicrovm>, String), UpdateError> {
         match prepared {
             Prepared::Microvm(prepared) => {
                 let digest = prepared.digest.clone();
                 Ok((prepared, digest))
             }
-            _ => Err("a microVM workload can only be updated to a microVM".into()),
+            _ => Err(UpdateError::OtherKind {
+                kind: "microVM",
+                wanted: "microVM",
+            }),
         }
     }
 

@@ -149,6 +149,11 @@ pub struct CommandOutputs {
     sinks: Mutex<HashMap<String, Arc<dyn CommandOutput>>>,
 }
 
+/// [`CommandOutputs::MAX`] sinks are held already.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{} streaming commands are registered already", CommandOutputs::MAX)]
+pub struct TooManySinks;
+
 impl CommandOutputs {
     /// Most sinks held at once (one per containerd task the agent can hold, with room).
     pub const MAX: usize = 4096;
@@ -159,13 +164,10 @@ impl CommandOutputs {
 
     /// Registers `sink` for the workload `name`, replacing any earlier one. Refused when
     /// [`CommandOutputs::MAX`] sinks are held.
-    pub fn register(&self, name: &str, sink: Arc<dyn CommandOutput>) -> Result<(), String> {
+    pub fn register(&self, name: &str, sink: Arc<dyn CommandOutput>) -> Result<(), TooManySinks> {
         let mut sinks = self.sinks();
         if sinks.len() >= Self::MAX && !sinks.contains_key(name) {
-            return Err(format!(
-                "{} streaming commands are registered already",
-                Self::MAX
-            ));
+            return Err(TooManySinks);
         }
         sinks.insert(name.to_string(), sink);
         Ok(())
@@ -206,6 +208,7 @@ fn context_for(workload: &str, input: CommandInput<'_>) -> WasiCtxBuilder {
 
 /// Runs a command once within `time_slice`, its output kept and logged when it ends.
 /// Returns `Ok(exit code)` or `Err(trap description)`.
+// The trap stays words (the first lines of Wasmtime's chain): it is the workload's `last_error`.
 pub async fn run_command(
     engine: &wasmtime::Engine,
     program: CommandProgram,

@@ -19,8 +19,8 @@ pub use engine::{
 };
 pub use instance::{CallOutcome, Instance, InstanceSetup};
 pub use worker::{
-    CommandCommitted, Delivery, EventRequest, EventSender, HubCommand, Reply, WorkerCommand,
-    WorkerContext, WorkerHandle, WorkerStats, spawn_worker,
+    CommandCommitted, Delivery, EventRequest, EventSender, HubCommand, Reply, StartError,
+    WorkerCommand, WorkerContext, WorkerHandle, WorkerStats, spawn_worker,
 };
 pub use workload::{WasmRuntime, WasmWorkload};
 

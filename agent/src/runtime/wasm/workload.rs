@@ -10,7 +10,7 @@ use super::{ArtifactStore, Delivery, EventSender, Reply, WorkerContext, WorkerHa
 use crate::deployment::{ModuleRef, WorkloadSpec};
 use crate::runtime::{
     BoxFuture, DeliveryError, PrepareError, Prepared, Runtime, RuntimeStatus, StartInfo, Tier,
-    Usage, Workload,
+    UpdateError, Usage, Workload,
 };
 
 /// Runs `wasm` workloads on the agent's engine.
@@ -207,10 +207,13 @@ impl Workload for WasmWorkload {
         prepared: Prepared,
         spec: WorkloadSpec,
         version: u64,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), UpdateError>> {
         Box::pin(async move {
             let Prepared::Wasm(artifact) = prepared else {
-                return Err("a wasm workload can only be updated to a wasm module".to_string());
+                return Err(UpdateError::OtherKind {
+                    kind: "wasm",
+                    wanted: "wasm module",
+                });
             };
             self.handle.reload(&self.ctx, artifact, spec, version).await
         })

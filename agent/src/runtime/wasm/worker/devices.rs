@@ -19,9 +19,13 @@ pub(super) async fn open_devices(
     }
     let hub = ctx.devices.clone();
     let spec = spec.clone();
-    tokio::task::spawn_blocking(move || hub.open_grants(&spec).map(Arc::new))
-        .await
-        .map_err(|e| format!("the device opening thread failed: {e}"))?
+    tokio::task::spawn_blocking(move || {
+        hub.open_grants(&spec)
+            .map(Arc::new)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| format!("the device opening thread failed: {e}"))?
 }
 
 /// Puts the input lines the running version holds back to its `spec`'s settings after a

@@ -16,7 +16,7 @@ use super::instance::{CallOutcome, Instance, InstanceSetup};
 use crate::deployment::{Limits, WorkloadSpec, WorkloadState};
 use crate::logs::LogHub;
 use crate::metrics::Metrics;
-use crate::runtime::DeliveryError;
+use crate::runtime::{DeliveryError, UpdateError};
 use crate::store::{
     CommandRecord, EventCommit, KvWrite, OutboxRecord, StateStore, StoreError, TelemetryRecord,
 };
@@ -346,7 +346,7 @@ impl WorkerHandle {
         artifact: Arc<Artifact>,
         spec: WorkloadSpec,
         version: u64,
-    ) -> Result<(), String> {
+    ) -> Result<(), UpdateError> {
         let instance = if artifact.kind() == ArtifactKind::Component {
             let mut setup = setup_for(ctx, &spec, self.kv.clone());
             let started = match open_devices(ctx, &spec).await {
@@ -354,9 +354,9 @@ impl WorkerHandle {
                     setup.devices = devices;
                     let started = start_instance(ctx, &artifact, &setup).await;
                     release_devices(std::mem::take(&mut setup.devices)).await;
-                    started
+                    started.map_err(UpdateError::Start)
                 }
-                Err(message) => Err(message),
+                Err(message) => Err(UpdateError::Devices(message)),
             };
             match started {
                 Ok(instance) => Some(instance),
@@ -378,10 +378,12 @@ impl WorkerHandle {
         let (done, switched) = oneshot::channel();
         self.control
             .send(WorkerCommand::Swap { next, done })
-            .map_err(|_| format!("workload {:?} is not running", &*self.name))?;
-        switched
-            .await
-            .map_err(|_| format!("workload {:?} ended during the reload", &*self.name))?;
+            .map_err(|_| UpdateError::NotRunning {
+                name: self.name.to_string(),
+            })?;
+        switched.await.map_err(|_| UpdateError::EndedDuringReload {
+            name: self.name.to_string(),
+        })?;
         self.spec = spec;
         self.digest = digest;
         Ok(())
@@ -420,24 +422,45 @@ fn setup_for(ctx: &WorkerContext, spec: &WorkloadSpec, kv: Arc<Mutex<KvMap>>) ->
     }
 }
 
-/// Instantiates a component and runs `init`, committing init's writes. Errors are in words.
+/// Why a component instance did not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The artifact is a core module.
+    #[error("artifact is not a component")]
+    NotComponent,
+    /// Instantiation failed (in words: Wasmtime's chain, cut to its first lines).
+    #[error("instantiation failed: {0}")]
+    Instantiate(String),
+    /// `init` returned an error: the guest's own words.
+    #[error("init failed: {0}")]
+    InitFailed(String),
+    /// `init` trapped (in words, as the trap is recorded).
+    #[error("init trapped: {0}")]
+    InitTrapped(String),
+    /// `init` ended without handing its instance back.
+    #[error("init lost its instance")]
+    InitLost,
+    /// `init`'s writes did not commit.
+    #[error("cannot commit to the state store: {0}")]
+    Commit(#[source] StoreError),
+}
+
+/// Instantiates a component and runs `init`, committing init's writes.
 async fn start_instance(
     ctx: &WorkerContext,
     artifact: &Artifact,
     setup: &InstanceSetup,
-) -> Result<Instance, String> {
-    let pre = artifact
-        .component()
-        .ok_or_else(|| "artifact is not a component".to_string())?;
+) -> Result<Instance, StartError> {
+    let pre = artifact.component().ok_or(StartError::NotComponent)?;
     let started = Instant::now();
     let instance = Instance::instantiate(ctx.engine.engine(), pre, setup)
         .await
-        .map_err(|e| format!("instantiation failed: {e}"))?;
+        .map_err(StartError::Instantiate)?;
     let (instance, outcome) = instance.init_off_workers().await;
     let failure = match outcome {
         CallOutcome::Ok(_) => None,
-        CallOutcome::GuestError(message) => Some(format!("init failed: {message}")),
-        CallOutcome::Trap(message) => Some(format!("init trapped: {message}")),
+        CallOutcome::GuestError(message) => Some(StartError::InitFailed(message)),
+        CallOutcome::Trap(message) => Some(StartError::InitTrapped(message)),
     };
     let mut instance = match (instance, failure) {
         (Some(instance), None) => instance,
@@ -445,13 +468,13 @@ async fn start_instance(
             if let Some(instance) = instance {
                 instance.release().await;
             }
-            return Err(failure.unwrap_or_else(|| "init lost its instance".into()));
+            return Err(failure.unwrap_or(StartError::InitLost));
         }
     };
     let writes = instance.take_pending();
     if let Err(error) = commit(ctx, &setup.workload, &writes, 0, None).await {
         instance.release().await;
-        return Err(commit_error(&error));
+        return Err(StartError::Commit(error));
     }
     instance.apply_committed(&writes);
     ctx.metrics.instantiate.observe(started.elapsed());

@@ -211,7 +211,7 @@ impl Worker {
                 .await;
                 None
             }
-            Err(message) => self.failed(Failure::StartFailed, message).await,
+            Err(message) => self.failed(Failure::StartFailed, message.to_string()).await,
         }
     }
 
