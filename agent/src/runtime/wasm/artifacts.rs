@@ -28,6 +28,18 @@ use crate::util::write_atomically;
 
 mod compile;
 
+/// Where one precompiled load's time went ([`ArtifactStore::time_compiled_load`]).
+#[derive(Debug, Clone, Copy)]
+pub struct LoadPhases {
+    /// The compiled file's identity check against its record (stat, read the record).
+    pub check: std::time::Duration,
+    /// Wasmtime's `Component::deserialize_file`: map the file, check its header, register
+    /// its code.
+    pub map: std::time::Duration,
+    /// Linking against the device-function world (`instantiate_pre`, the exports lookup).
+    pub link: std::time::Duration,
+}
+
 /// What kind of program an artifact is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ArtifactKind {
@@ -342,6 +354,26 @@ impl ArtifactStore {
                 None
             }
         }
+    }
+
+    /// Loads `digest`'s compiled component file as [`ArtifactStore::load`] does at start, on
+    /// the calling thread and without caching it, timing each phase: for `lichen bench
+    /// startup`, which says where a precompiled load's time goes.
+    pub fn time_compiled_load(&self, digest: &str) -> Result<LoadPhases> {
+        let started = std::time::Instant::now();
+        let path = self.compiled_ready(digest).with_context(|| {
+            format!("no trusted compiled file for module sha256:{digest} in the store")
+        })?;
+        let checked = std::time::Instant::now();
+        let component = deserialize_component_file(self.engine.engine(), &path)?;
+        let mapped = std::time::Instant::now();
+        self.link_component(digest, &component)?;
+        let linked = std::time::Instant::now();
+        Ok(LoadPhases {
+            check: checked - started,
+            map: mapped - checked,
+            link: linked - mapped,
+        })
     }
 
     fn precompiled_kind(bytes: &[u8]) -> Result<Precompiled> {

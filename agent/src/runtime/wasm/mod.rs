@@ -12,7 +12,9 @@ mod worker;
 mod workload;
 
 pub use address_space::{AddressSpace, PoolFit};
-pub use artifacts::{Artifact, ArtifactKind, ArtifactStore, COMPILER, CompileCounts, sha256_hex};
+pub use artifacts::{
+    Artifact, ArtifactKind, ArtifactStore, COMPILER, CompileCounts, LoadPhases, sha256_hex,
+};
 pub use command::{CommandOutput, CommandOutputs, CommandProgram};
 pub use engine::{
     CodeSettings, EngineOptions, WASMTIME_VERSION, WasmEngine, engine_config, host_target,
