@@ -288,7 +288,7 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
         "durable commit alone: {COMMIT_ITERATIONS} event-log rows, each awaited before the next; transactions per cold start count the writer's commits over the timed starts, stops included (a status-only batch commits without its own fsync; the next synced commit makes it durable)"
     ));
     table.note(format!(
-        "engine only: {ENGINE_ITERATIONS} instances made directly from the pre-instantiated component (a store, instantiate, init), each dropped before the next; precompiled load: {LOAD_ITERATIONS} loads (read, sha256, deserialize, link)"
+        "engine only: {ENGINE_ITERATIONS} instances made directly from the pre-instantiated component (a store, instantiate, init), each dropped before the next; precompiled load: {LOAD_ITERATIONS} loads, each by a fresh artifact store (identity check of the compiled file, Wasmtime's deserialize_file, link), on the blocking pool as at agent start; by phase: the same on the bench's thread"
     ));
     if errors > 0 {
         table.note(format!(
