@@ -232,10 +232,21 @@ struct Inner {
     reader: Mutex<Connection>,
     /// Told after each commit that added outbox rows (the hub link, when there is one).
     outbox_listener: std::sync::OnceLock<OutboxListener>,
-    /// Each status once it is recorded (supervisor's `status_changes`).
-    status_changes: tokio::sync::broadcast::Sender<StatusUpdate>,
-    /// Each telemetry record once its event committed (supervisor's `telemetry_tap`).
-    telemetry: tokio::sync::broadcast::Sender<CommittedTelemetry>,
+    /// Each status once it is recorded (supervisor's `status_changes`). Made by the first
+    /// subscriber: a channel holds its [`TAP_CAPACITY`] slots from the start (~150 KiB),
+    /// which an agent nobody watches need not carry.
+    status_changes: std::sync::OnceLock<tokio::sync::broadcast::Sender<StatusUpdate>>,
+    /// Each telemetry record once its event committed (supervisor's `telemetry_tap`); made
+    /// by the first subscriber, like `status_changes`.
+    telemetry: std::sync::OnceLock<tokio::sync::broadcast::Sender<CommittedTelemetry>>,
+}
+
+/// The tap's sender when someone listens: `None` before the first subscriber and after the
+/// last one went, so nothing is cloned for nobody.
+fn listened<T>(
+    tap: &std::sync::OnceLock<tokio::sync::broadcast::Sender<T>>,
+) -> Option<&tokio::sync::broadcast::Sender<T>> {
+    tap.get().filter(|sender| sender.receiver_count() > 0)
 }
 
 /// Subscribers' buffer of status changes and of committed telemetry; a receiver that lags
@@ -360,8 +371,8 @@ impl StateStore {
                 writer: Some(writer),
                 reader: Mutex::new(reader),
                 outbox_listener: std::sync::OnceLock::new(),
-                status_changes: tokio::sync::broadcast::channel(TAP_CAPACITY).0,
-                telemetry: tokio::sync::broadcast::channel(TAP_CAPACITY).0,
+                status_changes: std::sync::OnceLock::new(),
+                telemetry: std::sync::OnceLock::new(),
             }),
         })
     }
@@ -407,7 +418,8 @@ impl StateStore {
     /// with [`StoreError::CommandHandled`] and writes nothing.
     pub async fn commit_event(&self, c: EventCommit) -> Result<(), StoreError> {
         let telemetry = !c.telemetry.is_empty() || c.command.is_some();
-        let tapped: Vec<CommittedTelemetry> = if self.inner.telemetry.receiver_count() > 0 {
+        let tap = listened(&self.inner.telemetry);
+        let tapped: Vec<CommittedTelemetry> = if tap.is_some() {
             c.telemetry
                 .iter()
                 .map(|t| CommittedTelemetry {
@@ -420,8 +432,10 @@ impl StateStore {
             Vec::new()
         };
         self.submit(Op::Commit(c)).await?;
-        for record in tapped {
-            let _ = self.inner.telemetry.send(record);
+        if let Some(tap) = tap {
+            for record in tapped {
+                let _ = tap.send(record);
+            }
         }
         if telemetry {
             self.outbox_changed();
@@ -506,23 +520,30 @@ impl StateStore {
 
     /// Records a workload's status, and the event it comes with, in one transaction.
     pub async fn record_status(&self, s: StatusUpdate) -> Result<(), StoreError> {
-        let change = (self.inner.status_changes.receiver_count() > 0).then(|| s.clone());
+        let tap = listened(&self.inner.status_changes);
+        let change = tap.map(|tap| (tap, s.clone()));
         let result = self.submit(Op::Status(s)).await.map(drop);
-        if let Some(change) = change {
+        if let Some((tap, change)) = change {
             // Told even when the write failed: the workload's state changed all the same.
-            let _ = self.inner.status_changes.send(change);
+            let _ = tap.send(change);
         }
         result
     }
 
     /// Status updates as they are recorded (every runtime state change of a Wasm workload).
     pub fn status_changes(&self) -> tokio::sync::broadcast::Receiver<StatusUpdate> {
-        self.inner.status_changes.subscribe()
+        self.inner
+            .status_changes
+            .get_or_init(|| tokio::sync::broadcast::channel(TAP_CAPACITY).0)
+            .subscribe()
     }
 
     /// Telemetry records as their events commit.
     pub fn telemetry_tap(&self) -> tokio::sync::broadcast::Receiver<CommittedTelemetry> {
-        self.inner.telemetry.subscribe()
+        self.inner
+            .telemetry
+            .get_or_init(|| tokio::sync::broadcast::channel(TAP_CAPACITY).0)
+            .subscribe()
     }
 
     /// Appends an entry to the event log and returns its id.

@@ -1295,3 +1295,75 @@ async fn status_rows_alone_commit_unsynced_and_other_writes_synced() {
         .collect();
     assert_eq!(kinds, ["deployed", "started", "note"]);
 }
+
+#[tokio::test]
+async fn taps_are_made_by_their_first_subscriber_and_then_see_every_change() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&db_path(&dir));
+    store
+        .apply_deployment(deployment(&["meter"]))
+        .await
+        .expect("applies");
+    let status = |restarts| StatusUpdate {
+        workload: "meter".to_owned(),
+        state: WorkloadState::Running,
+        last_error: None,
+        restarts,
+        traps: 0,
+        event: None,
+    };
+    let reading = |payload: &[u8]| EventCommit {
+        workload: "meter".to_owned(),
+        kv: Vec::new(),
+        telemetry: vec![TelemetryRecord {
+            stream: "power".to_owned(),
+            payload: payload.to_vec(),
+            created_at_ms: 1,
+        }],
+        events_handled: 1,
+        command: None,
+    };
+    // Nobody listens yet: the writes go through and nothing is kept for later subscribers.
+    store
+        .record_status(status(1))
+        .await
+        .expect("status records");
+    store.commit_event(reading(b"1")).await.expect("commits");
+
+    let mut changes = store.status_changes();
+    let mut tap = store.telemetry_tap();
+    store
+        .record_status(status(2))
+        .await
+        .expect("status records");
+    store.commit_event(reading(b"2")).await.expect("commits");
+    let wait = Duration::from_secs(10);
+    let change = tokio::time::timeout(wait, changes.recv())
+        .await
+        .expect("a status change within 10 s")
+        .expect("the channel is open");
+    assert_eq!((change.workload.as_str(), change.restarts), ("meter", 2));
+    let record = tokio::time::timeout(wait, tap.recv())
+        .await
+        .expect("a telemetry record within 10 s")
+        .expect("the channel is open");
+    assert_eq!(
+        (
+            record.workload.as_str(),
+            record.stream.as_str(),
+            record.payload.as_slice()
+        ),
+        ("meter", "power", b"2".as_slice())
+    );
+    // A second subscriber shares the same channel: it sees what follows, not what was.
+    let mut late = store.status_changes();
+    store
+        .record_status(status(3))
+        .await
+        .expect("status records");
+    let next =
+        |rx: &mut tokio::sync::broadcast::Receiver<StatusUpdate>| rx.try_recv().map(|c| c.restarts);
+    assert_eq!(next(&mut changes), Ok(3));
+    assert_eq!(next(&mut late), Ok(3));
+    assert!(late.try_recv().is_err());
+}
