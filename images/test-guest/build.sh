@@ -40,7 +40,10 @@ else
   # The `smoke` profile (optimised, no LTO, no debug info): Wasmtime at opt-level 1 runs fast
   # enough under TCG, the binary is small for the initramfs, and it builds in a fraction of
   # `release`'s LTO time.
-  (cd "$repo" && cargo build -q --profile smoke --target "$musl" -p lichen --bin lichen) >&2
+  # The node as it ships (--features full-node), the same binary images/build puts in the
+  # flashable image.
+  (cd "$repo" && cargo build -q --profile smoke --target "$musl" -p lichen --bin lichen \
+    --no-default-features --features full-node) >&2
   target_dir=${CARGO_TARGET_DIR:-$(cd "$repo" && cargo metadata --no-deps --format-version 1 |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')}
   lichen=$target_dir/$musl/smoke/lichen
