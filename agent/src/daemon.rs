@@ -1,5 +1,6 @@
 //! `lichen run`: the daemon. Locks the state directory, binds the API socket, opens the state,
-//! serves containerd's Task API for Wasm pods (`[containerd]`, see `crate::pods`), restores the
+//! serves containerd's Task API for Wasm pods (`[containerd]`, see `crate::pods`, in builds
+//! with the `pods` feature), restores the
 //! last deployment (or deploys the embedded default on a fresh node), serves the local API
 //! and, optionally, metrics.
 //!
@@ -8,7 +9,6 @@
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -18,8 +18,6 @@ use tokio::sync::watch;
 use crate::api::control::Control;
 use crate::config::AgentConfig;
 use crate::embedded;
-use crate::pods::PodRuntime;
-use crate::pods::control::NodeControl;
 use crate::supervisor::{Agent, AgentOptions};
 
 /// Options of `lichen run`.
@@ -127,10 +125,25 @@ pub async fn run(args: RunArgs, socket: &Path) -> Result<()> {
     let agent = open_agent(&config, &state_dir).await?;
     tracing::info!(state_dir = %state_dir.display(), board = %config.board, "lichen {} starting", env!("CARGO_PKG_VERSION"));
     tracing::info!("flavour: {}", crate::flavour::describe());
-    let pods = Arc::new(PodRuntime::new(agent.clone()));
-    let (task_server, task_server_state) =
-        crate::pods::server::start(&config.containerd, pods.clone()).await;
-    let control = NodeControl::new(agent.clone(), pods, task_server_state);
+    #[cfg(feature = "pods")]
+    let (control, task_server) = {
+        let pods = std::sync::Arc::new(crate::pods::PodRuntime::new(agent.clone()));
+        let (task_server, task_server_state) =
+            crate::pods::server::start(&config.containerd, pods.clone()).await;
+        let control =
+            crate::pods::control::NodeControl::new(agent.clone(), pods, task_server_state);
+        (control, task_server)
+    };
+    #[cfg(not(feature = "pods"))]
+    let control = {
+        if config.containerd.task_server {
+            tracing::info!(
+                "no containerd task server: this lichen ({}) is built without pods (cargo feature `pods`)",
+                crate::flavour::name()
+            );
+        }
+        agent.clone()
+    };
 
     if !agent.restore().await? {
         if let Some(file) = &args.deployment {
@@ -230,6 +243,7 @@ pub async fn run(args: RunArgs, socket: &Path) -> Result<()> {
     let _ = stop_tx.send(true);
     // containerd sees the task connections close and reports the pods' exits; their Wasm
     // ends with this process.
+    #[cfg(feature = "pods")]
     if let Some(server) = task_server {
         server.shutdown().await;
     }

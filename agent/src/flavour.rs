@@ -15,6 +15,8 @@ pub const CONTAINERS: bool = cfg!(feature = "containers");
 pub const MICROVMS: bool = cfg!(feature = "microvms");
 /// Whether the KubeEdge device mapper (DMI gRPC) is in.
 pub const KUBEEDGE: bool = cfg!(feature = "kubeedge");
+/// Whether Kubernetes pods are in (containerd's Task API served for Wasm pods).
+pub const PODS: bool = cfg!(feature = "pods");
 
 /// The flavour's name as a literal, for the `lichen` binary's version text
 /// (`lichen_agent::flavour_name!()`, which `lichen bench size` finds in a foreign build).
@@ -22,7 +24,8 @@ pub const KUBEEDGE: bool = cfg!(feature = "kubeedge");
     feature = "compiler",
     feature = "containers",
     feature = "microvms",
-    feature = "kubeedge"
+    feature = "kubeedge",
+    feature = "pods"
 ))]
 #[macro_export]
 macro_rules! flavour_name {
@@ -34,7 +37,8 @@ macro_rules! flavour_name {
     feature = "compiler",
     feature = "containers",
     feature = "microvms",
-    feature = "kubeedge"
+    feature = "kubeedge",
+    feature = "pods"
 )))]
 /// The flavour's name as a literal: `small node`.
 #[macro_export]
@@ -48,13 +52,15 @@ macro_rules! flavour_name {
         feature = "compiler",
         feature = "containers",
         feature = "microvms",
-        feature = "kubeedge"
+        feature = "kubeedge",
+        feature = "pods"
     ),
     not(all(
         feature = "compiler",
         feature = "containers",
         feature = "microvms",
-        feature = "kubeedge"
+        feature = "kubeedge",
+        feature = "pods"
     ))
 ))]
 /// The flavour's name as a literal: `custom build`.
@@ -66,11 +72,12 @@ macro_rules! flavour_name {
 }
 
 /// The optional parts, with the cargo feature of each and whether this build has it.
-const PARTS: [(&str, &str, bool); 4] = [
+const PARTS: [(&str, &str, bool); 5] = [
     ("compiler", "compiler (Cranelift)", COMPILER),
     ("containers", "containers", CONTAINERS),
     ("microvms", "microVMs", MICROVMS),
     ("kubeedge", "KubeEdge mapper", KUBEEDGE),
+    ("pods", "Kubernetes pods", PODS),
 ];
 
 /// The flavour's name: `full node` (every part), `small node` (none) or `custom build`.
@@ -92,7 +99,7 @@ pub fn describe() -> String {
     let lacks = lacks();
     if lacks.is_empty() {
         return format!(
-            "{}: Wasm runtime with compiler, containers, microVMs, KubeEdge mapper, devices, hub link",
+            "{}: Wasm runtime with compiler, containers, microVMs, Kubernetes pods, KubeEdge mapper, devices, hub link",
             name()
         );
     }

@@ -20,6 +20,7 @@ pub mod keys;
 pub mod kubeedge;
 pub mod logs;
 pub mod metrics;
+#[cfg(feature = "pods")]
 pub mod pods;
 pub mod render;
 pub mod runtime;

@@ -60,6 +60,7 @@ fn main() -> ExitCode {
                     Err(err) => return report_error(&err),
                 };
                 let mut report = lichen_agent::doctor::report(&config.board, Some(&engine));
+                #[cfg(feature = "pods")]
                 report
                     .checks
                     .push(lichen_agent::pods::server::probe(&config.containerd));

@@ -20,20 +20,39 @@
 //! # Ok(()) }
 //! ```
 
+//!
+//! Without its default feature `task-service` the crate is only [`socket`]: the socket's
+//! default path and environment variable, which a node built without pods still names in its
+//! configuration.
+
+#[cfg(feature = "task-service")]
 pub mod agent;
+#[cfg(feature = "task-service")]
 pub mod bootstrap;
+#[cfg(feature = "task-service")]
 pub mod entrypoint;
+#[cfg(feature = "task-service")]
 pub mod events;
+#[cfg(feature = "task-service")]
 pub mod io;
 #[cfg(feature = "image-layout")]
 pub mod layout;
+#[cfg(feature = "task-service")]
 pub mod mounts;
+#[cfg(feature = "task-service")]
 pub mod server;
+#[cfg(feature = "task-service")]
 pub mod service;
+pub mod socket;
+#[cfg(feature = "task-service")]
 pub mod spec;
-#[cfg(any(test, feature = "testing"))]
+#[cfg(all(feature = "task-service", any(test, feature = "testing")))]
 pub mod testing;
 
+#[cfg(feature = "task-service")]
 pub use agent::{AgentError, Exit, PodAgent, PodWorkload, WorkloadStatus};
-pub use server::{DEFAULT_SOCKET, SOCKET_ENV, ServeError, TaskServer, serve};
+#[cfg(feature = "task-service")]
+pub use server::{ServeError, TaskServer, serve};
+#[cfg(feature = "task-service")]
 pub use service::TaskService;
+pub use socket::{DEFAULT_SOCKET, SOCKET_ENV};

@@ -10,12 +10,6 @@ use containerd_shim_protos::ttrpc::r#async::Server;
 use crate::agent::PodAgent;
 use crate::service::{Handler, TaskService};
 
-/// Where the agent's task server listens unless configured otherwise.
-pub const DEFAULT_SOCKET: &str = "/run/lichen/containerd-task.sock";
-/// Environment variable naming the socket, read by the shim binary (containerd passes its own
-/// environment to shims) and by the agent.
-pub const SOCKET_ENV: &str = "LICHEN_TASK_SOCKET";
-
 /// Why the server could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {

@@ -129,6 +129,7 @@ pub enum Prepared {
     /// A compiled Wasm component or WASI command module.
     Wasm(Arc<wasm::Artifact>),
     /// An imported container image (or a plain rootfs) with its resolved devices.
+    #[cfg(feature = "containers")]
     Container(Arc<container::PreparedContainer>),
     /// A checked kernel and root, with the QEMU spec to boot them.
     Microvm(Arc<microvm::PreparedMicrovm>),
@@ -139,6 +140,7 @@ impl Prepared {
     pub fn digest(&self) -> &str {
         match self {
             Prepared::Wasm(artifact) => artifact.digest(),
+            #[cfg(feature = "containers")]
             Prepared::Container(container) => &container.digest,
             Prepared::Microvm(vm) => &vm.digest,
         }

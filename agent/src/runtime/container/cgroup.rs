@@ -1,7 +1,9 @@
 //! The host's cgroup layout (v2, v1 or hybrid) and a container's counters read from it.
 
 use std::fmt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
+#[cfg(feature = "containers")]
+use std::path::PathBuf;
 
 /// How the host mounts cgroups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +105,7 @@ fn read(path: &Path) -> Option<String> {
 
 /// Where one container's cgroup lives, for reading its counters. `path` is the absolute
 /// `cgroupsPath` of the bundle (for example `/lichen/lichen-hello`).
+#[cfg(feature = "containers")]
 #[derive(Debug, Clone)]
 pub(crate) struct CgroupPaths {
     root: PathBuf,
@@ -110,6 +113,7 @@ pub(crate) struct CgroupPaths {
     path: String,
 }
 
+#[cfg(feature = "containers")]
 impl CgroupPaths {
     pub(crate) fn new(layout: CgroupLayout, path: &str) -> Self {
         CgroupPaths {
@@ -150,6 +154,7 @@ impl CgroupPaths {
 }
 
 /// The value of `key` in a flat-keyed cgroup file (`key value` per line).
+#[cfg(feature = "containers")]
 pub(crate) fn keyed_value(text: &str, key: &str) -> Option<u64> {
     text.lines().find_map(|line| {
         let mut parts = line.split_whitespace();
@@ -163,6 +168,7 @@ pub(crate) fn keyed_value(text: &str, key: &str) -> Option<u64> {
 mod tests {
     use super::*;
 
+    #[cfg(feature = "containers")]
     #[test]
     fn reads_oom_kill_from_v1_and_v2_files() {
         let v2 = "low 0\nhigh 0\nmax 12\noom 1\noom_kill 1\noom_group_kill 0\n";

@@ -28,35 +28,57 @@
 //! directory handle no path can leave, with the operations of `confined`, within the
 //! [`ImageLimits`] of `limits`), `workload` runs `container` workloads of a
 //! deployment behind the common runtime traits (restart policy, logs, status).
+//!
+//! Built without the `containers` feature (the small node) only the host probe's cgroup half
+//! and the image limits of the configuration are here: no OCI runtime is probed and nothing
+//! can run a container.
 
+#[cfg(feature = "containers")]
 mod blob;
+#[cfg(feature = "containers")]
 mod bundle;
 mod cgroup;
+#[cfg(feature = "containers")]
 mod confined;
+#[cfg(feature = "containers")]
 mod image;
+#[cfg(feature = "containers")]
 mod layer;
 mod limits;
 mod probe;
+#[cfg(feature = "containers")]
 mod runtime;
+#[cfg(feature = "containers")]
 mod spec;
+#[cfg(feature = "containers")]
+mod trial;
+#[cfg(feature = "containers")]
 mod workload;
 
+#[cfg(feature = "containers")]
 pub use blob::BlobError;
+#[cfg(feature = "containers")]
 pub use bundle::{Bundle, build_oci_spec};
 pub use cgroup::{CgroupLayout, CgroupProbe};
+#[cfg(feature = "containers")]
 pub use image::{ImageConfig, ImageError, ImageStore, ImportedImage, MAX_LAYERS};
 pub use limits::{ImageLimits, SetuidPolicy};
 pub use probe::{HostProbe, OciRuntime, RuntimeCheck, RuntimeKind, probe, probe_cached};
+#[cfg(feature = "containers")]
 pub use runtime::{
     Container, ContainerRuntime, ContainerStatus, ExitReason, LogLine, LogSink, LogStream,
     ResourceUsage,
 };
+#[cfg(feature = "containers")]
 pub use spec::{ContainerSpec, IdMapping, Limits};
+#[cfg(feature = "containers")]
 pub use workload::{ContainerTier, PreparedContainer, device_nodes, work_dir};
 
+#[cfg(feature = "containers")]
 use std::path::PathBuf;
 
 /// What went wrong in the container runtime, naming the container, file or runtime.
+#[cfg(feature = "containers")]
 #[derive(Debug, thiserror::Error)]
 pub enum ContainerError {
     /// The container's spec is unusable (bad name, empty command, bad limit).
