@@ -150,10 +150,34 @@ fn the_small_node_runs_precompiled_modules_and_refuses_what_it_lacks_by_name() {
         "cargo feature `compiler`",
         "cargo feature `containers`",
         "cargo feature `microvms`",
+        "cargo feature `pods`",
         "without a compiler",
     ] {
         assert!(doctor.contains(piece), "doctor lacks {piece:?}:\n{doctor}");
     }
+    // No task server is built in: none is checked, none is bound, and the log says why (the
+    // daemon logs it before its API answers, so it is there once the daemon is ready).
+    assert!(
+        !doctor.contains("containerd task server"),
+        "the small node checks a task server it does not have:\n{doctor}"
+    );
+    let task_socket = daemon
+        .state_dir()
+        .parent()
+        .expect("the state dir is in the daemon's dir")
+        .join("task.sock");
+    assert!(
+        !task_socket.exists(),
+        "the small node bound {}",
+        task_socket.display()
+    );
+    assert!(
+        daemon
+            .log()
+            .contains("is built without pods (cargo feature `pods`)"),
+        "{}",
+        daemon.log()
+    );
     assert!(
         !doctor.contains("with Cranelift"),
         "the small node claims a compiler:\n{doctor}"
