@@ -298,10 +298,17 @@ async fn stop_sends_sigterm_then_sigkill_and_removes_the_bundle() {
         )
         .await
         .expect("starts");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Wait for its process to show in the container's cgroup (deadline 20 s), not for a time.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while sleeper.usage().pids.unwrap_or(0) < 1 {
+        assert!(
+            Instant::now() < deadline,
+            "the sleeper's process never showed in its cgroup"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     assert_eq!(sleeper.status(), ContainerStatus::Running);
     assert!(sleeper.bundle_dir().join("config.json").is_file());
-    assert!(sleeper.usage().pids.unwrap_or(0) >= 1);
     let asked = Instant::now();
     let exit = sleeper
         .stop(Duration::from_millis(500))
