@@ -1,13 +1,13 @@
 //! Link settings of the `lichen` binary.
 //!
-//! A build that aborts on panic (`release` and the profiles that inherit it: `small`, `smoke`) and links with
-//! LLVM's lld (the static musl targets, `.cargo/config.toml`) leaves out the DWARF unwind
-//! tables (`.eh_frame`, `.eh_frame_hdr`): nothing in such a binary unwinds, a panic still
-//! prints its message and location, and the tables were 1.16 MB of the aarch64 small node.
-//! What goes is the stack trace `RUST_BACKTRACE` would print and DWARF-based stack walking by
-//! debuggers; profilers keep frame pointers. `LICHEN_KEEP_UNWIND_TABLES=1` keeps them.
-//! Builds that unwind (tests, `cargo build` in the dev profile) or link with a C compiler
-//! driver (glibc targets, whose static startup code registers these tables) are left alone.
+//! A build that aborts on panic (`release` and the profiles that inherit it: `small`, `smoke`) and
+//! links with LLVM's lld (the static musl targets, `.cargo/config.toml`) leaves out the DWARF
+//! unwind tables (`.eh_frame`, `.eh_frame_hdr`): nothing in such a binary unwinds, a panic still
+//! prints its message and location, and the tables were 1.16 MB of the aarch64 small node. What
+//! goes is the stack trace `RUST_BACKTRACE` would print and DWARF-based stack walking by debuggers;
+//! profilers keep frame pointers. `LICHEN_KEEP_UNWIND_TABLES=1` keeps them. Builds that unwind
+//! (tests, `cargo build` in the dev profile) or link with a C compiler driver (glibc targets, whose
+//! static startup code registers these tables) are left alone.
 
 use std::env;
 use std::path::Path;
