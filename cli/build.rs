@@ -12,6 +12,10 @@
 use std::env;
 use std::path::Path;
 
+/// The linker script (`link/no-unwind-tables.ld`); compiled in, so a change to it rebuilds and
+/// reruns this script.
+const LINKER_SCRIPT: &str = include_str!("link/no-unwind-tables.ld");
+
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=link/no-unwind-tables.ld");
@@ -24,8 +28,14 @@ fn main() {
     if !aborts || !linux || keep || !links_with_lld() {
         return;
     }
-    let script = Path::new(&env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"))
-        .join("link/no-unwind-tables.ld");
+    // The script is written into OUT_DIR (inside the target directory) and linked from there,
+    // not from the source tree: Cargo reuses this script's output for any checkout that shares
+    // the target directory (a CI clone, a moved checkout), so a source path here would point
+    // into a checkout that may be gone.
+    let out = env::var_os("OUT_DIR").expect("cargo sets OUT_DIR");
+    let script = Path::new(&out).join("no-unwind-tables.ld");
+    std::fs::write(&script, LINKER_SCRIPT)
+        .unwrap_or_else(|e| panic!("cannot write {}: {e}", script.display()));
     println!("cargo:rustc-link-arg-bins=--no-eh-frame-hdr");
     println!("cargo:rustc-link-arg-bins=-T{}", script.display());
 }
