@@ -18,7 +18,6 @@ const LINKER_SCRIPT: &str = include_str!("link/no-unwind-tables.ld");
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=link/no-unwind-tables.ld");
     println!("cargo:rerun-if-env-changed=LICHEN_KEEP_UNWIND_TABLES");
     // Cargo tells a build script only whether the profile inherits `release`, not its panic
     // strategy; every such profile of this workspace aborts (Cargo.toml, `[profile.release]`).
