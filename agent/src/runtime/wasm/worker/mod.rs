@@ -569,7 +569,7 @@ pub fn spawn_worker(
         uncounted_events: 0,
         stop_during_run: None,
     };
-    let task = tokio::spawn(worker.run());
+    let task = tokio::spawn(Box::new(worker).run());
     WorkerHandle {
         name,
         spec,
