@@ -1,8 +1,10 @@
 //! `density`: process RSS with N live instances; `dispatch`: ticks per second across them,
 //! each tick committed (a kv write and a telemetry row) through the store's group commit.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -15,13 +17,18 @@ use crate::BenchArgs;
 use lichen_agent::api::control::Control;
 use lichen_agent::api::types::SendRequest;
 use lichen_agent::api::types::WorkloadState;
-use lichen_agent::runtime::wasm::Delivery;
+use lichen_agent::logs::{LogHub, LogOptions};
+use lichen_agent::runtime::microvm::ResourceUsage;
+use lichen_agent::runtime::wasm::{Artifact, CallOutcome, Delivery, Instance, InstanceSetup};
 use lichen_agent::supervisor::Agent;
 use lichen_agent::util::{human_bytes, process_rss_bytes};
+use lichen_host_apis::{Command, Event, KvMap};
 
 const MIB: u64 = 1 << 20;
 /// The memory budget the "largest N" figure is for.
 const BUDGET: u64 = 256 * MIB;
+/// Engine-alone instances made before the measured ones and not counted.
+const ALONE_WARMUP: usize = 8;
 /// How long dispatch waits without progress before it gives up.
 const STALL: Duration = Duration::from_secs(30);
 
@@ -34,7 +41,7 @@ pub(super) async fn run(
     let count = args.instances.unwrap_or(1000).max(1);
     let (bytes, label) = module_bytes(args)?;
     let custom_module = args.module.is_some();
-    // Room for every instance plus hot-reload headroom.
+    // Room for every instance plus headroom: hot reload, and the engine-alone instances.
     let max_instances = u32::try_from(count + count / 8 + 16).context("--count is too large")?;
     let agent = open_agent(dir, Some(max_instances)).await?;
     let artifact = agent
@@ -50,7 +57,18 @@ pub(super) async fn run(
 
     // Let the open settle (log persister, store writer) before the baseline.
     tokio::time::sleep(Duration::from_millis(200)).await;
+    let baseline_rss = process_rss_bytes().context("cannot read the process RSS")?;
+    let baseline_pss = own_pss()?;
+    // The engine alone first, so that its instances find no heap the deploy freed; they
+    // stay until the end. The pool has room for `count / 8 + 16` more (`max_instances`),
+    // these and their warm-up.
+    let engine_alone = if density {
+        Some(engine_alone(&agent, &artifact, (count / 8).max(1)).await?)
+    } else {
+        None
+    };
     let rss_before = process_rss_bytes().context("cannot read the process RSS")?;
+    let pss_before = own_pss()?;
     let started = Instant::now();
     agent
         .deploy_text("bench-density.toml", &text, Path::new("/"))
@@ -91,32 +109,37 @@ pub(super) async fn run(
     let linear: u64 = statuses.iter().map(|s| s.memory_bytes).sum();
     tokio::time::sleep(Duration::from_millis(200)).await;
     let rss_after = process_rss_bytes().context("cannot read the process RSS")?;
+    let pss_after = own_pss()?;
     let delta = rss_after.saturating_sub(rss_before);
     let per_instance = delta / count as u64;
+    let pss_per_instance = pss_after.saturating_sub(pss_before) / count as u64;
+    // The whole process with the workloads, without the engine-alone instances.
+    let rss_with = baseline_rss + delta;
+    let pss_with = baseline_pss + pss_after.saturating_sub(pss_before);
 
     let mut summary = Vec::new();
     if density {
         let fits = BUDGET
-            .saturating_sub(rss_before)
+            .saturating_sub(baseline_rss)
             .checked_div(per_instance)
             .unwrap_or(u64::MAX);
         let (whole_1000, whole_label) = if count == 1000 {
-            (rss_after, "measured")
+            (rss_with, "measured")
         } else {
-            (rss_before + 1000 * per_instance, "extrapolated")
+            (baseline_rss + 1000 * per_instance, "extrapolated")
         };
         let mut table = Table::new(format!(
             "density: {count} live instances in one agent ({label})"
         ));
         table.row(
             "process RSS before the deploy (agent open, module compiled)",
-            human_bytes(rss_before),
+            human_bytes(baseline_rss),
             "-",
             "-",
         );
         table.row(
             format!("process RSS with {count} live instances"),
-            human_bytes(rss_after),
+            human_bytes(rss_with),
             "-",
             "-",
         );
@@ -132,6 +155,49 @@ pub(super) async fn run(
             "<= 48 MiB",
             "engine alone: 41-46 MiB (reference); seed model: 1000 modules = 6 GB (reference)",
         );
+        table.row(
+            "PSS per instance (pages shared between instances counted once)",
+            human_bytes(pss_per_instance),
+            "-",
+            "-",
+        );
+        table.row(
+            format!("whole PSS with 1000 instances ({whole_label})"),
+            human_bytes(if count == 1000 {
+                pss_with
+            } else {
+                baseline_pss + 1000 * pss_per_instance
+            }),
+            "-",
+            "-",
+        );
+        if let Some(alone) = &engine_alone {
+            table.row(
+                format!(
+                    "engine alone, this module: RSS / PSS per instance ({} made directly: store, instantiate, init, one get)",
+                    alone.count
+                ),
+                format!(
+                    "{} / {}",
+                    human_bytes(alone.rss_each),
+                    human_bytes(alone.pss_each)
+                ),
+                "-",
+                "engine alone: 21-25 KiB, another module (reference)",
+            );
+            table.row(
+                "agent's own part per instance (RSS per instance - engine alone)",
+                human_bytes(per_instance.saturating_sub(alone.rss_each)),
+                "-",
+                "-",
+            );
+            table.row(
+                "floor for 1000: baseline + 1000 x engine alone (RSS)",
+                human_bytes(baseline_rss + 1000 * alone.rss_each),
+                "-",
+                "-",
+            );
+        }
         table.row(
             "largest N in 256 MiB (extrapolated)",
             fmt_count(fits),
@@ -159,6 +225,12 @@ pub(super) async fn run(
         table.note(format!(
             "{running} of {count} workloads running; each answered one `get`; no triggers"
         ));
+        table.note(
+            "the engine-alone instances are made before the deploy and kept: the figures with the workloads leave out what they added",
+        );
+        table.note(
+            "RSS counts a page once per mapping: the module's memory-image pages that instances only read are shared, but each instance's mapping of them adds to RSS; PSS counts them once",
+        );
         table.note(format!(
             "largest N = (256 MiB - RSS before) / RSS per instance, a linear extrapolation; the engine's pool must be sized for it (wasm.max-instances, {max_instances} here)"
         ));
@@ -174,14 +246,26 @@ pub(super) async fn run(
         }
         table.print();
         summary.push(format!(
-            "- Density: {count} live instances add {} of RSS, {} each; whole process {} with {count} (baseline {}); about {} instances fit in 256 MiB, extrapolated (target 1000 within 48 MiB RSS, issue 10; the seed model puts 1000 modules at 6 GB).",
+            "- Density: {count} live instances add {} of RSS, {} each; whole process {} with {count} (baseline {}); PSS {} each, {} whole; about {} instances fit in 256 MiB, extrapolated (target 1000 within 48 MiB RSS, issue 10; the seed model puts 1000 modules at 6 GB).",
             human_bytes(delta),
             human_bytes(per_instance),
-            human_bytes(rss_after),
-            human_bytes(rss_before),
+            human_bytes(rss_with),
+            human_bytes(baseline_rss),
+            human_bytes(pss_per_instance),
+            human_bytes(pss_with),
             fmt_count(fits),
         ));
+        if let Some(alone) = &engine_alone {
+            summary.push(format!(
+                "- Engine alone, this module: {} of RSS each ({} PSS), so the agent's own part is {} each; floor for 1000 with this baseline: {}.",
+                human_bytes(alone.rss_each),
+                human_bytes(alone.pss_each),
+                human_bytes(per_instance.saturating_sub(alone.rss_each)),
+                human_bytes(baseline_rss + 1000 * alone.rss_each),
+            ));
+        }
     }
+    drop(engine_alone);
     if dispatch {
         summary.push(run_dispatch(&agent, &names, args, custom_module).await?);
         if !custom_module {
@@ -190,6 +274,87 @@ pub(super) async fn run(
     }
     agent.shutdown().await;
     Ok(summary)
+}
+
+/// Memory of instances made straight on the engine, without the agent's workers.
+struct EngineAlone {
+    count: u64,
+    rss_each: u64,
+    pss_each: u64,
+    /// Kept live while the workloads are measured.
+    _instances: Vec<Instance>,
+}
+
+/// Makes `count` instances of `artifact` directly on the agent's engine (a store with its
+/// WASI and device state, instantiate, `init`, one `get`, as each workload's first instance
+/// gets) and measures what they add: the engine's own cost per instance for this module, the
+/// floor under the agent's figure.
+async fn engine_alone(agent: &Agent, artifact: &Artifact, count: usize) -> Result<EngineAlone> {
+    let engine = agent.artifacts().engine().clone();
+    let pre = artifact
+        .component()
+        .context("the module is not a component: the engine-alone figure needs one")?;
+    let setup = InstanceSetup {
+        workload: Arc::from("engine-alone"),
+        config: Arc::new(BTreeMap::new()),
+        kv: Arc::new(Mutex::new(KvMap::new())),
+        log: Arc::new(LogHub::new(LogOptions::default())),
+        memory_limit: 32 << 20,
+        time_slice: Duration::from_secs(1),
+        devices: Arc::default(),
+    };
+    let get = Event::Command(Command {
+        id: "engine-alone".into(),
+        name: "get".into(),
+        payload: Vec::new(),
+    });
+    let make = |i: usize| {
+        let engine = engine.clone();
+        let get = get.clone();
+        let setup = setup.clone();
+        async move {
+            let mut instance = Instance::instantiate(engine.engine(), pre, &setup)
+                .await
+                .map_err(|e| {
+                    anyhow::anyhow!("cannot instantiate engine-alone instance {i}: {e}")
+                })?;
+            match instance.init().await {
+                CallOutcome::Ok(_) => {}
+                other => anyhow::bail!("engine-alone instance {i}: init failed: {other:?}"),
+            }
+            if let CallOutcome::Trap(trap) = instance.handle(&get).await {
+                anyhow::bail!("engine-alone instance {i}: `get` trapped: {trap}");
+            }
+            Ok(instance)
+        }
+    };
+    // The first instances fault in what every later one shares (the guest's code, the
+    // engine's paths): made first, kept, not counted.
+    let mut instances = Vec::with_capacity(count + ALONE_WARMUP);
+    for i in 0..ALONE_WARMUP {
+        instances.push(make(i).await?);
+    }
+    let rss_before = process_rss_bytes().context("cannot read the process RSS")?;
+    let pss_before = own_pss()?;
+    for i in ALONE_WARMUP..ALONE_WARMUP + count {
+        instances.push(make(i).await?);
+    }
+    let rss_after = process_rss_bytes().context("cannot read the process RSS")?;
+    let pss_after = own_pss()?;
+    let count = count as u64;
+    Ok(EngineAlone {
+        count,
+        rss_each: rss_after.saturating_sub(rss_before) / count,
+        pss_each: pss_after.saturating_sub(pss_before) / count,
+        _instances: instances,
+    })
+}
+
+/// This process's proportional set size, in bytes.
+fn own_pss() -> Result<u64> {
+    ResourceUsage::of_process(std::process::id())
+        .pss_bytes
+        .context("cannot read the process PSS (/proc/self/smaps_rollup)")
 }
 
 /// Sends `get` commands (they read state and write nothing) round-robin across `names` and
