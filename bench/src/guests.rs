@@ -69,6 +69,8 @@ struct Figures {
     compiled_size: usize,
     loads: Samples,
     compiled_by_load: u64,
+    /// The same load by phase, p50s: Lichen's identity check, Wasmtime's mapping, linking.
+    phases: [Duration; 3],
 }
 
 fn engine(options: &EngineOptions) -> Result<Arc<WasmEngine>> {
@@ -122,6 +124,16 @@ async fn measure(dir: &Path, bytes: Vec<u8>, loads: usize) -> Result<Figures> {
         drop(artifact);
         compiled_by_load += fresh.counts().compiled;
     }
+    // The same load by phase, each from a fresh store: where a large guest's load goes.
+    let (mut check, mut map, mut link) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..loads {
+        let fresh = ArtifactStore::open(&precompiled_dir, engine.clone())?;
+        let phases = fresh.time_compiled_load(&digest)?;
+        check.push(phases.check);
+        map.push(phases.map);
+        link.push(phases.link);
+    }
+    let p50 = |samples: Vec<Duration>| Samples::new(samples).percentile(50.0);
     Ok(Figures {
         size,
         compile,
@@ -130,6 +142,7 @@ async fn measure(dir: &Path, bytes: Vec<u8>, loads: usize) -> Result<Figures> {
         compiled_size,
         loads: Samples::new(samples),
         compiled_by_load,
+        phases: [p50(check), p50(map), p50(link)],
     })
 }
 
@@ -177,6 +190,19 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
                 f.compiled_by_load
             ),
             "<= 150 us (a Rust component's)",
+            "-",
+        );
+        table.row(
+            format!(
+                "{language} `{name}`: the load by phase, p50: check / map (Wasmtime's deserialize_file) / link"
+            ),
+            format!(
+                "{} / {} / {}",
+                fmt_duration(f.phases[0]),
+                fmt_duration(f.phases[1]),
+                fmt_duration(f.phases[2])
+            ),
+            "-",
             "-",
         );
         summary.push(format!(
