@@ -1,28 +1,25 @@
 //! `density`: process RSS with N live instances; `dispatch`: ticks per second across them,
 //! each tick committed (a kv write and a telemetry row) through the store's group commit.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
 use super::{
-    Table, api, fmt_count, fmt_duration, fmt_rate, histogram, module_bytes, open_agent,
-    same_module_text,
+    Table, api, engine_setup, fmt_count, fmt_duration, fmt_rate, histogram, module_bytes,
+    open_agent, same_module_text,
 };
 use crate::BenchArgs;
 use lichen_agent::api::control::Control;
 use lichen_agent::api::types::SendRequest;
 use lichen_agent::api::types::WorkloadState;
-use lichen_agent::logs::{LogHub, LogOptions};
 use lichen_agent::runtime::microvm::ResourceUsage;
-use lichen_agent::runtime::wasm::{Artifact, CallOutcome, Delivery, Instance, InstanceSetup};
+use lichen_agent::runtime::wasm::{Artifact, CallOutcome, Delivery, Instance};
 use lichen_agent::supervisor::Agent;
 use lichen_agent::util::{human_bytes, process_rss_bytes};
-use lichen_host_apis::{Command, Event, KvMap};
+use lichen_host_apis::{Command, Event};
 
 const MIB: u64 = 1 << 20;
 /// The memory budget the "largest N" figure is for.
@@ -294,15 +291,7 @@ async fn engine_alone(agent: &Agent, artifact: &Artifact, count: usize) -> Resul
     let pre = artifact
         .component()
         .context("the module is not a component: the engine-alone figure needs one")?;
-    let setup = InstanceSetup {
-        workload: Arc::from("engine-alone"),
-        config: Arc::new(BTreeMap::new()),
-        kv: Arc::new(Mutex::new(KvMap::new())),
-        log: Arc::new(LogHub::new(LogOptions::default())),
-        memory_limit: 32 << 20,
-        time_slice: Duration::from_secs(1),
-        devices: Arc::default(),
-    };
+    let setup = engine_setup("engine-alone", 32 << 20, Duration::from_secs(1));
     let get = Event::Command(Command {
         id: "engine-alone".into(),
         name: "get".into(),

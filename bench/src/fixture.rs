@@ -1,15 +1,23 @@
 //! What the benchmarks share to set up: state directories, an agent on them, the module they
-//! deploy and the deployment files that name it, and reading a histogram back from metrics.
+//! deploy and the deployment files that name it, reading a histogram back from metrics, the
+//! setup of instances made straight on the engine, and a precompiled load timed by phase.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use lichen_agent::api::types::ApiError;
 use lichen_agent::config::AgentConfig;
+use lichen_agent::logs::{LogHub, LogOptions};
 use lichen_agent::metrics::Gauges;
+use lichen_agent::runtime::wasm::{ArtifactStore, InstanceSetup, WasmEngine};
 use lichen_agent::supervisor::Agent;
+use lichen_host_apis::KvMap;
 
 use crate::BenchArgs;
+use crate::figures::Samples;
 
 /// The benchmarks' state directories: under `--state-dir`, or under a temporary directory
 /// named after the process that is removed at the end.
@@ -143,4 +151,53 @@ pub(crate) fn histogram(agent: &Agent, name: &str) -> (f64, u64) {
     let sum = value("sum").and_then(|v| v.parse::<f64>().ok());
     let count = value("count").and_then(|v| v.parse::<u64>().ok());
     (sum.unwrap_or(0.0), count.unwrap_or(0))
+}
+
+/// What an instance made straight on the engine (no worker, no deployment) is made from: no
+/// configuration, an empty key-value map, a log hub of its own, no devices.
+pub(crate) fn engine_setup(
+    workload: &str,
+    memory_limit: usize,
+    time_slice: Duration,
+) -> InstanceSetup {
+    InstanceSetup {
+        workload: Arc::from(workload),
+        config: Arc::new(BTreeMap::new()),
+        kv: Arc::new(Mutex::new(KvMap::new())),
+        log: Arc::new(LogHub::new(LogOptions::default())),
+        memory_limit,
+        time_slice,
+        devices: Arc::default(),
+    }
+}
+
+/// A precompiled load's phases over several loads: Lichen's identity check of the compiled
+/// file, Wasmtime's mapping (`deserialize_file`), linking against the world.
+pub(crate) struct LoadPhaseSamples {
+    pub(crate) check: Samples,
+    pub(crate) map: Samples,
+    pub(crate) link: Samples,
+}
+
+/// Loads `digest`'s compiled file `loads` times on this thread, each by a fresh artifact store
+/// on `artifacts`, timing each phase.
+pub(crate) fn load_phases(
+    artifacts: &Path,
+    engine: &Arc<WasmEngine>,
+    digest: &str,
+    loads: usize,
+) -> Result<LoadPhaseSamples> {
+    let (mut check, mut map, mut link) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..loads {
+        let store = ArtifactStore::open(artifacts, engine.clone())?;
+        let phases = store.time_compiled_load(digest)?;
+        check.push(phases.check);
+        map.push(phases.map);
+        link.push(phases.link);
+    }
+    Ok(LoadPhaseSamples {
+        check: Samples::new(check),
+        map: Samples::new(map),
+        link: Samples::new(link),
+    })
 }

@@ -21,7 +21,7 @@ use lichen_agent::api::types::WorkloadState;
 use lichen_agent::runtime::wasm::{ArtifactStore, EngineOptions, WasmEngine};
 use lichen_agent::util::{human_bytes, process_rss_bytes};
 
-use super::{Samples, Table, api, fmt_duration, open_agent, same_module_text};
+use super::{Samples, Table, api, fmt_duration, load_phases, open_agent, same_module_text};
 use crate::BenchArgs;
 
 /// Live instances of the Python guest for the memory figure (`--count` changes it).
@@ -125,15 +125,7 @@ async fn measure(dir: &Path, bytes: Vec<u8>, loads: usize) -> Result<Figures> {
         compiled_by_load += fresh.counts().compiled;
     }
     // The same load by phase, each from a fresh store: where a large guest's load goes.
-    let (mut check, mut map, mut link) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..loads {
-        let fresh = ArtifactStore::open(&precompiled_dir, engine.clone())?;
-        let phases = fresh.time_compiled_load(&digest)?;
-        check.push(phases.check);
-        map.push(phases.map);
-        link.push(phases.link);
-    }
-    let p50 = |samples: Vec<Duration>| Samples::new(samples).percentile(50.0);
+    let phases = load_phases(&precompiled_dir, &engine, &digest, loads)?;
     Ok(Figures {
         size,
         compile,
@@ -142,7 +134,11 @@ async fn measure(dir: &Path, bytes: Vec<u8>, loads: usize) -> Result<Figures> {
         compiled_size,
         loads: Samples::new(samples),
         compiled_by_load,
-        phases: [p50(check), p50(map), p50(link)],
+        phases: [
+            phases.check.percentile(50.0),
+            phases.map.percentile(50.0),
+            phases.link.percentile(50.0),
+        ],
     })
 }
 

@@ -52,8 +52,8 @@ use clap::Args;
 
 use figures::{Samples, Table, fmt_count, fmt_duration, fmt_rate};
 use fixture::{
-    BenchDirs, WorkloadText, api, deployment_text, histogram, module_bytes, open_agent,
-    same_module_text,
+    BenchDirs, WorkloadText, api, deployment_text, engine_setup, histogram, load_phases,
+    module_bytes, open_agent, same_module_text,
 };
 
 /// Options of `lichen bench`.

@@ -1,23 +1,20 @@
 //! `startup`: cold start, from the deploy of an already precompiled component to the reply
 //! to its first event; and the engine alone (instantiate, `init`, precompiled load).
 
-use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use lichen_host_apis::KvMap;
 
 use super::{
-    Samples, Table, WorkloadText, api, deployment_text, fmt_duration, histogram, module_bytes,
-    open_agent,
+    Samples, Table, WorkloadText, api, deployment_text, engine_setup, fmt_duration, histogram,
+    load_phases, module_bytes, open_agent,
 };
 use crate::BenchArgs;
 use lichen_agent::api::control::Control;
 use lichen_agent::api::types::SendRequest;
-use lichen_agent::logs::{LogHub, LogOptions};
-use lichen_agent::runtime::wasm::{ArtifactStore, CallOutcome, Instance, InstanceSetup};
+use lichen_agent::runtime::wasm::{ArtifactStore, CallOutcome, Instance};
 
 /// Cold starts done first and not counted (page faults, first allocations).
 const WARMUP: usize = 5;
@@ -116,15 +113,7 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
     let pre = artifact
         .component()
         .context("the module is not a component: the engine-only figures need one")?;
-    let setup = InstanceSetup {
-        workload: Arc::from("engine-only"),
-        config: Arc::new(BTreeMap::new()),
-        kv: Arc::new(Mutex::new(KvMap::new())),
-        log: Arc::new(LogHub::new(LogOptions::default())),
-        memory_limit: 16 << 20,
-        time_slice: Duration::from_millis(100),
-        devices: Arc::default(),
-    };
+    let setup = engine_setup("engine-only", 16 << 20, Duration::from_millis(100));
     let mut instantiate = Vec::with_capacity(ENGINE_ITERATIONS);
     let mut with_init = Vec::with_capacity(ENGINE_ITERATIONS);
     let mut init_errors = 0u64;
@@ -166,15 +155,7 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
     };
     // The same load by phase, on this thread (no hand-off), each from a fresh
     // store: which part is Lichen's check, which Wasmtime's mapping, which the linking.
-    let (mut check, mut map, mut link) = (Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..LOAD_ITERATIONS {
-        let store = ArtifactStore::open(&dir.join("artifacts"), engine.clone())?;
-        let phases = store.time_compiled_load(&digest)?;
-        check.push(phases.check);
-        map.push(phases.map);
-        link.push(phases.link);
-    }
-    let (check, map, link) = (Samples::new(check), Samples::new(map), Samples::new(link));
+    let phases = load_phases(&dir.join("artifacts"), &engine, &digest, LOAD_ITERATIONS)?;
     // The hand-off alone: `load` runs its file work where blocking holds up no other task (a
     // stat and a mapping may wait on the disk): on a worker thread of this multi-thread
     // runtime, in place after handing the thread's scheduler core to another.
@@ -275,9 +256,9 @@ pub(super) async fn run(dir: &Path, args: &BenchArgs) -> Result<Vec<String>> {
         "precompiled load by phase, p50: check / map (Wasmtime's deserialize_file) / link",
         format!(
             "{} / {} / {}",
-            fmt_duration(check.percentile(50.0)),
-            fmt_duration(map.percentile(50.0)),
-            fmt_duration(link.percentile(50.0))
+            fmt_duration(phases.check.percentile(50.0)),
+            fmt_duration(phases.map.percentile(50.0)),
+            fmt_duration(phases.link.percentile(50.0))
         ),
         "-",
         "-",
